@@ -1,0 +1,759 @@
+"""Generalized Jensen-Shannon divergence for knowledge distillation, and the SFT term.
+
+For one position with student logits ``zs`` and teacher logits ``zt`` over the vocabulary::
+
+    s = log_softmax(zs / T)      t = log_softmax(zt / T)
+    beta == 0 : KL(t || s)                       (forward KL)
+    beta == 1 : KL(s || t)                       (reverse KL)
+    otherwise : m = log((1 - beta) e^s + beta e^t)
+                beta * KL(t || m) + (1 - beta) * KL(s || m)
+
+Every function here:
+
+- does its math in float32 whatever the input dtype (float64 inputs stay float64) and returns that;
+- takes ``mask`` (bool over the leading dims, True = counted); masked positions give neither value
+  nor gradient, even when their logits are NaN;
+- reduces with ``reduction`` = ``"mean"`` (over counted positions; 0 when none), ``"sum"`` or
+  ``"none"`` (per position, 0 where masked);
+- takes ``tp_group``: when the vocabulary dimension is sharded contiguously over a tensor-parallel
+  process group (rank r holds ids ``[r * V_local, (r + 1) * V_local)``), the result and the gradient of
+  every shard are those of the full vocabulary. Softmax normalisers and sums over the vocabulary are
+  all-reduced inside custom autograd functions whose backward passes are analytic, so no shard loses
+  its share of the normaliser's gradient.
+
+Gradients are closed-form (see ``_divergence``), which is what lets the fused variant compute the
+loss and both gradients in one pass over the lm_head, chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gkd.errors import GKDError
+
+__all__ = [
+    "GKDLossOutput",
+    "fused_linear_generalized_jsd",
+    "fused_linear_gkd_loss",
+    "generalized_jsd",
+    "sft_cross_entropy",
+    "topk_generalized_jsd",
+    "topk_logprobs",
+]
+
+_REDUCTIONS = ("mean", "sum", "none")
+# Servers report log-probs of impossible tokens as -inf or -9999; keep them finite so 0 * (-inf)
+# never appears, while e^x is still exactly 0.
+_MIN_LOGPROB = -1e4
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_common(beta: float, temperature: float, reduction: str) -> None:
+    if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
+        raise GKDError(f"beta must be a number in [0, 1], got {beta!r}")
+    if not isinstance(temperature, (int, float)) or not float(temperature) > 0.0 or math.isinf(temperature):
+        raise GKDError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if reduction not in _REDUCTIONS:
+        raise GKDError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def _check_float(name: str, x: Tensor) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise GKDError(f"{name} must be a floating-point tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
+    if x.dim() < 1:
+        raise GKDError(f"{name} must have a vocabulary (last) dimension, got a scalar")
+
+
+def _check_mask(mask: Tensor | None, lead: torch.Size) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise GKDError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if mask.shape != lead:
+        raise GKDError(f"mask shape {tuple(mask.shape)} must equal the leading dims {tuple(lead)}")
+
+
+def _check_topk(ids: Tensor, logprobs: Tensor, lead: torch.Size, vocab: int) -> None:
+    if not isinstance(ids, Tensor) or ids.dtype not in (torch.int32, torch.int64):
+        raise GKDError(f"teacher_topk_ids must be an int32/int64 tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
+    _check_float("teacher_topk_logprobs", logprobs)
+    if ids.shape != logprobs.shape:
+        raise GKDError(
+            f"teacher_topk_ids shape {tuple(ids.shape)} must equal teacher_topk_logprobs shape {tuple(logprobs.shape)}"
+        )
+    if ids.shape[:-1] != lead:
+        raise GKDError(f"teacher_topk_ids leading dims {tuple(ids.shape[:-1])} must equal the student's {tuple(lead)}")
+    k = ids.shape[-1]
+    if k < 1 or k > vocab:
+        raise GKDError(f"teacher top-k K={k} must be in [1, V={vocab}] (teacher_topk_ids last dim)")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise GKDError(f"teacher_topk_ids must be token ids in [0, {vocab}), got range [{int(ids.min())}, {int(ids.max())}]")
+
+
+def _group(tp_group) -> dist.ProcessGroup | None:
+    """The tensor-parallel group, or None when there is nothing to reduce over."""
+    if tp_group is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    return tp_group if dist.get_world_size(tp_group) > 1 else None
+
+
+def _shard_info(local_vocab: int, group) -> tuple[int, int]:
+    """(first global id of this rank's shard, global vocabulary size)."""
+    if group is None:
+        return 0, local_vocab
+    world = dist.get_world_size(group)
+    return dist.get_rank(group) * local_vocab, world * local_vocab
+
+
+# --------------------------------------------------------------------------------------------------
+# Reductions over a (possibly sharded) vocabulary dimension
+# --------------------------------------------------------------------------------------------------
+
+
+def _math(x: Tensor) -> Tensor:
+    """x in the dtype the math runs in: at least float32."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _allreduce(x: Tensor, group, op=dist.ReduceOp.SUM) -> Tensor:
+    if group is not None:
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+def _logsumexp(xs: list[Tensor], group) -> list[Tensor]:
+    """Row-wise logsumexp of several [M, V_local] tensors, with one collective per stage."""
+    maxes = torch.stack([x.amax(-1) for x in xs])
+    _allreduce(maxes, group, dist.ReduceOp.MAX)
+    maxes = torch.where(torch.isfinite(maxes), maxes, torch.zeros_like(maxes))
+    sums = torch.stack([torch.exp(x - m[:, None]).sum(-1) for x, m in zip(xs, maxes)])
+    _allreduce(sums, group)
+    return list(sums.log_() + maxes)
+
+
+def _shifted_softmax_(xs: list[Tensor], group) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Row-wise softmax of several [M, V_local] tensors, in place.
+
+    Returns, for each x, ``(x - max, log of the sum of exps as float64 [M], probabilities)``: the
+    log-probs are ``x - max - log_sum``, but they are never formed, because rounding them at the
+    magnitude of the normaliser would shift a whole row by up to half an ulp of ~log V.
+    """
+    maxes = torch.stack([x.amax(-1) for x in xs])
+    _allreduce(maxes, group, dist.ReduceOp.MAX)
+    maxes = torch.where(torch.isfinite(maxes), maxes, torch.zeros_like(maxes))
+    exps = [torch.exp(x.sub_(m[:, None])) for x, m in zip(xs, maxes)]
+    sums = torch.stack([e.sum(-1) for e in exps])
+    _allreduce(sums, group)
+    log_sums = sums.double().log()
+    return [(x, ls, e.div_(sm[:, None])) for x, e, ls, sm in zip(xs, exps, log_sums, sums)]
+
+
+def _gather_vocab(z: Tensor, ids: Tensor, group) -> Tensor:
+    """z[..., ids] for global ids when z holds this rank's vocabulary shard (no autograd)."""
+    start, _ = _shard_info(z.shape[-1], group)
+    local = ids - start
+    owned = (local >= 0) & (local < z.shape[-1])
+    picked = z.gather(-1, local.clamp(0, z.shape[-1] - 1)) * owned
+    return _allreduce(picked, group), owned, local.clamp(0, z.shape[-1] - 1)
+
+
+def _argmax_vocab(z: Tensor, group) -> Tensor:
+    """Global argmax over a sharded last dim (ties go to the lowest id)."""
+    val, idx = z.max(-1)
+    if group is None:
+        return idx
+    start, _ = _shard_info(z.shape[-1], group)
+    world = dist.get_world_size(group)
+    vals = [torch.empty_like(val) for _ in range(world)]
+    idxs = [torch.empty_like(idx) for _ in range(world)]
+    dist.all_gather(vals, val.contiguous(), group=group)
+    dist.all_gather(idxs, (idx + start).contiguous(), group=group)
+    best = torch.stack(vals).argmax(0)  # first max = lowest shard
+    return torch.stack(idxs).gather(0, best[None]).squeeze(0)
+
+
+def topk_logprobs(logits: Tensor, k: int, *, tp_group=None) -> tuple[Tensor, Tensor]:
+    """The top-k token ids and their log-probs (temperature 1) of ``[..., V]`` logits.
+
+    With ``tp_group`` the logits are a vocabulary shard and the result is the global top-k across
+    shards (ids are global), identical on every rank. Returns ``(ids int64, logprobs float32)``
+    sorted by descending log-prob.
+    """
+    _check_float("logits", logits)
+    group = _group(tp_group)
+    start, vocab = _shard_info(logits.shape[-1], group)
+    if not 1 <= k <= vocab:
+        raise GKDError(f"k={k} must be in [1, V={vocab}]")
+    lead = logits.shape[:-1]
+    z = _math(logits.detach().reshape(-1, logits.shape[-1]))
+    (lse,) = _logsumexp([z], group)
+    val, idx = z.topk(min(k, z.shape[-1]), dim=-1)
+    idx = idx + start
+    if group is not None:
+        world = dist.get_world_size(group)
+        vals = [torch.empty_like(val) for _ in range(world)]
+        idxs = [torch.empty_like(idx) for _ in range(world)]
+        dist.all_gather(vals, val.contiguous(), group=group)
+        dist.all_gather(idxs, idx.contiguous(), group=group)
+        val, pos = torch.cat(vals, -1).topk(k, dim=-1)
+        idx = torch.cat(idxs, -1).gather(-1, pos)
+    lp = val - lse[:, None]
+    return idx.reshape(*lead, k), lp.reshape(*lead, k)
+
+
+# --------------------------------------------------------------------------------------------------
+# The divergence and its closed-form gradients
+# --------------------------------------------------------------------------------------------------
+
+
+def _divergence(a: Tensor, b: Tensor, beta: float, group, want_grads: bool):
+    """Per-row divergence of student logits ``a`` and teacher logits ``b``, both already divided by T.
+
+    ``a`` and ``b`` are float32 (or float64) [M, V_local] and are overwritten. Returns ``(L [M], ga, gb)`` with
+    ``ga = dL/da`` and ``gb = dL/db`` (None unless ``want_grads``).
+
+    Everything is written in d = t - s, computed from the max-shifted logits and the difference of the
+    two normalisers in float64, so rounding error scales with |t - s| rather than with |log V|.
+    With p = e^s, q = e^t and the mixture m = log((1 - beta) p + beta q):
+        beta = 0 :  L = sum q d               dL/da = p - q                 dL/db = q (d - L)
+        beta = 1 :  L = -sum p d              dL/da = -p (d + L)            dL/db = q - p
+        otherwise:  s - m = -log((1 - beta) + beta e^d),  t - m = -log(beta + (1 - beta) e^-d)
+                    L = beta KL(t||m) + (1 - beta) KL(s||m)
+                    dL/da = (1 - beta) p ((s - m) - KL(s||m))   dL/db = beta q ((t - m) - KL(t||m))
+    """
+    (x, ls_a, p), (y, ls_b, q) = _shifted_softmax_([a, b], group)
+    d = y.sub_(x).add_((ls_a - ls_b).to(x.dtype)[:, None])
+    if beta == 0.0:
+        loss = _allreduce((q * d).sum(-1), group)
+        if not want_grads:
+            return loss, None, None
+        return loss, p.sub(q), d.sub_(loss[:, None]).mul_(q)
+    if beta == 1.0:
+        loss = _allreduce((p * d).sum(-1), group).neg_()
+        if not want_grads:
+            return loss, None, None
+        return loss, d.add_(loss[:, None]).mul_(p).neg_(), q.sub(p)
+    # Each side from its own logaddexp: t - m = d + (s - m) would cancel catastrophically.
+    log_b, log_1mb = (torch.tensor(v, device=d.device) for v in (math.log(beta), math.log1p(-beta)))
+    ds = torch.logaddexp(torch.add(d, log_b, out=x), log_1mb, out=x).neg_()  # x is no longer needed
+    dt = torch.logaddexp(d.neg_().add_(log_1mb), log_b, out=d).neg_()
+    kls = torch.stack([(p * ds).sum(-1), (q * dt).sum(-1)])
+    _allreduce(kls, group)
+    kl_s, kl_t = kls[0], kls[1]
+    loss = kl_t * beta + kl_s * (1.0 - beta)
+    if not want_grads:
+        return loss, None, None
+    ga = ds.sub_(kl_s[:, None]).mul_(p).mul_(1.0 - beta)
+    gb = dt.sub_(kl_t[:, None]).mul_(q).mul_(beta)
+    return loss, ga, gb
+
+
+def _topk_terms(zk: Tensor, tk: Tensor, beta: float, temperature: float, want_grads: bool):
+    """Divergence over K gathered entries: both sides divided by T and renormalised over K."""
+    a = _math(zk) / temperature
+    b = _math(tk).clamp_min(_MIN_LOGPROB) / temperature
+    loss, ga, gb = _divergence(a, b, beta, None, want_grads)
+    if want_grads:
+        ga, gb = ga / temperature, gb / temperature
+    return loss, ga, gb
+
+
+class _LogitsDivergence(torch.autograd.Function):
+    """L per row of [M, V_local] student/teacher logits; backward recomputes in closed form."""
+
+    @staticmethod
+    def forward(ctx, zs: Tensor, zt: Tensor, beta: float, temperature: float, group):
+        ctx.save_for_backward(zs, zt)
+        ctx.args = (beta, temperature, group)
+        a = _math(zs) / temperature
+        b = _math(zt) / temperature
+        loss, _, _ = _divergence(a, b, beta, group, want_grads=False)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        zs, zt = ctx.saved_tensors
+        beta, temperature, group = ctx.args
+        a = _math(zs) / temperature
+        b = _math(zt) / temperature
+        _, ga, gb = _divergence(a, b, beta, group, want_grads=True)
+        scale = (grad_loss.to(a.dtype) / temperature)[:, None]
+        gs = ga.mul_(scale).to(zs.dtype) if ctx.needs_input_grad[0] else None
+        gt = gb.mul_(scale).to(zt.dtype) if ctx.needs_input_grad[1] else None
+        return gs, gt, None, None, None
+
+
+class _ReduceFromShards(torch.autograd.Function):
+    """All-reduce (sum) of per-shard partial values whose consumer is replicated on every rank.
+
+    The gradient of the replicated consumer is the same on every rank, and each rank's partial value
+    enters the sum with coefficient 1, so the backward is the identity.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group):
+        return _allreduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Per-row CE = logsumexp(z) - z[label] over a (possibly sharded) vocabulary."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, labels: Tensor, group):
+        zf = _math(z)
+        (lse,) = _logsumexp([zf], group)
+        picked, _, _ = _gather_vocab(zf, labels[:, None], group)
+        ctx.save_for_backward(z, labels, lse)
+        ctx.group = group
+        return lse - picked[:, 0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, labels, lse = ctx.saved_tensors
+        g = _cross_entropy_grad(_math(z), labels, lse, ctx.group).mul_(grad.to(lse.dtype)[:, None])
+        return g.to(z.dtype), None, None
+
+
+def _cross_entropy_grad(zf: Tensor, labels: Tensor, lse: Tensor, group) -> Tensor:
+    """softmax(z) - onehot(label) on this rank's shard (overwrites nothing)."""
+    start, _ = _shard_info(zf.shape[-1], group)
+    g = torch.exp(zf - lse[:, None])
+    local = labels - start
+    owned = (local >= 0) & (local < zf.shape[-1])
+    rows = owned.nonzero().squeeze(-1)
+    g[rows, local[rows]] -= 1.0
+    return g
+
+
+# --------------------------------------------------------------------------------------------------
+# Public unfused functions
+# --------------------------------------------------------------------------------------------------
+
+
+def _select_rows(x: Tensor, rows: Tensor | None) -> Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    return flat if rows is None else flat.index_select(0, rows)
+
+
+def _counted_rows(mask: Tensor | None, extra: Tensor | None = None) -> Tensor | None:
+    keep = mask
+    if extra is not None:
+        keep = extra if keep is None else keep & extra
+    return None if keep is None else keep.reshape(-1).nonzero().squeeze(-1)
+
+
+def _reduce(per_row: Tensor, rows: Tensor | None, lead: torch.Size, reduction: str) -> Tensor:
+    if reduction == "sum":
+        return per_row.sum()
+    if reduction == "mean":
+        return per_row.sum() / max(per_row.shape[0], 1)
+    full = per_row.new_zeros(lead.numel())
+    if rows is None:
+        full = per_row
+    else:
+        full = full.index_copy(0, rows, per_row)
+    return full.reshape(lead)
+
+
+def generalized_jsd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+    tp_group=None,
+) -> Tensor:
+    """Generalized JSD between student and teacher ``[..., V]`` logits (see the module docstring).
+
+    Gradients flow to both inputs (the teacher's is usually unused). With ``tp_group`` both logits
+    are the same vocabulary shard on each rank.
+    """
+    _check_common(beta, temperature, reduction)
+    _check_float("student_logits", student_logits)
+    _check_float("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise GKDError(
+            f"student_logits shape {tuple(student_logits.shape)} and teacher_logits shape "
+            f"{tuple(teacher_logits.shape)} differ (vocab mismatch?)"
+        )
+    lead = student_logits.shape[:-1]
+    _check_mask(mask, lead)
+    rows = _counted_rows(mask)
+    zs, zt = _select_rows(student_logits, rows), _select_rows(teacher_logits, rows)
+    per_row = _LogitsDivergence.apply(zs, zt, float(beta), float(temperature), _group(tp_group))
+    return _reduce(per_row, rows, lead, reduction)
+
+
+def topk_generalized_jsd(
+    student_logits: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_topk_logprobs: Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+    tp_group=None,
+) -> Tensor:
+    """Generalized JSD when the teacher gives only K token ids and log-probs per position.
+
+    The student's logits are gathered at the teacher's ids; both sides are divided by T and
+    renormalised over the K entries. With K = V this equals :func:`generalized_jsd`. Under
+    ``tp_group`` the ids are global and ``student_logits`` is this rank's vocabulary shard.
+    """
+    _check_common(beta, temperature, reduction)
+    _check_float("student_logits", student_logits)
+    group = _group(tp_group)
+    lead = student_logits.shape[:-1]
+    _check_topk(teacher_topk_ids, teacher_topk_logprobs, lead, _shard_info(student_logits.shape[-1], group)[1])
+    _check_mask(mask, lead)
+    rows = _counted_rows(mask)
+    zs = _select_rows(student_logits, rows)
+    ids = _select_rows(teacher_topk_ids, rows).long()
+    tk = _select_rows(teacher_topk_logprobs, rows)
+    start, _ = _shard_info(zs.shape[-1], group)
+    local = ids - start
+    owned = (local >= 0) & (local < zs.shape[-1])
+    zk = zs.gather(-1, local.clamp(0, zs.shape[-1] - 1)) * owned
+    if group is not None:
+        zk = _ReduceFromShards.apply(zk, group)
+    b = tk.clamp_min(_MIN_LOGPROB)
+    per_row = _LogitsDivergence.apply(zk, b, float(beta), float(temperature), None)
+    return _reduce(per_row, rows, lead, reduction)
+
+
+def sft_cross_entropy(
+    student_logits: Tensor,
+    labels: Tensor,
+    *,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    tp_group=None,
+) -> Tensor:
+    """Cross-entropy of ``[..., V]`` logits against ``labels`` aligned with them (temperature 1).
+
+    Positions are counted where ``mask`` is True and the label is not ``ignore_index``. This is the
+    ``sft_alpha`` term; the caller shifts labels so that logits at i are scored against token i+1.
+    """
+    _check_common(0.0, 1.0, reduction)
+    _check_float("student_logits", student_logits)
+    lead = student_logits.shape[:-1]
+    if not isinstance(labels, Tensor) or labels.shape != lead or labels.is_floating_point():
+        raise GKDError(f"labels must be an integer tensor of shape {tuple(lead)}, got {getattr(labels, 'shape', labels)}")
+    _check_mask(mask, lead)
+    group = _group(tp_group)
+    vocab = _shard_info(student_logits.shape[-1], group)[1]
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    if mask is not None:
+        bad &= mask
+    if bool(bad.any()):
+        raise GKDError(f"labels must be in [0, {vocab}) or {ignore_index}, got {int(labels[bad][0])}")
+    rows = _counted_rows(mask, valid)
+    z = _select_rows(student_logits, rows)
+    y = labels.reshape(-1) if rows is None else labels.reshape(-1).index_select(0, rows)
+    per_row = _CrossEntropy.apply(z, y.long(), group)
+    return _reduce(per_row, rows, lead, reduction)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused lm_head + loss, chunked over positions
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Teacher:
+    """The teacher side of a fused call, already restricted to the counted rows."""
+
+    hidden: Tensor | None = None  # [n, H_t]
+    weight: Tensor | None = None  # [V_local, H_t]
+    topk: int | None = None  # take the teacher's top-k of its own logits
+    ids: Tensor | None = None  # [n, K] global ids
+    logprobs: Tensor | None = None  # [n, K]
+
+    def chunk(self, r0: int, r1: int, group) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """(full logits [c, V_local] or None, top-k ids [c, K] or None, top-k values [c, K] or None)."""
+        if self.hidden is None:
+            return None, self.ids[r0:r1], self.logprobs[r0:r1]
+        zt = _math(self.hidden[r0:r1] @ self.weight.T)
+        if self.topk is None:
+            return zt, None, None
+        ids, lp = topk_logprobs(zt, self.topk, tp_group=group)
+        return None, ids, lp
+
+
+def _fused_pass(h, W, teacher: _Teacher, labels, *, beta, temperature, sft_alpha, chunk_size, group, weights):
+    """One pass over row chunks: per-row divergence, CE and top-1 agreement, and, when ``weights``
+    (per-row dLoss/dL_i) is given, the gradients of sum_i weights_i * (div_i + sft_alpha * ce_i)
+    with respect to ``h`` and ``W``. Never holds more than one chunk of logits.
+    """
+    n = h.shape[0]
+    dt = torch.promote_types(h.dtype, torch.float32)
+    div = torch.empty(n, dtype=dt, device=h.device)
+    ce = torch.zeros(n, dtype=dt, device=h.device)
+    agree = torch.empty(n, dtype=torch.bool, device=h.device)
+    grad_h = grad_w = None
+    if weights is not None:
+        grad_h = torch.empty(n, h.shape[1], dtype=dt, device=h.device)
+        grad_w = torch.zeros(W.shape, dtype=dt, device=W.device)
+    for r0 in range(0, n, chunk_size):
+        r1 = min(r0 + chunk_size, n)
+        hc = h[r0:r1]
+        zs = _math(hc @ W.T)
+        zt, ids, tk = teacher.chunk(r0, r1, group)
+        want = weights is not None
+        g = None
+        # teacher top-1 before the divergence overwrites zt
+        teacher_top1 = _argmax_vocab(zt, group) if zt is not None else ids.gather(-1, tk.argmax(-1, keepdim=True))[:, 0]
+        agree[r0:r1] = _argmax_vocab(zs, group) == teacher_top1
+        if labels is not None:
+            yc = labels[r0:r1]
+            counted = (yc >= 0).to(dt)
+            (lse,) = _logsumexp([zs], group)
+            picked, _, _ = _gather_vocab(zs, yc.clamp_min(0)[:, None], group)
+            ce[r0:r1] = (lse - picked[:, 0]) * counted
+            if want and sft_alpha:
+                g = _cross_entropy_grad(zs, yc, lse, group).mul_(counted[:, None] * sft_alpha)
+        if zt is not None:
+            # zs is not needed after this point: divide in place
+            loss, ga, _ = _divergence(zs.div_(temperature), zt.div_(temperature), beta, group, want)
+            if want:
+                ga.mul_(1.0 / temperature)
+                g = ga if g is None else g.add_(ga)
+        else:
+            zk, owned, local = _gather_vocab(zs, ids.long(), group)
+            loss, gk, _ = _topk_terms(zk, tk, beta, temperature, want)
+            if want:
+                if g is None:
+                    g = torch.zeros_like(zs)
+                g.scatter_add_(-1, local, gk * owned)
+        div[r0:r1] = loss
+        if want:
+            g = g.mul_(weights[r0:r1, None]).to(W.dtype)
+            grad_h[r0:r1] = g @ W
+            if W.dtype == dt:
+                grad_w.addmm_(g.T, hc)
+            else:  # accumulate low-precision products in float32
+                grad_w.add_(g.T @ hc)
+    if weights is not None:
+        # h is replicated over the TP group and each shard's logits depend on it: sum the parts.
+        _allreduce(grad_h, group)
+    return div, ce, agree, grad_h, grad_w
+
+
+class _FusedReduced(torch.autograd.Function):
+    """Scalar sum_i w_i (div_i + alpha ce_i); gradients computed in the forward pass, scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, h, W, weights, teacher, labels, opts, want_grads):
+        with torch.no_grad():
+            div, ce, agree, gh, gw = _fused_pass(h.detach(), W.detach(), teacher, labels, weights=weights if want_grads else None, **opts)
+        ctx.save_for_backward(gh, gw)
+        ctx.dtypes = (h.dtype, W.dtype)
+        ctx.mark_non_differentiable(div, ce, agree)
+        total = (weights * (div + opts["sft_alpha"] * ce)).sum()
+        return total, div, ce, agree
+
+    @staticmethod
+    def backward(ctx, grad_total, *_):
+        gh, gw = ctx.saved_tensors
+        s = grad_total.to(gh.dtype) if gh is not None else grad_total
+        dh = (gh * s).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        dw = (gw * s).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None, None, None, None
+
+
+class _FusedPerRow(torch.autograd.Function):
+    """Per-row div_i + alpha ce_i; backward recomputes the chunks with the incoming row weights."""
+
+    @staticmethod
+    def forward(ctx, h, W, teacher, labels, opts):
+        with torch.no_grad():
+            div, ce, agree, _, _ = _fused_pass(h.detach(), W.detach(), teacher, labels, weights=None, **opts)
+        ctx.save_for_backward(h, W)
+        ctx.teacher, ctx.labels, ctx.opts = teacher, labels, opts
+        ctx.mark_non_differentiable(div, ce, agree)
+        return div + opts["sft_alpha"] * ce, div, ce, agree
+
+    @staticmethod
+    def backward(ctx, grad_rows, *_):
+        h, W = ctx.saved_tensors
+        with torch.no_grad():
+            _, _, _, gh, gw = _fused_pass(h, W, ctx.teacher, ctx.labels, weights=_math(grad_rows), **ctx.opts)
+        dh = gh.to(h.dtype) if ctx.needs_input_grad[0] else None
+        dw = gw.to(W.dtype) if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None, None
+
+
+@dataclass
+class GKDLossOutput:
+    """Result of :func:`fused_linear_gkd_loss`.
+
+    ``loss`` carries the gradient; ``divergence_sum``, ``sft_sum`` and ``agree_count`` are sums over
+    the counted positions (``tokens`` of them), for logging.
+    """
+
+    loss: Tensor
+    divergence_sum: Tensor
+    sft_sum: Tensor
+    agree_count: Tensor
+    tokens: int
+
+
+def _check_matrix(name: str, x: Tensor, cols: int | None = None) -> None:
+    _check_float(name, x)
+    if x.dim() != 2 or (cols is not None and x.shape[1] != cols):
+        want = f"[*, {cols}]" if cols is not None else "2-D"
+        raise GKDError(f"{name} must be {want}, got shape {tuple(x.shape)}")
+
+
+def fused_linear_gkd_loss(
+    student_hidden: Tensor,
+    student_lm_head_weight: Tensor,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_lm_head_weight: Tensor | None = None,
+    teacher_topk: int | None = None,
+    teacher_topk_ids: Tensor | None = None,
+    teacher_topk_logprobs: Tensor | None = None,
+    labels: Tensor | None = None,
+    sft_alpha: float = 0.0,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int = 1024,
+    tp_group=None,
+) -> GKDLossOutput:
+    """The trainer's loss: divergence (+ ``sft_alpha`` * CE against ``labels``) from hidden states.
+
+    Logits are formed ``chunk_size`` counted positions at a time (``hidden @ weight.T``), so the extra
+    memory is O(chunk_size x V), never O(N x V); masked positions never reach the lm_head.
+
+    The teacher is either ``teacher_hidden [..., H_t]`` + ``teacher_lm_head_weight [V, H_t]`` (full
+    distribution, or its top-``teacher_topk``), or ``teacher_topk_ids`` + ``teacher_topk_logprobs``
+    ``[..., K]``. The teacher is a constant: pass detached tensors.
+
+    For ``"mean"``/``"sum"`` the gradients of ``student_hidden`` and ``student_lm_head_weight`` are
+    computed during the forward pass (one matmul each per chunk, no recomputation); ``"none"``
+    recomputes the chunks in backward. Under ``tp_group`` the weight is this rank's vocabulary shard,
+    ``student_hidden`` is replicated, and its gradient is the full one on every rank.
+    """
+    _check_common(beta, temperature, reduction)
+    _check_matrix("student_lm_head_weight", student_lm_head_weight)
+    hsize = student_lm_head_weight.shape[1]
+    _check_float("student_hidden", student_hidden)
+    if student_hidden.shape[-1] != hsize:
+        raise GKDError(
+            f"student_hidden last dim {student_hidden.shape[-1]} must equal student_lm_head_weight dim 1 ({hsize})"
+        )
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise GKDError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not isinstance(sft_alpha, (int, float)) or sft_alpha < 0:
+        raise GKDError(f"sft_alpha must be a number >= 0, got {sft_alpha!r}")
+    group = _group(tp_group)
+    lead = student_hidden.shape[:-1]
+    vocab = _shard_info(student_lm_head_weight.shape[0], group)[1]
+    _check_mask(mask, lead)
+    by_hidden = teacher_hidden is not None or teacher_lm_head_weight is not None
+    by_topk = teacher_topk_ids is not None or teacher_topk_logprobs is not None
+    if by_hidden == by_topk:
+        raise GKDError(
+            "give the teacher either as teacher_hidden + teacher_lm_head_weight or as "
+            "teacher_topk_ids + teacher_topk_logprobs (exactly one of the two)"
+        )
+    for name, x in (("teacher_hidden", teacher_hidden), ("teacher_lm_head_weight", teacher_lm_head_weight),
+                    ("teacher_topk_logprobs", teacher_topk_logprobs)):
+        if x is not None and x.requires_grad and torch.is_grad_enabled():
+            raise GKDError(f"{name} requires grad; the teacher is a constant here: pass {name}.detach()")
+
+    if labels is not None and (not isinstance(labels, Tensor) or labels.shape != lead or labels.is_floating_point()):
+        raise GKDError(f"labels must be an integer tensor of shape {tuple(lead)}")
+    rows = _counted_rows(mask)
+    h = _select_rows(student_hidden, rows)
+
+    if by_hidden:
+        if teacher_hidden is None or teacher_lm_head_weight is None:
+            raise GKDError("teacher_hidden and teacher_lm_head_weight must be given together")
+        _check_matrix("teacher_lm_head_weight", teacher_lm_head_weight)
+        if teacher_hidden.shape[:-1] != lead or teacher_hidden.shape[-1] != teacher_lm_head_weight.shape[1]:
+            raise GKDError(
+                f"teacher_hidden shape {tuple(teacher_hidden.shape)} must be {tuple(lead)} + "
+                f"[{teacher_lm_head_weight.shape[1]}] (teacher_lm_head_weight dim 1)"
+            )
+        if teacher_lm_head_weight.shape[0] != student_lm_head_weight.shape[0]:
+            raise GKDError(
+                f"vocab mismatch: student_lm_head_weight has {student_lm_head_weight.shape[0]} rows, "
+                f"teacher_lm_head_weight {teacher_lm_head_weight.shape[0]}"
+            )
+        if teacher_topk is not None and not 1 <= teacher_topk <= vocab:
+            raise GKDError(f"teacher_topk={teacher_topk} must be in [1, V={vocab}]")
+        teacher = _Teacher(hidden=_select_rows(teacher_hidden, rows).detach(), weight=teacher_lm_head_weight.detach(), topk=teacher_topk)
+    else:
+        if teacher_topk_ids is None or teacher_topk_logprobs is None:
+            raise GKDError("teacher_topk_ids and teacher_topk_logprobs must be given together")
+        _check_topk(teacher_topk_ids, teacher_topk_logprobs, lead, vocab)
+        teacher = _Teacher(ids=_select_rows(teacher_topk_ids, rows).long(), logprobs=_select_rows(teacher_topk_logprobs, rows).detach())
+
+    y = None
+    if labels is not None:
+        y = labels.reshape(-1) if rows is None else labels.reshape(-1).index_select(0, rows)
+        y = y.long()
+        bad = (y != -100) & ((y < 0) | (y >= vocab))
+        if bool(bad.any()):
+            raise GKDError(f"labels must be in [0, {vocab}) or -100, got {int(y[bad][0])}")
+    opts = dict(beta=float(beta), temperature=float(temperature), sft_alpha=float(sft_alpha),
+                chunk_size=chunk_size, group=group)
+    n = h.shape[0]
+    if reduction == "none":
+        per_row, div, ce, agree = _FusedPerRow.apply(h, student_lm_head_weight, teacher, y, opts)
+        loss = _reduce(per_row, rows, lead, "none")
+    else:
+        w = torch.full((n,), 1.0 / max(n, 1) if reduction == "mean" else 1.0, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        want_grads = torch.is_grad_enabled() and (h.requires_grad or student_lm_head_weight.requires_grad)
+        loss, div, ce, agree = _FusedReduced.apply(h, student_lm_head_weight, w, teacher, y, opts, want_grads)
+    return GKDLossOutput(loss=loss, divergence_sum=div.sum(), sft_sum=ce.sum(), agree_count=agree.sum(), tokens=n)
+
+
+def fused_linear_generalized_jsd(
+    student_hidden: Tensor,
+    student_lm_head_weight: Tensor,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_lm_head_weight: Tensor | None = None,
+    teacher_topk: int | None = None,
+    teacher_topk_ids: Tensor | None = None,
+    teacher_topk_logprobs: Tensor | None = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int = 1024,
+    tp_group=None,
+) -> Tensor:
+    """:func:`generalized_jsd` of ``student_hidden @ student_lm_head_weight.T`` against the teacher,
+    without ever holding the logits of all positions. See :func:`fused_linear_gkd_loss` for the
+    arguments; this returns the divergence alone.
+    """
+    return fused_linear_gkd_loss(
+        student_hidden, student_lm_head_weight, teacher_hidden=teacher_hidden,
+        teacher_lm_head_weight=teacher_lm_head_weight, teacher_topk=teacher_topk,
+        teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs, beta=beta,
+        temperature=temperature, mask=mask, reduction=reduction, chunk_size=chunk_size, tp_group=tp_group,
+    ).loss

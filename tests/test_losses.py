@@ -1,0 +1,286 @@
+"""The divergence library against an independent float64 reference."""
+
+import pytest
+import torch
+
+from gkd import GKDError
+from gkd.losses import (
+    fused_linear_generalized_jsd,
+    fused_linear_gkd_loss,
+    generalized_jsd,
+    sft_cross_entropy,
+    topk_generalized_jsd,
+    topk_logprobs,
+)
+
+BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
+TEMPS = [0.5, 0.9, 1.0, 2.0]
+
+
+def reference(zs, zt, beta, temperature):
+    """Per-position divergence straight from the definition, in float64."""
+    s = torch.log_softmax(zs.double() / temperature, -1)
+    t = torch.log_softmax(zt.double() / temperature, -1)
+    ps, pt = s.exp(), t.exp()
+    if beta == 0:
+        return (pt * (t - s)).sum(-1)
+    if beta == 1:
+        return (ps * (s - t)).sum(-1)
+    m = torch.log((1 - beta) * ps + beta * pt)
+    return beta * (pt * (t - m)).sum(-1) + (1 - beta) * (ps * (s - m)).sum(-1)
+
+
+def rel_err(x, ref):
+    return float(((x.double() - ref).abs() / ref.abs().clamp_min(1e-30)).max())
+
+
+@pytest.fixture
+def logits():
+    g = torch.Generator().manual_seed(0)
+    zs = torch.randn(3, 11, 257, generator=g) * 3
+    zt = torch.randn(3, 11, 257, generator=g) * 3
+    return zs, zt
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("temperature", TEMPS)
+def test_matches_float64_reference(logits, beta, temperature):
+    zs, zt = logits
+    ref = reference(zs, zt, beta, temperature)
+    per_pos = generalized_jsd(zs, zt, beta=beta, temperature=temperature, reduction="none")
+    assert per_pos.dtype == torch.float32 and per_pos.shape == zs.shape[:-1]
+    assert rel_err(per_pos, ref) <= 1e-6
+    assert rel_err(generalized_jsd(zs, zt, beta=beta, temperature=temperature, reduction="sum"), ref.sum()) <= 1e-6
+    assert rel_err(generalized_jsd(zs, zt, beta=beta, temperature=temperature), ref.mean()) <= 1e-6
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_gradients_match_reference(logits, beta):
+    zs, zt = (x.double().requires_grad_() for x in logits)
+    generalized_jsd(zs, zt, beta=beta, temperature=0.9, reduction="sum").backward()
+    zs2, zt2 = (x.detach().clone().requires_grad_() for x in (zs, zt))
+    reference(zs2, zt2, beta, 0.9).sum().backward()
+    torch.testing.assert_close(zs.grad, zs2.grad, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(zt.grad, zt2.grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_gradcheck_unfused(beta):
+    g = torch.Generator().manual_seed(1)
+    zs = torch.randn(2, 3, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    zt = torch.randn(2, 3, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    ids = torch.randint(0, 7, (2, 3, 4), generator=g)
+    ids = torch.stack([torch.randperm(7, generator=g)[:4] for _ in range(6)]).reshape(2, 3, 4)
+    lp = torch.log_softmax(torch.randn(2, 3, 4, generator=g, dtype=torch.float64), -1).requires_grad_()
+    labels = torch.randint(0, 7, (2, 3), generator=g)
+    for red in ("mean", "none"):
+        assert torch.autograd.gradcheck(
+            lambda a, b: generalized_jsd(a, b, beta=beta, temperature=0.7, mask=mask, reduction=red), (zs, zt))
+        assert torch.autograd.gradcheck(
+            lambda a, b: topk_generalized_jsd(a, ids, b, beta=beta, temperature=1.3, mask=mask, reduction=red), (zs, lp))
+        assert torch.autograd.gradcheck(lambda a: sft_cross_entropy(a, labels, mask=mask, reduction=red), (zs,))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_gradcheck_fused(beta, reduction):
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    th = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    tw = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 9, (2, 5), generator=g)
+    mask = torch.rand(2, 5, generator=g) > 0.3
+
+    def by_hidden(h, w):
+        return fused_linear_gkd_loss(h, w, teacher_hidden=th, teacher_lm_head_weight=tw, labels=labels, sft_alpha=0.4,
+                                     beta=beta, temperature=0.8, mask=mask, reduction=reduction, chunk_size=3).loss
+
+    ids, lp = topk_logprobs(th @ tw.T, 4)
+
+    def by_topk(h, w):
+        return fused_linear_generalized_jsd(h, w, teacher_topk_ids=ids, teacher_topk_logprobs=lp.double(), beta=beta,
+                                            temperature=1.2, mask=mask, reduction=reduction, chunk_size=4)
+
+    assert torch.autograd.gradcheck(by_hidden, (h, w))
+    assert torch.autograd.gradcheck(by_topk, (h, w))
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_topk_with_k_equal_v_is_full(logits, beta):
+    zs, zt = logits
+    zs = zs.clone().requires_grad_()
+    ids, lp = topk_logprobs(zt, zt.shape[-1])
+    full = generalized_jsd(zs, zt, beta=beta, temperature=0.9, reduction="none")
+    topk = topk_generalized_jsd(zs, ids, lp, beta=beta, temperature=0.9, reduction="none")
+    torch.testing.assert_close(topk, full, rtol=2e-6, atol=2e-6)
+    (g_full,) = torch.autograd.grad(full.sum(), zs)
+    (g_topk,) = torch.autograd.grad(topk.sum(), zs)
+    torch.testing.assert_close(g_topk, g_full, rtol=1e-5, atol=1e-6)
+
+
+def test_topk_renormalises_over_k():
+    g = torch.Generator().manual_seed(3)
+    zs, zt = torch.randn(5, 40, generator=g), torch.randn(5, 40, generator=g)
+    ids, lp = topk_logprobs(zt, 6)
+    assert torch.equal(ids, zt.topk(6, -1).indices)
+    sub_s = zs.gather(-1, ids)
+    ref = reference(sub_s, lp, 0.5, 0.9)  # divergence of the two distributions restricted to the K ids
+    got = topk_generalized_jsd(zs, ids, lp, beta=0.5, temperature=0.9, reduction="none")
+    assert rel_err(got, ref) <= 1e-6
+
+
+def _fused_case(dtype=torch.float32, n=(3, 37), hidden=16, vocab=101):
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(*n, hidden, generator=g).to(dtype)
+    w = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(dtype)
+    th = torch.randn(*n, hidden + 4, generator=g).to(dtype)
+    tw = (torch.randn(vocab, hidden + 4, generator=g) / hidden**0.5).to(dtype)
+    mask = torch.rand(*n, generator=g) > 0.25
+    labels = torch.randint(0, vocab, n, generator=g)
+    return h, w, th, tw, mask, labels
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("chunk", [1, 7, 32, 1000])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_equals_unfused(beta, chunk, reduction):
+    h, w, th, tw, mask, labels = _fused_case()
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    out = fused_linear_gkd_loss(h1, w1, teacher_hidden=th, teacher_lm_head_weight=tw, labels=labels, sft_alpha=0.3,
+                                beta=beta, temperature=0.9, mask=mask, reduction=reduction, chunk_size=chunk)
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    zs = h2 @ w2.T
+    ref = (generalized_jsd(zs, th @ tw.T, beta=beta, temperature=0.9, mask=mask, reduction=reduction)
+           + 0.3 * sft_cross_entropy(zs, labels, mask=mask, reduction=reduction))
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    weights = torch.randn(ref.shape) if reduction == "none" else torch.tensor(1.7)
+    (out.loss * weights).sum().backward()
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)
+    assert out.tokens == int(mask.sum())
+    agree = (zs.argmax(-1) == (th @ tw.T).argmax(-1))[mask].sum()
+    assert int(out.agree_count) == int(agree)
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_fused_topk_equals_unfused(chunk):
+    h, w, th, tw, mask, _ = _fused_case()
+    ids, lp = topk_logprobs(th @ tw.T, 8)
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    a = fused_linear_generalized_jsd(h1, w1, teacher_topk_ids=ids, teacher_topk_logprobs=lp, beta=0.5,
+                                     temperature=0.9, mask=mask, chunk_size=chunk)
+    # the teacher given as hidden states with teacher_topk must agree with precomputed top-k
+    b = fused_linear_generalized_jsd(h, w, teacher_hidden=th, teacher_lm_head_weight=tw, teacher_topk=8, beta=0.5,
+                                     temperature=0.9, mask=mask, chunk_size=chunk)
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = topk_generalized_jsd(h2 @ w2.T, ids, lp, beta=0.5, temperature=0.9, mask=mask)
+    torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b, ref, rtol=1e-5, atol=1e-6)
+    a.backward()
+    ref.backward()
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_positions_give_no_value_or_gradient(logits):
+    zs, zt = logits
+    mask = torch.zeros(zs.shape[:-1], dtype=torch.bool)
+    mask[0, :5] = True
+    poisoned = zs.clone()
+    poisoned[~mask] = float("nan")
+    poisoned.requires_grad_()
+    out = generalized_jsd(poisoned, zt, mask=mask, reduction="none")
+    assert torch.all(out[~mask] == 0) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.all(poisoned.grad[~mask] == 0) and torch.isfinite(poisoned.grad).all()
+    clean = generalized_jsd(zs[0, :5], zt[0, :5], reduction="sum")
+    torch.testing.assert_close(generalized_jsd(poisoned.detach(), zt, mask=mask, reduction="sum"), clean)
+
+
+def test_all_masked_is_zero_not_nan():
+    h, w, th, tw, _, labels = _fused_case()
+    none = torch.zeros(h.shape[:-1], dtype=torch.bool)
+    zs = (h @ w.T).requires_grad_()
+    for red in ("mean", "sum", "none"):
+        for value in (
+            generalized_jsd(zs, th @ tw.T, mask=none, reduction=red),
+            topk_generalized_jsd(zs, *topk_logprobs(th @ tw.T, 3), mask=none, reduction=red),
+            sft_cross_entropy(zs, labels, mask=none, reduction=red),
+        ):
+            assert torch.all(value == 0)
+            (g,) = torch.autograd.grad(value.sum(), zs, allow_unused=True)
+            assert g is None or torch.all(g == 0)
+        h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fused_linear_gkd_loss(h1, w1, teacher_hidden=th, teacher_lm_head_weight=tw, labels=labels, sft_alpha=1.0,
+                                    mask=none, reduction=red)
+        assert torch.all(out.loss == 0)
+        out.loss.sum().backward()
+        assert torch.all(h1.grad == 0) and torch.all(w1.grad == 0)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_bf16_inputs_give_nonnegative_float32(beta):
+    h, w, th, tw, mask, _ = _fused_case(dtype=torch.bfloat16)
+    zs, zt = h @ w.T, th @ tw.T
+    zt_near = zs + 0.01 * torch.randn_like(zs)  # nearly equal distributions: a tiny divergence
+    for teacher in (zt, zt_near, zs):
+        per_pos = generalized_jsd(zs, teacher, beta=beta, temperature=0.9, reduction="none")
+        assert per_pos.dtype == torch.float32
+        assert per_pos.min() >= -1e-6
+        ref = reference(zs.float(), teacher.float(), beta, 0.9)
+        torch.testing.assert_close(per_pos.double(), ref, rtol=1e-5, atol=1e-6)
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fused_linear_generalized_jsd(h1, w1, teacher_hidden=th, teacher_lm_head_weight=tw, beta=beta, mask=mask,
+                                        chunk_size=16)
+    assert loss.dtype == torch.float32 and loss >= 0
+    loss.backward()
+    assert h1.grad.dtype == torch.bfloat16 and w1.grad.dtype == torch.bfloat16 and torch.isfinite(w1.grad).all()
+
+
+def test_sft_cross_entropy_matches_torch(logits):
+    zs, _ = logits
+    labels = torch.randint(0, zs.shape[-1], zs.shape[:-1])
+    labels[0, 0] = -100
+    ref = torch.nn.functional.cross_entropy(zs.reshape(-1, zs.shape[-1]).double(), labels.reshape(-1), reduction="sum")
+    assert rel_err(sft_cross_entropy(zs, labels, reduction="sum"), ref) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "call, needle",
+    [
+        (lambda zs, zt: generalized_jsd(zs, zt, beta=1.5), "beta"),
+        (lambda zs, zt: generalized_jsd(zs, zt, beta=-0.1), "beta"),
+        (lambda zs, zt: generalized_jsd(zs, zt, temperature=0.0), "temperature"),
+        (lambda zs, zt: generalized_jsd(zs, zt, temperature=-1.0), "temperature"),
+        (lambda zs, zt: generalized_jsd(zs, zt[..., :-1]), "vocab mismatch"),
+        (lambda zs, zt: generalized_jsd(zs, zt, reduction="avg"), "reduction"),
+        (lambda zs, zt: generalized_jsd(zs, zt, mask=torch.ones(2, 2, dtype=torch.bool)), "mask shape"),
+        (lambda zs, zt: generalized_jsd(zs, zt, mask=torch.ones(zs.shape[:-1])), "mask must be a bool"),
+        (lambda zs, zt: topk_generalized_jsd(zs, torch.zeros(*zs.shape[:-1], 300, dtype=torch.long),
+                                             torch.zeros(*zs.shape[:-1], 300)), "K=300"),
+        (lambda zs, zt: topk_generalized_jsd(zs, torch.full((*zs.shape[:-1], 3), 999), torch.zeros(*zs.shape[:-1], 3)),
+         "teacher_topk_ids"),
+        (lambda zs, zt: topk_generalized_jsd(zs, torch.zeros(*zs.shape[:-1], 3, dtype=torch.long),
+                                             torch.zeros(*zs.shape[:-1], 4)), "teacher_topk_ids shape"),
+        (lambda zs, zt: sft_cross_entropy(zs, torch.full(zs.shape[:-1], 500)), "labels"),
+        (lambda zs, zt: fused_linear_generalized_jsd(zs[..., :8], torch.randn(5, 9), teacher_hidden=zs[..., :8],
+                                                     teacher_lm_head_weight=torch.randn(5, 8)), "student_hidden"),
+        (lambda zs, zt: fused_linear_generalized_jsd(zs[..., :8], torch.randn(5, 8), teacher_hidden=zs[..., :8],
+                                                     teacher_lm_head_weight=torch.randn(6, 8)), "vocab mismatch"),
+        (lambda zs, zt: fused_linear_generalized_jsd(zs[..., :8], torch.randn(5, 8)), "either"),
+        (lambda zs, zt: fused_linear_generalized_jsd(zs[..., :8], torch.randn(5, 8), teacher_hidden=zs[..., :8],
+                                                     teacher_lm_head_weight=torch.randn(5, 8), chunk_size=0), "chunk_size"),
+        (lambda zs, zt: fused_linear_generalized_jsd(zs[..., :8], torch.randn(5, 8), teacher_hidden=zs[..., :8],
+                                                     teacher_lm_head_weight=torch.randn(5, 8), teacher_topk=6), "teacher_topk"),
+        (lambda zs, zt: fused_linear_generalized_jsd(zs[..., :8], torch.randn(5, 8),
+                                                     teacher_hidden=zs[..., :8].clone().requires_grad_(),
+                                                     teacher_lm_head_weight=torch.randn(5, 8)), "detach"),
+    ],
+)
+def test_bad_arguments_name_the_argument(logits, call, needle):
+    zs, zt = logits
+    with pytest.raises(GKDError, match=needle):
+        call(zs, zt)
