@@ -215,11 +215,17 @@ def topk_logprobs(logits: Tensor, k: int, *, tp_group=None) -> tuple[Tensor, Ten
 # --------------------------------------------------------------------------------------------------
 
 
-def _divergence(a: Tensor, b: Tensor, beta: float, group, want_grads: bool):
+def _rowdot(x: Tensor, y: Tensor) -> Tensor:
+    """Row-wise dot product of two [M, V] tensors without an [M, V] temporary."""
+    return (x.unsqueeze(1) @ y.unsqueeze(2)).reshape(x.shape[0])
+
+
+def _divergence(a: Tensor, b: Tensor, beta: float, group, grads: str = ""):
     """Per-row divergence of student logits ``a`` and teacher logits ``b``, both already divided by T.
 
-    ``a`` and ``b`` are float32 (or float64) [M, V_local] and are overwritten. Returns ``(L [M], ga, gb)`` with
-    ``ga = dL/da`` and ``gb = dL/db`` (None unless ``want_grads``).
+    ``a`` and ``b`` are float32 (or float64) [M, V_local] and are overwritten. ``grads`` says which
+    gradients to return: ``""`` none, ``"s"`` the student's, ``"st"`` both. Returns ``(L [M], ga, gb)``
+    with ``ga = dL/da`` and ``gb = dL/db`` (None where not asked). Peak extra memory: two [M, V_local].
 
     Everything is written in d = t - s, computed from the max-shifted logits and the difference of the
     two normalisers in float64, so rounding error scales with |t - s| rather than with |log V|.
@@ -232,39 +238,43 @@ def _divergence(a: Tensor, b: Tensor, beta: float, group, want_grads: bool):
     """
     (x, ls_a, p), (y, ls_b, q) = _shifted_softmax_([a, b], group)
     d = y.sub_(x).add_((ls_a - ls_b).to(x.dtype)[:, None])
+    ga = gb = None
     if beta == 0.0:
-        loss = _allreduce((q * d).sum(-1), group)
-        if not want_grads:
-            return loss, None, None
-        return loss, p.sub(q), d.sub_(loss[:, None]).mul_(q)
+        loss = _allreduce(_rowdot(q, d), group)
+        if "t" in grads:
+            gb = d.sub_(loss[:, None]).mul_(q)
+        if "s" in grads:
+            ga = p.sub_(q)
+        return loss, ga, gb
     if beta == 1.0:
-        loss = _allreduce((p * d).sum(-1), group).neg_()
-        if not want_grads:
-            return loss, None, None
-        return loss, d.add_(loss[:, None]).mul_(p).neg_(), q.sub(p)
+        loss = _allreduce(_rowdot(p, d), group).neg_()
+        if "s" in grads:
+            ga = d.add_(loss[:, None]).mul_(p).neg_()
+        if "t" in grads:
+            gb = q.sub_(p)
+        return loss, ga, gb
     # Each side from its own logaddexp: t - m = d + (s - m) would cancel catastrophically.
-    log_b, log_1mb = (torch.tensor(v, device=d.device) for v in (math.log(beta), math.log1p(-beta)))
+    log_b, log_1mb = (torch.tensor(v, device=d.device, dtype=d.dtype) for v in (math.log(beta), math.log1p(-beta)))
     ds = torch.logaddexp(torch.add(d, log_b, out=x), log_1mb, out=x).neg_()  # x is no longer needed
     dt = torch.logaddexp(d.neg_().add_(log_1mb), log_b, out=d).neg_()
-    kls = torch.stack([(p * ds).sum(-1), (q * dt).sum(-1)])
+    kls = torch.stack([_rowdot(p, ds), _rowdot(q, dt)])
     _allreduce(kls, group)
     kl_s, kl_t = kls[0], kls[1]
     loss = kl_t * beta + kl_s * (1.0 - beta)
-    if not want_grads:
-        return loss, None, None
-    ga = ds.sub_(kl_s[:, None]).mul_(p).mul_(1.0 - beta)
-    gb = dt.sub_(kl_t[:, None]).mul_(q).mul_(beta)
+    if "s" in grads:
+        ga = ds.sub_(kl_s[:, None]).mul_(p).mul_(1.0 - beta)
+    if "t" in grads:
+        gb = dt.sub_(kl_t[:, None]).mul_(q).mul_(beta)
     return loss, ga, gb
 
 
 def _topk_terms(zk: Tensor, tk: Tensor, beta: float, temperature: float, want_grads: bool):
-    """Divergence over K gathered entries: both sides divided by T and renormalised over K."""
+    """Divergence over K gathered entries: both sides divided by T and renormalised over K.
+    Returns ``(L [M], dL/dzk or None)``."""
     a = _math(zk) / temperature
     b = _math(tk).clamp_min(_MIN_LOGPROB) / temperature
-    loss, ga, gb = _divergence(a, b, beta, None, want_grads)
-    if want_grads:
-        ga, gb = ga / temperature, gb / temperature
-    return loss, ga, gb
+    loss, ga, _ = _divergence(a, b, beta, None, "s" if want_grads else "")
+    return loss, (ga.div_(temperature) if want_grads else None)
 
 
 class _LogitsDivergence(torch.autograd.Function):
@@ -276,7 +286,7 @@ class _LogitsDivergence(torch.autograd.Function):
         ctx.args = (beta, temperature, group)
         a = _math(zs) / temperature
         b = _math(zt) / temperature
-        loss, _, _ = _divergence(a, b, beta, group, want_grads=False)
+        loss, _, _ = _divergence(a, b, beta, group)
         return loss
 
     @staticmethod
@@ -285,10 +295,11 @@ class _LogitsDivergence(torch.autograd.Function):
         beta, temperature, group = ctx.args
         a = _math(zs) / temperature
         b = _math(zt) / temperature
-        _, ga, gb = _divergence(a, b, beta, group, want_grads=True)
+        which = ("s" if ctx.needs_input_grad[0] else "") + ("t" if ctx.needs_input_grad[1] else "")
+        _, ga, gb = _divergence(a, b, beta, group, which)
         scale = (grad_loss.to(a.dtype) / temperature)[:, None]
-        gs = ga.mul_(scale).to(zs.dtype) if ctx.needs_input_grad[0] else None
-        gt = gb.mul_(scale).to(zt.dtype) if ctx.needs_input_grad[1] else None
+        gs = ga.mul_(scale).to(zs.dtype) if ga is not None else None
+        gt = gb.mul_(scale).to(zt.dtype) if gb is not None else None
         return gs, gt, None, None, None
 
 
@@ -532,13 +543,13 @@ def _fused_pass(h, W, teacher: _Teacher, labels, *, beta, temperature, sft_alpha
                 g = _cross_entropy_grad(zs, yc, lse, group).mul_(counted[:, None] * sft_alpha)
         if zt is not None:
             # zs is not needed after this point: divide in place
-            loss, ga, _ = _divergence(zs.div_(temperature), zt.div_(temperature), beta, group, want)
+            loss, ga, _ = _divergence(zs.div_(temperature), zt.div_(temperature), beta, group, "s" if want else "")
             if want:
                 ga.mul_(1.0 / temperature)
                 g = ga if g is None else g.add_(ga)
         else:
             zk, owned, local = _gather_vocab(zs, ids.long(), group)
-            loss, gk, _ = _topk_terms(zk, tk, beta, temperature, want)
+            loss, gk = _topk_terms(zk, tk, beta, temperature, want)
             if want:
                 if g is None:
                     g = torch.zeros_like(zs)
@@ -573,9 +584,12 @@ class _FusedReduced(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, *_):
         gh, gw = ctx.saved_tensors
-        s = grad_total.to(gh.dtype) if gh is not None else grad_total
-        dh = (gh * s).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        dw = (gw * s).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        # The [V, H] weight gradient is the largest buffer here: hand it over as is when the loss
+        # is not rescaled afterwards (pass `normalizer` instead of dividing the result).
+        if not bool(grad_total == 1):
+            gh, gw = (None if g is None else g * grad_total for g in (gh, gw))
+        dh = gh.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] and gh is not None else None
+        dw = gw.to(ctx.dtypes[1]) if ctx.needs_input_grad[1] and gw is not None else None
         return dh, dw, None, None, None, None, None
 
 
@@ -638,7 +652,8 @@ def fused_linear_gkd_loss(
     temperature: float = 1.0,
     mask: Tensor | None = None,
     reduction: str = "mean",
-    chunk_size: int = 1024,
+    normalizer: float | None = None,
+    chunk_size: int | None = None,
     tp_group=None,
 ) -> GKDLossOutput:
     """The trainer's loss: divergence (+ ``sft_alpha`` * CE against ``labels``) from hidden states.
@@ -649,6 +664,10 @@ def fused_linear_gkd_loss(
     The teacher is either ``teacher_hidden [..., H_t]`` + ``teacher_lm_head_weight [V, H_t]`` (full
     distribution, or its top-``teacher_topk``), or ``teacher_topk_ids`` + ``teacher_topk_logprobs``
     ``[..., K]``. The teacher is a constant: pass detached tensors.
+
+    ``normalizer`` divides a ``"sum"`` (a trainer passes the token count of the whole optimizer step);
+    dividing here rather than afterwards lets the weight gradient be handed over without a copy.
+    ``chunk_size`` defaults to about 2**23 / V_local positions (32 MiB of float32 logits per chunk).
 
     For ``"mean"``/``"sum"`` the gradients of ``student_hidden`` and ``student_lm_head_weight`` are
     computed during the forward pass (one matmul each per chunk, no recomputation); ``"none"``
@@ -663,8 +682,12 @@ def fused_linear_gkd_loss(
         raise GKDError(
             f"student_hidden last dim {student_hidden.shape[-1]} must equal student_lm_head_weight dim 1 ({hsize})"
         )
+    if chunk_size is None:
+        chunk_size = max(16, 2**23 // student_lm_head_weight.shape[0])
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise GKDError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if normalizer is not None and (reduction != "sum" or not normalizer > 0):
+        raise GKDError(f"normalizer must be > 0 and goes with reduction='sum', got {normalizer!r} with {reduction!r}")
     if not isinstance(sft_alpha, (int, float)) or sft_alpha < 0:
         raise GKDError(f"sft_alpha must be a number >= 0, got {sft_alpha!r}")
     group = _group(tp_group)
@@ -725,7 +748,8 @@ def fused_linear_gkd_loss(
         per_row, div, ce, agree = _FusedPerRow.apply(h, student_lm_head_weight, teacher, y, opts)
         loss = _reduce(per_row, rows, lead, "none")
     else:
-        w = torch.full((n,), 1.0 / max(n, 1) if reduction == "mean" else 1.0, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        scale = 1.0 / max(n, 1) if reduction == "mean" else 1.0 / (normalizer or 1.0)
+        w = torch.full((n,), scale, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
         want_grads = torch.is_grad_enabled() and (h.requires_grad or student_lm_head_weight.requires_grad)
         loss, div, ce, agree = _FusedReduced.apply(h, student_lm_head_weight, w, teacher, y, opts, want_grads)
     return GKDLossOutput(loss=loss, divergence_sum=div.sum(), sft_sum=ce.sum(), agree_count=agree.sum(), tokens=n)
@@ -744,7 +768,7 @@ def fused_linear_generalized_jsd(
     temperature: float = 1.0,
     mask: Tensor | None = None,
     reduction: str = "mean",
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     tp_group=None,
 ) -> Tensor:
     """:func:`generalized_jsd` of ``student_hidden @ student_lm_head_weight.T`` against the teacher,

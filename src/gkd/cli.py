@@ -1,0 +1,143 @@
+"""`gkd train | eval | prune | plot | demo`. User mistakes end in one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from gkd.config import TrainConfig, _f, build_config, parser_for
+from gkd.errors import GKDError
+
+
+@dataclass
+class EvalConfig:
+    model: str = _f("", "student: a Hugging Face model folder or a .gguf file")
+    teacher_model: str = _f("", "teacher: a Hugging Face model folder or a .gguf file")
+    dataset: list[str] = _f(None, "prompts (rows as for training; completions are ignored)", nargs="+")
+    beta: float = _f(0.5, "generalized JSD interpolation for the reported divergence")
+    temperature: float = _f(0.9, "temperature of the reported divergence")
+    max_completion_length: int = _f(128, "new tokens of the greedy completions")
+    max_length: int = _f(1024, "maximum prompt length (longer prompts are cut from the left)")
+    batch_size: int = _f(16, "prompts per forward")
+    torch_dtype: str = _f("float32", "dtype of both models", choices=("float32", "bfloat16"))
+    output: str = _f("", "write the metrics as JSON here")
+
+
+def _tokenized_prompts(paths, tokenizer, max_length):
+    from gkd.data import load_examples
+
+    return [e.prompt_ids for e in load_examples(paths, tokenizer, max_length=max_length, truncation_strategy="left",
+                                                 max_completion_length=1, warn=_warn)]
+
+
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _eos_ids(tokenizer, model) -> list[int]:
+    ids = {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)}
+    return [i for i in ids if isinstance(i, int)]
+
+
+def cmd_eval(cfg: EvalConfig) -> dict:
+    import torch
+
+    from gkd.evaluate import evaluate, format_table
+    from gkd.models import check_compatible, load_model, load_tokenizer
+
+    for name in ("model", "teacher_model"):
+        if not getattr(cfg, name):
+            raise GKDError(f"--{name} is required")
+    if not cfg.dataset:
+        raise GKDError("--dataset is required")
+    if not 0 <= cfg.beta <= 1 or cfg.temperature <= 0:
+        raise GKDError("--beta must be in [0, 1] and --temperature > 0")
+    tok = load_tokenizer(cfg.model)
+    student, teacher = load_model(cfg.model, cfg.torch_dtype), load_model(cfg.teacher_model, cfg.torch_dtype)
+    check_compatible(tok, load_tokenizer(cfg.teacher_model), student, teacher)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prompts = _tokenized_prompts(cfg.dataset, tok, cfg.max_length)
+    metrics, _, _ = evaluate(student.to(device), teacher.to(device), prompts, eos_ids=_eos_ids(tok, student),
+                             pad_id=tok.pad_token_id, beta=cfg.beta, temperature=cfg.temperature,
+                             max_new_tokens=cfg.max_completion_length, device=device, batch_size=cfg.batch_size)
+    print(format_table({"student": metrics}))
+    if cfg.output:
+        Path(cfg.output).write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def cmd_train(cfg: TrainConfig) -> dict:
+    from gkd.trainer import Trainer
+
+    trainer = Trainer(cfg, log=_warn)
+    last = trainer.train()
+    print(json.dumps({"final": str(trainer.out / "final"), **last}))
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(prog="gkd", description="Generalized Knowledge Distillation of language models.")
+    top.add_argument("command", choices=["train", "eval", "prune", "plot", "demo"], help="what to do")
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        print("\nRun `gkd COMMAND --help` for the options of each command.")
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "train":
+            p = parser_for(TrainConfig, "gkd train", "Distil a teacher into a student with GKD.")
+            ns = vars(p.parse_args(rest))
+            cmd_train(build_config(TrainConfig, {k: v for k, v in ns.items() if k != "config"}, ns.get("config")))
+        elif command == "eval":
+            p = parser_for(EvalConfig, "gkd eval", "Held-out metrics of a student against a teacher.")
+            ns = vars(p.parse_args(rest))
+            cmd_eval(build_config(EvalConfig, {k: v for k, v in ns.items() if k != "config"}, ns.get("config")))
+        elif command == "prune":
+            from gkd.config import _OneLineErrors
+            from gkd.models import prune_command
+
+            p = _OneLineErrors(prog="gkd prune", description="Depth-prune a teacher into a student folder.")
+            p.add_argument("--teacher_model", "--teacher-model", "--model", required=True,
+                           help="a Hugging Face folder, a .gguf file, or smollm2")
+            p.add_argument("--output_dir", "--output-dir", required=True, help="where the student folder goes")
+            p.add_argument("--keep_layers", "--keep-layers", type=lambda s: [int(x) for x in s.split(",")],
+                           help="comma-separated layer indices to keep (default: every --every-th)")
+            p.add_argument("--every", type=int, default=2, help="keep layers 0, every, 2*every, ...")
+            p.add_argument("--torch_dtype", "--torch-dtype", default="float32", choices=("float32", "bfloat16"),
+                           help="dtype of the saved weights")
+            a = p.parse_args(rest)
+            if a.every < 1:
+                raise GKDError("--every must be >= 1")
+            print(json.dumps(prune_command(a.teacher_model, a.output_dir, a.keep_layers, a.every, a.torch_dtype)))
+        elif command == "plot":
+            from gkd.config import _OneLineErrors
+            from gkd.metrics import plot
+
+            p = _OneLineErrors(prog="gkd plot", description="Draw the logged curves of a training run.")
+            p.add_argument("output_dir", help="a training --output_dir (holds metrics.jsonl)")
+            a = p.parse_args(rest)
+            src = Path(a.output_dir) / "metrics.jsonl"
+            if not src.is_file():
+                raise GKDError(f"{src}: no such file (is {a.output_dir} a training output folder?)")
+            print(plot(src, Path(a.output_dir) / "loss_curve.png"))
+        elif command == "demo":
+            from gkd.demo import main as demo_main
+
+            demo_main(rest)
+        else:
+            raise GKDError(f"unknown command {command!r}; choose train, eval, prune, plot or demo")
+    except GKDError as e:
+        print(f"gkd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gkd: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Training configuration: one dataclass with the flag names users know from ms-swift and TRL.
+
+Flags, a YAML file (``--config``) and Python callers all end in :class:`TrainConfig`;
+:meth:`TrainConfig.validate` turns out-of-range values into one-line :class:`GKDError` messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gkd.errors import GKDError
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # models
+    model: str = _f("", "student: a Hugging Face model folder or a .gguf file")
+    teacher_model: str = _f("", "teacher: a Hugging Face model folder or a .gguf file")
+    torch_dtype: str = _f("float32", "dtype of both models' weights", choices=("float32", "bfloat16"))
+    train_type: str = _f("full", "train all student weights, or LoRA adapters", choices=("full", "lora"))
+    lora_rank: int = _f(8, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / rank)")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    target_modules: str = _f("all-linear", "LoRA target modules: comma-separated names, or all-linear")
+    merge_lora: bool = _f(False, "merge the LoRA adapter into the exported student")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    offload_teacher_model: bool = _f(False, "keep the teacher's weights on CPU except while it scores")
+    # data
+    dataset: list[str] = _f(None, "training data: JSONL/JSON/Parquet files or saved datasets folders", nargs="+")
+    val_dataset: list[str] = _f(None, "held-out data for evaluation (same formats)", nargs="+")
+    split_dataset_ratio: float = _f(0.0, "fraction of --dataset held out for evaluation when no --val_dataset")
+    max_length: int = _f(1024, "maximum prompt length in tokens")
+    truncation_strategy: str = _f("left", "prompts longer than --max_length: cut from the left, or drop the row",
+                                  choices=("left", "delete"))
+    # the method
+    beta: float = _f(0.5, "generalized JSD interpolation: 0 = KL(teacher||student), 1 = KL(student||teacher)")
+    lmbda: float = _f(0.5, "probability that a generation cycle is on-policy (student samples the completions)")
+    temperature: float = _f(0.9, "temperature of the divergence and of sampling")
+    sft_alpha: float = _f(0.0, "weight of the cross-entropy on dataset (not student-sampled) completions")
+    seq_kd: bool = _f(False, "off-policy completions are sampled from the teacher instead of the dataset")
+    gkd_logits_topk: int = _f(0, "score with the teacher's top-K log-probs only (0 = full vocabulary)")
+    max_completion_length: int = _f(512, "maximum new tokens per sampled completion")
+    top_p: float = _f(1.0, "nucleus sampling for on-policy completions")
+    top_k: int = _f(0, "top-k sampling for on-policy completions (0 = off)")
+    # optimisation
+    micro_batch_size: int = _f(1, "sequences per forward/backward")
+    global_batch_size: int = _f(8, "sequences per optimizer step (= micro x data-parallel x accumulation)")
+    learning_rate: float = _f(1e-5, "AdamW peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    lr_scheduler_type: str = _f("cosine", "learning-rate schedule after warm-up", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = _f(0.0, "fraction of the steps spent warming up linearly")
+    max_grad_norm: float = _f(1.0, "clip the gradient norm (0 = no clipping)")
+    num_train_epochs: float = _f(1.0, "passes over the training data (ignored when --max_steps > 0)")
+    max_steps: int = _f(0, "optimizer steps (0 = from --num_train_epochs)")
+    max_bad_steps: int = _f(3, "stop after this many consecutive steps with a NaN/inf loss (each is skipped)")
+    seed: int = _f(42, "seed of data order, lmbda draws, sampling and LoRA init")
+    loss_chunk_size: int = _f(0, "positions per lm_head chunk in the fused loss (0 = automatic)")
+    # output
+    output_dir: str = _f("output", "where checkpoints, metrics and the final student go")
+    save_steps: int = _f(0, "checkpoint every N optimizer steps (0 = only at the end)")
+    save_total_limit: int = _f(2, "keep this many newest checkpoints")
+    resume_from_checkpoint: str = _f("", "a checkpoint folder, or 'latest' in --output_dir")
+    logging_steps: int = _f(1, "log metrics every N optimizer steps")
+    eval_steps: int = _f(0, "evaluate on the held-out set every N steps (0 = never during training)")
+    report_to: list[str] = _f(None, "metric sinks besides JSONL: tensorboard", nargs="*")
+    progress_bar: bool = _f(True, "show a progress bar on the terminal")
+
+    def validate(self) -> "TrainConfig":
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise GKDError(msg)
+
+        need(bool(self.model), "--model is required (a Hugging Face folder or a .gguf file)")
+        need(bool(self.teacher_model), "--teacher_model is required (a Hugging Face folder or a .gguf file)")
+        need(bool(self.dataset), "--dataset is required (JSONL/JSON/Parquet files or a saved datasets folder)")
+        need(0.0 <= self.beta <= 1.0, f"--beta must be in [0, 1], got {self.beta}")
+        need(0.0 <= self.lmbda <= 1.0, f"--lmbda must be in [0, 1], got {self.lmbda}")
+        need(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        need(self.sft_alpha >= 0, f"--sft_alpha must be >= 0, got {self.sft_alpha}")
+        need(0.0 < self.top_p <= 1.0, f"--top_p must be in (0, 1], got {self.top_p}")
+        need(self.top_k >= 0, f"--top_k must be >= 0, got {self.top_k}")
+        need(self.gkd_logits_topk >= 0, f"--gkd_logits_topk must be >= 0, got {self.gkd_logits_topk}")
+        need(self.max_completion_length >= 1, f"--max_completion_length must be >= 1, got {self.max_completion_length}")
+        need(self.max_length >= 1, f"--max_length must be >= 1, got {self.max_length}")
+        need(self.micro_batch_size >= 1, f"--micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        need(self.global_batch_size >= 1, f"--global_batch_size must be >= 1, got {self.global_batch_size}")
+        need(self.learning_rate >= 0, f"--learning_rate must be >= 0, got {self.learning_rate}")
+        need(0.0 <= self.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        need(self.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        need(self.max_steps >= 0, f"--max_steps must be >= 0, got {self.max_steps}")
+        need(self.max_steps > 0 or self.num_train_epochs > 0, "--num_train_epochs must be > 0 when --max_steps is 0")
+        need(0.0 <= self.split_dataset_ratio < 1.0, f"--split_dataset_ratio must be in [0, 1), got {self.split_dataset_ratio}")
+        need(self.lora_rank >= 1, f"--lora_rank must be >= 1, got {self.lora_rank}")
+        need(0.0 <= self.lora_dropout < 1.0, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        need(self.logging_steps >= 1, f"--logging_steps must be >= 1, got {self.logging_steps}")
+        need(self.save_steps >= 0 and self.save_total_limit >= 1, "--save_steps must be >= 0 and --save_total_limit >= 1")
+        need(self.max_bad_steps >= 1, f"--max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        need(self.loss_chunk_size >= 0, f"--loss_chunk_size must be >= 0, got {self.loss_chunk_size}")
+        for sink in self.report_to or []:
+            need(sink in ("tensorboard",), f"--report_to: unknown sink {sink!r} (known: tensorboard)")
+        return self
+
+    def grad_accumulation_steps(self, data_parallel: int = 1) -> int:
+        per_step = self.micro_batch_size * data_parallel
+        if self.global_batch_size % per_step:
+            raise GKDError(
+                f"--global_batch_size {self.global_batch_size} must be a multiple of --micro_batch_size "
+                f"{self.micro_batch_size} x data-parallel size {data_parallel} = {per_step}"
+            )
+        return self.global_batch_size // per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _parse_bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage and exits 2; we want our one-line error
+        raise GKDError(f"{self.prog}: {message} (see --help)")
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per field; ``--a_b`` and ``--a-b`` both work; booleans take ``true``/``false``."""
+    for f in dataclasses.fields(cls):
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        kw: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if "nargs" in f.metadata:
+            kw["nargs"] = f.metadata["nargs"]
+        typ = f.type if not isinstance(f.type, str) else f.type
+        if typ in ("bool", bool):
+            kw.update(type=_parse_bool, nargs="?", const=True, metavar="true|false")
+        elif typ in ("int", int):
+            kw["type"] = int
+        elif typ in ("float", float):
+            kw["type"] = float
+        parser.add_argument(*names, dest=f.name, **kw)
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise GKDError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise GKDError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise GKDError(f"--config {path}: expected a mapping of flag names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(cls, values: dict[str, Any], yaml_path: str | None = None):
+    """The dataclass from YAML values overridden by flag values, with unknown keys rejected."""
+    merged = _load_yaml(yaml_path) if yaml_path else {}
+    merged.update(values)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(merged) - set(known))
+    if unknown:
+        where = f"in {yaml_path}" if yaml_path else "among the flags"
+        raise GKDError(f"unknown option {unknown[0]!r} {where}; see --help for the list")
+    for name, value in merged.items():
+        if known[name].metadata.get("nargs") and isinstance(value, str):
+            merged[name] = [value]
+    return cls(**merged)
+
+
+def parser_for(cls, prog: str, description: str) -> argparse.ArgumentParser:
+    parser = _OneLineErrors(prog=prog, description=description)
+    parser.add_argument("--config", help="a YAML file with any of these options (flags override it)")
+    add_dataclass_flags(parser, cls)
+    return parser
+

@@ -1,0 +1,73 @@
+"""A small built-in prompt set for the default job, so it needs nothing from a hub.
+
+Short instructions of the kinds an instruct model is asked; the last HELD_OUT are for evaluation only.
+"""
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "What is 12 plus 7?",
+    "Give me a synonym for 'happy'.",
+    "What does a thermometer measure?",
+    "Translate 'good morning' into Spanish.",
+    "How many days are in a week?",
+    "What is the opposite of 'cold'?",
+    "Name a mammal that lives in the ocean.",
+    "What gas do plants take in from the air?",
+    "Write one sentence about the sun.",
+    "What is the largest planet in our solar system?",
+    "List two fruits that are red.",
+    "What is water made of?",
+    "How many legs does a spider have?",
+    "What is the plural of 'mouse'?",
+    "Name a tool used to cut paper.",
+    "What do bees make?",
+    "Give an example of a verb.",
+    "What is 9 times 3?",
+    "Which season comes after winter?",
+    "What is the freezing point of water in Celsius?",
+    "Name a musical instrument with strings.",
+    "What color do you get by mixing blue and yellow?",
+    "Write a short greeting for a friend.",
+    "What is the main language spoken in Brazil?",
+    "How many minutes are in an hour?",
+    "Name one continent.",
+    "What is the chemical symbol for gold?",
+    "Describe a cat in one sentence.",
+    "What is the square root of 81?",
+    "Which animal is known as the king of the jungle?",
+    "What do you call a baby dog?",
+    "Name a vegetable that is orange.",
+    "What is the boiling point of water in Celsius?",
+    "Give a word that rhymes with 'tree'.",
+    "What instrument measures air pressure?",
+    "What shape has three sides?",
+    "Name a planet closer to the sun than Earth.",
+    "What is 100 divided by 4?",
+    "Write a one-line tip for staying healthy.",
+    "What is the tallest animal?",
+    "Name something you can find in a kitchen.",
+    "How many hours are in a day?",
+    "What is the past tense of 'run'?",
+    "What do caterpillars turn into?",
+    "Name a country in Asia.",
+    "What is the color of a clear sky?",
+    # held out
+    "What is the capital of Italy?",
+    "How many sides does a square have?",
+    "Name a bird that cannot fly.",
+    "What is 15 minus 6?",
+    "Give a synonym for 'big'.",
+    "What do cows drink?",
+    "Which planet is called the red planet?",
+    "Write one sentence about the moon.",
+]
+HELD_OUT = 8
+
+
+def train_prompts() -> list[str]:
+    return PROMPTS[:-HELD_OUT]
+
+
+def eval_prompts() -> list[str]:
+    return PROMPTS[-HELD_OUT:]

@@ -1,0 +1,74 @@
+"""Teachers: what scores a batch of sequences. The loss never knows which one it got."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from gkd.data import Batch
+from gkd.models import decoder, lm_head_weight
+
+
+@dataclass
+class TeacherOutput:
+    """Either final hidden states + lm_head weight (full distribution, or its top-``topk``), or
+    per-position top-k ids + log-probs. Positions align with the batch: row i predicts token i+1."""
+
+    hidden: torch.Tensor | None = None  # [B, T, H_t]
+    lm_head_weight: torch.Tensor | None = None  # [V, H_t]
+    topk: int | None = None
+    topk_ids: torch.Tensor | None = None  # [B, T, K]
+    topk_logprobs: torch.Tensor | None = None  # [B, T, K]
+
+    def loss_kwargs(self) -> dict:
+        if self.hidden is not None:
+            return dict(teacher_hidden=self.hidden, teacher_lm_head_weight=self.lm_head_weight, teacher_topk=self.topk)
+        return dict(teacher_topk_ids=self.topk_ids, teacher_topk_logprobs=self.topk_logprobs)
+
+
+class Teacher(Protocol):
+    def score(self, batch: Batch) -> TeacherOutput: ...
+
+
+class LocalTeacher:
+    """A transformers model in this process. With ``offload`` its weights live on CPU and visit the
+    training device only while scoring or generating."""
+
+    def __init__(self, model, device: torch.device, topk: int = 0, offload: bool = False):
+        self.model = model.eval().requires_grad_(False)
+        self.device = device
+        self.topk = topk or None
+        self.offload = offload and device.type != "cpu"
+        self.model.to("cpu" if self.offload else device)
+
+    def _on_device(self):
+        teacher = self
+
+        class _Visit:
+            def __enter__(self):
+                if teacher.offload:
+                    teacher.model.to(teacher.device, non_blocking=True)
+                return teacher.model
+
+            def __exit__(self, *exc):
+                if teacher.offload:
+                    teacher.model.to("cpu")
+                    if teacher.device.type == "cuda":
+                        torch.cuda.empty_cache()
+
+        return _Visit()
+
+    @torch.no_grad()
+    def score(self, batch: Batch) -> TeacherOutput:
+        with self._on_device() as model:
+            hidden = decoder(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            weight = lm_head_weight(model)
+            if self.offload:  # the weight must outlive the visit
+                weight = weight.detach().clone()
+        return TeacherOutput(hidden=hidden, lm_head_weight=weight, topk=self.topk)
+
+    def generate(self, prompts: list[list[int]], sampler) -> list[list[int]]:
+        with self._on_device() as model:
+            return sampler.generate(model, prompts)

@@ -1,0 +1,277 @@
+"""The GKD loop: draw the source, get completions, score with the teacher, fused loss, update."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gkd import checkpoint
+from gkd.config import TrainConfig
+from gkd.data import Example, collate, load_examples, split_examples
+from gkd.errors import GKDError
+from gkd.losses import fused_linear_gkd_loss
+from gkd.metrics import MetricsLog, plot
+from gkd.models import (apply_lora, check_compatible, decoder, lm_head_weight, load_model, load_tokenizer,
+                        save_pretrained_atomic)
+from gkd.rollout import HFSampler, SamplingConfig
+from gkd.teacher import LocalTeacher
+
+
+def lmbda_draw(seed: int, step: int) -> float:
+    """u ~ U(0, 1) for one generation cycle, from (seed, step) alone: identical on every rank."""
+    g = torch.Generator().manual_seed((seed * 0x9E3779B1 + step * 0x85EBCA77) % 2**63)
+    return float(torch.rand((), generator=g))
+
+
+def sample_seed(seed: int, step: int, who: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + who) % 2**63
+
+
+class StepData:
+    """Rows of each optimizer step: a seeded permutation per epoch, a pure function of the step."""
+
+    def __init__(self, examples: list[Example], global_batch: int, seed: int):
+        self.examples, self.gb, self.seed = examples, global_batch, seed
+        self._perm: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._perm:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm = {epoch: torch.randperm(len(self.examples), generator=g).tolist()}
+        return self._perm[epoch]
+
+    def rows(self, step: int) -> list[Example]:
+        n = len(self.examples)
+        out = []
+        for i in range(step * self.gb, (step + 1) * self.gb):
+            epoch, pos = divmod(i, n)
+            out.append(self.examples[self._order(epoch)[pos]])
+        return out
+
+
+@dataclass
+class Window:
+    """Sums over the optimizer steps since the last log line."""
+
+    loss: float = 0.0
+    div: float = 0.0
+    sft: float = 0.0
+    sft_tokens: int = 0
+    agree: int = 0
+    tokens: int = 0
+    seqs: int = 0
+    student_seqs: int = 0
+    completion_len: int = 0
+    grad_norm: float = 0.0
+    steps: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return f
+
+
+def check_output_dir(path: str) -> Path:
+    """Fail early if the folder cannot be written, without creating anything yet."""
+    out = Path(path).absolute()
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise GKDError(f"--output_dir {path}: not writable ({probe} is not a writable folder)")
+    return out
+
+
+def prepare_output_dir(path: str) -> Path:
+    out = check_output_dir(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GKDError(f"--output_dir {path}: cannot create it ({e.strerror})") from None
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, log=print):
+        self.cfg = cfg.validate()
+        self.log = log
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.accum = cfg.grad_accumulation_steps()
+        self.out = check_output_dir(cfg.output_dir)
+        torch.manual_seed(cfg.seed)
+
+        self.tokenizer = load_tokenizer(cfg.model)
+        teacher_tok = load_tokenizer(cfg.teacher_model)
+        student = load_model(cfg.model, cfg.torch_dtype)
+        teacher = load_model(cfg.teacher_model, cfg.torch_dtype)
+        check_compatible(self.tokenizer, teacher_tok, student, teacher)
+
+        data_kw = dict(max_length=cfg.max_length, truncation_strategy=cfg.truncation_strategy,
+                       max_completion_length=cfg.max_completion_length, warn=log)
+        examples = load_examples(cfg.dataset, self.tokenizer, **data_kw)
+        if cfg.val_dataset:
+            self.train_examples, self.val_examples = examples, load_examples(cfg.val_dataset, self.tokenizer, **data_kw)
+        else:
+            self.train_examples, self.val_examples = split_examples(examples, cfg.split_dataset_ratio, cfg.seed)
+        if cfg.gradient_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            student.config.use_cache = False
+        if cfg.train_type == "lora":
+            student = apply_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed)
+        self.student = student.to(self.device).train()
+        self.teacher = LocalTeacher(teacher, self.device, topk=cfg.gkd_logits_topk, offload=cfg.offload_teacher_model)
+        eos = [i for i in {self.tokenizer.eos_token_id, getattr(student.generation_config, "eos_token_id", None)}
+               if isinstance(i, int)]
+        sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                  top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.global_batch_size)
+        self.sampler = HFSampler(sampling, eos, self.tokenizer.pad_token_id, self.device)
+
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(self.train_examples)
+                                                              / cfg.global_batch_size))
+        warmup = int(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, self.total_steps))
+        self.data = StepData(self.train_examples, cfg.global_batch_size, cfg.seed)
+        self.start_step = 0
+        self.bad_steps = 0
+        if cfg.resume_from_checkpoint:
+            if not self.out.is_dir():
+                raise GKDError(f"--resume_from_checkpoint: --output_dir {cfg.output_dir} does not exist")
+            path = checkpoint.resolve(cfg.resume_from_checkpoint, self.out)
+            info = checkpoint.load(path, self.student, self.optimizer, self.scheduler)
+            self.start_step, self.bad_steps = info["step"], info.get("bad_steps", 0)
+            log(f"[gkd] resumed from {path} at step {self.start_step}")
+
+    # ---------------------------------------------------------------------------------------------
+
+    def _completions(self, rows: list[Example], step: int) -> tuple[list[list[int]], list[bool]]:
+        """Completion ids for each row and whether the student sampled it (the lmbda draw)."""
+        prompts = [r.prompt_ids for r in rows]
+        if lmbda_draw(self.cfg.seed, step) < self.cfg.lmbda:
+            self.sampler.seed = sample_seed(self.cfg.seed, step, 0)
+            return self.sampler.generate(self.student, prompts), [True] * len(rows)
+        completions = [None if self.cfg.seq_kd else r.completion_ids for r in rows]
+        missing = [i for i, c in enumerate(completions) if c is None]
+        if missing:  # sequence-level KD, and prompt-only rows on off-policy steps: the teacher completes
+            self.sampler.seed = sample_seed(self.cfg.seed, step, 1)
+            for i, c in zip(missing, self.teacher.generate([prompts[i] for i in missing], self.sampler)):
+                completions[i] = c
+        return completions, [False] * len(rows)
+
+    def train_step(self, step: int, window: Window) -> float:
+        cfg = self.cfg
+        rows = self.data.rows(step)
+        completions, from_student = self._completions(rows, step)
+        n_tokens = sum(len(c) for c in completions)
+        stats = torch.zeros(4, dtype=torch.float64)  # divergence, sft, agreement, sft tokens
+        loss_total = 0.0
+        weight = lm_head_weight(self.student)
+        mbs = cfg.micro_batch_size
+        for m0 in range(0, len(rows), mbs):
+            batch = collate([r.prompt_ids for r in rows[m0:m0 + mbs]], completions[m0:m0 + mbs],
+                            self.tokenizer.pad_token_id).to(self.device)
+            if batch.tokens == 0:
+                continue
+            ce_labels = batch.labels.clone()
+            ce_labels[torch.tensor(from_student[m0:m0 + mbs], device=self.device)] = -100
+            teacher_out = self.teacher.score(batch)
+            hidden = decoder(self.student)(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            out = fused_linear_gkd_loss(
+                hidden, weight, **teacher_out.loss_kwargs(), labels=ce_labels, sft_alpha=cfg.sft_alpha, beta=cfg.beta,
+                temperature=cfg.temperature, mask=batch.loss_mask, reduction="sum", normalizer=float(n_tokens),
+                chunk_size=cfg.loss_chunk_size or None)
+            out.loss.backward()
+            loss_total += float(out.loss.detach())
+            stats += torch.tensor([float(out.divergence_sum), float(out.sft_sum), float(out.agree_count),
+                                   float((ce_labels[batch.loss_mask] >= 0).sum())], dtype=torch.float64)
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
+        if not (math.isfinite(loss_total) and math.isfinite(float(grad_norm))):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            self.log(f"[gkd] step {step + 1}: non-finite loss or gradient ({loss_total}); update skipped "
+                     f"({self.bad_steps}/{cfg.max_bad_steps} in a row)")
+            if self.bad_steps >= cfg.max_bad_steps:
+                raise GKDError(f"training stopped: {self.bad_steps} consecutive steps with a non-finite loss "
+                               "(lower --learning_rate, or check the data and --torch_dtype)")
+            return loss_total
+        self.bad_steps = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        window.loss += loss_total
+        window.div += float(stats[0])
+        window.sft += float(stats[1])
+        window.agree += int(stats[2])
+        window.sft_tokens += int(stats[3])
+        window.tokens += n_tokens
+        window.seqs += len(rows)
+        window.student_seqs += sum(from_student)
+        window.completion_len += n_tokens
+        window.grad_norm += float(grad_norm)
+        window.steps += 1
+        return loss_total
+
+    def _window_metrics(self, w: Window) -> dict:
+        elapsed = time.perf_counter() - w.t0
+        return {
+            "loss": w.loss / w.steps,
+            "divergence": w.div / max(w.tokens, 1),
+            "sft_loss": w.sft / max(w.sft_tokens, 1) if w.sft_tokens else None,
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "grad_norm": w.grad_norm / w.steps,
+            "tokens_per_s": w.tokens / max(elapsed, 1e-9),
+            "on_policy_share": w.student_seqs / max(w.seqs, 1),
+            "completion_length": w.completion_len / max(w.seqs, 1),
+            "top1_agreement": w.agree / max(w.tokens, 1),
+        }
+
+    def save_checkpoint(self, step: int) -> Path:
+        return checkpoint.save(self.out, step, self.student, self.optimizer, self.scheduler,
+                               {"bad_steps": self.bad_steps}, self.cfg.save_total_limit)
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        from tqdm import tqdm
+
+        prepare_output_dir(str(self.out))
+        metrics = MetricsLog(self.out, tensorboard="tensorboard" in (cfg.report_to or []), resume_step=self.start_step)
+        bar = tqdm(total=self.total_steps, initial=self.start_step, desc="gkd train", disable=not cfg.progress_bar,
+                   dynamic_ncols=True)
+        window, last = Window(), {}
+        for step in range(self.start_step, self.total_steps):
+            self.train_step(step, window)
+            done = step + 1
+            if window.steps and (done % cfg.logging_steps == 0 or done == self.total_steps):
+                last = {k: v for k, v in self._window_metrics(window).items() if v is not None}
+                metrics.log(done, last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", agree=f"{last['top1_agreement']:.3f}")
+                window = Window()
+            if cfg.save_steps and done % cfg.save_steps == 0 and done < self.total_steps:
+                self.save_checkpoint(done)
+            bar.update(1)
+        bar.close()
+        metrics.close()
+        self.save_checkpoint(self.total_steps)
+        save_pretrained_atomic(self.student, self.tokenizer, self.out / "final", merge_lora=cfg.merge_lora)
+        try:
+            plot(metrics.path, self.out / "loss_curve.png")
+        except ImportError:
+            self.log("[gkd] matplotlib is not installed: no loss_curve.png (gkd plot draws it later)")
+        return last

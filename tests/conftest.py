@@ -1,0 +1,45 @@
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(script: Path, nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a script under torchrun on 127.0.0.1 with gloo-friendly settings; returns the finished process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(script), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.fixture
+def torchrun():
+    return run_torchrun
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Paths of a tiny teacher, a tiny student (same tokenizer) and a small dataset."""
+    from tiny import write_dataset, write_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "teacher": str(write_model(root / "teacher", layers=3, seed=1)),
+        "student": str(write_model(root / "student", layers=2, seed=2)),
+        "data": str(write_dataset(root / "train.jsonl", n=16)),
+        "prompts": str(write_dataset(root / "prompts.jsonl", n=8, seed=5, prompt_only=True)),
+        "root": root,
+    }
