@@ -201,12 +201,12 @@ def load_examples(paths: list[str], tokenizer, *, max_length: int, truncation_st
             if completion is not None:
                 completion = completion[:max_completion_length]
             examples.append(Example(prompt, completion, where))
-    if dropped:
-        warn(f"[gkd] dropped {len(dropped)} row(s) whose prompt exceeds --max_length {max_length} "
-             f"(--truncation_strategy delete): {', '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''}")
     if not examples:
         raise GKDError(f"dataset {', '.join(paths)}: no usable rows"
                        + (f" (all {len(dropped)} prompts exceed --max_length {max_length})" if dropped else ""))
+    if dropped:
+        warn(f"[gkd] dropped {len(dropped)} row(s) whose prompt exceeds --max_length {max_length} "
+             f"(--truncation_strategy delete): {', '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''}")
     return examples
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,13 +86,17 @@ def lr_lambda(kind: str, warmup: int, total: int):
 
 
 def check_output_dir(path: str) -> Path:
-    """Fail early if the folder cannot be written, without creating anything yet."""
+    """Fail early if the folder cannot be written; leaves nothing behind."""
     out = Path(path).absolute()
     probe = out
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise GKDError(f"--output_dir {path}: not writable ({probe} is not a writable folder)")
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(f"{probe} is not a folder")
+        os.rmdir(tempfile.mkdtemp(prefix=".gkd-probe-", dir=probe))
+    except OSError as e:
+        raise GKDError(f"--output_dir {path}: not writable ({e.strerror or e})") from None
     return out
 
 

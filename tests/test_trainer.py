@@ -1,0 +1,223 @@
+"""The single-process trainer on tiny random models."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gkd.config import TrainConfig
+from gkd.metrics import read_metrics
+from gkd.trainer import Trainer, lmbda_draw
+
+
+def cfg_for(tiny, out, **kw):
+    base = dict(model=tiny["student"], teacher_model=tiny["teacher"], dataset=[tiny["data"]], output_dir=str(out),
+                max_completion_length=6, learning_rate=1e-3, lr_scheduler_type="constant", progress_bar=False,
+                max_steps=2, micro_batch_size=8, global_batch_size=8, temperature=0.9, sft_alpha=0.3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.student.state_dict().items()}
+
+
+@pytest.mark.parametrize("lmbda", [0.0, 1.0])
+def test_micro_batch_split_gives_the_same_update(tiny, tmp_path, lmbda):
+    runs = {}
+    for mbs in (8, 2):
+        t = Trainer(cfg_for(tiny, tmp_path / f"m{mbs}", micro_batch_size=mbs, lmbda=lmbda), log=lambda *_: None)
+        t.train()
+        runs[mbs] = (weights(t), read_metrics(t.out / "metrics.jsonl"))
+    (w8, m8), (w2, m2) = runs[8], runs[2]
+    for k in w8:
+        torch.testing.assert_close(w2[k], w8[k], rtol=0, atol=1e-5, msg=k)
+    for a, b in zip(m8, m2):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5
+        assert a["on_policy_share"] == b["on_policy_share"] == lmbda
+    before = Trainer(cfg_for(tiny, tmp_path / "init", max_steps=1), log=lambda *_: None)
+    assert any((before.student.state_dict()[k] - w8[k]).abs().max() > 1e-4 for k in w8), "training changed nothing"
+
+
+def test_lmbda_zero_never_generates_and_one_always_does(tiny, tmp_path, monkeypatch):
+    t = Trainer(cfg_for(tiny, tmp_path / "off", lmbda=0.0, max_steps=3), log=lambda *_: None)
+    monkeypatch.setattr(t.sampler, "generate", lambda *a, **k: pytest.fail("generated with lmbda 0"))
+    t.train()
+    assert all(m["on_policy_share"] == 0.0 for m in read_metrics(t.out / "metrics.jsonl"))
+    calls = []
+    t = Trainer(cfg_for(tiny, tmp_path / "on", lmbda=1.0, max_steps=3), log=lambda *_: None)
+    real = t.sampler.generate
+    monkeypatch.setattr(t.sampler, "generate", lambda *a: calls.append(1) or real(*a))
+    t.train()
+    assert len(calls) == 3
+    assert all(m["on_policy_share"] == 1.0 for m in read_metrics(t.out / "metrics.jsonl"))
+
+
+def test_on_policy_share_follows_lmbda():
+    draws = [lmbda_draw(42, s) for s in range(2000)]
+    for lmbda in (0.2, 0.5, 0.8):
+        share = sum(u < lmbda for u in draws) / len(draws)
+        assert abs(share - lmbda) < 0.04
+    assert draws == [lmbda_draw(42, s) for s in range(2000)], "the draw is a pure function of (seed, step)"
+
+
+def test_topk_teacher_and_lora_train(tiny, tmp_path):
+    t = Trainer(cfg_for(tiny, tmp_path / "lora", train_type="lora", lora_rank=4, gkd_logits_topk=5, lmbda=0.5,
+                        max_steps=3, merge_lora=True), log=lambda *_: None)
+    last = t.train()
+    assert torch.isfinite(torch.tensor(last["loss"]))
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(str(t.out / "final"))  # a plain HF folder after merging
+    assert merged.config.num_hidden_layers == 2
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "gkd", *args], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def _train_args(tiny, out, *extra):
+    return ["train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["data"],
+            "--output_dir", str(out), "--max_completion_length", "6", "--learning_rate", "1e-3",
+            "--lr_scheduler_type", "constant", "--micro_batch_size", "4", "--global_batch_size", "8",
+            "--progress_bar", "false", "--lmbda", "0.5", *extra]
+
+
+def test_kill_and_resume_reproduces_the_losses(tiny, tmp_path):
+    full = _cli(*_train_args(tiny, tmp_path / "full", "--max_steps", "6"))
+    assert full.returncode == 0, full.stderr[-2000:]
+    reference = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "full" / "metrics.jsonl")}
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "gkd", *_train_args(tiny, out, "--max_steps", "100000",
+                                                                       "--save_steps", "2")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 240
+    while not (out / "checkpoint-2" / "gkd_checkpoint.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoint-2").is_dir()
+    resumed = _cli(*_train_args(tiny, out, "--max_steps", "6", "--resume_from_checkpoint", "latest"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = {m["step"]: m["loss"] for m in read_metrics(out / "metrics.jsonl")}
+    start = min(s for s in got if s > 2)
+    for step in range(start, 7):
+        assert got[step] == reference[step], (step, got[step], reference[step])
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_one(tiny, tmp_path):
+    t = Trainer(cfg_for(tiny, tmp_path / "ck", max_steps=2, save_steps=1), log=lambda *_: None)
+    t.train()
+    # a save killed midway: a temp folder, and a checkpoint folder without its completion marker
+    (t.out / ".checkpoint-3.tmp" / "model").mkdir(parents=True)
+    (t.out / "checkpoint-4" / "model").mkdir(parents=True)
+    resumed = Trainer(cfg_for(tiny, tmp_path / "ck", max_steps=3, resume_from_checkpoint="latest"), log=lambda *_: None)
+    assert resumed.start_step == 2
+    resumed.train()
+
+
+def test_nan_loss_skips_the_update_then_stops(tiny, tmp_path):
+    t = Trainer(cfg_for(tiny, tmp_path / "nan", max_steps=5, max_bad_steps=2), log=lambda *_: None)
+    with torch.no_grad():
+        t.teacher.model.get_output_embeddings().weight.fill_(float("nan"))
+    before = weights(t)
+    from gkd import GKDError
+
+    with pytest.raises(GKDError, match="2 consecutive steps"):
+        t.train()
+    after = weights(t)
+    assert all(torch.equal(before[k], after[k]) for k in before), "a non-finite step must not update"
+
+
+def _assert_one_line_error(proc, needle):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gkd: error:"), proc.stderr[-2000:]
+    assert needle in lines[0], lines[0]
+
+
+def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good_row = json.dumps({"prompt": "w1 w2", "completion": "w3"})
+    cases = {
+        "malformed": (good_row + "\n{not json\n", f"{bad}:2: malformed JSON"),
+        "missing": (json.dumps({"text": "w1"}) + "\n", f"{bad}:1: a row needs 'messages' or 'prompt'"),
+        "wrong type": (json.dumps({"prompt": 3, "completion": "w1"}) + "\n", "'prompt' must be a string"),
+        "empty completion": (json.dumps({"prompt": "w1", "completion": " "}) + "\n", "'completion' is empty"),
+        "bad role": (json.dumps({"messages": [{"role": "bot", "content": "w1"}]}) + "\n", "messages[0].role"),
+    }
+    for name, (text, needle) in cases.items():
+        bad.write_text(text)
+        out = tmp_path / f"out-{name.replace(' ', '-')}"
+        proc = _cli("train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", str(bad),
+                    "--output_dir", str(out), "--progress_bar", "false")
+        _assert_one_line_error(proc, needle)
+        assert not out.exists(), f"{name}: output folder written"
+
+    bad.write_text(json.dumps({"prompt": "w1 w2 w3 w4 w5 w6 w7 w8 w9", "completion": "w1"}) + "\n")
+    _assert_one_line_error(_cli("train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset",
+                                str(bad), "--output_dir", str(tmp_path / "o"), "--max_length", "4",
+                                "--truncation_strategy", "delete"), "exceed --max_length 4")
+
+    base = ["train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["data"]]
+    flag_cases = [
+        (["--output_dir", str(tmp_path / "x"), "--no_such_flag", "1"], "unrecognized arguments"),
+        (["--output_dir", str(tmp_path / "x"), "--beta", "1.5"], "--beta must be in [0, 1]"),
+        (["--output_dir", str(tmp_path / "x"), "--lmbda", "-0.1"], "--lmbda must be in [0, 1]"),
+        (["--output_dir", str(tmp_path / "x"), "--temperature", "0"], "--temperature must be > 0"),
+        (["--output_dir", str(tmp_path / "x"), "--micro_batch_size", "3", "--global_batch_size", "8"],
+         "must be a multiple of --micro_batch_size"),
+        (["--output_dir", "/proc/gkd-out"], "not writable"),
+        (["--output_dir", str(Path(tiny["data"]) / "sub")], "not writable"),
+        (["--output_dir", str(tmp_path / "x"), "--resume_from_checkpoint", str(tmp_path / "nope")], "does not exist"),
+    ]
+    for extra, needle in flag_cases:
+        _assert_one_line_error(_cli(*base, *extra), needle)
+
+    from tiny import write_model
+
+    other = write_model(tmp_path / "other-vocab", vocab_size=80)
+    _assert_one_line_error(_cli("train", "--model", tiny["student"], "--teacher_model", str(other), "--dataset",
+                                tiny["data"], "--output_dir", str(tmp_path / "v")), "vocabularies differ")
+
+
+def test_resume_from_corrupt_checkpoint_is_a_clear_error(tiny, tmp_path):
+    t = Trainer(cfg_for(tiny, tmp_path / "c", max_steps=1), log=lambda *_: None)
+    t.train()
+    ck = t.out / "checkpoint-1"
+    (ck / "state.pt").write_bytes(b"garbage")
+    proc = _cli(*_train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint", str(ck)))
+    _assert_one_line_error(proc, "corrupt checkpoint")
+    proc = _cli(*_train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint", str(tmp_path / "missing")))
+    _assert_one_line_error(proc, "no such folder")
+
+
+def test_yaml_config_and_dash_spelling(tiny, tmp_path):
+    cfgfile = tmp_path / "c.yaml"
+    cfgfile.write_text(f"model: {tiny['student']}\nteacher-model: {tiny['teacher']}\ndataset: {tiny['data']}\n"
+                       "max_steps: 1\nmicro_batch_size: 4\nglobal_batch_size: 8\nmax_completion_length: 4\n")
+    proc = _cli("train", "--config", str(cfgfile), "--output-dir", str(tmp_path / "y"), "--progress-bar", "false")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "y" / "final" / "config.json").is_file()
+    assert (tmp_path / "y" / "loss_curve.png").is_file()
+    help_text = _cli("train", "--help").stdout
+    for flag in ("--beta", "--lmbda", "--sft_alpha", "--gkd_logits_topk", "--offload_teacher_model", "--seq_kd"):
+        assert flag in help_text
+
+
+def test_eval_command_writes_json(tiny, tmp_path):
+    out = tmp_path / "eval.json"
+    proc = _cli("eval", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["prompts"],
+                "--max_completion_length", "5", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads(out.read_text())
+    assert metrics["divergence"] > 0 and 0 <= metrics["top1_agreement"] <= 1 and metrics["student_ppl_on_teacher"] > 1
+    assert "divergence" in proc.stdout
