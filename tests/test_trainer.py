@@ -69,9 +69,12 @@ def test_on_policy_share_follows_lmbda():
 
 def test_topk_teacher_and_lora_train(tiny, tmp_path):
     t = Trainer(cfg_for(tiny, tmp_path / "lora", train_type="lora", lora_rank=4, gkd_logits_topk=5, lmbda=0.5,
-                        max_steps=3, merge_lora=True), log=lambda *_: None)
+                        max_steps=3, merge_lora=True, split_dataset_ratio=0.25, eval_steps=3), log=lambda *_: None)
     last = t.train()
     assert torch.isfinite(torch.tensor(last["loss"]))
+    assert len(t.val_examples) == 4 and len(t.train_examples) == 12
+    evals = [m for m in read_metrics(t.out / "metrics.jsonl") if "eval_divergence" in m]
+    assert len(evals) == 1 and evals[0]["step"] == 3 and evals[0]["eval_divergence"] > 0
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(str(t.out / "final"))  # a plain HF folder after merging

@@ -247,6 +247,19 @@ class Trainer:
             "top1_agreement": w.agree / max(w.tokens, 1),
         }
 
+    def evaluate(self) -> dict:
+        """Held-out metrics (gkd.evaluate) on --val_dataset / the split, prefixed with eval_."""
+        from gkd.evaluate import evaluate
+
+        prompts = [e.prompt_ids for e in self.val_examples]
+        metrics, self._eval_teacher_completions, _ = evaluate(
+            self.student, self.teacher.model, prompts, eos_ids=self.sampler.eos_ids, pad_id=self.tokenizer.pad_token_id,
+            beta=self.cfg.beta, temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_completion_length,
+            device=self.device, batch_size=self.cfg.global_batch_size,
+            teacher_completions=getattr(self, "_eval_teacher_completions", None))
+        self.student.train()
+        return {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, float)}
+
     def save_checkpoint(self, step: int) -> Path:
         return checkpoint.save(self.out, step, self.student, self.optimizer, self.scheduler,
                                {"bad_steps": self.bad_steps}, self.cfg.save_total_limit)
@@ -268,6 +281,8 @@ class Trainer:
                 metrics.log(done, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", agree=f"{last['top1_agreement']:.3f}")
                 window = Window()
+            if self.val_examples and cfg.eval_steps and (done % cfg.eval_steps == 0 or done == self.total_steps):
+                metrics.log(done, self.evaluate())
             if cfg.save_steps and done % cfg.save_steps == 0 and done < self.total_steps:
                 self.save_checkpoint(done)
             bar.update(1)
