@@ -27,7 +27,10 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--max_steps", "--max-steps", type=int, default=24, help="optimizer steps")
     p.add_argument("--max_completion_length", "--max-completion-length", type=int, default=40,
                    help="new tokens per sampled completion")
-    p.add_argument("--learning_rate", "--learning-rate", type=float, default=2e-4, help="AdamW learning rate")
+    p.add_argument("--learning_rate", "--learning-rate", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--beta", type=float, default=0.0,
+                   help="divergence for training and the report (0 = forward KL: a freshly pruned student is so far "
+                        "from the teacher that the JSD at 0.5 sits near its ln 2 ceiling, where gradients vanish)")
     p.add_argument("--progress_bar", "--progress-bar", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                    help="show the progress bar (true|false)")
     a = p.parse_args(argv)
@@ -46,13 +49,13 @@ def main(argv: list[str]) -> dict:
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                        tokenize=True)["input_ids"] for q in eval_prompts()]
     eos = [tok.eos_token_id]
-    eval_kw = dict(eos_ids=eos, pad_id=tok.pad_token_id, beta=0.5, temperature=0.9,
+    eval_kw = dict(eos_ids=eos, pad_id=tok.pad_token_id, beta=a.beta, temperature=0.9,
                    max_new_tokens=a.max_completion_length, device=torch.device("cpu"))
     print("[demo] evaluating the pruned student before training")
     before, teacher_completions, student_before = evaluate(load_model(str(student_dir)).eval(), teacher, prompts,
                                                            **eval_kw)
 
-    cfg = TrainConfig(model=str(student_dir), teacher_model=SMOLLM2, dataset=[str(train_file)], beta=0.5, lmbda=0.5,
+    cfg = TrainConfig(model=str(student_dir), teacher_model=SMOLLM2, dataset=[str(train_file)], beta=a.beta, lmbda=0.5,
                       temperature=0.9, max_completion_length=a.max_completion_length, micro_batch_size=4,
                       global_batch_size=8, learning_rate=a.learning_rate, lr_scheduler_type="cosine",
                       warmup_ratio=0.1, max_steps=a.max_steps, output_dir=str(out / "train"), save_steps=8,

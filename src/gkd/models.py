@@ -75,15 +75,7 @@ def load_model(spec: str, dtype: str = "float32"):
         if gguf:
             # transformers dequantises GGUF on load but marks the model quantized; rebuilding it from
             # the config and state dict gives plain parameters that train and save like any model.
-            previous = os.environ.get("TQDM_DISABLE")
-            os.environ["TQDM_DISABLE"] = "1"  # silence the dequantisation progress bar
-            try:
-                loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, dtype=torch.float32)
-            finally:
-                if previous is None:
-                    del os.environ["TQDM_DISABLE"]
-                else:
-                    os.environ["TQDM_DISABLE"] = previous
+            loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, dtype=torch.float32)
             config = loaded.config
             if hasattr(config, "quantization_config"):
                 del config.quantization_config
