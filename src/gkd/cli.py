@@ -37,16 +37,11 @@ def _warn(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def _eos_ids(tokenizer, model) -> list[int]:
-    ids = {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)}
-    return [i for i in ids if isinstance(i, int)]
-
-
 def cmd_eval(cfg: EvalConfig) -> dict:
     import torch
 
     from gkd.evaluate import evaluate, format_table
-    from gkd.models import check_compatible, load_model, load_tokenizer
+    from gkd.models import check_compatible, eos_ids, load_model, load_tokenizer
 
     for name in ("model", "teacher_model"):
         if not getattr(cfg, name):
@@ -60,7 +55,7 @@ def cmd_eval(cfg: EvalConfig) -> dict:
     check_compatible(tok, load_tokenizer(cfg.teacher_model), student, teacher)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prompts = _tokenized_prompts(cfg.dataset, tok, cfg.max_length)
-    metrics, _, _ = evaluate(student.to(device), teacher.to(device), prompts, eos_ids=_eos_ids(tok, student),
+    metrics, _, _ = evaluate(student.to(device), teacher.to(device), prompts, eos_ids=eos_ids(tok, student),
                              pad_id=tok.pad_token_id, beta=cfg.beta, temperature=cfg.temperature,
                              max_new_tokens=cfg.max_completion_length, device=device, batch_size=cfg.batch_size)
     print(format_table({"student": metrics}))

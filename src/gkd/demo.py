@@ -11,7 +11,7 @@ import torch
 
 from gkd.config import TrainConfig, _OneLineErrors
 from gkd.evaluate import evaluate, format_table
-from gkd.models import SMOLLM2, load_model, load_tokenizer, prune_command
+from gkd.models import SMOLLM2, eos_ids, load_model, load_tokenizer, prune_command
 from gkd.prompts import eval_prompts, train_prompts
 from gkd.trainer import Trainer, prepare_output_dir
 
@@ -48,8 +48,7 @@ def main(argv: list[str]) -> dict:
     teacher = load_model(SMOLLM2).eval()
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                        tokenize=True)["input_ids"] for q in eval_prompts()]
-    eos = [tok.eos_token_id]
-    eval_kw = dict(eos_ids=eos, pad_id=tok.pad_token_id, beta=a.beta, temperature=0.9,
+    eval_kw = dict(eos_ids=eos_ids(tok, teacher), pad_id=tok.pad_token_id, beta=a.beta, temperature=0.9,
                    max_new_tokens=a.max_completion_length, device=torch.device("cpu"))
     print("[demo] evaluating the pruned student before training")
     before, teacher_completions, student_before = evaluate(load_model(str(student_dir)).eval(), teacher, prompts,

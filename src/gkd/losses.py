@@ -371,12 +371,9 @@ def _reduce(per_row: Tensor, rows: Tensor | None, lead: torch.Size, reduction: s
         return per_row.sum()
     if reduction == "mean":
         return per_row.sum() / max(per_row.shape[0], 1)
-    full = per_row.new_zeros(lead.numel())
-    if rows is None:
-        full = per_row
-    else:
-        full = full.index_copy(0, rows, per_row)
-    return full.reshape(lead)
+    if rows is not None:
+        per_row = per_row.new_zeros(lead.numel()).index_copy(0, rows, per_row)
+    return per_row.reshape(lead)
 
 
 def generalized_jsd(

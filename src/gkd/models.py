@@ -100,6 +100,12 @@ def lm_head_weight(model) -> torch.Tensor:
     return model.get_output_embeddings().weight
 
 
+def eos_ids(tokenizer, model) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the generation config's."""
+    ids = {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)}
+    return [i for i in ids if isinstance(i, int)]
+
+
 def decoder(model):
     """The transformer body that returns final hidden states (LoRA layers included)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

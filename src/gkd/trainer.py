@@ -17,7 +17,7 @@ from gkd.data import Example, collate, load_examples, split_examples
 from gkd.errors import GKDError
 from gkd.losses import fused_linear_gkd_loss
 from gkd.metrics import MetricsLog, plot
-from gkd.models import (apply_lora, check_compatible, decoder, lm_head_weight, load_model, load_tokenizer,
+from gkd.models import (apply_lora, check_compatible, decoder, eos_ids, lm_head_weight, load_model, load_tokenizer,
                         save_pretrained_atomic)
 from gkd.rollout import HFSampler, SamplingConfig
 from gkd.teacher import LocalTeacher
@@ -138,11 +138,10 @@ class Trainer:
             student = apply_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed)
         self.student = student.to(self.device).train()
         self.teacher = LocalTeacher(teacher, self.device, topk=cfg.gkd_logits_topk, offload=cfg.offload_teacher_model)
-        eos = [i for i in {self.tokenizer.eos_token_id, getattr(student.generation_config, "eos_token_id", None)}
-               if isinstance(i, int)]
         sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                   top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.global_batch_size)
-        self.sampler = HFSampler(sampling, eos, self.tokenizer.pad_token_id, self.device)
+        self.sampler = HFSampler(sampling, eos_ids(self.tokenizer, student), self.tokenizer.pad_token_id, self.device)
+        self._eval_teacher_completions = None  # greedy teacher completions of the held-out prompts, made once
 
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -256,7 +255,7 @@ class Trainer:
             self.student, self.teacher.model, prompts, eos_ids=self.sampler.eos_ids, pad_id=self.tokenizer.pad_token_id,
             beta=self.cfg.beta, temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_completion_length,
             device=self.device, batch_size=self.cfg.global_batch_size,
-            teacher_completions=getattr(self, "_eval_teacher_completions", None))
+            teacher_completions=self._eval_teacher_completions)
         self.student.train()
         return {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, float)}
 
