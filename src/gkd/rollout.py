@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from gkd.data import left_pad
 
@@ -51,7 +53,8 @@ class HFSampler:
             kw.update(temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k or None)
         else:
             kw.update(temperature=None, top_p=None, top_k=None)
-        gen = model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kw)
+        with skinny_linears(model):
+            gen = model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kw)
         new = gen[:, ids.shape[1]:].tolist()
         completions = []
         for row in new:
@@ -62,3 +65,33 @@ class HFSampler:
                     break
             completions.append(row[:cut])
         return completions
+
+
+SKINNY_ROWS = 32
+
+
+def _skinny_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1]
+    if rows > SKINNY_ROWS:
+        return F.linear(x, self.weight, self.bias)
+    y = (self.weight @ x.reshape(rows, -1).T).T  # same product, weight as the left operand
+    if self.bias is not None:
+        y = y + self.bias
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@contextlib.contextmanager
+def skinny_linears(model: torch.nn.Module):
+    """Decode steps multiply a few rows by every weight. On CPU, BLAS streams a weight about 2-3x
+    faster as the left operand (W @ x.T) than through F.linear (x @ W.T) when x has few rows
+    (measured 5.5 vs 18.5 ms for SmolLM2's [49152, 576] lm_head at 4 rows, 2 threads); generation is
+    bound by that weight traffic. The Linear modules of ``model`` take that path for inputs of at most
+    SKINNY_ROWS rows while the context is open; nothing changes on other devices."""
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"]
+    for m in linears:
+        m.forward = _skinny_linear.__get__(m)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward

@@ -16,6 +16,7 @@ from gkd.config import TrainConfig
 from gkd.data import Example, collate, load_examples, split_examples
 from gkd.errors import GKDError
 from gkd.losses import fused_linear_gkd_loss
+from gkd.malloc import limit_heap_retention
 from gkd.metrics import MetricsLog, plot
 from gkd.models import (apply_lora, check_compatible, decoder, eos_ids, lm_head_weight, load_model, load_tokenizer,
                         save_pretrained_atomic)
@@ -114,6 +115,8 @@ class Trainer:
         self.cfg = cfg.validate()
         self.log = log
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            limit_heap_retention()
         self.accum = cfg.grad_accumulation_steps()
         self.out = check_output_dir(cfg.output_dir)
         torch.manual_seed(cfg.seed)
@@ -144,7 +147,7 @@ class Trainer:
         self._eval_teacher_completions = None  # greedy teacher completions of the held-out prompts, made once
 
         self.params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(self.train_examples)
                                                               / cfg.global_batch_size))
         warmup = int(cfg.warmup_ratio * self.total_steps)
@@ -241,6 +244,7 @@ class Trainer:
             "learning_rate": self.scheduler.get_last_lr()[0],
             "grad_norm": w.grad_norm / w.steps,
             "tokens_per_s": w.tokens / max(elapsed, 1e-9),
+            "step_time": elapsed / w.steps,
             "on_policy_share": w.student_seqs / max(w.seqs, 1),
             "completion_length": w.completion_len / max(w.seqs, 1),
             "top1_agreement": w.agree / max(w.tokens, 1),

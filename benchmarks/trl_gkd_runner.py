@@ -1,0 +1,75 @@
+"""TRL's GKDTrainer on one configuration; run by e2e_vs_trl.py inside TRL's own venv (not ours).
+
+Writes {"step_times": [...], "losses": [...]} as JSON: the wall time of every optimizer step, taken
+between consecutive `on_step_end` callbacks (the first from `on_step_begin`), so data loading,
+generation, both forwards, the loss, backward and the optimizer update are all counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    for name in ("model", "teacher", "dataset", "out"):
+        ap.add_argument(f"--{name}", required=True)
+    ap.add_argument("--lmbda", type=float, required=True)
+    ap.add_argument("--beta", type=float, default=0.5)
+    ap.add_argument("--temperature", type=float, default=0.9)
+    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--batch_size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gradient_checkpointing", action="store_true", help="TRL's own default is on")
+    args = ap.parse_args()
+
+    import tempfile
+
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    student = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32)
+    data = load_dataset("json", data_files=args.dataset, split="train")
+
+    marks: list[float] = []
+    losses: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            if not marks:
+                marks.append(time.perf_counter())
+
+        def on_step_end(self, a, state, control, **kw):
+            marks.append(time.perf_counter())
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = GKDConfig(
+            output_dir=tmp, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+            max_steps=args.steps, learning_rate=1e-5, lr_scheduler_type="constant", lmbda=args.lmbda,
+            beta=args.beta, temperature=args.temperature, max_new_tokens=args.max_new_tokens, max_length=512,
+            logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False,
+            dataloader_num_workers=0, seed=args.seed, disable_tqdm=True,
+            gradient_checkpointing=args.gradient_checkpointing)
+        trainer = GKDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=data,
+                             processing_class=tokenizer, callbacks=[Clock()])
+        trainer.train()
+    times = [b - a for a, b in zip(marks, marks[1:])]
+    with open(args.out, "w") as f:
+        json.dump({"step_times": times, "losses": losses}, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Keep a CPU training process's resident memory flat across steps.
+
+glibc serves allocations below its mmap threshold from the heap, and that threshold grows to 32 MiB
+as large blocks are freed. A training step frees and re-allocates hundreds of activation and gradient
+buffers of 0.1-30 MiB in shifting sizes, so the heap fragments and keeps freed memory: measured on the
+SmolLM2 teacher -> pruned student benchmark, peak RSS grew by ~170 MiB over the first steps. Pinning the
+threshold sends those buffers to mmap, which gives them back on free.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
+DEFAULT_MMAP_THRESHOLD = 512 * 1024
+
+
+def limit_heap_retention(threshold: int = DEFAULT_MMAP_THRESHOLD) -> bool:
+    """Pin glibc's mmap threshold; a no-op (False) off glibc or when MALLOC_MMAP_THRESHOLD_ is set."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False  # the user chose
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))

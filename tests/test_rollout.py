@@ -1,0 +1,52 @@
+"""The sampler's CPU decode path and the heap setting change speed, never results."""
+
+import torch
+
+from gkd.malloc import limit_heap_retention
+from gkd.rollout import SKINNY_ROWS, HFSampler, SamplingConfig, skinny_linears
+
+
+def test_skinny_linears_match_linear_and_are_undone():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 40), torch.nn.Linear(40, 8, bias=False))
+    for shape in [(1, 16), (2, 3, 16), (SKINNY_ROWS, 16), (SKINNY_ROWS + 1, 16)]:
+        x = torch.randn(*shape)
+        want = model(x)
+        with skinny_linears(model):
+            assert all("forward" in vars(m) for m in model)  # the fast path is on inside
+            got = model(x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not any("forward" in vars(m) for m in model)  # and off again
+
+
+def test_skinny_linears_undone_after_an_error():
+    model = torch.nn.Linear(4, 4)
+    try:
+        with skinny_linears(model):
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert "forward" not in vars(model)
+
+
+def test_sampler_is_seeded_and_greedy_matches_plain_generate(tiny):
+    from gkd.models import load_model
+
+    model = load_model(tiny["student"]).eval()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    sampler = HFSampler(SamplingConfig(max_new_tokens=6, temperature=0.9), [1], 0, torch.device("cpu"))
+    sampler.seed = 3
+    a, b = sampler.generate(model, prompts), sampler.generate(model, prompts)
+    assert a == b and all(1 <= len(c) <= 6 for c in a)
+    greedy = HFSampler(SamplingConfig(max_new_tokens=6, do_sample=False), [1], 0, torch.device("cpu"))
+    ids = torch.tensor([prompts[1]])
+    plain = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                           pad_token_id=0, eos_token_id=[1])[0, ids.shape[1]:].tolist()
+    plain = plain[: plain.index(1) + 1] if 1 in plain else plain
+    assert greedy.generate(model, prompts[1:]) == [plain]
+
+
+def test_heap_setting_respects_the_environment(monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert limit_heap_retention() is False
