@@ -181,9 +181,22 @@ def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
         (["--output_dir", "/proc/gkd-out"], "not writable"),
         (["--output_dir", str(Path(tiny["data"]) / "sub")], "not writable"),
         (["--output_dir", str(tmp_path / "x"), "--resume_from_checkpoint", str(tmp_path / "nope")], "does not exist"),
+        (["--output_dir", str(tmp_path / "x"), "--teacher_model_server", "http://127.0.0.1:9"], "exactly one of"),
     ]
     for extra, needle in flag_cases:
         _assert_one_line_error(_cli(*base, *extra), needle)
+    remote = ["train", "--model", tiny["student"], "--dataset", tiny["data"], "--output_dir", str(tmp_path / "x"),
+              "--teacher_model_server"]
+    for extra, needle in [
+        (["127.0.0.1:8000", "--gkd_logits_topk", "8"], "must be an http(s):// URL"),
+        (["http://127.0.0.1:9"], "needs --gkd_logits_topk"),
+        (["http://127.0.0.1:9", "--gkd_logits_topk", "8", "--seq_kd"], "--seq_kd needs"),
+    ]:
+        _assert_one_line_error(_cli(*remote, *extra), needle)
+    proc = _cli(*remote, "http://127.0.0.1:9", "--gkd_logits_topk", "8", "--teacher_wait", "1")
+    last = proc.stderr.strip().splitlines()[-1]  # after one line saying it waits for the server
+    assert proc.returncode == 2 and last.startswith("gkd: error: teacher server http://127.0.0.1:9/health not ready")
+    assert not (tmp_path / "x").exists()
 
     from tiny import write_model
 

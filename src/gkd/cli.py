@@ -1,4 +1,4 @@
-"""`gkd train | eval | prune | plot | demo`. User mistakes end in one line on stderr and exit code 2."""
+"""`gkd train | eval | serve | prune | plot | demo`. User mistakes end in one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def cmd_train(cfg: TrainConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = argparse.ArgumentParser(prog="gkd", description="Generalized Knowledge Distillation of language models.")
-    top.add_argument("command", choices=["train", "eval", "prune", "plot", "demo"], help="what to do")
+    top.add_argument("command", choices=["train", "eval", "serve", "prune", "plot", "demo"], help="what to do")
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
         print("\nRun `gkd COMMAND --help` for the options of each command.")
@@ -91,6 +91,16 @@ def main(argv: list[str] | None = None) -> int:
             p = parser_for(EvalConfig, "gkd eval", "Held-out metrics of a student against a teacher.")
             ns = vars(p.parse_args(rest))
             cmd_eval(build_config(EvalConfig, {k: v for k, v in ns.items() if k != "config"}, ns.get("config")))
+        elif command == "serve":
+            import os
+
+            from gkd.serve import ServeConfig, TeacherServer
+
+            p = parser_for(ServeConfig, "gkd serve", "Serve a teacher's top-k log-probs (vLLM's API, plus a compact form).")
+            ns = vars(p.parse_args(rest))
+            cfg = build_config(ServeConfig, {k: v for k, v in ns.items() if k != "config"}, ns.get("config"))
+            cfg.api_key = cfg.api_key or os.environ.get("GKD_API_KEY", "")
+            TeacherServer(cfg).serve_forever()
         elif command == "prune":
             from gkd.config import _OneLineErrors
             from gkd.models import prune_command

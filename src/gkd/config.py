@@ -33,6 +33,15 @@ class TrainConfig:
     merge_lora: bool = _f(False, "merge the LoRA adapter into the exported student")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     offload_teacher_model: bool = _f(False, "keep the teacher's weights on CPU except while it scores")
+    teacher_model_server: str = _f("", "URL of a teacher server (vllm serve or gkd serve) instead of --teacher_model")
+    teacher_api_key: str = _f("", "bearer token for --teacher_model_server (or set GKD_TEACHER_API_KEY)")
+    teacher_timeout: float = _f(120.0, "seconds before a teacher-server request counts as failed")
+    teacher_retries: int = _f(5, "retries of a failed teacher-server request (exponential backoff from 0.5 s)")
+    teacher_max_in_flight: int = _f(4, "teacher-server requests in flight at once")
+    teacher_seqs_per_request: int = _f(8, "sequences scored per teacher-server request")
+    teacher_wait: float = _f(300.0, "seconds to wait for the teacher server's /health at start")
+    teacher_wire_dtype: str = _f("float32", "log-prob dtype of gkd serve's compact answers",
+                                 choices=("float32", "float16"))
     # data
     dataset: list[str] = _f(None, "training data: JSONL/JSON/Parquet files or saved datasets folders", nargs="+")
     val_dataset: list[str] = _f(None, "held-out data for evaluation (same formats)", nargs="+")
@@ -79,7 +88,19 @@ class TrainConfig:
                 raise GKDError(msg)
 
         need(bool(self.model), "--model is required (a Hugging Face folder or a .gguf file)")
-        need(bool(self.teacher_model), "--teacher_model is required (a Hugging Face folder or a .gguf file)")
+        need(bool(self.teacher_model) != bool(self.teacher_model_server),
+             "give exactly one of --teacher_model (a Hugging Face folder or a .gguf file) and --teacher_model_server (a URL)")
+        if self.teacher_model_server:
+            need(self.teacher_model_server.startswith(("http://", "https://")),
+                 f"--teacher_model_server must be an http(s):// URL, got {self.teacher_model_server!r}")
+            need(self.gkd_logits_topk >= 1, "--teacher_model_server needs --gkd_logits_topk K >= 1 "
+                                             "(a server sends its top-K log-probs)")
+            need(not self.seq_kd, "--seq_kd needs a local --teacher_model (a teacher server only scores)")
+            need(not self.eval_steps, "--eval_steps needs a local --teacher_model (gkd eval can run afterwards)")
+            need(self.teacher_timeout > 0 and self.teacher_wait >= 0 and self.teacher_retries >= 0,
+                 "--teacher_timeout must be > 0, --teacher_wait and --teacher_retries >= 0")
+            need(self.teacher_max_in_flight >= 1 and self.teacher_seqs_per_request >= 1,
+                 "--teacher_max_in_flight and --teacher_seqs_per_request must be >= 1")
         need(bool(self.dataset), "--dataset is required (JSONL/JSON/Parquet files or a saved datasets folder)")
         need(0.0 <= self.beta <= 1.0, f"--beta must be in [0, 1], got {self.beta}")
         need(0.0 <= self.lmbda <= 1.0, f"--lmbda must be in [0, 1], got {self.lmbda}")

@@ -20,6 +20,7 @@ from gkd.malloc import limit_heap_retention
 from gkd.metrics import MetricsLog, plot
 from gkd.models import (apply_lora, check_compatible, decoder, eos_ids, lm_head_weight, load_model, load_tokenizer,
                         save_pretrained_atomic)
+from gkd.remote_teacher import RemoteTeacher
 from gkd.rollout import HFSampler, SamplingConfig
 from gkd.teacher import LocalTeacher
 
@@ -122,10 +123,17 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.tokenizer = load_tokenizer(cfg.model)
-        teacher_tok = load_tokenizer(cfg.teacher_model)
         student = load_model(cfg.model, cfg.torch_dtype)
-        teacher = load_model(cfg.teacher_model, cfg.torch_dtype)
-        check_compatible(self.tokenizer, teacher_tok, student, teacher)
+        if cfg.teacher_model_server:
+            remote = RemoteTeacher(
+                cfg.teacher_model_server, cfg.gkd_logits_topk, api_key=cfg.teacher_api_key, timeout=cfg.teacher_timeout,
+                retries=cfg.teacher_retries, max_in_flight=cfg.teacher_max_in_flight,
+                seqs_per_request=cfg.teacher_seqs_per_request, wait=cfg.teacher_wait, wire_dtype=cfg.teacher_wire_dtype)
+            log(f"[gkd] teacher server {remote.url}: waiting for /health, checking tokenizer and K")
+            self.teacher = remote.connect(self.tokenizer)
+        else:
+            teacher = load_model(cfg.teacher_model, cfg.torch_dtype)
+            check_compatible(self.tokenizer, load_tokenizer(cfg.teacher_model), student, teacher)
 
         data_kw = dict(max_length=cfg.max_length, truncation_strategy=cfg.truncation_strategy,
                        max_completion_length=cfg.max_completion_length, warn=log)
@@ -134,13 +142,18 @@ class Trainer:
             self.train_examples, self.val_examples = examples, load_examples(cfg.val_dataset, self.tokenizer, **data_kw)
         else:
             self.train_examples, self.val_examples = split_examples(examples, cfg.split_dataset_ratio, cfg.seed)
+        if cfg.teacher_model_server and cfg.lmbda < 1 and any(e.completion_ids is None for e in self.train_examples):
+            raise GKDError("--dataset has prompt-only rows; on off-policy steps the teacher must write their "
+                           "completions, which needs a local --teacher_model (or use --lmbda 1)")
         if cfg.gradient_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             student.config.use_cache = False
         if cfg.train_type == "lora":
             student = apply_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed)
         self.student = student.to(self.device).train()
-        self.teacher = LocalTeacher(teacher, self.device, topk=cfg.gkd_logits_topk, offload=cfg.offload_teacher_model)
+        if not cfg.teacher_model_server:
+            self.teacher = LocalTeacher(teacher, self.device, topk=cfg.gkd_logits_topk,
+                                        offload=cfg.offload_teacher_model)
         sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                   top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.global_batch_size)
         self.sampler = HFSampler(sampling, eos_ids(self.tokenizer, student), self.tokenizer.pad_token_id, self.device)

@@ -1,0 +1,228 @@
+"""A teacher behind HTTP: `vllm serve` or `gkd serve`, spoken to as vLLM's OpenAI-compatible API.
+
+Each sequence goes out as token ids (prompt + completion, never re-tokenised) with
+``prompt_logprobs = K`` and ``max_tokens = 1``; the answer's rows for the completion positions
+become the loss's ``teacher_topk_ids`` / ``teacher_topk_logprobs``. The server gives log-probs at
+temperature 1; the loss divides the K log-probs by ``--temperature`` and renormalises over them,
+exactly as it does for a local top-k teacher, so both give the same result.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import torch
+
+from gkd.data import Batch
+from gkd.errors import GKDError
+from gkd.teacher import TeacherOutput
+from gkd.wire import COMPACT, WIRE_DTYPES, WireError, decode_compact, decode_vllm
+
+API_KEY_ENV = "GKD_TEACHER_API_KEY"
+
+
+class _Retry(Exception):
+    """A failure worth another attempt (connection, timeout, 5xx, a cut or malformed answer)."""
+
+
+class ServerClient:
+    """JSON over HTTP to one server, with a bearer token, timeouts and retries with backoff."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0, retries: int = 5,
+                 backoff: float = 0.5):
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+
+    def _once(self, method: str, path: str, body: dict | None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        if self.api_key:
+            req.add_header("Authorization", f"Bearer {self.api_key}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            detail = _error_text(e)
+            if e.code >= 500:
+                raise _Retry(f"HTTP {e.code}: {detail}") from None
+            if e.code == 401:
+                raise GKDError(f"teacher server {self.url}{path}: HTTP 401, the API key was refused "
+                               f"(set --teacher_api_key or {API_KEY_ENV})") from None
+            raise GKDError(f"teacher server {self.url}{path}: HTTP {e.code}: {detail}") from None
+        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError,
+                http.client.HTTPException) as e:
+            raise _Retry(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise _Retry(f"answer is not JSON ({len(raw)} bytes)") from None
+
+    def call(self, method: str, path: str, body: dict | None = None, parse: Callable | None = None):
+        """The parsed answer; retried on transient failures, then one clear GKDError."""
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                answer = self._once(method, path, body)
+                return parse(answer) if parse else answer
+            except _Retry as e:
+                last = str(e)
+            except WireError as e:
+                last = f"bad answer: {e}"
+        raise GKDError(f"teacher server {self.url}{path} failed after {self.retries + 1} attempts: {last}")
+
+    def wait_healthy(self, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
+        last = ""
+        while True:
+            try:
+                self._once("GET", "/health", None)
+                return
+            except _Retry as e:
+                last = str(e)
+            if time.monotonic() >= deadline:
+                raise GKDError(f"teacher server {self.url}/health not ready after {wait_s:g} s ({last}); "
+                               "is it running, and is --teacher_model_server right?")
+            time.sleep(0.5)
+
+
+def _error_text(e: urllib.error.HTTPError) -> str:
+    try:
+        body = json.loads(e.read() or b"{}")
+    except ValueError:
+        return e.reason or ""
+    msg = body.get("message") or body.get("detail") or body.get("error") or body
+    if isinstance(msg, dict):
+        msg = msg.get("message", msg)
+    return str(msg).splitlines()[0][:300]
+
+
+def _sequences(batch: Batch) -> list[tuple[list[int], int]]:
+    """(token ids without padding, first scored row) per sequence; -1 when nothing is scored."""
+    out = []
+    for ids, att, mask in zip(batch.input_ids, batch.attention_mask, batch.loss_mask):
+        n = int(att.sum())
+        scored = mask.nonzero()
+        out.append((ids[:n].tolist(), int(scored[0]) if len(scored) else -1))
+    return out
+
+
+class RemoteTeacher:
+    """Top-k teacher over HTTP; `connect` checks the server before training starts."""
+
+    def __init__(self, url: str, topk: int, *, api_key: str | None = None, timeout: float = 60.0,
+                 retries: int = 5, max_in_flight: int = 4, seqs_per_request: int = 8, wait: float = 120.0,
+                 wire_dtype: str = "float32", model: str | None = None):
+        if topk < 1:
+            raise GKDError("--teacher_model_server needs --gkd_logits_topk K >= 1 (a server sends top-k log-probs)")
+        if wire_dtype not in WIRE_DTYPES:
+            raise GKDError(f"--teacher_wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
+        self.client = ServerClient(url, api_key or os.environ.get(API_KEY_ENV) or None, timeout, retries)
+        self.topk, self.wait, self.wire_dtype, self.model = topk, wait, wire_dtype, model
+        self.seqs_per_request = seqs_per_request
+        self.pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="gkd-teacher")
+        self.compact = False
+        self.max_model_len: int | None = None
+
+    @property
+    def url(self) -> str:
+        return self.client.url
+
+    def connect(self, tokenizer) -> "RemoteTeacher":
+        self.client.wait_healthy(self.wait)
+        models = self.client.call("GET", "/v1/models")
+        try:
+            entries = models["data"]
+            names = [m["id"] for m in entries]
+        except (KeyError, TypeError):
+            raise GKDError(f"teacher server {self.url}/v1/models: unexpected answer {str(models)[:200]}") from None
+        if not names:
+            raise GKDError(f"teacher server {self.url}/v1/models lists no model")
+        if self.model and self.model not in names:
+            raise GKDError(f"teacher server {self.url} serves {names}, not {self.model!r}")
+        entry = entries[names.index(self.model)] if self.model else entries[0]
+        self.model = entry["id"]
+        self.max_model_len = entry.get("max_model_len")
+        self.compact = COMPACT in (entry.get("gkd") or {}).get("wire", [])
+        self._check_tokenizer(tokenizer)
+        self._check_topk(tokenizer)
+        return self
+
+    def _check_tokenizer(self, tokenizer) -> None:
+        probes = ["Hello, world! 12345", " leading space,\ttabs and ünïcödé ✓"]
+        if tokenizer.chat_template:
+            probes.append(tokenizer.apply_chat_template(
+                [{"role": "user", "content": "probe"}, {"role": "assistant", "content": "answer"}], tokenize=False))
+        for text in probes:
+            answer = self.client.call("POST", "/tokenize",
+                                      {"model": self.model, "prompt": text, "add_special_tokens": False})
+            theirs = answer.get("tokens") if isinstance(answer, dict) else None
+            ours = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if theirs != ours:
+                raise GKDError(f"teacher server {self.url} ({self.model}) tokenizes {text[:40]!r} as {str(theirs)[:80]}, "
+                               f"the student's tokenizer as {str(ours)[:80]}; GKD needs one tokenizer for both")
+
+    def _check_topk(self, tokenizer) -> None:
+        ids = tokenizer("probe of the top-k limit", add_special_tokens=False)["input_ids"][:8]
+        try:
+            self._request([(ids, 0)])
+        except GKDError as e:
+            raise GKDError(f"{e} -- with --gkd_logits_topk {self.topk} (vLLM allows at most its --max-logprobs, "
+                           "default 20)") from None
+
+    def _request(self, seqs: list[tuple[list[int], int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One /v1/completions call for several sequences; rows from each sequence's first scored row."""
+        k = self.topk
+        body = {"model": self.model, "prompt": [s for s, _ in seqs], "max_tokens": 1, "temperature": 0,
+                "prompt_logprobs": k}
+        if self.compact:
+            body["gkd_wire"] = {"format": COMPACT, "dtype": self.wire_dtype, "rows_from": [r for _, r in seqs]}
+
+        def parse(answer):
+            try:
+                choices = sorted(answer["choices"], key=lambda c: c.get("index", 0))
+            except (KeyError, TypeError, AttributeError):
+                raise WireError("no choices") from None
+            if len(choices) != len(seqs):
+                raise WireError(f"{len(choices)} choices for {len(seqs)} prompts")
+            out = []
+            for (ids, rows_from), choice in zip(seqs, choices):
+                rows = len(ids) - 1 - rows_from
+                if self.compact:
+                    out.append(decode_compact(choice.get("gkd_topk") or {}, k, rows, rows_from))
+                else:
+                    out.append(decode_vllm(choice.get("prompt_logprobs"), k, rows_from, len(ids)))
+            return out
+
+        return self.client.call("POST", "/v1/completions", body, parse)
+
+    def score(self, batch: Batch) -> TeacherOutput:
+        B, T = batch.input_ids.shape
+        ids = torch.zeros(B, T, self.topk, dtype=torch.long)
+        logprobs = torch.zeros(B, T, self.topk, dtype=torch.float32)
+        seqs = _sequences(batch)
+        todo = [b for b, (_, r) in enumerate(seqs) if r >= 0]
+        groups = [todo[i:i + self.seqs_per_request] for i in range(0, len(todo), self.seqs_per_request)]
+        for group, rows in zip(groups, self.pool.map(lambda g: self._request([seqs[b] for b in g]), groups)):
+            for b, (i, lp) in zip(group, rows):
+                r0 = seqs[b][1]
+                ids[b, r0:r0 + len(i)] = i
+                logprobs[b, r0:r0 + len(i)] = lp
+        device = batch.input_ids.device
+        return TeacherOutput(topk_ids=ids.to(device), topk_logprobs=logprobs.to(device))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)

@@ -1,0 +1,343 @@
+"""`gkd serve`: a teacher server for where vLLM does not run, speaking the part of vLLM's API GKD uses.
+
+GET /health, GET /v1/models, POST /tokenize, POST /v1/completions with ``prompt_logprobs = K``
+(token-id prompts; one or several per request). Concurrent requests are batched into one forward.
+Beyond vLLM: no cap on K but the vocabulary, and a compact answer (``"gkd_wire"`` in the request;
+see gkd.wire) that the gkd client asks for when /v1/models advertises it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import queue
+import signal
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+from gkd.config import _f
+from gkd.errors import GKDError
+from gkd.models import decoder, lm_head_weight, load_model, load_tokenizer
+from gkd.wire import COMPACT, WIRE_DTYPES, encode_compact, encode_vllm_entry
+
+
+@dataclass
+class ServeConfig:
+    model: str = _f("", "teacher: a Hugging Face model folder or a .gguf file")
+    host: str = _f("127.0.0.1", "address to bind (loopback unless you say otherwise)")
+    port: int = _f(8000, "port to listen on")
+    api_key: str = _f("", "require 'Authorization: Bearer KEY' on every request (or set GKD_API_KEY)")
+    served_model_name: str = _f("", "model id reported by /v1/models (default: the --model path)")
+    torch_dtype: str = _f("float32", "dtype of the weights", choices=("float32", "bfloat16"))
+    max_model_len: int = _f(0, "longest accepted sequence in tokens (0 = the model's max_position_embeddings)")
+    max_logprobs: int = _f(0, "largest accepted prompt_logprobs K (0 = the vocabulary size)")
+    max_prompts: int = _f(64, "most prompts in one request")
+    max_request_bytes: int = _f(32 * 2**20, "largest accepted request body")
+    max_batch_tokens: int = _f(8192, "tokens per batched forward")
+    batch_wait_ms: float = _f(5.0, "how long the first request of a batch waits for others to join")
+
+    def validate(self) -> "ServeConfig":
+        if not self.model:
+            raise GKDError("--model is required (a Hugging Face folder or a .gguf file)")
+        for name in ("max_prompts", "max_request_bytes", "max_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise GKDError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.port < 65536:
+            raise GKDError(f"--port must be in [0, 65535], got {self.port}")
+        return self
+
+
+class BadRequest(Exception):
+    """Answered with HTTP 400 and this message."""
+
+
+@dataclass
+class _Job:
+    ids: list[int]
+    k: int
+    future: Future
+
+
+class Scorer:
+    """Collects sequences from concurrent requests and scores them in one padded forward."""
+
+    def __init__(self, model, max_batch_tokens: int, wait_s: float, chunk: int = 256):
+        self.model, self.max_batch_tokens, self.wait_s, self.chunk = model, max_batch_tokens, wait_s, chunk
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="gkd-scorer", daemon=True)
+        self.thread.start()
+
+    def submit(self, ids: list[int], k: int) -> Future:
+        fut: Future = Future()
+        self.jobs.put(_Job(ids, k, fut))
+        return fut
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            batch, tokens = [job], len(job.ids)
+            deadline = time.monotonic() + self.wait_s
+            while tokens < self.max_batch_tokens:
+                try:
+                    nxt = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.jobs.put(None)
+                    break
+                batch.append(nxt)
+                tokens += len(nxt.ids)
+            try:
+                results = self._score([j.ids for j in batch], max(j.k for j in batch))
+                for j, (ids, lps, actual_lp, actual_rank) in zip(batch, results):
+                    j.future.set_result((ids[:, : j.k], lps[:, : j.k], actual_lp, actual_rank))
+            except Exception as e:  # answered as a 500 by each waiting request
+                for j in batch:
+                    j.future.set_exception(e)
+
+    @torch.no_grad()
+    def _score(self, seqs: list[list[int]], k: int):
+        """Per sequence: top-k ids / log-probs of every position's next token ([n, K]), plus the log-prob
+        and rank of the token that actually follows ([n - 1]); the last row has no actual token."""
+        T = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), T, dtype=torch.long)
+        att = torch.zeros(len(seqs), T, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, : len(s)] = torch.tensor(s)
+            att[b, : len(s)] = 1
+        hidden = decoder(self.model)(input_ids=ids, attention_mask=att).last_hidden_state
+        weight = lm_head_weight(self.model).float()
+        out = []
+        for b, s in enumerate(seqs):
+            h = hidden[b, : len(s)].float()
+            parts = []
+            for r0 in range(0, len(s), self.chunk):
+                logp = torch.log_softmax(h[r0 : r0 + self.chunk] @ weight.T, dim=-1)
+                top_lp, top_id = logp.topk(k, dim=-1)
+                nxt = torch.tensor(s[r0 + 1 : r0 + self.chunk + 1])
+                act = logp[: len(nxt)].gather(1, nxt[:, None])[:, 0]
+                rank = (logp[: len(nxt)] > act[:, None]).sum(-1) + 1
+                parts.append((top_id, top_lp, act, rank))
+            out.append(tuple(torch.cat(p) for p in zip(*parts)))
+        return out
+
+
+class TeacherServer:
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg.validate()
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.model = load_model(cfg.model, cfg.torch_dtype).eval().requires_grad_(False)
+        self.vocab = lm_head_weight(self.model).shape[0]
+        self.name = cfg.served_model_name or cfg.model
+        self.max_model_len = cfg.max_model_len or getattr(self.model.config, "max_position_embeddings", 4096)
+        self.max_logprobs = min(cfg.max_logprobs or self.vocab, self.vocab)
+        self.scorer = Scorer(self.model, cfg.max_batch_tokens, cfg.batch_wait_ms / 1000)
+        self._decoded: dict[int, str] = {}
+        self.httpd = ThreadingHTTPServer((cfg.host, cfg.port), _handler_for(self))
+        self.httpd.daemon_threads = True
+
+    @property
+    def address(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def decode(self, token: int) -> str:
+        if token not in self._decoded:
+            self._decoded[token] = self.tokenizer.decode([token])
+        return self._decoded[token]
+
+    # --- endpoints --------------------------------------------------------------------------
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{
+            "id": self.name, "object": "model", "owned_by": "gkd", "max_model_len": self.max_model_len,
+            "gkd": {"wire": [COMPACT], "dtypes": sorted(WIRE_DTYPES), "max_logprobs": self.max_logprobs}}]}
+
+    def tokenize(self, body: dict) -> dict:
+        if "messages" in body:
+            msgs = body["messages"]
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+                raise BadRequest("messages must be a list of {role, content} objects")
+            ids = self.tokenizer.apply_chat_template(
+                msgs, add_generation_prompt=bool(body.get("add_generation_prompt", True)), tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise BadRequest("prompt must be a string (or give messages)")
+            ids = self.tokenizer(prompt, add_special_tokens=bool(body.get("add_special_tokens", True)))["input_ids"]
+        return {"tokens": list(ids), "count": len(ids), "max_model_len": self.max_model_len}
+
+    def _prompts(self, body: dict) -> list[list[int]]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            prompt = [self.tokenizer(prompt)["input_ids"]]
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            prompt = [prompt]
+        if not (isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt)):
+            raise BadRequest("prompt must be token ids, a list of token-id lists, or a string")
+        if len(prompt) > self.cfg.max_prompts:
+            raise BadRequest(f"{len(prompt)} prompts in one request; the limit is {self.cfg.max_prompts} (--max_prompts)")
+        for i, p in enumerate(prompt):
+            if not p or not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                raise BadRequest(f"prompt[{i}] must be a non-empty list of integer token ids")
+            if len(p) > self.max_model_len:
+                raise BadRequest(f"prompt[{i}] has {len(p)} tokens; the limit is {self.max_model_len} (max_model_len)")
+            bad = [t for t in p if not 0 <= t < self.vocab]
+            if bad:
+                raise BadRequest(f"prompt[{i}] has token id {bad[0]} outside the vocabulary [0, {self.vocab})")
+        return prompt
+
+    def completions(self, body: dict) -> dict:
+        prompts = self._prompts(body)
+        k = body.get("prompt_logprobs")
+        if k is None:
+            k = 0
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise BadRequest(f"prompt_logprobs must be an integer >= 0, got {k!r}")
+        if k > self.max_logprobs:
+            raise BadRequest(f"prompt_logprobs {k} exceeds the limit {self.max_logprobs} (--max_logprobs / vocabulary)")
+        max_tokens = body.get("max_tokens", 1)
+        if max_tokens not in (0, 1) or isinstance(max_tokens, bool):
+            raise BadRequest(f"max_tokens must be 0 or 1 (gkd serve scores prompts, it does not generate), got {max_tokens!r}")
+        wire = body.get("gkd_wire")
+        rows_from = [0] * len(prompts)
+        if wire is not None:
+            if not isinstance(wire, dict) or wire.get("format") != COMPACT or wire.get("dtype", "float32") not in WIRE_DTYPES:
+                raise BadRequest(f"gkd_wire must be {{'format': '{COMPACT}', 'dtype': one of {sorted(WIRE_DTYPES)}, "
+                                 "'rows_from': int or list}")
+            rf = wire.get("rows_from", 0)
+            rows_from = rf if isinstance(rf, list) else [rf] * len(prompts)
+            if len(rows_from) != len(prompts) or not all(
+                    isinstance(r, int) and 0 <= r <= len(p) - 1 for r, p in zip(rows_from, prompts)):
+                raise BadRequest("gkd_wire.rows_from must give, per prompt, a row in [0, len(prompt) - 1]")
+        futures = [self.scorer.submit(p, max(k, 1)) for p in prompts]
+        choices = []
+        for i, (p, fut) in enumerate(zip(prompts, futures)):
+            ids, lps, act_lp, act_rank = fut.result()
+            choice = {"index": i, "text": self.decode(int(ids[-1, 0])) if max_tokens else "", "logprobs": None,
+                      "finish_reason": "length", "prompt_logprobs": None}
+            if k and wire is not None:
+                r0 = rows_from[i]
+                choice["gkd_topk"] = encode_compact(ids[r0:-1], lps[r0:-1], r0, wire.get("dtype", "float32"))
+            elif k:
+                il, ll, al, ar = ids.tolist(), lps.tolist(), act_lp.tolist(), act_rank.tolist()
+                choice["prompt_logprobs"] = [None] + [
+                    encode_vllm_entry(il[j], ll[j], p[j + 1], al[j], ar[j], self.decode) for j in range(len(p) - 1)]
+            choices.append(choice)
+        n = sum(map(len, prompts))
+        return {"id": f"cmpl-{time.time_ns():x}", "object": "text_completion", "created": int(time.time()),
+                "model": self.name, "choices": choices,
+                "usage": {"prompt_tokens": n, "completion_tokens": len(prompts) if max_tokens else 0,
+                          "total_tokens": n + (len(prompts) if max_tokens else 0)}}
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        def on_term(signum, frame):  # finish in-flight requests, then leave serve_forever
+            threading.Thread(target=self.httpd.shutdown, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        print(f"[gkd serve] {self.name} on {self.address} (vocabulary {self.vocab}, max_model_len "
+              f"{self.max_model_len}, K <= {self.max_logprobs})", flush=True)
+        try:
+            self.httpd.serve_forever()
+        finally:
+            self.httpd.server_close()
+            self.scorer.stop()
+            print("[gkd serve] stopped", flush=True)
+
+
+def _handler_for(server: TeacherServer):
+    key = server.cfg.api_key
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):  # quiet: one line per request is noise for a scorer
+            pass
+
+        def _send(self, code: int, payload=None) -> None:
+            data = b"" if payload is None else json.dumps(payload).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, code: int, message: str) -> None:
+            kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError"}.get(code, "ServerError")
+            self._send(code, {"error": {"message": message, "type": kind, "code": code}})
+
+        def _authorized(self) -> bool:
+            if not key:
+                return True
+            given = self.headers.get("Authorization", "")
+            if hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return True
+            self._error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')")
+            return False
+
+        def do_GET(self):
+            if not self._authorized():
+                return
+            if self.path == "/health":
+                self._send(200)
+            elif self.path == "/v1/models":
+                self._send(200, server.models())
+            else:
+                self._error(404, f"no route GET {self.path}")
+
+        def do_POST(self):
+            if not self._authorized():
+                self._drain()
+                return
+            routes = {"/tokenize": server.tokenize, "/v1/completions": server.completions}
+            if self.path not in routes:
+                self._drain()
+                return self._error(404, f"no route POST {self.path}")
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self.close_connection = True
+                return self._error(400, "Content-Length header is required")
+            if length > server.cfg.max_request_bytes:
+                self.close_connection = True
+                return self._error(400, f"request body of {length} bytes exceeds the limit "
+                                        f"{server.cfg.max_request_bytes} (--max_request_bytes)")
+            try:
+                body = json.loads(self.rfile.read(length) or b"null")
+            except ValueError as e:
+                return self._error(400, f"malformed JSON body: {e}")
+            if not isinstance(body, dict):
+                return self._error(400, "the body must be a JSON object")
+            try:
+                self._send(200, routes[self.path](body))
+            except BadRequest as e:
+                self._error(400, str(e))
+            except Exception as e:  # a bug or a failed forward: answer, never take the server down
+                self._error(500, f"{type(e).__name__}: {e}")
+
+        def _drain(self) -> None:
+            try:
+                length = int(self.headers.get("Content-Length", "0"))
+            except ValueError:
+                length = 0
+            if length > server.cfg.max_request_bytes:
+                self.close_connection = True
+            elif length:
+                self.rfile.read(length)
+
+    return Handler

@@ -1,0 +1,203 @@
+"""`gkd serve` and the remote-teacher client: equality with a local top-k teacher, security, bad input,
+faults with retries, and a training run that resumes after its teacher server comes back."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+from serving import FaultyProxy, http, start_gkd_serve, stop
+from gkd.data import collate, load_examples
+from gkd.errors import GKDError
+from gkd.losses import fused_linear_gkd_loss
+from gkd.models import decoder, lm_head_weight, load_model, load_tokenizer
+from gkd.remote_teacher import RemoteTeacher
+from gkd.serve import Scorer
+from gkd.teacher import LocalTeacher
+
+KEY = "s3cret"
+K = 8
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    proc, url = start_gkd_serve(tiny["teacher"], "--max_request_bytes", "200000", "--max_model_len", "128", key=KEY)
+    yield url
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny):
+    tok = load_tokenizer(tiny["student"])
+    rows = load_examples([tiny["data"]], tok, max_length=64, truncation_strategy="left", max_completion_length=16)[:6]
+    batch = collate([r.prompt_ids for r in rows], [r.completion_ids for r in rows], tok.pad_token_id)
+    return tok, batch
+
+
+def _loss(student, teacher_out, batch, beta=0.5, temperature=0.9):
+    student.zero_grad()
+    hidden = decoder(student)(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    out = fused_linear_gkd_loss(hidden, lm_head_weight(student), **teacher_out.loss_kwargs(), beta=beta,
+                                temperature=temperature, mask=batch.loss_mask)
+    out.loss.backward()
+    return out.loss.detach(), lm_head_weight(student).grad.clone()
+
+
+@pytest.mark.parametrize("wire", ["compact-float32", "vllm-json", "compact-float16"])
+def test_server_teacher_equals_local_topk_teacher(tiny, server, setup, wire):
+    tok, batch = setup
+    student = load_model(tiny["student"])
+    local = LocalTeacher(load_model(tiny["teacher"]), torch.device("cpu"), topk=K)
+    remote = RemoteTeacher(server, K, api_key=KEY, wire_dtype=wire.rsplit("-", 1)[-1] if "compact" in wire else "float32")
+    remote.connect(tok)
+    assert remote.compact  # gkd serve advertises the compact form
+    remote.compact = wire.startswith("compact")
+    tol = dict(rtol=2e-3, atol=2e-3) if wire.endswith("16") else dict(rtol=1e-5, atol=1e-6)
+    for beta, temperature in [(0.5, 0.9), (0.0, 1.0), (1.0, 0.7)]:
+        want = _loss(student, local.score(batch), batch, beta, temperature)
+        got = _loss(student, remote.score(batch), batch, beta, temperature)
+        torch.testing.assert_close(got[0], want[0], **tol)
+        torch.testing.assert_close(got[1], want[1], **tol)
+
+
+def test_client_checks_before_training(tiny, server, setup, tmp_path):
+    tok, _ = setup
+    with pytest.raises(GKDError, match="401"):
+        RemoteTeacher(server, K, api_key="wrong", wait=5).connect(tok)
+    with pytest.raises(GKDError, match="not ready after"):
+        RemoteTeacher("http://127.0.0.1:9", K, wait=1).connect(tok)
+    with pytest.raises(GKDError, match="gkd_logits_topk 200"):
+        RemoteTeacher(server, 200, api_key=KEY).connect(tok)  # tiny vocabulary is 96
+    # a student whose tokenizer differs from the served one
+    from tiny import write_model
+
+    other = write_model(tmp_path / "other", layers=1, vocab_size=80)
+    with pytest.raises(GKDError, match="tokenizes"):
+        RemoteTeacher(server, K, api_key=KEY).connect(load_tokenizer(str(other)))
+
+
+def test_security_limits_and_bad_input(server):
+    ok = {"prompt": [5, 6, 7], "max_tokens": 1, "prompt_logprobs": 4}
+    for method, path, body in [("GET", "/health", None), ("GET", "/v1/models", None), ("POST", "/v1/completions", ok)]:
+        assert http(method, server + path, body)[0] == 401
+        assert http(method, server + path, body, key="nope")[0] == 401
+    status, answer = http("POST", server + "/v1/completions", ok, key=KEY)
+    assert status == 200 and len(answer["choices"][0]["prompt_logprobs"]) == 3
+    cases = [
+        ({**ok, "prompt_logprobs": 97}, "prompt_logprobs 97 exceeds"),
+        ({**ok, "prompt_logprobs": -1}, "prompt_logprobs must be"),
+        ({**ok, "prompt": [5, 96]}, "outside the vocabulary"),
+        ({**ok, "prompt": [5, -1]}, "outside the vocabulary"),
+        ({**ok, "prompt": list(range(5, 90)) * 2}, "limit is 128"),
+        ({**ok, "prompt": []}, "prompt must be"),
+        ({**ok, "prompt": [[5, 6], ["x"]]}, "prompt[1]"),
+        ({**ok, "max_tokens": 5}, "max_tokens"),
+        ({**ok, "gkd_wire": {"format": "zip"}}, "gkd_wire"),
+        ({**ok, "gkd_wire": {"format": "compact", "rows_from": 3}}, "rows_from"),
+    ]
+    for body, words in cases:
+        status, answer = http("POST", server + "/v1/completions", body, key=KEY)
+        assert status == 400 and words in answer["error"]["message"], (body, answer)
+    for raw, words in [(b"{not json", "malformed JSON"), (b"[1, 2]", "JSON object"),
+                       (json.dumps({"prompt": [5] * 80000}).encode(), "exceeds the limit")]:
+        status, answer = http("POST", server + "/v1/completions", raw=raw, key=KEY)
+        assert status == 400 and words in answer["error"]["message"]
+    assert http("POST", server + "/nowhere", {}, key=KEY)[0] == 404
+    assert http("GET", server + "/health", key=KEY)[0] == 200  # still up after all of it
+
+
+def test_tokenize_and_models(server, setup):
+    tok, _ = setup
+    status, answer = http("POST", server + "/tokenize", {"prompt": "w1 w2 w3", "add_special_tokens": False}, key=KEY)
+    assert status == 200 and answer["tokens"] == tok("w1 w2 w3", add_special_tokens=False)["input_ids"]
+    status, answer = http("POST", server + "/tokenize", {"messages": [{"role": "user", "content": "w1"}]}, key=KEY)
+    assert answer["tokens"] == tok.apply_chat_template([{"role": "user", "content": "w1"}], add_generation_prompt=True,
+                                                       tokenize=True)["input_ids"]
+    status, models = http("GET", server + "/v1/models", key=KEY)
+    assert models["data"][0]["max_model_len"] == 128 and "compact" in models["data"][0]["gkd"]["wire"]
+
+
+def test_scorer_batches_concurrent_sequences_and_padding_changes_nothing(tiny):
+    model = load_model(tiny["teacher"]).eval()
+    scorer = Scorer(model, max_batch_tokens=4096, wait_s=0.3)
+    calls = []
+    inner = scorer._score
+    scorer._score = lambda seqs, k: calls.append(len(seqs)) or inner(seqs, k)
+    seqs = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15]]
+    futures = [scorer.submit(s, 4) for s in seqs]
+    batched = [f.result(timeout=30) for f in futures]
+    assert calls == [3]  # one forward for the three
+    for s, got in zip(seqs, batched):
+        alone = inner([s], 4)[0]
+        for a, b in zip(got, alone):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    scorer.stop()
+
+
+def test_sigterm_stops_gracefully(tiny):
+    proc, url = start_gkd_serve(tiny["teacher"])
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "stopped" in out
+
+
+def test_client_retries_then_fails_clearly(server, setup):
+    tok, batch = setup
+    proxy = FaultyProxy(server, delay_s=2.0)
+    try:
+        remote = RemoteTeacher(proxy.url, K, api_key=KEY, retries=4, timeout=1.0, seqs_per_request=16).connect(tok)
+        remote.client.backoff = 0.01
+        want = remote.score(batch)
+        for compact in (True, False):
+            remote.compact = compact
+            proxy.plan = ["500", "drop", "truncate", "delay"]
+            got = remote.score(batch)
+            assert proxy.seen[-5:] == ["500", "drop", "truncate", "delay", "ok"]
+            torch.testing.assert_close(got.topk_logprobs, want.topk_logprobs, rtol=1e-5, atol=1e-6)
+        proxy.default = "500"
+        with pytest.raises(GKDError, match=r"/v1/completions failed after 5 attempts: HTTP 500"):
+            remote.score(batch)
+    finally:
+        proxy.close()
+
+
+def _train(args, out):
+    cmd = [sys.executable, "-m", "gkd", "train", *args, "--output_dir", str(out), "--progress_bar", "false"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", GKD_TEACHER_API_KEY=KEY))
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_fails_clearly_and_resumes_when_the_server_is_back(tiny, server, tmp_path):
+    proxy = FaultyProxy(server)
+    args = ["--model", tiny["student"], "--teacher_model_server", proxy.url, "--gkd_logits_topk", str(K),
+            "--dataset", tiny["data"], "--lmbda", "0", "--micro_batch_size", "2", "--global_batch_size", "4",
+            "--max_steps", "4", "--save_steps", "2", "--teacher_retries", "1", "--teacher_seqs_per_request", "8",
+            "--max_completion_length", "8", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant"]
+    try:
+        whole = _train(args, tmp_path / "whole")
+        assert whole.returncode == 0, whole.stderr[-2000:]
+        # the K probe, then one request per micro-batch: fail from step 3 on
+        proxy.seen.clear()
+        proxy.plan = ["ok"] * 5
+        proxy.default = "500"
+        broken = _train(args, tmp_path / "run")
+        assert broken.returncode == 2
+        last = broken.stderr.strip().splitlines()[-1]
+        assert last.startswith("gkd: error: teacher server") and proxy.url in last and "HTTP 500" in last
+        assert (tmp_path / "run" / "checkpoint-2").is_dir() and not (tmp_path / "run" / "final").exists()
+        proxy.default = "ok"
+        resumed = _train(args + ["--resume_from_checkpoint", "latest"], tmp_path / "run")
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+    finally:
+        proxy.close()
+    assert _losses(tmp_path / "run")[-2:] == pytest.approx(_losses(tmp_path / "whole")[-2:], rel=1e-6, abs=1e-7)
