@@ -4,6 +4,7 @@ faults with retries, and a training run that resumes after its teacher server co
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +28,8 @@ K = 8
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    proc, url = start_gkd_serve(tiny["teacher"], "--max_request_bytes", "200000", "--max_model_len", "128", key=KEY)
+    proc, url = start_gkd_serve(tiny["teacher"], "--max_request_bytes", "200000", "--max_model_len", "128",
+                                "--max_logprob_entries", "5000", key=KEY)
     yield url
     stop(proc)
 
@@ -72,6 +74,8 @@ def test_client_checks_before_training(tiny, server, setup, tmp_path):
         RemoteTeacher(server, K, api_key="wrong", wait=5).connect(tok)
     with pytest.raises(GKDError, match="not ready after"):
         RemoteTeacher("http://127.0.0.1:9", K, wait=1).connect(tok)
+    with pytest.raises(GKDError, match="at most 127 tokens, training can make 200"):
+        RemoteTeacher(server, K, api_key=KEY).connect(tok).check_fits(200)
     with pytest.raises(GKDError, match="gkd_logits_topk 200"):
         RemoteTeacher(server, 200, api_key=KEY).connect(tok)  # tiny vocabulary is 96
     # a student whose tokenizer differs from the served one
@@ -100,6 +104,7 @@ def test_security_limits_and_bad_input(server):
         ({**ok, "max_tokens": 5}, "max_tokens"),
         ({**ok, "gkd_wire": {"format": "zip"}}, "gkd_wire"),
         ({**ok, "gkd_wire": {"format": "compact", "rows_from": 3}}, "rows_from"),
+        ({**ok, "prompt": list(range(5, 90)), "prompt_logprobs": 96}, "log-probs requested"),
     ]
     for body, words in cases:
         status, answer = http("POST", server + "/v1/completions", body, key=KEY)
@@ -109,6 +114,12 @@ def test_security_limits_and_bad_input(server):
         status, answer = http("POST", server + "/v1/completions", raw=raw, key=KEY)
         assert status == 400 and words in answer["error"]["message"]
     assert http("POST", server + "/nowhere", {}, key=KEY)[0] == 404
+    host, port = server.removeprefix("http://").split(":")
+    for length in ("-1", "abc"):  # never an unbounded read
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                         f"Content-Length: {length}\r\n\r\n".encode())
+            assert sock.recv(4096).split(b"\r\n")[0].endswith(b"400 Bad Request")
     assert http("GET", server + "/health", key=KEY)[0] == 200  # still up after all of it
 
 
@@ -201,3 +212,16 @@ def test_training_fails_clearly_and_resumes_when_the_server_is_back(tiny, server
     finally:
         proxy.close()
     assert _losses(tmp_path / "run")[-2:] == pytest.approx(_losses(tmp_path / "whole")[-2:], rel=1e-6, abs=1e-7)
+
+
+def test_error_bodies_of_any_shape_give_one_message():
+    import io
+    import urllib.error
+
+    from gkd.remote_teacher import _error_text
+
+    for body, want in [(b'{"error": {"message": "bad K"}}', "bad K"), (b'{"message": "oops"}', "oops"),
+                       (b'"Bad gateway"', "Bad gateway"), (b'{"error": {"message": ""}}', "Proxy Error"),
+                       (b"<html>502</html>", "Proxy Error"), (b"", "Proxy Error")]:
+        err = urllib.error.HTTPError("http://x", 502, "Proxy Error", {}, io.BytesIO(body))
+        assert _error_text(err) == want

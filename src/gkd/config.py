@@ -67,7 +67,7 @@ class TrainConfig:
     vllm_max_model_len: int = _f(0, "colocate: vLLM's max sequence length (0 = --max_length + --max_completion_length)")
     vllm_tensor_parallel_size: int = _f(1, "colocate: vLLM tensor-parallel size")
     vllm_kv_cache_memory_mb: int = _f(0, "colocate: vLLM KV-cache size in MiB (0 = 512 on CPU, from utilization on GPU)")
-    sleep_level: int = _f(0, "colocate on a GPU: put vLLM to sleep while training (1 or 2; 0 = never)")
+    sleep_level: int = _f(0, "colocate on a GPU: 1 = vLLM sleeps while training (weights to CPU, KV cache freed); 0 = never")
     vllm_server_base_url: str = _f("", "server mode: the vLLM server's URL (default http://HOST:PORT)")
     vllm_server_host: str = _f("127.0.0.1", "server mode: host of the vLLM server")
     vllm_server_port: int = _f(8000, "server mode: port of the vLLM server")
@@ -139,7 +139,8 @@ class TrainConfig:
         need(self.save_steps >= 0 and self.save_total_limit >= 1, "--save_steps must be >= 0 and --save_total_limit >= 1")
         need(self.max_bad_steps >= 1, f"--max_bad_steps must be >= 1, got {self.max_bad_steps}")
         need(self.loss_chunk_size >= 0, f"--loss_chunk_size must be >= 0, got {self.loss_chunk_size}")
-        need(self.sleep_level in (0, 1, 2), f"--sleep_level must be 0, 1 or 2, got {self.sleep_level}")
+        need(self.sleep_level in (0, 1), f"--sleep_level must be 0 or 1, got {self.sleep_level} (level 2 drops the "
+                                         "weights, which every step would then have to resend)")
         need(0 < self.vllm_gpu_memory_utilization <= 1,
              f"--vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         need(self.vllm_tensor_parallel_size >= 1 and self.vllm_max_model_len >= 0 and self.vllm_kv_cache_memory_mb >= 0,

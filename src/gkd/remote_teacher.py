@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +42,7 @@ class ServerClient:
         self.url = url.rstrip("/")
         self.api_key = api_key
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.stopped = threading.Event()  # set once a request has failed for good: the others give up too
 
     def _once(self, method: str, path: str, body: dict | None):
         data = None if body is None else json.dumps(body).encode()
@@ -73,6 +75,8 @@ class ServerClient:
         """The parsed answer; retried on transient failures, then one clear GKDError."""
         last = ""
         for attempt in range(self.retries + 1):
+            if self.stopped.is_set():
+                raise GKDError(f"teacher server {self.url}{path}: abandoned after another request failed")
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
@@ -100,14 +104,17 @@ class ServerClient:
 
 
 def _error_text(e: urllib.error.HTTPError) -> str:
+    """The server's own message, whatever shape its error body has (or none)."""
     try:
-        body = json.loads(e.read() or b"{}")
-    except ValueError:
-        return e.reason or ""
-    msg = body.get("message") or body.get("detail") or body.get("error") or body
-    if isinstance(msg, dict):
-        msg = msg.get("message", msg)
-    return str(msg).splitlines()[0][:300]
+        msg = json.loads(e.read() or b'""')
+        if isinstance(msg, dict):
+            msg = msg.get("message") or msg.get("detail") or msg.get("error") or ""
+        if isinstance(msg, dict):  # OpenAI style: {"error": {"message": ...}}
+            msg = msg.get("message") or ""
+        text = str(msg).strip()
+    except Exception:  # not JSON, not readable: fall back to the status line
+        text = ""
+    return (text.splitlines()[0][:300] if text else str(e.reason or ""))
 
 
 def _sequences(batch: Batch) -> list[tuple[list[int], int]]:
@@ -160,6 +167,14 @@ class RemoteTeacher:
         self._check_tokenizer(tokenizer)
         self._check_topk(tokenizer)
         return self
+
+    def check_fits(self, longest: int) -> None:
+        """Fail before training if the server cannot score the longest sequence training can make.
+        vLLM scores a prompt only with room for one generated token: at most max_model_len - 1."""
+        if self.max_model_len and longest > self.max_model_len - 1:
+            raise GKDError(f"teacher server {self.url} scores sequences of at most {self.max_model_len - 1} tokens, "
+                           f"training can make {longest} (longest prompt + completion): start the server with a "
+                           "larger --max-model-len, or lower --max_length / --max_completion_length")
 
     def _check_tokenizer(self, tokenizer) -> None:
         probes = ["Hello, world! 12345", " leading space,\ttabs and ünïcödé ✓"]
@@ -216,13 +231,19 @@ class RemoteTeacher:
         seqs = _sequences(batch)
         todo = [b for b, (_, r) in enumerate(seqs) if r >= 0]
         groups = [todo[i:i + self.seqs_per_request] for i in range(0, len(todo), self.seqs_per_request)]
-        for group, rows in zip(groups, self.pool.map(lambda g: self._request([seqs[b] for b in g]), groups)):
-            for b, (i, lp) in zip(group, rows):
-                r0 = seqs[b][1]
-                ids[b, r0:r0 + len(i)] = i
-                logprobs[b, r0:r0 + len(i)] = lp
+        futures = [self.pool.submit(self._request, [seqs[b] for b in g]) for g in groups]
+        try:
+            for group, fut in zip(groups, futures):
+                for b, (i, lp) in zip(group, fut.result()):
+                    r0 = seqs[b][1]
+                    ids[b, r0:r0 + len(i)] = i
+                    logprobs[b, r0:r0 + len(i)] = lp
+        except BaseException:
+            self.close()  # requests still retrying stop at their next attempt; the error goes up now
+            raise
         device = batch.input_ids.device
         return TeacherOutput(topk_ids=ids.to(device), topk_logprobs=logprobs.to(device))
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False)
+        self.client.stopped.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -38,13 +38,14 @@ class ServeConfig:
     max_logprobs: int = _f(0, "largest accepted prompt_logprobs K (0 = the vocabulary size)")
     max_prompts: int = _f(64, "most prompts in one request")
     max_request_bytes: int = _f(32 * 2**20, "largest accepted request body")
-    max_batch_tokens: int = _f(8192, "tokens per batched forward")
+    max_batch_tokens: int = _f(8192, "padded tokens (rows x longest row) per batched forward")
+    max_logprob_entries: int = _f(2**23, "most log-probs (K x tokens) one request may ask for")
     batch_wait_ms: float = _f(5.0, "how long the first request of a batch waits for others to join")
 
     def validate(self) -> "ServeConfig":
         if not self.model:
             raise GKDError("--model is required (a Hugging Face folder or a .gguf file)")
-        for name in ("max_prompts", "max_request_bytes", "max_batch_tokens"):
+        for name in ("max_prompts", "max_request_bytes", "max_batch_tokens", "max_logprob_entries"):
             if getattr(self, name) < 1:
                 raise GKDError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
@@ -86,9 +87,9 @@ class Scorer:
             job = self.jobs.get()
             if job is None:
                 return
-            batch, tokens = [job], len(job.ids)
+            batch, held = [job], None
             deadline = time.monotonic() + self.wait_s
-            while tokens < self.max_batch_tokens:
+            while True:
                 try:
                     nxt = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
@@ -96,8 +97,11 @@ class Scorer:
                 if nxt is None:
                     self.jobs.put(None)
                     break
+                # the forward is padded: budget rows x longest row, not the sum of lengths
+                if (len(batch) + 1) * max(len(nxt.ids), *(len(j.ids) for j in batch)) > self.max_batch_tokens:
+                    held = nxt
+                    break
                 batch.append(nxt)
-                tokens += len(nxt.ids)
             try:
                 results = self._score([j.ids for j in batch], max(j.k for j in batch))
                 for j, (ids, lps, actual_lp, actual_rank) in zip(batch, results):
@@ -105,6 +109,15 @@ class Scorer:
             except Exception as e:  # answered as a 500 by each waiting request
                 for j in batch:
                     j.future.set_exception(e)
+            if held is not None:
+                self._requeue_first(held)
+
+    def _requeue_first(self, job: _Job) -> None:
+        """Put a job that did not fit back at the head of the queue."""
+        with self.jobs.mutex:
+            self.jobs.queue.appendleft(job)
+            self.jobs.unfinished_tasks += 1
+            self.jobs.not_empty.notify()
 
     @torch.no_grad()
     def _score(self, seqs: list[list[int]], k: int):
@@ -140,12 +153,14 @@ class TeacherServer:
         self.model = load_model(cfg.model, cfg.torch_dtype).eval().requires_grad_(False)
         self.vocab = lm_head_weight(self.model).shape[0]
         self.name = cfg.served_model_name or cfg.model
-        self.max_model_len = cfg.max_model_len or getattr(self.model.config, "max_position_embeddings", 4096)
+        # a sequence must fit one forward's budget
+        self.max_model_len = cfg.max_model_len or min(getattr(self.model.config, "max_position_embeddings", 4096),
+                                                      cfg.max_batch_tokens)
         self.max_logprobs = min(cfg.max_logprobs or self.vocab, self.vocab)
         self.scorer = Scorer(self.model, cfg.max_batch_tokens, cfg.batch_wait_ms / 1000)
         self._decoded: dict[int, str] = {}
         self.httpd = ThreadingHTTPServer((cfg.host, cfg.port), _handler_for(self))
-        self.httpd.daemon_threads = True
+        self.httpd.daemon_threads = False  # server_close() waits for in-flight requests (SIGTERM is graceful)
 
     @property
     def address(self) -> str:
@@ -208,6 +223,10 @@ class TeacherServer:
             raise BadRequest(f"prompt_logprobs must be an integer >= 0, got {k!r}")
         if k > self.max_logprobs:
             raise BadRequest(f"prompt_logprobs {k} exceeds the limit {self.max_logprobs} (--max_logprobs / vocabulary)")
+        entries = k * sum(map(len, prompts))
+        if entries > self.cfg.max_logprob_entries:
+            raise BadRequest(f"{entries} log-probs requested (K x tokens); the limit is {self.cfg.max_logprob_entries} "
+                             "(--max_logprob_entries): send fewer tokens per request")
         max_tokens = body.get("max_tokens", 1)
         if max_tokens not in (0, 1) or isinstance(max_tokens, bool):
             raise BadRequest(f"max_tokens must be 0 or 1 (gkd serve scores prompts, it does not generate), got {max_tokens!r}")
@@ -265,6 +284,7 @@ def _handler_for(server: TeacherServer):
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = 60  # seconds a client may stall mid-request before its connection is dropped
 
         def log_message(self, fmt, *args):  # quiet: one line per request is noise for a scorer
             pass
@@ -311,8 +331,10 @@ def _handler_for(server: TeacherServer):
             try:
                 length = int(self.headers.get("Content-Length", ""))
             except ValueError:
+                length = -1
+            if length < 0:
                 self.close_connection = True
-                return self._error(400, "Content-Length header is required")
+                return self._error(400, "a Content-Length header >= 0 is required")
             if length > server.cfg.max_request_bytes:
                 self.close_connection = True
                 return self._error(400, f"request body of {length} bytes exceeds the limit "
@@ -334,8 +356,8 @@ def _handler_for(server: TeacherServer):
             try:
                 length = int(self.headers.get("Content-Length", "0"))
             except ValueError:
-                length = 0
-            if length > server.cfg.max_request_bytes:
+                length = -1
+            if not 0 <= length <= server.cfg.max_request_bytes:
                 self.close_connection = True
             elif length:
                 self.rfile.read(length)

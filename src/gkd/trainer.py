@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -142,6 +144,10 @@ class Trainer:
             self.train_examples, self.val_examples = examples, load_examples(cfg.val_dataset, self.tokenizer, **data_kw)
         else:
             self.train_examples, self.val_examples = split_examples(examples, cfg.split_dataset_ratio, cfg.seed)
+        if cfg.teacher_model_server:
+            sampled = cfg.max_completion_length if cfg.lmbda > 0 else 0
+            self.teacher.check_fits(max(len(e.prompt_ids) + max(sampled, len(e.completion_ids or []))
+                                        for e in self.train_examples))
         if cfg.teacher_model_server and cfg.lmbda < 1 and any(e.completion_ids is None for e in self.train_examples):
             raise GKDError("--dataset has prompt-only rows; on off-policy steps the teacher must write their "
                            "completions, which needs a local --teacher_model (or use --lmbda 1)")
@@ -191,10 +197,11 @@ class Trainer:
                                      sync_dir=Path(cfg.vllm_sync_dir or self.out / "vllm-sync"), log=self.log)
         path = cfg.model
         if not (Path(path) / "config.json").is_file():  # GGUF or an alias: vLLM reads a HF folder
-            path = tempfile.mkdtemp(prefix="gkd-vllm-student-")
-            plain = self.student.get_base_model() if hasattr(self.student, "get_base_model") else self.student
-            save_pretrained_atomic(plain, self.tokenizer, Path(path) / "model")  # weights follow by sync
-            path = str(Path(path) / "model")
+            from gkd.vllm_rollout import write_vllm_folder
+
+            tmp = tempfile.mkdtemp(prefix="gkd-vllm-student-")
+            atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+            path = str(write_vllm_folder(self.student, self.tokenizer, Path(tmp)))
         return VLLMColocateSampler(
             path, sampling, self.sampler.eos_ids, dtype=cfg.torch_dtype,
             max_model_len=cfg.vllm_max_model_len or cfg.max_length + cfg.max_completion_length,

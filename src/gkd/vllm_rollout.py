@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,6 +50,23 @@ def export_weights(model) -> dict[str, torch.Tensor]:
         key = key.replace(".base_layer.", ".")
         out[key] = (value + deltas[key]).detach() if key in deltas else value.detach()
     return out
+
+
+def _request_seed(step_seed: int, i: int) -> int:
+    """Prompt i's sampling seed, within the int range every vLLM backend takes."""
+    return (step_seed * 100_003 + i) % (2**31 - 1)
+
+
+def write_vllm_folder(model, tokenizer, folder: Path) -> Path:
+    """A Hugging Face folder vLLM can open: config, tokenizer and the (LoRA-merged) weights."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    plain = model.get_base_model() if hasattr(model, "get_base_model") else model
+    plain.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    save_file(_untie({k: v.contiguous() for k, v in export_weights(model).items()}), folder / "model.safetensors")
+    return folder
 
 
 def _cut_at_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
@@ -105,7 +123,7 @@ class VLLMColocateSampler:
             return self.vllm.SamplingParams(temperature=0.0, max_tokens=c.max_new_tokens, stop_token_ids=self.eos_ids)
         return self.vllm.SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k or 0,
                                         max_tokens=c.max_new_tokens, stop_token_ids=self.eos_ids,
-                                        seed=self.seed * 100_003 + i)
+                                        seed=_request_seed(self.seed, i))
 
     def generate(self, model, prompts: list[list[int]]) -> list[list[int]]:
         if self.sleep_level:
@@ -132,6 +150,7 @@ class VLLMServerSampler:
         self.sync_dir = Path(sync_dir)
         self.pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="gkd-rollout")
         self.seed = 0
+        self.run_id = uuid.uuid4().hex[:12]  # versions name this trainer, so another's sync is not mistaken for ours
         self.version = 0
         self.client.wait_healthy(timeout)
         try:
@@ -170,19 +189,33 @@ class VLLMServerSampler:
         os.close(fd)
         save_file(_untie(weights), tmp)
         os.replace(tmp, path)
-        got = set(map(str, self._rpc("gkd_load_weights", str(path.absolute()), str(self.version))))
-        if got != {str(self.version)}:
-            raise GKDError(f"vLLM server {self.client.url}: weight sync to version {self.version} answered {sorted(got)}")
+        got = set(map(str, self._rpc("gkd_load_weights", str(path.absolute()), self._tag())))
+        if got != {self._tag()}:
+            raise GKDError(f"vLLM server {self.client.url}: weight sync to version {self._tag()} answered {sorted(got)}")
         for old in self.sync_dir.glob("student-v*.safetensors"):
             if old != path:
                 old.unlink(missing_ok=True)
 
-    def generate(self, model, prompts: list[list[int]]) -> list[list[int]]:
+    def _tag(self) -> str:
+        return f"{self.run_id}-{self.version}"
+
+    def _ensure_current(self, model) -> None:
         server = self._server_version()
-        if server != str(self.version):  # restarted (or another trainer synced): never sample stale weights
+        if server != self._tag():  # restarted, or another trainer synced: never sample stale weights
             self.log(f"[gkd] vLLM server {self.client.url} holds weight version {server}, expected "
-                     f"{self.version}: re-syncing")
+                     f"{self._tag()}: re-syncing")
             self.sync(model)
+
+    def generate(self, model, prompts: list[list[int]]) -> list[list[int]]:
+        for _ in range(3):
+            self._ensure_current(model)
+            out = self._sample(prompts)
+            if self._server_version() == self._tag():  # nothing swapped the weights while we sampled
+                return out
+        raise GKDError(f"vLLM server {self.client.url}: its weights kept changing during sampling "
+                       "(is another trainer using it?)")
+
+    def _sample(self, prompts: list[list[int]]) -> list[list[int]]:
         c = self.cfg
         base = {"model": self.model, "max_tokens": c.max_new_tokens, "stop_token_ids": self.eos_ids,
                 "return_token_ids": True, "skip_special_tokens": False}
@@ -194,7 +227,7 @@ class VLLMServerSampler:
         def one(i: int) -> list[int]:
             body = dict(base, prompt=prompts[i])
             if c.do_sample:
-                body["seed"] = self.seed * 100_003 + i
+                body["seed"] = _request_seed(self.seed, i)
 
             def parse(answer):
                 from gkd.wire import WireError

@@ -71,11 +71,11 @@ def decode_vllm(prompt_logprobs, k: int, rows_from: int, n_tokens: int) -> tuple
             size = len(entry) if isinstance(entry, dict) else entry
             raise WireError(f"prompt_logprobs[{rows_from + j + 1}]: expected >= {k} entries, got {size!r}")
         try:
-            best = sorted(((v["logprob"], int(t)) for t, v in entry.items()), reverse=True)[:k]
+            best = sorted(((float(v["logprob"]), int(t)) for t, v in entry.items()), reverse=True)[:k]
+            lps[j] = [b[0] for b in best]
+            ids[j] = [b[1] for b in best]
         except (KeyError, TypeError, ValueError) as e:
             raise WireError(f"prompt_logprobs[{rows_from + j + 1}]: malformed entry ({e})") from None
-        lps[j] = [b[0] for b in best]
-        ids[j] = [b[1] for b in best]
     return torch.from_numpy(ids), torch.from_numpy(lps)
 
 
