@@ -19,7 +19,7 @@ from gkd.errors import GKDError
 from gkd.losses import fused_linear_gkd_loss
 from gkd.models import decoder, lm_head_weight, load_model, load_tokenizer
 from gkd.remote_teacher import RemoteTeacher
-from gkd.serve import Scorer
+from gkd.serve import Scorer, _Job
 from gkd.teacher import LocalTeacher
 
 KEY = "s3cret"
@@ -139,13 +139,13 @@ def test_scorer_batches_concurrent_sequences_and_padding_changes_nothing(tiny):
     scorer = Scorer(model, max_batch_tokens=4096, wait_s=0.3)
     calls = []
     inner = scorer._score
-    scorer._score = lambda seqs, k: calls.append(len(seqs)) or inner(seqs, k)
+    scorer._score = lambda jobs: calls.append(len(jobs)) or inner(jobs)
     seqs = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15]]
     futures = [scorer.submit(s, 4) for s in seqs]
     batched = [f.result(timeout=30) for f in futures]
     assert calls == [3]  # one forward for the three
     for s, got in zip(seqs, batched):
-        alone = inner([s], 4)[0]
+        alone = inner([_Job(s, 4)])[0]
         for a, b in zip(got, alone):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     scorer.stop()
@@ -225,3 +225,14 @@ def test_error_bodies_of_any_shape_give_one_message():
                        (b"<html>502</html>", "Proxy Error"), (b"", "Proxy Error")]:
         err = urllib.error.HTTPError("http://x", 502, "Proxy Error", {}, io.BytesIO(body))
         assert _error_text(err) == want
+
+
+def test_scorer_skips_unwanted_rows_and_ranks(tiny):
+    model = load_model(tiny["teacher"]).eval()
+    scorer = Scorer(model, max_batch_tokens=4096, wait_s=0.0)
+    seq = [5, 6, 7, 8, 9, 10, 11]
+    full = scorer._score([_Job(seq, 4)])[0]
+    tail = scorer._score([_Job(seq, 4, rows_from=3, actual=False)])[0]
+    torch.testing.assert_close(tail[1], full[1][3:], rtol=1e-5, atol=1e-6)
+    assert torch.equal(tail[0], full[0][3:]) and tail[2] is None and tail[3] is None
+    scorer.stop()

