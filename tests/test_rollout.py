@@ -47,6 +47,41 @@ def test_sampler_is_seeded_and_greedy_matches_plain_generate(tiny):
     assert greedy.generate(model, prompts[1:]) == [plain]
 
 
+def test_a_rows_sample_depends_only_on_its_seed_and_row(tiny):
+    from gkd.models import load_model
+
+    model = load_model(tiny["student"]).eval()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13], [14, 15]]
+    whole = HFSampler(SamplingConfig(max_new_tokens=6, temperature=0.9, batch_size=4), [1], 0, torch.device("cpu"))
+    split = HFSampler(SamplingConfig(max_new_tokens=6, temperature=0.9, batch_size=1), [1], 0, torch.device("cpu"))
+    whole.seed = split.seed = 11
+    full = whole.generate(model, prompts)
+    assert split.generate(model, prompts[2:], rows=[2, 3]) == full[2:]  # another rank's half, one at a time
+    assert whole.generate(model, prompts[2:]) != full[2:] or full[:2] == full[2:], "rows 0, 1 reuse rows 2, 3's seeds"
+
+
+def test_row_seeded_sampling_follows_the_warped_distribution(tiny):
+    from gkd.models import load_model
+
+    model = load_model(tiny["student"]).eval()
+    prompt = [5, 6, 7]
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([prompt])).logits[0, -1] / 0.7, -1)
+    n = 3000
+    for top_k in (0, 5):
+        sampler = HFSampler(SamplingConfig(max_new_tokens=1, temperature=0.7, top_k=top_k, batch_size=n), [], 0,
+                            torch.device("cpu"))
+        sampler.seed = 1 + top_k
+        first = torch.tensor([c[0] for c in sampler.generate(model, [prompt] * n)])
+        counts = torch.bincount(first, minlength=probs.numel()).double() / n
+        expect = probs.double()
+        if top_k:
+            keep = probs.topk(top_k).indices
+            assert set(first.tolist()) <= set(keep.tolist())
+            expect = torch.zeros_like(expect).index_put_((keep,), probs[keep].double() / probs[keep].sum())
+        assert (counts - expect).abs().max() < 4 * (expect * (1 - expect) / n).sqrt().max() + 1e-3
+
+
 def test_heap_setting_respects_the_environment(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert limit_heap_retention() is False

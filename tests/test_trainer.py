@@ -53,7 +53,7 @@ def test_lmbda_zero_never_generates_and_one_always_does(tiny, tmp_path, monkeypa
     calls = []
     t = Trainer(cfg_for(tiny, tmp_path / "on", lmbda=1.0, max_steps=3), log=lambda *_: None)
     real = t.sampler.generate
-    monkeypatch.setattr(t.sampler, "generate", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(t.sampler, "generate", lambda *a: calls.append(1) or real(*a))  # (model, prompts, rows)
     t.train()
     assert len(calls) == 3
     assert all(m["on_policy_share"] == 1.0 for m in read_metrics(t.out / "metrics.jsonl"))
@@ -209,9 +209,14 @@ def test_resume_from_corrupt_checkpoint_is_a_clear_error(tiny, tmp_path):
     t = Trainer(cfg_for(tiny, tmp_path / "c", max_steps=1), log=lambda *_: None)
     t.train()
     ck = t.out / "checkpoint-1"
-    (ck / "state.pt").write_bytes(b"garbage")
-    proc = _cli(*_train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint", str(ck)))
-    _assert_one_line_error(proc, "corrupt checkpoint")
+    shards = sorted((ck / "state").glob("*.distcp"))
+    assert shards
+    for broken in (shards[0], ck / "trainer.pt"):
+        saved = broken.read_bytes()
+        broken.write_bytes(saved[: len(saved) // 2])
+        proc = _cli(*_train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint", str(ck)))
+        _assert_one_line_error(proc, "corrupt checkpoint")
+        broken.write_bytes(saved)
     proc = _cli(*_train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint", str(tmp_path / "missing")))
     _assert_one_line_error(proc, "no such folder")
 

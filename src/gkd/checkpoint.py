@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,22 +34,56 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(output_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int) -> Path:
+def _options(model):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # LoRA: only the adapter (and its optimizer state); the frozen base comes from --model
+    return StateDictOptions(ignore_frozen_params=hasattr(model, "peft_config"))
+
+
+@contextlib.contextmanager
+def _single_process_quiet(par):
+    """DCP warns that it assumes one process when there is no process group; that is what we mean."""
+    with warnings.catch_warnings():
+        if par.world == 1:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _sharded_state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model))
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def save(output_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int, par) -> Path:
+    """Every rank writes its shards (torch.distributed.checkpoint) into a temp folder; rank 0 adds the
+    scheduler and trainer state, fsyncs, and renames it into place. Loadable on another mesh."""
+    import torch.distributed.checkpoint as dcp
+
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp / "model"), safe_serialization=True)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               tmp / "state.pt")
-    (tmp / _DONE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _prune(Path(output_dir), keep)
+    if par.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    par.barrier()
+    with _single_process_quiet(par):
+        dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(tmp / "state"))
+    torch.save(rng_state(), tmp / f"rng-{par.rank}.pt")
+    par.barrier()
+    if par.is_main:
+        torch.save({"scheduler": scheduler.state_dict()}, tmp / "trainer.pt")
+        mesh = {"world": par.world, "dp_replicate": par.dp_replicate, "dp_shard": par.dp_shard, "tp": par.tp}
+        (tmp / _DONE).write_text(json.dumps({"step": step, **trainer_state, "mesh": mesh}, indent=2))
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _prune(Path(output_dir), keep)
+    par.barrier()
     return final
 
 
@@ -80,42 +116,46 @@ def resolve(spec: str, output_dir: Path) -> Path:
     return p
 
 
-def load(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG; returns the trainer state (step, ...)."""
+def load(path: Path, model, optimizer, scheduler, par) -> dict:
+    """Restore weights, optimizer, scheduler and RNG (each rank's own when the mesh is the same size,
+    else rank 0's); returns the trainer state (step, ...). The saving mesh may differ from this one."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
     try:
         info = json.loads((path / _DONE).read_text())
-        state = torch.load(path / "state.pt", weights_only=False)
-        _load_weights(model, path / "model")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    except GKDError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure here means a damaged checkpoint
-        raise GKDError(f"--resume_from_checkpoint {path}: corrupt checkpoint ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    set_rng_state(state["rng"])
+        state = _sharded_state(model, optimizer)
+        with _single_process_quiet(par):
+            dcp.load(state, checkpoint_id=str(path / "state"))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=_options(model))
+        scheduler.load_state_dict(torch.load(path / "trainer.pt", weights_only=False)["scheduler"])
+        own = path / f"rng-{par.rank}.pt"
+        rng = torch.load(own if own.is_file() else path / "rng-0.pt", weights_only=False)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a damaged or foreign checkpoint
+        detail = (str(e).strip().splitlines() or [""])[0][:300]
+        raise GKDError(f"--resume_from_checkpoint {path}: corrupt checkpoint, or saved for another model or "
+                       f"--train_type ({type(e).__name__}: {detail})") from None
+    set_rng_state(rng)
     return info
 
 
-def _load_weights(model, folder: Path) -> None:
-    from safetensors.torch import load_file
+def export(model, tokenizer, out_dir: Path, cfg, par) -> None:
+    """The final student as one Hugging Face folder. Sharded weights are gathered to rank 0, which loads
+    them into a plain copy of the model and writes it (LoRA: the adapter, or merged with --merge_lora)."""
+    from gkd.models import apply_lora, load_model, save_pretrained_atomic
 
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
-        adapter = folder / "adapter_model.safetensors"
-        if not adapter.is_file():
-            raise GKDError(f"{folder}: no LoRA adapter here (was this checkpoint saved with --train_type full?)")
-        set_peft_model_state_dict(model, load_file(str(adapter)))
+    if par.world == 1:
+        save_pretrained_atomic(model, tokenizer, out_dir, merge_lora=cfg.merge_lora)
         return
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise GKDError(f"{folder}: no model weights")
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # tied lm_head weights are saved once
-    missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise GKDError(f"{folder}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if par.is_main:
+        plain = load_model(cfg.model, cfg.torch_dtype)
+        if cfg.train_type == "lora":
+            plain = apply_lora(plain, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed)
+        plain.load_state_dict(full)
+        save_pretrained_atomic(plain, tokenizer, out_dir, merge_lora=cfg.merge_lora)
+    par.barrier()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,10 +68,28 @@ def cmd_eval(cfg: EvalConfig) -> dict:
 def cmd_train(cfg: TrainConfig) -> dict:
     from gkd.trainer import Trainer
 
-    trainer = Trainer(cfg, log=_warn)
-    last = trainer.train()
-    print(json.dumps({"final": str(trainer.out / "final"), **last}))
+    from gkd.parallel import teardown
+
+    try:
+        trainer = Trainer(cfg, log=_warn)
+        last = trainer.train()
+        if trainer.par.is_main:
+            print(json.dumps({"final": str(trainer.out / "final"), **last}))
+    finally:
+        teardown()
     return last
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """`gkd train --nproc_per_node N`: the same command under torchrun, N processes on this machine."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "gkd",
+           *argv]
+    try:
+        return subprocess.run(cmd).returncode
+    except KeyboardInterrupt:
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,14 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         if command == "train":
             p = parser_for(TrainConfig, "gkd train", "Distil a teacher into a student with GKD.")
             ns = vars(p.parse_args(rest))
-            cmd_train(build_config(TrainConfig, {k: v for k, v in ns.items() if k != "config"}, ns.get("config")))
+            cfg = build_config(TrainConfig, {k: v for k, v in ns.items() if k != "config"}, ns.get("config"))
+            if cfg.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+                return launch_torchrun(cfg.nproc_per_node, argv)
+            cmd_train(cfg)
         elif command == "eval":
             p = parser_for(EvalConfig, "gkd eval", "Held-out metrics of a student against a teacher.")
             ns = vars(p.parse_args(rest))
             cmd_eval(build_config(EvalConfig, {k: v for k, v in ns.items() if k != "config"}, ns.get("config")))
         elif command == "serve":
-            import os
-
             from gkd.serve import ServeConfig, TeacherServer
 
             p = parser_for(ServeConfig, "gkd serve", "Serve a teacher's top-k log-probs (vLLM's API, plus a compact form).")

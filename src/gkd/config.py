@@ -73,6 +73,15 @@ class TrainConfig:
     vllm_server_port: int = _f(8000, "server mode: port of the vLLM server")
     vllm_server_timeout: float = _f(240.0, "server mode: seconds to wait for the server and for each request")
     vllm_sync_dir: str = _f("", "server mode: folder the server can read, for weight syncs (default OUTPUT_DIR/vllm-sync)")
+    # parallelism (launch with torchrun, or --nproc_per_node here); data-parallel shard size = the rest
+    nproc_per_node: int = _f(1, "processes on this machine: gkd train runs itself under torchrun with N processes")
+    tensor_model_parallel_size: int = _f(1, "tensor parallel: attention heads, MLP and vocabulary split over N processes")
+    data_parallel_replicate_size: int = _f(1, "data-parallel groups holding whole copies (the other data-parallel "
+                                              "processes shard the weights, FSDP)")
+    pipeline_model_parallel_size: int = _f(1, "reserved: pipeline parallelism is not built yet")
+    context_parallel_size: int = _f(1, "reserved: context parallelism is not built yet")
+    expert_model_parallel_size: int = _f(1, "reserved: expert parallelism is not built yet")
+    distributed_timeout: float = _f(600.0, "seconds a collective may wait for the other processes before failing")
     # optimisation
     micro_batch_size: int = _f(1, "sequences per forward/backward")
     global_batch_size: int = _f(8, "sequences per optimizer step (= micro x data-parallel x accumulation)")
@@ -146,6 +155,8 @@ class TrainConfig:
         need(self.vllm_tensor_parallel_size >= 1 and self.vllm_max_model_len >= 0 and self.vllm_kv_cache_memory_mb >= 0,
              "--vllm_tensor_parallel_size must be >= 1, --vllm_max_model_len and --vllm_kv_cache_memory_mb >= 0")
         need(self.vllm_server_timeout > 0, f"--vllm_server_timeout must be > 0, got {self.vllm_server_timeout}")
+        need(self.nproc_per_node >= 1, f"--nproc_per_node must be >= 1, got {self.nproc_per_node}")
+        need(self.distributed_timeout > 0, f"--distributed_timeout must be > 0, got {self.distributed_timeout}")
         for sink in self.report_to or []:
             need(sink in ("tensorboard",), f"--report_to: unknown sink {sink!r} (known: tensorboard)")
         return self

@@ -7,21 +7,25 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, output_dir: Path, tensorboard: bool = False, resume_step: int = 0):
+    def __init__(self, output_dir: Path, tensorboard: bool = False, resume_step: int = 0, enabled: bool = True):
         self.path = Path(output_dir) / "metrics.jsonl"
+        self.enabled, self.tb = enabled, None
+        if not enabled:  # another process (rank 0) writes
+            return
         if resume_step and self.path.exists():
             # a resumed run rewrites what the killed run logged after its checkpoint
             kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         elif not resume_step:
             self.path.write_text("")
-        self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
 
     def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as fh:
             fh.write(json.dumps({"step": step, **values}) + "\n")
         if self.tb is not None:

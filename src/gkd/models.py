@@ -112,6 +112,19 @@ def decoder(model):
     return base.get_decoder()
 
 
+def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The decoder's final hidden states [B, T, H], from a forward through the model itself rather than
+    its decoder, so that FSDP gathers (and later reduces) what the model's root unit owns. One position
+    of logits is computed and dropped: the loss applies the lm_head itself, in chunks."""
+    seen = {}
+    hook = decoder(model).register_forward_hook(lambda _m, _a, out: seen.__setitem__("h", out.last_hidden_state))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    return seen["h"]
+
+
 def check_compatible(student_tok, teacher_tok, student, teacher) -> None:
     """Teacher and student must share token ids: same vocabulary and the same special tokens."""
     sv, tv = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]

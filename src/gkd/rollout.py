@@ -21,38 +21,76 @@ class SamplingConfig:
     batch_size: int = 32
 
 
+def row_seed(call_seed: int, row: int) -> int:
+    """The sampling seed of one prompt: a function of the call's seed and the prompt's row in the global
+    batch, so a completion does not depend on which rank, micro-batch or chunk samples it."""
+    return (call_seed * 100_003 + row) % (2**31 - 1)
+
+
+class _RowSeededSampling:
+    """A logits processor that draws each row's next token from its own generator (inverse CDF of the
+    warped distribution, one uniform per row and token) and leaves only that token for greedy search to
+    pick. HF's multinomial sampling uses one RNG stream for the whole batch, so a row's sample would
+    depend on the rows beside it."""
+
+    def __init__(self, seeds: list[int], cfg: SamplingConfig, device: torch.device):
+        from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                            TopPLogitsWarper)
+
+        self.gens = [torch.Generator(device).manual_seed(s) for s in seeds]
+        self.warpers = [TemperatureLogitsWarper(cfg.temperature)]
+        if cfg.top_k:
+            self.warpers.append(TopKLogitsWarper(cfg.top_k))
+        if cfg.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(cfg.top_p))
+        self.device = device
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        cdf = torch.softmax(scores.float(), dim=-1).cumsum(-1)
+        u = torch.cat([torch.rand(1, generator=g, device=self.device) for g in self.gens]) * cdf[:, -1]
+        # side=right: a token of probability 0 is never the first index whose cdf exceeds u
+        token = torch.searchsorted(cdf, u[:, None], right=True).clamp_(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+
 class HFSampler:
     """Batched `generate` with the KV cache; stops each sequence at EOS. Returns token ids only.
 
-    Sampling is seeded per call (``seed``) with the global RNG forked, so the training RNG stream and
-    hence resumed runs are unaffected, and the samples do not depend on how the training batch is
-    split into micro-batches.
+    Every prompt is sampled from its own generator, seeded by ``row_seed(seed, row)`` where ``row`` is
+    its index in the step's global batch: samples do not depend on how the batch is split into chunks,
+    micro-batches or data-parallel ranks, and the training RNG stream is never touched. With ``synced``
+    (several processes sharing sharded weights) every rank keeps stepping until all are done, so their
+    collectives stay matched.
     """
 
-    def __init__(self, cfg: SamplingConfig, eos_ids: list[int], pad_id: int, device: torch.device):
-        self.cfg, self.eos_ids, self.pad_id, self.device = cfg, eos_ids, pad_id, device
+    def __init__(self, cfg: SamplingConfig, eos_ids: list[int], pad_id: int, device: torch.device,
+                 synced: bool = False):
+        self.cfg, self.eos_ids, self.pad_id, self.device, self.synced = cfg, eos_ids, pad_id, device, synced
         self.seed = 0
 
     @torch.no_grad()
-    def generate(self, model, prompts: list[list[int]]) -> list[list[int]]:
+    def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None) -> list[list[int]]:
+        rows = list(range(len(prompts))) if rows is None else rows
         was_training = model.training
         model.eval()
         out: list[list[int]] = []
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.seed)
-            for i in range(0, len(prompts), self.cfg.batch_size):
-                out += self._generate(model, prompts[i : i + self.cfg.batch_size])
+        for i in range(0, len(prompts), self.cfg.batch_size):
+            out += self._generate(model, prompts[i : i + self.cfg.batch_size], rows[i : i + self.cfg.batch_size])
         model.train(was_training)
         return out
 
-    def _generate(self, model, prompts: list[list[int]]) -> list[list[int]]:
+    def _generate(self, model, prompts: list[list[int]], rows: list[int]) -> list[list[int]]:
         ids, mask = left_pad(prompts, self.pad_id)
-        kw = dict(max_new_tokens=self.cfg.max_new_tokens, do_sample=self.cfg.do_sample, eos_token_id=self.eos_ids,
-                  pad_token_id=self.pad_id, use_cache=True)
+        kw = dict(max_new_tokens=self.cfg.max_new_tokens, do_sample=False, eos_token_id=self.eos_ids,
+                  pad_token_id=self.pad_id, use_cache=True, temperature=None, top_p=None, top_k=None,
+                  synced_gpus=self.synced)
         if self.cfg.do_sample:
-            kw.update(temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k or None)
-        else:
-            kw.update(temperature=None, top_p=None, top_k=None)
+            from transformers import LogitsProcessorList
+
+            seeded = _RowSeededSampling([row_seed(self.seed, r) for r in rows], self.cfg, self.device)
+            kw["logits_processor"] = LogitsProcessorList([seeded])
         with skinny_linears(model):
             gen = model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kw)
         new = gen[:, ids.shape[1]:].tolist()
@@ -80,6 +118,13 @@ def _skinny_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def _tensor_parallel(weight: torch.Tensor) -> bool:
+    """A weight sharded by tensor parallelism: its module's hooks expect F.linear on DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(weight, DTensor) and "tp" in (weight.device_mesh.mesh_dim_names or ())
+
+
 @contextlib.contextmanager
 def skinny_linears(model: torch.nn.Module):
     """Decode steps multiply a few rows by every weight. On CPU, BLAS streams a weight about 2-3x
@@ -87,7 +132,8 @@ def skinny_linears(model: torch.nn.Module):
     (measured 5.5 vs 18.5 ms for SmolLM2's [49152, 576] lm_head at 4 rows, 2 threads); generation is
     bound by that weight traffic. The Linear modules of ``model`` take that path for inputs of at most
     SKINNY_ROWS rows while the context is open; nothing changes on other devices."""
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"]
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
+               and not _tensor_parallel(m.weight)]
     for m in linears:
         m.forward = _skinny_linear.__get__(m)
     try:

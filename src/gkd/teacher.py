@@ -9,6 +9,7 @@ import torch
 
 from gkd.data import Batch
 from gkd.models import decoder, lm_head_weight
+from gkd.parallel import local
 
 
 @dataclass
@@ -64,11 +65,11 @@ class LocalTeacher:
     def score(self, batch: Batch) -> TeacherOutput:
         with self._on_device() as model:
             hidden = decoder(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-            weight = lm_head_weight(model)
+            weight = local(lm_head_weight(model))  # this rank's vocabulary shard under tensor parallelism
             if self.offload:  # the weight must outlive the visit
                 weight = weight.detach().clone()
         return TeacherOutput(hidden=hidden, lm_head_weight=weight, topk=self.topk)
 
-    def generate(self, prompts: list[list[int]], sampler) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], sampler, rows: list[int] | None = None) -> list[list[int]]:
         with self._on_device() as model:
-            return sampler.generate(model, prompts)
+            return sampler.generate(model, prompts, rows)

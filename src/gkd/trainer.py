@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
-from gkd import checkpoint
+from gkd import checkpoint, parallel
 from gkd.config import TrainConfig
 from gkd.data import Example, collate, load_examples, split_examples
 from gkd.errors import GKDError
 from gkd.losses import fused_linear_gkd_loss
 from gkd.malloc import limit_heap_retention
 from gkd.metrics import MetricsLog, plot
-from gkd.models import (apply_lora, check_compatible, decoder, eos_ids, lm_head_weight, load_model, load_tokenizer,
-                        save_pretrained_atomic)
+from gkd.models import (apply_lora, check_compatible, eos_ids, final_hidden, lm_head_weight, load_model,
+                        load_tokenizer)
 from gkd.remote_teacher import RemoteTeacher
 from gkd.rollout import HFSampler, SamplingConfig
 from gkd.teacher import LocalTeacher
@@ -116,16 +116,22 @@ def prepare_output_dir(path: str) -> Path:
 class Trainer:
     def __init__(self, cfg: TrainConfig, log=print):
         self.cfg = cfg.validate()
-        self.log = log
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.par = par = parallel.setup(cfg)
+        self.log = log if par.is_main else (lambda *_a, **_k: None)
+        log = self.log
+        self.device = par.device
         if self.device.type == "cpu":
             limit_heap_retention()
-        self.accum = cfg.grad_accumulation_steps()
+        self.accum = cfg.grad_accumulation_steps(par.dp_size)
+        if par.world > 1 and (cfg.eval_steps or cfg.use_vllm):
+            raise GKDError(f"{'--eval_steps' if cfg.eval_steps else '--use_vllm'} with {par.world} processes is not "
+                           "supported yet (run gkd eval on the final folder; generate with HF on several processes)")
         self.out = check_output_dir(cfg.output_dir)
         torch.manual_seed(cfg.seed)
 
         self.tokenizer = load_tokenizer(cfg.model)
         student = load_model(cfg.model, cfg.torch_dtype)
+        parallel.check_model(student, par, lora=cfg.train_type == "lora")
         if cfg.teacher_model_server:
             remote = RemoteTeacher(
                 cfg.teacher_model_server, cfg.gkd_logits_topk, api_key=cfg.teacher_api_key, timeout=cfg.teacher_timeout,
@@ -156,13 +162,18 @@ class Trainer:
             student.config.use_cache = False
         if cfg.train_type == "lora":
             student = apply_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed)
-        self.student = student.to(self.device).train()
+        if par.world == 1:
+            student.to(self.device)
+        parallel.shard_student(student, par)  # sharding places the shards on the device
+        self.student = student.train()
         if not cfg.teacher_model_server:
+            parallel.shard_teacher(teacher, par, offload=cfg.offload_teacher_model)
             self.teacher = LocalTeacher(teacher, self.device, topk=cfg.gkd_logits_topk,
-                                        offload=cfg.offload_teacher_model)
+                                        offload=cfg.offload_teacher_model and par.dp_shard == 1)
         sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                   top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.global_batch_size)
-        self.sampler = HFSampler(sampling, eos_ids(self.tokenizer, student), self.tokenizer.pad_token_id, self.device)
+        self.sampler = HFSampler(sampling, eos_ids(self.tokenizer, student), self.tokenizer.pad_token_id, self.device,
+                                 synced=par.world > 1)
         self.rollout = self._student_sampler(sampling) if cfg.use_vllm else self.sampler
         self._eval_teacher_completions = None  # greedy teacher completions of the held-out prompts, made once
 
@@ -176,11 +187,12 @@ class Trainer:
         self.data = StepData(self.train_examples, cfg.global_batch_size, cfg.seed)
         self.start_step = 0
         self.bad_steps = 0
+        self.memory = None  # per-rank MiB of parameters and optimizer state (largest rank), after step 1
         if cfg.resume_from_checkpoint:
             if not self.out.is_dir():
                 raise GKDError(f"--resume_from_checkpoint: --output_dir {cfg.output_dir} does not exist")
             path = checkpoint.resolve(cfg.resume_from_checkpoint, self.out)
-            info = checkpoint.load(path, self.student, self.optimizer, self.scheduler)
+            info = checkpoint.load(path, self.student, self.optimizer, self.scheduler, par)
             self.start_step, self.bad_steps = info["step"], info.get("bad_steps", 0)
             log(f"[gkd] resumed from {path} at step {self.start_step}")
 
@@ -208,48 +220,58 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------
 
-    def _completions(self, rows: list[Example], step: int) -> tuple[list[list[int]], list[bool]]:
-        """Completion ids for each row and whether the student sampled it (the lmbda draw)."""
+    def _completions(self, rows: list[Example], step: int, first: int) -> tuple[list[list[int]], list[bool]]:
+        """Completion ids for each row and whether the student sampled it (the lmbda draw, the same on every
+        rank). ``first`` is the index of rows[0] in the global batch: it seeds each row's sample."""
         prompts = [r.prompt_ids for r in rows]
+        ids = list(range(first, first + len(rows)))
         if lmbda_draw(self.cfg.seed, step) < self.cfg.lmbda:
             self.rollout.seed = sample_seed(self.cfg.seed, step, 0)
-            return self.rollout.generate(self.student, prompts), [True] * len(rows)
+            return self.rollout.generate(self.student, prompts, ids), [True] * len(rows)
         completions = [None if self.cfg.seq_kd else r.completion_ids for r in rows]
         missing = [i for i, c in enumerate(completions) if c is None]
-        if missing:  # sequence-level KD, and prompt-only rows on off-policy steps: the teacher completes
+        # sequence-level KD, and prompt-only rows on off-policy steps: the teacher completes. A sharded
+        # teacher needs every rank in each forward, so all ranks generate as many prompts (repeats fill in).
+        count = int(self.par.dp_reduce(torch.tensor(len(missing)), op=torch.distributed.ReduceOp.MAX))
+        if count:
             self.sampler.seed = sample_seed(self.cfg.seed, step, 1)
-            for i, c in zip(missing, self.teacher.generate([prompts[i] for i in missing], self.sampler)):
+            fill = missing + [missing[0] if missing else 0] * (count - len(missing))
+            drawn = self.teacher.generate([prompts[i] for i in fill], self.sampler, [ids[i] for i in fill])
+            for i, c in zip(missing, drawn):
                 completions[i] = c
         return completions, [False] * len(rows)
 
     def train_step(self, step: int, window: Window) -> float:
         cfg = self.cfg
-        rows = self.data.rows(step)
-        completions, from_student = self._completions(rows, step)
-        n_tokens = sum(len(c) for c in completions)
-        stats = torch.zeros(4, dtype=torch.float64)  # divergence, sft, agreement, sft tokens
-        loss_total = 0.0
-        weight = lm_head_weight(self.student)
+        everyone = self.data.rows(step)
+        lo, hi = self.par.dp_slice(len(everyone))
+        rows = everyone[lo:hi]  # this data-parallel rank's share of the global batch
+        completions, from_student = self._completions(rows, step, lo)
+        n_tokens = int(self.par.dp_reduce(torch.tensor(sum(len(c) for c in completions))))
+        stats = torch.zeros(5, dtype=torch.float64)  # loss, divergence, sft, agreement, sft tokens
         mbs = cfg.micro_batch_size
         for m0 in range(0, len(rows), mbs):
             batch = collate([r.prompt_ids for r in rows[m0:m0 + mbs]], completions[m0:m0 + mbs],
                             self.tokenizer.pad_token_id).to(self.device)
-            if batch.tokens == 0:
+            if batch.tokens == 0 and self.par.world == 1:  # with sharded weights every rank must join each forward
                 continue
             ce_labels = batch.labels.clone()
             ce_labels[torch.tensor(from_student[m0:m0 + mbs], device=self.device)] = -100
             teacher_out = self.teacher.score(batch)
-            hidden = decoder(self.student)(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            hidden = final_hidden(self.student, batch.input_ids, batch.attention_mask)
+            weight = parallel.local(lm_head_weight(self.student))  # read after the forward that gathered it
             out = fused_linear_gkd_loss(
                 hidden, weight, **teacher_out.loss_kwargs(), labels=ce_labels, sft_alpha=cfg.sft_alpha, beta=cfg.beta,
                 temperature=cfg.temperature, mask=batch.loss_mask, reduction="sum", normalizer=float(n_tokens),
-                chunk_size=cfg.loss_chunk_size or None)
+                chunk_size=cfg.loss_chunk_size or None, tp_group=self.par.tp_group)
             out.loss.backward()
-            loss_total += float(out.loss.detach())
-            stats += torch.tensor([float(out.divergence_sum), float(out.sft_sum), float(out.agree_count),
-                                   float((ce_labels[batch.loss_mask] >= 0).sum())], dtype=torch.float64)
+            stats += torch.tensor([float(out.loss.detach()), float(out.divergence_sum), float(out.sft_sum),
+                                   float(out.agree_count), float((ce_labels[batch.loss_mask] >= 0).sum())],
+                                  dtype=torch.float64)
+        stats = self.par.dp_reduce(stats)
+        loss_total = float(stats[0])
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
+        grad_norm = parallel.clip_grad_norm(self.params, cfg.max_grad_norm)
         if not (math.isfinite(loss_total) and math.isfinite(float(grad_norm))):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
@@ -267,16 +289,20 @@ class Trainer:
             self.rollout.weights_changed()
 
         window.loss += loss_total
-        window.div += float(stats[0])
-        window.sft += float(stats[1])
-        window.agree += int(stats[2])
-        window.sft_tokens += int(stats[3])
+        window.div += float(stats[1])
+        window.sft += float(stats[2])
+        window.agree += int(stats[3])
+        window.sft_tokens += int(stats[4])
         window.tokens += n_tokens
-        window.seqs += len(rows)
-        window.student_seqs += sum(from_student)
+        window.seqs += len(everyone)
+        window.student_seqs += len(everyone) if from_student[0] else 0
         window.completion_len += n_tokens
         window.grad_norm += float(grad_norm)
         window.steps += 1
+        if self.memory is None:  # optimizer state exists after the first update
+            state = [t for st in self.optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+            self.memory = {"param_mib_per_rank": self.par.most(parallel.local_mib(self.student.parameters())),
+                           "optimizer_mib_per_rank": self.par.most(parallel.local_mib(state))}
         return loss_total
 
     def _window_metrics(self, w: Window) -> dict:
@@ -292,6 +318,7 @@ class Trainer:
             "on_policy_share": w.student_seqs / max(w.seqs, 1),
             "completion_length": w.completion_len / max(w.seqs, 1),
             "top1_agreement": w.agree / max(w.tokens, 1),
+            **(self.memory or {}),
         }
 
     def evaluate(self) -> dict:
@@ -309,16 +336,20 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> Path:
         return checkpoint.save(self.out, step, self.student, self.optimizer, self.scheduler,
-                               {"bad_steps": self.bad_steps}, self.cfg.save_total_limit)
+                               {"bad_steps": self.bad_steps}, self.cfg.save_total_limit, self.par)
 
     def train(self) -> dict:
         cfg = self.cfg
         from tqdm import tqdm
 
-        prepare_output_dir(str(self.out))
-        metrics = MetricsLog(self.out, tensorboard="tensorboard" in (cfg.report_to or []), resume_step=self.start_step)
-        bar = tqdm(total=self.total_steps, initial=self.start_step, desc="gkd train", disable=not cfg.progress_bar,
-                   dynamic_ncols=True)
+        main = self.par.is_main
+        if main:
+            prepare_output_dir(str(self.out))
+        self.par.barrier()
+        metrics = MetricsLog(self.out, tensorboard="tensorboard" in (cfg.report_to or []), resume_step=self.start_step,
+                             enabled=main)
+        bar = tqdm(total=self.total_steps, initial=self.start_step, desc="gkd train",
+                   disable=not (cfg.progress_bar and main), dynamic_ncols=True)
         window, last = Window(), {}
         for step in range(self.start_step, self.total_steps):
             self.train_step(step, window)
@@ -336,9 +367,10 @@ class Trainer:
         bar.close()
         metrics.close()
         self.save_checkpoint(self.total_steps)
-        save_pretrained_atomic(self.student, self.tokenizer, self.out / "final", merge_lora=cfg.merge_lora)
-        try:
-            plot(metrics.path, self.out / "loss_curve.png")
-        except ImportError:
-            self.log("[gkd] matplotlib is not installed: no loss_curve.png (gkd plot draws it later)")
+        checkpoint.export(self.student, self.tokenizer, self.out / "final", cfg, self.par)
+        if main:
+            try:
+                plot(metrics.path, self.out / "loss_curve.png")
+            except ImportError:
+                self.log("[gkd] matplotlib is not installed: no loss_curve.png (gkd plot draws it later)")
         return last

