@@ -130,19 +130,6 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.tokenizer = load_tokenizer(cfg.model)
-        student = load_model(cfg.model, cfg.torch_dtype)
-        parallel.check_model(student, par, lora=cfg.train_type == "lora")
-        if cfg.teacher_model_server:
-            remote = RemoteTeacher(
-                cfg.teacher_model_server, cfg.gkd_logits_topk, api_key=cfg.teacher_api_key, timeout=cfg.teacher_timeout,
-                retries=cfg.teacher_retries, max_in_flight=cfg.teacher_max_in_flight,
-                seqs_per_request=cfg.teacher_seqs_per_request, wait=cfg.teacher_wait, wire_dtype=cfg.teacher_wire_dtype)
-            log(f"[gkd] teacher server {remote.url}: waiting for /health, checking tokenizer and K")
-            self.teacher = remote.connect(self.tokenizer)
-        else:
-            teacher = load_model(cfg.teacher_model, cfg.torch_dtype)
-            check_compatible(self.tokenizer, load_tokenizer(cfg.teacher_model), student, teacher)
-
         data_kw = dict(max_length=cfg.max_length, truncation_strategy=cfg.truncation_strategy,
                        max_completion_length=cfg.max_completion_length, warn=log)
         examples = load_examples(cfg.dataset, self.tokenizer, **data_kw)
@@ -150,26 +137,9 @@ class Trainer:
             self.train_examples, self.val_examples = examples, load_examples(cfg.val_dataset, self.tokenizer, **data_kw)
         else:
             self.train_examples, self.val_examples = split_examples(examples, cfg.split_dataset_ratio, cfg.seed)
-        if cfg.teacher_model_server:
-            if cfg.lmbda < 1 and any(e.completion_ids is None for e in self.train_examples):
-                raise GKDError("--dataset has prompt-only rows; on off-policy steps the teacher must write their "
-                               "completions, which needs a local --teacher_model (or use --lmbda 1)")
-            sampled = cfg.max_completion_length if cfg.lmbda > 0 else 0
-            self.teacher.check_fits(max(len(e.prompt_ids) + max(sampled, len(e.completion_ids or []))
-                                        for e in self.train_examples))
-        if cfg.gradient_checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            student.config.use_cache = False
-        if cfg.train_type == "lora":
-            student = apply_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed)
-        if par.world == 1:
-            student.to(self.device)
-        parallel.shard_student(student, par)  # sharding places the shards on the device
-        self.student = student.train()
-        if not cfg.teacher_model_server:
-            parallel.shard_teacher(teacher, par, offload=cfg.offload_teacher_model)
-            self.teacher = LocalTeacher(teacher, self.device, topk=cfg.gkd_logits_topk,
-                                        offload=cfg.offload_teacher_model and par.dp_shard == 1)
+        # one model at a time, sharded before the next loads: a rank's peak is one whole model, not two
+        self.student = student = self._load_student()
+        self.teacher = self._remote_teacher() if cfg.teacher_model_server else self._local_teacher(student)
         sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                   top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.global_batch_size)
         self.sampler = HFSampler(sampling, eos_ids(self.tokenizer, student), self.tokenizer.pad_token_id, self.device,
@@ -195,6 +165,44 @@ class Trainer:
             info = checkpoint.load(path, self.student, self.optimizer, self.scheduler, par)
             self.start_step, self.bad_steps = info["step"], info.get("bad_steps", 0)
             log(f"[gkd] resumed from {path} at step {self.start_step}")
+
+    def _load_student(self):
+        cfg, par = self.cfg, self.par
+        student = load_model(cfg.model, cfg.torch_dtype)
+        parallel.check_model(student, par, lora=cfg.train_type == "lora")
+        if cfg.gradient_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            student.config.use_cache = False
+        if cfg.train_type == "lora":
+            student = apply_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed)
+        if par.world == 1:
+            student.to(self.device)
+        parallel.shard_student(student, par)  # sharding places the shards on the device
+        return student.train()
+
+    def _local_teacher(self, student) -> LocalTeacher:
+        cfg = self.cfg
+        teacher = load_model(cfg.teacher_model, cfg.torch_dtype)
+        check_compatible(self.tokenizer, load_tokenizer(cfg.teacher_model), student, teacher)
+        parallel.shard_teacher(teacher, self.par, offload=cfg.offload_teacher_model)
+        return LocalTeacher(teacher, self.device, topk=cfg.gkd_logits_topk,
+                            offload=cfg.offload_teacher_model and self.par.dp_shard == 1)
+
+    def _remote_teacher(self) -> RemoteTeacher:
+        cfg = self.cfg
+        if cfg.lmbda < 1 and any(e.completion_ids is None for e in self.train_examples):
+            raise GKDError("--dataset has prompt-only rows; on off-policy steps the teacher must write their "
+                           "completions, which needs a local --teacher_model (or use --lmbda 1)")
+        remote = RemoteTeacher(
+            cfg.teacher_model_server, cfg.gkd_logits_topk, api_key=cfg.teacher_api_key, timeout=cfg.teacher_timeout,
+            retries=cfg.teacher_retries, max_in_flight=cfg.teacher_max_in_flight,
+            seqs_per_request=cfg.teacher_seqs_per_request, wait=cfg.teacher_wait, wire_dtype=cfg.teacher_wire_dtype)
+        self.log(f"[gkd] teacher server {remote.url}: waiting for /health, checking tokenizer and K")
+        teacher = remote.connect(self.tokenizer)
+        sampled = cfg.max_completion_length if cfg.lmbda > 0 else 0
+        teacher.check_fits(max(len(e.prompt_ids) + max(sampled, len(e.completion_ids or []))
+                               for e in self.train_examples))
+        return teacher
 
     def _student_sampler(self, sampling: SamplingConfig):
         """vLLM for the student's on-policy completions (HF generate stays for the teacher)."""

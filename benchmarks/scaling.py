@@ -1,0 +1,112 @@
+"""Distributed layouts side by side: 1 process, 2 processes FSDP, 2 processes tensor parallel.
+
+    .venv/bin/python benchmarks/scaling.py                  # off-policy steps, float32, this CPU
+    .venv/bin/python benchmarks/scaling.py --lmbda 1        # on-policy (student sampling) steps
+
+A random Llama-shaped pair with SmolLM2's tokenizer and widths but head counts TP=2 can split (8 query,
+4 key/value heads of 72; SmolLM2's own 9/3 only split over 3): student 8 layers (~55 M parameters,
+tied embeddings), teacher 16 layers. Each layout is one fresh `gkd train` (under torchrun for 2
+processes) on the same global batch; the single process gets the same threads in total as the two
+together. Reported per layout: median step time (steps after the first two), the peak resident set of
+the largest process (ru_maxrss of the launch, which covers its workers), and the MiB of parameters and
+optimizer state a rank holds (gkd's param_mib_per_rank / optimizer_mib_per_rank metrics), each also as
+a ratio to the single process. On a GPU machine add --dtype bfloat16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from e2e_vs_trl import run_measured  # noqa: E402 - one way to run and measure a process
+
+
+def prepare(work: Path, dtype: str) -> tuple[Path, Path, Path]:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gkd.models import SMOLLM2, load_tokenizer
+    from gkd.prompts import train_prompts
+
+    tok = load_tokenizer(SMOLLM2)
+    folders = []
+    for name, layers, seed in (("teacher", 16, 1), ("student", 8, 2)):
+        folder = work / name
+        if not (folder / "config.json").is_file():
+            torch.manual_seed(seed)
+            cfg = LlamaConfig(vocab_size=len(tok), hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+                              tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id, torch_dtype=dtype)
+            LlamaForCausalLM(cfg).to(getattr(torch, dtype)).save_pretrained(str(folder))
+            tok.save_pretrained(str(folder))
+        folders.append(folder)
+    data = work / "train.jsonl"
+    prompts = train_prompts()
+    rows = [{"prompt": p, "completion": " ".join(prompts[(i + 1) % len(prompts)] for _ in range(3))}
+            for i, p in enumerate(prompts)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folders[0], folders[1], data
+
+
+LAYOUTS = {  # name: (processes, extra flags)
+    "1 process": (1, []),
+    "2 x FSDP": (2, []),
+    "2 x TP": (2, ["--tensor_model_parallel_size", "2"]),
+}
+
+
+def run(a, name: str, teacher: Path, student: Path, data: Path, out: Path) -> dict:
+    nproc, flags = LAYOUTS[name]
+    args = ["train", "--model", str(student), "--teacher_model", str(teacher), "--dataset", str(data),
+            "--lmbda", str(a.lmbda), "--max_completion_length", str(a.max_new_tokens), "--micro_batch_size",
+            str(a.micro_batch_size), "--global_batch_size", str(a.global_batch_size), "--torch_dtype", a.dtype,
+            "--max_steps", str(a.steps), "--learning_rate", "1e-5", "--lr_scheduler_type", "constant",
+            "--logging_steps", "1", "--save_steps", "0", "--output_dir", str(out), "--progress_bar", "false", *flags]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "gkd", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "gkd", *args]
+    rss = run_measured(cmd, max(1, a.threads // nproc))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"s_per_step": statistics.median(r["step_time"] for r in rows[2:]), "peak_rss_mib": rss,
+            "state_mib": rows[-1]["param_mib_per_rank"] + rows[-1]["optimizer_mib_per_rank"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=HERE / ".work-scaling")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--lmbda", type=float, default=0.0)
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--micro_batch_size", type=int, default=2)
+    p.add_argument("--global_batch_size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2, help="threads in total, split over the processes")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    a = p.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    teacher, student, data = prepare(a.work, a.dtype)
+    results = {}
+    for name in LAYOUTS:
+        print(f"[bench] {name} ...", flush=True)
+        results[name] = run(a, name, teacher, student, data, a.work / name.replace(" ", ""))
+    one = results["1 process"]
+    print(f"\nlmbda {a.lmbda}, {a.dtype}, global batch {a.global_batch_size}, micro {a.micro_batch_size}, "
+          f"{a.threads} threads in total")
+    print("| layout | s/step | step vs 1 | peak RSS / rank MiB | RSS vs 1 | params + AdamW MiB / rank | state vs 1 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['s_per_step']:.2f} | {r['s_per_step'] / one['s_per_step']:.2f} | {r['peak_rss_mib']} | "
+              f"{r['peak_rss_mib'] / one['peak_rss_mib']:.2f} | {r['state_mib']:.0f} | "
+              f"{r['state_mib'] / one['state_mib']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
