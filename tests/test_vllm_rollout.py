@@ -154,3 +154,39 @@ def test_engine_that_cannot_start_is_one_clear_error(tmp_path, tiny):
     with pytest.raises(Err, match=r"vLLM (could not start an engine for|failed to sample from) .*head16.*head_dim") as e:
         Trainer(cfg, log=lambda *_: None).train()
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("train_type", ["full", "lora"])
+def test_each_data_parallel_rank_samples_its_rows_with_its_own_engine(pair, tmp_path, train_type):
+    """FSDP over 2 processes, a vLLM engine in each (external launcher), synced from the sharded student:
+    the same losses and weights as one process with one engine."""
+    from safetensors.torch import load_file
+
+    from gkd.metrics import read_metrics
+
+    def args(out):
+        extra = ["--train_type", "lora", "--lora_rank", "4", "--lora_dropout", "0", "--merge_lora", "true"] \
+            if train_type == "lora" else []
+        return ["train", "--model", pair["student"], "--teacher_model", pair["teacher"], "--dataset", pair["data"],
+                "--output_dir", str(out), "--lmbda", "1", "--micro_batch_size", "2", "--global_batch_size", "4",
+                "--max_completion_length", "8", "--learning_rate", "3e-2", "--lr_scheduler_type", "constant",
+                "--max_steps", "3", "--progress_bar", "false", "--use_vllm", "true", "--vllm_max_model_len", "128",
+                "--vllm_kv_cache_memory_mb", "64", *extra]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "gkd", *args(tmp_path / "one")], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                          "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "gkd",
+                          *args(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [m["on_policy_share"] for m in a] == [1.0] * 3
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 and x["completion_length"] == y["completion_length"], (x, y)
+    wa = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=k)

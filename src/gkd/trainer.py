@@ -123,9 +123,8 @@ class Trainer:
         if self.device.type == "cpu":
             limit_heap_retention()
         self.accum = cfg.grad_accumulation_steps(par.dp_size)
-        if par.world > 1 and (cfg.eval_steps or cfg.use_vllm):
-            raise GKDError(f"{'--eval_steps' if cfg.eval_steps else '--use_vllm'} with {par.world} processes is not "
-                           "supported yet (run gkd eval on the final folder; generate with HF on several processes)")
+        if par.world > 1:
+            self._check_distributed_options()
         self.out = check_output_dir(cfg.output_dir)
         torch.manual_seed(cfg.seed)
 
@@ -165,6 +164,19 @@ class Trainer:
             info = checkpoint.load(path, self.student, self.optimizer, self.scheduler, par)
             self.start_step, self.bad_steps = info["step"], info.get("bad_steps", 0)
             log(f"[gkd] resumed from {path} at step {self.start_step}")
+
+    def _check_distributed_options(self) -> None:
+        cfg, par = self.cfg, self.par
+        if cfg.eval_steps:
+            raise GKDError(f"--eval_steps with {par.world} processes is not supported yet; run gkd eval on the "
+                           "final folder")
+        if cfg.use_vllm and cfg.vllm_mode == "server":
+            raise GKDError(f"--vllm_mode server with {par.world} processes is not supported yet; use --vllm_mode "
+                           "colocate (one engine per --vllm_tensor_parallel_size ranks)")
+        if cfg.use_vllm and par.tp % cfg.vllm_tensor_parallel_size:
+            raise GKDError(f"--vllm_tensor_parallel_size {cfg.vllm_tensor_parallel_size} must divide "
+                           f"--tensor_model_parallel_size {par.tp}: the ranks of one vLLM engine must hold the same "
+                           "prompts")
 
     def _load_student(self):
         cfg, par = self.cfg, self.par
@@ -224,7 +236,8 @@ class Trainer:
             path, sampling, self.sampler.eos_ids, dtype=cfg.torch_dtype,
             max_model_len=cfg.vllm_max_model_len or cfg.max_length + cfg.max_completion_length,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, tensor_parallel_size=cfg.vllm_tensor_parallel_size,
-            kv_cache_memory_mb=cfg.vllm_kv_cache_memory_mb, sleep_level=cfg.sleep_level, seed=cfg.seed)
+            kv_cache_memory_mb=cfg.vllm_kv_cache_memory_mb, sleep_level=cfg.sleep_level, seed=cfg.seed,
+            torchrun=self.par.world > 1)
 
     # ---------------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,29 +29,41 @@ def import_vllm():
     return vllm
 
 
-def export_weights(model) -> dict[str, torch.Tensor]:
-    """The student's weights under Hugging Face checkpoint names; LoRA adapters merged (W + scale B A)
-    into copies, the trained model untouched."""
+def export_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """The student's weights under Hugging Face checkpoint names, one at a time: whole tensors gathered
+    from their shards when the model is sharded (every rank must iterate, in the same order), LoRA
+    adapters merged (W + scale B A) into copies, the trained model untouched."""
     try:
         from peft import PeftModel
     except ImportError:
         PeftModel = ()
     if not isinstance(model, PeftModel):
-        return {k: v.detach() for k, v in model.state_dict().items()}
+        for key, value in model.state_dict().items():
+            yield key, _whole(value.detach())
+        return
     base = model.get_base_model()
-    deltas = {}
+    lora = {}
     for name, module in base.named_modules():
         if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
             active = [a for a in module.active_adapters if a in getattr(module, "lora_A", {})]
             if active:
-                deltas[f"{name}.weight"] = sum(module.get_delta_weight(a) for a in active)
-    out = {}
+                lora[f"{name}.weight"] = (module, active)
     for key, value in base.state_dict().items():
         if "lora_" in key:
             continue
         key = key.replace(".base_layer.", ".")
-        out[key] = (value + deltas[key]).detach() if key in deltas else value.detach()
-    return out
+        value = _whole(value.detach())
+        if key in lora:
+            module, active = lora[key]
+            with torch.no_grad():
+                value = value + sum(_whole(module.get_delta_weight(a)) for a in active)
+        yield key, value
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _engine_error(what: str, e: Exception) -> GKDError:
@@ -67,7 +80,7 @@ def write_vllm_folder(model, tokenizer, folder: Path) -> Path:
     plain = model.get_base_model() if hasattr(model, "get_base_model") else model
     plain.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    save_file(_untie({k: v.contiguous() for k, v in export_weights(model).items()}), folder / "model.safetensors")
+    save_file(_untie({k: v.contiguous() for k, v in export_weights(model)}), folder / "model.safetensors")
     return folder
 
 
@@ -83,7 +96,7 @@ class VLLMColocateSampler:
 
     def __init__(self, model_path: str, cfg: SamplingConfig, eos_ids: list[int], *, dtype: str, max_model_len: int,
                  gpu_memory_utilization: float, tensor_parallel_size: int, kv_cache_memory_mb: int,
-                 sleep_level: int, seed: int):
+                 sleep_level: int, seed: int, torchrun: bool = False):
         # an in-process engine core and executor: weights pass by reference, no serialisation
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         vllm = import_vllm()
@@ -95,7 +108,9 @@ class VLLMColocateSampler:
         kw = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                   tensor_parallel_size=tensor_parallel_size, enable_sleep_mode=bool(sleep_level),
                   enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
-        if tensor_parallel_size == 1:
+        if torchrun:  # one engine per group of tensor_parallel_size ranks, each sampling its group's prompts
+            kw["distributed_executor_backend"] = "external_launcher"
+        elif tensor_parallel_size == 1:
             kw["distributed_executor_backend"] = "uni"
         if on_gpu:
             kw["gpu_memory_utilization"] = gpu_memory_utilization
@@ -119,7 +134,7 @@ class VLLMColocateSampler:
     def sync(self, model) -> None:
         if self.sleep_level:
             self.llm.wake_up(tags=["weights"])
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(export_weights(model).items())})
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": export_weights(model)})
         if self.sleep_level:
             self.llm.sleep(level=self.sleep_level)
         self.version += 1
@@ -203,7 +218,7 @@ class VLLMServerSampler:
         self.version += 1
         self.sync_dir.mkdir(parents=True, exist_ok=True)
         path = self.sync_dir / f"student-v{self.version}.safetensors"
-        weights = {k: v.contiguous() for k, v in export_weights(model).items()}
+        weights = {k: v.contiguous() for k, v in export_weights(model)}
         fd, tmp = tempfile.mkstemp(dir=self.sync_dir, suffix=".tmp")
         os.close(fd)
         save_file(_untie(weights), tmp)
