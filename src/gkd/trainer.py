@@ -180,25 +180,28 @@ class Trainer:
 
     def _load_student(self):
         cfg, par = self.cfg, self.par
-        student = load_model(cfg.model, cfg.torch_dtype)
-        parallel.check_model(student, par, lora=cfg.train_type == "lora")
-        if cfg.gradient_checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            student.config.use_cache = False
-        if cfg.train_type == "lora":
-            student = apply_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed)
-        if par.world == 1:
-            student.to(self.device)
-        parallel.shard_student(student, par)  # sharding places the shards on the device
+
+        def prepare(model):  # on rank 0's copy and on every rank's skeleton: all ranks see the same error
+            parallel.check_model(model, par, lora=cfg.train_type == "lora")
+            if cfg.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.config.use_cache = False
+            if cfg.train_type == "lora":
+                model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed)
+            return model
+
+        student = parallel.load_sharded(lambda: load_model(cfg.model, cfg.torch_dtype), prepare,
+                                        lambda m: parallel.shard_student(m, par), par)
         return student.train()
 
     def _local_teacher(self, student) -> LocalTeacher:
-        cfg = self.cfg
-        teacher = load_model(cfg.teacher_model, cfg.torch_dtype)
+        cfg, par = self.cfg, self.par
+        teacher = parallel.load_sharded(lambda: load_model(cfg.teacher_model, cfg.torch_dtype), lambda m: m,
+                                        lambda m: parallel.shard_teacher(m, par, offload=cfg.offload_teacher_model),
+                                        par)
         check_compatible(self.tokenizer, load_tokenizer(cfg.teacher_model), student, teacher)
-        parallel.shard_teacher(teacher, self.par, offload=cfg.offload_teacher_model)
         return LocalTeacher(teacher, self.device, topk=cfg.gkd_logits_topk,
-                            offload=cfg.offload_teacher_model and self.par.dp_shard == 1)
+                            offload=cfg.offload_teacher_model and par.dp_shard == 1)
 
     def _remote_teacher(self) -> RemoteTeacher:
         cfg = self.cfg

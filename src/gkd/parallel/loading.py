@@ -1,0 +1,49 @@
+"""Sharded models read from disk by rank 0 alone.
+
+Every other rank builds the model on the meta device (no memory), all ranks shard that skeleton the
+same way, and rank 0 broadcasts the weights tensor by tensor, each rank keeping only its shards
+(``set_model_state_dict(..., broadcast_from_rank0=True)``). A rank never holds a whole model, except
+rank 0 while it reads one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from gkd.parallel.mesh import Parallel
+
+
+def load_sharded(load: Callable, prepare: Callable, shard: Callable, par: Parallel):
+    """``prepare(load())`` sharded by ``shard`` (in place), on ``par.device``.
+
+    ``load`` reads the model (rank 0 only); ``prepare`` turns a model into the one to shard (gradient
+    checkpointing, LoRA, ...) and runs on rank 0's copy and on every rank's skeleton alike.
+    """
+    if par.world == 1:
+        model = prepare(load()).to(par.device)
+        shard(model)
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    base = load() if par.is_main else None
+    spec = [type(base), base.config, next(base.parameters()).dtype] if base is not None else [None, None, None]
+    dist.broadcast_object_list(spec, src=0)
+    cls, config, dtype = spec
+    with torch.device("meta"):
+        skeleton = cls(config).to(dtype)
+    skeleton = prepare(skeleton)
+    full = prepare(base) if base is not None else None
+    shard(skeleton)
+    skeleton.to_empty(device=par.device)
+    set_model_state_dict(skeleton, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # buffers that are not in a state dict (rotary frequencies) came out of to_empty uninitialised
+    source = dict(full.named_buffers()) if full is not None else {}
+    for name, buf in skeleton.named_buffers():
+        if full is not None:
+            buf.copy_(source[name])
+        dist.broadcast(buf, src=0)
+    return skeleton
