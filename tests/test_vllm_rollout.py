@@ -112,12 +112,14 @@ def vllm_server(pair):
     stop(state["proc"])
 
 
-@pytest.mark.parametrize("train_type", ["full", "lora"])
-def test_server_weights_follow_the_student_and_survive_a_restart(pair, tmp_path, vllm_server, train_type):
+@pytest.mark.parametrize("train_type,weight_sync", [("full", "path"), ("lora", "path"), ("full", "group")])
+def test_server_weights_follow_the_student_and_survive_a_restart(pair, tmp_path, vllm_server, train_type,
+                                                                 weight_sync):
     port, start, kill = vllm_server
     extra = dict(train_type="lora", lora_rank=8, lora_alpha=64, learning_rate=1e-1) if train_type == "lora" else {}
     logs = []
-    trainer = Trainer(_cfg(pair, tmp_path / "out", vllm_mode="server", vllm_server_port=port, **extra), log=logs.append)
+    trainer = Trainer(_cfg(pair, tmp_path / "out", vllm_mode="server", vllm_server_port=port,
+                           vllm_weight_sync=weight_sync, vllm_group_port=free_port(), **extra), log=logs.append)
     _check_follows_student(trainer, pair)
     kill()
     trainer.rollout.client.backoff = 0.01
@@ -126,6 +128,8 @@ def test_server_weights_follow_the_student_and_survive_a_restart(pair, tmp_path,
     start()  # a fresh server holds the initial weights (version 0): the sampler must notice and re-sync
     assert _greedy_vllm(trainer) == _greedy_hf(trainer.student, trainer.sampler.eos_ids)
     assert any("re-syncing" in line for line in logs)
+    if weight_sync == "group":  # the weights went through the process group, not a file
+        assert trainer.rollout.group is not None and not list((tmp_path / "out").glob("vllm-sync/*.safetensors"))
 
 
 @pytest.mark.parametrize("mode", ["colocate", "server"])

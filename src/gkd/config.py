@@ -72,7 +72,10 @@ class TrainConfig:
     vllm_server_host: str = _f("127.0.0.1", "server mode: host of the vLLM server")
     vllm_server_port: int = _f(8000, "server mode: port of the vLLM server")
     vllm_server_timeout: float = _f(240.0, "server mode: seconds to wait for the server and for each request")
-    vllm_sync_dir: str = _f("", "server mode: folder the server can read, for weight syncs (default OUTPUT_DIR/vllm-sync)")
+    vllm_weight_sync: str = _f("path", "server mode: weights go through a shared folder, or a process group with the "
+                               "server's workers (gloo on CPU, NCCL on GPUs)", choices=("path", "group"))
+    vllm_sync_dir: str = _f("", "server mode, path sync: folder the server can read (default OUTPUT_DIR/vllm-sync)")
+    vllm_group_port: int = _f(51216, "server mode, group sync: port the server listens on for the weight-sync group")
     # parallelism (launch with torchrun, or --nproc_per_node here); data-parallel shard size = the rest
     nproc_per_node: int = _f(1, "processes on this machine: gkd train runs itself under torchrun with N processes")
     tensor_model_parallel_size: int = _f(1, "tensor parallel: attention heads, MLP and vocabulary split over N processes")

@@ -227,7 +227,8 @@ class Trainer:
         if cfg.vllm_mode == "server":
             url = cfg.vllm_server_base_url or f"http://{cfg.vllm_server_host}:{cfg.vllm_server_port}"
             return VLLMServerSampler(url, sampling, self.sampler.eos_ids, timeout=cfg.vllm_server_timeout,
-                                     sync_dir=Path(cfg.vllm_sync_dir or self.out / "vllm-sync"), log=self.log)
+                                     sync_dir=Path(cfg.vllm_sync_dir or self.out / "vllm-sync"), log=self.log,
+                                     weight_sync=cfg.vllm_weight_sync, group_port=cfg.vllm_group_port)
         path = cfg.model
         if not (Path(path) / "config.json").is_file():  # GGUF or an alias: vLLM reads a HF folder
             from gkd.vllm_rollout import write_vllm_folder

@@ -171,11 +171,13 @@ class VLLMColocateSampler:
 
 
 class VLLMServerSampler:
-    """An external vLLM server started with gkd.vllm_worker.WeightSync; weights travel through a shared
-    folder (same machine or a shared file system) as one safetensors file per sync."""
+    """An external vLLM server started with gkd.vllm_worker.WeightSync. Weights travel either through a
+    shared folder (same machine or a shared file system) as one safetensors file per sync (``path``), or
+    through a process group with the server's workers, broadcast tensor by tensor (``group``: gloo on
+    CPU, NCCL on GPUs; the server listens for it on ``group_port``)."""
 
     def __init__(self, base_url: str, cfg: SamplingConfig, eos_ids: list[int], *, sync_dir: Path, timeout: float,
-                 max_in_flight: int = 16, log=print):
+                 max_in_flight: int = 16, log=print, weight_sync: str = "path", group_port: int = 51216):
         from gkd.remote_teacher import ServerClient
 
         self.client = ServerClient(base_url, None, timeout, retries=2)
@@ -184,6 +186,8 @@ class VLLMServerSampler:
         self.pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="gkd-rollout")
         self.seed = 0
         self.run_id = uuid.uuid4().hex[:12]  # versions name this trainer, so another's sync is not mistaken for ours
+        self.weight_sync, self.group_port, self.timeout = weight_sync, group_port, timeout
+        self.group = None  # the process group with the server's workers (weight_sync "group"), made at first sync
         self.version = 0
         self.stale = True
         self.client.wait_healthy(timeout)
@@ -193,7 +197,7 @@ class VLLMServerSampler:
             raise GKDError(f"vLLM server {self.client.url}/v1/models lists no model") from None
         self._server_version()  # fails early if the server lacks the worker extension or dev mode
 
-    def _rpc(self, method: str, *args: str) -> list:
+    def _rpc(self, method: str, *args) -> list:
         try:
             answer = self.client.call("POST", "/collective_rpc", {"method": method, "args": list(args)})
         except GKDError as e:
@@ -213,9 +217,40 @@ class VLLMServerSampler:
         return versions.pop()
 
     def sync(self, model) -> None:
+        self.version += 1
+        got = self._sync_group(model) if self.weight_sync == "group" else self._sync_path(model)
+        if got != {self._tag()}:
+            raise GKDError(f"vLLM server {self.client.url}: weight sync to version {self._tag()} answered {sorted(got)}")
+        self.stale = False
+
+    def _sync_group(self, model) -> set[str]:
+        from urllib.parse import urlparse
+
+        from gkd.vllm_worker import weight_group
+
+        versions = self._rpc("gkd_weight_version")
+        if self.group is None or "0" in map(str, versions):  # first sync, or a restarted server: (re)join
+            workers = len(versions)
+            joining = self.pool.submit(self._rpc, "gkd_join_group", self.group_port, workers + 1, self.timeout)
+            try:
+                self.group = weight_group(urlparse(self.client.url).hostname, self.group_port, workers, workers + 1,
+                                          self.timeout, torch.cuda.is_available())
+            except Exception as e:  # noqa: BLE001 - no route to the server's port, or it never listened
+                raise GKDError(f"vLLM server {self.client.url}: could not form the weight-sync group on port "
+                               f"{self.group_port} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); is "
+                               "--vllm_group_port open between trainer and server?") from None
+            joining.result()
+        weights = [(k, v.contiguous()) for k, v in export_weights(model)]
+        specs = [[k, str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in weights]
+        answer = self.pool.submit(self._rpc, "gkd_receive_weights", specs, self._tag())
+        root = self.group.size() - 1
+        for _, tensor in weights:
+            self.group.broadcast(tensor, root).wait()
+        return set(map(str, answer.result()))
+
+    def _sync_path(self, model) -> set[str]:
         from safetensors.torch import save_file
 
-        self.version += 1
         self.sync_dir.mkdir(parents=True, exist_ok=True)
         path = self.sync_dir / f"student-v{self.version}.safetensors"
         weights = {k: v.contiguous() for k, v in export_weights(model)}
@@ -224,12 +259,10 @@ class VLLMServerSampler:
         save_file(_untie(weights), tmp)
         os.replace(tmp, path)
         got = set(map(str, self._rpc("gkd_load_weights", str(path.absolute()), self._tag())))
-        if got != {self._tag()}:
-            raise GKDError(f"vLLM server {self.client.url}: weight sync to version {self._tag()} answered {sorted(got)}")
         for old in self.sync_dir.glob("student-v*.safetensors"):
             if old != path:
                 old.unlink(missing_ok=True)
-        self.stale = False
+        return got
 
     def weights_changed(self) -> None:
         """The student was updated: the next `generate` syncs first (off-policy steps never pay)."""
