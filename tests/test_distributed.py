@@ -18,11 +18,13 @@ from gkd.metrics import read_metrics
 
 pytestmark = pytest.mark.dist
 
-MESHES = {  # name: (processes, flags)
-    "dp2": (2, ["--data_parallel_replicate_size", "2"]),
-    "fsdp2": (2, []),
-    "tp2": (2, ["--tensor_model_parallel_size", "2"]),
-    "fsdp2xtp2": (4, ["--tensor_model_parallel_size", "2"]),
+LORA = ["--train_type", "lora", "--lora_rank", "4", "--lora_dropout", "0", "--merge_lora", "true"]
+MESHES = {  # name: (processes, flags, the single-process run it must equal)
+    "dp2": (2, ["--data_parallel_replicate_size", "2"], "single"),
+    "fsdp2": (2, [], "single"),
+    "tp2": (2, ["--tensor_model_parallel_size", "2"], "single"),
+    "fsdp2xtp2": (4, ["--tensor_model_parallel_size", "2"], "single"),
+    "fsdp2-lora": (2, LORA, "single-lora"),
 }
 ENV = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
 
@@ -59,9 +61,10 @@ def losses(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    done = {"single": root / "single", "tiny": tiny["student"]}
+    done = {"single": root / "single", "single-lora": root / "single-lora", "tiny": tiny["student"]}
     run([sys.executable, "-m", "gkd", *train_args(tiny, done["single"])])
-    for name, (nproc, flags) in MESHES.items():
+    run([sys.executable, "-m", "gkd", *train_args(tiny, done["single-lora"], *LORA)])
+    for name, (nproc, flags, _) in MESHES.items():
         done[name] = root / name
         if name == "fsdp2":  # the shortcut: gkd runs itself under torchrun
             run([sys.executable, "-m", "gkd", *train_args(tiny, done[name], "--nproc_per_node", "2")])
@@ -72,13 +75,14 @@ def runs(tiny, tmp_path_factory):
 
 @pytest.mark.parametrize("mesh", list(MESHES))
 def test_mesh_equals_the_single_process_run(runs, mesh):
-    ref, got = read_metrics(runs["single"] / "metrics.jsonl"), read_metrics(runs[mesh] / "metrics.jsonl")
+    single = runs[MESHES[mesh][2]]
+    ref, got = read_metrics(single / "metrics.jsonl"), read_metrics(runs[mesh] / "metrics.jsonl")
     assert [m["on_policy_share"] for m in ref] == [0.0, 1.0, 0.0, 1.0]  # both kinds of step are compared
     assert [m["step"] for m in got] == [1, 2, 3, 4]
     for a, b in zip(ref, got):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
         assert a["on_policy_share"] == b["on_policy_share"] and a["completion_length"] == b["completion_length"]
-    w_ref, w = final_weights(runs["single"]), final_weights(runs[mesh])
+    w_ref, w = final_weights(single), final_weights(runs[mesh])
     assert w_ref.keys() == w.keys()
     for k in w_ref:
         torch.testing.assert_close(w[k], w_ref[k], rtol=0, atol=1e-5, msg=k)
@@ -95,18 +99,25 @@ def test_tensor_parallel_halves_parameter_and_optimizer_memory(runs):
         # every weight but the norms is split; the norms are a few hundred floats of the tiny model
         assert 0.45 <= tp[key] / one[key] <= 0.6, (key, tp[key], one[key])
         assert 0.45 <= fsdp[key] / one[key] <= 0.6, (key, fsdp[key], one[key])
+    # the teacher: TP splits it all; FSDP its layers (embedding and lm_head stay whole), and keeps them
+    # split after its forwards
+    key = "teacher_mib_per_rank"
+    assert 0.45 <= tp[key] / one[key] <= 0.6, (tp[key], one[key])
+    assert 0.5 <= fsdp[key] / one[key] <= 0.7, (fsdp[key], one[key])
 
 
-@pytest.mark.parametrize("saved,resumed", [("tp2", "single"), ("fsdp2", "single"), ("single", "tp2")])
+@pytest.mark.parametrize("saved,resumed", [("tp2", "single"), ("fsdp2", "single"), ("single", "tp2"),
+                                           ("fsdp2-lora", "single-lora")])
 def test_resume_on_another_mesh(runs, tiny, tmp_path, saved, resumed):
     out = tmp_path / "resumed"
     out.mkdir()
-    args = train_args(tiny, out, "--resume_from_checkpoint", str(runs[saved] / "checkpoint-2"))
-    if resumed == "single":
+    lora = LORA if "lora" in saved else []
+    args = train_args(tiny, out, "--resume_from_checkpoint", str(runs[saved] / "checkpoint-2"), *lora)
+    if resumed.startswith("single"):
         run([sys.executable, "-m", "gkd", *args])
     else:
         run(torchrun_cmd(MESHES[resumed][0], args + MESHES[resumed][1]))
-    ref, got = losses(runs["single"]), losses(out)
+    ref, got = losses(runs["single-lora" if lora else "single"]), losses(out)
     assert sorted(got) == [3, 4]  # step 3 is off-policy, step 4 on-policy
     for step in (3, 4):
         assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])

@@ -37,8 +37,10 @@ def set_rng_state(state: dict) -> None:
 def _options(model):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # LoRA: only the adapter (and its optimizer state); the frozen base comes from --model
-    return StateDictOptions(ignore_frozen_params=hasattr(model, "peft_config"))
+    # LoRA: only the adapter (and its optimizer state); the frozen base comes from --model and is left
+    # alone on load (not strict)
+    lora = hasattr(model, "peft_config")
+    return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
 
 
 @contextlib.contextmanager

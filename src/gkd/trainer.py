@@ -170,6 +170,9 @@ class Trainer:
         if cfg.eval_steps:
             raise GKDError(f"--eval_steps with {par.world} processes is not supported yet; run gkd eval on the "
                            "final folder")
+        if cfg.offload_teacher_model and self.device.type == "cuda":
+            raise GKDError(f"--offload_teacher_model with {par.world} processes is not supported yet (the teacher's "
+                           "layers are sharded over the data-parallel ranks instead)")
         if cfg.use_vllm and cfg.vllm_mode == "server":
             raise GKDError(f"--vllm_mode server with {par.world} processes is not supported yet; use --vllm_mode "
                            "colocate (one engine per --vllm_tensor_parallel_size ranks)")
@@ -197,11 +200,9 @@ class Trainer:
     def _local_teacher(self, student) -> LocalTeacher:
         cfg, par = self.cfg, self.par
         teacher = parallel.load_sharded(lambda: load_model(cfg.teacher_model, cfg.torch_dtype), lambda m: m,
-                                        lambda m: parallel.shard_teacher(m, par, offload=cfg.offload_teacher_model),
-                                        par)
+                                        lambda m: parallel.shard_teacher(m, par), par)
         check_compatible(self.tokenizer, load_tokenizer(cfg.teacher_model), student, teacher)
-        return LocalTeacher(teacher, self.device, topk=cfg.gkd_logits_topk,
-                            offload=cfg.offload_teacher_model and par.dp_shard == 1)
+        return LocalTeacher(teacher, self.device, topk=cfg.gkd_logits_topk, offload=cfg.offload_teacher_model)
 
     def _remote_teacher(self) -> RemoteTeacher:
         cfg = self.cfg
@@ -328,6 +329,8 @@ class Trainer:
             state = [t for st in self.optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
             self.memory = {"param_mib_per_rank": self.par.most(parallel.local_mib(self.student.parameters())),
                            "optimizer_mib_per_rank": self.par.most(parallel.local_mib(state))}
+            if isinstance(self.teacher, LocalTeacher):
+                self.memory["teacher_mib_per_rank"] = self.par.most(parallel.local_mib(self.teacher.model.parameters()))
         return loss_total
 
     def _window_metrics(self, w: Window) -> dict:

@@ -41,7 +41,7 @@ def shard_student(model, par: Parallel) -> None:
         fsdp(model, par.dp_mesh)
 
 
-def shard_teacher(model, par: Parallel, offload: bool) -> None:
+def shard_teacher(model, par: Parallel) -> None:
     if par.tp > 1:
         from gkd.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -49,7 +49,7 @@ def shard_teacher(model, par: Parallel, offload: bool) -> None:
     if par.dp_shard > 1:
         from gkd.parallel.fsdp import shard_teacher as fsdp
 
-        fsdp(model, par.mesh["dp_shard"], offload)
+        fsdp(model, par.mesh["dp_shard"])
 
 
 def check_model(model, par: Parallel, lora: bool) -> None:

@@ -1,8 +1,9 @@
 """FSDP2 (``fully_shard``) over the data-parallel mesh: replicate x shard, i.e. DDP, FSDP or HSDP.
 
-Each decoder layer is its own unit, gathered for its forward and freed after it. The root unit (the
-embedding, final norm and lm_head) is not resharded after forward: the fused loss reads the gathered
-lm_head weight after the forward returns and before backward, where FSDP reduce-scatters its gradient.
+Each decoder layer is its own unit, gathered for its forward and freed after it. The student's root unit
+(the embedding, final norm and lm_head) is not resharded after forward: the fused loss reads the
+gathered lm_head weight after the forward returns and before backward, where FSDP reduce-scatters its
+gradient.
 Gradients are summed, not averaged, over ranks: the loss is already divided by the token count of the
 whole optimizer step on every rank (gkd.losses' normalizer), so the sum is the exact global gradient.
 """
@@ -12,29 +13,25 @@ from __future__ import annotations
 from gkd.models import decoder
 
 
-def _policy(offload: bool):
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
-
-    return CPUOffloadPolicy(pin_memory=False) if offload else OffloadPolicy()
-
-
 def shard_student(model, dp_mesh) -> None:
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     for layer in decoder(model).layers:
         fully_shard(layer, mesh=dp_mesh)
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=False)
+    # PEFT's generate calls the wrapped model's generate, not the root's forward: gather for it too
+    register_fsdp_forward_method(model, "generate")
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no pre-scaled sum)
 
 
-def shard_teacher(model, dp_mesh, offload: bool) -> None:
-    """The teacher's decoder layers sharded (and, with ``offload``, kept on CPU between uses); its
-    embedding and lm_head stay whole on each rank (or vocabulary-sharded by tensor parallelism), so the
-    loss can read the lm_head weight outside any forward."""
+def shard_teacher(model, dp_mesh) -> None:
+    """The teacher's decoder layers sharded; its embedding and lm_head stay whole on each rank (or
+    vocabulary-sharded by tensor parallelism), so the loss can read the lm_head weight outside any
+    forward. Each layer is its own root, which FSDP would keep gathered after forward unless told."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in decoder(model).layers:
-        fully_shard(layer, mesh=dp_mesh, offload_policy=_policy(offload))
+        fully_shard(layer, mesh=dp_mesh, reshard_after_forward=True)
