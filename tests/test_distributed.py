@@ -155,3 +155,17 @@ def test_a_killed_rank_ends_the_job_and_leaves_the_last_checkpoint(tiny, tmp_pat
     resume[resume.index("--max_steps") + 1] = str(step + 1)
     run([sys.executable, "-m", "gkd", *resume])  # the newest complete checkpoint loads and training goes on
     assert max(losses(out)) == step + 1
+
+
+@pytest.mark.parametrize("mistake,message", [
+    (["--global_batch_size", "3"], "--global_batch_size 3 must be a multiple of --micro_batch_size 2 x data-parallel"),
+    (["--eval_steps", "2"], "--eval_steps with 2 processes is not supported yet"),
+    (["--dataset", "/nonexistent/rows.jsonl"], "/nonexistent/rows.jsonl: no such file"),  # found by the workers
+])
+def test_mistakes_under_several_processes_are_one_line(tiny, tmp_path, mistake, message):
+    proc = subprocess.run([sys.executable, "-m", "gkd", *train_args(tiny, tmp_path / "o", "--nproc_per_node", "2",
+                                                                    *mistake)],
+                          capture_output=True, text=True, timeout=120, env=ENV)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (proc.returncode, proc.stderr[-2000:])
+    assert not (tmp_path / "o" / "final").exists()

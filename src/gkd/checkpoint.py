@@ -30,8 +30,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])  # (another machine's GPUs keep their own)
 
 
 def _options(model):
@@ -119,8 +119,8 @@ def resolve(spec: str, output_dir: Path) -> Path:
 
 
 def load(path: Path, model, optimizer, scheduler, par) -> dict:
-    """Restore weights, optimizer, scheduler and RNG (each rank's own when the mesh is the same size,
-    else rank 0's); returns the trainer state (step, ...). The saving mesh may differ from this one."""
+    """Restore weights, optimizer, scheduler and RNG (each rank its own, or rank 0's when the saving run
+    had no such rank); returns the trainer state (step, ...). The saving mesh may differ from this one."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
     from torch.distributed.checkpoint.state_dict import set_state_dict
@@ -133,20 +133,20 @@ def load(path: Path, model, optimizer, scheduler, par) -> dict:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=_options(model))
         scheduler.load_state_dict(torch.load(path / "trainer.pt", weights_only=False)["scheduler"])
-        own = path / f"rng-{par.rank}.pt"
-        rng = torch.load(own if own.is_file() else path / "rng-0.pt", weights_only=False)
+        own = path / f"rng-{par.rank}.pt"  # a rank the saving run did not have takes rank 0's
+        set_rng_state(torch.load(own if own.is_file() else path / "rng-0.pt", weights_only=False))
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - a damaged or foreign checkpoint
         detail = (str(e).strip().splitlines() or [""])[0][:300]
         raise GKDError(f"--resume_from_checkpoint {path}: corrupt checkpoint, or saved for another model or "
                        f"--train_type ({type(e).__name__}: {detail})") from None
-    set_rng_state(rng)
     return info
 
 
 def export(model, tokenizer, out_dir: Path, cfg, par) -> None:
-    """The final student as one Hugging Face folder. Sharded weights are gathered to rank 0, which loads
-    them into a plain copy of the model and writes it (LoRA: the adapter, or merged with --merge_lora)."""
-    from gkd.models import apply_lora, load_model, save_pretrained_atomic
+    """The final student as one Hugging Face folder. Sharded weights are gathered to rank 0, which puts
+    them into a skeleton of the model (no second read from disk) and writes it (LoRA: the adapter, or
+    merged with --merge_lora)."""
+    from gkd.models import save_pretrained_atomic
 
     if par.world == 1:
         save_pretrained_atomic(model, tokenizer, out_dir, merge_lora=cfg.merge_lora)
@@ -155,9 +155,22 @@ def export(model, tokenizer, out_dir: Path, cfg, par) -> None:
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if par.is_main:
-        plain = load_model(cfg.model, cfg.torch_dtype)
-        if cfg.train_type == "lora":
-            plain = apply_lora(plain, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed)
-        plain.load_state_dict(full)
-        save_pretrained_atomic(plain, tokenizer, out_dir, merge_lora=cfg.merge_lora)
+        save_pretrained_atomic(_plain_copy(model, full, cfg), tokenizer, out_dir, merge_lora=cfg.merge_lora)
     par.barrier()
+
+
+def _plain_copy(model, full: dict, cfg):
+    """An unsharded CPU model with the weights ``full`` and ``model``'s buffers."""
+    from gkd.models import apply_lora
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.device("meta"):
+        plain = type(base)(base.config)
+    if cfg.train_type == "lora":
+        plain = apply_lora(plain, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed)
+    plain.load_state_dict(full, assign=True)
+    (plain.get_base_model() if hasattr(plain, "get_base_model") else plain).tie_weights()  # as the config says
+    for name, buf in model.named_buffers():  # rotary frequencies and the like, never sharded
+        owner, _, attr = name.rpartition(".")
+        setattr(plain.get_submodule(owner), attr, buf.detach().cpu().clone())
+    return plain

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,26 +71,48 @@ def cmd_train(cfg: TrainConfig) -> dict:
 
     from gkd.parallel import teardown
 
+    trainer = None
     try:
         trainer = Trainer(cfg, log=_warn)
         last = trainer.train()
         if trainer.par.is_main:
             print(json.dumps({"final": str(trainer.out / "final"), **last}))
     finally:
+        if trainer is not None:
+            trainer.close()
         teardown()
     return last
 
 
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """`gkd train --nproc_per_node N`: the same command under torchrun, N processes on this machine."""
-    import subprocess
+def check_launch(cfg: TrainConfig, world: int) -> None:
+    from gkd.parallel.mesh import check_options, mesh_sizes
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "gkd",
-           *argv]
+    rep, shard, _ = mesh_sizes(world, cfg.tensor_model_parallel_size, cfg.data_parallel_replicate_size)
+    cfg.grad_accumulation_steps(rep * shard)
+    check_options(cfg, world, cfg.tensor_model_parallel_size)
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """`gkd train --nproc_per_node N`: the same command in N processes on this machine (torchrun's
+    launcher, in this process). A worker's own one-line error is the whole report; the exit code is the
+    first failed worker's (2 for a user mistake)."""
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # workers report for themselves
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0)
     try:
-        return subprocess.run(cmd).returncode
+        elastic_launch(config, sys.executable)("-m", "gkd", *argv)
+    except ChildFailedError as e:
+        first = min(e.failures.values(), key=lambda f: f.timestamp)
+        return first.exitcode if first.exitcode > 0 else 1
     except KeyboardInterrupt:
         return 130
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             ns = vars(p.parse_args(rest))
             cfg = build_config(TrainConfig, {k: v for k, v in ns.items() if k != "config"}, ns.get("config"))
             if cfg.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+                check_launch(cfg.validate(), cfg.nproc_per_node)  # flag mistakes in one line, before any process
                 return launch_torchrun(cfg.nproc_per_node, argv)
             cmd_train(cfg)
         elif command == "eval":
@@ -156,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise GKDError(f"unknown command {command!r}; choose train, eval, prune, plot or demo")
     except GKDError as e:
+        if int(os.environ.get("RANK", "0")):
+            # the same mistake stops every rank: rank 0 reports it and the launcher then stops this one
+            # while it waits; it speaks only if rank 0 did not fail
+            time.sleep(2)
         print(f"gkd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -48,10 +48,15 @@ class _RowSeededSampling:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         for warp in self.warpers:
             scores = warp(input_ids, scores)
-        cdf = torch.softmax(scores.float(), dim=-1).cumsum(-1)
-        u = torch.cat([torch.rand(1, generator=g, device=self.device) for g in self.gens]) * cdf[:, -1]
-        # side=right: a token of probability 0 is never the first index whose cdf exceeds u
-        token = torch.searchsorted(cdf, u[:, None], right=True).clamp_(max=scores.shape[-1] - 1)
+        # float64: in float32 a token whose probability is under the running sum's rounding step (~6e-8 near
+        # 1) adds nothing to the cdf and could never be drawn
+        cdf = torch.softmax(scores.double(), dim=-1).cumsum(-1)
+        total = cdf[:, -1:]
+        u = torch.cat([torch.rand(1, generator=g, device=self.device, dtype=torch.float64) for g in self.gens])
+        # side=right: a token of probability 0 is never the first index whose cdf exceeds u; u rounded up to
+        # the total falls back to the last token of nonzero probability
+        token = torch.searchsorted(cdf, u[:, None] * total, right=True)
+        token = torch.where(token < scores.shape[-1], token, torch.searchsorted(cdf, total))
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
 

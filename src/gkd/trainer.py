@@ -122,9 +122,8 @@ class Trainer:
         self.device = par.device
         if self.device.type == "cpu":
             limit_heap_retention()
-        self.accum = cfg.grad_accumulation_steps(par.dp_size)
-        if par.world > 1:
-            self._check_distributed_options()
+        cfg.grad_accumulation_steps(par.dp_size)  # a one-line error unless the global batch splits
+        parallel.check_options(cfg, par.world, par.tp)
         self.out = check_output_dir(cfg.output_dir)
         torch.manual_seed(cfg.seed)
 
@@ -164,22 +163,6 @@ class Trainer:
             info = checkpoint.load(path, self.student, self.optimizer, self.scheduler, par)
             self.start_step, self.bad_steps = info["step"], info.get("bad_steps", 0)
             log(f"[gkd] resumed from {path} at step {self.start_step}")
-
-    def _check_distributed_options(self) -> None:
-        cfg, par = self.cfg, self.par
-        if cfg.eval_steps:
-            raise GKDError(f"--eval_steps with {par.world} processes is not supported yet; run gkd eval on the "
-                           "final folder")
-        if cfg.offload_teacher_model and self.device.type == "cuda":
-            raise GKDError(f"--offload_teacher_model with {par.world} processes is not supported yet (the teacher's "
-                           "layers are sharded over the data-parallel ranks instead)")
-        if cfg.use_vllm and cfg.vllm_mode == "server":
-            raise GKDError(f"--vllm_mode server with {par.world} processes is not supported yet; use --vllm_mode "
-                           "colocate (one engine per --vllm_tensor_parallel_size ranks)")
-        if cfg.use_vllm and par.tp % cfg.vllm_tensor_parallel_size:
-            raise GKDError(f"--vllm_tensor_parallel_size {cfg.vllm_tensor_parallel_size} must divide "
-                           f"--tensor_model_parallel_size {par.tp}: the ranks of one vLLM engine must hold the same "
-                           "prompts")
 
     def _load_student(self):
         cfg, par = self.cfg, self.par
@@ -253,7 +236,7 @@ class Trainer:
         ids = list(range(first, first + len(rows)))
         if lmbda_draw(self.cfg.seed, step) < self.cfg.lmbda:
             self.rollout.seed = sample_seed(self.cfg.seed, step, 0)
-            return self.rollout.generate(self.student, prompts, ids), [True] * len(rows)
+            return self.par.share_in_tp(self.rollout.generate(self.student, prompts, ids)), [True] * len(rows)
         completions = [None if self.cfg.seq_kd else r.completion_ids for r in rows]
         missing = [i for i, c in enumerate(completions) if c is None]
         # sequence-level KD, and prompt-only rows on off-policy steps: the teacher completes. A sharded
@@ -263,7 +246,7 @@ class Trainer:
             self.sampler.seed = sample_seed(self.cfg.seed, step, 1)
             fill = missing + [missing[0] if missing else 0] * (count - len(missing))
             drawn = self.teacher.generate([prompts[i] for i in fill], self.sampler, [ids[i] for i in fill])
-            for i, c in zip(missing, drawn):
+            for i, c in zip(missing, self.par.share_in_tp(drawn)):
                 completions[i] = c
         return completions, [False] * len(rows)
 
@@ -332,6 +315,11 @@ class Trainer:
             if isinstance(self.teacher, LocalTeacher):
                 self.memory["teacher_mib_per_rank"] = self.par.most(parallel.local_mib(self.teacher.model.parameters()))
         return loss_total
+
+    def close(self) -> None:
+        """Release what outlives training: an in-process vLLM engine."""
+        if self.rollout is not self.sampler and hasattr(self.rollout, "close"):
+            self.rollout.close()
 
     def _window_metrics(self, w: Window) -> dict:
         elapsed = time.perf_counter() - w.t0

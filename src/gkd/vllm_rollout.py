@@ -144,6 +144,11 @@ class VLLMColocateSampler:
         """The student was updated: the next `generate` loads its weights first (off-policy steps never pay)."""
         self.stale = True
 
+    def close(self) -> None:
+        """Shut the engine down now (it also leaves the process groups it made or shares), before the
+        trainer leaves its own: done at interpreter exit, vLLM's cleanup would find them gone."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def _params(self, row: int):
         c = self.cfg
         if not c.do_sample:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from gkd.parallel.loading import load_sharded
-from gkd.parallel.mesh import Parallel, setup, teardown
+from gkd.parallel.mesh import Parallel, check_options, setup, teardown
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -60,4 +60,4 @@ def check_model(model, par: Parallel, lora: bool) -> None:
         check_plan(model, par.tp, lora)
 
 
-__all__ = ["Parallel", "setup", "teardown", "load_sharded", "local", "local_mib", "clip_grad_norm", "shard_student", "shard_teacher", "check_model"]
+__all__ = ["Parallel", "check_options", "setup", "teardown", "load_sharded", "local", "local_mib", "clip_grad_norm", "shard_student", "shard_teacher", "check_model"]

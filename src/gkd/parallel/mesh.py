@@ -17,6 +17,7 @@ import torch.distributed as dist
 from gkd.errors import GKDError
 
 DIMS = ("dp_replicate", "dp_shard", "tp")
+_made_group = False
 
 
 @dataclass
@@ -70,6 +71,16 @@ class Parallel:
                 dist.all_reduce(t, op=op, group=self.mesh.get_group(dim))
         return t
 
+    def share_in_tp(self, obj):
+        """The first rank's ``obj`` on every rank of this tensor-parallel group. Peers sample the same rows
+        with the same seeds; this makes sure they feed the same tokens to their shared forwards even if
+        two samplers ever disagree (GPU nondeterminism)."""
+        if self.tp == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, group=self.tp_group, group_src=0)
+        return box[0]
+
     def most(self, value: float) -> float:
         """The largest ``value`` over all ranks."""
         if self.world == 1:
@@ -90,14 +101,32 @@ def _reserved(cfg) -> None:
                            "yet; use --tensor_model_parallel_size and data parallelism")
 
 
+def check_options(cfg, world: int, tp: int) -> None:
+    """Options that several processes do not support (yet), as one-line errors."""
+    if world == 1:
+        return
+    if cfg.eval_steps:
+        raise GKDError(f"--eval_steps with {world} processes is not supported yet; run gkd eval on the final folder")
+    if cfg.offload_teacher_model and torch.cuda.is_available():
+        raise GKDError(f"--offload_teacher_model with {world} processes is not supported yet (the teacher's layers "
+                       "are sharded over the data-parallel ranks instead)")
+    if cfg.use_vllm and cfg.vllm_mode == "server":
+        raise GKDError(f"--vllm_mode server with {world} processes is not supported yet; use --vllm_mode colocate "
+                       "(one engine per --vllm_tensor_parallel_size ranks)")
+    if cfg.use_vllm and tp % cfg.vllm_tensor_parallel_size:
+        raise GKDError(f"--vllm_tensor_parallel_size {cfg.vllm_tensor_parallel_size} must divide "
+                       f"--tensor_model_parallel_size {tp}: the ranks of one vLLM engine must hold the same prompts")
+
+
 def mesh_sizes(world: int, tp: int, dp_replicate: int) -> tuple[int, int, int]:
     """(dp_replicate, dp_shard, tp) for ``world`` processes, or a one-line error saying why not."""
     if tp < 1 or dp_replicate < 1:
         raise GKDError("--tensor_model_parallel_size and --data_parallel_replicate_size must be >= 1")
     if world % (tp * dp_replicate):
-        raise GKDError(f"{world} processes cannot be split into --tensor_model_parallel_size {tp} x "
-                       f"--data_parallel_replicate_size {dp_replicate} x a data-parallel shard size "
-                       f"(the product must divide the number of processes)")
+        hint = " (launch several with torchrun or --nproc_per_node)" if world == 1 else ""
+        raise GKDError(f"{world} process{'es' if world > 1 else ''}{hint} cannot be split into "
+                       f"--tensor_model_parallel_size {tp} x --data_parallel_replicate_size {dp_replicate} x a "
+                       "data-parallel shard size (the product must divide the number of processes)")
     return dp_replicate, world // (tp * dp_replicate), tp
 
 
@@ -113,7 +142,9 @@ def setup(cfg) -> Parallel:
         return Parallel(device=torch.device("cuda") if cuda else device)
     if cuda:
         torch.cuda.set_device(device)
+    global _made_group
     if not dist.is_initialized():
+        _made_group = True
         dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo",
                                 timeout=timedelta(seconds=cfg.distributed_timeout))
     from torch.distributed.device_mesh import init_device_mesh
@@ -124,6 +155,7 @@ def setup(cfg) -> Parallel:
 
 
 def teardown() -> None:
-    """Leave the process group cleanly (a gloo group left to the interpreter's exit can abort)."""
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group cleanly (a gloo group left to the interpreter's exit can abort); only one
+    that setup made: a single process may hold vLLM's, which vLLM leaves itself."""
+    if _made_group and dist.is_initialized():
         dist.destroy_process_group()
