@@ -147,11 +147,24 @@ def setup(cfg) -> Parallel:
         _made_group = True
         dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo",
                                 timeout=timedelta(seconds=cfg.distributed_timeout))
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh(device.type, (rep, shard, tp), mesh_dim_names=DIMS)
+    mesh = _mesh(device.type, (rep, shard, tp), timedelta(seconds=cfg.distributed_timeout))
     return Parallel(world=world, rank=dist.get_rank(), dp_replicate=rep, dp_shard=shard, tp=tp, device=device,
                     mesh=mesh)
+
+
+def _mesh(device_type: str, shape: tuple[int, int, int], timeout: timedelta):
+    """The DeviceMesh over DIMS, from groups made here so that each has ``timeout`` (a mesh that makes
+    its own groups gives them torch's default, 30 minutes, whatever the default group has)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    ranks = torch.arange(dist.get_world_size()).view(shape)
+    mine = []
+    for dim in range(len(shape)):
+        for members in ranks.movedim(dim, -1).reshape(-1, shape[dim]).tolist():
+            group = dist.new_group(members, timeout=timeout)  # every rank takes part in making every group
+            if dist.get_rank() in members:
+                mine.append(group)
+    return DeviceMesh.from_group(mine, device_type, mesh=ranks, mesh_dim_names=DIMS)
 
 
 def teardown() -> None:
