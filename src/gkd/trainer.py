@@ -71,7 +71,6 @@ class Window:
     tokens: int = 0
     seqs: int = 0
     student_seqs: int = 0
-    completion_len: int = 0
     grad_norm: float = 0.0
     steps: int = 0
     t0: float = field(default_factory=time.perf_counter)
@@ -305,7 +304,6 @@ class Trainer:
         window.tokens += n_tokens
         window.seqs += len(everyone)
         window.student_seqs += len(everyone) if from_student[0] else 0
-        window.completion_len += n_tokens
         window.grad_norm += float(grad_norm)
         window.steps += 1
         if self.memory is None:  # optimizer state exists after the first update
@@ -332,7 +330,7 @@ class Trainer:
             "tokens_per_s": w.tokens / max(elapsed, 1e-9),
             "step_time": elapsed / w.steps,
             "on_policy_share": w.student_seqs / max(w.seqs, 1),
-            "completion_length": w.completion_len / max(w.seqs, 1),
+            "completion_length": w.tokens / max(w.seqs, 1),
             "top1_agreement": w.agree / max(w.tokens, 1),
             **(self.memory or {}),
         }
