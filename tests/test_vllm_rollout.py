@@ -130,6 +130,11 @@ def test_server_weights_follow_the_student_and_survive_a_restart(pair, tmp_path,
     assert any("re-syncing" in line for line in logs)
     if weight_sync == "group":  # the weights went through the process group, not a file
         assert trainer.rollout.group is not None and not list((tmp_path / "out").glob("vllm-sync/*.safetensors"))
+        # a second trainer against the same running server, on another port: the workers join its group
+        later = Trainer(_cfg(pair, tmp_path / "later", vllm_mode="server", vllm_server_port=port,
+                             vllm_weight_sync="group", vllm_group_port=free_port(), **extra),
+                        log=logs.append)
+        _check_follows_student(later, pair)
 
 
 @pytest.mark.parametrize("mode", ["colocate", "server"])

@@ -166,6 +166,7 @@ def _plain_copy(model, full: dict, cfg):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     with torch.device("meta"):
         plain = type(base)(base.config)
+    plain.generation_config = base.generation_config
     if cfg.train_type == "lora":
         plain = apply_lora(plain, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed)
     plain.load_state_dict(full, assign=True)

@@ -78,9 +78,11 @@ def cmd_train(cfg: TrainConfig) -> dict:
         if trainer.par.is_main:
             print(json.dumps({"final": str(trainer.out / "final"), **last}))
     finally:
-        if trainer is not None:
-            trainer.close()
-        teardown()
+        try:
+            if trainer is not None:
+                trainer.close()
+        finally:
+            teardown()
     return last
 
 
@@ -97,20 +99,28 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     launcher, in this process). A worker's own one-line error is the whole report; the exit code is the
     first failed worker's (2 for a user mistake)."""
     import logging
+    import signal
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # workers report for themselves
+    # as torchrun does: the processes share the cores instead of each taking them all
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0)
     try:
         elastic_launch(config, sys.executable)("-m", "gkd", *argv)
     except ChildFailedError as e:
-        first = min(e.failures.values(), key=lambda f: f.timestamp)
-        return first.exitcode if first.exitcode > 0 else 1
-    except KeyboardInterrupt:
+        rank, first = min(e.failures.items(), key=lambda kv: kv[1].timestamp)
+        if first.exitcode < 0:  # killed: it could not say why itself
+            print(f"gkd: error: process {rank} was killed by {signal.Signals(-first.exitcode).name}", file=sys.stderr)
+            return 128 - first.exitcode
+        return first.exitcode
+    except (KeyboardInterrupt, SignalException):
+        print("gkd: interrupted", file=sys.stderr)
         return 130
     return 0
 

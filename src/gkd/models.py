@@ -102,8 +102,9 @@ def lm_head_weight(model) -> torch.Tensor:
 
 def eos_ids(tokenizer, model) -> list[int]:
     """Every id that ends a completion: the tokenizer's EOS and the generation config's."""
-    ids = {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)}
-    return [i for i in ids if isinstance(i, int)]
+    configured = getattr(model.generation_config, "eos_token_id", None)  # an id or a list (Llama-3, Qwen2.5)
+    ids = [tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])]
+    return sorted({i for i in ids if isinstance(i, int)})
 
 
 def decoder(model):

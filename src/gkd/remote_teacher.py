@@ -71,10 +71,12 @@ class ServerClient:
         except ValueError:
             raise _Retry(f"answer is not JSON ({len(raw)} bytes)") from None
 
-    def call(self, method: str, path: str, body: dict | None = None, parse: Callable | None = None):
-        """The parsed answer; retried on transient failures, then one clear GKDError."""
+    def call(self, method: str, path: str, body: dict | None = None, parse: Callable | None = None,
+             retries: int | None = None):
+        """The parsed answer; retried on transient failures (``retries``, default the client's), then one
+        clear GKDError."""
         last = ""
-        for attempt in range(self.retries + 1):
+        for attempt in range((self.retries if retries is None else retries) + 1):
             if self.stopped.is_set():
                 raise GKDError(f"teacher server {self.url}{path}: abandoned after another request failed")
             if attempt:

@@ -51,7 +51,7 @@ class _RowSeededSampling:
         # float64: in float32 a token whose probability is under the running sum's rounding step (~6e-8 near
         # 1) adds nothing to the cdf and could never be drawn
         cdf = torch.softmax(scores.double(), dim=-1).cumsum(-1)
-        total = cdf[:, -1:]
+        total = cdf[:, -1:].contiguous()
         u = torch.cat([torch.rand(1, generator=g, device=self.device, dtype=torch.float64) for g in self.gens])
         # side=right: a token of probability 0 is never the first index whose cdf exceeds u; u rounded up to
         # the total falls back to the last token of nonzero probability

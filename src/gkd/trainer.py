@@ -137,6 +137,7 @@ class Trainer:
         # one model at a time, sharded before the next loads: a rank's peak is one whole model, not two
         self.student = student = self._load_student()
         self.teacher = self._remote_teacher() if cfg.teacher_model_server else self._local_teacher(student)
+        torch.manual_seed(cfg.seed)  # rank 0 drew numbers while loading (LoRA init): every rank starts alike
         sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                   top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.global_batch_size)
         self.sampler = HFSampler(sampling, eos_ids(self.tokenizer, student), self.tokenizer.pad_token_id, self.device,

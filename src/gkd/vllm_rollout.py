@@ -192,7 +192,7 @@ class VLLMServerSampler:
         self.seed = 0
         self.run_id = uuid.uuid4().hex[:12]  # versions name this trainer, so another's sync is not mistaken for ours
         self.weight_sync, self.group_port, self.timeout = weight_sync, group_port, timeout
-        self.group = None  # the process group with the server's workers (weight_sync "group"), made at first sync
+        self.group = self._store = None  # (weight_sync "group") the group with the server's workers, at first sync
         self.version = 0
         self.stale = True
         self.client.wait_healthy(timeout)
@@ -202,9 +202,10 @@ class VLLMServerSampler:
             raise GKDError(f"vLLM server {self.client.url}/v1/models lists no model") from None
         self._server_version()  # fails early if the server lacks the worker extension or dev mode
 
-    def _rpc(self, method: str, *args) -> list:
+    def _rpc(self, method: str, *args, retries: int | None = None) -> list:
         try:
-            answer = self.client.call("POST", "/collective_rpc", {"method": method, "args": list(args)})
+            answer = self.client.call("POST", "/collective_rpc", {"method": method, "args": list(args)},
+                                      retries=retries)
         except GKDError as e:
             if "HTTP 404" not in str(e) and "HTTP 400" not in str(e):
                 raise
@@ -229,29 +230,46 @@ class VLLMServerSampler:
         self.stale = False
 
     def _sync_group(self, model) -> set[str]:
+        versions = self._rpc("gkd_weight_version")
+        if self.group is None or "0" in map(str, versions):  # first sync, or a restarted server: (re)join
+            self.group = None
+            self.group, self._store = self._join_group(len(versions))
+        weights = [(k, v.contiguous()) for k, v in export_weights(model)]
+        specs = [[k, str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in weights]
+        # not retried: a second request would wait for broadcasts that already went to the first
+        answer = self.pool.submit(self._rpc, "gkd_receive_weights", specs, self._tag(), retries=0)
+        root = self.group.size() - 1
+        try:
+            for _, tensor in weights:
+                self.group.broadcast(tensor, root).wait()
+        except Exception as e:  # noqa: BLE001 - the server died or dropped out mid-sync
+            self.group = None
+            raise GKDError(f"vLLM server {self.client.url}: weight sync through the process group failed "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        return set(map(str, answer.result()))
+
+    def _join_group(self, workers: int):
+        """The server's workers (ranks 0..workers-1, the store on the server) and this trainer (the last
+        rank) in a group of their own; a failure on either side ends the wait."""
+        from concurrent.futures import FIRST_EXCEPTION, wait
         from urllib.parse import urlparse
 
         from gkd.vllm_worker import weight_group
 
-        versions = self._rpc("gkd_weight_version")
-        if self.group is None or "0" in map(str, versions):  # first sync, or a restarted server: (re)join
-            workers = len(versions)
-            joining = self.pool.submit(self._rpc, "gkd_join_group", self.group_port, workers + 1, self.timeout)
-            try:
-                self.group = weight_group(urlparse(self.client.url).hostname, self.group_port, workers, workers + 1,
-                                          self.timeout, torch.cuda.is_available())
-            except Exception as e:  # noqa: BLE001 - no route to the server's port, or it never listened
-                raise GKDError(f"vLLM server {self.client.url}: could not form the weight-sync group on port "
-                               f"{self.group_port} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); is "
-                               "--vllm_group_port open between trainer and server?") from None
+        key = uuid.uuid4().hex
+        joining = self.pool.submit(self._rpc, "gkd_join_group", self.group_port, workers + 1, self.timeout, key,
+                                   retries=0)
+        forming = self.pool.submit(weight_group, urlparse(self.client.url).hostname, self.group_port, workers,
+                                   workers + 1, self.timeout, torch.cuda.is_available(), key)
+        wait([joining, forming], return_when=FIRST_EXCEPTION)
+        try:
             joining.result()
-        weights = [(k, v.contiguous()) for k, v in export_weights(model)]
-        specs = [[k, str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in weights]
-        answer = self.pool.submit(self._rpc, "gkd_receive_weights", specs, self._tag())
-        root = self.group.size() - 1
-        for _, tensor in weights:
-            self.group.broadcast(tensor, root).wait()
-        return set(map(str, answer.result()))
+            return forming.result()
+        except Exception as e:  # noqa: BLE001 - either side: no route to the port, the port taken, a timeout
+            detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise GKDError(f"vLLM server {self.client.url}: could not form the weight-sync group on port "
+                           f"{self.group_port} ({type(e).__name__}: {detail}); is --vllm_group_port open between "
+                           "trainer and server?") from None
 
     def _sync_path(self, model) -> set[str]:
         from safetensors.torch import save_file

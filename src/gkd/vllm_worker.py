@@ -24,15 +24,17 @@ from datetime import timedelta
 import torch
 
 
-def weight_group(host: str, port: int, rank: int, world_size: int, timeout: float, cuda: bool):
+def weight_group(host: str, port: int, rank: int, world_size: int, timeout: float, cuda: bool, key: str):
     """A process group of its own (not torch.distributed's default one) over a TCP store that rank 0 hosts;
-    the constructor returns once every rank has joined."""
+    returns once every rank has joined, with the store (keep both: rank 0's store is the listening port).
+    ``key`` names this joining, so keys a store left from an earlier one are never read."""
     import torch.distributed as dist
 
     store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout))
+    keyed = dist.PrefixStore(key, store)
     if cuda:
-        return dist.ProcessGroupNCCL(store, rank, world_size)
-    return dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout))
+        return dist.ProcessGroupNCCL(keyed, rank, world_size), store
+    return dist.ProcessGroupGloo(keyed, rank, world_size, timedelta(seconds=timeout)), store
 
 
 class WeightSync:
@@ -44,23 +46,33 @@ class WeightSync:
         self.gkd_version = str(version)
         return self.gkd_version
 
-    def gkd_join_group(self, port: int, world_size: int, timeout: float = 300.0) -> str:
+    def gkd_join_group(self, port: int, world_size: int, timeout: float, key: str) -> str:
+        # another trainer: the old group stays until this one forms (its store still holds the old port,
+        # so a trainer coming back to a running server takes another --vllm_group_port)
         self.gkd_cuda = torch.cuda.is_available()
-        self.gkd_group = weight_group("127.0.0.1", int(port), self.rank, int(world_size), timeout, self.gkd_cuda)
+        self.gkd_group = weight_group("127.0.0.1", int(port), self.rank, int(world_size), timeout, self.gkd_cuda,
+                                      key)
         return "joined"
 
     def gkd_receive_weights(self, specs: list, version: str) -> str:
-        group = getattr(self, "gkd_group", None)
-        if group is None:
+        if getattr(self, "gkd_group", None) is None:
             raise RuntimeError("gkd_receive_weights before gkd_join_group")
+        group = self.gkd_group[0]
         root = group.size() - 1  # the trainer
         device = torch.device("cuda", torch.cuda.current_device()) if self.gkd_cuda else torch.device("cpu")
-        received = []
-        for name, dtype, shape in specs:  # every tensor first: the sender must never wait on a partial load
-            t = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
-            group.broadcast(t, root).wait()
-            received.append((name, t))
-        self.model_runner.reload_weights(weights_iterator=iter(received))
+
+        def received():  # one tensor at a time, as the loader asks: no second copy of the model
+            for name, dtype, shape in specs:
+                t = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+                group.broadcast(t, root).wait()
+                yield name, t
+
+        stream = received()
+        try:
+            self.model_runner.reload_weights(weights_iterator=stream)
+        finally:
+            for _ in stream:  # whatever the loader left: the sender broadcasts every tensor
+                pass
         self.gkd_version = str(version)
         return self.gkd_version
 

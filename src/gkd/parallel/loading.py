@@ -29,11 +29,16 @@ def load_sharded(load: Callable, prepare: Callable, shard: Callable, par: Parall
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     base = load() if par.is_main else None
-    spec = [type(base), base.config, next(base.parameters()).dtype] if base is not None else [None, None, None]
+    spec = [None]
+    if base is not None:  # the class, config and generation config, and every tensor's dtype as read
+        dtypes = {n: t.dtype for n, t in [*base.named_parameters(), *base.named_buffers()]}
+        spec = [(type(base), base.config, base.generation_config, dtypes)]
     dist.broadcast_object_list(spec, src=0)
-    cls, config, dtype = spec
+    cls, config, generation_config, dtypes = spec[0]
     with torch.device("meta"):
-        skeleton = cls(config).to(dtype)
+        skeleton = cls(config)
+    skeleton.generation_config = generation_config
+    _match_dtypes(skeleton, dtypes)
     skeleton = prepare(skeleton)
     full = prepare(base) if base is not None else None
     shard(skeleton)
@@ -47,3 +52,14 @@ def load_sharded(load: Callable, prepare: Callable, shard: Callable, par: Parall
             buf.copy_(source[name])
         dist.broadcast(buf, src=0)
     return skeleton
+
+
+def _match_dtypes(model, dtypes: dict) -> None:
+    """Each tensor of the meta ``model`` in the dtype rank 0 read it in: a bfloat16 model keeps float32
+    where transformers keeps it (rotary frequencies, modules kept in float32). Parameters keep their
+    identity (tied weights stay tied)."""
+    for name, p in model.named_parameters():
+        p.data = p.data.to(dtypes[name])
+    for name, b in list(model.named_buffers()):
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner)._buffers[attr] = b.to(dtypes[name])
