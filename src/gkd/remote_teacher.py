@@ -76,7 +76,8 @@ class ServerClient:
         """The parsed answer; retried on transient failures (``retries``, default the client's), then one
         clear GKDError."""
         last = ""
-        for attempt in range((self.retries if retries is None else retries) + 1):
+        tries = (self.retries if retries is None else retries) + 1
+        for attempt in range(tries):
             if self.stopped.is_set():
                 raise GKDError(f"teacher server {self.url}{path}: abandoned after another request failed")
             if attempt:
@@ -88,7 +89,8 @@ class ServerClient:
                 last = str(e)
             except WireError as e:
                 last = f"bad answer: {e}"
-        raise GKDError(f"teacher server {self.url}{path} failed after {self.retries + 1} attempts: {last}")
+        raise GKDError(f"teacher server {self.url}{path} failed after {tries} attempt{'s' if tries > 1 else ''}: "
+                       f"{last}")
 
     def wait_healthy(self, wait_s: float) -> None:
         deadline = time.monotonic() + wait_s
