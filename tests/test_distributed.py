@@ -169,3 +169,21 @@ def test_mistakes_under_several_processes_are_one_line(tiny, tmp_path, mistake, 
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (proc.returncode, proc.stderr[-2000:])
     assert not (tmp_path / "o" / "final").exists()
+
+
+def test_generation_config_survives_loading_on_several_processes(tiny, tmp_path):
+    """Every rank builds its model from rank 0's config: the generation config (a list of EOS ids, a
+    sampling default) must reach the skeletons and the export, in bfloat16 too."""
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny["student"], model)
+    gen = json.loads((model / "generation_config.json").read_text())
+    gen.update(eos_token_id=[4, 2], repetition_penalty=1.3)
+    (model / "generation_config.json").write_text(json.dumps(gen))
+    args = train_args(tiny, tmp_path / "o", "--nproc_per_node", "2", "--torch_dtype", "bfloat16")
+    args[args.index("--model") + 1] = str(model)
+    run([sys.executable, "-m", "gkd", *args])
+    exported = json.loads((tmp_path / "o" / "final" / "generation_config.json").read_text())
+    assert exported["eos_token_id"] == [4, 2] and exported["repetition_penalty"] == 1.3
