@@ -75,6 +75,9 @@ class HFSampler:
         self.cfg, self.eos_ids, self.pad_id, self.device, self.synced = cfg, eos_ids, pad_id, device, synced
         self.seed = 0
 
+    def close(self) -> None:
+        """Nothing outlives a call (the vLLM samplers hold an engine or threads)."""
+
     @torch.no_grad()
     def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None) -> list[list[int]]:
         rows = list(range(len(prompts))) if rows is None else rows

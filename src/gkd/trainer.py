@@ -143,6 +143,8 @@ class Trainer:
         self.sampler = HFSampler(sampling, eos_ids(self.tokenizer, student), self.tokenizer.pad_token_id, self.device,
                                  synced=par.world > 1)
         self.rollout = self._student_sampler(sampling) if cfg.use_vllm else self.sampler
+        # whether off-policy steps can need teacher completions at all (else no rank asks the others)
+        self._teacher_completes = cfg.seq_kd or any(e.completion_ids is None for e in self.train_examples)
         self._eval_teacher_completions = None  # greedy teacher completions of the held-out prompts, made once
 
         self.params = [p for p in self.student.parameters() if p.requires_grad]
@@ -238,6 +240,8 @@ class Trainer:
             self.rollout.seed = sample_seed(self.cfg.seed, step, 0)
             return self.par.share_in_tp(self.rollout.generate(self.student, prompts, ids)), [True] * len(rows)
         completions = [None if self.cfg.seq_kd else r.completion_ids for r in rows]
+        if not self._teacher_completes:
+            return completions, [False] * len(rows)
         missing = [i for i, c in enumerate(completions) if c is None]
         # sequence-level KD, and prompt-only rows on off-policy steps: the teacher completes. A sharded
         # teacher needs every rank in each forward, so all ranks generate as many prompts (repeats fill in).
@@ -316,9 +320,8 @@ class Trainer:
         return loss_total
 
     def close(self) -> None:
-        """Release what outlives training: an in-process vLLM engine."""
-        if self.rollout is not self.sampler and hasattr(self.rollout, "close"):
-            self.rollout.close()
+        """Release what outlives training (an in-process vLLM engine, a server sampler's threads)."""
+        self.rollout.close()
 
     def _window_metrics(self, w: Window) -> dict:
         elapsed = time.perf_counter() - w.t0

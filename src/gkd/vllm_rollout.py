@@ -202,6 +202,9 @@ class VLLMServerSampler:
             raise GKDError(f"vLLM server {self.client.url}/v1/models lists no model") from None
         self._server_version()  # fails early if the server lacks the worker extension or dev mode
 
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
     def _rpc(self, method: str, *args, retries: int | None = None) -> list:
         try:
             answer = self.client.call("POST", "/collective_rpc", {"method": method, "args": list(args)},

@@ -29,12 +29,16 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
-def shard_student(model, par: Parallel) -> None:
-    """Tensor parallel first (within a node), then FSDP over the data-parallel ranks."""
+def _tensor_parallel(model, par: Parallel) -> None:
     if par.tp > 1:
         from gkd.parallel.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, par.tp_mesh)
+
+
+def shard_student(model, par: Parallel) -> None:
+    """Tensor parallel first (within a node), then FSDP over the data-parallel ranks."""
+    _tensor_parallel(model, par)
     if par.dp_size > 1:
         from gkd.parallel.fsdp import shard_student as fsdp
 
@@ -42,10 +46,8 @@ def shard_student(model, par: Parallel) -> None:
 
 
 def shard_teacher(model, par: Parallel) -> None:
-    if par.tp > 1:
-        from gkd.parallel.tensor_parallel import apply_tensor_parallel
-
-        apply_tensor_parallel(model, par.tp_mesh)
+    """The same tensor parallelism; FSDP over the shard ranks only (replicas keep whole copies)."""
+    _tensor_parallel(model, par)
     if par.dp_shard > 1:
         from gkd.parallel.fsdp import shard_teacher as fsdp
 
@@ -60,4 +62,5 @@ def check_model(model, par: Parallel, lora: bool) -> None:
         check_plan(model, par.tp, lora)
 
 
-__all__ = ["Parallel", "check_options", "setup", "teardown", "load_sharded", "local", "local_mib", "clip_grad_norm", "shard_student", "shard_teacher", "check_model"]
+__all__ = ["Parallel", "check_options", "setup", "teardown", "load_sharded", "local", "local_mib", "clip_grad_norm",
+           "shard_student", "shard_teacher", "check_model"]

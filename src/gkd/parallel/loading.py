@@ -35,9 +35,7 @@ def load_sharded(load: Callable, prepare: Callable, shard: Callable, par: Parall
         spec = [(type(base), base.config, base.generation_config, dtypes)]
     dist.broadcast_object_list(spec, src=0)
     cls, config, generation_config, dtypes = spec[0]
-    with torch.device("meta"):
-        skeleton = cls(config)
-    skeleton.generation_config = generation_config
+    skeleton = meta_skeleton(cls, config, generation_config)
     _match_dtypes(skeleton, dtypes)
     skeleton = prepare(skeleton)
     full = prepare(base) if base is not None else None
@@ -54,6 +52,19 @@ def load_sharded(load: Callable, prepare: Callable, shard: Callable, par: Parall
     return skeleton
 
 
+def meta_skeleton(cls, config, generation_config):
+    """A model of class ``cls`` on the meta device: its structure with no memory behind it."""
+    with torch.device("meta"):
+        model = cls(config)
+    model.generation_config = generation_config  # not rebuilt from config.json: keep the folder's
+    return model
+
+
+def set_buffer(model, name: str, tensor: torch.Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner), attr, tensor)
+
+
 def _match_dtypes(model, dtypes: dict) -> None:
     """Each tensor of the meta ``model`` in the dtype rank 0 read it in: a bfloat16 model keeps float32
     where transformers keeps it (rotary frequencies, modules kept in float32). Parameters keep their
@@ -61,5 +72,4 @@ def _match_dtypes(model, dtypes: dict) -> None:
     for name, p in model.named_parameters():
         p.data = p.data.to(dtypes[name])
     for name, b in list(model.named_buffers()):
-        owner, _, attr = name.rpartition(".")
-        model.get_submodule(owner)._buffers[attr] = b.to(dtypes[name])
+        set_buffer(model, name, b.to(dtypes[name]))
