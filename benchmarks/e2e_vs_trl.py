@@ -48,13 +48,14 @@ def prepare(work: Path, max_new_tokens: int) -> tuple[Path, Path, Path]:
     """Teacher folder, pruned student folder and a messages JSONL with teacher-written answers."""
     import torch
 
-    from gkd.models import SMOLLM2, decoder, eos_ids, load_model, load_tokenizer, prune_command
+    from gkd.models import SMOLLM2, adapter_for, eos_ids, load_model, load_tokenizer, prune_command
     from gkd.prompts import train_prompts
     from gkd.rollout import HFSampler, SamplingConfig
 
     teacher_dir, student_dir, data = work / "teacher", work / "student", work / "train.jsonl"
     if not (teacher_dir / "config.json").is_file():
-        n = len(decoder(load_model(SMOLLM2)).layers)
+        teacher = load_model(SMOLLM2)
+        n = len(adapter_for(teacher).decoder(teacher).layers)
         prune_command(SMOLLM2, str(teacher_dir), list(range(n)), 1, "float32")  # all layers: a plain HF copy
     if not (student_dir / "config.json").is_file():
         prune_command(str(teacher_dir), str(student_dir), None, 2, "float32")

@@ -17,7 +17,7 @@ from serving import FaultyProxy, http, start_gkd_serve, stop
 from gkd.data import collate, load_examples
 from gkd.errors import GKDError
 from gkd.losses import fused_linear_gkd_loss
-from gkd.models import decoder, lm_head_weight, load_model, load_tokenizer
+from gkd.models import adapter_for, load_model, load_tokenizer
 from gkd.remote_teacher import RemoteTeacher
 from gkd.serve import Scorer, _Job
 from gkd.teacher import LocalTeacher
@@ -44,11 +44,12 @@ def setup(tiny):
 
 def _loss(student, teacher_out, batch, beta=0.5, temperature=0.9):
     student.zero_grad()
-    hidden = decoder(student)(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    out = fused_linear_gkd_loss(hidden, lm_head_weight(student), **teacher_out.loss_kwargs(), beta=beta,
+    adapter = adapter_for(student)
+    hidden = adapter.final_hidden(student, batch.model_inputs())
+    out = fused_linear_gkd_loss(hidden, adapter.lm_head(student), **teacher_out.loss_kwargs(), beta=beta,
                                 temperature=temperature, mask=batch.loss_mask)
     out.loss.backward()
-    return out.loss.detach(), lm_head_weight(student).grad.clone()
+    return out.loss.detach(), adapter.lm_head(student).grad.clone()
 
 
 @pytest.mark.parametrize("wire", ["compact-float32", "vllm-json", "compact-float16"])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gkd.data import left_pad
+from gkd.data import join_rows, left_pad
 
 
 @dataclass
@@ -79,17 +79,21 @@ class HFSampler:
         """Nothing outlives a call (the vLLM samplers hold an engine or threads)."""
 
     @torch.no_grad()
-    def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None) -> list[list[int]]:
+    def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None,
+                 inputs: list[dict] | None = None) -> list[list[int]]:
+        """Completions of ``prompts``; ``inputs``: each prompt's other model inputs (images), or None."""
         rows = list(range(len(prompts))) if rows is None else rows
+        inputs = inputs or [{} for _ in prompts]
         was_training = model.training
         model.eval()
         out: list[list[int]] = []
         for i in range(0, len(prompts), self.cfg.batch_size):
-            out += self._generate(model, prompts[i : i + self.cfg.batch_size], rows[i : i + self.cfg.batch_size])
+            chunk = slice(i, i + self.cfg.batch_size)
+            out += self._generate(model, prompts[chunk], rows[chunk], join_rows(inputs[chunk]))
         model.train(was_training)
         return out
 
-    def _generate(self, model, prompts: list[list[int]], rows: list[int]) -> list[list[int]]:
+    def _generate(self, model, prompts: list[list[int]], rows: list[int], inputs: dict) -> list[list[int]]:
         ids, mask = left_pad(prompts, self.pad_id)
         kw = dict(max_new_tokens=self.cfg.max_new_tokens, do_sample=False, eos_token_id=self.eos_ids,
                   pad_token_id=self.pad_id, use_cache=True, temperature=None, top_p=None, top_k=None,
@@ -100,7 +104,8 @@ class HFSampler:
             seeded = _RowSeededSampling([row_seed(self.seed, r) for r in rows], self.cfg, self.device)
             kw["logits_processor"] = LogitsProcessorList([seeded])
         with skinny_linears(model):
-            gen = model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kw)
+            gen = model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kw,
+                                 **{k: v.to(self.device) for k, v in inputs.items()})
         new = gen[:, ids.shape[1]:].tolist()
         completions = []
         for row in new:

@@ -22,7 +22,7 @@ import torch
 
 from gkd.config import _f
 from gkd.errors import GKDError
-from gkd.models import decoder, lm_head_weight, load_model, load_tokenizer
+from gkd.models import adapter_for, load_model, load_tokenizer
 from gkd.wire import COMPACT, WIRE_DTYPES, encode_compact, encode_vllm_entry
 
 
@@ -71,6 +71,7 @@ class Scorer:
 
     def __init__(self, model, max_batch_tokens: int, wait_s: float, chunk: int = 256):
         self.model, self.max_batch_tokens, self.wait_s, self.chunk = model, max_batch_tokens, wait_s, chunk
+        self.adapter = adapter_for(model)
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="gkd-scorer", daemon=True)
         self.thread.start()
@@ -132,8 +133,8 @@ class Scorer:
         for b, s in enumerate(seqs):
             ids[b, : len(s)] = torch.tensor(s)
             att[b, : len(s)] = 1
-        hidden = decoder(self.model)(input_ids=ids, attention_mask=att).last_hidden_state
-        weight = lm_head_weight(self.model).float()
+        hidden = self.adapter.final_hidden(self.model, {"input_ids": ids, "attention_mask": att})
+        weight = self.adapter.lm_head(self.model).float()
         out = []
         for b, job in enumerate(jobs):
             s = job.ids
@@ -156,7 +157,7 @@ class TeacherServer:
         self.cfg = cfg.validate()
         self.tokenizer = load_tokenizer(cfg.model)
         self.model = load_model(cfg.model, cfg.torch_dtype).eval().requires_grad_(False)
-        self.vocab = lm_head_weight(self.model).shape[0]
+        self.vocab = adapter_for(self.model).lm_head(self.model).shape[0]
         self.name = cfg.served_model_name or cfg.model
         # a sequence must fit one forward's budget
         self.max_model_len = cfg.max_model_len or min(getattr(self.model.config, "max_position_embeddings", 4096),

@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 
 from gkd.data import Batch
-from gkd.models import decoder, lm_head_weight
+from gkd.models import adapter_for
 from gkd.parallel import local
 
 
@@ -39,6 +39,7 @@ class LocalTeacher:
 
     def __init__(self, model, device: torch.device, topk: int = 0, offload: bool = False):
         self.model = model.eval().requires_grad_(False)
+        self.adapter = adapter_for(model)
         self.device = device
         self.topk = topk or None
         self.offload = offload and device.type != "cpu"
@@ -64,12 +65,13 @@ class LocalTeacher:
     @torch.no_grad()
     def score(self, batch: Batch) -> TeacherOutput:
         with self._on_device() as model:
-            hidden = decoder(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-            weight = local(lm_head_weight(model))  # this rank's vocabulary shard under tensor parallelism
+            hidden = self.adapter.final_hidden(model, batch.model_inputs(teacher=True))
+            weight = local(self.adapter.lm_head(model))  # this rank's vocabulary shard under tensor parallelism
             if self.offload:  # the weight must outlive the visit
                 weight = weight.detach().clone()
         return TeacherOutput(hidden=hidden, lm_head_weight=weight, topk=self.topk)
 
-    def generate(self, prompts: list[list[int]], sampler, rows: list[int] | None = None) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], sampler, rows: list[int] | None = None,
+                 inputs: list[dict] | None = None) -> list[list[int]]:
         with self._on_device() as model:
-            return sampler.generate(model, prompts, rows)
+            return sampler.generate(model, prompts, rows, inputs)

