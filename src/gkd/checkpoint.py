@@ -161,13 +161,14 @@ def export(model, tokenizer, out_dir: Path, cfg, par) -> None:
 
 def _plain_copy(model, full: dict, cfg):
     """An unsharded CPU model with the weights ``full`` and ``model``'s buffers."""
-    from gkd.models import apply_lora
+    from gkd.models import apply_lora, frozen_vision
     from gkd.parallel.loading import meta_skeleton, set_buffer
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     plain = meta_skeleton(type(base), base.config, base.generation_config)
     if cfg.train_type == "lora":
-        plain = apply_lora(plain, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed)
+        plain = apply_lora(plain, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed,
+                           exclude=frozen_vision(plain, cfg.freeze_vit, cfg.freeze_aligner))
     plain.load_state_dict(full, assign=True)
     (plain.get_base_model() if hasattr(plain, "get_base_model") else plain).tie_weights()  # as the config says
     for name, buf in model.named_buffers():  # rotary frequencies and the like, never sharded

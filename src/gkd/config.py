@@ -31,6 +31,8 @@ class TrainConfig:
     lora_dropout: float = _f(0.05, "LoRA dropout")
     target_modules: str = _f("all-linear", "LoRA target modules: comma-separated names, or all-linear")
     merge_lora: bool = _f(False, "merge the LoRA adapter into the exported student")
+    freeze_vit: bool = _f(True, "vision-language students: keep the vision tower as loaded (no LoRA on it either)")
+    freeze_aligner: bool = _f(True, "vision-language students: keep the projector from vision into text as loaded")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     offload_teacher_model: bool = _f(False, "keep the teacher's weights on CPU except while it scores")
     teacher_model_server: str = _f("", "URL of a teacher server (vllm serve or gkd serve) instead of --teacher_model")

@@ -22,9 +22,10 @@ _ROLES = ("system", "user", "assistant")
 
 @dataclass
 class Example:
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # image placeholders already expanded to the processor's token counts
     completion_ids: list[int] | None  # None: prompt only (usable on-policy only)
     source: str  # file:line, for messages
+    images: list = field(default_factory=list)  # the prompt's images, decoded (PIL), in placeholder order
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,7 +114,29 @@ def _check_text(where: str, name: str, value: Any) -> str:
     return value
 
 
-def to_messages(where: str, row: Any) -> tuple[list[dict[str, str]], bool]:
+def _check_content(where: str, name: str, value: Any):
+    """A message's content: a string, or Hugging Face's typed parts ({"type": "text", "text"} /
+    {"type": "image", "image"?})."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise GKDError(f"{where}: {name} must be a string or a list of typed parts, got {type(value).__name__}")
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            _check_text(where, f"{name}[{j}].text", part.get("text"))
+        elif kind != "image":
+            raise GKDError(f"{where}: {name}[{j}] must be {{'type': 'text', 'text': ...}} or "
+                           f"{{'type': 'image', 'image': PATH}}, got {str(part)[:80]}")
+    return value
+
+
+def text_of(content) -> str:
+    """A message content's text (typed parts' text joined)."""
+    return content if isinstance(content, str) else " ".join(p["text"] for p in content if p["type"] == "text")
+
+
+def to_messages(where: str, row: Any) -> tuple[list[dict], bool]:
     """The row as chat messages, and whether its last turn is a completion."""
     if not isinstance(row, dict):
         raise GKDError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
@@ -127,9 +150,9 @@ def to_messages(where: str, row: Any) -> tuple[list[dict[str, str]], bool]:
                 raise GKDError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
             if m["role"] not in _ROLES:
                 raise GKDError(f"{where}: messages[{i}].role must be one of {_ROLES}, got {m['role']!r}")
-            out.append({"role": m["role"], "content": _check_text(where, f"messages[{i}].content", m["content"])})
+            out.append({"role": m["role"], "content": _check_content(where, f"messages[{i}].content", m["content"])})
         has_completion = out[-1]["role"] == "assistant"
-        if has_completion and not out[-1]["content"].strip():
+        if has_completion and not text_of(out[-1]["content"]).strip():
             raise GKDError(f"{where}: the completion (last assistant turn) is empty")
         if has_completion and len(out) == 1:
             raise GKDError(f"{where}: the only message is the assistant's: there is no prompt")
@@ -161,7 +184,8 @@ def _ids(x) -> list[int]:
     return [int(t) for t in x]
 
 
-def tokenize(tokenizer, messages: list[dict[str, str]], has_completion: bool) -> tuple[list[int], list[int] | None]:
+def tokenize(tokenizer, messages: list[dict], has_completion: bool,
+             where: str = "row") -> tuple[list[int], list[int] | None]:
     """(prompt ids, completion ids or None) with the tokenizer's chat template when it has one."""
     if getattr(tokenizer, "chat_template", None):
         prompt_msgs = messages[:-1] if has_completion else messages
@@ -173,40 +197,63 @@ def tokenize(tokenizer, messages: list[dict[str, str]], has_completion: bool) ->
             return prompt, full[len(prompt):]
         # a template that renders the prompt differently inside the conversation: fall back to the
         # completion text followed by EOS
-        completion = _ids(tokenizer(messages[-1]["content"], add_special_tokens=False)) + [tokenizer.eos_token_id]
+        completion = _ids(tokenizer(text_of(messages[-1]["content"]), add_special_tokens=False)) + [tokenizer.eos_token_id]
         return prompt, completion
-    text = "\n".join(m["content"] for m in (messages[:-1] if has_completion else messages))
+    if any(isinstance(m["content"], list) and any(p["type"] == "image" for p in m["content"]) for m in messages):
+        raise GKDError(f"{where}: the tokenizer has no chat template to place the row's images with")
+    text = "\n".join(text_of(m["content"]) for m in (messages[:-1] if has_completion else messages))
     prompt = _ids(tokenizer(text, add_special_tokens=True))
     if not has_completion:
         return prompt, None
-    completion = _ids(tokenizer(messages[-1]["content"], add_special_tokens=False))
+    completion = _ids(tokenizer(text_of(messages[-1]["content"]), add_special_tokens=False))
     if tokenizer.eos_token_id is not None:
         completion.append(tokenizer.eos_token_id)
     return prompt, completion
 
 
+def _base(path: str) -> Path:
+    """Where a dataset's relative image paths start: the file's folder (a saved datasets folder itself)."""
+    p = Path(path)
+    return p if p.is_dir() else p.parent
+
+
 def load_examples(paths: list[str], tokenizer, *, max_length: int, truncation_strategy: str,
-                  max_completion_length: int, warn=print) -> list[Example]:
-    """Read, validate and tokenise every row; too-long prompts are cut from the left or dropped."""
+                  max_completion_length: int, warn=print, images=None, teacher_images=None) -> list[Example]:
+    """Read, validate and tokenise every row; too-long prompts are cut from the left or dropped.
+
+    ``images`` (gkd.models.images.ImageProcessing, None for a text-only student) expands each image
+    placeholder to the processor's token count; ``teacher_images`` must expand every image alike."""
+    from gkd.render import row_images
+
     examples, dropped = [], []
     for path in paths:
         for where, row in read_rows(path):
             messages, has_completion = to_messages(where, row)
-            prompt, completion = tokenize(tokenizer, messages, has_completion)
+            messages, pics = row_images(where, row, messages, _base(path), multimodal=images is not None)
+            prompt, completion = tokenize(tokenizer, messages, has_completion, where)
+            if pics:
+                counts = images.counts(images(pics))
+                if teacher_images is not None and not teacher_images.same_as(images):
+                    theirs = teacher_images.counts(teacher_images(pics))
+                    if theirs != counts:
+                        raise GKDError(f"{where}: the student's processor makes {counts} image tokens of the "
+                                       f"row's images, the teacher's {theirs}; they must agree token for token")
+                prompt = images.expand(prompt, counts, where)
             if len(prompt) > max_length:
-                if truncation_strategy == "delete":
+                if truncation_strategy == "delete" or pics:  # cutting would split an image's tokens
                     dropped.append(where)
                     continue
                 prompt = prompt[-max_length:]
             if completion is not None:
                 completion = completion[:max_completion_length]
-            examples.append(Example(prompt, completion, where))
+            examples.append(Example(prompt, completion, where, pics))
     if not examples:
         raise GKDError(f"dataset {', '.join(paths)}: no usable rows"
                        + (f" (all {len(dropped)} prompts exceed --max_length {max_length})" if dropped else ""))
     if dropped:
         warn(f"[gkd] dropped {len(dropped)} row(s) whose prompt exceeds --max_length {max_length} "
-             f"(--truncation_strategy delete): {', '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''}")
+             f"(--truncation_strategy delete, or images in the prompt): "
+             f"{', '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''}")
     return examples
 
 
@@ -246,6 +293,7 @@ class Batch:
     labels: torch.Tensor  # [B, T]
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_inputs: dict[str, torch.Tensor] | None = None
+    images: list[list] | None = None  # each row's decoded images, for a teacher server (None: text only)
 
     @property
     def tokens(self) -> int:
@@ -259,7 +307,7 @@ class Batch:
         moved = {k: v.to(device) for k, v in self.inputs.items()}
         theirs = None if self.teacher_inputs is None else {k: v.to(device) for k, v in self.teacher_inputs.items()}
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device),
-                     self.labels.to(device), moved, theirs)
+                     self.labels.to(device), moved, theirs, self.images)
 
 
 def join_rows(rows: list[dict[str, torch.Tensor]] | None) -> dict[str, torch.Tensor]:
@@ -270,8 +318,10 @@ def join_rows(rows: list[dict[str, torch.Tensor]] | None) -> dict[str, torch.Ten
 
 
 def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-            inputs: list[dict] | None = None, teacher_inputs: list[dict] | None = None) -> Batch:
-    """A batch of prompt + completion rows; ``inputs`` / ``teacher_inputs``: each row's other model inputs."""
+            inputs: list[dict] | None = None, teacher_inputs: list[dict] | None = None,
+            images: list[list] | None = None) -> Batch:
+    """A batch of prompt + completion rows; ``inputs`` / ``teacher_inputs``: each row's other model inputs;
+    ``images``: each row's decoded images."""
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     T = max(lengths)
     B = len(prompts)
@@ -288,7 +338,8 @@ def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
             loss_mask[b, len(p) - 1 : len(seq) - 1] = True
             labels[b, len(p) - 1 : len(seq) - 1] = seq[len(p):]
     return Batch(input_ids, attention, loss_mask, labels, join_rows(inputs),
-                 None if teacher_inputs is None else join_rows(teacher_inputs))
+                 None if teacher_inputs is None else join_rows(teacher_inputs),
+                 images if images and any(images) else None)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gkd.data import join_rows, left_pad
+from gkd.models.adapter import adapter_for
 
 
 @dataclass
@@ -103,9 +104,10 @@ class HFSampler:
 
             seeded = _RowSeededSampling([row_seed(self.seed, r) for r in rows], self.cfg, self.device)
             kw["logits_processor"] = LogitsProcessorList([seeded])
+        model_inputs = {"input_ids": ids, "attention_mask": mask, **inputs}
+        model_inputs = adapter_for(model).prepare(model, {k: v.to(self.device) for k, v in model_inputs.items()})
         with skinny_linears(model):
-            gen = model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kw,
-                                 **{k: v.to(self.device) for k, v in inputs.items()})
+            gen = model.generate(**model_inputs, **kw)
         new = gen[:, ids.shape[1]:].tolist()
         completions = []
         for row in new:

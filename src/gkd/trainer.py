@@ -19,7 +19,8 @@ from gkd.data import Example, collate, load_examples, split_examples
 from gkd.errors import GKDError
 from gkd.malloc import limit_heap_retention
 from gkd.metrics import MetricsLog, plot
-from gkd.models import adapter_for, apply_lora, check_compatible, eos_ids, load_model, load_tokenizer
+from gkd.models import (adapter_for, apply_lora, check_compatible, eos_ids, freeze_vision, load_image_processing,
+                        load_model, load_tokenizer)
 from gkd.remote_teacher import RemoteTeacher
 from gkd.rollout import HFSampler, SamplingConfig
 from gkd.step import LossArgs, MicroBatch, forward_backward
@@ -126,8 +127,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.tokenizer = load_tokenizer(cfg.model)
+        self.images, self.teacher_images = self._image_processing()
         data_kw = dict(max_length=cfg.max_length, truncation_strategy=cfg.truncation_strategy,
-                       max_completion_length=cfg.max_completion_length, warn=log)
+                       max_completion_length=cfg.max_completion_length, warn=log, images=self.images,
+                       teacher_images=self.teacher_images)
         examples = load_examples(cfg.dataset, self.tokenizer, **data_kw)
         if cfg.val_dataset:
             self.train_examples, self.val_examples = examples, load_examples(cfg.val_dataset, self.tokenizer, **data_kw)
@@ -168,6 +171,29 @@ class Trainer:
             self.start_step, self.bad_steps = info["step"], info.get("bad_steps", 0)
             log(f"[gkd] resumed from {path} at step {self.start_step}")
 
+    def _image_processing(self):
+        """(the student's image processing or None for a text-only student, the local teacher's where it
+        makes other inputs than the student's, else None)."""
+        cfg = self.cfg
+        mine = load_image_processing(cfg.model, self.tokenizer)
+        if mine is None and not (cfg.freeze_vit and cfg.freeze_aligner):
+            self.log(f"[gkd] --model {cfg.model} has no vision tower: --freeze_vit / --freeze_aligner do nothing")
+        if mine is None or cfg.teacher_model_server:  # a server processes the images itself
+            return mine, None
+        theirs = load_image_processing(cfg.teacher_model, self.tokenizer)
+        if theirs is None:
+            raise GKDError(f"--teacher_model {cfg.teacher_model} is text-only but the student {cfg.model} reads "
+                           "images: the teacher must see the same images")
+        return mine, None if theirs.same_as(mine) else theirs
+
+    def _row_inputs(self, rows: list[Example]) -> tuple[list[dict] | None, list[dict] | None]:
+        """Each row's other model inputs (its images, processed) for the student, and for the teacher where
+        its processor differs (None: the student's)."""
+        if self.images is None:
+            return None, None
+        mine = [self.images(r.images) for r in rows]
+        return mine, None if self.teacher_images is None else [self.teacher_images(r.images) for r in rows]
+
     def _load_student(self):
         cfg, par = self.cfg, self.par
 
@@ -176,8 +202,10 @@ class Trainer:
             if cfg.gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.config.use_cache = False
+            frozen = freeze_vision(model, cfg.freeze_vit, cfg.freeze_aligner)
             if cfg.train_type == "lora":
-                model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed)
+                model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed,
+                                   exclude=frozen)
             return model
 
         student = parallel.load_sharded(lambda: load_model(cfg.model, cfg.torch_dtype), prepare,
@@ -233,14 +261,17 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------
 
-    def _completions(self, rows: list[Example], step: int, first: int) -> tuple[list[list[int]], list[bool]]:
+    def _completions(self, rows: list[Example], step: int, first: int, inputs, teacher_inputs
+                     ) -> tuple[list[list[int]], list[bool]]:
         """Completion ids for each row and whether the student sampled it (the lmbda draw, the same on every
-        rank). ``first`` is the index of rows[0] in the global batch: it seeds each row's sample."""
+        rank). ``first`` is the index of rows[0] in the global batch: it seeds each row's sample. ``inputs``
+        / ``teacher_inputs``: each row's other model inputs (images) for the student / the teacher."""
         prompts = [r.prompt_ids for r in rows]
         ids = list(range(first, first + len(rows)))
         if lmbda_draw(self.cfg.seed, step) < self.cfg.lmbda:
             self.rollout.seed = sample_seed(self.cfg.seed, step, 0)
-            return self.par.share_in_tp(self.rollout.generate(self.student, prompts, ids)), [True] * len(rows)
+            drawn = self.rollout.generate(self.student, prompts, ids, inputs)
+            return self.par.share_in_tp(drawn), [True] * len(rows)
         completions = [None if self.cfg.seq_kd else r.completion_ids for r in rows]
         if not self._teacher_completes:
             return completions, [False] * len(rows)
@@ -251,22 +282,29 @@ class Trainer:
         if count:
             self.sampler.seed = sample_seed(self.cfg.seed, step, 1)
             fill = missing + [missing[0] if missing else 0] * (count - len(missing))
-            drawn = self.teacher.generate([prompts[i] for i in fill], self.sampler, [ids[i] for i in fill])
+            theirs = teacher_inputs or inputs
+            drawn = self.teacher.generate([prompts[i] for i in fill], self.sampler, [ids[i] for i in fill],
+                                          None if theirs is None else [theirs[i] for i in fill])
             for i, c in zip(missing, self.par.share_in_tp(drawn)):
                 completions[i] = c
         return completions, [False] * len(rows)
+
+    def _collate(self, rows: list[Example], completions, inputs, teacher_inputs, part: slice):
+        return collate([r.prompt_ids for r in rows[part]], completions[part], self.tokenizer.pad_token_id,
+                       None if inputs is None else inputs[part],
+                       None if teacher_inputs is None else teacher_inputs[part],
+                       images=[r.images for r in rows[part]]).to(self.device)
 
     def train_step(self, step: int, window: Window) -> float:
         cfg = self.cfg
         everyone = self.data.rows(step)
         lo, hi = self.par.dp_slice(len(everyone))
         rows = everyone[lo:hi]  # this data-parallel rank's share of the global batch
-        completions, from_student = self._completions(rows, step, lo)
+        inputs, teacher_inputs = self._row_inputs(rows)  # processed once, shared by generation and scoring
+        completions, from_student = self._completions(rows, step, lo, inputs, teacher_inputs)
         n_tokens = int(self.par.dp_reduce(torch.tensor(sum(len(c) for c in completions))))
-        mbs = cfg.micro_batch_size
-        micro = [MicroBatch(collate([r.prompt_ids for r in rows[m0:m0 + mbs]], completions[m0:m0 + mbs],
-                                    self.tokenizer.pad_token_id).to(self.device), from_student[m0:m0 + mbs])
-                 for m0 in range(0, len(rows), mbs)]
+        micro = [MicroBatch(self._collate(rows, completions, inputs, teacher_inputs, m), from_student[m])
+                 for m in (slice(m0, m0 + cfg.micro_batch_size) for m0 in range(0, len(rows), cfg.micro_batch_size))]
         # with sharded weights every rank must join each forward, so only a single process skips
         stats = forward_backward(micro, self.student, self.adapter, self.teacher, self.loss_args, float(n_tokens),
                                  skip_empty=self.par.world == 1)
@@ -333,11 +371,12 @@ class Trainer:
         from gkd.evaluate import evaluate
 
         prompts = [e.prompt_ids for e in self.val_examples]
+        inputs, teacher_inputs = self._row_inputs(self.val_examples)
         metrics, self._eval_teacher_completions, _ = evaluate(
             self.student, self.teacher.model, prompts, eos_ids=self.sampler.eos_ids, pad_id=self.tokenizer.pad_token_id,
             beta=self.cfg.beta, temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_completion_length,
             device=self.device, batch_size=self.cfg.global_batch_size,
-            teacher_completions=self._eval_teacher_completions)
+            teacher_completions=self._eval_teacher_completions, inputs=inputs, teacher_inputs=teacher_inputs)
         self.student.train()
         return {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, float)}
 

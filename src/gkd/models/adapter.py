@@ -46,6 +46,11 @@ class Adapter:
         """The output projection's weight [V, H] (vocabulary-sharded under tensor parallelism)."""
         return unwrap(model).get_output_embeddings().weight
 
+    def prepare(self, model, inputs: dict) -> dict:
+        """The model inputs a forward or ``generate`` takes, from the padded ids, the attention mask and the
+        batch's other inputs: a family adds what is aligned with positions and so made after padding."""
+        return inputs
+
     def final_hidden(self, model, inputs: dict) -> torch.Tensor:
         """The decoder's final hidden states [B, T, H] for a batch's model inputs, from a forward through
         the model itself rather than its decoder: vision towers run, and FSDP gathers (and later reduces)
@@ -55,7 +60,7 @@ class Adapter:
         hook = self.decoder(model).register_forward_hook(
             lambda _m, _a, out: seen.__setitem__("h", out.last_hidden_state))
         try:
-            model(**inputs, logits_to_keep=1, use_cache=False)
+            model(**self.prepare(model, inputs), logits_to_keep=1, use_cache=False)
         finally:
             hook.remove()
         return seen["h"]
@@ -63,13 +68,20 @@ class Adapter:
     # --- how it is spread over processes --------------------------------------------------------
 
     def fsdp_units(self, model) -> list[torch.nn.Module]:
-        """Modules FSDP shards as units of their own (gathered for their forward, freed after it)."""
-        return list(self.decoder(model).layers)
+        """Modules FSDP shards as units of their own (gathered for their forward, freed after it): by
+        default the blocks transformers itself never splits across devices (decoder layers, vision blocks)."""
+        base = unwrap(model)
+        blocks = set(getattr(base, "_no_split_modules", None) or ())
+        return [m for m in base.modules() if type(m).__name__ in blocks]
 
     def tp_layer_plan(self, layer) -> dict | None:
         """The tensor-parallel plan of one decoder layer ({submodule name: ParallelStyle}), or None when
         the family has none."""
         return None
+
+    @property
+    def has_tp_plan(self) -> bool:
+        return type(self).tp_layer_plan is not Adapter.tp_layer_plan
 
     def tp_sizes(self, model) -> dict[str, int]:
         """The sizes tensor parallelism splits, each of which the TP size must divide."""

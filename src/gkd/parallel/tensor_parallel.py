@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from gkd.errors import GKDError
-from gkd.models.adapter import adapter_for, unwrap
+from gkd.models.adapter import adapter_for, families, unwrap
 
 
 def replicated(input_layout):
@@ -41,10 +41,10 @@ def check_plan(model, tp: int, lora: bool = False) -> None:
     if lora or hasattr(model, "peft_config"):
         raise GKDError("--train_type lora with --tensor_model_parallel_size > 1 is not supported yet; "
                        "use data parallelism (FSDP) for LoRA")
-    layers = adapter.decoder(model).layers
-    if adapter.tp_layer_plan(layers[0]) is None:
+    if not adapter.has_tp_plan:
+        planned = ", ".join(a.name for a in families() if a.has_tp_plan)
         raise GKDError(f"--tensor_model_parallel_size {tp}: no tensor-parallel plan for {name} "
-                       f"(the {adapter.name} family has none; use data parallelism)")
+                       f"(plans exist for the families {planned}; use data parallelism)")
     for what, n in adapter.tp_sizes(model).items():
         if n % tp:
             raise GKDError(f"--tensor_model_parallel_size {tp}: {name} has {what} {n}, which {tp} does not divide")

@@ -1,0 +1,73 @@
+"""Images as model inputs: a family's image processor, and how many image tokens each image becomes.
+
+The model's own processor does the work: ``AutoProcessor`` where it loads (its image processor is
+used), else the image processor alone from the folder (e.g. Qwen2-VL's processor cannot be built without
+torchvision; its image processor can). Text goes through the tokenizer's chat template, which renders
+one placeholder token per image; :meth:`ImageProcessing.expand` then repeats each placeholder as many
+times as the processor would, on token ids.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from gkd.errors import GKDError
+
+
+class ImageProcessing:
+    def __init__(self, image_processor, image_token_id: int, counts: Callable[[dict], list[int]],
+                 keys: tuple[str, ...]):
+        self.image_processor = image_processor
+        self.image_token_id = image_token_id
+        self._counts = counts
+        self.keys = keys  # the model inputs it makes (e.g. pixel_values, image_grid_thw)
+
+    def __call__(self, images: list) -> dict[str, torch.Tensor]:
+        """The model inputs of one row's images (rows are later concatenated along dim 0)."""
+        if not images:
+            return {}
+        out = self.image_processor(images=images, return_tensors="pt")
+        return {k: out[k] for k in self.keys}
+
+    def counts(self, inputs: dict) -> list[int]:
+        """Image tokens per image, for one row's processed inputs."""
+        return self._counts(inputs) if inputs else []
+
+    def expand(self, ids: list[int], counts: list[int], where: str) -> list[int]:
+        """``ids`` with the k-th image placeholder repeated counts[k] times."""
+        found = ids.count(self.image_token_id)
+        if found != len(counts):
+            raise GKDError(f"{where}: the rendered prompt has {found} image placeholder(s) for {len(counts)} "
+                           "image(s)")
+        out, k = [], 0
+        for t in ids:
+            if t == self.image_token_id:
+                out += [t] * counts[k]
+                k += 1
+            else:
+                out.append(t)
+        return out
+
+    def same_as(self, other: "ImageProcessing | None") -> bool:
+        """Whether ``other`` makes the same inputs from the same images (then they are shared)."""
+        return (other is not None and type(other.image_processor) is type(self.image_processor)
+                and other.image_processor.to_dict() == self.image_processor.to_dict() and other.keys == self.keys)
+
+
+def load_image_processor(folder, what: str):
+    """The folder's image processor: the processor's where AutoProcessor builds, else the image processor."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(folder))
+        if getattr(processor, "image_processor", None) is not None:
+            return processor.image_processor
+    except Exception:  # noqa: BLE001 - e.g. a video processor that needs torchvision: the image part still works
+        pass
+    try:
+        return AutoImageProcessor.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001
+        raise GKDError(f"model {what}: cannot load its image processor (preprocessor_config.json): "
+                       f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
