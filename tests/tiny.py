@@ -51,3 +51,132 @@ def write_dataset(path: Path, n: int = 16, seed: int = 0, prompt_only: bool = Fa
                                                                     {"role": "assistant", "content": c}]})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+# --- vision-language fixtures -----------------------------------------------------------------------
+
+VL_SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<unk>", "<|vision_start|>", "<|vision_end|>",
+               "<|image_pad|>", "<|video_pad|>", "<image>"]
+# a chat template that renders content strings and typed parts; an image part is the family's placeholder
+_VL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} "
+    "{% if m['content'] is string %}{{ m['content'] }} "
+    "{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}IMAGE {% elif p['type'] == 'text' %}{{ p['text'] }} {% endif %}"
+    "{% endfor %}{% endif %}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def _vl_tokenizer(folder: Path, vocab_size: int, image_text: str) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(vocab_size - len(VL_SPECIALS) - 4)] + ["user", "assistant", "system", "\n"]
+    vocab = {t: i for i, t in enumerate(VL_SPECIALS + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>", "</s>", *VL_SPECIALS[6:]])
+    fast.chat_template = _VL_TEMPLATE.replace("IMAGE", image_text)
+    fast.save_pretrained(str(folder))
+
+
+def write_qwen2vl(folder: Path, *, layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
+                  vocab_size: int = 96, seed: int = 0, max_pixels: int = 112 * 112, qwen25: bool = False) -> Path:
+    """A tiny random Qwen2-VL (or Qwen2.5-VL) with its PIL image processor (patch 14, merge 2)."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    half = hidden // heads // 2
+    text = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [half - 2 * (half // 4), half // 4, half // 4]},
+                bos_token_id=1, eos_token_id=4, pad_token_id=0)
+    ids = dict(image_token_id=8, video_token_id=9, vision_start_token_id=6, vision_end_token_id=7,
+               tie_word_embeddings=False)
+    if qwen25:
+        vision = dict(depth=2, hidden_size=16, out_hidden_size=hidden, intermediate_size=32, num_heads=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1])
+        config, cls = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids), Qwen2_5_VLForConditionalGeneration
+    else:
+        vision = dict(depth=2, embed_dim=16, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        config, cls = Qwen2VLConfig(text_config=text, vision_config=vision, **ids), Qwen2VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = cls(config)
+    model.generation_config.update(pad_token_id=0, eos_token_id=4, bos_token_id=1)
+    model.save_pretrained(str(folder))
+    _vl_tokenizer(folder, vocab_size, "<|vision_start|> <|image_pad|> <|vision_end|>")
+    Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=28 * 28,
+                             max_pixels=max_pixels).save_pretrained(str(folder))
+    return folder
+
+
+def write_llava(folder: Path, *, layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
+                vocab_size: int = 96, seed: int = 0, image_size: int = 28) -> Path:
+    """A tiny random LLaVA (CLIP vision tower, Llama text) with its processor (CLIP image processor)."""
+    from transformers import (AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=14, projection_dim=16)
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=4, pad_token_id=0)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=10,
+                         image_seq_length=(image_size // 14) ** 2, vision_feature_select_strategy="default",
+                         vision_feature_layer=-2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.update(pad_token_id=0, eos_token_id=4, bos_token_id=1)
+    model.save_pretrained(str(folder))
+    _vl_tokenizer(folder, vocab_size, "<image>")
+    size = {"height": image_size, "width": image_size}
+    images = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size=size)
+    LlavaProcessor(image_processor=images, tokenizer=AutoTokenizer.from_pretrained(str(folder)), patch_size=14,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   chat_template=_VL_TEMPLATE.replace("IMAGE", "<image>")).save_pretrained(str(folder))
+    return folder
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 56)) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.RandomState(seed).randint(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def write_image_dataset(path: Path, n: int = 8, seed: int = 0, prompt_only: bool = False) -> Path:
+    """Rows with images: even rows in ms-swift's form (<image> tag + 'images', paths relative to the file),
+    odd rows in Hugging Face's typed parts; every third row has no image."""
+    g = torch.Generator().manual_seed(seed)
+
+    def words(lo, hi):
+        k = int(torch.randint(lo, hi, (1,), generator=g))
+        return " ".join(f"w{int(i)}" for i in torch.randint(0, 60, (k,), generator=g))
+
+    rows = []
+    for r in range(n):
+        image = f"images/{seed}-{r}.png"
+        write_image(path.parent / image, seed * 1000 + r, size=(28 + 14 * (r % 3), 56))
+        question, answer = words(2, 5), words(1, 5)
+        if r % 3 == 2:
+            user = {"role": "user", "content": question}
+            row = {}
+        elif r % 2 == 0:
+            user = {"role": "user", "content": f"<image> {question}"}
+            row = {"images": [image]}
+        else:
+            user = {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}
+            row = {}
+        row["messages"] = [user] if prompt_only else [user, {"role": "assistant", "content": answer}]
+        rows.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

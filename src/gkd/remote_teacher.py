@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from gkd.data import Batch
+from gkd.imagefiles import to_base64_png
 from gkd.errors import GKDError
 from gkd.teacher import TeacherOutput
 from gkd.wire import COMPACT, WIRE_DTYPES, WireError, decode_compact, decode_vllm
@@ -121,13 +122,13 @@ def _error_text(e: urllib.error.HTTPError) -> str:
     return (text.splitlines()[0][:300] if text else str(e.reason or ""))
 
 
-def _sequences(batch: Batch) -> list[tuple[list[int], int]]:
-    """(token ids without padding, first scored row) per sequence; -1 when nothing is scored."""
+def _sequences(batch: Batch) -> list[tuple[list[int], int, list]]:
+    """(token ids without padding, first scored row, images) per sequence; row -1 when nothing is scored."""
     out = []
-    for ids, att, mask in zip(batch.input_ids, batch.attention_mask, batch.loss_mask):
+    for b, (ids, att, mask) in enumerate(zip(batch.input_ids, batch.attention_mask, batch.loss_mask)):
         n = int(att.sum())
         scored = mask.nonzero()
-        out.append((ids[:n].tolist(), int(scored[0]) if len(scored) else -1))
+        out.append((ids[:n].tolist(), int(scored[0]) if len(scored) else -1, batch.images[b] if batch.images else []))
     return out
 
 
@@ -146,6 +147,7 @@ class RemoteTeacher:
         self.seqs_per_request = seqs_per_request
         self.pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="gkd-teacher")
         self.compact = False
+        self.images = False  # the server takes images with token ids (gkd serve of a vision-language model)
         self.max_model_len: int | None = None
 
     @property
@@ -168,9 +170,16 @@ class RemoteTeacher:
         self.model = entry["id"]
         self.max_model_len = entry.get("max_model_len")
         self.compact = COMPACT in (entry.get("gkd") or {}).get("wire", [])
+        self.images = bool((entry.get("gkd") or {}).get("images"))
         self._check_tokenizer(tokenizer)
         self._check_topk(tokenizer)
         return self
+
+    def check_images(self) -> None:
+        """Fail before training if the data has images and the server cannot score token ids with them."""
+        if not self.images:
+            raise GKDError(f"teacher server {self.url} ({self.model}) does not take images with token ids (vLLM's "
+                           "/v1/completions has no image input); serve a vision-language teacher with gkd serve")
 
     def check_fits(self, longest: int) -> None:
         """Fail before training if the server cannot score the longest sequence training can make.
@@ -197,18 +206,20 @@ class RemoteTeacher:
     def _check_topk(self, tokenizer) -> None:
         ids = tokenizer("probe of the top-k limit", add_special_tokens=False)["input_ids"][:8]
         try:
-            self._request([(ids, 0)])
+            self._request([(ids, 0, [])])
         except GKDError as e:
             raise GKDError(f"{e} -- with --gkd_logits_topk {self.topk} (vLLM allows at most its --max-logprobs, "
                            "default 20)") from None
 
-    def _request(self, seqs: list[tuple[list[int], int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _request(self, seqs: list[tuple[list[int], int, list]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One /v1/completions call for several sequences; rows from each sequence's first scored row."""
         k = self.topk
-        body = {"model": self.model, "prompt": [s for s, _ in seqs], "max_tokens": 1, "temperature": 0,
+        body = {"model": self.model, "prompt": [s for s, _, _ in seqs], "max_tokens": 1, "temperature": 0,
                 "prompt_logprobs": k}
         if self.compact:
-            body["gkd_wire"] = {"format": COMPACT, "dtype": self.wire_dtype, "rows_from": [r for _, r in seqs]}
+            body["gkd_wire"] = {"format": COMPACT, "dtype": self.wire_dtype, "rows_from": [r for _, r, _ in seqs]}
+        if any(images for _, _, images in seqs):
+            body["gkd_images"] = [[to_base64_png(im) for im in images] for _, _, images in seqs]
 
         def parse(answer):
             try:
@@ -218,7 +229,7 @@ class RemoteTeacher:
             if len(choices) != len(seqs):
                 raise WireError(f"{len(choices)} choices for {len(seqs)} prompts")
             out = []
-            for (ids, rows_from), choice in zip(seqs, choices):
+            for (ids, rows_from, _), choice in zip(seqs, choices):
                 rows = len(ids) - 1 - rows_from
                 if self.compact:
                     out.append(decode_compact(choice.get("gkd_topk") or {}, k, rows, rows_from))
@@ -233,7 +244,7 @@ class RemoteTeacher:
         ids = torch.zeros(B, T, self.topk, dtype=torch.long)
         logprobs = torch.zeros(B, T, self.topk, dtype=torch.float32)
         seqs = _sequences(batch)
-        todo = [b for b, (_, r) in enumerate(seqs) if r >= 0]
+        todo = [b for b, (_, r, _) in enumerate(seqs) if r >= 0]
         groups = [todo[i:i + self.seqs_per_request] for i in range(0, len(todo), self.seqs_per_request)]
         futures = [self.pool.submit(self._request, [seqs[b] for b in g]) for g in groups]
         try:

@@ -22,7 +22,9 @@ import torch
 
 from gkd.config import _f
 from gkd.errors import GKDError
-from gkd.models import adapter_for, load_model, load_tokenizer
+from gkd.data import join_rows
+from gkd.imagefiles import open_image
+from gkd.models import adapter_for, load_image_processing, load_model, load_tokenizer
 from gkd.wire import COMPACT, WIRE_DTYPES, encode_compact, encode_vllm_entry
 
 
@@ -64,6 +66,7 @@ class _Job:
     rows_from: int = 0  # rows before this are not wanted: their lm_head is never computed
     actual: bool = True  # also the log-prob and rank of the token that follows (vLLM's JSON wants them)
     future: Future | None = None
+    inputs: dict | None = None  # the sequence's other model inputs (its images, processed)
 
 
 class Scorer:
@@ -76,8 +79,8 @@ class Scorer:
         self.thread = threading.Thread(target=self._loop, name="gkd-scorer", daemon=True)
         self.thread.start()
 
-    def submit(self, ids: list[int], k: int, rows_from: int = 0, actual: bool = True) -> Future:
-        job = _Job(ids, k, rows_from, actual, Future())
+    def submit(self, ids: list[int], k: int, rows_from: int = 0, actual: bool = True, inputs: dict | None = None) -> Future:
+        job = _Job(ids, k, rows_from, actual, Future(), inputs)
         self.jobs.put(job)
         return job.future
 
@@ -133,7 +136,8 @@ class Scorer:
         for b, s in enumerate(seqs):
             ids[b, : len(s)] = torch.tensor(s)
             att[b, : len(s)] = 1
-        hidden = self.adapter.final_hidden(self.model, {"input_ids": ids, "attention_mask": att})
+        extra = join_rows([j.inputs or {} for j in jobs])
+        hidden = self.adapter.final_hidden(self.model, {"input_ids": ids, "attention_mask": att, **extra})
         weight = self.adapter.lm_head(self.model).float()
         out = []
         for b, job in enumerate(jobs):
@@ -163,6 +167,7 @@ class TeacherServer:
         self.max_model_len = cfg.max_model_len or min(getattr(self.model.config, "max_position_embeddings", 4096),
                                                       cfg.max_batch_tokens)
         self.max_logprobs = min(cfg.max_logprobs or self.vocab, self.vocab)
+        self.images = load_image_processing(cfg.model, self.tokenizer)  # None: a text-only teacher
         self.scorer = Scorer(self.model, cfg.max_batch_tokens, cfg.batch_wait_ms / 1000)
         self._decoded: dict[int, str] = {}
         self.httpd = ThreadingHTTPServer((cfg.host, cfg.port), _handler_for(self))
@@ -183,7 +188,8 @@ class TeacherServer:
     def models(self) -> dict:
         return {"object": "list", "data": [{
             "id": self.name, "object": "model", "owned_by": "gkd", "max_model_len": self.max_model_len,
-            "gkd": {"wire": [COMPACT], "dtypes": sorted(WIRE_DTYPES), "max_logprobs": self.max_logprobs}}]}
+            "gkd": {"wire": [COMPACT], "dtypes": sorted(WIRE_DTYPES), "max_logprobs": self.max_logprobs,
+                    "images": self.images is not None}}]}
 
     def tokenize(self, body: dict) -> dict:
         if "messages" in body:
@@ -220,8 +226,39 @@ class TeacherServer:
                 raise BadRequest(f"prompt[{i}] has token id {bad[0]} outside the vocabulary [0, {self.vocab})")
         return prompt
 
+    def _image_inputs(self, body: dict, prompts: list[list[int]]) -> list[dict | None]:
+        """Each prompt's images (``gkd_images``: per prompt, base64 PNG/JPEG strings), processed by this
+        model's processor; the prompt's ids must hold exactly the image tokens that processor makes."""
+        given = body.get("gkd_images")
+        if given is None:
+            return [None] * len(prompts)
+        if self.images is None:
+            raise BadRequest(f"gkd_images: {self.name} is a text-only model")
+        if not (isinstance(given, list) and len(given) == len(prompts) and all(isinstance(g, list) for g in given)):
+            raise BadRequest("gkd_images must be a list with one list of base64 images per prompt")
+        out = []
+        for i, (p, refs) in enumerate(zip(prompts, given)):
+            if not all(isinstance(r, str) for r in refs):
+                raise BadRequest(f"gkd_images[{i}] must hold base64 strings")
+            try:
+                pics = [open_image(r if r.startswith("data:") else "data:;base64," + r, None, f"gkd_images[{i}]")
+                        for r in refs]
+            except GKDError as e:
+                raise BadRequest(str(e)) from None
+            inputs = self.images(pics)
+            counts = self.images.counts(inputs)
+            where = [j for j, t in enumerate(p) if t == self.images.image_token_id]
+            if len(where) != sum(counts):
+                at = f" from position {where[0]}" if where else ""
+                raise BadRequest(f"prompt[{i}]: {len(where)} image tokens in the ids{at}, but this server's processor "
+                                 f"makes {sum(counts)} for its {len(pics)} image(s) ({counts} per image): the client's "
+                                 "and the server's processors differ")
+            out.append(inputs or None)
+        return out
+
     def completions(self, body: dict) -> dict:
         prompts = self._prompts(body)
+        inputs = self._image_inputs(body, prompts)
         k = body.get("prompt_logprobs")
         if k is None:
             k = 0
@@ -249,8 +286,8 @@ class TeacherServer:
                 raise BadRequest("gkd_wire.rows_from must give, per prompt, a row in [0, len(prompt) - 1]")
         compact = bool(k) and wire is not None
         futures = [self.scorer.submit(p, max(k, 1), rows_from=r if compact else len(p) - 1 if not k else 0,
-                                      actual=bool(k) and not compact)
-                   for p, r in zip(prompts, rows_from)]
+                                      actual=bool(k) and not compact, inputs=x)
+                   for p, r, x in zip(prompts, rows_from, inputs)]
         choices = []
         for i, (p, fut) in enumerate(zip(prompts, futures)):
             ids, lps, act_lp, act_rank = fut.result()

@@ -230,6 +230,8 @@ class Trainer:
             seqs_per_request=cfg.teacher_seqs_per_request, wait=cfg.teacher_wait, wire_dtype=cfg.teacher_wire_dtype)
         self.log(f"[gkd] teacher server {remote.url}: waiting for /health, checking tokenizer and K")
         teacher = remote.connect(self.tokenizer)
+        if any(e.images for e in self.train_examples + self.val_examples):
+            teacher.check_images()
         sampled = cfg.max_completion_length if cfg.lmbda > 0 else 0
         teacher.check_fits(max(len(e.prompt_ids) + max(sampled, len(e.completion_ids or []))
                                for e in self.train_examples))
@@ -240,6 +242,9 @@ class Trainer:
         from gkd.vllm_rollout import VLLMColocateSampler, VLLMServerSampler
 
         cfg = self.cfg
+        if any(e.images for e in self.train_examples):
+            raise GKDError("--use_vllm with image rows is not supported yet (vLLM expands image placeholders "
+                           "itself); leave --use_vllm off: HF generate samples with the images")
         if cfg.vllm_mode == "server":
             url = cfg.vllm_server_base_url or f"http://{cfg.vllm_server_host}:{cfg.vllm_server_port}"
             return VLLMServerSampler(url, sampling, self.sampler.eos_ids, timeout=cfg.vllm_server_timeout,
