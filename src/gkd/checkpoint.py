@@ -122,6 +122,7 @@ def load(path: Path, model, optimizer, scheduler, par) -> dict:
     """Restore weights, optimizer, scheduler and RNG (each rank its own, or rank 0's when the saving run
     had no such rank); returns the trainer state (step, ...). The saving mesh may differ from this one."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -129,7 +130,11 @@ def load(path: Path, model, optimizer, scheduler, par) -> dict:
         info = json.loads((path / _DONE).read_text())
         state = _sharded_state(model, optimizer)
         with _single_process_quiet(par):
-            dcp.load(state, checkpoint_id=str(path / "state"))
+            dcp.load({"model": state["model"]}, checkpoint_id=str(path / "state"))
+            # a weight that never had a gradient (e.g. a vision layer after the one LLaVA reads features
+            # from) has no optimizer state in the checkpoint; it keeps the fresh one, as it would have
+            dcp.load({"optimizer": state["optimizer"]}, checkpoint_id=str(path / "state"),
+                     planner=DefaultLoadPlanner(allow_partial_load=True))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=_options(model))
         scheduler.load_state_dict(torch.load(path / "trainer.pt", weights_only=False)["scheduler"])

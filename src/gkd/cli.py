@@ -28,11 +28,16 @@ class EvalConfig:
     output: str = _f("", "write the metrics as JSON here")
 
 
-def _tokenized_prompts(paths, tokenizer, max_length):
+def _eval_rows(paths, tokenizer, max_length, images, teacher_images):
+    """Prompt ids and each prompt's model inputs for the student and the teacher (None: text only)."""
     from gkd.data import load_examples
 
-    return [e.prompt_ids for e in load_examples(paths, tokenizer, max_length=max_length, truncation_strategy="left",
-                                                 max_completion_length=1, warn=_warn)]
+    rows = load_examples(paths, tokenizer, max_length=max_length, truncation_strategy="left", max_completion_length=1,
+                         warn=_warn, images=images, teacher_images=teacher_images)
+    prompts = [e.prompt_ids for e in rows]
+    if images is None:
+        return prompts, None, None
+    return prompts, [images(e.images) for e in rows], [(teacher_images or images)(e.images) for e in rows]
 
 
 def _warn(msg: str) -> None:
@@ -43,7 +48,7 @@ def cmd_eval(cfg: EvalConfig) -> dict:
     import torch
 
     from gkd.evaluate import evaluate, format_table
-    from gkd.models import check_compatible, eos_ids, load_model, load_tokenizer
+    from gkd.models import check_compatible, eos_ids, load_image_processing, load_model, load_tokenizer
 
     for name in ("model", "teacher_model"):
         if not getattr(cfg, name):
@@ -56,10 +61,16 @@ def cmd_eval(cfg: EvalConfig) -> dict:
     student, teacher = load_model(cfg.model, cfg.torch_dtype), load_model(cfg.teacher_model, cfg.torch_dtype)
     check_compatible(tok, load_tokenizer(cfg.teacher_model), student, teacher)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    prompts = _tokenized_prompts(cfg.dataset, tok, cfg.max_length)
+    images = load_image_processing(cfg.model, tok)
+    theirs = load_image_processing(cfg.teacher_model, tok) if images is not None else None
+    if images is not None and theirs is None:
+        raise GKDError(f"--teacher_model {cfg.teacher_model} is text-only but the student reads images")
+    prompts, inputs, teacher_inputs = _eval_rows(cfg.dataset, tok, cfg.max_length, images,
+                                                 None if theirs is None or theirs.same_as(images) else theirs)
     metrics, _, _ = evaluate(student.to(device), teacher.to(device), prompts, eos_ids=eos_ids(tok, student),
                              pad_id=tok.pad_token_id, beta=cfg.beta, temperature=cfg.temperature,
-                             max_new_tokens=cfg.max_completion_length, device=device, batch_size=cfg.batch_size)
+                             max_new_tokens=cfg.max_completion_length, device=device, batch_size=cfg.batch_size,
+                             inputs=inputs, teacher_inputs=teacher_inputs)
     print(format_table({"student": metrics}))
     if cfg.output:
         Path(cfg.output).write_text(json.dumps(metrics, indent=2))

@@ -99,6 +99,9 @@ class HFSampler:
         kw = dict(max_new_tokens=self.cfg.max_new_tokens, do_sample=False, eos_token_id=self.eos_ids,
                   pad_token_id=self.pad_id, use_cache=True, temperature=None, top_p=None, top_k=None,
                   synced_gpus=self.synced)
+        placeholders = adapter_for(model).placeholder_ids(model)
+        if placeholders:  # a sampled image placeholder would stand for an image the batch does not have
+            kw["suppress_tokens"] = placeholders
         if self.cfg.do_sample:
             from transformers import LogitsProcessorList
 

@@ -103,6 +103,10 @@ class Adapter:
         """How this family turns images into model inputs and image tokens (None: text only)."""
         return None
 
+    def placeholder_ids(self, model) -> list[int]:
+        """Token ids that stand for an image (or video) in the ids; never sampled."""
+        return []
+
     @property
     def multimodal(self) -> bool:
         return type(self).image_processing is not Adapter.image_processing

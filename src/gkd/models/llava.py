@@ -18,6 +18,9 @@ class Llava(Adapter):
     model_types = ("llava",)
     auto_class = "AutoModelForImageTextToText"
 
+    def placeholder_ids(self, model) -> list[int]:
+        return [unwrap(model).config.image_token_index]
+
     def vision_tower(self, model) -> torch.nn.Module:
         return unwrap(model).model.vision_tower
 

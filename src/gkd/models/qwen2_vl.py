@@ -27,6 +27,10 @@ class Qwen2VL(Adapter):
         types = (ids == config.image_token_id).int() + 2 * (ids == config.video_token_id).int()
         return {**inputs, "mm_token_type_ids": types}
 
+    def placeholder_ids(self, model) -> list[int]:
+        config = unwrap(model).config
+        return [config.image_token_id, config.video_token_id]
+
     def vision_tower(self, model) -> torch.nn.Module:
         return unwrap(model).model.visual
 

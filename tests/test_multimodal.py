@@ -1,0 +1,305 @@
+"""Vision-language GKD on tiny random Qwen2-VL and LLaVA fixtures: image rows, exact micro-batch
+invariance, images that matter, the remote teacher with images, FSDP, resume, LoRA with a frozen
+vision tower, and one-line errors for bad image input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import free_port
+from serving import start_gkd_serve, stop
+from tiny import write_image, write_image_dataset, write_llava, write_model, write_qwen2vl
+from gkd.config import TrainConfig
+from gkd.data import collate, load_examples
+from gkd.errors import GKDError
+from gkd.losses import fused_linear_gkd_loss
+from gkd.metrics import read_metrics
+from gkd.models import adapter_for, load_image_processing, load_model, load_tokenizer
+from gkd.remote_teacher import RemoteTeacher
+from gkd.teacher import LocalTeacher
+from gkd.trainer import Trainer
+
+FAMILIES = ("qwen2_vl", "llava")
+
+
+@pytest.fixture(scope="module")
+def vl(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vl")
+    pairs = {
+        "qwen2_vl": (write_qwen2vl(root / "qwen-student", seed=2), write_qwen2vl(root / "qwen-teacher", layers=3, seed=1)),
+        "llava": (write_llava(root / "llava-student", seed=2), write_llava(root / "llava-teacher", layers=3, seed=1)),
+    }
+    return {"pairs": pairs, "data": write_image_dataset(root / "data" / "train.jsonl", n=8),
+            "prompts": write_image_dataset(root / "data" / "prompts.jsonl", n=8, seed=3, prompt_only=True), "root": root}
+
+
+def cfg_for(vl, family, out, **kw):
+    student, teacher = vl["pairs"][family]
+    base = dict(model=str(student), teacher_model=str(teacher), dataset=[str(vl["data"])], output_dir=str(out),
+                max_completion_length=4, learning_rate=1e-3, lr_scheduler_type="constant", progress_bar=False,
+                max_steps=2, micro_batch_size=4, global_batch_size=4, temperature=0.9, sft_alpha=0.3,
+                freeze_vit=False, freeze_aligner=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.student.state_dict().items()}
+
+
+def quiet(*_a, **_k):
+    pass
+
+
+def test_rows_of_both_forms_expand_images_as_the_processor_does(vl):
+    from transformers import AutoProcessor
+
+    student = vl["pairs"]["llava"][0]
+    tok = load_tokenizer(str(student))
+    images = load_image_processing(str(student), tok)
+    rows = load_examples([str(vl["data"])], tok, max_length=512, truncation_strategy="left", max_completion_length=8,
+                         images=images)
+    processor = AutoProcessor.from_pretrained(str(student))  # LLaVA's builds here: compare with its own expansion
+    raw = [json.loads(line) for line in vl["data"].read_text().splitlines()]
+    assert [len(r.images) for r in rows] == [0 if i % 3 == 2 else 1 for i in range(8)]
+    for row, example in zip(raw, rows):
+        messages = row["messages"][:1]
+        if example.images:
+            text = messages[0]["content"]
+            parts = text if isinstance(text, list) else [{"type": "image"}, {"type": "text", "text": text[8:]}]
+            messages = [{"role": "user", "content": [{"type": p["type"], **({"text": p["text"]} if "text" in p else {})}
+                                                     for p in parts]}]
+        rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        theirs = processor(text=[rendered], images=example.images or None, return_tensors="pt")
+        assert theirs["input_ids"][0].tolist() == example.prompt_ids
+        if example.images:
+            torch.testing.assert_close(theirs["pixel_values"], images(example.images)["pixel_values"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lmbda", [0.0, 1.0])
+def test_micro_batch_split_gives_the_same_update(vl, tmp_path, family, lmbda):
+    runs = {}
+    for mbs in (4, 2):
+        t = Trainer(cfg_for(vl, family, tmp_path / f"m{mbs}", micro_batch_size=mbs, lmbda=lmbda), log=quiet)
+        t.train()
+        runs[mbs] = (weights(t), read_metrics(t.out / "metrics.jsonl"))
+    (w4, m4), (w2, m2) = runs[4], runs[2]
+    for k in w4:
+        torch.testing.assert_close(w2[k], w4[k], rtol=0, atol=1e-5, msg=k)
+    for a, b in zip(m4, m2):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and a["on_policy_share"] == b["on_policy_share"] == lmbda
+    initial = weights(Trainer(cfg_for(vl, family, tmp_path / "init"), log=quiet))
+    vision = [k for k in w4 if ("visual" in k or "vision_tower" in k) and "weight" in k]
+    assert any((initial[k] - w4[k]).abs().max() > 1e-6 for k in vision), "the vision tower did not train"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_swapping_the_images_changes_the_loss(vl, tmp_path, family):
+    rows = [json.loads(line) for line in vl["data"].read_text().splitlines()]
+    swapped = vl["root"] / "data" / "swapped.jsonl"
+    first, second = rows[0]["images"][0], rows[4]["images"][0]
+    rows[0]["images"], rows[4]["images"] = [second], [first]
+    swapped.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    losses = {}
+    for name, data in (("original", vl["data"]), ("swapped", swapped)):
+        t = Trainer(cfg_for(vl, family, tmp_path / name, dataset=[str(data)], max_steps=1, global_batch_size=8,
+                            micro_batch_size=8, lmbda=0.0), log=quiet)
+        losses[name] = t.train()["loss"]
+    assert abs(losses["original"] - losses["swapped"]) > 1e-6, losses
+
+
+@pytest.fixture(scope="module")
+def qwen_server(vl):
+    proc, url = start_gkd_serve(str(vl["pairs"]["qwen2_vl"][1]), "--max_model_len", "256")
+    yield url
+    stop(proc)
+
+
+def test_server_teacher_with_images_equals_local_topk_teacher(vl, qwen_server):
+    student_dir, teacher_dir = vl["pairs"]["qwen2_vl"]
+    tok = load_tokenizer(str(student_dir))
+    images = load_image_processing(str(student_dir), tok)
+    rows = load_examples([str(vl["data"])], tok, max_length=512, truncation_strategy="left", max_completion_length=8,
+                         images=images)
+    batch = collate([r.prompt_ids for r in rows], [r.completion_ids for r in rows], tok.pad_token_id,
+                    [images(r.images) for r in rows], images=[r.images for r in rows])
+    assert batch.images is not None and "pixel_values" in batch.inputs
+    student = load_model(str(student_dir))
+    adapter = adapter_for(student)
+    local = LocalTeacher(load_model(str(teacher_dir)), torch.device("cpu"), topk=8)
+    remote = RemoteTeacher(qwen_server, 8).connect(tok)
+    remote.check_images()
+    results = []
+    for teacher in (local, remote):
+        student.zero_grad()
+        scored = teacher.score(batch)
+        if teacher is local:  # the local top-k rows, as a server would send them
+            from gkd.losses import topk_logprobs
+            logits = scored.hidden.float() @ scored.lm_head_weight.float().T
+            ids, lps = topk_logprobs(logits, 8)
+            kwargs = dict(teacher_topk_ids=ids, teacher_topk_logprobs=lps)
+        else:
+            kwargs = scored.loss_kwargs()
+        out = fused_linear_gkd_loss(adapter.final_hidden(student, batch.model_inputs()), adapter.lm_head(student),
+                                    **kwargs, beta=0.5, temperature=0.9, mask=batch.loss_mask)
+        out.loss.backward()
+        results.append((out.loss.detach(), adapter.lm_head(student).grad.clone()))
+    remote.close()
+    (l_loc, g_loc), (l_rem, g_rem) = results
+    torch.testing.assert_close(l_rem, l_loc, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_rem, g_loc, rtol=1e-5, atol=1e-7)
+
+
+def test_server_refuses_ids_whose_image_tokens_do_not_match(vl, qwen_server):
+    from serving import http
+
+    tok = load_tokenizer(str(vl["pairs"]["qwen2_vl"][0]))
+    ids = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w1"}]}],
+                                  add_generation_prompt=True, tokenize=True, return_dict=False)  # one placeholder, unexpanded
+    from gkd.imagefiles import to_base64_png
+    from PIL import Image
+
+    image = Image.open(write_image(vl["root"] / "probe.png", 7, size=(56, 56))).convert("RGB")
+    code, body = http("POST", qwen_server + "/v1/completions", {"prompt": [list(ids)], "prompt_logprobs": 2,
+                                                               "max_tokens": 1, "gkd_images": [[to_base64_png(image)]]})
+    assert code == 400 and "1 image tokens in the ids from position" in body["error"]["message"], body
+
+
+def test_training_against_a_server_teacher_with_images(vl, qwen_server, tmp_path):
+    t = Trainer(cfg_for(vl, "qwen2_vl", tmp_path / "remote", teacher_model="", teacher_model_server=qwen_server,
+                        gkd_logits_topk=8, lmbda=0.5, max_steps=2), log=quiet)
+    last = t.train()
+    assert torch.isfinite(torch.tensor(last["loss"])) and (t.out / "final" / "config.json").is_file()
+
+
+def test_lora_keeps_a_frozen_vision_tower_untouched(vl, tmp_path):
+    t = Trainer(cfg_for(vl, "qwen2_vl", tmp_path / "lora", train_type="lora", lora_rank=4, freeze_vit=True,
+                        freeze_aligner=True, lmbda=0.5), log=quiet)
+    names = [n for n, _ in t.student.named_modules() if n.endswith("lora_A")]
+    assert names and not any("visual" in n for n in names), names
+    t.train()
+    full = Trainer(cfg_for(vl, "qwen2_vl", tmp_path / "frozen", freeze_vit=True, freeze_aligner=False), log=quiet)
+    before = weights(full)
+    full.train()
+    after = weights(full)
+    tower = [k for k in before if "visual" in k and "merger" not in k]
+    merger = [k for k in before if "visual.merger" in k]
+    assert tower and all(torch.equal(before[k], after[k]) for k in tower), "--freeze_vit trained the tower"
+    assert any(not torch.equal(before[k], after[k]) for k in merger), "the aligner did not train"
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+
+
+def _args(vl, family, out, *extra):
+    student, teacher = vl["pairs"][family]
+    return ["train", "--model", str(student), "--teacher_model", str(teacher), "--dataset", str(vl["data"]),
+            "--output_dir", str(out), "--max_completion_length", "4", "--learning_rate", "1e-3",
+            "--lr_scheduler_type", "constant", "--micro_batch_size", "2", "--global_batch_size", "4",
+            "--progress_bar", "false", "--lmbda", "0.5", "--sft_alpha", "0.3", "--freeze_vit", "false", *extra]
+
+
+def _losses(out):
+    return {m["step"]: m["loss"] for m in read_metrics(out / "metrics.jsonl")}
+
+
+def _cli(args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "gkd", *args], capture_output=True, text=True, timeout=timeout,
+                          env=ENV)
+
+
+@pytest.mark.dist
+def test_fsdp2_equals_one_process(vl, tmp_path):
+    from safetensors.torch import load_file
+
+    single = _cli(_args(vl, "qwen2_vl", tmp_path / "one", "--max_steps", "4"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = _cli(_args(vl, "qwen2_vl", tmp_path / "two", "--max_steps", "4", "--nproc_per_node", "2"), timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(a) == [1, 2, 3, 4] and all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
+    wa, wb = (load_file(str(tmp_path / n / "final" / "model.safetensors")) for n in ("one", "two"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_kill_and_resume_reproduces_the_losses(vl, tmp_path):
+    full = _cli(_args(vl, "llava", tmp_path / "full", "--max_steps", "5"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "gkd", *_args(vl, "llava", out, "--max_steps", "100000",
+                                                                 "--save_steps", "2")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 240
+    while not (out / "checkpoint-2" / "gkd_checkpoint.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = _cli(_args(vl, "llava", out, "--max_steps", "5", "--resume_from_checkpoint", "latest"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got, want = _losses(out), _losses(tmp_path / "full")
+    start = min(s for s in got if s > 2)
+    assert start <= 5 and all(got[s] == want[s] for s in range(start, 6)), (got, want)
+
+
+def test_eval_command_with_images(vl, tmp_path):
+    student, teacher = vl["pairs"]["qwen2_vl"]
+    out = tmp_path / "eval.json"
+    proc = _cli(["eval", "--model", str(student), "--teacher_model", str(teacher), "--dataset", str(vl["prompts"]),
+                 "--max_completion_length", "3", "--output", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(out.read_text())
+    assert metrics["prompts"] == 8 and metrics["teacher_tokens"] > 0
+
+
+def _one_line_error(proc, needle):
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("gkd: error:"), proc.stderr[-2000:]
+    assert needle in lines[0], lines[0]
+
+
+def test_bad_image_input_gives_one_line_and_exit_2(vl, tmp_path):
+    folder = tmp_path / "data"
+    write_image(folder / "ok.png", 1)
+    (folder / "broken.png").write_bytes(b"not a png")
+    text_only = write_model(tmp_path / "text-model", seed=3)
+    other = write_qwen2vl(tmp_path / "qwen-other", layers=3, seed=4, max_pixels=28 * 28)  # one token per image
+
+    def row(content, images=None):
+        r = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "w1"}]}
+        return r if images is None else {**r, "images": images}
+
+    cases = {  # name: (rows, needle, extra flags)
+        "missing image": ([row("<image> w1", ["nope.png"])], f"{folder / 'rows.jsonl'}:1: image {folder / 'nope.png'}: no such file", {}),
+        "unreadable image": ([row("<image> w1", ["broken.png"])], "broken.png: unreadable", {}),
+        "too few placeholders": ([row("w1 w2", ["ok.png"])], "0 image placeholder(s)", {}),
+        "too many placeholders": ([row("<image> <image> w1", ["ok.png"])], "2 image placeholder(s)", {}),
+        "text-only model": ([row("<image> w1", ["ok.png"])], "the model is text-only", {"model": str(text_only)}),
+        "text-only teacher": ([row("<image> w1", ["ok.png"])], "is text-only but the student", {"teacher": str(text_only)}),
+        "token counts differ": ([row("<image> w1", ["ok.png"])], "they must agree token for token", {"teacher": str(other)}),
+        "image in the completion": ([{"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": [
+            {"type": "image", "image": "ok.png"}, {"type": "text", "text": "w2"}]}]}], "the completion (last assistant turn) has an image", {}),
+    }
+    student, teacher = vl["pairs"]["qwen2_vl"]
+    for name, (rows, needle, flags) in cases.items():
+        data = folder / "rows.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out = tmp_path / f"out-{name.replace(' ', '-')}"
+        proc = _cli(["train", "--model", flags.get("model", str(student)), "--teacher_model",
+                     flags.get("teacher", str(teacher)), "--dataset", str(data), "--output_dir", str(out),
+                     "--max_steps", "1", "--global_batch_size", "1"])
+        _one_line_error(proc, needle)
+        assert not out.exists(), f"{name}: wrote {out}"
+
+
+def test_vllm_and_image_rows_refused(vl, tmp_path):
+    with pytest.raises(GKDError, match="--use_vllm with image rows is not supported yet"):
+        Trainer(cfg_for(vl, "qwen2_vl", tmp_path / "v", use_vllm=True), log=quiet)
