@@ -177,6 +177,10 @@ def test_training_against_a_server_teacher_with_images(vl, qwen_server, tmp_path
                         gkd_logits_topk=8, lmbda=0.5, max_steps=2), log=quiet)
     last = t.train()
     assert torch.isfinite(torch.tensor(last["loss"])) and (t.out / "final" / "config.json").is_file()
+    # the exported student is a whole vision-language folder: model, tokenizer and image processor
+    exported = t.out / "final"
+    assert load_image_processing(str(exported), load_tokenizer(str(exported))) is not None
+    assert type(load_model(str(exported))).__name__ == "Qwen2VLForConditionalGeneration"
 
 
 def test_lora_keeps_a_frozen_vision_tower_untouched(vl, tmp_path):

@@ -180,3 +180,13 @@ def write_image_dataset(path: Path, n: int = 8, seed: int = 0, prompt_only: bool
         rows.append(row)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+if __name__ == "__main__":  # python tests/tiny.py FOLDER: a tiny Qwen2-VL and LLaVA pair and an image dataset
+    import sys
+
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-vl")
+    write_qwen2vl(root / "qwen2vl-student", seed=2), write_qwen2vl(root / "qwen2vl-teacher", layers=3, seed=1)
+    write_llava(root / "llava-student", seed=2), write_llava(root / "llava-teacher", layers=3, seed=1)
+    write_image_dataset(root / "data" / "train.jsonl", n=16)
+    print(f"wrote {root}: qwen2vl-student, qwen2vl-teacher, llava-student, llava-teacher, data/train.jsonl")

@@ -154,13 +154,14 @@ def export(model, tokenizer, out_dir: Path, cfg, par) -> None:
     from gkd.models import save_pretrained_atomic
 
     if par.world == 1:
-        save_pretrained_atomic(model, tokenizer, out_dir, merge_lora=cfg.merge_lora)
+        save_pretrained_atomic(model, tokenizer, out_dir, merge_lora=cfg.merge_lora, source=cfg.model)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if par.is_main:
-        save_pretrained_atomic(_plain_copy(model, full, cfg), tokenizer, out_dir, merge_lora=cfg.merge_lora)
+        save_pretrained_atomic(_plain_copy(model, full, cfg), tokenizer, out_dir, merge_lora=cfg.merge_lora,
+                               source=cfg.model)
     par.barrier()
 
 

@@ -202,8 +202,14 @@ def load_image_processing(spec: str, tokenizer):
     return adapter.image_processing(folder, tokenizer, config) if adapter.multimodal else None
 
 
-def save_pretrained_atomic(model, tokenizer, out_dir: Path, merge_lora: bool = False) -> None:
-    """A Hugging Face folder that transformers and vLLM load as is; written to a temp folder, then renamed."""
+# what a processor needs beside the tokenizer (image processor, processor, chat template files)
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json", "chat_template.jinja")
+
+
+def save_pretrained_atomic(model, tokenizer, out_dir: Path, merge_lora: bool = False, source: str | None = None) -> None:
+    """A Hugging Face folder that transformers and vLLM load as is; written to a temp folder, then renamed.
+    ``source``: the model argument it was loaded from, whose processor files come along."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -215,6 +221,11 @@ def save_pretrained_atomic(model, tokenizer, out_dir: Path, merge_lora: bool = F
     to_save.save_pretrained(str(tmp), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
+    if source is not None:
+        folder, gguf = resolve(source)
+        for name in PROCESSOR_FILES if gguf is None else ():
+            if (folder / name).is_file() and not (tmp / name).exists():
+                shutil.copyfile(folder / name, tmp / name)
     _fsync_tree(tmp)
     if out_dir.exists():
         old = out_dir.with_name(out_dir.name + ".old")
@@ -240,7 +251,7 @@ def prune_command(teacher: str, out_dir: str, keep: list[int] | None, every: int
     n = len(adapter_for(model).decoder(model).layers)
     keep = keep if keep else list(range(0, n, every))
     prune_layers(model, keep)
-    save_pretrained_atomic(model, tok, Path(out_dir))
+    save_pretrained_atomic(model, tok, Path(out_dir), source=teacher)
     info = {"teacher": teacher, "layers_kept": sorted(keep), "layers_before": n}
     (Path(out_dir) / "gkd_prune.json").write_text(json.dumps(info, indent=2))
     return info
