@@ -10,9 +10,10 @@ from gkd.parallel.tensor_parallel import check_plan
 
 
 def test_mesh_sizes():
-    assert mesh_sizes(4, 2, 1) == (1, 2, 2)
-    assert mesh_sizes(8, 2, 2) == (2, 2, 2)
-    assert mesh_sizes(1, 1, 1) == (1, 1, 1)
+    assert mesh_sizes(4, 2, 1) == (1, 2, 1, 2)
+    assert mesh_sizes(8, 2, 2) == (2, 2, 1, 2)
+    assert mesh_sizes(8, 2, 1, 2) == (1, 2, 2, 2)
+    assert mesh_sizes(1, 1, 1) == (1, 1, 1, 1)
     with pytest.raises(GKDError, match="3 processes cannot be split into --tensor_model_parallel_size 2"):
         mesh_sizes(3, 2, 1)
 

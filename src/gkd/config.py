@@ -84,7 +84,8 @@ class TrainConfig:
     data_parallel_replicate_size: int = _f(1, "data-parallel groups holding whole copies (the other data-parallel "
                                               "processes shard the weights, FSDP)")
     pipeline_model_parallel_size: int = _f(1, "reserved: pipeline parallelism is not built yet")
-    context_parallel_size: int = _f(1, "reserved: context parallelism is not built yet")
+    context_parallel_size: int = _f(1, "context parallel: every sequence's tokens split over N processes (exact "
+                                       "attention; load-balanced head and tail chunks)")
     expert_model_parallel_size: int = _f(1, "reserved: expert parallelism is not built yet")
     distributed_timeout: float = _f(600.0, "seconds a collective may wait for the other processes before failing")
     # optimisation

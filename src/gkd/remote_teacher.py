@@ -239,7 +239,8 @@ class RemoteTeacher:
 
         return self.client.call("POST", "/v1/completions", body, parse)
 
-    def score(self, batch: Batch) -> TeacherOutput:
+    def score(self, batch: Batch, split=None) -> TeacherOutput:
+        """Whole sequences go to the server; with ``split`` this rank keeps its tokens' rows."""
         B, T = batch.input_ids.shape
         ids = torch.zeros(B, T, self.topk, dtype=torch.long)
         logprobs = torch.zeros(B, T, self.topk, dtype=torch.float32)
@@ -257,6 +258,8 @@ class RemoteTeacher:
             self.close()  # requests still retrying stop at their next attempt; the error goes up now
             raise
         device = batch.input_ids.device
+        if split is not None:
+            ids, logprobs = split.local(ids), split.local(logprobs)
         return TeacherOutput(topk_ids=ids.to(device), topk_logprobs=logprobs.to(device))
 
     def close(self) -> None:

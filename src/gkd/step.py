@@ -3,6 +3,8 @@ that changes how a forward runs (pipeline stages, a context split) would branch.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +33,11 @@ STATS = ("loss", "divergence", "sft", "agree", "sft_tokens")
 
 
 def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher, args: LossArgs, normaliser: float,
-                     skip_empty: bool) -> torch.Tensor:
+                     skip_empty: bool, dims=None) -> torch.Tensor:
     """Accumulates the gradients of sum(token losses) / ``normaliser`` over the micro-batches; returns this
     rank's sums of STATS (float64). ``skip_empty``: a micro-batch with no completion token is skipped
-    (only where no other rank waits for this one's collectives)."""
+    (only where no other rank waits for this one's collectives). ``dims`` (gkd.parallel.Parallel): with
+    context parallelism each sequence is split over the cp ranks and this rank scores its tokens."""
     stats = torch.zeros(len(STATS), dtype=torch.float64)
     for mb in micro_batches:
         batch = mb.batch
@@ -42,15 +45,22 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             continue
         ce_labels = batch.labels.clone()
         ce_labels[torch.tensor(mb.sampled, device=ce_labels.device)] = -100
-        scored = teacher.score(batch)
-        hidden = adapter.final_hidden(student, batch.model_inputs())
-        weight = parallel.local(adapter.lm_head(student))  # read after the forward that gathered it
-        out = fused_linear_gkd_loss(
-            hidden, weight, **scored.loss_kwargs(), labels=ce_labels, sft_alpha=args.sft_alpha, beta=args.beta,
-            temperature=args.temperature, mask=batch.loss_mask, reduction="sum", normalizer=normaliser,
-            chunk_size=args.chunk_size, tp_group=args.tp_group)
-        out.loss.backward()
+        split = None
+        if dims is not None and dims.cp > 1:
+            from gkd.parallel.context import ContextSplit
+
+            split = ContextSplit(batch, dims.cp_group, dims.cp_rank, dims.cp)
+        with split.active() if split else contextlib.nullcontext():  # also for recomputation in backward
+            scored = teacher.score(batch, split)
+            hidden = adapter.final_hidden(student, split.model_inputs() if split else batch.model_inputs())
+            weight = parallel.local(adapter.lm_head(student))  # read after the forward that gathered it
+            mask = split.local(batch.loss_mask, False) if split else batch.loss_mask
+            labels = split.local(ce_labels, -100) if split else ce_labels
+            out = fused_linear_gkd_loss(
+                hidden, weight, **scored.loss_kwargs(), labels=labels, sft_alpha=args.sft_alpha, beta=args.beta,
+                temperature=args.temperature, mask=mask, reduction="sum", normalizer=normaliser,
+                chunk_size=args.chunk_size, tp_group=args.tp_group)
+            out.loss.backward()
         stats += torch.tensor([float(out.loss.detach()), float(out.divergence_sum), float(out.sft_sum),
-                               float(out.agree_count), float((ce_labels[batch.loss_mask] >= 0).sum())],
-                              dtype=torch.float64)
+                               float(out.agree_count), float((labels[mask] >= 0).sum())], dtype=torch.float64)
     return stats

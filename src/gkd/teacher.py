@@ -30,7 +30,9 @@ class TeacherOutput:
 
 
 class Teacher(Protocol):
-    def score(self, batch: Batch) -> TeacherOutput: ...
+    def score(self, batch: Batch, split=None) -> TeacherOutput:
+        """The teacher's side of the loss for ``batch``; with ``split`` (gkd.parallel.context.ContextSplit)
+        only for this rank's tokens of each sequence."""
 
 
 class LocalTeacher:
@@ -63,9 +65,10 @@ class LocalTeacher:
         return _Visit()
 
     @torch.no_grad()
-    def score(self, batch: Batch) -> TeacherOutput:
+    def score(self, batch: Batch, split=None) -> TeacherOutput:
+        inputs = split.model_inputs() if split else batch.model_inputs(teacher=True)
         with self._on_device() as model:
-            hidden = self.adapter.final_hidden(model, batch.model_inputs(teacher=True))
+            hidden = self.adapter.final_hidden(model, inputs)
             weight = local(self.adapter.lm_head(model))  # this rank's vocabulary shard under tensor parallelism
             if self.offload:  # the weight must outlive the visit
                 weight = weight.detach().clone()

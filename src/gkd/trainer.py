@@ -312,8 +312,8 @@ class Trainer:
                  for m in (slice(m0, m0 + cfg.micro_batch_size) for m0 in range(0, len(rows), cfg.micro_batch_size))]
         # with sharded weights every rank must join each forward, so only a single process skips
         stats = forward_backward(micro, self.student, self.adapter, self.teacher, self.loss_args, float(n_tokens),
-                                 skip_empty=self.par.world == 1)
-        stats = self.par.dp_reduce(stats)
+                                 skip_empty=self.par.world == 1, dims=self.par)
+        stats = self.par.loss_reduce(stats)
         loss_total = float(stats[0])
 
         grad_norm = parallel.clip_grad_norm(self.params, cfg.max_grad_norm)

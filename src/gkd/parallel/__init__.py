@@ -30,6 +30,10 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
 
 
 def _tensor_parallel(model, par: Parallel) -> None:
+    if par.cp > 1:
+        from gkd.parallel.context import use_context_parallel_attention
+
+        use_context_parallel_attention(model)
     if par.tp > 1:
         from gkd.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -37,9 +41,9 @@ def _tensor_parallel(model, par: Parallel) -> None:
 
 
 def shard_student(model, par: Parallel) -> None:
-    """Tensor parallel first (within a node), then FSDP over the data-parallel ranks."""
+    """Tensor parallel first (within a node), then FSDP over the data- (and context-) parallel ranks."""
     _tensor_parallel(model, par)
-    if par.dp_size > 1:
+    if par.dp_mesh is not None:
         from gkd.parallel.fsdp import shard_student as fsdp
 
         fsdp(model, par.dp_mesh)
@@ -48,14 +52,18 @@ def shard_student(model, par: Parallel) -> None:
 def shard_teacher(model, par: Parallel) -> None:
     """The same tensor parallelism; FSDP over the shard ranks only (replicas keep whole copies)."""
     _tensor_parallel(model, par)
-    if par.dp_shard > 1:
+    if par.shard_mesh is not None:
         from gkd.parallel.fsdp import shard_teacher as fsdp
 
-        fsdp(model, par.mesh["dp_shard"])
+        fsdp(model, par.shard_mesh)
 
 
 def check_model(model, par: Parallel, lora: bool) -> None:
     """Fail before the teacher is loaded when the student cannot be split."""
+    if par.cp > 1:
+        from gkd.parallel.context import check_context_parallel
+
+        check_context_parallel(model, par.cp)
     if par.tp > 1:
         from gkd.parallel.tensor_parallel import check_plan
 

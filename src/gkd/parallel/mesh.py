@@ -1,13 +1,15 @@
 """The device mesh from the flags: data parallel (replicate x shard), tensor parallel; one process per device.
 
 Launch with ``torchrun --nproc-per-node N -m gkd train ...`` (or ``gkd train --nproc_per_node N``).
-Sizes: world = dp_replicate x dp_shard x tp; dp_shard takes whatever the other sizes leave, so FSDP is
-the default way to use more processes. Pipeline, context and expert parallel sizes are reserved flags.
+Sizes: world = dp_replicate x dp_shard x cp x tp; dp_shard takes whatever the other sizes leave, so FSDP
+is the default way to use more processes. Context-parallel peers (cp) hold the same rows and split their
+tokens; FSDP shards over dp_shard x cp. Pipeline and expert parallel sizes are reserved flags.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -16,7 +18,7 @@ import torch.distributed as dist
 
 from gkd.errors import GKDError
 
-DIMS = ("dp_replicate", "dp_shard", "tp")
+DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
 _made_group = False
 
 
@@ -28,6 +30,7 @@ class Parallel:
     rank: int = 0
     dp_replicate: int = 1
     dp_shard: int = 1
+    cp: int = 1
     tp: int = 1
     device: torch.device = torch.device("cpu")
     mesh: object = None  # DeviceMesh over DIMS when world > 1
@@ -51,13 +54,38 @@ class Parallel:
         return self.mesh.get_group("tp") if self.tp > 1 else None
 
     @property
+    def cp_group(self):
+        return self.mesh.get_group("cp") if self.cp > 1 else None
+
+    @property
+    def cp_rank(self) -> int:
+        return self.mesh.get_local_rank("cp") if self.cp > 1 else 0
+
+    @property
     def tp_mesh(self):
         return self.mesh["tp"] if self.tp > 1 else None
 
     @property
     def dp_mesh(self):
-        """The (replicate, shard) mesh FSDP shards and reduces over; None when there is no data parallelism."""
+        """The (replicate, shard) mesh FSDP shards and reduces over, the shard dimension taking in the
+        context-parallel peers (their gradients are partial sums over their tokens); None when there is
+        neither data nor context parallelism."""
+        if self.cp > 1:
+            return self.mesh["dp_replicate", self._shard_cp()]
         return self.mesh["dp_replicate", "dp_shard"] if self.dp_size > 1 else None
+
+    @property
+    def shard_mesh(self):
+        """The mesh the teacher's layers are sharded over (replicas keep whole copies); None if size 1."""
+        if self.cp > 1:
+            return self.mesh[self._shard_cp()]
+        return self.mesh["dp_shard"] if self.dp_shard > 1 else None
+
+    def _shard_cp(self) -> str:
+        # flattened in setup (every rank takes part in making its groups); torch warns that slicing it from
+        # the root will change, which the pinned torch does not do
+        warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
+        return "dp_shard_cp"
 
     def dp_slice(self, n: int) -> tuple[int, int]:
         """This rank's rows [lo, hi) of a global batch of n rows."""
@@ -71,15 +99,23 @@ class Parallel:
                 dist.all_reduce(t, op=op, group=self.mesh.get_group(dim))
         return t
 
+    def loss_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sums of per-token quantities over every rank holding other tokens: data and context parallel."""
+        self.dp_reduce(t)
+        if self.cp > 1:
+            dist.all_reduce(t, group=self.cp_group)
+        return t
+
     def share_in_tp(self, obj):
-        """The first rank's ``obj`` on every rank of this tensor-parallel group. Peers sample the same rows
-        with the same seeds; this makes sure they feed the same tokens to their shared forwards even if
-        two samplers ever disagree (GPU nondeterminism)."""
-        if self.tp == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, group=self.tp_group, group_src=0)
-        return box[0]
+        """The first rank's ``obj`` on every rank of this tensor- and context-parallel group. Peers sample the
+        same rows with the same seeds; this makes sure they feed the same tokens to their shared forwards
+        even if two samplers ever disagree (GPU nondeterminism)."""
+        for size, group in ((self.cp, self.cp_group), (self.tp, self.tp_group)):
+            if size > 1:
+                box = [obj]
+                dist.broadcast_object_list(box, group=group, group_src=0)
+                obj = box[0]
+        return obj
 
     def most(self, value: float) -> float:
         """The largest ``value`` over all ranks."""
@@ -95,10 +131,10 @@ class Parallel:
 
 
 def _reserved(cfg) -> None:
-    for flag in ("pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size"):
+    for flag in ("pipeline_model_parallel_size", "expert_model_parallel_size"):
         if getattr(cfg, flag) != 1:
-            raise GKDError(f"--{flag} {getattr(cfg, flag)}: pipeline, context and expert parallelism are not built "
-                           "yet; use --tensor_model_parallel_size and data parallelism")
+            raise GKDError(f"--{flag} {getattr(cfg, flag)}: pipeline and expert parallelism are not built "
+                           "yet; use --tensor_model_parallel_size, --context_parallel_size and data parallelism")
 
 
 def check_options(cfg, world: int, tp: int) -> None:
@@ -113,28 +149,34 @@ def check_options(cfg, world: int, tp: int) -> None:
     if cfg.use_vllm and cfg.vllm_mode == "server":
         raise GKDError(f"--vllm_mode server with {world} processes is not supported yet; use --vllm_mode colocate "
                        "(one engine per --vllm_tensor_parallel_size ranks)")
+    if cfg.use_vllm and cfg.context_parallel_size > 1:
+        raise GKDError("--use_vllm with --context_parallel_size > 1 is not supported yet (HF generate samples; "
+                       "generation is not split over the context-parallel ranks)")
     if cfg.use_vllm and tp % cfg.vllm_tensor_parallel_size:
         raise GKDError(f"--vllm_tensor_parallel_size {cfg.vllm_tensor_parallel_size} must divide "
                        f"--tensor_model_parallel_size {tp}: the ranks of one vLLM engine must hold the same prompts")
 
 
-def mesh_sizes(world: int, tp: int, dp_replicate: int) -> tuple[int, int, int]:
-    """(dp_replicate, dp_shard, tp) for ``world`` processes, or a one-line error saying why not."""
-    if tp < 1 or dp_replicate < 1:
-        raise GKDError("--tensor_model_parallel_size and --data_parallel_replicate_size must be >= 1")
-    if world % (tp * dp_replicate):
+def mesh_sizes(world: int, tp: int, dp_replicate: int, cp: int = 1) -> tuple[int, int, int, int]:
+    """(dp_replicate, dp_shard, cp, tp) for ``world`` processes, or a one-line error saying why not."""
+    if tp < 1 or dp_replicate < 1 or cp < 1:
+        raise GKDError("--tensor_model_parallel_size, --context_parallel_size and --data_parallel_replicate_size "
+                       "must be >= 1")
+    if world % (tp * cp * dp_replicate):
         hint = " (launch several with torchrun or --nproc_per_node)" if world == 1 else ""
         raise GKDError(f"{world} process{'es' if world > 1 else ''}{hint} cannot be split into "
-                       f"--tensor_model_parallel_size {tp} x --data_parallel_replicate_size {dp_replicate} x a "
-                       "data-parallel shard size (the product must divide the number of processes)")
-    return dp_replicate, world // (tp * dp_replicate), tp
+                       f"--tensor_model_parallel_size {tp} x --context_parallel_size {cp} x "
+                       f"--data_parallel_replicate_size {dp_replicate} x a data-parallel shard size (the product "
+                       "must divide the number of processes)")
+    return dp_replicate, world // (tp * cp * dp_replicate), cp, tp
 
 
 def setup(cfg) -> Parallel:
     """The process group and mesh of a torchrun launch (nothing for a single process)."""
     _reserved(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rep, shard, tp = mesh_sizes(world, cfg.tensor_model_parallel_size, cfg.data_parallel_replicate_size)
+    rep, shard, cp, tp = mesh_sizes(world, cfg.tensor_model_parallel_size, cfg.data_parallel_replicate_size,
+                                    cfg.context_parallel_size)
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
@@ -147,12 +189,15 @@ def setup(cfg) -> Parallel:
         _made_group = True
         dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo",
                                 timeout=timedelta(seconds=cfg.distributed_timeout))
-    mesh = _mesh(device.type, (rep, shard, tp), timedelta(seconds=cfg.distributed_timeout))
-    return Parallel(world=world, rank=dist.get_rank(), dp_replicate=rep, dp_shard=shard, tp=tp, device=device,
-                    mesh=mesh)
+    timeout = timedelta(seconds=cfg.distributed_timeout)
+    mesh = _mesh(device.type, (rep, shard, cp, tp), timeout)
+    if cp > 1:  # FSDP's shard dimension takes in the context-parallel peers
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp", backend_override=_options(cuda, timeout))
+    return Parallel(world=world, rank=dist.get_rank(), dp_replicate=rep, dp_shard=shard, cp=cp, tp=tp,
+                    device=device, mesh=mesh)
 
 
-def _mesh(device_type: str, shape: tuple[int, int, int], timeout: timedelta):
+def _mesh(device_type: str, shape: tuple[int, ...], timeout: timedelta):
     """The DeviceMesh over DIMS, from groups made here so that each has ``timeout`` (a mesh that makes
     its own groups gives them torch's default, 30 minutes, whatever the default group has)."""
     from torch.distributed.device_mesh import DeviceMesh
@@ -165,6 +210,13 @@ def _mesh(device_type: str, shape: tuple[int, int, int], timeout: timedelta):
             if dist.get_rank() in members:
                 mine.append(group)
     return DeviceMesh.from_group(mine, device_type, mesh=ranks, mesh_dim_names=DIMS)
+
+
+def _options(cuda: bool, timeout: timedelta):
+    """Backend options carrying our timeout, for groups a DeviceMesh makes itself."""
+    from torch._C._distributed_c10d import Backend
+
+    return Backend.Options("nccl" if cuda else "gloo", timeout)
 
 
 def teardown() -> None:

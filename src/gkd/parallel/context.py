@@ -1,0 +1,154 @@
+"""Context parallelism: every sequence of a micro-batch split along its tokens over the cp ranks.
+
+The padded length is cut into 2C equal chunks and rank r keeps chunks r and 2C-1-r: under a causal mask
+the early chunks attend to little and the late ones to much, so each rank gets the same work. Attention
+stays exact: each layer all-gathers the keys and values of the whole sequence (their gradients are summed
+back to the ranks that made them) and masks by the tokens' global positions; rotary embeddings use the
+global positions too. The split is plugged into transformers' attention interface as the implementation
+"gkd_cp", which falls back to SDPA whenever no split is active (generation, evaluation), so every family
+whose attention goes through that interface works, on gloo (CPU) and NCCL alike.
+
+Only what the loss needs is ever whole: the teacher's top-k rows of a remote server arrive whole and are
+split exactly as the tokens are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.distributed as dist
+
+from gkd.data import Batch
+
+NAME = "gkd_cp"
+_active = threading.local()
+
+
+class _GatherSeq(torch.autograd.Function):
+    """All-gather along the sequence dim (2) of [B, heads, T_local, d]; backward sums the gradient over
+    the group and keeps this rank's part (gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group, rank: int, size: int):
+        ctx.group, ctx.rank, ctx.local = group, rank, x.shape[2]
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.narrow(2, ctx.rank * ctx.local, ctx.local), None, None, None
+
+
+class ContextSplit:
+    """One micro-batch's split over the cp group: which global positions this rank holds."""
+
+    def __init__(self, batch: Batch, group, rank: int, size: int):
+        self.group, self.rank, self.size = group, rank, size
+        B, T = batch.input_ids.shape
+        chunk = -(-T // (2 * size))  # ceil: the padded length is a multiple of 2C
+        self.length = 2 * size * chunk
+        device = batch.input_ids.device
+        # the global positions each rank holds, in rank order (the order gathered keys arrive in)
+        self.owned = torch.stack([torch.cat([torch.arange(r * chunk, (r + 1) * chunk),
+                                             torch.arange((2 * size - 1 - r) * chunk, (2 * size - r) * chunk)])
+                                  for r in range(size)]).to(device)
+        self.mine = self.owned[rank]
+        valid = torch.zeros(B, self.length, dtype=torch.bool, device=device)
+        valid[:, :T] = batch.attention_mask.bool()
+        self.key_valid = valid[:, self.owned.flatten()]  # [B, T_padded] in gathered order
+        self.key_pos = self.owned.flatten()
+        self.batch = batch
+
+    def local(self, t: torch.Tensor | None, pad=0) -> torch.Tensor | None:
+        """This rank's positions of a [B, T, ...] tensor (padded to the split length with ``pad``)."""
+        if t is None:
+            return None
+        T = t.shape[1]
+        if T < self.length:
+            t = torch.cat([t, t.new_full((t.shape[0], self.length - T, *t.shape[2:]), pad)], dim=1)
+        return t.index_select(1, self.mine)
+
+    def local_batch(self) -> Batch:
+        b = self.batch
+        return Batch(self.local(b.input_ids), self.local(b.attention_mask), self.local(b.loss_mask, False),
+                     self.local(b.labels, -100), b.inputs, b.teacher_inputs, b.images)
+
+    def model_inputs(self) -> dict:
+        """The local tokens with their global positions (no 2D mask: attention masks by position)."""
+        b = self.local_batch()
+        B = b.input_ids.shape[0]
+        return {"input_ids": b.input_ids, "position_ids": self.mine.expand(B, -1)}
+
+    @contextlib.contextmanager
+    def active(self):
+        _active.split = self
+        try:
+            yield self
+        finally:
+            _active.split = None
+
+    def attention(self, module, query, key, value, scaling, sliding_window=None):
+        """Exact attention of this rank's queries against every key of the sequence."""
+        key = _GatherSeq.apply(key, self.group, self.rank, self.size)
+        value = _GatherSeq.apply(value, self.group, self.rank, self.size)
+        q_pos = self.mine[:, None]
+        k_pos = self.key_pos[None, :]
+        allowed = k_pos <= q_pos
+        if sliding_window:
+            allowed = allowed & (q_pos - k_pos < sliding_window)
+        mask = allowed[None, None] & self.key_valid[:, None, None, :]  # [B, 1, Tq, Tk]
+        groups = query.shape[1] // key.shape[1]
+        if groups > 1:
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    split = getattr(_active, "split", None)
+    if split is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    return split.attention(module, query, key, value, scaling, kwargs.get("sliding_window"))
+
+
+def _mask(*args, **kwargs):
+    if getattr(_active, "split", None) is not None:
+        return None  # attention masks by global position itself
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
+def check_context_parallel(model, cp: int) -> None:
+    """A one-line error for a model whose sequences cannot be split."""
+    from gkd.errors import GKDError
+    from gkd.models import adapter_for, unwrap
+
+    adapter = adapter_for(model)
+    if adapter.multimodal:
+        raise GKDError(f"--context_parallel_size {cp}: not supported yet for the {adapter.name} family (its image "
+                       "tokens and multimodal positions are not split)")
+    if not hasattr(unwrap(model).config, "_attn_implementation"):
+        raise GKDError(f"--context_parallel_size {cp}: {type(unwrap(model)).__name__} does not take an attention "
+                       "implementation")
+
+
+def use_context_parallel_attention(model) -> None:
+    """Route ``model``'s attention through the context-parallel implementation (SDPA when no split is on)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, _attention)
+    AttentionMaskInterface.register(NAME, _mask)
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = NAME
