@@ -96,17 +96,81 @@ class ContextSplit:
         """Exact attention of this rank's queries against every key of the sequence."""
         key = _GatherSeq.apply(key, self.group, self.rank, self.size)
         value = _GatherSeq.apply(value, self.group, self.rank, self.size)
-        q_pos = self.mine[:, None]
-        k_pos = self.key_pos[None, :]
-        allowed = k_pos <= q_pos
-        if sliding_window:
-            allowed = allowed & (q_pos - k_pos < sliding_window)
-        mask = allowed[None, None] & self.key_valid[:, None, None, :]  # [B, 1, Tq, Tk]
+        if query.device.type == "cpu" and not sliding_window:
+            return self._by_chunks(query, key, value, scaling), None
         groups = query.shape[1] // key.shape[1]
         if groups > 1:
             key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+        q_pos, k_pos = self.mine[:, None], self.key_pos[None, :]
+        allowed = k_pos <= q_pos  # a right-padded row's valid queries never reach its padding
+        if sliding_window:
+            allowed = allowed & (q_pos - k_pos < sliding_window)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
+
+    def _by_chunks(self, query, key, value, scaling):
+        """Without a [T_local, T] mask: keys in global order, and each of this rank's two query chunks
+        attends its causal prefix as a full block plus a causal diagonal block (flash kernels, merged by
+        their log-sum-exps)."""
+        order = torch.argsort(self.key_pos)
+        key, value = key.index_select(2, order), value.index_select(2, order)
+        c = self.length // (2 * self.size)
+        outs = []
+        for part, j in enumerate((self.rank, 2 * self.size - 1 - self.rank)):
+            q = query[:, :, part * c:(part + 1) * c]
+            end = (j + 1) * c
+            outs.append(_PrefixAttention.apply(q, key[:, :, :end], value[:, :, :end], scaling))
+        return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+
+
+class _PrefixAttention(torch.autograd.Function):
+    """Causal attention of the last ``Tq`` positions of a prefix of ``Tk`` keys (Tk a multiple of Tq):
+    keys before the query block are all visible, the block itself is causal. Two CPU flash-attention
+    calls merged by log-sum-exp; backward runs the flash backward of each with the merged output and
+    log-sum-exp, which is exact for a softmax over their union (as ring attention does). Grouped keys
+    and values are repeated to the query heads only transiently: what is kept for backward is the
+    key-value heads' size."""
+
+    @staticmethod
+    def forward(ctx, q, k_kv, v_kv, scale):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        ctx.groups = q.shape[1] // k_kv.shape[1]
+        k, v = _repeat(k_kv, ctx.groups), _repeat(v_kv, ctx.groups)
+        s = k.shape[2] - q.shape[2]
+        out, lse = flash(q, k[:, :, s:], v[:, :, s:], 0.0, True, scale=scale)
+        if s:
+            out_p, lse_p = flash(q, k[:, :, :s], v[:, :, :s], 0.0, False, scale=scale)
+            merged = torch.logaddexp(lse, lse_p)
+            out = (out * (lse - merged).exp()[..., None] + out_p * (lse_p - merged).exp()[..., None]).to(q.dtype)
+            lse = merged
+        ctx.save_for_backward(q, k_kv, v_kv, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k_kv, v_kv, out, lse = ctx.saved_tensors
+        k, v = _repeat(k_kv, ctx.groups), _repeat(v_kv, ctx.groups)
+        back = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        s = k.shape[2] - q.shape[2]
+        grad = grad.contiguous()
+        dq, dk, dv = back(grad, q, k[:, :, s:], v[:, :, s:], out, lse, 0.0, True, scale=ctx.scale)
+        if s:
+            dq_p, dk_p, dv_p = back(grad, q, k[:, :, :s], v[:, :, :s], out, lse, 0.0, False, scale=ctx.scale)
+            dq, dk, dv = dq + dq_p, torch.cat([dk_p, dk], dim=2), torch.cat([dv_p, dv], dim=2)
+        return dq, _unrepeat(dk, ctx.groups), _unrepeat(dv, ctx.groups), None
+
+
+def _repeat(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x.repeat_interleave(groups, dim=1) if groups > 1 else x
+
+
+def _unrepeat(grad: torch.Tensor, groups: int) -> torch.Tensor:
+    """The gradient of :func:`_repeat`: each key-value head's query-head copies summed."""
+    if groups == 1:
+        return grad
+    B, H, T, d = grad.shape
+    return grad.view(B, H // groups, groups, T, d).sum(2)
 
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
