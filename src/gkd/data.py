@@ -99,6 +99,9 @@ def _read_parquet(p: Path) -> Iterator[tuple[str, Any]]:
     return _read_table(rows, str(p))
 
 
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
 def read_rows(path: str, num_proc: int = 0) -> Iterator[tuple[str, Any]]:
     """(where, row) pairs from a JSONL/JSON/Parquet file, a saved ``datasets`` folder or a hub dataset ID
     (``org/name[@revision][:split]``, from the hub's cache; ``num_proc`` prepares it in parallel)."""
@@ -106,7 +109,7 @@ def read_rows(path: str, num_proc: int = 0) -> Iterator[tuple[str, Any]]:
     if not p.exists():
         from gkd import hub
 
-        if hub.looks_like_id(path):
+        if hub.looks_like_id(path) and p.suffix.lower() not in _FILE_SUFFIXES:  # a file name is a mistyped path
             return _read_table(hub.load_dataset_rows(path, num_proc), path)
         raise GKDError(f"dataset {path}: no such file or folder (nor a hub dataset ID org/name[@revision][:split])")
     if p.is_dir():

@@ -67,19 +67,18 @@ def snapshot(spec: str, repo_type: str = "model") -> Path:
     except Exception:  # noqa: BLE001 - not cached (huggingface_hub raises several types): try the hub
         pass
     what = "dataset" if repo_type == "dataset" else "model"
-    where = f"{repo}" + (f" at revision {rev}" if rev else "")
+    missing = (f"{what} {spec}: no such local path, and {repo}{f' at revision {rev}' if rev else ''} is not in the "
+               f"Hugging Face cache {cache}")
     if offline():
-        raise GKDError(f"{what} {spec}: {where} is not in the Hugging Face cache {cache} and HF_HUB_OFFLINE=1 "
-                       f"forbids downloading it; fetch it once with network (hf download {repo}"
-                       f"{' --repo-type dataset' if repo_type == 'dataset' else ''}) or set HF_HOME to a cache "
+        raise GKDError(f"{missing}; HF_HUB_OFFLINE=1 forbids downloading it: fetch it once with network (hf download "
+                       f"{repo}{' --repo-type dataset' if repo_type == 'dataset' else ''}) or set HF_HOME to a cache "
                        "that holds it")
     try:
         return Path(snapshot_download(**kw))
     except Exception as e:  # noqa: BLE001 - no network, unknown repo, gated repo, ...
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise GKDError(f"{what} {spec}: {where} is not in the Hugging Face cache {cache} and could not be "
-                       f"downloaded ({type(e).__name__}: {reason}); check the ID, or fetch it where there is "
-                       "network and set HF_HOME to that cache") from None
+        raise GKDError(f"{missing}, and downloading it failed ({type(e).__name__}: {reason}); check the ID, or "
+                       "fetch it where there is network and set HF_HOME to that cache") from None
 
 
 def model_folder(spec: str) -> Path:

@@ -50,7 +50,7 @@ def resolve(spec: str) -> tuple[Path, str | None]:
     if not p.exists():
         from gkd import hub
 
-        if hub.looks_like_id(spec):  # from the hub's cache (downloaded into it when online)
+        if hub.looks_like_id(spec) and p.suffix != ".gguf":  # from the hub's cache (downloaded into it when online)
             return hub.model_folder(spec), None
     raise GKDError(f"model {spec}: not a Hugging Face model folder, a hub ID (org/name[@revision]), a .gguf file, "
                    f"or '{SMOLLM2}'")
