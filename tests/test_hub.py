@@ -38,7 +38,11 @@ def hub_home(tiny, tmp_path, monkeypatch):
     return home
 
 
-def test_hub_ids_train_offline_from_the_cache(hub_home, tmp_path, capsys):
+def test_hub_ids_train_offline_from_the_cache(hub_home, tmp_path, capsys, monkeypatch):
+    import datasets
+
+    seen, real = [], datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: seen.append(k.get("num_proc")) or real(*a, **k))
     out = tmp_path / "run"
     rc = main(["train", "--model", "org/student", "--teacher_model", f"org/teacher@{REV1}", "--dataset", "org/data",
                "--output_dir", str(out), "--max_steps", "2", "--global_batch_size", "4", "--micro_batch_size", "4",
@@ -48,7 +52,14 @@ def test_hub_ids_train_offline_from_the_cache(hub_home, tmp_path, capsys):
     assert [m["step"] for m in read_metrics(out / "metrics.jsonl")] == [1, 2]
     assert (out / "final" / "config.json").is_file()
     assert (hub_home / "datasets").is_dir(), "datasets prepares the hub data under HF_HOME"
-    assert "not used" not in err  # --dataset_num_proc went to datasets
+    assert seen == [2] and "not used" not in err  # --dataset_num_proc went to datasets
+
+
+def test_dataset_num_proc_with_local_files_only_is_warned_about(tiny, tmp_path, capsys):
+    assert main(["train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["data"],
+                 "--output_dir", str(tmp_path / "o"), "--max_steps", "1", "--max_completion_length", "2",
+                 "--progress_bar", "false", "--dataset_num_proc", "4"]) == 0
+    assert "--dataset_num_proc 4 is not used" in capsys.readouterr().err
 
 
 def test_hub_dataset_split_and_revision(hub_home, tmp_path):
