@@ -180,7 +180,7 @@ def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
          "must be a multiple of --micro_batch_size"),
         (["--output_dir", "/proc/gkd-out"], "not writable"),
         (["--output_dir", str(Path(tiny["data"]) / "sub")], "not writable"),
-        (["--output_dir", str(tmp_path / "x"), "--resume_from_checkpoint", str(tmp_path / "nope")], "does not exist"),
+        (["--output_dir", str(tmp_path / "x"), "--resume_from_checkpoint", str(tmp_path / "nope")], "nope: no such folder"),
         (["--output_dir", str(tmp_path / "x"), "--teacher_model_server", "http://127.0.0.1:9"], "exactly one of"),
     ]
     for extra, needle in flag_cases:

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gkd import outdir
 from gkd.errors import GKDError
 
-_DONE = "gkd_checkpoint.json"  # written last: a folder without it is not a checkpoint
+_DONE = outdir.DONE  # written last: a folder without it is not a checkpoint
 
 
 def rng_state() -> dict:
@@ -61,11 +62,24 @@ def _sharded_state(model, optimizer) -> dict:
 
 def save(output_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int, par) -> Path:
     """Every rank writes its shards (torch.distributed.checkpoint) into a temp folder; rank 0 adds the
-    scheduler and trainer state, fsyncs, and renames it into place. Loadable on another mesh."""
-    import torch.distributed.checkpoint as dcp
-
+    scheduler and trainer state, fsyncs, and renames it into place. Loadable on another mesh. A failed
+    write (disk full, read-only folder) removes the temp folder and is one line; earlier checkpoints
+    are untouched."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
+    with outdir.writing(f"saving {final.name}", output_dir,
+                        cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True) if par.is_main else None):
+        _save(final, tmp, step, model, optimizer, scheduler, trainer_state, par)
+    if par.is_main:
+        with outdir.writing("removing old checkpoints", output_dir):
+            _prune(Path(output_dir), keep)
+    par.barrier()
+    return final
+
+
+def _save(final: Path, tmp: Path, step: int, model, optimizer, scheduler, trainer_state: dict, par) -> None:
+    import torch.distributed.checkpoint as dcp
+
     if par.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -82,31 +96,23 @@ def save(output_dir: Path, step: int, model, optimizer, scheduler, trainer_state
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():
+            outdir.delete_checkpoint(final)
         os.replace(tmp, final)
-        _prune(Path(output_dir), keep)
-    par.barrier()
-    return final
-
-
-def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    found = []
-    for p in Path(output_dir).glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and (p / _DONE).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
 
 
 def _prune(output_dir: Path, keep: int) -> None:
-    for _, p in _checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+    outdir.remove_leftovers(output_dir)  # what killed saves and prunes left (never counted, never kept)
+    for _, p in outdir.checkpoints(output_dir)[:-keep]:
+        outdir.delete_checkpoint(p)
 
 
 def resolve(spec: str, output_dir: Path) -> Path:
     """A checkpoint folder from --resume_from_checkpoint (a path, or 'latest' in output_dir)."""
     if spec == "latest":
-        found = _checkpoints(output_dir)
+        if not Path(output_dir).is_dir():
+            raise GKDError(f"--resume_from_checkpoint latest: --output_dir {output_dir} does not exist")
+        found = outdir.checkpoints(output_dir)
         if not found:
             raise GKDError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
         return found[-1][1]
@@ -153,15 +159,18 @@ def export(model, tokenizer, out_dir: Path, cfg, par) -> None:
     merged with --merge_lora)."""
     from gkd.models import save_pretrained_atomic
 
+    write = outdir.writing(f"writing the final model {Path(out_dir).name}", Path(out_dir).parent)
     if par.world == 1:
-        save_pretrained_atomic(model, tokenizer, out_dir, merge_lora=cfg.merge_lora, source=cfg.model)
+        with write:
+            save_pretrained_atomic(model, tokenizer, out_dir, merge_lora=cfg.merge_lora, source=cfg.model)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if par.is_main:
-        save_pretrained_atomic(_plain_copy(model, full, cfg), tokenizer, out_dir, merge_lora=cfg.merge_lora,
-                               source=cfg.model)
+        with write:
+            save_pretrained_atomic(_plain_copy(model, full, cfg), tokenizer, out_dir, merge_lora=cfg.merge_lora,
+                                   source=cfg.model)
     par.barrier()
 
 

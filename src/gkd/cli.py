@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import json
 import os
 import sys
@@ -16,9 +18,10 @@ from gkd.errors import GKDError
 
 @dataclass
 class EvalConfig:
-    model: str = _f("", "student: a Hugging Face model folder or a .gguf file")
-    teacher_model: str = _f("", "teacher: a Hugging Face model folder or a .gguf file")
-    dataset: list[str] = _f(None, "prompts (rows as for training; completions are ignored)", nargs="+")
+    model: str = _f("", "student: a Hugging Face model folder, a hub ID (org/name[@revision]), a .gguf file or smollm2")
+    teacher_model: str = _f("", "teacher: a Hugging Face model folder, a hub ID, a .gguf file or smollm2")
+    dataset: list[str] = _f(None, "prompts (rows as for training, files or hub IDs org/name[@revision][:split]; "
+                                  "completions are ignored)", nargs="+")
     beta: float = _f(0.5, "generalized JSD interpolation for the reported divergence")
     temperature: float = _f(0.9, "temperature of the reported divergence")
     max_completion_length: int = _f(128, "new tokens of the greedy completions")
@@ -28,16 +31,20 @@ class EvalConfig:
     output: str = _f("", "write the metrics as JSON here")
 
 
-def _eval_rows(paths, tokenizer, max_length, images, teacher_images):
-    """Prompt ids and each prompt's model inputs for the student and the teacher (None: text only)."""
+def _prompt_examples(paths, tokenizer, max_length, images=None, teacher_images=None):
+    """The rows' prompts (their images expanded as the student's processor does)."""
     from gkd.data import load_examples
 
-    rows = load_examples(paths, tokenizer, max_length=max_length, truncation_strategy="left", max_completion_length=1,
-                         warn=_warn, images=images, teacher_images=teacher_images)
-    prompts = [e.prompt_ids for e in rows]
-    if images is None:
-        return prompts, None, None
-    return prompts, [images(e.images) for e in rows], [(teacher_images or images)(e.images) for e in rows]
+    return [dataclasses.replace(e, completion_ids=None) for e in load_examples(
+        paths, tokenizer, max_length=max_length, truncation_strategy="left", max_completion_length=1, warn=_warn,
+        images=images, teacher_images=teacher_images)]
+
+
+def check_output_file(path: str) -> None:
+    """Fail before the work if the metrics file cannot be written (a missing or read-only folder)."""
+    folder = Path(path).absolute().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise GKDError(f"--output {path}: the folder {folder} does not exist or is not writable")
 
 
 def _warn(msg: str) -> None:
@@ -47,6 +54,8 @@ def _warn(msg: str) -> None:
 def cmd_eval(cfg: EvalConfig) -> dict:
     import torch
 
+    from gkd.config import check_types
+    from gkd.data import check_context, model_context
     from gkd.evaluate import evaluate, format_table
     from gkd.models import check_compatible, eos_ids, load_image_processing, load_model, load_tokenizer
 
@@ -55,18 +64,29 @@ def cmd_eval(cfg: EvalConfig) -> dict:
             raise GKDError(f"--{name} is required")
     if not cfg.dataset:
         raise GKDError("--dataset is required")
+    check_types(cfg)
     if not 0 <= cfg.beta <= 1 or cfg.temperature <= 0:
         raise GKDError("--beta must be in [0, 1] and --temperature > 0")
+    for name in ("batch_size", "max_completion_length", "max_length"):
+        if getattr(cfg, name) < 1:
+            raise GKDError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.output:
+        check_output_file(cfg.output)
     tok = load_tokenizer(cfg.model)
-    student, teacher = load_model(cfg.model, cfg.torch_dtype), load_model(cfg.teacher_model, cfg.torch_dtype)
-    check_compatible(tok, load_tokenizer(cfg.teacher_model), student, teacher)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images = load_image_processing(cfg.model, tok)
     theirs = load_image_processing(cfg.teacher_model, tok) if images is not None else None
     if images is not None and theirs is None:
         raise GKDError(f"--teacher_model {cfg.teacher_model} is text-only but the student reads images")
-    prompts, inputs, teacher_inputs = _eval_rows(cfg.dataset, tok, cfg.max_length, images,
-                                                 None if theirs is None or theirs.same_as(images) else theirs)
+    teacher_images = None if theirs is None or theirs.same_as(images) else theirs
+    examples = _prompt_examples(cfg.dataset, tok, cfg.max_length, images, teacher_images)
+    student, teacher = load_model(cfg.model, cfg.torch_dtype), load_model(cfg.teacher_model, cfg.torch_dtype)
+    check_compatible(tok, load_tokenizer(cfg.teacher_model), student, teacher)
+    check_context(examples, cfg.max_completion_length, True,
+                  {"student": model_context(student), "teacher": model_context(teacher)})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prompts = [e.prompt_ids for e in examples]
+    inputs = None if images is None else [images(e.images) for e in examples]
+    teacher_inputs = None if images is None else [(teacher_images or images)(e.images) for e in examples]
     metrics, _, _ = evaluate(student.to(device), teacher.to(device), prompts, eos_ids=eos_ids(tok, student),
                              pad_id=tok.pad_token_id, beta=cfg.beta, temperature=cfg.temperature,
                              max_new_tokens=cfg.max_completion_length, device=device, batch_size=cfg.batch_size,
@@ -211,7 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gkd: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        # the machine, not the program: a full disk, a read-only or forbidden folder, a taken port
+        print(f"gkd: error: {e.strerror} ({e.filename or 'no file named'})", file=sys.stderr)
+        return 2
     return 0
+
+
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                       errno.EADDRINUSE, errno.EADDRNOTAVAIL}
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,9 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # models
-    model: str = _f("", "student: a Hugging Face model folder or a .gguf file")
-    teacher_model: str = _f("", "teacher: a Hugging Face model folder or a .gguf file")
+    model: str = _f("", "student: a Hugging Face model folder, a hub ID (org/name[@revision]), a .gguf file or smollm2")
+    teacher_model: str = _f("", "teacher: a Hugging Face model folder, a hub ID (org/name[@revision]), a .gguf file "
+                                "or smollm2")
     torch_dtype: str = _f("float32", "dtype of both models' weights", choices=("float32", "bfloat16"))
     train_type: str = _f("full", "train all student weights, or LoRA adapters", choices=("full", "lora"))
     lora_rank: int = _f(8, "LoRA rank")
@@ -45,8 +47,10 @@ class TrainConfig:
     teacher_wire_dtype: str = _f("float32", "log-prob dtype of gkd serve's compact answers",
                                  choices=("float32", "float16"))
     # data
-    dataset: list[str] = _f(None, "training data: JSONL/JSON/Parquet files or saved datasets folders", nargs="+")
+    dataset: list[str] = _f(None, "training data: JSONL/JSON/Parquet files, saved datasets folders or hub dataset IDs "
+                                  "(org/name[@revision][:split])", nargs="+")
     val_dataset: list[str] = _f(None, "held-out data for evaluation (same formats)", nargs="+")
+    dataset_num_proc: int = _f(0, "processes that prepare a hub dataset (datasets' num_proc; 0 = one)")
     split_dataset_ratio: float = _f(0.0, "fraction of --dataset held out for evaluation when no --val_dataset")
     max_length: int = _f(1024, "maximum prompt length in tokens")
     truncation_strategy: str = _f("left", "prompts longer than --max_length: cut from the left, or drop the row",
@@ -103,18 +107,23 @@ class TrainConfig:
     loss_chunk_size: int = _f(0, "positions per lm_head chunk in the fused loss (0 = automatic)")
     # output
     output_dir: str = _f("output", "where checkpoints, metrics and the final student go")
+    overwrite_output_dir: bool = _f(False, "start afresh in an --output_dir that holds another run (its checkpoints, "
+                                           "metrics and final model are deleted first)")
     save_steps: int = _f(0, "checkpoint every N optimizer steps (0 = only at the end)")
     save_total_limit: int = _f(2, "keep this many newest checkpoints")
     resume_from_checkpoint: str = _f("", "a checkpoint folder, or 'latest' in --output_dir")
     logging_steps: int = _f(1, "log metrics every N optimizer steps")
     eval_steps: int = _f(0, "evaluate on the held-out set every N steps (0 = never during training)")
-    report_to: list[str] = _f(None, "metric sinks besides JSONL: tensorboard", nargs="*")
+    report_to: list[str] = _f(None, "metric sinks besides JSONL: tensorboard, wandb (WANDB_MODE=offline works "
+                                    "without an account)", nargs="*")
     progress_bar: bool = _f(True, "show a progress bar on the terminal")
 
     def validate(self) -> "TrainConfig":
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise GKDError(msg)
+
+        check_types(self)
 
         need(bool(self.model), "--model is required (a Hugging Face folder or a .gguf file)")
         need(bool(self.teacher_model) != bool(self.teacher_model_server),
@@ -147,6 +156,7 @@ class TrainConfig:
         need(self.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, got {self.max_grad_norm}")
         need(self.max_steps >= 0, f"--max_steps must be >= 0, got {self.max_steps}")
         need(self.max_steps > 0 or self.num_train_epochs > 0, "--num_train_epochs must be > 0 when --max_steps is 0")
+        need(self.dataset_num_proc >= 0, f"--dataset_num_proc must be >= 0, got {self.dataset_num_proc}")
         need(0.0 <= self.split_dataset_ratio < 1.0, f"--split_dataset_ratio must be in [0, 1), got {self.split_dataset_ratio}")
         need(self.lora_rank >= 1, f"--lora_rank must be >= 1, got {self.lora_rank}")
         need(0.0 <= self.lora_dropout < 1.0, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
@@ -164,7 +174,7 @@ class TrainConfig:
         need(self.nproc_per_node >= 1, f"--nproc_per_node must be >= 1, got {self.nproc_per_node}")
         need(self.distributed_timeout > 0, f"--distributed_timeout must be > 0, got {self.distributed_timeout}")
         for sink in self.report_to or []:
-            need(sink in ("tensorboard",), f"--report_to: unknown sink {sink!r} (known: tensorboard)")
+            need(sink in ("tensorboard", "wandb"), f"--report_to: unknown sink {sink!r} (known: tensorboard, wandb)")
         return self
 
     def grad_accumulation_steps(self, data_parallel: int = 1) -> int:
@@ -228,18 +238,59 @@ def _load_yaml(path: str) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+def _typed(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """A YAML value as its flag would give it: text is parsed by the flag's own converter, a YAML number
+    or boolean must already be of the field's type, and choices are checked. ``null`` is refused."""
+    typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if f.metadata.get("nargs"):
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise GKDError(f"{where}: {f.name} must be text or a list of text, got {value!r}")
+        return items
+    want = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "text"}.get(typ, typ)
+    if isinstance(value, str) and typ in ("bool", "int", "float"):
+        try:
+            value = {"bool": _parse_bool, "int": int, "float": float}[typ](value)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise GKDError(f"{where}: {f.name} must be {want}, got {value!r}") from None
+    ok = {"bool": lambda v: isinstance(v, bool),
+          "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "str": lambda v: isinstance(v, str)}.get(typ, lambda v: True)
+    if not ok(value):
+        raise GKDError(f"{where}: {f.name} must be {want}, got {value!r}")
+    if typ == "float":
+        value = float(value)
+    if "choices" in f.metadata and value not in f.metadata["choices"]:
+        raise GKDError(f"{where}: {f.name} must be one of {', '.join(map(str, f.metadata['choices']))}, got {value!r}")
+    return value
+
+
+def check_types(cfg) -> None:
+    """Python callers skip the flag parser: hold their values to the same types and choices. Floats must
+    also be finite (inf in a rate, temperature or epoch count only fails deep inside training)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None and f.metadata.get("nargs"):
+            continue
+        value = _typed(f, value, f"--{f.name}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise GKDError(f"--{f.name} must be a finite number, got {value}")
+        setattr(cfg, f.name, value)
+
+
 def build_config(cls, values: dict[str, Any], yaml_path: str | None = None):
-    """The dataclass from YAML values overridden by flag values, with unknown keys rejected."""
-    merged = _load_yaml(yaml_path) if yaml_path else {}
-    merged.update(values)
+    """The dataclass from YAML values overridden by flag values, with unknown keys rejected and YAML
+    values converted and checked exactly as the flags are."""
+    from_yaml = _load_yaml(yaml_path) if yaml_path else {}
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(merged) - set(known))
+    unknown = sorted(set(from_yaml) - set(known)) or sorted(set(values) - set(known))
     if unknown:
-        where = f"in {yaml_path}" if yaml_path else "among the flags"
+        where = f"in {yaml_path}" if unknown[0] in from_yaml else "among the flags"
         raise GKDError(f"unknown option {unknown[0]!r} {where}; see --help for the list")
-    for name, value in merged.items():
-        if known[name].metadata.get("nargs") and isinstance(value, str):
-            merged[name] = [value]
+    merged = {k: _typed(known[k], v, f"--config {yaml_path}") for k, v in from_yaml.items()}
+    for name, value in values.items():
+        merged[name] = [value] if known[name].metadata.get("nargs") and isinstance(value, str) else value
     return cls(**merged)
 
 

@@ -33,19 +33,45 @@ class Example:
 # --------------------------------------------------------------------------------------------------
 
 
+def _no_duplicate_keys(pairs):
+    """json's object hook: a key given twice would silently keep only its last value."""
+    keys = [k for k, _ in pairs]
+    dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    if dup is not None:
+        raise ValueError(f"duplicate key {dup!r}")
+    return dict(pairs)
+
+
+def _loads(text: str, where: str):
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as e:
+        raise GKDError(f"{where}: malformed JSON, line {e.lineno} column {e.colno}: {e.msg}") from None
+    except ValueError as e:  # a duplicate key
+        raise GKDError(f"{where}: {e} in one object (each field once)") from None
+    except RecursionError:
+        raise GKDError(f"{where}: JSON nested too deeply to read (a row is an object of plain text fields)") from None
+
+
+def _text(path: Path, data: bytes, offset: int = 0) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GKDError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {offset + e.start}); "
+                       "save the file as UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{n}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GKDError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+    with path.open("rb") as fh:
+        offset = 0
+        for n, raw in enumerate(fh, 1):
+            line = _text(path, raw, offset)
+            offset += len(raw)
+            if line.strip():
+                yield f"{path}:{n}", _loads(line, f"{path}:{n}")
 
 
-def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
-    data = json.loads(path.read_text(encoding="utf-8"))
+def _read_json(path: Path, data) -> Iterator[tuple[str, Any]]:
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if isinstance(data, dict):  # a single row
@@ -61,11 +87,32 @@ def _read_table(rows, name: str) -> Iterator[tuple[str, Any]]:
         yield f"{name} row {i}", dict(row)
 
 
-def read_rows(path: str) -> Iterator[tuple[str, Any]]:
-    """(where, row) pairs from a JSONL/JSON/Parquet file or a saved ``datasets`` folder."""
+def _read_parquet(p: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise GKDError(f"dataset {p}: reading Parquet needs `pip install pyarrow`") from None
+    try:
+        rows = pq.read_table(p).to_pylist()
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+        raise GKDError(f"dataset {p}: not a readable Parquet file ({type(e).__name__}: "
+                       f"{(str(e).splitlines() or [''])[0][:200]})") from None
+    return _read_table(rows, str(p))
+
+
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def read_rows(path: str, num_proc: int = 0) -> Iterator[tuple[str, Any]]:
+    """(where, row) pairs from a JSONL/JSON/Parquet file, a saved ``datasets`` folder or a hub dataset ID
+    (``org/name[@revision][:split]``, from the hub's cache; ``num_proc`` prepares it in parallel)."""
     p = Path(path)
     if not p.exists():
-        raise GKDError(f"dataset {path}: no such file or folder")
+        from gkd import hub
+
+        if hub.looks_like_id(path) and p.suffix.lower() not in _FILE_SUFFIXES:  # a file name is a mistyped path
+            return _read_table(hub.load_dataset_rows(path, num_proc), path)
+        raise GKDError(f"dataset {path}: no such file or folder (nor a hub dataset ID org/name[@revision][:split])")
     if p.is_dir():
         try:
             import datasets
@@ -85,22 +132,18 @@ def read_rows(path: str) -> Iterator[tuple[str, Any]]:
         return _read_jsonl(p)
     if suffix == ".json":
         # one JSON document holding a list, or JSON Lines saved as .json (common)
-        return _read_json(p) if _is_single_json(p) else _read_jsonl(p)
-    if suffix == ".parquet":
+        text = _text(p, p.read_bytes())
         try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise GKDError(f"dataset {path}: reading Parquet needs `pip install pyarrow`") from None
-        return _read_table(pq.read_table(p).to_pylist(), str(p))
-    raise GKDError(f"dataset {path}: unknown format {suffix!r} (use .jsonl, .json, .parquet or a datasets folder)")
-
-
-def _is_single_json(p: Path) -> bool:
-    try:
-        json.loads(p.read_text(encoding="utf-8"))
-        return True
-    except json.JSONDecodeError:
-        return False
+            data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        except json.JSONDecodeError:  # JSON Lines (or a mistake, which the line reader names)
+            return _read_jsonl(p)
+        except (ValueError, RecursionError):
+            _loads(text, str(p))  # a duplicate key or too deep: raises its one-line message
+        return _read_json(p, data)
+    if suffix == ".parquet":
+        return _read_parquet(p)
+    raise GKDError(f"dataset {path}: unknown format {suffix!r} (use .jsonl, .json, .parquet, a datasets folder "
+                   "or a hub dataset ID)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,6 +194,9 @@ def to_messages(where: str, row: Any) -> tuple[list[dict], bool]:
             if m["role"] not in _ROLES:
                 raise GKDError(f"{where}: messages[{i}].role must be one of {_ROLES}, got {m['role']!r}")
             out.append({"role": m["role"], "content": _check_content(where, f"messages[{i}].content", m["content"])})
+        if not any(m["role"] == "user" for m in out):
+            raise GKDError(f"{where}: no user turn in 'messages' (roles {[m['role'] for m in out]}); "
+                           "a prompt needs at least one {\"role\": \"user\"} message")
         has_completion = out[-1]["role"] == "assistant"
         if has_completion and not text_of(out[-1]["content"]).strip():
             raise GKDError(f"{where}: the completion (last assistant turn) is empty")
@@ -211,6 +257,15 @@ def tokenize(tokenizer, messages: list[dict], has_completion: bool,
     return prompt, completion
 
 
+def warn_unused_num_proc(paths: list[str], num_proc: int, warn=print) -> None:
+    if num_proc and all(Path(p).exists() for p in paths):
+        warn(f"[gkd] --dataset_num_proc {num_proc} is not used: it prepares hub datasets, and these are local files")
+
+
+def used_columns(row: dict) -> set[str]:
+    return {"messages", "images"} if "messages" in row else {"prompt", "completion", "images"}
+
+
 def _base(path: str) -> Path:
     """Where a dataset's relative image paths start: the file's folder (a saved datasets folder itself)."""
     p = Path(path)
@@ -218,17 +273,22 @@ def _base(path: str) -> Path:
 
 
 def load_examples(paths: list[str], tokenizer, *, max_length: int, truncation_strategy: str,
-                  max_completion_length: int, warn=print, images=None, teacher_images=None) -> list[Example]:
-    """Read, validate and tokenise every row; too-long prompts are cut from the left or dropped.
+                  max_completion_length: int, warn=print, num_proc: int = 0, images=None,
+                  teacher_images=None) -> list[Example]:
+    """Read, validate and tokenise every row; too-long prompts are cut from the left or dropped (either
+    way with a warning), and columns no row format uses are named in a warning.
 
     ``images`` (gkd.models.images.ImageProcessing, None for a text-only student) expands each image
     placeholder to the processor's token count; ``teacher_images`` must expand every image alike."""
     from gkd.render import row_images
 
-    examples, dropped = [], []
+    examples, dropped, cut = [], [], []
     for path in paths:
-        for where, row in read_rows(path):
+        unused: dict[str, str] = {}  # column -> first row holding it
+        for where, row in read_rows(path, num_proc):
             messages, has_completion = to_messages(where, row)
+            for col in sorted(set(row) - used_columns(row)):
+                unused.setdefault(col, where)
             messages, pics = row_images(where, row, messages, _base(path), multimodal=images is not None)
             prompt, completion = tokenize(tokenizer, messages, has_completion, where)
             if pics:
@@ -243,18 +303,53 @@ def load_examples(paths: list[str], tokenizer, *, max_length: int, truncation_st
                 if truncation_strategy == "delete" or pics:  # cutting would split an image's tokens
                     dropped.append(where)
                     continue
+                cut.append(where)
                 prompt = prompt[-max_length:]
             if completion is not None:
                 completion = completion[:max_completion_length]
             examples.append(Example(prompt, completion, where, pics))
+        if unused:
+            warn(f"[gkd] dataset {path}: column(s) {', '.join(repr(c) for c in unused)} are not used "
+                 f"(first at {next(iter(unused.values()))}); rows are read as 'messages' or 'prompt' + 'completion'")
     if not examples:
         raise GKDError(f"dataset {', '.join(paths)}: no usable rows"
                        + (f" (all {len(dropped)} prompts exceed --max_length {max_length})" if dropped else ""))
-    if dropped:
-        warn(f"[gkd] dropped {len(dropped)} row(s) whose prompt exceeds --max_length {max_length} "
-             f"(--truncation_strategy delete, or images in the prompt): "
-             f"{', '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''}")
+    for rows, what in ((dropped, "dropped {n} row(s) whose prompt exceeds --max_length {m} (--truncation_strategy "
+                                 "delete, or images in the prompt: cutting would split an image's tokens)"),
+                       (cut, "cut {n} prompt(s) longer than --max_length {m} to their last {m} tokens "
+                             "(--truncation_strategy left; 'delete' drops them instead)")):
+        if rows:
+            warn(f"[gkd] {what.format(n=len(rows), m=max_length)}: {', '.join(rows[:3])}{' ...' if len(rows) > 3 else ''}")
     return examples
+
+
+def longest_sequence(examples: list[Example], new_tokens: int, sampled: bool) -> tuple[int, Example]:
+    """The longest prompt + completion training can make, and its row: ``new_tokens`` for sampled completions
+    (``sampled``: on-policy or sequence-level KD steps happen) and for prompt-only rows, else the dataset's."""
+    def need(e: Example) -> int:
+        made = new_tokens if sampled or e.completion_ids is None else 0
+        return len(e.prompt_ids) + max(made, len(e.completion_ids or []))
+
+    row = max(examples, key=need)
+    return need(row), row
+
+
+def model_context(model) -> int | None:
+    """The positions a model was built for (max_position_embeddings), if it says."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    n = getattr(config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def check_context(examples: list[Example], new_tokens: int, sampled: bool, contexts: dict[str, int | None]) -> None:
+    """Refuse, before any work, sequences longer than a model's context (they would fail or crawl late)."""
+    longest, row = longest_sequence(examples, new_tokens, sampled)
+    for who, ctx in contexts.items():
+        if ctx is not None and longest > ctx:
+            raise GKDError(f"sequences reach {longest} tokens (prompt {len(row.prompt_ids)} at {row.source} + up to "
+                           f"{longest - len(row.prompt_ids)} completion tokens), beyond the {who}'s context of {ctx} "
+                           "positions (max_position_embeddings): lower --max_completion_length or --max_length")
 
 
 def split_examples(examples: list[Example], ratio: float, seed: int) -> tuple[list[Example], list[Example]]:

@@ -58,7 +58,7 @@ def main(argv: list[str]) -> dict:
                       temperature=0.9, max_completion_length=a.max_completion_length, micro_batch_size=4,
                       global_batch_size=8, learning_rate=a.learning_rate, lr_scheduler_type="cosine",
                       warmup_ratio=0.1, max_steps=a.max_steps, output_dir=str(out / "train"), save_steps=8,
-                      logging_steps=1, progress_bar=a.progress_bar)
+                      logging_steps=1, progress_bar=a.progress_bar, overwrite_output_dir=True)  # a demo starts afresh
     trainer = Trainer(cfg, log=print)
     print(f"[demo] distilling: {a.max_steps} steps of {cfg.global_batch_size} prompts, lmbda {cfg.lmbda}, "
           f"beta {cfg.beta}, temperature {cfg.temperature}")

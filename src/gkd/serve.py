@@ -12,6 +12,7 @@ import hmac
 import json
 import queue
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import Future
@@ -30,7 +31,7 @@ from gkd.wire import COMPACT, WIRE_DTYPES, encode_compact, encode_vllm_entry
 
 @dataclass
 class ServeConfig:
-    model: str = _f("", "teacher: a Hugging Face model folder or a .gguf file")
+    model: str = _f("", "teacher: a Hugging Face model folder, a hub ID (org/name[@revision]), a .gguf file or smollm2")
     host: str = _f("127.0.0.1", "address to bind (loopback unless you say otherwise)")
     port: int = _f(8000, "port to listen on")
     api_key: str = _f("", "require 'Authorization: Bearer KEY' on every request (or set GKD_API_KEY)")
@@ -41,15 +42,27 @@ class ServeConfig:
     max_prompts: int = _f(64, "most prompts in one request")
     max_request_bytes: int = _f(32 * 2**20, "largest accepted request body")
     max_batch_tokens: int = _f(8192, "padded tokens (rows x longest row) per batched forward")
-    max_logprob_entries: int = _f(2**23, "most log-probs (K x tokens) one request may ask for")
+    max_logprob_entries: int = _f(2**23, "most log-probs (K x tokens) one compact answer may hold")
+    max_json_logprob_entries: int = _f(2**17, "most log-probs (K x tokens) one vLLM-style JSON answer may hold "
+                                              "(~80 bytes each, and slow to build: 2^17 is ~10 MB, a few seconds)")
     batch_wait_ms: float = _f(5.0, "how long the first request of a batch waits for others to join")
+    request_timeout: float = _f(60.0, "seconds a client has to send one whole request (headers and body)")
+    drain_timeout: float = _f(30.0, "on SIGTERM: seconds in-flight requests may take to finish (idle "
+                                    "connections are closed at once)")
 
     def validate(self) -> "ServeConfig":
+        from gkd.config import check_types
+
+        check_types(self)
         if not self.model:
-            raise GKDError("--model is required (a Hugging Face folder or a .gguf file)")
-        for name in ("max_prompts", "max_request_bytes", "max_batch_tokens", "max_logprob_entries"):
+            raise GKDError("--model is required (a Hugging Face folder, a hub ID or a .gguf file)")
+        for name in ("max_prompts", "max_request_bytes", "max_batch_tokens", "max_logprob_entries",
+                     "max_json_logprob_entries"):
             if getattr(self, name) < 1:
                 raise GKDError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("request_timeout", "drain_timeout"):
+            if getattr(self, name) <= 0:
+                raise GKDError(f"--{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
             raise GKDError(f"--port must be in [0, 65535], got {self.port}")
         return self
@@ -159,6 +172,14 @@ class Scorer:
 class TeacherServer:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg.validate()
+        self.connections = Connections()
+        try:  # the port first: a taken one is known before the model loads
+            self.httpd = ThreadingHTTPServer((cfg.host, cfg.port), _handler_for(self))
+        except OSError as e:
+            raise GKDError(f"--host {cfg.host} --port {cfg.port}: cannot listen there ({e.strerror}); "
+                           "is another server on it? choose another --port") from None
+        # handler threads are not joined on exit: the drain decides how long they may take
+        self.httpd.daemon_threads = True
         self.tokenizer = load_tokenizer(cfg.model)
         self.model = load_model(cfg.model, cfg.torch_dtype).eval().requires_grad_(False)
         self.vocab = adapter_for(self.model).lm_head(self.model).shape[0]
@@ -170,8 +191,6 @@ class TeacherServer:
         self.images = load_image_processing(cfg.model, self.tokenizer)  # None: a text-only teacher
         self.scorer = Scorer(self.model, cfg.max_batch_tokens, cfg.batch_wait_ms / 1000)
         self._decoded: dict[int, str] = {}
-        self.httpd = ThreadingHTTPServer((cfg.host, cfg.port), _handler_for(self))
-        self.httpd.daemon_threads = False  # server_close() waits for in-flight requests (SIGTERM is graceful)
 
     @property
     def address(self) -> str:
@@ -189,15 +208,23 @@ class TeacherServer:
         return {"object": "list", "data": [{
             "id": self.name, "object": "model", "owned_by": "gkd", "max_model_len": self.max_model_len,
             "gkd": {"wire": [COMPACT], "dtypes": sorted(WIRE_DTYPES), "max_logprobs": self.max_logprobs,
+                    "max_logprob_entries": self.cfg.max_logprob_entries,
+                    "max_json_logprob_entries": self.cfg.max_json_logprob_entries,
                     "images": self.images is not None}}]}
 
     def tokenize(self, body: dict) -> dict:
         if "messages" in body:
             msgs = body["messages"]
-            if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
-                raise BadRequest("messages must be a list of {role, content} objects")
-            ids = self.tokenizer.apply_chat_template(
-                msgs, add_generation_prompt=bool(body.get("add_generation_prompt", True)), tokenize=True)
+            if not isinstance(msgs, list) or not msgs or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in msgs):
+                raise BadRequest("messages must be a non-empty list of {\"role\": text, \"content\": text} objects")
+            try:
+                ids = self.tokenizer.apply_chat_template(
+                    msgs, add_generation_prompt=bool(body.get("add_generation_prompt", True)), tokenize=True)
+            except Exception as e:  # noqa: BLE001 - the model's template rejects these messages (jinja raises)
+                raise BadRequest(f"the chat template cannot render these messages ({type(e).__name__}: "
+                                 f"{(str(e).splitlines() or [''])[0][:200]})") from None
             ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         else:
             prompt = body.get("prompt")
@@ -270,10 +297,14 @@ class TeacherServer:
         if entries > self.cfg.max_logprob_entries:
             raise BadRequest(f"{entries} log-probs requested (K x tokens); the limit is {self.cfg.max_logprob_entries} "
                              "(--max_logprob_entries): send fewer tokens per request")
+        wire = body.get("gkd_wire")
+        if k and wire is None and entries > self.cfg.max_json_logprob_entries:
+            raise BadRequest(f"{entries} log-probs requested (K x tokens) as JSON; the limit is "
+                             f"{self.cfg.max_json_logprob_entries} (--max_json_logprob_entries): send fewer tokens or a "
+                             "smaller K per request, or ask for the compact answer (gkd_wire)")
         max_tokens = body.get("max_tokens", 1)
         if max_tokens not in (0, 1) or isinstance(max_tokens, bool):
             raise BadRequest(f"max_tokens must be 0 or 1 (gkd serve scores prompts, it does not generate), got {max_tokens!r}")
-        wire = body.get("gkd_wire")
         rows_from = [0] * len(prompts)
         if wire is not None:
             if not isinstance(wire, dict) or wire.get("format") != COMPACT or wire.get("dtype", "float32") not in WIRE_DTYPES:
@@ -309,19 +340,71 @@ class TeacherServer:
     # --- lifecycle --------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        def on_term(signum, frame):  # finish in-flight requests, then leave serve_forever
+        def on_term(signum, frame):  # stop accepting; the drain below finishes what is in flight
             threading.Thread(target=self.httpd.shutdown, daemon=True).start()
 
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
         print(f"[gkd serve] {self.name} on {self.address} (vocabulary {self.vocab}, max_model_len "
               f"{self.max_model_len}, K <= {self.max_logprobs})", flush=True)
+        reaper = threading.Thread(target=self._reap, name="gkd-reaper", daemon=True)
+        reaper.start()
         try:
             self.httpd.serve_forever()
         finally:
+            self.drain()
             self.httpd.server_close()
             self.scorer.stop()
             print("[gkd serve] stopped", flush=True)
+
+    def _reap(self) -> None:
+        """Drop clients that take longer than --request_timeout to send a request (a per-read timeout alone
+        lets a client trickling a byte at a time hold a connection for ever)."""
+        while not self.connections.stopped:
+            self.connections.close(lambda phase, age: phase == "reading" and age > self.cfg.request_timeout)
+            time.sleep(0.2)
+
+    def drain(self) -> None:
+        """Close idle keep-alive connections now; give requests in flight --drain_timeout to finish."""
+        conns = self.connections
+        conns.draining = True
+        deadline = time.monotonic() + self.cfg.drain_timeout
+        while conns.close(lambda phase, age: phase == "idle") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        conns.close(lambda phase, age: True)
+        conns.stopped = True
+
+
+class Connections:
+    """Each open client connection and what it is doing: ``idle`` (waiting for its next request),
+    ``reading`` (a request is arriving) or ``working`` (being answered), and since when."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.phase: dict[socket.socket, tuple[str, float]] = {}
+        self.draining = self.stopped = False
+
+    def set(self, sock: socket.socket, phase: str) -> None:
+        with self.lock:
+            self.phase[sock] = (phase, time.monotonic())
+
+    def drop(self, sock: socket.socket) -> None:
+        with self.lock:
+            self.phase.pop(sock, None)
+
+    def close(self, which) -> int:
+        """Shut down the connections ``which(phase, age)`` picks (their blocked reads return at once);
+        returns how many connections are still open."""
+        now = time.monotonic()
+        with self.lock:
+            for sock, (phase, since) in list(self.phase.items()):
+                if which(phase, now - since):
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    del self.phase[sock]
+            return len(self.phase)
 
 
 def _handler_for(server: TeacherServer):
@@ -333,6 +416,34 @@ def _handler_for(server: TeacherServer):
 
         def log_message(self, fmt, *args):  # quiet: one line per request is noise for a scorer
             pass
+
+        def setup(self):
+            super().setup()
+            server.connections.set(self.connection, "idle")
+
+        def finish(self):
+            server.connections.drop(self.connection)
+            try:
+                super().finish()
+            except OSError:  # the client is gone (or was dropped)
+                pass
+
+        def handle_one_request(self):
+            conns = server.connections
+            conns.set(self.connection, "idle")
+            try:
+                if conns.draining or not self.rfile.peek(1):  # waits for the next request's first byte
+                    self.close_connection = True
+                    return
+                conns.set(self.connection, "reading")  # from here the whole request has --request_timeout
+                super().handle_one_request()
+            except OSError:  # timed out, reset, or shut down by the reaper or the drain
+                self.close_connection = True
+            if conns.draining:
+                self.close_connection = True
+
+        def _working(self) -> None:
+            server.connections.set(self.connection, "working")
 
         def _send(self, code: int, payload=None) -> None:
             data = b"" if payload is None else json.dumps(payload).encode()
@@ -356,6 +467,7 @@ def _handler_for(server: TeacherServer):
             return False
 
         def do_GET(self):
+            self._working()
             if not self._authorized():
                 return
             if self.path == "/health":
@@ -384,8 +496,13 @@ def _handler_for(server: TeacherServer):
                 self.close_connection = True
                 return self._error(400, f"request body of {length} bytes exceeds the limit "
                                         f"{server.cfg.max_request_bytes} (--max_request_bytes)")
+            raw = self.rfile.read(length)
+            if len(raw) < length:  # the client went away, or was dropped for taking too long
+                self.close_connection = True
+                return
+            self._working()
             try:
-                body = json.loads(self.rfile.read(length) or b"null")
+                body = json.loads(raw or b"null")
             except ValueError as e:
                 return self._error(400, f"malformed JSON body: {e}")
             if not isinstance(body, dict):

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import torch
 
-from gkd import checkpoint, parallel
+from gkd import checkpoint, outdir, parallel
 from gkd.config import TrainConfig
-from gkd.data import Example, collate, load_examples, split_examples
+from gkd.data import (Example, check_context, collate, load_examples, longest_sequence, model_context, split_examples,
+                      warn_unused_num_proc)
 from gkd.errors import GKDError
 from gkd.malloc import limit_heap_retention
 from gkd.metrics import MetricsLog, plot
 from gkd.models import (adapter_for, apply_lora, check_compatible, eos_ids, freeze_vision, load_image_processing,
-                        load_model, load_tokenizer)
+                        load_model, load_tokenizer, resolve)
 from gkd.remote_teacher import RemoteTeacher
 from gkd.rollout import HFSampler, SamplingConfig
 from gkd.step import LossArgs, MicroBatch, forward_backward
@@ -124,13 +125,16 @@ class Trainer:
         cfg.grad_accumulation_steps(par.dp_size)  # a one-line error unless the global batch splits
         parallel.check_options(cfg, par.world, par.tp)
         self.out = check_output_dir(cfg.output_dir)
+        path = checkpoint.resolve(cfg.resume_from_checkpoint, self.out) if cfg.resume_from_checkpoint else None
+        outdir.check_owner(self.out, path, cfg.overwrite_output_dir)  # one run per folder, before any work
         torch.manual_seed(cfg.seed)
 
         self.tokenizer = load_tokenizer(cfg.model)
         self.images, self.teacher_images = self._image_processing()
         data_kw = dict(max_length=cfg.max_length, truncation_strategy=cfg.truncation_strategy,
-                       max_completion_length=cfg.max_completion_length, warn=log, images=self.images,
-                       teacher_images=self.teacher_images)
+                       max_completion_length=cfg.max_completion_length, warn=log, num_proc=cfg.dataset_num_proc,
+                       images=self.images, teacher_images=self.teacher_images)
+        warn_unused_num_proc(cfg.dataset + (cfg.val_dataset or []), cfg.dataset_num_proc, log)
         examples = load_examples(cfg.dataset, self.tokenizer, **data_kw)
         if cfg.val_dataset:
             self.train_examples, self.val_examples = examples, load_examples(cfg.val_dataset, self.tokenizer, **data_kw)
@@ -142,6 +146,7 @@ class Trainer:
         self.loss_args = LossArgs(beta=cfg.beta, temperature=cfg.temperature, sft_alpha=cfg.sft_alpha,
                                   chunk_size=cfg.loss_chunk_size or None, tp_group=par.tp_group)
         self.teacher = self._remote_teacher() if cfg.teacher_model_server else self._local_teacher(student)
+        self._check_fits()
         torch.manual_seed(cfg.seed)  # rank 0 drew numbers while loading (LoRA init): every rank starts alike
         sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                   top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.global_batch_size)
@@ -163,10 +168,7 @@ class Trainer:
         self.start_step = 0
         self.bad_steps = 0
         self.memory = None  # per-rank MiB of parameters and optimizer state (largest rank), after step 1
-        if cfg.resume_from_checkpoint:
-            if not self.out.is_dir():
-                raise GKDError(f"--resume_from_checkpoint: --output_dir {cfg.output_dir} does not exist")
-            path = checkpoint.resolve(cfg.resume_from_checkpoint, self.out)
+        if path is not None:
             info = checkpoint.load(path, self.student, self.optimizer, self.scheduler, par)
             self.start_step, self.bad_steps = info["step"], info.get("bad_steps", 0)
             log(f"[gkd] resumed from {path} at step {self.start_step}")
@@ -219,6 +221,19 @@ class Trainer:
         check_compatible(self.tokenizer, load_tokenizer(cfg.teacher_model), student, teacher)
         return LocalTeacher(teacher, self.device, topk=cfg.gkd_logits_topk, offload=cfg.offload_teacher_model)
 
+    def _check_fits(self) -> None:
+        """Sequences within both contexts and K within the vocabulary: one line now, not a failure mid-run."""
+        cfg = self.cfg
+        contexts = {"student": model_context(self.student)}
+        if isinstance(self.teacher, LocalTeacher):
+            contexts["teacher"] = model_context(self.teacher.model)
+            vocab = self.teacher.model.config.get_text_config().vocab_size
+            if cfg.gkd_logits_topk > vocab:
+                raise GKDError(f"--gkd_logits_topk {cfg.gkd_logits_topk} exceeds the teacher's vocabulary of {vocab} "
+                               "tokens; use at most that (0 = the full vocabulary)")
+        check_context(self.train_examples + self.val_examples, cfg.max_completion_length,
+                      cfg.lmbda > 0 or cfg.seq_kd or bool(self.val_examples and cfg.eval_steps), contexts)
+
     def _remote_teacher(self) -> RemoteTeacher:
         cfg = self.cfg
         if cfg.lmbda < 1 and any(e.completion_ids is None for e in self.train_examples):
@@ -232,9 +247,7 @@ class Trainer:
         teacher = remote.connect(self.tokenizer)
         if any(e.images for e in self.train_examples + self.val_examples):
             teacher.check_images()
-        sampled = cfg.max_completion_length if cfg.lmbda > 0 else 0
-        teacher.check_fits(max(len(e.prompt_ids) + max(sampled, len(e.completion_ids or []))
-                               for e in self.train_examples))
+        teacher.check_fits(longest_sequence(self.train_examples, cfg.max_completion_length, cfg.lmbda > 0)[0])
         return teacher
 
     def _student_sampler(self, sampling: SamplingConfig):
@@ -250,8 +263,9 @@ class Trainer:
             return VLLMServerSampler(url, sampling, self.sampler.eos_ids, timeout=cfg.vllm_server_timeout,
                                      sync_dir=Path(cfg.vllm_sync_dir or self.out / "vllm-sync"), log=self.log,
                                      weight_sync=cfg.vllm_weight_sync, group_port=cfg.vllm_group_port)
-        path = cfg.model
-        if not (Path(path) / "config.json").is_file():  # GGUF or an alias: vLLM reads a HF folder
+        folder, gguf = resolve(cfg.model)  # a hub ID: its cached snapshot
+        path = str(folder)
+        if gguf:  # GGUF or an alias: vLLM reads a HF folder
             from gkd.vllm_rollout import write_vllm_folder
 
             tmp = tempfile.mkdtemp(prefix="gkd-vllm-student-")
@@ -396,9 +410,10 @@ class Trainer:
         main = self.par.is_main
         if main:
             prepare_output_dir(str(self.out))
+            outdir.claim(self.out, self.cfg.overwrite_output_dir)
         self.par.barrier()
         metrics = MetricsLog(self.out, tensorboard="tensorboard" in (cfg.report_to or []), resume_step=self.start_step,
-                             enabled=main)
+                             enabled=main, wandb_config=cfg.to_dict() if "wandb" in (cfg.report_to or []) else None)
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc="gkd train",
                    disable=not (cfg.progress_bar and main), dynamic_ncols=True)
         window, last = Window(), {}

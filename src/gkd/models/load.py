@@ -49,7 +49,13 @@ def resolve(spec: str) -> tuple[Path, str | None]:
         if not (p / "config.json").is_file():
             raise GKDError(f"model {spec}: folder has no config.json (expected a Hugging Face model folder)")
         return p, None
-    raise GKDError(f"model {spec}: not a Hugging Face model folder, a .gguf file, or '{SMOLLM2}'")
+    if not p.exists():
+        from gkd import hub
+
+        if hub.looks_like_id(spec) and p.suffix != ".gguf":  # from the hub's cache (downloaded into it when online)
+            return hub.model_folder(spec), None
+    raise GKDError(f"model {spec}: not a Hugging Face model folder, a hub ID (org/name[@revision]), a .gguf file, "
+                   f"or '{SMOLLM2}'")
 
 
 def load_tokenizer(spec: str):
@@ -218,15 +224,19 @@ def save_pretrained_atomic(model, tokenizer, out_dir: Path, merge_lora: bool = F
         import copy
 
         to_save = copy.deepcopy(model).merge_and_unload()
-    to_save.save_pretrained(str(tmp), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    if source is not None:
-        folder, gguf = resolve(source)
-        for name in PROCESSOR_FILES if gguf is None else ():
-            if (folder / name).is_file() and not (tmp / name).exists():
-                shutil.copyfile(folder / name, tmp / name)
-    _fsync_tree(tmp)
+    try:
+        to_save.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if source is not None:
+            folder, gguf = resolve(source)
+            for name in PROCESSOR_FILES if gguf is None else ():
+                if (folder / name).is_file() and not (tmp / name).exists():
+                    shutil.copyfile(folder / name, tmp / name)
+        _fsync_tree(tmp)
+    except BaseException:  # a full disk, say: no half-written folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
         old = out_dir.with_name(out_dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)

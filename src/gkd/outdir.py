@@ -1,0 +1,156 @@
+"""The output folder: one run per folder, leftovers of killed saves cleaned, write failures in one line.
+
+A run owns its ``--output_dir``. A fresh run refuses a folder that holds another run's checkpoints,
+metrics or final model (their step numbers would mix with its own: pruning would delete the newer run's
+checkpoints and ``latest`` would resume the other run); ``--overwrite_output_dir`` deletes them first,
+``--resume_from_checkpoint`` continues them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import re
+import shutil
+from pathlib import Path
+
+from gkd.errors import GKDError
+
+DONE = "gkd_checkpoint.json"  # the last file a checkpoint save writes
+_CKPT = re.compile(r"checkpoint-(\d+)")
+# what a run writes into its folder (anything else there is the user's and is left alone)
+_RUN_FILES = ("metrics.jsonl", "loss_curve.png", "final", "final.tmp", "final.old", "tensorboard", "wandb",
+              "vllm-sync")
+
+
+def checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (their marker written), oldest first."""
+    found = []
+    for p in Path(out).glob("checkpoint-*"):
+        m = _CKPT.fullmatch(p.name)
+        if m and (p / DONE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def leftovers(out: Path) -> list[Path]:
+    """What killed saves and prunes leave: temp folders, folders being deleted, and checkpoint folders
+    without their marker (a prune killed after it removed the marker). Never a complete checkpoint."""
+    out = Path(out)
+    found = [p for p in out.glob(".checkpoint-*") if p.name.endswith((".tmp", ".deleting"))]
+    found += [p for p in out.glob("checkpoint-*") if _CKPT.fullmatch(p.name) and p.is_dir() and not (p / DONE).exists()]
+    return found + [out / n for n in ("final.tmp", "final.old") if (out / n).exists()]
+
+
+def remove_leftovers(out: Path) -> None:
+    for p in leftovers(out):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def delete_checkpoint(path: Path) -> None:
+    """Renamed out of the checkpoint namespace first (atomic), then removed: a kill midway leaves a
+    ``.deleting`` folder that the next save removes, never a half-deleted ``checkpoint-N``."""
+    doomed = path.with_name(f".{path.name}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _other_run(out: Path) -> list[str]:
+    metrics = out / "metrics.jsonl"
+    held = [p.name for _, p in checkpoints(out)]
+    if metrics.is_file() and metrics.stat().st_size:
+        held.append(metrics.name)
+    if (out / "final").exists():
+        held.append("final")
+    return held
+
+
+def check_owner(out: Path, resume_from: Path | None, overwrite: bool) -> None:
+    """Refuse to mix runs in one folder (read-only: nothing is deleted here, see :func:`claim`)."""
+    out = Path(out)
+    if overwrite or not out.is_dir():
+        return
+    if resume_from is not None and resume_from.resolve().parent == out.resolve():
+        step = int(_CKPT.fullmatch(resume_from.name).group(1)) if _CKPT.fullmatch(resume_from.name) else None
+        newer = [p.name for s, p in checkpoints(out) if step is not None and s > step]
+        if newer:
+            raise GKDError(f"--resume_from_checkpoint {resume_from}: {out} holds newer checkpoints of this run "
+                           f"({', '.join(newer)}); resume from latest, or delete them to go back to step {step}")
+        return
+    held = _other_run(out)
+    if held:
+        shown = ", ".join(held[:4]) + (" ..." if len(held) > 4 else "")
+        how = ("start it in a new --output_dir" if resume_from is not None else
+               "continue that run with --resume_from_checkpoint latest, start afresh with --overwrite_output_dir true "
+               "(deletes them), or choose a new --output_dir")
+        raise GKDError(f"--output_dir {out} holds another run ({shown}); {how}")
+
+
+def claim(out: Path, overwrite: bool) -> None:
+    """Before the first write: with --overwrite_output_dir, delete what an earlier run wrote there."""
+    out = Path(out)
+    if overwrite and out.is_dir():
+        for _, p in checkpoints(out):
+            delete_checkpoint(p)
+        for name in _RUN_FILES:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    remove_leftovers(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Write failures (disk full, read-only, permissions) as one line
+# --------------------------------------------------------------------------------------------------
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e`` (torch.distributed.checkpoint wraps each rank's in a CheckpointException)."""
+    if isinstance(e, OSError):
+        return e
+    for failure in getattr(e, "failures", {}).values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, OSError):
+            return inner
+    cause = e.__cause__ or e.__context__
+    return _os_error(cause) if cause is not None else None
+
+
+def _free_mib(path: Path) -> str:
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return f"{shutil.disk_usage(probe).free / 2**20:.1f} MiB free"
+    except OSError:
+        return "free space unknown"
+
+
+def describe(what: str, where: Path, e: OSError) -> str:
+    name = e.filename or where
+    reason = e.strerror or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = f"{_free_mib(Path(where))} there; free some space or choose another --output_dir"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = "make the folder writable or choose another --output_dir"
+    else:
+        hint = "check the folder"
+    return f"{what} failed: {reason} ({name}); {hint}, then resume with --resume_from_checkpoint latest"
+
+
+@contextlib.contextmanager
+def writing(what: str, where: Path, cleanup=None):
+    """Run a write; an OSError (also one wrapped by torch.distributed.checkpoint) becomes one GKDError line
+    after ``cleanup`` (removing the half-written thing) has run."""
+    try:
+        yield
+    except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
+        err = _os_error(e) if not isinstance(e, (KeyboardInterrupt, SystemExit, GKDError)) else None
+        if cleanup is not None:
+            cleanup()
+        if err is None:
+            raise
+        raise GKDError(describe(what, Path(where), err)) from None

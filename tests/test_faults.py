@@ -1,0 +1,185 @@
+"""Fault injection: kill -9 at seeded points of checkpoint saves and of the final export, a disk that fills
+up mid-run (a small tmpfs in a private mount namespace) and an output folder remounted read-only mid-run.
+Each ends in one line or resumes exactly (the same losses), and no complete checkpoint is ever damaged."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from gkd.cli import main
+from gkd.metrics import read_metrics
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def train_args(tiny, out, *extra):
+    return ["train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["data"],
+            "--output_dir", str(out), "--max_completion_length", "4", "--micro_batch_size", "4",
+            "--global_batch_size", "8", "--progress_bar", "false", "--lmbda", "0.5", "--learning_rate", "1e-3",
+            "--lr_scheduler_type", "constant", "--save_total_limit", "2", *extra]
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(out / "metrics.jsonl")}
+
+
+def resume(tiny, out: Path, *extra) -> int:
+    """In this process, on one thread like the runs under test (OMP_NUM_THREADS=1): the same arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(train_args(tiny, out, *extra))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_checkpoints_intact(out: Path) -> list[int]:
+    """Every complete checkpoint is whole: its DCP metadata reads, each stored item lies within its file,
+    and the scheduler / RNG files load. Returns their steps."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    steps = []
+    for ck in sorted(out.glob("checkpoint-*")):
+        if not (ck / "gkd_checkpoint.json").is_file():
+            continue
+        meta = FileSystemReader(str(ck / "state")).read_metadata()
+        for item in meta.storage_data.values():
+            assert (ck / "state" / item.relative_path).stat().st_size >= item.offset + item.length, (ck, item)
+        torch.load(ck / "trainer.pt", weights_only=False)
+        torch.load(ck / "rng-0.pt", weights_only=False)
+        steps.append(json.loads((ck / "gkd_checkpoint.json").read_text())["step"])
+    return steps
+
+
+def assert_clean(out: Path, keep: int = 2) -> None:
+    assert not list(out.glob(".checkpoint-*")) and not (out / "final.tmp").exists() and not (out / "final.old").exists()
+    assert len(list(out.glob("checkpoint-*"))) <= keep
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(out / "final"))
+
+
+# --------------------------------------------------------------------------------------------------
+# kill -9 inside saves and the export
+# --------------------------------------------------------------------------------------------------
+
+
+def killed_run(tiny, out: Path, kill_at: int, count_file: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(ENV, GKD_KILL_AT=str(kill_at), **({"GKD_KILL_COUNT": str(count_file)} if count_file else {}))
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "killpoint.py"),
+                           *train_args(tiny, out, "--max_steps", "3", "--save_steps", "1")],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    """The run without faults: its losses, and how many traced lines its saves and its export execute."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    proc = killed_run(tiny, root / "out", 0, root / "count.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return losses(root / "out"), json.loads((root / "count.json").read_text())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_kill_9_in_a_save_or_the_export_then_resume(tiny, tmp_path, uninterrupted, seed):
+    reference, counts = uninterrupted
+    assert counts["save"] > 100 and counts["export"] > 100, counts
+    rng = random.Random(seed)
+    # even seeds inside one of the three saves (the third prunes), odd ones inside the export
+    kill_at = rng.randint(1, counts["save"]) if seed % 2 == 0 else counts["save"] + rng.randint(1, counts["export"])
+    out = tmp_path / "out"
+    proc = killed_run(tiny, out, kill_at)
+    assert proc.returncode == -9, (proc.returncode, proc.stderr[-2000:])
+
+    saved = assert_checkpoints_intact(out)
+    if (out / "final").is_dir():  # present only as a whole folder
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(str(out / "final"))
+    again = ("--resume_from_checkpoint", "latest") if saved else ("--overwrite_output_dir", "true")
+    assert resume(tiny, out, "--max_steps", "3", "--save_steps", "1", *again) == 0
+    assert losses(out) == reference, (kill_at, saved)  # exactly, every step
+    assert_clean(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# a full disk and a read-only folder, for real: a tmpfs in a private mount namespace
+# --------------------------------------------------------------------------------------------------
+
+
+def _namespace_available() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+needs_mounts = pytest.mark.skipif(not _namespace_available(), reason="no private mount namespace (unshare -m) here; "
+                                  "tests/test_output_dir.py simulates ENOSPC instead")
+
+
+def run_on_tmpfs(tiny, tmp_path, trigger: str, action: str) -> tuple[int, str, Path]:
+    """Train on a 16 MiB tmpfs; once ``trigger`` (a shell test) holds, run ``action`` (shell); returns the
+    exit code, the last stderr line and a copy of the output folder taken when the run ended."""
+    mnt, keep, log = tmp_path / "mnt", tmp_path / "kept", tmp_path / "stderr.txt"
+    mnt.mkdir()
+    cmd = " ".join(f"'{a}'" for a in [sys.executable, "-m", "gkd",
+                                       *train_args(tiny, mnt / "run", "--max_steps", "60", "--save_steps", "2")])
+    script = f"""
+set -u
+mount -t tmpfs -o size=16m tmpfs '{mnt}'
+cd '{ROOT}'
+{cmd} > /dev/null 2> '{log}' &
+pid=$!
+until {trigger} || ! kill -0 $pid 2>/dev/null; do sleep 0.01; done
+{action}
+wait $pid; rc=$?
+rm -f '{mnt}/filler'
+cp -a '{mnt}/run' '{keep}'
+exit $rc
+"""
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", script], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    lines = log.read_text().strip().splitlines()
+    return proc.returncode, lines[-1] if lines else proc.stderr, keep
+
+
+def assert_resumes_exactly(tiny, out: Path, reference: dict[int, float]) -> None:
+    """From the newest complete checkpoint, the next steps give the losses the faulted run logged, or the
+    uninterrupted run's (the same options but the step count and save interval, which change no loss)."""
+    expected = {**reference, **losses(out)}
+    last = max(assert_checkpoints_intact(out))
+    assert last + 1 in expected, (last, expected)
+    redo = [s for s in sorted(expected) if s > last][:2]
+    assert resume(tiny, out, "--max_steps", str(redo[-1]), "--save_steps", "2", "--resume_from_checkpoint", "latest") == 0
+    got = losses(out)
+    assert all(got[s] == expected[s] for s in redo), (redo, got, expected)
+    assert_clean(out)
+
+
+@needs_mounts
+@pytest.mark.parametrize("fault,action,says", [
+    # fill the disk, then free 64 KiB: metrics lines still fit, a checkpoint does not
+    ("disk full", "dd if=/dev/zero of='{mnt}/filler' bs=64k 2>/dev/null; truncate -s -64K '{mnt}/filler'",
+     ["saving checkpoint-", "failed: No space left on device", "MiB free there", "--resume_from_checkpoint latest"]),
+    ("read-only", "mount -o remount,ro '{mnt}'",
+     ["failed: Read-only file system", "make the folder writable", "--resume_from_checkpoint latest"]),
+])
+def test_disk_full_or_read_only_mid_run_is_one_line_and_keeps_the_checkpoints(tiny, tmp_path, uninterrupted, fault,
+                                                                             action, says):
+    mnt = tmp_path / "mnt"
+    rc, err, kept = run_on_tmpfs(tiny, tmp_path, trigger=f"[ -f '{mnt}/run/checkpoint-2/gkd_checkpoint.json' ]",
+                                 action=action.format(mnt=mnt))
+    assert rc == 2 and err.startswith("gkd: error: "), err
+    assert all(s in err for s in says), err
+    if fault == "disk full":  # (a read-only folder may keep one, if the remount fell inside a save: resume removes it)
+        assert not list(kept.glob(".checkpoint-*")), "the temp folder of a failed save is removed"
+    assert_resumes_exactly(tiny, kept, uninterrupted[0])

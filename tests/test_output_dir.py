@@ -1,0 +1,162 @@
+"""The output folder through the CLI: one run per folder, torn metrics lines, failed writes in one line,
+leftovers of killed prunes cleaned, and the Weights & Biases sink offline."""
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from gkd.cli import main
+from gkd.metrics import MetricsLog, read_metrics
+
+
+def train_args(tiny, out, *extra):
+    return ["train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["data"],
+            "--output_dir", str(out), "--max_completion_length", "4", "--micro_batch_size", "4",
+            "--global_batch_size", "8", "--progress_bar", "false", "--lmbda", "0", "--learning_rate", "1e-3", *extra]
+
+
+def listing(out: Path) -> dict:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.rglob("*"))}
+
+
+def steps(out: Path) -> list[int]:
+    return [m["step"] for m in read_metrics(out / "metrics.jsonl")]
+
+
+def checkpoints(out: Path) -> list[str]:
+    return sorted(p.name for p in out.glob("checkpoint-*"))
+
+
+def test_a_folder_holding_another_run_is_refused_or_overwritten_never_mixed(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(train_args(tiny, out, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "5")) == 0
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"] and steps(out) == [1, 2, 3, 4]
+    before = listing(out)
+    capsys.readouterr()
+
+    # a new run there: refused in one line, the folder untouched
+    assert main(train_args(tiny, out, "--max_steps", "3", "--save_steps", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds another run" in err and "checkpoint-4" in err, err
+    assert "--resume_from_checkpoint latest" in err and "--overwrite_output_dir" in err
+    assert listing(out) == before
+
+    # asked for: the old run is deleted first, and only the new run's steps and checkpoints remain
+    assert main(train_args(tiny, out, "--max_steps", "3", "--save_steps", "1", "--overwrite_output_dir", "true")) == 0
+    assert steps(out) == [1, 2, 3] and checkpoints(out) == ["checkpoint-2", "checkpoint-3"]
+    assert json.loads((out / "checkpoint-3" / "gkd_checkpoint.json").read_text())["step"] == 3
+
+    # latest is this run's newest; going back past a newer checkpoint of the run is refused
+    capsys.readouterr()
+    assert main(train_args(tiny, out, "--max_steps", "3", "--resume_from_checkpoint", str(out / "checkpoint-2"))) == 2
+    err = capsys.readouterr().err
+    assert "newer checkpoints of this run (checkpoint-3)" in err, err
+    assert main(train_args(tiny, out, "--max_steps", "4", "--resume_from_checkpoint", "latest")) == 0
+    assert "resumed from" in capsys.readouterr().err and steps(out) == [1, 2, 3, 4]
+
+
+def test_a_torn_last_metrics_line_does_not_block_plot_or_resume(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(train_args(tiny, out, "--max_steps", "2", "--save_steps", "1")) == 0
+    with open(out / "metrics.jsonl", "ab") as fh:
+        fh.write(b'{"step": 3, "loss": 0.12')  # a kill or a full disk mid-line
+    (out / "loss_curve.png").unlink()
+    assert main(["plot", str(out)]) == 0 and (out / "loss_curve.png").is_file()
+    assert main(train_args(tiny, out, "--max_steps", "3", "--resume_from_checkpoint", "latest")) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["step"] for ln in lines] == [1, 2, 3]  # every line whole again
+
+    lines.insert(1, '{"step": 1.5, "lo')  # damage in the middle is not a torn tail: named, not skipped
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert main(["plot", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("metrics.jsonl:2: not a JSON line (the file is damaged; remove that line)"), err
+
+
+def test_a_metrics_line_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    log = MetricsLog(tmp_path)
+    log.log(1, {"loss": 1.0})
+    real_write = os.write
+
+    def half_then_full(fd, data):  # the disk fills in the middle of the line
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    from gkd.errors import GKDError
+
+    with pytest.raises(GKDError, match="writing metrics failed: No space left on device .*MiB free"):
+        log.log(2, {"loss": 0.5})
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.jsonl").read_text() == json.dumps({"step": 1, "loss": 1.0}) + "\n"
+
+
+def test_disk_full_during_a_checkpoint_save_is_one_line_and_leaves_no_temp_folder(tiny, tmp_path, capsys, monkeypatch):
+    """A simulated ENOSPC inside torch.distributed.checkpoint's writer (tests/test_faults.py fills a real tmpfs)."""
+    from torch.distributed.checkpoint import filesystem
+
+    real = filesystem.FileSystem.create_stream
+
+    def create_stream(self, path, mode):
+        if ".checkpoint-2.tmp" in str(path) and "w" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(self, path, mode)
+
+    monkeypatch.setattr(filesystem.FileSystem, "create_stream", create_stream)
+    out = tmp_path / "out"
+    assert main(train_args(tiny, out, "--max_steps", "3", "--save_steps", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "saving checkpoint-2 failed: No space left on device" in err and "MiB free" in err, err
+    assert "--resume_from_checkpoint latest" in err
+    assert not list(out.glob(".checkpoint-*")) and checkpoints(out) == ["checkpoint-1"]
+    monkeypatch.undo()
+    assert main(train_args(tiny, out, "--max_steps", "3", "--resume_from_checkpoint", "latest")) == 0
+    assert steps(out) == [1, 2, 3]
+
+
+def test_an_orphan_from_a_killed_prune_is_cleaned_and_never_counted(tiny, tmp_path):
+    out = tmp_path / "out"
+    assert main(train_args(tiny, out, "--max_steps", "2", "--save_steps", "1", "--save_total_limit", "5")) == 0
+    # a prune killed midway: the marker of checkpoint-1 is gone, its other files are not
+    (out / "checkpoint-1" / "gkd_checkpoint.json").unlink()
+    (out / ".checkpoint-0.deleting").mkdir()
+    assert main(train_args(tiny, out, "--max_steps", "4", "--save_steps", "1", "--save_total_limit", "2",
+                           "--resume_from_checkpoint", "latest")) == 0
+    assert checkpoints(out) == ["checkpoint-3", "checkpoint-4"]
+    assert not list(out.glob(".checkpoint-*"))
+
+
+def test_report_to_wandb_offline(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is installed by scripts/setup.sh (the wandb extra)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    assert main(train_args(tiny, out, "--max_steps", "2", "--report_to", "wandb", "tensorboard")) == 0
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((out / "wandb").rglob("*"))
+    logged = b"".join(f.read_bytes() for f in runs[0].glob("*.wandb"))
+    assert b"top1_agreement" in logged and b"divergence" in logged  # the metrics went to the run
+    run_id = (out / "wandb" / "gkd_run_id").read_text().strip()
+    assert runs[0].name.endswith(run_id)
+    assert list((out / "tensorboard").glob("events.*"))
+
+
+def test_report_to_wandb_without_the_package_is_one_line(tiny, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *a, **k):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    assert main(train_args(tiny, tmp_path / "out", "--max_steps", "1", "--report_to", "wandb")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install" in err and "wandb" in err, err
