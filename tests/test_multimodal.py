@@ -185,10 +185,12 @@ def test_training_against_a_server_teacher_with_images(vl, qwen_server, tmp_path
 
 def test_lora_keeps_a_frozen_vision_tower_untouched(vl, tmp_path):
     t = Trainer(cfg_for(vl, "qwen2_vl", tmp_path / "lora", train_type="lora", lora_rank=4, freeze_vit=True,
-                        freeze_aligner=True, lmbda=0.5), log=quiet)
+                        freeze_aligner=True, lmbda=0.5, split_dataset_ratio=0.25, eval_steps=2), log=quiet)
     names = [n for n, _ in t.student.named_modules() if n.endswith("lora_A")]
     assert names and not any("visual" in n for n in names), names
     t.train()
+    evals = [m for m in read_metrics(t.out / "metrics.jsonl") if "eval_divergence" in m]
+    assert evals and evals[-1]["eval_divergence"] > 0  # held-out image rows evaluated during training
     full = Trainer(cfg_for(vl, "qwen2_vl", tmp_path / "frozen", freeze_vit=True, freeze_aligner=False), log=quiet)
     before = weights(full)
     full.train()
