@@ -25,6 +25,9 @@ MESHES = {  # name: (processes, flags, the single-process run it must equal)
     "tp2": (2, ["--tensor_model_parallel_size", "2"], "single"),
     "fsdp2xtp2": (4, ["--tensor_model_parallel_size", "2"], "single"),
     "fsdp2-lora": (2, LORA, "single-lora"),
+    "hsdp2x2": (4, ["--data_parallel_replicate_size", "2"], "single"),
+    # gradients kept whole until the step's last micro-batch, layers gathered per decoded token
+    "fsdp2-late-sync": (2, ["--reduce_scatter_every_micro_batch", "false", "--gather_for_generation", "false"], "single"),
 }
 ENV = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
 
@@ -187,3 +190,26 @@ def test_generation_config_survives_loading_on_several_processes(tiny, tmp_path)
     run([sys.executable, "-m", "gkd", *args])
     exported = json.loads((tmp_path / "o" / "final" / "generation_config.json").read_text())
     assert exported["eos_token_id"] == [4, 2] and exported["repetition_penalty"] == 1.3
+
+
+@pytest.mark.parametrize("fixed_ranks", [False, True])
+def test_two_nodes_equal_one_process(tiny, runs, tmp_path, fixed_ranks):
+    """Two "machines" on 127.0.0.1 (one process each) meet at a rendezvous and train as one job."""
+    out = tmp_path / "nodes"
+    endpoint = f"127.0.0.1:{free_port()}"
+    procs = []
+    for node in range(2):
+        args = ["--nnodes", "2", "--rdzv_endpoint", endpoint, "--rdzv_id", f"job-{fixed_ranks}"]
+        if fixed_ranks:
+            args += ["--node_rank", str(node)]
+        procs.append(subprocess.Popen([sys.executable, "-m", "gkd", *train_args(tiny, out, *args)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    single = runs["single"]
+    la, lb = losses(single), losses(out)
+    assert all(abs(la[s] - lb[s]) <= 1e-5 for s in la), (la, lb)
+    wa, wb = final_weights(single), final_weights(out)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=k)

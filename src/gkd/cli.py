@@ -126,10 +126,11 @@ def check_launch(cfg: TrainConfig, world: int) -> None:
     check_options(cfg, world, cfg.tensor_model_parallel_size)
 
 
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """`gkd train --nproc_per_node N`: the same command in N processes on this machine (torchrun's
-    launcher, in this process). A worker's own one-line error is the whole report; the exit code is the
-    first failed worker's (2 for a user mistake)."""
+def launch_torchrun(nproc: int, argv: list[str], cfg: TrainConfig) -> int:
+    """`gkd train --nproc_per_node N [--nnodes M --rdzv_endpoint HOST:PORT]`: the same command in N
+    processes on this machine (torchrun's launcher, in this process), which meet the other machines' at
+    the rendezvous. A worker's own one-line error is the whole report; the exit code is the first failed
+    worker's (2 for a user mistake)."""
     import logging
     import signal
     import uuid
@@ -141,8 +142,14 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # workers report for themselves
     # as torchrun does: the processes share the cores instead of each taking them all
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0)
+    if cfg.nnodes == 1:
+        rdzv = dict(run_id=uuid.uuid4().hex, rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0")
+    elif cfg.node_rank >= 0:  # fixed ranks: the endpoint is node 0's
+        rdzv = dict(run_id=cfg.rdzv_id, rdzv_backend="static", rdzv_endpoint=cfg.rdzv_endpoint,
+                    rdzv_configs={"rank": cfg.node_rank})
+    else:
+        rdzv = dict(run_id=cfg.rdzv_id, rdzv_backend="c10d", rdzv_endpoint=cfg.rdzv_endpoint)
+    config = LaunchConfig(min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, nproc_per_node=nproc, max_restarts=0, **rdzv)
     try:
         elastic_launch(config, sys.executable)("-m", "gkd", *argv)
     except ChildFailedError as e:
@@ -171,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             p = parser_for(TrainConfig, "gkd train", "Distil a teacher into a student with GKD.")
             ns = vars(p.parse_args(rest))
             cfg = build_config(TrainConfig, {k: v for k, v in ns.items() if k != "config"}, ns.get("config"))
-            if cfg.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
-                check_launch(cfg.validate(), cfg.nproc_per_node)  # flag mistakes in one line, before any process
-                return launch_torchrun(cfg.nproc_per_node, argv)
+            if (cfg.nproc_per_node > 1 or cfg.nnodes > 1) and "LOCAL_RANK" not in os.environ:
+                # flag mistakes in one line, before any process
+                check_launch(cfg.validate(), cfg.nproc_per_node * cfg.nnodes)
+                return launch_torchrun(cfg.nproc_per_node, argv, cfg)
             cmd_train(cfg)
         elif command == "eval":
             p = parser_for(EvalConfig, "gkd eval", "Held-out metrics of a student against a teacher.")

@@ -84,6 +84,10 @@ class TrainConfig:
     vllm_group_port: int = _f(51216, "server mode, group sync: port the server listens on for the weight-sync group")
     # parallelism (launch with torchrun, or --nproc_per_node here); data-parallel shard size = the rest
     nproc_per_node: int = _f(1, "processes on this machine: gkd train runs itself under torchrun with N processes")
+    nnodes: int = _f(1, "machines in the job (each runs the same gkd train command; needs --rdzv_endpoint)")
+    node_rank: int = _f(-1, "this machine's rank in [0, --nnodes) (-1: assigned by the rendezvous)")
+    rdzv_endpoint: str = _f("", "HOST:PORT every machine reaches for the rendezvous (a node of the job)")
+    rdzv_id: str = _f("gkd", "the job's name at the rendezvous: the same on every machine of one job")
     tensor_model_parallel_size: int = _f(1, "tensor parallel: attention heads, MLP and vocabulary split over N processes")
     data_parallel_replicate_size: int = _f(1, "data-parallel groups holding whole copies (the other data-parallel "
                                               "processes shard the weights, FSDP)")
@@ -91,6 +95,11 @@ class TrainConfig:
     context_parallel_size: int = _f(1, "context parallel: every sequence's tokens split over N processes (exact "
                                        "attention; load-balanced head and tail chunks)")
     expert_model_parallel_size: int = _f(1, "reserved: expert parallelism is not built yet")
+    reduce_scatter_every_micro_batch: bool = _f(True, "FSDP: reduce-scatter the gradients after every micro-batch "
+                                                 "(false: keep them whole until the step's last one: fewer "
+                                                 "collectives, a whole gradient's memory on every rank)")
+    gather_for_generation: bool = _f(True, "FSDP: gather the student once for a whole HF generation instead of "
+                                           "each layer for every decoded token (false: less memory)")
     distributed_timeout: float = _f(600.0, "seconds a collective may wait for the other processes before failing")
     # optimisation
     micro_batch_size: int = _f(1, "sequences per forward/backward")
@@ -172,6 +181,11 @@ class TrainConfig:
              "--vllm_tensor_parallel_size must be >= 1, --vllm_max_model_len and --vllm_kv_cache_memory_mb >= 0")
         need(self.vllm_server_timeout > 0, f"--vllm_server_timeout must be > 0, got {self.vllm_server_timeout}")
         need(self.nproc_per_node >= 1, f"--nproc_per_node must be >= 1, got {self.nproc_per_node}")
+        need(self.nnodes >= 1, f"--nnodes must be >= 1, got {self.nnodes}")
+        need(self.nnodes == 1 or ":" in self.rdzv_endpoint,
+             f"--nnodes {self.nnodes} needs --rdzv_endpoint HOST:PORT (a machine of the job every other one reaches)")
+        need(-1 <= self.node_rank < self.nnodes, f"--node_rank must be in [0, --nnodes {self.nnodes}) or -1, "
+                                                 f"got {self.node_rank}")
         need(self.distributed_timeout > 0, f"--distributed_timeout must be > 0, got {self.distributed_timeout}")
         for sink in self.report_to or []:
             need(sink in ("tensorboard", "wandb"), f"--report_to: unknown sink {sink!r} (known: tensorboard, wandb)")

@@ -33,13 +33,15 @@ STATS = ("loss", "divergence", "sft", "agree", "sft_tokens")
 
 
 def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher, args: LossArgs, normaliser: float,
-                     skip_empty: bool, dims=None) -> torch.Tensor:
+                     skip_empty: bool, dims=None, reduce_scatter_each: bool = True) -> torch.Tensor:
     """Accumulates the gradients of sum(token losses) / ``normaliser`` over the micro-batches; returns this
     rank's sums of STATS (float64). ``skip_empty``: a micro-batch with no completion token is skipped
     (only where no other rank waits for this one's collectives). ``dims`` (gkd.parallel.Parallel): with
-    context parallelism each sequence is split over the cp ranks and this rank scores its tokens."""
+    context parallelism each sequence is split over the cp ranks and this rank scores its tokens. Under
+    FSDP only the last micro-batch syncs gradients over the replicas (and, unless ``reduce_scatter_each``,
+    over the shards)."""
     stats = torch.zeros(len(STATS), dtype=torch.float64)
-    for mb in micro_batches:
+    for i, mb in enumerate(micro_batches):
         batch = mb.batch
         if skip_empty and batch.tokens == 0:
             continue
@@ -60,6 +62,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
                 hidden, weight, **scored.loss_kwargs(), labels=labels, sft_alpha=args.sft_alpha, beta=args.beta,
                 temperature=args.temperature, mask=mask, reduction="sum", normalizer=normaliser,
                 chunk_size=args.chunk_size, tp_group=args.tp_group)
+            parallel.sync_gradients(student, last=i == len(micro_batches) - 1, reduce_scatter_each=reduce_scatter_each)
             out.loss.backward()
         stats += torch.tensor([float(out.loss.detach()), float(out.divergence_sum), float(out.sft_sum),
                                float(out.agree_count), float((labels[mask] >= 0).sum())], dtype=torch.float64)

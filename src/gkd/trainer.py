@@ -124,6 +124,9 @@ class Trainer:
             limit_heap_retention()
         cfg.grad_accumulation_steps(par.dp_size)  # a one-line error unless the global batch splits
         parallel.check_options(cfg, par.world, par.tp)
+        if par.dp_mesh is None and not (cfg.reduce_scatter_every_micro_batch and cfg.gather_for_generation):
+            self.log("[gkd] --reduce_scatter_every_micro_batch / --gather_for_generation apply to FSDP only: "
+                     "this run does not shard the student")
         self.out = check_output_dir(cfg.output_dir)
         path = checkpoint.resolve(cfg.resume_from_checkpoint, self.out) if cfg.resume_from_checkpoint else None
         outdir.check_owner(self.out, path, cfg.overwrite_output_dir)  # one run per folder, before any work
@@ -289,7 +292,8 @@ class Trainer:
         ids = list(range(first, first + len(rows)))
         if lmbda_draw(self.cfg.seed, step) < self.cfg.lmbda:
             self.rollout.seed = sample_seed(self.cfg.seed, step, 0)
-            drawn = self.rollout.generate(self.student, prompts, ids, inputs)
+            with parallel.gathered_for_generation(self.student, self.cfg.gather_for_generation and not self.cfg.use_vllm):
+                drawn = self.rollout.generate(self.student, prompts, ids, inputs)
             return self.par.share_in_tp(drawn), [True] * len(rows)
         completions = [None if self.cfg.seq_kd else r.completion_ids for r in rows]
         if not self._teacher_completes:
@@ -326,7 +330,8 @@ class Trainer:
                  for m in (slice(m0, m0 + cfg.micro_batch_size) for m0 in range(0, len(rows), cfg.micro_batch_size))]
         # with sharded weights every rank must join each forward, so only a single process skips
         stats = forward_backward(micro, self.student, self.adapter, self.teacher, self.loss_args, float(n_tokens),
-                                 skip_empty=self.par.world == 1, dims=self.par)
+                                 skip_empty=self.par.world == 1, dims=self.par,
+                                 reduce_scatter_each=cfg.reduce_scatter_every_micro_batch)
         stats = self.par.loss_reduce(stats)
         loss_total = float(stats[0])
 

@@ -58,6 +58,23 @@ def shard_teacher(model, par: Parallel) -> None:
         fsdp(model, par.shard_mesh)
 
 
+def sync_gradients(model, last: bool, reduce_scatter_each: bool = True) -> None:
+    """Before a micro-batch's backward (see gkd.parallel.fsdp.sync_gradients); nothing without FSDP."""
+    from gkd.parallel.fsdp import sync_gradients as fsdp
+
+    fsdp(model, last, reduce_scatter_each)
+
+
+def gathered_for_generation(model, enabled: bool = True):
+    """A context in which ``model``'s FSDP units stay gathered (one all-gather per generation instead of
+    one per decoded token and layer); a no-op without FSDP or when not ``enabled``."""
+    import contextlib
+
+    from gkd.parallel.fsdp import gathered
+
+    return gathered(model) if enabled else contextlib.nullcontext(model)
+
+
 def check_model(model, par: Parallel, lora: bool) -> None:
     """Fail before the teacher is loaded when the student cannot be split."""
     if par.cp > 1:
@@ -71,4 +88,4 @@ def check_model(model, par: Parallel, lora: bool) -> None:
 
 
 __all__ = ["Parallel", "check_options", "setup", "teardown", "load_sharded", "local", "local_mib", "clip_grad_norm",
-           "shard_student", "shard_teacher", "check_model"]
+           "shard_student", "shard_teacher", "check_model", "sync_gradients", "gathered_for_generation"]

@@ -10,6 +10,8 @@ whole optimizer step on every rank (gkd.losses' normalizer), so the sum is the e
 
 from __future__ import annotations
 
+import contextlib
+
 from gkd.models.adapter import adapter_for
 
 
@@ -35,3 +37,36 @@ def shard_teacher(model, dp_mesh) -> None:
 
     for unit in adapter_for(model).fsdp_units(model):
         fully_shard(unit, mesh=dp_mesh, reshard_after_forward=True)
+
+
+def _units(model):
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def sync_gradients(model, last: bool, reduce_scatter_each: bool) -> None:
+    """Before a micro-batch's backward: only the step's last one all-reduces over the replicas (HSDP/DDP);
+    the others accumulate, which is exact because gradients are summed. The reduce-scatter over the shard
+    ranks happens for every micro-batch unless ``reduce_scatter_each`` is off, which keeps whole
+    (unsharded) gradients on every rank until the last one: fewer collectives, more memory."""
+    for unit in _units(model):
+        unit.set_requires_all_reduce(last, recurse=False)
+        if not reduce_scatter_each:
+            unit.set_requires_gradient_sync(last, recurse=False)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """The model's FSDP units gathered once for a whole generation, instead of once per decoded token
+    per layer; resharded (and freed) afterwards."""
+    units = _units(model)
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
+            unit.reshard()
