@@ -162,7 +162,7 @@ def test_a_killed_rank_ends_the_job_and_leaves_the_last_checkpoint(tiny, tmp_pat
 
 @pytest.mark.parametrize("mistake,message", [
     (["--global_batch_size", "3"], "--global_batch_size 3 must be a multiple of --micro_batch_size 2 x data-parallel"),
-    (["--eval_steps", "2"], "--eval_steps with 2 processes is not supported yet"),
+    (["--eval_steps", "2", "--tensor_model_parallel_size", "2"], "--eval_steps with tensor or context parallelism"),
     (["--dataset", "/nonexistent/rows.jsonl"], "/nonexistent/rows.jsonl: no such file"),  # found by the workers
 ])
 def test_mistakes_under_several_processes_are_one_line(tiny, tmp_path, mistake, message):
@@ -213,3 +213,19 @@ def test_two_nodes_equal_one_process(tiny, runs, tmp_path, fixed_ranks):
     wa, wb = final_weights(single), final_weights(out)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_evaluation_during_training_is_sharded_and_equals_one_process(tiny, tmp_path):
+    """--eval_steps with FSDP = 2: each rank evaluates its share of the held-out rows (5 rows: one rank
+    pads), the sums are reduced, and the metrics equal one process's."""
+    evals = {}
+    for name, extra in (("one", []), ("two", ["--nproc_per_node", "2"])):
+        out = tmp_path / name
+        run([sys.executable, "-m", "gkd", *train_args(tiny, out, "--eval_steps", "2", "--split_dataset_ratio", "0.3",
+                                                      "--global_batch_size", "4", *extra)])
+        evals[name] = [m for m in read_metrics(out / "metrics.jsonl") if "eval_divergence" in m]
+    assert [m["step"] for m in evals["one"]] == [2, 4] == [m["step"] for m in evals["two"]]
+    for a, b in zip(evals["one"], evals["two"]):
+        for key in ("eval_divergence", "eval_top1_agreement", "eval_teacher_logprob_of_student",
+                    "eval_student_completion_length"):
+            assert abs(a[key] - b[key]) <= 1e-5, (key, a, b)

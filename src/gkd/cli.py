@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from pathlib import Path
 
 from gkd.config import TrainConfig, _f, build_config, parser_for
 from gkd.errors import GKDError
+
+ERROR_DIR = "GKD_ERROR_DIR"  # where workers under `gkd train --nproc_per_node` leave their one-line errors
 
 
 @dataclass
@@ -150,9 +153,19 @@ def launch_torchrun(nproc: int, argv: list[str], cfg: TrainConfig) -> int:
     else:
         rdzv = dict(run_id=cfg.rdzv_id, rdzv_backend="c10d", rdzv_endpoint=cfg.rdzv_endpoint)
     config = LaunchConfig(min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, nproc_per_node=nproc, max_restarts=0, **rdzv)
+    import tempfile
+
+    # workers leave their one-line errors here and this launcher prints one of them: printed by every rank
+    # they would come once per process (the same mistake stops them all)
+    errors = Path(tempfile.mkdtemp(prefix="gkd-errors-"))
+    os.environ[ERROR_DIR] = str(errors)
     try:
         elastic_launch(config, sys.executable)("-m", "gkd", *argv)
     except ChildFailedError as e:
+        said = sorted(errors.glob("rank-*.txt"), key=lambda f: int(f.stem.split("-")[1]))
+        if said:
+            print(f"gkd: error: {said[0].read_text()}", file=sys.stderr)
+            return 2
         rank, first = min(e.failures.items(), key=lambda kv: kv[1].timestamp)
         if first.exitcode < 0:  # killed: it could not say why itself
             print(f"gkd: error: process {rank} was killed by {signal.Signals(-first.exitcode).name}", file=sys.stderr)
@@ -161,6 +174,8 @@ def launch_torchrun(nproc: int, argv: list[str], cfg: TrainConfig) -> int:
     except (KeyboardInterrupt, SignalException):
         print("gkd: interrupted", file=sys.stderr)
         return 130
+    finally:
+        shutil.rmtree(errors, ignore_errors=True)
     return 0
 
 
@@ -230,9 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise GKDError(f"unknown command {command!r}; choose train, eval, prune, plot or demo")
     except GKDError as e:
+        if os.environ.get(ERROR_DIR) and "RANK" in os.environ:  # under gkd's own launcher: it reports
+            Path(os.environ[ERROR_DIR], f"rank-{os.environ['RANK']}.txt").write_text(str(e))
+            return 2
         if int(os.environ.get("RANK", "0")):
-            # the same mistake stops every rank: rank 0 reports it and the launcher then stops this one
-            # while it waits; it speaks only if rank 0 did not fail
+            # under plain torchrun the same mistake stops every rank: rank 0 reports it and the launcher
+            # then stops this one while it waits; it speaks only if rank 0 did not fail
             time.sleep(2)
         print(f"gkd: error: {e}", file=sys.stderr)
         return 2

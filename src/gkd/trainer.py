@@ -391,16 +391,22 @@ class Trainer:
         }
 
     def evaluate(self) -> dict:
-        """Held-out metrics (gkd.evaluate) on --val_dataset / the split, prefixed with eval_."""
+        """Held-out metrics (gkd.evaluate) on --val_dataset / the split, prefixed with eval_; with several
+        data-parallel ranks each takes its share of the rows and the sums are reduced."""
         from gkd.evaluate import evaluate
 
-        prompts = [e.prompt_ids for e in self.val_examples]
-        inputs, teacher_inputs = self._row_inputs(self.val_examples)
+        rows = self.val_examples
+        per = -(-len(rows) // self.par.dp_size)  # every rank the same count: they share each forward
+        mine = rows[self.par.dp_rank * per:(self.par.dp_rank + 1) * per]
+        counted = [True] * len(mine) + [False] * (per - len(mine))
+        mine = mine + [rows[-1]] * (per - len(mine))
+        inputs, teacher_inputs = self._row_inputs(mine)
         metrics, self._eval_teacher_completions, _ = evaluate(
-            self.student, self.teacher.model, prompts, eos_ids=self.sampler.eos_ids, pad_id=self.tokenizer.pad_token_id,
-            beta=self.cfg.beta, temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_completion_length,
-            device=self.device, batch_size=self.cfg.global_batch_size,
-            teacher_completions=self._eval_teacher_completions, inputs=inputs, teacher_inputs=teacher_inputs)
+            self.student, self.teacher.model, [e.prompt_ids for e in mine], eos_ids=self.sampler.eos_ids,
+            pad_id=self.tokenizer.pad_token_id, beta=self.cfg.beta, temperature=self.cfg.temperature,
+            max_new_tokens=self.cfg.max_completion_length, device=self.device, batch_size=self.cfg.global_batch_size,
+            teacher_completions=self._eval_teacher_completions, inputs=inputs, teacher_inputs=teacher_inputs,
+            counted=counted, reduce=self.par.dp_reduce if self.par.world > 1 else None)
         self.student.train()
         return {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, float)}
 

@@ -141,8 +141,9 @@ def check_options(cfg, world: int, tp: int) -> None:
     """Options that several processes do not support (yet), as one-line errors."""
     if world == 1:
         return
-    if cfg.eval_steps:
-        raise GKDError(f"--eval_steps with {world} processes is not supported yet; run gkd eval on the final folder")
+    if cfg.eval_steps and (tp > 1 or cfg.context_parallel_size > 1):
+        raise GKDError(f"--eval_steps with tensor or context parallelism is not supported yet (data parallel and FSDP "
+                       "are); run gkd eval on the final folder")
     if cfg.offload_teacher_model and torch.cuda.is_available():
         raise GKDError(f"--offload_teacher_model with {world} processes is not supported yet (the teacher's layers "
                        "are sharded over the data-parallel ranks instead)")
