@@ -81,12 +81,13 @@ def test_same_loss_as_hf_backend_for_the_same_completions(pair, tmp_path, monkey
     vllm_trainer = Trainer(_cfg(pair, tmp_path / "v", max_steps=1), log=lambda *_: None)
     drawn = {}
     original = vllm_trainer.rollout.generate
-    vllm_trainer.rollout.generate = lambda model, prompts, rows: drawn.setdefault("c", original(model, prompts, rows))
+    vllm_trainer.rollout.generate = lambda model, prompts, rows, inputs=None: drawn.setdefault(
+        "c", original(model, prompts, rows, inputs))
     from gkd.trainer import Window
 
     loss_vllm = vllm_trainer.train_step(0, Window())
     hf_trainer = Trainer(_cfg(pair, tmp_path / "h", max_steps=1, use_vllm=False), log=lambda *_: None)
-    hf_trainer.rollout.generate = lambda model, prompts, rows: drawn["c"]
+    hf_trainer.rollout.generate = lambda model, prompts, rows, inputs=None: drawn["c"]
     loss_hf = hf_trainer.train_step(0, Window())
     assert loss_vllm == pytest.approx(loss_hf, rel=1e-6)
 
@@ -199,3 +200,41 @@ def test_each_data_parallel_rank_samples_its_rows_with_its_own_engine(pair, tmp_
     wb = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=k)
+
+
+@pytest.mark.dist
+def test_server_mode_with_two_training_processes_equals_one(pair, tmp_path, vllm_server):
+    """FSDP over 2 processes against one vLLM server: each rank samples its rows there, rank 0 sends the
+    weights gathered from the shards (by file and by process group); the same losses and weights as one
+    training process against the same server."""
+    from safetensors.torch import load_file
+
+    from gkd.metrics import read_metrics
+
+    port = vllm_server[0]
+
+    def args(out, sync, *extra):
+        return ["train", "--model", pair["student"], "--teacher_model", pair["teacher"], "--dataset", pair["data"],
+                "--output_dir", str(out), "--lmbda", "1", "--micro_batch_size", "2", "--global_batch_size", "4",
+                "--max_completion_length", "8", "--learning_rate", "3e-2", "--lr_scheduler_type", "constant",
+                "--max_steps", "3", "--progress_bar", "false", "--use_vllm", "true", "--vllm_mode", "server",
+                "--vllm_server_port", str(port), "--vllm_weight_sync", sync, "--vllm_group_port", str(free_port()),
+                *extra]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for sync in ("path", "group"):
+        one = subprocess.run([sys.executable, "-m", "gkd", *args(tmp_path / f"one-{sync}", sync)],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert one.returncode == 0, one.stderr[-3000:]
+        two = subprocess.run([sys.executable, "-m", "gkd", *args(tmp_path / f"two-{sync}", sync, "--nproc_per_node", "2")],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert two.returncode == 0, two.stderr[-3000:]
+        a = read_metrics(tmp_path / f"one-{sync}" / "metrics.jsonl")
+        b = read_metrics(tmp_path / f"two-{sync}" / "metrics.jsonl")
+        assert [m["on_policy_share"] for m in a] == [1.0] * 3
+        for x, y in zip(a, b, strict=True):
+            assert abs(x["loss"] - y["loss"]) <= 1e-5 and x["completion_length"] == y["completion_length"], (x, y)
+        wa = load_file(str(tmp_path / f"one-{sync}" / "final" / "model.safetensors"))
+        wb = load_file(str(tmp_path / f"two-{sync}" / "final" / "model.safetensors"))
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=k)

@@ -265,7 +265,8 @@ class Trainer:
             url = cfg.vllm_server_base_url or f"http://{cfg.vllm_server_host}:{cfg.vllm_server_port}"
             return VLLMServerSampler(url, sampling, self.sampler.eos_ids, timeout=cfg.vllm_server_timeout,
                                      sync_dir=Path(cfg.vllm_sync_dir or self.out / "vllm-sync"), log=self.log,
-                                     weight_sync=cfg.vllm_weight_sync, group_port=cfg.vllm_group_port)
+                                     weight_sync=cfg.vllm_weight_sync, group_port=cfg.vllm_group_port,
+                                     par=self.par)
         folder, gguf = resolve(cfg.model)  # a hub ID: its cached snapshot
         path = str(folder)
         if gguf:  # GGUF or an alias: vLLM reads a HF folder

@@ -84,6 +84,12 @@ def write_vllm_folder(model, tokenizer, folder: Path) -> Path:
     return folder
 
 
+def _text_only(inputs: list[dict] | None) -> None:
+    """The trainer refuses image rows with --use_vllm before training; this guards other callers."""
+    if inputs and any(inputs):
+        raise GKDError("vLLM sampling of rows with images is not supported yet; use HF generate (--use_vllm false)")
+
+
 def _cut_at_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
     for j, t in enumerate(tokens):
         if t in eos_ids:
@@ -157,7 +163,9 @@ class VLLMColocateSampler:
                                         max_tokens=c.max_new_tokens, stop_token_ids=self.eos_ids,
                                         seed=row_seed(self.seed, row))
 
-    def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None) -> list[list[int]]:
+    def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None,
+                 inputs: list[dict] | None = None) -> list[list[int]]:
+        _text_only(inputs)
         rows = list(range(len(prompts))) if rows is None else rows
         if self.stale:
             self.sync(model)
@@ -182,7 +190,8 @@ class VLLMServerSampler:
     CPU, NCCL on GPUs; the server listens for it on ``group_port``)."""
 
     def __init__(self, base_url: str, cfg: SamplingConfig, eos_ids: list[int], *, sync_dir: Path, timeout: float,
-                 max_in_flight: int = 16, log=print, weight_sync: str = "path", group_port: int = 51216):
+                 max_in_flight: int = 16, log=print, weight_sync: str = "path", group_port: int = 51216,
+                 par=None):
         from gkd.remote_teacher import ServerClient
 
         self.client = ServerClient(base_url, None, timeout, retries=2)
@@ -190,7 +199,12 @@ class VLLMServerSampler:
         self.sync_dir = Path(sync_dir)
         self.pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="gkd-rollout")
         self.seed = 0
-        self.run_id = uuid.uuid4().hex[:12]  # versions name this trainer, so another's sync is not mistaken for ours
+        # with several training processes (``par``) every rank samples its own rows; rank 0 alone sends the
+        # weights, which every rank gathers from its shards
+        self.par = par
+        self.sender = par is None or par.is_main
+        # versions name this trainer, so another's sync is not mistaken for ours (one name for all ranks)
+        self.run_id = self._shared(uuid.uuid4().hex[:12])
         self.weight_sync, self.group_port, self.timeout = weight_sync, group_port, timeout
         self.group = self._store = None  # (weight_sync "group") the group with the server's workers, at first sync
         self.version = 0
@@ -225,11 +239,33 @@ class VLLMServerSampler:
             raise GKDError(f"vLLM server {self.client.url}: workers hold different weight versions {sorted(versions)}")
         return versions.pop()
 
+    def _shared(self, value):
+        """Rank 0's ``value`` on every training process."""
+        if self.par is None or self.par.world == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any training process (all take the same branch)."""
+        if self.par is None or self.par.world == 1:
+            return flag
+        t = torch.tensor(int(flag))
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t)
+
     def sync(self, model) -> None:
         self.version += 1
-        got = self._sync_group(model) if self.weight_sync == "group" else self._sync_path(model)
-        if got != {self._tag()}:
-            raise GKDError(f"vLLM server {self.client.url}: weight sync to version {self._tag()} answered {sorted(got)}")
+        if not self.sender:  # take part in gathering the shards; rank 0 sends
+            for _ in export_weights(model):
+                pass
+        else:
+            got = self._sync_group(model) if self.weight_sync == "group" else self._sync_path(model)
+            if got != {self._tag()}:
+                raise GKDError(f"vLLM server {self.client.url}: weight sync to version {self._tag()} answered "
+                               f"{sorted(got)}")
+        self._shared(None)  # no rank samples before the server holds the new weights
         self.stale = False
 
     def _sync_group(self, model) -> set[str]:
@@ -302,17 +338,19 @@ class VLLMServerSampler:
             self.sync(model)
             return
         server = self._server_version()
-        if server != self._tag():  # restarted, or another trainer synced: never sample stale weights
+        if self._any(server != self._tag()):  # restarted, or another trainer synced: never sample stale weights
             self.log(f"[gkd] vLLM server {self.client.url} holds weight version {server}, expected "
                      f"{self._tag()}: re-syncing")
             self.sync(model)
 
-    def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None) -> list[list[int]]:
+    def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None,
+                 inputs: list[dict] | None = None) -> list[list[int]]:
+        _text_only(inputs)
         rows = list(range(len(prompts))) if rows is None else rows
         for _ in range(3):
             self._ensure_current(model)
             out = self._sample(prompts, rows)
-            if self._server_version() == self._tag():  # nothing swapped the weights while we sampled
+            if not self._any(self._server_version() != self._tag()):  # nothing swapped the weights meanwhile
                 return out
         raise GKDError(f"vLLM server {self.client.url}: its weights kept changing during sampling "
                        "(is another trainer using it?)")

@@ -147,13 +147,10 @@ def check_options(cfg, world: int, tp: int) -> None:
     if cfg.offload_teacher_model and torch.cuda.is_available():
         raise GKDError(f"--offload_teacher_model with {world} processes is not supported yet (the teacher's layers "
                        "are sharded over the data-parallel ranks instead)")
-    if cfg.use_vllm and cfg.vllm_mode == "server":
-        raise GKDError(f"--vllm_mode server with {world} processes is not supported yet; use --vllm_mode colocate "
-                       "(one engine per --vllm_tensor_parallel_size ranks)")
     if cfg.use_vllm and cfg.context_parallel_size > 1:
         raise GKDError("--use_vllm with --context_parallel_size > 1 is not supported yet (HF generate samples; "
                        "generation is not split over the context-parallel ranks)")
-    if cfg.use_vllm and tp % cfg.vllm_tensor_parallel_size:
+    if cfg.use_vllm and cfg.vllm_mode == "colocate" and tp % cfg.vllm_tensor_parallel_size:
         raise GKDError(f"--vllm_tensor_parallel_size {cfg.vllm_tensor_parallel_size} must divide "
                        f"--tensor_model_parallel_size {tp}: the ranks of one vLLM engine must hold the same prompts")
 
