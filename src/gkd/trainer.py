@@ -222,7 +222,8 @@ class Trainer:
         teacher = parallel.load_sharded(lambda: load_model(cfg.teacher_model, cfg.torch_dtype), lambda m: m,
                                         lambda m: parallel.shard_teacher(m, par), par)
         check_compatible(self.tokenizer, load_tokenizer(cfg.teacher_model), student, teacher)
-        return LocalTeacher(teacher, self.device, topk=cfg.gkd_logits_topk, offload=cfg.offload_teacher_model)
+        return LocalTeacher(teacher, self.device, topk=cfg.gkd_logits_topk, offload=cfg.offload_teacher_model,
+                            log=self.log)
 
     def _check_fits(self) -> None:
         """Sequences within both contexts and K within the vocabulary: one line now, not a failure mid-run."""
