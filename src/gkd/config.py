@@ -56,6 +56,8 @@ class TrainConfig:
     lmbda: float = _f(0.5, "probability that a generation cycle is on-policy (student samples the completions)")
     temperature: float = _f(0.9, "temperature of the divergence and of sampling")
     sft_alpha: float = _f(0.0, "weight of the cross-entropy on dataset (not student-sampled) completions")
+    router_aux_loss_coef: float = _f(None, "MoE students: weight of the router load-balancing loss (default: the "
+                                           "model config's router_aux_loss_coef; 0 turns it off)")
     seq_kd: bool = _f(False, "off-policy completions are sampled from the teacher instead of the dataset")
     gkd_logits_topk: int = _f(0, "score with the teacher's top-K log-probs only (0 = full vocabulary)")
     max_completion_length: int = _f(512, "maximum new tokens per sampled completion")
@@ -85,7 +87,8 @@ class TrainConfig:
                                               "processes shard the weights, FSDP)")
     pipeline_model_parallel_size: int = _f(1, "reserved: pipeline parallelism is not built yet")
     context_parallel_size: int = _f(1, "reserved: context parallelism is not built yet")
-    expert_model_parallel_size: int = _f(1, "reserved: expert parallelism is not built yet")
+    expert_model_parallel_size: int = _f(1, "expert parallel (MoE models): each layer's experts split over N of the "
+                                            "data-parallel processes, tokens sent to them with all-to-all")
     distributed_timeout: float = _f(600.0, "seconds a collective may wait for the other processes before failing")
     # optimisation
     micro_batch_size: int = _f(1, "sequences per forward/backward")
@@ -134,6 +137,8 @@ class TrainConfig:
         need(0.0 <= self.lmbda <= 1.0, f"--lmbda must be in [0, 1], got {self.lmbda}")
         need(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         need(self.sft_alpha >= 0, f"--sft_alpha must be >= 0, got {self.sft_alpha}")
+        need(self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0,
+             f"--router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         need(0.0 < self.top_p <= 1.0, f"--top_p must be in (0, 1], got {self.top_p}")
         need(self.top_k >= 0, f"--top_k must be >= 0, got {self.top_k}")
         need(self.gkd_logits_topk >= 0, f"--gkd_logits_topk must be >= 0, got {self.gkd_logits_topk}")

@@ -1,8 +1,11 @@
-"""The device mesh from the flags: data parallel (replicate x shard), tensor parallel; one process per device.
+"""The device mesh from the flags: data parallel (replicate x shard), tensor parallel, expert parallel; one
+process per device.
 
 Launch with ``torchrun --nproc-per-node N -m gkd train ...`` (or ``gkd train --nproc_per_node N``).
 Sizes: world = dp_replicate x dp_shard x tp; dp_shard takes whatever the other sizes leave, so FSDP is
-the default way to use more processes. Pipeline, context and expert parallel sizes are reserved flags.
+the default way to use more processes. Expert parallelism (EP) splits the data-parallel shard ranks further
+(dp_shard = edp x ep, torchtitan's layout): a second mesh over (edp, ep) holds the experts (gkd.parallel.expert)
+while every other weight keeps the data-parallel mesh. Pipeline and context parallel sizes are reserved flags.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.distributed as dist
 from gkd.errors import GKDError
 
 DIMS = ("dp_replicate", "dp_shard", "tp")
+EXPERT_DIMS = ("edp", "ep")  # the experts' mesh: dp_shard = edp x ep (EP ranks inner, so a group is close by)
 _made_group = False
 
 
@@ -31,6 +35,8 @@ class Parallel:
     tp: int = 1
     device: torch.device = torch.device("cpu")
     mesh: object = None  # DeviceMesh over DIMS when world > 1
+    ep: int = 1
+    expert_mesh: object = None  # DeviceMesh over EXPERT_DIMS when ep > 1
 
     @property
     def is_main(self) -> bool:
@@ -58,6 +64,16 @@ class Parallel:
     def dp_mesh(self):
         """The (replicate, shard) mesh FSDP shards and reduces over; None when there is no data parallelism."""
         return self.mesh["dp_replicate", "dp_shard"] if self.dp_size > 1 else None
+
+    @property
+    def ep_mesh(self):
+        return self.expert_mesh["ep"] if self.ep > 1 else None
+
+    @property
+    def edp_mesh(self):
+        """The data-parallel ranks that hold the same experts (FSDP shards those over them); None when EP
+        takes every data-parallel shard rank."""
+        return self.expert_mesh["edp"] if self.ep > 1 and self.dp_shard > self.ep else None
 
     def dp_slice(self, n: int) -> tuple[int, int]:
         """This rank's rows [lo, hi) of a global batch of n rows."""
@@ -95,10 +111,28 @@ class Parallel:
 
 
 def _reserved(cfg) -> None:
-    for flag in ("pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size"):
+    for flag in ("pipeline_model_parallel_size", "context_parallel_size"):
         if getattr(cfg, flag) != 1:
-            raise GKDError(f"--{flag} {getattr(cfg, flag)}: pipeline, context and expert parallelism are not built "
-                           "yet; use --tensor_model_parallel_size and data parallelism")
+            raise GKDError(f"--{flag} {getattr(cfg, flag)}: pipeline and context parallelism are not built "
+                           "yet; use --tensor_model_parallel_size, --expert_model_parallel_size and data parallelism")
+
+
+def expert_size(ep: int, world: int, dp_replicate: int, dp_shard: int, tp: int) -> int:
+    """The expert-parallel size, or a one-line error: EP splits the data-parallel shard ranks."""
+    if ep < 1:
+        raise GKDError(f"--expert_model_parallel_size must be >= 1, got {ep}")
+    if ep == 1:
+        return 1
+    if world == 1:
+        raise GKDError(f"--expert_model_parallel_size {ep} needs {ep} processes or more (launch with torchrun or "
+                       "--nproc_per_node)")
+    if tp > 1 or dp_replicate > 1:
+        raise GKDError(f"--expert_model_parallel_size {ep} with --tensor_model_parallel_size or "
+                       "--data_parallel_replicate_size above 1 is not supported yet; use EP with FSDP")
+    if dp_shard % ep:
+        raise GKDError(f"--expert_model_parallel_size {ep} must divide the data-parallel shard size {dp_shard} "
+                       f"({world} processes): expert-parallel ranks are data-parallel ranks")
+    return ep
 
 
 def check_options(cfg, world: int, tp: int) -> None:
@@ -135,6 +169,7 @@ def setup(cfg) -> Parallel:
     _reserved(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rep, shard, tp = mesh_sizes(world, cfg.tensor_model_parallel_size, cfg.data_parallel_replicate_size)
+    ep = expert_size(cfg.expert_model_parallel_size, world, rep, shard, tp)
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
@@ -147,13 +182,15 @@ def setup(cfg) -> Parallel:
         _made_group = True
         dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo",
                                 timeout=timedelta(seconds=cfg.distributed_timeout))
-    mesh = _mesh(device.type, (rep, shard, tp), timedelta(seconds=cfg.distributed_timeout))
+    timeout = timedelta(seconds=cfg.distributed_timeout)
+    mesh = _mesh(device.type, (rep, shard, tp), timeout, DIMS)
+    experts = _mesh(device.type, (shard // ep, ep), timeout, EXPERT_DIMS) if ep > 1 else None
     return Parallel(world=world, rank=dist.get_rank(), dp_replicate=rep, dp_shard=shard, tp=tp, device=device,
-                    mesh=mesh)
+                    mesh=mesh, ep=ep, expert_mesh=experts)
 
 
-def _mesh(device_type: str, shape: tuple[int, int, int], timeout: timedelta):
-    """The DeviceMesh over DIMS, from groups made here so that each has ``timeout`` (a mesh that makes
+def _mesh(device_type: str, shape: tuple[int, ...], timeout: timedelta, names: tuple[str, ...]):
+    """The DeviceMesh over ``names``, from groups made here so that each has ``timeout`` (a mesh that makes
     its own groups gives them torch's default, 30 minutes, whatever the default group has)."""
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -164,7 +201,7 @@ def _mesh(device_type: str, shape: tuple[int, int, int], timeout: timedelta):
             group = dist.new_group(members, timeout=timeout)  # every rank takes part in making every group
             if dist.get_rank() in members:
                 mine.append(group)
-    return DeviceMesh.from_group(mine, device_type, mesh=ranks, mesh_dim_names=DIMS)
+    return DeviceMesh.from_group(mine, device_type, mesh=ranks, mesh_dim_names=names)
 
 
 def teardown() -> None:

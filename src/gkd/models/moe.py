@@ -1,0 +1,38 @@
+"""Mixture-of-experts text decoders: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE.
+
+In transformers 5 each family's sparse block (``layer.mlp``) holds a router (``gate``: a linear scoring
+the experts, returning logits, the top-k weights and the top-k expert ids) and one experts module whose
+weights are fused 3D tensors (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) called with the
+tokens and their routing. That shared shape is all training needs: gkd.parallel.expert shards the
+experts module's tensors over the expert-parallel ranks and replaces its forward with an all-to-all
+dispatch; gkd.step reads the routers' outputs for the load-balancing loss and the expert load.
+Qwen2-MoE's shared expert is an ordinary MLP beside them (FSDP shards it with its layer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gkd.models.adapter import Adapter, register, text_config, unwrap
+
+
+def sparse_blocks(decoder) -> list[torch.nn.Module]:
+    """The layers' sparse MLP blocks (dense layers of a mixed model, e.g. Qwen's mlp_only_layers, skipped)."""
+    return [layer.mlp for layer in decoder.layers if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")]
+
+
+class MixtureOfExperts(Adapter):
+    name = "mixture-of-experts text"
+    model_types = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+
+    def experts(self, model) -> list[torch.nn.Module]:
+        return [b.experts for b in sparse_blocks(self.decoder(model))]
+
+    def routers(self, model) -> list[torch.nn.Module]:
+        return [b.gate for b in sparse_blocks(self.decoder(model))]
+
+    def router_aux_loss_coef(self, model) -> float:
+        return float(getattr(text_config(unwrap(model).config), "router_aux_loss_coef", 0.0) or 0.0)
+
+
+MOE = register(MixtureOfExperts())
