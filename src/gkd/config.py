@@ -30,6 +30,8 @@ class TrainConfig:
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / rank)")
     lora_dropout: float = _f(0.05, "LoRA dropout")
     target_modules: str = _f("all-linear", "LoRA target modules: comma-separated names, or all-linear")
+    lora_experts: bool = _f(True, "LoRA on a MoE student with all-linear: adapt the experts' and router's weights too "
+                                  "(PEFT's target_parameters); false keeps them frozen")
     merge_lora: bool = _f(False, "merge the LoRA adapter into the exported student")
     freeze_vit: bool = _f(True, "vision-language students: keep the vision tower as loaded (no LoRA on it either)")
     freeze_aligner: bool = _f(True, "vision-language students: keep the projector from vision into text as loaded")

@@ -204,14 +204,15 @@ class Trainer:
         cfg, par = self.cfg, self.par
 
         def prepare(model):  # on rank 0's copy and on every rank's skeleton: all ranks see the same error
-            parallel.check_model(model, par, lora=cfg.train_type == "lora")
+            parallel.check_model(model, par, lora=cfg.train_type == "lora",
+                                 lora_experts=cfg.lora_experts and cfg.target_modules == "all-linear")
             if cfg.gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.config.use_cache = False
             frozen = freeze_vision(model, cfg.freeze_vit, cfg.freeze_aligner)
             if cfg.train_type == "lora":
                 model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed,
-                                   exclude=frozen)
+                                   exclude=frozen, experts=cfg.lora_experts)
             return model
 
         student = parallel.load_sharded(lambda: load_model(cfg.model, cfg.torch_dtype), prepare,

@@ -137,6 +137,11 @@ class Adapter:
         """The name vLLM's loader expects for one of our state-dict keys (transformers' own, by default)."""
         return name
 
+    def checkpoint_tensors(self, name: str, tensor: torch.Tensor):
+        """(name, tensor) pairs as the family's Hugging Face folders store one of our state-dict entries
+        (what ``save_pretrained`` writes and vLLM loads); the entry itself by default."""
+        yield self.vllm_weight_name(name), tensor
+
 
 _FAMILIES: list[Adapter] = []
 

@@ -23,7 +23,8 @@ def sparse_blocks(decoder) -> list[torch.nn.Module]:
 
 class MixtureOfExperts(Adapter):
     name = "mixture-of-experts text"
-    model_types = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+    model_types = ("qwen3_moe", "qwen2_moe", "olmoe")
+    _mixtral = False  # Mixtral's folders name the sparse block and the expert matrices their own way
 
     def experts(self, model) -> list[torch.nn.Module]:
         return [b.experts for b in sparse_blocks(self.decoder(model))]
@@ -31,8 +32,35 @@ class MixtureOfExperts(Adapter):
     def routers(self, model) -> list[torch.nn.Module]:
         return [b.gate for b in sparse_blocks(self.decoder(model))]
 
+    def checkpoint_tensors(self, name: str, tensor: torch.Tensor):
+        """Fused expert tensors as the per-expert matrices the folders hold (transformers converts them
+        when it loads and saves): gate_up_proj [E, 2I, H] -> experts.e.{gate,up}_proj (Mixtral: w1, w3),
+        down_proj [E, H, I] -> experts.e.down_proj (w2). Mixtral's sparse block is block_sparse_moe on disk."""
+        stem, _, leaf = name.rpartition(".")
+        mixtral = ".block_sparse_moe." if self._mixtral else None
+        if mixtral and ".mlp." in name and (".mlp.experts." in name or ".mlp.gate." in name):
+            stem, name = stem.replace(".mlp.", mixtral), name.replace(".mlp.", mixtral)
+        if not stem.endswith(".experts") or leaf not in ("gate_up_proj", "down_proj") or tensor.dim() != 3:
+            yield name, tensor
+            return
+        gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+        for e in range(tensor.shape[0]):
+            if leaf == "down_proj":
+                yield f"{stem}.{e}.{down}.weight", tensor[e]
+            else:
+                g, u = tensor[e].chunk(2, dim=0)
+                yield f"{stem}.{e}.{gate}.weight", g
+                yield f"{stem}.{e}.{up}.weight", u
+
     def router_aux_loss_coef(self, model) -> float:
         return float(getattr(text_config(unwrap(model).config), "router_aux_loss_coef", 0.0) or 0.0)
 
 
+class Mixtral(MixtureOfExperts):
+    name = "mixtral"
+    model_types = ("mixtral",)
+    _mixtral = True
+
+
 MOE = register(MixtureOfExperts())
+MIXTRAL = register(Mixtral())

@@ -47,14 +47,14 @@ def _tensor_parallel(model, par: Parallel) -> None:
         apply_tensor_parallel(model, par.tp_mesh)
 
 
-def _experts(model, par: Parallel, reshard_after_forward: bool | None = None) -> set:
+def _experts(model, par: Parallel, reshard_after_forward: bool | None = None, student: bool = True) -> set:
     """Expert parallelism (experts over the EP ranks, FSDP over the rest); returns the expert weights the
-    dense FSDP units must leave alone."""
+    dense FSDP units must leave alone. A dense teacher beside a MoE student is sharded as without EP."""
     if par.ep == 1:
         return set()
     from gkd.parallel.expert import check, shard_experts
 
-    check(model, par.ep)
+    check(model, par.ep, student=student)
     return shard_experts(model, par.ep_mesh, par.edp_mesh, reshard_after_forward)
 
 
@@ -71,15 +71,16 @@ def shard_student(model, par: Parallel) -> None:
 def shard_teacher(model, par: Parallel) -> None:
     """The same tensor and expert parallelism; FSDP over the shard ranks only (replicas keep whole copies)."""
     _tensor_parallel(model, par)
-    ignored = _experts(model, par, reshard_after_forward=True)
+    ignored = _experts(model, par, reshard_after_forward=True, student=False)
     if par.dp_shard > 1:
         from gkd.parallel.fsdp import shard_teacher as fsdp
 
         fsdp(model, par.mesh["dp_shard"], ignored)
 
 
-def check_model(model, par: Parallel, lora: bool) -> None:
-    """Fail before the teacher is loaded when the student cannot be split."""
+def check_model(model, par: Parallel, lora: bool, lora_experts: bool = False) -> None:
+    """Fail before the teacher is loaded when the student cannot be split (``lora_experts``: LoRA will
+    adapt the experts)."""
     if par.tp > 1:
         from gkd.parallel.tensor_parallel import check_plan
 
@@ -87,7 +88,7 @@ def check_model(model, par: Parallel, lora: bool) -> None:
     if par.ep > 1:
         from gkd.parallel.expert import check
 
-        check(model, par.ep)
+        check(model, par.ep, lora and lora_experts)
 
 
 __all__ = ["Parallel", "check_options", "setup", "teardown", "load_sharded", "local", "local_mib", "clip_grad_norm",

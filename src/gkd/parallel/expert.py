@@ -87,18 +87,59 @@ def _ep_forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_wei
     return torch.zeros_like(hidden).index_add_(0, token, back.to(hidden.dtype))
 
 
-def check(model, ep: int) -> None:
-    """One-line errors for a model ``ep`` ranks cannot split: a dense model, or an expert count ``ep``
-    does not divide."""
-    adapter, name = adapter_for(model), type(unwrap(model)).__name__
-    experts = adapter.experts(model)
-    if not experts:
+def check_counts(ep: int, name: str, experts: int | None, student: bool = True, lora_experts: bool = False) -> None:
+    """One-line errors for ``ep`` and a model with ``experts`` experts per layer (None: a dense model,
+    which only a teacher may be: it is then sharded as without EP), and LoRA on the experts (its adapters
+    are not split yet)."""
+    if experts is None and student:
         raise GKDError(f"--expert_model_parallel_size {ep}: {name} has no experts (a dense model); "
                        "use data parallelism (FSDP) or --tensor_model_parallel_size")
-    n = experts[0].gate_up_proj.shape[0]
-    if n % ep:
-        raise GKDError(f"--expert_model_parallel_size {ep}: {name} has {n} experts per layer, which {ep} does not "
-                       f"divide (use a divisor of {n})")
+    if experts is not None and experts % ep:
+        raise GKDError(f"--expert_model_parallel_size {ep}: {'' if student else 'the teacher '}{name} has {experts} "
+                       f"experts per layer, which {ep} does not divide (use a divisor of {experts})")
+    if lora_experts and experts is not None:
+        raise GKDError(f"--expert_model_parallel_size {ep} with LoRA on the experts is not supported yet; pass "
+                       "--lora_experts false (experts and router frozen, the linear layers adapted) or train in full")
+
+
+def check(model, ep: int, lora_experts: bool = False, student: bool = True) -> None:
+    """One-line errors for a model ``ep`` ranks cannot split: a dense student, an expert count ``ep`` does
+    not divide, LoRA on the experts (its adapters are not split yet)."""
+    experts = adapter_for(model).experts(model)
+    check_counts(ep, type(unwrap(model)).__name__, experts[0].gate_up_proj.shape[0] if experts else None, student,
+                 lora_experts)
+
+
+def check_folder(spec: str, ep: int, student: bool = True, lora_experts: bool = False) -> None:
+    """``check`` from a model argument's config alone (before any process starts or any weight is read)."""
+    from transformers import AutoConfig
+
+    from gkd.models import adapter_for_config, resolve
+
+    folder, gguf = resolve(spec)
+    if gguf:  # GGUF folders hold no config.json: the check runs once the model is loaded
+        return
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except Exception:  # noqa: BLE001 - an unreadable model is reported where it is loaded
+        return
+    skeleton = _meta_model(config)
+    experts = adapter_for_config(config).experts(skeleton) if skeleton is not None else []
+    check_counts(ep, type(skeleton).__name__ if skeleton is not None else config.model_type,
+                 experts[0].gate_up_proj.shape[0] if experts else None, student, lora_experts)
+
+
+def _meta_model(config):
+    """The model of ``config`` on the meta device (its structure only), or None if it cannot be built."""
+    import transformers
+
+    from gkd.models import adapter_for_config
+
+    try:
+        with torch.device("meta"):
+            return getattr(transformers, adapter_for_config(config).auto_class).from_config(config)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def shard_experts(model, ep_mesh, edp_mesh=None, reshard_after_forward: bool | None = None) -> set:
