@@ -141,8 +141,9 @@ def test_expert_parallel_checks():
         expert_size(2, 1, 1, 1, 1)
     with pytest.raises(GKDError, match="must divide the data-parallel shard size 3"):
         expert_size(2, 3, 1, 3, 1)
-    with pytest.raises(GKDError, match="tensor_model_parallel_size 2 is not supported yet"):
-        expert_size(2, 4, 1, 2, 2)
+    with pytest.raises(GKDError, match="tensor_model_parallel_size 2 needs EP to take every data-parallel rank"):
+        expert_size(2, 8, 1, 4, 2)
+    assert expert_size(2, 4, 1, 2, 2) == 2
     with pytest.raises(GKDError, match="must divide the data-parallel shard size 1"):
         expert_size(2, 2, 2, 1, 1)  # replicas hold whole copies: EP splits the shard ranks
     assert expert_size(2, 4, 1, 4, 1) == 2
@@ -172,6 +173,7 @@ MESHES = {  # name: (processes, flags, the single-process run it must equal)
     "ep2xfsdp2": (4, ["--expert_model_parallel_size", "2", "--micro_batch_size", "1"], "single"),
     "ep2xdp2": (4, ["--expert_model_parallel_size", "2", "--data_parallel_replicate_size", "2", "--micro_batch_size",
                     "1"], "single"),  # HSDP: two replicas of an EP 2 group
+    "ep2xtp2": (4, ["--expert_model_parallel_size", "2", "--tensor_model_parallel_size", "2"], "single"),
     "ep2-lora": (2, ["--expert_model_parallel_size", "2", *LORA], "single-lora"),
 }
 
@@ -213,7 +215,7 @@ def test_expert_parallel_equals_one_process(runs, moe, mesh):
 @pytest.mark.dist
 def test_expert_parameters_and_optimizer_state_per_rank_are_split(runs):
     one = read_metrics(runs["single"] / "metrics.jsonl")[-1]
-    for mesh, share in (("ep2", 1 / 2), ("ep2xfsdp2", 1 / 4), ("ep2xdp2", 1 / 2)):  # replicas hold whole copies
+    for mesh, share in (("ep2", 1 / 2), ("ep2xfsdp2", 1 / 4), ("ep2xdp2", 1 / 2), ("ep2xtp2", 1 / 2)):
         m = read_metrics(runs[mesh] / "metrics.jsonl")[-1]
         for key in ("expert_param_mib_per_rank", "expert_optimizer_mib_per_rank"):
             assert 0.9 * share <= m[key] / one[key] <= 1.1 * share, (mesh, key, m[key], one[key])

@@ -22,8 +22,11 @@ def sparse_blocks(decoder) -> list[torch.nn.Module]:
 
 
 class MixtureOfExperts(Adapter):
-    name = "mixture-of-experts text"
-    model_types = ("qwen3_moe", "qwen2_moe", "olmoe")
+    """OLMoE (and what every MoE family shares). No tensor-parallel plan: OLMoE's q/k norms span the whole
+    projection, which a column split would cut."""
+
+    name = "olmoe"
+    model_types = ("olmoe",)
     _mixtral = False  # Mixtral's folders name the sparse block and the expert matrices their own way
 
     def experts(self, model) -> list[torch.nn.Module]:
@@ -56,11 +59,42 @@ class MixtureOfExperts(Adapter):
         return float(getattr(text_config(unwrap(model).config), "router_aux_loss_coef", 0.0) or 0.0)
 
 
-class Mixtral(MixtureOfExperts):
+def moe_layer_plan(layer) -> dict:
+    """The tensor-parallel plan of a MoE decoder layer with Llama-shaped attention: attention (and a dense
+    layer's MLP, Qwen2-MoE's shared expert) split Megatron-style; the router and the experts replicated
+    over the TP ranks (expert parallelism, not TP, splits experts)."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from gkd.models.text import llama_layer_plan
+    from gkd.parallel.expert import replicated_experts
+    from gkd.parallel.tensor_parallel import replicated
+
+    plan = llama_layer_plan(layer)
+    if hasattr(layer.mlp, "experts"):
+        plan = {k: v for k, v in plan.items() if not k.startswith("mlp.")}
+        plan.update({"mlp.gate": replicated(Replicate()), "mlp.experts": replicated_experts()})
+        if hasattr(layer.mlp, "shared_expert"):  # Qwen2-MoE: an MLP beside the experts, gated by one logit
+            plan.update({"mlp.shared_expert.gate_proj": ColwiseParallel(), "mlp.shared_expert.up_proj": ColwiseParallel(),
+                         "mlp.shared_expert.down_proj": RowwiseParallel(),
+                         "mlp.shared_expert_gate": replicated(Replicate())})
+    return plan
+
+
+class QwenMoE(MixtureOfExperts):
+    name = "qwen-moe"
+    model_types = ("qwen3_moe", "qwen2_moe")
+
+    def tp_layer_plan(self, layer) -> dict:
+        return moe_layer_plan(layer)
+
+
+class Mixtral(QwenMoE):
     name = "mixtral"
     model_types = ("mixtral",)
     _mixtral = True
 
 
-MOE = register(MixtureOfExperts())
+OLMOE = register(MixtureOfExperts())
+QWEN_MOE = register(QwenMoE())
 MIXTRAL = register(Mixtral())

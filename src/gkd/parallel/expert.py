@@ -56,8 +56,10 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _ep_forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The experts module's forward with its experts split over the EP group (bound to the module)."""
+def _experts_forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+                     ) -> torch.Tensor:
+    """The experts module's forward on this rank's experts (bound to the module): with EP its rows go to
+    their experts' ranks and back; without (tensor parallel, experts replicated) all experts are here."""
     group, ep = self._gkd_ep_group, self._gkd_ep
     gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)  # this rank's experts
     n_local = gate_up.shape[0]
@@ -66,11 +68,12 @@ def _ep_forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_wei
     order = torch.argsort(flat, stable=True)  # (token, k) rows grouped by expert, so by destination rank
     token = order // k
     per_expert = torch.bincount(flat, minlength=n_local * ep)
-    recv = torch.empty_like(per_expert)  # recv[r, e]: rows rank r sends to my local expert e
-    dist.all_to_all_single(recv, per_expert, group=group)
+    recv = torch.empty_like(per_expert) if ep > 1 else per_expert  # recv[r, e]: rows rank r sends my expert e
+    if ep > 1:
+        dist.all_to_all_single(recv, per_expert, group=group)
     recv = recv.view(ep, n_local)
     send_splits, recv_splits = per_expert.view(ep, n_local).sum(1).tolist(), recv.sum(1).tolist()
-    x = _AllToAll.apply(hidden[token], recv_splits, send_splits, group)
+    x = _AllToAll.apply(hidden[token], recv_splits, send_splits, group) if ep > 1 else hidden[token]
     # received rows come by source rank, then expert: regroup them by local expert
     expert_of = torch.arange(n_local, device=x.device).repeat(ep).repeat_interleave(recv.reshape(-1))
     by_expert = torch.argsort(expert_of, stable=True)
@@ -82,7 +85,7 @@ def _ep_forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_wei
     if y.shape[0] == 0:  # no row for any local expert: keep the weights in the graph so every rank reduces them
         y = y + 0 * (gate_up.sum() + down.sum())
     y = torch.zeros_like(y).index_copy(0, by_expert, y)  # back to the received order
-    back = _AllToAll.apply(y, send_splits, recv_splits, group)
+    back = _AllToAll.apply(y, send_splits, recv_splits, group) if ep > 1 else y
     back = back * top_k_weights.reshape(-1)[order, None]
     return torch.zeros_like(hidden).index_add_(0, token, back.to(hidden.dtype))
 
@@ -143,29 +146,49 @@ def _meta_model(config):
 
 
 def shard_experts(model, ep_mesh, edp_mesh=None, reshard_after_forward: bool | None = None) -> set:
-    """Split every experts module of ``model`` over ``ep_mesh`` (dim 0, DTensor Shard(0)) and dispatch its
-    tokens with all-to-all; with ``edp_mesh`` (the data-parallel ranks beside EP) the local experts are
-    FSDP-sharded over it too, on dim 1. Returns the expert parameters FSDP does not manage (to leave out
-    of the dense FSDP units)."""
+    """Split every experts module of ``model`` over the first dimension of ``ep_mesh`` (ep, or (ep, tp):
+    DTensor Shard(0), whole on each TP rank) and dispatch its tokens with all-to-all; with ``edp_mesh``
+    (the data-parallel ranks beside EP) the local experts are FSDP-sharded over it too, on dim 1. Returns
+    the expert parameters FSDP does not manage (to leave out of the dense FSDP units)."""
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    ep, rank = ep_mesh.size(), ep_mesh.get_local_rank()
+    ep, rank = ep_mesh.size(0), ep_mesh.get_local_rank(0)
+    placements = [Shard(0)] + [Replicate()] * (ep_mesh.ndim - 1)
     unmanaged = set()
     for module in adapter_for(model).experts(model):
         for name, p in list(module.named_parameters(recurse=False)):
             n = p.shape[0] // ep
-            local = p.detach()[rank * n:(rank + 1) * n].clone()
-            sharded = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)
+            local = _local(p).detach()[rank * n:(rank + 1) * n].clone()  # (TP made it a replicated DTensor)
+            sharded = DTensor.from_local(local, ep_mesh, placements, run_check=False)
             module.register_parameter(name, torch.nn.Parameter(sharded, requires_grad=p.requires_grad))
-        module._gkd_ep_group, module._gkd_ep = ep_mesh.get_group(), ep
-        module.forward = types.MethodType(_ep_forward, module)
+        module._gkd_ep_group, module._gkd_ep = ep_mesh.get_group(0), ep
+        module.forward = types.MethodType(_experts_forward, module)
         if edp_mesh is not None:
             fully_shard(module, mesh=edp_mesh, reshard_after_forward=reshard_after_forward,
                         shard_placement_fn=lambda _p: Shard(1))
         else:
             unmanaged.update(module.parameters())
     return unmanaged
+
+
+def replicated_experts():
+    """A tensor-parallel style for an experts module: its weights whole on every TP rank, held as replicated
+    DTensors (the optimizer and gradient clipping take one kind of tensor), computed on the local tensors;
+    every TP rank routes the same tokens, so each computes the same gradients."""
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class ReplicatedExperts(ParallelStyle):
+        def _apply(self, module, mesh):
+            for name, p in list(module.named_parameters(recurse=False)):
+                whole = DTensor.from_local(p.detach(), mesh, [Replicate()], run_check=False)
+                module.register_parameter(name, torch.nn.Parameter(whole, requires_grad=p.requires_grad))
+            module._gkd_ep_group, module._gkd_ep = None, 1
+            module.forward = types.MethodType(_experts_forward, module)
+            return module
+
+    return ReplicatedExperts()
 
 
 def expert_parameters(model) -> list[torch.Tensor]:

@@ -4,7 +4,7 @@ process per device.
 Launch with ``torchrun --nproc-per-node N -m gkd train ...`` (or ``gkd train --nproc_per_node N``).
 Sizes: world = dp_replicate x dp_shard x tp; dp_shard takes whatever the other sizes leave, so FSDP is
 the default way to use more processes. Expert parallelism (EP) splits the data-parallel shard ranks further
-(dp_shard = edp x ep, torchtitan's layout): a second mesh over (dp_replicate, edp, ep) holds the experts (gkd.parallel.expert)
+(dp_shard = edp x ep, torchtitan's layout): a second mesh over (dp_replicate, edp, ep, tp) holds the experts (gkd.parallel.expert)
 while every other weight keeps the data-parallel mesh. Pipeline and context parallel sizes are reserved flags.
 """
 
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from gkd.errors import GKDError
 
 DIMS = ("dp_replicate", "dp_shard", "tp")
-EXPERT_DIMS = ("dp_replicate", "edp", "ep")  # the experts' mesh: dp_shard = edp x ep (EP ranks inner: close by)
+EXPERT_DIMS = ("dp_replicate", "edp", "ep", "tp")  # the experts' mesh: dp_shard = edp x ep (EP inner: close by)
 _made_group = False
 
 
@@ -67,7 +67,10 @@ class Parallel:
 
     @property
     def ep_mesh(self):
-        return self.expert_mesh["ep"] if self.ep > 1 else None
+        """(ep) or, with tensor parallelism, (ep, tp): experts split over ep, whole on each TP rank."""
+        if self.ep == 1:
+            return None
+        return self.expert_mesh["ep", "tp"] if self.tp > 1 else self.expert_mesh["ep"]
 
     @property
     def edp_mesh(self):
@@ -126,9 +129,10 @@ def expert_size(ep: int, world: int, dp_replicate: int, dp_shard: int, tp: int) 
     if world == 1:
         raise GKDError(f"--expert_model_parallel_size {ep} needs {ep} processes or more (launch with torchrun or "
                        "--nproc_per_node)")
-    if tp > 1:
-        raise GKDError(f"--expert_model_parallel_size {ep} with --tensor_model_parallel_size {tp} is not supported "
-                       "yet; use EP with data parallelism (FSDP, HSDP or DDP)")
+    if tp > 1 and ep != dp_shard * dp_replicate:
+        raise GKDError(f"--expert_model_parallel_size {ep} with --tensor_model_parallel_size {tp} needs EP to take "
+                       f"every data-parallel rank ({dp_shard * dp_replicate}): experts FSDP-sharded beside TP are "
+                       "not supported yet")
     if dp_shard % ep:
         raise GKDError(f"--expert_model_parallel_size {ep} must divide the data-parallel shard size {dp_shard} "
                        f"({world} processes): expert-parallel ranks are data-parallel ranks")
@@ -184,7 +188,7 @@ def setup(cfg) -> Parallel:
                                 timeout=timedelta(seconds=cfg.distributed_timeout))
     timeout = timedelta(seconds=cfg.distributed_timeout)
     mesh = _mesh(device.type, (rep, shard, tp), timeout, DIMS)
-    experts = _mesh(device.type, (rep, shard // ep, ep), timeout, EXPERT_DIMS) if ep > 1 else None
+    experts = _mesh(device.type, (rep, shard // ep, ep, tp), timeout, EXPERT_DIMS) if ep > 1 else None
     return Parallel(world=world, rank=dist.get_rank(), dp_replicate=rep, dp_shard=shard, tp=tp, device=device,
                     mesh=mesh, ep=ep, expert_mesh=experts)
 
