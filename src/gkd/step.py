@@ -89,7 +89,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
     load = None
     for mb in micro_batches:
         batch = mb.batch
-        if skip_empty and batch.tokens == 0:
+        if skip_empty and batch.tokens == 0 and not routers:  # (a MoE batch still has router tokens)
             continue
         ce_labels = batch.labels.clone()
         ce_labels[torch.tensor(mb.sampled, device=ce_labels.device)] = -100

@@ -143,6 +143,8 @@ class Trainer:
         self.student = student = self._load_student()
         self.adapter = adapter_for(student)
         aux_coef = cfg.router_aux_loss_coef
+        if aux_coef and not self.adapter.moe:
+            log(f"[gkd] --model {cfg.model} has no experts: --router_aux_loss_coef does nothing")
         self.loss_args = LossArgs(beta=cfg.beta, temperature=cfg.temperature, sft_alpha=cfg.sft_alpha,
                                   chunk_size=cfg.loss_chunk_size or None, tp_group=par.tp_group,
                                   router_aux_loss_coef=self.adapter.router_aux_loss_coef(student) if aux_coef is None

@@ -4,8 +4,8 @@ process per device.
 Launch with ``torchrun --nproc-per-node N -m gkd train ...`` (or ``gkd train --nproc_per_node N``).
 Sizes: world = dp_replicate x dp_shard x tp; dp_shard takes whatever the other sizes leave, so FSDP is
 the default way to use more processes. Expert parallelism (EP) splits the data-parallel shard ranks further
-(dp_shard = edp x ep, torchtitan's layout): a second mesh over (dp_replicate, edp, ep, tp) holds the experts (gkd.parallel.expert)
-while every other weight keeps the data-parallel mesh. Pipeline and context parallel sizes are reserved flags.
+(dp_shard = edp x ep, torchtitan's layout): a second mesh over (dp_replicate, edp, ep, tp) holds the experts
+(gkd.parallel.expert) while every other weight keeps this mesh. Pipeline and context parallel sizes are reserved.
 """
 
 from __future__ import annotations
