@@ -251,6 +251,12 @@ class Trainer:
         from gkd.vllm_rollout import VLLMColocateSampler, VLLMServerSampler
 
         cfg = self.cfg
+        if self.adapter.moe and self.device.type == "cpu":
+            # its in-memory reload (reload_weights) of a MoE model changes the outputs even when handed the
+            # folder's own tensors, so the samples would not come from the student being trained
+            raise GKDError(f"--use_vllm with a mixture-of-experts student ({cfg.model}) is not supported on CPU: "
+                           "vLLM's CPU engine does not reload MoE weights faithfully; leave --use_vllm off "
+                           "(HF generate samples)")
         if any(e.images for e in self.train_examples):
             raise GKDError("--use_vllm with image rows is not supported yet (vLLM expands image placeholders "
                            "itself); leave --use_vllm off: HF generate samples with the images")
