@@ -1,7 +1,9 @@
-"""Distributed layouts side by side: 1 process, 2 processes FSDP, 2 processes tensor parallel.
+"""Distributed layouts side by side: 1 process, 2 processes FSDP, 2 processes tensor parallel, and a
+mixture-of-experts pair on 1 process and on 2 processes with expert parallelism (EP 2).
 
     .venv/bin/python benchmarks/scaling.py                  # off-policy steps, float32, this CPU
     .venv/bin/python benchmarks/scaling.py --lmbda 1        # on-policy (student sampling) steps
+    .venv/bin/python benchmarks/scaling.py --layouts "MoE 1 process" "MoE 2 x EP"   # only the MoE rows
 
 A random Llama-shaped pair with SmolLM2's tokenizer and widths but head counts TP=2 can split (8 query,
 4 key/value heads of 72; SmolLM2's own 9/3 only split over 3): student 8 layers (~55 M parameters,
@@ -10,7 +12,10 @@ processes) on the same global batch; the single process gets the same threads in
 together. Reported per layout: median step time (steps after the first two), the peak resident set of
 the largest process (ru_maxrss of the launch, which covers its workers), and the MiB of parameters and
 optimizer state a rank holds (gkd's param_mib_per_rank / optimizer_mib_per_rank metrics), each also as
-a ratio to the single process. On a GPU machine add --dtype bfloat16.
+a ratio to the single process. The MoE rows (a random Qwen3-MoE pair, same tokenizer and width, 8
+experts of width 384, top-2; student 6 layers, teacher 8) add the expert parameters + AdamW state a rank
+holds (expert_param_mib_per_rank + expert_optimizer_mib_per_rank) and compare with the MoE single
+process. On a GPU machine add --dtype bfloat16.
 """
 
 from __future__ import annotations
@@ -47,6 +52,19 @@ def prepare(work: Path, dtype: str) -> tuple[Path, Path, Path]:
             LlamaForCausalLM(cfg).to(getattr(torch, dtype)).save_pretrained(str(folder))
             tok.save_pretrained(str(folder))
         folders.append(folder)
+    for name, layers, seed in (("moe-teacher", 8, 1), ("moe-student", 6, 2)):
+        folder = work / name
+        if not (folder / "config.json").is_file():
+            from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+            torch.manual_seed(seed)
+            cfg = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=576, intermediate_size=1536, moe_intermediate_size=384,
+                                 num_experts=8, num_experts_per_tok=2, num_hidden_layers=layers, num_attention_heads=8,
+                                 num_key_value_heads=4, head_dim=72, max_position_embeddings=2048,
+                                 tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id, torch_dtype=dtype)
+            Qwen3MoeForCausalLM(cfg).to(getattr(torch, dtype)).save_pretrained(str(folder))
+            tok.save_pretrained(str(folder))
     data = work / "train.jsonl"
     prompts = train_prompts()
     rows = [{"prompt": p, "completion": " ".join(prompts[(i + 1) % len(prompts)] for _ in range(3))}
@@ -59,11 +77,15 @@ LAYOUTS = {  # name: (processes, extra flags)
     "1 process": (1, []),
     "2 x FSDP": (2, []),
     "2 x TP": (2, ["--tensor_model_parallel_size", "2"]),
+    "MoE 1 process": (1, []),
+    "MoE 2 x EP": (2, ["--expert_model_parallel_size", "2"]),
 }
 
 
 def run(a, name: str, teacher: Path, student: Path, data: Path, out: Path) -> dict:
     nproc, flags = LAYOUTS[name]
+    if name.startswith("MoE"):
+        teacher, student = teacher.parent / "moe-teacher", student.parent / "moe-student"
     args = ["train", "--model", str(student), "--teacher_model", str(teacher), "--dataset", str(data),
             "--lmbda", str(a.lmbda), "--max_completion_length", str(a.max_new_tokens), "--micro_batch_size",
             str(a.micro_batch_size), "--global_batch_size", str(a.global_batch_size), "--torch_dtype", a.dtype,
@@ -76,8 +98,10 @@ def run(a, name: str, teacher: Path, student: Path, data: Path, out: Path) -> di
                "-m", "gkd", *args]
     rss = run_measured(cmd, max(1, a.threads // nproc))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
     return {"s_per_step": statistics.median(r["step_time"] for r in rows[2:]), "peak_rss_mib": rss,
-            "state_mib": rows[-1]["param_mib_per_rank"] + rows[-1]["optimizer_mib_per_rank"]}
+            "state_mib": last["param_mib_per_rank"] + last["optimizer_mib_per_rank"],
+            "expert_mib": last.get("expert_param_mib_per_rank", 0) + last.get("expert_optimizer_mib_per_rank", 0)}
 
 
 def main() -> None:
@@ -90,22 +114,26 @@ def main() -> None:
     p.add_argument("--global_batch_size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2, help="threads in total, split over the processes")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     teacher, student, data = prepare(a.work, a.dtype)
     results = {}
-    for name in LAYOUTS:
+    for name in a.layouts:
         print(f"[bench] {name} ...", flush=True)
         results[name] = run(a, name, teacher, student, data, a.work / name.replace(" ", ""))
-    one = results["1 process"]
     print(f"\nlmbda {a.lmbda}, {a.dtype}, global batch {a.global_batch_size}, micro {a.micro_batch_size}, "
           f"{a.threads} threads in total")
-    print("| layout | s/step | step vs 1 | peak RSS / rank MiB | RSS vs 1 | params + AdamW MiB / rank | state vs 1 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| layout | s/step | step vs 1 | peak RSS / rank MiB | RSS vs 1 | params + AdamW MiB / rank | state vs 1 "
+          "| experts + AdamW MiB / rank | experts vs 1 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
+        one = results.get("MoE 1 process" if name.startswith("MoE") else "1 process", r)  # each family vs its own
+        experts = (f"{r['expert_mib']:.0f} | {r['expert_mib'] / one['expert_mib']:.2f}" if r["expert_mib"]
+                   else "- | -")
         print(f"| {name} | {r['s_per_step']:.2f} | {r['s_per_step'] / one['s_per_step']:.2f} | {r['peak_rss_mib']} | "
               f"{r['peak_rss_mib'] / one['peak_rss_mib']:.2f} | {r['state_mib']:.0f} | "
-              f"{r['state_mib'] / one['state_mib']:.2f} |")
+              f"{r['state_mib'] / one['state_mib']:.2f} | {experts} |")
 
 
 if __name__ == "__main__":

@@ -76,19 +76,25 @@ def runs(tiny, tmp_path_factory):
     return done
 
 
-@pytest.mark.parametrize("mesh", list(MESHES))
-def test_mesh_equals_the_single_process_run(runs, mesh):
-    single = runs[MESHES[mesh][2]]
-    ref, got = read_metrics(single / "metrics.jsonl"), read_metrics(runs[mesh] / "metrics.jsonl")
+def assert_same_run(single: Path, other: Path) -> tuple[list, list, dict]:
+    """``other``'s loss at every step and final weights equal ``single``'s within 1e-5, on off- and
+    on-policy steps; returns (single's metrics, other's metrics, other's final weights)."""
+    ref, got = read_metrics(single / "metrics.jsonl"), read_metrics(other / "metrics.jsonl")
     assert [m["on_policy_share"] for m in ref] == [0.0, 1.0, 0.0, 1.0]  # both kinds of step are compared
     assert [m["step"] for m in got] == [1, 2, 3, 4]
     for a, b in zip(ref, got):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
         assert a["on_policy_share"] == b["on_policy_share"] and a["completion_length"] == b["completion_length"]
-    w_ref, w = final_weights(single), final_weights(runs[mesh])
+    w_ref, w = final_weights(single), final_weights(other)
     assert w_ref.keys() == w.keys()
     for k in w_ref:
         torch.testing.assert_close(w[k], w_ref[k], rtol=0, atol=1e-5, msg=k)
+    return ref, got, w
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_mesh_equals_the_single_process_run(runs, mesh):
+    _, _, w = assert_same_run(runs[MESHES[mesh][2]], runs[mesh])
     from safetensors.torch import load_file
 
     start = load_file(str(Path(runs["tiny"]) / "model.safetensors"))

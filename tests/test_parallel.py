@@ -26,11 +26,19 @@ def test_global_batch_must_split_over_data_parallel_ranks():
         cfg.grad_accumulation_steps(3)
 
 
-@pytest.mark.parametrize("flag", ["pipeline_model_parallel_size", "context_parallel_size",
-                                  "expert_model_parallel_size"])
-def test_reserved_sizes_are_refused(flag):
-    with pytest.raises(GKDError, match=f"--{flag} 2: pipeline, context and expert parallelism are not built"):
-        setup(TrainConfig(**{flag: 2}))
+def test_reserved_sizes_are_refused():
+    with pytest.raises(GKDError, match="--pipeline_model_parallel_size 2: pipeline parallelism is not built"):
+        setup(TrainConfig(pipeline_model_parallel_size=2))
+
+
+def test_context_parallel_needs_several_processes():
+    with pytest.raises(GKDError, match="cannot be split into --tensor_model_parallel_size 1 x --context_parallel_size 2"):
+        setup(TrainConfig(context_parallel_size=2))
+
+
+def test_expert_parallel_needs_several_processes():
+    with pytest.raises(GKDError, match="--expert_model_parallel_size 2 needs 2 processes or more"):
+        setup(TrainConfig(expert_model_parallel_size=2))
 
 
 def _llama(**kw):
@@ -50,7 +58,8 @@ def test_tensor_parallel_plan_errors_name_the_model_and_the_size():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=4))
-    with pytest.raises(GKDError, match="no tensor-parallel plan for GPT2LMHeadModel \\(plans exist for the families llama-like"):
+    with pytest.raises(GKDError, match="no tensor-parallel plan for GPT2LMHeadModel \\(plans exist for the families "
+                                       "qwen-moe, mixtral, llama-like text;"):
         check_plan(gpt2, 2)
     from gkd.models import apply_lora
 

@@ -190,3 +190,33 @@ if __name__ == "__main__":  # python tests/tiny.py FOLDER: a tiny Qwen2-VL and L
     write_llava(root / "llava-student", seed=2), write_llava(root / "llava-teacher", layers=3, seed=1)
     write_image_dataset(root / "data" / "train.jsonl", n=16)
     print(f"wrote {root}: qwen2vl-student, qwen2vl-teacher, llava-student, llava-teacher, data/train.jsonl")
+
+
+# --- mixture-of-experts fixtures --------------------------------------------------------------------
+
+def write_moe(folder: Path, family: str = "qwen3_moe", *, layers: int = 2, hidden: int = 32, heads: int = 4,
+              kv_heads: int = 2, experts: int = 4, top_k: int = 2, vocab_size: int = 96, seed: int = 0,
+              aux_coef: float = 0.01) -> Path:
+    """A tiny random MoE decoder (Qwen3-MoE, Qwen2-MoE, Mixtral or OLMoE) with the test tokenizer."""
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, max_position_embeddings=256, tie_word_embeddings=False,
+                  bos_token_id=1, eos_token_id=4, pad_token_id=0, num_experts_per_tok=top_k,
+                  router_aux_loss_coef=aux_coef)
+    if family in ("qwen3_moe", "qwen2_moe"):
+        extra = dict(num_experts=experts, moe_intermediate_size=hidden, intermediate_size=2 * hidden,
+                     decoder_sparse_step=1, norm_topk_prob=True)
+        if family == "qwen2_moe":
+            extra["shared_expert_intermediate_size"] = hidden
+    else:  # mixtral, olmoe
+        extra = dict(num_local_experts=experts, intermediate_size=hidden)
+        if family == "olmoe":
+            extra["num_experts"] = experts
+    name = {"qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe", "mixtral": "Mixtral", "olmoe": "Olmoe"}[family]
+    cfg = getattr(transformers, f"{name}Config")(**common, **extra)
+    torch.manual_seed(seed)
+    getattr(transformers, f"{name}ForCausalLM")(cfg).save_pretrained(str(folder))
+    write_tokenizer(folder, vocab_size)
+    return folder

@@ -183,7 +183,7 @@ def _plain_copy(model, full: dict, cfg):
     plain = meta_skeleton(type(base), base.config, base.generation_config)
     if cfg.train_type == "lora":
         plain = apply_lora(plain, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed,
-                           exclude=frozen_vision(plain, cfg.freeze_vit, cfg.freeze_aligner))
+                           exclude=frozen_vision(plain, cfg.freeze_vit, cfg.freeze_aligner), experts=cfg.lora_experts)
     plain.load_state_dict(full, assign=True)
     (plain.get_base_model() if hasattr(plain, "get_base_model") else plain).tie_weights()  # as the config says
     for name, buf in model.named_buffers():  # rotary frequencies and the like, never sharded

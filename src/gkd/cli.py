@@ -127,6 +127,16 @@ def check_launch(cfg: TrainConfig, world: int) -> None:
                                   cfg.context_parallel_size)
     cfg.grad_accumulation_steps(rep * shard)
     check_options(cfg, world, cfg.tensor_model_parallel_size)
+    if cfg.expert_model_parallel_size > 1:  # from the configs: a dense student or an expert count EP does not split
+        from gkd.parallel.expert import check_folder
+        from gkd.parallel.mesh import expert_size
+
+        expert_size(cfg.expert_model_parallel_size, world, rep, shard, cfg.tensor_model_parallel_size,
+                    cfg.context_parallel_size)
+        check_folder(cfg.model, cfg.expert_model_parallel_size, lora_experts=cfg.train_type == "lora"
+                     and cfg.lora_experts and cfg.target_modules == "all-linear")
+        if cfg.teacher_model:
+            check_folder(cfg.teacher_model, cfg.expert_model_parallel_size, student=False)
 
 
 def launch_torchrun(nproc: int, argv: list[str], cfg: TrainConfig) -> int:

@@ -32,6 +32,8 @@ class TrainConfig:
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / rank)")
     lora_dropout: float = _f(0.05, "LoRA dropout")
     target_modules: str = _f("all-linear", "LoRA target modules: comma-separated names, or all-linear")
+    lora_experts: bool = _f(True, "LoRA on a MoE student with all-linear: adapt the experts' and router's weights too "
+                                  "(PEFT's target_parameters); false keeps them frozen")
     merge_lora: bool = _f(False, "merge the LoRA adapter into the exported student")
     freeze_vit: bool = _f(True, "vision-language students: keep the vision tower as loaded (no LoRA on it either)")
     freeze_aligner: bool = _f(True, "vision-language students: keep the projector from vision into text as loaded")
@@ -60,6 +62,8 @@ class TrainConfig:
     lmbda: float = _f(0.5, "probability that a generation cycle is on-policy (student samples the completions)")
     temperature: float = _f(0.9, "temperature of the divergence and of sampling")
     sft_alpha: float = _f(0.0, "weight of the cross-entropy on dataset (not student-sampled) completions")
+    router_aux_loss_coef: float = _f(None, "MoE students: weight of the router load-balancing loss (default: the "
+                                           "model config's router_aux_loss_coef; 0 turns it off)")
     seq_kd: bool = _f(False, "off-policy completions are sampled from the teacher instead of the dataset")
     gkd_logits_topk: int = _f(0, "score with the teacher's top-K log-probs only (0 = full vocabulary)")
     max_completion_length: int = _f(512, "maximum new tokens per sampled completion")
@@ -94,7 +98,8 @@ class TrainConfig:
     pipeline_model_parallel_size: int = _f(1, "reserved: pipeline parallelism is not built yet")
     context_parallel_size: int = _f(1, "context parallel: every sequence's tokens split over N processes (exact "
                                        "attention; load-balanced head and tail chunks)")
-    expert_model_parallel_size: int = _f(1, "reserved: expert parallelism is not built yet")
+    expert_model_parallel_size: int = _f(1, "expert parallel (MoE models): each layer's experts split over N of the "
+                                            "data-parallel processes, tokens sent to them with all-to-all")
     reduce_scatter_every_micro_batch: bool = _f(True, "FSDP: reduce-scatter the gradients after every micro-batch "
                                                  "(false: keep them whole until the step's last one: fewer "
                                                  "collectives, a whole gradient's memory on every rank)")
@@ -153,6 +158,8 @@ class TrainConfig:
         need(0.0 <= self.lmbda <= 1.0, f"--lmbda must be in [0, 1], got {self.lmbda}")
         need(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         need(self.sft_alpha >= 0, f"--sft_alpha must be >= 0, got {self.sft_alpha}")
+        need(self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0,
+             f"--router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         need(0.0 < self.top_p <= 1.0, f"--top_p must be in (0, 1], got {self.top_p}")
         need(self.top_k >= 0, f"--top_k must be >= 0, got {self.top_k}")
         need(self.gkd_logits_topk >= 0, f"--gkd_logits_topk must be >= 0, got {self.gkd_logits_topk}")
@@ -285,7 +292,7 @@ def check_types(cfg) -> None:
     also be finite (inf in a rate, temperature or epoch count only fails deep inside training)."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if value is None and f.metadata.get("nargs"):
+        if value is None and (f.metadata.get("nargs") or f.default is None):  # unset: the default stands
             continue
         value = _typed(f, value, f"--{f.name}")
         if isinstance(value, float) and not math.isfinite(value):

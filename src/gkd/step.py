@@ -1,10 +1,20 @@
 """One optimizer step's forward and backward over its micro-batches: the one place where a parallelism
-that changes how a forward runs (pipeline stages, a context split) would branch."""
+that changes how a forward runs (pipeline stages, a context split) would branch.
+
+Mixture-of-experts students add the router load-balancing loss here (Switch Transformer's, in
+transformers' form: E * sum_e f_e * P_e with f_e the share of top-k assignments to expert e and P_e its
+mean router probability, both over all MoE layers). A mean over a micro-batch would make the gradient
+depend on how the step is split into micro-batches and ranks (f and P are means; their product is not a
+sum over tokens). So each *sequence* gets its own value over its own tokens (attention-mask tokens:
+prompt and completion, as the router sees them), and the step's loss is their token-weighted mean:
+sum_r n_r * aux_r / (routed tokens of the whole optimizer step, over every rank), the way the divergence
+is normalised. A sequence sits wholly in one micro-batch, so any split gives the same gradient; a
+one-sequence batch gives transformers' own ``aux_loss``.
+"""
 
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +31,7 @@ class LossArgs:
     sft_alpha: float
     chunk_size: int | None
     tp_group: object = None
+    router_aux_loss_coef: float = 0.0
 
 
 @dataclass
@@ -29,21 +40,59 @@ class MicroBatch:
     sampled: list[bool]  # per row: the student wrote the completion (no cross-entropy on it)
 
 
-STATS = ("loss", "divergence", "sft", "agree", "sft_tokens")
+STATS = ("loss", "divergence", "sft", "agree", "sft_tokens", "router_aux")
+
+
+@contextlib.contextmanager
+def recording(routers):
+    """The routers' outputs (logits [N, E], top-k expert ids [N, k]) of the forwards run inside, per layer;
+    recomputed forwards in backward (gradient checkpointing) happen outside and are not recorded."""
+    seen = []
+    hooks = [r.register_forward_hook(lambda _m, _a, out: seen.append((out[0], out[2]))) for r in routers]
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def router_stats(seen, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over rows of n_r * aux_r, with grad; tokens routed to each expert [layers, E]) for a batch
+    whose routers produced ``seen``; only attention-mask tokens count."""
+    B, T = attention_mask.shape
+    mask = attention_mask.reshape(-1).float()
+    row = torch.arange(B, device=mask.device).repeat_interleave(T)
+    E, layers = seen[0][0].shape[-1], len(seen)
+    assigned = torch.zeros(B, E, dtype=torch.float32, device=mask.device)
+    prob = torch.zeros(B, E, dtype=torch.float32, device=mask.device)
+    load = []
+    for logits, ids in seen:
+        hits = torch.zeros(ids.shape[0], E, device=mask.device).scatter_add_(
+            1, ids, torch.ones(ids.shape, device=mask.device)) * mask[:, None]
+        assigned.index_add_(0, row, hits)
+        prob = prob.index_add(0, row, torch.softmax(logits.float(), dim=-1) * mask[:, None])
+        load.append(hits.sum(0))
+    n = attention_mask.sum(1).float().clamp(min=1)
+    aux = E * (assigned * prob).sum(1) / (layers * n) ** 2  # each row's transformers aux_loss
+    return (aux * n).sum(), torch.stack(load).double().cpu()
 
 
 def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher, args: LossArgs, normaliser: float,
-                     skip_empty: bool, dims=None, reduce_scatter_each: bool = True) -> torch.Tensor:
-    """Accumulates the gradients of sum(token losses) / ``normaliser`` over the micro-batches; returns this
-    rank's sums of STATS (float64). ``skip_empty``: a micro-batch with no completion token is skipped
-    (only where no other rank waits for this one's collectives). ``dims`` (gkd.parallel.Parallel): with
-    context parallelism each sequence is split over the cp ranks and this rank scores its tokens. Under
-    FSDP only the last micro-batch syncs gradients over the replicas (and, unless ``reduce_scatter_each``,
-    over the shards)."""
+                     skip_empty: bool, dims=None, reduce_scatter_each: bool = True, routed: float = 0.0) -> torch.Tensor:
+    """Accumulates the gradients of sum(token losses) / ``normaliser`` (+ the router aux loss over
+    ``routed``, the step's attention-mask tokens, for MoE students) over the micro-batches; returns this
+    rank's sums of STATS (float64), followed by the tokens each expert got per MoE layer ([layers * E];
+    nothing for dense students). ``skip_empty``: a micro-batch with no completion token is skipped (only
+    where no other rank waits for this one's collectives). ``dims`` (gkd.parallel.Parallel): with context
+    parallelism each sequence is split over the cp ranks and this rank scores its tokens. Under FSDP only
+    the last micro-batch syncs gradients over the replicas (and, unless ``reduce_scatter_each``, over the
+    shards)."""
+    routers = adapter.routers(student)
     stats = torch.zeros(len(STATS), dtype=torch.float64)
+    load = None
     for i, mb in enumerate(micro_batches):
         batch = mb.batch
-        if skip_empty and batch.tokens == 0:
+        if skip_empty and batch.tokens == 0 and not routers:  # (a MoE batch still has router tokens)
             continue
         ce_labels = batch.labels.clone()
         ce_labels[torch.tensor(mb.sampled, device=ce_labels.device)] = -100
@@ -54,7 +103,8 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             split = ContextSplit(batch, dims.cp_group, dims.cp_rank, dims.cp)
         with split.active() if split else contextlib.nullcontext():  # also for recomputation in backward
             scored = teacher.score(batch, split)
-            hidden = adapter.final_hidden(student, split.model_inputs() if split else batch.model_inputs())
+            with recording(routers) as seen:
+                hidden = adapter.final_hidden(student, split.model_inputs() if split else batch.model_inputs())
             weight = parallel.local(adapter.lm_head(student))  # read after the forward that gathered it
             mask = split.local(batch.loss_mask, False) if split else batch.loss_mask
             labels = split.local(ce_labels, -100) if split else ce_labels
@@ -62,8 +112,20 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
                 hidden, weight, **scored.loss_kwargs(), labels=labels, sft_alpha=args.sft_alpha, beta=args.beta,
                 temperature=args.temperature, mask=mask, reduction="sum", normalizer=normaliser,
                 chunk_size=args.chunk_size, tp_group=args.tp_group)
+            loss, aux = out.loss, torch.zeros(())
+            if seen:  # (context parallelism refuses MoE students: a sequence's routing stays whole)
+                aux_sum, counts = router_stats(seen, batch.attention_mask)
+                aux = aux_sum / routed
+                load = counts if load is None else load + counts
+                if args.router_aux_loss_coef:
+                    loss = loss + args.router_aux_loss_coef * aux
             parallel.sync_gradients(student, last=i == len(micro_batches) - 1, reduce_scatter_each=reduce_scatter_each)
-            out.loss.backward()
-        stats += torch.tensor([float(out.loss.detach()), float(out.divergence_sum), float(out.sft_sum),
-                               float(out.agree_count), float((labels[mask] >= 0).sum())], dtype=torch.float64)
+            loss.backward()
+        stats += torch.tensor([float(loss.detach()), float(out.divergence_sum), float(out.sft_sum),
+                               float(out.agree_count), float((labels[mask] >= 0).sum()), float(aux.detach())],
+                              dtype=torch.float64)
+    if routers:  # every rank reports a row per layer, even one that skipped its micro-batches
+        E = adapter.experts(student)[0].gate_up_proj.shape[0]
+        load = torch.zeros(len(routers), E, dtype=torch.float64) if load is None else load
+        return torch.cat([stats, load.flatten()])
     return stats

@@ -24,7 +24,8 @@ from gkd.models import (adapter_for, apply_lora, check_compatible, eos_ids, free
                         load_model, load_tokenizer, resolve)
 from gkd.remote_teacher import RemoteTeacher
 from gkd.rollout import HFSampler, SamplingConfig
-from gkd.step import LossArgs, MicroBatch, forward_backward
+from gkd.parallel.expert import expert_parameters
+from gkd.step import STATS, LossArgs, MicroBatch, forward_backward
 from gkd.teacher import LocalTeacher
 
 
@@ -73,6 +74,8 @@ class Window:
     seqs: int = 0
     student_seqs: int = 0
     grad_norm: float = 0.0
+    router_aux: float = 0.0
+    expert_tokens: object = None  # [MoE layers, E] tokens routed to each expert (MoE students)
     steps: int = 0
     t0: float = field(default_factory=time.perf_counter)
 
@@ -146,8 +149,13 @@ class Trainer:
         # one model at a time, sharded before the next loads: a rank's peak is one whole model, not two
         self.student = student = self._load_student()
         self.adapter = adapter_for(student)
+        aux_coef = cfg.router_aux_loss_coef
+        if aux_coef and not self.adapter.moe:
+            log(f"[gkd] --model {cfg.model} has no experts: --router_aux_loss_coef does nothing")
         self.loss_args = LossArgs(beta=cfg.beta, temperature=cfg.temperature, sft_alpha=cfg.sft_alpha,
-                                  chunk_size=cfg.loss_chunk_size or None, tp_group=par.tp_group)
+                                  chunk_size=cfg.loss_chunk_size or None, tp_group=par.tp_group,
+                                  router_aux_loss_coef=self.adapter.router_aux_loss_coef(student) if aux_coef is None
+                                  else aux_coef)
         self.teacher = self._remote_teacher() if cfg.teacher_model_server else self._local_teacher(student)
         self._check_fits()
         torch.manual_seed(cfg.seed)  # rank 0 drew numbers while loading (LoRA init): every rank starts alike
@@ -203,14 +211,15 @@ class Trainer:
         cfg, par = self.cfg, self.par
 
         def prepare(model):  # on rank 0's copy and on every rank's skeleton: all ranks see the same error
-            parallel.check_model(model, par, lora=cfg.train_type == "lora")
+            parallel.check_model(model, par, lora=cfg.train_type == "lora",
+                                 lora_experts=cfg.lora_experts and cfg.target_modules == "all-linear")
             if cfg.gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.config.use_cache = False
             frozen = freeze_vision(model, cfg.freeze_vit, cfg.freeze_aligner)
             if cfg.train_type == "lora":
                 model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed,
-                                   exclude=frozen)
+                                   exclude=frozen, experts=cfg.lora_experts)
             return model
 
         student = parallel.load_sharded(lambda: load_model(cfg.model, cfg.torch_dtype), prepare,
@@ -259,6 +268,12 @@ class Trainer:
         from gkd.vllm_rollout import VLLMColocateSampler, VLLMServerSampler
 
         cfg = self.cfg
+        if self.adapter.moe and self.device.type == "cpu":
+            # its in-memory reload (reload_weights) of a MoE model changes the outputs even when handed the
+            # folder's own tensors, so the samples would not come from the student being trained
+            raise GKDError(f"--use_vllm with a mixture-of-experts student ({cfg.model}) is not supported on CPU: "
+                           "vLLM's CPU engine does not reload MoE weights faithfully; leave --use_vllm off "
+                           "(HF generate samples)")
         if any(e.images for e in self.train_examples):
             raise GKDError("--use_vllm with image rows is not supported yet (vLLM expands image placeholders "
                            "itself); leave --use_vllm off: HF generate samples with the images")
@@ -330,10 +345,13 @@ class Trainer:
         n_tokens = int(self.par.dp_reduce(torch.tensor(sum(len(c) for c in completions))))
         micro = [MicroBatch(self._collate(rows, completions, inputs, teacher_inputs, m), from_student[m])
                  for m in (slice(m0, m0 + cfg.micro_batch_size) for m0 in range(0, len(rows), cfg.micro_batch_size))]
+        # MoE: the router aux loss is a mean over the step's routed (attention-mask) tokens on every rank
+        routed = float(self.par.dp_reduce(torch.tensor(sum(int(mb.batch.attention_mask.sum()) for mb in micro)))
+                       ) if self.adapter.moe else 0.0
         # with sharded weights every rank must join each forward, so only a single process skips
         stats = forward_backward(micro, self.student, self.adapter, self.teacher, self.loss_args, float(n_tokens),
                                  skip_empty=self.par.world == 1, dims=self.par,
-                                 reduce_scatter_each=cfg.reduce_scatter_every_micro_batch)
+                                 reduce_scatter_each=cfg.reduce_scatter_every_micro_batch, routed=routed)
         stats = self.par.loss_reduce(stats)
         loss_total = float(stats[0])
 
@@ -363,11 +381,20 @@ class Trainer:
         window.seqs += len(everyone)
         window.student_seqs += len(everyone) if from_student[0] else 0
         window.grad_norm += float(grad_norm)
+        window.router_aux += float(stats[5])
+        if len(stats) > len(STATS):
+            load = stats[len(STATS):].view(-1, self.adapter.experts(self.student)[0].gate_up_proj.shape[0])
+            window.expert_tokens = load if window.expert_tokens is None else window.expert_tokens + load
         window.steps += 1
         if self.memory is None:  # optimizer state exists after the first update
             state = [t for st in self.optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
             self.memory = {"param_mib_per_rank": self.par.most(parallel.local_mib(self.student.parameters())),
                            "optimizer_mib_per_rank": self.par.most(parallel.local_mib(state))}
+            if self.adapter.moe:  # under expert parallelism about 1/EP of the unsharded run's
+                experts = set(expert_parameters(self.student))
+                self.memory["expert_param_mib_per_rank"] = self.par.most(parallel.local_mib(experts))
+                self.memory["expert_optimizer_mib_per_rank"] = self.par.most(parallel.local_mib(
+                    t for p in experts for t in self.optimizer.state.get(p, {}).values() if isinstance(t, torch.Tensor)))
             if isinstance(self.teacher, LocalTeacher):
                 self.memory["teacher_mib_per_rank"] = self.par.most(parallel.local_mib(self.teacher.model.parameters()))
         return loss_total
@@ -389,8 +416,19 @@ class Trainer:
             "on_policy_share": w.student_seqs / max(w.seqs, 1),
             "completion_length": w.tokens / max(w.seqs, 1),
             "top1_agreement": w.agree / max(w.tokens, 1),
+            **self._moe_metrics(w),
             **(self.memory or {}),
         }
+
+    def _moe_metrics(self, w: Window) -> dict:
+        """MoE students: the router aux loss (before its coefficient; the step's loss includes coef x it)
+        and the expert load, tokens of the busiest expert over the mean (1 = balanced; E/k = all tokens
+        on the same k experts), in the worst layer."""
+        if w.expert_tokens is None:
+            return {}
+        t = w.expert_tokens
+        return {"router_aux_loss": w.router_aux / w.steps,
+                "expert_load": float((t.max(1).values / t.mean(1).clamp(min=1e-9)).max())}
 
     def evaluate(self) -> dict:
         """Held-out metrics (gkd.evaluate) on --val_dataset / the split, prefixed with eval_; with several

@@ -1,9 +1,9 @@
 """What a model family must say so that training, the teacher, evaluation and serving can use it.
 
-One adapter per family (gkd.models.text, gkd.models.qwen2_vl, gkd.models.llava). Nothing outside
+One adapter per family (gkd.models.text, gkd.models.moe, gkd.models.qwen2_vl, gkd.models.llava). Nothing outside
 gkd.models asks a model's class name: code gets the family's adapter with :func:`adapter_for` and asks it
 for the text decoder, the final hidden states of a batch, the lm_head weight, the units FSDP shards,
-the tensor-parallel plan of a decoder layer, the vision modules and how vLLM names the weights.
+the tensor-parallel plan of a decoder layer, the expert modules and routers, the vision modules and how vLLM names the weights.
 """
 
 from __future__ import annotations
@@ -89,6 +89,26 @@ class Adapter:
         return {"num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
                 "intermediate_size": c.intermediate_size, "vocab_size": self.lm_head(model).shape[0]}
 
+    # --- mixture of experts -----------------------------------------------------------------------
+
+    def experts(self, model) -> list[torch.nn.Module]:
+        """The modules holding a MoE layer's expert weights as 3D tensors ([E, ...] each), called as
+        ``experts(hidden [N, H], top_k_index [N, k], top_k_weights [N, k])``; empty for dense families."""
+        return []
+
+    def routers(self, model) -> list[torch.nn.Module]:
+        """The routers, one per MoE layer in layer order, each returning (logits [N, E], weights [N, k],
+        expert ids [N, k]) for the flattened tokens of its input."""
+        return []
+
+    @property
+    def moe(self) -> bool:
+        return type(self).experts is not Adapter.experts
+
+    def router_aux_loss_coef(self, model) -> float:
+        """The config's weight of the router load-balancing loss (0 for dense families)."""
+        return 0.0
+
     # --- vision ---------------------------------------------------------------------------------
 
     def vision_tower(self, model) -> torch.nn.Module | None:
@@ -117,6 +137,11 @@ class Adapter:
         """The name vLLM's loader expects for one of our state-dict keys (transformers' own, by default)."""
         return name
 
+    def checkpoint_tensors(self, name: str, tensor: torch.Tensor):
+        """(name, tensor) pairs as the family's Hugging Face folders store one of our state-dict entries
+        (what ``save_pretrained`` writes and vLLM loads); the entry itself by default."""
+        yield self.vllm_weight_name(name), tensor
+
 
 _FAMILIES: list[Adapter] = []
 
@@ -127,7 +152,7 @@ def register(adapter: Adapter) -> Adapter:
 
 
 def families() -> list[Adapter]:
-    from gkd.models import llava, qwen2_vl, text  # noqa: F401 - each module registers its adapter
+    from gkd.models import llava, moe, qwen2_vl, text  # noqa: F401 - each module registers its adapter
 
     return list(_FAMILIES)
 

@@ -171,8 +171,15 @@ def freeze_vision(model, freeze_vit: bool, freeze_aligner: bool) -> set[str]:
 
 
 def apply_lora(model, rank: int, alpha: int, dropout: float, target_modules: str, seed: int,
-               exclude: set[str] = frozenset()):
-    """LoRA adapters on ``target_modules`` (names, or all-linear), never on the modules in ``exclude``."""
+               exclude: set[str] = frozenset(), experts: bool = True):
+    """LoRA adapters on ``target_modules`` (names, or all-linear), never on the modules in ``exclude``.
+    ``experts``: with all-linear, PEFT adapts a MoE model's fused expert tensors and router weights too
+    (target_parameters); False keeps them frozen (only linear layers are adapted)."""
+    if not experts:  # naming the targets one by one keeps PEFT from adding the expert tensors
+        base = unwrap(model)
+        adapter = adapter_for(base)
+        moe = {id(m) for m in [*adapter.experts(base), *adapter.routers(base)]}
+        exclude = set(exclude) | {n for n, m in base.named_modules() if id(m) in moe}
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:

@@ -22,11 +22,22 @@ def local_mib(tensors) -> float:
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     """The global gradient norm (over every shard), after scaling the gradients down to ``max_norm``
-    (0 = no clipping). Works on plain tensors and on DTensors of one mesh (FSDP and/or TP)."""
+    (0 = no clipping). Works on plain tensors and on DTensors (FSDP and/or TP); experts under expert
+    parallelism live on a mesh of their own, so the norm is taken per mesh and combined."""
     from torch.distributed.tensor import DTensor
 
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    by_mesh: dict = {}
+    for g in grads:
+        by_mesh.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    norms = [torch.nn.utils.get_total_norm(gs) for gs in by_mesh.values()]
+    norm = torch.stack([(n.full_tensor() if isinstance(n, DTensor) else n).float() for n in norms]).norm() \
+        if norms else torch.tensor(0.0)
+    coef = max_norm / (float(norm) + 1e-6) if max_norm else 1.0
+    if coef < 1.0:  # a Python number: it scales plain tensors and DTensors of any mesh alike
+        for gs in by_mesh.values():
+            torch._foreach_mul_(gs, coef)
+    return float(norm)
 
 
 def _tensor_parallel(model, par: Parallel) -> None:
@@ -40,22 +51,36 @@ def _tensor_parallel(model, par: Parallel) -> None:
         apply_tensor_parallel(model, par.tp_mesh)
 
 
+def _experts(model, par: Parallel, reshard_after_forward: bool | None = None, student: bool = True) -> set:
+    """Expert parallelism (experts over the EP ranks, FSDP over the rest); returns the expert weights the
+    dense FSDP units must leave alone. A dense teacher beside a MoE student is sharded as without EP."""
+    if par.ep == 1:
+        return set()
+    from gkd.parallel.expert import check, shard_experts
+
+    check(model, par.ep, student=student)
+    return shard_experts(model, par.ep_mesh, par.edp_mesh, reshard_after_forward)
+
+
 def shard_student(model, par: Parallel) -> None:
-    """Tensor parallel first (within a node), then FSDP over the data- (and context-) parallel ranks."""
+    """Tensor parallel first (within a node), expert parallel, then FSDP over the data- (and context-)
+    parallel ranks."""
     _tensor_parallel(model, par)
+    ignored = _experts(model, par)
     if par.dp_mesh is not None:
         from gkd.parallel.fsdp import shard_student as fsdp
 
-        fsdp(model, par.dp_mesh)
+        fsdp(model, par.dp_mesh, ignored)
 
 
 def shard_teacher(model, par: Parallel) -> None:
-    """The same tensor parallelism; FSDP over the shard ranks only (replicas keep whole copies)."""
+    """The same tensor and expert parallelism; FSDP over the shard ranks only (replicas keep whole copies)."""
     _tensor_parallel(model, par)
+    ignored = _experts(model, par, reshard_after_forward=True, student=False)
     if par.shard_mesh is not None:
         from gkd.parallel.fsdp import shard_teacher as fsdp
 
-        fsdp(model, par.shard_mesh)
+        fsdp(model, par.shard_mesh, ignored)
 
 
 def sync_gradients(model, last: bool, reduce_scatter_each: bool = True) -> None:
@@ -75,8 +100,9 @@ def gathered_for_generation(model, enabled: bool = True):
     return gathered(model) if enabled else contextlib.nullcontext(model)
 
 
-def check_model(model, par: Parallel, lora: bool) -> None:
-    """Fail before the teacher is loaded when the student cannot be split."""
+def check_model(model, par: Parallel, lora: bool, lora_experts: bool = False) -> None:
+    """Fail before the teacher is loaded when the student cannot be split (``lora_experts``: LoRA will
+    adapt the experts)."""
     if par.cp > 1:
         from gkd.parallel.context import check_context_parallel
 
@@ -85,6 +111,10 @@ def check_model(model, par: Parallel, lora: bool) -> None:
         from gkd.parallel.tensor_parallel import check_plan
 
         check_plan(model, par.tp, lora)
+    if par.ep > 1:
+        from gkd.parallel.expert import check
+
+        check(model, par.ep, lora and lora_experts)
 
 
 __all__ = ["Parallel", "check_options", "setup", "teardown", "load_sharded", "local", "local_mib", "clip_grad_norm",

@@ -200,6 +200,9 @@ def check_context_parallel(model, cp: int) -> None:
     if adapter.multimodal:
         raise GKDError(f"--context_parallel_size {cp}: not supported yet for the {adapter.name} family (its image "
                        "tokens and multimodal positions are not split)")
+    if adapter.moe:
+        raise GKDError(f"--context_parallel_size {cp}: not supported yet for mixture-of-experts models (the router "
+                       "loss is per whole sequence)")
     if not hasattr(unwrap(model).config, "_attn_implementation"):
         raise GKDError(f"--context_parallel_size {cp}: {type(unwrap(model)).__name__} does not take an attention "
                        "implementation")

@@ -15,12 +15,14 @@ import contextlib
 from gkd.models.adapter import adapter_for
 
 
-def shard_student(model, dp_mesh) -> None:
+def shard_student(model, dp_mesh, ignored: set = frozenset()) -> None:
+    """``ignored``: weights sharded otherwise (experts split over every EP rank) that FSDP leaves alone."""
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
+    ignored = set(ignored) or None
     for unit in adapter_for(model).fsdp_units(model):
-        fully_shard(unit, mesh=dp_mesh)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False)
+        fully_shard(unit, mesh=dp_mesh, ignored_params=ignored)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, ignored_params=ignored)
     # PEFT's generate calls the wrapped model's generate, not the root's forward: gather for it too
     register_fsdp_forward_method(model, "generate")
     for m in model.modules():
@@ -29,14 +31,14 @@ def shard_student(model, dp_mesh) -> None:
             m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no pre-scaled sum)
 
 
-def shard_teacher(model, dp_mesh) -> None:
+def shard_teacher(model, dp_mesh, ignored: set = frozenset()) -> None:
     """The teacher's units sharded; its embedding and lm_head stay whole on each rank (or
     vocabulary-sharded by tensor parallelism), so the loss can read the lm_head weight outside any
     forward. Each unit is its own root, which FSDP would keep gathered after forward unless told."""
     from torch.distributed.fsdp import fully_shard
 
     for unit in adapter_for(model).fsdp_units(model):
-        fully_shard(unit, mesh=dp_mesh, reshard_after_forward=True)
+        fully_shard(unit, mesh=dp_mesh, reshard_after_forward=True, ignored_params=set(ignored) or None)
 
 
 def _units(model):

@@ -1,9 +1,12 @@
-"""The device mesh from the flags: data parallel (replicate x shard), tensor parallel; one process per device.
+"""The device mesh from the flags: data parallel (replicate x shard), tensor parallel, expert parallel; one
+process per device.
 
 Launch with ``torchrun --nproc-per-node N -m gkd train ...`` (or ``gkd train --nproc_per_node N``).
 Sizes: world = dp_replicate x dp_shard x cp x tp; dp_shard takes whatever the other sizes leave, so FSDP
 is the default way to use more processes. Context-parallel peers (cp) hold the same rows and split their
-tokens; FSDP shards over dp_shard x cp. Pipeline and expert parallel sizes are reserved flags.
+tokens; FSDP shards over dp_shard x cp. Expert parallelism (EP) splits the data-parallel shard ranks further
+(dp_shard = edp x ep, torchtitan's layout): a second mesh over (dp_replicate, edp, ep, tp) holds the experts
+(gkd.parallel.expert) while every other weight keeps this mesh. The pipeline size is a reserved flag.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch.distributed as dist
 from gkd.errors import GKDError
 
 DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
+EXPERT_DIMS = ("dp_replicate", "edp", "ep", "tp")  # the experts' mesh: dp_shard = edp x ep (EP inner: close by)
 _made_group = False
 
 
@@ -34,6 +38,8 @@ class Parallel:
     tp: int = 1
     device: torch.device = torch.device("cpu")
     mesh: object = None  # DeviceMesh over DIMS when world > 1
+    ep: int = 1
+    expert_mesh: object = None  # DeviceMesh over EXPERT_DIMS when ep > 1
 
     @property
     def is_main(self) -> bool:
@@ -86,6 +92,17 @@ class Parallel:
         # the root will change, which the pinned torch does not do
         warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
         return "dp_shard_cp"
+    def ep_mesh(self):
+        """(ep) or, with tensor parallelism, (ep, tp): experts split over ep, whole on each TP rank."""
+        if self.ep == 1:
+            return None
+        return self.expert_mesh["ep", "tp"] if self.tp > 1 else self.expert_mesh["ep"]
+
+    @property
+    def edp_mesh(self):
+        """The data-parallel ranks that hold the same experts, (replicate, edp): FSDP (HSDP with replicas)
+        shards and reduces the experts over them; None when EP takes every data-parallel rank."""
+        return self.expert_mesh["dp_replicate", "edp"] if self.ep > 1 and self.dp_size > self.ep else None
 
     def dp_slice(self, n: int) -> tuple[int, int]:
         """This rank's rows [lo, hi) of a global batch of n rows."""
@@ -131,10 +148,32 @@ class Parallel:
 
 
 def _reserved(cfg) -> None:
-    for flag in ("pipeline_model_parallel_size", "expert_model_parallel_size"):
+    for flag in ("pipeline_model_parallel_size",):
         if getattr(cfg, flag) != 1:
-            raise GKDError(f"--{flag} {getattr(cfg, flag)}: pipeline and expert parallelism are not built "
-                           "yet; use --tensor_model_parallel_size, --context_parallel_size and data parallelism")
+            raise GKDError(f"--{flag} {getattr(cfg, flag)}: pipeline parallelism is not built yet; use "
+                           "--tensor_model_parallel_size, --context_parallel_size, --expert_model_parallel_size "
+                           "and data parallelism")
+
+
+def expert_size(ep: int, world: int, dp_replicate: int, dp_shard: int, tp: int, cp: int = 1) -> int:
+    """The expert-parallel size, or a one-line error: EP splits the data-parallel shard ranks."""
+    if ep < 1:
+        raise GKDError(f"--expert_model_parallel_size must be >= 1, got {ep}")
+    if ep == 1:
+        return 1
+    if world == 1:
+        raise GKDError(f"--expert_model_parallel_size {ep} needs {ep} processes or more (launch with torchrun or "
+                       "--nproc_per_node)")
+    if cp > 1:
+        raise GKDError(f"--expert_model_parallel_size {ep} with --context_parallel_size {cp} is not supported yet")
+    if tp > 1 and ep != dp_shard * dp_replicate:
+        raise GKDError(f"--expert_model_parallel_size {ep} with --tensor_model_parallel_size {tp} needs EP to take "
+                       f"every data-parallel rank ({dp_shard * dp_replicate}): experts FSDP-sharded beside TP are "
+                       "not supported yet")
+    if dp_shard % ep:
+        raise GKDError(f"--expert_model_parallel_size {ep} must divide the data-parallel shard size {dp_shard} "
+                       f"({world} processes): expert-parallel ranks are data-parallel ranks")
+    return ep
 
 
 def check_options(cfg, world: int, tp: int) -> None:
@@ -175,6 +214,7 @@ def setup(cfg) -> Parallel:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rep, shard, cp, tp = mesh_sizes(world, cfg.tensor_model_parallel_size, cfg.data_parallel_replicate_size,
                                     cfg.context_parallel_size)
+    ep = expert_size(cfg.expert_model_parallel_size, world, rep, shard, tp, cp)
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
@@ -188,15 +228,16 @@ def setup(cfg) -> Parallel:
         dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo",
                                 timeout=timedelta(seconds=cfg.distributed_timeout))
     timeout = timedelta(seconds=cfg.distributed_timeout)
-    mesh = _mesh(device.type, (rep, shard, cp, tp), timeout)
+    mesh = _mesh(device.type, (rep, shard, cp, tp), timeout, DIMS)
     if cp > 1:  # FSDP's shard dimension takes in the context-parallel peers
         mesh["dp_shard", "cp"]._flatten("dp_shard_cp", backend_override=_options(cuda, timeout))
+    experts = _mesh(device.type, (rep, shard // ep, ep, tp), timeout, EXPERT_DIMS) if ep > 1 else None
     return Parallel(world=world, rank=dist.get_rank(), dp_replicate=rep, dp_shard=shard, cp=cp, tp=tp,
-                    device=device, mesh=mesh)
+                    device=device, mesh=mesh, ep=ep, expert_mesh=experts)
 
 
-def _mesh(device_type: str, shape: tuple[int, ...], timeout: timedelta):
-    """The DeviceMesh over DIMS, from groups made here so that each has ``timeout`` (a mesh that makes
+def _mesh(device_type: str, shape: tuple[int, ...], timeout: timedelta, names: tuple[str, ...]):
+    """The DeviceMesh over ``names``, from groups made here so that each has ``timeout`` (a mesh that makes
     its own groups gives them torch's default, 30 minutes, whatever the default group has)."""
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -207,7 +248,7 @@ def _mesh(device_type: str, shape: tuple[int, ...], timeout: timedelta):
             group = dist.new_group(members, timeout=timeout)  # every rank takes part in making every group
             if dist.get_rank() in members:
                 mine.append(group)
-    return DeviceMesh.from_group(mine, device_type, mesh=ranks, mesh_dim_names=DIMS)
+    return DeviceMesh.from_group(mine, device_type, mesh=ranks, mesh_dim_names=names)
 
 
 def _options(cuda: bool, timeout: timedelta):

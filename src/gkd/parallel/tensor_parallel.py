@@ -29,7 +29,10 @@ def replicated(input_layout):
                 return tuple(DTensor.from_local(a, mesh, [input_layout], run_check=False)
                              if isinstance(a, torch.Tensor) else a for a in args)
 
-            return distribute_module(module, mesh, input_fn=inputs, output_fn=lambda _, out, mesh: out.to_local())
+            def outputs(_, out, mesh):  # a router returns (logits, weights, expert ids)
+                return tuple(o.to_local() for o in out) if isinstance(out, tuple) else out.to_local()
+
+            return distribute_module(module, mesh, input_fn=inputs, output_fn=outputs)
 
     return Replicated()
 

@@ -1,0 +1,100 @@
+"""Mixture-of-experts text decoders: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE.
+
+In transformers 5 each family's sparse block (``layer.mlp``) holds a router (``gate``: a linear scoring
+the experts, returning logits, the top-k weights and the top-k expert ids) and one experts module whose
+weights are fused 3D tensors (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) called with the
+tokens and their routing. That shared shape is all training needs: gkd.parallel.expert shards the
+experts module's tensors over the expert-parallel ranks and replaces its forward with an all-to-all
+dispatch; gkd.step reads the routers' outputs for the load-balancing loss and the expert load.
+Qwen2-MoE's shared expert is an ordinary MLP beside them (FSDP shards it with its layer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gkd.models.adapter import Adapter, register, text_config, unwrap
+
+
+def sparse_blocks(decoder) -> list[torch.nn.Module]:
+    """The layers' sparse MLP blocks (dense layers of a mixed model, e.g. Qwen's mlp_only_layers, skipped)."""
+    return [layer.mlp for layer in decoder.layers if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")]
+
+
+class MixtureOfExperts(Adapter):
+    """OLMoE (and what every MoE family shares). No tensor-parallel plan: OLMoE's q/k norms span the whole
+    projection, which a column split would cut."""
+
+    name = "olmoe"
+    model_types = ("olmoe",)
+    _mixtral = False  # Mixtral's folders name the sparse block and the expert matrices their own way
+
+    def experts(self, model) -> list[torch.nn.Module]:
+        return [b.experts for b in sparse_blocks(self.decoder(model))]
+
+    def routers(self, model) -> list[torch.nn.Module]:
+        return [b.gate for b in sparse_blocks(self.decoder(model))]
+
+    def checkpoint_tensors(self, name: str, tensor: torch.Tensor):
+        """Fused expert tensors as the per-expert matrices the folders hold (transformers converts them
+        when it loads and saves): gate_up_proj [E, 2I, H] -> experts.e.{gate,up}_proj (Mixtral: w1, w3),
+        down_proj [E, H, I] -> experts.e.down_proj (w2). Mixtral's sparse block is block_sparse_moe on disk."""
+        stem, _, leaf = name.rpartition(".")
+        mixtral = ".block_sparse_moe." if self._mixtral else None
+        if mixtral and ".mlp." in name and (".mlp.experts." in name or ".mlp.gate." in name):
+            stem, name = stem.replace(".mlp.", mixtral), name.replace(".mlp.", mixtral)
+        if not stem.endswith(".experts") or leaf not in ("gate_up_proj", "down_proj") or tensor.dim() != 3:
+            yield name, tensor
+            return
+        gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+        for e in range(tensor.shape[0]):
+            if leaf == "down_proj":
+                yield f"{stem}.{e}.{down}.weight", tensor[e]
+            else:
+                g, u = tensor[e].chunk(2, dim=0)
+                yield f"{stem}.{e}.{gate}.weight", g
+                yield f"{stem}.{e}.{up}.weight", u
+
+    def router_aux_loss_coef(self, model) -> float:
+        return float(getattr(text_config(unwrap(model).config), "router_aux_loss_coef", 0.0) or 0.0)
+
+
+def moe_layer_plan(layer) -> dict:
+    """The tensor-parallel plan of a MoE decoder layer with Llama-shaped attention: attention (and a dense
+    layer's MLP, Qwen2-MoE's shared expert) split Megatron-style; the router and the experts replicated
+    over the TP ranks (expert parallelism, not TP, splits experts)."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from gkd.models.text import llama_layer_plan
+    from gkd.parallel.expert import replicated_experts
+    from gkd.parallel.tensor_parallel import replicated
+
+    plan = llama_layer_plan(layer)
+    if hasattr(layer.mlp, "experts"):
+        plan = {k: v for k, v in plan.items() if not k.startswith("mlp.")}
+        plan.update({"mlp.gate": replicated(Replicate()), "mlp.experts": replicated_experts()})
+        if hasattr(layer.mlp, "shared_expert"):  # Qwen2-MoE: an MLP beside the experts, gated by one logit
+            plan.update({"mlp.shared_expert.gate_proj": ColwiseParallel(), "mlp.shared_expert.up_proj": ColwiseParallel(),
+                         "mlp.shared_expert.down_proj": RowwiseParallel(),
+                         "mlp.shared_expert_gate": replicated(Replicate())})
+    return plan
+
+
+class QwenMoE(MixtureOfExperts):
+    name = "qwen-moe"
+    model_types = ("qwen3_moe", "qwen2_moe")
+
+    def tp_layer_plan(self, layer) -> dict:
+        return moe_layer_plan(layer)
+
+
+class Mixtral(QwenMoE):
+    name = "mixtral"
+    model_types = ("mixtral",)
+    _mixtral = True
+
+
+OLMOE = register(MixtureOfExperts())
+QWEN_MOE = register(QwenMoE())
+MIXTRAL = register(Mixtral())
