@@ -237,6 +237,21 @@ def test_fsdp2_equals_one_process(vl, tmp_path):
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=k)
 
 
+@pytest.mark.dist
+def test_fsdp2_with_one_image_row_and_one_text_row(vl, tmp_path):
+    """One rank's micro-batch has an image, the other's has none: the vision tower must not be a sharded
+    unit of its own (its gathers would run on one rank only)."""
+    rows = [json.loads(line) for line in vl["data"].read_text().splitlines()]
+    mixed = vl["root"] / "data" / "mixed.jsonl"
+    mixed.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[2]) + "\n")  # an image row, a text row
+    for family in FAMILIES:
+        args = _args(vl, family, tmp_path / family, "--max_steps", "2", "--nproc_per_node", "2",
+                     "--micro_batch_size", "1", "--global_batch_size", "2")
+        args[args.index("--dataset") + 1] = str(mixed)
+        proc = _cli(args, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_kill_and_resume_reproduces_the_losses(vl, tmp_path):
     full = _cli(_args(vl, "llava", tmp_path / "full", "--max_steps", "5"))
     assert full.returncode == 0, full.stderr[-3000:]

@@ -172,7 +172,7 @@ def launch_torchrun(nproc: int, argv: list[str], cfg: TrainConfig) -> int:
     try:
         elastic_launch(config, sys.executable)("-m", "gkd", *argv)
     except ChildFailedError as e:
-        said = sorted(errors.glob("rank-*.txt"), key=lambda f: int(f.stem.split("-")[1]))
+        said = sorted(errors.glob("rank-*.txt"), key=lambda f: f.stat().st_mtime_ns)  # the first to fail
         if said:
             print(f"gkd: error: {said[0].read_text()}", file=sys.stderr)
             return 2

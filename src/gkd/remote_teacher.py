@@ -240,10 +240,24 @@ class RemoteTeacher:
         return self.client.call("POST", "/v1/completions", body, parse)
 
     def score(self, batch: Batch, split=None) -> TeacherOutput:
-        """Whole sequences go to the server; with ``split`` this rank keeps its tokens' rows."""
+        """Whole sequences go to the server; with ``split`` the first context-parallel rank asks, every rank
+        of the group receives the rows and keeps its tokens'."""
         B, T = batch.input_ids.shape
         ids = torch.zeros(B, T, self.topk, dtype=torch.long)
         logprobs = torch.zeros(B, T, self.topk, dtype=torch.float32)
+        if split is None or split.rank == 0:
+            self._fill(batch, ids, logprobs)
+        if split is not None:
+            import torch.distributed as dist
+
+            src = dist.get_global_rank(split.group, 0)
+            dist.broadcast(ids, src, group=split.group)
+            dist.broadcast(logprobs, src, group=split.group)
+            ids, logprobs = split.local(ids), split.local(logprobs)
+        device = batch.input_ids.device
+        return TeacherOutput(topk_ids=ids.to(device), topk_logprobs=logprobs.to(device))
+
+    def _fill(self, batch: Batch, ids: torch.Tensor, logprobs: torch.Tensor) -> None:
         seqs = _sequences(batch)
         todo = [b for b, (_, r, _) in enumerate(seqs) if r >= 0]
         groups = [todo[i:i + self.seqs_per_request] for i in range(0, len(todo), self.seqs_per_request)]
@@ -257,10 +271,6 @@ class RemoteTeacher:
         except BaseException:
             self.close()  # requests still retrying stop at their next attempt; the error goes up now
             raise
-        device = batch.input_ids.device
-        if split is not None:
-            ids, logprobs = split.local(ids), split.local(logprobs)
-        return TeacherOutput(topk_ids=ids.to(device), topk_logprobs=logprobs.to(device))
 
     def close(self) -> None:
         self.client.stopped.set()

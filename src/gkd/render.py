@@ -17,6 +17,15 @@ from gkd.imagefiles import open_image
 IMAGE_TAG = "<image>"
 
 
+def _ref(part: dict):
+    """An image part's own reference, or None (then it takes the next of 'images'); the datasets library
+    stores a missing image as {'bytes': None, 'path': None}."""
+    ref = part.get("image") or part.get("path") or part.get("url")
+    if isinstance(ref, dict) and not (ref.get("bytes") or ref.get("path")):
+        return None
+    return ref
+
+
 def _parts(text: str) -> list[dict]:
     """ms-swift's tagged text as typed parts."""
     out: list[dict] = []
@@ -52,7 +61,7 @@ def row_images(where: str, row: dict, messages: list[dict], base: Path | None,
             for part in content:
                 if part["type"] != "image":
                     continue
-                if (part.get("image") or part.get("path") or part.get("url")) is None:
+                if _ref(part) is None:
                     placeholders += 1
                 if m["role"] == "assistant" and m is messages[-1]:
                     raise GKDError(f"{where}: the completion (last assistant turn) has an image; images belong "
@@ -67,7 +76,7 @@ def row_images(where: str, row: dict, messages: list[dict], base: Path | None,
         if isinstance(m["content"], list):
             for part in m["content"]:
                 if part["type"] == "image":
-                    ref = part.get("image") or part.get("path") or part.get("url")
+                    ref = _ref(part)
                     images.append(open_image(ref if ref is not None else next(pending), base, where))
     return [{**m, "content": [{"type": p["type"], **({"text": p["text"]} if p["type"] == "text" else {})}
                               for p in m["content"]] if isinstance(m["content"], list) else m["content"]}

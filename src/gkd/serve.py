@@ -258,6 +258,10 @@ class TeacherServer:
         model's processor; the prompt's ids must hold exactly the image tokens that processor makes."""
         given = body.get("gkd_images")
         if given is None:
+            for i, p in enumerate(prompts):
+                if self.images is not None and self.images.image_token_id in p:
+                    raise BadRequest(f"prompt[{i}] has image tokens from position {p.index(self.images.image_token_id)} "
+                                     "but the request sends no images (gkd_images)")
             return [None] * len(prompts)
         if self.images is None:
             raise BadRequest(f"gkd_images: {self.name} is a text-only model")

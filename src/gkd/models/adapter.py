@@ -63,7 +63,25 @@ class Adapter:
             model(**self.prepare(model, inputs), logits_to_keep=1, use_cache=False)
         finally:
             hook.remove()
+        if self._untouched_vision(model, inputs):
+            # sharded training sums gradients over ranks only for the weights each rank's backward reached:
+            # a batch without images still sends a blank one through the trainable vision weights, times 0
+            return seen["h"] + 0.0 * _float_sum(unwrap(model).model.get_image_features(**self.blank_image(model)))
         return seen["h"]
+
+    def _untouched_vision(self, model, inputs: dict) -> bool:
+        if not self.multimodal or "pixel_values" in inputs or not torch.is_grad_enabled():
+            return False
+        import torch.distributed as dist
+
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return False
+        parts = [m for m in (self.vision_tower(model), self.aligner(model)) if m is not None]
+        return any(p.requires_grad for m in parts for p in m.parameters())
+
+    def blank_image(self, model) -> dict:
+        """The smallest image's model inputs (zeros), for the family's get_image_features."""
+        raise NotImplementedError
 
     # --- how it is spread over processes --------------------------------------------------------
 
@@ -141,6 +159,21 @@ class Adapter:
         """(name, tensor) pairs as the family's Hugging Face folders store one of our state-dict entries
         (what ``save_pretrained`` writes and vLLM loads); the entry itself by default."""
         yield self.vllm_weight_name(name), tensor
+
+
+def _float_sum(out) -> torch.Tensor:
+    """The sum of every floating tensor in a model output (a tensor, a tuple, a ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out.float().sum() if out.is_floating_point() else out.new_zeros((), dtype=torch.float32)
+    values = out.values() if hasattr(out, "values") else out if isinstance(out, (tuple, list)) else ()
+    return sum((_float_sum(v) for v in values), torch.zeros(()))
+
+
+def vision_outside_units(adapter: Adapter, model) -> list[torch.nn.Module]:
+    """The decoder layers alone: a vision tower runs only for micro-batches with images, so a rank without
+    one would skip its blocks' gathers while another waits in them; left to the root unit, which every
+    forward gathers, the tower costs no collective of its own."""
+    return list(adapter.decoder(model).layers)
 
 
 _FAMILIES: list[Adapter] = []

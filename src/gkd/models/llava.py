@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from gkd.models.adapter import Adapter, register, unwrap
+from gkd.models.adapter import Adapter, register, unwrap, vision_outside_units
 from gkd.models.images import ImageProcessing, load_image_processor
 
 
@@ -20,6 +20,15 @@ class Llava(Adapter):
 
     def placeholder_ids(self, model) -> list[int]:
         return [unwrap(model).config.image_token_index]
+
+    def blank_image(self, model) -> dict:
+        v = unwrap(model).config.vision_config
+        weight = next(self.vision_tower(model).parameters())
+        pixels = torch.zeros(1, v.num_channels, v.image_size, v.image_size, dtype=weight.dtype, device=weight.device)
+        return {"pixel_values": pixels}
+
+    def fsdp_units(self, model) -> list[torch.nn.Module]:
+        return vision_outside_units(self, model)
 
     def vision_tower(self, model) -> torch.nn.Module:
         return unwrap(model).model.vision_tower

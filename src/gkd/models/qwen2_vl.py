@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from gkd.models.adapter import Adapter, register, unwrap
+from gkd.models.adapter import Adapter, register, unwrap, vision_outside_units
 from gkd.models.images import ImageProcessing, load_image_processor
 
 
@@ -30,6 +30,17 @@ class Qwen2VL(Adapter):
     def placeholder_ids(self, model) -> list[int]:
         config = unwrap(model).config
         return [config.image_token_id, config.video_token_id]
+
+    def blank_image(self, model) -> dict:
+        v = unwrap(model).config.vision_config
+        m = v.spatial_merge_size
+        weight = next(self.vision_tower(model).parameters())
+        patches = torch.zeros(m * m, v.in_channels * v.temporal_patch_size * v.patch_size**2, dtype=weight.dtype,
+                              device=weight.device)
+        return {"pixel_values": patches, "image_grid_thw": torch.tensor([[1, m, m]], device=weight.device)}
+
+    def fsdp_units(self, model) -> list[torch.nn.Module]:
+        return vision_outside_units(self, model)
 
     def vision_tower(self, model) -> torch.nn.Module:
         return unwrap(model).model.visual

@@ -58,9 +58,10 @@ class ContextSplit:
                                              torch.arange((2 * size - 1 - r) * chunk, (2 * size - r) * chunk)])
                                   for r in range(size)]).to(device)
         self.mine = self.owned[rank]
-        valid = torch.zeros(B, self.length, dtype=torch.bool, device=device)
-        valid[:, :T] = batch.attention_mask.bool()
-        self.key_valid = valid[:, self.owned.flatten()]  # [B, T_padded] in gathered order
+        # keys arrive in rank order; their padding needs no mask: rows are right-padded (collate), so a
+        # valid query never reaches its row's padding under the causal mask
+        if bool((batch.attention_mask[:, 1:] > batch.attention_mask[:, :-1]).any()):
+            raise ValueError("context parallelism needs right-padded rows")
         self.key_pos = self.owned.flatten()
         self.batch = batch
 
@@ -102,7 +103,7 @@ class ContextSplit:
         if groups > 1:
             key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
         q_pos, k_pos = self.mine[:, None], self.key_pos[None, :]
-        allowed = k_pos <= q_pos  # a right-padded row's valid queries never reach its padding
+        allowed = k_pos <= q_pos
         if sliding_window:
             allowed = allowed & (q_pos - k_pos < sliding_window)
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
@@ -180,6 +181,11 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if dropout:
+        from gkd.errors import GKDError
+
+        raise GKDError(f"--context_parallel_size: attention dropout ({dropout}) is not supported; the model's "
+                       "attention_dropout must be 0 while training")
     return split.attention(module, query, key, value, scaling, kwargs.get("sliding_window"))
 
 
