@@ -59,14 +59,20 @@ class Adapter:
         seen = {}
         hook = self.decoder(model).register_forward_hook(
             lambda _m, _a, out: seen.__setitem__("h", out.last_hidden_state))
+        # the model's own outputs are not used; detached before FSDP sees them, none of them can start the
+        # root's backward hooks (LLaVA returns its image features: only ranks with images would run them)
+        quiet = model.register_forward_hook(_detached, prepend=True)
         try:
             model(**self.prepare(model, inputs), logits_to_keep=1, use_cache=False)
         finally:
             hook.remove()
+            quiet.remove()
         if self._untouched_vision(model, inputs):
             # sharded training sums gradients over ranks only for the weights each rank's backward reached:
             # a batch without images still sends a blank one through the trainable vision weights, times 0
-            return seen["h"] + 0.0 * _float_sum(unwrap(model).model.get_image_features(**self.blank_image(model)))
+            # (only the features the text model would take: every rank's backward must reach the same weights)
+            features = unwrap(model).model.get_image_features(**self.blank_image(model)).pooler_output
+            return seen["h"] + 0.0 * _float_sum(features)
         return seen["h"]
 
     def _untouched_vision(self, model, inputs: dict) -> bool:
@@ -159,6 +165,14 @@ class Adapter:
         """(name, tensor) pairs as the family's Hugging Face folders store one of our state-dict entries
         (what ``save_pretrained`` writes and vLLM loads); the entry itself by default."""
         yield self.vllm_weight_name(name), tensor
+
+
+def _detached(_module, _args, out):
+    if hasattr(out, "items"):
+        for key, value in list(out.items()):
+            if isinstance(value, torch.Tensor):
+                out[key] = value.detach()
+    return out
 
 
 def _float_sum(out) -> torch.Tensor:
