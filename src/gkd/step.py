@@ -44,9 +44,9 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
         ce_labels[torch.tensor(mb.sampled, device=ce_labels.device)] = -100
         scored = teacher.score(batch)
         hidden = adapter.final_hidden(student, batch.model_inputs())
-        weight = parallel.local(adapter.lm_head(student))  # read after the forward that gathered it
+        head = parallel.local_head(adapter.logit_head(student))  # read after the forward that gathered it
         out = fused_linear_gkd_loss(
-            hidden, weight, **scored.loss_kwargs(), labels=ce_labels, sft_alpha=args.sft_alpha, beta=args.beta,
+            hidden, head, **scored.loss_kwargs(), labels=ce_labels, sft_alpha=args.sft_alpha, beta=args.beta,
             temperature=args.temperature, mask=batch.loss_mask, reduction="sum", normalizer=normaliser,
             chunk_size=args.chunk_size, tp_group=args.tp_group)
         out.loss.backward()
