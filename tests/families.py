@@ -42,21 +42,31 @@ FAMILIES = {
 }
 
 
-def family_config(family: str, layers: int = 2):
+def family_config(family: str, layers: int = 2, **overrides):
     import transformers
 
     cls, extra = FAMILIES[family]
-    extra = {k: v(layers)[:layers] if callable(v) else v for k, v in extra.items()}  # per-layer lists
+    extra = {k: v(layers)[:layers] if callable(v) else v for k, v in {**extra, **overrides}.items()}  # per-layer lists
     return getattr(transformers, cls)(num_hidden_layers=layers, **_SIZES, **extra)
 
 
-def write_family(folder: Path, family: str, *, layers: int = 2, seed: int = 0) -> Path:
+# the vision-language families (tests/tiny.py's fixtures; their image paths are tested in test_multimodal.py)
+VISION = {"qwen2_vl": dict(), "qwen2_5_vl": dict(qwen25=True), "llava": dict()}
+ALL = [*FAMILIES, *VISION]
+
+
+def write_family(folder: Path, family: str, *, layers: int = 2, seed: int = 0, **overrides) -> Path:
     """A random ``family`` model (its own transformers class) and the tiny tokenizer in ``folder``."""
     from transformers import AutoModelForCausalLM
 
+    if family in VISION:
+        from tiny import write_llava, write_qwen2vl
+
+        write = write_llava if family == "llava" else write_qwen2vl
+        return write(folder, layers=layers, seed=seed, **VISION[family])
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(family_config(family, layers), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(family_config(family, layers, **overrides), dtype=torch.float32)
     model.generation_config.update(pad_token_id=0, eos_token_id=4, bos_token_id=1)
     model.save_pretrained(str(folder))
     write_tokenizer(folder, VOCAB)

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from families import FAMILIES, family_config, write_family
+from families import ALL, family_config, write_family
 from gkd.config import TrainConfig
 from gkd.errors import GKDError
-from gkd.models import apply_lora, load_model
+from gkd.models import adapter_for, apply_lora, load_model, support, unwrap
 from gkd.models.adapter import check_head
 from gkd.trainer import Trainer
 from naive import assert_step_matches
@@ -35,26 +35,28 @@ def _trainer(student, teacher, data, out, **kw):
     return Trainer(cfg, log=lambda *_: None)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL)
 def test_one_step_equals_naive_float64(family, data, tmp_path):
     student, teacher = _pair(tmp_path, family)
     t = _trainer(student, teacher, data, tmp_path / "out")
     assert_step_matches(t, load_model(student), load_model(teacher))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL)
 def test_lora_finds_every_projection_and_its_step_equals_naive(family, data, tmp_path):
     from peft.tuners.lora import LoraLayer
 
     student, teacher = _pair(tmp_path, family)
     model = load_model(student)
-    linears = [{n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)} for layer in model.model.layers]
+    adapter = adapter_for(model)
+    linears = [{n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+               for layer in adapter.decoder(model).layers]
     assert all(any("attn" in n for n in ls) and any("mlp" in n for n in ls) for ls in linears), linears
     model = apply_lora(model, 4, 8, 0.0, "all-linear", 0)
-    for ls, layer in zip(linears, model.base_model.model.model.layers):
+    for ls, layer in zip(linears, adapter.decoder(model).layers):
         wrapped = {n for n, m in layer.named_modules() if isinstance(m, LoraLayer)}
         assert ls == wrapped, f"{family}: LoRA on {sorted(wrapped)}, the layer's linears are {sorted(ls)}"
-    assert not isinstance(model.base_model.model.get_output_embeddings(), LoraLayer)
+    assert not isinstance(unwrap(model).get_output_embeddings(), LoraLayer)
     t = _trainer(student, teacher, data, tmp_path / "out", train_type="lora", lora_rank=4, lora_alpha=8,
                  lora_dropout=0.0)  # dropout would make the step random
     # the reference is the trainer's own LoRA model before its step (same adapters, same initialisation)
@@ -109,3 +111,27 @@ def test_a_forward_that_transforms_its_logits_is_refused():
         check_head(Sharpened(family_config("llama")), "m")
     check_head(LlamaForCausalLM(family_config("llama")), "m")  # the plain class passes
     check_head(GraniteForCausalLM(family_config("granite")), "m")  # and so does a described transform
+
+
+def test_every_family_in_the_table_is_tested_here():
+    """The per-family tests above (and in test_families_dist.py, test_vllm_families.py) run over every row."""
+    assert sorted(r["model_type"] for r in support.rows()) == sorted(ALL)
+    proc = subprocess.run([sys.executable, "-m", "gkd", "models"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == support.markdown()
+    assert "| Granite | `granite` | h·Wᵀ / logits_scaling | yes | yes | yes | yes | no | no | yes |" in proc.stdout
+
+
+@pytest.mark.parametrize("family", [r["model_type"] for r in support.rows() if not r["TP"] or not r["vLLM sync"]])
+def test_what_the_table_says_no_to_is_refused_in_one_line(family, tmp_path):
+    from gkd.models.adapter import check_vllm
+    from gkd.parallel.tensor_parallel import check_plan
+
+    row = next(r for r in support.rows() if r["model_type"] == family)
+    model = load_model(str(write_family(tmp_path / "m", family)))
+    if not row["TP"]:
+        with pytest.raises(GKDError, match=rf"--tensor_model_parallel_size 2: no tensor-parallel plan for "
+                                           rf"{type(model).__name__}"):
+            check_plan(model, 2)
+    if not row["vLLM sync"]:
+        with pytest.raises(GKDError, match=rf"--use_vllm: weight sync into vLLM is not verified for {family}"):
+            check_vllm(model)

