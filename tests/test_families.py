@@ -135,3 +135,29 @@ def test_what_the_table_says_no_to_is_refused_in_one_line(family, tmp_path):
     if not row["vLLM sync"]:
         with pytest.raises(GKDError, match=rf"--use_vllm: weight sync into vLLM is not verified for {family}"):
             check_vllm(model)
+
+
+@pytest.mark.parametrize("family", ["granite", "gemma2", "cohere"])
+def test_serve_and_eval_apply_the_family_head(family, tmp_path):
+    """gkd serve's log-probs and gkd eval's teacher log-probs are the model's own (scaled, soft-capped) ones."""
+    from gkd.data import collate
+    from gkd.evaluate import _token_logprob_sum
+    from gkd.serve import Scorer, _Job
+
+    model = load_model(str(write_family(tmp_path / "m", family))).eval()
+    seq = [3, 92, 7, 8, 4, 3, 93, 11, 12, 13]
+    with torch.no_grad():
+        own = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].double(), -1)
+    scorer = Scorer(model, max_batch_tokens=4096, wait_s=0.0)
+    try:
+        ids, lps, actual, _ = scorer._score([_Job(seq, 5)])[0]
+    finally:
+        scorer.stop()
+    top_lp, top_id = own.topk(5, -1)
+    assert torch.equal(ids, top_id)
+    torch.testing.assert_close(lps.double(), top_lp, rtol=0, atol=2e-6)
+    torch.testing.assert_close(actual.double(), own[:-1].gather(1, torch.tensor(seq[1:])[:, None])[:, 0],
+                               rtol=0, atol=2e-6)
+    batch = collate([seq[:6]], [seq[6:]], 0)
+    assert _token_logprob_sum(model, batch) == pytest.approx(float(sum(own[i, seq[i + 1]] for i in range(5, 9))),
+                                                             abs=1e-5)
