@@ -3,6 +3,7 @@ a naive float64 computation from the models' own logits; a family gkd cannot des
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,6 +120,8 @@ def test_every_family_in_the_table_is_tested_here():
     proc = subprocess.run([sys.executable, "-m", "gkd", "models"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == support.markdown()
     assert "| Granite | `granite` | h·Wᵀ / logits_scaling | yes | yes | yes | yes | no | no | yes |" in proc.stdout
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert support.markdown() in readme, "README's family table is not `gkd models`' output: paste it again"
 
 
 @pytest.mark.parametrize("family", [r["model_type"] for r in support.rows() if not r["TP"] or not r["vLLM sync"]])
