@@ -24,6 +24,11 @@ class TeacherOutput:
     topk_ids: torch.Tensor | None = None  # [B, T, K]
     topk_logprobs: torch.Tensor | None = None  # [B, T, K]
 
+    @property
+    def lm_head_weight(self) -> torch.Tensor | None:
+        """The head's weight alone (the logits need the whole ``head``: bias, scale, softcap)."""
+        return None if self.head is None else self.head.weight
+
     def loss_kwargs(self) -> dict:
         if self.hidden is not None:
             return dict(teacher_hidden=self.hidden, teacher_lm_head_weight=self.head, teacher_topk=self.topk)
