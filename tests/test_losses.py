@@ -5,6 +5,7 @@ import torch
 
 from gkd import GKDError
 from gkd.losses import (
+    LogitHead,
     fused_linear_generalized_jsd,
     fused_linear_gkd_loss,
     generalized_jsd,
@@ -278,9 +279,109 @@ def test_sft_cross_entropy_matches_torch(logits):
         (lambda zs, zt: fused_linear_generalized_jsd(zs[..., :8], torch.randn(5, 8),
                                                      teacher_hidden=zs[..., :8].clone().requires_grad_(),
                                                      teacher_lm_head_weight=torch.randn(5, 8)), "detach"),
+        (lambda zs, zt: fused_linear_generalized_jsd(zs[..., :8], LogitHead(torch.randn(5, 8), torch.randn(6)),
+                                                     teacher_hidden=zs[..., :8], teacher_lm_head_weight=torch.randn(5, 8)),
+         "bias shape"),
+        (lambda zs, zt: fused_linear_generalized_jsd(zs[..., :8], LogitHead(torch.randn(5, 8), softcap=0.0),
+                                                     teacher_hidden=zs[..., :8], teacher_lm_head_weight=torch.randn(5, 8)),
+         "softcap"),
+        (lambda zs, zt: fused_linear_generalized_jsd(zs[..., :8], torch.randn(5, 8), teacher_hidden=zs[..., :8],
+                                                     teacher_lm_head_weight=LogitHead(torch.randn(5, 8), scale=0.0)),
+         "teacher_lm_head_weight scale"),
     ],
 )
 def test_bad_arguments_name_the_argument(logits, call, needle):
     zs, zt = logits
     with pytest.raises(GKDError, match=needle):
         call(zs, zt)
+
+
+# --- logit heads: bias, scale before or after the product, softcap ----------------------------------------
+
+
+def head_logits(h, w, b=None, scale=1.0, scale_hidden=False, softcap=None):
+    """A model's logits, written out: the reference for LogitHead."""
+    bias = 0 if b is None else b
+    u = (scale * h) @ w.T + bias if scale_hidden else scale * (h @ w.T + bias)
+    return u if softcap is None else softcap * torch.tanh(u / softcap)
+
+
+HEADS = [dict(), dict(scale=0.125), dict(softcap=2.0), dict(bias=True), dict(bias=True, scale=3.0, softcap=1.5),
+         dict(bias=True, scale=0.5, scale_hidden=True, softcap=4.0)]
+
+
+@pytest.mark.parametrize("form", HEADS, ids=lambda f: "-".join(f"{k}{v}" for k, v in f.items()) or "plain")
+@pytest.mark.parametrize("teacher", ["hidden", "hidden-top5", "topk"])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_fused_logit_head_equals_its_logits_in_float64(form, teacher, beta):
+    """Value and gradients (hidden states, weight, bias) through scale and softcap equal autograd on the
+    logits the head describes; the teacher's head is applied the same way."""
+    g = torch.Generator().manual_seed(4)
+    B, T, V, H = 2, 6, 37, 8
+    h = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64)
+    b = torch.randn(V, generator=g, dtype=torch.float64)
+    th, tw, tb = (torch.randn(B, T, H + 1, generator=g, dtype=torch.float64),
+                  torch.randn(V, H + 1, generator=g, dtype=torch.float64), torch.randn(V, generator=g, dtype=torch.float64))
+    labels, mask = torch.randint(0, V, (B, T), generator=g), torch.rand(B, T, generator=g) > 0.3
+    form = dict(form)
+    bias = form.pop("bias", False)
+    tform = dict(scale=1.7, softcap=3.0, scale_hidden=not form.get("scale_hidden", False)) if form else {}
+    zt = head_logits(th, tw, tb if bias else None, **tform)
+    if teacher == "hidden":
+        tkw = dict(teacher_hidden=th, teacher_lm_head_weight=LogitHead(tw, tb if bias else None, **tform))
+    elif teacher == "hidden-top5":
+        tkw = dict(teacher_hidden=th, teacher_lm_head_weight=LogitHead(tw, tb if bias else None, **tform), teacher_topk=5)
+    else:
+        ids, lp = topk_logprobs(zt, 5)
+        tkw = dict(teacher_topk_ids=ids, teacher_topk_logprobs=lp)
+
+    xs = [x.clone().requires_grad_() for x in (h, w, b)]
+    out = fused_linear_gkd_loss(xs[0], LogitHead(xs[1], xs[2] if bias else None, **form), **tkw, labels=labels,
+                                sft_alpha=0.3, beta=beta, temperature=0.8, mask=mask, reduction="sum", chunk_size=4)
+    out.loss.backward()
+
+    ys = [x.clone().requires_grad_() for x in (h, w, b)]
+    zs = head_logits(ys[0], ys[1], ys[2] if bias else None, **form)
+    if teacher == "hidden":
+        div = generalized_jsd(zs, zt, beta=beta, temperature=0.8, mask=mask, reduction="sum")
+    else:
+        ids, lp = topk_logprobs(zt, 5)
+        div = topk_generalized_jsd(zs, ids, lp, beta=beta, temperature=0.8, mask=mask, reduction="sum")
+    ref = div + 0.3 * sft_cross_entropy(zs, labels, mask=mask, reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(out.loss, ref, rtol=1e-10, atol=1e-12)
+    for x, y in zip(xs, ys):
+        assert (x.grad is None) == (y.grad is None)
+        if x.grad is not None:
+            torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_gradcheck_fused_logit_head(reduction):
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    th, tw = torch.randn(2, 4, 3, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)
+    mask = torch.rand(2, 4, generator=g) > 0.2
+    for scale_hidden in (False, True):
+        def f(h, w, b):
+            return fused_linear_gkd_loss(h, LogitHead(w, b, scale=0.7, scale_hidden=scale_hidden, softcap=1.3),
+                                         teacher_hidden=th, teacher_lm_head_weight=LogitHead(tw, softcap=2.0), beta=0.4,
+                                         mask=mask, reduction=reduction, chunk_size=3).loss
+        assert torch.autograd.gradcheck(f, (h, w, b))
+
+
+def test_logit_head_in_float32_and_a_plain_head_is_a_bare_weight():
+    g = torch.Generator().manual_seed(6)
+    h, w = torch.randn(3, 5, 16, generator=g), torch.randn(40, 16, generator=g)
+    th, tw = torch.randn(3, 5, 16, generator=g), torch.randn(40, 16, generator=g)
+    kw = dict(teacher_hidden=th, beta=0.5, temperature=0.9)
+    bare = fused_linear_generalized_jsd(h, w, teacher_lm_head_weight=tw, **kw)
+    assert torch.equal(fused_linear_generalized_jsd(h, LogitHead(w), teacher_lm_head_weight=LogitHead(tw), **kw), bare)
+    capped = fused_linear_generalized_jsd(h, LogitHead(w, softcap=2.0), teacher_lm_head_weight=LogitHead(tw, softcap=2.0),
+                                          **kw)
+    ref = reference(head_logits(h.double(), w.double(), softcap=2.0), head_logits(th.double(), tw.double(), softcap=2.0),
+                    0.5, 0.9).mean()
+    assert abs(float(capped) - float(ref)) <= 1e-5 * float(ref) and abs(float(capped) - float(bare)) > 1e-2

@@ -142,7 +142,7 @@ def test_server_teacher_with_images_equals_local_topk_teacher(vl, qwen_server):
         scored = teacher.score(batch)
         if teacher is local:  # the local top-k rows, as a server would send them
             from gkd.losses import topk_logprobs
-            logits = scored.hidden.float() @ scored.lm_head_weight.float().T
+            logits = scored.head.to(torch.float32).logits(scored.hidden.float())
             ids, lps = topk_logprobs(logits, 8)
             kwargs = dict(teacher_topk_ids=ids, teacher_topk_logprobs=lps)
         else:

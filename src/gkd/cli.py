@@ -1,4 +1,4 @@
-"""`gkd train | eval | serve | prune | plot | demo`. User mistakes end in one line on stderr and exit code 2."""
+"""`gkd train | eval | serve | prune | plot | models | demo`. User mistakes end in one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -192,7 +192,8 @@ def launch_torchrun(nproc: int, argv: list[str], cfg: TrainConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = argparse.ArgumentParser(prog="gkd", description="Generalized Knowledge Distillation of language models.")
-    top.add_argument("command", choices=["train", "eval", "serve", "prune", "plot", "demo"], help="what to do")
+    top.add_argument("command", choices=["train", "eval", "serve", "prune", "plot", "models", "demo"],
+                     help="what to do")
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
         print("\nRun `gkd COMMAND --help` for the options of each command.")
@@ -248,12 +249,20 @@ def main(argv: list[str] | None = None) -> int:
             if not src.is_file():
                 raise GKDError(f"{src}: no such file (is {a.output_dir} a training output folder?)")
             print(plot(src, Path(a.output_dir) / "loss_curve.png"))
+        elif command == "models":
+            from gkd.config import _OneLineErrors
+            from gkd.models import support
+
+            p = _OneLineErrors(prog="gkd models", description="The supported model families and what works for each.")
+            p.add_argument("--json", action="store_true", help="one JSON object per family instead of a table")
+            a = p.parse_args(rest)
+            print("\n".join(json.dumps(r) for r in support.rows()) if a.json else support.markdown())
         elif command == "demo":
             from gkd.demo import main as demo_main
 
             demo_main(rest)
         else:
-            raise GKDError(f"unknown command {command!r}; choose train, eval, prune, plot or demo")
+            raise GKDError(f"unknown command {command!r}; choose train, eval, serve, prune, plot, models or demo")
     except GKDError as e:
         if os.environ.get(ERROR_DIR) and "RANK" in os.environ:  # under gkd's own launcher: it reports
             Path(os.environ[ERROR_DIR], f"rank-{os.environ['RANK']}.txt").write_text(str(e))

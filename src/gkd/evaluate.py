@@ -21,8 +21,8 @@ def _token_logprob_sum(model, batch, chunk: int = 256, teacher: bool = False) ->
     """Sum of log p(token) over the batch's completion tokens, lm_head applied a chunk at a time."""
     h = _hidden(model, batch, teacher)[batch.loss_mask]
     y = batch.labels[batch.loss_mask]
-    w = adapter_for(model).lm_head(model)
-    return -sum(float(sft_cross_entropy(h[i:i + chunk] @ w.T, y[i:i + chunk], reduction="sum"))
+    head = adapter_for(model).logit_head(model)
+    return -sum(float(sft_cross_entropy(head.logits(h[i:i + chunk]), y[i:i + chunk], reduction="sum"))
                 for i in range(0, h.shape[0], chunk))
 
 
@@ -65,9 +65,9 @@ def evaluate(student, teacher, prompts: list[list[int]], *, eos_ids, pad_id, bet
         batch = batch.to(device)
         if batch.tokens or sharded:
             out = fused_linear_gkd_loss(
-                _hidden(student, batch), adapter_for(student).lm_head(student),
+                _hidden(student, batch), adapter_for(student).logit_head(student),
                 teacher_hidden=_hidden(teacher, batch, teacher=True),
-                teacher_lm_head_weight=adapter_for(teacher).lm_head(teacher), labels=batch.labels, beta=beta,
+                teacher_lm_head_weight=adapter_for(teacher).logit_head(teacher), labels=batch.labels, beta=beta,
                 temperature=temperature, mask=batch.loss_mask, reduction="sum")
             sums[:4] += torch.tensor([float(out.divergence_sum), float(out.sft_sum), float(out.agree_count),
                                       out.tokens], dtype=torch.float64)

@@ -28,7 +28,7 @@ loss and both gradients in one pass over the lm_head, chunk by chunk.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -38,6 +38,7 @@ from gkd.errors import GKDError
 
 __all__ = [
     "GKDLossOutput",
+    "LogitHead",
     "fused_linear_generalized_jsd",
     "fused_linear_gkd_loss",
     "generalized_jsd",
@@ -485,12 +486,80 @@ def sft_cross_entropy(
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LogitHead:
+    """How a model turns final hidden states ``h [..., H]`` into logits, exactly::
+
+        u = (scale * h) @ weight.T + bias      scale_hidden=True  (the scale multiplies h, before the product)
+        u = scale * (h @ weight.T + bias)      scale_hidden=False (after it)
+        z = softcap * tanh(u / softcap)        softcap=None: z = u
+
+    ``weight [V, H]`` and ``bias [V]`` (or None) are this rank's vocabulary shard under tensor parallelism.
+    Granite is ``scale = 1 / logits_scaling``, Cohere ``scale = logit_scale``, Gemma 2/3
+    ``softcap = final_logit_softcapping``; most families are the weight alone.
+    """
+
+    weight: Tensor
+    bias: Tensor | None = None
+    scale: float = 1.0
+    scale_hidden: bool = False
+    softcap: float | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.bias is None and self.scale == 1.0 and self.softcap is None
+
+    def logits(self, h: Tensor) -> Tensor:
+        """The logits of ``h`` (math in at least float32), for callers that want a chunk of them."""
+        return _apply_head(self, h, False)[0]
+
+    def detach(self) -> "LogitHead":
+        return replace(self, weight=self.weight.detach(), bias=None if self.bias is None else self.bias.detach())
+
+    def to(self, dtype: torch.dtype) -> "LogitHead":
+        return replace(self, weight=self.weight.to(dtype), bias=None if self.bias is None else self.bias.to(dtype))
+
+    def check(self, name: str) -> None:
+        _check_matrix(name, self.weight)
+        if self.bias is not None:
+            _check_float(f"{name} bias", self.bias)
+            if self.bias.shape != self.weight.shape[:1]:
+                raise GKDError(f"{name} bias shape {tuple(self.bias.shape)} must be [{self.weight.shape[0]}] (the weight's rows)")
+        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) or self.scale == 0:
+            raise GKDError(f"{name} scale must be a finite non-zero number, got {self.scale!r}")
+        if self.softcap is not None and (not isinstance(self.softcap, (int, float)) or not 0 < self.softcap < math.inf):
+            raise GKDError(f"{name} softcap must be a finite number > 0 or None, got {self.softcap!r}")
+
+
+def _as_head(x) -> LogitHead | None:
+    return x if isinstance(x, LogitHead) or x is None else LogitHead(x)
+
+
+def _apply_head(head: LogitHead, hc: Tensor, want_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """(logits z [c, V_local] in math precision, dz/du [c, V_local] for the softcap or None).
+
+    The product runs in the inputs' dtype, as the model's own lm_head does; the rest in float32 or more,
+    in place, so that a plain head costs nothing beyond ``h @ W.T``."""
+    z = _math(hc @ head.weight.T)
+    if head.bias is not None and not head.scale_hidden:
+        z.add_(head.bias.to(z.dtype))
+    if head.scale != 1.0:
+        z.mul_(head.scale)
+    if head.bias is not None and head.scale_hidden:
+        z.add_(head.bias.to(z.dtype))
+    if head.softcap is None:
+        return z, None
+    t = z.div_(head.softcap).tanh_()
+    dcap = (1.0 - t * t) if want_grad else None  # d(c tanh(u / c)) / du
+    return t.mul_(head.softcap), dcap
+
+
 @dataclass
 class _Teacher:
     """The teacher side of a fused call, already restricted to the counted rows."""
 
     hidden: Tensor | None = None  # [n, H_t]
-    weight: Tensor | None = None  # [V_local, H_t]
+    head: LogitHead | None = None  # weight [V_local, H_t]
     topk: int | None = None  # take the teacher's top-k of its own logits
     ids: Tensor | None = None  # [n, K] global ids
     logprobs: Tensor | None = None  # [n, K]
@@ -499,33 +568,41 @@ class _Teacher:
         """(full logits [c, V_local] or None, top-k ids [c, K] or None, top-k values [c, K] or None)."""
         if self.hidden is None:
             return None, self.ids[r0:r1], self.logprobs[r0:r1]
-        zt = _math(self.hidden[r0:r1] @ self.weight.T)
+        zt, _ = _apply_head(self.head, self.hidden[r0:r1], False)
         if self.topk is None:
             return zt, None, None
         ids, lp = topk_logprobs(zt, self.topk, tp_group=group)
         return None, ids, lp
 
 
-def _fused_pass(h, W, teacher: _Teacher, labels, *, beta, temperature, sft_alpha, chunk_size, group, weights):
+def _fused_pass(h, head: LogitHead, teacher: _Teacher, labels, *, beta, temperature, sft_alpha, chunk_size, group,
+                weights):
     """One pass over row chunks: per-row divergence, CE and top-1 agreement, and, when ``weights``
     (per-row dLoss/dL_i) is given, the gradients of sum_i weights_i * (div_i + sft_alpha * ce_i)
-    with respect to ``h`` and ``W``. Never holds more than one chunk of logits.
+    with respect to ``h``, the head's weight ``W`` and its bias. Never holds more than one chunk of logits
+    (two with a softcap, whose derivative is kept for the backward).
+
+    The chain rule through the head, from g = dL/dz: dL/du = g (1 - tanh^2(u/c)) with a softcap; then
+    dL/dh = scale (dL/du) W, dL/dW = scale (dL/du)^T h, and dL/db = sum_rows dL/du times the scale when
+    it comes after the bias.
     """
+    W, b = head.weight, head.bias
     n = h.shape[0]
     dt = torch.promote_types(h.dtype, torch.float32)
     div = torch.empty(n, dtype=dt, device=h.device)
     ce = torch.zeros(n, dtype=dt, device=h.device)
     agree = torch.empty(n, dtype=torch.bool, device=h.device)
-    grad_h = grad_w = None
-    if weights is not None:
+    grad_h = grad_w = grad_b = None
+    want = weights is not None
+    if want:
         grad_h = torch.empty(n, h.shape[1], dtype=dt, device=h.device)
         grad_w = torch.zeros(W.shape, dtype=dt, device=W.device)
+        grad_b = None if b is None else torch.zeros(b.shape, dtype=dt, device=b.device)
     for r0 in range(0, n, chunk_size):
         r1 = min(r0 + chunk_size, n)
         hc = h[r0:r1]
-        zs = _math(hc @ W.T)
+        zs, dcap = _apply_head(head, hc, want)
         zt, ids, tk = teacher.chunk(r0, r1, group)
-        want = weights is not None
         g = None
         # teacher top-1 before the divergence overwrites zt
         teacher_top1 = _argmax_vocab(zt, group) if zt is not None else ids.gather(-1, tk.argmax(-1, keepdim=True))[:, 0]
@@ -553,7 +630,14 @@ def _fused_pass(h, W, teacher: _Teacher, labels, *, beta, temperature, sft_alpha
                 g.scatter_add_(-1, local, gk * owned)
         div[r0:r1] = loss
         if want:
-            g = g.mul_(weights[r0:r1, None]).to(W.dtype)
+            g = g.mul_(weights[r0:r1, None])  # dL/dz
+            if dcap is not None:
+                g.mul_(dcap)  # dL/du
+            if b is not None:
+                grad_b.add_(g.sum(0), alpha=1.0 if head.scale_hidden else head.scale)
+            if head.scale != 1.0:
+                g.mul_(head.scale)  # dL/d(h W^T)
+            g = g.to(W.dtype)
             grad_h[r0:r1] = g @ W
             if W.dtype == dt:
                 grad_w.addmm_(g.T, hc)
@@ -562,54 +646,62 @@ def _fused_pass(h, W, teacher: _Teacher, labels, *, beta, temperature, sft_alpha
     if weights is not None:
         # h is replicated over the TP group and each shard's logits depend on it: sum the parts.
         _allreduce(grad_h, group)
-    return div, ce, agree, grad_h, grad_w
+    return div, ce, agree, grad_h, grad_w, grad_b
+
+
+def _head_of(W, b, form: dict) -> LogitHead:
+    """The student's head from the tensors autograd saw and its static form (scale, softcap)."""
+    return LogitHead(W.detach(), None if b is None else b.detach(), **form)
 
 
 class _FusedReduced(torch.autograd.Function):
     """Scalar sum_i w_i (div_i + alpha ce_i); gradients computed in the forward pass, scaled in backward."""
 
     @staticmethod
-    def forward(ctx, h, W, weights, teacher, labels, opts, want_grads):
+    def forward(ctx, h, W, b, form, weights, teacher, labels, opts, want_grads):
         with torch.no_grad():
-            div, ce, agree, gh, gw = _fused_pass(h.detach(), W.detach(), teacher, labels, weights=weights if want_grads else None, **opts)
-        ctx.save_for_backward(gh, gw)
-        ctx.dtypes = (h.dtype, W.dtype)
+            div, ce, agree, gh, gw, gb = _fused_pass(h.detach(), _head_of(W, b, form), teacher, labels,
+                                                     weights=weights if want_grads else None, **opts)
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.dtypes = (h.dtype, W.dtype, None if b is None else b.dtype)
         ctx.mark_non_differentiable(div, ce, agree)
         total = (weights * (div + opts["sft_alpha"] * ce)).sum()
         return total, div, ce, agree
 
     @staticmethod
     def backward(ctx, grad_total, *_):
-        gh, gw = ctx.saved_tensors
+        grads = ctx.saved_tensors
         # The [V, H] weight gradient is the largest buffer here: hand it over as is when the loss
         # is not rescaled afterwards (pass `normalizer` instead of dividing the result).
         if not bool(grad_total == 1):
-            gh, gw = (None if g is None else g * grad_total for g in (gh, gw))
-        dh = gh.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] and gh is not None else None
-        dw = gw.to(ctx.dtypes[1]) if ctx.needs_input_grad[1] and gw is not None else None
-        return dh, dw, None, None, None, None, None
+            grads = [None if g is None else g * grad_total for g in grads]
+        dh, dw, db = (g.to(dtype) if ctx.needs_input_grad[i] and g is not None else None
+                      for i, (g, dtype) in enumerate(zip(grads, ctx.dtypes)))
+        return dh, dw, db, None, None, None, None, None, None
 
 
 class _FusedPerRow(torch.autograd.Function):
     """Per-row div_i + alpha ce_i; backward recomputes the chunks with the incoming row weights."""
 
     @staticmethod
-    def forward(ctx, h, W, teacher, labels, opts):
+    def forward(ctx, h, W, b, form, teacher, labels, opts):
         with torch.no_grad():
-            div, ce, agree, _, _ = _fused_pass(h.detach(), W.detach(), teacher, labels, weights=None, **opts)
-        ctx.save_for_backward(h, W)
-        ctx.teacher, ctx.labels, ctx.opts = teacher, labels, opts
+            div, ce, agree, *_ = _fused_pass(h.detach(), _head_of(W, b, form), teacher, labels, weights=None, **opts)
+        ctx.save_for_backward(h, W, b)
+        ctx.teacher, ctx.labels, ctx.opts, ctx.form = teacher, labels, opts, form
         ctx.mark_non_differentiable(div, ce, agree)
         return div + opts["sft_alpha"] * ce, div, ce, agree
 
     @staticmethod
     def backward(ctx, grad_rows, *_):
-        h, W = ctx.saved_tensors
+        h, W, b = ctx.saved_tensors
         with torch.no_grad():
-            _, _, _, gh, gw = _fused_pass(h, W, ctx.teacher, ctx.labels, weights=_math(grad_rows), **ctx.opts)
+            _, _, _, gh, gw, gb = _fused_pass(h, _head_of(W, b, ctx.form), ctx.teacher, ctx.labels,
+                                              weights=_math(grad_rows), **ctx.opts)
         dh = gh.to(h.dtype) if ctx.needs_input_grad[0] else None
         dw = gw.to(W.dtype) if ctx.needs_input_grad[1] else None
-        return dh, dw, None, None, None
+        db = gb.to(b.dtype) if b is not None and ctx.needs_input_grad[2] else None
+        return dh, dw, db, None, None, None, None
 
 
 @dataclass
@@ -636,10 +728,10 @@ def _check_matrix(name: str, x: Tensor, cols: int | None = None) -> None:
 
 def fused_linear_gkd_loss(
     student_hidden: Tensor,
-    student_lm_head_weight: Tensor,
+    student_lm_head_weight: Tensor | LogitHead,
     *,
     teacher_hidden: Tensor | None = None,
-    teacher_lm_head_weight: Tensor | None = None,
+    teacher_lm_head_weight: Tensor | LogitHead | None = None,
     teacher_topk: int | None = None,
     teacher_topk_ids: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
@@ -658,6 +750,10 @@ def fused_linear_gkd_loss(
     Logits are formed ``chunk_size`` counted positions at a time (``hidden @ weight.T``), so the extra
     memory is O(chunk_size x V), never O(N x V); masked positions never reach the lm_head.
 
+    Either lm_head may be a :class:`LogitHead` instead of a bare weight: its bias, scale and softcap are
+    applied exactly, chunk by chunk, and the student's gradients flow through them into the hidden
+    states, the weight and the bias (a ``bias`` that requires grad gets its gradient).
+
     The teacher is either ``teacher_hidden [..., H_t]`` + ``teacher_lm_head_weight [V, H_t]`` (full
     distribution, or its top-``teacher_topk``), or ``teacher_topk_ids`` + ``teacher_topk_logprobs``
     ``[..., K]``. The teacher is a constant: pass detached tensors.
@@ -672,7 +768,9 @@ def fused_linear_gkd_loss(
     ``student_hidden`` is replicated, and its gradient is the full one on every rank.
     """
     _check_common(beta, temperature, reduction)
-    _check_matrix("student_lm_head_weight", student_lm_head_weight)
+    head = _as_head(student_lm_head_weight)
+    head.check("student_lm_head_weight")
+    student_lm_head_weight = head.weight
     hsize = student_lm_head_weight.shape[1]
     _check_float("student_hidden", student_hidden)
     if student_hidden.shape[-1] != hsize:
@@ -698,7 +796,10 @@ def fused_linear_gkd_loss(
             "give the teacher either as teacher_hidden + teacher_lm_head_weight or as "
             "teacher_topk_ids + teacher_topk_logprobs (exactly one of the two)"
         )
+    teacher_head = _as_head(teacher_lm_head_weight)
+    teacher_lm_head_weight = None if teacher_head is None else teacher_head.weight
     for name, x in (("teacher_hidden", teacher_hidden), ("teacher_lm_head_weight", teacher_lm_head_weight),
+                    ("teacher_lm_head_weight bias", teacher_head and teacher_head.bias),
                     ("teacher_topk_logprobs", teacher_topk_logprobs)):
         if x is not None and x.requires_grad and torch.is_grad_enabled():
             raise GKDError(f"{name} requires grad; the teacher is a constant here: pass {name}.detach()")
@@ -711,7 +812,7 @@ def fused_linear_gkd_loss(
     if by_hidden:
         if teacher_hidden is None or teacher_lm_head_weight is None:
             raise GKDError("teacher_hidden and teacher_lm_head_weight must be given together")
-        _check_matrix("teacher_lm_head_weight", teacher_lm_head_weight)
+        teacher_head.check("teacher_lm_head_weight")
         if teacher_hidden.shape[:-1] != lead or teacher_hidden.shape[-1] != teacher_lm_head_weight.shape[1]:
             raise GKDError(
                 f"teacher_hidden shape {tuple(teacher_hidden.shape)} must be {tuple(lead)} + "
@@ -724,7 +825,7 @@ def fused_linear_gkd_loss(
             )
         if teacher_topk is not None and not 1 <= teacher_topk <= vocab:
             raise GKDError(f"teacher_topk={teacher_topk} must be in [1, V={vocab}]")
-        teacher = _Teacher(hidden=_select_rows(teacher_hidden, rows).detach(), weight=teacher_lm_head_weight.detach(), topk=teacher_topk)
+        teacher = _Teacher(hidden=_select_rows(teacher_hidden, rows).detach(), head=teacher_head.detach(), topk=teacher_topk)
     else:
         if teacher_topk_ids is None or teacher_topk_logprobs is None:
             raise GKDError("teacher_topk_ids and teacher_topk_logprobs must be given together")
@@ -741,23 +842,26 @@ def fused_linear_gkd_loss(
     opts = dict(beta=float(beta), temperature=float(temperature), sft_alpha=float(sft_alpha),
                 chunk_size=chunk_size, group=group)
     n = h.shape[0]
+    W, b = head.weight, head.bias
+    form = dict(scale=float(head.scale), scale_hidden=bool(head.scale_hidden),
+                softcap=None if head.softcap is None else float(head.softcap))
     if reduction == "none":
-        per_row, div, ce, agree = _FusedPerRow.apply(h, student_lm_head_weight, teacher, y, opts)
+        per_row, div, ce, agree = _FusedPerRow.apply(h, W, b, form, teacher, y, opts)
         loss = _reduce(per_row, rows, lead, "none")
     else:
         scale = 1.0 / max(n, 1) if reduction == "mean" else 1.0 / (normalizer or 1.0)
         w = torch.full((n,), scale, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
-        want_grads = torch.is_grad_enabled() and (h.requires_grad or student_lm_head_weight.requires_grad)
-        loss, div, ce, agree = _FusedReduced.apply(h, student_lm_head_weight, w, teacher, y, opts, want_grads)
+        want_grads = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, W, b))
+        loss, div, ce, agree = _FusedReduced.apply(h, W, b, form, w, teacher, y, opts, want_grads)
     return GKDLossOutput(loss=loss, divergence_sum=div.sum(), sft_sum=ce.sum(), agree_count=agree.sum(), tokens=n)
 
 
 def fused_linear_generalized_jsd(
     student_hidden: Tensor,
-    student_lm_head_weight: Tensor,
+    student_lm_head_weight: Tensor | LogitHead,
     *,
     teacher_hidden: Tensor | None = None,
-    teacher_lm_head_weight: Tensor | None = None,
+    teacher_lm_head_weight: Tensor | LogitHead | None = None,
     teacher_topk: int | None = None,
     teacher_topk_ids: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
@@ -768,7 +872,8 @@ def fused_linear_generalized_jsd(
     chunk_size: int | None = None,
     tp_group=None,
 ) -> Tensor:
-    """:func:`generalized_jsd` of ``student_hidden @ student_lm_head_weight.T`` against the teacher,
+    """:func:`generalized_jsd` of ``student_hidden @ student_lm_head_weight.T`` (or a :class:`LogitHead`'s
+    logits) against the teacher,
     without ever holding the logits of all positions. See :func:`fused_linear_gkd_loss` for the
     arguments; this returns the divergence alone.
     """

@@ -151,13 +151,13 @@ class Scorer:
             att[b, : len(s)] = 1
         extra = join_rows([j.inputs or {} for j in jobs])
         hidden = self.adapter.final_hidden(self.model, {"input_ids": ids, "attention_mask": att, **extra})
-        weight = self.adapter.lm_head(self.model).float()
+        head = self.adapter.logit_head(self.model).to(torch.float32)
         out = []
         for b, job in enumerate(jobs):
             s = job.ids
             parts = []
             for r0 in range(job.rows_from, len(s), self.chunk):
-                logp = torch.log_softmax(hidden[b, r0 : min(r0 + self.chunk, len(s))].float() @ weight.T, dim=-1)
+                logp = torch.log_softmax(head.logits(hidden[b, r0 : min(r0 + self.chunk, len(s))].float()), dim=-1)
                 top_lp, top_id = logp.topk(job.k, dim=-1)
                 act = rank = None
                 if job.actual:

@@ -105,11 +105,11 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             scored = teacher.score(batch, split)
             with recording(routers) as seen:
                 hidden = adapter.final_hidden(student, split.model_inputs() if split else batch.model_inputs())
-            weight = parallel.local(adapter.lm_head(student))  # read after the forward that gathered it
+            head = parallel.local_head(adapter.logit_head(student))  # read after the forward that gathered it
             mask = split.local(batch.loss_mask, False) if split else batch.loss_mask
             labels = split.local(ce_labels, -100) if split else ce_labels
             out = fused_linear_gkd_loss(
-                hidden, weight, **scored.loss_kwargs(), labels=labels, sft_alpha=args.sft_alpha, beta=args.beta,
+                hidden, head, **scored.loss_kwargs(), labels=labels, sft_alpha=args.sft_alpha, beta=args.beta,
                 temperature=args.temperature, mask=mask, reduction="sum", normalizer=normaliser,
                 chunk_size=args.chunk_size, tp_group=args.tp_group)
             loss, aux = out.loss, torch.zeros(())

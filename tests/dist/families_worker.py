@@ -1,0 +1,41 @@
+"""Run under torchrun with 2 processes: for each family, one `gkd train` step at FSDP = 2 or TP = 2 equals the
+naive float64 step of the whole models (tests/naive.py). Usage: families_worker.py fsdp|tp ROOT DATA FAMILY..."""
+
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gkd.config import TrainConfig  # noqa: E402
+from gkd.models import load_model  # noqa: E402
+from gkd.trainer import Trainer  # noqa: E402
+from naive import assert_step_matches  # noqa: E402
+
+
+def main():
+    mode, root, data, *families = sys.argv[1:]
+    failed = []
+    for family in families:
+        student, teacher = (str(Path(root) / family / side) for side in ("student", "teacher"))
+        cfg = TrainConfig(model=student, teacher_model=teacher, dataset=[data], output_dir=str(Path(root) / "out"),
+                          lmbda=0.0, beta=0.5, temperature=0.9, sft_alpha=0.3, micro_batch_size=1 if mode == "fsdp" else 2,
+                          global_batch_size=6, max_steps=1, max_grad_norm=0.0, loss_chunk_size=5, progress_bar=False,
+                          tensor_model_parallel_size=2 if mode == "tp" else 1)
+        try:
+            trainer = Trainer(cfg, log=lambda *_: None)
+            assert (trainer.par.tp, trainer.par.dp_size) == ((2, 1) if mode == "tp" else (1, 2))
+            assert_step_matches(trainer, load_model(student), load_model(teacher))
+        except Exception as e:  # noqa: BLE001 - report every family, then fail
+            failed.append(family)
+            print(f"FAIL {mode} {family} rank {dist.get_rank()}: {type(e).__name__}: {e}", flush=True)
+        else:
+            print(f"OK {mode} {family} rank {dist.get_rank()}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""A tiny random model of each supported text family, written to a folder with the tiny tokenizer.
+
+Sizes: vocabulary 96, hidden 128, 4 heads of 32 (vLLM's CPU attention takes head_dim 32), 2 KV heads, so
+that tensor parallelism of 2 divides every split. Each family keeps what makes it itself, at values that
+matter on short test sequences: sliding windows of 4 tokens, a final logit softcap of 2 (Gemma), logits
+divided by 8 (Granite), a logit scale of 0.5 (Cohere), NoPE layers (SmolLM3). Weights are drawn with a
+larger spread than the families' defaults so that the distributions are far from uniform and the logit
+transforms change them visibly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tiny import write_tokenizer
+
+VOCAB = 96
+_SIZES = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256, bos_token_id=1, eos_token_id=4, pad_token_id=0, initializer_range=0.2)
+
+# family -> (config class, extra config arguments)
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(head_dim=32, tie_word_embeddings=True, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "mistral": ("MistralConfig", dict(head_dim=32, sliding_window=4, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),  # q/k/v with bias
+    "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=False)),  # per-head q/k norms
+    "gemma2": ("Gemma2Config", dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=4,
+                                    final_logit_softcapping=2.0, attn_logit_softcapping=5.0)),
+    "gemma3_text": ("Gemma3TextConfig", dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=4,
+                                             layer_types=lambda n: ["sliding_attention", "full_attention"] * n,
+                                             final_logit_softcapping=2.0)),
+    "phi3": ("Phi3Config", dict(tie_word_embeddings=False)),  # fused qkv_proj and gate_up_proj
+    "olmo2": ("Olmo2Config", dict(tie_word_embeddings=False)),
+    "granite": ("GraniteConfig", dict(logits_scaling=8.0, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                      attention_multiplier=0.05, tie_word_embeddings=False)),
+    "cohere": ("CohereConfig", dict(logit_scale=0.5)),
+    "smollm3": ("SmolLM3Config", dict(no_rope_layers=lambda n: [1, 0] * n, tie_word_embeddings=True)),
+}
+
+
+def family_config(family: str, layers: int = 2, **overrides):
+    import transformers
+
+    cls, extra = FAMILIES[family]
+    extra = {k: v(layers)[:layers] if callable(v) else v for k, v in {**extra, **overrides}.items()}  # per-layer lists
+    return getattr(transformers, cls)(num_hidden_layers=layers, **_SIZES, **extra)
+
+
+# the vision-language families (tests/tiny.py's fixtures; their image paths are tested in test_multimodal.py)
+VISION = {"qwen2_vl": dict(), "qwen2_5_vl": dict(qwen25=True), "llava": dict()}
+ALL = [*FAMILIES, *VISION]
+
+
+def write_family(folder: Path, family: str, *, layers: int = 2, seed: int = 0, **overrides) -> Path:
+    """A random ``family`` model (its own transformers class) and the tiny tokenizer in ``folder``."""
+    from transformers import AutoModelForCausalLM
+
+    if family in VISION:
+        from tiny import write_llava, write_qwen2vl
+
+        write = write_llava if family == "llava" else write_qwen2vl
+        return write(folder, layers=layers, seed=seed, **VISION[family])
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(family_config(family, layers, **overrides), dtype=torch.float32)
+    model.generation_config.update(pad_token_id=0, eos_token_id=4, bos_token_id=1)
+    model.save_pretrained(str(folder))
+    write_tokenizer(folder, VOCAB)
+    return folder

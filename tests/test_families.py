@@ -1,0 +1,166 @@
+"""Every supported text family trains on its true distribution: one `gkd train` step (full and LoRA) equals
+a naive float64 computation from the models' own logits; a family gkd cannot describe is refused in one line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from families import ALL, family_config, write_family
+from gkd.config import TrainConfig
+from gkd.errors import GKDError
+from gkd.models import adapter_for, apply_lora, load_model, support, unwrap
+from gkd.models.adapter import check_head
+from gkd.trainer import Trainer
+from naive import assert_step_matches
+from tiny import write_dataset, write_tokenizer
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return str(write_dataset(tmp_path_factory.mktemp("fam") / "train.jsonl", n=8, seed=3))
+
+
+def _pair(root, family):
+    return (str(write_family(root / "student", family, layers=2, seed=2)),
+            str(write_family(root / "teacher", family, layers=3, seed=1)))
+
+
+def _trainer(student, teacher, data, out, **kw):
+    # three micro-batches of two rows each: padding and the step-wide normaliser are in play
+    cfg = TrainConfig(model=student, teacher_model=teacher, dataset=[data], output_dir=str(out), lmbda=0.0, beta=0.5,
+                      temperature=0.9, sft_alpha=0.3, micro_batch_size=2, global_batch_size=6, max_steps=1,
+                      max_grad_norm=0.0, loss_chunk_size=5, progress_bar=False, **kw)
+    return Trainer(cfg, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_one_step_equals_naive_float64(family, data, tmp_path):
+    student, teacher = _pair(tmp_path, family)
+    t = _trainer(student, teacher, data, tmp_path / "out")
+    assert_step_matches(t, load_model(student), load_model(teacher))
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_lora_finds_every_projection_and_its_step_equals_naive(family, data, tmp_path):
+    from peft.tuners.lora import LoraLayer
+
+    student, teacher = _pair(tmp_path, family)
+    model = load_model(student)
+    adapter = adapter_for(model)
+    linears = [{n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+               for layer in adapter.decoder(model).layers]
+    assert all(any("attn" in n for n in ls) and any("mlp" in n for n in ls) for ls in linears), linears
+    model = apply_lora(model, 4, 8, 0.0, "all-linear", 0)
+    for ls, layer in zip(linears, adapter.decoder(model).layers):
+        wrapped = {n for n, m in layer.named_modules() if isinstance(m, LoraLayer)}
+        assert ls == wrapped, f"{family}: LoRA on {sorted(wrapped)}, the layer's linears are {sorted(ls)}"
+    assert not isinstance(unwrap(model).get_output_embeddings(), LoraLayer)
+    t = _trainer(student, teacher, data, tmp_path / "out", train_type="lora", lora_rank=4, lora_alpha=8,
+                 lora_dropout=0.0)  # dropout would make the step random
+    # the reference is the trainer's own LoRA model before its step (same adapters, same initialisation)
+    import copy
+
+    assert_step_matches(t, copy.deepcopy(t.student), load_model(teacher))
+
+
+def _saved(model, folder):
+    model.save_pretrained(str(folder))
+    write_tokenizer(folder, 96)
+    return str(folder)
+
+
+def test_an_unknown_family_is_refused_in_one_line(tmp_path, data):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = _saved(GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=2)), tmp_path / "gpt2")
+    with pytest.raises(GKDError, match=r"the gpt2 family \(GPT2LMHeadModel\) is not supported.*llama.*gemma2"):
+        load_model(gpt2)
+    proc = subprocess.run([sys.executable, "-m", "gkd", "train", "--model", gpt2, "--teacher_model", gpt2, "--dataset",
+                           data, "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "gpt2 family" in lines[0] and "not supported" in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_logit_attribute_is_refused(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    config = family_config("llama")
+    config.output_logit_multiplier = 3.0  # something a future family might add to its head
+    folder = _saved(AutoModelForCausalLM.from_config(config), tmp_path / "m")
+    with pytest.raises(GKDError, match=r"llama \(LlamaForCausalLM\) has output_logit_multiplier = 3.0, a logit "
+                                       r"transform gkd's llama adapter does not describe"):
+        load_model(folder)
+
+
+def test_a_forward_that_transforms_its_logits_is_refused():
+    from transformers import GraniteForCausalLM, LlamaForCausalLM
+
+    class Sharpened(LlamaForCausalLM):  # a subclass whose forward does something the adapter cannot know
+        def forward(self, *a, **k):
+            out = super().forward(*a, **k)
+            out.logits = out.logits * 3
+            return out
+
+    torch.manual_seed(0)
+    with pytest.raises(GKDError, match=r"llama \(Sharpened\) computes logits its adapter's head description does "
+                                       r"not give \(max difference .*\).*wrong distribution"):
+        check_head(Sharpened(family_config("llama")), "m")
+    check_head(LlamaForCausalLM(family_config("llama")), "m")  # the plain class passes
+    check_head(GraniteForCausalLM(family_config("granite")), "m")  # and so does a described transform
+
+
+def test_every_family_in_the_table_is_tested_here():
+    """The per-family tests above (and in test_families_dist.py, test_vllm_families.py) run over every row."""
+    assert sorted(r["model_type"] for r in support.rows()) == sorted(ALL)
+    proc = subprocess.run([sys.executable, "-m", "gkd", "models"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == support.markdown()
+    assert "| Granite | `granite` | h·Wᵀ / logits_scaling | yes | yes | yes | yes | no | no | yes |" in proc.stdout
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert support.markdown() in readme, "README's family table is not `gkd models`' output: paste it again"
+
+
+@pytest.mark.parametrize("family", [r["model_type"] for r in support.rows() if not r["TP"] or not r["vLLM sync"]])
+def test_what_the_table_says_no_to_is_refused_in_one_line(family, tmp_path):
+    from gkd.models.adapter import check_vllm
+    from gkd.parallel.tensor_parallel import check_plan
+
+    row = next(r for r in support.rows() if r["model_type"] == family)
+    model = load_model(str(write_family(tmp_path / "m", family)))
+    if not row["TP"]:
+        with pytest.raises(GKDError, match=rf"--tensor_model_parallel_size 2: no tensor-parallel plan for "
+                                           rf"{type(model).__name__}"):
+            check_plan(model, 2)
+    if not row["vLLM sync"]:
+        with pytest.raises(GKDError, match=rf"--use_vllm: weight sync into vLLM is not verified for {family}"):
+            check_vllm(model)
+
+
+@pytest.mark.parametrize("family", ["granite", "gemma2", "cohere"])
+def test_serve_and_eval_apply_the_family_head(family, tmp_path):
+    """gkd serve's log-probs and gkd eval's teacher log-probs are the model's own (scaled, soft-capped) ones."""
+    from gkd.data import collate
+    from gkd.evaluate import _token_logprob_sum
+    from gkd.serve import Scorer, _Job
+
+    model = load_model(str(write_family(tmp_path / "m", family))).eval()
+    seq = [3, 92, 7, 8, 4, 3, 93, 11, 12, 13]
+    with torch.no_grad():
+        own = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].double(), -1)
+    scorer = Scorer(model, max_batch_tokens=4096, wait_s=0.0)
+    try:
+        ids, lps, actual, _ = scorer._score([_Job(seq, 5)])[0]
+    finally:
+        scorer.stop()
+    top_lp, top_id = own.topk(5, -1)
+    assert torch.equal(ids, top_id)
+    torch.testing.assert_close(lps.double(), top_lp, rtol=0, atol=2e-6)
+    torch.testing.assert_close(actual.double(), own[:-1].gather(1, torch.tensor(seq[1:])[:, None])[:, 0],
+                               rtol=0, atol=2e-6)
+    batch = collate([seq[:6]], [seq[6:]], 0)
+    assert _token_logprob_sum(model, batch) == pytest.approx(float(sum(own[i, seq[i + 1]] for i in range(5, 9))),
+                                                             abs=1e-5)
