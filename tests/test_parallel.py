@@ -25,10 +25,9 @@ def test_global_batch_must_split_over_data_parallel_ranks():
         cfg.grad_accumulation_steps(3)
 
 
-@pytest.mark.parametrize("flag", ["pipeline_model_parallel_size", "context_parallel_size",
-                                  "expert_model_parallel_size"])
+@pytest.mark.parametrize("flag", ["context_parallel_size", "expert_model_parallel_size"])
 def test_reserved_sizes_are_refused(flag):
-    with pytest.raises(GKDError, match=f"--{flag} 2: pipeline, context and expert parallelism are not built"):
+    with pytest.raises(GKDError, match=f"--{flag} 2: context and expert parallelism are not built"):
         setup(TrainConfig(**{flag: 2}))
 
 

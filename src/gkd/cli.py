@@ -100,7 +100,8 @@ def cmd_train(cfg: TrainConfig) -> dict:
 def check_launch(cfg: TrainConfig, world: int) -> None:
     from gkd.parallel.mesh import check_options, mesh_sizes
 
-    rep, shard, _ = mesh_sizes(world, cfg.tensor_model_parallel_size, cfg.data_parallel_replicate_size)
+    rep, shard, _ = mesh_sizes(world, cfg.tensor_model_parallel_size, cfg.data_parallel_replicate_size,
+                               cfg.pipeline_model_parallel_size)
     cfg.grad_accumulation_steps(rep * shard)
     check_options(cfg, world, cfg.tensor_model_parallel_size)
 

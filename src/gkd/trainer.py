@@ -312,11 +312,11 @@ class Trainer:
                  for m in (slice(m0, m0 + cfg.micro_batch_size) for m0 in range(0, len(rows), cfg.micro_batch_size))]
         # with sharded weights every rank must join each forward, so only a single process skips
         stats = forward_backward(micro, self.student, self.adapter, self.teacher, self.loss_args, float(n_tokens),
-                                 skip_empty=self.par.world == 1)
+                                 skip_empty=self.par.world == 1, par=self.par)
         stats = self.par.dp_reduce(stats)
         loss_total = float(stats[0])
 
-        grad_norm = parallel.clip_grad_norm(self.params, cfg.max_grad_norm)
+        grad_norm = parallel.clip_grad_norm(self.params, cfg.max_grad_norm, self.par)
         if not (math.isfinite(loss_total) and math.isfinite(float(grad_norm))):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1

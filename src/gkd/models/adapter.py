@@ -89,6 +89,16 @@ class Adapter:
         return {"num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
                 "intermediate_size": c.intermediate_size, "vocab_size": self.lm_head(model).shape[0]}
 
+    # --- pipeline parallelism (gkd.parallel.pipeline) -------------------------------------------
+
+    pipelines = False  # whether a stage of this family can run its own share of the decoder layers
+
+    def stage_masks(self, config, hidden, attention_mask, position_ids, cache, layer_ids: list[int]) -> dict:
+        """The attention mask each of a stage's layers takes ({layer index: mask}), as the family's body
+        builds them for its whole stack: from the 2D padding mask (None: no padding), the positions and
+        the stage's KV cache (None when training)."""
+        raise NotImplementedError
+
     # --- vision ---------------------------------------------------------------------------------
 
     def vision_tower(self, model) -> torch.nn.Module | None:

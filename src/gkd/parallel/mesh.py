@@ -1,8 +1,9 @@
-"""The device mesh from the flags: data parallel (replicate x shard), tensor parallel; one process per device.
+"""The device mesh from the flags: pipeline stages, data parallel (replicate x shard), tensor parallel; one
+process per device.
 
 Launch with ``torchrun --nproc-per-node N -m gkd train ...`` (or ``gkd train --nproc_per_node N``).
-Sizes: world = dp_replicate x dp_shard x tp; dp_shard takes whatever the other sizes leave, so FSDP is
-the default way to use more processes. Pipeline, context and expert parallel sizes are reserved flags.
+Sizes: world = pp x dp_replicate x dp_shard x tp; dp_shard takes whatever the other sizes leave, so FSDP is
+the default way to use more processes. Context and expert parallel sizes are reserved flags.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.distributed as dist
 
 from gkd.errors import GKDError
 
-DIMS = ("dp_replicate", "dp_shard", "tp")
+DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 _made_group = False
 
 
@@ -29,6 +30,8 @@ class Parallel:
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
+    pp: int = 1  # pipeline stages (gkd.parallel.pipeline)
+    pipeline: object = None  # gkd.parallel.pipeline.PipelinePlan when pp > 1
     device: torch.device = torch.device("cpu")
     mesh: object = None  # DeviceMesh over DIMS when world > 1
 
@@ -49,6 +52,14 @@ class Parallel:
     @property
     def tp_group(self):
         return self.mesh.get_group("tp") if self.tp > 1 else None
+
+    @property
+    def pp_rank(self) -> int:
+        return self.mesh.get_local_rank("pp") if self.pp > 1 else 0
+
+    @property
+    def pp_group(self):
+        return self.mesh.get_group("pp") if self.pp > 1 else None
 
     @property
     def tp_mesh(self):
@@ -95,16 +106,20 @@ class Parallel:
 
 
 def _reserved(cfg) -> None:
-    for flag in ("pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size"):
+    for flag in ("context_parallel_size", "expert_model_parallel_size"):
         if getattr(cfg, flag) != 1:
-            raise GKDError(f"--{flag} {getattr(cfg, flag)}: pipeline, context and expert parallelism are not built "
-                           "yet; use --tensor_model_parallel_size and data parallelism")
+            raise GKDError(f"--{flag} {getattr(cfg, flag)}: context and expert parallelism are not built "
+                           "yet; use --tensor_model_parallel_size, --pipeline_model_parallel_size and data parallelism")
 
 
 def check_options(cfg, world: int, tp: int) -> None:
     """Options that several processes do not support (yet), as one-line errors."""
     if world == 1:
         return
+    if cfg.pipeline_model_parallel_size > 1:
+        from gkd.parallel.pipeline import check_options as pipeline_options
+
+        pipeline_options(cfg)
     if cfg.eval_steps:
         raise GKDError(f"--eval_steps with {world} processes is not supported yet; run gkd eval on the final folder")
     if cfg.offload_teacher_model and torch.cuda.is_available():
@@ -118,23 +133,27 @@ def check_options(cfg, world: int, tp: int) -> None:
                        f"--tensor_model_parallel_size {tp}: the ranks of one vLLM engine must hold the same prompts")
 
 
-def mesh_sizes(world: int, tp: int, dp_replicate: int) -> tuple[int, int, int]:
-    """(dp_replicate, dp_shard, tp) for ``world`` processes, or a one-line error saying why not."""
-    if tp < 1 or dp_replicate < 1:
-        raise GKDError("--tensor_model_parallel_size and --data_parallel_replicate_size must be >= 1")
-    if world % (tp * dp_replicate):
+def mesh_sizes(world: int, tp: int, dp_replicate: int, pp: int = 1) -> tuple[int, int, int]:
+    """(dp_replicate, dp_shard, tp) for ``world`` processes (``pp`` of them pipeline stages), or a one-line
+    error saying why not."""
+    if tp < 1 or dp_replicate < 1 or pp < 1:
+        raise GKDError("--tensor_model_parallel_size, --pipeline_model_parallel_size and "
+                       "--data_parallel_replicate_size must be >= 1")
+    if world % (tp * dp_replicate * pp):
         hint = " (launch several with torchrun or --nproc_per_node)" if world == 1 else ""
-        raise GKDError(f"{world} process{'es' if world > 1 else ''}{hint} cannot be split into "
+        stages = f"--pipeline_model_parallel_size {pp} x " if pp > 1 else ""
+        raise GKDError(f"{world} process{'es' if world > 1 else ''}{hint} cannot be split into {stages}"
                        f"--tensor_model_parallel_size {tp} x --data_parallel_replicate_size {dp_replicate} x a "
                        "data-parallel shard size (the product must divide the number of processes)")
-    return dp_replicate, world // (tp * dp_replicate), tp
+    return dp_replicate, world // (tp * dp_replicate * pp), tp
 
 
 def setup(cfg) -> Parallel:
     """The process group and mesh of a torchrun launch (nothing for a single process)."""
     _reserved(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rep, shard, tp = mesh_sizes(world, cfg.tensor_model_parallel_size, cfg.data_parallel_replicate_size)
+    pp = cfg.pipeline_model_parallel_size
+    rep, shard, tp = mesh_sizes(world, cfg.tensor_model_parallel_size, cfg.data_parallel_replicate_size, pp)
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
@@ -147,12 +166,17 @@ def setup(cfg) -> Parallel:
         _made_group = True
         dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo",
                                 timeout=timedelta(seconds=cfg.distributed_timeout))
-    mesh = _mesh(device.type, (rep, shard, tp), timedelta(seconds=cfg.distributed_timeout))
-    return Parallel(world=world, rank=dist.get_rank(), dp_replicate=rep, dp_shard=shard, tp=tp, device=device,
-                    mesh=mesh)
+    mesh = _mesh(device.type, (pp, rep, shard, tp), timedelta(seconds=cfg.distributed_timeout))
+    plan = None
+    if pp > 1:
+        from gkd.parallel.pipeline import PipelinePlan
+
+        plan = PipelinePlan(cfg.virtual_pipeline_model_parallel_size, cfg.pipeline_layers, cfg.pipeline_schedule)
+    return Parallel(world=world, rank=dist.get_rank(), dp_replicate=rep, dp_shard=shard, tp=tp, pp=pp, device=device,
+                    mesh=mesh, pipeline=plan)
 
 
-def _mesh(device_type: str, shape: tuple[int, int, int], timeout: timedelta):
+def _mesh(device_type: str, shape: tuple[int, ...], timeout: timedelta):
     """The DeviceMesh over DIMS, from groups made here so that each has ``timeout`` (a mesh that makes
     its own groups gives them torch's default, 30 minutes, whatever the default group has)."""
     from torch.distributed.device_mesh import DeviceMesh
