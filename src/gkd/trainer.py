@@ -145,8 +145,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # rank 0 drew numbers while loading (LoRA init): every rank starts alike
         sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                   top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.global_batch_size)
-        self.sampler = HFSampler(sampling, eos_ids(self.tokenizer, student), self.tokenizer.pad_token_id, self.device,
-                                 synced=par.world > 1)
+        sampler = HFSampler
+        if par.pp > 1:  # generation runs through the stages
+            from gkd.pipeline_rollout import PipelineSampler as sampler
+        self.sampler = sampler(sampling, eos_ids(self.tokenizer, student), self.tokenizer.pad_token_id, self.device,
+                               synced=par.world > 1)
         self.rollout = self._student_sampler(sampling) if cfg.use_vllm else self.sampler
         # whether off-policy steps can need teacher completions at all (else no rank asks the others)
         self._teacher_completes = cfg.seq_kd or any(e.completion_ids is None for e in self.train_examples)

@@ -103,12 +103,14 @@ class Stage(nn.Module):
         self.masks: list[torch.Tensor] = []  # the step's attention masks, one per micro-batch, in schedule order
         self.calls = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """A training micro-batch: schedules run a stage's micro-batches in order, so the k-th call is the
-        k-th micro-batch and takes its (right-padded) attention mask."""
-        mask = self.masks[self.calls] if self.masks else None
-        self.calls += 1
-        return self.run(x, mask)
+    def forward(self, x: torch.Tensor, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
+        """A training micro-batch (x alone): schedules run a stage's micro-batches in order, so the k-th call
+        is the k-th micro-batch and takes its (right-padded) attention mask. Generation passes the mask,
+        positions and this stage's KV cache. (Called as the module, so FSDP gathers what the stage holds.)"""
+        if attention_mask is None and self.masks:
+            attention_mask = self.masks[self.calls]
+            self.calls += 1
+        return self.run(x, attention_mask, position_ids, cache)
 
     def run(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids=None, cache=None):
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
