@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from gkd.data import left_pad
 from gkd.parallel.pipeline import staged
-from gkd.rollout import SamplingConfig, _RowSeededSampling, row_seed, skinny_linears
+from gkd.rollout import SamplingConfig, _RowSeededSampling, cut_at_eos, row_seed, skinny_linears
 
 
 class PipelineSampler:
@@ -103,12 +103,4 @@ class PipelineSampler:
                 dist.all_reduce(going, op=dist.ReduceOp.MAX)  # every rank steps until all are done
                 if not going:
                     break
-        completions = []
-        for row in torch.cat(new, dim=1).tolist():
-            cut = len(row)
-            for j, t in enumerate(row):
-                if t in self.eos_ids:
-                    cut = j + 1  # keep the EOS: the student must learn to stop
-                    break
-            completions.append(row[:cut])
-        return completions
+        return cut_at_eos(torch.cat(new, dim=1).tolist(), self.eos_ids)
