@@ -38,19 +38,55 @@ class PipelinePlan:
 
 
 def check_options(cfg) -> None:
-    """Options pipeline parallelism does not support (yet), as one-line errors."""
-    p = cfg.pipeline_model_parallel_size
+    """Options pipeline parallelism does not support (yet), and models it cannot split (read from their
+    config before any process loads them), as one-line errors."""
+    p, v = cfg.pipeline_model_parallel_size, cfg.virtual_pipeline_model_parallel_size
     if cfg.use_vllm:
         raise GKDError(f"--use_vllm with --pipeline_model_parallel_size {p} is not supported yet; leave --use_vllm "
                        "off: the pipelined sampler generates on-policy completions through the stages")
-    if cfg.virtual_pipeline_model_parallel_size < 1:
+    if v < 1:
         raise GKDError("--virtual_pipeline_model_parallel_size must be >= 1")
-    if cfg.virtual_pipeline_model_parallel_size > 1 and cfg.pipeline_schedule != "1f1b":
-        raise GKDError(f"--virtual_pipeline_model_parallel_size {cfg.virtual_pipeline_model_parallel_size} runs the "
-                       f"interleaved 1F1B schedule; --pipeline_schedule {cfg.pipeline_schedule} has no virtual stages")
+    if v > 1 and cfg.pipeline_schedule != "1f1b":
+        raise GKDError(f"--virtual_pipeline_model_parallel_size {v} runs the interleaved 1F1B schedule; "
+                       f"--pipeline_schedule {cfg.pipeline_schedule} has no virtual stages")
+    for flag, spec, stages, hand in (("--model", cfg.model, p * v, cfg.pipeline_layers),
+                                     ("--teacher_model", cfg.teacher_model, p, "")):
+        config = _config(spec)
+        if config is not None:
+            check_config(config, stages, hand, f"{flag} {spec}")
 
 
-def split_layers(n_layers: int, stages: int, hand: str = "") -> list[list[int]]:
+def _config(spec: str):
+    """A model folder's config, or None where it cannot be read here (the load says why later)."""
+    if not spec:
+        return None
+    from transformers import AutoConfig
+
+    from gkd.models.load import resolve
+
+    try:
+        folder, gguf = resolve(spec)
+        return None if gguf else AutoConfig.from_pretrained(str(folder))
+    except Exception:  # noqa: BLE001 - reported, in one line, where the model is loaded
+        return None
+
+
+def check_config(config, stages: int, hand: str, where: str) -> None:
+    """A one-line error unless a model of ``config`` splits into ``stages`` pipeline stages."""
+    from gkd.models.adapter import adapter_for_config, text_config
+
+    name = (getattr(config, "architectures", None) or [config.model_type])[0]
+    if not adapter_for_config(config).pipelines:
+        raise GKDError(f"--pipeline_model_parallel_size: no pipeline plan for {name} ({where}); pipelines exist for "
+                       "Llama-shaped text models (Llama, Mistral, Qwen2, Qwen3)")
+    text = text_config(config)
+    if getattr(text, "tie_word_embeddings", False):
+        raise GKDError(f"--pipeline_model_parallel_size: {name} ({where}) ties its lm_head to its embedding, which "
+                       "would live on two stages; untied models only for now")
+    split_layers(text.num_hidden_layers, stages, hand, where)
+
+
+def split_layers(n_layers: int, stages: int, hand: str = "", where: str = "the model") -> list[list[int]]:
     """The layer indices of each stage: balanced (earlier stages take one more where it does not divide),
     or ``hand``, comma-separated layer counts per stage."""
     if hand:
@@ -60,11 +96,11 @@ def split_layers(n_layers: int, stages: int, hand: str = "") -> list[list[int]]:
             raise GKDError(f"--pipeline_layers {hand}: give comma-separated layer counts, one per stage") from None
         if len(counts) != stages or min(counts) < 1 or sum(counts) != n_layers:
             raise GKDError(f"--pipeline_layers {hand}: needs {stages} counts of at least 1 layer that add up to the "
-                           f"model's {n_layers} decoder layers")
+                           f"{n_layers} decoder layers of {where}")
     else:
         if stages > n_layers:
             raise GKDError(f"{stages} pipeline stages (--pipeline_model_parallel_size x "
-                           f"--virtual_pipeline_model_parallel_size) but the model has {n_layers} decoder layers; "
+                           f"--virtual_pipeline_model_parallel_size) but {where} has {n_layers} decoder layers; "
                            "each stage needs at least one")
         base, extra = divmod(n_layers, stages)
         counts = [base + (s < extra) for s in range(stages)]
@@ -72,17 +108,13 @@ def split_layers(n_layers: int, stages: int, hand: str = "") -> list[list[int]]:
     return [list(range(a, a + c)) for a, c in zip(starts, counts)]
 
 
-def check_model(model, stages: int, hand: str = "", where: str = "--model") -> None:
+def check_model(model, stages: int, hand: str = "", where: str = "the model") -> None:
+    """check_config for a loaded model (a GGUF file's too), and its weights really untied."""
+    check_config(unwrap(model).config, stages, hand, where)
     adapter = adapter_for(model)
-    name = type(unwrap(model)).__name__
-    if not adapter.pipelines:
-        raise GKDError(f"--pipeline_model_parallel_size: no pipeline plan for {name} ({where}); pipelines exist for "
-                       "Llama-shaped text models (Llama, Mistral, Qwen2, Qwen3)")
-    base = unwrap(model)
-    if base.get_output_embeddings().weight is adapter.decoder(model).embed_tokens.weight:
-        raise GKDError(f"--pipeline_model_parallel_size: {name} ({where}) ties its lm_head to its embedding, which "
-                       "would live on two stages; untied models only for now")
-    split_layers(len(adapter.decoder(model).layers), stages, hand)
+    if unwrap(model).get_output_embeddings().weight is adapter.decoder(model).embed_tokens.weight:
+        raise GKDError(f"--pipeline_model_parallel_size: {where} ties its lm_head to its embedding, which would live "
+                       "on two stages; untied models only for now")
 
 
 class Stage(nn.Module):
