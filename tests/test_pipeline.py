@@ -95,6 +95,37 @@ def test_resume_across_pipeline_sizes(runs, tiny, tmp_path, saved, resumed):
     check_resume(runs, tiny, tmp_path, saved, None if resumed.startswith("single") else RUNS[resumed][:2])
 
 
+@pytest.mark.parametrize("kind", ["seq-kd-checkpointing", "remote-teacher"])
+def test_teacher_sampling_checkpointing_and_a_teacher_server_under_pipeline(tiny, tmp_path, kind):
+    """Sequence-level KD (the teacher samples through its own stages) with gradient checkpointing, and a
+    teacher server's top-k rows fetched by the last stage: 2 steps (off-, then on-policy) equal one process."""
+    server = None
+    if kind == "remote-teacher":
+        from serving import start_gkd_serve, stop
+
+        server, url = start_gkd_serve(tiny["teacher"])
+        extra = ["--teacher_model_server", url, "--gkd_logits_topk", "8"]
+    else:
+        extra = ["--seq_kd", "true", "--gradient_checkpointing", "true"]
+    try:
+        outs = {}
+        for name, launch in (("one", []), ("pp2", ["--nproc_per_node", "2", *PP2])):
+            outs[name] = tmp_path / name
+            args = train_args(tiny, outs[name], *extra, *launch)
+            args[args.index("--max_steps") + 1] = "2"
+            if kind == "remote-teacher":
+                i = args.index("--teacher_model")
+                del args[i:i + 2]
+            run([sys.executable, "-m", "gkd", *args])
+    finally:
+        if server is not None:
+            stop(server)
+    ref, got = read_metrics(outs["one"] / "metrics.jsonl"), read_metrics(outs["pp2"] / "metrics.jsonl")
+    assert [m["on_policy_share"] for m in got] == [0.0, 1.0]
+    for a, b in zip(ref, got):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and a["completion_length"] == b["completion_length"], (a, b)
+
+
 def test_pipelined_sampler_equals_hf_generate_token_for_token(tiny, torchrun):
     proc = torchrun(Path(__file__).parent / "dist" / "pipeline_sampler_worker.py", 2, tiny["student"])
     assert proc.returncode == 0, proc.stderr[-4000:]
