@@ -119,7 +119,7 @@ def check_options(cfg, world: int, tp: int) -> None:
     if cfg.pipeline_model_parallel_size > 1:
         from gkd.parallel.pipeline import check_options as pipeline_options
 
-        pipeline_options(cfg)
+        pipeline_options(cfg, world, tp)
     if cfg.eval_steps:
         raise GKDError(f"--eval_steps with {world} processes is not supported yet; run gkd eval on the final folder")
     if cfg.offload_teacher_model and torch.cuda.is_available():

@@ -37,9 +37,9 @@ class PipelinePlan:
     schedule: str = "1f1b"
 
 
-def check_options(cfg) -> None:
-    """Options pipeline parallelism does not support (yet), and models it cannot split (read from their
-    config before any process loads them), as one-line errors."""
+def check_options(cfg, world: int, tp: int) -> None:
+    """Options pipeline parallelism does not support (yet), schedules the step's micro-batches cannot fill,
+    and models it cannot split (read from their config before any process loads them), as one-line errors."""
     p, v = cfg.pipeline_model_parallel_size, cfg.virtual_pipeline_model_parallel_size
     if cfg.use_vllm:
         raise GKDError(f"--use_vllm with --pipeline_model_parallel_size {p} is not supported yet; leave --use_vllm "
@@ -49,6 +49,14 @@ def check_options(cfg) -> None:
     if v > 1 and cfg.pipeline_schedule != "1f1b":
         raise GKDError(f"--virtual_pipeline_model_parallel_size {v} runs the interleaved 1F1B schedule; "
                        f"--pipeline_schedule {cfg.pipeline_schedule} has no virtual stages")
+    micro = cfg.global_batch_size // (cfg.micro_batch_size * max(1, world // (tp * p)))
+    if v == 1 and cfg.pipeline_schedule == "1f1b" and micro < p:
+        raise GKDError(f"the 1F1B schedule needs at least --pipeline_model_parallel_size {p} micro-batches per step "
+                       f"on a data-parallel rank, got {micro}: raise --global_batch_size, lower --micro_batch_size, "
+                       "or use --pipeline_schedule gpipe")
+    if v > 1 and micro >= p and micro % p:
+        raise GKDError(f"interleaved 1F1B (--virtual_pipeline_model_parallel_size {v}) needs the micro-batches per "
+                       f"step on a data-parallel rank ({micro}) to be a multiple of --pipeline_model_parallel_size {p}")
     for flag, spec, stages, hand in (("--model", cfg.model, p * v, cfg.pipeline_layers),
                                      ("--teacher_model", cfg.teacher_model, p, "")):
         config = _config(spec)
@@ -283,13 +291,6 @@ def schedule_for(st: Staged, n_micro: int, length: int, width: int, device, loss
     return kind(stages[0], n_micro, loss_fn=loss_fn, scale_grads=False)
 
 
-def check_micro_batches(n_micro: int, pp: int, virtual: int) -> None:
-    if virtual > 1 and n_micro >= pp and n_micro % pp:
-        raise GKDError(f"interleaved 1F1B (--virtual_pipeline_model_parallel_size {virtual}) needs the micro-batches "
-                       f"per step on a data-parallel rank ({n_micro}) to be a multiple of "
-                       f"--pipeline_model_parallel_size {pp}")
-
-
 def forward_backward(micro_batches, student, teacher, args, normaliser: float, plan: PipelinePlan,
                      loss_fn) -> torch.Tensor:
     """gkd.step.forward_backward for a pipelined student: the schedule's micro-batches are the step's
@@ -299,7 +300,6 @@ def forward_backward(micro_batches, student, teacher, args, normaliser: float, p
 
     st = staged(student)
     n_micro = len(micro_batches)
-    check_micro_batches(n_micro, st.size, len(st.stages))
     length = max(mb.batch.input_ids.shape[1] for mb in micro_batches)
     width = micro_batches[0].batch.input_ids.shape[0]
     batches = []
