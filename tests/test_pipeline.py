@@ -179,3 +179,14 @@ def test_split_layers_and_models_that_cannot_be_split():
                                         num_key_value_heads=2, intermediate_size=64, vocab_size=96))
     with pytest.raises(GKDError, match="no pipeline plan for qwen2_vl"):
         check_config(vl, 2, "", "m")
+
+
+def test_generation_configs_the_pipelined_sampler_cannot_follow_are_refused(tiny):
+    from gkd.models import load_model
+    from gkd.pipeline_rollout import check_generation_config
+
+    model = load_model(tiny["student"])
+    check_generation_config(model, "--model m")
+    model.generation_config.repetition_penalty = 1.3
+    with pytest.raises(GKDError, match="--model m: its generation_config.json sets repetition_penalty = 1.3"):
+        check_generation_config(model, "--model m")

@@ -20,6 +20,29 @@ from gkd.parallel.pipeline import staged
 from gkd.rollout import SamplingConfig, _RowSeededSampling, cut_at_eos, row_seed, skinny_linears
 
 
+# generation-config settings HF generate turns into logits processors of its own; the pipelined sampler
+# applies only the sampling ones (temperature, top-k, top-p), so a model asking for these is refused
+_PROCESSORS = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+               "min_length": 0, "min_new_tokens": 0, "bad_words_ids": None, "suppress_tokens": None,
+               "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+               "sequence_bias": None, "exponential_decay_length_penalty": None}
+
+
+def check_generation_config(model, where: str) -> None:
+    """A one-line error for a generation config whose logits processors the pipelined sampler lacks (its
+    samples would differ from HF generate's)."""
+    from gkd.errors import GKDError
+    from gkd.models.adapter import unwrap
+
+    config = unwrap(model).generation_config
+    for name, neutral in _PROCESSORS.items():
+        value = getattr(config, name, None)
+        if value not in (None, neutral):
+            raise GKDError(f"{where}: its generation_config.json sets {name} = {value!r}, which sampling through "
+                           "pipeline stages does not apply yet; remove it or train without "
+                           "--pipeline_model_parallel_size")
+
+
 class PipelineSampler:
     """HFSampler's contract (``seed``, ``generate(model, prompts, rows, inputs)``, ``close``) for a model
     split into pipeline stages. Every rank of the job calls ``generate`` together; ranks keep stepping
