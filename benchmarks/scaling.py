@@ -1,9 +1,10 @@
-"""Distributed layouts side by side: 1 process, 2 processes FSDP, 2 processes tensor parallel, and a
+"""Distributed layouts side by side: 1 process, 2 processes FSDP, tensor parallel, pipeline parallel, and a
 mixture-of-experts pair on 1 process and on 2 processes with expert parallelism (EP 2).
 
     .venv/bin/python benchmarks/scaling.py                  # off-policy steps, float32, this CPU
     .venv/bin/python benchmarks/scaling.py --lmbda 1        # on-policy (student sampling) steps
-    .venv/bin/python benchmarks/scaling.py --layouts "MoE 1 process" "MoE 2 x EP"   # only the MoE rows
+    .venv/bin/python benchmarks/scaling.py --untied --layouts "1 process" "2 x PP"   # pipeline rows
+    .venv/bin/python benchmarks/scaling.py --layouts "MoE 1 process" "MoE 2 x EP"   # the MoE rows
 
 A random Llama-shaped pair with SmolLM2's tokenizer and widths but head counts TP=2 can split (8 query,
 4 key/value heads of 72; SmolLM2's own 9/3 only split over 3): student 8 layers (~55 M parameters,
@@ -16,6 +17,10 @@ a ratio to the single process. The MoE rows (a random Qwen3-MoE pair, same token
 experts of width 384, top-2; student 6 layers, teacher 8) add the expert parameters + AdamW state a rank
 holds (expert_param_mib_per_rank + expert_optimizer_mib_per_rank) and compare with the MoE single
 process. On a GPU machine add --dtype bfloat16.
+a ratio to the single process. Pipeline rows need untied embeddings (--untied: both models get their own
+lm_head, so compare them with a 1-process row of the same --untied run) and add the schedule's bubble share,
+(P - 1) / (M + P - 1) for P stages and M micro-batches per step (the idle fraction 1F1B and GPipe leave by
+construction; not measured). On a GPU machine add --dtype bfloat16.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ sys.path.insert(0, str(HERE))
 from e2e_vs_trl import run_measured  # noqa: E402 - one way to run and measure a process
 
 
-def prepare(work: Path, dtype: str) -> tuple[Path, Path, Path]:
+def prepare(work: Path, dtype: str, tied: bool = True) -> tuple[Path, Path, Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -42,12 +47,12 @@ def prepare(work: Path, dtype: str) -> tuple[Path, Path, Path]:
     tok = load_tokenizer(SMOLLM2)
     folders = []
     for name, layers, seed in (("teacher", 16, 1), ("student", 8, 2)):
-        folder = work / name
+        folder = work / (name if tied else f"{name}-untied")
         if not (folder / "config.json").is_file():
             torch.manual_seed(seed)
             cfg = LlamaConfig(vocab_size=len(tok), hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
                               num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
-                              tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              tie_word_embeddings=tied, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                               pad_token_id=tok.pad_token_id, torch_dtype=dtype)
             LlamaForCausalLM(cfg).to(getattr(torch, dtype)).save_pretrained(str(folder))
             tok.save_pretrained(str(folder))
@@ -79,6 +84,8 @@ LAYOUTS = {  # name: (processes, extra flags)
     "2 x TP": (2, ["--tensor_model_parallel_size", "2"]),
     "MoE 1 process": (1, []),
     "MoE 2 x EP": (2, ["--expert_model_parallel_size", "2"]),
+    "2 x PP": (2, ["--pipeline_model_parallel_size", "2"]),
+    "2 x PP (GPipe)": (2, ["--pipeline_model_parallel_size", "2", "--pipeline_schedule", "gpipe"]),
 }
 
 
@@ -99,9 +106,12 @@ def run(a, name: str, teacher: Path, student: Path, data: Path, out: Path) -> di
     rss = run_measured(cmd, max(1, a.threads // nproc))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
+    stages = int(flags[flags.index("--pipeline_model_parallel_size") + 1]) if "--pipeline_model_parallel_size" in flags else 1
+    micro = a.global_batch_size // a.micro_batch_size // (nproc // stages)
     return {"s_per_step": statistics.median(r["step_time"] for r in rows[2:]), "peak_rss_mib": rss,
             "state_mib": last["param_mib_per_rank"] + last["optimizer_mib_per_rank"],
-            "expert_mib": last.get("expert_param_mib_per_rank", 0) + last.get("expert_optimizer_mib_per_rank", 0)}
+            "expert_mib": last.get("expert_param_mib_per_rank", 0) + last.get("expert_optimizer_mib_per_rank", 0),
+            "bubble": (stages - 1) / (micro + stages - 1)}
 
 
 def main() -> None:
@@ -114,26 +124,29 @@ def main() -> None:
     p.add_argument("--global_batch_size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2, help="threads in total, split over the processes")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    p.add_argument("--untied", action="store_true", help="models with their own lm_head (pipeline rows need it)")
+    p.add_argument("--layouts", nargs="*", default=["1 process", "2 x FSDP", "2 x TP"], choices=list(LAYOUTS),
+                   help="the first is the reference of the ratios (MoE rows: the MoE single process)")
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    teacher, student, data = prepare(a.work, a.dtype)
+    teacher, student, data = prepare(a.work, a.dtype, tied=not a.untied)
     results = {}
     for name in a.layouts:
         print(f"[bench] {name} ...", flush=True)
-        results[name] = run(a, name, teacher, student, data, a.work / name.replace(" ", ""))
-    print(f"\nlmbda {a.lmbda}, {a.dtype}, global batch {a.global_batch_size}, micro {a.micro_batch_size}, "
-          f"{a.threads} threads in total")
+        tag = "".join(c for c in name if c.isalnum()) + ("-untied" if a.untied else "")
+        results[name] = run(a, name, teacher, student, data, a.work / tag)
+    print(f"\nlmbda {a.lmbda}, {a.dtype}, {'untied' if a.untied else 'tied'} embeddings, global batch "
+          f"{a.global_batch_size}, micro {a.micro_batch_size}, {a.threads} threads in total")
     print("| layout | s/step | step vs 1 | peak RSS / rank MiB | RSS vs 1 | params + AdamW MiB / rank | state vs 1 "
-          "| experts + AdamW MiB / rank | experts vs 1 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| bubble share | experts + AdamW MiB / rank | experts vs 1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         one = results.get("MoE 1 process" if name.startswith("MoE") else "1 process", r)  # each family vs its own
         experts = (f"{r['expert_mib']:.0f} | {r['expert_mib'] / one['expert_mib']:.2f}" if r["expert_mib"]
                    else "- | -")
         print(f"| {name} | {r['s_per_step']:.2f} | {r['s_per_step'] / one['s_per_step']:.2f} | {r['peak_rss_mib']} | "
               f"{r['peak_rss_mib'] / one['peak_rss_mib']:.2f} | {r['state_mib']:.0f} | "
-              f"{r['state_mib'] / one['state_mib']:.2f} | {experts} |")
+              f"{r['state_mib'] / one['state_mib']:.2f} | {r['bubble']:.2f} | {experts} |")
 
 
 if __name__ == "__main__":

@@ -118,14 +118,20 @@ def test_tensor_parallel_halves_parameter_and_optimizer_memory(runs):
 @pytest.mark.parametrize("saved,resumed", [("tp2", "single"), ("fsdp2", "single"), ("single", "tp2"),
                                            ("fsdp2-lora", "single-lora")])
 def test_resume_on_another_mesh(runs, tiny, tmp_path, saved, resumed):
+    check_resume(runs, tiny, tmp_path, saved, None if resumed.startswith("single") else MESHES[resumed][:2])
+
+
+def check_resume(runs, tiny, tmp_path, saved: str, mesh: tuple[int, list[str]] | None) -> None:
+    """Resuming ``saved``'s step-2 checkpoint on one process (mesh None) or (processes, flags) gives the
+    uninterrupted single-process run's losses at steps 3 and 4."""
     out = tmp_path / "resumed"
     out.mkdir()
     lora = LORA if "lora" in saved else []
     args = train_args(tiny, out, "--resume_from_checkpoint", str(runs[saved] / "checkpoint-2"), *lora)
-    if resumed.startswith("single"):
+    if mesh is None:
         run([sys.executable, "-m", "gkd", *args])
     else:
-        run(torchrun_cmd(MESHES[resumed][0], args + MESHES[resumed][1]))
+        run(torchrun_cmd(mesh[0], args + mesh[1]))
     ref, got = losses(runs["single-lora" if lora else "single"]), losses(out)
     assert sorted(got) == [3, 4]  # step 3 is off-policy, step 4 on-policy
     for step in (3, 4):
@@ -140,8 +146,13 @@ def _children(pid: int) -> list[int]:
 
 
 def test_a_killed_rank_ends_the_job_and_leaves_the_last_checkpoint(tiny, tmp_path):
-    out = tmp_path / "killed"
-    args = train_args(tiny, out)
+    kill_and_resume(tiny, tmp_path / "killed", [], single_resume=True)
+
+
+def kill_and_resume(tiny, out: Path, flags: list[str], single_resume: bool) -> None:
+    """A 2-process run with ``flags`` loses its rank 1 to SIGKILL after its first checkpoint: the job must
+    end non-zero, and the newest checkpoint must resume (on one process, or on the same 2-process mesh)."""
+    args = train_args(tiny, out, *flags)
     args[args.index("--max_steps") + 1] = "100000"
     job = subprocess.Popen(torchrun_cmd(2, args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                            env=ENV)
@@ -157,12 +168,13 @@ def test_a_killed_rank_ends_the_job_and_leaves_the_last_checkpoint(tiny, tmp_pat
         job.kill()
         pytest.fail("the job hung after a rank was killed")
     assert job.returncode != 0
-    resume = train_args(tiny, out, "--resume_from_checkpoint", "latest")
     from gkd.checkpoint import resolve
 
     step = int(resolve("latest", out).name.split("-")[1])
+    resume = train_args(tiny, out, "--resume_from_checkpoint", "latest", *([] if single_resume else flags))
     resume[resume.index("--max_steps") + 1] = str(step + 1)
-    run([sys.executable, "-m", "gkd", *resume])  # the newest complete checkpoint loads and training goes on
+    # the newest complete checkpoint loads and training goes on
+    run([sys.executable, "-m", "gkd", *resume] if single_resume else torchrun_cmd(2, resume))
     assert max(losses(out)) == step + 1
 
 

@@ -26,11 +26,6 @@ def test_global_batch_must_split_over_data_parallel_ranks():
         cfg.grad_accumulation_steps(3)
 
 
-def test_reserved_sizes_are_refused():
-    with pytest.raises(GKDError, match="--pipeline_model_parallel_size 2: pipeline parallelism is not built"):
-        setup(TrainConfig(pipeline_model_parallel_size=2))
-
-
 def test_context_parallel_needs_several_processes():
     with pytest.raises(GKDError, match="cannot be split into --tensor_model_parallel_size 1 x --context_parallel_size 2"):
         setup(TrainConfig(context_parallel_size=2))

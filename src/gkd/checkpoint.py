@@ -40,8 +40,10 @@ def _options(model):
 
     # LoRA: only the adapter (and its optimizer state); the frozen base comes from --model and is left
     # alone on load (not strict)
+    # optimizer state keyed by each parameter's name (flattened): a pipeline stage saves and loads its own
+    # parameters' entries, so a checkpoint moves between pipeline sizes
     lora = hasattr(model, "peft_config")
-    return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
+    return StateDictOptions(ignore_frozen_params=lora, strict=not lora, flatten_optimizer_state_dict=True)
 
 
 @contextlib.contextmanager
@@ -166,12 +168,29 @@ def export(model, tokenizer, out_dir: Path, cfg, par) -> None:
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if par.pp > 1:
+        full = _gather_stages(model, par)
+    else:
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if par.is_main:
         with write:
             save_pretrained_atomic(_plain_copy(model, full, cfg), tokenizer, out_dir, merge_lora=cfg.merge_lora,
                                    source=cfg.model)
     par.barrier()
+
+
+def _gather_stages(model, par) -> dict:
+    """Every pipeline stage's whole weights (gathered over its FSDP/TP ranks) on rank 0."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    mine = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    mine = {k: v.detach().cpu() for k, v in mine.items()}
+    if par.dp_rank or par.mesh.get_local_rank("tp"):
+        return {}
+    parts = [None] * par.pp if par.is_main else None
+    dist.gather_object(mine, parts, dst=0, group=par.pp_group)
+    return {k: v for part in parts for k, v in part.items()} if par.is_main else {}
 
 
 def _plain_copy(model, full: dict, cfg):

@@ -124,7 +124,7 @@ def check_launch(cfg: TrainConfig, world: int) -> None:
     from gkd.parallel.mesh import check_options, mesh_sizes
 
     rep, shard, _, _ = mesh_sizes(world, cfg.tensor_model_parallel_size, cfg.data_parallel_replicate_size,
-                                  cfg.context_parallel_size)
+                                  cfg.context_parallel_size, cfg.pipeline_model_parallel_size)
     cfg.grad_accumulation_steps(rep * shard)
     check_options(cfg, world, cfg.tensor_model_parallel_size)
     if cfg.expert_model_parallel_size > 1:  # from the configs: a dense student or an expert count EP does not split

@@ -95,7 +95,12 @@ class TrainConfig:
     tensor_model_parallel_size: int = _f(1, "tensor parallel: attention heads, MLP and vocabulary split over N processes")
     data_parallel_replicate_size: int = _f(1, "data-parallel groups holding whole copies (the other data-parallel "
                                               "processes shard the weights, FSDP)")
-    pipeline_model_parallel_size: int = _f(1, "reserved: pipeline parallelism is not built yet")
+    pipeline_model_parallel_size: int = _f(1, "pipeline parallel: the decoder layers split into N stages (embedding "
+                                              "on the first, final norm + lm_head + loss on the last)")
+    virtual_pipeline_model_parallel_size: int = _f(1, "pipeline stages per process (> 1: interleaved 1F1B)")
+    pipeline_layers: str = _f("", "a hand split of the student's decoder layers: comma-separated counts per stage "
+                                  "(default: balanced)")
+    pipeline_schedule: str = _f("1f1b", "the pipeline schedule", choices=("1f1b", "gpipe"))
     context_parallel_size: int = _f(1, "context parallel: every sequence's tokens split over N processes (exact "
                                        "attention; load-balanced head and tail chunks)")
     expert_model_parallel_size: int = _f(1, "expert parallel (MoE models): each layer's experts split over N of the "

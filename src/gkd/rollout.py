@@ -111,16 +111,16 @@ class HFSampler:
         model_inputs = adapter_for(model).prepare(model, {k: v.to(self.device) for k, v in model_inputs.items()})
         with skinny_linears(model):
             gen = model.generate(**model_inputs, **kw)
-        new = gen[:, ids.shape[1]:].tolist()
-        completions = []
-        for row in new:
-            cut = len(row)
-            for j, t in enumerate(row):
-                if t in self.eos_ids:
-                    cut = j + 1  # keep the EOS: the student must learn to stop
-                    break
-            completions.append(row[:cut])
-        return completions
+        return cut_at_eos(gen[:, ids.shape[1]:].tolist(), self.eos_ids)
+
+
+def cut_at_eos(rows: list[list[int]], eos_ids: list[int]) -> list[list[int]]:
+    """Each row up to and including its first EOS (kept: the student must learn to stop)."""
+    completions = []
+    for row in rows:
+        cut = next((j + 1 for j, t in enumerate(row) if t in eos_ids), len(row))
+        completions.append(row[:cut])
+    return completions
 
 
 SKINNY_ROWS = 32

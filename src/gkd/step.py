@@ -88,6 +88,12 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
     the last micro-batch syncs gradients over the replicas (and, unless ``reduce_scatter_each``, over the
     shards)."""
     routers = adapter.routers(student)
+    if dims is not None and dims.pp > 1:
+        from gkd.parallel.pipeline import forward_backward as pipelined
+
+        return pipelined(micro_batches, student, teacher, args, normaliser, dims.pipeline,
+                         lambda hidden, weight, mb, batch, scored: micro_loss(hidden, parallel.local(weight), mb, batch,
+                                                                             scored, args, normaliser))
     stats = torch.zeros(len(STATS), dtype=torch.float64)
     load = None
     for i, mb in enumerate(micro_batches):
@@ -129,3 +135,18 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
         load = torch.zeros(len(routers), E, dtype=torch.float64) if load is None else load
         return torch.cat([stats, load.flatten()])
     return stats
+
+
+def micro_loss(hidden, weight, mb: MicroBatch, batch: Batch, scored, args: LossArgs, normaliser: float):
+    """The fused loss of one micro-batch (``batch``: its rows, possibly padded) from the student's final
+    hidden states and lm_head weight and the teacher's output; (loss, its STATS row)."""
+    ce_labels = batch.labels.clone()
+    ce_labels[torch.tensor(mb.sampled, device=ce_labels.device)] = -100
+    out = fused_linear_gkd_loss(
+        hidden, weight, **scored.loss_kwargs(), labels=ce_labels, sft_alpha=args.sft_alpha, beta=args.beta,
+        temperature=args.temperature, mask=batch.loss_mask, reduction="sum", normalizer=normaliser,
+        chunk_size=args.chunk_size, tp_group=args.tp_group)
+    row = torch.tensor([float(out.loss.detach()), float(out.divergence_sum), float(out.sft_sum),
+                        float(out.agree_count), float((ce_labels[batch.loss_mask] >= 0).sum()), 0.0],
+                       dtype=torch.float64)  # (pipelines take dense students: no router loss)
+    return out.loss, row

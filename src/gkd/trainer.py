@@ -162,11 +162,20 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # rank 0 drew numbers while loading (LoRA init): every rank starts alike
         sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                   top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.global_batch_size)
-        self.sampler = HFSampler(sampling, eos_ids(self.tokenizer, student), self.tokenizer.pad_token_id, self.device,
-                                 synced=par.world > 1)
-        self.rollout = self._student_sampler(sampling) if cfg.use_vllm else self.sampler
         # whether off-policy steps can need teacher completions at all (else no rank asks the others)
         self._teacher_completes = cfg.seq_kd or any(e.completion_ids is None for e in self.train_examples)
+        sampler = HFSampler
+        if par.pp > 1:  # generation runs through the stages
+            from gkd.pipeline_rollout import PipelineSampler as sampler
+            from gkd.pipeline_rollout import check_generation_config
+
+            if cfg.lmbda > 0:
+                check_generation_config(student, f"--model {cfg.model}")
+            if self._teacher_completes and isinstance(self.teacher, LocalTeacher):
+                check_generation_config(self.teacher.model, f"--teacher_model {cfg.teacher_model}")
+        self.sampler = sampler(sampling, eos_ids(self.tokenizer, student), self.tokenizer.pad_token_id, self.device,
+                               synced=par.world > 1)
+        self.rollout = self._student_sampler(sampling) if cfg.use_vllm else self.sampler
         self._eval_teacher_completions = None  # greedy teacher completions of the held-out prompts, made once
 
         self.params = [p for p in self.student.parameters() if p.requires_grad]
@@ -357,7 +366,7 @@ class Trainer:
         stats = self.par.loss_reduce(stats)
         loss_total = float(stats[0])
 
-        grad_norm = parallel.clip_grad_norm(self.params, cfg.max_grad_norm)
+        grad_norm = parallel.clip_grad_norm(self.params, cfg.max_grad_norm, self.par)
         if not (math.isfinite(loss_total) and math.isfinite(float(grad_norm))):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1

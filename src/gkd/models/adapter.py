@@ -154,6 +154,15 @@ class Adapter:
     def router_aux_loss_coef(self, model) -> float:
         """The config's weight of the router load-balancing loss (0 for dense families)."""
         return 0.0
+    # --- pipeline parallelism (gkd.parallel.pipeline) -------------------------------------------
+
+    pipelines = False  # whether a stage of this family can run its own share of the decoder layers
+
+    def stage_masks(self, config, hidden, attention_mask, position_ids, cache, layer_ids: list[int]) -> dict:
+        """The attention mask each of a stage's layers takes ({layer index: mask}), as the family's body
+        builds them for its whole stack: from the 2D padding mask (None: no padding), the positions and
+        the stage's KV cache (None when training)."""
+        raise NotImplementedError
 
     # --- vision ---------------------------------------------------------------------------------
 

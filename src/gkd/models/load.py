@@ -120,7 +120,11 @@ def eos_ids(tokenizer, model) -> list[int]:
 
 def check_compatible(student_tok, teacher_tok, student, teacher) -> None:
     """Teacher and student must share token ids: same vocabulary and the same special tokens."""
-    sv, tv = adapter_for(student).lm_head(student).shape[0], adapter_for(teacher).lm_head(teacher).shape[0]
+    def rows(model) -> int:  # a pipeline stage without the lm_head has the config's count
+        head = unwrap(model).get_output_embeddings()
+        return head.weight.shape[0] if head is not None else text_config(unwrap(model).config).vocab_size
+
+    sv, tv = rows(student), rows(teacher)
     if sv != tv:
         raise GKDError(f"teacher and student vocabularies differ: lm_head rows {tv} vs {sv}; "
                        "GKD needs one tokenizer for both")

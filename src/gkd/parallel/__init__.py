@@ -27,12 +27,16 @@ def local_mib(tensors) -> float:
     return sum(local(t).numel() * t.element_size() for t in tensors) / 2**20
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    """The global gradient norm (over every shard), after scaling the gradients down to ``max_norm``
-    (0 = no clipping). Works on plain tensors and on DTensors (FSDP and/or TP); experts under expert
-    parallelism live on a mesh of their own, so the norm is taken per mesh and combined."""
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, par: Parallel | None = None) -> float:
+    """The global gradient norm (over every shard and pipeline stage), after scaling the gradients down to
+    ``max_norm`` (0 = no clipping). Works on plain tensors and on DTensors (FSDP and/or TP); experts under
+    expert parallelism live on a mesh of their own, so the norm is taken per mesh and combined."""
     from torch.distributed.tensor import DTensor
 
+    if par is not None and par.pp > 1:
+        from gkd.parallel.pipeline import clip_grad_norm as over_stages
+
+        return over_stages(params, max_norm, par.pp_group)
     grads = [p.grad for p in params if p.grad is not None]
     by_mesh: dict = {}
     for g in grads:
@@ -71,7 +75,11 @@ def _experts(model, par: Parallel, reshard_after_forward: bool | None = None, st
 
 def shard_student(model, par: Parallel) -> None:
     """Tensor parallel first (within a node), expert parallel, then FSDP over the data- (and context-)
-    parallel ranks."""
+    parallel ranks (pipeline stages first of all: gkd.parallel.pipeline)."""
+    if par.pp > 1:
+        from gkd.parallel.pipeline import shard
+
+        return shard(model, par, par.pipeline, student=True)
     _tensor_parallel(model, par)
     ignored = _experts(model, par)
     if par.dp_mesh is not None:
@@ -82,6 +90,10 @@ def shard_student(model, par: Parallel) -> None:
 
 def shard_teacher(model, par: Parallel) -> None:
     """The same tensor and expert parallelism; FSDP over the shard ranks only (replicas keep whole copies)."""
+    if par.pp > 1:
+        from gkd.parallel.pipeline import shard
+
+        return shard(model, par, par.pipeline, student=False)
     _tensor_parallel(model, par)
     ignored = _experts(model, par, reshard_after_forward=True, student=False)
     if par.shard_mesh is not None:
@@ -122,6 +134,10 @@ def check_model(model, par: Parallel, lora: bool, lora_experts: bool = False) ->
         from gkd.parallel.expert import check
 
         check(model, par.ep, lora and lora_experts)
+    if par.pp > 1:
+        from gkd.parallel.pipeline import check_model
+
+        check_model(model, par.pp * par.pipeline.virtual, par.pipeline.layers)
 
 
 __all__ = ["Parallel", "check_options", "setup", "teardown", "load_sharded", "local", "local_head", "local_mib",

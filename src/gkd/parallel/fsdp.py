@@ -17,15 +17,24 @@ from gkd.models.adapter import adapter_for
 
 def shard_student(model, dp_mesh, ignored: set = frozenset()) -> None:
     """``ignored``: weights sharded otherwise (experts split over every EP rank) that FSDP leaves alone."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import register_fsdp_forward_method
 
-    ignored = set(ignored) or None
-    for unit in adapter_for(model).fsdp_units(model):
-        fully_shard(unit, mesh=dp_mesh, ignored_params=ignored)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, ignored_params=ignored)
+    shard_units(adapter_for(model).fsdp_units(model), model, dp_mesh, ignored)
     # PEFT's generate calls the wrapped model's generate, not the root's forward: gather for it too
     register_fsdp_forward_method(model, "generate")
-    for m in model.modules():
+
+
+def shard_units(units, root, dp_mesh, ignored: set = frozenset()) -> None:
+    """Each of ``units`` its own FSDP unit, ``root`` (a model, or a pipeline stage) the unit of the rest,
+    kept gathered after its forward; gradients summed. ``ignored``: weights sharded otherwise (experts
+    split over every EP rank) that FSDP leaves alone."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    ignored = set(ignored) or None
+    for unit in units:
+        fully_shard(unit, mesh=dp_mesh, ignored_params=ignored)
+    fully_shard(root, mesh=dp_mesh, reshard_after_forward=False, ignored_params=ignored)
+    for m in root.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no pre-scaled sum)

@@ -41,8 +41,10 @@ def load_sharded(load: Callable, prepare: Callable, shard: Callable, par: Parall
     full = prepare(base) if base is not None else None
     shard(skeleton)
     skeleton.to_empty(device=par.device)
+    # a pipeline stage takes its own weights from rank 0's whole model and leaves the others' (not strict)
     set_model_state_dict(skeleton, full.state_dict() if full is not None else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                  strict=par.pp == 1))
     # buffers that are not in a state dict (rotary frequencies) came out of to_empty uninitialised
     source = dict(full.named_buffers()) if full is not None else {}
     from torch.distributed.tensor import DTensor

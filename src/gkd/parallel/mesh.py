@@ -1,12 +1,12 @@
-"""The device mesh from the flags: data parallel (replicate x shard), tensor parallel, expert parallel; one
-process per device.
+"""The device mesh from the flags: pipeline stages, data parallel (replicate x shard), context parallel,
+tensor parallel, expert parallel; one process per device.
 
 Launch with ``torchrun --nproc-per-node N -m gkd train ...`` (or ``gkd train --nproc_per_node N``).
-Sizes: world = dp_replicate x dp_shard x cp x tp; dp_shard takes whatever the other sizes leave, so FSDP
-is the default way to use more processes. Context-parallel peers (cp) hold the same rows and split their
-tokens; FSDP shards over dp_shard x cp. Expert parallelism (EP) splits the data-parallel shard ranks further
-(dp_shard = edp x ep, torchtitan's layout): a second mesh over (dp_replicate, edp, ep, tp) holds the experts
-(gkd.parallel.expert) while every other weight keeps this mesh. The pipeline size is a reserved flag.
+Sizes: world = pp x dp_replicate x dp_shard x cp x tp; dp_shard takes whatever the other sizes leave, so
+FSDP is the default way to use more processes. Context-parallel peers (cp) hold the same rows and split
+their tokens; FSDP shards over dp_shard x cp. Expert parallelism (EP) splits the data-parallel shard ranks
+further (dp_shard = edp x ep, torchtitan's layout): a second mesh over (dp_replicate, edp, ep, tp) holds the
+experts (gkd.parallel.expert) while every other weight keeps this mesh.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from gkd.errors import GKDError
 
-DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
+DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 EXPERT_DIMS = ("dp_replicate", "edp", "ep", "tp")  # the experts' mesh: dp_shard = edp x ep (EP inner: close by)
 _made_group = False
 
@@ -36,6 +36,8 @@ class Parallel:
     dp_shard: int = 1
     cp: int = 1
     tp: int = 1
+    pp: int = 1  # pipeline stages (gkd.parallel.pipeline)
+    pipeline: object = None  # gkd.parallel.pipeline.PipelinePlan when pp > 1
     device: torch.device = torch.device("cpu")
     mesh: object = None  # DeviceMesh over DIMS when world > 1
     ep: int = 1
@@ -66,6 +68,12 @@ class Parallel:
     @property
     def cp_rank(self) -> int:
         return self.mesh.get_local_rank("cp") if self.cp > 1 else 0
+    def pp_rank(self) -> int:
+        return self.mesh.get_local_rank("pp") if self.pp > 1 else 0
+
+    @property
+    def pp_group(self):
+        return self.mesh.get_group("pp") if self.pp > 1 else None
 
     @property
     def tp_mesh(self):
@@ -148,14 +156,7 @@ class Parallel:
 
 
 def _reserved(cfg) -> None:
-    for flag in ("pipeline_model_parallel_size",):
-        if getattr(cfg, flag) != 1:
-            raise GKDError(f"--{flag} {getattr(cfg, flag)}: pipeline parallelism is not built yet; use "
-                           "--tensor_model_parallel_size, --context_parallel_size, --expert_model_parallel_size "
-                           "and data parallelism")
-
-
-def expert_size(ep: int, world: int, dp_replicate: int, dp_shard: int, tp: int, cp: int = 1) -> int:
+def expert_size(ep: int, world: int, dp_replicate: int, dp_shard: int, tp: int, cp: int = 1, pp: int = 1) -> int:
     """The expert-parallel size, or a one-line error: EP splits the data-parallel shard ranks."""
     if ep < 1:
         raise GKDError(f"--expert_model_parallel_size must be >= 1, got {ep}")
@@ -164,8 +165,8 @@ def expert_size(ep: int, world: int, dp_replicate: int, dp_shard: int, tp: int, 
     if world == 1:
         raise GKDError(f"--expert_model_parallel_size {ep} needs {ep} processes or more (launch with torchrun or "
                        "--nproc_per_node)")
-    if cp > 1:
-        raise GKDError(f"--expert_model_parallel_size {ep} with --context_parallel_size {cp} is not supported yet")
+    if cp > 1 or pp > 1:
+        raise GKDError(f"--expert_model_parallel_size {ep} with context or pipeline parallelism is not supported yet")
     if tp > 1 and ep != dp_shard * dp_replicate:
         raise GKDError(f"--expert_model_parallel_size {ep} with --tensor_model_parallel_size {tp} needs EP to take "
                        f"every data-parallel rank ({dp_shard * dp_replicate}): experts FSDP-sharded beside TP are "
@@ -180,9 +181,15 @@ def check_options(cfg, world: int, tp: int) -> None:
     """Options that several processes do not support (yet), as one-line errors."""
     if world == 1:
         return
-    if cfg.eval_steps and (tp > 1 or cfg.context_parallel_size > 1):
-        raise GKDError(f"--eval_steps with tensor or context parallelism is not supported yet (data parallel and FSDP "
-                       "are); run gkd eval on the final folder")
+    if cfg.pipeline_model_parallel_size > 1:
+        from gkd.parallel.pipeline import check_options as pipeline_options
+
+        pipeline_options(cfg, world, tp)
+        if cfg.context_parallel_size > 1:
+            raise GKDError("--pipeline_model_parallel_size with --context_parallel_size is not supported yet")
+    if cfg.eval_steps and (tp > 1 or cfg.context_parallel_size > 1 or cfg.pipeline_model_parallel_size > 1):
+        raise GKDError("--eval_steps with tensor, context or pipeline parallelism is not supported yet (data "
+                       "parallel and FSDP are); run gkd eval on the final folder")
     if cfg.offload_teacher_model and torch.cuda.is_available():
         raise GKDError(f"--offload_teacher_model with {world} processes is not supported yet (the teacher's layers "
                        "are sharded over the data-parallel ranks instead)")
@@ -194,27 +201,30 @@ def check_options(cfg, world: int, tp: int) -> None:
                        f"--tensor_model_parallel_size {tp}: the ranks of one vLLM engine must hold the same prompts")
 
 
-def mesh_sizes(world: int, tp: int, dp_replicate: int, cp: int = 1) -> tuple[int, int, int, int]:
-    """(dp_replicate, dp_shard, cp, tp) for ``world`` processes, or a one-line error saying why not."""
-    if tp < 1 or dp_replicate < 1 or cp < 1:
-        raise GKDError("--tensor_model_parallel_size, --context_parallel_size and --data_parallel_replicate_size "
-                       "must be >= 1")
-    if world % (tp * cp * dp_replicate):
+def mesh_sizes(world: int, tp: int, dp_replicate: int, cp: int = 1, pp: int = 1) -> tuple[int, int, int, int]:
+    """(dp_replicate, dp_shard, cp, tp) for ``world`` processes (``pp`` of them pipeline stages), or a one-line
+    error saying why not."""
+    if tp < 1 or dp_replicate < 1 or cp < 1 or pp < 1:
+        raise GKDError("--tensor_model_parallel_size, --context_parallel_size, --pipeline_model_parallel_size and "
+                       "--data_parallel_replicate_size must be >= 1")
+    if world % (tp * cp * dp_replicate * pp):
         hint = " (launch several with torchrun or --nproc_per_node)" if world == 1 else ""
-        raise GKDError(f"{world} process{'es' if world > 1 else ''}{hint} cannot be split into "
+        stages = f"--pipeline_model_parallel_size {pp} x " if pp > 1 else ""
+        raise GKDError(f"{world} process{'es' if world > 1 else ''}{hint} cannot be split into {stages}"
                        f"--tensor_model_parallel_size {tp} x --context_parallel_size {cp} x "
                        f"--data_parallel_replicate_size {dp_replicate} x a data-parallel shard size (the product "
                        "must divide the number of processes)")
-    return dp_replicate, world // (tp * cp * dp_replicate), cp, tp
+    return dp_replicate, world // (tp * cp * dp_replicate * pp), cp, tp
 
 
 def setup(cfg) -> Parallel:
     """The process group and mesh of a torchrun launch (nothing for a single process)."""
     _reserved(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    pp = cfg.pipeline_model_parallel_size
     rep, shard, cp, tp = mesh_sizes(world, cfg.tensor_model_parallel_size, cfg.data_parallel_replicate_size,
-                                    cfg.context_parallel_size)
-    ep = expert_size(cfg.expert_model_parallel_size, world, rep, shard, tp, cp)
+                                    cfg.context_parallel_size, pp)
+    ep = expert_size(cfg.expert_model_parallel_size, world, rep, shard, tp, cp, pp)
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
@@ -228,12 +238,17 @@ def setup(cfg) -> Parallel:
         dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo",
                                 timeout=timedelta(seconds=cfg.distributed_timeout))
     timeout = timedelta(seconds=cfg.distributed_timeout)
-    mesh = _mesh(device.type, (rep, shard, cp, tp), timeout, DIMS)
+    mesh = _mesh(device.type, (pp, rep, shard, cp, tp), timeout, DIMS)
     if cp > 1:  # FSDP's shard dimension takes in the context-parallel peers
         mesh["dp_shard", "cp"]._flatten("dp_shard_cp", backend_override=_options(cuda, timeout))
     experts = _mesh(device.type, (rep, shard // ep, ep, tp), timeout, EXPERT_DIMS) if ep > 1 else None
-    return Parallel(world=world, rank=dist.get_rank(), dp_replicate=rep, dp_shard=shard, cp=cp, tp=tp,
-                    device=device, mesh=mesh, ep=ep, expert_mesh=experts)
+    plan = None
+    if pp > 1:
+        from gkd.parallel.pipeline import PipelinePlan
+
+        plan = PipelinePlan(cfg.virtual_pipeline_model_parallel_size, cfg.pipeline_layers, cfg.pipeline_schedule)
+    return Parallel(world=world, rank=dist.get_rank(), dp_replicate=rep, dp_shard=shard, cp=cp, tp=tp, pp=pp,
+                    device=device, mesh=mesh, ep=ep, expert_mesh=experts, pipeline=plan)
 
 
 def _mesh(device_type: str, shape: tuple[int, ...], timeout: timedelta, names: tuple[str, ...]):

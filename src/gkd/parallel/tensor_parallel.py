@@ -58,15 +58,20 @@ def apply_tensor_parallel(model, tp_mesh) -> None:
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    check_plan(model, tp_mesh.size())
     adapter = adapter_for(model)
     body = adapter.decoder(model)
     head = unwrap(model).get_output_embeddings()
-    tied = head.weight is body.embed_tokens.weight
-    for layer in body.layers:
+    staged = isinstance(body.layers, torch.nn.ModuleDict)  # a pipeline stage's share (gkd.parallel.pipeline)
+    if not staged:
+        check_plan(model, tp_mesh.size())
+    tied = head is not None and body.embed_tokens is not None and head.weight is body.embed_tokens.weight
+    for layer in (body.layers.values() if staged else body.layers):
         parallelize_module(layer, tp_mesh, adapter.tp_layer_plan(layer))
-    parallelize_module(body.norm, tp_mesh, replicated(Replicate()))
-    parallelize_module(head, tp_mesh, ColwiseParallel(output_layouts=Replicate()))
-    parallelize_module(body.embed_tokens, tp_mesh, RowwiseParallel(input_layouts=Replicate()))
+    if body.norm is not None:
+        parallelize_module(body.norm, tp_mesh, replicated(Replicate()))
+    if head is not None:
+        parallelize_module(head, tp_mesh, ColwiseParallel(output_layouts=Replicate()))
+    if body.embed_tokens is not None:
+        parallelize_module(body.embed_tokens, tp_mesh, RowwiseParallel(input_layouts=Replicate()))
     if tied:
         body.embed_tokens.weight = head.weight

@@ -1,0 +1,365 @@
+"""Pipeline parallelism: a model's decoder layers split into stages over the ``pp`` mesh dimension.
+
+Each rank keeps only its stages' layers (the embedding on the first stage, the final norm and lm_head on
+the last) inside the model object itself: the layer list becomes a ``ModuleDict`` keyed by the layer's
+index, so every weight keeps its name (``model.layers.7.mlp...``) and a checkpoint saved at one pipeline
+size loads at another. A :class:`Stage` is a thin module over one stage's share (the same parameters)
+whose forward runs those layers, recomputing positions, the causal mask and the rotary embedding as the
+family's body would.
+
+The student trains through ``torch.distributed.pipelining`` (1F1B, GPipe, interleaved 1F1B with virtual
+stages); its loss is the fused GKD loss on the last stage, summed and divided by the step's global token
+count, so the schedule must not rescale gradients (``scale_grads=False``): the accumulated gradient is
+exactly the single-process one. The teacher runs its own no-grad pipeline first (one stage per rank);
+its last-stage hidden states meet the student's on the last stage only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gkd.errors import GKDError
+from gkd.models.adapter import adapter_for, unwrap
+
+SCHEDULES = ("1f1b", "gpipe")
+
+
+@dataclass
+class PipelinePlan:
+    """The flags: stages per rank (virtual), a hand split of the student's layers, the schedule."""
+
+    virtual: int = 1
+    layers: str = ""
+    schedule: str = "1f1b"
+
+
+def check_options(cfg, world: int, tp: int) -> None:
+    """Options pipeline parallelism does not support (yet), schedules the step's micro-batches cannot fill,
+    and models it cannot split (read from their config before any process loads them), as one-line errors."""
+    p, v = cfg.pipeline_model_parallel_size, cfg.virtual_pipeline_model_parallel_size
+    if cfg.use_vllm:
+        raise GKDError(f"--use_vllm with --pipeline_model_parallel_size {p} is not supported yet; leave --use_vllm "
+                       "off: the pipelined sampler generates on-policy completions through the stages")
+    if v < 1:
+        raise GKDError("--virtual_pipeline_model_parallel_size must be >= 1")
+    if v > 1 and cfg.pipeline_schedule != "1f1b":
+        raise GKDError(f"--virtual_pipeline_model_parallel_size {v} runs the interleaved 1F1B schedule; "
+                       f"--pipeline_schedule {cfg.pipeline_schedule} has no virtual stages")
+    micro = cfg.global_batch_size // (cfg.micro_batch_size * max(1, world // (tp * p)))
+    if v == 1 and cfg.pipeline_schedule == "1f1b" and micro < p:
+        raise GKDError(f"the 1F1B schedule needs at least --pipeline_model_parallel_size {p} micro-batches per step "
+                       f"on a data-parallel rank, got {micro}: raise --global_batch_size, lower --micro_batch_size, "
+                       "or use --pipeline_schedule gpipe")
+    if v > 1 and micro >= p and micro % p:
+        raise GKDError(f"interleaved 1F1B (--virtual_pipeline_model_parallel_size {v}) needs the micro-batches per "
+                       f"step on a data-parallel rank ({micro}) to be a multiple of --pipeline_model_parallel_size {p}")
+    for flag, spec, stages, hand in (("--model", cfg.model, p * v, cfg.pipeline_layers),
+                                     ("--teacher_model", cfg.teacher_model, p, "")):
+        config = _config(spec)
+        if config is not None:
+            check_config(config, stages, hand, f"{flag} {spec}")
+
+
+def _config(spec: str):
+    """A model folder's config, or None where it cannot be read here (the load says why later)."""
+    if not spec:
+        return None
+    from transformers import AutoConfig
+
+    from gkd.models.load import resolve
+
+    try:
+        folder, gguf = resolve(spec)
+        return None if gguf else AutoConfig.from_pretrained(str(folder))
+    except Exception:  # noqa: BLE001 - reported, in one line, where the model is loaded
+        return None
+
+
+def check_config(config, stages: int, hand: str, where: str) -> None:
+    """A one-line error unless a model of ``config`` splits into ``stages`` pipeline stages."""
+    from gkd.models.adapter import adapter_for_config, text_config
+
+    name = (getattr(config, "architectures", None) or [config.model_type])[0]
+    if not adapter_for_config(config).pipelines:
+        raise GKDError(f"--pipeline_model_parallel_size: no pipeline plan for {name} ({where}); pipelines exist for "
+                       "Llama-shaped text models (Llama, Mistral, Qwen2, Qwen3)")
+    text = text_config(config)
+    if getattr(text, "tie_word_embeddings", False):
+        raise GKDError(f"--pipeline_model_parallel_size: {name} ({where}) ties its lm_head to its embedding, which "
+                       "would live on two stages; untied models only for now")
+    split_layers(text.num_hidden_layers, stages, hand, where)
+
+
+def split_layers(n_layers: int, stages: int, hand: str = "", where: str = "the model") -> list[list[int]]:
+    """The layer indices of each stage: balanced (earlier stages take one more where it does not divide),
+    or ``hand``, comma-separated layer counts per stage."""
+    if hand:
+        try:
+            counts = [int(c) for c in hand.split(",")]
+        except ValueError:
+            raise GKDError(f"--pipeline_layers {hand}: give comma-separated layer counts, one per stage") from None
+        if len(counts) != stages or min(counts) < 1 or sum(counts) != n_layers:
+            raise GKDError(f"--pipeline_layers {hand}: needs {stages} counts of at least 1 layer that add up to the "
+                           f"{n_layers} decoder layers of {where}")
+    else:
+        if stages > n_layers:
+            raise GKDError(f"{stages} pipeline stages (--pipeline_model_parallel_size x "
+                           f"--virtual_pipeline_model_parallel_size) but {where} has {n_layers} decoder layers; "
+                           "each stage needs at least one")
+        base, extra = divmod(n_layers, stages)
+        counts = [base + (s < extra) for s in range(stages)]
+    starts = [sum(counts[:s]) for s in range(stages)]
+    return [list(range(a, a + c)) for a, c in zip(starts, counts)]
+
+
+def check_model(model, stages: int, hand: str = "", where: str = "the model") -> None:
+    """check_config for a loaded model (a GGUF file's too), and its weights really untied."""
+    check_config(unwrap(model).config, stages, hand, where)
+    adapter = adapter_for(model)
+    if unwrap(model).get_output_embeddings().weight is adapter.decoder(model).embed_tokens.weight:
+        raise GKDError(f"--pipeline_model_parallel_size: {where} ties its lm_head to its embedding, which would live "
+                       "on two stages; untied models only for now")
+
+
+class Stage(nn.Module):
+    """One stage of a model: (embedding), its decoder layers, (final norm and lm_head). The modules are the
+    model's own; forward takes token ids on the first stage, hidden states elsewhere, and returns hidden
+    states (normed on the last stage)."""
+
+    def __init__(self, model, layer_ids: list[int], first: bool, last: bool):
+        super().__init__()
+        adapter = adapter_for(model)
+        body = adapter.decoder(model)
+        self.adapter, self.config, self.layer_ids = adapter, body.config, layer_ids
+        self.embed_tokens = body.embed_tokens if first else None
+        self.layers = nn.ModuleList([body.layers[str(i)] for i in layer_ids])
+        self.norm = body.norm if last else None
+        self.lm_head = unwrap(model).get_output_embeddings() if last else None
+        self.rotary_emb = body.rotary_emb
+        self.masks: list[torch.Tensor] = []  # the step's attention masks, one per micro-batch, in schedule order
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
+        """A training micro-batch (x alone): schedules run a stage's micro-batches in order, so the k-th call
+        is the k-th micro-batch and takes its (right-padded) attention mask. Generation passes the mask,
+        positions and this stage's KV cache. (Called as the module, so FSDP gathers what the stage holds.)"""
+        if attention_mask is None and self.masks:
+            attention_mask = self.masks[self.calls]
+            self.calls += 1
+        return self.run(x, attention_mask, position_ids, cache)
+
+    def run(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids=None, cache=None):
+        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        if position_ids is None:
+            position_ids = torch.arange(h.shape[1], device=h.device)[None]
+        masks = self.adapter.stage_masks(self.config, h, attention_mask, position_ids, cache, self.layer_ids)
+        rotary = self.rotary_emb(h, position_ids)
+        for i, layer in zip(self.layer_ids, self.layers):
+            h = layer(h, attention_mask=masks[i], position_ids=position_ids, past_key_values=cache,
+                      use_cache=cache is not None, position_embeddings=rotary)
+        return self.norm(h) if self.norm is not None else h
+
+
+@dataclass
+class Staged:
+    """A model's stages on this rank (a pipeline of ``num`` stages over ``group``)."""
+
+    stages: list[Stage]
+    indices: list[int]  # their stage indices (rank r holds r, r + P, ...)
+    num: int
+    group: object
+    rank: int  # this rank's place in the pipeline
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def first(self) -> Stage | None:
+        return self.stages[0] if self.indices[0] == 0 else None
+
+    @property
+    def last(self) -> Stage | None:
+        return self.stages[-1] if self.indices[-1] == self.num - 1 else None
+
+    def peer(self, pp_rank: int) -> int:
+        return dist.get_global_rank(self.group, pp_rank)
+
+    def dtype(self) -> torch.dtype:
+        return next(p for p in self.stages[0].layers.parameters() if p.is_floating_point()).dtype
+
+    def hidden_size(self) -> int:
+        return self.stages[0].config.hidden_size
+
+
+def staged(model) -> Staged | None:
+    """The stages of a pipelined model (None when it is not split)."""
+    return unwrap(model).__dict__.get("_gkd_staged")
+
+
+def split(model, par, virtual: int = 1, hand: str = "") -> Staged:
+    """Keep only this rank's stages of ``model`` (in place, before its weights are materialised)."""
+    adapter = adapter_for(model)
+    body = adapter.decoder(model)
+    num = par.pp * virtual
+    check_model(model, num, hand)
+    plan = split_layers(len(body.layers), num, hand)
+    indices = [par.pp_rank + v * par.pp for v in range(virtual)]
+    layers = body.layers
+    body.layers = nn.ModuleDict({str(i): layers[i] for s in indices for i in plan[s]})
+    stages = [Stage(model, plan[s], s == 0, s == num - 1) for s in indices]
+    if 0 not in indices:
+        body.embed_tokens = None
+    if num - 1 not in indices:
+        body.norm = None
+        unwrap(model).set_output_embeddings(None)
+    out = Staged(stages, indices, num, par.pp_group, par.pp_rank)
+    unwrap(model).__dict__["_gkd_staged"] = out
+    return out
+
+
+def shard(model, par, plan: PipelinePlan, student: bool) -> None:
+    """Split into stages, then tensor parallel inside each layer, then FSDP over the data-parallel ranks:
+    each decoder layer a unit; a student stage is the root of its unit (embedding, norm and lm_head stay
+    gathered from its forward to the loss, as gkd.parallel.fsdp explains); a teacher's embedding and lm_head
+    stay whole."""
+    st = split(model, par, plan.virtual if student else 1, plan.layers if student else "")
+    if par.tp > 1:
+        from gkd.parallel.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, par.tp_mesh)
+    if student and par.dp_size > 1:
+        from gkd.parallel.fsdp import shard_units
+
+        for stage in st.stages:
+            shard_units(list(stage.layers), stage, par.dp_mesh)
+    if not student and par.dp_shard > 1:
+        from gkd.parallel.fsdp import shard_teacher
+
+        shard_teacher(model, par.mesh["dp_shard"])
+
+
+# --------------------------------------------------------------------------------------------------
+# One training step
+# --------------------------------------------------------------------------------------------------
+
+
+def pad_to(t: torch.Tensor, length: int, value) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+
+
+def teacher_hidden(teacher_model, batches) -> list[torch.Tensor] | None:
+    """The teacher's final hidden states of each batch through its own no-grad pipeline: each stage
+    receives a micro-batch's hidden states from the one before, runs its layers and passes them on; the
+    last stage returns them (None elsewhere)."""
+    st = staged(teacher_model)
+    stage = st.stages[0]
+    out, pending = [], []
+    with torch.no_grad():
+        for b in batches:
+            if st.first is not None:
+                x = b.input_ids
+            else:
+                x = torch.empty(*b.input_ids.shape, st.hidden_size(), dtype=st.dtype(), device=b.input_ids.device)
+                dist.recv(x, src=st.peer(st.rank - 1), group=st.group)
+            h = stage.run(x, b.attention_mask)
+            if st.last is None:
+                pending.append(dist.isend(h.contiguous(), dst=st.peer(st.rank + 1), group=st.group))
+            else:
+                out.append(h)
+    for w in pending:
+        w.wait()
+    return out if st.last is not None else None
+
+
+def schedule_for(st: Staged, n_micro: int, length: int, width: int, device, loss_fn, plan: PipelinePlan):
+    """A pipelining schedule over this rank's stages for ``n_micro`` micro-batches of ``width`` rows and
+    ``length`` positions (shapes given up front: no shape-inference forward)."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    hidden = torch.empty(width, length, st.hidden_size(), dtype=st.dtype(), device="meta", requires_grad=True)
+    ids = torch.empty(width, length, dtype=torch.long, device="meta")
+    stages = [PipelineStage(s, i, st.num, device, input_args=ids if i == 0 else hidden, output_args=hidden,
+                            group=st.group) for s, i in zip(st.stages, st.indices)]
+    if len(stages) > 1:
+        return ScheduleInterleaved1F1B(stages, n_micro, loss_fn=loss_fn, scale_grads=False)
+    kind = Schedule1F1B if plan.schedule == "1f1b" else ScheduleGPipe
+    return kind(stages[0], n_micro, loss_fn=loss_fn, scale_grads=False)
+
+
+def forward_backward(micro_batches, student, teacher, args, normaliser: float, plan: PipelinePlan,
+                     loss_fn) -> torch.Tensor:
+    """gkd.step.forward_backward for a pipelined student: the schedule's micro-batches are the step's
+    (padded to one length), ``loss_fn(hidden, weight, micro_batch, teacher_output)`` runs on the last
+    stage; returns the step's STATS on every stage of the pipeline."""
+    from gkd.teacher import LocalTeacher, TeacherOutput
+
+    st = staged(student)
+    n_micro = len(micro_batches)
+    length = max(mb.batch.input_ids.shape[1] for mb in micro_batches)
+    width = micro_batches[0].batch.input_ids.shape[0]
+    batches = []
+    for mb in micro_batches:
+        b = mb.batch
+        if b.input_ids.shape[0] != width:
+            raise GKDError("pipeline parallelism needs micro-batches of equal size")
+        batches.append(type(b)(pad_to(b.input_ids, length, 0), pad_to(b.attention_mask, length, 0),
+                               pad_to(b.loss_mask, length, False), pad_to(b.labels, length, -100), b.inputs,
+                               b.teacher_inputs, b.images))
+    scored: list = [None] * n_micro
+    if isinstance(teacher, LocalTeacher):
+        hidden = teacher_hidden(teacher.model, batches)
+        if hidden is not None:
+            weight = teacher.adapter.lm_head(teacher.model)
+            from gkd.parallel import local
+
+            scored = [TeacherOutput(hidden=h, lm_head_weight=local(weight), topk=teacher.topk) for h in hidden]
+    elif st.last is not None:  # a remote teacher's top-k rows: asked for by the last stage only
+        scored = [teacher.score(b) for b in batches]
+    from gkd.step import STATS
+
+    stats = torch.zeros(len(STATS), dtype=torch.float64)
+    last = st.last
+
+    def pipeline_loss(output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        k = int(rows[0]) // width
+        loss, row = loss_fn(output, last.lm_head.weight, micro_batches[k], batches[k], scored[k])
+        stats.add_(row)
+        return loss
+
+    for s in st.stages:
+        s.masks, s.calls = [b.attention_mask for b in batches], 0
+    device = micro_batches[0].batch.input_ids.device
+    schedule = schedule_for(st, n_micro, length, width, device, pipeline_loss, plan)
+    ids = torch.cat([b.input_ids for b in batches])
+    target = torch.arange(ids.shape[0], device=device)
+    try:
+        if st.first is not None:
+            schedule.step(ids, target=target)
+        else:
+            schedule.step(target=target)
+    finally:
+        for s in st.stages:
+            s.masks, s.calls = [], 0
+    dist.all_reduce(stats, group=st.group)  # zeros except on the last stage
+    return stats
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, group) -> float:
+    """The gradient norm over every stage (and shard), with the gradients scaled down to ``max_norm``."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).double() ** 2
+    dist.all_reduce(norm, group=group)
+    total = float(norm.sqrt())
+    if max_norm and total > max_norm:
+        coef = max_norm / (total + 1e-6)
+        for g in grads:
+            g.mul_(coef)
+    return total

@@ -1,0 +1,129 @@
+"""On-policy sampling through pipeline stages (gkd.parallel.pipeline), with the samples one process gives.
+
+Each decode step runs the stages in order: the first embeds the new tokens, every stage runs its layers
+with its own KV cache and passes the hidden states on, the last applies the final norm and lm_head to the
+last position and draws each row's token exactly as ``HFSampler`` does (``_RowSeededSampling``: the row's
+own generator seeded by ``row_seed``, the same warpers, the same inverse-CDF draw, then greedy pick); the
+tokens go back to every stage. Positions and masks follow HF ``generate`` (left-padded prompts, positions
+from the attention mask's running count), so a completion does not depend on the pipeline size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from gkd.data import left_pad
+from gkd.parallel.pipeline import staged
+from gkd.rollout import SamplingConfig, _RowSeededSampling, cut_at_eos, row_seed, skinny_linears
+
+
+# generation-config settings HF generate turns into logits processors of its own; the pipelined sampler
+# applies only the sampling ones (temperature, top-k, top-p), so a model asking for these is refused
+_PROCESSORS = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+               "min_length": 0, "min_new_tokens": 0, "bad_words_ids": None, "suppress_tokens": None,
+               "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+               "sequence_bias": None, "exponential_decay_length_penalty": None}
+
+
+def check_generation_config(model, where: str) -> None:
+    """A one-line error for a generation config whose logits processors the pipelined sampler lacks (its
+    samples would differ from HF generate's)."""
+    from gkd.errors import GKDError
+    from gkd.models.adapter import unwrap
+
+    config = unwrap(model).generation_config
+    for name, neutral in _PROCESSORS.items():
+        value = getattr(config, name, None)
+        if value not in (None, neutral):
+            raise GKDError(f"{where}: its generation_config.json sets {name} = {value!r}, which sampling through "
+                           "pipeline stages does not apply yet; remove it or train without "
+                           "--pipeline_model_parallel_size")
+
+
+class PipelineSampler:
+    """HFSampler's contract (``seed``, ``generate(model, prompts, rows, inputs)``, ``close``) for a model
+    split into pipeline stages. Every rank of the job calls ``generate`` together; ranks keep stepping
+    until every row everywhere has finished (sharded layers need all their ranks in each forward)."""
+
+    def __init__(self, cfg: SamplingConfig, eos_ids: list[int], pad_id: int, device: torch.device,
+                 synced: bool = True):
+        self.cfg, self.eos_ids, self.pad_id, self.device = cfg, eos_ids, pad_id, device
+        self.seed = 0
+
+    def close(self) -> None:
+        """Nothing outlives a call."""
+
+    @torch.no_grad()
+    def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None,
+                 inputs: list[dict] | None = None) -> list[list[int]]:
+        if inputs and any(inputs):
+            raise NotImplementedError("pipelined sampling of image inputs")  # refused earlier, in one line
+        rows = list(range(len(prompts))) if rows is None else rows
+        st = staged(model)
+        was_training = model.training
+        model.eval()
+        out: list[list[int]] = []
+        try:
+            for i in range(0, len(prompts), self.cfg.batch_size):
+                chunk = slice(i, i + self.cfg.batch_size)
+                out += self._generate(st, prompts[chunk], rows[chunk])
+        finally:
+            model.train(was_training)
+        return out
+
+    def _through(self, st, x: torch.Tensor, attention: torch.Tensor, caches) -> torch.Tensor | None:
+        """One forward of every stage in order (stage s lives on pipeline rank s % P); the last stage's
+        final-position logits in float32 on the rank that holds it, None elsewhere."""
+        positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)[:, -x.shape[1]:]
+        mine = dict(zip(st.indices, zip(st.stages, caches)))
+        width = (x.shape[0], x.shape[1], st.hidden_size())
+        h = None
+        for s in range(st.num):
+            if s not in mine:
+                continue
+            if s > 0:
+                h = torch.empty(width, dtype=st.dtype(), device=x.device)
+                dist.recv(h, src=st.peer((s - 1) % st.size), group=st.group)
+            stage, cache = mine[s]
+            h = stage(x if s == 0 else h, attention_mask=attention, position_ids=positions, cache=cache)
+            if s < st.num - 1:
+                dist.send(h.contiguous(), dst=st.peer((s + 1) % st.size), group=st.group)
+            else:
+                return stage.lm_head(h[:, -1:, :])[:, -1, :].float()
+        return None
+
+    def _generate(self, st, prompts: list[list[int]], rows: list[int]) -> list[list[int]]:
+        from transformers import DynamicCache
+
+        ids, attention = left_pad(prompts, self.pad_id)
+        ids, attention = ids.to(self.device), attention.to(self.device)
+        seeded = (_RowSeededSampling([row_seed(self.seed, r) for r in rows], self.cfg, self.device)
+                  if self.cfg.do_sample else None)
+        caches = [DynamicCache(config=s.config) for s in st.stages]
+        eos = torch.tensor(self.eos_ids, device=self.device)
+        unfinished = torch.ones(len(prompts), dtype=torch.bool, device=self.device)
+        holder = st.peer((st.num - 1) % st.size)  # the rank of the last stage
+        x, new = ids, []
+        with contextlib.ExitStack() as stack:
+            for stage in st.stages:
+                stack.enter_context(skinny_linears(stage))
+            for _ in range(self.cfg.max_new_tokens):
+                logits = self._through(st, x, attention, caches)
+                token = torch.empty(len(prompts), dtype=torch.long, device=self.device)
+                if logits is not None:
+                    sofar = torch.cat([ids, *new], dim=1) if new else ids
+                    scores = seeded(sofar, logits) if seeded is not None else logits
+                    token = torch.where(unfinished, scores.argmax(-1), self.pad_id)
+                dist.broadcast(token, src=holder, group=st.group)
+                new.append(token[:, None])
+                unfinished &= ~torch.isin(token, eos)
+                attention = torch.cat([attention, attention.new_ones(len(prompts), 1)], dim=1)
+                x = token[:, None]
+                going = torch.tensor(int(unfinished.any()), device=self.device)
+                dist.all_reduce(going, op=dist.ReduceOp.MAX)  # every rank steps until all are done
+                if not going:
+                    break
+        return cut_at_eos(torch.cat(new, dim=1).tolist(), self.eos_ids)
