@@ -155,7 +155,6 @@ class Parallel:
             dist.barrier()
 
 
-def _reserved(cfg) -> None:
 def expert_size(ep: int, world: int, dp_replicate: int, dp_shard: int, tp: int, cp: int = 1, pp: int = 1) -> int:
     """The expert-parallel size, or a one-line error: EP splits the data-parallel shard ranks."""
     if ep < 1:
@@ -219,7 +218,6 @@ def mesh_sizes(world: int, tp: int, dp_replicate: int, cp: int = 1, pp: int = 1)
 
 def setup(cfg) -> Parallel:
     """The process group and mesh of a torchrun launch (nothing for a single process)."""
-    _reserved(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     pp = cfg.pipeline_model_parallel_size
     rep, shard, cp, tp = mesh_sizes(world, cfg.tensor_model_parallel_size, cfg.data_parallel_replicate_size,
