@@ -54,7 +54,7 @@ def test_tensor_parallel_plan_errors_name_the_model_and_the_size():
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=4))
     with pytest.raises(GKDError, match="no tensor-parallel plan for GPT2LMHeadModel \\(plans exist for the families "
-                                       "qwen-moe, mixtral, llama-like text;"):
+                                       ".*llama-like text"):
         check_plan(gpt2, 2)
     from gkd.models import apply_lora
 
