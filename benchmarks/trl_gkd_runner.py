@@ -1,8 +1,10 @@
 """TRL's GKDTrainer on one configuration; run by e2e_vs_trl.py inside TRL's own venv (not ours).
 
-Writes {"step_times": [...], "losses": [...]} as JSON: the wall time of every optimizer step, taken
-between consecutive `on_step_end` callbacks (the first from `on_step_begin`), so data loading,
-generation, both forwards, the loss, backward and the optimizer update are all counted.
+Writes {"step_times": [...], "losses": [...], "generated_tokens": [...], "trained_tokens": [...]} as
+JSON: the wall time of every optimizer step, taken between consecutive `on_step_end` callbacks (the
+first from `on_step_begin`), so data loading, generation, both forwards, the loss, backward and the
+optimizer update are all counted; per step, the completion tokens the student sampled (up to and
+including EOS, as TRL's completion mask counts them) and the tokens the loss counted (labels != -100).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gradient_checkpointing", action="store_true", help="TRL's own default is on")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
 
     import tempfile
@@ -35,13 +38,31 @@ def main() -> None:
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    student = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32)
+    student = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=dtype)
     data = load_dataset("json", data_files=args.dataset, split="train")
 
     marks: list[float] = []
     losses: list[float] = []
+    generated: list[int] = []  # per optimizer step (one micro-batch per step here)
+    trained: list[int] = []
+
+    class Counting(GKDTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            generated.append(0)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        @staticmethod
+        def generate_on_policy_outputs(model, inputs, generation_config):
+            ids, mask, labels = GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
+            generated[-1] += int(mask[:, inputs["prompts"].shape[1]:].sum())
+            return ids, mask, labels
+
+        def compute_loss(self, model, inputs, *a, **kw):
+            trained.append(int((inputs["labels"] != -100).sum()))
+            return super().compute_loss(model, inputs, *a, **kw)
 
     class Clock(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
@@ -60,15 +81,16 @@ def main() -> None:
             output_dir=tmp, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
             max_steps=args.steps, learning_rate=1e-5, lr_scheduler_type="constant", lmbda=args.lmbda,
             beta=args.beta, temperature=args.temperature, max_new_tokens=args.max_new_tokens, max_length=512,
-            logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False,
+            logging_steps=1, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+            bf16=args.dtype == "bfloat16", fp16=False,
             dataloader_num_workers=0, seed=args.seed, disable_tqdm=True,
             gradient_checkpointing=args.gradient_checkpointing)
-        trainer = GKDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=data,
+        trainer = Counting(model=student, teacher_model=teacher, args=cfg, train_dataset=data,
                              processing_class=tokenizer, callbacks=[Clock()])
         trainer.train()
     times = [b - a for a, b in zip(marks, marks[1:])]
     with open(args.out, "w") as f:
-        json.dump({"step_times": times, "losses": losses}, f)
+        json.dump({"step_times": times, "losses": losses, "generated_tokens": generated, "trained_tokens": trained}, f)
 
 
 if __name__ == "__main__":

@@ -1,33 +1,9 @@
-"""The sampler's CPU decode path and the heap setting change speed, never results."""
+"""The sampler: seeded per row, exact in distribution; the heap setting changes speed, never results."""
 
 import torch
 
 from gkd.malloc import limit_heap_retention
-from gkd.rollout import SKINNY_ROWS, HFSampler, SamplingConfig, skinny_linears
-
-
-def test_skinny_linears_match_linear_and_are_undone():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 40), torch.nn.Linear(40, 8, bias=False))
-    for shape in [(1, 16), (2, 3, 16), (SKINNY_ROWS, 16), (SKINNY_ROWS + 1, 16)]:
-        x = torch.randn(*shape)
-        want = model(x)
-        with skinny_linears(model):
-            assert all("forward" in vars(m) for m in model)  # the fast path is on inside
-            got = model(x)
-        assert got.shape == want.shape
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert not any("forward" in vars(m) for m in model)  # and off again
-
-
-def test_skinny_linears_undone_after_an_error():
-    model = torch.nn.Linear(4, 4)
-    try:
-        with skinny_linears(model):
-            raise RuntimeError("boom")
-    except RuntimeError:
-        pass
-    assert "forward" not in vars(model)
+from gkd.rollout import HFSampler, SamplingConfig
 
 
 def test_sampler_is_seeded_and_greedy_matches_plain_generate(tiny):
@@ -108,3 +84,42 @@ def test_row_seeded_sampling_reaches_the_tail_of_a_large_vocabulary():
     picked = draw(None, torch.zeros(rows, vocab)).argmax(-1)  # flat: every token equally likely
     high = int((picked >= 100_000).sum())  # expect a third of the rows, 42.7 +- 5.3
     assert 25 <= high <= 60, high
+
+
+def test_decode_loop_equals_hf_generate_on_left_padded_batches(tiny):
+    """The fast loop (static cache, grouped-query SDPA) and HF `generate` give the same tokens, greedy and
+    seeded-sampled, for prompts of different lengths; the model's attention setting is restored after."""
+    from gkd import decode
+    from gkd.models import load_model
+
+    model = load_model(tiny["student"]).eval()
+    assert decode.supported(model)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15], [16, 17]]
+    for do_sample in (False, True):
+        cfg = SamplingConfig(max_new_tokens=12, temperature=0.9, top_k=20, do_sample=do_sample)
+        fast = HFSampler(cfg, [1], 0, torch.device("cpu"))
+        fast.seed = 4
+        got = fast.generate(model, prompts)
+        assert model.config._attn_implementation == "sdpa"
+        model.config._attn_implementation = "eager"  # not supported by the loop: HF generate
+        assert not decode.supported(model)
+        try:
+            want = fast.generate(model, prompts)
+        finally:
+            model.config._attn_implementation = "sdpa"
+        assert got == want
+
+
+def test_inverse_cdf_reaches_rare_tokens_and_never_zero_ones():
+    from gkd.decode import BLOCK, inverse_cdf
+
+    vocab = 3 * BLOCK + 17  # not a multiple of the block
+    probs = torch.zeros(4, vocab)
+    probs[:, 5] = 1.0
+    probs[:, 6] = 1e-12  # beside a token 1e12 times likelier, in the same block
+    probs[:, vocab - 1] = 1e-12  # in the last, padded block
+    u = torch.tensor([0.0, 1.0 - 5e-13, 1.0 - 5e-12 / 4, 1.0], dtype=torch.float64)
+    # cdf: token 5 up to 1/(1+2e-12), token 6 up to (1+1e-12)/(1+2e-12), the last token up to 1
+    assert inverse_cdf(probs, u).tolist() == [5, vocab - 1, 6, vocab - 1]
+    many = inverse_cdf(probs[:1].expand(1000, -1).contiguous(), torch.rand(1000, dtype=torch.float64))
+    assert set(many.tolist()) <= {5, 6, vocab - 1}

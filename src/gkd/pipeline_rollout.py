@@ -10,14 +10,13 @@ from the attention mask's running count), so a completion does not depend on the
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.distributed as dist
 
 from gkd.data import left_pad
 from gkd.parallel.pipeline import staged
-from gkd.rollout import SamplingConfig, _RowSeededSampling, cut_at_eos, row_seed, skinny_linears
+from gkd.rollout import SamplingConfig, _RowSeededSampling, cut_at_eos, row_seed
 
 
 # generation-config settings HF generate turns into logits processors of its own; the pipelined sampler
@@ -107,23 +106,20 @@ class PipelineSampler:
         unfinished = torch.ones(len(prompts), dtype=torch.bool, device=self.device)
         holder = st.peer((st.num - 1) % st.size)  # the rank of the last stage
         x, new = ids, []
-        with contextlib.ExitStack() as stack:
-            for stage in st.stages:
-                stack.enter_context(skinny_linears(stage))
-            for _ in range(self.cfg.max_new_tokens):
-                logits = self._through(st, x, attention, caches)
-                token = torch.empty(len(prompts), dtype=torch.long, device=self.device)
-                if logits is not None:
-                    sofar = torch.cat([ids, *new], dim=1) if new else ids
-                    scores = seeded(sofar, logits) if seeded is not None else logits
-                    token = torch.where(unfinished, scores.argmax(-1), self.pad_id)
-                dist.broadcast(token, src=holder, group=st.group)
-                new.append(token[:, None])
-                unfinished &= ~torch.isin(token, eos)
-                attention = torch.cat([attention, attention.new_ones(len(prompts), 1)], dim=1)
-                x = token[:, None]
-                going = torch.tensor(int(unfinished.any()), device=self.device)
-                dist.all_reduce(going, op=dist.ReduceOp.MAX)  # every rank steps until all are done
-                if not going:
-                    break
+        for _ in range(self.cfg.max_new_tokens):
+            logits = self._through(st, x, attention, caches)
+            token = torch.empty(len(prompts), dtype=torch.long, device=self.device)
+            if logits is not None:
+                sofar = torch.cat([ids, *new], dim=1) if new else ids
+                scores = seeded(sofar, logits) if seeded is not None else logits
+                token = torch.where(unfinished, scores.argmax(-1), self.pad_id)
+            dist.broadcast(token, src=holder, group=st.group)
+            new.append(token[:, None])
+            unfinished &= ~torch.isin(token, eos)
+            attention = torch.cat([attention, attention.new_ones(len(prompts), 1)], dim=1)
+            x = token[:, None]
+            going = torch.tensor(int(unfinished.any()), device=self.device)
+            dist.all_reduce(going, op=dist.ReduceOp.MAX)  # every rank steps until all are done
+            if not going:
+                break
         return cut_at_eos(torch.cat(new, dim=1).tolist(), self.eos_ids)
