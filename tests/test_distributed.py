@@ -180,7 +180,7 @@ def kill_and_resume(tiny, out: Path, flags: list[str], single_resume: bool) -> N
 
 @pytest.mark.parametrize("mistake,message", [
     (["--global_batch_size", "3"], "--global_batch_size 3 must be a multiple of --micro_batch_size 2 x data-parallel"),
-    (["--eval_steps", "2", "--tensor_model_parallel_size", "2"], "--eval_steps with tensor or context parallelism"),
+    (["--eval_steps", "2", "--tensor_model_parallel_size", "2"], "--eval_steps with tensor, context or pipeline parallelism"),
     (["--dataset", "/nonexistent/rows.jsonl"], "/nonexistent/rows.jsonl: no such file"),  # found by the workers
 ])
 def test_mistakes_under_several_processes_are_one_line(tiny, tmp_path, mistake, message):
