@@ -140,7 +140,7 @@ def test_vllm_sampling_of_a_moe_student_on_cpu_is_refused(moe, tmp_path):
     from gkd.trainer import Trainer
 
     cfg = TrainConfig(model=moe["student"], teacher_model=moe["teacher"], dataset=[moe["data"]],
-                      output_dir=str(tmp_path / "o"), use_vllm=True, progress_bar=False)
+                      output_dir=str(tmp_path / "o"), use_vllm=True, progress_bar=False, max_completion_length=8)
     with pytest.raises(GKDError, match="--use_vllm with a mixture-of-experts student .* is not supported on CPU"):
         Trainer(cfg, log=lambda *_: None)
 
