@@ -100,6 +100,8 @@ class Parallel:
         # the root will change, which the pinned torch does not do
         warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
         return "dp_shard_cp"
+
+    @property
     def ep_mesh(self):
         """(ep) or, with tensor parallelism, (ep, tp): experts split over ep, whole on each TP rank."""
         if self.ep == 1:
