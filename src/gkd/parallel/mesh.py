@@ -68,6 +68,8 @@ class Parallel:
     @property
     def cp_rank(self) -> int:
         return self.mesh.get_local_rank("cp") if self.cp > 1 else 0
+
+    @property
     def pp_rank(self) -> int:
         return self.mesh.get_local_rank("pp") if self.pp > 1 else 0
 

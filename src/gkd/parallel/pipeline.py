@@ -314,10 +314,10 @@ def forward_backward(micro_batches, student, teacher, args, normaliser: float, p
     if isinstance(teacher, LocalTeacher):
         hidden = teacher_hidden(teacher.model, batches)
         if hidden is not None:
-            weight = teacher.adapter.lm_head(teacher.model)
-            from gkd.parallel import local
+            from gkd.parallel import local_head
 
-            scored = [TeacherOutput(hidden=h, lm_head_weight=local(weight), topk=teacher.topk) for h in hidden]
+            head = local_head(teacher.adapter.logit_head(teacher.model))
+            scored = [TeacherOutput(hidden=h, head=head, topk=teacher.topk) for h in hidden]
     elif st.last is not None:  # a remote teacher's top-k rows: asked for by the last stage only
         scored = [teacher.score(b) for b in batches]
     from gkd.step import STATS
