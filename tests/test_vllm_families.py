@@ -61,7 +61,7 @@ def test_a_family_without_verified_sync_is_refused(tmp_path):
     family = next(r["model_type"] for r in support.rows() if not r["vLLM sync"] and r["model_type"] in FAMILIES)
     student = write_family(tmp_path / "student", family, layers=1, seed=2)
     cfg = TrainConfig(model=str(student), teacher_model=str(student), dataset=[str(write_dataset(tmp_path / "d.jsonl"))],
-                      output_dir=str(tmp_path / "out"), use_vllm=True, progress_bar=False)
+                      output_dir=str(tmp_path / "out"), use_vllm=True, progress_bar=False, max_completion_length=8)
     with pytest.raises(GKDError, match=rf"--use_vllm: weight sync into vLLM is not verified for {family} .*leave "
                                        r"--use_vllm off"):
         Trainer(cfg, log=lambda *_: None)
