@@ -100,8 +100,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
         batch = mb.batch
         if skip_empty and batch.tokens == 0 and not routers:  # (a MoE batch still has router tokens)
             continue
-        ce_labels = batch.labels.clone()
-        ce_labels[torch.tensor(mb.sampled, device=ce_labels.device)] = -100
+        ce_labels = _ce_labels(mb, batch)
         split = None
         if dims is not None and dims.cp > 1:
             from gkd.parallel.context import ContextSplit
@@ -114,10 +113,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             head = parallel.local_head(adapter.logit_head(student))  # read after the forward that gathered it
             mask = split.local(batch.loss_mask, False) if split else batch.loss_mask
             labels = split.local(ce_labels, -100) if split else ce_labels
-            out = fused_linear_gkd_loss(
-                hidden, head, **scored.loss_kwargs(), labels=labels, sft_alpha=args.sft_alpha, beta=args.beta,
-                temperature=args.temperature, mask=mask, reduction="sum", normalizer=normaliser,
-                chunk_size=args.chunk_size, tp_group=args.tp_group)
+            out = _fused(hidden, head, scored, labels, mask, args, normaliser)
             loss, aux = out.loss, torch.zeros(())
             if seen:  # (context parallelism refuses MoE students: a sequence's routing stays whole)
                 aux_sum, counts = router_stats(seen, batch.attention_mask)
@@ -127,9 +123,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
                     loss = loss + args.router_aux_loss_coef * aux
             parallel.sync_gradients(student, last=i == len(micro_batches) - 1, reduce_scatter_each=reduce_scatter_each)
             loss.backward()
-        stats += torch.tensor([float(loss.detach()), float(out.divergence_sum), float(out.sft_sum),
-                               float(out.agree_count), float((labels[mask] >= 0).sum()), float(aux.detach())],
-                              dtype=torch.float64)
+        stats += _row(loss, out, labels, mask, float(aux.detach()))
     if routers:  # every rank reports a row per layer, even one that skipped its micro-batches
         E = adapter.experts(student)[0].gate_up_proj.shape[0]
         load = torch.zeros(len(routers), E, dtype=torch.float64) if load is None else load
@@ -139,14 +133,28 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
 
 def micro_loss(hidden, weight, mb: MicroBatch, batch: Batch, scored, args: LossArgs, normaliser: float):
     """The fused loss of one micro-batch (``batch``: its rows, possibly padded) from the student's final
-    hidden states and lm_head weight and the teacher's output; (loss, its STATS row)."""
-    ce_labels = batch.labels.clone()
-    ce_labels[torch.tensor(mb.sampled, device=ce_labels.device)] = -100
-    out = fused_linear_gkd_loss(
-        hidden, weight, **scored.loss_kwargs(), labels=ce_labels, sft_alpha=args.sft_alpha, beta=args.beta,
-        temperature=args.temperature, mask=batch.loss_mask, reduction="sum", normalizer=normaliser,
-        chunk_size=args.chunk_size, tp_group=args.tp_group)
-    row = torch.tensor([float(out.loss.detach()), float(out.divergence_sum), float(out.sft_sum),
-                        float(out.agree_count), float((ce_labels[batch.loss_mask] >= 0).sum()), 0.0],
-                       dtype=torch.float64)  # (pipelines take dense students: no router loss)
-    return out.loss, row
+    hidden states and lm_head weight and the teacher's output; (loss, its STATS row). Pipelines take dense
+    students: no router loss."""
+    labels = _ce_labels(mb, batch)
+    out = _fused(hidden, weight, scored, labels, batch.loss_mask, args, normaliser)
+    return out.loss, _row(out.loss, out, labels, batch.loss_mask)
+
+
+def _ce_labels(mb: MicroBatch, batch: Batch) -> torch.Tensor:
+    """The labels of the cross-entropy term: none on completions the student sampled."""
+    labels = batch.labels.clone()
+    labels[torch.tensor(mb.sampled, device=labels.device)] = -100
+    return labels
+
+
+def _fused(hidden, head, scored, labels, mask, args: LossArgs, normaliser: float):
+    return fused_linear_gkd_loss(
+        hidden, head, **scored.loss_kwargs(), labels=labels, sft_alpha=args.sft_alpha, beta=args.beta,
+        temperature=args.temperature, mask=mask, reduction="sum", normalizer=normaliser, chunk_size=args.chunk_size,
+        tp_group=args.tp_group)
+
+
+def _row(loss, out, labels, mask, aux: float = 0.0) -> torch.Tensor:
+    """One micro-batch's STATS."""
+    return torch.tensor([float(loss.detach()), float(out.divergence_sum), float(out.sft_sum), float(out.agree_count),
+                         float((labels[mask] >= 0).sum()), aux], dtype=torch.float64)
