@@ -21,6 +21,10 @@ def sparse_blocks(decoder) -> list[torch.nn.Module]:
     return [layer.mlp for layer in decoder.layers if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")]
 
 
+def _base(module: torch.nn.Module) -> torch.nn.Module:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
 class MixtureOfExperts(Adapter):
     """OLMoE (and what every MoE family shares). No tensor-parallel plan: OLMoE's q/k norms span the whole
     projection, which a column split would cut."""
@@ -30,7 +34,8 @@ class MixtureOfExperts(Adapter):
     _mixtral = False  # Mixtral's folders name the sparse block and the expert matrices their own way
 
     def experts(self, model) -> list[torch.nn.Module]:
-        return [b.experts for b in sparse_blocks(self.decoder(model))]
+        # under LoRA on the experts PEFT wraps the module (one ParamWrapper per adapted tensor): its base holds them
+        return [_base(b.experts) for b in sparse_blocks(self.decoder(model))]
 
     def routers(self, model) -> list[torch.nn.Module]:
         return [b.gate for b in sparse_blocks(self.decoder(model))]
