@@ -156,7 +156,13 @@ class Adapter:
         return 0.0
     # --- pipeline parallelism (gkd.parallel.pipeline) -------------------------------------------
 
-    pipelines = False  # whether a stage of this family can run its own share of the decoder layers
+    # what keeps a stage of this family from running its own share of the decoder layers exactly, as the
+    # one-line refusal of --pipeline_model_parallel_size says it; empty: the family pipelines
+    pipeline_gap = "no adapter says how a stage runs its layers"
+
+    @property
+    def pipelines(self) -> bool:
+        return not self.pipeline_gap
 
     def stage_masks(self, config, hidden, attention_mask, position_ids, cache, layer_ids: list[int]) -> dict:
         """The attention mask each of a stage's layers takes ({layer index: mask}), as the family's body

@@ -17,6 +17,7 @@ class Llava(Adapter):
     name = "llava"
     model_types = ("llava",)
     auto_class = "AutoModelForImageTextToText"
+    pipeline_gap = "the first stage does not run the vision tower"
 
     def placeholder_ids(self, model) -> list[int]:
         return [unwrap(model).config.image_token_index]

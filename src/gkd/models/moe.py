@@ -31,6 +31,7 @@ class MixtureOfExperts(Adapter):
 
     name = "olmoe"
     model_types = ("olmoe",)
+    pipeline_gap = "the pipelined loss has no router load-balancing term"
     _mixtral = False  # Mixtral's folders name the sparse block and the expert matrices their own way
 
     def experts(self, model) -> list[torch.nn.Module]:

