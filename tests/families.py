@@ -3,9 +3,9 @@
 Sizes: vocabulary 96, hidden 128, 4 heads of 32 (vLLM's CPU attention takes head_dim 32), 2 KV heads, so
 that tensor parallelism of 2 divides every split. Each family keeps what makes it itself, at values that
 matter on short test sequences: sliding windows of 4 tokens, a final logit softcap of 2 (Gemma), logits
-divided by 8 (Granite), a logit scale of 0.5 (Cohere), NoPE layers (SmolLM3). Weights are drawn with a
-larger spread than the families' defaults so that the distributions are far from uniform and the logit
-transforms change them visibly.
+divided by 8 (Granite), a logit scale of 0.5 (Cohere), NoPE layers (SmolLM3), 4 experts routed top-2 with the
+router aux loss on (mixture of experts). Weights are drawn with a larger spread than the families' defaults so that
+the distributions are far from uniform and the logit transforms change them visibly.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from tiny import write_tokenizer
 VOCAB = 96
 _SIZES = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=256, bos_token_id=1, eos_token_id=4, pad_token_id=0, initializer_range=0.2)
+
+_MOE = dict(num_experts_per_tok=2, router_aux_loss_coef=0.05, tie_word_embeddings=False)
 
 # family -> (config class, extra config arguments)
 FAMILIES = {
@@ -39,6 +41,13 @@ FAMILIES = {
                                       attention_multiplier=0.05, tie_word_embeddings=False)),
     "cohere": ("CohereConfig", dict(logit_scale=0.5)),
     "smollm3": ("SmolLM3Config", dict(no_rope_layers=lambda n: [1, 0] * n, tie_word_embeddings=True)),
+    # mixture of experts: 4 experts, top-2, the router aux loss on (the naive step adds it as transformers does)
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=32, num_experts=4, moe_intermediate_size=64, norm_topk_prob=True,
+                                         **_MOE)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                                         **_MOE)),  # a shared expert beside the routed ones
+    "mixtral": ("MixtralConfig", dict(head_dim=32, num_local_experts=4, **_MOE)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, **_MOE)),  # q/k norms over all heads
 }
 
 

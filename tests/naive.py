@@ -4,7 +4,9 @@ The reference scores each row alone (no padding, no batching, no masks: position
 the logits the model's own forward returns (its head, softcap and scale included), applies the formula of
 the design note and divides by the step's completion-token count. The trainer's step must give the same
 loss and the same gradient for every parameter: this guards collate, masks, the normaliser and the logit
-head end to end, for any family and any parallel layout.
+head end to end, for any family and any parallel layout. A mixture-of-experts student adds the router
+load-balancing loss as gkd.step defines it: transformers' own ``aux_loss`` of each row alone, weighted by the
+row's tokens over the step's, times the config's ``router_aux_loss_coef``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import copy
 import math
 
 import torch
+
+from gkd.models import adapter_for, unwrap
 
 
 def trainer_step(trainer) -> tuple[float, dict[str, torch.Tensor]]:
@@ -39,14 +43,18 @@ def naive_step(student, teacher, examples, *, beta: float, temperature: float, s
                ) -> tuple[float, dict[str, torch.Tensor]]:
     """(loss, {name: gradient}) of the off-policy step over ``examples`` (prompt_ids, completion_ids), in
     float64 on copies of the models."""
-    s = copy.deepcopy(student).double().eval()
-    t = copy.deepcopy(teacher).double().eval()
+    s, t = _float64(student), _float64(teacher)
+    coef = getattr(unwrap(s).config, "router_aux_loss_coef", 0.0) if adapter_for(s).moe else 0.0
     total, tokens = torch.zeros((), dtype=torch.float64), 0
+    aux, routed = torch.zeros((), dtype=torch.float64), 0
     for e in examples:
         p, c = list(e.prompt_ids), list(e.completion_ids)
         ids = torch.tensor([p + c])
         rows = slice(len(p) - 1, len(p) + len(c) - 1)  # logits at i predict token i + 1
-        zs = s(input_ids=ids, use_cache=False).logits[0, rows]
+        out = s(input_ids=ids, use_cache=False, **({"output_router_logits": True} if coef else {}))
+        zs = out.logits[0, rows]
+        if coef:
+            aux, routed = aux + ids.shape[1] * out.aux_loss, routed + ids.shape[1]
         with torch.no_grad():
             zt = t(input_ids=ids, use_cache=False).logits[0, rows]
         ls, lt = torch.log_softmax(zs / temperature, -1), torch.log_softmax(zt / temperature, -1)
@@ -60,9 +68,17 @@ def naive_step(student, teacher, examples, *, beta: float, temperature: float, s
         ce = -torch.log_softmax(zs, -1).gather(-1, torch.tensor(c)[:, None])[:, 0]
         total = total + div.sum() + sft_alpha * ce.sum()
         tokens += len(c)
-    loss = total / tokens
+    loss = total / tokens + (coef * aux / routed if coef else 0.0)
     loss.backward()
     return float(loss.detach()), {n: q.grad for n, q in s.named_parameters() if q.grad is not None}
+
+
+def _float64(model):
+    """A float64 copy in eval mode (experts run transformers' eager loop: grouped_mm has no float64 kernel)."""
+    m = copy.deepcopy(model).double().eval()
+    if adapter_for(m).moe:
+        unwrap(m).set_experts_implementation("eager")
+    return m
 
 
 def assert_step_matches(trainer, student, teacher, *, rel: float = 2e-5) -> float:

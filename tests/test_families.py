@@ -50,13 +50,15 @@ def test_lora_finds_every_projection_and_its_step_equals_naive(family, data, tmp
     student, teacher = _pair(tmp_path, family)
     model = load_model(student)
     adapter = adapter_for(model)
-    linears = [{n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-               for layer in adapter.decoder(model).layers]
-    assert all(any("attn" in n for n in ls) and any("mlp" in n for n in ls) for ls in linears), linears
+    experts = {id(m) for m in [*adapter.experts(model), *adapter.routers(model)]}  # (3D tensors, not linears)
+    linears, moe = ([{n for n, m in layer.named_modules() if pick(m)} for layer in adapter.decoder(model).layers]
+                    for pick in (lambda m: isinstance(m, torch.nn.Linear), lambda m: id(m) in experts))
+    assert all(any("attn" in n for n in ls) and any("mlp" in n for n in ls | e) for ls, e in zip(linears, moe)), linears
     model = apply_lora(model, 4, 8, 0.0, "all-linear", 0)
-    for ls, layer in zip(linears, adapter.decoder(model).layers):
-        wrapped = {n for n, m in layer.named_modules() if isinstance(m, LoraLayer)}
-        assert ls == wrapped, f"{family}: LoRA on {sorted(wrapped)}, the layer's linears are {sorted(ls)}"
+    for ls, e, layer in zip(linears, moe, adapter.decoder(model).layers):
+        wrapped = {n for n, m in layer.named_modules() if isinstance(m, LoraLayer) and not n.endswith(".base_layer")}
+        # every linear; PEFT's target_parameters adds the experts and router (of Qwen3-MoE, Mixtral, OLMoE)
+        assert ls <= wrapped <= ls | e, f"{family}: LoRA on {sorted(wrapped)}, the layer's linears are {sorted(ls)}"
     assert not isinstance(unwrap(model).get_output_embeddings(), LoraLayer)
     t = _trainer(student, teacher, data, tmp_path / "out", train_type="lora", lora_rank=4, lora_alpha=8,
                  lora_dropout=0.0)  # dropout would make the step random
@@ -119,7 +121,8 @@ def test_every_family_in_the_table_is_tested_here():
     assert sorted(r["model_type"] for r in support.rows()) == sorted(ALL)
     proc = subprocess.run([sys.executable, "-m", "gkd", "models"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == support.markdown()
-    assert "| Granite | `granite` | h·Wᵀ / logits_scaling | yes | yes | yes | yes | no | no | yes |" in proc.stdout
+    assert "| Granite | `granite` | h·Wᵀ / logits_scaling | yes | yes | yes | yes | no | — | yes |" in proc.stdout
+    assert "| Mixtral | `mixtral` | h·Wᵀ | yes | yes | yes | yes | no | yes | no |" in proc.stdout
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert support.markdown() in readme, "README's family table is not `gkd models`' output: paste it again"
 

@@ -1,5 +1,6 @@
-"""Each family's `gkd train` step at FSDP = 2, and at TP = 2 where `gkd models` says TP works, equals the naive
-float64 step of the whole models (torchrun, 2 processes, gloo on 127.0.0.1)."""
+"""Each family's `gkd train` step at FSDP = 2, and at TP = 2 and EP = 2 where `gkd models` says they work,
+equals the naive float64 step of the whole models (torchrun, 2 processes, gloo on 127.0.0.1); one launch per
+layout runs every family in turn."""
 
 from pathlib import Path
 
@@ -24,11 +25,20 @@ def _run(torchrun, tmp_path, mode, families):
             assert f"OK {mode} {family} rank {rank}" in proc.stdout, proc.stdout[-4000:]
 
 
+def _where(column):
+    return [r["model_type"] for r in support.rows() if r[column]]
+
+
 @pytest.mark.dist
 def test_fsdp2_step_equals_naive_for_every_family(torchrun, tmp_path):
-    _run(torchrun, tmp_path, "fsdp", [r["model_type"] for r in support.rows() if r["FSDP"]])
+    _run(torchrun, tmp_path, "fsdp", _where("FSDP"))
 
 
 @pytest.mark.dist
 def test_tp2_step_equals_naive_where_tp_is_supported(torchrun, tmp_path):
-    _run(torchrun, tmp_path, "tp", [r["model_type"] for r in support.rows() if r["TP"]])
+    _run(torchrun, tmp_path, "tp", _where("TP"))
+
+
+@pytest.mark.dist
+def test_ep2_step_equals_naive_where_ep_is_supported(torchrun, tmp_path):
+    _run(torchrun, tmp_path, "ep", _where("EP"))

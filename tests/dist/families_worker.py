@@ -1,5 +1,5 @@
-"""Run under torchrun with 2 processes: for each family, one `gkd train` step at FSDP = 2 or TP = 2 equals the
-naive float64 step of the whole models (tests/naive.py). Usage: families_worker.py fsdp|tp ROOT DATA FAMILY..."""
+"""Run under torchrun with 2 processes: for each family, one `gkd train` step at FSDP = 2, TP = 2 or EP = 2 equals
+the naive float64 step of the whole models (tests/naive.py). Usage: families_worker.py fsdp|tp|ep ROOT DATA FAMILY..."""
 
 import sys
 from pathlib import Path
@@ -13,19 +13,26 @@ from gkd.models import load_model  # noqa: E402
 from gkd.trainer import Trainer  # noqa: E402
 from naive import assert_step_matches  # noqa: E402
 
+LAYOUTS = {  # mode: (TrainConfig arguments, the (tp, pp, ep, data-parallel size) they must give)
+    "fsdp": (dict(micro_batch_size=1), (1, 1, 1, 2)),
+    "tp": (dict(micro_batch_size=2, tensor_model_parallel_size=2), (2, 1, 1, 1)),
+    "ep": (dict(micro_batch_size=1, expert_model_parallel_size=2), (1, 1, 2, 2)),
+}
+
 
 def main():
     mode, root, data, *families = sys.argv[1:]
+    flags, sizes = LAYOUTS[mode]
     failed = []
     for family in families:
         student, teacher = (str(Path(root) / family / side) for side in ("student", "teacher"))
         cfg = TrainConfig(model=student, teacher_model=teacher, dataset=[data], output_dir=str(Path(root) / "out"),
-                          lmbda=0.0, beta=0.5, temperature=0.9, sft_alpha=0.3, micro_batch_size=1 if mode == "fsdp" else 2,
-                          global_batch_size=6, max_steps=1, max_grad_norm=0.0, loss_chunk_size=5, progress_bar=False,
-                          tensor_model_parallel_size=2 if mode == "tp" else 1)
+                          lmbda=0.0, beta=0.5, temperature=0.9, sft_alpha=0.3, global_batch_size=6, max_steps=1,
+                          max_grad_norm=0.0, loss_chunk_size=5, progress_bar=False, **flags)
         try:
             trainer = Trainer(cfg, log=lambda *_: None)
-            assert (trainer.par.tp, trainer.par.dp_size) == ((2, 1) if mode == "tp" else (1, 2))
+            par = trainer.par
+            assert (par.tp, par.pp, par.ep, par.dp_size) == sizes
             assert_step_matches(trainer, load_model(student), load_model(teacher))
         except Exception as e:  # noqa: BLE001 - report every family, then fail
             failed.append(family)
