@@ -1,5 +1,6 @@
-"""Run under torchrun with 2 processes: for each family, one `gkd train` step at FSDP = 2, TP = 2 or EP = 2 equals
-the naive float64 step of the whole models (tests/naive.py). Usage: families_worker.py fsdp|tp|ep ROOT DATA FAMILY..."""
+"""Run under torchrun with 2 processes: for each family, one `gkd train` step at FSDP = 2, TP = 2, PP = 2 or EP = 2
+equals the naive float64 step of the whole models (tests/naive.py); under PP the pipelined sampler also gives
+HF generate's completions. Usage: families_worker.py fsdp|tp|pp|ep ROOT DATA FAMILY..."""
 
 import sys
 from pathlib import Path
@@ -10,12 +11,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gkd.config import TrainConfig  # noqa: E402
 from gkd.models import load_model  # noqa: E402
+from gkd.rollout import SamplingConfig  # noqa: E402
 from gkd.trainer import Trainer  # noqa: E402
 from naive import assert_step_matches  # noqa: E402
+from pipeline_sampler_worker import assert_same_samples  # noqa: E402
 
 LAYOUTS = {  # mode: (TrainConfig arguments, the (tp, pp, ep, data-parallel size) they must give)
     "fsdp": (dict(micro_batch_size=1), (1, 1, 1, 2)),
     "tp": (dict(micro_batch_size=2, tensor_model_parallel_size=2), (2, 1, 1, 1)),
+    "pp": (dict(micro_batch_size=2, pipeline_model_parallel_size=2), (1, 2, 1, 1)),  # 3 micro-batches: 1F1B fills
     "ep": (dict(micro_batch_size=1, expert_model_parallel_size=2), (1, 1, 2, 2)),
 }
 
@@ -34,6 +38,9 @@ def main():
             par = trainer.par
             assert (par.tp, par.pp, par.ep, par.dp_size) == sizes
             assert_step_matches(trainer, load_model(student), load_model(teacher))
+            if mode == "pp":  # on-policy steps sample through the stages: each family's masks and KV caches
+                assert_same_samples(student, trainer.student, trainer.device,
+                                    SamplingConfig(max_new_tokens=8, temperature=1.3, top_k=40, batch_size=6))
         except Exception as e:  # noqa: BLE001 - report every family, then fail
             failed.append(family)
             print(f"FAIL {mode} {family} rank {dist.get_rank()}: {type(e).__name__}: {e}", flush=True)

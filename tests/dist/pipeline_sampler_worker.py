@@ -13,26 +13,31 @@ from gkd.pipeline_rollout import PipelineSampler
 from gkd.rollout import HFSampler, SamplingConfig
 
 
-def main():
-    folder = sys.argv[1]
-    par = setup(TrainConfig(pipeline_model_parallel_size=2))
+def assert_same_samples(folder: str, staged, device, cfg: SamplingConfig) -> tuple[int, int]:
+    """The pipelined sampler's completions of 12 seeded prompts on ``staged`` (the model in ``folder``, split
+    into stages) equal HFSampler's on the whole model; returns (completions, how many stopped at EOS)."""
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(5, 96, (int(n),), generator=g).tolist() for n in torch.randint(2, 9, (12,), generator=g)]
     rows = list(range(7, 19))  # rows of a global batch: the seeds follow them
-    cfg = SamplingConfig(max_new_tokens=24, temperature=1.3, top_p=0.95, top_k=40, batch_size=5)
-    whole = HFSampler(cfg, [4], 0, par.device)
+    whole = HFSampler(cfg, [4], 0, device)
     whole.seed = 1234
     expected = whole.generate(load_model(folder, "float32"), prompts, rows)
-
-    staged = load_sharded(lambda: load_model(folder, "float32"), lambda m: m, lambda m: shard_student(m, par), par)
-    assert len(list(staged.parameters())) < len(list(load_model(folder, "float32").parameters()))
-    piped = PipelineSampler(cfg, [4], 0, par.device)
+    piped = PipelineSampler(cfg, [4], 0, device)
     piped.seed = 1234
     got = piped.generate(staged, prompts, rows)
-    assert got == expected, (par.rank, got, expected)
-    stopped = sum(1 for c in expected if c[-1] == 4 and len(c) < cfg.max_new_tokens)
-    assert stopped >= 2, expected  # EOS cuts are compared too
-    print(f"rank {par.rank}: {len(got)} completions equal, {stopped} stopped at EOS", flush=True)
+    assert got == expected, (got, expected)
+    return len(got), sum(1 for c in expected if c[-1] == 4 and len(c) < cfg.max_new_tokens)
+
+
+def main():
+    folder = sys.argv[1]
+    par = setup(TrainConfig(pipeline_model_parallel_size=2))
+    cfg = SamplingConfig(max_new_tokens=24, temperature=1.3, top_p=0.95, top_k=40, batch_size=5)
+    staged = load_sharded(lambda: load_model(folder, "float32"), lambda m: m, lambda m: shard_student(m, par), par)
+    assert len(list(staged.parameters())) < len(list(load_model(folder, "float32").parameters()))
+    n, stopped = assert_same_samples(folder, staged, par.device, cfg)
+    assert stopped >= 2, stopped  # EOS cuts are compared too
+    print(f"rank {par.rank}: {n} completions equal, {stopped} stopped at EOS", flush=True)
     teardown()
 
 

@@ -29,7 +29,7 @@ def rows() -> list[dict]:
     out = []
     for adapter in families():
         for model_type in adapter.model_types:
-            cells = {"full": True, "LoRA": True, "FSDP": True, "TP": adapter.has_tp_plan, "PP": False,
+            cells = {"full": True, "LoRA": True, "FSDP": True, "TP": adapter.has_tp_plan, "PP": adapter.pipelines,
                      "EP": True if adapter.moe else None, "vLLM sync": model_type in adapter.vllm_sync}
             out.append({"model_type": model_type, "family": TITLES.get(model_type, model_type),
                         "head": adapter.head_note, **cells})
