@@ -1,6 +1,8 @@
-"""Run under torchrun with 2 processes: for each family, one `gkd train` step at FSDP = 2, TP = 2, PP = 2 or EP = 2
-equals the naive float64 step of the whole models (tests/naive.py); under PP the pipelined sampler also gives
-HF generate's completions. Usage: families_worker.py fsdp|tp|pp|ep ROOT DATA FAMILY..."""
+"""Run under torchrun with 2 processes: for each layout and family, one `gkd train` step at FSDP = 2, TP = 2, PP = 2
+or EP = 2 equals the naive float64 step of the whole models (tests/naive.py); under PP the pipelined sampler also
+gives HF generate's completions. One launch serves every layout (each trainer builds its own mesh).
+Usage: families_worker.py DATA fsdp|tp|pp|ep ROOT FAMILY,FAMILY... [LAYOUT ROOT FAMILIES ...] (ROOT/FAMILY holds
+the student and teacher folders)."""
 
 import sys
 from pathlib import Path
@@ -25,30 +27,34 @@ LAYOUTS = {  # mode: (TrainConfig arguments, the (tp, pp, ep, data-parallel size
 
 
 def main():
-    mode, root, data, *families = sys.argv[1:]
-    flags, sizes = LAYOUTS[mode]
-    failed = []
-    for family in families:
-        student, teacher = (str(Path(root) / family / side) for side in ("student", "teacher"))
-        cfg = TrainConfig(model=student, teacher_model=teacher, dataset=[data], output_dir=str(Path(root) / "out"),
-                          lmbda=0.0, beta=0.5, temperature=0.9, sft_alpha=0.3, global_batch_size=6, max_steps=1,
-                          max_grad_norm=0.0, loss_chunk_size=5, progress_bar=False, **flags)
-        try:
-            trainer = Trainer(cfg, log=lambda *_: None)
-            par = trainer.par
-            assert (par.tp, par.pp, par.ep, par.dp_size) == sizes
-            assert_step_matches(trainer, load_model(student), load_model(teacher))
-            if mode == "pp":  # on-policy steps sample through the stages: each family's masks and KV caches
-                assert_same_samples(student, trainer.student, trainer.device,
-                                    SamplingConfig(max_new_tokens=8, temperature=1.3, top_k=40, batch_size=6))
-        except Exception as e:  # noqa: BLE001 - report every family, then fail
-            failed.append(family)
-            print(f"FAIL {mode} {family} rank {dist.get_rank()}: {type(e).__name__}: {e}", flush=True)
-        else:
-            print(f"OK {mode} {family} rank {dist.get_rank()}", flush=True)
+    data, *groups = sys.argv[1:]
+    ok = [_step(mode, root, data, family)  # every family of every layout, then fail if any did
+          for mode, root, families in zip(groups[0::3], groups[1::3], groups[2::3]) for family in families.split(",")]
     dist.barrier()
     dist.destroy_process_group()
-    sys.exit(1 if failed else 0)
+    sys.exit(0 if all(ok) else 1)
+
+
+def _step(mode: str, root: str, data: str, family: str) -> bool:
+    """Whether the family's step (and, under PP, its sampling) equals the naive one; says so on stdout."""
+    flags, sizes = LAYOUTS[mode]
+    student, teacher = (str(Path(root) / family / side) for side in ("student", "teacher"))
+    cfg = TrainConfig(model=student, teacher_model=teacher, dataset=[data], output_dir=str(Path(root) / "out"),
+                      lmbda=0.0, beta=0.5, temperature=0.9, sft_alpha=0.3, global_batch_size=6, max_steps=1,
+                      max_grad_norm=0.0, loss_chunk_size=5, progress_bar=False, **flags)
+    try:
+        trainer = Trainer(cfg, log=lambda *_: None)
+        par = trainer.par
+        assert (par.tp, par.pp, par.ep, par.dp_size) == sizes
+        assert_step_matches(trainer, load_model(student), load_model(teacher))
+        if mode == "pp":  # on-policy steps sample through the stages: each family's masks and KV caches
+            assert_same_samples(student, trainer.student, trainer.device,
+                                SamplingConfig(max_new_tokens=8, temperature=1.3, top_k=40, batch_size=6))
+    except Exception as e:  # noqa: BLE001 - reported, and the launch goes on to the next family
+        print(f"FAIL {mode} {family} rank {dist.get_rank()}: {type(e).__name__}: {e}", flush=True)
+        return False
+    print(f"OK {mode} {family} rank {dist.get_rank()}", flush=True)
+    return True
 
 
 if __name__ == "__main__":
