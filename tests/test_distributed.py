@@ -69,8 +69,10 @@ def runs(tiny, tmp_path_factory):
     run([sys.executable, "-m", "gkd", *train_args(tiny, done["single-lora"], *LORA)])
     for name, (nproc, flags, _) in MESHES.items():
         done[name] = root / name
-        if name == "fsdp2":  # the shortcut: gkd runs itself under torchrun
-            run([sys.executable, "-m", "gkd", *train_args(tiny, done[name], "--nproc_per_node", "2")])
+        if name == "fsdp2":  # the shortcut: gkd runs itself under torchrun; on CPU offloading is a no-op
+            proc = run([sys.executable, "-m", "gkd", *train_args(tiny, done[name], "--nproc_per_node", "2",
+                                                                 "--offload_teacher_model", "true")])
+            done["fsdp2-output"] = proc.stdout + proc.stderr
         else:
             run(torchrun_cmd(nproc, train_args(tiny, done[name], *flags)))
     return done
@@ -247,3 +249,14 @@ def test_evaluation_during_training_is_sharded_and_equals_one_process(tiny, tmp_
         for key in ("eval_divergence", "eval_top1_agreement", "eval_teacher_logprob_of_student",
                     "eval_student_completion_length"):
             assert abs(a[key] - b[key]) <= 1e-5, (key, a, b)
+
+
+def test_offloading_the_teacher_on_cpu_says_so_once(runs):
+    assert runs["fsdp2-output"].count("--offload_teacher_model: training runs on the CPU") == 1
+
+
+def test_teacher_shards_offloaded_by_fsdp_score_the_same(tiny, torchrun):
+    """The GPU path of --offload_teacher_model under FSDP (shards in CPU memory between uses), run on CPU."""
+    proc = torchrun(Path(__file__).parent / "dist" / "offload_worker.py", 2, tiny["teacher"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("OK rank") == 2

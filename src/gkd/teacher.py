@@ -45,15 +45,12 @@ class LocalTeacher:
     """A transformers model in this process. With ``offload`` its weights live on CPU and visit the
     training device only while scoring or generating."""
 
-    def __init__(self, model, device: torch.device, topk: int = 0, offload: bool = False, log=print):
+    def __init__(self, model, device: torch.device, topk: int = 0, offload: bool = False):
         self.model = model.eval().requires_grad_(False)
         self.adapter = adapter_for(model)
         self.device = device
         self.topk = topk or None
         self.offload = offload and device.type != "cpu"
-        if offload and not self.offload:
-            log("[gkd] --offload_teacher_model: training runs on the CPU, where the teacher already is; nothing "
-                "to offload")
         self.model.to("cpu" if self.offload else device)
 
     def _on_device(self):

@@ -238,11 +238,14 @@ class Trainer:
 
     def _local_teacher(self, student) -> LocalTeacher:
         cfg, par = self.cfg, self.par
+        offload = parallel.teacher_offload(par, cfg.offload_teacher_model, self.device)
+        if cfg.offload_teacher_model and not offload:
+            self.log("[gkd] --offload_teacher_model: training runs on the CPU, where the teacher already is; "
+                     "nothing to offload")
         teacher = parallel.load_sharded(lambda: load_model(cfg.teacher_model, cfg.torch_dtype), lambda m: m,
-                                        lambda m: parallel.shard_teacher(m, par), par)
+                                        lambda m: parallel.shard_teacher(m, par, offload=offload == "fsdp"), par)
         check_compatible(self.tokenizer, load_tokenizer(cfg.teacher_model), student, teacher)
-        return LocalTeacher(teacher, self.device, topk=cfg.gkd_logits_topk, offload=cfg.offload_teacher_model,
-                            log=self.log)
+        return LocalTeacher(teacher, self.device, topk=cfg.gkd_logits_topk, offload=offload == "move")
 
     def _check_fits(self) -> None:
         """Sequences within both contexts and K within the vocabulary: one line now, not a failure mid-run."""
@@ -407,7 +410,11 @@ class Trainer:
                 self.memory["expert_optimizer_mib_per_rank"] = self.par.most(parallel.local_mib(
                     t for p in experts for t in self.optimizer.state.get(p, {}).values() if isinstance(t, torch.Tensor)))
             if isinstance(self.teacher, LocalTeacher):
-                self.memory["teacher_mib_per_rank"] = self.par.most(parallel.local_mib(self.teacher.model.parameters()))
+                params = list(self.teacher.model.parameters())
+                self.memory["teacher_mib_per_rank"] = self.par.most(parallel.local_mib(params))
+                # what stays on the training device between uses (less under --offload_teacher_model)
+                self.memory["teacher_device_mib_per_rank"] = self.par.most(parallel.local_mib(
+                    p for p in params if parallel.local(p).device.type == self.device.type))
         return loss_total
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from gkd.errors import GKDError
 from gkd.parallel.loading import load_sharded
 from gkd.parallel.mesh import Parallel, check_options, setup, teardown
 
@@ -88,8 +89,9 @@ def shard_student(model, par: Parallel) -> None:
         fsdp(model, par.dp_mesh, ignored)
 
 
-def shard_teacher(model, par: Parallel) -> None:
-    """The same tensor and expert parallelism; FSDP over the shard ranks only (replicas keep whole copies)."""
+def shard_teacher(model, par: Parallel, offload: bool = False) -> None:
+    """The same tensor and expert parallelism; FSDP over the shard ranks only (replicas keep whole copies).
+    ``offload``: the FSDP shards stay in CPU memory between uses (see teacher_offload)."""
     if par.pp > 1:
         from gkd.parallel.pipeline import shard
 
@@ -99,7 +101,20 @@ def shard_teacher(model, par: Parallel) -> None:
     if par.shard_mesh is not None:
         from gkd.parallel.fsdp import shard_teacher as fsdp
 
-        fsdp(model, par.shard_mesh, ignored)
+        fsdp(model, par.shard_mesh, ignored, offload=offload)
+
+
+def teacher_offload(par: Parallel, requested: bool, device) -> str:
+    """Who keeps the teacher on CPU between uses: "fsdp" (its shards, under FSDP's CPU offload policy),
+    "move" (LocalTeacher moves the whole unsharded model) or "" (nothing to do: training runs on CPU)."""
+    if not requested or device.type == "cpu":
+        return ""
+    if par.shard_mesh is not None and par.pp == 1:
+        return "fsdp"
+    if par.tp > 1 or par.pp > 1 or par.ep > 1:
+        raise GKDError("--offload_teacher_model with tensor, pipeline or expert parallelism but no FSDP shards is "
+                       "not supported yet: shard the teacher over the data-parallel ranks, or drop the flag")
+    return "move"
 
 
 def sync_gradients(model, last: bool, reduce_scatter_each: bool = True) -> None:

@@ -11,6 +11,7 @@ whole optimizer step on every rank (gkd.losses' normalizer), so the sum is the e
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 from gkd.models.adapter import adapter_for
 
@@ -40,14 +41,33 @@ def shard_units(units, root, dp_mesh, ignored: set = frozenset()) -> None:
             m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no pre-scaled sum)
 
 
-def shard_teacher(model, dp_mesh, ignored: set = frozenset()) -> None:
+def shard_teacher(model, dp_mesh, ignored: set = frozenset(), offload: bool = False) -> None:
     """The teacher's units sharded; its embedding and lm_head stay whole on each rank (or
     vocabulary-sharded by tensor parallelism), so the loss can read the lm_head weight outside any
-    forward. Each unit is its own root, which FSDP would keep gathered after forward unless told."""
-    from torch.distributed.fsdp import fully_shard
+    forward. Each unit is its own root, which FSDP would keep gathered after forward unless told.
+    ``offload``: the units' shards live in CPU memory and FSDP copies each to the device only for its
+    all-gather (FSDP2's CPU offload policy)."""
+    import torch
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+    policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     for unit in adapter_for(model).fsdp_units(model):
-        fully_shard(unit, mesh=dp_mesh, reshard_after_forward=True, ignored_params=set(ignored) or None)
+        fully_shard(unit, mesh=dp_mesh, reshard_after_forward=True, ignored_params=set(ignored) or None,
+                    offload_policy=policy)
+        if offload:
+            _ON_CPU.add(unit)
+
+
+_ON_CPU = weakref.WeakSet()  # units whose shards FSDP keeps in CPU memory
+
+
+def materialize(model, device) -> None:
+    """A meta-device ``model`` given (uninitialised) memory: on ``device``, except the shards of units
+    offloaded to CPU, which FSDP requires to start there."""
+    model.to_empty(device=device)
+    for unit in model.modules():
+        if unit in _ON_CPU:
+            unit.to_empty(device="cpu")
 
 
 def _units(model):

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from gkd.parallel.fsdp import materialize
 from gkd.parallel.mesh import Parallel
 
 
@@ -40,7 +41,7 @@ def load_sharded(load: Callable, prepare: Callable, shard: Callable, par: Parall
     skeleton = prepare(skeleton)
     full = prepare(base) if base is not None else None
     shard(skeleton)
-    skeleton.to_empty(device=par.device)
+    materialize(skeleton, par.device)
     # a pipeline stage takes its own weights from rank 0's whole model and leaves the others' (not strict)
     set_model_state_dict(skeleton, full.state_dict() if full is not None else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,

@@ -193,9 +193,6 @@ def check_options(cfg, world: int, tp: int) -> None:
     if cfg.eval_steps and (tp > 1 or cfg.context_parallel_size > 1 or cfg.pipeline_model_parallel_size > 1):
         raise GKDError("--eval_steps with tensor, context or pipeline parallelism is not supported yet (data "
                        "parallel and FSDP are); run gkd eval on the final folder")
-    if cfg.offload_teacher_model and torch.cuda.is_available():
-        raise GKDError(f"--offload_teacher_model with {world} processes is not supported yet (the teacher's layers "
-                       "are sharded over the data-parallel ranks instead)")
     if cfg.use_vllm and cfg.context_parallel_size > 1:
         raise GKDError("--use_vllm with --context_parallel_size > 1 is not supported yet (HF generate samples; "
                        "generation is not split over the context-parallel ranks)")
