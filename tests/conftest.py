@@ -25,6 +25,23 @@ def run_torchrun(script: Path, nproc: int, *args: str, timeout: float = 300) -> 
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+def gkd_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`gkd ARGS` run in this process (what `python -m gkd` runs, without the ~4 s of imports per call):
+    its exit code and what it printed. For user-mistake tests; a few of them still run the real command."""
+    import contextlib
+    import io
+
+    from gkd.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's own errors
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(["gkd", *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def torchrun():
     return run_torchrun

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import free_port
+from conftest import free_port, gkd_in_process
 from serving import start_gkd_serve, stop
 from tiny import write_image, write_image_dataset, write_llava, write_model, write_qwen2vl
 from gkd.config import TrainConfig
@@ -314,9 +314,9 @@ def test_bad_image_input_gives_one_line_and_exit_2(vl, tmp_path):
         data = folder / "rows.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         out = tmp_path / f"out-{name.replace(' ', '-')}"
-        proc = _cli(["train", "--model", flags.get("model", str(student)), "--teacher_model",
-                     flags.get("teacher", str(teacher)), "--dataset", str(data), "--output_dir", str(out),
-                     "--max_steps", "1", "--global_batch_size", "1"])
+        args = ["train", "--model", flags.get("model", str(student)), "--teacher_model", flags.get("teacher", str(teacher)),
+                "--dataset", str(data), "--output_dir", str(out), "--max_steps", "1", "--global_batch_size", "1"]
+        proc = _cli(args) if name == "missing image" else gkd_in_process(*args)  # one real command, then in-process
         _one_line_error(proc, needle)
         assert not out.exists(), f"{name}: wrote {out}"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import gkd_in_process
 
 from gkd.config import TrainConfig
 from gkd.metrics import read_metrics
@@ -157,16 +158,16 @@ def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
         "empty completion": (json.dumps({"prompt": "w1", "completion": " "}) + "\n", "'completion' is empty"),
         "bad role": (json.dumps({"messages": [{"role": "bot", "content": "w1"}]}) + "\n", "messages[0].role"),
     }
-    for name, (text, needle) in cases.items():
+    for i, (name, (text, needle)) in enumerate(cases.items()):
         bad.write_text(text)
         out = tmp_path / f"out-{name.replace(' ', '-')}"
-        proc = _cli("train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", str(bad),
+        proc = (_cli if i == 0 else gkd_in_process)("train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", str(bad),
                     "--output_dir", str(out), "--progress_bar", "false")
         _assert_one_line_error(proc, needle)
         assert not out.exists(), f"{name}: output folder written"
 
     bad.write_text(json.dumps({"prompt": "w1 w2 w3 w4 w5 w6 w7 w8 w9", "completion": "w1"}) + "\n")
-    _assert_one_line_error(_cli("train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset",
+    _assert_one_line_error(gkd_in_process("train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset",
                                 str(bad), "--output_dir", str(tmp_path / "o"), "--max_length", "4",
                                 "--truncation_strategy", "delete"), "exceed --max_length 4")
 
@@ -183,8 +184,8 @@ def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
         (["--output_dir", str(tmp_path / "x"), "--resume_from_checkpoint", str(tmp_path / "nope")], "nope: no such folder"),
         (["--output_dir", str(tmp_path / "x"), "--teacher_model_server", "http://127.0.0.1:9"], "exactly one of"),
     ]
-    for extra, needle in flag_cases:
-        _assert_one_line_error(_cli(*base, *extra), needle)
+    for i, (extra, needle) in enumerate(flag_cases):
+        _assert_one_line_error((_cli if i == 0 else gkd_in_process)(*base, *extra), needle)
     remote = ["train", "--model", tiny["student"], "--dataset", tiny["data"], "--output_dir", str(tmp_path / "x"),
               "--teacher_model_server"]
     for extra, needle in [
@@ -192,8 +193,8 @@ def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
         (["http://127.0.0.1:9"], "needs --gkd_logits_topk"),
         (["http://127.0.0.1:9", "--gkd_logits_topk", "8", "--seq_kd"], "--seq_kd needs"),
     ]:
-        _assert_one_line_error(_cli(*remote, *extra), needle)
-    proc = _cli(*remote, "http://127.0.0.1:9", "--gkd_logits_topk", "8", "--teacher_wait", "1")
+        _assert_one_line_error(gkd_in_process(*remote, *extra), needle)
+    proc = gkd_in_process(*remote, "http://127.0.0.1:9", "--gkd_logits_topk", "8", "--teacher_wait", "1")
     last = proc.stderr.strip().splitlines()[-1]  # after one line saying it waits for the server
     assert proc.returncode == 2 and last.startswith("gkd: error: teacher server http://127.0.0.1:9/health not ready")
     assert not (tmp_path / "x").exists()
