@@ -153,7 +153,7 @@ def test_what_the_table_says_no_to_is_refused_in_one_line(family, tmp_path):
 def test_serve_and_eval_apply_the_family_head(family, tmp_path):
     """gkd serve's log-probs and gkd eval's teacher log-probs are the model's own (scaled, soft-capped) ones."""
     from gkd.data import collate
-    from gkd.evaluate import _token_logprob_sum
+    from gkd.evaluate import _token_logprobs
     from gkd.serve import Scorer, _Job
 
     model = load_model(str(write_family(tmp_path / "m", family))).eval()
@@ -171,5 +171,5 @@ def test_serve_and_eval_apply_the_family_head(family, tmp_path):
     torch.testing.assert_close(actual.double(), own[:-1].gather(1, torch.tensor(seq[1:])[:, None])[:, 0],
                                rtol=0, atol=2e-6)
     batch = collate([seq[:6]], [seq[6:]], 0)
-    assert _token_logprob_sum(model, batch) == pytest.approx(float(sum(own[i, seq[i + 1]] for i in range(5, 9))),
+    assert float(_token_logprobs(model, batch).sum()) == pytest.approx(float(sum(own[i, seq[i + 1]] for i in range(5, 9))),
                                                              abs=1e-5)

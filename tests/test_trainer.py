@@ -243,3 +243,41 @@ def test_eval_command_writes_json(tiny, tmp_path):
     metrics = json.loads(out.read_text())
     assert metrics["divergence"] > 0 and 0 <= metrics["top1_agreement"] <= 1 and metrics["student_ppl_on_teacher"] > 1
     assert "divergence" in proc.stdout
+    assert len(metrics["rows"]) == metrics["prompts"] == 8 and all(r["samples"] == [] for r in metrics["rows"])
+
+
+def test_eval_samples_and_per_prompt_rows(tiny):
+    """Seeded samples per prompt depend on the prompt's row and the seed only; per-prompt rows add up to the
+    metrics; the teacher's log-prob of a sample is its own forward's."""
+    from gkd.data import collate, load_examples
+    from gkd.evaluate import evaluate
+    from gkd.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny["student"])
+    prompts = [e.prompt_ids for e in load_examples([tiny["prompts"]], tok, max_length=64,
+                                                           truncation_strategy="left", max_completion_length=6)]
+    student, teacher = load_model(tiny["student"]).eval(), load_model(tiny["teacher"]).eval()
+    kw = dict(eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, beta=0.5, temperature=1.0, max_new_tokens=6,
+              device=torch.device("cpu"), samples=3)
+    full = evaluate(student, teacher, prompts, batch_size=3, **kw)
+    part = evaluate(student, teacher, prompts[:2], batch_size=2, **kw)
+    assert part.samples == full.samples[:2] and len(full.samples[0]) == 3
+    assert len({tuple(c) for row in full.samples for c in row}) > len(prompts)  # seeds draw different samples
+    m, rows = full.metrics, full.rows
+    tokens = sum(r["teacher_tokens"] for r in rows)
+    assert tokens == m["teacher_tokens"]
+    assert sum(r["top1_agreement"] * r["teacher_tokens"] for r in rows) / tokens == pytest.approx(m["top1_agreement"])
+    assert sum(r["divergence"] * r["teacher_tokens"] for r in rows) / tokens == pytest.approx(m["divergence"])
+    lengths = [r["sample_completion_length"] * 3 for r in rows]
+    assert sum(r["teacher_logprob_of_samples"] * n for r, n in zip(rows, lengths)) / sum(lengths) == pytest.approx(
+        m["teacher_logprob_of_samples"])
+    # prompt 1's samples scored by the teacher's own forward
+    want, count = 0.0, 0
+    for c in full.samples[1]:
+        b = collate([prompts[1]], [c], tok.pad_token_id)
+        with torch.no_grad():
+            lp = torch.log_softmax(teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.double(), -1)
+        scored = b.loss_mask[0]  # logits at i score token i + 1 (labels are already shifted)
+        want += float(lp[0][scored].gather(1, b.labels[0][scored][:, None]).sum())
+        count += int(scored.sum())
+    assert rows[1]["teacher_logprob_of_samples"] == pytest.approx(want / count, abs=1e-5)

@@ -31,7 +31,10 @@ class EvalConfig:
     max_length: int = _f(1024, "maximum prompt length (longer prompts are cut from the left)")
     batch_size: int = _f(16, "prompts per forward")
     torch_dtype: str = _f("float32", "dtype of both models", choices=("float32", "bfloat16"))
-    output: str = _f("", "write the metrics as JSON here")
+    num_samples: int = _f(0, "also sample this many completions per prompt from the student (seeds 0..N-1, at "
+                             "--temperature) and report the teacher's mean log-prob of them")
+    output: str = _f("", "write the metrics as JSON here, with one row per prompt (its text, the teacher's and "
+                         "student's greedy completions, the student's samples and the prompt's own metrics)")
 
 
 def _prompt_examples(paths, tokenizer, max_length, images=None, teacher_images=None):
@@ -73,6 +76,8 @@ def cmd_eval(cfg: EvalConfig) -> dict:
     for name in ("batch_size", "max_completion_length", "max_length"):
         if getattr(cfg, name) < 1:
             raise GKDError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.num_samples < 0:
+        raise GKDError(f"--num_samples must be >= 0, got {cfg.num_samples}")
     if cfg.output:
         check_output_file(cfg.output)
     tok = load_tokenizer(cfg.model)
@@ -90,14 +95,18 @@ def cmd_eval(cfg: EvalConfig) -> dict:
     prompts = [e.prompt_ids for e in examples]
     inputs = None if images is None else [images(e.images) for e in examples]
     teacher_inputs = None if images is None else [(teacher_images or images)(e.images) for e in examples]
-    metrics, _, _ = evaluate(student.to(device), teacher.to(device), prompts, eos_ids=eos_ids(tok, student),
-                             pad_id=tok.pad_token_id, beta=cfg.beta, temperature=cfg.temperature,
-                             max_new_tokens=cfg.max_completion_length, device=device, batch_size=cfg.batch_size,
-                             inputs=inputs, teacher_inputs=teacher_inputs)
-    print(format_table({"student": metrics}))
+    result = evaluate(student.to(device), teacher.to(device), prompts, eos_ids=eos_ids(tok, student),
+                      pad_id=tok.pad_token_id, beta=cfg.beta, temperature=cfg.temperature,
+                      max_new_tokens=cfg.max_completion_length, device=device, batch_size=cfg.batch_size,
+                      inputs=inputs, teacher_inputs=teacher_inputs, samples=cfg.num_samples)
+    print(format_table({"student": result.metrics}))
     if cfg.output:
-        Path(cfg.output).write_text(json.dumps(metrics, indent=2))
-    return metrics
+        text = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+        rows = [{"prompt": text(p), "teacher": text(t), "student": text(g), "samples": [text(c) for c in drawn], **m}
+                for p, t, g, drawn, m in zip(prompts, result.teacher_completions, result.student_completions,
+                                             result.samples, result.rows)]
+        Path(cfg.output).write_text(json.dumps({**result.metrics, "rows": rows}, indent=2))
+    return result.metrics
 
 
 def cmd_train(cfg: TrainConfig) -> dict:

@@ -51,8 +51,8 @@ def main(argv: list[str]) -> dict:
     eval_kw = dict(eos_ids=eos_ids(tok, teacher), pad_id=tok.pad_token_id, beta=a.beta, temperature=0.9,
                    max_new_tokens=a.max_completion_length, device=torch.device("cpu"))
     print("[demo] evaluating the pruned student before training")
-    before, teacher_completions, student_before = evaluate(load_model(str(student_dir)).eval(), teacher, prompts,
-                                                           **eval_kw)
+    first = evaluate(load_model(str(student_dir)).eval(), teacher, prompts, **eval_kw)
+    before, teacher_completions, student_before = first.metrics, first.teacher_completions, first.student_completions
 
     cfg = TrainConfig(model=str(student_dir), teacher_model=SMOLLM2, dataset=[str(train_file)], beta=a.beta, lmbda=0.5,
                       temperature=0.9, max_completion_length=a.max_completion_length, micro_batch_size=4,
@@ -64,8 +64,8 @@ def main(argv: list[str]) -> dict:
           f"beta {cfg.beta}, temperature {cfg.temperature}")
     trainer.train()
     student_after = trainer.student.eval()
-    after, _, student_completions = evaluate(student_after, teacher, prompts, teacher_completions=teacher_completions,
-                                             **eval_kw)
+    last = evaluate(student_after, teacher, prompts, teacher_completions=teacher_completions, **eval_kw)
+    after, student_completions = last.metrics, last.student_completions
 
     print("\n" + format_table({"before": before, "after": after}))
     samples = []

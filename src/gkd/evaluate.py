@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -17,13 +18,15 @@ def _hidden(model, batch, teacher: bool = False):
     return adapter_for(model).final_hidden(model, batch.model_inputs(teacher))
 
 
-def _token_logprob_sum(model, batch, chunk: int = 256, teacher: bool = False) -> float:
-    """Sum of log p(token) over the batch's completion tokens, lm_head applied a chunk at a time."""
+def _token_logprobs(model, batch, chunk: int = 256, teacher: bool = False) -> torch.Tensor:
+    """Per row, the sum of log p(token) over its completion tokens, lm_head applied a chunk at a time."""
     h = _hidden(model, batch, teacher)[batch.loss_mask]
     y = batch.labels[batch.loss_mask]
     head = adapter_for(model).logit_head(model)
-    return -sum(float(sft_cross_entropy(head.logits(h[i:i + chunk]), y[i:i + chunk], reduction="sum"))
-                for i in range(0, h.shape[0], chunk))
+    lp = torch.cat([-sft_cross_entropy(head.logits(h[i:i + chunk]), y[i:i + chunk], reduction="none").double()
+                    for i in range(0, h.shape[0], chunk)]) if h.shape[0] else torch.zeros(0, dtype=torch.float64)
+    row_of = torch.arange(batch.loss_mask.shape[0]).repeat_interleave(batch.loss_mask.sum(1).cpu())
+    return torch.zeros(batch.loss_mask.shape[0], dtype=torch.float64).index_add_(0, row_of, lp.cpu())
 
 
 def greedy(model, prompts, eos_ids, pad_id, max_new_tokens, device, batch_size=16, inputs=None, synced=False):
@@ -32,16 +35,39 @@ def greedy(model, prompts, eos_ids, pad_id, max_new_tokens, device, batch_size=1
     return sampler.generate(model, prompts, None, inputs)
 
 
-SUMS = ("divergence", "sft", "agree", "tokens", "teacher_lp", "student_tokens", "prompts")
+def sampled(model, prompts, seeds: int, eos_ids, pad_id, max_new_tokens, temperature, device, batch_size=16,
+            inputs=None, synced=False) -> list[list[list[int]]]:
+    """``seeds`` samples per prompt at ``temperature``: sample s of prompt i is drawn with seed s for row i
+    (gkd.rollout.row_seed), so it depends on nothing else. Returns [prompt][seed] -> completion ids."""
+    sampler = HFSampler(SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, do_sample=True,
+                                       batch_size=batch_size), eos_ids, pad_id, device, synced=synced)
+    per_seed = []
+    for s in range(seeds):
+        sampler.seed = s
+        per_seed.append(sampler.generate(model, prompts, None, inputs))
+    return [[per_seed[s][i] for s in range(seeds)] for i in range(len(prompts))]
+
+
+SUMS = ("divergence", "sft", "agree", "tokens", "teacher_lp", "student_tokens", "prompts", "sample_lp", "sample_tokens")
+
+
+@dataclass
+class Evaluation:
+    metrics: dict  # over all prompts (all ranks' when sharded)
+    teacher_completions: list[list[int]]  # greedy, per prompt
+    student_completions: list[list[int]]  # greedy, per prompt
+    samples: list[list[list[int]]]  # the student's seeded samples, [prompt][seed]
+    rows: list[dict]  # per prompt (this rank's): its sums and means, as in metrics
 
 
 @torch.no_grad()
 def evaluate(student, teacher, prompts: list[list[int]], *, eos_ids, pad_id, beta: float, temperature: float,
              max_new_tokens: int, device, batch_size: int = 16, teacher_completions=None, inputs=None,
-             teacher_inputs=None, counted: list[bool] | None = None, reduce=None) -> dict:
+             teacher_inputs=None, counted: list[bool] | None = None, reduce=None, samples: int = 0) -> Evaluation:
     """divergence and top-1 agreement on the teacher's greedy completions, the student's perplexity
-    on them, and the teacher's mean log-prob of the student's own greedy completions. ``inputs`` /
-    ``teacher_inputs``: each prompt's other model inputs (images), for the student / the teacher.
+    on them, and the teacher's mean log-prob of the student's own greedy completions; with ``samples``,
+    also of that many seeded samples per prompt at ``temperature``. ``inputs`` / ``teacher_inputs``: each
+    prompt's other model inputs (images), for the student / the teacher.
 
     Sharded over data-parallel ranks: each rank passes its prompts (padded to the same count; ``counted``
     says which are real) and ``reduce``, which sums a float64 tensor over the ranks; every rank then joins
@@ -56,7 +82,10 @@ def evaluate(student, teacher, prompts: list[list[int]], *, eos_ids, pad_id, bet
     with parallel.gathered_for_generation(student, sharded):
         student_completions = greedy(student, prompts, eos_ids, pad_id, max_new_tokens, device, batch_size, inputs,
                                      synced=sharded)
-    sums = torch.zeros(len(SUMS), dtype=torch.float64)
+        drawn = sampled(student, prompts, samples, eos_ids, pad_id, max_new_tokens, temperature, device, batch_size,
+                        inputs, synced=sharded) if samples else [[] for _ in prompts]
+    per_row = torch.zeros(len(prompts), len(SUMS), dtype=torch.float64)
+    per_row[:, 6] = torch.tensor(counted, dtype=torch.float64)
     for i in range(0, len(prompts), batch_size):
         rows = slice(i, i + batch_size)
         real = torch.tensor(counted[rows])
@@ -64,23 +93,37 @@ def evaluate(student, teacher, prompts: list[list[int]], *, eos_ids, pad_id, bet
         batch.loss_mask[~real] = False
         batch = batch.to(device)
         if batch.tokens or sharded:
-            out = fused_linear_gkd_loss(
-                _hidden(student, batch), adapter_for(student).logit_head(student),
-                teacher_hidden=_hidden(teacher, batch, teacher=True),
-                teacher_lm_head_weight=adapter_for(teacher).logit_head(teacher), labels=batch.labels, beta=beta,
-                temperature=temperature, mask=batch.loss_mask, reduction="sum")
-            sums[:4] += torch.tensor([float(out.divergence_sum), float(out.sft_sum), float(out.agree_count),
-                                      out.tokens], dtype=torch.float64)
-        sbatch = collate(prompts[rows], student_completions[rows], pad_id, inputs[rows], theirs[rows])
-        sbatch.loss_mask[~real] = False
-        sbatch = sbatch.to(device)
-        if sbatch.tokens or sharded:
-            sums[4] += _token_logprob_sum(teacher, sbatch, teacher=True)
-            sums[5] += sbatch.tokens
-    sums[6] = sum(counted)
+            s_hidden, t_hidden = _hidden(student, batch), _hidden(teacher, batch, teacher=True)
+            for r in range(batch.loss_mask.shape[0]):  # one row's tokens at a time: per-prompt sums
+                mask = torch.zeros_like(batch.loss_mask)
+                mask[r] = batch.loss_mask[r]
+                out = fused_linear_gkd_loss(
+                    s_hidden, adapter_for(student).logit_head(student), teacher_hidden=t_hidden,
+                    teacher_lm_head_weight=adapter_for(teacher).logit_head(teacher), labels=batch.labels, beta=beta,
+                    temperature=temperature, mask=mask, reduction="sum")
+                per_row[i + r, :4] = torch.tensor([float(out.divergence_sum), float(out.sft_sum),
+                                                   float(out.agree_count), out.tokens], dtype=torch.float64)
+        for col, completions in ((4, student_completions[rows]), (7, None)):
+            group = [[c] for c in completions] if completions is not None else drawn[rows]
+            for s in range(max((len(g) for g in group), default=0)):
+                sbatch = collate(prompts[rows], [g[s] for g in group], pad_id, inputs[rows], theirs[rows])
+                sbatch.loss_mask[~real] = False
+                sbatch = sbatch.to(device)
+                if sbatch.tokens or sharded:
+                    per_row[rows, col] += _token_logprobs(teacher, sbatch, teacher=True)
+                    per_row[rows, col + 1] += sbatch.loss_mask.sum(1).cpu().double()
+    sums = per_row.sum(0)
     if sharded:
         sums = reduce(sums)
-    div, ce, agree, tokens, teacher_lp, student_tokens, n = sums.tolist()
+    metrics = _means(sums)
+    if not samples:
+        del metrics["teacher_logprob_of_samples"], metrics["sample_completion_length"]
+    rows = [{k: v for k, v in _means(r).items() if samples or "sample" not in k} for r in per_row]
+    return Evaluation(metrics, teacher_completions, student_completions, drawn, rows)
+
+
+def _means(sums: torch.Tensor) -> dict:
+    div, ce, agree, tokens, teacher_lp, student_tokens, n, sample_lp, sample_tokens = sums.tolist()
     return {
         "divergence": div / max(tokens, 1),
         "top1_agreement": agree / max(tokens, 1),
@@ -89,7 +132,9 @@ def evaluate(student, teacher, prompts: list[list[int]], *, eos_ids, pad_id, bet
         "teacher_tokens": int(tokens),
         "student_completion_length": student_tokens / max(n, 1),
         "prompts": int(n),
-    }, teacher_completions, student_completions
+        "teacher_logprob_of_samples": sample_lp / max(sample_tokens, 1),
+        "sample_completion_length": sample_tokens / max(n, 1),
+    }
 
 
 def format_table(columns: dict[str, dict]) -> str:

@@ -459,14 +459,15 @@ class Trainer:
         counted = [True] * len(mine) + [False] * (per - len(mine))
         mine = mine + [rows[-1]] * (per - len(mine))
         inputs, teacher_inputs = self._row_inputs(mine)
-        metrics, self._eval_teacher_completions, _ = evaluate(
+        result = evaluate(
             self.student, self.teacher.model, [e.prompt_ids for e in mine], eos_ids=self.sampler.eos_ids,
             pad_id=self.tokenizer.pad_token_id, beta=self.cfg.beta, temperature=self.cfg.temperature,
             max_new_tokens=self.cfg.max_completion_length, device=self.device, batch_size=self.cfg.global_batch_size,
             teacher_completions=self._eval_teacher_completions, inputs=inputs, teacher_inputs=teacher_inputs,
             counted=counted, reduce=self.par.dp_reduce if self.par.world > 1 else None)
+        self._eval_teacher_completions = result.teacher_completions
         self.student.train()
-        return {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, float)}
+        return {f"eval_{k}": v for k, v in result.metrics.items() if isinstance(v, float)}
 
     def save_checkpoint(self, step: int) -> Path:
         return checkpoint.save(self.out, step, self.student, self.optimizer, self.scheduler,
