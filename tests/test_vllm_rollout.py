@@ -21,7 +21,10 @@ pytestmark = pytest.mark.skipif(
     subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True).returncode != 0,
     reason="vLLM is not installed: run scripts/setup_vllm.sh (scripts/test.sh does)")
 
-PROMPTS = [[3, 92, 7, 8, 4, 3, 93], [3, 92, 9, 10, 11, 4, 3, 93], [3, 92, 12, 4, 3, 93]]
+# the last prompt fills whole KV blocks of 32 (the server's --block-size): vLLM caches them across requests,
+# so a weight sync that left its prefix cache would sample that prompt with the old weights' keys and values
+PROMPTS = [[3, 92, 7, 8, 4, 3, 93], [3, 92, 9, 10, 11, 4, 3, 93], [3, 92, 12, 4, 3, 93],
+           [3, 92, *range(5, 75), 4, 3, 93]]
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +95,16 @@ def test_same_loss_as_hf_backend_for_the_same_completions(pair, tmp_path, monkey
     assert loss_vllm == pytest.approx(loss_hf, rel=1e-6)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def vllm_server(pair):
+    """One vLLM server for the module's tests (about 30 s to start): weight versions name each trainer, so a
+    trainer never takes another's weights for its own; a test that stops the server starts it again."""
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", pair["student"], "--host",
            "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "128", "--enforce-eager",
            "--kv-cache-memory-bytes", "64M", "--distributed-executor-backend", "uni",
            "--worker-extension-cls", "gkd.vllm_worker.WeightSync", "--no-enable-chunked-prefill",
-           "--max-num-batched-tokens", "8192"]
+           "--max-num-batched-tokens", "8192", "--block-size", "32"]
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     state = {}
 

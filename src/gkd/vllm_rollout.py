@@ -152,6 +152,7 @@ class VLLMColocateSampler:
         if self.sleep_level:
             self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": export_weights(model)})
+        self.llm.reset_prefix_cache()  # cached prompt blocks hold keys and values of the old weights
         if self.sleep_level:
             self.llm.sleep(level=self.sleep_level)
         self.version += 1
@@ -276,8 +277,16 @@ class VLLMServerSampler:
             if got != {self._tag()}:
                 raise GKDError(f"vLLM server {self.client.url}: weight sync to version {self._tag()} answered "
                                f"{sorted(got)}")
+            self._reset_prefix_cache()
         self._shared(None)  # no rank samples before the server holds the new weights
         self.stale = False
+
+    def _reset_prefix_cache(self) -> None:
+        """Cached prompt blocks hold keys and values of the old weights: drop them (no request runs now)."""
+        answer = self.client.call("POST", "/reset_prefix_cache", None)
+        if isinstance(answer, dict) and answer.get("success") is False:
+            raise GKDError(f"vLLM server {self.client.url}: could not reset its prefix cache after a weight sync "
+                           "(requests still running?)")
 
     def _sync_group(self, model) -> set[str]:
         versions = self._rpc("gkd_weight_version")
