@@ -5,6 +5,10 @@ JSON: the wall time of every optimizer step, taken between consecutive `on_step_
 first from `on_step_begin`), so data loading, generation, both forwards, the loss, backward and the
 optimizer update are all counted; per step, the completion tokens the student sampled (up to and
 including EOS, as TRL's completion mask counts them) and the tokens the loss counted (labels != -100).
+
+With --plan FILE (a JSON list of {"lmbda", "beta", "seed", "learning_rate", "save"}; quality.py) it trains
+each entry in turn in this one process, from a fresh copy of the student, and saves each final student
+to its "save" folder; the other flags give what the entries share.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import time
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    for name in ("model", "teacher", "dataset", "out"):
+    for name in ("model", "teacher", "dataset"):
         ap.add_argument(f"--{name}", required=True)
-    ap.add_argument("--lmbda", type=float, required=True)
+    ap.add_argument("--out", help="write the run's timings here (JSON)")
+    ap.add_argument("--lmbda", type=float, default=0.5)
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=0.9)
     ap.add_argument("--max_new_tokens", type=int, default=64)
@@ -28,8 +33,22 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gradient_checkpointing", action="store_true", help="TRL's own default is on")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--learning_rate", type=float, default=1e-5)
+    ap.add_argument("--lr_scheduler_type", default="constant")
+    ap.add_argument("--warmup_ratio", type=float, default=0.0)
+    ap.add_argument("--plan", help="a JSON list of runs to train in turn (see above)")
     args = ap.parse_args()
+    if args.plan:
+        for entry in json.load(open(args.plan)):
+            run_args = argparse.Namespace(**{**vars(args), **entry})
+            print(f"[trl] {entry}", flush=True)
+            train(run_args)
+        return
+    train(args)
 
+
+def train(args) -> None:
+    """One GKDTrainer run; writes args.out (timings) when given, and the final student to args.save."""
     import tempfile
 
     import torch
@@ -79,7 +98,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = GKDConfig(
             output_dir=tmp, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
-            max_steps=args.steps, learning_rate=1e-5, lr_scheduler_type="constant", lmbda=args.lmbda,
+            max_steps=args.steps, learning_rate=args.learning_rate, lr_scheduler_type=args.lr_scheduler_type,
+            warmup_steps=args.warmup_ratio, lmbda=args.lmbda,  # transformers 5: a float < 1 is a ratio
             beta=args.beta, temperature=args.temperature, max_new_tokens=args.max_new_tokens, max_length=512,
             logging_steps=1, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
             bf16=args.dtype == "bfloat16", fp16=False,
@@ -88,9 +108,13 @@ def main() -> None:
         trainer = Counting(model=student, teacher_model=teacher, args=cfg, train_dataset=data,
                              processing_class=tokenizer, callbacks=[Clock()])
         trainer.train()
+    if getattr(args, "save", None):
+        trainer.model.save_pretrained(args.save)
+        tokenizer.save_pretrained(args.save)
     times = [b - a for a, b in zip(marks, marks[1:])]
-    with open(args.out, "w") as f:
-        json.dump({"step_times": times, "losses": losses, "generated_tokens": generated, "trained_tokens": trained}, f)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"step_times": times, "losses": losses, "generated_tokens": generated, "trained_tokens": trained}, f)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,245 @@
+"""Whose student ends better: the GKD paper's main comparison on the embedded task, gkd against TRL.
+
+    .venv/bin/python benchmarks/quality.py                       # the full run (about 45 min on 2 cores)
+    .venv/bin/python benchmarks/quality.py --steps 4 --seeds 0 --lrs 3e-4 --lmbdas 0 1 --betas 0   # a smoke run
+
+The task is the demo's (`gkd demo`): teacher SmolLM2-135M-Instruct, student its layers 0-5 and 21-29,
+the 48 built-in training prompts with completions the teacher wrote (--teacher_samples per prompt,
+seeded, temperature 0.9), the 8 held-out prompts for evaluation. Both tools train the same student on
+the same rows for the same steps and batch (one micro-batch per step), with AdamW, a cosine schedule
+with 10 % warm-up, temperature --temperature, --max_new_tokens new tokens per on-policy sample.
+
+1. Learning-rate sweep: each tool at each of --lrs, at lmbda 0.5 / beta 0, every seed; the tool's best
+   rate is the one with the highest mean held-out top-1 agreement (chosen on the held-out prompts: this
+   is a comparison of tools, not a model selection for later use).
+2. The grid at each tool's best rate: lmbda in --lmbdas (0 = supervised KD on the teacher's
+   completions, 1 = on-policy) x beta in --betas (0 forward KL, 0.5 JSD, 1 reverse KL), every seed.
+
+Every student, gkd's and TRL's, is evaluated by the same code (gkd.evaluate): forward KL at
+--temperature and top-1 agreement on the teacher's greedy completions, the student's perplexity on them, and the
+teacher's mean log-prob of the student's own samples (--eval_samples seeded samples per prompt at
+--temperature). Tables give mean ± half the range over seeds; a plot goes next to results.json in
+--work. TRL runs in its own venv (benchmarks/e2e_vs_trl.py makes it), all its trainings in one process.
+Finished runs are kept in results.json and not run again (delete it to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+METRICS = ("divergence", "top1_agreement", "student_ppl_on_teacher", "teacher_logprob_of_samples")
+
+
+def prepare(work: Path, samples: int, max_new_tokens: int) -> tuple[Path, Path, Path]:
+    """The teacher as a plain HF folder, the demo's student and the teacher-written training rows."""
+    from gkd.demo import STUDENT_LAYERS, _layers, teacher_written
+    from gkd.models import SMOLLM2, load_model, load_tokenizer, prune_command
+    from gkd.prompts import train_prompts
+
+    teacher_dir, student_dir, data = work / "teacher", work / "student", work / "train.jsonl"
+    if not (teacher_dir / "config.json").is_file():
+        prune_command(SMOLLM2, str(teacher_dir), list(range(30)), 1, "float32")  # all layers: a plain copy
+    if not (student_dir / "config.json").is_file():
+        prune_command(str(teacher_dir), str(student_dir), _layers(STUDENT_LAYERS), 1, "float32")
+    if not data.is_file():
+        print(f"[quality] the teacher writes {samples} completions per training prompt", flush=True)
+        tok, teacher = load_tokenizer(str(teacher_dir)), load_model(str(teacher_dir)).eval()
+        rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": c}]}
+                for q, c in teacher_written(teacher, tok, train_prompts(), samples, max_new_tokens)]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return teacher_dir, student_dir, data
+
+
+class Judge:
+    """The held-out evaluation every student goes through (the teacher's greedy completions made once)."""
+
+    def __init__(self, teacher_dir: Path, a):
+        import torch
+
+        from gkd.demo import chat_prompt
+        from gkd.models import eos_ids, load_model, load_tokenizer
+        from gkd.prompts import eval_prompts
+
+        self.tok = load_tokenizer(str(teacher_dir))
+        self.teacher = load_model(str(teacher_dir)).eval()
+        self.prompts = [chat_prompt(self.tok, q) for q in eval_prompts()]
+        self.kw = dict(eos_ids=eos_ids(self.tok, self.teacher), pad_id=self.tok.pad_token_id, beta=0.0,
+                       temperature=a.temperature, max_new_tokens=a.max_new_tokens, device=torch.device("cpu"),
+                       samples=a.eval_samples)
+        self.teacher_completions = None
+
+    def __call__(self, student) -> dict:
+        from gkd.evaluate import evaluate
+
+        result = evaluate(student.eval(), self.teacher, self.prompts, teacher_completions=self.teacher_completions,
+                          **self.kw)
+        self.teacher_completions = result.teacher_completions
+        return {k: result.metrics[k] for k in METRICS}
+
+
+def run_gkd(run: dict, a, teacher_dir: Path, student_dir: Path, data: Path, judge: Judge) -> dict:
+    from gkd.config import TrainConfig
+    from gkd.trainer import Trainer
+
+    cfg = TrainConfig(model=str(student_dir), teacher_model=str(teacher_dir), dataset=[str(data)], beta=run["beta"],
+                      lmbda=run["lmbda"], temperature=a.temperature, max_completion_length=a.max_new_tokens,
+                      micro_batch_size=a.batch_size, global_batch_size=a.batch_size,
+                      learning_rate=run["learning_rate"], lr_scheduler_type="cosine", warmup_ratio=0.1,
+                      max_steps=a.steps, seed=run["seed"], output_dir=str(a.work / "gkd-run"), save_steps=0,
+                      logging_steps=a.steps, progress_bar=False, overwrite_output_dir=True)
+    started = time.perf_counter()
+    trainer = Trainer(cfg, log=lambda *_: None)
+    trainer.train()
+    seconds = time.perf_counter() - started
+    metrics = judge(trainer.student)
+    trainer.close()
+    del trainer
+    gc.collect()
+    return {**metrics, "train_seconds": round(seconds, 1)}
+
+
+def run_trl(runs: list[dict], a, teacher_dir: Path, student_dir: Path, data: Path, judge: Judge) -> list[dict]:
+    """All of ``runs`` in one TRL process (each from a fresh student), then each saved student judged."""
+    from e2e_vs_trl import trl_python
+    from gkd.models import load_model
+
+    py = trl_python(a.trl_venv.absolute())
+    plan = [{"lmbda": r["lmbda"], "beta": r["beta"], "seed": r["seed"], "learning_rate": r["learning_rate"],
+             "save": str(a.work / "trl" / name(r))} for r in runs]
+    (a.work / "trl").mkdir(parents=True, exist_ok=True)
+    (a.work / "trl-plan.json").write_text(json.dumps(plan))
+    started = time.perf_counter()
+    subprocess.run([str(py), str(HERE / "trl_gkd_runner.py"), "--model", str(student_dir), "--teacher",
+                    str(teacher_dir), "--dataset", str(data), "--plan", str(a.work / "trl-plan.json"),
+                    "--temperature", str(a.temperature), "--max_new_tokens", str(a.max_new_tokens),
+                    "--batch_size", str(a.batch_size), "--steps", str(a.steps), "--threads", str(a.threads),
+                    "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.1"], check=True)
+    seconds = (time.perf_counter() - started) / max(len(runs), 1)
+    return [{**judge(load_model(p["save"])), "train_seconds": round(seconds, 1)} for p in plan]
+
+
+def name(run: dict) -> str:
+    return f"{run['tool']}-l{run['lmbda']}-b{run['beta']}-lr{run['learning_rate']:g}-s{run['seed']}"
+
+
+def execute(runs: list[dict], a, models: tuple, judge: Judge, results: dict) -> None:
+    """Run what results.json does not hold yet; save after each."""
+    todo = [r for r in runs if name(r) not in results]
+    for r in [r for r in todo if r["tool"] == "gkd"]:
+        print(f"[quality] {name(r)}", flush=True)
+        results[name(r)] = {**r, **run_gkd(r, a, *models, judge)}
+        save(a, results)
+    trl = [r for r in todo if r["tool"] == "trl"]
+    if trl:
+        for r, m in zip(trl, run_trl(trl, a, *models, judge)):
+            results[name(r)] = {**r, **m}
+        save(a, results)
+
+
+def save(a, results: dict) -> None:
+    (a.work / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def summary(rows: list[dict], metric: str) -> str:
+    values = [r[metric] for r in rows]
+    mean = statistics.fmean(values)
+    spread = (max(values) - min(values)) / 2
+    return f"{mean:.3f} ± {spread:.3f}" if metric != "student_ppl_on_teacher" else f"{mean:.1f} ± {spread:.1f}"
+
+
+def table(groups: dict, keys: tuple[str, ...]) -> str:
+    head = "| " + " | ".join(keys) + " | seeds | " + " | ".join(METRICS) + " |"
+    lines = [head, "|" + "---|" * (len(keys) + 1 + len(METRICS))]
+    for key, rows in groups.items():
+        lines.append("| " + " | ".join(str(k) for k in key) + f" | {len(rows)} | "
+                     + " | ".join(summary(rows, m) for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def group(rows: list[dict], keys: tuple[str, ...]) -> dict:
+    out: dict = {}
+    for r in rows:
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out
+
+
+def plot(grid: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    labels = sorted({(k[1], k[2]) for k in grid})
+    for ax, metric in zip(axes, ("top1_agreement", "teacher_logprob_of_samples")):
+        for i, tool in enumerate(sorted({k[0] for k in grid})):
+            means = [statistics.fmean(r[metric] for r in grid.get((tool, *lb), [{metric: float("nan")}]))
+                     for lb in labels]
+            ax.bar([x + 0.4 * i for x in range(len(labels))], means, width=0.4, label=tool)
+        ax.set_xticks([x + 0.2 for x in range(len(labels))], [f"λ{lm}\nβ{b}" for lm, b in labels])
+        ax.set_title(metric)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("runs/bench-quality"))
+    ap.add_argument("--trl_venv", type=Path, default=HERE / ".venv-trl", help="TRL's own venv")
+    ap.add_argument("--tools", nargs="+", default=["gkd", "trl"], choices=["gkd", "trl"])
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--batch_size", type=int, default=4)
+    ap.add_argument("--max_new_tokens", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=0.9)
+    ap.add_argument("--teacher_samples", type=int, default=4)
+    ap.add_argument("--eval_samples", type=int, default=2)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    ap.add_argument("--lmbdas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    ap.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(a.threads)
+    started = time.perf_counter()
+    a.work.mkdir(parents=True, exist_ok=True)
+    models = prepare(a.work, a.teacher_samples, a.max_new_tokens)
+    judge = Judge(models[0], a)
+    results = json.loads((a.work / "results.json").read_text()) if (a.work / "results.json").is_file() else {}
+
+    sweep = [dict(tool=t, lmbda=0.5, beta=0.0, learning_rate=lr, seed=s) for t in a.tools for lr in a.lrs
+             for s in a.seeds]
+    execute(sweep, a, models, judge, results)
+    by_lr = group([results[name(r)] for r in sweep], ("tool", "learning_rate"))
+    best = {t: max((lr for (tool, lr) in by_lr if tool == t),
+                   key=lambda lr: statistics.fmean(r["top1_agreement"] for r in by_lr[(t, lr)])) for t in a.tools}
+    grid_runs = [dict(tool=t, lmbda=lm, beta=b, learning_rate=best[t], seed=s) for t in a.tools for lm in a.lmbdas
+                 for b in a.betas for s in a.seeds]
+    execute(grid_runs, a, models, judge, results)
+    grid = group([results[name(r)] for r in grid_runs], ("tool", "lmbda", "beta"))
+
+    print(f"\n## Learning-rate sweep (lmbda 0.5, beta 0; {a.steps} steps of {a.batch_size}, seeds {a.seeds})\n")
+    print(table(by_lr, ("tool", "learning rate")))
+    print(f"\nbest: {best}\n\n## Grid at each tool's best learning rate\n")
+    print(table(grid, ("tool", "lmbda", "beta")))
+    overall = group([results[name(r)] for r in grid_runs], ("tool",))
+    print("\n## Over the whole grid\n")
+    print(table(overall, ("tool",)))
+    plot(grid, a.work / "quality.png")
+    print(f"\n[quality] {time.perf_counter() - started:.0f} s; {a.work / 'results.json'}, {a.work / 'quality.png'}")
+
+
+if __name__ == "__main__":
+    main()
