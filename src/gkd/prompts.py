@@ -1,6 +1,8 @@
 """A small built-in prompt set for the default job, so it needs nothing from a hub.
 
 Short instructions of the kinds an instruct model is asked; the last HELD_OUT are for evaluation only.
+Training also gets prompts made from templates of the same kinds (never a held-out one), so a student
+learns the kinds, not 48 answers.
 """
 
 PROMPTS = [
@@ -65,8 +67,36 @@ PROMPTS = [
 HELD_OUT = 8
 
 
+_TEMPLATES = {
+    "What is the capital of {}?": ["Spain", "Germany", "Japan", "Canada", "Egypt", "Greece", "Peru", "Kenya", "Norway",
+                                   "India", "Mexico", "Portugal", "Chile", "Sweden", "Australia", "Turkey"],
+    "What is {}?": ["7 plus 5", "20 minus 8", "6 times 4", "30 divided by 5", "11 plus 9", "18 minus 7", "3 times 8",
+                    "14 plus 6", "50 minus 25", "9 plus 9", "12 minus 4", "5 times 5", "40 divided by 8",
+                    "13 minus 5", "8 plus 7", "7 times 6"],
+    "Give a synonym for '{}'.": ["small", "fast", "smart", "angry", "quiet", "begin", "easy", "brave", "rich",
+                                 "tired", "funny", "strong"],
+    "What is the opposite of '{}'?": ["up", "early", "full", "light", "open", "young", "wet", "loud", "soft", "win"],
+    "Name {}.": ["a fruit that is yellow", "an animal that lives in the desert", "a sport played with a ball",
+                 "a flower", "a type of tree", "an insect", "a city in Europe", "a kind of weather", "a metal",
+                 "a farm animal", "a vegetable that grows underground", "a bird that can swim"],
+    "How many {}?": ["legs does a dog have", "sides does a triangle have", "wheels does a bicycle have",
+                     "months are in a year", "seconds are in a minute", "days are in a year", "sides does a hexagon have",
+                     "players are on a soccer team", "legs does an insect have", "strings does a violin have"],
+    "Write one sentence about {}.": ["the ocean", "rain", "winter", "a forest", "the stars", "a river", "mountains",
+                                     "the wind", "summer", "a library", "trains", "snow"],
+    "What do {} eat?": ["rabbits", "pandas", "lions", "birds", "horses", "frogs", "koalas", "sheep"],
+    "What color is {}?": ["grass", "a banana", "snow", "a ripe tomato", "coal", "an orange", "the sun", "chocolate"],
+}
+
+
+def templated_prompts() -> list[str]:
+    """The template-made training prompts (none of them is held out)."""
+    made = [t.format(x) for t, fill in _TEMPLATES.items() for x in fill]
+    return [q for q in made if q not in PROMPTS]
+
+
 def train_prompts() -> list[str]:
-    return PROMPTS[:-HELD_OUT]
+    return PROMPTS[:-HELD_OUT] + templated_prompts()
 
 
 def eval_prompts() -> list[str]:
