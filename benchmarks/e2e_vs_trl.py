@@ -56,7 +56,7 @@ def prepare(work: Path, max_new_tokens: int) -> tuple[Path, Path, Path]:
     import torch
 
     from gkd.models import SMOLLM2, adapter_for, eos_ids, load_model, load_tokenizer, prune_command
-    from gkd.prompts import train_prompts
+    from gkd.prompts import written_prompts
     from gkd.rollout import HFSampler, SamplingConfig
 
     teacher_dir, student_dir, data = work / "teacher", work / "student", work / "train.jsonl"
@@ -70,7 +70,7 @@ def prepare(work: Path, max_new_tokens: int) -> tuple[Path, Path, Path]:
         print("[bench] writing off-policy completions with the teacher (greedy)", flush=True)
         tok = load_tokenizer(str(teacher_dir))
         teacher = load_model(str(teacher_dir)).eval()
-        questions = train_prompts()
+        questions = written_prompts()
         prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                            tokenize=True)["input_ids"] for q in questions]
         sampler = HFSampler(SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False, batch_size=16),

@@ -33,10 +33,10 @@ from pathlib import Path
 
 def prompts(n: int) -> list[list[int]]:
     from gkd.models import SMOLLM2, load_tokenizer
-    from gkd.prompts import eval_prompts, train_prompts
+    from gkd.prompts import eval_prompts, written_prompts
 
     tok = load_tokenizer(SMOLLM2)
-    qs = train_prompts() + eval_prompts()
+    qs = written_prompts() + eval_prompts()
     ids = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                    tokenize=True)["input_ids"] for q in qs]
     return [ids[i % len(ids)] for i in range(n)]

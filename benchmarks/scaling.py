@@ -42,7 +42,7 @@ def prepare(work: Path, dtype: str, tied: bool = True) -> tuple[Path, Path, Path
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from gkd.models import SMOLLM2, load_tokenizer
-    from gkd.prompts import train_prompts
+    from gkd.prompts import written_prompts
 
     tok = load_tokenizer(SMOLLM2)
     folders = []
@@ -71,7 +71,7 @@ def prepare(work: Path, dtype: str, tied: bool = True) -> tuple[Path, Path, Path
             Qwen3MoeForCausalLM(cfg).to(getattr(torch, dtype)).save_pretrained(str(folder))
             tok.save_pretrained(str(folder))
     data = work / "train.jsonl"
-    prompts = train_prompts()
+    prompts = written_prompts()
     rows = [{"prompt": p, "completion": " ".join(prompts[(i + 1) % len(prompts)] for _ in range(3))}
             for i, p in enumerate(prompts)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -95,8 +95,13 @@ def templated_prompts() -> list[str]:
     return [q for q in made if q not in PROMPTS]
 
 
+def written_prompts() -> list[str]:
+    """The 48 written training prompts alone (the speed benchmarks' rows, as measured before templates)."""
+    return PROMPTS[:-HELD_OUT]
+
+
 def train_prompts() -> list[str]:
-    return PROMPTS[:-HELD_OUT] + templated_prompts()
+    return written_prompts() + templated_prompts()
 
 
 def eval_prompts() -> list[str]:
