@@ -19,7 +19,7 @@ under).
 
 The three FSDP rows are FSDP's two waste fixes off and on: "2 x FSDP (per-micro-batch sync, per-token
 gather)" reduce-scatters the gradients after every micro-batch and gathers each layer again for every
-token HF generate decodes (--reduce_scatter_every_micro_batch true --gather_for_generation false);
+token the student decodes (--reduce_scatter_every_micro_batch true --gather_for_generation false);
 "2 x FSDP" is gkd's default (reduce-scatter after every micro-batch, the student gathered once per
 generation); "2 x FSDP (last-micro-batch sync)" adds --reduce_scatter_every_micro_batch false (only a
 step's last micro-batch reduce-scatters). The gather matters on on-policy steps only (--lmbda 1).
