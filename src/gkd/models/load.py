@@ -3,10 +3,12 @@ teacher, LoRA, export."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -37,14 +39,23 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
+def gguf_cache(gguf: Path) -> Path:
+    """The folder a GGUF file's de-quantised weights are kept in after its first load (de-quantising takes
+    ~20 s for SmolLM2-135M, reading the folder ~1 s): under $GKD_CACHE_DIR, else $XDG_CACHE_HOME/gkd or
+    ~/.cache/gkd; named by the file's path, size and modification time, so a changed file converts anew."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = os.environ.get("GKD_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gkd"
+    return Path(root) / "gguf" / f"{gguf.stem}-{key}"
+
+
 def resolve(spec: str) -> tuple[Path, str | None]:
-    """(folder, gguf file name or None) for a model argument."""
-    if spec == SMOLLM2:
-        f = smollm2_gguf()
-        return f.parent, f.name
-    p = Path(spec)
+    """(folder, gguf file name or None) for a model argument; a GGUF already converted resolves to its
+    cached folder (gguf_cache)."""
+    p = smollm2_gguf() if spec == SMOLLM2 else Path(spec)
     if p.is_file() and p.suffix == ".gguf":
-        return p.parent, p.name
+        cached = gguf_cache(p)
+        return (cached, None) if (cached / "config.json").is_file() else (p.parent, p.name)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise GKDError(f"model {spec}: folder has no config.json (expected a Hugging Face model folder)")
@@ -94,6 +105,7 @@ def load_model(spec: str, dtype: str = "float32"):
             model = auto.from_config(config, dtype=torch.float32)
             model.load_state_dict(state, strict=False)
             model.tie_weights()
+            _keep_converted(model, folder / gguf)
             model = model.to(torch_dtype)
         else:
             config = transformers.AutoConfig.from_pretrained(str(folder))
@@ -105,6 +117,32 @@ def load_model(spec: str, dtype: str = "float32"):
         raise GKDError(f"model {spec}: cannot load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     check_head(model, spec)
     return model
+
+
+def _keep_converted(model, gguf: Path) -> None:
+    """Save a de-quantised GGUF model (float32) and its tokenizer to gguf_cache(gguf) for later loads;
+    written beside it and renamed, so processes converting at once (torchrun ranks) never see half a
+    folder. A cache that cannot be written costs only time: said, then the load goes on."""
+    from transformers import AutoTokenizer
+
+    cache = gguf_cache(gguf)
+    tmp = None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=cache.name + ".tmp-"))
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(tmp))
+        _fsync_tree(tmp)
+        os.rename(tmp, cache)
+        print(f"[gkd] {gguf.name}: de-quantised once into {cache} (later loads read that folder; "
+              "GKD_CACHE_DIR moves it)", flush=True)
+    except OSError as e:
+        if not (cache / "config.json").is_file():  # another process's rename got there first: nothing to say
+            print(f"[gkd] {gguf.name}: could not keep the de-quantised weights in {cache} ({e}); "
+                  "the next load de-quantises again", flush=True)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def eos_ids(tokenizer, model) -> list[int]:
