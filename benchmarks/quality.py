@@ -1,13 +1,16 @@
 """Whose student ends better: the GKD paper's main comparison on the embedded task, gkd against TRL.
 
-    .venv/bin/python benchmarks/quality.py                       # the full run (about 45 min on 2 cores)
+    .venv/bin/python benchmarks/quality.py                       # the full run
     .venv/bin/python benchmarks/quality.py --steps 4 --seeds 0 --lrs 3e-4 --lmbdas 0 1 --betas 0   # a smoke run
 
 The task is the demo's (`gkd demo`): teacher SmolLM2-135M-Instruct, student its layers 0-5 and 21-29,
-the 48 built-in training prompts with completions the teacher wrote (--teacher_samples per prompt,
+the 152 built-in training prompts with completions the teacher wrote (--teacher_samples per prompt,
 seeded, temperature 0.9), the 8 held-out prompts for evaluation. Both tools train the same student on
 the same rows for the same steps and batch (one micro-batch per step), with AdamW, a cosine schedule
-with 10 % warm-up, temperature --temperature, --max_new_tokens new tokens per on-policy sample.
+with 10 % warm-up, temperature --temperature, --max_new_tokens new tokens per on-policy sample. Both run
+on-policy on the same steps: gkd's per-step lmbda draw for the run's seed, given to TRL in place of its
+own coin flip (with 16 steps at lmbda 0.5 the count alone varies from 6 to 9 between seeds, and on-policy
+steps change the student more than the tools differ).
 
 1. Learning-rate sweep: each tool at each of --lrs, at lmbda 0.5 / beta 0, every seed; the tool's best
    rate is the one with the highest mean held-out top-1 agreement (chosen on the held-out prompts: this
@@ -18,9 +21,10 @@ with 10 % warm-up, temperature --temperature, --max_new_tokens new tokens per on
 Every student, gkd's and TRL's, is evaluated by the same code (gkd.evaluate): forward KL at
 --temperature and top-1 agreement on the teacher's greedy completions, the student's perplexity on them, and the
 teacher's mean log-prob of the student's own samples (--eval_samples seeded samples per prompt at
---temperature). Tables give mean ± half the range over seeds; a plot goes next to results.json in
---work. TRL runs in its own venv (benchmarks/e2e_vs_trl.py makes it), all its trainings in one process.
-Finished runs are kept in results.json and not run again (delete it to start over).
+--temperature). Tables give mean ± half the range over seeds; a plot goes next to the results in --work.
+The two tools run side by side (--jobs 2: each in its own process with one of the two threads); TRL runs
+in its own venv (benchmarks/e2e_vs_trl.py makes it), all its trainings in one process. Finished runs are
+kept in --work/results-<tool>.json and not run again (delete them to start over).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 METRICS = ("divergence", "top1_agreement", "student_ppl_on_teacher", "teacher_logprob_of_samples")
+COLUMNS = (*METRICS, "on_policy_steps")
 
 
 def prepare(work: Path, samples: int, max_new_tokens: int) -> tuple[Path, Path, Path]:
@@ -87,8 +92,17 @@ class Judge:
         return {k: result.metrics[k] for k in METRICS}
 
 
+def on_policy_steps(run: dict, steps: int) -> list[int]:
+    """The 0-based steps gkd runs on-policy for this run's seed and lmbda (its per-step draw); TRL is given
+    the same schedule in place of its own coin flip, so both tools sample on the same steps."""
+    from gkd.trainer import lmbda_draw
+
+    return [s for s in range(steps) if lmbda_draw(run["seed"], s) < run["lmbda"]]
+
+
 def run_gkd(run: dict, a, teacher_dir: Path, student_dir: Path, data: Path, judge: Judge) -> dict:
     from gkd.config import TrainConfig
+    from gkd.metrics import read_metrics
     from gkd.trainer import Trainer
 
     cfg = TrainConfig(model=str(student_dir), teacher_model=str(teacher_dir), dataset=[str(data)], beta=run["beta"],
@@ -96,7 +110,7 @@ def run_gkd(run: dict, a, teacher_dir: Path, student_dir: Path, data: Path, judg
                       micro_batch_size=a.batch_size, global_batch_size=a.batch_size,
                       learning_rate=run["learning_rate"], lr_scheduler_type="cosine", warmup_ratio=0.1,
                       max_steps=a.steps, seed=run["seed"], output_dir=str(a.work / "gkd-run"), save_steps=0,
-                      logging_steps=a.steps, progress_bar=False, overwrite_output_dir=True)
+                      logging_steps=1, progress_bar=False, overwrite_output_dir=True)
     started = time.perf_counter()
     trainer = Trainer(cfg, log=lambda *_: None)
     trainer.train()
@@ -105,7 +119,9 @@ def run_gkd(run: dict, a, teacher_dir: Path, student_dir: Path, data: Path, judg
     trainer.close()
     del trainer
     gc.collect()
-    return {**metrics, "train_seconds": round(seconds, 1)}
+    sampled = [m["step"] - 1 for m in read_metrics(a.work / "gkd-run" / "metrics.jsonl") if m["on_policy_share"]]
+    assert sampled == on_policy_steps(run, a.steps), (run, sampled)
+    return {**metrics, "train_seconds": round(seconds, 1), "on_policy_steps": len(sampled)}
 
 
 def run_trl(runs: list[dict], a, teacher_dir: Path, student_dir: Path, data: Path, judge: Judge) -> list[dict]:
@@ -115,7 +131,7 @@ def run_trl(runs: list[dict], a, teacher_dir: Path, student_dir: Path, data: Pat
 
     py = trl_python(a.trl_venv.absolute())
     plan = [{"lmbda": r["lmbda"], "beta": r["beta"], "seed": r["seed"], "learning_rate": r["learning_rate"],
-             "save": str(a.work / "trl" / name(r))} for r in runs]
+             "on_policy_steps": on_policy_steps(r, a.steps), "save": str(a.work / "trl" / name(r))} for r in runs]
     (a.work / "trl").mkdir(parents=True, exist_ok=True)
     (a.work / "trl-plan.json").write_text(json.dumps(plan))
     started = time.perf_counter()
@@ -125,7 +141,13 @@ def run_trl(runs: list[dict], a, teacher_dir: Path, student_dir: Path, data: Pat
                     "--batch_size", str(a.batch_size), "--steps", str(a.steps), "--threads", str(a.threads),
                     "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.1"], check=True)
     seconds = (time.perf_counter() - started) / max(len(runs), 1)
-    return [{**judge(load_model(p["save"])), "train_seconds": round(seconds, 1)} for p in plan]
+    done = []
+    for p in plan:
+        sampled = json.loads((Path(p["save"]) / "trl_run.json").read_text())["on_policy_steps"]
+        assert sampled == p["on_policy_steps"], (p, sampled)  # TRL sampled on the steps gkd did
+        done.append({**judge(load_model(p["save"])), "train_seconds": round(seconds, 1),
+                     "on_policy_steps": len(sampled)})
+    return done
 
 
 def name(run: dict) -> str:
@@ -133,7 +155,7 @@ def name(run: dict) -> str:
 
 
 def execute(runs: list[dict], a, models: tuple, judge: Judge, results: dict) -> None:
-    """Run what results.json does not hold yet; save after each."""
+    """Run what the results files do not hold yet; save after each."""
     todo = [r for r in runs if name(r) not in results]
     for r in [r for r in todo if r["tool"] == "gkd"]:
         print(f"[quality] {name(r)}", flush=True)
@@ -146,23 +168,48 @@ def execute(runs: list[dict], a, models: tuple, judge: Judge, results: dict) -> 
         save(a, results)
 
 
+def results_file(a, tool: str) -> Path:
+    return a.work / f"results-{tool}.json"
+
+
+def load(a) -> dict:
+    results = {}
+    for tool in a.tools:
+        if results_file(a, tool).is_file():
+            results.update(json.loads(results_file(a, tool).read_text()))
+    return results
+
+
 def save(a, results: dict) -> None:
-    (a.work / "results.json").write_text(json.dumps(results, indent=1))
+    """Each tool's runs in its own file: the tools may run side by side in two processes."""
+    for tool in a.tools:
+        mine = {k: r for k, r in results.items() if r["tool"] == tool}
+        results_file(a, tool).write_text(json.dumps(mine, indent=1))
+
+
+def side_by_side(a) -> None:
+    """Each tool's sweep and grid in its own process at threads // jobs threads, at once."""
+    threads = max(1, a.threads // a.jobs)
+    children = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--tools", tool, "--threads", str(threads),
+                                  "--jobs", "1"]) for tool in a.tools]
+    codes = [c.wait() for c in children]
+    if any(codes):
+        sys.exit(f"[quality] a tool's process failed: exit codes {dict(zip(a.tools, codes))}")
 
 
 def summary(rows: list[dict], metric: str) -> str:
     values = [r[metric] for r in rows]
     mean = statistics.fmean(values)
     spread = (max(values) - min(values)) / 2
-    return f"{mean:.3f} ± {spread:.3f}" if metric != "student_ppl_on_teacher" else f"{mean:.1f} ± {spread:.1f}"
+    return f"{mean:.1f} ± {spread:.1f}" if metric in ("student_ppl_on_teacher", "on_policy_steps") else f"{mean:.3f} ± {spread:.3f}"
 
 
 def table(groups: dict, keys: tuple[str, ...]) -> str:
-    head = "| " + " | ".join(keys) + " | seeds | " + " | ".join(METRICS) + " |"
-    lines = [head, "|" + "---|" * (len(keys) + 1 + len(METRICS))]
+    head = "| " + " | ".join(keys) + " | seeds | " + " | ".join(COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(keys) + 1 + len(COLUMNS))]
     for key, rows in groups.items():
         lines.append("| " + " | ".join(str(k) for k in key) + f" | {len(rows)} | "
-                     + " | ".join(summary(rows, m) for m in METRICS) + " |")
+                     + " | ".join(summary(rows, m) for m in COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -203,12 +250,15 @@ def main() -> None:
     ap.add_argument("--max_new_tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=0.9)
     ap.add_argument("--teacher_samples", type=int, default=4)
-    ap.add_argument("--eval_samples", type=int, default=2)
+    ap.add_argument("--eval_samples", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    ap.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
     ap.add_argument("--lmbdas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     ap.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="threads in all")
+    ap.add_argument("--jobs", type=int, default=2, help="tools trained side by side, each in its own process with "
+                    "threads // jobs threads (on 2 cores two 1-thread processes get more done than one 2-thread "
+                    "one; the metrics do not depend on it)")
     a = ap.parse_args()
     import torch
 
@@ -216,8 +266,10 @@ def main() -> None:
     started = time.perf_counter()
     a.work.mkdir(parents=True, exist_ok=True)
     models = prepare(a.work, a.teacher_samples, a.max_new_tokens)
+    if a.jobs > 1 and len(a.tools) > 1:
+        side_by_side(a)  # then the runs are all in the results files, and this process prints the tables
     judge = Judge(models[0], a)
-    results = json.loads((a.work / "results.json").read_text()) if (a.work / "results.json").is_file() else {}
+    results = load(a)
 
     sweep = [dict(tool=t, lmbda=0.5, beta=0.0, learning_rate=lr, seed=s) for t in a.tools for lr in a.lrs
              for s in a.seeds]
@@ -238,7 +290,7 @@ def main() -> None:
     print("\n## Over the whole grid\n")
     print(table(overall, ("tool",)))
     plot(grid, a.work / "quality.png")
-    print(f"\n[quality] {time.perf_counter() - started:.0f} s; {a.work / 'results.json'}, {a.work / 'quality.png'}")
+    print(f"\n[quality] {time.perf_counter() - started:.0f} s; {a.work}/results-*.json, {a.work / 'quality.png'}")
 
 
 if __name__ == "__main__":

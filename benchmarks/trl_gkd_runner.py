@@ -6,9 +6,11 @@ first from `on_step_begin`), so data loading, generation, both forwards, the los
 optimizer update are all counted; per step, the completion tokens the student sampled (up to and
 including EOS, as TRL's completion mask counts them) and the tokens the loss counted (labels != -100).
 
-With --plan FILE (a JSON list of {"lmbda", "beta", "seed", "learning_rate", "save"}; quality.py) it trains
-each entry in turn in this one process, from a fresh copy of the student, and saves each final student
-to its "save" folder; the other flags give what the entries share.
+With --plan FILE (a JSON list of {"lmbda", "beta", "seed", "learning_rate", "save"} and optionally
+"on_policy_steps"; quality.py) it trains each entry in turn in this one process, from a fresh copy of the
+student, and saves each final student to its "save" folder; the other flags give what the entries share.
+"on_policy_steps" (0-based optimizer steps) replaces TRL's own per-step lmbda coin flip with that schedule,
+so that a comparison with gkd runs the same steps on-policy (gkd's draw for the same seed).
 """
 
 from __future__ import annotations
@@ -68,9 +70,13 @@ def train(args) -> None:
     generated: list[int] = []  # per optimizer step (one micro-batch per step here)
     trained: list[int] = []
 
+    schedule = getattr(args, "on_policy_steps", None)
+
     class Counting(GKDTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
             generated.append(0)
+            if schedule is not None:  # TRL samples when random.random() <= lmbda: 1.0 always, 0.0 never
+                self.lmbda = 1.0 if self.state.global_step in schedule else 0.0
             return super().training_step(model, inputs, num_items_in_batch)
 
         @staticmethod
@@ -111,6 +117,8 @@ def train(args) -> None:
     if getattr(args, "save", None):
         trainer.model.save_pretrained(args.save)
         tokenizer.save_pretrained(args.save)
+        with open(f"{args.save}/trl_run.json", "w") as f:  # the steps that sampled, as measured
+            json.dump({"on_policy_steps": [i for i, g in enumerate(generated) if g]}, f)
     times = [b - a for a, b in zip(marks, marks[1:])]
     if args.out:
         with open(args.out, "w") as f:
