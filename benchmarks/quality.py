@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -125,29 +126,38 @@ def run_gkd(run: dict, a, teacher_dir: Path, student_dir: Path, data: Path, judg
 
 
 def run_trl(runs: list[dict], a, teacher_dir: Path, student_dir: Path, data: Path, judge: Judge) -> list[dict]:
-    """All of ``runs`` in one TRL process (each from a fresh student), then each saved student judged."""
+    """All of ``runs`` in one TRL process (each from a fresh student); each saved student is judged here as
+    soon as the TRL process has written it, while it trains the next."""
     from e2e_vs_trl import trl_python
     from gkd.models import load_model
 
     py = trl_python(a.trl_venv.absolute())
     plan = [{"lmbda": r["lmbda"], "beta": r["beta"], "seed": r["seed"], "learning_rate": r["learning_rate"],
              "on_policy_steps": on_policy_steps(r, a.steps), "save": str(a.work / "trl" / name(r))} for r in runs]
+    for p in plan:  # a folder left by an interrupted run is not this run's student
+        shutil.rmtree(p["save"], ignore_errors=True)
     (a.work / "trl").mkdir(parents=True, exist_ok=True)
     (a.work / "trl-plan.json").write_text(json.dumps(plan))
     started = time.perf_counter()
-    subprocess.run([str(py), str(HERE / "trl_gkd_runner.py"), "--model", str(student_dir), "--teacher",
-                    str(teacher_dir), "--dataset", str(data), "--plan", str(a.work / "trl-plan.json"),
-                    "--temperature", str(a.temperature), "--max_new_tokens", str(a.max_new_tokens),
-                    "--batch_size", str(a.batch_size), "--steps", str(a.steps), "--threads", str(a.threads),
-                    "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.1"], check=True)
-    seconds = (time.perf_counter() - started) / max(len(runs), 1)
+    proc = subprocess.Popen([str(py), str(HERE / "trl_gkd_runner.py"), "--model", str(student_dir), "--teacher",
+                             str(teacher_dir), "--dataset", str(data), "--plan", str(a.work / "trl-plan.json"),
+                             "--temperature", str(a.temperature), "--max_new_tokens", str(a.max_new_tokens),
+                             "--batch_size", str(a.batch_size), "--steps", str(a.steps), "--threads", str(a.threads),
+                             "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.1"])
     done = []
     for p in plan:
-        sampled = json.loads((Path(p["save"]) / "trl_run.json").read_text())["on_policy_steps"]
+        written = Path(p["save"]) / "trl_run.json"  # the runner's last write for an entry
+        while not written.is_file():
+            if proc.poll() is not None:
+                raise SystemExit(f"[quality] TRL's runner ended (exit {proc.returncode}) before {p['save']}")
+            time.sleep(2)
+        sampled = json.loads(written.read_text())["on_policy_steps"]
         assert sampled == p["on_policy_steps"], (p, sampled)  # TRL sampled on the steps gkd did
-        done.append({**judge(load_model(p["save"])), "train_seconds": round(seconds, 1),
-                     "on_policy_steps": len(sampled)})
-    return done
+        done.append({**judge(load_model(p["save"])), "on_policy_steps": len(sampled)})
+    if proc.wait():
+        raise SystemExit(f"[quality] TRL's runner failed (exit {proc.returncode})")
+    seconds = (time.perf_counter() - started) / max(len(runs), 1)
+    return [{**d, "train_seconds": round(seconds, 1)} for d in done]
 
 
 def name(run: dict) -> str:
