@@ -161,9 +161,9 @@ def test_sigterm_stops_gracefully(tiny):
 
 def test_client_retries_then_fails_clearly(server, setup):
     tok, batch = setup
-    proxy = FaultyProxy(server, delay_s=2.0)
+    proxy = FaultyProxy(server, delay_s=12.0)  # the delay outlasts the timeout, which a loaded machine's answers do not
     try:
-        remote = RemoteTeacher(proxy.url, K, api_key=KEY, retries=4, timeout=1.0, seqs_per_request=16).connect(tok)
+        remote = RemoteTeacher(proxy.url, K, api_key=KEY, retries=4, timeout=6.0, seqs_per_request=16).connect(tok)
         remote.client.backoff = 0.01
         want = remote.score(batch)
         for compact in (True, False):

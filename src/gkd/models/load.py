@@ -126,17 +126,20 @@ def _keep_converted(model, gguf: Path) -> None:
     from transformers import AutoTokenizer
 
     cache = gguf_cache(gguf)
+    if (cache / "config.json").is_file():  # another process converted it meanwhile
+        return
     tmp = None
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=cache.name + ".tmp-"))
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared GKD_CACHE_DIR from other users
         model.save_pretrained(str(tmp), safe_serialization=True)
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(tmp))
         _fsync_tree(tmp)
         os.rename(tmp, cache)
         print(f"[gkd] {gguf.name}: de-quantised once into {cache} (later loads read that folder; "
               "GKD_CACHE_DIR moves it)", flush=True)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - OSError, or safetensors' own error on a full disk
         if not (cache / "config.json").is_file():  # another process's rename got there first: nothing to say
             print(f"[gkd] {gguf.name}: could not keep the de-quantised weights in {cache} ({e}); "
                   "the next load de-quantises again", flush=True)
