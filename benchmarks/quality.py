@@ -145,17 +145,21 @@ def run_trl(runs: list[dict], a, teacher_dir: Path, student_dir: Path, data: Pat
                              "--batch_size", str(a.batch_size), "--steps", str(a.steps), "--threads", str(a.threads),
                              "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.1"])
     done = []
-    for p in plan:
-        written = Path(p["save"]) / "trl_run.json"  # the runner's last write for an entry
-        while not written.is_file():
-            if proc.poll() is not None:
-                raise SystemExit(f"[quality] TRL's runner ended (exit {proc.returncode}) before {p['save']}")
-            time.sleep(2)
-        sampled = json.loads(written.read_text())["on_policy_steps"]
-        assert sampled == p["on_policy_steps"], (p, sampled)  # TRL sampled on the steps gkd did
-        done.append({**judge(load_model(p["save"])), "on_policy_steps": len(sampled)})
-    if proc.wait():
-        raise SystemExit(f"[quality] TRL's runner failed (exit {proc.returncode})")
+    try:
+        for p in plan:
+            written = Path(p["save"]) / "trl_run.json"  # the runner's last write for an entry (renamed into place)
+            while not written.is_file():
+                if proc.poll() is not None:
+                    raise SystemExit(f"[quality] TRL's runner ended (exit {proc.returncode}) before {p['save']}")
+                time.sleep(2)
+            sampled = json.loads(written.read_text())["on_policy_steps"]
+            assert sampled == p["on_policy_steps"], (p, sampled)  # TRL sampled on the steps gkd did
+            done.append({**judge(load_model(p["save"])), "on_policy_steps": len(sampled)})
+        if proc.wait():
+            raise SystemExit(f"[quality] TRL's runner failed (exit {proc.returncode})")
+    finally:
+        if proc.poll() is None:  # judging failed: the runner must not go on training for nobody
+            proc.kill()
     seconds = (time.perf_counter() - started) / max(len(runs), 1)
     return [{**d, "train_seconds": round(seconds, 1)} for d in done]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 
@@ -117,8 +118,9 @@ def train(args) -> None:
     if getattr(args, "save", None):
         trainer.model.save_pretrained(args.save)
         tokenizer.save_pretrained(args.save)
-        with open(f"{args.save}/trl_run.json", "w") as f:  # the steps that sampled, as measured
+        with open(f"{args.save}/trl_run.json.tmp", "w") as f:  # the steps that sampled, as measured
             json.dump({"on_policy_steps": [i for i, g in enumerate(generated) if g]}, f)
+        os.replace(f"{args.save}/trl_run.json.tmp", f"{args.save}/trl_run.json")  # whole when quality.py sees it
     times = [b - a for a, b in zip(marks, marks[1:])]
     if args.out:
         with open(args.out, "w") as f:
