@@ -202,8 +202,8 @@ def save(a, results: dict) -> None:
 
 
 def side_by_side(a) -> None:
-    """Each tool's sweep and grid in its own process at threads // jobs threads, at once."""
-    threads = max(1, a.threads // a.jobs)
+    """Each tool's sweep and grid in its own process, the threads split between them, at once."""
+    threads = max(1, a.threads // len(a.tools))
     children = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--tools", tool, "--threads", str(threads),
                                   "--jobs", "1"]) for tool in a.tools]
     codes = [c.wait() for c in children]
@@ -270,9 +270,9 @@ def main() -> None:
     ap.add_argument("--lmbdas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     ap.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     ap.add_argument("--threads", type=int, default=2, help="threads in all")
-    ap.add_argument("--jobs", type=int, default=2, help="tools trained side by side, each in its own process with "
-                    "threads // jobs threads (on 2 cores two 1-thread processes get more done than one 2-thread "
-                    "one; the metrics do not depend on it)")
+    ap.add_argument("--jobs", type=int, default=2, choices=(1, 2), help="2: the tools train side by side, each in "
+                    "its own process with its share of the threads (on 2 cores two 1-thread processes get more done "
+                    "than one 2-thread one; the metrics do not depend on it); 1: one after the other")
     a = ap.parse_args()
     import torch
 
