@@ -85,7 +85,8 @@ def assert_step_matches(trainer, student, teacher, *, rel: float = 2e-5) -> floa
     """The trainer's first (off-policy) step equals the naive float64 step of ``student`` and ``teacher`` (whole,
     unsharded models with the trainer's initial weights) on the same rows."""
     cfg = trainer.cfg
-    ref_loss, ref = naive_step(student, teacher, trainer.data.rows(0), beta=cfg.beta, temperature=cfg.temperature,
+    ref_loss, ref = naive_step(student, teacher, trainer.data.rows(0), beta=cfg.beta,
+                               temperature=cfg.divergence_temperature,
                                sft_alpha=cfg.sft_alpha)
     loss, grads = trainer_step(trainer)
     assert abs(loss - ref_loss) <= rel * abs(ref_loss), f"loss {loss} vs naive float64 {ref_loss}"

@@ -60,6 +60,21 @@ def test_lmbda_zero_never_generates_and_one_always_does(tiny, tmp_path, monkeypa
     assert all(m["on_policy_share"] == 1.0 for m in read_metrics(t.out / "metrics.jsonl"))
 
 
+def test_loss_temperature_sets_the_divergence_and_not_sampling(tiny, tmp_path):
+    from naive import assert_step_matches, naive_step
+
+    from gkd.models import load_model
+
+    t = Trainer(cfg_for(tiny, tmp_path / "lt", lmbda=0.0, max_steps=1, temperature=0.5, loss_temperature=1.3),
+                log=lambda *_: None)
+    assert t.sampler.cfg.temperature == 0.5 and t.loss_args.temperature == 1.3
+    student, teacher = load_model(tiny["student"]), load_model(tiny["teacher"])
+    loss = assert_step_matches(t, student, teacher)
+    at_sampling_t, _ = naive_step(student, teacher, t.data.rows(0), beta=t.cfg.beta, temperature=0.5,
+                                  sft_alpha=t.cfg.sft_alpha)
+    assert abs(loss - at_sampling_t) > 1e-3 * abs(loss), "the divergence was computed at the sampling temperature"
+
+
 def test_on_policy_share_follows_lmbda():
     draws = [lmbda_draw(42, s) for s in range(2000)]
     for lmbda in (0.2, 0.5, 0.8):
@@ -177,6 +192,7 @@ def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
         (["--output_dir", str(tmp_path / "x"), "--beta", "1.5"], "--beta must be in [0, 1]"),
         (["--output_dir", str(tmp_path / "x"), "--lmbda", "-0.1"], "--lmbda must be in [0, 1]"),
         (["--output_dir", str(tmp_path / "x"), "--temperature", "0"], "--temperature must be > 0"),
+        (["--output_dir", str(tmp_path / "x"), "--loss_temperature", "-1"], "--loss_temperature must be > 0"),
         (["--output_dir", str(tmp_path / "x"), "--micro_batch_size", "3", "--global_batch_size", "8"],
          "must be a multiple of --micro_batch_size"),
         (["--output_dir", "/proc/gkd-out"], "not writable"),

@@ -60,7 +60,9 @@ class TrainConfig:
     # the method
     beta: float = _f(0.5, "generalized JSD interpolation: 0 = KL(teacher||student), 1 = KL(student||teacher)")
     lmbda: float = _f(0.5, "probability that a generation cycle is on-policy (student samples the completions)")
-    temperature: float = _f(0.9, "temperature of the divergence and of sampling")
+    temperature: float = _f(0.9, "temperature of sampling and, unless --loss_temperature, of the divergence")
+    loss_temperature: float = _f(None, "temperature of the divergence (default: --temperature; TRL's GKDTrainer "
+                                       "computes it at 1 whatever its --temperature)")
     sft_alpha: float = _f(0.0, "weight of the cross-entropy on dataset (not student-sampled) completions")
     router_aux_loss_coef: float = _f(None, "MoE students: weight of the router load-balancing loss (default: the "
                                            "model config's router_aux_loss_coef; 0 turns it off)")
@@ -162,6 +164,8 @@ class TrainConfig:
         need(0.0 <= self.beta <= 1.0, f"--beta must be in [0, 1], got {self.beta}")
         need(0.0 <= self.lmbda <= 1.0, f"--lmbda must be in [0, 1], got {self.lmbda}")
         need(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        need(self.loss_temperature is None or self.loss_temperature > 0,
+             f"--loss_temperature must be > 0, got {self.loss_temperature}")
         need(self.sft_alpha >= 0, f"--sft_alpha must be >= 0, got {self.sft_alpha}")
         need(self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0,
              f"--router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
@@ -202,6 +206,10 @@ class TrainConfig:
         for sink in self.report_to or []:
             need(sink in ("tensorboard", "wandb"), f"--report_to: unknown sink {sink!r} (known: tensorboard, wandb)")
         return self
+
+    @property
+    def divergence_temperature(self) -> float:
+        return self.temperature if self.loss_temperature is None else self.loss_temperature
 
     def grad_accumulation_steps(self, data_parallel: int = 1) -> int:
         per_step = self.micro_batch_size * data_parallel

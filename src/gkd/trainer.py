@@ -153,7 +153,7 @@ class Trainer:
         aux_coef = cfg.router_aux_loss_coef
         if aux_coef and not self.adapter.moe:
             log(f"[gkd] --model {cfg.model} has no experts: --router_aux_loss_coef does nothing")
-        self.loss_args = LossArgs(beta=cfg.beta, temperature=cfg.temperature, sft_alpha=cfg.sft_alpha,
+        self.loss_args = LossArgs(beta=cfg.beta, temperature=cfg.divergence_temperature, sft_alpha=cfg.sft_alpha,
                                   chunk_size=cfg.loss_chunk_size or None, tp_group=par.tp_group,
                                   router_aux_loss_coef=self.adapter.router_aux_loss_coef(student) if aux_coef is None
                                   else aux_coef)
@@ -461,7 +461,7 @@ class Trainer:
         inputs, teacher_inputs = self._row_inputs(mine)
         result = evaluate(
             self.student, self.teacher.model, [e.prompt_ids for e in mine], eos_ids=self.sampler.eos_ids,
-            pad_id=self.tokenizer.pad_token_id, beta=self.cfg.beta, temperature=self.cfg.temperature,
+            pad_id=self.tokenizer.pad_token_id, beta=self.cfg.beta, temperature=self.cfg.divergence_temperature,
             max_new_tokens=self.cfg.max_completion_length, device=self.device, batch_size=self.cfg.global_batch_size,
             teacher_completions=self._eval_teacher_completions, inputs=inputs, teacher_inputs=teacher_inputs,
             counted=counted, reduce=self.par.dp_reduce if self.par.world > 1 else None)
