@@ -7,7 +7,9 @@ The task is the demo's (`gkd demo`): teacher SmolLM2-135M-Instruct, student its 
 the 152 built-in training prompts with completions the teacher wrote (--teacher_samples per prompt,
 seeded, temperature 0.9), the 8 held-out prompts for evaluation. Both tools train the same student on
 the same rows for the same steps and batch (one micro-batch per step), with AdamW, a cosine schedule
-with 10 % warm-up, temperature --temperature, --max_new_tokens new tokens per on-policy sample. Both run
+with 10 % warm-up, sampling at --temperature, --max_new_tokens new tokens per on-policy sample. The
+divergence is computed at temperature 1 on both sides: TRL's GKDTrainer uses its temperature for sampling
+only, so gkd runs with `--loss_temperature 1` (--loss_temperature here; other values run gkd alone). Both run
 on-policy on the same steps: gkd's per-step lmbda draw for the run's seed, given to TRL in place of its
 own coin flip (with 16 steps at lmbda 0.5 the count alone varies from 6 to 9 between seeds, and on-policy
 steps change the student more than the tools differ).
@@ -24,7 +26,8 @@ teacher's mean log-prob of the student's own samples (--eval_samples seeded samp
 --temperature). Tables give mean ± half the range over seeds; a plot goes next to the results in --work.
 The two tools run side by side (--jobs 2: each in its own process with one of the two threads); TRL runs
 in its own venv (benchmarks/e2e_vs_trl.py makes it), all its trainings in one process. Finished runs are
-kept in --work/results-<tool>.json and not run again (delete them to start over).
+kept in --work/results-<tool>.json with the settings they ran under and not run again (a --work holding
+results of other settings is refused: use another --work, or delete it to start over).
 """
 
 from __future__ import annotations
@@ -107,7 +110,8 @@ def run_gkd(run: dict, a, teacher_dir: Path, student_dir: Path, data: Path, judg
     from gkd.trainer import Trainer
 
     cfg = TrainConfig(model=str(student_dir), teacher_model=str(teacher_dir), dataset=[str(data)], beta=run["beta"],
-                      lmbda=run["lmbda"], temperature=a.temperature, max_completion_length=a.max_new_tokens,
+                      lmbda=run["lmbda"], temperature=a.temperature, loss_temperature=a.loss_temperature,
+                      max_completion_length=a.max_new_tokens,
                       micro_batch_size=a.batch_size, global_batch_size=a.batch_size,
                       learning_rate=run["learning_rate"], lr_scheduler_type="cosine", warmup_ratio=0.1,
                       max_steps=a.steps, seed=run["seed"], output_dir=str(a.work / "gkd-run"), save_steps=0,
@@ -186,11 +190,22 @@ def results_file(a, tool: str) -> Path:
     return a.work / f"results-{tool}.json"
 
 
+def settings(a) -> dict:
+    """What every run's result depends on beside its name (tool, lmbda, beta, rate, seed)."""
+    keys = ("steps", "batch_size", "max_new_tokens", "temperature", "loss_temperature", "teacher_samples",
+            "eval_samples")
+    return {k: getattr(a, k) for k in keys}
+
+
 def load(a) -> dict:
     results = {}
     for tool in a.tools:
         if results_file(a, tool).is_file():
-            results.update(json.loads(results_file(a, tool).read_text()))
+            kept = json.loads(results_file(a, tool).read_text())
+            if kept.get("settings") != settings(a):
+                raise SystemExit(f"[quality] {results_file(a, tool)} holds runs made with {kept.get('settings')}, not "
+                                 f"{settings(a)}: use another --work, or delete it")
+            results.update(kept["runs"])
     return results
 
 
@@ -198,7 +213,7 @@ def save(a, results: dict) -> None:
     """Each tool's runs in its own file: the tools may run side by side in two processes."""
     for tool in a.tools:
         mine = {k: r for k, r in results.items() if r["tool"] == tool}
-        results_file(a, tool).write_text(json.dumps(mine, indent=1))
+        results_file(a, tool).write_text(json.dumps({"settings": settings(a), "runs": mine}, indent=1))
 
 
 def side_by_side(a) -> None:
@@ -262,7 +277,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--max_new_tokens", type=int, default=32)
-    ap.add_argument("--temperature", type=float, default=0.9)
+    ap.add_argument("--temperature", type=float, default=0.9, help="sampling temperature (training and judging)")
+    ap.add_argument("--loss_temperature", type=float, default=1.0, help="gkd's divergence temperature (TRL's is 1)")
     ap.add_argument("--teacher_samples", type=int, default=4)
     ap.add_argument("--eval_samples", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -274,11 +290,14 @@ def main() -> None:
                     "its own process with its share of the threads (on 2 cores two 1-thread processes get more done "
                     "than one 2-thread one; the metrics do not depend on it); 1: one after the other")
     a = ap.parse_args()
+    if "trl" in a.tools and a.loss_temperature != 1.0:
+        ap.error("TRL computes its divergence at temperature 1: --loss_temperature other than 1 needs --tools gkd")
     import torch
 
     torch.set_num_threads(a.threads)
     started = time.perf_counter()
     a.work.mkdir(parents=True, exist_ok=True)
+    load(a)  # a --work holding runs of other settings is refused before any work
     models = prepare(a.work, a.teacher_samples, a.max_new_tokens)
     if a.jobs > 1 and len(a.tools) > 1:
         side_by_side(a)  # then the runs are all in the results files, and this process prints the tables
