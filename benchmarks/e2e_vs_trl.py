@@ -16,7 +16,9 @@ Equal work is shown, not assumed: for every run the table gives the tokens the s
 the tokens the loss counted per step (medians; samples stop at EOS, so on-policy counts can differ a
 little between the tools), then s/step (median wall time of an optimizer step, the first left out as
 warm-up), trained tokens/s (trained tokens over s/step, medians) and the process's peak resident set
-(ru_maxrss from wait4, whole process lifetime; with vLLM the largest process).
+(ru_maxrss from wait4, whole process lifetime; with vLLM the largest process), and the process's user and
+kernel CPU seconds and minor page faults over its whole life (loading and warm-up included): fresh memory
+is zeroed by the kernel on first touch, whose cost varies with the machine (on a VM, by the day).
 """
 
 from __future__ import annotations
@@ -83,8 +85,30 @@ def prepare(work: Path, max_new_tokens: int) -> tuple[Path, Path, Path]:
     return teacher_dir, student_dir, data
 
 
-def run_measured(cmd: list[str], threads: int) -> int:
-    """Run to completion; return the child's peak RSS in MiB."""
+FLOOR = """
+import gc, json, os, sys
+from gkd.models import load_model
+models = [load_model(path) for path in sys.argv[1:]]
+gc.collect()
+rss = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+student = sum(p.numel() * p.element_size() for p in models[0].parameters())
+print(json.dumps({"loaded": rss, "student": student}))
+"""
+
+
+def memory_floor(student: Path, teacher: Path) -> dict:
+    """What a step of equal work cannot go below, in MiB: the resident set of a process holding both models
+    (the interpreter, torch, transformers, gkd and the weights), plus what both tools must add by the
+    optimizer step: the student's gradients and AdamW's two moments (3 x its weights)."""
+    out = subprocess.run([sys.executable, "-c", FLOOR, str(student), str(teacher)], check=True, capture_output=True,
+                         text=True).stdout
+    mib = {k: v / 2**20 for k, v in json.loads(out.splitlines()[-1]).items()}
+    return {**mib, "total": mib["loaded"] + 3 * mib["student"]}
+
+
+def run_measured(cmd: list[str], threads: int) -> dict:
+    """Run to completion; return the child's peak RSS in MiB, its user and kernel CPU seconds and its minor
+    page faults (whole lifetime, its own children included)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
@@ -92,7 +116,8 @@ def run_measured(cmd: list[str], threads: int) -> int:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         sys.exit(f"[bench] failed ({proc.returncode}): {' '.join(cmd)}\n{output[-4000:]}")
-    return usage.ru_maxrss // 1024
+    return {"peak_rss_mib": usage.ru_maxrss // 1024, "user_s": usage.ru_utime, "kernel_s": usage.ru_stime,
+            "minor_faults": usage.ru_minflt}
 
 
 def run_gkd(a, teacher: Path, student: Path, data: Path, lmbda: float, out: Path, gc: bool, vllm: bool) -> dict:
@@ -104,12 +129,12 @@ def run_gkd(a, teacher: Path, student: Path, data: Path, lmbda: float, out: Path
            "--seed", "0", "--output_dir", str(out), "--progress_bar", "false",
            "--gradient_checkpointing", str(gc).lower(), "--use_vllm", str(vllm).lower()]
     cmd += ["--sleep_level", "1"] if vllm and a.sleep_level else []
-    rss = run_measured(cmd, a.threads)
+    usage = run_measured(cmd, a.threads)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "step_time" in r]  # one row per step (--logging_steps 1)
     trained = [round(r["completion_length"] * a.batch_size) for r in rows]
     return {"step_times": [r["step_time"] for r in rows], "trained_tokens": trained,
-            "generated_tokens": [round(t * r["on_policy_share"]) for t, r in zip(trained, rows)], "peak_rss_mib": rss}
+            "generated_tokens": [round(t * r["on_policy_share"]) for t, r in zip(trained, rows)], **usage}
 
 
 def run_trl(a, py: Path, teacher: Path, student: Path, data: Path, lmbda: float, out: Path, gc: bool) -> dict:
@@ -120,8 +145,8 @@ def run_trl(a, py: Path, teacher: Path, student: Path, data: Path, lmbda: float,
            "--temperature", str(a.temperature), "--max_new_tokens", str(a.max_new_tokens),
            "--batch_size", str(a.batch_size), "--steps", str(a.steps), "--threads", str(a.threads), "--dtype", a.dtype]
     cmd += ["--gradient_checkpointing"] if gc else []
-    rss = run_measured(cmd, a.threads)
-    return {**json.loads(result.read_text()), "peak_rss_mib": rss}
+    usage = run_measured(cmd, a.threads)
+    return {**json.loads(result.read_text()), **usage}
 
 
 def main() -> None:
@@ -163,7 +188,8 @@ def main() -> None:
                  trained_per_step=statistics.median(r["trained_tokens"][timed]))
         r["trained_tok_s"] = r["trained_per_step"] / r["median_step_s"]
         print(f"[bench] {name}: median {r['median_step_s']:.3f} s/step, {r['generated_per_step']:g} generated and "
-              f"{r['trained_per_step']:g} trained tokens/step, peak RSS {r['peak_rss_mib']} MiB "
+              f"{r['trained_per_step']:g} trained tokens/step, peak RSS {r['peak_rss_mib']} MiB, CPU {r['user_s']:.0f} s "
+              f"user + {r['kernel_s']:.0f} s kernel, {r['minor_faults'] / 1e6:.2f} M page faults "
               f"(steps: {', '.join(f'{t:.2f}' for t in r['step_times'])})", flush=True)
         results.append(r)
 
@@ -171,15 +197,25 @@ def main() -> None:
           f"{a.dtype}, {a.threads} threads, {TRL_PIN}, medians of steps 2..{a.steps}; speed-up and memory ratio "
           "against TRL at the same lmbda and checkpointing")
     print("| run | lmbda | generated tok/step | trained tok/step | s/step | trained tok/s | peak RSS | "
-          "speed-up vs TRL | RSS vs TRL |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "speed-up vs TRL | RSS vs TRL | CPU user / kernel s | page faults |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         base = next(t for t in results if t["tool"] == "trl" and t["lmbda"] == r["lmbda"] and t["gc"] == r["gc"])
         label = r["tool"] + (" --use_vllm" if r["vllm"] else "") + (" checkpointing" if r["gc"] else "")
         print(f"| {label} | {r['lmbda']:g} | {r['generated_per_step']:g} | {r['trained_per_step']:g} | "
               f"{r['median_step_s']:.2f} | {r['trained_tok_s']:.0f} | {r['peak_rss_mib']} MiB | "
-              f"{base['median_step_s'] / r['median_step_s']:.2f}× | {r['peak_rss_mib'] / base['peak_rss_mib']:.2f}× |")
-    (a.work / "results.json").write_text(json.dumps(results, indent=2))
+              f"{base['median_step_s'] / r['median_step_s']:.2f}× | {r['peak_rss_mib'] / base['peak_rss_mib']:.2f}× | "
+              f"{r['user_s']:.0f} / {r['kernel_s']:.0f} | {r['minor_faults'] / 1e6:.2f} M |")
+    floor = None
+    if a.dtype == "float32":  # the floor is of a CPU process's resident set, where the float32 weights live
+        floor = memory_floor(student, teacher)
+        trl = [r["peak_rss_mib"] for r in results if r["tool"] == "trl" and not r["gc"]]
+        print(f"\nmemory floor of equal work: {floor['loaded']:.0f} MiB resident with both models loaded + 3 x "
+              f"{floor['student']:.0f} MiB (the student's gradients and AdamW's two moments) = {floor['total']:.0f} "
+              "MiB before any activation"
+              + (f"; {floor['total'] / min(trl):.2f}x TRL's smallest peak without checkpointing ({min(trl)} MiB)"
+                 if trl else ""))
+    (a.work / "results.json").write_text(json.dumps({"runs": results, "memory_floor_mib": floor}, indent=2))
 
 
 if __name__ == "__main__":

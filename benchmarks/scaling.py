@@ -119,7 +119,7 @@ def run(a, name: str, teacher: Path, student: Path, data: Path, out: Path) -> di
         old.unlink()
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   f"--nproc-per-node={nproc}"]
-    rss = run_measured([*launch, str(COUNTER), str(counts), *args], max(1, a.threads // nproc))
+    rss = run_measured([*launch, str(COUNTER), str(counts), *args], max(1, a.threads // nproc))["peak_rss_mib"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
     stages = int(flags[flags.index("--pipeline_model_parallel_size") + 1]) if "--pipeline_model_parallel_size" in flags else 1
