@@ -91,8 +91,11 @@ def test_micro_batch_split_gives_the_same_update(vl, tmp_path, family, lmbda):
         t.train()
         runs[mbs] = (weights(t), read_metrics(t.out / "metrics.jsonl"))
     (w4, m4), (w2, m2) = runs[4], runs[2]
+    # AdamW divides each gradient by its own RMS, so an element whose gradient is a near-cancelling sum
+    # carries float32 rounding into its update: on a 2-core AVX2 machine one element moved 1.2e-5, 1.2 % of
+    # the 1e-3 step. A wrong split (a micro-batch dropped or counted twice) moves weights by ~1e-3.
     for k in w4:
-        torch.testing.assert_close(w2[k], w4[k], rtol=0, atol=1e-5, msg=k)
+        torch.testing.assert_close(w2[k], w4[k], rtol=0, atol=1e-4, msg=k)
     for a, b in zip(m4, m2):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 and a["on_policy_share"] == b["on_policy_share"] == lmbda
     initial = weights(Trainer(cfg_for(vl, family, tmp_path / "init"), log=quiet))
