@@ -126,7 +126,7 @@ def main() -> None:
                 continue
             results[cp, length] = json.loads(line[0][7:])["peak_mib"]
             print(f"  C={cp} length {length}: {results[cp, length]:.0f} MiB", file=sys.stderr, flush=True)
-    print(f"\n| tokens per sequence | C=1 peak activations / rank | C=2 peak activations / rank | C=2 / C=1 |")
+    print("\n| tokens per sequence | C=1 peak activations / rank | C=2 peak activations / rank | C=2 / C=1 |")
     print("|---|---|---|---|")
     for length in args.lengths:
         one, two = results[1, length], results[2, length]

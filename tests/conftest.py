@@ -17,12 +17,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# what every process a test starts runs under: one thread each (several share 2 cores), gloo on loopback
+ENV = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+
+
 def run_torchrun(script: Path, nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a script under torchrun on 127.0.0.1 with gloo-friendly settings; returns the finished process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(script), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+
+
+def gkd_subprocess(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m gkd ARGS` in a fresh process: for runs whose arithmetic must not depend on what this pytest
+    worker ran before (a vLLM test makes torch.set_num_threads a no-op here), for kill tests and real CLIs."""
+    return subprocess.run([sys.executable, "-m", "gkd", *args], capture_output=True, text=True, timeout=timeout,
+                          env=ENV, cwd=ROOT)
 
 
 def gkd_in_process(*args: str) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from serving import start_gkd_serve, stop
-from test_distributed import ENV, final_weights, losses, run, torchrun_cmd, train_args
+from test_distributed import final_weights, losses, run, torchrun_cmd, train_args
 
 pytestmark = pytest.mark.dist
 TOL = 1e-5

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import ENV, free_port
 
 from gkd.metrics import read_metrics
 
@@ -29,7 +29,6 @@ MESHES = {  # name: (processes, flags, the single-process run it must equal)
     # gradients kept whole until the step's last micro-batch, layers gathered per decoded token
     "fsdp2-late-sync": (2, ["--reduce_scatter_every_micro_batch", "false", "--gather_for_generation", "false"], "single"),
 }
-ENV = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
 
 
 def train_args(tiny, out, *extra):

@@ -3,7 +3,6 @@ up mid-run (a small tmpfs in a private mount namespace) and an output folder rem
 Each ends in one line or resumes exactly (the same losses), and no complete checkpoint is ever damaged."""
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -13,11 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ENV, ROOT, gkd_subprocess
 from gkd.metrics import read_metrics
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
 
 def train_args(tiny, out, *extra):
     return ["train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["data"],
@@ -30,14 +26,10 @@ def losses(out: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(out / "metrics.jsonl")}
 
 
-def resume(tiny, out: Path, *extra) -> int:
-    """In a fresh process on one thread, like the runs under test: the same arithmetic. (Not in this one: once
-    a vLLM test has run in this pytest worker, vLLM's CPU worker has replaced torch.set_num_threads by a no-op,
-    and two threads round differently.)"""
-    proc = subprocess.run([sys.executable, "-m", "gkd", *train_args(tiny, out, *extra)], capture_output=True,
-                          text=True, env=ENV, cwd=ROOT, timeout=300)
+def resume(tiny, out: Path, *extra) -> None:
+    """In a fresh process on one thread, like the runs under test: the same arithmetic."""
+    proc = gkd_subprocess(*train_args(tiny, out, *extra))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.returncode
 
 
 def assert_checkpoints_intact(out: Path) -> list[int]:
@@ -104,7 +96,7 @@ def test_kill_9_in_a_save_or_the_export_then_resume(tiny, tmp_path, uninterrupte
 
         AutoModelForCausalLM.from_pretrained(str(out / "final"))
     again = ("--resume_from_checkpoint", "latest") if saved else ("--overwrite_output_dir", "true")
-    assert resume(tiny, out, "--max_steps", "3", "--save_steps", "1", *again) == 0
+    resume(tiny, out, "--max_steps", "3", "--save_steps", "1", *again)
     assert losses(out) == reference, (kill_at, saved)  # exactly, every step
     assert_clean(out)
 
@@ -158,7 +150,7 @@ def assert_resumes_exactly(tiny, out: Path, reference: dict[int, float]) -> None
     last = max(assert_checkpoints_intact(out))
     assert last + 1 in expected, (last, expected)
     redo = [s for s in sorted(expected) if s > last][:2]
-    assert resume(tiny, out, "--max_steps", str(redo[-1]), "--save_steps", "2", "--resume_from_checkpoint", "latest") == 0
+    resume(tiny, out, "--max_steps", str(redo[-1]), "--save_steps", "2", "--resume_from_checkpoint", "latest")
     got = losses(out)
     assert all(got[s] == expected[s] for s in redo), (redo, got, expected)
     assert_clean(out)

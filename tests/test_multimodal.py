@@ -3,7 +3,6 @@ invariance, images that matter, the remote teacher with images, FSDP, resume, Lo
 vision tower, and one-line errors for bad image input."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import free_port, gkd_in_process
+from conftest import ENV, gkd_in_process, gkd_subprocess
 from serving import start_gkd_serve, stop
 from tiny import write_image, write_image_dataset, write_llava, write_model, write_qwen2vl
 from gkd.config import TrainConfig
@@ -204,9 +203,6 @@ def test_lora_keeps_a_frozen_vision_tower_untouched(vl, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in merger), "the aligner did not train"
 
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
-
-
 def _args(vl, family, out, *extra):
     student, teacher = vl["pairs"][family]
     return ["train", "--model", str(student), "--teacher_model", str(teacher), "--dataset", str(vl["data"]),
@@ -219,18 +215,13 @@ def _losses(out):
     return {m["step"]: m["loss"] for m in read_metrics(out / "metrics.jsonl")}
 
 
-def _cli(args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "gkd", *args], capture_output=True, text=True, timeout=timeout,
-                          env=ENV)
-
-
 @pytest.mark.dist
 def test_fsdp2_equals_one_process(vl, tmp_path):
     from safetensors.torch import load_file
 
-    single = _cli(_args(vl, "qwen2_vl", tmp_path / "one", "--max_steps", "4"))
+    single = gkd_subprocess(*_args(vl, "qwen2_vl", tmp_path / "one", "--max_steps", "4"))
     assert single.returncode == 0, single.stderr[-3000:]
-    two = _cli(_args(vl, "qwen2_vl", tmp_path / "two", "--max_steps", "4", "--nproc_per_node", "2"), timeout=600)
+    two = gkd_subprocess(*_args(vl, "qwen2_vl", tmp_path / "two", "--max_steps", "4", "--nproc_per_node", "2"), timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(a) == [1, 2, 3, 4] and all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
@@ -251,12 +242,12 @@ def test_fsdp2_with_one_image_row_and_one_text_row(vl, tmp_path):
         args = _args(vl, family, tmp_path / family, "--max_steps", "2", "--nproc_per_node", "2",
                      "--micro_batch_size", "1", "--global_batch_size", "2")
         args[args.index("--dataset") + 1] = str(mixed)
-        proc = _cli(args, timeout=600)
+        proc = gkd_subprocess(*args, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_kill_and_resume_reproduces_the_losses(vl, tmp_path):
-    full = _cli(_args(vl, "llava", tmp_path / "full", "--max_steps", "5"))
+    full = gkd_subprocess(*_args(vl, "llava", tmp_path / "full", "--max_steps", "5"))
     assert full.returncode == 0, full.stderr[-3000:]
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "gkd", *_args(vl, "llava", out, "--max_steps", "100000",
@@ -267,7 +258,7 @@ def test_kill_and_resume_reproduces_the_losses(vl, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = _cli(_args(vl, "llava", out, "--max_steps", "5", "--resume_from_checkpoint", "latest"))
+    resumed = gkd_subprocess(*_args(vl, "llava", out, "--max_steps", "5", "--resume_from_checkpoint", "latest"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got, want = _losses(out), _losses(tmp_path / "full")
     start = min(s for s in got if s > 2)
@@ -277,7 +268,7 @@ def test_kill_and_resume_reproduces_the_losses(vl, tmp_path):
 def test_eval_command_with_images(vl, tmp_path):
     student, teacher = vl["pairs"]["qwen2_vl"]
     out = tmp_path / "eval.json"
-    proc = _cli(["eval", "--model", str(student), "--teacher_model", str(teacher), "--dataset", str(vl["prompts"]),
+    proc = gkd_subprocess(*["eval", "--model", str(student), "--teacher_model", str(teacher), "--dataset", str(vl["prompts"]),
                  "--max_completion_length", "3", "--output", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(out.read_text())
@@ -319,7 +310,7 @@ def test_bad_image_input_gives_one_line_and_exit_2(vl, tmp_path):
         out = tmp_path / f"out-{name.replace(' ', '-')}"
         args = ["train", "--model", flags.get("model", str(student)), "--teacher_model", flags.get("teacher", str(teacher)),
                 "--dataset", str(data), "--output_dir", str(out), "--max_steps", "1", "--global_batch_size", "1"]
-        proc = _cli(args) if name == "missing image" else gkd_in_process(*args)  # one real command, then in-process
+        proc = gkd_subprocess(*args) if name == "missing image" else gkd_in_process(*args)  # one real command, then in-process
         _one_line_error(proc, needle)
         assert not out.exists(), f"{name}: wrote {out}"
 

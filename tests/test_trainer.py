@@ -1,7 +1,6 @@
 """The single-process trainer on tiny random models."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import gkd_in_process
+from conftest import ENV, gkd_in_process, gkd_subprocess
 
 from gkd.config import TrainConfig
 from gkd.metrics import read_metrics
@@ -97,11 +96,6 @@ def test_topk_teacher_and_lora_train(tiny, tmp_path):
     assert merged.config.num_hidden_layers == 2
 
 
-def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "gkd", *args], capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-
 def _train_args(tiny, out, *extra):
     return ["train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["data"],
             "--output_dir", str(out), "--max_completion_length", "6", "--learning_rate", "1e-3",
@@ -110,21 +104,21 @@ def _train_args(tiny, out, *extra):
 
 
 def test_kill_and_resume_reproduces_the_losses(tiny, tmp_path):
-    full = _cli(*_train_args(tiny, tmp_path / "full", "--max_steps", "6"))
+    full = gkd_subprocess(*_train_args(tiny, tmp_path / "full", "--max_steps", "6"))
     assert full.returncode == 0, full.stderr[-2000:]
     reference = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "full" / "metrics.jsonl")}
 
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "gkd", *_train_args(tiny, out, "--max_steps", "100000",
                                                                        "--save_steps", "2")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.time() + 240
     while not (out / "checkpoint-2" / "gkd_checkpoint.json").exists() and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (out / "checkpoint-2").is_dir()
-    resumed = _cli(*_train_args(tiny, out, "--max_steps", "6", "--resume_from_checkpoint", "latest"))
+    resumed = gkd_subprocess(*_train_args(tiny, out, "--max_steps", "6", "--resume_from_checkpoint", "latest"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     got = {m["step"]: m["loss"] for m in read_metrics(out / "metrics.jsonl")}
     start = min(s for s in got if s > 2)
@@ -176,7 +170,7 @@ def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
     for i, (name, (text, needle)) in enumerate(cases.items()):
         bad.write_text(text)
         out = tmp_path / f"out-{name.replace(' ', '-')}"
-        proc = (_cli if i == 0 else gkd_in_process)("train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", str(bad),
+        proc = (gkd_subprocess if i == 0 else gkd_in_process)("train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", str(bad),
                     "--output_dir", str(out), "--progress_bar", "false")
         _assert_one_line_error(proc, needle)
         assert not out.exists(), f"{name}: output folder written"
@@ -201,7 +195,7 @@ def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
         (["--output_dir", str(tmp_path / "x"), "--teacher_model_server", "http://127.0.0.1:9"], "exactly one of"),
     ]
     for i, (extra, needle) in enumerate(flag_cases):
-        _assert_one_line_error((_cli if i == 0 else gkd_in_process)(*base, *extra), needle)
+        _assert_one_line_error((gkd_subprocess if i == 0 else gkd_in_process)(*base, *extra), needle)
     remote = ["train", "--model", tiny["student"], "--dataset", tiny["data"], "--output_dir", str(tmp_path / "x"),
               "--teacher_model_server"]
     for extra, needle in [
@@ -218,7 +212,7 @@ def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
     from tiny import write_model
 
     other = write_model(tmp_path / "other-vocab", vocab_size=80)
-    _assert_one_line_error(_cli("train", "--model", tiny["student"], "--teacher_model", str(other), "--dataset",
+    _assert_one_line_error(gkd_subprocess("train", "--model", tiny["student"], "--teacher_model", str(other), "--dataset",
                                 tiny["data"], "--output_dir", str(tmp_path / "v")), "vocabularies differ")
 
 
@@ -231,10 +225,10 @@ def test_resume_from_corrupt_checkpoint_is_a_clear_error(tiny, tmp_path):
     for broken in (shards[0], ck / "trainer.pt"):
         saved = broken.read_bytes()
         broken.write_bytes(saved[: len(saved) // 2])
-        proc = _cli(*_train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint", str(ck)))
+        proc = gkd_subprocess(*_train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint", str(ck)))
         _assert_one_line_error(proc, "corrupt checkpoint")
         broken.write_bytes(saved)
-    proc = _cli(*_train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint", str(tmp_path / "missing")))
+    proc = gkd_subprocess(*_train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint", str(tmp_path / "missing")))
     _assert_one_line_error(proc, "no such folder")
 
 
@@ -242,18 +236,18 @@ def test_yaml_config_and_dash_spelling(tiny, tmp_path):
     cfgfile = tmp_path / "c.yaml"
     cfgfile.write_text(f"model: {tiny['student']}\nteacher-model: {tiny['teacher']}\ndataset: {tiny['data']}\n"
                        "max_steps: 1\nmicro_batch_size: 4\nglobal_batch_size: 8\nmax_completion_length: 4\n")
-    proc = _cli("train", "--config", str(cfgfile), "--output-dir", str(tmp_path / "y"), "--progress-bar", "false")
+    proc = gkd_subprocess("train", "--config", str(cfgfile), "--output-dir", str(tmp_path / "y"), "--progress-bar", "false")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "y" / "final" / "config.json").is_file()
     assert (tmp_path / "y" / "loss_curve.png").is_file()
-    help_text = _cli("train", "--help").stdout
+    help_text = gkd_subprocess("train", "--help").stdout
     for flag in ("--beta", "--lmbda", "--sft_alpha", "--gkd_logits_topk", "--offload_teacher_model", "--seq_kd"):
         assert flag in help_text
 
 
 def test_eval_command_writes_json(tiny, tmp_path):
     out = tmp_path / "eval.json"
-    proc = _cli("eval", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["prompts"],
+    proc = gkd_subprocess("eval", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["prompts"],
                 "--max_completion_length", "5", "--output", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads(out.read_text())

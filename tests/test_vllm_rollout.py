@@ -13,7 +13,6 @@ from conftest import ROOT, free_port
 from serving import stop, wait_healthy
 from gkd.config import TrainConfig
 from gkd.errors import GKDError
-from gkd.models import load_model
 from gkd.rollout import HFSampler, SamplingConfig
 from gkd.trainer import Trainer
 
