@@ -109,9 +109,10 @@ def test_split_attention_equals_whole_sequence_hidden_states(tiny, tmp_path, tor
 
 
 def test_context_parallel_refuses_what_it_cannot_split(tiny, tmp_path):
-    from test_trainer import _assert_one_line_error, _cli
+    from conftest import gkd_subprocess
+    from test_trainer import _assert_one_line_error
 
-    proc = _cli("train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["data"],
-                "--output_dir", str(tmp_path / "o"), "--context_parallel_size", "3", "--global_batch_size", "8")
+    proc = gkd_subprocess("train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["data"],
+                          "--output_dir", str(tmp_path / "o"), "--context_parallel_size", "3", "--global_batch_size", "8")
     _assert_one_line_error(proc, "cannot be split into --tensor_model_parallel_size 1 x --context_parallel_size 3")
     assert not (tmp_path / "o").exists()

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import ENV, assert_same_run, final_weights, losses, run, torchrun_cmd, train_args
+from conftest import ENV
+from test_distributed import assert_same_run, final_weights, losses, run, torchrun_cmd, train_args
 from tiny import write_dataset, write_model, write_moe
 
 from gkd.data import collate

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import ENV, LORA, check_resume, final_weights, kill_and_resume, run, torchrun_cmd, train_args
+from conftest import ENV
+from test_distributed import LORA, check_resume, final_weights, kill_and_resume, run, torchrun_cmd, train_args
 
 from gkd.errors import GKDError
 from gkd.metrics import read_metrics
