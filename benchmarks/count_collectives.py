@@ -95,7 +95,7 @@ def install() -> None:
 
 def count_steps(prefix: str) -> None:
     """After each training step, this rank's calls during it appended to PREFIX.rank<R>.json."""
-    from gkd.trainer import Trainer
+    from gkd.train.trainer import Trainer
 
     path = Path(f"{prefix}.rank{os.environ.get('RANK', '0')}.json")
     steps: list[dict] = []

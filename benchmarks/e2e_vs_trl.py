@@ -57,9 +57,17 @@ def prepare(work: Path, max_new_tokens: int) -> tuple[Path, Path, Path]:
     """Teacher folder, pruned student folder and a messages JSONL with teacher-written answers."""
     import torch
 
-    from gkd.models import SMOLLM2, adapter_for, eos_ids, load_model, load_tokenizer, prune_command
+    from gkd.models import (
+        SMOLLM2,
+        adapter_for,
+        eos_ids,
+        load_model,
+        load_tokenizer,
+        prune_command,
+    )
     from gkd.prompts import written_prompts
-    from gkd.rollout import HFSampler, SamplingConfig
+    from gkd.rollout.base import SamplingConfig
+    from gkd.rollout.hf import HFSampler
 
     teacher_dir, student_dir, data = work / "teacher", work / "student", work / "train.jsonl"
     if not (teacher_dir / "config.json").is_file():

@@ -130,7 +130,7 @@ fi
 server_check() {
   local port=$((20000 + RANDOM % 20000)) group=$((40000 + RANDOM % 20000)) pid status=0
   VLLM_SERVER_DEV_MODE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 "$PY" -m vllm.entrypoints.openai.api_server --model "$STUDENT" \
-    --host 127.0.0.1 --port $port --worker-extension-cls gkd.vllm_worker.WeightSync $VLLM_ARGS > "$OUT/server-vllm.log" 2>&1 &
+    --host 127.0.0.1 --port $port --worker-extension-cls gkd.rollout.vllm_worker.WeightSync $VLLM_ARGS > "$OUT/server-vllm.log" 2>&1 &
   pid=$!
   for _ in $(seq 240); do
     curl -sf "http://127.0.0.1:$port/health" > /dev/null && break

@@ -88,7 +88,7 @@ class Judge:
         self.teacher_completions = None
 
     def __call__(self, student) -> dict:
-        from gkd.evaluate import evaluate
+        from gkd.train.evaluate import evaluate
 
         result = evaluate(student.eval(), self.teacher, self.prompts, teacher_completions=self.teacher_completions,
                           **self.kw)
@@ -99,15 +99,15 @@ class Judge:
 def on_policy_steps(run: dict, steps: int) -> list[int]:
     """The 0-based steps gkd runs on-policy for this run's seed and lmbda (its per-step draw); TRL is given
     the same schedule in place of its own coin flip, so both tools sample on the same steps."""
-    from gkd.trainer import lmbda_draw
+    from gkd.data.order import lmbda_draw
 
     return [s for s in range(steps) if lmbda_draw(run["seed"], s) < run["lmbda"]]
 
 
 def run_gkd(run: dict, a, teacher_dir: Path, student_dir: Path, data: Path, judge: Judge) -> dict:
     from gkd.config import TrainConfig
-    from gkd.metrics import read_metrics
-    from gkd.trainer import Trainer
+    from gkd.train.metrics import read_metrics
+    from gkd.train.trainer import Trainer
 
     cfg = TrainConfig(model=str(student_dir), teacher_model=str(teacher_dir), dataset=[str(data)], beta=run["beta"],
                       lmbda=run["lmbda"], temperature=a.temperature, loss_temperature=a.loss_temperature,

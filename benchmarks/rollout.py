@@ -75,9 +75,10 @@ def measure_hf(student: str, batch: int, new_tokens: int, rounds: int, now) -> d
     """Plain `generate` and HFSampler on the same prompts, alternating."""
     import torch
 
-    from gkd.data import left_pad
+    from gkd.data.batch import left_pad
     from gkd.models import eos_ids, load_model, load_tokenizer
-    from gkd.rollout import HFSampler, SamplingConfig
+    from gkd.rollout.base import SamplingConfig
+    from gkd.rollout.hf import HFSampler
 
     tok, model = load_tokenizer(student), load_model(student).eval()
     eos = eos_ids(tok, model)
@@ -112,8 +113,8 @@ def measure_hf(student: str, batch: int, new_tokens: int, rounds: int, now) -> d
 
 def measure_vllm(student: str, batch: int, new_tokens: int) -> dict:
     from gkd.models import eos_ids, load_model, load_tokenizer
-    from gkd.rollout import SamplingConfig
-    from gkd.vllm_rollout import VLLMColocateSampler
+    from gkd.rollout.base import SamplingConfig
+    from gkd.rollout.vllm_engine import VLLMColocateSampler
 
     tok, model = load_tokenizer(student), load_model(student).eval()
     cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=0.9, batch_size=batch)

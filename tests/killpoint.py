@@ -11,8 +11,8 @@ import signal
 import sys
 from pathlib import Path
 
-from gkd import checkpoint
 from gkd.cli import main
+from gkd.train import checkpoint
 
 WATCHED = ("gkd/checkpoint.py", "gkd/outdir.py", "gkd/models/load.py", "torch/distributed/checkpoint/filesystem.py",
            "torch/serialization.py", "transformers/modeling_utils.py")

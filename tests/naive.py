@@ -24,7 +24,7 @@ def trainer_step(trainer) -> tuple[float, dict[str, torch.Tensor]]:
     (whole tensors, gathered from their shards)."""
     from torch.distributed.tensor import DTensor
 
-    from gkd.trainer import Window
+    from gkd.train.trainer import Window
 
     grads = {}
 

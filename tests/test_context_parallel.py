@@ -69,7 +69,7 @@ def test_resume_across_context_parallel_sizes(tiny, single, tmp_path):
 SPLIT_WORKER = r'''
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, "tests")
-from gkd.data import collate
+from gkd.data.batch import collate
 from gkd.parallel.context import ContextSplit, use_context_parallel_attention
 from gkd.models import adapter_for, load_model
 dist.init_process_group("gloo")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ENV, free_port
 
-from gkd.metrics import read_metrics
+from conftest import ENV, free_port
+from gkd.train.metrics import read_metrics
 
 pytestmark = pytest.mark.dist
 
@@ -169,7 +169,7 @@ def kill_and_resume(tiny, out: Path, flags: list[str], single_resume: bool) -> N
         job.kill()
         pytest.fail("the job hung after a rank was killed")
     assert job.returncode != 0
-    from gkd.checkpoint import resolve
+    from gkd.train.checkpoint import resolve
 
     step = int(resolve("latest", out).name.split("-")[1])
     resume = train_args(tiny, out, "--resume_from_checkpoint", "latest", *([] if single_resume else flags))

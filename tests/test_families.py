@@ -13,7 +13,7 @@ from gkd.config import TrainConfig
 from gkd.errors import GKDError
 from gkd.models import adapter_for, apply_lora, load_model, support, unwrap
 from gkd.models.adapter import check_head
-from gkd.trainer import Trainer
+from gkd.train.trainer import Trainer
 from naive import assert_step_matches
 from tiny import write_dataset, write_tokenizer
 
@@ -152,9 +152,9 @@ def test_what_the_table_says_no_to_is_refused_in_one_line(family, tmp_path):
 @pytest.mark.parametrize("family", ["granite", "gemma2", "cohere"])
 def test_serve_and_eval_apply_the_family_head(family, tmp_path):
     """gkd serve's log-probs and gkd eval's teacher log-probs are the model's own (scaled, soft-capped) ones."""
-    from gkd.data import collate
-    from gkd.evaluate import _token_logprobs
-    from gkd.serve import Scorer, _Job
+    from gkd.data.batch import collate
+    from gkd.teacher.serve import Scorer, _Job
+    from gkd.train.evaluate import _token_logprobs
 
     model = load_model(str(write_family(tmp_path / "m", family))).eval()
     seq = [3, 92, 7, 8, 4, 3, 93, 11, 12, 13]

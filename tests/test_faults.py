@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import ENV, ROOT, gkd_subprocess
-from gkd.metrics import read_metrics
+from gkd.train.metrics import read_metrics
+
 
 def train_args(tiny, out, *extra):
     return ["train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["data"],

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gkd.cli import main
-from gkd.metrics import read_metrics
+from gkd.train.metrics import read_metrics
 from hubcache import add_model_folder, add_snapshot, commit_hash, parquet_bytes
 from serving import http
 
@@ -63,7 +63,7 @@ def test_dataset_num_proc_with_local_files_only_is_warned_about(tiny, tmp_path, 
 
 
 def test_hub_dataset_split_and_revision(hub_home, tmp_path):
-    from gkd.data import read_rows
+    from gkd.data.rows import read_rows
 
     main_train = [r for _, r in read_rows("org/data")]
     test = [r for _, r in read_rows("org/data:test")]
@@ -91,7 +91,7 @@ def test_eval_and_serve_take_hub_ids(hub_home, tiny, tmp_path, capsys):
                  "--max_completion_length", "3", "--output", str(out)]) == 0, capsys.readouterr().err
     assert json.loads(out.read_text())["divergence"] >= 0
 
-    from gkd.serve import ServeConfig, TeacherServer
+    from gkd.teacher.serve import ServeConfig, TeacherServer
 
     server = TeacherServer(ServeConfig(model="org/teacher", port=0))
     thread = threading.Thread(target=server.httpd.serve_forever, daemon=True)

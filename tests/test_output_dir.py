@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gkd.cli import main
-from gkd.metrics import MetricsLog, read_metrics
+from gkd.train.metrics import MetricsLog, read_metrics
 
 
 def train_args(tiny, out, *extra):

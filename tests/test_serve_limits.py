@@ -9,7 +9,7 @@ import time
 import pytest
 
 from gkd.cli import main
-from gkd.serve import ServeConfig, TeacherServer
+from gkd.teacher.serve import ServeConfig, TeacherServer
 from serving import http, start_gkd_serve
 
 

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ENV, gkd_in_process, gkd_subprocess
 
+from conftest import ENV, gkd_in_process, gkd_subprocess
 from gkd.config import TrainConfig
-from gkd.metrics import read_metrics
-from gkd.trainer import Trainer, lmbda_draw
+from gkd.data.order import lmbda_draw
+from gkd.train.metrics import read_metrics
+from gkd.train.trainer import Trainer
 
 
 def cfg_for(tiny, out, **kw):
@@ -60,9 +61,8 @@ def test_lmbda_zero_never_generates_and_one_always_does(tiny, tmp_path, monkeypa
 
 
 def test_loss_temperature_sets_the_divergence_and_not_sampling(tiny, tmp_path):
-    from naive import assert_step_matches, naive_step
-
     from gkd.models import load_model
+    from naive import assert_step_matches, naive_step
 
     t = Trainer(cfg_for(tiny, tmp_path / "lt", lmbda=0.0, max_steps=1, temperature=0.5, loss_temperature=1.3),
                 log=lambda *_: None)
@@ -259,9 +259,10 @@ def test_eval_command_writes_json(tiny, tmp_path):
 def test_eval_samples_and_per_prompt_rows(tiny):
     """Seeded samples per prompt depend on the prompt's row and the seed only; per-prompt rows add up to the
     metrics; the teacher's log-prob of a sample is its own forward's."""
-    from gkd.data import collate, load_examples
-    from gkd.evaluate import evaluate
+    from gkd.data.batch import collate
+    from gkd.data.rows import load_examples
     from gkd.models import load_model, load_tokenizer
+    from gkd.train.evaluate import evaluate
 
     tok = load_tokenizer(tiny["student"])
     prompts = [e.prompt_ids for e in load_examples([tiny["prompts"]], tok, max_length=64,

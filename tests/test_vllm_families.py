@@ -11,8 +11,9 @@ import torch
 from families import FAMILIES, write_family
 from gkd.config import TrainConfig
 from gkd.models import support
-from gkd.rollout import HFSampler, SamplingConfig
-from gkd.trainer import Trainer
+from gkd.rollout.base import SamplingConfig
+from gkd.rollout.hf import HFSampler
+from gkd.train.trainer import Trainer
 from tiny import write_dataset
 
 pytestmark = pytest.mark.skipif(

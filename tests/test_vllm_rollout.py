@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from conftest import ROOT, free_port
-from serving import stop, wait_healthy
 from gkd.config import TrainConfig
 from gkd.errors import GKDError
-from gkd.rollout import HFSampler, SamplingConfig
-from gkd.trainer import Trainer
+from gkd.rollout.base import SamplingConfig
+from gkd.rollout.hf import HFSampler
+from gkd.train.trainer import Trainer
+from serving import stop, wait_healthy
 
 pytestmark = pytest.mark.skipif(
     subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True).returncode != 0,
@@ -85,7 +86,7 @@ def test_same_loss_as_hf_backend_for_the_same_completions(pair, tmp_path, monkey
     original = vllm_trainer.rollout.generate
     vllm_trainer.rollout.generate = lambda model, prompts, rows, inputs=None: drawn.setdefault(
         "c", original(model, prompts, rows, inputs))
-    from gkd.trainer import Window
+    from gkd.train.trainer import Window
 
     loss_vllm = vllm_trainer.train_step(0, Window())
     hf_trainer = Trainer(_cfg(pair, tmp_path / "h", max_steps=1, use_vllm=False), log=lambda *_: None)
@@ -102,7 +103,7 @@ def vllm_server(pair):
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", pair["student"], "--host",
            "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "128", "--enforce-eager",
            "--kv-cache-memory-bytes", "64M", "--distributed-executor-backend", "uni",
-           "--worker-extension-cls", "gkd.vllm_worker.WeightSync", "--no-enable-chunked-prefill",
+           "--worker-extension-cls", "gkd.rollout.vllm_worker.WeightSync", "--no-enable-chunked-prefill",
            "--max-num-batched-tokens", "8192", "--block-size", "32"]
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     state = {}
@@ -177,7 +178,7 @@ def test_each_data_parallel_rank_samples_its_rows_with_its_own_engine(pair, tmp_
     the same losses and weights as one process with one engine."""
     from safetensors.torch import load_file
 
-    from gkd.metrics import read_metrics
+    from gkd.train.metrics import read_metrics
 
     def args(out):
         extra = ["--train_type", "lora", "--lora_rank", "4", "--lora_dropout", "0", "--merge_lora", "true"] \
@@ -213,7 +214,7 @@ def test_server_mode_with_two_training_processes_equals_one(pair, tmp_path, vllm
     training process against the same server."""
     from safetensors.torch import load_file
 
-    from gkd.metrics import read_metrics
+    from gkd.train.metrics import read_metrics
 
     port = vllm_server[0]
 

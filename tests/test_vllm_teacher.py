@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from conftest import free_port
-from serving import http, stop, wait_healthy
-from test_serve import _loss, _train
-from gkd.data import collate, load_examples
+from gkd.data.batch import collate
+from gkd.data.rows import load_examples
 from gkd.errors import GKDError
 from gkd.models import load_model, load_tokenizer
-from gkd.remote_teacher import RemoteTeacher
-from gkd.teacher import LocalTeacher
+from gkd.teacher.local import LocalTeacher
+from gkd.teacher.remote import RemoteTeacher
+from serving import http, stop, wait_healthy
+from test_serve import _loss, _train
 
 KEY = "s3cret"
 K = 8

@@ -39,7 +39,7 @@ class EvalConfig:
 
 def _prompt_examples(paths, tokenizer, max_length, images=None, teacher_images=None):
     """The rows' prompts (their images expanded as the student's processor does)."""
-    from gkd.data import load_examples
+    from gkd.data.rows import load_examples
 
     return [dataclasses.replace(e, completion_ids=None) for e in load_examples(
         paths, tokenizer, max_length=max_length, truncation_strategy="left", max_completion_length=1, warn=_warn,
@@ -61,9 +61,15 @@ def cmd_eval(cfg: EvalConfig) -> dict:
     import torch
 
     from gkd.config import check_types
-    from gkd.data import check_context, model_context
-    from gkd.evaluate import evaluate, format_table
-    from gkd.models import check_compatible, eos_ids, load_image_processing, load_model, load_tokenizer
+    from gkd.data.rows import check_context, model_context
+    from gkd.models import (
+        check_compatible,
+        eos_ids,
+        load_image_processing,
+        load_model,
+        load_tokenizer,
+    )
+    from gkd.train.evaluate import evaluate, format_table
 
     for name in ("model", "teacher_model"):
         if not getattr(cfg, name):
@@ -110,9 +116,8 @@ def cmd_eval(cfg: EvalConfig) -> dict:
 
 
 def cmd_train(cfg: TrainConfig) -> dict:
-    from gkd.trainer import Trainer
-
     from gkd.parallel import teardown
+    from gkd.train.trainer import Trainer
 
     trainer = None
     try:
@@ -223,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             ns = vars(p.parse_args(rest))
             cmd_eval(build_config(EvalConfig, {k: v for k, v in ns.items() if k != "config"}, ns.get("config")))
         elif command == "serve":
-            from gkd.serve import ServeConfig, TeacherServer
+            from gkd.teacher.serve import ServeConfig, TeacherServer
 
             p = parser_for(ServeConfig, "gkd serve", "Serve a teacher's top-k log-probs (vLLM's API, plus a compact form).")
             ns = vars(p.parse_args(rest))
@@ -249,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(prune_command(a.teacher_model, a.output_dir, a.keep_layers, a.every, a.torch_dtype)))
         elif command == "plot":
             from gkd.config import _OneLineErrors
-            from gkd.metrics import plot
+            from gkd.train.metrics import plot
 
             p = _OneLineErrors(prog="gkd plot", description="Draw the logged curves of a training run.")
             p.add_argument("output_dir", help="a training --output_dir (holds metrics.jsonl)")

@@ -13,10 +13,11 @@ import torch
 
 from gkd.config import TrainConfig, _OneLineErrors
 from gkd.errors import GKDError
-from gkd.evaluate import evaluate, format_table, sampled
 from gkd.models import SMOLLM2, eos_ids, load_model, load_tokenizer, prune_command
 from gkd.prompts import eval_prompts, train_prompts
-from gkd.trainer import Trainer, prepare_output_dir
+from gkd.train.evaluate import evaluate, format_table, sampled
+from gkd.train.outdir import prepare_output_dir
+from gkd.train.trainer import Trainer
 
 # Which of the teacher's 30 layers the student keeps. Dropping one contiguous block of late-middle layers
 # keeps the teacher's early processing and its last layers, which map onto its embedding's space: measured

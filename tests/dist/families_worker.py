@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gkd.config import TrainConfig  # noqa: E402
 from gkd.models import load_model  # noqa: E402
-from gkd.rollout import SamplingConfig  # noqa: E402
-from gkd.trainer import Trainer  # noqa: E402
+from gkd.rollout.base import SamplingConfig  # noqa: E402
+from gkd.train.trainer import Trainer  # noqa: E402
 from naive import assert_step_matches  # noqa: E402
 from pipeline_sampler_worker import assert_same_samples  # noqa: E402
 

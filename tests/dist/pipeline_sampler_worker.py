@@ -9,8 +9,9 @@ from gkd.config import TrainConfig
 from gkd.models import load_model
 from gkd.parallel import load_sharded, shard_student
 from gkd.parallel.mesh import setup, teardown
-from gkd.pipeline_rollout import PipelineSampler
-from gkd.rollout import HFSampler, SamplingConfig
+from gkd.rollout.pipelined import PipelineSampler
+from gkd.rollout.hf import HFSampler
+from gkd.rollout.base import SamplingConfig
 
 
 def assert_same_samples(folder: str, staged, device, cfg: SamplingConfig) -> tuple[int, int]:

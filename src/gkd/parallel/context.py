@@ -20,7 +20,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-from gkd.data import Batch
+from gkd.data.batch import Batch
 
 NAME = "gkd_cp"
 _active = threading.local()

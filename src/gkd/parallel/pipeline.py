@@ -282,7 +282,12 @@ def teacher_hidden(teacher_model, batches) -> list[torch.Tensor] | None:
 def schedule_for(st: Staged, n_micro: int, length: int, width: int, device, loss_fn, plan: PipelinePlan):
     """A pipelining schedule over this rank's stages for ``n_micro`` micro-batches of ``width`` rows and
     ``length`` positions (shapes given up front: no shape-inference forward)."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+    from torch.distributed.pipelining import (
+        PipelineStage,
+        Schedule1F1B,
+        ScheduleGPipe,
+        ScheduleInterleaved1F1B,
+    )
 
     hidden = torch.empty(width, length, st.hidden_size(), dtype=st.dtype(), device="meta", requires_grad=True)
     ids = torch.empty(width, length, dtype=torch.long, device="meta")
@@ -296,10 +301,11 @@ def schedule_for(st: Staged, n_micro: int, length: int, width: int, device, loss
 
 def forward_backward(micro_batches, student, teacher, args, normaliser: float, plan: PipelinePlan,
                      loss_fn) -> torch.Tensor:
-    """gkd.step.forward_backward for a pipelined student: the schedule's micro-batches are the step's
+    """gkd.train.step.forward_backward for a pipelined student: the schedule's micro-batches are the step's
     (padded to one length), ``loss_fn(hidden, weight, micro_batch, teacher_output)`` runs on the last
     stage; returns the step's STATS on every stage of the pipeline."""
-    from gkd.teacher import LocalTeacher, TeacherOutput
+    from gkd.teacher.base import TeacherOutput
+    from gkd.teacher.local import LocalTeacher
 
     st = staged(student)
     n_micro = len(micro_batches)
@@ -323,7 +329,7 @@ def forward_backward(micro_batches, student, teacher, args, normaliser: float, p
             scored = [TeacherOutput(hidden=h, head=head, topk=teacher.topk) for h in hidden]
     elif st.last is not None:  # a remote teacher's top-k rows: asked for by the last stage only
         scored = [teacher.score(b) for b in batches]
-    from gkd.step import STATS
+    from gkd.train.step import STATS
 
     stats = torch.zeros(len(STATS), dtype=torch.float64)
     last = st.last

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from gkd import parallel
-from gkd.data import Batch
+from gkd.data.batch import Batch
 from gkd.losses import fused_linear_gkd_loss
 
 

@@ -24,7 +24,7 @@ def _sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     """HF's SDPA attention, except that the KV heads are never repeated: torch groups the query heads.
     Like HF's, it takes a sliding window from the mask; a learned position bias it cannot take."""
     if kwargs.get("position_bias") is not None:
-        raise NotImplementedError("gkd.decode: attention with a position bias; use HF generate")
+        raise NotImplementedError("gkd.rollout.decode: attention with a position bias; use HF generate")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,

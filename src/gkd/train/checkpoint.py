@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gkd import outdir
 from gkd.errors import GKDError
+from gkd.train import outdir
 
 _DONE = outdir.DONE  # written last: a folder without it is not a checkpoint
 
@@ -165,7 +165,10 @@ def export(model, tokenizer, out_dir: Path, cfg, par) -> None:
         with write:
             save_pretrained_atomic(model, tokenizer, out_dir, merge_lora=cfg.merge_lora, source=cfg.model)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     if par.pp > 1:
         full = _gather_stages(model, par)
@@ -181,7 +184,10 @@ def export(model, tokenizer, out_dir: Path, cfg, par) -> None:
 def _gather_stages(model, par) -> dict:
     """Every pipeline stage's whole weights (gathered over its FSDP/TP ranks) on rank 0."""
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     mine = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     mine = {k: v.detach().cpu() for k, v in mine.items()}

@@ -2,7 +2,7 @@
 
 Start the server with it (the server's environment must be able to import gkd):
 
-    VLLM_SERVER_DEV_MODE=1 vllm serve STUDENT --worker-extension-cls gkd.vllm_worker.WeightSync \
+    VLLM_SERVER_DEV_MODE=1 vllm serve STUDENT --worker-extension-cls gkd.rollout.vllm_worker.WeightSync \
         --no-enable-chunked-prefill --max-num-batched-tokens 8192 ...
 
 The trainer calls vLLM's dev endpoint ``POST /collective_rpc`` with one of these methods:

@@ -2,7 +2,7 @@
 
 Each decode step runs the stages in order: the first embeds the new tokens, every stage runs its layers
 with its own KV cache and passes the hidden states on, the last applies the final norm and lm_head to the
-last position and draws each row's token exactly as ``HFSampler`` does (``_RowSeededSampling``: the row's
+last position and draws each row's token exactly as ``HFSampler`` does (``RowSeededSampling``: the row's
 own generator seeded by ``row_seed``, the same warpers, the same inverse-CDF draw, then greedy pick); the
 tokens go back to every stage. Positions and masks follow HF ``generate`` (left-padded prompts, positions
 from the attention mask's running count), so a completion does not depend on the pipeline size.
@@ -10,14 +10,12 @@ from the attention mask's running count), so a completion does not depend on the
 
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 
-from gkd.data import left_pad
+from gkd.data.batch import left_pad
 from gkd.parallel.pipeline import staged
-from gkd.rollout import SamplingConfig, _RowSeededSampling, cut_at_eos, row_seed
-
+from gkd.rollout.base import RowSeededSampling, SamplingConfig, cut_at_eos, row_seed
 
 # generation-config settings HF generate turns into logits processors of its own; the pipelined sampler
 # applies only the sampling ones (temperature, top-k, top-p), so a model asking for these is refused
@@ -99,7 +97,7 @@ class PipelineSampler:
 
         ids, attention = left_pad(prompts, self.pad_id)
         ids, attention = ids.to(self.device), attention.to(self.device)
-        seeded = (_RowSeededSampling([row_seed(self.seed, r) for r in rows], self.cfg, self.device)
+        seeded = (RowSeededSampling([row_seed(self.seed, r) for r in rows], self.cfg, self.device)
                   if self.cfg.do_sample else None)
         caches = [DynamicCache(config=s.config) for s in st.stages]
         eos = torch.tensor(self.eos_ids, device=self.device)

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gkd.data import text_of
+from gkd.data.imagefiles import open_image
 from gkd.errors import GKDError
-from gkd.imagefiles import open_image
 
 IMAGE_TAG = "<image>"
+
+
+def text_of(content) -> str:
+    """A message content's text (typed parts' text joined)."""
+    return content if isinstance(content, str) else " ".join(p["text"] for p in content if p["type"] == "text")
 
 
 def _ref(part: dict):

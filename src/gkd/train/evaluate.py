@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from gkd import parallel
-from gkd.data import collate
+from gkd.data.batch import collate
 from gkd.losses import fused_linear_gkd_loss, sft_cross_entropy
 from gkd.models import adapter_for
-from gkd.rollout import HFSampler, SamplingConfig
+from gkd.rollout.base import SamplingConfig
+from gkd.rollout.hf import HFSampler
 
 
 def _hidden(model, batch, teacher: bool = False):

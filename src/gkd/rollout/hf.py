@@ -2,67 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from gkd import decode
-from gkd.data import join_rows, left_pad
+from gkd.data.batch import join_rows, left_pad
 from gkd.models.adapter import adapter_for
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    do_sample: bool = True
-    batch_size: int = 32
-
-
-def row_seed(call_seed: int, row: int) -> int:
-    """The sampling seed of one prompt: a function of the call's seed and the prompt's row in the global
-    batch, so a completion does not depend on which rank, micro-batch or chunk samples it."""
-    return (call_seed * 100_003 + row) % (2**31 - 1)
-
-
-class _RowSeededSampling:
-    """Draws each row's next token from its own generator: the inverse CDF of the warped distribution at
-    one uniform per row and token, all of a row's uniforms drawn up front from its generator. HF's
-    multinomial sampling uses one RNG stream for the whole batch, so a row's sample would depend on the
-    rows beside it. ``draw`` serves the decode loop; as a logits processor (HF `generate`) it leaves only
-    the drawn token for greedy search to pick."""
-
-    def __init__(self, seeds: list[int], cfg: SamplingConfig, device: torch.device):
-        from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                            TopPLogitsWarper)
-
-        steps = cfg.max_new_tokens
-        self.u = torch.stack([torch.rand(steps, generator=torch.Generator(device).manual_seed(s), device=device,
-                                         dtype=torch.float64) for s in seeds])  # [rows, steps]
-        self.step = 0
-        self.warpers = [TemperatureLogitsWarper(cfg.temperature)]
-        if cfg.top_k:
-            self.warpers.append(TopKLogitsWarper(cfg.top_k))
-        if cfg.top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(cfg.top_p))
-
-    def draw(self, scores: torch.Tensor) -> torch.Tensor:
-        for warp in self.warpers:
-            scores = warp(None, scores)
-        token = decode.inverse_cdf(torch.softmax(scores.float(), dim=-1), self.u[:, self.step])
-        self.step += 1
-        return token
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        token = self.draw(scores)
-        return torch.full_like(scores, float("-inf")).scatter_(1, token[:, None], 0.0)
+from gkd.rollout import decode
+from gkd.rollout.base import RowSeededSampling, SamplingConfig, cut_at_eos, row_seed
 
 
 class HFSampler:
     """Batched sampling from a transformers model with a KV cache; stops each sequence at EOS. Returns
-    token ids only. Decoder-only models on SDPA run `gkd.decode`'s loop (a static cache, no copied KV
+    token ids only. Decoder-only models on SDPA run `gkd.rollout.decode`'s loop (a static cache, no copied KV
     heads, batched seeded draws); others, and extra model inputs, take HF `generate`.
 
     Every prompt is sampled from its own generator, seeded by ``row_seed(seed, row)`` where ``row`` is
@@ -97,7 +47,7 @@ class HFSampler:
 
     def _generate(self, model, prompts: list[list[int]], rows: list[int], inputs: dict) -> list[list[int]]:
         ids, mask = (t.to(self.device) for t in left_pad(prompts, self.pad_id))
-        seeded = (_RowSeededSampling([row_seed(self.seed, r) for r in rows], self.cfg, self.device)
+        seeded = (RowSeededSampling([row_seed(self.seed, r) for r in rows], self.cfg, self.device)
                   if self.cfg.do_sample else None)
         if decode.supported(model) and not inputs:
             pick = seeded.draw if seeded else (lambda logits: logits.argmax(-1))
@@ -119,10 +69,3 @@ class HFSampler:
         return cut_at_eos(new, self.eos_ids)
 
 
-def cut_at_eos(rows: list[list[int]], eos_ids: list[int]) -> list[list[int]]:
-    """Each row up to and including its first EOS (kept: the student must learn to stop)."""
-    completions = []
-    for row in rows:
-        cut = next((j + 1 for j, t in enumerate(row) if t in eos_ids), len(row))
-        completions.append(row[:cut])
-    return completions

@@ -22,11 +22,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from gkd.config import _f
+from gkd.data.batch import join_rows
+from gkd.data.imagefiles import open_image
 from gkd.errors import GKDError
-from gkd.data import join_rows
-from gkd.imagefiles import open_image
 from gkd.models import adapter_for, load_image_processing, load_model, load_tokenizer
-from gkd.wire import COMPACT, WIRE_DTYPES, encode_compact, encode_vllm_entry
+from gkd.teacher.wire import COMPACT, WIRE_DTYPES, encode_compact, encode_vllm_entry
 
 
 @dataclass
