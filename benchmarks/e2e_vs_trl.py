@@ -57,14 +57,7 @@ def prepare(work: Path, max_new_tokens: int) -> tuple[Path, Path, Path]:
     """Teacher folder, pruned student folder and a messages JSONL with teacher-written answers."""
     import torch
 
-    from gkd.models import (
-        SMOLLM2,
-        adapter_for,
-        eos_ids,
-        load_model,
-        load_tokenizer,
-        prune_command,
-    )
+    from gkd.models import SMOLLM2, adapter_for, eos_ids, load_model, load_tokenizer, prune_command
     from gkd.prompts import written_prompts
     from gkd.rollout.base import SamplingConfig
     from gkd.rollout.hf import HFSampler

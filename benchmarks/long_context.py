@@ -37,7 +37,8 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from gkd.config import TrainConfig
-    from gkd.train.trainer import Trainer, Window
+    from gkd.train.stats import Window
+    from gkd.train.trainer import Trainer
 
     cfg = TrainConfig(model=args.student, teacher_model=args.teacher, dataset=[args.data], output_dir=args.out,
                       max_length=args.length, max_completion_length=args.length, lmbda=0.0, micro_batch_size=1,

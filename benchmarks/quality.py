@@ -88,7 +88,7 @@ class Judge:
         self.teacher_completions = None
 
     def __call__(self, student) -> dict:
-        from gkd.train.evaluate import evaluate
+        from gkd.evaluate import evaluate
 
         result = evaluate(student.eval(), self.teacher, self.prompts, teacher_completions=self.teacher_completions,
                           **self.kw)

@@ -96,9 +96,10 @@ def measure_hf(student: str, batch: int, new_tokens: int, rounds: int, now) -> d
         # tokens up to and including each row's first EOS, as the sampler returns them
         return int(torch.where(ended.any(1), ended.int().argmax(1) + 1, new.shape[1]).sum())
 
+    seeds = iter(range(1, 10**6))
+
     def sample() -> int:
-        sampler.seed += 1
-        return sum(map(len, sampler.generate(model, batch_prompts)))
+        return sum(map(len, sampler.generate(model, batch_prompts, seed=next(seeds))))
 
     generate(), sample()  # warm-up
     tps = {"generate": [], "hf": []}

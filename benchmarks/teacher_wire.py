@@ -17,12 +17,7 @@ import time
 
 import torch
 
-from gkd.teacher.wire import (
-    decode_compact,
-    decode_vllm,
-    encode_compact,
-    encode_vllm_entry,
-)
+from gkd.teacher.wire import decode_compact, decode_vllm, encode_compact, encode_vllm_entry
 
 
 def answers(k: int, n: int, vocab: int, decode) -> dict[str, bytes]:

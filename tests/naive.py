@@ -24,7 +24,7 @@ def trainer_step(trainer) -> tuple[float, dict[str, torch.Tensor]]:
     (whole tensors, gathered from their shards)."""
     from torch.distributed.tensor import DTensor
 
-    from gkd.train.trainer import Window
+    from gkd.train.stats import Window
 
     grads = {}
 

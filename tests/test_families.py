@@ -154,7 +154,7 @@ def test_serve_and_eval_apply_the_family_head(family, tmp_path):
     """gkd serve's log-probs and gkd eval's teacher log-probs are the model's own (scaled, soft-capped) ones."""
     from gkd.data.batch import collate
     from gkd.teacher.serve import Scorer, _Job
-    from gkd.train.evaluate import _token_logprobs
+    from gkd.evaluate import _token_logprobs
 
     model = load_model(str(write_family(tmp_path / "m", family))).eval()
     seq = [3, 92, 7, 8, 4, 3, 93, 11, 12, 13]

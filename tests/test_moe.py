@@ -17,21 +17,8 @@ from gkd.errors import GKDError
 from gkd.models import adapter_for, apply_lora, load_model
 from gkd.teacher.local import LocalTeacher
 from gkd.train.metrics import read_metrics
-from gkd.train.step import (
-    LossArgs,
-    MicroBatch,
-    forward_backward,
-    recording,
-    router_stats,
-)
-from test_distributed import (
-    assert_same_run,
-    final_weights,
-    losses,
-    run,
-    torchrun_cmd,
-    train_args,
-)
+from gkd.train.step import LossArgs, MicroBatch, forward_backward, recording, router_stats
+from test_distributed import assert_same_run, final_weights, losses, run, torchrun_cmd, train_args
 from tiny import write_dataset, write_model, write_moe
 
 FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")

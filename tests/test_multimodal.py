@@ -23,13 +23,7 @@ from gkd.teacher.remote import RemoteTeacher
 from gkd.train.metrics import read_metrics
 from gkd.train.trainer import Trainer
 from serving import start_gkd_serve, stop
-from tiny import (
-    write_image,
-    write_image_dataset,
-    write_llava,
-    write_model,
-    write_qwen2vl,
-)
+from tiny import write_image, write_image_dataset, write_llava, write_model, write_qwen2vl
 
 FAMILIES = ("qwen2_vl", "llava")
 

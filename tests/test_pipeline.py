@@ -14,15 +14,7 @@ import torch
 from conftest import ENV
 from gkd.errors import GKDError
 from gkd.train.metrics import read_metrics
-from test_distributed import (
-    LORA,
-    check_resume,
-    final_weights,
-    kill_and_resume,
-    run,
-    torchrun_cmd,
-    train_args,
-)
+from test_distributed import LORA, check_resume, final_weights, kill_and_resume, run, torchrun_cmd, train_args
 
 pytestmark = pytest.mark.dist
 

@@ -13,8 +13,7 @@ def test_sampler_is_seeded_and_greedy_matches_plain_generate(tiny):
     model = load_model(tiny["student"]).eval()
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
     sampler = HFSampler(SamplingConfig(max_new_tokens=6, temperature=0.9), [1], 0, torch.device("cpu"))
-    sampler.seed = 3
-    a, b = sampler.generate(model, prompts), sampler.generate(model, prompts)
+    a, b = sampler.generate(model, prompts, seed=3), sampler.generate(model, prompts, seed=3)
     assert a == b and all(1 <= len(c) <= 6 for c in a)
     greedy = HFSampler(SamplingConfig(max_new_tokens=6, do_sample=False), [1], 0, torch.device("cpu"))
     ids = torch.tensor([prompts[1]])
@@ -31,10 +30,9 @@ def test_a_rows_sample_depends_only_on_its_seed_and_row(tiny):
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13], [14, 15]]
     whole = HFSampler(SamplingConfig(max_new_tokens=6, temperature=0.9, batch_size=4), [1], 0, torch.device("cpu"))
     split = HFSampler(SamplingConfig(max_new_tokens=6, temperature=0.9, batch_size=1), [1], 0, torch.device("cpu"))
-    whole.seed = split.seed = 11
-    full = whole.generate(model, prompts)
-    assert split.generate(model, prompts[2:], rows=[2, 3]) == full[2:]  # another rank's half, one at a time
-    assert whole.generate(model, prompts[2:]) != full[2:] or full[:2] == full[2:], "rows 0, 1 reuse rows 2, 3's seeds"
+    full = whole.generate(model, prompts, seed=11)
+    assert split.generate(model, prompts[2:], rows=[2, 3], seed=11) == full[2:]  # another rank's half, one at a time
+    assert whole.generate(model, prompts[2:], seed=11) != full[2:] or full[:2] == full[2:], "rows 0, 1 reuse rows 2, 3's seeds"
 
 
 def test_row_seeded_sampling_follows_the_warped_distribution(tiny):
@@ -48,8 +46,7 @@ def test_row_seeded_sampling_follows_the_warped_distribution(tiny):
     for top_k in (0, 5):
         sampler = HFSampler(SamplingConfig(max_new_tokens=1, temperature=0.7, top_k=top_k, batch_size=n), [], 0,
                             torch.device("cpu"))
-        sampler.seed = 1 + top_k
-        first = torch.tensor([c[0] for c in sampler.generate(model, [prompt] * n)])
+        first = torch.tensor([c[0] for c in sampler.generate(model, [prompt] * n, seed=1 + top_k)])
         counts = torch.bincount(first, minlength=probs.numel()).double() / n
         expect = probs.double()
         if top_k:
@@ -99,13 +96,12 @@ def test_decode_loop_equals_hf_generate_on_left_padded_batches(tiny):
     for do_sample in (False, True):
         cfg = SamplingConfig(max_new_tokens=12, temperature=0.9, top_k=20, do_sample=do_sample)
         fast = HFSampler(cfg, [1], 0, torch.device("cpu"))
-        fast.seed = 4
-        got = fast.generate(model, prompts)
+        got = fast.generate(model, prompts, seed=4)
         assert model.config._attn_implementation == "sdpa"
         model.config._attn_implementation = "eager"  # not supported by the loop: HF generate
         assert not decode.supported(model)
         try:
-            want = fast.generate(model, prompts)
+            want = fast.generate(model, prompts, seed=4)
         finally:
             model.config._attn_implementation = "sdpa"
         assert got == want

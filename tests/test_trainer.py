@@ -262,7 +262,7 @@ def test_eval_samples_and_per_prompt_rows(tiny):
     from gkd.data.batch import collate
     from gkd.data.rows import load_examples
     from gkd.models import load_model, load_tokenizer
-    from gkd.train.evaluate import evaluate
+    from gkd.evaluate import evaluate
 
     tok = load_tokenizer(tiny["student"])
     prompts = [e.prompt_ids for e in load_examples([tiny["prompts"]], tok, max_length=64,

@@ -86,7 +86,7 @@ def test_same_loss_as_hf_backend_for_the_same_completions(pair, tmp_path, monkey
     original = vllm_trainer.rollout.generate
     vllm_trainer.rollout.generate = lambda model, prompts, rows, inputs=None: drawn.setdefault(
         "c", original(model, prompts, rows, inputs))
-    from gkd.train.trainer import Window
+    from gkd.train.stats import Window
 
     loss_vllm = vllm_trainer.train_step(0, Window())
     hf_trainer = Trainer(_cfg(pair, tmp_path / "h", max_steps=1, use_vllm=False), log=lambda *_: None)

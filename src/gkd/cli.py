@@ -62,14 +62,8 @@ def cmd_eval(cfg: EvalConfig) -> dict:
 
     from gkd.config import check_types
     from gkd.data.rows import check_context, model_context
-    from gkd.models import (
-        check_compatible,
-        eos_ids,
-        load_image_processing,
-        load_model,
-        load_tokenizer,
-    )
-    from gkd.train.evaluate import evaluate, format_table
+    from gkd.models import check_compatible, eos_ids, load_image_processing, load_model, load_tokenizer
+    from gkd.evaluate import evaluate, format_table
 
     for name in ("model", "teacher_model"):
         if not getattr(cfg, name):

@@ -1,7 +1,9 @@
-"""Training configuration: one dataclass with the flag names users know from ms-swift and TRL.
+"""Training configuration: the flag names users know from ms-swift and TRL, grouped into sections.
 
-Flags, a YAML file (``--config``) and Python callers all end in :class:`TrainConfig`;
-:meth:`TrainConfig.validate` turns out-of-range values into one-line :class:`GKDError` messages.
+Flags, a YAML file (``--config``) and Python callers all end in :class:`TrainConfig` (flat: ``--beta``,
+``beta: 0.5``, ``TrainConfig(beta=0.5)``); :meth:`TrainConfig.validate` turns out-of-range values into
+one-line :class:`GKDError` messages. Each component takes its section, ``cfg.section("teacher")``: a
+frozen view holding that section's options alone (SECTIONS lists which option is where).
 """
 
 from __future__ import annotations
@@ -222,6 +224,56 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def section(self, name: str):
+        """The options of one section (model, teacher, data, method, rollout, parallel, optim, checkpoint,
+        logging, eval) as a frozen dataclass."""
+        cls = _SECTION_TYPES[name]
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
+
+
+SECTIONS = {
+    "model": ("model", "torch_dtype", "train_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
+              "lora_experts", "merge_lora", "freeze_vit", "freeze_aligner", "gradient_checkpointing"),
+    "teacher": ("teacher_model", "teacher_model_server", "gkd_logits_topk", "offload_teacher_model", "teacher_api_key",
+                "teacher_timeout", "teacher_retries", "teacher_max_in_flight", "teacher_seqs_per_request",
+                "teacher_wait", "teacher_wire_dtype", "torch_dtype"),
+    "data": ("dataset", "val_dataset", "dataset_num_proc", "split_dataset_ratio", "max_length", "truncation_strategy",
+             "max_completion_length"),
+    "method": ("beta", "lmbda", "temperature", "loss_temperature", "sft_alpha", "router_aux_loss_coef", "seq_kd",
+               "max_completion_length", "top_p", "top_k", "loss_chunk_size", "seed"),
+    "rollout": ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_max_model_len", "vllm_tensor_parallel_size",
+                "vllm_kv_cache_memory_mb", "sleep_level", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
+                "vllm_server_timeout", "vllm_weight_sync", "vllm_sync_dir", "vllm_group_port", "max_length",
+                "max_completion_length", "torch_dtype", "seed"),
+    "parallel": ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "tensor_model_parallel_size",
+                 "data_parallel_replicate_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+                 "pipeline_layers", "pipeline_schedule", "context_parallel_size", "expert_model_parallel_size",
+                 "reduce_scatter_every_micro_batch", "gather_for_generation", "distributed_timeout"),
+    "optim": ("micro_batch_size", "global_batch_size", "learning_rate", "weight_decay", "lr_scheduler_type",
+              "warmup_ratio", "max_grad_norm", "num_train_epochs", "max_steps", "max_bad_steps", "seed"),
+    "checkpoint": ("output_dir", "overwrite_output_dir", "save_steps", "save_total_limit", "resume_from_checkpoint"),
+    "logging": ("logging_steps", "report_to", "progress_bar"),
+    "eval": ("eval_steps", "val_dataset", "max_completion_length", "global_batch_size"),
+}
+
+
+def _method_divergence_temperature(self) -> float:
+    return self.temperature if self.loss_temperature is None else self.loss_temperature
+
+
+def _section_types() -> dict[str, type]:
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    placed = {n for names in SECTIONS.values() for n in names}
+    missing = sorted(set(fields) - placed)
+    assert not missing, f"options in no config section: {missing}"  # a new flag must say where it belongs
+    extra = {"method": {"divergence_temperature": property(_method_divergence_temperature)}}
+    return {name: dataclasses.make_dataclass(f"{name.capitalize()}Section", [(n, fields[n].type) for n in names],
+                                             frozen=True, namespace=extra.get(name, {}))
+            for name, names in SECTIONS.items()}
+
+
+_SECTION_TYPES = _section_types()
 
 
 def _parse_bool(text: str) -> bool:

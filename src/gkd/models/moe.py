@@ -65,25 +65,19 @@ class MixtureOfExperts(Adapter):
         return float(getattr(text_config(unwrap(model).config), "router_aux_loss_coef", 0.0) or 0.0)
 
 
-def moe_layer_plan(layer) -> dict:
+def moe_layer_plan(layer) -> dict[str, str]:
     """The tensor-parallel plan of a MoE decoder layer with Llama-shaped attention: attention (and a dense
     layer's MLP, Qwen2-MoE's shared expert) split Megatron-style; the router and the experts replicated
     over the TP ranks (expert parallelism, not TP, splits experts)."""
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
     from gkd.models.text import llama_layer_plan
-    from gkd.parallel.expert import replicated_experts
-    from gkd.parallel.tensor_parallel import replicated
 
     plan = llama_layer_plan(layer)
     if hasattr(layer.mlp, "experts"):
         plan = {k: v for k, v in plan.items() if not k.startswith("mlp.")}
-        plan.update({"mlp.gate": replicated(Replicate()), "mlp.experts": replicated_experts()})
+        plan.update({"mlp.gate": "replicated", "mlp.experts": "replicated_experts"})
         if hasattr(layer.mlp, "shared_expert"):  # Qwen2-MoE: an MLP beside the experts, gated by one logit
-            plan.update({"mlp.shared_expert.gate_proj": ColwiseParallel(), "mlp.shared_expert.up_proj": ColwiseParallel(),
-                         "mlp.shared_expert.down_proj": RowwiseParallel(),
-                         "mlp.shared_expert_gate": replicated(Replicate())})
+            plan.update({"mlp.shared_expert.gate_proj": "colwise", "mlp.shared_expert.up_proj": "colwise",
+                         "mlp.shared_expert.down_proj": "rowwise", "mlp.shared_expert_gate": "replicated"})
     return plan
 
 

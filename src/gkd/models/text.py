@@ -21,22 +21,17 @@ from gkd.models.adapter import Adapter, register
 _LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 
-def llama_layer_plan(layer) -> dict:
-    """The tensor-parallel plan of a Llama-shaped decoder layer."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    from gkd.parallel.tensor_parallel import replicated
-
+def llama_layer_plan(layer) -> dict[str, str]:
+    """The tensor-parallel plan of a Llama-shaped decoder layer: submodule -> style name (the styles are
+    gkd.parallel.tensor_parallel's: colwise, rowwise, replicated, replicated_heads, replicated_experts)."""
     plan = {
-        "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
-        "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
-        "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel(),
+        "self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
+        "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise",
     }
-    plan.update({norm: replicated(Replicate()) for norm in _LAYER_NORMS if hasattr(layer, norm)})
+    plan.update({norm: "replicated" for norm in _LAYER_NORMS if hasattr(layer, norm)})
     for norm in ("q_norm", "k_norm"):  # Qwen3, Gemma 3: over head_dim of [batch, seq, heads, head_dim]
         if hasattr(layer.self_attn, norm):
-            plan[f"self_attn.{norm}"] = replicated(Shard(2))
+            plan[f"self_attn.{norm}"] = "replicated_heads"
     return plan
 
 

@@ -7,25 +7,7 @@ import torch
 from gkd.errors import GKDError
 from gkd.parallel.loading import load_sharded
 from gkd.parallel.mesh import Parallel, check_options, setup, teardown
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of a tensor-parallel weight (the tensor itself when it is not a DTensor)."""
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def local_head(head):
-    """A LogitHead with this rank's pieces of its weight and bias."""
-    from dataclasses import replace
-
-    return replace(head, weight=local(head.weight), bias=None if head.bias is None else local(head.bias))
-
-
-def local_mib(tensors) -> float:
-    """MiB this rank holds of ``tensors`` (its shards only)."""
-    return sum(local(t).numel() * t.element_size() for t in tensors) / 2**20
+from gkd.parallel.tensors import local, local_head, local_mib  # noqa: F401 - the layer's API
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, par: Parallel | None = None) -> float:

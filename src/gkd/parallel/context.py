@@ -210,7 +210,7 @@ def check_context_parallel(model, cp: int) -> None:
         raise GKDError(f"--context_parallel_size {cp}: not supported yet for mixture-of-experts models (the router "
                        "loss is per whole sequence)")
     if not hasattr(unwrap(model).config, "_attn_implementation"):
-        raise GKDError(f"--context_parallel_size {cp}: {type(unwrap(model)).__name__} does not take an attention "
+        raise GKDError(f"--context_parallel_size {cp}: {adapter.class_name(model)} does not take an attention "
                        "implementation")
 
 

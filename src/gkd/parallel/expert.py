@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from gkd.errors import GKDError
-from gkd.models.adapter import adapter_for, unwrap
+from gkd.models.adapter import adapter_for
 
 
 class _AllToAll(torch.autograd.Function):
@@ -108,9 +108,8 @@ def check_counts(ep: int, name: str, experts: int | None, student: bool = True, 
 def check(model, ep: int, lora_experts: bool = False, student: bool = True) -> None:
     """One-line errors for a model ``ep`` ranks cannot split: a dense student, an expert count ``ep`` does
     not divide, LoRA on the experts (its adapters are not split yet)."""
-    experts = adapter_for(model).experts(model)
-    check_counts(ep, type(unwrap(model)).__name__, experts[0].gate_up_proj.shape[0] if experts else None, student,
-                 lora_experts)
+    adapter = adapter_for(model)
+    check_counts(ep, adapter.class_name(model), adapter.num_experts(model), student, lora_experts)
 
 
 def check_folder(spec: str, ep: int, student: bool = True, lora_experts: bool = False) -> None:
@@ -127,9 +126,9 @@ def check_folder(spec: str, ep: int, student: bool = True, lora_experts: bool = 
     except Exception:  # noqa: BLE001 - an unreadable model is reported where it is loaded
         return
     skeleton = _meta_model(config)
-    experts = adapter_for_config(config).experts(skeleton) if skeleton is not None else []
-    check_counts(ep, type(skeleton).__name__ if skeleton is not None else config.model_type,
-                 experts[0].gate_up_proj.shape[0] if experts else None, student, lora_experts)
+    adapter = adapter_for_config(config)
+    check_counts(ep, adapter.class_name(skeleton) if skeleton is not None else config.model_type,
+                 adapter.num_experts(skeleton) if skeleton is not None else None, student, lora_experts)
 
 
 def _meta_model(config):

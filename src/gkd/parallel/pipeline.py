@@ -282,12 +282,7 @@ def teacher_hidden(teacher_model, batches) -> list[torch.Tensor] | None:
 def schedule_for(st: Staged, n_micro: int, length: int, width: int, device, loss_fn, plan: PipelinePlan):
     """A pipelining schedule over this rank's stages for ``n_micro`` micro-batches of ``width`` rows and
     ``length`` positions (shapes given up front: no shape-inference forward)."""
-    from torch.distributed.pipelining import (
-        PipelineStage,
-        Schedule1F1B,
-        ScheduleGPipe,
-        ScheduleInterleaved1F1B,
-    )
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
     hidden = torch.empty(width, length, st.hidden_size(), dtype=st.dtype(), device="meta", requires_grad=True)
     ids = torch.empty(width, length, dtype=torch.long, device="meta")
@@ -299,39 +294,31 @@ def schedule_for(st: Staged, n_micro: int, length: int, width: int, device, loss
     return kind(stages[0], n_micro, loss_fn=loss_fn, scale_grads=False)
 
 
-def forward_backward(micro_batches, student, teacher, args, normaliser: float, plan: PipelinePlan,
-                     loss_fn) -> torch.Tensor:
-    """gkd.train.step.forward_backward for a pipelined student: the schedule's micro-batches are the step's
-    (padded to one length), ``loss_fn(hidden, weight, micro_batch, teacher_output)`` runs on the last
-    stage; returns the step's STATS on every stage of the pipeline."""
-    from gkd.teacher.base import TeacherOutput
-    from gkd.teacher.local import LocalTeacher
+def padded(batches: list) -> list:
+    """The step's micro-batches padded to one length, as the schedule needs them (one width too)."""
+    length = max(b.input_ids.shape[1] for b in batches)
+    width = batches[0].input_ids.shape[0]
+    if any(b.input_ids.shape[0] != width for b in batches):
+        raise GKDError("pipeline parallelism needs micro-batches of equal size")
+    return [type(b)(pad_to(b.input_ids, length, 0), pad_to(b.attention_mask, length, 0),
+                    pad_to(b.loss_mask, length, False), pad_to(b.labels, length, -100), b.inputs, b.teacher_inputs,
+                    b.images) for b in batches]
 
+
+def holds_last_stage(model) -> bool:
+    return staged(model).last is not None
+
+
+def forward_backward(micro_batches, batches, scored, student, n_stats: int, plan: PipelinePlan,
+                     loss_fn) -> torch.Tensor:
+    """gkd.train.step.forward_backward for a pipelined student: the schedule's micro-batches are the step's,
+    ``batches`` them padded (``padded``) and ``scored`` the teacher's output of each (on the last stage);
+    ``loss_fn(hidden, weight, micro_batch, batch, teacher_output)`` runs on the last stage and returns
+    (loss, a row of ``n_stats`` sums); returns the step's sums on every stage of the pipeline."""
     st = staged(student)
     n_micro = len(micro_batches)
-    length = max(mb.batch.input_ids.shape[1] for mb in micro_batches)
-    width = micro_batches[0].batch.input_ids.shape[0]
-    batches = []
-    for mb in micro_batches:
-        b = mb.batch
-        if b.input_ids.shape[0] != width:
-            raise GKDError("pipeline parallelism needs micro-batches of equal size")
-        batches.append(type(b)(pad_to(b.input_ids, length, 0), pad_to(b.attention_mask, length, 0),
-                               pad_to(b.loss_mask, length, False), pad_to(b.labels, length, -100), b.inputs,
-                               b.teacher_inputs, b.images))
-    scored: list = [None] * n_micro
-    if isinstance(teacher, LocalTeacher):
-        hidden = teacher_hidden(teacher.model, batches)
-        if hidden is not None:
-            from gkd.parallel import local_head
-
-            head = local_head(teacher.adapter.logit_head(teacher.model))
-            scored = [TeacherOutput(hidden=h, head=head, topk=teacher.topk) for h in hidden]
-    elif st.last is not None:  # a remote teacher's top-k rows: asked for by the last stage only
-        scored = [teacher.score(b) for b in batches]
-    from gkd.train.step import STATS
-
-    stats = torch.zeros(len(STATS), dtype=torch.float64)
+    length, width = batches[0].input_ids.shape[1], batches[0].input_ids.shape[0]
+    stats = torch.zeros(n_stats, dtype=torch.float64)
     last = st.last
 
     def pipeline_loss(output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -37,10 +37,23 @@ def replicated(input_layout):
     return Replicated()
 
 
+def styles(plan: dict[str, str]) -> dict:
+    """An adapter's plan (submodule -> style name) as DTensor parallel styles."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from gkd.parallel.expert import replicated_experts
+
+    make = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel, "replicated": lambda: replicated(Replicate()),
+            "replicated_heads": lambda: replicated(Shard(2)),  # per-head norms see this rank's heads
+            "replicated_experts": replicated_experts}
+    return {name: make[style]() for name, style in plan.items()}
+
+
 def check_plan(model, tp: int, lora: bool = False) -> None:
     """A one-line error for a model tensor parallelism of size ``tp`` cannot split."""
     adapter = adapter_for(model)
-    name = type(unwrap(model)).__name__
+    name = adapter.class_name(model)
     if lora or hasattr(model, "peft_config"):
         raise GKDError("--train_type lora with --tensor_model_parallel_size > 1 is not supported yet; "
                        "use data parallelism (FSDP) for LoRA")
@@ -66,7 +79,7 @@ def apply_tensor_parallel(model, tp_mesh) -> None:
         check_plan(model, tp_mesh.size())
     tied = head is not None and body.embed_tokens is not None and head.weight is body.embed_tokens.weight
     for layer in (body.layers.values() if staged else body.layers):
-        parallelize_module(layer, tp_mesh, adapter.tp_layer_plan(layer))
+        parallelize_module(layer, tp_mesh, styles(adapter.tp_layer_plan(layer)))
     if body.norm is not None:
         parallelize_module(body.norm, tp_mesh, replicated(Replicate()))
     if head is not None:

@@ -24,6 +24,9 @@ class Rollout(Protocol):
 
     def weights_changed(self) -> None: ...
 
+    def check_model(self, model, where: str) -> None:
+        """Fail now on a model it would not sample faithfully (``where``: the flag that named it)."""
+
     def close(self) -> None: ...
 
 
@@ -51,11 +54,7 @@ class RowSeededSampling:
     the drawn token for greedy search to pick."""
 
     def __init__(self, seeds: list[int], cfg: SamplingConfig, device: torch.device):
-        from transformers.generation.logits_process import (
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
+        from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
         steps = cfg.max_new_tokens
         self.u = torch.stack([torch.rand(steps, generator=torch.Generator(device).manual_seed(s), device=device,

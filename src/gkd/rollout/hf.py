@@ -15,7 +15,7 @@ class HFSampler:
     token ids only. Decoder-only models on SDPA run `gkd.rollout.decode`'s loop (a static cache, no copied KV
     heads, batched seeded draws); others, and extra model inputs, take HF `generate`.
 
-    Every prompt is sampled from its own generator, seeded by ``row_seed(seed, row)`` where ``row`` is
+    Every prompt is sampled from its own generator, seeded by ``row_seed(seed, row)`` (``seed``: the call's) where ``row`` is
     its index in the step's global batch: samples do not depend on how the batch is split into chunks,
     micro-batches or data-parallel ranks, and the training RNG stream is never touched. With ``synced``
     (several processes sharing sharded weights) every rank keeps stepping until all are done, so their
@@ -25,14 +25,19 @@ class HFSampler:
     def __init__(self, cfg: SamplingConfig, eos_ids: list[int], pad_id: int, device: torch.device,
                  synced: bool = False):
         self.cfg, self.eos_ids, self.pad_id, self.device, self.synced = cfg, eos_ids, pad_id, device, synced
-        self.seed = 0
+
+    def check_model(self, model, where: str) -> None:
+        """Every model it is given samples as HF generate would."""
+
+    def weights_changed(self) -> None:
+        """Nothing to do: every call samples from the model it is given."""
 
     def close(self) -> None:
         """Nothing outlives a call (the vLLM samplers hold an engine or threads)."""
 
     @torch.no_grad()
     def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None,
-                 inputs: list[dict] | None = None) -> list[list[int]]:
+                 inputs: list[dict] | None = None, seed: int = 0) -> list[list[int]]:
         """Completions of ``prompts``; ``inputs``: each prompt's other model inputs (images), or None."""
         rows = list(range(len(prompts))) if rows is None else rows
         inputs = inputs or [{} for _ in prompts]
@@ -41,13 +46,13 @@ class HFSampler:
         out: list[list[int]] = []
         for i in range(0, len(prompts), self.cfg.batch_size):
             chunk = slice(i, i + self.cfg.batch_size)
-            out += self._generate(model, prompts[chunk], rows[chunk], join_rows(inputs[chunk]))
+            out += self._generate(model, prompts[chunk], rows[chunk], join_rows(inputs[chunk]), seed)
         model.train(was_training)
         return out
 
-    def _generate(self, model, prompts: list[list[int]], rows: list[int], inputs: dict) -> list[list[int]]:
+    def _generate(self, model, prompts: list[list[int]], rows: list[int], inputs: dict, seed: int) -> list[list[int]]:
         ids, mask = (t.to(self.device) for t in left_pad(prompts, self.pad_id))
-        seeded = (RowSeededSampling([row_seed(self.seed, r) for r in rows], self.cfg, self.device)
+        seeded = (RowSeededSampling([row_seed(seed, r) for r in rows], self.cfg, self.device)
                   if self.cfg.do_sample else None)
         if decode.supported(model) and not inputs:
             pick = seeded.draw if seeded else (lambda logits: logits.argmax(-1))

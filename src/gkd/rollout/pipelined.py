@@ -41,21 +41,26 @@ def check_generation_config(model, where: str) -> None:
 
 
 class PipelineSampler:
-    """HFSampler's contract (``seed``, ``generate(model, prompts, rows, inputs)``, ``close``) for a model
+    """The Rollout protocol (gkd.rollout.base), as HFSampler keeps it, for a model
     split into pipeline stages. Every rank of the job calls ``generate`` together; ranks keep stepping
     until every row everywhere has finished (sharded layers need all their ranks in each forward)."""
 
     def __init__(self, cfg: SamplingConfig, eos_ids: list[int], pad_id: int, device: torch.device,
                  synced: bool = True):
         self.cfg, self.eos_ids, self.pad_id, self.device = cfg, eos_ids, pad_id, device
-        self.seed = 0
+
+    def check_model(self, model, where: str) -> None:
+        check_generation_config(model, where)
+
+    def weights_changed(self) -> None:
+        """Nothing to do: every call samples from the model it is given."""
 
     def close(self) -> None:
         """Nothing outlives a call."""
 
     @torch.no_grad()
     def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None,
-                 inputs: list[dict] | None = None) -> list[list[int]]:
+                 inputs: list[dict] | None = None, seed: int = 0) -> list[list[int]]:
         if inputs and any(inputs):
             raise NotImplementedError("pipelined sampling of image inputs")  # refused earlier, in one line
         rows = list(range(len(prompts))) if rows is None else rows
@@ -66,7 +71,7 @@ class PipelineSampler:
         try:
             for i in range(0, len(prompts), self.cfg.batch_size):
                 chunk = slice(i, i + self.cfg.batch_size)
-                out += self._generate(st, prompts[chunk], rows[chunk])
+                out += self._generate(st, prompts[chunk], rows[chunk], seed)
         finally:
             model.train(was_training)
         return out
@@ -92,12 +97,12 @@ class PipelineSampler:
                 return stage.lm_head(h[:, -1:, :])[:, -1, :].float()
         return None
 
-    def _generate(self, st, prompts: list[list[int]], rows: list[int]) -> list[list[int]]:
+    def _generate(self, st, prompts: list[list[int]], rows: list[int], seed: int) -> list[list[int]]:
         from transformers import DynamicCache
 
         ids, attention = left_pad(prompts, self.pad_id)
         ids, attention = ids.to(self.device), attention.to(self.device)
-        seeded = (RowSeededSampling([row_seed(self.seed, r) for r in rows], self.cfg, self.device)
+        seeded = (RowSeededSampling([row_seed(seed, r) for r in rows], self.cfg, self.device)
                   if self.cfg.do_sample else None)
         caches = [DynamicCache(config=s.config) for s in st.stages]
         eos = torch.tensor(self.eos_ids, device=self.device)

@@ -135,7 +135,6 @@ class VLLMColocateSampler:
         except Exception as e:
             raise _engine_error(f"could not start an engine for {model_path}", e) from None
         self.vllm, self.cfg, self.eos_ids, self.sleep_level = vllm, cfg, list(eos_ids), sleep_level
-        self.seed = 0
         self.version = 0
         self.stale = True  # the engine holds the model folder's weights, not (yet) the trained ones
         if sleep_level:
@@ -151,6 +150,9 @@ class VLLMColocateSampler:
         self.version += 1
         self.stale = False
 
+    def check_model(self, model, where: str) -> None:
+        """Every model it is given samples as HF generate would."""
+
     def weights_changed(self) -> None:
         """The student was updated: the next `generate` loads its weights first (off-policy steps never pay)."""
         self.stale = True
@@ -160,16 +162,16 @@ class VLLMColocateSampler:
         trainer leaves its own: done at interpreter exit, vLLM's cleanup would find them gone."""
         self.llm.llm_engine.engine_core.shutdown()
 
-    def _params(self, row: int):
+    def _params(self, row: int, seed: int):
         c = self.cfg
         if not c.do_sample:
             return self.vllm.SamplingParams(temperature=0.0, max_tokens=c.max_new_tokens, stop_token_ids=self.eos_ids)
         return self.vllm.SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k or 0,
                                         max_tokens=c.max_new_tokens, stop_token_ids=self.eos_ids,
-                                        seed=row_seed(self.seed, row))
+                                        seed=row_seed(seed, row))
 
     def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None,
-                 inputs: list[dict] | None = None) -> list[list[int]]:
+                 inputs: list[dict] | None = None, seed: int = 0) -> list[list[int]]:
         _text_only(inputs)
         rows = list(range(len(prompts))) if rows is None else rows
         if self.stale:
@@ -180,7 +182,7 @@ class VLLMColocateSampler:
 
         try:
             outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                                     [self._params(r) for r in rows], use_tqdm=False)
+                                     [self._params(r, seed) for r in rows], use_tqdm=False)
         except Exception as e:
             raise _engine_error(f"failed to sample from {self.model_path}", e) from None
         if self.sleep_level:
@@ -203,7 +205,6 @@ class VLLMServerSampler:
         self.cfg, self.eos_ids, self.log = cfg, list(eos_ids), log
         self.sync_dir = Path(sync_dir)
         self.pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="gkd-rollout")
-        self.seed = 0
         # with several training processes (``par``) every rank samples its own rows; rank 0 alone sends the
         # weights, which every rank gathers from its shards
         self.par = par
@@ -339,6 +340,9 @@ class VLLMServerSampler:
                 old.unlink(missing_ok=True)
         return got
 
+    def check_model(self, model, where: str) -> None:
+        """Every model it is given samples as HF generate would."""
+
     def weights_changed(self) -> None:
         """The student was updated: the next `generate` syncs first (off-policy steps never pay)."""
         self.stale = True
@@ -357,18 +361,18 @@ class VLLMServerSampler:
             self.sync(model)
 
     def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None,
-                 inputs: list[dict] | None = None) -> list[list[int]]:
+                 inputs: list[dict] | None = None, seed: int = 0) -> list[list[int]]:
         _text_only(inputs)
         rows = list(range(len(prompts))) if rows is None else rows
         for _ in range(3):
             self._ensure_current(model)
-            out = self._sample(prompts, rows)
+            out = self._sample(prompts, rows, seed)
             if not self._any(self._server_version() != self._tag()):  # nothing swapped the weights meanwhile
                 return out
         raise GKDError(f"vLLM server {self.client.url}: its weights kept changing during sampling "
                        "(is another trainer using it?)")
 
-    def _sample(self, prompts: list[list[int]], rows: list[int]) -> list[list[int]]:
+    def _sample(self, prompts: list[list[int]], rows: list[int], seed: int) -> list[list[int]]:
         c = self.cfg
         base = {"model": self.model, "max_tokens": c.max_new_tokens, "stop_token_ids": self.eos_ids,
                 "return_token_ids": True, "skip_special_tokens": False}
@@ -380,7 +384,7 @@ class VLLMServerSampler:
         def one(i: int) -> list[int]:
             body = dict(base, prompt=prompts[i])
             if c.do_sample:
-                body["seed"] = row_seed(self.seed, rows[i])
+                body["seed"] = row_seed(seed, rows[i])
 
             def parse(answer):
                 try:

@@ -35,6 +35,37 @@ class TeacherOutput:
 
 
 class Teacher(Protocol):
+    """Everything training asks of a teacher; nothing outside gkd.teacher knows which one it has.
+
+    ``topk``: the K entries per position it gives the loss (None: the full vocabulary). ``context``: the
+    longest sequence it scores (None: unknown, or checked by ``check_rows`` itself)."""
+
+    topk: int | None
+    context: int | None
+
+    def check_rows(self, examples: list, new_tokens: int, sampled: bool) -> None:
+        """Fail before training on rows it cannot score (images it cannot take, sequences too long)."""
+
     def score(self, batch: Batch, split=None) -> TeacherOutput:
         """The teacher's side of the loss for ``batch``; with ``split`` (gkd.parallel.context.ContextSplit)
         only for this rank's tokens of each sequence."""
+
+    def score_pipelined(self, batches: list[Batch], last_stage: bool) -> list[TeacherOutput | None]:
+        """Each micro-batch's output for a pipelined student (every pipeline rank calls it); outputs on the
+        rank that holds the last stage (``last_stage``), None elsewhere."""
+
+    def check_generation(self, rollout, why: str) -> None:
+        """Fail now unless it can write completions through ``rollout`` (``why``: what needs them)."""
+
+    def generate(self, prompts: list[list[int]], rollout, rows: list[int] | None = None,
+                 inputs: list[dict] | None = None, seed: int = 0) -> list[list[int]]:
+        """Completions written by the teacher, sampled by ``rollout`` (gkd.rollout.base.Rollout)."""
+
+    def evaluate(self, student, prompts: list[list[int]], **kw):
+        """Held-out metrics of ``student`` against this teacher (gkd.evaluate.evaluate's arguments)."""
+
+    def memory_mib(self, most, device) -> dict[str, float]:
+        """MiB of its weights per rank (``most``: the largest over ranks) and of those on ``device``."""
+
+    def close(self) -> None:
+        """Release what outlives training (connections, threads)."""

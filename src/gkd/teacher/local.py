@@ -1,4 +1,4 @@
-"""Teachers: what scores a batch of sequences. The loss never knows which one it got."""
+"""A teacher that is a transformers model in this process (sharded like the student where it is)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from dataclasses import replace
 import torch
 
 from gkd.data.batch import Batch
+from gkd.data.rows import model_context
+from gkd.errors import GKDError
 from gkd.models import adapter_for
-from gkd.parallel import local_head
+from gkd.parallel import local, local_head, local_mib
 from gkd.teacher.base import TeacherOutput
 
 
@@ -16,13 +18,22 @@ class LocalTeacher:
     """A transformers model in this process. With ``offload`` its weights live on CPU and visit the
     training device only while scoring or generating."""
 
-    def __init__(self, model, device: torch.device, topk: int = 0, offload: bool = False):
+    def __init__(self, model, device: torch.device, topk: int = 0, offload: bool = False, name: str = "the teacher"):
         self.model = model.eval().requires_grad_(False)
+        self.name = name  # how errors name it (the flag that gave it)
         self.adapter = adapter_for(model)
+        vocab = model.config.get_text_config().vocab_size
+        if topk > vocab:
+            raise GKDError(f"--gkd_logits_topk {topk} exceeds the teacher's vocabulary of {vocab} tokens; use at "
+                           "most that (0 = the full vocabulary)")
         self.device = device
         self.topk = topk or None
+        self.context = model_context(model)
         self.offload = offload and device.type != "cpu"
         self.model.to("cpu" if self.offload else device)
+
+    def check_rows(self, examples: list, new_tokens: int, sampled: bool) -> None:
+        """Nothing beyond ``context``: it takes whatever inputs the student's processor made."""
 
     def _on_device(self):
         teacher = self
@@ -52,7 +63,35 @@ class LocalTeacher:
                                bias=None if head.bias is None else head.bias.detach().clone())
         return TeacherOutput(hidden=hidden, head=head, topk=self.topk)
 
-    def generate(self, prompts: list[list[int]], sampler, rows: list[int] | None = None,
-                 inputs: list[dict] | None = None) -> list[list[int]]:
+    def score_pipelined(self, batches: list[Batch], last_stage: bool) -> list[TeacherOutput | None]:
+        from gkd.parallel.pipeline import teacher_hidden
+
         with self._on_device() as model:
-            return sampler.generate(model, prompts, rows, inputs)
+            hidden = teacher_hidden(model, batches)  # through its own stages: every rank takes part
+            if hidden is None:
+                return [None] * len(batches)
+            head = local_head(self.adapter.logit_head(model))
+        return [TeacherOutput(hidden=h, head=head, topk=self.topk) for h in hidden]
+
+    def check_generation(self, rollout, why: str) -> None:
+        rollout.check_model(self.model, self.name)
+
+    def generate(self, prompts: list[list[int]], rollout, rows: list[int] | None = None,
+                 inputs: list[dict] | None = None, seed: int = 0) -> list[list[int]]:
+        with self._on_device() as model:
+            return rollout.generate(model, prompts, rows, inputs, seed)
+
+    def evaluate(self, student, prompts: list[list[int]], **kw):
+        from gkd.evaluate import evaluate
+
+        with self._on_device() as model:
+            return evaluate(student, model, prompts, **kw)
+
+    def memory_mib(self, most, device) -> dict[str, float]:
+        params = list(self.model.parameters())
+        # what stays on the training device between uses (less under --offload_teacher_model)
+        return {"teacher_mib_per_rank": most(local_mib(params)),
+                "teacher_device_mib_per_rank": most(local_mib(p for p in params if local(p).device.type == device.type))}
+
+    def close(self) -> None:
+        """Nothing outlives training."""

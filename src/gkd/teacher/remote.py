@@ -51,6 +51,7 @@ class RemoteTeacher:
         self.compact = False
         self.images = False  # the server takes images with token ids (gkd serve of a vision-language model)
         self.max_model_len: int | None = None
+        self.context = None  # the server's max_model_len is checked by check_rows (it needs room for one token)
 
     @property
     def url(self) -> str:
@@ -76,6 +77,13 @@ class RemoteTeacher:
         self._check_tokenizer(tokenizer)
         self._check_topk(tokenizer)
         return self
+
+    def check_rows(self, examples: list, new_tokens: int, sampled: bool) -> None:
+        from gkd.data.rows import longest_sequence
+
+        if any(e.images for e in examples):
+            self.check_images()
+        self.check_fits(longest_sequence(examples, new_tokens, sampled)[0])
 
     def check_images(self) -> None:
         """Fail before training if the data has images and the server cannot score token ids with them."""
@@ -173,6 +181,23 @@ class RemoteTeacher:
         except BaseException:
             self.close()  # requests still retrying stop at their next attempt; the error goes up now
             raise
+
+    def score_pipelined(self, batches: list[Batch], last_stage: bool) -> list[TeacherOutput | None]:
+        """Asked for by the last stage only (the others never see the loss)."""
+        return [self.score(b) if last_stage else None for b in batches]
+
+    def check_generation(self, rollout, why: str) -> None:
+        raise GKDError(f"{why}; the teacher must write their completions, which needs a local --teacher_model "
+                       f"(the teacher server {self.url} only scores)")
+
+    def generate(self, prompts, rollout, rows=None, inputs=None, seed: int = 0):
+        raise GKDError(f"teacher server {self.url}: a server only scores; completions need a local --teacher_model")
+
+    def evaluate(self, student, prompts, **kw):
+        raise GKDError("held-out evaluation needs a local --teacher_model (gkd eval can run afterwards)")
+
+    def memory_mib(self, most, device) -> dict[str, float]:
+        return {}  # its weights live on the server
 
     def close(self) -> None:
         self.client.stopped.set()

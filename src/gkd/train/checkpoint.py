@@ -165,10 +165,7 @@ def export(model, tokenizer, out_dir: Path, cfg, par) -> None:
         with write:
             save_pretrained_atomic(model, tokenizer, out_dir, merge_lora=cfg.merge_lora, source=cfg.model)
         return
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if par.pp > 1:
         full = _gather_stages(model, par)
@@ -184,10 +181,7 @@ def export(model, tokenizer, out_dir: Path, cfg, par) -> None:
 def _gather_stages(model, par) -> dict:
     """Every pipeline stage's whole weights (gathered over its FSDP/TP ranks) on rank 0."""
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     mine = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     mine = {k: v.detach().cpu() for k, v in mine.items()}

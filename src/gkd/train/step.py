@@ -89,11 +89,14 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
     shards)."""
     routers = adapter.routers(student)
     if dims is not None and dims.pp > 1:
-        from gkd.parallel.pipeline import forward_backward as pipelined
+        from gkd.parallel import pipeline
 
-        return pipelined(micro_batches, student, teacher, args, normaliser, dims.pipeline,
-                         lambda hidden, weight, mb, batch, scored: micro_loss(hidden, parallel.local(weight), mb, batch,
-                                                                             scored, args, normaliser))
+        batches = pipeline.padded([mb.batch for mb in micro_batches])
+        scored = teacher.score_pipelined(batches, pipeline.holds_last_stage(student))
+        return pipeline.forward_backward(
+            micro_batches, batches, scored, student, len(STATS), dims.pipeline,
+            lambda hidden, weight, mb, batch, out: micro_loss(hidden, parallel.local(weight), mb, batch, out, args,
+                                                              normaliser))
     stats = torch.zeros(len(STATS), dtype=torch.float64)
     load = None
     for i, mb in enumerate(micro_batches):
@@ -125,7 +128,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             loss.backward()
         stats += _row(loss, out, labels, mask, float(aux.detach()))
     if routers:  # every rank reports a row per layer, even one that skipped its micro-batches
-        E = adapter.experts(student)[0].gate_up_proj.shape[0]
+        E = adapter.num_experts(student)
         load = torch.zeros(len(routers), E, dtype=torch.float64) if load is None else load
         return torch.cat([stats, load.flatten()])
     return stats

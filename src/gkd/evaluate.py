@@ -42,10 +42,7 @@ def sampled(model, prompts, seeds: int, eos_ids, pad_id, max_new_tokens, tempera
     (gkd.rollout.row_seed), so it depends on nothing else. Returns [prompt][seed] -> completion ids."""
     sampler = HFSampler(SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, do_sample=True,
                                        batch_size=batch_size), eos_ids, pad_id, device, synced=synced)
-    per_seed = []
-    for s in range(seeds):
-        sampler.seed = s
-        per_seed.append(sampler.generate(model, prompts, None, inputs))
+    per_seed = [sampler.generate(model, prompts, None, inputs, seed=s) for s in range(seeds)]
     return [[per_seed[s][i] for s in range(seeds)] for i in range(len(prompts))]
 
 

@@ -1,0 +1,148 @@
+"""The components of a training run, each built from its config section: data, student, teacher, rollouts,
+optimizer. The trainer calls these once and then only loops."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gkd import parallel
+from gkd.data.rows import check_context, load_examples, model_context, split_examples, warn_unused_num_proc
+from gkd.errors import GKDError
+from gkd.models import (adapter_for, apply_lora, check_compatible, eos_ids, freeze_vision, load_image_processing,
+                        load_model, load_tokenizer)
+from gkd.parallel.expert import expert_parameters
+from gkd.rollout.base import SamplingConfig
+from gkd.rollout.factory import local_rollout, student_rollout
+
+
+def image_processing(cfg, tokenizer, log):
+    """(the student's image processing or None for a text-only student, the local teacher's where it makes
+    other inputs than the student's, else None)."""
+    mine = load_image_processing(cfg.model, tokenizer)
+    if mine is None and not (cfg.freeze_vit and cfg.freeze_aligner):
+        log(f"[gkd] --model {cfg.model} has no vision tower: --freeze_vit / --freeze_aligner do nothing")
+    if mine is None or cfg.teacher_model_server:  # a server processes the images itself
+        return mine, None
+    theirs = load_image_processing(cfg.teacher_model, tokenizer)
+    if theirs is None:
+        raise GKDError(f"--teacher_model {cfg.teacher_model} is text-only but the student {cfg.model} reads "
+                       "images: the teacher must see the same images")
+    return mine, None if theirs.same_as(mine) else theirs
+
+
+def examples(data, seed: int, tokenizer, images, teacher_images, log):
+    """(training rows, held-out rows) from the data section: --val_dataset, or a seeded split."""
+    kw = dict(max_length=data.max_length, truncation_strategy=data.truncation_strategy,
+              max_completion_length=data.max_completion_length, warn=log, num_proc=data.dataset_num_proc,
+              images=images, teacher_images=teacher_images)
+    warn_unused_num_proc(data.dataset + (data.val_dataset or []), data.dataset_num_proc, log)
+    rows = load_examples(data.dataset, tokenizer, **kw)
+    if data.val_dataset:
+        return rows, load_examples(data.val_dataset, tokenizer, **kw)
+    return split_examples(rows, data.split_dataset_ratio, seed)
+
+
+def student(m, seed: int, par):
+    """The student from the model section, prepared (checkpointing, frozen vision, LoRA) and sharded."""
+    def prepare(model):  # on rank 0's copy and on every rank's skeleton: all ranks see the same error
+        parallel.check_model(model, par, lora=m.train_type == "lora",
+                             lora_experts=m.lora_experts and m.target_modules == "all-linear")
+        if m.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        frozen = freeze_vision(model, m.freeze_vit, m.freeze_aligner)
+        if m.train_type == "lora":
+            model = apply_lora(model, m.lora_rank, m.lora_alpha, m.lora_dropout, m.target_modules, seed,
+                               exclude=frozen, experts=m.lora_experts)
+        return model
+
+    model = parallel.load_sharded(lambda: load_model(m.model, m.torch_dtype), prepare,
+                                  lambda model: parallel.shard_student(model, par), par)
+    return model.train()
+
+
+def teacher(t, tokenizer, student_model, par, log):
+    """A local teacher (loaded, sharded like the student, checked against it) or a teacher server,
+    from the teacher section."""
+    if t.teacher_model_server:
+        from gkd.teacher.remote import RemoteTeacher
+
+        remote = RemoteTeacher(
+            t.teacher_model_server, t.gkd_logits_topk, api_key=t.teacher_api_key, timeout=t.teacher_timeout,
+            retries=t.teacher_retries, max_in_flight=t.teacher_max_in_flight,
+            seqs_per_request=t.teacher_seqs_per_request, wait=t.teacher_wait, wire_dtype=t.teacher_wire_dtype)
+        log(f"[gkd] teacher server {remote.url}: waiting for /health, checking tokenizer and K")
+        return remote.connect(tokenizer)
+    from gkd.teacher.local import LocalTeacher
+
+    offload = parallel.teacher_offload(par, t.offload_teacher_model, par.device)
+    if t.offload_teacher_model and not offload:
+        log("[gkd] --offload_teacher_model: training runs on the CPU, where the teacher already is; nothing to offload")
+    model = parallel.load_sharded(lambda: load_model(t.teacher_model, t.torch_dtype), lambda m: m,
+                                  lambda m: parallel.shard_teacher(m, par, offload=offload == "fsdp"), par)
+    check_compatible(tokenizer, load_tokenizer(t.teacher_model), student_model, model)
+    return LocalTeacher(model, par.device, topk=t.gkd_logits_topk, offload=offload == "move",
+                        name=f"--teacher_model {t.teacher_model}")
+
+
+def check_fits(cfg, student_model, teacher, train_rows, val_rows) -> None:
+    """Sequences within both contexts: one line now, not a failure mid-run."""
+    sampled = cfg.lmbda > 0 or cfg.seq_kd or bool(val_rows and cfg.eval_steps)
+    contexts = {"student": model_context(student_model)}
+    if teacher.context is not None:
+        contexts["teacher"] = teacher.context
+    check_context(train_rows + val_rows, cfg.max_completion_length, sampled, contexts)
+    teacher.check_rows(train_rows, cfg.max_completion_length, cfg.lmbda > 0)  # it scores training rows only
+
+
+def rollouts(cfg, student_model, tokenizer, teacher, train_rows, par, out, log):
+    """(the sampler of models in this process, the student's on-policy sampler: the same one unless vLLM)."""
+    sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                              top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.global_batch_size)
+    local = local_rollout(sampling, eos_ids(tokenizer, student_model), tokenizer.pad_token_id, par)
+    if cfg.lmbda > 0:
+        local.check_model(student_model, f"--model {cfg.model}")
+    if cfg.seq_kd or any(e.completion_ids is None for e in train_rows):
+        if cfg.lmbda < 1 or cfg.seq_kd:
+            teacher.check_generation(local, "--dataset has prompt-only rows (or --seq_kd is on): off-policy steps "
+                                            "need them completed (or use --lmbda 1)")
+    on_policy = student_rollout(cfg.section("rollout"), cfg.model, sampling, local, student_model, tokenizer,
+                                any(e.images for e in train_rows), par, out, log)
+    return local, on_policy
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return f
+
+
+def optimizer(o, params, n_rows: int):
+    """(AdamW, its LR schedule, the run's optimizer steps) from the optim section."""
+    total = o.max_steps or max(1, math.ceil(o.num_train_epochs * n_rows / o.global_batch_size))
+    opt = torch.optim.AdamW(params, lr=o.learning_rate, weight_decay=o.weight_decay, fused=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.lr_scheduler_type, int(o.warmup_ratio * total), total))
+    return opt, schedule, total
+
+
+def memory(student_model, opt, teacher, par) -> dict:
+    """Per-rank MiB of parameters and optimizer state (the largest rank's), after the first update."""
+    def tensors(params):
+        return [t for p in params for t in opt.state.get(p, {}).values() if isinstance(t, torch.Tensor)]
+
+    params = list(student_model.parameters())
+    out = {"param_mib_per_rank": par.most(parallel.local_mib(params)),
+           "optimizer_mib_per_rank": par.most(parallel.local_mib(tensors(params)))}
+    if adapter_for(student_model).moe:  # under expert parallelism about 1/EP of the unsharded run's
+        experts = set(expert_parameters(student_model))
+        out["expert_param_mib_per_rank"] = par.most(parallel.local_mib(experts))
+        out["expert_optimizer_mib_per_rank"] = par.most(parallel.local_mib(tensors(experts)))
+    return {**out, **teacher.memory_mib(par.most, par.device)}

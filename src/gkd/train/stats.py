@@ -1,0 +1,90 @@
+"""What one optimizer step measured, by name, and the sums over the steps between two log lines."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from gkd.train.step import STATS
+
+
+@dataclass
+class StepStats:
+    """One step's sums over every rank (forward_backward's row, reduced, read by name)."""
+
+    loss: float
+    divergence: float
+    sft: float
+    agree: int
+    sft_tokens: int
+    router_aux: float
+    expert_tokens: torch.Tensor | None  # [MoE layers, E] tokens routed to each expert (None: a dense student)
+
+    @classmethod
+    def of(cls, row: torch.Tensor, num_experts: int | None) -> "StepStats":
+        named = dict(zip(STATS, row[:len(STATS)].tolist()))
+        load = row[len(STATS):].view(-1, num_experts) if len(row) > len(STATS) else None
+        return cls(loss=named["loss"], divergence=named["divergence"], sft=named["sft"], agree=int(named["agree"]),
+                   sft_tokens=int(named["sft_tokens"]), router_aux=named["router_aux"], expert_tokens=load)
+
+
+@dataclass
+class Window:
+    """Sums over the optimizer steps since the last log line."""
+
+    loss: float = 0.0
+    div: float = 0.0
+    sft: float = 0.0
+    sft_tokens: int = 0
+    agree: int = 0
+    tokens: int = 0
+    seqs: int = 0
+    student_seqs: int = 0
+    grad_norm: float = 0.0
+    router_aux: float = 0.0
+    expert_tokens: object = None  # [MoE layers, E] tokens routed to each expert (MoE students)
+    steps: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, s: StepStats, tokens: int, seqs: int, sampled: bool, grad_norm: float) -> None:
+        self.loss += s.loss
+        self.div += s.divergence
+        self.sft += s.sft
+        self.agree += s.agree
+        self.sft_tokens += s.sft_tokens
+        self.tokens += tokens
+        self.seqs += seqs
+        self.student_seqs += seqs if sampled else 0
+        self.grad_norm += grad_norm
+        self.router_aux += s.router_aux
+        if s.expert_tokens is not None:
+            self.expert_tokens = s.expert_tokens if self.expert_tokens is None else self.expert_tokens + s.expert_tokens
+        self.steps += 1
+
+    def metrics(self, learning_rate: float) -> dict:
+        elapsed = time.perf_counter() - self.t0
+        return {
+            "loss": self.loss / self.steps,
+            "divergence": self.div / max(self.tokens, 1),
+            "sft_loss": self.sft / max(self.sft_tokens, 1) if self.sft_tokens else None,
+            "learning_rate": learning_rate,
+            "grad_norm": self.grad_norm / self.steps,
+            "tokens_per_s": self.tokens / max(elapsed, 1e-9),
+            "step_time": elapsed / self.steps,
+            "on_policy_share": self.student_seqs / max(self.seqs, 1),
+            "completion_length": self.tokens / max(self.seqs, 1),
+            "top1_agreement": self.agree / max(self.tokens, 1),
+            **self._moe(),
+        }
+
+    def _moe(self) -> dict:
+        """MoE students: the router aux loss (before its coefficient; the step's loss includes coef x it)
+        and the expert load, tokens of the busiest expert over the mean (1 = balanced; E/k = all tokens
+        on the same k experts), in the worst layer."""
+        if self.expert_tokens is None:
+            return {}
+        t = self.expert_tokens
+        return {"router_aux_loss": self.router_aux / self.steps,
+                "expert_load": float((t.max(1).values / t.mean(1).clamp(min=1e-9)).max())}
