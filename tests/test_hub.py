@@ -91,7 +91,8 @@ def test_eval_and_serve_take_hub_ids(hub_home, tiny, tmp_path, capsys):
                  "--max_completion_length", "3", "--output", str(out)]) == 0, capsys.readouterr().err
     assert json.loads(out.read_text())["divergence"] >= 0
 
-    from gkd.teacher.serve import ServeConfig, TeacherServer
+    from gkd.config import ServeConfig
+    from gkd.teacher.serve import TeacherServer
 
     server = TeacherServer(ServeConfig(model="org/teacher", port=0))
     thread = threading.Thread(target=server.httpd.serve_forever, daemon=True)

@@ -102,7 +102,7 @@ def test_vllm_weights_are_the_folders_tensors(tmp_path, family):
     hold (the names vLLM's loader reads), and LoRA on the experts merged as PEFT merges it."""
     from safetensors.torch import load_file
 
-    from gkd.rollout.vllm_engine import export_weights
+    from gkd.models.export import export_weights
 
     folder = write_moe(tmp_path / family, family, seed=3)
     disk = load_file(str(folder / "model.safetensors"))

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from gkd.cli import main
-from gkd.teacher.serve import ServeConfig, TeacherServer
+from gkd.config import ServeConfig
+from gkd.teacher.serve import TeacherServer
 from serving import http, start_gkd_serve
 
 

@@ -10,31 +10,12 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from gkd.config import TrainConfig, _f, build_config, parser_for
+from gkd.config import EvalConfig, TrainConfig, build_config, parser_for
 from gkd.errors import GKDError
 
 ERROR_DIR = "GKD_ERROR_DIR"  # where workers under `gkd train --nproc_per_node` leave their one-line errors
-
-
-@dataclass
-class EvalConfig:
-    model: str = _f("", "student: a Hugging Face model folder, a hub ID (org/name[@revision]), a .gguf file or smollm2")
-    teacher_model: str = _f("", "teacher: a Hugging Face model folder, a hub ID, a .gguf file or smollm2")
-    dataset: list[str] = _f(None, "prompts (rows as for training, files or hub IDs org/name[@revision][:split]; "
-                                  "completions are ignored)", nargs="+")
-    beta: float = _f(0.5, "generalized JSD interpolation for the reported divergence")
-    temperature: float = _f(0.9, "temperature of the reported divergence")
-    max_completion_length: int = _f(128, "new tokens of the greedy completions")
-    max_length: int = _f(1024, "maximum prompt length (longer prompts are cut from the left)")
-    batch_size: int = _f(16, "prompts per forward")
-    torch_dtype: str = _f("float32", "dtype of both models", choices=("float32", "bfloat16"))
-    num_samples: int = _f(0, "also sample this many completions per prompt from the student (seeds 0..N-1, at "
-                             "--temperature) and report the teacher's mean log-prob of them")
-    output: str = _f("", "write the metrics as JSON here, with one row per prompt (its text, the teacher's and "
-                         "student's greedy completions, the student's samples and the prompt's own metrics)")
 
 
 def _prompt_examples(paths, tokenizer, max_length, images=None, teacher_images=None):
@@ -62,8 +43,8 @@ def cmd_eval(cfg: EvalConfig) -> dict:
 
     from gkd.config import check_types
     from gkd.data.rows import check_context, model_context
-    from gkd.models import check_compatible, eos_ids, load_image_processing, load_model, load_tokenizer
     from gkd.evaluate import evaluate, format_table
+    from gkd.models import check_compatible, eos_ids, load_image_processing, load_model, load_tokenizer
 
     for name in ("model", "teacher_model"):
         if not getattr(cfg, name):
@@ -222,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             ns = vars(p.parse_args(rest))
             cmd_eval(build_config(EvalConfig, {k: v for k, v in ns.items() if k != "config"}, ns.get("config")))
         elif command == "serve":
-            from gkd.teacher.serve import ServeConfig, TeacherServer
+            from gkd.config import ServeConfig
+            from gkd.teacher.serve import TeacherServer
 
             p = parser_for(ServeConfig, "gkd serve", "Serve a teacher's top-k log-probs (vLLM's API, plus a compact form).")
             ns = vars(p.parse_args(rest))

