@@ -88,7 +88,7 @@ def shard_teacher(model, par: Parallel, offload: bool = False) -> None:
 
 def teacher_offload(par: Parallel, requested: bool, device) -> str:
     """Who keeps the teacher on CPU between uses: "fsdp" (its shards, under FSDP's CPU offload policy),
-    "move" (LocalTeacher moves the whole unsharded model) or "" (nothing to do: training runs on CPU)."""
+    "move" (the local teacher moves the whole unsharded model) or "" (nothing to do: training runs on CPU)."""
     if not requested or device.type == "cpu":
         return ""
     if par.shard_mesh is not None and par.pp == 1:
