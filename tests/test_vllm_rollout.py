@@ -84,13 +84,13 @@ def test_same_loss_as_hf_backend_for_the_same_completions(pair, tmp_path, monkey
     vllm_trainer = Trainer(_cfg(pair, tmp_path / "v", max_steps=1), log=lambda *_: None)
     drawn = {}
     original = vllm_trainer.rollout.generate
-    vllm_trainer.rollout.generate = lambda model, prompts, rows, inputs=None: drawn.setdefault(
-        "c", original(model, prompts, rows, inputs))
+    vllm_trainer.rollout.generate = lambda model, prompts, rows, inputs=None, seed=0: drawn.setdefault(
+        "c", original(model, prompts, rows, inputs, seed))
     from gkd.train.stats import Window
 
     loss_vllm = vllm_trainer.train_step(0, Window())
     hf_trainer = Trainer(_cfg(pair, tmp_path / "h", max_steps=1, use_vllm=False), log=lambda *_: None)
-    hf_trainer.rollout.generate = lambda model, prompts, rows, inputs=None: drawn["c"]
+    hf_trainer.rollout.generate = lambda model, prompts, rows, inputs=None, seed=0: drawn["c"]
     loss_hf = hf_trainer.train_step(0, Window())
     assert loss_vllm == pytest.approx(loss_hf, rel=1e-6)
 
