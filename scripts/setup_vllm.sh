@@ -16,4 +16,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
   echo "$want" > "$stamp"
 fi
-echo "[setup_vllm] vLLM $(.venv/bin/python -c 'import vllm; print(vllm.__version__)' 2>/dev/null) in $(pwd)/.venv"
+# the tests that need vLLM fail without it, so a broken install must stop here, saying why
+if ! version=$(.venv/bin/python -c 'import vllm; print(vllm.__version__)' 2>/tmp/gkd-vllm-import.$$); then
+  echo "[setup_vllm] error: vLLM does not import in $(pwd)/.venv:" >&2
+  tail -n 3 /tmp/gkd-vllm-import.$$ >&2
+  rm -f "$stamp" /tmp/gkd-vllm-import.$$  # the next run installs it again
+  echo "[setup_vllm] run this script again to reinstall it" >&2
+  exit 1
+fi
+rm -f /tmp/gkd-vllm-import.$$
+echo "[setup_vllm] vLLM $version in $(pwd)/.venv"
