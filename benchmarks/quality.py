@@ -51,7 +51,7 @@ COLUMNS = (*METRICS, "on_policy_steps")
 
 def prepare(work: Path, samples: int, max_new_tokens: int) -> tuple[Path, Path, Path]:
     """The teacher as a plain HF folder, the demo's student and the teacher-written training rows."""
-    from gkd.demo import STUDENT_LAYERS, _layers, teacher_written
+    from gkd.cli.demo import STUDENT_LAYERS, _layers, teacher_written
     from gkd.models import SMOLLM2, load_model, load_tokenizer, prune_command
     from gkd.prompts import train_prompts
 
@@ -75,7 +75,7 @@ class Judge:
     def __init__(self, teacher_dir: Path, a):
         import torch
 
-        from gkd.demo import chat_prompt
+        from gkd.cli.demo import chat_prompt
         from gkd.models import eos_ids, load_model, load_tokenizer
         from gkd.prompts import eval_prompts
 

@@ -68,7 +68,7 @@ def teacher_written(teacher, tok, questions: list[str], samples: int, max_new_to
     return [(q, c) for q, c in pairs if c.strip()]
 
 
-def main(argv: list[str]) -> dict:
+def run(argv: list[str]) -> dict:
     p = _OneLineErrors(prog="gkd demo", description=__doc__)
     p.add_argument("--output_dir", "--output-dir", default="runs/demo", help="where everything goes")
     p.add_argument("--max_steps", "--max-steps", type=int, default=120, help="optimizer steps")
