@@ -5,8 +5,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# One thread per pytest process, as every process the tests start has (ENV below): the two workers share two
+# cores, and torch's default of a thread per core spends more time synchronising threads than computing on the
+# tiny models (tests/test_families.py on one worker: 61 s with two threads, 19 s with one).
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 
