@@ -4,8 +4,12 @@ Tiers: `slow` marks every test that starts torchrun, a server (`gkd serve`, vLLM
 `gkd` runs, or loads the real SmolLM2; `-m "not slow"` is the edit loop's tier (a test there may still run one real
 `gkd` command). A test outside the slow tier that starts torchrun or a server fails, naming the marker it lacks."""
 
+import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,27 +25,40 @@ from helpers import RunContext, Runs  # noqa: E402
 torch.set_num_threads(1)
 
 # -------------------------------------------------------------------------------------------------------
-# xdist groups: one per file, and one for every test reading the session's runs (they share its launches);
-# the longest groups first, so that the two workers' chains end together.
-# LENGTH: seconds of a group on this 2-core machine (pytest --durations), roughly; others count as short.
+# xdist (--dist loadgroup): the slow tests of a file share a worker (and its module fixtures: servers), and
+# every test reading the session's runs shares one (and their launches); the other tests go one by one to
+# whichever worker is free. The longest groups go first, the single tests last, so that the two workers end
+# together. pytest-xdist 3.8 cannot see groups under pytest 9 (it renames items through an attribute pytest 9
+# no longer reads), so the workers write each test's group to a file and the scheduler below reads it.
+# LENGTH: seconds of a group on this 2-core machine (pytest --durations), roughly.
 # -------------------------------------------------------------------------------------------------------
 
 RUNS_GROUP = "runs"
 LENGTH = {
-    RUNS_GROUP: 420,
-    "test_smollm2.py": 230,
-    "test_vllm_rollout.py": 330,
-    "test_gpu_check.py": 170,
-    "test_vllm_families.py": 150,
-    "test_faults.py": 200,
-    "test_multimodal.py": 180,
-    "test_vllm_teacher.py": 100,
-    "test_serve.py": 90,
-    "test_trainer.py": 110,
-    "test_distributed.py": 90,
-    "test_pipeline.py": 60,
-    "test_families.py": 60,
+    RUNS_GROUP: 260,
+    "test_vllm_rollout.py": 215,
+    "test_faults.py": 85,
+    "test_smollm2.py": 77,
+    "test_multimodal.py": 60,
+    "test_gpu_check.py": 43,
+    "test_serve.py": 40,
+    "test_vllm_families.py": 31,
+    "test_vllm_teacher.py": 29,
+    "test_pipeline.py": 28,
+    "test_distributed.py": 24,
+    "test_trainer.py": 20,
 }
+GROUPS = "GKD_TEST_GROUPS"  # the file of {test id: group}, written by the workers
+
+
+def pytest_configure(config):
+    if getattr(config.option, "dist", "no") == "loadgroup" and "PYTEST_XDIST_WORKER" not in os.environ:
+        os.environ[GROUPS] = str(Path(tempfile.mkdtemp(prefix="gkd-test-groups-")) / "groups.json")
+
+
+def pytest_unconfigure(config):
+    if os.environ.get(GROUPS) and "PYTEST_XDIST_WORKER" not in os.environ:
+        shutil.rmtree(Path(os.environ.pop(GROUPS)).parent, ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -50,10 +67,40 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("dist") and not item.get_closest_marker("slow"):
             raise pytest.UsageError(f"{item.nodeid}: marked dist but not slow (every torchrun test is slow)")
         if not any(item.iter_markers("xdist_group")):
-            group = RUNS_GROUP if "runs" in item.fixturenames else Path(str(item.fspath)).name
+            if "runs" in item.fixturenames:
+                group = RUNS_GROUP
+            elif item.get_closest_marker("slow"):
+                group = Path(str(item.fspath)).name
+            else:
+                group = item.nodeid  # a group of its own
             item.add_marker(pytest.mark.xdist_group(group))
     group = {item: next(item.iter_markers("xdist_group")).args[0] for item in items}
     items.sort(key=lambda item: -LENGTH.get(group[item], 0))  # stable: each file keeps its order
+    if os.environ.get(GROUPS) and "PYTEST_XDIST_WORKER" in os.environ:
+        path = Path(os.environ[GROUPS])
+        partial = path.with_name(f"{os.environ['PYTEST_XDIST_WORKER']}.json")
+        partial.write_text(json.dumps({item.nodeid: group[item] for item in items}))
+        partial.replace(path)  # whole, whichever worker writes last (they collect the same tests)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.option.dist != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        """xdist's scope scheduling (a group runs on one worker, groups handed out in collection order) over the
+        groups the workers wrote."""
+
+        groups: dict | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:
+                self.groups = json.loads(Path(os.environ[GROUPS]).read_text())
+            return self.groups.get(nodeid) or nodeid.split("::")[0]
+
+    return ByGroup(config, log)
 
 
 # -------------------------------------------------------------------------------------------------------
