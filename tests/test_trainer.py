@@ -164,8 +164,9 @@ def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
     for i, (name, (text, needle)) in enumerate(cases.items()):
         bad.write_text(text)
         out = tmp_path / f"out-{name.replace(' ', '-')}"
-        proc = (gkd_subprocess if i == 0 else gkd_in_process)("train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", str(bad),
-                    "--output_dir", str(out), "--progress_bar", "false")
+        args = ["train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", str(bad),
+                "--output_dir", str(out), "--progress_bar", "false"]
+        proc = (gkd_subprocess if i == 0 else gkd_in_process)(*args)  # one real command, then in-process
         assert_one_line_error(proc, needle)
         assert not out.exists(), f"{name}: output folder written"
 
@@ -188,8 +189,8 @@ def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
         (["--output_dir", str(tmp_path / "x"), "--resume_from_checkpoint", str(tmp_path / "nope")], "nope: no such folder"),
         (["--output_dir", str(tmp_path / "x"), "--teacher_model_server", "http://127.0.0.1:9"], "exactly one of"),
     ]
-    for i, (extra, needle) in enumerate(flag_cases):
-        assert_one_line_error((gkd_subprocess if i == 0 else gkd_in_process)(*base, *extra), needle)
+    for extra, needle in flag_cases:
+        assert_one_line_error(gkd_in_process(*base, *extra), needle)
     remote = ["train", "--model", tiny["student"], "--dataset", tiny["data"], "--output_dir", str(tmp_path / "x"),
               "--teacher_model_server"]
     for extra, needle in [
@@ -206,7 +207,7 @@ def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
     from tiny import write_model
 
     other = write_model(tmp_path / "other-vocab", vocab_size=80)
-    assert_one_line_error(gkd_subprocess("train", "--model", tiny["student"], "--teacher_model", str(other), "--dataset",
+    assert_one_line_error(gkd_in_process("train", "--model", tiny["student"], "--teacher_model", str(other), "--dataset",
                                 tiny["data"], "--output_dir", str(tmp_path / "v")), "vocabularies differ")
 
 
@@ -216,13 +217,15 @@ def test_resume_from_corrupt_checkpoint_is_a_clear_error(tiny, tmp_path):
     ck = t.out / "checkpoint-1"
     shards = sorted((ck / "state").glob("*.distcp"))
     assert shards
-    for broken in (shards[0], ck / "trainer.pt"):
+    for i, broken in enumerate((shards[0], ck / "trainer.pt")):
         saved = broken.read_bytes()
         broken.write_bytes(saved[: len(saved) // 2])
-        proc = gkd_subprocess(*_train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint", str(ck)))
+        resume = _train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint", str(ck))
+        proc = (gkd_subprocess if i == 0 else gkd_in_process)(*resume)  # one real command, then in-process
         assert_one_line_error(proc, "corrupt checkpoint")
         broken.write_bytes(saved)
-    proc = gkd_subprocess(*_train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint", str(tmp_path / "missing")))
+    proc = gkd_in_process(*_train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint",
+                                       str(tmp_path / "missing")))
     assert_one_line_error(proc, "no such folder")
 
 
@@ -234,7 +237,7 @@ def test_yaml_config_and_dash_spelling(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "y" / "final" / "config.json").is_file()
     assert (tmp_path / "y" / "loss_curve.png").is_file()
-    help_text = gkd_subprocess("train", "--help").stdout
+    help_text = gkd_in_process("train", "--help").stdout
     for flag in ("--beta", "--lmbda", "--sft_alpha", "--gkd_logits_topk", "--offload_teacher_model", "--seq_kd"):
         assert flag in help_text
 
