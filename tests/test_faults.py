@@ -1,6 +1,7 @@
 """Fault injection: kill -9 at seeded points of checkpoint saves and of the final export, a disk that fills
 up mid-run (a small tmpfs in a private mount namespace) and an output folder remounted read-only mid-run.
-Each ends in one line or resumes exactly (the same losses), and no complete checkpoint is ever damaged."""
+Each ends in one line or resumes exactly (the same losses), and no complete checkpoint is ever damaged.
+Every run here is a fresh process (killed, or resuming with the arithmetic of the killed one)."""
 
 import json
 import random
@@ -12,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ENV, ROOT, gkd_subprocess
 from gkd.train.metrics import read_metrics
+from helpers import ENV, ROOT, gkd_subprocess
+
+pytestmark = pytest.mark.slow
 
 
 def train_args(tiny, out, *extra):

@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_gpu_check_dry_run_writes_a_summary_of_every_check(tmp_path):
     pytest.importorskip("vllm")

@@ -8,8 +8,8 @@ import pytest
 
 from gkd.cli import main
 from gkd.train.metrics import read_metrics
+from helpers import http
 from hubcache import add_model_folder, add_snapshot, commit_hash, parquet_bytes
-from serving import http
 
 REV1, REV2 = commit_hash("first"), commit_hash("second")
 

@@ -1,43 +1,28 @@
 """Mixture-of-experts students and teachers, and expert parallelism.
 
-Tiny random models: a Qwen3-MoE student (4 experts, top-2, 2 layers) and a Mixtral teacher. The torchrun
-runs train the same 4 steps as one process (seed 42, lmbda 0.5: steps 1 and 3 off-policy, 2 and 4
-seeded on-policy) with the router aux loss on (coefficient 0.01 from the config)."""
+Tiny random models (the `moe` fixture): a Qwen3-MoE student (4 experts, top-2, 2 layers) and a Mixtral
+teacher. The torchrun runs (the session's, helpers.Runs) train the same 4 steps as one process (seed 42,
+lmbda 0.5: steps 1 and 3 off-policy, 2 and 4 seeded on-policy) with the router aux loss on (coefficient 0.01
+from the config)."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ENV
 from gkd.data.batch import collate
 from gkd.errors import GKDError
 from gkd.models import adapter_for, apply_lora, load_model
 from gkd.teacher.local import LocalTeacher
 from gkd.train.metrics import read_metrics
 from gkd.train.step import LossArgs, MicroBatch, forward_backward, recording, router_stats
-from test_distributed import assert_same_run, final_weights, losses, run, torchrun_cmd, train_args
-from tiny import write_dataset, write_model, write_moe
+from helpers import (assert_one_line_mistake, assert_same_run, declare, declare_training, final_weights,
+                     gkd_in_process, gkd_subprocess, losses, resumed_from, train_args)
+from tiny import write_moe
 
 FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
-
-
-@pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe")
-    return {
-        "student": str(write_moe(root / "student", "qwen3_moe", seed=2)),
-        "teacher": str(write_moe(root / "teacher", "mixtral", layers=3, seed=1)),
-        "odd": str(write_moe(root / "odd", "qwen3_moe", experts=3, seed=2)),  # 3 experts: EP 2 cannot split
-        "dense": str(write_model(root / "dense", seed=2)),
-        "data": str(write_dataset(root / "train.jsonl", n=16)),
-        "root": root,
-    }
-
-
-moe_args = train_args  # the fixture has the same keys (student, teacher, data) as test_distributed's
+SLOW = [pytest.mark.slow, pytest.mark.dist]
+moe_args = train_args  # the fixture has the same keys (student, teacher, data) as the tiny models'
 
 
 # --- the router aux loss ----------------------------------------------------------------------------
@@ -161,18 +146,18 @@ def test_expert_parallel_checks():
     assert expert_size(2, 4, 1, 4, 1) == 2
 
 
-@pytest.mark.dist
 @pytest.mark.parametrize("model,extra,message", [
-    ("dense", [], "--expert_model_parallel_size 2: LlamaForCausalLM has no experts (a dense model)"),
+    pytest.param("dense", [], "--expert_model_parallel_size 2: LlamaForCausalLM has no experts (a dense model)",
+                 marks=SLOW, id="dense-real-command"),
     ("odd", [], "--expert_model_parallel_size 2: Qwen3MoeForCausalLM has 3 experts per layer, which 2 does not divide"),
     ("student", ["--train_type", "lora"], "with LoRA on the experts is not supported yet; pass --lora_experts false"),
 ])
-def test_expert_parallel_mistakes_are_one_line(moe, tmp_path, model, extra, message):
+def test_expert_parallel_mistakes_are_one_line(moe, tmp_path, request, model, extra, message):
+    """Each caught before any process starts: in this process, but for one real command."""
     args = moe_args(moe, tmp_path / "o", "--nproc_per_node", "2", "--expert_model_parallel_size", "2", *extra)
     args[args.index("--model") + 1] = moe[model]
-    proc = subprocess.run([sys.executable, "-m", "gkd", *args], capture_output=True, text=True, timeout=180, env=ENV)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
-    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (proc.returncode, proc.stderr[-2000:])
+    real = request.node.get_closest_marker("slow") is not None
+    assert_one_line_mistake(gkd_subprocess(*args, timeout=180) if real else gkd_in_process(*args), message)
     assert not (tmp_path / "o" / "final").exists()
 
 
@@ -181,32 +166,23 @@ def test_expert_parallel_mistakes_are_one_line(moe, tmp_path, model, extra, mess
 LORA = ["--train_type", "lora", "--lora_rank", "4", "--lora_dropout", "0", "--merge_lora", "true",
         "--lora_experts", "false"]
 MESHES = {  # name: (processes, flags, the single-process run it must equal)
-    "ep2": (2, ["--expert_model_parallel_size", "2"], "single"),
-    "ep2xfsdp2": (4, ["--expert_model_parallel_size", "2", "--micro_batch_size", "1"], "single"),
+    "ep2": (2, ["--expert_model_parallel_size", "2"], "moe-single"),
+    "ep2xfsdp2": (4, ["--expert_model_parallel_size", "2", "--micro_batch_size", "1"], "moe-single"),
     "ep2xdp2": (4, ["--expert_model_parallel_size", "2", "--data_parallel_replicate_size", "2", "--micro_batch_size",
-                    "1"], "single"),  # HSDP: two replicas of an EP 2 group
-    "ep2xtp2": (4, ["--expert_model_parallel_size", "2", "--tensor_model_parallel_size", "2"], "single"),
-    "ep2-lora": (2, ["--expert_model_parallel_size", "2", *LORA], "single-lora"),
+                    "1"], "moe-single"),  # HSDP: two replicas of an EP 2 group
+    "ep2xtp2": (4, ["--expert_model_parallel_size", "2", "--tensor_model_parallel_size", "2"], "moe-single"),
+    "ep2-lora": (2, ["--expert_model_parallel_size", "2", *LORA], "moe-single-lora"),
 }
+declare_training("moe-single", 1, models="moe")
+declare_training("moe-single-lora", 1, LORA, models="moe")
+for _name, (_nproc, _flags, _) in MESHES.items():
+    declare_training(_name, _nproc, _flags, models="moe")
+declare("resume-ep2-on-single", 1, resumed_from("ep2", models="moe"), after=("ep2",), mkdir=True)
 
 
-@pytest.fixture(scope="module")
-def runs(moe):
-    root = moe["root"] / "runs"
-    done = {"single": root / "single", "single-lora": root / "single-lora"}
-    run([sys.executable, "-m", "gkd", *moe_args(moe, done["single"])])
-    run([sys.executable, "-m", "gkd", *moe_args(moe, done["single-lora"], *LORA)])
-    for name, (nproc, flags, _) in MESHES.items():
-        done[name] = root / name
-        if name == "ep2":  # the shortcut: gkd runs itself under torchrun
-            run([sys.executable, "-m", "gkd", *moe_args(moe, done[name], "--nproc_per_node", "2", *flags)])
-        else:
-            run(torchrun_cmd(nproc, moe_args(moe, done[name], *flags)))
-    return done
-
-
-@pytest.mark.dist
 @pytest.mark.parametrize("mesh", list(MESHES))
+@pytest.mark.slow
+@pytest.mark.dist
 def test_expert_parallel_equals_one_process(runs, moe, mesh):
     ref, got, w = assert_same_run(runs[MESHES[mesh][2]], runs[mesh])  # losses and final weights within 1e-5
     for a, b in zip(ref, got):
@@ -224,9 +200,10 @@ def test_expert_parallel_equals_one_process(runs, moe, mesh):
         assert experts <= changed
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_expert_parameters_and_optimizer_state_per_rank_are_split(runs):
-    one = read_metrics(runs["single"] / "metrics.jsonl")[-1]
+    one = read_metrics(runs["moe-single"] / "metrics.jsonl")[-1]
     for mesh, share in (("ep2", 1 / 2), ("ep2xfsdp2", 1 / 4), ("ep2xdp2", 1 / 2), ("ep2xtp2", 1 / 2)):
         m = read_metrics(runs[mesh] / "metrics.jsonl")[-1]
         for key in ("expert_param_mib_per_rank", "expert_optimizer_mib_per_rank"):
@@ -234,15 +211,14 @@ def test_expert_parameters_and_optimizer_state_per_rank_are_split(runs):
         assert m["teacher_mib_per_rank"] < 0.75 * one["teacher_mib_per_rank"]
 
 
+@pytest.mark.slow
 @pytest.mark.dist
-def test_resume_an_expert_parallel_checkpoint_on_one_process(runs, moe, tmp_path):
-    out = tmp_path / "resumed"
-    out.mkdir()
-    run([sys.executable, "-m", "gkd", *moe_args(moe, out, "--resume_from_checkpoint", str(runs["ep2"] / "checkpoint-2"))])
-    ref, got = losses(runs["single"]), losses(out)
+def test_resume_an_expert_parallel_checkpoint_on_one_process(runs):
+    out = runs["resume-ep2-on-single"]
+    ref, got = losses(runs["moe-single"]), losses(out)
     assert sorted(got) == [3, 4]  # step 3 is off-policy, step 4 on-policy
     for step in (3, 4):
         assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
-    w_ref, w = final_weights(runs["single"]), final_weights(out)
+    w_ref, w = final_weights(runs["moe-single"]), final_weights(out)
     for k in w_ref:
         torch.testing.assert_close(w[k], w_ref[k], rtol=0, atol=1e-5, msg=k)

@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 
-from conftest import ENV, gkd_in_process, gkd_subprocess
 from gkd.config import TrainConfig
 from gkd.data.batch import collate
 from gkd.data.rows import load_examples
@@ -22,21 +21,11 @@ from gkd.teacher.local import LocalTeacher
 from gkd.teacher.remote import RemoteTeacher
 from gkd.train.metrics import read_metrics
 from gkd.train.trainer import Trainer
-from serving import start_gkd_serve, stop
-from tiny import write_image, write_image_dataset, write_llava, write_model, write_qwen2vl
+from helpers import (ENV, assert_one_line_error, declare, final_weights, gkd_in_process, gkd_subprocess, http,
+                     start_gkd_serve, stop)
+from tiny import write_image, write_model, write_qwen2vl
 
 FAMILIES = ("qwen2_vl", "llava")
-
-
-@pytest.fixture(scope="module")
-def vl(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vl")
-    pairs = {
-        "qwen2_vl": (write_qwen2vl(root / "qwen-student", seed=2), write_qwen2vl(root / "qwen-teacher", layers=3, seed=1)),
-        "llava": (write_llava(root / "llava-student", seed=2), write_llava(root / "llava-teacher", layers=3, seed=1)),
-    }
-    return {"pairs": pairs, "data": write_image_dataset(root / "data" / "train.jsonl", n=8),
-            "prompts": write_image_dataset(root / "data" / "prompts.jsonl", n=8, seed=3, prompt_only=True), "root": root}
 
 
 def cfg_for(vl, family, out, **kw):
@@ -125,6 +114,7 @@ def qwen_server(vl):
     stop(proc)
 
 
+@pytest.mark.slow
 def test_server_teacher_with_images_equals_local_topk_teacher(vl, qwen_server):
     student_dir, teacher_dir = vl["pairs"]["qwen2_vl"]
     tok = load_tokenizer(str(student_dir))
@@ -160,9 +150,8 @@ def test_server_teacher_with_images_equals_local_topk_teacher(vl, qwen_server):
     torch.testing.assert_close(g_rem, g_loc, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_server_refuses_ids_whose_image_tokens_do_not_match(vl, qwen_server):
-    from serving import http
-
     tok = load_tokenizer(str(vl["pairs"]["qwen2_vl"][0]))
     ids = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w1"}]}],
                                   add_generation_prompt=True, tokenize=True, return_dict=False)  # one placeholder, unexpanded
@@ -176,6 +165,7 @@ def test_server_refuses_ids_whose_image_tokens_do_not_match(vl, qwen_server):
     assert code == 400 and "1 image tokens in the ids from position" in body["error"]["message"], body
 
 
+@pytest.mark.slow
 def test_training_against_a_server_teacher_with_images(vl, qwen_server, tmp_path):
     t = Trainer(cfg_for(vl, "qwen2_vl", tmp_path / "remote", teacher_model="", teacher_model_server=qwen_server,
                         gkd_logits_topk=8, lmbda=0.5, max_steps=2), log=quiet)
@@ -217,37 +207,54 @@ def _losses(out):
     return {m["step"]: m["loss"] for m in read_metrics(out / "metrics.jsonl")}
 
 
-@pytest.mark.dist
-def test_fsdp2_equals_one_process(vl, tmp_path):
-    from safetensors.torch import load_file
+# the session's runs (helpers.Runs): 4 steps of Qwen2-VL on one process and on FSDP 2; 2 steps of each family on
+# FSDP 2 where one rank's micro-batch has an image and the other's has none
+declare("vl-single", 1, lambda c, out: _args(c.models("vl"), "qwen2_vl", out, "--max_steps", "4"))
+declare("vl-fsdp2", 2, lambda c, out: _args(c.models("vl"), "qwen2_vl", out, "--max_steps", "4"))
 
-    single = gkd_subprocess(*_args(vl, "qwen2_vl", tmp_path / "one", "--max_steps", "4"))
-    assert single.returncode == 0, single.stderr[-3000:]
-    two = gkd_subprocess(*_args(vl, "qwen2_vl", tmp_path / "two", "--max_steps", "4", "--nproc_per_node", "2"), timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+
+def _one_image_row_and_one_text_row(family):
+    def args(c, out):
+        vl = c.models("vl")
+
+        def make():
+            rows = [json.loads(line) for line in vl["data"].read_text().splitlines()]
+            mixed = vl["root"] / "data" / "mixed.jsonl"
+            mixed.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[2]) + "\n")  # an image row, a text row
+            return str(mixed)
+
+        args = _args(vl, family, out, "--max_steps", "2", "--micro_batch_size", "1", "--global_batch_size", "2")
+        args[args.index("--dataset") + 1] = c.once("vl-mixed-data", make)
+        return args
+
+    return args
+
+
+for _family in FAMILIES:
+    declare(f"vl-mixed-{_family}", 2, _one_image_row_and_one_text_row(_family))
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_fsdp2_equals_one_process(runs):
+    a, b = _losses(runs["vl-single"]), _losses(runs["vl-fsdp2"])
     assert sorted(a) == [1, 2, 3, 4] and all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
-    wa, wb = (load_file(str(tmp_path / n / "final" / "model.safetensors")) for n in ("one", "two"))
+    wa, wb = final_weights(runs["vl-single"]), final_weights(runs["vl-fsdp2"])
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow
 @pytest.mark.dist
-def test_fsdp2_with_one_image_row_and_one_text_row(vl, tmp_path):
+def test_fsdp2_with_one_image_row_and_one_text_row(runs):
     """One rank's micro-batch has an image, the other's has none: the vision tower must not be a sharded
     unit of its own (its gathers would run on one rank only)."""
-    rows = [json.loads(line) for line in vl["data"].read_text().splitlines()]
-    mixed = vl["root"] / "data" / "mixed.jsonl"
-    mixed.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[2]) + "\n")  # an image row, a text row
     for family in FAMILIES:
-        args = _args(vl, family, tmp_path / family, "--max_steps", "2", "--nproc_per_node", "2",
-                     "--micro_batch_size", "1", "--global_batch_size", "2")
-        args[args.index("--dataset") + 1] = str(mixed)
-        proc = gkd_subprocess(*args, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert runs[f"vl-mixed-{family}"].is_dir()  # (the run succeeded on every rank)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_the_losses(vl, tmp_path):
     full = gkd_subprocess(*_args(vl, "llava", tmp_path / "full", "--max_steps", "5"))
     assert full.returncode == 0, full.stderr[-3000:]
@@ -270,17 +277,11 @@ def test_kill_and_resume_reproduces_the_losses(vl, tmp_path):
 def test_eval_command_with_images(vl, tmp_path):
     student, teacher = vl["pairs"]["qwen2_vl"]
     out = tmp_path / "eval.json"
-    proc = gkd_subprocess(*["eval", "--model", str(student), "--teacher_model", str(teacher), "--dataset", str(vl["prompts"]),
-                 "--max_completion_length", "3", "--output", str(out)])
+    proc = gkd_in_process("eval", "--model", str(student), "--teacher_model", str(teacher), "--dataset",
+                          str(vl["prompts"]), "--max_completion_length", "3", "--output", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(out.read_text())
     assert metrics["prompts"] == 8 and metrics["teacher_tokens"] > 0
-
-
-def _one_line_error(proc, needle):
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("gkd: error:"), proc.stderr[-2000:]
-    assert needle in lines[0], lines[0]
 
 
 def test_bad_image_input_gives_one_line_and_exit_2(vl, tmp_path):
@@ -313,7 +314,7 @@ def test_bad_image_input_gives_one_line_and_exit_2(vl, tmp_path):
         args = ["train", "--model", flags.get("model", str(student)), "--teacher_model", flags.get("teacher", str(teacher)),
                 "--dataset", str(data), "--output_dir", str(out), "--max_steps", "1", "--global_batch_size", "1"]
         proc = gkd_subprocess(*args) if name == "missing image" else gkd_in_process(*args)  # one real command, then in-process
-        _one_line_error(proc, needle)
+        assert_one_line_error(proc, needle)
         assert not out.exists(), f"{name}: wrote {out}"
 
 

@@ -1,63 +1,66 @@
 """Pipeline parallelism (torchrun, gloo on 127.0.0.1) equals one process, on- and off-policy, alone and with
 FSDP, TP and LoRA; checkpoints move between pipeline sizes; mistakes are one line.
 
-The runs share test_distributed's arguments: seed 42, lmbda 0.5, so steps 1 and 3 are off-policy and steps
-2 and 4 on-policy (seeded sampling through the stages)."""
-
-import subprocess
-import sys
-from pathlib import Path
+The runs take helpers.train_args: seed 42, lmbda 0.5, so steps 1 and 3 are off-policy and steps 2 and 4
+on-policy (seeded sampling through the stages); they are the session's (helpers.Runs), shared with the other
+files that compare against the same single-process runs."""
 
 import pytest
 import torch
 
-from conftest import ENV
 from gkd.errors import GKDError
 from gkd.train.metrics import read_metrics
-from test_distributed import LORA, check_resume, final_weights, kill_and_resume, run, torchrun_cmd, train_args
+from helpers import (LORA, assert_one_line_mistake, check_resume, declare, declare_training, final_weights,
+                     gkd_in_process, gkd_subprocess, kill_and_resume, resumed_from, set_arg, train_args)
 
-pytestmark = pytest.mark.dist
-
+SLOW = [pytest.mark.slow, pytest.mark.dist]
 PP2 = ["--pipeline_model_parallel_size", "2"]
-RUNS = {  # name: (processes, flags, the single-process run it must equal)
-    "pp2": (2, PP2, "single"),  # launched with gkd's own --nproc_per_node
-    "pp2xfsdp2": (4, PP2, "single"),
-    "pp2xtp2": (4, [*PP2, "--tensor_model_parallel_size", "2"], "single"),
-    "pp2-lora": (2, [*PP2, *LORA], "single-lora"),
-    "pp2-interleaved": (2, [*PP2, "--virtual_pipeline_model_parallel_size", "2"], "single-4layers"),
-    "pp2-gpipe-hand": (2, [*PP2, "--pipeline_schedule", "gpipe", "--pipeline_layers", "1,3"], "single-4layers"),
+RUNS = {  # name: (processes, flags, the single-process run it must equal, the models)
+    "pp2": (2, PP2, "single", "tiny"),
+    "pp2xfsdp2": (4, PP2, "single", "tiny"),
+    "pp2xtp2": (4, [*PP2, "--tensor_model_parallel_size", "2"], "single", "tiny"),
+    "pp2-lora": (2, [*PP2, *LORA], "single-lora", "tiny"),
+    # a 4-layer student: 2 virtual stages per rank, and uneven hand-set stages
+    "pp2-interleaved": (2, [*PP2, "--virtual_pipeline_model_parallel_size", "2"], "single-4layers", "tiny4"),
+    "pp2-gpipe-hand": (2, [*PP2, "--pipeline_schedule", "gpipe", "--pipeline_layers", "1,3"], "single-4layers", "tiny4"),
 }
+declare_training("single-4layers", 1, models="tiny4")
+for _name, (_nproc, _flags, _, _models) in RUNS.items():
+    declare_training(_name, _nproc, _flags, models=_models)
+
+RESUMES = [("pp2", "single"), ("single", "pp2"), ("pp2-lora", "single-lora"), ("pp2xtp2", "pp2")]
+for _saved, _on in RESUMES:  # the saved run's step-2 checkpoint, resumed on one process or on 2 stages
+    declare(f"resume-{_saved}-on-{_on}", 1 if _on.startswith("single") else RUNS[_on][0],
+            resumed_from(_saved, lora=LORA if "lora" in _saved else [],
+                         flags=[] if _on.startswith("single") else RUNS[_on][1]), after=(_saved,), mkdir=True)
 
 
-@pytest.fixture(scope="module")
-def student4(tiny):
-    from tiny import write_model
+def _teacher_sampling_or_server(kind: str, launch: list[str]):
+    """2 steps (off-, then on-policy): sequence-level KD with gradient checkpointing, or a teacher server's top-k
+    rows (the session's `gkd serve` of the tiny teacher)."""
+    def args(c, out):
+        if kind == "remote-teacher":
+            extra = ["--teacher_model_server", c.server, "--gkd_logits_topk", "8"]
+        else:
+            extra = ["--seq_kd", "true", "--gradient_checkpointing", "true"]
+        args = set_arg(train_args(c.models("tiny"), out, *extra, *launch), "--max_steps", "2")
+        if kind == "remote-teacher":
+            i = args.index("--teacher_model")
+            del args[i:i + 2]
+        return args
 
-    return str(write_model(Path(tiny["root"]) / "student4", layers=4, seed=3))
-
-
-def args_for(tiny, student4, name, out, *extra):
-    args = train_args(tiny, out, *extra)
-    if "4layers" in name or "interleaved" in name or "gpipe" in name:
-        args[args.index("--model") + 1] = student4
     return args
 
 
-@pytest.fixture(scope="module")
-def runs(tiny, student4, tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    done = {}
-    for name, flags in (("single", []), ("single-lora", LORA), ("single-4layers", [])):
-        done[name] = root / name
-        run([sys.executable, "-m", "gkd", *args_for(tiny, student4, name, done[name], *flags)])
-    for name, (nproc, flags, _) in RUNS.items():
-        done[name] = root / name
-        args = args_for(tiny, student4, name, done[name], *flags)
-        run([sys.executable, "-m", "gkd", *args, "--nproc_per_node", "2"] if name == "pp2" else torchrun_cmd(nproc, args))
-    return done
+for _kind in ("seq-kd-checkpointing", "remote-teacher"):
+    declare(f"{_kind}-single", 1, _teacher_sampling_or_server(_kind, []))
+    declare(f"{_kind}-pp2", 2, _teacher_sampling_or_server(_kind, PP2))
+declare("pipelined-sampler", 2, lambda c, out: [c.models("tiny")["student"]], call="pipeline_sampler_worker:run")
 
 
 @pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.slow
+@pytest.mark.dist
 def test_pipeline_equals_the_single_process_run(runs, name):
     single = runs[RUNS[name][2]]
     ref, got = read_metrics(single / "metrics.jsonl"), read_metrics(runs[name] / "metrics.jsonl")
@@ -76,6 +79,8 @@ def test_pipeline_equals_the_single_process_run(runs, name):
     assert start[1] != start[3], "training changed nothing"
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_each_stage_holds_its_share_of_student_optimizer_and_teacher(runs):
     one = read_metrics(runs["single"] / "metrics.jsonl")[-1]
     pp2 = read_metrics(runs["pp2"] / "metrics.jsonl")[-1]
@@ -90,56 +95,42 @@ def test_each_stage_holds_its_share_of_student_optimizer_and_teacher(runs):
     assert 0.3 <= both[key] / one[key] <= 0.45, (both[key], one[key])
 
 
-@pytest.mark.parametrize("saved,resumed", [("pp2", "single"), ("single", "pp2"), ("pp2-lora", "single-lora"),
-                                           ("pp2xtp2", "pp2")])
-def test_resume_across_pipeline_sizes(runs, tiny, tmp_path, saved, resumed):
-    check_resume(runs, tiny, tmp_path, saved, None if resumed.startswith("single") else RUNS[resumed][:2])
+@pytest.mark.parametrize("saved,resumed", RESUMES)
+@pytest.mark.slow
+@pytest.mark.dist
+def test_resume_across_pipeline_sizes(runs, saved, resumed):
+    check_resume(runs[f"resume-{saved}-on-{resumed}"], runs["single-lora" if "lora" in saved else "single"])
 
 
 @pytest.mark.parametrize("kind", ["seq-kd-checkpointing", "remote-teacher"])
-def test_teacher_sampling_checkpointing_and_a_teacher_server_under_pipeline(tiny, tmp_path, kind):
+@pytest.mark.slow
+@pytest.mark.dist
+def test_teacher_sampling_checkpointing_and_a_teacher_server_under_pipeline(runs, kind):
     """Sequence-level KD (the teacher samples through its own stages) with gradient checkpointing, and a
     teacher server's top-k rows fetched by the last stage: 2 steps (off-, then on-policy) equal one process."""
-    server = None
-    if kind == "remote-teacher":
-        from serving import start_gkd_serve, stop
-
-        server, url = start_gkd_serve(tiny["teacher"])
-        extra = ["--teacher_model_server", url, "--gkd_logits_topk", "8"]
-    else:
-        extra = ["--seq_kd", "true", "--gradient_checkpointing", "true"]
-    try:
-        outs = {}
-        for name, launch in (("one", []), ("pp2", ["--nproc_per_node", "2", *PP2])):
-            outs[name] = tmp_path / name
-            args = train_args(tiny, outs[name], *extra, *launch)
-            args[args.index("--max_steps") + 1] = "2"
-            if kind == "remote-teacher":
-                i = args.index("--teacher_model")
-                del args[i:i + 2]
-            run([sys.executable, "-m", "gkd", *args])
-    finally:
-        if server is not None:
-            stop(server)
-    ref, got = read_metrics(outs["one"] / "metrics.jsonl"), read_metrics(outs["pp2"] / "metrics.jsonl")
+    ref = read_metrics(runs[f"{kind}-single"] / "metrics.jsonl")
+    got = read_metrics(runs[f"{kind}-pp2"] / "metrics.jsonl")
     assert [m["on_policy_share"] for m in got] == [0.0, 1.0]
     for a, b in zip(ref, got):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 and a["completion_length"] == b["completion_length"], (a, b)
 
 
-def test_pipelined_sampler_equals_hf_generate_token_for_token(tiny, torchrun):
-    proc = torchrun(Path(__file__).parent / "dist" / "pipeline_sampler_worker.py", 2, tiny["student"])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "rank 1: 12 completions equal" in proc.stdout, proc.stdout
+@pytest.mark.slow
+@pytest.mark.dist
+def test_pipelined_sampler_equals_hf_generate_token_for_token(runs):
+    assert "rank 1: 12 completions equal" in runs.stdout("pipelined-sampler"), runs.output("pipelined-sampler")
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_a_killed_stage_ends_the_job_and_the_newest_checkpoint_resumes(tiny, tmp_path):
     kill_and_resume(tiny, tmp_path / "killed", PP2, single_resume=False)  # rank 1 holds the last stage
 
 
 @pytest.mark.parametrize("mistake,message", [
-    (["--nproc_per_node", "3", "--pipeline_model_parallel_size", "3"],
-     "3 pipeline stages (--pipeline_model_parallel_size x --virtual_pipeline_model_parallel_size) but --model "),
+    pytest.param(["--nproc_per_node", "3", "--pipeline_model_parallel_size", "3"],
+                 "3 pipeline stages (--pipeline_model_parallel_size x --virtual_pipeline_model_parallel_size) but "
+                 "--model ", marks=SLOW, id="stages-real-command"),
     ([*PP2, "--virtual_pipeline_model_parallel_size", "2"], "4 pipeline stages"),
     ([*PP2, "--pipeline_layers", "1,2"], "--pipeline_layers 1,2: needs 2 counts of at least 1 layer that add up to "
                                          "the 2 decoder layers of --model"),
@@ -152,11 +143,11 @@ def test_a_killed_stage_ends_the_job_and_the_newest_checkpoint_resumes(tiny, tmp
     (["--nproc_per_node", "1", *PP2], "1 process (launch several with torchrun or --nproc_per_node) cannot be split "
                                       "into --pipeline_model_parallel_size 2"),
 ])
-def test_pipeline_mistakes_are_one_line(tiny, tmp_path, mistake, message):
+def test_pipeline_mistakes_are_one_line(tiny, tmp_path, request, mistake, message):
+    """Each caught before any process starts: in this process, but for one real command."""
     args = train_args(tiny, tmp_path / "o", "--nproc_per_node", "2", *mistake)
-    proc = subprocess.run([sys.executable, "-m", "gkd", *args], capture_output=True, text=True, timeout=120, env=ENV)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
-    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (proc.returncode, proc.stderr[-2000:])
+    real = request.node.get_closest_marker("slow") is not None
+    assert_one_line_mistake(gkd_subprocess(*args, timeout=120) if real else gkd_in_process(*args), message)
     assert not (tmp_path / "o").exists()
 
 

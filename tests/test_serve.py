@@ -2,27 +2,22 @@
 faults with retries, and a training run that resumes after its teacher server comes back."""
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
 from gkd.data.batch import collate
 from gkd.data.rows import load_examples
 from gkd.errors import GKDError
-from gkd.losses import fused_linear_gkd_loss
-from gkd.models import adapter_for, load_model, load_tokenizer
+from gkd.models import load_model, load_tokenizer
 from gkd.teacher.local import LocalTeacher
 from gkd.teacher.remote import RemoteTeacher
 from gkd.teacher.serve import Scorer, _Job
-from serving import FaultyProxy, http, start_gkd_serve, stop
+from helpers import API_KEY as KEY  # what the module's server and the training runs use
+from helpers import FaultyProxy, http, loss_and_head_grad, start_gkd_serve, stop, train_against_server
 
-KEY = "s3cret"
 K = 8
 
 
@@ -42,16 +37,7 @@ def setup(tiny):
     return tok, batch
 
 
-def _loss(student, teacher_out, batch, beta=0.5, temperature=0.9):
-    student.zero_grad()
-    adapter = adapter_for(student)
-    hidden = adapter.final_hidden(student, batch.model_inputs())
-    out = fused_linear_gkd_loss(hidden, adapter.lm_head(student), **teacher_out.loss_kwargs(), beta=beta,
-                                temperature=temperature, mask=batch.loss_mask)
-    out.loss.backward()
-    return out.loss.detach(), adapter.lm_head(student).grad.clone()
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("wire", ["compact-float32", "vllm-json", "compact-float16"])
 def test_server_teacher_equals_local_topk_teacher(tiny, server, setup, wire):
     tok, batch = setup
@@ -63,12 +49,13 @@ def test_server_teacher_equals_local_topk_teacher(tiny, server, setup, wire):
     remote.compact = wire.startswith("compact")
     tol = dict(rtol=2e-3, atol=2e-3) if wire.endswith("16") else dict(rtol=1e-5, atol=1e-6)
     for beta, temperature in [(0.5, 0.9), (0.0, 1.0), (1.0, 0.7)]:
-        want = _loss(student, local.score(batch), batch, beta, temperature)
-        got = _loss(student, remote.score(batch), batch, beta, temperature)
+        want = loss_and_head_grad(student, local.score(batch), batch, beta, temperature)
+        got = loss_and_head_grad(student, remote.score(batch), batch, beta, temperature)
         torch.testing.assert_close(got[0], want[0], **tol)
         torch.testing.assert_close(got[1], want[1], **tol)
 
 
+@pytest.mark.slow
 def test_client_checks_before_training(tiny, server, setup, tmp_path):
     tok, _ = setup
     with pytest.raises(GKDError, match="401"):
@@ -87,6 +74,7 @@ def test_client_checks_before_training(tiny, server, setup, tmp_path):
         RemoteTeacher(server, K, api_key=KEY).connect(load_tokenizer(str(other)))
 
 
+@pytest.mark.slow
 def test_security_limits_and_bad_input(server):
     ok = {"prompt": [5, 6, 7], "max_tokens": 1, "prompt_logprobs": 4}
     for method, path, body in [("GET", "/health", None), ("GET", "/v1/models", None), ("POST", "/v1/completions", ok)]:
@@ -124,6 +112,7 @@ def test_security_limits_and_bad_input(server):
     assert http("GET", server + "/health", key=KEY)[0] == 200  # still up after all of it
 
 
+@pytest.mark.slow
 def test_tokenize_and_models(server, setup):
     tok, _ = setup
     status, answer = http("POST", server + "/tokenize", {"prompt": "w1 w2 w3", "add_special_tokens": False}, key=KEY)
@@ -152,6 +141,7 @@ def test_scorer_batches_concurrent_sequences_and_padding_changes_nothing(tiny):
     scorer.stop()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_gracefully(tiny):
     proc, url = start_gkd_serve(tiny["teacher"])
     proc.send_signal(signal.SIGTERM)
@@ -159,6 +149,7 @@ def test_sigterm_stops_gracefully(tiny):
     assert proc.returncode == 0 and "stopped" in out
 
 
+@pytest.mark.slow
 def test_client_retries_then_fails_clearly(server, setup):
     tok, batch = setup
     proxy = FaultyProxy(server, delay_s=12.0)  # the delay outlasts the timeout, which a loaded machine's answers do not
@@ -179,16 +170,11 @@ def test_client_retries_then_fails_clearly(server, setup):
         proxy.close()
 
 
-def _train(args, out):
-    cmd = [sys.executable, "-m", "gkd", "train", *args, "--output_dir", str(out), "--progress_bar", "false"]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", GKD_TEACHER_API_KEY=KEY))
-
-
 def _losses(out):
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_training_fails_clearly_and_resumes_when_the_server_is_back(tiny, server, tmp_path):
     proxy = FaultyProxy(server)
     args = ["--model", tiny["student"], "--teacher_model_server", proxy.url, "--gkd_logits_topk", str(K),
@@ -196,19 +182,19 @@ def test_training_fails_clearly_and_resumes_when_the_server_is_back(tiny, server
             "--max_steps", "4", "--save_steps", "2", "--teacher_retries", "1", "--teacher_seqs_per_request", "8",
             "--max_completion_length", "8", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant"]
     try:
-        whole = _train(args, tmp_path / "whole")
+        whole = train_against_server(args, tmp_path / "whole")
         assert whole.returncode == 0, whole.stderr[-2000:]
         # the K probe, then one request per micro-batch: fail from step 3 on
         proxy.seen.clear()
         proxy.plan = ["ok"] * 5
         proxy.default = "500"
-        broken = _train(args, tmp_path / "run")
+        broken = train_against_server(args, tmp_path / "run")
         assert broken.returncode == 2
         last = broken.stderr.strip().splitlines()[-1]
         assert last.startswith("gkd: error: teacher server") and proxy.url in last and "HTTP 500" in last
         assert (tmp_path / "run" / "checkpoint-2").is_dir() and not (tmp_path / "run" / "final").exists()
         proxy.default = "ok"
-        resumed = _train(args + ["--resume_from_checkpoint", "latest"], tmp_path / "run")
+        resumed = train_against_server(args + ["--resume_from_checkpoint", "latest"], tmp_path / "run")
         assert resumed.returncode == 0, resumed.stderr[-2000:]
     finally:
         proxy.close()

@@ -11,7 +11,7 @@ import pytest
 from gkd.cli import main
 from gkd.config import ServeConfig
 from gkd.teacher.serve import TeacherServer
-from serving import http, start_gkd_serve
+from helpers import http, start_gkd_serve
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,7 @@ def test_a_taken_port_is_one_line(tiny, capsys):
     assert len(err.splitlines()) == 1 and f"--port {port}" in err and "Address already in use" in err, err
 
 
+@pytest.mark.slow
 def test_trickling_clients_are_dropped_and_sigterm_does_not_wait_for_idle_ones(tiny):
     proc, url = start_gkd_serve(tiny["teacher"], "--request_timeout", "2", "--drain_timeout", "5")
     host, port = url.removeprefix("http://").split(":")

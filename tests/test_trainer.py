@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ENV, gkd_in_process, gkd_subprocess
 from gkd.config import TrainConfig
 from gkd.data.order import lmbda_draw
 from gkd.train.metrics import read_metrics
 from gkd.train.trainer import Trainer
+from helpers import ENV, assert_one_line_error, gkd_in_process, gkd_subprocess
 
 
 def cfg_for(tiny, out, **kw):
@@ -103,6 +103,7 @@ def _train_args(tiny, out, *extra):
             "--progress_bar", "false", "--lmbda", "0.5", *extra]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_the_losses(tiny, tmp_path):
     full = gkd_subprocess(*_train_args(tiny, tmp_path / "full", "--max_steps", "6"))
     assert full.returncode == 0, full.stderr[-2000:]
@@ -150,13 +151,6 @@ def test_nan_loss_skips_the_update_then_stops(tiny, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before), "a non-finite step must not update"
 
 
-def _assert_one_line_error(proc, needle):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("gkd: error:"), proc.stderr[-2000:]
-    assert needle in lines[0], lines[0]
-
-
 def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
     bad = tmp_path / "bad.jsonl"
     good_row = json.dumps({"prompt": "w1 w2", "completion": "w3"})
@@ -170,13 +164,14 @@ def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
     for i, (name, (text, needle)) in enumerate(cases.items()):
         bad.write_text(text)
         out = tmp_path / f"out-{name.replace(' ', '-')}"
-        proc = (gkd_subprocess if i == 0 else gkd_in_process)("train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", str(bad),
-                    "--output_dir", str(out), "--progress_bar", "false")
-        _assert_one_line_error(proc, needle)
+        args = ["train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", str(bad),
+                "--output_dir", str(out), "--progress_bar", "false"]
+        proc = (gkd_subprocess if i == 0 else gkd_in_process)(*args)  # one real command, then in-process
+        assert_one_line_error(proc, needle)
         assert not out.exists(), f"{name}: output folder written"
 
     bad.write_text(json.dumps({"prompt": "w1 w2 w3 w4 w5 w6 w7 w8 w9", "completion": "w1"}) + "\n")
-    _assert_one_line_error(gkd_in_process("train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset",
+    assert_one_line_error(gkd_in_process("train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset",
                                 str(bad), "--output_dir", str(tmp_path / "o"), "--max_length", "4",
                                 "--truncation_strategy", "delete"), "exceed --max_length 4")
 
@@ -194,8 +189,8 @@ def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
         (["--output_dir", str(tmp_path / "x"), "--resume_from_checkpoint", str(tmp_path / "nope")], "nope: no such folder"),
         (["--output_dir", str(tmp_path / "x"), "--teacher_model_server", "http://127.0.0.1:9"], "exactly one of"),
     ]
-    for i, (extra, needle) in enumerate(flag_cases):
-        _assert_one_line_error((gkd_subprocess if i == 0 else gkd_in_process)(*base, *extra), needle)
+    for extra, needle in flag_cases:
+        assert_one_line_error(gkd_in_process(*base, *extra), needle)
     remote = ["train", "--model", tiny["student"], "--dataset", tiny["data"], "--output_dir", str(tmp_path / "x"),
               "--teacher_model_server"]
     for extra, needle in [
@@ -203,7 +198,7 @@ def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
         (["http://127.0.0.1:9"], "needs --gkd_logits_topk"),
         (["http://127.0.0.1:9", "--gkd_logits_topk", "8", "--seq_kd"], "--seq_kd needs"),
     ]:
-        _assert_one_line_error(gkd_in_process(*remote, *extra), needle)
+        assert_one_line_error(gkd_in_process(*remote, *extra), needle)
     proc = gkd_in_process(*remote, "http://127.0.0.1:9", "--gkd_logits_topk", "8", "--teacher_wait", "1")
     last = proc.stderr.strip().splitlines()[-1]  # after one line saying it waits for the server
     assert proc.returncode == 2 and last.startswith("gkd: error: teacher server http://127.0.0.1:9/health not ready")
@@ -212,7 +207,7 @@ def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
     from tiny import write_model
 
     other = write_model(tmp_path / "other-vocab", vocab_size=80)
-    _assert_one_line_error(gkd_subprocess("train", "--model", tiny["student"], "--teacher_model", str(other), "--dataset",
+    assert_one_line_error(gkd_in_process("train", "--model", tiny["student"], "--teacher_model", str(other), "--dataset",
                                 tiny["data"], "--output_dir", str(tmp_path / "v")), "vocabularies differ")
 
 
@@ -222,14 +217,16 @@ def test_resume_from_corrupt_checkpoint_is_a_clear_error(tiny, tmp_path):
     ck = t.out / "checkpoint-1"
     shards = sorted((ck / "state").glob("*.distcp"))
     assert shards
-    for broken in (shards[0], ck / "trainer.pt"):
+    for i, broken in enumerate((shards[0], ck / "trainer.pt")):
         saved = broken.read_bytes()
         broken.write_bytes(saved[: len(saved) // 2])
-        proc = gkd_subprocess(*_train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint", str(ck)))
-        _assert_one_line_error(proc, "corrupt checkpoint")
+        resume = _train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint", str(ck))
+        proc = (gkd_subprocess if i == 0 else gkd_in_process)(*resume)  # one real command, then in-process
+        assert_one_line_error(proc, "corrupt checkpoint")
         broken.write_bytes(saved)
-    proc = gkd_subprocess(*_train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint", str(tmp_path / "missing")))
-    _assert_one_line_error(proc, "no such folder")
+    proc = gkd_in_process(*_train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint",
+                                       str(tmp_path / "missing")))
+    assert_one_line_error(proc, "no such folder")
 
 
 def test_yaml_config_and_dash_spelling(tiny, tmp_path):
@@ -240,7 +237,7 @@ def test_yaml_config_and_dash_spelling(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "y" / "final" / "config.json").is_file()
     assert (tmp_path / "y" / "loss_curve.png").is_file()
-    help_text = gkd_subprocess("train", "--help").stdout
+    help_text = gkd_in_process("train", "--help").stdout
     for flag in ("--beta", "--lmbda", "--sft_alpha", "--gkd_logits_topk", "--offload_teacher_model", "--seq_kd"):
         assert flag in help_text
 

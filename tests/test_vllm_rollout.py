@@ -9,17 +9,14 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, free_port
 from gkd.config import TrainConfig
 from gkd.errors import GKDError
 from gkd.rollout.base import SamplingConfig
 from gkd.rollout.hf import HFSampler
 from gkd.train.trainer import Trainer
-from serving import stop, wait_healthy
+from helpers import ROOT, VLLM_ENV, free_port, needs_vllm, stop, vllm_server_cmd, wait_healthy
 
-pytestmark = pytest.mark.skipif(
-    subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True).returncode != 0,
-    reason="vLLM is not installed: run scripts/setup_vllm.sh (scripts/test.sh does)")
+pytestmark = [pytest.mark.slow, needs_vllm]
 
 # the last prompt fills whole KV blocks of 32 (the server's --block-size): vLLM caches them across requests,
 # so a weight sync that left its prefix cache would sample that prompt with the old weights' keys and values
@@ -100,12 +97,10 @@ def vllm_server(pair):
     """One vLLM server for the module's tests (about 30 s to start): weight versions name each trainer, so a
     trainer never takes another's weights for its own; a test that stops the server starts it again."""
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", pair["student"], "--host",
-           "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "128", "--enforce-eager",
-           "--kv-cache-memory-bytes", "64M", "--distributed-executor-backend", "uni",
-           "--worker-extension-cls", "gkd.rollout.vllm_worker.WeightSync", "--no-enable-chunked-prefill",
-           "--max-num-batched-tokens", "8192", "--block-size", "32"]
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    cmd = vllm_server_cmd(pair["student"], port, "--max-model-len", "128", "--worker-extension-cls",
+                          "gkd.rollout.vllm_worker.WeightSync", "--no-enable-chunked-prefill",
+                          "--max-num-batched-tokens", "8192", "--block-size", "32")
+    env = dict(VLLM_ENV, VLLM_SERVER_DEV_MODE="1")
     state = {}
 
     def start():

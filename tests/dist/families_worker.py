@@ -1,8 +1,8 @@
-"""Run under torchrun with 2 processes: for each layout and family, one `gkd train` step at FSDP = 2, TP = 2, PP = 2
-or EP = 2 equals the naive float64 step of the whole models (tests/naive.py); under PP the pipelined sampler also
-gives HF generate's completions. One launch serves every layout (each trainer builds its own mesh).
-Usage: families_worker.py DATA fsdp|tp|pp|ep ROOT FAMILY,FAMILY... [LAYOUT ROOT FAMILIES ...] (ROOT/FAMILY holds
-the student and teacher folders)."""
+"""Under torchrun with 2 processes (alone, or as a job of batch_worker.py): for each layout and family, one
+`gkd train` step at FSDP = 2, TP = 2, PP = 2 or EP = 2 equals the naive float64 step of the whole models
+(tests/naive.py); under PP the pipelined sampler also gives HF generate's completions. One launch serves every
+layout (each trainer builds its own mesh). Usage: families_worker.py DATA fsdp|tp|pp|ep ROOT FAMILY,FAMILY...
+[LAYOUT ROOT FAMILIES ...] (ROOT/FAMILY holds the student and teacher folders)."""
 
 import sys
 from pathlib import Path
@@ -26,13 +26,15 @@ LAYOUTS = {  # mode: (TrainConfig arguments, the (tp, pp, ep, data-parallel size
 }
 
 
-def main():
-    data, *groups = sys.argv[1:]
-    ok = [_step(mode, root, data, family)  # every family of every layout, then fail if any did
-          for mode, root, families in zip(groups[0::3], groups[1::3], groups[2::3]) for family in families.split(",")]
+def run(args) -> int:
+    """Every family of every layout, each saying OK or FAIL on stdout (the test reads those lines); returns 0
+    once every rank is done, so that a batch_worker.py launch goes on with its next job."""
+    data, *groups = args
+    for mode, root, families in zip(groups[0::3], groups[1::3], groups[2::3]):
+        for family in families.split(","):
+            _step(mode, root, data, family)
     dist.barrier()
-    dist.destroy_process_group()
-    sys.exit(0 if all(ok) else 1)
+    return 0
 
 
 def _step(mode: str, root: str, data: str, family: str) -> bool:
@@ -58,4 +60,5 @@ def _step(mode: str, root: str, data: str, family: str) -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    run(sys.argv[1:])
+    dist.destroy_process_group()

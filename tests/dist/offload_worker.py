@@ -1,6 +1,6 @@
-"""Run under torchrun with 2 processes: a teacher FSDP-sharded with its shards offloaded to CPU (FSDP2's
-CPU offload policy, as --offload_teacher_model uses on GPUs) gives the same logits as one sharded without,
-and its units' shards live in CPU memory. Usage: offload_worker.py TEACHER_DIR"""
+"""Under torchrun with 2 processes (alone, or as a job of batch_worker.py): a teacher FSDP-sharded with its shards
+offloaded to CPU (FSDP2's CPU offload policy, as --offload_teacher_model uses on GPUs) gives the same logits as
+one sharded without, and its units' shards live in CPU memory. Usage: offload_worker.py TEACHER_DIR"""
 
 import sys
 
@@ -12,8 +12,8 @@ from gkd.config import TrainConfig
 from gkd.models import load_model
 
 
-def main():
-    teacher = sys.argv[1]
+def run(args):
+    teacher = args[0]
     par = parallel.setup(TrainConfig(model=teacher, teacher_model=teacher, dataset=["unused"]))
     models = {offload: parallel.load_sharded(lambda: load_model(teacher), lambda m: m,
                                              lambda m, o=offload: parallel.shard_teacher(m, par, offload=o), par)
@@ -30,4 +30,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(sys.argv[1:])

@@ -1,5 +1,5 @@
-"""Run under torchrun with 2 processes: the pipelined sampler (2 stages) gives HFSampler's completions on the
-whole model, token for token, EOS cuts included. Args: MODEL_FOLDER."""
+"""Under torchrun with 2 processes (alone, or as a job of batch_worker.py): the pipelined sampler (2 stages) gives
+HFSampler's completions on the whole model, token for token, EOS cuts included. Args: MODEL_FOLDER."""
 
 import sys
 
@@ -28,8 +28,8 @@ def assert_same_samples(folder: str, staged, device, cfg: SamplingConfig) -> tup
     return len(got), sum(1 for c in expected if c[-1] == 4 and len(c) < cfg.max_new_tokens)
 
 
-def main():
-    folder = sys.argv[1]
+def run(args):
+    folder = args[0]
     par = setup(TrainConfig(pipeline_model_parallel_size=2))
     cfg = SamplingConfig(max_new_tokens=24, temperature=1.3, top_p=0.95, top_k=40, batch_size=5)
     staged = load_sharded(lambda: load_model(folder, "float32"), lambda m: m, lambda m: shard_student(m, par), par)
@@ -41,4 +41,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(sys.argv[1:])

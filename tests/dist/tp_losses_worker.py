@@ -1,4 +1,5 @@
-"""Run under torchrun with 2 processes: each loss on vocab shards equals the unsharded loss on every rank."""
+"""Under torchrun with 2 processes (alone, or as a job of batch_worker.py): each loss on vocab shards equals the
+unsharded loss on every rank."""
 
 import torch
 import torch.distributed as dist
@@ -24,8 +25,8 @@ def grads(fn, *xs):
     return out.detach(), [x.grad for x in xs]
 
 
-def main():
-    dist.init_process_group("gloo")
+def run(args=()):
+    """In a process group that exists."""
     rank, world = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(0)  # the same data on every rank
     B, T, V, H = 2, 9, 64, 12
@@ -112,8 +113,9 @@ def main():
     dist.barrier()
     if rank == 0:
         print("TP-OK")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    dist.init_process_group("gloo")
+    run()
+    dist.destroy_process_group()
