@@ -51,6 +51,18 @@ LENGTH = {
 GROUPS = "GKD_TEST_GROUPS"  # the file of {test id: group}, written by the workers
 
 
+def pytest_runtest_setup(item):
+    """A test whose dependency is missing fails and says which and how to install it: a skip would keep the
+    suite green while the feature goes untested (scripts/test.sh installs them all)."""
+    import importlib.util
+
+    for mark in item.iter_markers("needs_module"):
+        name = mark.args[0]
+        if importlib.util.find_spec(name) is None:
+            pytest.fail(f"{name} is not installed, and this test checks a feature that needs it: run "
+                        "scripts/setup_vllm.sh (scripts/test.sh does both installs)", pytrace=False)
+
+
 def pytest_configure(config):
     if getattr(config.option, "dist", "no") == "loadgroup" and "PYTEST_XDIST_WORKER" not in os.environ:
         os.environ[GROUPS] = str(Path(tempfile.mkdtemp(prefix="gkd-test-groups-")) / "groups.json")

@@ -271,14 +271,7 @@ def vllm_server_cmd(model: str, port: int, *flags: str) -> list[str]:
 VLLM_ENV = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
 
 
-def has_vllm() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
-needs_vllm = pytest.mark.skipif(not has_vllm(), reason="vLLM is not installed: run scripts/setup_vllm.sh "
-                                                        "(scripts/test.sh does)")
+needs_vllm = pytest.mark.needs_module("vllm")  # fails, never skips, without vLLM (tests/conftest.py)
 
 
 def stop(proc: subprocess.Popen) -> str:

@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.dist
+@pytest.mark.needs_module("vllm")
 def test_gpu_check_dry_run_writes_a_summary_of_every_check(tmp_path):
-    pytest.importorskip("vllm")
     # e2e needs TRL's own venv (benchmarks/e2e_vs_trl.py makes it on first use): its dry run is left to a person;
     # parallel's is too (a minute of two torchrun runs whose training the distributed tests check)
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(tmp_path),

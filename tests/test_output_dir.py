@@ -131,8 +131,8 @@ def test_an_orphan_from_a_killed_prune_is_cleaned_and_never_counted(tiny, tmp_pa
     assert not list(out.glob(".checkpoint-*"))
 
 
+@pytest.mark.needs_module("wandb")  # scripts/setup.sh installs it (the wandb extra)
 def test_report_to_wandb_offline(tiny, tmp_path, monkeypatch):
-    pytest.importorskip("wandb", reason="wandb is installed by scripts/setup.sh (the wandb extra)")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "out"
