@@ -35,25 +35,50 @@ def test_a_rows_sample_depends_only_on_its_seed_and_row(tiny):
     assert whole.generate(model, prompts[2:], seed=11) != full[2:] or full[:2] == full[2:], "rows 0, 1 reuse rows 2, 3's seeds"
 
 
+def _warped(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution sampling should follow, computed here independently of the sampler: softmax at
+    ``temperature``; top-k keeps the k likeliest; top-p keeps a token while the tokens likelier than it hold
+    less than ``top_p``; renormalised."""
+    probs = torch.softmax(logits.double() / temperature, -1)
+    order = probs.argsort(descending=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    before = torch.cumsum(probs[order], 0) - probs[order]  # mass of the tokens likelier than each
+    keep[order[(before < top_p) & (torch.arange(len(order)) < (top_k or len(order)))]] = True
+    return torch.where(keep, probs, 0) / probs[keep].sum()
+
+
+def _follows(counts: torch.Tensor, expect: torch.Tensor, n: int) -> bool:
+    """Every token's share within 4 standard errors of its probability (+ a rounding allowance), and no draw
+    outside the distribution's support."""
+    sigma = (expect * (1 - expect) / n).sqrt()
+    return bool(((counts - expect).abs() <= 4 * sigma + 2e-3).all() and (counts[expect == 0] == 0).all())
+
+
 def test_row_seeded_sampling_follows_the_warped_distribution(tiny):
+    """On logits far from uniform (the tiny model's are nearly flat, std ~0.1: its lm_head is scaled 10x, std
+    ~1.2), the first sampled token follows the exact tempered, top-k and top-p distributions. The check itself is shown
+    to discriminate: it rejects draws from the uniform distribution and from the wrong temperature (1.0).
+    Checked to fail (2026-12-04) with either one-line break in gkd/rollout/base.py: RowSeededSampling's
+    warper at TemperatureLogitsWarper(1.0), or uniform probabilities in its draw."""
     from gkd.models import load_model
 
     model = load_model(tiny["student"]).eval()
-    prompt = [5, 6, 7]
     with torch.no_grad():
-        probs = torch.softmax(model(torch.tensor([prompt])).logits[0, -1] / 0.7, -1)
-    n = 3000
-    for top_k in (0, 5):
-        sampler = HFSampler(SamplingConfig(max_new_tokens=1, temperature=0.7, top_k=top_k, batch_size=n), [], 0,
-                            torch.device("cpu"))
-        first = torch.tensor([c[0] for c in sampler.generate(model, [prompt] * n, seed=1 + top_k)])
-        counts = torch.bincount(first, minlength=probs.numel()).double() / n
-        expect = probs.double()
-        if top_k:
-            keep = probs.topk(top_k).indices
-            assert set(first.tolist()) <= set(keep.tolist())
-            expect = torch.zeros_like(expect).index_put_((keep,), probs[keep].double() / probs[keep].sum())
-        assert (counts - expect).abs().max() < 4 * (expect * (1 - expect) / n).sqrt().max() + 1e-3
+        model.get_output_embeddings().weight.mul_(10.0)  # top token ~0.38 at T 0.7, 0.19 at T 1
+        logits = model(torch.tensor([[5, 6, 7]])).logits[0, -1]
+    assert logits.std() > 1, "the fixture must be far from uniform"
+    n, temperature = 4000, 0.7
+    g = torch.Generator().manual_seed(0)
+    for top_k, top_p in ((0, 1.0), (5, 1.0), (0, 0.8)):
+        expect = _warped(logits, temperature, top_k, top_p)
+        sampler = HFSampler(SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p,
+                                           batch_size=n), [], 0, torch.device("cpu"))
+        first = torch.tensor([c[0] for c in sampler.generate(model, [[5, 6, 7]] * n, seed=1 + top_k)])
+        counts = torch.bincount(first, minlength=logits.numel()).double() / n
+        assert _follows(counts, expect, n), (top_k, top_p, (counts - expect).abs().max())
+        for wrong in (torch.full_like(expect, 1 / len(expect)), _warped(logits, 1.0, top_k, top_p)):
+            drawn = torch.multinomial(wrong, n, replacement=True, generator=g)
+            assert not _follows(torch.bincount(drawn, minlength=len(expect)).double() / n, expect, n)
 
 
 def test_heap_setting_respects_the_environment(monkeypatch):
