@@ -56,8 +56,8 @@ def _follows(counts: torch.Tensor, expect: torch.Tensor, n: int) -> bool:
 
 def test_row_seeded_sampling_follows_the_warped_distribution(tiny):
     """On logits far from uniform (the tiny model's are nearly flat, std ~0.1: its lm_head is scaled 10x, std
-    ~1.2), the first sampled token follows the exact tempered, top-k and top-p distributions. The check itself is shown
-    to discriminate: it rejects draws from the uniform distribution and from the wrong temperature (1.0).
+    ~1.2), the first sampled token follows the exact tempered, top-k and top-p distributions. The check itself
+    is shown to discriminate: it rejects draws from the uniform distribution and from the wrong temperature (1.0).
     Checked to fail (2026-12-04) with either one-line break in gkd/rollout/base.py: RowSeededSampling's
     warper at TemperatureLogitsWarper(1.0), or uniform probabilities in its draw."""
     from gkd.models import load_model
