@@ -32,7 +32,8 @@ def test_a_rows_sample_depends_only_on_its_seed_and_row(tiny):
     split = HFSampler(SamplingConfig(max_new_tokens=6, temperature=0.9, batch_size=1), [1], 0, torch.device("cpu"))
     full = whole.generate(model, prompts, seed=11)
     assert split.generate(model, prompts[2:], rows=[2, 3], seed=11) == full[2:]  # another rank's half, one at a time
-    assert whole.generate(model, prompts[2:], seed=11) != full[2:] or full[:2] == full[2:], "rows 0, 1 reuse rows 2, 3's seeds"
+    assert whole.generate(model, prompts[2:], seed=11) != full[2:] or full[:2] == full[2:], \
+        "rows 0, 1 reuse rows 2, 3's seeds"
 
 
 def _warped(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
