@@ -127,7 +127,9 @@ def _starts_something_slow(words: list[str]) -> bool:
 
 
 @pytest.fixture(autouse=True)
-def _slow_commands_need_the_slow_marker(request, monkeypatch):
+def _the_fast_tier_stays_fast(request, monkeypatch):
+    """Outside the slow tier: no torchrun, no server (watched at subprocess.Popen), no vLLM (an engine makes
+    torch.set_num_threads a no-op for the rest of the worker, so importing it is checked after the test)."""
     if request.node.get_closest_marker("slow"):
         yield
         return
@@ -141,7 +143,10 @@ def _slow_commands_need_the_slow_marker(request, monkeypatch):
             super().__init__(args, *a, **kw)
 
     monkeypatch.setattr(subprocess, "Popen", Guarded)
+    had_vllm = sys.modules.get("vllm") is not None  # (None: a test hiding vLLM)
     yield
+    if not had_vllm and sys.modules.get("vllm") is not None:
+        pytest.fail(f"{request.node.nodeid} imports vLLM: mark it slow", pytrace=False)
 
 
 # -------------------------------------------------------------------------------------------------------

@@ -439,7 +439,7 @@ declare_training("single-lora", 1, LORA)
 
 @dataclass
 class RunContext:
-    """What a run's arguments may use: the model sets (fixtures, made on first use), run folders, the server."""
+    """What a run's arguments may use: the model sets (the fixtures), the runs' folders, a teacher server."""
 
     root: Path
     sets: dict  # fixture name -> model set (tiny, tiny4, moe, vl)

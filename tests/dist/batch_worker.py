@@ -8,17 +8,20 @@ instead of once per job. Usage: batch_worker.py PLAN.json, written by tests/help
 A job's stdout and stderr (the file descriptors, so what C++ code and child processes print too) go to
 DIR/NAME.rank-R.out and .err, and its exit code to DIR/NAME.rank-R.rc. A job that fails (an exception, a
 non-zero return) ends this launch, since its peers may be waiting in a collective it never reaches; the jobs
-after it are left for another launch."""
+after it are left for another launch. A job still running after JOB_SECONDS is killed (SIGALRM's default
+action, which also ends a process blocked in a collective), and with it the launch."""
 
 import importlib
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
+JOB_SECONDS = 600  # the longest job (tests/dist/families_worker.py) takes ~40 s on the 2-core machine
 
 
 def run_job(job: dict) -> int:
@@ -62,7 +65,9 @@ def main() -> None:
 
         dist.init_process_group("gloo")  # kept by every job: gkd's setup makes its meshes in it
     for job in plan["jobs"]:
+        signal.alarm(JOB_SECONDS)
         rc = logged(job, logs, rank)
+        signal.alarm(0)
         (logs / f"{job['name']}.rank-{rank}.rc").write_text(str(rc))
         if rc != 0:
             print(f"batch_worker: {job['name']} failed on rank {rank} (exit code {rc}); see {logs}", file=sys.stderr,
