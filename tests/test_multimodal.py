@@ -34,8 +34,6 @@ from helpers import (
 )
 from tiny import (
     write_image,
-    write_image_dataset,
-    write_llava,
     write_model,
     write_qwen2vl,
 )
