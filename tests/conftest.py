@@ -52,6 +52,8 @@ GROUPS = "GKD_TEST_GROUPS"  # the file of {test id: group}, written by the worke
 
 
 def pytest_configure(config):
+    # (xdist registers it; without xdist, -p no:xdist, --strict-markers still has to know it)
+    config.addinivalue_line("markers", "xdist_group(name): tests that share a pytest-xdist worker")
     if getattr(config.option, "dist", "no") == "loadgroup" and "PYTEST_XDIST_WORKER" not in os.environ:
         os.environ[GROUPS] = str(Path(tempfile.mkdtemp(prefix="gkd-test-groups-")) / "groups.json")
 
