@@ -64,6 +64,8 @@ def pytest_runtest_setup(item):
 
 
 def pytest_configure(config):
+    # (xdist registers it; without xdist, -p no:xdist, --strict-markers still has to know it)
+    config.addinivalue_line("markers", "xdist_group(name): tests that share a pytest-xdist worker")
     if getattr(config.option, "dist", "no") == "loadgroup" and "PYTEST_XDIST_WORKER" not in os.environ:
         os.environ[GROUPS] = str(Path(tempfile.mkdtemp(prefix="gkd-test-groups-")) / "groups.json")
 

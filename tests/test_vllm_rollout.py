@@ -2,9 +2,7 @@
 the student, colocate and server, full and LoRA; a server restart is noticed and re-synced."""
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,18 @@ from gkd.errors import GKDError
 from gkd.rollout.base import SamplingConfig
 from gkd.rollout.hf import HFSampler
 from gkd.train.trainer import Trainer
-from helpers import ROOT, VLLM_ENV, free_port, needs_vllm, stop, vllm_server_cmd, wait_healthy
+from helpers import (
+    ENV,
+    ROOT,
+    VLLM_ENV,
+    free_port,
+    gkd_subprocess,
+    needs_vllm,
+    stop,
+    torchrun_cmd,
+    vllm_server_cmd,
+    wait_healthy,
+)
 
 pytestmark = [pytest.mark.slow, needs_vllm]
 
@@ -184,13 +193,12 @@ def test_each_data_parallel_rank_samples_its_rows_with_its_own_engine(pair, tmp_
                 "--max_steps", "3", "--progress_bar", "false", "--use_vllm", "true", "--vllm_max_model_len", "128",
                 "--vllm_kv_cache_memory_mb", "64", *extra]
 
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, "-m", "gkd", *args(tmp_path / "one")], capture_output=True, text=True,
-                         env=env, timeout=600)
+    # (the engines of a torchrun launch cannot be started twice in its processes: a second one waits forever, so
+    # these runs are not batched with the session's)
+    one = gkd_subprocess(*args(tmp_path / "one"), timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                          "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "gkd",
-                          *args(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
+    two = subprocess.run(torchrun_cmd(2, args(tmp_path / "two")), capture_output=True, text=True, env=ENV,
+                         timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert [m["on_policy_share"] for m in a] == [1.0] * 3
@@ -221,13 +229,10 @@ def test_server_mode_with_two_training_processes_equals_one(pair, tmp_path, vllm
                 "--vllm_server_port", str(port), "--vllm_weight_sync", sync, "--vllm_group_port", str(free_port()),
                 *extra]
 
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     for sync in ("path", "group"):
-        one = subprocess.run([sys.executable, "-m", "gkd", *args(tmp_path / f"one-{sync}", sync)],
-                             capture_output=True, text=True, env=env, timeout=600)
+        one = gkd_subprocess(*args(tmp_path / f"one-{sync}", sync), timeout=600)
         assert one.returncode == 0, one.stderr[-3000:]
-        two = subprocess.run([sys.executable, "-m", "gkd", *args(tmp_path / f"two-{sync}", sync, "--nproc_per_node", "2")],
-                             capture_output=True, text=True, env=env, timeout=600)
+        two = gkd_subprocess(*args(tmp_path / f"two-{sync}", sync, "--nproc_per_node", "2"), timeout=600)
         assert two.returncode == 0, two.stderr[-3000:]
         a = read_metrics(tmp_path / f"one-{sync}" / "metrics.jsonl")
         b = read_metrics(tmp_path / f"two-{sync}" / "metrics.jsonl")
