@@ -1,6 +1,7 @@
 """The single-process trainer on tiny random models."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,14 +138,24 @@ def test_kill_and_resume_reproduces_the_losses(tiny, tmp_path):
 
 
 def test_interrupted_checkpoint_write_leaves_the_previous_one(tiny, tmp_path):
-    t = Trainer(cfg_for(tiny, tmp_path / "ck", max_steps=2, save_steps=1), log=lambda *_: None)
+    """A run killed while saving checkpoint-3 (a temp folder, a checkpoint folder without its completion marker)
+    resumes from checkpoint-2 and gives the uninterrupted run's step 3: its loss and its weights."""
+    t = Trainer(cfg_for(tiny, tmp_path / "ck", max_steps=3, save_steps=1), log=lambda *_: None)
     t.train()
-    # a save killed midway: a temp folder, and a checkpoint folder without its completion marker
+    want, want_weights = read_metrics(t.out / "metrics.jsonl")[-1], weights(t)
+    # the save of step 3 killed midway (its checkpoint gone), and a later folder that never got its marker
+    shutil.rmtree(t.out / "checkpoint-3")
     (t.out / ".checkpoint-3.tmp" / "model").mkdir(parents=True)
     (t.out / "checkpoint-4" / "model").mkdir(parents=True)
     resumed = Trainer(cfg_for(tiny, tmp_path / "ck", max_steps=3, resume_from_checkpoint="latest"), log=lambda *_: None)
     assert resumed.start_step == 2
     resumed.train()
+    got = read_metrics(t.out / "metrics.jsonl")
+    assert [m["step"] for m in got] == [1, 2, 3] and got[-1]["loss"] == want["loss"], (got[-1], want)
+    after = weights(resumed)
+    for k in want_weights:
+        torch.testing.assert_close(after[k], want_weights[k], rtol=0, atol=0, msg=k)
+    assert not (t.out / ".checkpoint-3.tmp").exists() and not (t.out / "checkpoint-4").exists()  # cleaned on save
 
 
 def test_nan_loss_skips_the_update_then_stops(tiny, tmp_path):
