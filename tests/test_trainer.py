@@ -1,6 +1,7 @@
 """The single-process trainer on tiny random models."""
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from gkd.config import TrainConfig
 from gkd.data.order import lmbda_draw
 from gkd.train.metrics import read_metrics
 from gkd.train.trainer import Trainer
-from helpers import ENV, assert_one_line_error, gkd_in_process, gkd_subprocess
+from helpers import ENV, assert_one_line_error, final_weights, gkd_in_process, gkd_subprocess
 
 
 def cfg_for(tiny, out, **kw):
@@ -92,18 +93,66 @@ def test_on_policy_share_follows_lmbda():
     assert draws == [lmbda_draw(42, s) for s in range(2000)], "the draw is a pure function of (seed, step)"
 
 
+def _topk_reference(student, teacher, rows, *, k, beta, temperature, sft_alpha) -> tuple[float, float]:
+    """(loss, divergence per token) of an off-policy step against the teacher's top-k, naively in float64, row by
+    row: the teacher's k most likely ids and their log-probs (at temperature 1), the student's logits at those
+    ids, both divided by the temperature and renormalised over the k; cross-entropy over the whole vocabulary."""
+    s, t = student.double().eval(), teacher.double().eval()
+    div, ce, tokens = 0.0, 0.0, 0
+    for e in rows:
+        p, c = list(e.prompt_ids), list(e.completion_ids)
+        ids, at = torch.tensor([p + c]), slice(len(p) - 1, len(p) + len(c) - 1)  # logits at i predict token i + 1
+        with torch.no_grad():
+            zs, zt = s(input_ids=ids).logits[0, at], t(input_ids=ids).logits[0, at]
+        lps, top = torch.log_softmax(zt, -1).topk(k, -1)
+        ls, lt = torch.log_softmax(zs.gather(-1, top) / temperature, -1), torch.log_softmax(lps / temperature, -1)
+        m = torch.logsumexp(torch.stack([ls + math.log(1 - beta), lt + math.log(beta)]), 0)
+        div += float((beta * (lt.exp() * (lt - m)).sum(-1) + (1 - beta) * (ls.exp() * (ls - m)).sum(-1)).sum())
+        ce -= float(torch.log_softmax(zs, -1).gather(-1, torch.tensor(c)[:, None]).sum())
+        tokens += len(c)
+    return (div + sft_alpha * ce) / tokens, div / tokens
+
+
 def test_topk_teacher_and_lora_train(tiny, tmp_path):
+    """A top-k teacher with a LoRA student: step 1's loss and divergence are the top-k formula's (not the full
+    vocabulary's), the adapters train while the base stays frozen, and the merged export is base + scale B A of
+    the final adapters."""
+    from gkd.models import load_model
+
     t = Trainer(cfg_for(tiny, tmp_path / "lora", train_type="lora", lora_rank=4, gkd_logits_topk=5, lmbda=0.5,
                         max_steps=3, merge_lora=True, split_dataset_ratio=0.25, eval_steps=3), log=lambda *_: None)
-    last = t.train()
-    assert torch.isfinite(torch.tensor(last["loss"]))
     assert len(t.val_examples) == 4 and len(t.train_examples) == 12
-    evals = [m for m in read_metrics(t.out / "metrics.jsonl") if "eval_divergence" in m]
+    rows, cfg = t.data.rows(0), t.cfg
+    before = weights(t)
+    t.train()
+    metrics = read_metrics(t.out / "metrics.jsonl")
+    first = metrics[0]
+    assert first["step"] == 1 and first["on_policy_share"] == 0.0  # the reference is an off-policy step
+    kw = {"beta": cfg.beta, "temperature": cfg.divergence_temperature, "sft_alpha": cfg.sft_alpha}
+    student, teacher = load_model(tiny["student"]), load_model(tiny["teacher"])
+    loss, div = _topk_reference(student, teacher, rows, k=5, **kw)
+    _, full = _topk_reference(student, teacher, rows, k=96, **kw)  # all 96 ids: the full distribution's
+    assert abs(first["loss"] - loss) <= 1e-5 * loss and abs(first["divergence"] - div) <= 1e-4 * div, (first, loss, div)
+    assert abs(full - div) > 0.5 * div, "the top-k divergence is the full vocabulary's"
+    evals = [m for m in metrics if "eval_divergence" in m]
     assert len(evals) == 1 and evals[0]["step"] == 3 and evals[0]["eval_divergence"] > 0
-    from transformers import AutoModelForCausalLM
 
-    merged = AutoModelForCausalLM.from_pretrained(str(t.out / "final"))  # a plain HF folder after merging
-    assert merged.config.num_hidden_layers == 2
+    after = weights(t)
+    frozen = [n for n in before if "lora_" not in n]
+    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen), "a base weight trained"
+    merged, base = final_weights(t.out), load_model(tiny["student"]).state_dict()
+    assert merged.keys() == base.keys()  # a plain model after merging
+    adapted = {}
+    for name, module in t.student.get_base_model().named_modules():
+        if hasattr(module, "lora_A"):
+            (a,), (b,) = module.lora_A.values(), module.lora_B.values()
+            adapted[name + ".weight"] = module.scaling["default"] * b.weight.detach() @ a.weight.detach()
+    assert len(adapted) == 7 * 2, sorted(adapted)  # every linear layer of the 2 decoder layers
+    for n in base:
+        want = base[n] + adapted.get(n, 0)
+        torch.testing.assert_close(merged[n], want, rtol=0, atol=1e-6, msg=n)
+    moved = {n: float(d.abs().max()) for n, d in adapted.items()}
+    assert min(moved.values()) > 1e-4, moved  # every adapter trained (B starts at zero)
 
 
 def _train_args(tiny, out, *extra):
