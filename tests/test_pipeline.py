@@ -5,12 +5,14 @@ The runs take helpers.train_args: seed 42, lmbda 0.5, so steps 1 and 3 are off-p
 on-policy (seeded sampling through the stages); they are the session's (helpers.Runs), shared with the other
 files that compare against the same single-process runs."""
 
+from pathlib import Path
+
 import pytest
-import torch
+from safetensors.torch import load_file
 
 from gkd.errors import GKDError
 from gkd.train.metrics import read_metrics
-from helpers import (LORA, assert_one_line_mistake, check_resume, declare, declare_training, final_weights,
+from helpers import (LORA, assert_one_line_mistake, assert_same_run, check_resume, declare, declare_training,
                      gkd_in_process, gkd_subprocess, kill_and_resume, resumed_from, set_arg, train_args)
 
 SLOW = [pytest.mark.slow, pytest.mark.dist]
@@ -62,21 +64,16 @@ declare("pipelined-sampler", 2, lambda c, out: [c.models("tiny")["student"]], ca
 @pytest.mark.slow
 @pytest.mark.dist
 def test_pipeline_equals_the_single_process_run(runs, name):
+    """Every step's loss and gradient norm, and the final weights, equal one process's; and the weights moved
+    (by 3e-3 or more, where the runs agree within 1e-5): every one, or with LoRA every adapted projection."""
     single = runs[RUNS[name][2]]
-    ref, got = read_metrics(single / "metrics.jsonl"), read_metrics(runs[name] / "metrics.jsonl")
-    assert [m["on_policy_share"] for m in ref] == [0.0, 1.0, 0.0, 1.0]  # both kinds of step are compared
-    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    ref, got, w = assert_same_run(single, runs[name])  # the export gathers every stage
     for a, b in zip(ref, got):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
-        assert a["on_policy_share"] == b["on_policy_share"] and a["completion_length"] == b["completion_length"]
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5  # clipping sees the norm over every stage
-    w_ref, w = final_weights(single), final_weights(runs[name])  # the export gathers every stage
-    assert w_ref.keys() == w.keys()
-    for k in w_ref:
-        torch.testing.assert_close(w[k], w_ref[k], rtol=0, atol=1e-5, msg=k)
-    assert max(float((w[k] - w_ref[k]).abs().max()) for k in w) < 1e-5
-    start = {m["step"]: m["loss"] for m in ref}
-    assert start[1] != start[3], "training changed nothing"
+    initial = load_file(str(Path(runs.ctx.models(RUNS[name][3])["student"]) / "model.safetensors"))
+    trained = [k for k in initial if "lora" not in name or k.endswith("proj.weight")]
+    moved = {k: float((w[k] - initial[k]).abs().max()) for k in trained}
+    assert trained and min(moved.values()) > 1e-3, {k: d for k, d in moved.items() if d <= 1e-3}  # (unmoved)
 
 
 @pytest.mark.slow
