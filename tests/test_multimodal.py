@@ -3,6 +3,7 @@ invariance, images that matter, the remote teacher with images, FSDP, resume, Lo
 vision tower, and one-line errors for bad image input."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -193,13 +194,55 @@ def test_training_against_a_server_teacher_with_images(vl, qwen_server, tmp_path
     assert type(load_model(str(exported))).__name__ == "Qwen2VLForConditionalGeneration"
 
 
+def _naive_first_step_loss(t, student, teacher) -> float:
+    """The loss of the trainer's first (off-policy) step computed naively in float64, as tests/naive.py does for
+    text: each row alone with its own images (Qwen2-VL's inputs), the models' own logits at the completion's
+    positions, the divergence's formula at the trainer's temperature plus sft_alpha x cross-entropy, over the
+    step's tokens."""
+    cfg = t.cfg
+    beta, temperature = cfg.beta, cfg.divergence_temperature
+    s, te = student.double().eval(), teacher.double().eval()
+    total, tokens = 0.0, 0
+    for r in t.data.rows(0):
+        b = collate([r.prompt_ids], [r.completion_ids], t.tokenizer.pad_token_id, [t.images(r.images)])
+        inputs = {k: v.double() if v.is_floating_point() else v for k, v in b.model_inputs().items()}
+        inputs["mm_token_type_ids"] = (b.input_ids == s.config.image_token_id).int()  # as Qwen2-VL's processor
+        at, labels = b.loss_mask[0], b.labels[0][b.loss_mask[0]]
+        with torch.no_grad():
+            zs, zt = s(**inputs).logits[0, at], te(**inputs).logits[0, at]
+        ls, lt = torch.log_softmax(zs / temperature, -1), torch.log_softmax(zt / temperature, -1)
+        m = torch.logsumexp(torch.stack([ls + math.log(1 - beta), lt + math.log(beta)]), 0)
+        div = beta * (lt.exp() * (lt - m)).sum(-1) + (1 - beta) * (ls.exp() * (ls - m)).sum(-1)
+        ce = -torch.log_softmax(zs, -1).gather(-1, labels[:, None])
+        total += float(div.sum() + cfg.sft_alpha * ce.sum())
+        tokens += len(labels)
+    return total / tokens
+
+
 def test_lora_keeps_a_frozen_vision_tower_untouched(vl, tmp_path):
+    """LoRA with --freeze_vit and --freeze_aligner: no adapter in the vision model, every base weight (the tower
+    and the merger among them) untouched, every adapter trained, and step 1's loss (adapters still zero) is the
+    naive float64 loss of the image rows; full training with --freeze_vit alone trains the merger, not the tower."""
+    student, teacher = vl["pairs"]["qwen2_vl"]
     t = Trainer(cfg_for(vl, "qwen2_vl", tmp_path / "lora", train_type="lora", lora_rank=4, freeze_vit=True,
                         freeze_aligner=True, lmbda=0.5, split_dataset_ratio=0.25, eval_steps=2), log=quiet)
     names = [n for n, _ in t.student.named_modules() if n.endswith("lora_A")]
     assert names and not any("visual" in n for n in names), names
+    assert any(r.images for r in t.data.rows(0))
+    before = weights(t)
     t.train()
-    evals = [m for m in read_metrics(t.out / "metrics.jsonl") if "eval_divergence" in m]
+    after = weights(t)
+    base = [k for k in before if "lora_" not in k]
+    assert any("visual.blocks" in k for k in base) and any("visual.merger" in k for k in base)
+    assert not [k for k in base if not torch.equal(before[k], after[k])], "a base weight trained"
+    adapters = [k for k in before if "lora_B" in k]  # (B starts at zero)
+    moved = {k: float(after[k].abs().max()) for k in adapters}
+    assert len(adapters) == len(names) and min(moved.values()) > 1e-4, moved
+    metrics = read_metrics(t.out / "metrics.jsonl")
+    assert metrics[0]["on_policy_share"] == 0.0
+    want = _naive_first_step_loss(t, load_model(str(student)), load_model(str(teacher)))
+    assert abs(metrics[0]["loss"] - want) <= 2e-5 * want, (metrics[0]["loss"], want)  # (measured 1e-7; no images: 8e-4)
+    evals = [m for m in metrics if "eval_divergence" in m]
     assert evals and evals[-1]["eval_divergence"] > 0  # held-out image rows evaluated during training
     full = Trainer(cfg_for(vl, "qwen2_vl", tmp_path / "frozen", freeze_vit=True, freeze_aligner=False), log=quiet)
     before = weights(full)
