@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from gkd.config import TrainConfig
 from gkd.data.batch import collate
@@ -291,6 +292,7 @@ def _one_image_row_and_one_text_row(family):
 
 for _family in FAMILIES:
     declare(f"vl-mixed-{_family}", 2, _one_image_row_and_one_text_row(_family))
+    declare(f"vl-mixed-{_family}-single", 1, _one_image_row_and_one_text_row(_family))  # what it must equal
 
 
 @pytest.mark.slow
@@ -308,9 +310,21 @@ def test_fsdp2_equals_one_process(runs):
 @pytest.mark.dist
 def test_fsdp2_with_one_image_row_and_one_text_row(runs):
     """One rank's micro-batch has an image, the other's has none: the vision tower must not be a sharded
-    unit of its own (its gathers would run on one rank only)."""
+    unit of its own (its gathers would run on one rank only), and the run equals one process's, for each family:
+    the loss of an off- and an on-policy step, and the final weights, the vision tower's among them."""
     for family in FAMILIES:
-        assert runs[f"vl-mixed-{family}"].is_dir()  # (the run succeeded on every rank)
+        one, two = runs[f"vl-mixed-{family}-single"], runs[f"vl-mixed-{family}"]
+        a, b = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+        assert [m["on_policy_share"] for m in a] == [0.0, 1.0] and [m["step"] for m in b] == [1, 2], (family, a, b)
+        for x, y in zip(a, b):
+            assert abs(x["loss"] - y["loss"]) <= 1e-5 and x["completion_length"] == y["completion_length"], (x, y)
+        wa, wb = final_weights(one), final_weights(two)
+        assert wa.keys() == wb.keys()
+        for k in wa:  # (measured: equal to the bit)
+            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=f"{family}: {k}")
+        initial = load_file(str(runs.ctx.models("vl")["pairs"][family][0] / "model.safetensors"))
+        vision = [k for k in initial if "visual" in k or "vision_tower" in k]
+        assert max(float((wa[k] - initial[k]).abs().max()) for k in vision) > 1e-3, f"{family}: the tower did not train"
 
 
 @pytest.mark.slow
