@@ -39,13 +39,17 @@ def test_the_gguf_is_dequantised_once_and_later_loads_read_the_same_model(gguf_c
 
 @pytest.mark.slow
 def test_demo_runs_on_the_real_model(tmp_path, gguf_cache):
+    """The demo distils the pruned student: its divergence from the teacher on the held-out prompts falls, and it
+    writes the report, the loss curve and the 15-layer student."""
     from gkd.cli import main
 
     assert main(["demo", "--output_dir", str(tmp_path), "--max_steps", "2", "--max_completion_length", "8",
                  "--teacher_samples", "1", "--progress_bar", "false"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    for side in ("before", "after"):
-        assert report[side]["divergence"] > 0 and report[side]["teacher_tokens"] > 0
+    before, after = report["before"], report["after"]
+    assert before["teacher_tokens"] == after["teacher_tokens"] > 0  # the same teacher completions, scored twice
+    # the held-out divergence fell: measured 6.62 -> 3.63 (forward KL per teacher token, 8 prompts) after 2 steps
+    assert 0 < after["divergence"] < 0.8 * before["divergence"], (before, after)
     assert (tmp_path / "train" / "final" / "model.safetensors").is_file()
     assert (tmp_path / "train" / "loss_curve.png").is_file()
     from transformers import AutoModelForCausalLM
