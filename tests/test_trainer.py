@@ -31,6 +31,14 @@ def weights(trainer):
     return {k: v.detach().clone() for k, v in trainer.student.state_dict().items()}
 
 
+def test_the_logged_learning_rate_is_the_one_each_step_trained_with(tiny, tmp_path):
+    """metrics.jsonl's learning_rate at step N is the rate step N's update used (a linear decay over 2 steps:
+    1e-3, then 5e-4), not the one the scheduler moved on to after it (5e-4, then 0)."""
+    t = Trainer(cfg_for(tiny, tmp_path / "o", lr_scheduler_type="linear"), log=lambda *_: None)
+    t.train()
+    assert [m["learning_rate"] for m in read_metrics(t.out / "metrics.jsonl")] == pytest.approx([1e-3, 5e-4])
+
+
 @pytest.mark.parametrize("lmbda", [0.0, 1.0])
 def test_micro_batch_split_gives_the_same_update(tiny, tmp_path, lmbda):
     runs = {}

@@ -43,12 +43,13 @@ class Window:
     seqs: int = 0
     student_seqs: int = 0
     grad_norm: float = 0.0
+    learning_rate: float = 0.0  # the window's last step trained with it
     router_aux: float = 0.0
     expert_tokens: object = None  # [MoE layers, E] tokens routed to each expert (MoE students)
     steps: int = 0
     t0: float = field(default_factory=time.perf_counter)
 
-    def add(self, s: StepStats, tokens: int, seqs: int, sampled: bool, grad_norm: float) -> None:
+    def add(self, s: StepStats, tokens: int, seqs: int, sampled: bool, grad_norm: float, learning_rate: float) -> None:
         self.loss += s.loss
         self.div += s.divergence
         self.sft += s.sft
@@ -58,18 +59,19 @@ class Window:
         self.seqs += seqs
         self.student_seqs += seqs if sampled else 0
         self.grad_norm += grad_norm
+        self.learning_rate = learning_rate
         self.router_aux += s.router_aux
         if s.expert_tokens is not None:
             self.expert_tokens = s.expert_tokens if self.expert_tokens is None else self.expert_tokens + s.expert_tokens
         self.steps += 1
 
-    def metrics(self, learning_rate: float) -> dict:
+    def metrics(self) -> dict:
         elapsed = time.perf_counter() - self.t0
         return {
             "loss": self.loss / self.steps,
             "divergence": self.div / max(self.tokens, 1),
             "sft_loss": self.sft / max(self.sft_tokens, 1) if self.sft_tokens else None,
-            "learning_rate": learning_rate,
+            "learning_rate": self.learning_rate,
             "grad_norm": self.grad_norm / self.steps,
             "tokens_per_s": self.tokens / max(elapsed, 1e-9),
             "step_time": elapsed / self.steps,

@@ -116,11 +116,12 @@ class Trainer:
                                "(lower --learning_rate, or check the data and --torch_dtype)")
             return stats.loss
         self.bad_steps = 0
+        learning_rate = self.scheduler.get_last_lr()[0]  # this update's (the scheduler then moves to the next)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.rollout.weights_changed()
-        window.add(stats, n_tokens, len(everyone), sampled, float(grad_norm))
+        window.add(stats, n_tokens, len(everyone), sampled, float(grad_norm), learning_rate)
         if self.memory is None:  # optimizer state exists after the first update
             self.memory = build.memory(self.student, self.optimizer, self.teacher, par)
         return stats.loss
@@ -171,7 +172,7 @@ class Trainer:
             self.train_step(step, window)
             done = step + 1
             if window.steps and (done % cfg.logging_steps == 0 or done == self.total_steps):
-                last = {k: v for k, v in {**window.metrics(self.scheduler.get_last_lr()[0]), **(self.memory or {})
+                last = {k: v for k, v in {**window.metrics(), **(self.memory or {})
                                           }.items() if v is not None}
                 metrics.log(done, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", agree=f"{last['top1_agreement']:.3f}")
