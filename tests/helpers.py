@@ -573,3 +573,30 @@ class Runs:
     def _read(self, name: str, rank: int, kind: str) -> str:
         path = self.logs / f"{name}.rank-{rank}.{kind}"
         return path.read_text(errors="replace") if path.is_file() else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs jobs (``call="helpers:..."``) that watch a `gkd train` from inside its processes
+# --------------------------------------------------------------------------------------------------
+
+
+def refused(args: list[str]) -> int:
+    """A mistake the workers find, not the launcher: `gkd ARGS` on this rank as under `gkd train --nproc_per_node`
+    (the rank leaves its one-line error in GKD_ERROR_DIR for the launcher to print). Prints ``gkd exit code N``
+    and ``left for the launcher: ERROR``, and succeeds, so that the launch goes on with its next job."""
+    import tempfile
+
+    from gkd.cli import main
+    from gkd.cli.train import ERROR_DIR
+
+    with tempfile.TemporaryDirectory() as errors:
+        os.environ[ERROR_DIR] = errors
+        try:
+            code = main(list(args))
+        finally:
+            del os.environ[ERROR_DIR]
+        left = [p.read_text() for p in Path(errors).glob("rank-*.txt")]
+    print(f"gkd exit code {code}", flush=True)
+    for text in left:
+        print(f"left for the launcher: {text}", flush=True)
+    return 0
