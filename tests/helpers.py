@@ -600,3 +600,35 @@ def refused(args: list[str]) -> int:
     for text in left:
         print(f"left for the launcher: {text}", flush=True)
     return 0
+
+
+def counting_recomputed_experts(args: list[str]) -> int:
+    """`gkd train ARGS` on this rank, counting the expert-parallel forwards (gkd.parallel.expert) that run inside
+    a backward pass, i.e. gradient checkpointing's recomputations: prints ``experts recomputed N of M forwards``."""
+    import torch
+
+    from gkd.cli import main
+    from gkd.parallel import expert
+
+    counts, inside = {"all": 0, "backward": 0}, []
+    real_forward, real_backward = expert._experts_forward, torch.autograd.backward
+
+    def forward(self, *a, **kw):
+        counts["all"] += 1
+        counts["backward"] += bool(inside)
+        return real_forward(self, *a, **kw)
+
+    def backward(*a, **kw):
+        inside.append(True)
+        try:
+            return real_backward(*a, **kw)
+        finally:
+            inside.pop()
+
+    expert._experts_forward, torch.autograd.backward = forward, backward
+    try:
+        code = main(list(args))
+    finally:
+        expert._experts_forward, torch.autograd.backward = real_forward, real_backward
+    print(f"experts recomputed {counts['backward']} of {counts['all']} forwards", flush=True)
+    return code
