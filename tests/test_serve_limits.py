@@ -56,7 +56,8 @@ def test_default_json_answers_stay_small(default_server):
     status, answer = http("POST", url, body, timeout=120)
     assert status == 200 and "gkd_topk" in answer["choices"][0]
     # and a vLLM-sized JSON request (K 20 on 4 x 256 tokens) as before
-    status, answer = http("POST", url, {"model": "m", "prompt": [[5] * 256] * 4, "max_tokens": 1, "prompt_logprobs": 20})
+    status, answer = http("POST", url, {"model": "m", "prompt": [[5] * 256] * 4, "max_tokens": 1,
+                                        "prompt_logprobs": 20})
     assert status == 200 and len(answer["choices"][3]["prompt_logprobs"]) == 256
 
 

@@ -144,7 +144,8 @@ def test_cut_prompts_and_unused_columns_are_warned_about(tiny, tmp_path, capsys)
 
 # --- layouts and options that do not go together (yet): one line before any process starts -------------
 
-PP2, CP2, EP2 = ["--pipeline_model_parallel_size", "2"], ["--context_parallel_size", "2"], ["--expert_model_parallel_size", "2"]
+PP2, CP2 = ["--pipeline_model_parallel_size", "2"], ["--context_parallel_size", "2"]
+EP2 = ["--expert_model_parallel_size", "2"]
 
 
 @pytest.mark.parametrize("models,flags,message", [
