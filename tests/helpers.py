@@ -573,3 +573,110 @@ class Runs:
     def _read(self, name: str, rank: int, kind: str) -> str:
         path = self.logs / f"{name}.rank-{rank}.{kind}"
         return path.read_text(errors="replace") if path.is_file() else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs jobs (``call="helpers:..."``) that watch a `gkd train` from inside its processes
+# --------------------------------------------------------------------------------------------------
+
+
+def refused(args: list[str]) -> int:
+    """A mistake the workers find, not the launcher: `gkd ARGS` on this rank as under `gkd train --nproc_per_node`
+    (the rank leaves its one-line error in GKD_ERROR_DIR for the launcher to print). Prints ``gkd exit code N``
+    and ``left for the launcher: ERROR``, and succeeds, so that the launch goes on with its next job."""
+    import tempfile
+
+    from gkd.cli import main
+    from gkd.cli.train import ERROR_DIR
+
+    with tempfile.TemporaryDirectory() as errors:
+        os.environ[ERROR_DIR] = errors
+        try:
+            code = main(list(args))
+        finally:
+            del os.environ[ERROR_DIR]
+        left = [p.read_text() for p in Path(errors).glob("rank-*.txt")]
+    print(f"gkd exit code {code}", flush=True)
+    for text in left:
+        print(f"left for the launcher: {text}", flush=True)
+    return 0
+
+
+def counting_recomputed_experts(args: list[str]) -> int:
+    """`gkd train ARGS` on this rank, counting the expert-parallel forwards (gkd.parallel.expert) that run inside
+    a backward pass, i.e. gradient checkpointing's recomputations: prints ``experts recomputed N of M forwards``."""
+    import torch
+
+    from gkd.cli import main
+    from gkd.parallel import expert
+
+    counts, inside = {"all": 0, "backward": 0}, []
+    real_forward, real_backward = expert._experts_forward, torch.autograd.backward
+
+    def forward(self, *a, **kw):
+        counts["all"] += 1
+        counts["backward"] += bool(inside)
+        return real_forward(self, *a, **kw)
+
+    def backward(*a, **kw):
+        inside.append(True)
+        try:
+            return real_backward(*a, **kw)
+        finally:
+            inside.pop()
+
+    expert._experts_forward, torch.autograd.backward = forward, backward
+    try:
+        code = main(list(args))
+    finally:
+        expert._experts_forward, torch.autograd.backward = real_forward, real_backward
+    print(f"experts recomputed {counts['backward']} of {counts['all']} forwards", flush=True)
+    return code
+
+
+def vllm_engine_follows_a_tp_student(args: list[str]) -> int:
+    """Run by each process of a 2-process torchrun (gkd makes the process group; the engine leaves it when it
+    shuts down, so this cannot be a job of a batch_worker.py launch): TP = 2 with ``--vllm_tensor_parallel_size 2``
+    (ARGS: student, teacher, data, output folder). Both ranks drive one engine split over them; before and after 3
+    on-policy steps its greedy completions equal HF generate's from the student's current (split) weights, and
+    the training moved them. Prints ``vllm tp RANK: engine tp N, K completions equal`` or raises."""
+    import torch
+    import torch.distributed as dist
+
+    from gkd.config import TrainConfig
+    from gkd.parallel import teardown
+    from gkd.rollout.base import SamplingConfig
+    from gkd.rollout.hf import HFSampler
+    from gkd.train.trainer import Trainer
+
+    student, teacher, data, out = args
+    cfg = TrainConfig(model=student, teacher_model=teacher, dataset=[data], output_dir=out, lmbda=1.0,
+                      micro_batch_size=2, global_batch_size=4, max_completion_length=8, learning_rate=3e-2,
+                      lr_scheduler_type="constant", max_steps=3, progress_bar=False, tensor_model_parallel_size=2,
+                      use_vllm=True, vllm_tensor_parallel_size=2, vllm_max_model_len=128, vllm_kv_cache_memory_mb=64)
+    trainer = Trainer(cfg, log=lambda *_: None)
+    rank = dist.get_rank()
+    prompts = [[3, 92, 7, 8, 4, 3, 93], [3, 92, 9, 10, 11, 4, 3, 93], [3, 92, 12, 4, 3, 93]]
+    greedy = SamplingConfig(max_new_tokens=8, do_sample=False)
+    hf = HFSampler(greedy, trainer.sampler.eos_ids, 0, torch.device("cpu"), synced=True)
+    engine = trainer.rollout
+
+    def both():
+        keep, engine.cfg = engine.cfg, greedy
+        try:
+            return engine.generate(trainer.student, prompts), hf.generate(trainer.student, prompts)
+        finally:
+            engine.cfg = keep
+
+    try:
+        before = both()
+        trainer.train()
+        after = both()
+        size = engine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
+    finally:
+        trainer.close()
+        teardown()
+    assert size == 2 and before[0] == before[1] and after[0] == after[1], (size, before, after)
+    assert after[0] != before[0], (before, after)  # the weights moved, and the engine took them
+    print(f"vllm tp {rank}: engine tp {size}, {len(after[0])} completions equal", flush=True)
+    return 0

@@ -110,15 +110,18 @@ def test_kill_9_in_a_save_or_the_export_then_resume(tiny, tmp_path, uninterrupte
 # --------------------------------------------------------------------------------------------------
 
 
-def _namespace_available() -> bool:
+@pytest.fixture(scope="module")
+def private_mounts():
+    """A private mount namespace (`unshare -m`, root here), or the test fails saying why: never a skip, which
+    would keep the suite green with the disk faults untested. Not simulated instead: running as root, a mode
+    0555 folder stays writable, and RLIMIT_FSIZE gives EFBIG (SIGXFSZ), not the ENOSPC of a full disk."""
     if not shutil.which("unshare"):
-        return False
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True)
-    return probe.returncode == 0
-
-
-needs_mounts = pytest.mark.skipif(not _namespace_available(), reason="no private mount namespace (unshare -m) here; "
-                                  "tests/test_output_dir.py simulates ENOSPC instead")
+        pytest.fail("these tests need unshare (util-linux) to mount a small tmpfs in a private mount namespace",
+                    pytrace=False)
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True, text=True)
+    if probe.returncode:
+        pytest.fail(f"these tests need a private mount namespace (unshare -m, as root or with CAP_SYS_ADMIN) to mount "
+                    f"a small tmpfs; here: {probe.stderr.strip()}", pytrace=False)
 
 
 def run_on_tmpfs(tiny, tmp_path, trigger: str, action: str) -> tuple[int, str, Path]:
@@ -160,7 +163,6 @@ def assert_resumes_exactly(tiny, out: Path, reference: dict[int, float]) -> None
     assert_clean(out)
 
 
-@needs_mounts
 @pytest.mark.parametrize("fault,action,says", [
     # fill the disk, then free 64 KiB: metrics lines still fit, a checkpoint does not
     ("disk full", "dd if=/dev/zero of='{mnt}/filler' bs=64k 2>/dev/null; truncate -s -64K '{mnt}/filler'",
@@ -168,8 +170,8 @@ def assert_resumes_exactly(tiny, out: Path, reference: dict[int, float]) -> None
     ("read-only", "mount -o remount,ro '{mnt}'",
      ["failed: Read-only file system", "make the folder writable", "--resume_from_checkpoint latest"]),
 ])
-def test_disk_full_or_read_only_mid_run_is_one_line_and_keeps_the_checkpoints(tiny, tmp_path, uninterrupted, fault,
-                                                                             action, says):
+def test_disk_full_or_read_only_mid_run_is_one_line_and_keeps_the_checkpoints(private_mounts, tiny, tmp_path,
+                                                                             uninterrupted, fault, action, says):
     mnt = tmp_path / "mnt"
     rc, err, kept = run_on_tmpfs(tiny, tmp_path, trigger=f"[ -f '{mnt}/run/checkpoint-2/gkd_checkpoint.json' ]",
                                  action=action.format(mnt=mnt))

@@ -5,6 +5,7 @@ teacher. The torchrun runs (the session's, helpers.Runs) train the same 4 steps 
 lmbda 0.5: steps 1 and 3 off-policy, 2 and 4 seeded on-policy) with the router aux loss on (coefficient 0.01
 from the config)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,10 @@ declare_training("moe-single-lora", 1, LORA, models="moe")
 for _name, (_nproc, _flags, _) in MESHES.items():
     declare_training(_name, _nproc, _flags, models="moe")
 declare("resume-ep2-on-single", 1, resumed_from("ep2", models="moe"), after=("ep2",), mkdir=True)
+# EP 2 with gradient checkpointing, in the launch of the other EP 2 runs, counting the experts' recomputations
+declare("ep2-checkpointing", 2, lambda c, out: train_args(c.models("moe"), out, *MESHES["ep2"][1],
+                                                          "--gradient_checkpointing", "true"),
+        call="helpers:counting_recomputed_experts")
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))
@@ -222,3 +227,17 @@ def test_resume_an_expert_parallel_checkpoint_on_one_process(runs):
     w_ref, w = final_weights(runs["moe-single"]), final_weights(out)
     for k in w_ref:
         torch.testing.assert_close(w[k], w_ref[k], rtol=0, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_gradient_checkpointing_under_expert_parallel_changes_nothing(runs):
+    """--gradient_checkpointing true at EP = 2: the experts' forwards (their all-to-alls too) run again in backward
+    on every rank, and the losses, gradient norms, router aux loss, expert load and final weights equal those of
+    the same run without checkpointing."""
+    said = re.findall(r"experts recomputed (\d+) of (\d+) forwards", runs.stdout("ep2-checkpointing"))
+    assert len(said) == 2 and all(int(n) > 0 for n, _ in said), runs.output("ep2-checkpointing")[-3000:]
+    ref, got, _ = assert_same_run(runs["ep2"], runs["ep2-checkpointing"])  # losses and final weights within 1e-5
+    for a, b in zip(ref, got):
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 and abs(a["router_aux_loss"] - b["router_aux_loss"]) <= 1e-5
+        assert a["expert_load"] == b["expert_load"]

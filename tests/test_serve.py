@@ -2,8 +2,10 @@
 faults with retries, and a training run that resumes after its teacher server comes back."""
 
 import json
+import queue
 import signal
 import socket
+import threading
 
 import pytest
 import torch
@@ -124,21 +126,36 @@ def test_tokenize_and_models(server, setup):
     assert models["data"][0]["max_model_len"] == 128 and "compact" in models["data"][0]["gkd"]["wire"]
 
 
-def test_scorer_batches_concurrent_sequences_and_padding_changes_nothing(tiny):
+def test_scorer_batches_concurrent_sequences_and_padding_changes_nothing(tiny, monkeypatch):
+    """Sequences that arrive while the first one's batch gathers join it: one padded forward, each sequence
+    scored as if alone. Events, not a clock, order it: the others are sent once the scorer waits for them, the
+    wait (600 s) outlasts any slow submission, and stop() ends it."""
+    gathering = threading.Event()
+
+    class Watched(queue.Queue):
+        def get(self, block=True, timeout=None):
+            if timeout is not None:  # the loop holds a batch and waits for more
+                gathering.set()
+            return super().get(block, timeout)
+
     model = load_model(tiny["teacher"]).eval()
-    scorer = Scorer(model, max_batch_tokens=4096, wait_s=0.3)
+    with monkeypatch.context() as m:
+        m.setattr(queue, "Queue", Watched)
+        scorer = Scorer(model, max_batch_tokens=4096, wait_s=600)
     calls = []
     inner = scorer._score
     scorer._score = lambda jobs: calls.append(len(jobs)) or inner(jobs)
     seqs = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15]]
-    futures = [scorer.submit(s, 4) for s in seqs]
+    futures = [scorer.submit(seqs[0], 4)]
+    assert gathering.wait(30)
+    futures += [scorer.submit(s, 4) for s in seqs[1:]]
+    scorer.stop()  # the batch is scored, then the loop ends
     batched = [f.result(timeout=30) for f in futures]
     assert calls == [3]  # one forward for the three
     for s, got in zip(seqs, batched):
         alone = inner([_Job(s, 4)])[0]
         for a, b in zip(got, alone):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    scorer.stop()
 
 
 @pytest.mark.slow

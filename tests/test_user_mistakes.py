@@ -140,3 +140,67 @@ def test_cut_prompts_and_unused_columns_are_warned_about(tiny, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "cut 1 prompt(s) longer than --max_length 8" in err and f"{data}:1" in err, err
     assert "'id', 'source' are not used" in err, err
+
+
+# --- layouts and options that do not go together (yet): one line before any process starts -------------
+
+PP2, CP2 = ["--pipeline_model_parallel_size", "2"], ["--context_parallel_size", "2"]
+EP2 = ["--expert_model_parallel_size", "2"]
+
+
+@pytest.mark.parametrize("models,flags,message", [
+    pytest.param("tiny", ["--nproc_per_node", "4", *PP2, *CP2, "--micro_batch_size", "2"],
+                 "--pipeline_model_parallel_size with --context_parallel_size is not supported yet", id="pp-x-cp"),
+    pytest.param("moe", ["--nproc_per_node", "4", *EP2, *CP2],
+                 "--expert_model_parallel_size 2 with context or pipeline parallelism", id="ep-x-cp"),
+    # (PP refuses the MoE families first: the pipelined loss has no router term)
+    pytest.param("moe", ["--nproc_per_node", "4", *EP2, *PP2, "--micro_batch_size", "2"],
+                 "--pipeline_model_parallel_size: no pipeline plan for qwen3_moe", id="ep-x-pp"),
+    pytest.param("moe-odd-teacher", ["--nproc_per_node", "2", *EP2], "--expert_model_parallel_size 2: the teacher "
+                 "Qwen3MoeForCausalLM has 3 experts per layer, which 2 does not divide", id="ep-teacher-experts"),
+    pytest.param("tiny", ["--nproc_per_node", "2", *CP2, "--use_vllm", "true"],
+                 "--use_vllm with --context_parallel_size > 1 is not supported yet", id="cp-x-vllm"),
+    pytest.param("tiny", ["--nproc_per_node", "2", "--use_vllm", "true", "--vllm_tensor_parallel_size", "2"],
+                 "--vllm_tensor_parallel_size 2 must divide --tensor_model_parallel_size 1: the ranks of one vLLM "
+                 "engine", id="vllm-tp2-over-tp1"),
+    pytest.param("tiny", ["--nproc_per_node", "4", "--tensor_model_parallel_size", "2", "--use_vllm", "true",
+                          "--vllm_tensor_parallel_size", "4"],
+                 "--vllm_tensor_parallel_size 4 must divide --tensor_model_parallel_size 2", id="vllm-tp4-over-tp2"),
+    pytest.param("tiny", ["--use_vllm", "true", "--sleep_level", "2"],
+                 "--sleep_level must be 0 or 1, got 2 (level 2 drops the weights", id="sleep-level-2"),
+    pytest.param("tiny", ["--nproc_per_node", "2", *PP2, "--virtual_pipeline_model_parallel_size", "2",
+                          "--global_batch_size", "12"],
+                 "needs the micro-batches per step on a data-parallel rank (3) to be a multiple of "
+                 "--pipeline_model_parallel_size 2", id="interleaved-micro-batches"),
+])
+def test_layouts_not_combined_yet_are_one_line_before_any_process(request, tmp_path, capsys, models, flags, message):
+    """What docs/parallelism.md, moe.md and vllm.md say is refused, from the flags and the models' configs, before
+    a process starts or the output folder is made."""
+    sets = {"tiny": "tiny", "moe": "moe", "moe-odd-teacher": "moe"}
+    chosen = dict(request.getfixturevalue(sets[models]))
+    if models == "moe-odd-teacher":
+        chosen["teacher"] = chosen["odd"]
+    capsys.readouterr()  # (what making the models printed)
+    out = tmp_path / "out"
+    err = one_line_error(capsys, *train_args(chosen, out, *flags))
+    assert message in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("layout", [{"tp": 2}, {"pp": 2}, {"ep": 2}], ids=["tp2", "pp2", "ep2"])
+def test_offloading_a_teacher_without_fsdp_shards_is_refused(layout):
+    """--offload_teacher_model under TP, PP or EP with no FSDP shards of the teacher is one line (on a GPU: on CPU
+    the flag is a no-op, so the decision is checked here for a CUDA device, which it only names)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from gkd.errors import GKDError
+    from gkd.parallel import teacher_offload
+
+    gpu = torch.device("cuda")
+    par = SimpleNamespace(**{"tp": 1, "pp": 1, "ep": 1, "shard_mesh": None, **layout})
+    with pytest.raises(GKDError, match="--offload_teacher_model with tensor, pipeline or expert parallelism but no "
+                                       "FSDP shards is not supported yet"):
+        teacher_offload(par, True, gpu)
+    assert teacher_offload(SimpleNamespace(tp=1, pp=1, ep=1, shard_mesh=None), True, gpu) == "move"  # one process
