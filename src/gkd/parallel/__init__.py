@@ -10,7 +10,7 @@ from gkd.parallel.mesh import Parallel, check_options, setup, teardown
 from gkd.parallel.tensors import local, local_head, local_mib  # noqa: F401 - the layer's API
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float, par: Parallel | None = None) -> float:
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, par: Parallel | None = None, model=None) -> float:
     """The global gradient norm (over every shard and pipeline stage), after scaling the gradients down to
     ``max_norm`` (0 = no clipping). Works on plain tensors and on DTensors (FSDP and/or TP); experts under
     expert parallelism live on a mesh of their own, so the norm is taken per mesh and combined."""
@@ -18,8 +18,9 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, par: Parallel | 
 
     if par is not None and par.pp > 1:
         from gkd.parallel.pipeline import clip_grad_norm as over_stages
+        from gkd.parallel.pipeline import tied_copy
 
-        return over_stages(params, max_norm, par.pp_group)
+        return over_stages(params, max_norm, par.pp_group, once=tied_copy(model) if model is not None else None)
     grads = [p.grad for p in params if p.grad is not None]
     by_mesh: dict = {}
     for g in grads:

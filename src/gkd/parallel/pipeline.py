@@ -90,11 +90,7 @@ def check_config(config, stages: int, hand: str, where: str) -> None:
         who = where if name == config.model_type else f"{name}, {where}"  # (a config may name no architecture)
         raise GKDError(f"--pipeline_model_parallel_size: no pipeline plan for {config.model_type} ({who}): "
                        f"{adapter.pipeline_gap}; pipelines exist for {able} (see gkd models)")
-    text = text_config(config)
-    if getattr(text, "tie_word_embeddings", False):
-        raise GKDError(f"--pipeline_model_parallel_size: {name} ({where}) ties its lm_head to its embedding, which "
-                       "would live on two stages; untied models only for now")
-    split_layers(text.num_hidden_layers, stages, hand, where)
+    split_layers(text_config(config).num_hidden_layers, stages, hand, where)
 
 
 def split_layers(n_layers: int, stages: int, hand: str = "", where: str = "the model") -> list[list[int]]:
@@ -120,12 +116,8 @@ def split_layers(n_layers: int, stages: int, hand: str = "", where: str = "the m
 
 
 def check_model(model, stages: int, hand: str = "", where: str = "the model") -> None:
-    """check_config for a loaded model (a GGUF file's too), and its weights really untied."""
+    """check_config for a loaded model (a GGUF file's too)."""
     check_config(unwrap(model).config, stages, hand, where)
-    adapter = adapter_for(model)
-    if unwrap(model).get_output_embeddings().weight is adapter.decoder(model).embed_tokens.weight:
-        raise GKDError(f"--pipeline_model_parallel_size: {where} ties its lm_head to its embedding, which would live "
-                       "on two stages; untied models only for now")
 
 
 class Stage(nn.Module):
@@ -176,6 +168,11 @@ class Staged:
     num: int
     group: object
     rank: int  # this rank's place in the pipeline
+    # a tied lm_head and embedding live on the first and the last stage as two equal copies; their gradients
+    # are summed over ``tied_group`` (those two stages) so that both take the single weight's update
+    tied: nn.Module | None = None  # this rank's copy (the embedding or the lm_head), or None
+    tied_group: object = None
+    tied_name: tuple[str, str] | None = None  # (the last stage's copy, the embedding's name) on the last stage
 
     @property
     def size(self) -> int:
@@ -212,6 +209,11 @@ def split(model, par, virtual: int = 1, hand: str = "") -> Staged:
     check_model(model, num, hand)
     plan = split_layers(len(body.layers), num, hand)
     indices = [par.pp_rank + v * par.pp for v in range(virtual)]
+    head, embed = unwrap(model).get_output_embeddings(), body.embed_tokens
+    tied = head.weight is embed.weight
+    names = tuple(f"{_name_of(model, m)}.weight" for m in (head, embed))
+    if tied and 0 not in indices and num - 1 in indices:  # the last stage's own copy (the state dict fills it)
+        head.weight = nn.Parameter(torch.empty_like(head.weight), requires_grad=head.weight.requires_grad)
     layers = body.layers
     body.layers = nn.ModuleDict({str(i): layers[i] for s in indices for i in plan[s]})
     stages = [Stage(model, plan[s], s == 0, s == num - 1) for s in indices]
@@ -221,6 +223,10 @@ def split(model, par, virtual: int = 1, hand: str = "") -> Staged:
         body.norm = None
         unwrap(model).set_output_embeddings(None)
     out = Staged(stages, indices, num, par.pp_group, par.pp_rank)
+    if tied and (0 in indices or num - 1 in indices):
+        out.tied = body.embed_tokens if 0 in indices else head
+    if out.tied is head:
+        out.tied_name = names
     unwrap(model).__dict__["_gkd_staged"] = out
     return out
 
@@ -231,6 +237,8 @@ def shard(model, par, plan: PipelinePlan, student: bool) -> None:
     gathered from its forward to the loss, as gkd.parallel.fsdp explains); a teacher's embedding and lm_head
     stay whole."""
     st = split(model, par, plan.virtual if student else 1, plan.layers if student else "")
+    if student:
+        _tie_groups(st, par, tied=dist.get_world_size(par.pp_group) > 1 and _any_tied(st, par))
     if par.tp > 1:
         from gkd.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -244,6 +252,54 @@ def shard(model, par, plan: PipelinePlan, student: bool) -> None:
         from gkd.parallel.fsdp import shard_teacher
 
         shard_teacher(model, par.mesh["dp_shard"])
+
+
+def _any_tied(st: Staged, par) -> bool:
+    """Whether the model ties its lm_head to its embedding (every rank answers the same)."""
+    flag = torch.tensor([int(st.tied is not None)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
+def _tie_groups(st: Staged, par, tied: bool) -> None:
+    """For a tied model, a group of the first and the last stage of each pipeline (every rank creates every
+    group, as torch.distributed asks); this rank keeps the one its copy belongs to."""
+    if not tied:
+        return
+    names = par.mesh.mesh_dim_names
+    pipelines = par.mesh.mesh.movedim(names.index("pp"), -1).reshape(-1, par.pp)
+    for ranks in pipelines.tolist():
+        group = dist.new_group([ranks[0], ranks[-1]])
+        if dist.get_rank() in (ranks[0], ranks[-1]):
+            st.tied_group = group
+
+
+def sum_tied_gradients(model) -> None:
+    """After the step's backward: the embedding's and the lm_head's gradients summed on both stages, as one
+    weight would have received them (each shard with its twin: both copies are split the same way)."""
+    from gkd.parallel.tensors import local
+
+    st = staged(model)
+    if st is None or st.tied is None or st.tied.weight.grad is None:
+        return
+    dist.all_reduce(local(st.tied.weight.grad), group=st.tied_group)
+
+
+def _name_of(model, module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def tied_copy_names(model) -> dict[str, str]:
+    """{the last stage's copy of a tied weight: the name the weight has in a model that keeps it once} on the
+    rank holding that copy: a checkpoint saved without a pipeline has its optimizer state under the latter."""
+    st = staged(model)
+    return dict([st.tied_name]) if st is not None and st.tied_name else {}
+
+
+def tied_copy(model) -> torch.Tensor | None:
+    """The last stage's copy of a tied weight (a gradient norm counts the weight once: on the first stage)."""
+    st = staged(model)
+    return st.tied.weight if st is not None and st.tied is not None and st.first is None else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,16 +397,19 @@ def forward_backward(micro_batches, batches, scored, student, n_stats: int, plan
     finally:
         for s in st.stages:
             s.masks, s.calls = [], 0
+    sum_tied_gradients(student)
     dist.all_reduce(stats, group=st.group)  # zeros except on the last stage
     return stats
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float, group) -> float:
-    """The gradient norm over every stage (and shard), with the gradients scaled down to ``max_norm``."""
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, group, once=None) -> float:
+    """The gradient norm over every stage (and shard), with the gradients scaled down to ``max_norm``;
+    ``once``: a tied weight's last-stage copy, left out of the norm (the first stage counts it)."""
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    counted = [p.grad for p in params if p.grad is not None and p is not once]
+    norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros(())
     norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).double() ** 2
     dist.all_reduce(norm, group=group)
     total = float(norm.sqrt())

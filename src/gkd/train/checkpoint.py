@@ -140,8 +140,11 @@ def load(path: Path, model, optimizer, scheduler, par) -> dict:
             dcp.load({"model": state["model"]}, checkpoint_id=str(path / "state"))
             # a weight that never had a gradient (e.g. a vision layer after the one LLaVA reads features
             # from) has no optimizer state in the checkpoint; it keeps the fresh one, as it would have
-            dcp.load({"optimizer": state["optimizer"]}, checkpoint_id=str(path / "state"),
+            alias = _tied_aliases(path, model, state["optimizer"])
+            optim = {alias.get(k, k): v for k, v in state["optimizer"].items()}
+            dcp.load({"optimizer": optim}, checkpoint_id=str(path / "state"),
                      planner=DefaultLoadPlanner(allow_partial_load=True))
+            state["optimizer"] = {k: optim[alias.get(k, k)] for k in state["optimizer"]}
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=_options(model))
         scheduler.load_state_dict(torch.load(path / "trainer.pt", weights_only=False)["scheduler"])
@@ -152,6 +155,26 @@ def load(path: Path, model, optimizer, scheduler, par) -> dict:
         raise GKDError(f"--resume_from_checkpoint {path}: corrupt checkpoint, or saved for another model or "
                        f"--train_type ({type(e).__name__}: {detail})") from None
     return info
+
+
+def _tied_aliases(path: Path, model, optim: dict) -> dict[str, str]:
+    """{optimizer key: the key to read it from}: a pipeline's last-stage copy of a tied lm_head reads the
+    embedding's optimizer state from a checkpoint that kept the weight once (saved without a pipeline)."""
+    import torch.distributed.checkpoint as dcp
+
+    from gkd.parallel.pipeline import tied_copy_names
+
+    names = tied_copy_names(model)
+    if not names:
+        return {}
+    saved = dcp.FileSystemReader(str(path / "state")).read_metadata().state_dict_metadata
+    alias = {}
+    for key in optim:
+        for copy, one in names.items():
+            other = key.replace(f".{copy}", f".{one}", 1)
+            if f".{copy}" in key and f"optimizer.{key}" not in saved and f"optimizer.{other}" in saved:
+                alias[key] = other
+    return alias
 
 
 def export(model, tokenizer, out_dir: Path, cfg, par) -> None:

@@ -105,7 +105,7 @@ class Trainer:
                                skip_empty=par.world == 1, dims=par,
                                reduce_scatter_each=cfg.reduce_scatter_every_micro_batch, routed=routed)
         stats = StepStats.of(par.loss_reduce(row), self.adapter.num_experts(self.student))
-        grad_norm = parallel.clip_grad_norm(self.params, cfg.max_grad_norm, par)
+        grad_norm = parallel.clip_grad_norm(self.params, cfg.max_grad_norm, par, self.student)
         if not (math.isfinite(stats.loss) and math.isfinite(float(grad_norm))):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
