@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import RunContext, Runs  # noqa: E402
 
+
 # One thread per pytest process, as every process the tests start has (helpers.ENV): the two workers share two
 # cores, and torch's default of a thread per core spends more time synchronising threads than computing on the
 # tiny models (tests/test_families.py on one worker: 61 s with two threads, 19 s with one).
@@ -47,6 +48,7 @@ LENGTH = {
     "test_pipeline.py": 28,
     "test_distributed.py": 24,
     "test_trainer.py": 20,
+    "test_vllm_tensor_parallel.py": 35,
 }
 GROUPS = "GKD_TEST_GROUPS"  # the file of {test id: group}, written by the workers
 
@@ -187,6 +189,16 @@ def tiny4(tiny):
 
 
 @pytest.fixture(scope="session")
+def tied(tiny):
+    """The tiny models with lm_head tied to the embedding (SmolLM2's layout: pipelines keep a copy per end stage)."""
+    from tiny import write_model
+
+    root = Path(tiny["root"])
+    return {**tiny, "student": str(write_model(root / "student-tied", layers=2, seed=2, tie=True)),
+            "teacher": str(write_model(root / "teacher-tied", layers=3, seed=1, tie=True))}
+
+
+@pytest.fixture(scope="session")
 def moe(tmp_path_factory):
     """Mixture-of-experts models: a Qwen3-MoE student (4 experts, top-2, 2 layers), a Mixtral teacher, a
     3-expert student (EP 2 cannot split it), a dense one, and their data."""
@@ -223,7 +235,7 @@ def vl(tmp_path_factory):
 def runs(request, tmp_path_factory):
     """The declared runs (helpers.declare), each started the first time a test reads it (see helpers.Runs)."""
     # the model sets runs may use, made now (a session fixture cannot ask for another once it has returned)
-    sets = {name: request.getfixturevalue(name) for name in ("tiny", "tiny4", "moe", "vl")}
+    sets = {name: request.getfixturevalue(name) for name in ("tiny", "tiny4", "tied", "moe", "vl")}
     ctx = RunContext(tmp_path_factory.mktemp("runs"), sets)
     yield Runs(ctx)
     ctx.close()

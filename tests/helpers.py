@@ -154,11 +154,17 @@ def resumed_from(saved: str, models: str = "tiny", lora: list[str] = (), flags: 
 
 def check_resume(resumed: Path, reference: Path) -> None:
     """A run resumed from another's step-2 checkpoint gives the uninterrupted ``reference`` run's losses at
-    steps 3 and 4."""
+    steps 3 and 4, and its final weights."""
+    import torch
+
     ref, got = losses(reference), losses(resumed)
     assert sorted(got) == [3, 4]  # step 3 is off-policy, step 4 on-policy
     for step in (3, 4):
         assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+    w_ref, w = final_weights(reference), final_weights(resumed)
+    assert w_ref.keys() == w.keys()
+    for k in w_ref:
+        torch.testing.assert_close(w[k], w_ref[k], rtol=0, atol=1e-5, msg=k)
 
 
 def _children(pid: int) -> list[int]:
@@ -442,7 +448,7 @@ class RunContext:
     """What a run's arguments may use: the model sets (the fixtures), the runs' folders, a teacher server."""
 
     root: Path
-    sets: dict  # fixture name -> model set (tiny, tiny4, moe, vl)
+    sets: dict  # fixture name -> model set (tiny, tiny4, tied, moe, vl)
     _server: tuple | None = None
     prepared: dict = field(default_factory=dict)
 

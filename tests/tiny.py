@@ -28,13 +28,13 @@ def write_tokenizer(folder: Path, vocab_size: int = 96) -> None:
 
 
 def write_model(folder: Path, *, layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
-                vocab_size: int = 96, seed: int = 0) -> Path:
+                vocab_size: int = 96, seed: int = 0, tie: bool = False) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=4, pad_token_id=0)
+                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=4, pad_token_id=0)
     torch.manual_seed(seed)
     LlamaForCausalLM(cfg).save_pretrained(str(folder))
     write_tokenizer(folder, vocab_size)
