@@ -329,6 +329,9 @@ class ServeConfig:
                      "max_json_logprob_entries"):
             if getattr(self, name) < 1:
                 raise GKDError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_model_len", "max_logprobs"):  # 0: the model's own
+            if getattr(self, name) < 0:
+                raise GKDError(f"--{name} must be >= 1 (or 0: the model's own), got {getattr(self, name)}")
         for name in ("request_timeout", "drain_timeout"):
             if getattr(self, name) <= 0:
                 raise GKDError(f"--{name} must be > 0, got {getattr(self, name)}")
