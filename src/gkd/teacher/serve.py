@@ -245,9 +245,9 @@ class TeacherServer:
             try:
                 pics = [open_image(r if r.startswith("data:") else "data:;base64," + r, None, f"gkd_images[{i}]")
                         for r in refs]
+                inputs = self.images(pics, f"gkd_images[{i}]")  # an image the processor refuses: the client's
             except GKDError as e:
                 raise BadRequest(str(e)) from None
-            inputs = self.images(pics)
             counts = self.images.counts(inputs)
             where = [j for j, t in enumerate(p) if t == self.images.image_token_id]
             if len(where) != sum(counts):
