@@ -127,3 +127,34 @@ def test_an_image_placeholder_typed_as_text_is_one_line(vl, tmp_path, content, w
                           "--max_completion_length", "4")
     assert_one_line_error(proc, f"{data}:1: {where} the image placeholder token '<|image_pad|>' as text")
     assert not out.exists()
+
+
+# --- a diverged student's logits ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_sampling_non_finite_logits_is_one_clear_error(bad):
+    """NaN or inf logits (diverged weights) end sampling with a GKDError naming them and --learning_rate, not
+    an index error from the inverse CDF; the draw itself stays in range meanwhile."""
+    sampler = RowSeededSampling([1, 2], SamplingConfig(max_new_tokens=4, temperature=0.9), torch.device("cpu"))
+    logits = torch.zeros(2, 300)
+    logits[1, 5] = bad
+    with pytest.raises(GKDError, match=r"logits are not finite \(NaN or inf\).*lower --learning_rate"):
+        sampler.draw(logits)
+    from gkd.rollout.decode import inverse_cdf
+
+    probs = torch.full((2, 300), float("nan"))
+    assert inverse_cdf(probs, torch.tensor([0.3, 0.9], dtype=torch.float64)).max() < 300
+
+
+def test_a_diverged_student_on_policy_is_one_line(tiny, tmp_path):
+    """--learning_rate 1e10 with on-policy sampling: one line pointing at --learning_rate (it was 'index 192 is out
+    of bounds'), as the same divergence off-policy stops at --max_bad_steps."""
+    proc = gkd_in_process("train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset",
+                          tiny["data"], "--output_dir", str(tmp_path / "out"), "--max_completion_length", "4",
+                          "--micro_batch_size", "4", "--global_batch_size", "4", "--max_steps", "3", "--lmbda", "1",
+                          "--learning_rate", "1e10", "--lr_scheduler_type", "constant", "--progress_bar", "false")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("gkd: error:")]
+    assert len(lines) == 1 and "--learning_rate" in lines[0], proc.stderr[-2000:]
+    assert "index" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
