@@ -12,7 +12,7 @@ from gkd.config import TrainConfig, build_config
 
 def train_args(tiny, out, *extra):
     return ["train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["data"],
-            "--output_dir", str(out), "--max_completion_length", "4", "--micro_batch_size", "4",
+            "--output_dir", str(out), "--max_completion_length", "6", "--micro_batch_size", "4",
             "--global_batch_size", "8", "--max_steps", "1", "--progress_bar", "false", *extra]
 
 
