@@ -244,3 +244,13 @@ def test_demo_options_are_checked_before_any_work(tmp_path, capsys, flags, messa
     err = one_line_error(capsys, "demo", "--output_dir", str(out), *flags)
     assert message in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("targets", ["lm_head", "q_proj,lm_head"])
+def test_lora_on_the_output_layer_is_refused(tiny, tmp_path, capsys, targets):
+    """--target_modules lm_head: gkd's loss reads the head's weight directly, so an adapter there gets no gradient
+    (alone: 'element 0 of tensors does not require grad'; beside others: never trained, silently). One line."""
+    out = tmp_path / "out"
+    err = one_line_error(capsys, *train_args(tiny, out, "--train_type", "lora", "--target_modules", targets))
+    assert f"--target_modules {targets}: gkd keeps the output layer lm_head out of LoRA" in err, err
+    assert not out.exists()
