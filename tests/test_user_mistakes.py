@@ -210,9 +210,10 @@ def test_offloading_a_teacher_without_fsdp_shards_is_refused(layout):
 
 
 @pytest.mark.parametrize("flag,value", [("--weight_decay", "-1"), ("--seed", "123456789012345678901234"),
-                                        ("--seed", "-1")])
+                                        ("--seed", "-1"), ("--eval_steps", "1"), ("--eval_steps", "-1")])
 def test_numbers_a_run_cannot_use_are_refused(tiny, tmp_path, capsys, flag, value):
-    """A negative weight decay or a seed torch cannot take is one line (it was a traceback)."""
+    """A negative weight decay or a seed torch cannot take is one line (it was a traceback); so is --eval_steps with
+    no held-out data (it never evaluated, silently)."""
     out = tmp_path / "out"
     err = one_line_error(capsys, *train_args(tiny, out, flag, value))
     assert flag in err and value in err, err

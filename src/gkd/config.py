@@ -191,6 +191,12 @@ class TrainConfig:
         need(self.lora_rank >= 1, f"--lora_rank must be >= 1, got {self.lora_rank}")
         need(0.0 <= self.lora_dropout < 1.0, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(self.logging_steps >= 1, f"--logging_steps must be >= 1, got {self.logging_steps}")
+        need(self.eval_steps >= 0, f"--eval_steps must be >= 0, got {self.eval_steps}")
+        layout_refuses_eval = max(self.tensor_model_parallel_size, self.context_parallel_size,
+                                  self.pipeline_model_parallel_size) > 1  # (said by the launch check, in its words)
+        need(not self.eval_steps or bool(self.val_dataset) or self.split_dataset_ratio > 0 or layout_refuses_eval,
+             f"--eval_steps {self.eval_steps} needs held-out data: --val_dataset, or --split_dataset_ratio > 0 "
+             "(without either there is nothing to evaluate)")
         need(self.save_steps >= 0 and self.save_total_limit >= 1, "--save_steps must be >= 0 and --save_total_limit >= 1")
         need(self.max_bad_steps >= 1, f"--max_bad_steps must be >= 1, got {self.max_bad_steps}")
         need(self.loss_chunk_size >= 0, f"--loss_chunk_size must be >= 0, got {self.loss_chunk_size}")
