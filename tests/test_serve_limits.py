@@ -144,3 +144,17 @@ def test_the_drain_cuts_idle_clients_at_once_and_lets_requests_in_flight_finish(
 def test_the_default_bounds_are_finite():
     cfg = ServeConfig(model="m")
     assert cfg.request_timeout <= 60 and cfg.drain_timeout <= 30 and cfg.max_json_logprob_entries <= 2**17
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--max_model_len", "100000", "--max_model_len 100000 is beyond the model's context of 256 positions"),
+    ("--max_model_len", "-1", "--max_model_len must be >= 1 (or 0: the model's own), got -1"),
+    ("--max_logprobs", "-5", "--max_logprobs must be >= 1 (or 0: the model's own), got -5"),
+    ("--max_logprobs", "1000", "--max_logprobs 1000 is beyond the model's vocabulary of 96"),
+])
+def test_limits_the_model_cannot_meet_are_refused_at_start(tiny, capsys, flag, value, message):
+    """A limit the server would advertise and not meet, or one that refuses every request, stops it at start in
+    one line (it started, and then answered 200 beyond the model's context, or refused everything)."""
+    assert main(["serve", "--model", tiny["teacher"], "--port", "0", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("gkd: error: ") and message in err, err

@@ -12,7 +12,7 @@ from gkd.config import TrainConfig, build_config
 
 def train_args(tiny, out, *extra):
     return ["train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["data"],
-            "--output_dir", str(out), "--max_completion_length", "4", "--micro_batch_size", "4",
+            "--output_dir", str(out), "--max_completion_length", "6", "--micro_batch_size", "4",
             "--global_batch_size", "8", "--max_steps", "1", "--progress_bar", "false", *extra]
 
 
@@ -204,3 +204,54 @@ def test_offloading_a_teacher_without_fsdp_shards_is_refused(layout):
                                        "FSDP shards is not supported yet"):
         teacher_offload(par, True, gpu)
     assert teacher_offload(SimpleNamespace(tp=1, pp=1, ep=1, shard_mesh=None), True, gpu) == "move"  # one process
+
+
+# --- numbers a run cannot use, and YAML read as written -------------------------------------------------
+
+
+@pytest.mark.parametrize("flag,value", [("--weight_decay", "-1"), ("--seed", "123456789012345678901234"),
+                                        ("--seed", "-1"), ("--eval_steps", "1"), ("--eval_steps", "-1")])
+def test_numbers_a_run_cannot_use_are_refused(tiny, tmp_path, capsys, flag, value):
+    """A negative weight decay or a seed torch cannot take is one line (it was a traceback); so is --eval_steps with
+    no held-out data (it never evaluated, silently)."""
+    out = tmp_path / "out"
+    err = one_line_error(capsys, *train_args(tiny, out, flag, value))
+    assert flag in err and value in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"beta: 0.5\nlmbda: 0.5\nbeta: 0.9\n", "duplicate key 'beta' at line 3"),
+    (b"max-steps: 2\nmax_steps: 3\n", "option 'max_steps' given twice"),
+    ("beta: 0.5 # caf\xe9\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 at offset"),
+])
+def test_yaml_that_is_ambiguous_or_not_text_is_one_line(tiny, tmp_path, capsys, content, message):
+    """A key given twice is refused (PyYAML would keep the last silently), and so is a file not in UTF-8."""
+    (tmp_path / "c.yaml").write_bytes(content)
+    out = tmp_path / "out"
+    err = one_line_error(capsys, *train_args(tiny, out, "--config", str(tmp_path / "c.yaml")))
+    assert message in err and "c.yaml" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lmbda", "3"], "--lmbda must be in [0, 1], got 3.0"), (["--max_steps", "0"], "--max_steps must be >= 1"),
+    (["--progress_bar", "maybe"], "expected true or false, got 'maybe'"),
+    (["--max_completion_length", "0"], "--max_completion_length must be >= 1"),
+])
+def test_demo_options_are_checked_before_any_work(tmp_path, capsys, flags, message):
+    """gkd demo refuses its options before the teacher writes completions (and reads no boolean it cannot)."""
+    out = tmp_path / "demo"
+    err = one_line_error(capsys, "demo", "--output_dir", str(out), *flags)
+    assert message in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("targets", ["lm_head", "q_proj,lm_head"])
+def test_lora_on_the_output_layer_is_refused(tiny, tmp_path, capsys, targets):
+    """--target_modules lm_head: gkd's loss reads the head's weight directly, so an adapter there gets no gradient
+    (alone: 'element 0 of tensors does not require grad'; beside others: never trained, silently). One line."""
+    out = tmp_path / "out"
+    err = one_line_error(capsys, *train_args(tiny, out, "--train_type", "lora", "--target_modules", targets))
+    assert f"--target_modules {targets}: gkd keeps the output layer lm_head out of LoRA" in err, err
+    assert not out.exists()

@@ -70,7 +70,8 @@ class TrainConfig:
                                            "model config's router_aux_loss_coef; 0 turns it off)")
     seq_kd: bool = _f(False, "off-policy completions are sampled from the teacher instead of the dataset")
     gkd_logits_topk: int = _f(0, "score with the teacher's top-K log-probs only (0 = full vocabulary)")
-    max_completion_length: int = _f(512, "maximum new tokens per sampled completion")
+    max_completion_length: int = _f(512, "maximum completion tokens: new tokens per sampled completion, and dataset "
+                                         "completions are cut to it (with a warning counting the rows cut)")
     top_p: float = _f(1.0, "nucleus sampling for on-policy completions")
     top_k: int = _f(0, "top-k sampling for on-policy completions (0 = off)")
     # on-policy generation with vLLM
@@ -179,6 +180,8 @@ class TrainConfig:
         need(self.micro_batch_size >= 1, f"--micro_batch_size must be >= 1, got {self.micro_batch_size}")
         need(self.global_batch_size >= 1, f"--global_batch_size must be >= 1, got {self.global_batch_size}")
         need(self.learning_rate >= 0, f"--learning_rate must be >= 0, got {self.learning_rate}")
+        need(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.seed < 2**32, f"--seed must be in [0, 2^32), got {self.seed}")
         need(0.0 <= self.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         need(self.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, got {self.max_grad_norm}")
         need(self.max_steps >= 0, f"--max_steps must be >= 0, got {self.max_steps}")
@@ -188,6 +191,12 @@ class TrainConfig:
         need(self.lora_rank >= 1, f"--lora_rank must be >= 1, got {self.lora_rank}")
         need(0.0 <= self.lora_dropout < 1.0, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(self.logging_steps >= 1, f"--logging_steps must be >= 1, got {self.logging_steps}")
+        need(self.eval_steps >= 0, f"--eval_steps must be >= 0, got {self.eval_steps}")
+        layout_refuses_eval = max(self.tensor_model_parallel_size, self.context_parallel_size,
+                                  self.pipeline_model_parallel_size) > 1  # (said by the launch check, in its words)
+        need(not self.eval_steps or bool(self.val_dataset) or self.split_dataset_ratio > 0 or layout_refuses_eval,
+             f"--eval_steps {self.eval_steps} needs held-out data: --val_dataset, or --split_dataset_ratio > 0 "
+             "(without either there is nothing to evaluate)")
         need(self.save_steps >= 0 and self.save_total_limit >= 1, "--save_steps must be >= 0 and --save_total_limit >= 1")
         need(self.max_bad_steps >= 1, f"--max_bad_steps must be >= 1, got {self.max_bad_steps}")
         need(self.loss_chunk_size >= 0, f"--loss_chunk_size must be >= 0, got {self.loss_chunk_size}")
@@ -326,6 +335,9 @@ class ServeConfig:
                      "max_json_logprob_entries"):
             if getattr(self, name) < 1:
                 raise GKDError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_model_len", "max_logprobs"):  # 0: the model's own
+            if getattr(self, name) < 0:
+                raise GKDError(f"--{name} must be >= 1 (or 0: the model's own), got {getattr(self, name)}")
         for name in ("request_timeout", "drain_timeout"):
             if getattr(self, name) <= 0:
                 raise GKDError(f"--{name} must be > 0, got {getattr(self, name)}")
@@ -373,13 +385,48 @@ def _load_yaml(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise GKDError(f"--config {path}: no such file")
+    loader, duplicate = _unique_key_loader()
+    raw = p.read_bytes()
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GKDError(f"--config {path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    try:
+        data = yaml.load(text, Loader=loader) or {}  # (a SafeLoader)
     except yaml.YAMLError as e:
-        raise GKDError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        first = str(e).splitlines()[0]
+        raise GKDError(f"--config {path}: {first}" if isinstance(e, duplicate)
+                       else f"--config {path}: not valid YAML ({first})") from None
     if not isinstance(data, dict):
         raise GKDError(f"--config {path}: expected a mapping of flag names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        name = str(k).replace("-", "_")
+        if name in out:  # max-steps and max_steps: one option given twice
+            raise GKDError(f"--config {path}: option {name!r} given twice (each option once)")
+        out[name] = v
+    return out
+
+
+def _unique_key_loader():
+    import yaml
+
+    class DuplicateKey(yaml.YAMLError):
+        pass
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """SafeLoader that refuses a mapping holding one key twice (PyYAML keeps the last silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise DuplicateKey(f"duplicate key {key!r} at line {key_node.start_mark.line + 1} (each option once)")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader, DuplicateKey
 
 
 def _typed(f: dataclasses.Field, value: Any, where: str) -> Any:

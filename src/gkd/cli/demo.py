@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from gkd.config import TrainConfig, _OneLineErrors
+from gkd.config import TrainConfig, _OneLineErrors, _parse_bool
 from gkd.errors import GKDError
 from gkd.evaluate import evaluate, format_table, sampled
 from gkd.models import SMOLLM2, eos_ids, load_model, load_tokenizer, prune_command
@@ -68,6 +68,15 @@ def teacher_written(teacher, tok, questions: list[str], samples: int, max_new_to
     return [(q, c) for q, c in pairs if c.strip()]
 
 
+def _train_config(a, student_dir: Path, train_file: Path, out: Path) -> TrainConfig:
+    return TrainConfig(model=str(student_dir), teacher_model=SMOLLM2, dataset=[str(train_file)], beta=a.beta,
+                       lmbda=a.lmbda, temperature=0.9, max_completion_length=a.max_completion_length,
+                       micro_batch_size=4, global_batch_size=8, learning_rate=a.learning_rate,
+                       lr_scheduler_type="cosine", warmup_ratio=0.1, max_steps=a.max_steps,
+                       output_dir=str(out / "train"), save_steps=32, logging_steps=1, progress_bar=a.progress_bar,
+                       overwrite_output_dir=True)  # a demo starts afresh
+
+
 def run(argv: list[str]) -> dict:
     p = _OneLineErrors(prog="gkd demo", description=__doc__)
     p.add_argument("--output_dir", "--output-dir", default="runs/demo", help="where everything goes")
@@ -86,12 +95,16 @@ def run(argv: list[str]) -> dict:
                         "teacher's parameters)")
     p.add_argument("--teacher_samples", "--teacher-samples", type=int, default=2,
                    help="completions the teacher writes per training prompt (seeded, temperature 0.9), once")
-    p.add_argument("--progress_bar", "--progress-bar", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
+    p.add_argument("--progress_bar", "--progress-bar", type=_parse_bool, default=True, metavar="true|false",
                    help="show the progress bar (true|false)")
     a = p.parse_args(argv)
     if a.teacher_samples < 1:
         raise GKDError(f"--teacher_samples must be >= 1, got {a.teacher_samples}")
+    if a.max_steps < 1:
+        raise GKDError(f"--max_steps must be >= 1, got {a.max_steps}")
     keep = _layers(a.student_layers)
+    out = Path(a.output_dir)
+    _train_config(a, out / "student-init", out / "data" / "train.jsonl", out).validate()  # every option before work
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = prepare_output_dir(a.output_dir)
     student_dir = _student(out, keep)
@@ -112,11 +125,7 @@ def run(argv: list[str]) -> dict:
     first = evaluate(load_model(str(student_dir)).eval(), teacher, prompts, **eval_kw)
     before, teacher_completions, student_before = first.metrics, first.teacher_completions, first.student_completions
 
-    cfg = TrainConfig(model=str(student_dir), teacher_model=SMOLLM2, dataset=[str(train_file)], beta=a.beta, lmbda=a.lmbda,
-                      temperature=0.9, max_completion_length=a.max_completion_length, micro_batch_size=4,
-                      global_batch_size=8, learning_rate=a.learning_rate, lr_scheduler_type="cosine",
-                      warmup_ratio=0.1, max_steps=a.max_steps, output_dir=str(out / "train"), save_steps=32,
-                      logging_steps=1, progress_bar=a.progress_bar, overwrite_output_dir=True)  # a demo starts afresh
+    cfg = _train_config(a, student_dir, train_file, out)
     trainer = Trainer(cfg, log=print)
     print(f"[demo] distilling: {a.max_steps} steps of {cfg.global_batch_size} prompts, lmbda {cfg.lmbda}, "
           f"beta {cfg.beta}, temperature {cfg.temperature}")

@@ -34,7 +34,9 @@ def open_image(ref, base: Path | None, where: str):
     if path.is_file():
         try:
             with Image.open(path) as im:
-                return im.convert("RGB")
+                return _rgb(im, str(path))
+        except Image.DecompressionBombError as e:
+            raise GKDError(f"{where}: image {path}: too large to decode ({e})") from None
         except (OSError, UnidentifiedImageError) as e:
             raise GKDError(f"{where}: image {path}: unreadable ({type(e).__name__}: {e})") from None
     if len(ref) > 64 and "/" not in ref[:8]:  # bare base64, not a short path
@@ -57,9 +59,23 @@ def _decode(data: bytes, where: str, what: str):
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
+            return _rgb(im, what)
+    except Image.DecompressionBombError as e:
+        raise GKDError(f"{where}: image {what}: too large to decode ({e})") from None
     except (OSError, UnidentifiedImageError) as e:
         raise GKDError(f"{where}: image {what}: unreadable ({type(e).__name__})") from None
+
+
+def _rgb(im, source: str):
+    """The image in RGB, remembering where it came from (``info['gkd_source']``, for messages)."""
+    out = im.convert("RGB")
+    out.info["gkd_source"] = source
+    return out
+
+
+def image_name(image) -> str:
+    """Where an image came from (its file, or the start of its data), and its size."""
+    return f"{image.info.get('gkd_source', 'image')} ({image.width} x {image.height} pixels)"
 
 
 def to_base64_png(image) -> str:

@@ -268,16 +268,30 @@ def _base(path: str) -> Path:
     return p if p.is_dir() else p.parent
 
 
+def _no_stray_image_tokens(where: str, tokenizer, image_token: int, prompt: list[int], completion: list[int] | None,
+                           n_images: int) -> None:
+    """An image placeholder token typed as text (e.g. a literal <|image_pad|>) has no image to stand for."""
+    name = tokenizer.convert_ids_to_tokens(image_token)
+    if completion is not None and image_token in completion:
+        raise GKDError(f"{where}: the completion holds the image placeholder token {name!r} as text; images belong "
+                       "to the prompt (remove it from the text)")
+    if not n_images and image_token in prompt:
+        raise GKDError(f"{where}: the prompt holds the image placeholder token {name!r} as text but the row has no "
+                       "images (remove it from the text, or give the row its image)")
+
+
 def load_examples(paths: list[str], tokenizer, *, max_length: int, truncation_strategy: str,
                   max_completion_length: int, warn=print, num_proc: int = 0, images=None,
-                  teacher_images=None) -> list[Example]:
+                  teacher_images=None, warn_cut_completions: bool = False) -> list[Example]:
     """Read, validate and tokenise every row; too-long prompts are cut from the left or dropped (either
-    way with a warning), and columns no row format uses are named in a warning.
+    way with a warning), completions cut to ``max_completion_length`` (with a warning when
+    ``warn_cut_completions``: training uses them; eval drops them), and columns no row format uses are
+    named in a warning.
 
     ``images`` (gkd.models.images.ImageProcessing, None for a text-only student) expands each image
     placeholder to the processor's token count; ``teacher_images`` must expand every image alike."""
 
-    examples, dropped, cut = [], [], []
+    examples, dropped, cut, cut_completions = [], [], [], []
     for path in paths:
         unused: dict[str, str] = {}  # column -> first row holding it
         for where, row in read_rows(path, num_proc):
@@ -286,10 +300,12 @@ def load_examples(paths: list[str], tokenizer, *, max_length: int, truncation_st
                 unused.setdefault(col, where)
             messages, pics = row_images(where, row, messages, _base(path), multimodal=images is not None)
             prompt, completion = tokenize(tokenizer, messages, has_completion, where)
+            if images is not None:
+                _no_stray_image_tokens(where, tokenizer, images.image_token_id, prompt, completion, len(pics))
             if pics:
-                counts = images.counts(images(pics))
+                counts = images.counts(images(pics, where))
                 if teacher_images is not None and not teacher_images.same_as(images):
-                    theirs = teacher_images.counts(teacher_images(pics))
+                    theirs = teacher_images.counts(teacher_images(pics, where))
                     if theirs != counts:
                         raise GKDError(f"{where}: the student's processor makes {counts} image tokens of the "
                                        f"row's images, the teacher's {theirs}; they must agree token for token")
@@ -300,7 +316,8 @@ def load_examples(paths: list[str], tokenizer, *, max_length: int, truncation_st
                     continue
                 cut.append(where)
                 prompt = prompt[-max_length:]
-            if completion is not None:
+            if completion is not None and len(completion) > max_completion_length:
+                cut_completions.append(where)
                 completion = completion[:max_completion_length]
             examples.append(Example(prompt, completion, where, pics))
         if unused:
@@ -309,12 +326,17 @@ def load_examples(paths: list[str], tokenizer, *, max_length: int, truncation_st
     if not examples:
         raise GKDError(f"dataset {', '.join(paths)}: no usable rows"
                        + (f" (all {len(dropped)} prompts exceed --max_length {max_length})" if dropped else ""))
-    for rows, what in ((dropped, "dropped {n} row(s) whose prompt exceeds --max_length {m} (--truncation_strategy "
-                                 "delete, or images in the prompt: cutting would split an image's tokens)"),
-                       (cut, "cut {n} prompt(s) longer than --max_length {m} to their last {m} tokens "
-                             "(--truncation_strategy left; 'delete' drops them instead)")):
+    notes = [(dropped, max_length, ("dropped {n} row(s) whose prompt exceeds --max_length {m} (--truncation_strategy "
+                                    "delete, or images in the prompt: cutting would split an image's tokens)")),
+             (cut, max_length, ("cut {n} prompt(s) longer than --max_length {m} to their last {m} tokens "
+                                "(--truncation_strategy left; 'delete' drops them instead)"))]
+    if warn_cut_completions:
+        notes.append((cut_completions, max_completion_length, ("cut {n} dataset completion(s) longer than "
+                      "--max_completion_length {m} to their first {m} tokens (a cut completion loses its end of "
+                      "sequence)")))
+    for rows, m, what in notes:
         if rows:
-            warn(f"[gkd] {what.format(n=len(rows), m=max_length)}: {', '.join(rows[:3])}{' ...' if len(rows) > 3 else ''}")
+            warn(f"[gkd] {what.format(n=len(rows), m=m)}: {', '.join(rows[:3])}{' ...' if len(rows) > 3 else ''}")
     return examples
 
 

@@ -24,12 +24,31 @@ class ImageProcessing:
         self._counts = counts
         self.keys = keys  # the model inputs it makes (e.g. pixel_values, image_grid_thw)
 
-    def __call__(self, images: list) -> dict[str, torch.Tensor]:
-        """The model inputs of one row's images (rows are later concatenated along dim 0)."""
+    def __call__(self, images: list, where: str = "images") -> dict[str, torch.Tensor]:
+        """The model inputs of one row's images (rows are later concatenated along dim 0). An image the
+        processor refuses (e.g. Qwen2-VL's aspect ratio over 200) is a GKDError naming it and ``where``."""
         if not images:
             return {}
-        out = self.image_processor(images=images, return_tensors="pt")
+        try:
+            out = self.image_processor(images=images, return_tensors="pt")
+        except ValueError as e:
+            raise GKDError(f"{where}: {self._refused(images, e)}") from None
         return {k: out[k] for k in self.keys}
+
+    def _refused(self, images: list, error: Exception) -> str:
+        from gkd.data.imagefiles import image_name
+
+        for image in images:  # which one: the first the processor refuses alone
+            try:
+                self.image_processor(images=[image], return_tensors="pt")
+            except ValueError as e:
+                error = e
+                break
+        else:
+            image = None
+        what = f"image {image_name(image)}" if image is not None else f"the {len(images)} images"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"{what}: this model's image processor refuses it ({first})"
 
     def counts(self, inputs: dict) -> list[int]:
         """Image tokens per image, for one row's processed inputs."""

@@ -230,8 +230,14 @@ def apply_lora(model, rank: int, alpha: int, dropout: float, target_modules: str
     except ImportError:
         raise GKDError("--train_type lora needs peft: pip install peft") from None
     targets = "all-linear" if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
+    head = model.get_output_embeddings()
+    named_head = [t for t in (targets if isinstance(targets, list) else []) for n, m in model.named_modules()
+                  if m is head and (n == t or n.endswith("." + t))]
+    if named_head:  # (all-linear leaves it out too)
+        raise GKDError(f"--target_modules {target_modules}: gkd keeps the output layer {named_head[0]} out of LoRA (the "
+                       "loss reads its weight directly, so an adapter on it would get no gradient); name other "
+                       "modules, or --train_type full to train it")
     if exclude:  # name every target whole, so that none inside a frozen tower is picked
-        head = model.get_output_embeddings()
         targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
                    and n not in exclude and (targets == "all-linear" or any(n == t or n.endswith("." + t) for t in targets))]
         if not targets:

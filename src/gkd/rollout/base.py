@@ -7,6 +7,7 @@ from typing import Protocol
 
 import torch
 
+from gkd.errors import GKDError
 from gkd.rollout import decode
 
 
@@ -59,19 +60,32 @@ class RowSeededSampling:
         steps = cfg.max_new_tokens
         self.u = torch.stack([torch.rand(steps, generator=torch.Generator(device).manual_seed(s), device=device,
                                          dtype=torch.float64) for s in seeds])  # [rows, steps]
-        self.step = 0
+        self.steps, self.step, self.device = steps, 0, device
+        self.finite = torch.ones((), dtype=torch.bool, device=device)  # all logits so far (checked every CHECK steps)
         self.warpers = [TemperatureLogitsWarper(cfg.temperature)]
         if cfg.top_k:
             self.warpers.append(TopKLogitsWarper(cfg.top_k))
         if cfg.top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(cfg.top_p))
 
+    CHECK = 8  # on an accelerator, asking whether the logits were finite waits for the device: every 8 tokens
+
     def draw(self, scores: torch.Tensor) -> torch.Tensor:
+        # a diverged model's NaN/inf logits have no distribution to draw from: one clear error (inverse_cdf
+        # returns some in-range token meanwhile; it was an index error)
+        self.finite &= torch.isfinite(torch.logsumexp(scores.float(), dim=-1)).all()
         for warp in self.warpers:
             scores = warp(None, scores)
         token = decode.inverse_cdf(torch.softmax(scores.float(), dim=-1), self.u[:, self.step])
         self.step += 1
+        if self.device.type == "cpu" or self.step % self.CHECK == 0 or self.step == self.steps:
+            self.check_finite()
         return token
+
+    def check_finite(self) -> None:
+        if not bool(self.finite):
+            raise GKDError("sampling stopped: the model's next-token logits are not finite (NaN or inf), so the "
+                           "student's weights have diverged (lower --learning_rate, or check --torch_dtype)")
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         token = self.draw(scores)

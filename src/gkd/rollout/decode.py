@@ -68,7 +68,8 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     Two levels, so that no float32 running sum over the whole vocabulary loses small tokens (near a
     running total of 1 a float32 cumsum steps by ~6e-8: rarer tokens could never be drawn): float64 sums
     of blocks of 256 tokens pick the block, a float64 cumsum inside it the token. Tokens of probability 0
-    are never drawn."""
+    are never drawn. Rows that are not a distribution (NaN or inf: a diverged model) get some token in range,
+    never an index error: the caller reports them."""
     rows, vocab = probs.shape
     pad = -vocab % BLOCK
     blocks = F.pad(probs, (0, pad)).view(rows, -1, BLOCK) if pad else probs.view(rows, -1, BLOCK)
@@ -78,12 +79,12 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     # side=right: the first block whose cumulative mass exceeds the target has nonzero mass; a target
     # rounded up to the total falls back to the last block with mass
     b = torch.searchsorted(cdf, target, right=True)
-    b = torch.where(b < cdf.shape[1], b, torch.searchsorted(cdf, total))
+    b = torch.where(b < cdf.shape[1], b, torch.searchsorted(cdf, total)).clamp(max=cdf.shape[1] - 1)  # (NaN rows)
     before = torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)), 0.0)
     inner = blocks.gather(1, b[:, :, None].expand(-1, 1, BLOCK))[:, 0].double().cumsum(-1)  # [B, BLOCK]
     j = torch.searchsorted(inner, target - before, right=True)
-    j = torch.where(j < BLOCK, j, torch.searchsorted(inner, inner[:, -1:].contiguous()))
-    return (b * BLOCK + j)[:, 0]
+    j = torch.where(j < BLOCK, j, torch.searchsorted(inner, inner[:, -1:].contiguous())).clamp(max=BLOCK - 1)
+    return (b * BLOCK + j)[:, 0].clamp(max=vocab - 1)
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ import torch
 from gkd.config import ServeConfig
 from gkd.data.batch import join_rows
 from gkd.data.imagefiles import open_image
+from gkd.data.rows import model_context
 from gkd.errors import GKDError
 from gkd.models import adapter_for, load_image_processing, load_model, load_tokenizer
 from gkd.teacher.wire import COMPACT, WIRE_DTYPES, encode_compact, encode_vllm_entry
@@ -141,14 +142,23 @@ class TeacherServer:
                            "is another server on it? choose another --port") from None
         # handler threads are not joined on exit: the drain decides how long they may take
         self.httpd.daemon_threads = True
-        self.tokenizer = load_tokenizer(cfg.model)
-        self.model = load_model(cfg.model, cfg.torch_dtype).eval().requires_grad_(False)
-        self.vocab = adapter_for(self.model).lm_head(self.model).shape[0]
+        try:
+            self.tokenizer = load_tokenizer(cfg.model)
+            self.model = load_model(cfg.model, cfg.torch_dtype).eval().requires_grad_(False)
+            self.vocab = adapter_for(self.model).lm_head(self.model).shape[0]
+            positions = model_context(self.model)
+            if positions is not None and cfg.max_model_len > positions:  # it would be advertised, then not met
+                raise GKDError(f"--max_model_len {cfg.max_model_len} is beyond the model's context of {positions} "
+                               "positions (max_position_embeddings)")
+            if cfg.max_logprobs > self.vocab:
+                raise GKDError(f"--max_logprobs {cfg.max_logprobs} is beyond the model's vocabulary of {self.vocab}")
+        except BaseException:
+            self.httpd.server_close()
+            raise
         self.name = cfg.served_model_name or cfg.model
-        # a sequence must fit one forward's budget
-        self.max_model_len = cfg.max_model_len or min(getattr(self.model.config, "max_position_embeddings", 4096),
-                                                      cfg.max_batch_tokens)
-        self.max_logprobs = min(cfg.max_logprobs or self.vocab, self.vocab)
+        # by default a sequence fits one forward's budget
+        self.max_model_len = cfg.max_model_len or min(positions or 4096, cfg.max_batch_tokens)
+        self.max_logprobs = cfg.max_logprobs or self.vocab
         self.images = load_image_processing(cfg.model, self.tokenizer)  # None: a text-only teacher
         self.scorer = Scorer(self.model, cfg.max_batch_tokens, cfg.batch_wait_ms / 1000)
         self._decoded: dict[int, str] = {}
@@ -235,9 +245,9 @@ class TeacherServer:
             try:
                 pics = [open_image(r if r.startswith("data:") else "data:;base64," + r, None, f"gkd_images[{i}]")
                         for r in refs]
+                inputs = self.images(pics, f"gkd_images[{i}]")  # an image the processor refuses: the client's
             except GKDError as e:
                 raise BadRequest(str(e)) from None
-            inputs = self.images(pics)
             counts = self.images.counts(inputs)
             where = [j for j, t in enumerate(p) if t == self.images.image_token_id]
             if len(where) != sum(counts):

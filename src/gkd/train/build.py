@@ -36,7 +36,7 @@ def examples(data, seed: int, tokenizer, images, teacher_images, log):
     """(training rows, held-out rows) from the data section: --val_dataset, or a seeded split."""
     kw = dict(max_length=data.max_length, truncation_strategy=data.truncation_strategy,
               max_completion_length=data.max_completion_length, warn=log, num_proc=data.dataset_num_proc,
-              images=images, teacher_images=teacher_images)
+              images=images, teacher_images=teacher_images, warn_cut_completions=True)
     warn_unused_num_proc(data.dataset + (data.val_dataset or []), data.dataset_num_proc, log)
     rows = load_examples(data.dataset, tokenizer, **kw)
     if data.val_dataset:
