@@ -195,6 +195,7 @@ def trainer_step(trainer, step: int = 0):
     finally:
         hook.remove()
         trainer.completions = real_completions
+    assert grads, f"step {step}: the optimizer did not step"
     every = [seen["mine"]]
     if trainer.par.world > 1:
         every = [None] * trainer.par.world
