@@ -13,13 +13,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline_sampler_worker import assert_same_samples
+
 from families import VISION
-from gkd.config import TrainConfig  # noqa: E402
-from gkd.models import load_model  # noqa: E402
-from gkd.rollout.base import SamplingConfig  # noqa: E402
-from gkd.train.trainer import Trainer  # noqa: E402
-from naive import assert_steps_match  # noqa: E402
-from pipeline_sampler_worker import assert_same_samples  # noqa: E402
+from gkd.config import TrainConfig
+from gkd.models import load_model
+from gkd.rollout.base import SamplingConfig
+from gkd.rollout.pipelined import PipelineSampler
+from gkd.train.trainer import Trainer
+from naive import assert_steps_match
 
 LAYOUTS = {  # mode: (TrainConfig arguments, the (tp, pp, ep, data-parallel size) they must give)
     "fsdp": (dict(micro_batch_size=1), (1, 1, 1, 2)),
@@ -57,6 +59,7 @@ def _step(mode: str, root: str, data: str, family: str) -> bool:
         assert (par.tp, par.pp, par.ep, par.dp_size) == sizes
         if mode == "pp":  # on-policy steps sample through the stages: each family's masks and KV caches (at the
             # loaded weights: before the steps move them); top-k, EOS cuts, several chunks
+            assert isinstance(trainer.rollout, PipelineSampler), type(trainer.rollout)
             assert_same_samples(student, trainer.student, trainer.device,
                                 SamplingConfig(max_new_tokens=8, temperature=1.3, top_k=40, batch_size=6))
         assert_steps_match(trainer, load_model(student), load_model(teacher))
