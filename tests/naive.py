@@ -207,43 +207,92 @@ def trainer_step(trainer, step: int = 0):
     return loss, grads, [c for first in sorted(shares) for c in shares[first][0]], every[0][2]
 
 
-def _check_step(trainer, s, t, step: int, rel: float) -> tuple[float, bool, dict]:
-    """Step ``step`` of the trainer equals the naive one of ``s`` and ``t`` (float64, the student's current
-    weights); an on-policy step's completions are ``s``'s own draws. Returns (loss, on-policy, gradients)."""
-    cfg = trainer.cfg
-    rows = trainer.data.rows(step)
-    if trainer.images is not None:
-        assert any(r.images for r in rows), f"step {step}: no row of a vision-language student has an image"
-    inputs, teacher_inputs = image_inputs(cfg.model, rows), image_inputs(cfg.teacher_model, rows)
-    loss, grads, completions, sampled = trainer_step(trainer, step)
-    if sampled:
-        from gkd.data.order import sample_seed
+class _Reference:
+    """The float64 reference of a run, in one process: its models, the weights it expects the trainer to hold,
+    and AdamW's state."""
 
-        assert cfg.top_k == 0 and cfg.top_p == 1.0, "the naive sampler draws from the tempered distribution only"
-        drawn = naive_samples(s, rows, inputs, call_seed=sample_seed(cfg.seed, step, 0), temperature=cfg.temperature,
-                              max_new_tokens=cfg.max_completion_length, eos_ids=trainer.sampler.eos_ids)
-        assert completions == drawn, f"step {step}: the on-policy completions {completions} are not the student's " \
-                                     f"draws {drawn}"
-    elif not cfg.seq_kd:  # (the teacher completes prompt-only rows)
-        assert all(c == r.completion_ids for c, r in zip(completions, rows) if r.completion_ids is not None), \
-            f"step {step}: the off-policy completions are not the dataset's"
-    ref_loss, ref = _naive_step(s, t, rows, beta=cfg.beta, temperature=cfg.divergence_temperature,
-                                sft_alpha=cfg.sft_alpha, completions=completions, sampled=sampled, inputs=inputs,
-                                teacher_inputs=teacher_inputs)
-    assert abs(loss - ref_loss) <= rel * abs(ref_loss), f"step {step}: loss {loss} vs naive float64 {ref_loss}"
-    assert grads.keys() == ref.keys(), sorted(grads.keys() ^ ref.keys())
-    # a gradient that is 0 in exact arithmetic (an attention key bias: softmax ignores a shift; LoRA's A while B is
-    # 0) keeps float32 rounding (LLaVA's CLIP tower: 3e-11 of the step's largest gradient): every gradient is
-    # compared at a scale of at least 1e-5 of the largest
-    floor = 1e-5 * max(float(g.abs().max()) for g in ref.values())
-    for name, g in grads.items():
-        err = float((g - ref[name]).abs().max())
-        scale = float(ref[name].abs().max())
-        assert err <= 10 * rel * max(scale, floor), \
-            f"step {step}: {name}: gradient differs by {err:.3g} (largest {scale:.3g})"
-    moved = sum(float(g.abs().max()) > 0 for g in ref.values())
-    assert moved >= len(ref) / 2, f"step {step}: only {moved} of {len(ref)} parameters get a gradient"
-    return loss, sampled, grads
+    def __init__(self, trainer, student, teacher):
+        cfg = self.cfg = trainer.cfg
+        group = trainer.optimizer.param_groups[0]
+        self.adam = _AdamW(cfg.learning_rate, group["betas"], group["eps"], cfg.weight_decay)
+        self.s, self.t = _float64(student), _float64(teacher)
+        self.params = dict(self.s.named_parameters())
+        # step 1 runs on the reference's own weights, loaded apart from the trainer's; each later one on the
+        # trainer's, once they are shown to be the previous ones moved by AdamW
+        self.held = {n: p.detach().clone() for n, p in self.params.items() if p.requires_grad}
+        self.expected = None
+        self.images, self.eos_ids = trainer.images is not None, trainer.sampler.eos_ids
+
+    def moved_to(self, weights: dict, when: str) -> None:
+        """The trainer's (whole) weights are AdamW's: float32 rounding (up to ~1e-7 near 1) is far below the
+        tolerance of lr / 100, and a step of ~lr per weight (one left out: ~lr) far above it; later steps run on
+        them."""
+        assert weights.keys() == self.expected.keys(), f"{when}: trained {sorted(weights.keys() ^ self.expected.keys())}"
+        for name, w in weights.items():
+            err = float((w - self.expected[name]).abs().max())
+            assert err <= 1e-2 * self.cfg.learning_rate, f"{when}: {name} is {err:.3g} from AdamW's update"
+        with torch.no_grad():
+            for name, w in weights.items():
+                self.params[name].copy_(w)
+        self.held = weights
+
+    def check(self, step: int, rows, loss: float, grads: dict, completions, sampled: bool, rel: float) -> None:
+        """The trainer's step ``step`` (its loss, gradients, completions) equals the naive one at the weights
+        held; an on-policy step's completions are the student's own draws."""
+        cfg, s = self.cfg, self.s
+        if self.images:
+            assert any(r.images for r in rows), f"step {step}: no row of a vision-language student has an image"
+        inputs, teacher_inputs = image_inputs(cfg.model, rows), image_inputs(cfg.teacher_model, rows)
+        if sampled:
+            from gkd.data.order import sample_seed
+
+            assert cfg.top_k == 0 and cfg.top_p == 1.0, "the naive sampler draws from the tempered distribution only"
+            drawn = naive_samples(s, rows, inputs, call_seed=sample_seed(cfg.seed, step, 0),
+                                  temperature=cfg.temperature, max_new_tokens=cfg.max_completion_length,
+                                  eos_ids=self.eos_ids)
+            assert completions == drawn, f"step {step}: the on-policy completions {completions} are not the " \
+                                         f"student's draws {drawn}"
+        elif not cfg.seq_kd:  # (the teacher completes prompt-only rows)
+            assert all(c == r.completion_ids for c, r in zip(completions, rows) if r.completion_ids is not None), \
+                f"step {step}: the off-policy completions are not the dataset's"
+        ref_loss, ref = _naive_step(s, self.t, rows, beta=cfg.beta, temperature=cfg.divergence_temperature,
+                                    sft_alpha=cfg.sft_alpha, completions=completions, sampled=sampled, inputs=inputs,
+                                    teacher_inputs=teacher_inputs)
+        assert abs(loss - ref_loss) <= rel * abs(ref_loss), f"step {step}: loss {loss} vs naive float64 {ref_loss}"
+        assert grads.keys() == ref.keys(), sorted(grads.keys() ^ ref.keys())
+        # a gradient that is 0 in exact arithmetic (an attention key bias: softmax ignores a shift; LoRA's A while B
+        # is 0) keeps float32 rounding (LLaVA's CLIP tower: 3e-11 of the step's largest gradient): every gradient
+        # is compared at a scale of at least 1e-5 of the largest
+        floor = 1e-5 * max(float(g.abs().max()) for g in ref.values())
+        for name, g in grads.items():
+            err = float((g - ref[name]).abs().max())
+            scale = float(ref[name].abs().max())
+            assert err <= 10 * rel * max(scale, floor), \
+                f"step {step}: {name}: gradient differs by {err:.3g} (largest {scale:.3g})"
+        moved = sum(float(g.abs().max()) > 0 for g in ref.values())
+        assert moved >= len(ref) / 2, f"step {step}: only {moved} of {len(ref)} parameters get a gradient"
+        self.expected = self.adam.step(self.held, grads)
+
+
+def _agreed(trainer, ref: _Reference | None, check: str, *args) -> None:
+    """``ref``'s ``check`` of ``args`` run by rank 0 alone (every rank holds the same gathered step; the float64
+    reference is made once), its failure raised on every rank, so that none goes on into collectives the others
+    left."""
+    if trainer.par.world == 1:
+        return getattr(ref, check)(*args)
+    import torch.distributed as dist
+
+    said = [None]
+    if trainer.par.rank == 0:
+        try:
+            getattr(ref, check)(*args)
+        except Exception as e:  # told to the other ranks, then raised here
+            said[0] = f"{type(e).__name__}: {e}" if not isinstance(e, AssertionError) else str(e)
+            dist.broadcast_object_list(said, src=0)
+            raise
+    dist.broadcast_object_list(said, src=0)
+    if said[0] is not None:
+        raise AssertionError(said[0])
 
 
 def assert_steps_match(trainer, student, teacher, *, steps: int = 2, rel: float = 2e-5) -> list[bool]:
@@ -267,34 +316,17 @@ def _steps(trainer, student, teacher, steps: int, rel: float) -> tuple[list[floa
     if steps > 1:
         assert cfg.lr_scheduler_type == "constant" and not cfg.warmup_ratio, "the float64 AdamW keeps lr constant"
         assert not cfg.max_grad_norm, "the float64 AdamW does not clip"
-    group = trainer.optimizer.param_groups[0]
-    adam = _AdamW(cfg.learning_rate, group["betas"], group["eps"], cfg.weight_decay)
-    s, t = _float64(student), _float64(teacher)
-    params = dict(s.named_parameters())
-    # step 1 runs on the reference's own weights, loaded apart from the trainer's; each later one on the trainer's,
-    # once they are shown to be the previous ones moved by AdamW
-    held = {n: p.detach().clone() for n, p in params.items() if p.requires_grad}
+    ref = _Reference(trainer, student, teacher) if trainer.par.rank == 0 else None
     losses, kinds = [], []
     for step in range(steps):
         if step:
-            held = _weights(trainer)
-            _assert_moved(held, expected, cfg.learning_rate, f"before step {step}")
-            with torch.no_grad():
-                for name, w in held.items():
-                    params[name].copy_(w)
-        loss, sampled, grads = _check_step(trainer, s, t, step, rel)
+            held = _weights(trainer)  # (a gather: every rank takes part)
+            _agreed(trainer, ref, "moved_to", held, f"before step {step}")
+        loss, grads, completions, sampled = trainer_step(trainer, step)
+        _agreed(trainer, ref, "check", step, trainer.data.rows(step), loss, grads, completions, sampled, rel)
         losses.append(loss)
         kinds.append(sampled)
-        expected = adam.step(held, grads)
     if steps > 1:  # the last step's update too (AdamW's moments at work)
-        _assert_moved(_weights(trainer), expected, cfg.learning_rate, "after the last step")
+        held = _weights(trainer)
+        _agreed(trainer, ref, "moved_to", held, "after the last step")
     return losses, kinds
-
-
-def _assert_moved(weights: dict, expected: dict, lr: float, when: str) -> None:
-    """The trainer's (whole) weights are AdamW's: float32 rounding (up to ~1e-7 near 1) is far below the tolerance
-    of lr / 100, and a step of ~lr per weight (one left out: ~lr) far above it."""
-    assert weights.keys() == expected.keys(), f"{when}: trained {sorted(weights.keys() ^ expected.keys())}"
-    for name, w in weights.items():
-        err = float((w - expected[name]).abs().max())
-        assert err <= 1e-2 * lr, f"{when}: {name} is {err:.3g} from AdamW's update"
