@@ -10,10 +10,12 @@ any family and any parallel layout. A mixture-of-experts student adds the router
 gkd.step defines it: transformers' own ``aux_loss`` of each row alone, weighted by the row's tokens over the
 step's, times the config's ``router_aux_loss_coef``.
 
-Over several steps (:func:`assert_steps_match`) each step is compared on the weights the trainer holds before
-it, and those weights must be the previous ones moved by AdamW, computed here in float64 from the step's
-gradient; an on-policy step's completions must be the student's own draws: row by row, token by token, the
-inverse CDF of the tempered float64 distribution at the row's seeded uniforms (gkd's per-row seeding).
+Over several steps (:func:`assert_steps_match`) the first step is compared on the reference's own weights and
+each later one on the weights the trainer holds before it, which must be the previous ones moved by AdamW
+(computed here in float64 from the step's gradient; the last step's update is checked too). An on-policy
+step's completions must be the student's own draws: row by row, token by token, the inverse CDF of the tempered
+float64 distribution at the row's seeded uniforms (gkd's per-row seeding). Under torchrun rank 0 computes the
+reference and every rank fails with its verdict.
 """
 
 from __future__ import annotations
