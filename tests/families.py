@@ -69,10 +69,19 @@ def write_family(folder: Path, family: str, *, layers: int = 2, seed: int = 0, *
     from transformers import AutoModelForCausalLM
 
     if family in VISION:
+        from transformers import AutoModelForImageTextToText
+
         from tiny import write_llava, write_qwen2vl
 
         write = write_llava if family == "llava" else write_qwen2vl
-        return write(folder, layers=layers, seed=seed, **VISION[family])
+        write(folder, layers=layers, seed=seed, **VISION[family])
+        # the fixture's lm_head (std 0.02) gives logits of std ~0.1, nearly uniform: scaled, their distributions
+        # differ visibly, so that a sample or a loss taken from the wrong one shows
+        model = AutoModelForImageTextToText.from_pretrained(str(folder))
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(10.0)
+        model.save_pretrained(str(folder))
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(family_config(family, layers, **overrides), dtype=torch.float32)

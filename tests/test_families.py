@@ -1,5 +1,7 @@
-"""Every supported text family trains on its true distribution: one `gkd train` step (full and LoRA) equals
-a naive float64 computation from the models' own logits; a family gkd cannot describe is refused in one line."""
+"""Every supported family trains on its true distribution: two `gkd train` steps (full and LoRA), one off-policy
+and one on-policy, each equal a naive float64 computation from the models' own logits at the weights AdamW left,
+on-policy completions are the student's own draws, and vision-language families train on rows with images; a
+family gkd cannot describe is refused in one line."""
 
 import subprocess
 import sys
@@ -8,19 +10,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from families import ALL, family_config, write_family
+from families import ALL, VISION, family_config, write_family
 from gkd.config import TrainConfig
 from gkd.errors import GKDError
 from gkd.models import adapter_for, apply_lora, load_model, support, unwrap
 from gkd.models.adapter import check_head
 from gkd.train.trainer import Trainer
-from naive import assert_step_matches
-from tiny import write_dataset, write_tokenizer
+from naive import assert_steps_match
+from tiny import write_dataset, write_image_dataset, write_tokenizer
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return str(write_dataset(tmp_path_factory.mktemp("fam") / "train.jsonl", n=8, seed=3))
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory):
+    """Rows with images (two of every three) and without, for the vision-language families."""
+    return str(write_image_dataset(tmp_path_factory.mktemp("fam-images") / "train.jsonl", n=8, seed=3))
 
 
 def _pair(root, family):
@@ -29,22 +37,33 @@ def _pair(root, family):
 
 
 def _trainer(student, teacher, data, out, **kw):
-    # three micro-batches of two rows each: padding and the step-wide normaliser are in play
-    cfg = TrainConfig(model=student, teacher_model=teacher, dataset=[data], output_dir=str(out), lmbda=0.0, beta=0.5,
-                      temperature=0.9, sft_alpha=0.3, micro_batch_size=2, global_batch_size=6, max_steps=1,
-                      max_grad_norm=0.0, loss_chunk_size=5, progress_bar=False, **kw)
+    # three micro-batches of two rows each: padding and the step-wide normaliser are in play; seed 42 and lmbda
+    # 0.5 make step 1 off-policy and step 2 on-policy (assert_steps_match checks that both kinds ran)
+    cfg = TrainConfig(model=student, teacher_model=teacher, dataset=[data], output_dir=str(out), lmbda=0.5, seed=42,
+                      beta=0.5, temperature=0.9, sft_alpha=0.3, micro_batch_size=2, global_batch_size=6, max_steps=2,
+                      max_completion_length=4, learning_rate=1e-3, lr_scheduler_type="constant", max_grad_norm=0.0,
+                      loss_chunk_size=5, progress_bar=False, **kw)
     return Trainer(cfg, log=lambda *_: None)
 
 
+def _data(family, data, image_data):
+    return image_data if family in VISION else data
+
+
 @pytest.mark.parametrize("family", ALL)
-def test_one_step_equals_naive_float64(family, data, tmp_path):
+def test_one_step_equals_naive_float64(family, data, image_data, tmp_path):
+    """Full training: an off-policy and an on-policy step each equal the naive float64 step (a vision-language
+    student's tower and projector train too, on rows with images), and the update between them is AdamW's."""
     student, teacher = _pair(tmp_path, family)
-    t = _trainer(student, teacher, data, tmp_path / "out")
-    assert_step_matches(t, load_model(student), load_model(teacher))
+    t = _trainer(student, teacher, _data(family, data, image_data), tmp_path / "out",
+                 **({"freeze_vit": False, "freeze_aligner": False} if family in VISION else {}))
+    assert_steps_match(t, load_model(student), load_model(teacher))
 
 
 @pytest.mark.parametrize("family", ALL)
-def test_lora_finds_every_projection_and_its_step_equals_naive(family, data, tmp_path):
+def test_lora_finds_every_projection_and_its_step_equals_naive(family, data, image_data, tmp_path):
+    """LoRA wraps every linear projection of each decoder layer, and an off-policy and an on-policy LoRA step
+    each equal the naive float64 step (vision-language rows with images)."""
     from peft.tuners.lora import LoraLayer
 
     student, teacher = _pair(tmp_path, family)
@@ -60,12 +79,12 @@ def test_lora_finds_every_projection_and_its_step_equals_naive(family, data, tmp
         # every linear; PEFT's target_parameters adds the experts and router (of Qwen3-MoE, Mixtral, OLMoE)
         assert ls <= wrapped <= ls | e, f"{family}: LoRA on {sorted(wrapped)}, the layer's linears are {sorted(ls)}"
     assert not isinstance(unwrap(model).get_output_embeddings(), LoraLayer)
-    t = _trainer(student, teacher, data, tmp_path / "out", train_type="lora", lora_rank=4, lora_alpha=8,
-                 lora_dropout=0.0)  # dropout would make the step random
+    t = _trainer(student, teacher, _data(family, data, image_data), tmp_path / "out", train_type="lora",
+                 lora_rank=4, lora_alpha=8, lora_dropout=0.0)  # dropout would make the step random
     # the reference is the trainer's own LoRA model before its step (same adapters, same initialisation)
     import copy
 
-    assert_step_matches(t, copy.deepcopy(t.student), load_model(teacher))
+    assert_steps_match(t, copy.deepcopy(t.student), load_model(teacher))
 
 
 def _saved(model, folder):

@@ -1,14 +1,15 @@
-"""Each family's `gkd train` step at FSDP = 2, and at TP = 2, PP = 2 and EP = 2 where `gkd models` says they work,
-equals the naive float64 step of the whole models (torchrun, 2 processes, gloo on 127.0.0.1); under PP the
-pipelined sampler gives HF generate's completions too. One job of the session's 2-process launch
-(tests/dist/families_worker.py) runs every layout and family in turn."""
+"""Each family's `gkd train` steps at FSDP = 2, and at TP = 2, PP = 2 and EP = 2 where `gkd models` says they work,
+one off-policy and one on-policy, equal the naive float64 steps of the whole models (torchrun, 2 processes, gloo
+on 127.0.0.1); on-policy completions are the whole student's own draws (under PP through the pipelined sampler,
+which gives HF generate's completions too); vision-language families train on rows with images. One job of the
+session's 2-process launch (tests/dist/families_worker.py) runs every layout and family in turn."""
 
 import pytest
 
 from families import write_family
 from gkd.models import support
 from helpers import declare
-from tiny import write_dataset
+from tiny import write_dataset, write_image_dataset
 
 LAYOUTS = {"fsdp": "FSDP", "tp": "TP", "pp": "PP", "ep": "EP"}  # the worker's layout: the table's column
 
@@ -30,7 +31,8 @@ def _every_layout_and_family(c, out):
                 write_family(folder / family / "student", family, layers=2, seed=2, **extra)
                 write_family(folder / family / "teacher", family, layers=3, seed=1, **extra)
         groups += [mode, str(folder), ",".join(_where(column))]
-    return [str(write_dataset(out / "train.jsonl", n=8, seed=3)), *groups]
+    return [str(write_dataset(out / "train.jsonl", n=8, seed=3)),
+            str(write_image_dataset(out / "images" / "train.jsonl", n=8, seed=3)), *groups]
 
 
 declare("families", 2, _every_layout_and_family, call="families_worker:run")

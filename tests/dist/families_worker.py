@@ -1,8 +1,10 @@
-"""Under torchrun with 2 processes (alone, or as a job of batch_worker.py): for each layout and family, one
-`gkd train` step at FSDP = 2, TP = 2, PP = 2 or EP = 2 equals the naive float64 step of the whole models
-(tests/naive.py); under PP the pipelined sampler also gives HF generate's completions. One launch serves every
-layout (each trainer builds its own mesh). Usage: families_worker.py DATA fsdp|tp|pp|ep ROOT FAMILY,FAMILY...
-[LAYOUT ROOT FAMILIES ...] (ROOT/FAMILY holds the student and teacher folders)."""
+"""Under torchrun with 2 processes (alone, or as a job of batch_worker.py): for each layout and family, two
+`gkd train` steps at FSDP = 2, TP = 2, PP = 2 or EP = 2, one off-policy and one on-policy, each equal the naive
+float64 step of the whole models at the weights AdamW left (tests/naive.py), the on-policy completions are the
+whole student's own draws (under PP: through the pipelined sampler, which also gives HF generate's completions),
+and vision-language families train on rows with images. One launch serves every layout (each trainer builds its
+own mesh). Usage: families_worker.py DATA IMAGE_DATA fsdp|tp|pp|ep ROOT FAMILY,FAMILY... [LAYOUT ROOT FAMILIES
+...] (ROOT/FAMILY holds the student and teacher folders; vision-language families train on IMAGE_DATA)."""
 
 import sys
 from pathlib import Path
@@ -11,12 +13,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gkd.config import TrainConfig  # noqa: E402
-from gkd.models import load_model  # noqa: E402
-from gkd.rollout.base import SamplingConfig  # noqa: E402
-from gkd.train.trainer import Trainer  # noqa: E402
-from naive import assert_step_matches  # noqa: E402
-from pipeline_sampler_worker import assert_same_samples  # noqa: E402
+from pipeline_sampler_worker import assert_same_samples
+
+from families import VISION
+from gkd.config import TrainConfig
+from gkd.models import load_model
+from gkd.rollout.base import SamplingConfig
+from gkd.rollout.pipelined import PipelineSampler
+from gkd.train.trainer import Trainer
+from naive import assert_steps_match
 
 LAYOUTS = {  # mode: (TrainConfig arguments, the (tp, pp, ep, data-parallel size) they must give)
     "fsdp": (dict(micro_batch_size=1), (1, 1, 1, 2)),
@@ -29,29 +34,35 @@ LAYOUTS = {  # mode: (TrainConfig arguments, the (tp, pp, ep, data-parallel size
 def run(args) -> int:
     """Every family of every layout, each saying OK or FAIL on stdout (the test reads those lines); returns 0
     once every rank is done, so that a batch_worker.py launch goes on with its next job."""
-    data, *groups = args
+    data, image_data, *groups = args
     for mode, root, families in zip(groups[0::3], groups[1::3], groups[2::3]):
         for family in families.split(","):
-            _step(mode, root, data, family)
+            _step(mode, root, image_data if family in VISION else data, family)
     dist.barrier()
     return 0
 
 
 def _step(mode: str, root: str, data: str, family: str) -> bool:
-    """Whether the family's step (and, under PP, its sampling) equals the naive one; says so on stdout."""
+    """Whether the family's steps (and, under PP, its sampling) equal the naive ones; says so on stdout."""
     flags, sizes = LAYOUTS[mode]
     student, teacher = (str(Path(root) / family / side) for side in ("student", "teacher"))
+    if family in VISION:  # the tower and projector train too: their gradients are compared
+        flags = dict(flags, freeze_vit=False, freeze_aligner=False)
+    # seed 42 and lmbda 0.5: step 1 off-policy, step 2 on-policy (assert_steps_match checks both kinds ran)
     cfg = TrainConfig(model=student, teacher_model=teacher, dataset=[data], output_dir=str(Path(root) / "out"),
-                      lmbda=0.0, beta=0.5, temperature=0.9, sft_alpha=0.3, global_batch_size=6, max_steps=1,
-                      max_grad_norm=0.0, loss_chunk_size=5, progress_bar=False, **flags)
+                      lmbda=0.5, seed=42, beta=0.5, temperature=0.9, sft_alpha=0.3, global_batch_size=6, max_steps=2,
+                      max_completion_length=4, learning_rate=1e-3, lr_scheduler_type="constant", max_grad_norm=0.0,
+                      loss_chunk_size=5, progress_bar=False, **flags)
     try:
         trainer = Trainer(cfg, log=lambda *_: None)
         par = trainer.par
         assert (par.tp, par.pp, par.ep, par.dp_size) == sizes
-        assert_step_matches(trainer, load_model(student), load_model(teacher))
-        if mode == "pp":  # on-policy steps sample through the stages: each family's masks and KV caches
+        if mode == "pp":  # on-policy steps sample through the stages: each family's masks and KV caches (at the
+            # loaded weights: before the steps move them); top-k, EOS cuts, several chunks
+            assert isinstance(trainer.rollout, PipelineSampler), type(trainer.rollout)
             assert_same_samples(student, trainer.student, trainer.device,
                                 SamplingConfig(max_new_tokens=8, temperature=1.3, top_k=40, batch_size=6))
+        assert_steps_match(trainer, load_model(student), load_model(teacher))
     except Exception as e:  # noqa: BLE001 - reported, and the launch goes on to the next family
         print(f"FAIL {mode} {family} rank {dist.get_rank()}: {type(e).__name__}: {e}", flush=True)
         return False
