@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import RunContext, Runs  # noqa: E402
 
+pytest_plugins = ["proofs"]  # the `proves` marker and --write-proofs (gkd models' table)
 
 # One thread per pytest process, as every process the tests start has (helpers.ENV): the two workers share two
 # cores, and torch's default of a thread per core spends more time synchronising threads than computing on the

@@ -162,9 +162,15 @@ def _whole(trainer, tensors: dict) -> dict[str, torch.Tensor]:
     if trainer.par.pp > 1:  # a rank holds its stages' parameters: together the stages hold every one
         import torch.distributed as dist
 
+        from gkd.parallel.pipeline import tied_copy_names
+
         held = [None] * trainer.par.pp
-        dist.all_gather_object(held, out, group=trainer.par.pp_group)
-        out = {n: t for h in held for n, t in h.items()}
+        dist.all_gather_object(held, (out, tied_copy_names(trainer.student)), group=trainer.par.pp_group)
+        out = {n: t for h, _ in held for n, t in h.items()}
+        for copy, one in (pair for _, names in held for pair in names.items()):
+            # a tied lm_head's copy on the last stage holds the embedding's value (both took the summed gradient)
+            assert torch.equal(out[copy], out[one]), f"the tied {one} and its last-stage copy {copy} differ"
+            del out[copy]
     return out
 
 

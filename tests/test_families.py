@@ -5,7 +5,6 @@ family gkd cannot describe is refused in one line."""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +50,8 @@ def _data(family, data, image_data):
 
 
 @pytest.mark.parametrize("family", ALL)
-def test_one_step_equals_naive_float64(family, data, image_data, tmp_path):
+@pytest.mark.proves("full")
+def test_full_training_steps_equal_naive_float64(family, data, image_data, tmp_path):
     """Full training: an off-policy and an on-policy step each equal the naive float64 step (a vision-language
     student's tower and projector train too, on rows with images), and the update between them is AdamW's."""
     student, teacher = _pair(tmp_path, family)
@@ -61,7 +61,8 @@ def test_one_step_equals_naive_float64(family, data, image_data, tmp_path):
 
 
 @pytest.mark.parametrize("family", ALL)
-def test_lora_finds_every_projection_and_its_step_equals_naive(family, data, image_data, tmp_path):
+@pytest.mark.proves("LoRA")
+def test_lora_finds_every_projection_and_its_steps_equal_naive(family, data, image_data, tmp_path):
     """LoRA wraps every linear projection of each decoder layer, and an off-policy and an on-policy LoRA step
     each equal the naive float64 step (vision-language rows with images)."""
     from peft.tuners.lora import LoraLayer
@@ -136,24 +137,19 @@ def test_a_forward_that_transforms_its_logits_is_refused():
 
 
 def test_every_family_in_the_table_is_tested_here():
-    """The per-family tests above (and in test_families_dist.py, test_vllm_families.py) run over every row."""
-    assert sorted(r["model_type"] for r in support.rows()) == sorted(ALL)
-    proc = subprocess.run([sys.executable, "-m", "gkd", "models"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == support.markdown()
-    assert "| Granite | `granite` | h·Wᵀ / logits_scaling | yes | yes | yes | yes | no | — | yes |" in proc.stdout
-    assert "| Mixtral | `mixtral` | h·Wᵀ | yes | yes | yes | yes | no | yes | no |" in proc.stdout
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "models.md").read_text()
-    assert support.markdown() in doc, "docs/models.md's family table is not `gkd models`' output: paste it again"
+    """The per-family tests above (and in test_families_dist.py, test_vllm_families.py) run over every row (what
+    each proves is checked in test_table.py)."""
+    assert sorted(r["model_type"] for r in support.implemented()) == sorted(ALL)
 
 
-@pytest.mark.parametrize("family", [r["model_type"] for r in support.rows()
+@pytest.mark.parametrize("family", [r["model_type"] for r in support.implemented()
                                     if not r["TP"] or not r["vLLM sync"] or not r["PP"]])
 def test_what_the_table_says_no_to_is_refused_in_one_line(family, tmp_path):
     from gkd.models.adapter import check_vllm
     from gkd.parallel.pipeline import check_config
     from gkd.parallel.tensor_parallel import check_plan
 
-    row = next(r for r in support.rows() if r["model_type"] == family)
+    row = next(r for r in support.implemented() if r["model_type"] == family)
     model = load_model(str(write_family(tmp_path / "m", family)))
     if not row["PP"]:  # (read from the config before any process starts; what is missing is named)
         with pytest.raises(GKDError, match=rf"--pipeline_model_parallel_size: no pipeline plan for {family} "

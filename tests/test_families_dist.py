@@ -1,4 +1,5 @@
-"""Each family's `gkd train` steps at FSDP = 2, and at TP = 2, PP = 2 and EP = 2 where `gkd models` says they work,
+"""Each family's `gkd train` steps at FSDP = 2, and at TP = 2, PP = 2 and EP = 2 wherever gkd runs them (the proofs
+of those columns of `gkd models`),
 one off-policy and one on-policy, equal the naive float64 steps of the whole models (torchrun, 2 processes, gloo
 on 127.0.0.1); on-policy completions are the whole student's own draws (under PP through the pipelined sampler,
 which gives HF generate's completions too); vision-language families train on rows with images. One job of the
@@ -14,22 +15,20 @@ from tiny import write_dataset, write_image_dataset
 LAYOUTS = {"fsdp": "FSDP", "tp": "TP", "pp": "PP", "ep": "EP"}  # the worker's layout: the table's column
 
 
-def _where(column):
-    return [r["model_type"] for r in support.rows() if r[column]]
+_where = support.where
 
 
 def _every_layout_and_family(c, out):
-    """The worker's arguments; each family written once (pipelines take untied embeddings only, so PP gets
-    untied variants: the tiny Llama and SmolLM3 tie theirs)."""
+    """The worker's arguments; each family written once, as tests/families.py has it (the tiny Llama and SmolLM3
+    tie their lm_head to the embedding: under PP the two end stages keep a copy each)."""
     out.mkdir(parents=True)
     groups = []
+    folder = out / "models"
     for mode, column in LAYOUTS.items():
-        folder = out / ("untied" if mode == "pp" else "models")
         for family in _where(column):
             if not (folder / family).exists():
-                extra = {"tie_word_embeddings": False} if mode == "pp" else {}
-                write_family(folder / family / "student", family, layers=2, seed=2, **extra)
-                write_family(folder / family / "teacher", family, layers=3, seed=1, **extra)
+                write_family(folder / family / "student", family, layers=2, seed=2)
+                write_family(folder / family / "teacher", family, layers=3, seed=1)
         groups += [mode, str(folder), ",".join(_where(column))]
     return [str(write_dataset(out / "train.jsonl", n=8, seed=3)),
             str(write_image_dataset(out / "images" / "train.jsonl", n=8, seed=3)), *groups]
@@ -38,10 +37,11 @@ def _every_layout_and_family(c, out):
 declare("families", 2, _every_layout_and_family, call="families_worker:run")
 
 
-@pytest.mark.parametrize("mode", list(LAYOUTS))
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=pytest.mark.proves(c, families=_where(c)))
+                                  for m, c in LAYOUTS.items()])
 @pytest.mark.slow
 @pytest.mark.dist
-def test_the_step_equals_naive_where_the_table_says_yes(runs, mode):
+def test_the_steps_equal_naive_at_2_processes(runs, mode):
     families = _where(LAYOUTS[mode])
     said = runs.stdout("families")
     missing = [f"{family} rank {rank}" for family in families for rank in (0, 1)

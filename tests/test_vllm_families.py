@@ -32,7 +32,8 @@ def _greedy(trainer, vllm: bool):
         sampler.cfg = keep
 
 
-@pytest.mark.parametrize("family", [r["model_type"] for r in support.rows() if r["vLLM sync"]])
+@pytest.mark.parametrize("family", support.where("vLLM sync"))
+@pytest.mark.proves("vLLM sync")
 @pytest.mark.slow
 def test_vllm_follows_the_student(family, tmp_path):
     student = write_family(tmp_path / "student", family, layers=1, seed=2)
@@ -56,7 +57,7 @@ def test_vllm_follows_the_student(family, tmp_path):
 def test_a_family_without_verified_sync_is_refused(tmp_path):
     from gkd.errors import GKDError
 
-    family = next(r["model_type"] for r in support.rows() if not r["vLLM sync"] and r["model_type"] in FAMILIES)
+    family = next(f for f in FAMILIES if f not in support.where("vLLM sync"))
     student = write_family(tmp_path / "student", family, layers=1, seed=2)
     cfg = TrainConfig(model=str(student), teacher_model=str(student), dataset=[str(write_dataset(tmp_path / "d.jsonl"))],
                       output_dir=str(tmp_path / "out"), use_vllm=True, progress_bar=False, max_completion_length=8)

@@ -1,17 +1,23 @@
-"""Which model families gkd supports and what works for each (`gkd models`, and the README's table).
+"""Which model families gkd supports and what works for each (`gkd models`, docs/models.md's table).
 
-Every "yes" is backed by a test that runs over these same rows: one `gkd train` step (full, LoRA) equal to a
-naive float64 computation per family (tests/test_families.py), the same at FSDP = 2 and, where the table
-says so, TP = 2, PP = 2 and EP = 2 (tests/test_families_dist.py), and vLLM's greedy completions after a weight
-sync equal to HF's (tests/test_vllm_families.py). A family not in the table is refused when it is loaded, in
-one line; a "no" is refused in one line when asked for. EP is None (n/a) for dense families.
+Two sources, kept equal by tests/test_table.py: what gkd's adapters implement (``implemented``: the layouts a
+run accepts; everything else is refused in one line when asked for), and what the tests proved
+(``proofs.json``: for each family and column, the test cases that passed on it, written by
+``pytest --write-proofs`` from the tests marked ``@pytest.mark.proves``). A cell is "yes" only with a proof, and
+names it; an implemented cell without one reads "unproved" (and fails the table's test). EP is None (n/a) for
+dense families.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 from gkd.models.adapter import families
 
 COLUMNS = ("full", "LoRA", "FSDP", "TP", "PP", "EP", "vLLM sync")
+PROOFS = Path(__file__).with_name("proofs.json")
 
 # what the families are called, by config.model_type
 TITLES = {
@@ -23,9 +29,9 @@ TITLES = {
 }
 
 
-def rows() -> list[dict]:
-    """One row per supported ``model_type``: its title, its logit head and a yes / no per column (EP: None,
-    not applicable, for a dense family)."""
+def implemented() -> list[dict]:
+    """One row per supported ``model_type``: its title, its logit head and, per column, whether gkd runs it
+    (True), refuses it (False) or it does not apply (None: EP of a dense family)."""
     out = []
     for adapter in families():
         for model_type in adapter.model_types:
@@ -37,10 +43,53 @@ def rows() -> list[dict]:
     return sorted(out, key=lambda r: order.index(r["model_type"]) if r["model_type"] in order else len(order))
 
 
+def where(column: str) -> list[str]:
+    """The families gkd runs ``column`` for (what the proving tests run over)."""
+    return [r["model_type"] for r in implemented() if r[column]]
+
+
+def proofs() -> dict[str, dict[str, list[str]]]:
+    """{model_type: {column: [test ids that proved it]}}, as the last ``pytest --write-proofs`` wrote them."""
+    return json.loads(PROOFS.read_text()) if PROOFS.is_file() else {}
+
+
+def rows() -> list[dict]:
+    """The table: ``implemented()``'s rows with each cell True only where a test proved it ("unproved" where gkd
+    runs it without a proof), and the proving test ids under "proofs"."""
+    proved = proofs()
+    out = []
+    for r in implemented():
+        mine = proved.get(r["model_type"], {})
+        cells = {c: r[c] if not r[c] else (True if mine.get(c) else "unproved") for c in COLUMNS}
+        out.append({**r, **cells, "proofs": {c: mine[c] for c in COLUMNS if mine.get(c)}})
+    return out
+
+
+def _pattern(test_id: str, model_type: str) -> str:
+    """A test id with the family's parameter written as <model_type>, so that one legend entry serves a column."""
+    return re.sub(rf"\[{re.escape(model_type)}\]$", "[<model_type>]", test_id)
+
+
 def markdown() -> str:
+    """The table with each "yes" naming its proofs by number, and the numbered test ids below it."""
+    table, legend = rows(), {}
+    for r in table:
+        for c in COLUMNS:
+            for test_id in r["proofs"].get(c, []):
+                legend.setdefault(_pattern(test_id, r["model_type"]), len(legend) + 1)
+
+    def cell(r, c):
+        if r[c] is None:
+            return "—"
+        if r[c] is True:
+            refs = sorted(legend[_pattern(t, r["model_type"])] for t in r["proofs"][c])
+            return "yes " + ",".join(f"[{n}]" for n in refs)
+        return "no" if r[c] is False else r[c]
+
     lines = ["| family | model_type | logit head | " + " | ".join(COLUMNS) + " |",
              "|---|---|---|" + "---|" * len(COLUMNS)]
-    for r in rows():
-        cells = " | ".join("—" if r[c] is None else "yes" if r[c] else "no" for c in COLUMNS)
-        lines.append(f"| {r['family']} | `{r['model_type']}` | {r['head']} | {cells} |")
+    lines += [f"| {r['family']} | `{r['model_type']}` | {r['head']} | " + " | ".join(cell(r, c) for c in COLUMNS)
+              + " |" for r in table]
+    lines += ["", "Each \"yes\" is proved by the numbered test cases (passing at this version):"]
+    lines += [f"[{n}] {test}" for test, n in legend.items()]
     return "\n".join(lines)
