@@ -119,16 +119,40 @@ def test_disk_full_during_a_checkpoint_save_is_one_line_and_leaves_no_temp_folde
     assert steps(out) == [1, 2, 3]
 
 
-def test_an_orphan_from_a_killed_prune_is_cleaned_and_never_counted(tiny, tmp_path):
+def test_leftovers_of_killed_saves_and_prunes_are_cleaned_and_never_counted(tiny, tmp_path, capsys):
+    """Only gkd's own temp names are cleaned (a prune killed midway, a save killed midway); a checkpoint-N
+    without gkd's marker is another tool's: a resume refuses it rather than delete it or count it."""
     out = tmp_path / "out"
     assert main(train_args(tiny, out, "--max_steps", "2", "--save_steps", "1", "--save_total_limit", "5")) == 0
-    # a prune killed midway: the marker of checkpoint-1 is gone, its other files are not
-    (out / "checkpoint-1" / "gkd_checkpoint.json").unlink()
     (out / ".checkpoint-0.deleting").mkdir()
-    assert main(train_args(tiny, out, "--max_steps", "4", "--save_steps", "1", "--save_total_limit", "2",
-                           "--resume_from_checkpoint", "latest")) == 0
+    (out / ".checkpoint-3.tmp" / "state").mkdir(parents=True)
+    (out / "checkpoint-7").mkdir()
+    resume = train_args(tiny, out, "--max_steps", "4", "--save_steps", "1", "--save_total_limit", "2",
+                        "--resume_from_checkpoint", "latest")
+    capsys.readouterr()
+    assert main(resume) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{out} holds checkpoint-7, which gkd did not write" in err, err
+    assert (out / "checkpoint-7").is_dir() and (out / ".checkpoint-3.tmp").is_dir()
+    (out / "checkpoint-7").rmdir()
+    assert main(resume) == 0
     assert checkpoints(out) == ["checkpoint-3", "checkpoint-4"]
     assert not list(out.glob(".checkpoint-*"))
+
+
+def test_another_tools_checkpoints_are_never_deleted(tiny, tmp_path, capsys):
+    """HF Trainer, TRL and ms-swift name their checkpoints checkpoint-N too: a fresh run refuses a folder
+    holding one without gkd's marker (also with --overwrite_output_dir), naming it, and leaves it as it was."""
+    out = tmp_path / "hf"
+    (out / "checkpoint-500").mkdir(parents=True)
+    (out / "checkpoint-500" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-500" / "model.safetensors").write_bytes(b"weights")
+    before = listing(out)
+    for extra in ((), ("--overwrite_output_dir", "true")):
+        assert main(train_args(tiny, out, "--max_steps", "1", *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--output_dir {out} holds checkpoint-500, which gkd did not" in err, err
+    assert listing(out) == before
 
 
 @pytest.mark.needs_module("wandb")  # scripts/setup.sh installs it (the wandb extra)

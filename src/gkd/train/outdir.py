@@ -3,7 +3,8 @@
 A run owns its ``--output_dir``. A fresh run refuses a folder that holds another run's checkpoints,
 metrics or final model (their step numbers would mix with its own: pruning would delete the newer run's
 checkpoints and ``latest`` would resume the other run); ``--overwrite_output_dir`` deletes them first,
-``--resume_from_checkpoint`` continues them.
+``--resume_from_checkpoint`` continues them. A ``checkpoint-N`` without gkd's marker was written by another
+tool (HF Trainer, TRL and ms-swift use that name too): never deleted, always refused.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from gkd.errors import GKDError
 
-DONE = "gkd_checkpoint.json"  # the last file a checkpoint save writes
+DONE = "gkd_checkpoint.json"  # the last file a checkpoint save writes (in its temp folder, before the rename)
 _CKPT = re.compile(r"checkpoint-(\d+)")
 # what a run writes into its folder (anything else there is the user's and is left alone)
 _RUN_FILES = ("metrics.jsonl", "loss_curve.png", "final", "final.tmp", "final.old", "tensorboard", "wandb",
@@ -35,12 +36,18 @@ def checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def foreign(out: Path) -> list[str]:
+    """``checkpoint-N`` entries without gkd's marker: another tool's (gkd's own saves are renamed into place
+    with the marker already inside, and deleted by renaming them away first, so gkd never leaves one)."""
+    return sorted((p.name for p in Path(out).glob("checkpoint-*") if _CKPT.fullmatch(p.name) and not (p / DONE).is_file()),
+                  key=lambda n: int(n.split("-")[1]))
+
+
 def leftovers(out: Path) -> list[Path]:
-    """What killed saves and prunes leave: temp folders, folders being deleted, and checkpoint folders
-    without their marker (a prune killed after it removed the marker). Never a complete checkpoint."""
+    """What killed saves and prunes leave, under names only gkd uses: temp folders (``.checkpoint-N.tmp``,
+    ``final.tmp``) and folders being deleted (``.checkpoint-N.deleting``, ``final.old``). Never a ``checkpoint-N``."""
     out = Path(out)
-    found = [p for p in out.glob(".checkpoint-*") if p.name.endswith((".tmp", ".deleting"))]
-    found += [p for p in out.glob("checkpoint-*") if _CKPT.fullmatch(p.name) and p.is_dir() and not (p / DONE).exists()]
+    found = [p for p in out.glob(".checkpoint-*") if re.fullmatch(r"\.checkpoint-\d+\.(tmp|deleting)", p.name)]
     return found + [out / n for n in ("final.tmp", "final.old") if (out / n).exists()]
 
 
@@ -71,7 +78,15 @@ def _other_run(out: Path) -> list[str]:
 def check_owner(out: Path, resume_from: Path | None, overwrite: bool) -> None:
     """Refuse to mix runs in one folder (read-only: nothing is deleted here, see :func:`claim`)."""
     out = Path(out)
-    if overwrite or not out.is_dir():
+    if not out.is_dir():
+        return
+    others = foreign(out)
+    if others:
+        shown = ", ".join(others[:4]) + (" ..." if len(others) > 4 else "")
+        raise GKDError(f"--output_dir {out} holds {shown}, which gkd did not write (no {DONE} inside); gkd never "
+                       "deletes or resumes another tool's checkpoints, also with --overwrite_output_dir: choose "
+                       "another --output_dir")
+    if overwrite:
         return
     if resume_from is not None and resume_from.resolve().parent == out.resolve():
         step = int(_CKPT.fullmatch(resume_from.name).group(1)) if _CKPT.fullmatch(resume_from.name) else None
