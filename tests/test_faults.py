@@ -8,6 +8,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,41 @@ def test_disk_full_or_read_only_mid_run_is_one_line_and_keeps_the_checkpoints(pr
     if fault == "disk full":  # (a read-only folder may keep one, if the remount fell inside a save: resume removes it)
         assert not list(kept.glob(".checkpoint-*")), "the temp folder of a failed save is removed"
     assert_resumes_exactly(tiny, kept, uninterrupted[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# two runs into one folder
+# --------------------------------------------------------------------------------------------------
+
+
+def test_two_runs_started_at_once_into_one_folder(tiny, tmp_path):
+    """One of two identical runs started at once into one fresh folder refuses in one line (another run holds
+    the folder) and the other trains alone (one metrics line per step); killed with SIGKILL, it leaves no
+    stale lock: the next run resumes there."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "gkd", *train_args(tiny, out, "--max_steps", "100000", "--save_steps", "1")]
+    logs = [tmp_path / f"stderr-{i}.txt" for i in range(2)]
+    procs = []
+    for log in logs:
+        with open(log, "w") as fh:
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=fh, env=ENV, cwd=ROOT))
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.05)
+        loser = next(i for i, p in enumerate(procs) if p.poll() is not None)
+        winner = procs[1 - loser]
+        err = logs[loser].read_text().strip()
+        assert procs[loser].returncode == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"gkd: error: --output_dir {out} is in use by another gkd run (pid {winner.pid})"), err
+        while not list(out.glob("checkpoint-*/gkd_checkpoint.json")):
+            assert winner.poll() is None, logs[1 - loser].read_text()[-2000:]
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    got = [m["step"] for m in read_metrics(out / "metrics.jsonl")]
+    assert got == list(range(1, len(got) + 1)), got
+    last = max(assert_checkpoints_intact(out))
+    resume(tiny, out, "--max_steps", str(last + 1), "--save_steps", "1", "--resume_from_checkpoint", "latest")
+    assert [m["step"] for m in read_metrics(out / "metrics.jsonl")][-1] == last + 1

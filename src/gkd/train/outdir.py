@@ -4,13 +4,15 @@ A run owns its ``--output_dir``. A fresh run refuses a folder that holds another
 metrics or final model (their step numbers would mix with its own: pruning would delete the newer run's
 checkpoints and ``latest`` would resume the other run); ``--overwrite_output_dir`` deletes them first,
 ``--resume_from_checkpoint`` continues them. A ``checkpoint-N`` without gkd's marker was written by another
-tool (HF Trainer, TRL and ms-swift use that name too): never deleted, always refused.
+tool (HF Trainer, TRL and ms-swift use that name too): never deleted, always refused. A live run holds a lock
+on its folder (rank 0, ``flock`` on ``.gkd.lock``: it dies with the process), so a second run refuses it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import shutil
@@ -20,6 +22,7 @@ from pathlib import Path
 from gkd.errors import GKDError
 
 DONE = "gkd_checkpoint.json"  # the last file a checkpoint save writes (in its temp folder, before the rename)
+LOCK = ".gkd.lock"  # flock'ed by the live run's rank 0; never deleted (a new file would not be the same lock)
 _CKPT = re.compile(r"checkpoint-(\d+)")
 # what a run writes into its folder (anything else there is the user's and is left alone)
 _RUN_FILES = ("metrics.jsonl", "loss_curve.png", "final", "final.tmp", "final.old", "tensorboard", "wandb",
@@ -75,17 +78,89 @@ def _other_run(out: Path) -> list[str]:
     return held
 
 
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _in_use(out: Path, pid: str) -> GKDError:
+    return GKDError(f"--output_dir {out} is in use by another gkd run (pid {pid or '?'}); wait for it to end or "
+                    "choose another --output_dir")
+
+
+def _lock_pid(fd: int) -> str:
+    with contextlib.suppress(OSError):
+        return os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return ""
+
+
+_LOCKS: dict[str, int] = {}  # folder -> the open lock file this process holds
+_SEEN: dict[str, tuple] = {}  # folder -> what check_owner saw (claim refuses if another run changed it since)
+
+
+def _probe_lock(out: Path) -> None:
+    """Refuse a folder whose lock a live run holds (a shared lock, released at once: nothing is written)."""
+    key = str(out.resolve())
+    if key in _LOCKS or not (out / LOCK).is_file():
+        return
+    try:
+        fd = os.open(out / LOCK, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _in_use(out, _lock_pid(fd)) from None
+    finally:
+        os.close(fd)
+
+
+def lock(out: Path) -> None:
+    """Hold ``out``'s lock for the rest of this run (rank 0); refuse in one line if another run holds it. The
+    kernel drops it when the process ends, however it ends, so a killed run leaves no stale lock."""
+    out = Path(out)
+    key = str(out.resolve())
+    if key in _LOCKS:
+        return
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _lock_pid(fd)
+        os.close(fd)
+        raise _in_use(out, pid) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKS[key] = fd
+
+
+def release(out: Path) -> None:
+    """Let other runs use ``out`` (the end of a run; a no-op where this process holds no lock on it)."""
+    fd = _LOCKS.pop(str(Path(out).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor drops the flock
+
+
+def _state(out: Path) -> tuple:
+    metrics = out / "metrics.jsonl"
+    return (tuple(p.name for _, p in checkpoints(out)), tuple(foreign(out)),
+            metrics.stat().st_size if metrics.is_file() else 0, (out / "final").exists())
+
+
 def check_owner(out: Path, resume_from: Path | None, overwrite: bool) -> None:
     """Refuse to mix runs in one folder (read-only: nothing is deleted here, see :func:`claim`)."""
     out = Path(out)
     if not out.is_dir():
+        _SEEN[str(out.resolve())] = ((), (), 0, False)
         return
+    if _is_main():
+        _probe_lock(out)  # a live run's folder is refused even with --overwrite_output_dir
     others = foreign(out)
     if others:
         shown = ", ".join(others[:4]) + (" ..." if len(others) > 4 else "")
         raise GKDError(f"--output_dir {out} holds {shown}, which gkd did not write (no {DONE} inside); gkd never "
                        "deletes or resumes another tool's checkpoints, also with --overwrite_output_dir: choose "
                        "another --output_dir")
+    _SEEN[str(out.resolve())] = _state(out)
     if overwrite:
         return
     if resume_from is not None and resume_from.resolve().parent == out.resolve():
@@ -105,8 +180,15 @@ def check_owner(out: Path, resume_from: Path | None, overwrite: bool) -> None:
 
 
 def claim(out: Path, overwrite: bool) -> None:
-    """Before the first write: with --overwrite_output_dir, delete what an earlier run wrote there."""
+    """Before the first write (rank 0): lock the folder for this run, refuse it if another run wrote there
+    since :func:`check_owner` looked, and with --overwrite_output_dir delete what an earlier run wrote there."""
     out = Path(out)
+    lock(out)
+    seen = _SEEN.pop(str(out.resolve()), None)
+    if seen is not None and _state(out) != seen:
+        release(out)
+        raise GKDError(f"--output_dir {out} was written by another run while this one was starting; start this "
+                       "one again (it checks the folder anew)")
     if overwrite and out.is_dir():
         for _, p in checkpoints(out):
             delete_checkpoint(p)
