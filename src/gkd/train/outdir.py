@@ -206,16 +206,55 @@ def claim(out: Path, overwrite: bool) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _causes(e: BaseException, depth: int = 0):
+    """``e``, each rank's failure inside a torch.distributed.checkpoint CheckpointException, and their causes."""
+    if e is None or depth > 8:
+        return
+    yield e
+    for failure in (getattr(e, "failures", None) or {}).values():
+        yield from _causes(failure[0] if isinstance(failure, tuple) else failure, depth + 1)
+    yield from _causes(e.__cause__ or e.__context__, depth + 1)
+
+
 def _os_error(e: BaseException) -> OSError | None:
-    """The OSError behind ``e`` (torch.distributed.checkpoint wraps each rank's in a CheckpointException)."""
-    if isinstance(e, OSError):
-        return e
-    for failure in getattr(e, "failures", {}).values():
-        inner = failure[0] if isinstance(failure, tuple) else failure
+    """The OSError behind ``e``: raised as such, or only said in the message of safetensors' error
+    (``... (os error 28)``)."""
+    found = list(_causes(e))
+    for inner in found:
         if isinstance(inner, OSError):
             return inner
-    cause = e.__cause__ or e.__context__
-    return _os_error(cause) if cause is not None else None
+    for inner in found:
+        m = re.search(r"\(os error (\d+)\)", str(inner))
+        if m and type(inner).__name__ == "SafetensorError":
+            return OSError(int(m.group(1)), os.strerror(int(m.group(1))))
+    return None
+
+
+def _torch_write_failed(e: BaseException) -> bool:
+    """torch.save's zip writer, when a write of its stream fails, swallows the OSError and says only
+    ``[enforce fail at inline_container.cc] unexpected pos`` (or ``file write failed``)."""
+    return any(isinstance(inner, RuntimeError) and "inline_container.cc" in str(inner)
+               and ("unexpected pos" in str(inner) or "write failed" in str(inner)) for inner in _causes(e))
+
+
+def _why_writes_fail(where: Path) -> OSError:
+    """Why a write into ``where`` fails now (before the half-written file is removed): write 1 MiB there and
+    see (a full disk says ENOSPC, a read-only one EROFS); the probe is removed."""
+    probe = Path(where)
+    while not probe.is_dir() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        fd, name = tempfile.mkstemp(prefix=".gkd-probe-", dir=probe)
+        try:
+            for _ in range(16):
+                os.write(fd, bytes(65536))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(name)
+    except OSError as e:
+        return OSError(e.errno, e.strerror, str(where))
+    return OSError(errno.EIO, "a write failed (torch's file writer gave no reason)", str(where))
 
 
 def _free_mib(path: Path) -> str:
@@ -228,7 +267,7 @@ def _free_mib(path: Path) -> str:
         return "free space unknown"
 
 
-def describe(what: str, where: Path, e: OSError) -> str:
+def describe(what: str, where: Path, e: OSError, then: str = "then resume with --resume_from_checkpoint latest") -> str:
     name = e.filename or where
     reason = e.strerror or type(e).__name__
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -237,22 +276,25 @@ def describe(what: str, where: Path, e: OSError) -> str:
         hint = "make the folder writable or choose another --output_dir"
     else:
         hint = "check the folder"
-    return f"{what} failed: {reason} ({name}); {hint}, then resume with --resume_from_checkpoint latest"
+    return f"{what} failed: {reason} ({name}); {hint}" + (f", {then}" if then else "")
 
 
 @contextlib.contextmanager
-def writing(what: str, where: Path, cleanup=None):
-    """Run a write; an OSError (also one wrapped by torch.distributed.checkpoint) becomes one GKDError line
-    after ``cleanup`` (removing the half-written thing) has run."""
+def writing(what: str, where: Path, cleanup=None, then: str = "then resume with --resume_from_checkpoint latest"):
+    """Run a write; an OSError (also one wrapped by torch.distributed.checkpoint, said by safetensors, or
+    swallowed by torch.save's writer) becomes one GKDError line after ``cleanup`` (removing the half-written
+    thing) has run."""
     try:
         yield
     except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
-        err = _os_error(e) if not isinstance(e, (KeyboardInterrupt, SystemExit, GKDError)) else None
+        err = None
+        if not isinstance(e, (KeyboardInterrupt, SystemExit, GKDError)):
+            err = _os_error(e) or (_why_writes_fail(Path(where)) if _torch_write_failed(e) else None)
         if cleanup is not None:
             cleanup()
         if err is None:
             raise
-        raise GKDError(describe(what, Path(where), err)) from None
+        raise GKDError(describe(what, Path(where), err, then)) from None
 
 
 def check_output_dir(path: str) -> Path:
