@@ -155,6 +155,40 @@ def test_another_tools_checkpoints_are_never_deleted(tiny, tmp_path, capsys):
     assert listing(out) == before
 
 
+def prune_args(teacher, out, *extra):
+    return ["prune", "--teacher_model", str(teacher), "--output_dir", str(out), "--keep_layers", "0,1", *extra]
+
+
+def test_prune_never_overwrites_what_it_did_not_write(tiny, tmp_path, capsys):
+    """gkd prune refuses the teacher's own folder and any non-empty folder but its own earlier output, which
+    --overwrite_output_dir replaces; the teacher and the user's files stay as they were."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny["teacher"], teacher)
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    kept = {p: listing(p) for p in (teacher, mine)}
+    for out, says in ((teacher, "the teacher's folder"), (teacher / "student", "the teacher's folder"),
+                      (mine, "is not empty and is not a gkd prune output")):
+        assert main(prune_args(teacher, out)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--output_dir {out}" in err and says in err, err
+    assert {p: listing(p) for p in (teacher, mine)} == kept
+
+    student, empty = tmp_path / "student", tmp_path / "empty"
+    empty.mkdir()
+    assert main(prune_args(teacher, student)) == 0 and main(prune_args(teacher, empty)) == 0
+    capsys.readouterr()
+    assert main(prune_args(teacher, student, "--keep_layers", "0")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite_output_dir true replaces it" in err, err
+    assert main(prune_args(teacher, student, "--keep_layers", "2", "--overwrite_output_dir", "true")) == 0
+    assert json.loads((student / "gkd_prune.json").read_text())["layers_kept"] == [2]
+    assert json.loads((student / "config.json").read_text())["num_hidden_layers"] == 1
+    assert listing(teacher) == kept[teacher]
+
+
 @pytest.mark.needs_module("wandb")  # scripts/setup.sh installs it (the wandb extra)
 def test_report_to_wandb_offline(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
