@@ -189,6 +189,21 @@ def test_prune_never_overwrites_what_it_did_not_write(tiny, tmp_path, capsys):
     assert listing(teacher) == kept[teacher]
 
 
+def test_eval_output_is_checked_before_the_work_and_written_whole(tiny, tmp_path, capsys):
+    """--output naming a folder is one line before any model loads; a results file is replaced whole."""
+    args = ["eval", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["prompts"],
+            "--max_completion_length", "3", "--output"]
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert main([*args, str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--output {folder}: is a folder" in err, err
+    result = folder / "eval.json"
+    result.write_text("old")
+    assert main([*args, str(result)]) == 0
+    assert json.loads(result.read_text())["prompts"] == 8 and [p.name for p in folder.iterdir()] == ["eval.json"]
+
+
 @pytest.mark.needs_module("wandb")  # scripts/setup.sh installs it (the wandb extra)
 def test_report_to_wandb_offline(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
