@@ -121,15 +121,16 @@ def lock(out: Path) -> None:
     key = str(out.resolve())
     if key in _LOCKS:
         return
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    # held open read-only: a file open for writing would keep the folder's filesystem from being remounted
+    # read-only (flock needs no write access)
+    fd = os.open(out / LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         pid = _lock_pid(fd)
         os.close(fd)
         raise _in_use(out, pid) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    (out / LOCK).write_text(f"{os.getpid()}\n")  # for the refusal's message; the same file, the lock stays
     _LOCKS[key] = fd
 
 
