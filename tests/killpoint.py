@@ -14,7 +14,7 @@ from pathlib import Path
 from gkd.cli import main
 from gkd.train import checkpoint
 
-WATCHED = ("gkd/checkpoint.py", "gkd/outdir.py", "gkd/models/load.py", "torch/distributed/checkpoint/filesystem.py",
+WATCHED = ("gkd/train/checkpoint.py", "gkd/train/outdir.py", "gkd/models/load.py", "torch/distributed/checkpoint/filesystem.py",
            "torch/serialization.py", "transformers/modeling_utils.py")
 KILL_AT = int(os.environ.get("GKD_KILL_AT", "0"))
 counts = {"save": 0, "export": 0}

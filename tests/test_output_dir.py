@@ -119,16 +119,89 @@ def test_disk_full_during_a_checkpoint_save_is_one_line_and_leaves_no_temp_folde
     assert steps(out) == [1, 2, 3]
 
 
-def test_an_orphan_from_a_killed_prune_is_cleaned_and_never_counted(tiny, tmp_path):
+def test_leftovers_of_killed_saves_and_prunes_are_cleaned_and_never_counted(tiny, tmp_path, capsys):
+    """Only gkd's own temp names are cleaned (a prune killed midway, a save killed midway); a checkpoint-N
+    without gkd's marker is another tool's: a resume refuses it rather than delete it or count it."""
     out = tmp_path / "out"
     assert main(train_args(tiny, out, "--max_steps", "2", "--save_steps", "1", "--save_total_limit", "5")) == 0
-    # a prune killed midway: the marker of checkpoint-1 is gone, its other files are not
-    (out / "checkpoint-1" / "gkd_checkpoint.json").unlink()
     (out / ".checkpoint-0.deleting").mkdir()
-    assert main(train_args(tiny, out, "--max_steps", "4", "--save_steps", "1", "--save_total_limit", "2",
-                           "--resume_from_checkpoint", "latest")) == 0
+    (out / ".checkpoint-3.tmp" / "state").mkdir(parents=True)
+    (out / "checkpoint-7").mkdir()
+    resume = train_args(tiny, out, "--max_steps", "4", "--save_steps", "1", "--save_total_limit", "2",
+                        "--resume_from_checkpoint", "latest")
+    capsys.readouterr()
+    assert main(resume) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{out} holds checkpoint-7, which gkd did not write" in err, err
+    assert (out / "checkpoint-7").is_dir() and (out / ".checkpoint-3.tmp").is_dir()
+    (out / "checkpoint-7").rmdir()
+    assert main(resume) == 0
     assert checkpoints(out) == ["checkpoint-3", "checkpoint-4"]
     assert not list(out.glob(".checkpoint-*"))
+
+
+def test_another_tools_checkpoints_are_never_deleted(tiny, tmp_path, capsys):
+    """HF Trainer, TRL and ms-swift name their checkpoints checkpoint-N too: a fresh run refuses a folder
+    holding one without gkd's marker (also with --overwrite_output_dir), naming it, and leaves it as it was."""
+    out = tmp_path / "hf"
+    (out / "checkpoint-500").mkdir(parents=True)
+    (out / "checkpoint-500" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-500" / "model.safetensors").write_bytes(b"weights")
+    before = listing(out)
+    for extra in ((), ("--overwrite_output_dir", "true")):
+        assert main(train_args(tiny, out, "--max_steps", "1", *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--output_dir {out} holds checkpoint-500, which gkd did not" in err, err
+    assert listing(out) == before
+
+
+def prune_args(teacher, out, *extra):
+    return ["prune", "--teacher_model", str(teacher), "--output_dir", str(out), "--keep_layers", "0,1", *extra]
+
+
+def test_prune_never_overwrites_what_it_did_not_write(tiny, tmp_path, capsys):
+    """gkd prune refuses the teacher's own folder and any non-empty folder but its own earlier output, which
+    --overwrite_output_dir replaces; the teacher and the user's files stay as they were."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny["teacher"], teacher)
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    kept = {p: listing(p) for p in (teacher, mine)}
+    for out, says in ((teacher, "the teacher's folder"), (teacher / "student", "the teacher's folder"),
+                      (mine, "is not empty and is not a gkd prune output")):
+        assert main(prune_args(teacher, out)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--output_dir {out}" in err and says in err, err
+    assert {p: listing(p) for p in (teacher, mine)} == kept
+
+    student, empty = tmp_path / "student", tmp_path / "empty"
+    empty.mkdir()
+    assert main(prune_args(teacher, student)) == 0 and main(prune_args(teacher, empty)) == 0
+    capsys.readouterr()
+    assert main(prune_args(teacher, student, "--keep_layers", "0")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite_output_dir true replaces it" in err, err
+    assert main(prune_args(teacher, student, "--keep_layers", "2", "--overwrite_output_dir", "true")) == 0
+    assert json.loads((student / "gkd_prune.json").read_text())["layers_kept"] == [2]
+    assert json.loads((student / "config.json").read_text())["num_hidden_layers"] == 1
+    assert listing(teacher) == kept[teacher]
+
+
+def test_eval_output_is_checked_before_the_work_and_written_whole(tiny, tmp_path, capsys):
+    """--output naming a folder is one line before any model loads; a results file is replaced whole."""
+    args = ["eval", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["prompts"],
+            "--max_completion_length", "3", "--output"]
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert main([*args, str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--output {folder}: is a folder" in err, err
+    result = folder / "eval.json"
+    result.write_text("old")
+    assert main([*args, str(result)]) == 0
+    assert json.loads(result.read_text())["prompts"] == 8 and [p.name for p in folder.iterdir()] == ["eval.json"]
 
 
 @pytest.mark.needs_module("wandb")  # scripts/setup.sh installs it (the wandb extra)

@@ -195,15 +195,16 @@ def test_kill_and_resume_reproduces_the_losses(tiny, tmp_path):
 
 
 def test_interrupted_checkpoint_write_leaves_the_previous_one(tiny, tmp_path):
-    """A run killed while saving checkpoint-3 (a temp folder, a checkpoint folder without its completion marker)
-    resumes from checkpoint-2 and gives the uninterrupted run's step 3: its loss and its weights."""
+    """A run killed while saving checkpoint-3 (its temp folder left) or pruning checkpoint-4 (a folder being
+    deleted) resumes from checkpoint-2 and gives the uninterrupted run's step 3: its loss and its weights."""
     t = Trainer(cfg_for(tiny, tmp_path / "ck", max_steps=3, save_steps=1), log=lambda *_: None)
     t.train()
     want, want_weights = read_metrics(t.out / "metrics.jsonl")[-1], weights(t)
-    # the save of step 3 killed midway (its checkpoint gone), and a later folder that never got its marker
+    # the save of step 3 killed midway (its checkpoint gone), and a prune killed midway (gkd's own names: a
+    # checkpoint-N without gkd's marker is another tool's and never deleted, see tests/test_output_dir.py)
     shutil.rmtree(t.out / "checkpoint-3")
     (t.out / ".checkpoint-3.tmp" / "model").mkdir(parents=True)
-    (t.out / "checkpoint-4" / "model").mkdir(parents=True)
+    (t.out / ".checkpoint-4.deleting" / "model").mkdir(parents=True)
     resumed = Trainer(cfg_for(tiny, tmp_path / "ck", max_steps=3, resume_from_checkpoint="latest"), log=lambda *_: None)
     assert resumed.start_step == 2
     resumed.train()
@@ -212,7 +213,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(tiny, tmp_path):
     after = weights(resumed)
     for k in want_weights:
         torch.testing.assert_close(after[k], want_weights[k], rtol=0, atol=0, msg=k)
-    assert not (t.out / ".checkpoint-3.tmp").exists() and not (t.out / "checkpoint-4").exists()  # cleaned on save
+    assert not (t.out / ".checkpoint-3.tmp").exists() and not (t.out / ".checkpoint-4.deleting").exists()  # cleaned
 
 
 def test_nan_loss_skips_the_update_then_stops(tiny, tmp_path):

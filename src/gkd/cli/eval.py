@@ -28,10 +28,39 @@ def _prompt_examples(paths, tokenizer, max_length, images=None, teacher_images=N
 
 
 def check_output_file(path: str) -> None:
-    """Fail before the work if the metrics file cannot be written (a missing or read-only folder)."""
-    folder = Path(path).absolute().parent
+    """Fail before the work if the metrics file cannot be written (a folder by that name, a missing or
+    read-only folder)."""
+    target = Path(path).absolute()
+    if target.is_dir():
+        raise GKDError(f"--output {path}: is a folder; name a file, such as {Path(path) / 'eval.json'}")
+    folder = target.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise GKDError(f"--output {path}: the folder {folder} does not exist or is not writable")
+
+
+def write_atomic(path: str, text: str) -> None:
+    """The results whole or not at all: a temp file beside ``path``, fsynced, renamed over it; a failed
+    write (a full disk) is one line and leaves no temp file (and an earlier file at ``path`` as it was)."""
+    import tempfile
+
+    from gkd.train import outdir
+
+    target = Path(path).absolute()
+    tmp = None
+
+    def cleanup():
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+    with outdir.writing(f"writing the results {path}", target.parent, cleanup=cleanup, then=""):
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+        tmp = None
 
 
 def _warn(msg: str) -> None:
@@ -86,5 +115,5 @@ def cmd_eval(cfg: EvalConfig) -> dict:
         rows = [{"prompt": text(p), "teacher": text(t), "student": text(g), "samples": [text(c) for c in drawn], **m}
                 for p, t, g, drawn, m in zip(prompts, result.teacher_completions, result.student_completions,
                                              result.samples, result.rows)]
-        Path(cfg.output).write_text(json.dumps({**result.metrics, "rows": rows}, indent=2))
+        write_atomic(cfg.output, json.dumps({**result.metrics, "rows": rows}, indent=2))
     return result.metrics

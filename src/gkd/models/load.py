@@ -271,9 +271,11 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_p
                    "chat_template.json", "chat_template.jinja")
 
 
-def save_pretrained_atomic(model, tokenizer, out_dir: Path, merge_lora: bool = False, source: str | None = None) -> None:
+def save_pretrained_atomic(model, tokenizer, out_dir: Path, merge_lora: bool = False, source: str | None = None,
+                           extra: dict[str, str] | None = None) -> None:
     """A Hugging Face folder that transformers and vLLM load as is; written to a temp folder, then renamed.
-    ``source``: the model argument it was loaded from, whose processor files come along."""
+    ``source``: the model argument it was loaded from, whose processor files come along; ``extra``: more
+    files (name -> text), written before the rename too."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -291,6 +293,8 @@ def save_pretrained_atomic(model, tokenizer, out_dir: Path, merge_lora: bool = F
             for name in PROCESSOR_FILES if gguf is None else ():
                 if (folder / name).is_file() and not (tmp / name).exists():
                     shutil.copyfile(folder / name, tmp / name)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
         _fsync_tree(tmp)
     except BaseException:  # a full disk, say: no half-written folder stays behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -319,7 +323,7 @@ def prune_command(teacher: str, out_dir: str, keep: list[int] | None, every: int
     n = len(adapter_for(model).decoder(model).layers)
     keep = keep if keep else list(range(0, n, every))
     prune_layers(model, keep)
-    save_pretrained_atomic(model, tok, Path(out_dir), source=teacher)
     info = {"teacher": teacher, "layers_kept": sorted(keep), "layers_before": n}
-    (Path(out_dir) / "gkd_prune.json").write_text(json.dumps(info, indent=2))
+    # the marker goes in before the rename: a folder gkd prune wrote always has it (a rerun may replace it)
+    save_pretrained_atomic(model, tok, Path(out_dir), source=teacher, extra={"gkd_prune.json": json.dumps(info, indent=2)})
     return info

@@ -98,6 +98,9 @@ def _save(final: Path, tmp: Path, step: int, model, optimizer, scheduler, traine
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if final.exists():
+            if not (final / _DONE).is_file():  # another tool's, put there during this run: never deleted
+                raise GKDError(f"saving {final.name}: {final} appeared during this run and gkd did not write it "
+                               f"(no {_DONE} inside); move it away, then resume with --resume_from_checkpoint latest")
             outdir.delete_checkpoint(final)
         os.replace(tmp, final)
 

@@ -127,7 +127,9 @@ class Trainer:
         return stats.loss
 
     def close(self) -> None:
-        """Release what outlives training (an in-process vLLM engine, a server sampler's threads)."""
+        """Release what outlives training (an in-process vLLM engine, a server sampler's threads, the output
+        folder's lock)."""
+        outdir.release(self.out)
         self.rollout.close()
         self.teacher.close()
 
@@ -191,4 +193,5 @@ class Trainer:
                 plot(metrics.path, self.out / "loss_curve.png")
             except ImportError:
                 self.log("[gkd] matplotlib is not installed: no loss_curve.png (gkd plot draws it later)")
+            outdir.release(self.out)  # the run is over: another may use the folder
         return last
