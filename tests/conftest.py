@@ -39,7 +39,7 @@ RUNS_GROUP = "runs"
 LENGTH = {
     RUNS_GROUP: 260,
     "test_vllm_rollout.py": 215,
-    "test_faults.py": 85,
+    "test_faults.py": 110,
     "test_smollm2.py": 77,
     "test_multimodal.py": 60,
     "test_gpu_check.py": 43,

@@ -8,7 +8,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "gkd"
 
 # what each package may import from gkd (besides errors, and itself); train/ and the commands sit on top
 BELOW = {
-    "models": {"losses", "hub", "models"},
+    "models": {"losses", "hub", "data", "models"},
     "data": {"hub", "data"},
     "parallel": {"models", "data", "losses", "parallel"},
     "teacher": {"models", "data", "losses", "parallel", "httpclient", "evaluate", "config", "teacher"},
