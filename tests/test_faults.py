@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 def train_args(tiny, out, *extra):
     return ["train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["data"],
-            "--output_dir", str(out), "--max_completion_length", "4", "--micro_batch_size", "4",
+            "--output_dir", str(out), "--max_completion_length", "6", "--micro_batch_size", "4",
             "--global_batch_size", "8", "--progress_bar", "false", "--lmbda", "0.5", "--learning_rate", "1e-3",
             "--lr_scheduler_type", "constant", "--save_total_limit", "2", *extra]
 
