@@ -71,12 +71,14 @@ class RowSeededSampling:
     CHECK = 8  # on an accelerator, asking whether the logits were finite waits for the device: every 8 tokens
 
     def draw(self, scores: torch.Tensor) -> torch.Tensor:
-        # a diverged model's NaN/inf logits have no distribution to draw from: one clear error (inverse_cdf
-        # returns some in-range token meanwhile; it was an index error)
-        self.finite &= torch.isfinite(torch.logsumexp(scores.float(), dim=-1)).all()
         for warp in self.warpers:
             scores = warp(None, scores)
-        token = decode.inverse_cdf(torch.softmax(scores.float(), dim=-1), self.u[:, self.step])
+        probs = torch.softmax(scores.float(), dim=-1)
+        # a diverged model's NaN/inf logits have no distribution to draw from: one clear error (inverse_cdf
+        # returns some in-range token meanwhile; it was an index error). A NaN or an inf logit makes its whole
+        # softmax row NaN, so one column tells (no second pass over the vocabulary on the sampling path)
+        self.finite &= torch.isfinite(probs[:, 0]).all()
+        token = decode.inverse_cdf(probs, self.u[:, self.step])
         self.step += 1
         if self.device.type == "cpu" or self.step % self.CHECK == 0 or self.step == self.steps:
             self.check_finite()
