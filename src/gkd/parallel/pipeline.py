@@ -170,6 +170,7 @@ class Staged:
     rank: int  # this rank's place in the pipeline
     # a tied lm_head and embedding live on the first and the last stage as two equal copies; their gradients
     # are summed over ``tied_group`` (those two stages) so that both take the single weight's update
+    ties: bool = False  # the model ties them (every rank knows: read before the split)
     tied: nn.Module | None = None  # this rank's copy (the embedding or the lm_head), or None
     tied_group: object = None
     tied_name: tuple[str, str] | None = None  # (the last stage's copy, the embedding's name) on the last stage
@@ -222,7 +223,7 @@ def split(model, par, virtual: int = 1, hand: str = "") -> Staged:
     if num - 1 not in indices:
         body.norm = None
         unwrap(model).set_output_embeddings(None)
-    out = Staged(stages, indices, num, par.pp_group, par.pp_rank)
+    out = Staged(stages, indices, num, par.pp_group, par.pp_rank, ties=tied)
     if tied and (0 in indices or num - 1 in indices):
         out.tied = body.embed_tokens if 0 in indices else head
     if out.tied is head:
@@ -237,8 +238,8 @@ def shard(model, par, plan: PipelinePlan, student: bool) -> None:
     gathered from its forward to the loss, as gkd.parallel.fsdp explains); a teacher's embedding and lm_head
     stay whole."""
     st = split(model, par, plan.virtual if student else 1, plan.layers if student else "")
-    if student:
-        _tie_groups(st, par, tied=dist.get_world_size(par.pp_group) > 1 and _any_tied(st, par))
+    if student and st.ties:
+        _tie_groups(st, par)
     if par.tp > 1:
         from gkd.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -254,18 +255,9 @@ def shard(model, par, plan: PipelinePlan, student: bool) -> None:
         shard_teacher(model, par.mesh["dp_shard"])
 
 
-def _any_tied(st: Staged, par) -> bool:
-    """Whether the model ties its lm_head to its embedding (every rank answers the same)."""
-    flag = torch.tensor([int(st.tied is not None)])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag)
-
-
-def _tie_groups(st: Staged, par, tied: bool) -> None:
+def _tie_groups(st: Staged, par) -> None:
     """For a tied model, a group of the first and the last stage of each pipeline (every rank creates every
     group, as torch.distributed asks); this rank keeps the one its copy belongs to."""
-    if not tied:
-        return
     names = par.mesh.mesh_dim_names
     pipelines = par.mesh.mesh.movedim(names.index("pp"), -1).reshape(-1, par.pp)
     for ranks in pipelines.tolist():
