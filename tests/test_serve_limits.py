@@ -46,7 +46,7 @@ def test_default_json_answers_stay_small(default_server):
     of JSON built and then dropped); the compact form and vLLM-sized JSON requests are still served."""
     url = default_server.address + "/v1/completions"
     # K = the whole vocabulary (96) on 64 x 256 tokens: 1.6 M entries, ~125 MB of JSON before the bound
-    body = {"model": "m", "prompt": [[5] * 256] * 64, "max_tokens": 1, "prompt_logprobs": 96}
+    body = {"prompt": [[5] * 256] * 64, "max_tokens": 1, "prompt_logprobs": 96}
     default_server.submitted.clear()
     status, answer = http("POST", url, body, timeout=120)
     assert status == 400 and default_server.submitted == []  # the scorer never saw a sequence of it
@@ -56,7 +56,7 @@ def test_default_json_answers_stay_small(default_server):
     status, answer = http("POST", url, body, timeout=120)
     assert status == 200 and "gkd_topk" in answer["choices"][0]
     # and a vLLM-sized JSON request (K 20 on 4 x 256 tokens) as before
-    status, answer = http("POST", url, {"model": "m", "prompt": [[5] * 256] * 4, "max_tokens": 1,
+    status, answer = http("POST", url, {"prompt": [[5] * 256] * 4, "max_tokens": 1,
                                         "prompt_logprobs": 20})
     assert status == 200 and len(answer["choices"][3]["prompt_logprobs"]) == 256
 
@@ -64,7 +64,7 @@ def test_default_json_answers_stay_small(default_server):
 @pytest.mark.parametrize("messages", [[{"role": 1, "content": "x"}], [{"role": "user"}], [], "hi",
                                       [{"role": "user", "content": ["w1"]}]])
 def test_tokenize_with_bad_messages_is_a_400(default_server, messages):
-    status, answer = http("POST", default_server.address + "/tokenize", {"model": "m", "messages": messages})
+    status, answer = http("POST", default_server.address + "/tokenize", {"messages": messages})
     assert status == 400 and "messages must be" in answer["error"]["message"], answer
 
 
@@ -139,6 +139,131 @@ def test_the_drain_cuts_idle_clients_at_once_and_lets_requests_in_flight_finish(
         server.connections.stopped = True  # (the reaper's end, as after a drain)
         server.httpd.server_close()
         server.scorer.stop()
+
+
+def test_a_drain_past_its_timeout_answers_every_waiting_request_503_and_ends(tiny):
+    """Under load, then SIGTERM: one request is being scored (held on an Event that the drain never sees
+    released), eleven more wait in the queue. The drain ends at its timeout anyway, and every one of the twelve
+    is answered 503 (none left without an answer, none scored after the drain); new work is refused 503."""
+    server = _serve(tiny["teacher"], drain_timeout=0.5)
+    scoring, release = threading.Event(), threading.Event()
+    score = server.scorer._score
+    server.scorer._score = lambda jobs: (scoring.set(), release.wait(120), score(jobs))[-1]
+    url = server.address + "/v1/completions"
+    answers = []
+
+    def ask():
+        answers.append(http("POST", url, {"prompt": [5, 6, 7] * 20, "max_tokens": 1, "prompt_logprobs": 2},
+                            timeout=120))
+
+    clients = [threading.Thread(target=ask, daemon=True) for _ in range(12)]
+    try:
+        clients[0].start()
+        assert scoring.wait(60)  # the first request is in its forward
+        for c in clients[1:]:
+            c.start()
+        while len(server.submitted) < 12:  # the others are queued behind it
+            assert all(c.is_alive() for c in clients), answers
+            threading.Event().wait(0.02)
+        server.httpd.shutdown()
+        server.drain()  # returns with the forward still held
+        assert not release.is_set()
+        for c in clients:
+            c.join(60)
+        assert [a[0] for a in answers] == [503] * 12, answers
+        assert "drain timeout" in answers[0][1]["error"]["message"]
+        with pytest.raises(Exception, match="shutting down"):
+            server.scorer.submit([5, 6], 2)
+    finally:
+        release.set()
+        server.httpd.server_close()
+        server.scorer.stop()
+
+
+def test_gkd_serve_exits_0_when_sigterm_finds_a_forward_that_outlasts_the_drain(tiny):
+    """The real command: a forward that never ends (held) with eleven requests waiting behind it, then SIGTERM.
+    All twelve get their 503 and the process exits 0 (it does not wait for the forward, nor abort under it)."""
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import ENV, ROOT, free_port, wait_healthy
+
+    port = free_port()
+    script = ("import threading\n"
+              "from gkd.teacher.serve import Scorer\n"
+              "def held(self, jobs):\n"
+              "    threading.Event().wait()\n"
+              "submit = Scorer.submit\n"
+              "def told(self, *a, **kw):\n"
+              "    future = submit(self, *a, **kw)\n"
+              "    print('queued', flush=True)\n"
+              "    return future\n"
+              "Scorer._score, Scorer.submit = held, told\n"
+              "from gkd.cli import main\n"
+              f"main(['serve', '--model', {tiny['teacher']!r}, '--port', '{port}', '--drain_timeout', '1'])\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=ENV, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    answers = []
+    try:
+        wait_healthy(url, proc)
+        clients = [threading.Thread(target=lambda: answers.append(http(
+            "POST", url + "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 1, "prompt_logprobs": 2},
+            timeout=120)), daemon=True) for _ in range(12)]
+        for c in clients:
+            c.start()
+        for _ in clients:  # all twelve taken; the first one's forward is running (held), the rest wait
+            assert _line_after(proc, "queued")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        for c in clients:
+            c.join(60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert [a[0] for a in answers] == [503] * 12, (answers, out)
+    assert "stopped" in out and "Traceback" not in out and "terminate" not in out, out
+
+
+def _line_after(proc, line: str) -> bool:
+    """Read the process's output until ``line`` (False if it ends first)."""
+    for said in proc.stdout:
+        if said.strip() == line:
+            return True
+    return False
+
+
+def test_unserved_methods_models_and_malformed_headers_are_json_errors(default_server):
+    """PUT / OPTIONS / DELETE get a JSON 405 (not the base class's HTML 501 page), HEAD a bodiless 405; a body
+    nested 100k deep is a 400 (not an empty reply); two Content-Length headers are a 400; a "model" this
+    server does not serve is a 404 naming the one it serves."""
+    import http.client
+
+    host, port = default_server.httpd.server_address[:2]
+    for method in ("PUT", "OPTIONS", "DELETE"):
+        status, answer = http(method, default_server.address + "/v1/completions", {"prompt": [5]})
+        assert status == 405 and "not served here" in answer["error"]["message"], (method, status, answer)
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request("HEAD", "/health")
+    r = conn.getresponse()
+    assert r.status == 405 and r.read() == b""
+    conn.close()
+    deep = b"[" * 100_000 + b"]" * 100_000
+    status, answer = http("POST", default_server.address + "/v1/completions", raw=deep)
+    assert status == 400 and "nested too deep" in answer["error"]["message"]
+    with socket.create_connection((host, port), timeout=30) as s:
+        body = b'{"prompt": [5, 6], "prompt_logprobs": 1}'
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nContent-Length: 3\r\n\r\n%s"
+                  % (len(body), body))
+        said = s.recv(4096)
+    assert said.startswith(b"HTTP/1.1 400") and b"exactly one Content-Length" in said, said
+    status, answer = http("POST", default_server.address + "/v1/completions",
+                          {"model": "someone-else", "prompt": [5, 6], "max_tokens": 1, "prompt_logprobs": 1})
+    assert status == 404 and "'someone-else' is not served here" in answer["error"]["message"]
+    status, _ = http("POST", default_server.address + "/v1/completions",
+                     {"model": default_server.name, "prompt": [5, 6], "max_tokens": 1, "prompt_logprobs": 1})
+    assert status == 200
 
 
 def test_the_default_bounds_are_finite():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from gkd.config import ServeConfig, build_config, parser_for
 
@@ -14,4 +15,9 @@ def run(argv: list[str]) -> None:
     ns = vars(p.parse_args(argv))
     cfg = build_config(ServeConfig, {k: v for k, v in ns.items() if k != "config"}, ns.get("config"))
     cfg.api_key = cfg.api_key or os.environ.get("GKD_API_KEY", "")
-    TeacherServer(cfg).serve_forever()
+    if not TeacherServer(cfg).serve_forever():
+        # a forward still runs in the scoring thread: the interpreter's exit would wait for it, or abort
+        # under it (torch's threads); its requests are answered, so leave now
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

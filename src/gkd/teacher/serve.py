@@ -15,8 +15,9 @@ import signal
 import socket
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -32,6 +33,11 @@ from gkd.teacher.wire import COMPACT, WIRE_DTYPES, encode_compact, encode_vllm_e
 
 class BadRequest(Exception):
     """Answered with HTTP 400 and this message."""
+
+
+class ShuttingDown(Exception):
+    """Answered with HTTP 503: the server is draining (SIGTERM) and takes no more work, or its drain timeout
+    ended before this request's scoring did."""
 
 
 @dataclass
@@ -51,17 +57,33 @@ class Scorer:
         self.model, self.max_batch_tokens, self.wait_s, self.chunk = model, max_batch_tokens, wait_s, chunk
         self.adapter = adapter_for(model)
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.closed = False  # set by the drain: new work is refused
+        self.current: list[_Job] = []  # the batch being scored
         self.thread = threading.Thread(target=self._loop, name="gkd-scorer", daemon=True)
         self.thread.start()
 
     def submit(self, ids: list[int], k: int, rows_from: int = 0, actual: bool = True, inputs: dict | None = None) -> Future:
+        if self.closed:
+            raise ShuttingDown("the server is shutting down; send this request to another one")
         job = _Job(ids, k, rows_from, actual, Future(), inputs)
         self.jobs.put(job)
         return job.future
 
-    def stop(self) -> None:
+    def cancel(self) -> None:
+        """Fail every job not answered yet, queued or being scored, with ShuttingDown (their requests get a
+        503 now); a forward in progress runs on, and its result is dropped."""
+        self.closed = True
+        with self.jobs.mutex:
+            queued = [j for j in self.jobs.queue if j is not None]
+            self.jobs.queue.clear()
+        for j in queued + list(self.current):
+            _settle(j.future, error=ShuttingDown("the server's drain timeout ended before this request was scored"))
+
+    def stop(self, timeout: float = 30) -> bool:
+        """End the scoring thread once its forward in progress ends; False if that takes beyond ``timeout``."""
         self.jobs.put(None)
-        self.thread.join(timeout=30)
+        self.thread.join(timeout=timeout)
+        return not self.thread.is_alive()
 
     def _loop(self) -> None:
         while True:
@@ -83,12 +105,15 @@ class Scorer:
                     held = nxt
                     break
                 batch.append(nxt)
+            batch = [j for j in batch if not j.future.done()]  # (cancelled by the drain)
+            self.current = batch
             try:
-                for j, result in zip(batch, self._score(batch)):
-                    j.future.set_result(result)
+                for j, result in zip(batch, self._score(batch) if batch else ()):
+                    _settle(j.future, result)
             except Exception as e:  # answered as a 500 by each waiting request
                 for j in batch:
-                    j.future.set_exception(e)
+                    _settle(j.future, error=e)
+            self.current = []
             if held is not None:
                 self._requeue_first(held)
 
@@ -129,6 +154,14 @@ class Scorer:
                 parts.append((top_id, top_lp, act, rank))
             out.append(tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts)))
         return out
+
+
+def _settle(future: Future, result=None, error: BaseException | None = None) -> None:
+    """Answer a job once: the drain may have failed it while its forward ran."""
+    try:
+        future.set_exception(error) if error is not None else future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 class TeacherServer:
@@ -314,7 +347,9 @@ class TeacherServer:
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    def serve_forever(self) -> None:
+    def serve_forever(self) -> bool:
+        """Serve until SIGTERM / SIGINT, then drain. True when every thread ended; False when a forward was
+        still running at the drain's end (its requests were answered 503; the caller exits without it)."""
         def on_term(signum, frame):  # stop accepting; the drain below finishes what is in flight
             threading.Thread(target=self.httpd.shutdown, daemon=True).start()
 
@@ -329,8 +364,10 @@ class TeacherServer:
         finally:
             self.drain()
             self.httpd.server_close()
-            self.scorer.stop()
-            print("[gkd serve] stopped", flush=True)
+            ended = self.scorer.stop(timeout=1)
+            print("[gkd serve] stopped" if ended else "[gkd serve] stopped (a forward was still running: its "
+                  "requests were answered 503)", flush=True)
+        return ended
 
     def _reap(self) -> None:
         """Drop clients that take longer than --request_timeout to send a request (a per-read timeout alone
@@ -340,11 +377,16 @@ class TeacherServer:
             time.sleep(0.2)
 
     def drain(self) -> None:
-        """Close idle keep-alive connections now; give requests in flight --drain_timeout to finish."""
+        """Close idle keep-alive connections now and refuse new work (503); give requests in flight
+        --drain_timeout to finish, then answer those still waiting 503 and close every connection."""
         conns = self.connections
-        conns.draining = True
+        conns.draining = self.scorer.closed = True
         deadline = time.monotonic() + self.cfg.drain_timeout
         while conns.close(lambda phase, age: phase == "idle") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.scorer.cancel()
+        answered = time.monotonic() + 2  # for the cancelled requests' 503s to be written
+        while conns.close(lambda phase, age: phase == "idle") and time.monotonic() < answered:
             time.sleep(0.05)
         conns.close(lambda phase, age: True)
         conns.stopped = True
@@ -429,8 +471,26 @@ def _handler_for(server: TeacherServer):
             self.wfile.write(data)
 
         def _error(self, code: int, message: str) -> None:
-            kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError"}.get(code, "ServerError")
+            kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
+                    503: "ServiceUnavailableError"}.get(code, "ServerError")
             self._send(code, {"error": {"message": message, "type": kind, "code": code}})
+
+        def send_error(self, code, message=None, explain=None):  # the base class's are HTML pages
+            self.close_connection = True
+            self._error(code, message or HTTPStatus(code).phrase)
+
+        def _not_allowed(self):
+            self.close_connection = True
+            if self.command == "HEAD":  # an answer to HEAD has no body
+                self.send_response(405)
+                self.send_header("Allow", "GET, POST")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self._error(405, f"{self.command} is not served here: GET /health, GET /v1/models, POST /tokenize, "
+                                 "POST /v1/completions")
+
+        do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
         def _authorized(self) -> bool:
             if not key:
@@ -464,9 +524,9 @@ def _handler_for(server: TeacherServer):
                 length = int(self.headers.get("Content-Length", ""))
             except ValueError:
                 length = -1
-            if length < 0:
+            if length < 0 or len(self.headers.get_all("Content-Length", [])) != 1:
                 self.close_connection = True
-                return self._error(400, "a Content-Length header >= 0 is required")
+                return self._error(400, "exactly one Content-Length header >= 0 is required")
             if length > server.cfg.max_request_bytes:
                 self.close_connection = True
                 return self._error(400, f"request body of {length} bytes exceeds the limit "
@@ -480,12 +540,20 @@ def _handler_for(server: TeacherServer):
                 body = json.loads(raw or b"null")
             except ValueError as e:
                 return self._error(400, f"malformed JSON body: {e}")
+            except RecursionError:
+                return self._error(400, "the JSON body is nested too deep")
             if not isinstance(body, dict):
                 return self._error(400, "the body must be a JSON object")
+            if "model" in body and body["model"] not in (server.name, server.cfg.model):
+                return self._error(404, f"the model {str(body['model'])[:200]!r} is not served here; this server "
+                                        f"serves {server.name!r} (GET /v1/models)")
             try:
                 self._send(200, routes[self.path](body))
             except BadRequest as e:
                 self._error(400, str(e))
+            except ShuttingDown as e:
+                self.close_connection = True
+                self._error(503, str(e))
             except Exception as e:  # a bug or a failed forward: answer, never take the server down
                 self._error(500, f"{type(e).__name__}: {e}")
 
