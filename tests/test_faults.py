@@ -57,7 +57,7 @@ def assert_checkpoints_intact(out: Path) -> list[int]:
 
 
 def assert_clean(out: Path, keep: int = 2) -> None:
-    assert not list(out.glob(".checkpoint-*")) and not (out / "final.tmp").exists() and not (out / "final.old").exists()
+    assert not list(out.glob(".checkpoint-*")) and not (out / ".final.tmp").exists() and not (out / ".final.old").exists()
     assert len(list(out.glob("checkpoint-*"))) <= keep
     from transformers import AutoModelForCausalLM
 
@@ -205,7 +205,7 @@ def test_a_disk_that_fills_inside_a_large_file_is_one_line(private_mounts, tiny,
     rc, err, kept = run_on_tmpfs(tiny, tmp_path, trigger="false", action=":", size=f"{size // 1024}k", steps=steps)
     assert rc == 2 and err.startswith("gkd: error: ") and says in err and "MiB free there" in err, err
     assert str(tmp_path / "mnt" / "run") in err
-    assert not list(kept.glob(".checkpoint-*")) and not (kept / "final.tmp").exists() and not (kept / "final").exists()
+    assert not list(kept.glob(".checkpoint-*")) and not (kept / ".final.tmp").exists() and not (kept / "final").exists()
     assert assert_checkpoints_intact(kept) == [1]
 
 

@@ -178,6 +178,9 @@ def test_prune_never_overwrites_what_it_did_not_write(tiny, tmp_path, capsys):
 
     student, empty = tmp_path / "student", tmp_path / "empty"
     empty.mkdir()
+    for theirs in ("student.tmp", "student.old"):  # the user's, beside the output: the atomic write leaves them be
+        (tmp_path / theirs).mkdir()
+        (tmp_path / theirs / "keep.txt").write_text("mine")
     assert main(prune_args(teacher, student)) == 0 and main(prune_args(teacher, empty)) == 0
     capsys.readouterr()
     assert main(prune_args(teacher, student, "--keep_layers", "0")) == 2
@@ -187,6 +190,7 @@ def test_prune_never_overwrites_what_it_did_not_write(tiny, tmp_path, capsys):
     assert json.loads((student / "gkd_prune.json").read_text())["layers_kept"] == [2]
     assert json.loads((student / "config.json").read_text())["num_hidden_layers"] == 1
     assert listing(teacher) == kept[teacher]
+    assert all((tmp_path / t / "keep.txt").read_text() == "mine" for t in ("student.tmp", "student.old"))
 
 
 def test_eval_output_is_checked_before_the_work_and_written_whole(tiny, tmp_path, capsys):

@@ -190,20 +190,24 @@ def test_gkd_serve_exits_0_when_sigterm_finds_a_forward_that_outlasts_the_drain(
     from helpers import ENV, ROOT, free_port, wait_healthy
 
     port = free_port()
-    script = ("import threading\n"
+    script = ("import sys, threading\n"
               "from gkd.teacher.serve import Scorer\n"
               "def held(self, jobs):\n"
               "    threading.Event().wait()\n"
               "submit = Scorer.submit\n"
               "def told(self, *a, **kw):\n"
               "    future = submit(self, *a, **kw)\n"
-              "    print('queued', flush=True)\n"
+              "    sys.stdout.write('<queued>')\n"
+              "    sys.stdout.flush()\n"
               "    return future\n"
               "Scorer._score, Scorer.submit = held, told\n"
               "from gkd.cli import main\n"
               f"main(['serve', '--model', {tiny['teacher']!r}, '--port', '{port}', '--drain_timeout', '1'])\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=ENV, cwd=ROOT)
+    said = []  # what it printed, read as it comes (a thread: a read would block the test)
+    reader = threading.Thread(target=lambda: said.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
+    reader.start()
     url = f"http://127.0.0.1:{port}"
     answers = []
     try:
@@ -213,38 +217,36 @@ def test_gkd_serve_exits_0_when_sigterm_finds_a_forward_that_outlasts_the_drain(
             timeout=120)), daemon=True) for _ in range(12)]
         for c in clients:
             c.start()
-        for _ in clients:  # all twelve taken; the first one's forward is running (held), the rest wait
-            assert _line_after(proc, "queued")
+        pause = threading.Event()
+        for _ in range(1200):  # all twelve taken: the first one's forward runs (held), the rest wait behind it
+            if "".join(said).count("<queued>") == 12 or proc.poll() is not None:
+                break
+            pause.wait(0.1)
+        assert "".join(said).count("<queued>") == 12, "".join(said)
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        reader.join(10)
         for c in clients:
             c.join(60)
     finally:
         proc.kill()
+    out = "".join(said)
     assert proc.returncode == 0, out
     assert [a[0] for a in answers] == [503] * 12, (answers, out)
     assert "stopped" in out and "Traceback" not in out and "terminate" not in out, out
-
-
-def _line_after(proc, line: str) -> bool:
-    """Read the process's output until ``line`` (False if it ends first)."""
-    for said in proc.stdout:
-        if said.strip() == line:
-            return True
-    return False
 
 
 def test_unserved_methods_models_and_malformed_headers_are_json_errors(default_server):
     """PUT / OPTIONS / DELETE get a JSON 405 (not the base class's HTML 501 page), HEAD a bodiless 405; a body
     nested 100k deep is a 400 (not an empty reply); two Content-Length headers are a 400; a "model" this
     server does not serve is a 404 naming the one it serves."""
-    import http.client
+    from http.client import HTTPConnection
 
     host, port = default_server.httpd.server_address[:2]
     for method in ("PUT", "OPTIONS", "DELETE"):
         status, answer = http(method, default_server.address + "/v1/completions", {"prompt": [5]})
         assert status == 405 and "not served here" in answer["error"]["message"], (method, status, answer)
-    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn = HTTPConnection(host, port, timeout=30)
     conn.request("HEAD", "/health")
     r = conn.getresponse()
     assert r.status == 405 and r.read() == b""
@@ -256,7 +258,9 @@ def test_unserved_methods_models_and_malformed_headers_are_json_errors(default_s
         body = b'{"prompt": [5, 6], "prompt_logprobs": 1}'
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nContent-Length: 3\r\n\r\n%s"
                   % (len(body), body))
-        said = s.recv(4096)
+        said = b""
+        while chunk := s.recv(4096):  # to the end: the server closes the connection after a 400
+            said += chunk
     assert said.startswith(b"HTTP/1.1 400") and b"exactly one Content-Length" in said, said
     status, answer = http("POST", default_server.address + "/v1/completions",
                           {"model": "someone-else", "prompt": [5, 6], "max_tokens": 1, "prompt_logprobs": 1})

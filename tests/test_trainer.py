@@ -16,7 +16,7 @@ from gkd.config import TrainConfig
 from gkd.data.order import lmbda_draw
 from gkd.train.metrics import read_metrics
 from gkd.train.trainer import Trainer
-from helpers import ENV, assert_one_line_error, final_weights, gkd_in_process, gkd_subprocess
+from helpers import ENV, assert_one_line_error, final_weights, gkd_in_process, gkd_subprocess, set_arg
 
 
 def cfg_for(tiny, out, **kw):
@@ -289,19 +289,51 @@ def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
                                 tiny["data"], "--output_dir", str(tmp_path / "v")), "vocabularies differ")
 
 
-def test_resume_from_corrupt_checkpoint_is_a_clear_error(tiny, tmp_path):
+def test_a_damaged_checkpoint_or_other_pinned_flags_are_refused_before_loading(tiny, tmp_path):
+    """Every file a save wrote carries its sha256: a shard cut in half, 4 KB zeroed inside a shard (same size:
+    it used to resume silently), garbage DCP metadata (25 lines of torch's traceback came first), a truncated
+    trainer.pt, a deleted rng file, a non-numeric step in the marker; and a resume with another
+    --learning_rate / --global_batch_size / --seed / --weight_decay (the checkpoint's optimizer, schedule and
+    data order carry the saved ones): one line each, naming the file or the flag."""
+    import json
+
     t = Trainer(cfg_for(tiny, tmp_path / "c", max_steps=1), log=lambda *_: None)
     t.train()
     ck = t.out / "checkpoint-1"
-    shards = sorted((ck / "state").glob("*.distcp"))
-    assert shards
-    for i, broken in enumerate((shards[0], ck / "trainer.pt")):
+    shard = sorted((ck / "state").glob("*.distcp"))[0]
+
+    def zero_4k(b):
+        return b[:1024] + bytes(4096) + b[1024 + 4096:]
+
+    damage = [
+        (shard, lambda b: b[: len(b) // 2], f"state/{shard.name} is damaged or missing"),
+        (shard, zero_4k, f"state/{shard.name} is damaged or missing"),
+        (ck / "state" / ".metadata", lambda b: b"garbage" * 100, "state/.metadata is damaged or missing"),
+        (ck / "trainer.pt", lambda b: b[: len(b) // 2], "trainer.pt is damaged or missing"),
+        (ck / "rng-0.pt", None, "rng-0.pt is damaged or missing"),
+        (ck / "gkd_checkpoint.json", lambda b: b.replace(b'"step": 1', b'"step": "one"'),
+         "gkd_checkpoint.json: step must be a whole number >= 0, got 'one'"),
+    ]
+    resume = _train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint", str(ck))
+    for i, (broken, change, needle) in enumerate(damage):
         saved = broken.read_bytes()
-        broken.write_bytes(saved[: len(saved) // 2])
-        resume = _train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint", str(ck))
-        proc = (gkd_subprocess if i == 0 else gkd_in_process)(*resume)  # one real command, then in-process
-        assert_one_line_error(proc, "corrupt checkpoint")
+        if change is None:
+            broken.unlink()
+        else:
+            assert change(saved) != saved
+            broken.write_bytes(change(saved))
+        proc = (gkd_subprocess if i == 2 else gkd_in_process)(*resume)  # the DCP metadata case as the real command
+        assert_one_line_error(proc, needle)
         broken.write_bytes(saved)
+    info = json.loads((ck / "gkd_checkpoint.json").read_text())
+    assert info["settings"]["learning_rate"] == 1e-3 and set(info["sha256"]) >= {"trainer.pt", "rng-0.pt"}
+    for flag, value, saved in (("--learning_rate", "0.01", "0.001"), ("--global_batch_size", "4", "8"),
+                               ("--seed", "7", "42"), ("--weight_decay", "0.5", "0.0")):
+        proc = gkd_in_process(*(set_arg(resume, flag, value) if flag in resume else [*resume, flag, value]))
+        assert_one_line_error(proc, f"{flag} {float(value) if '.' in value else int(value)} differs from the "
+                                    f"checkpoint's {float(saved) if '.' in saved else int(saved)}")
+    proc = gkd_in_process(*resume)  # and intact, with the same flags: resumes
+    assert proc.returncode == 0, proc.stderr[-2000:]
     proc = gkd_in_process(*_train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint",
                                        str(tmp_path / "missing")))
     assert_one_line_error(proc, "no such folder")
@@ -367,3 +399,36 @@ def test_eval_samples_and_per_prompt_rows(tiny):
         want += float(lp[0][scored].gather(1, b.labels[0][scored][:, None]).sum())
         count += int(scored.sum())
     assert rows[1]["teacher_logprob_of_samples"] == pytest.approx(want / count, abs=1e-5)
+
+
+def test_a_run_that_raises_frees_its_folder_without_close(tiny, tmp_path):
+    """A library user whose train() raised (a step failing here) may start again at once: the folder's lock
+    is dropped when train() ends, however it ends (another process can take it), not at close()."""
+    t = Trainer(cfg_for(tiny, tmp_path / "o", max_steps=3, save_steps=1), log=lambda *_: None)
+    step = t.train_step
+    t.train_step = lambda s, w: step(s, w) if s == 0 else (_ for _ in ()).throw(RuntimeError("step failed"))
+    with pytest.raises(RuntimeError, match="step failed"):
+        t.train()
+    probe = ("import fcntl, os, sys\n"
+             "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+             "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n")
+    taken = subprocess.run([sys.executable, "-c", probe, str(t.out / ".gkd.lock")], capture_output=True, text=True)
+    assert taken.returncode == 0, taken.stderr[-500:]
+    t.close()
+    again = Trainer(cfg_for(tiny, tmp_path / "o", max_steps=3, save_steps=1, resume_from_checkpoint="latest"),
+                    log=lambda *_: None)
+    assert again.start_step == 1
+    again.train()
+    again.close()
+
+
+def test_the_command_pins_mkls_reduction_order_unless_the_user_set_it():
+    """gkd sets MKL_CBWR / MKL_DYNAMIC before torch loads MKL (alignment-dependent kernels and a thread count
+    that shrinks under load made a resume differ in the 8th digit on a loaded machine); a user's value wins."""
+    probe = "import os, gkd.cli, torch; print(os.environ['MKL_CBWR'], os.environ['MKL_DYNAMIC'])"
+    env = {k: v for k, v in ENV.items() if k not in ("MKL_CBWR", "MKL_DYNAMIC")}
+    said = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    assert said.stdout.split() == ["AUTO,STRICT", "FALSE"], said.stderr[-500:]
+    said = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env={**env, "MKL_CBWR": "COMPATIBLE"})
+    assert said.stdout.split() == ["COMPATIBLE", "FALSE"], said.stderr[-500:]

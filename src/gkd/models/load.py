@@ -277,7 +277,8 @@ def save_pretrained_atomic(model, tokenizer, out_dir: Path, merge_lora: bool = F
     ``source``: the model argument it was loaded from, whose processor files come along; ``extra``: more
     files (name -> text), written before the rename too."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    # hidden names of gkd's own (never a user's ``<out>.tmp`` or ``<out>.old``)
+    tmp, old = (out_dir.with_name(f".{out_dir.name}.{end}") for end in ("tmp", "old"))
     shutil.rmtree(tmp, ignore_errors=True)
     to_save = model
     if hasattr(model, "merge_and_unload") and merge_lora:
@@ -300,7 +301,6 @@ def save_pretrained_atomic(model, tokenizer, out_dir: Path, merge_lora: bool = F
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)

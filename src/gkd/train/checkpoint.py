@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -17,6 +18,8 @@ from gkd.errors import GKDError
 from gkd.train import outdir
 
 _DONE = outdir.DONE  # written last: a folder without it is not a checkpoint
+# what the checkpoint's optimizer and schedule carry: a resume with other values would silently keep the saved ones
+PINNED = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_ratio", "global_batch_size", "seed")
 
 
 def rng_state() -> dict:
@@ -92,17 +95,75 @@ def _save(final: Path, tmp: Path, step: int, model, optimizer, scheduler, traine
     if par.is_main:
         torch.save({"scheduler": scheduler.state_dict()}, tmp / "trainer.pt")
         mesh = {"world": par.world, "dp_replicate": par.dp_replicate, "dp_shard": par.dp_shard, "tp": par.tp}
-        (tmp / _DONE).write_text(json.dumps({"step": step, **trainer_state, "mesh": mesh}, indent=2))
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+        files = {str(f.relative_to(tmp)): _sha256(f, sync=True) for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / _DONE).write_text(json.dumps({"step": step, **trainer_state, "mesh": mesh, "sha256": files}, indent=2))
+        with open(tmp / _DONE, "rb") as fh:
+            os.fsync(fh.fileno())
         if final.exists():
             if not (final / _DONE).is_file():  # another tool's, put there during this run: never deleted
                 raise GKDError(f"saving {final.name}: {final} appeared during this run and gkd did not write it "
                                f"(no {_DONE} inside); move it away, then resume with --resume_from_checkpoint latest")
             outdir.delete_checkpoint(final)
         os.replace(tmp, final)
+
+
+def _sha256(path: Path, sync: bool = False) -> str:
+    with open(path, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        if sync:
+            os.fsync(fh.fileno())
+    return digest
+
+
+def read_info(path: Path) -> dict:
+    """The checkpoint's gkd_checkpoint.json, checked: one line where it is damaged."""
+    where = f"--resume_from_checkpoint {path}: {_DONE}"
+    try:
+        info = json.loads((path / _DONE).read_text())
+    except (OSError, ValueError) as e:
+        raise GKDError(f"{where} does not read as JSON ({type(e).__name__}); the checkpoint is damaged") from None
+    step = info.get("step") if isinstance(info, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise GKDError(f"{where}: step must be a whole number >= 0, got {step!r}; the checkpoint is damaged")
+    if not isinstance(info.get("sha256", {}), dict):
+        raise GKDError(f"{where}: sha256 must map file names to digests; the checkpoint is damaged")
+    return info
+
+
+def verify(path: Path, info: dict, par) -> None:
+    """Every file the save wrote has the digest it had then (each rank reads a share); one line naming the
+    first damaged or missing file, on every rank, before any of it is loaded."""
+    sums = info.get("sha256")
+    if sums is None:
+        if par.is_main:
+            print(f"[gkd] {path} has no checksums (saved by an earlier gkd): its files are not verified")
+        return
+    names = sorted(sums)
+    bad = 0
+    for i in range(par.rank, len(names), par.world):
+        f = path / names[i]
+        if not f.is_file() or _sha256(f) != sums[names[i]]:
+            bad = i + 1
+            break
+    bad = int(par.most(bad))
+    if bad:
+        raise GKDError(f"--resume_from_checkpoint {path}: {names[bad - 1]} is damaged or missing (its sha256 differs "
+                       "from the one saved); resume from an earlier checkpoint")
+
+
+def check_settings(path: Path, info: dict, cfg) -> None:
+    """The flags whose values the checkpoint carries (its optimizer's learning rate and weight decay, its
+    schedule, its data order) must be the saved ones: a resume would otherwise keep the saved values silently."""
+    saved = info.get("settings", {})
+    for name in PINNED:
+        if name in saved and saved[name] != getattr(cfg, name):
+            raise GKDError(f"--resume_from_checkpoint {path}: --{name} {getattr(cfg, name)} differs from the "
+                           f"checkpoint's {saved[name]} (its optimizer, schedule and data order carry the saved one); "
+                           f"resume with --{name} {saved[name]}, or start a new run")
+
+
+def settings(cfg) -> dict:
+    return {name: getattr(cfg, name) for name in PINNED}
 
 
 def _prune(output_dir: Path, keep: int) -> None:
@@ -136,8 +197,9 @@ def load(path: Path, model, optimizer, scheduler, par) -> dict:
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
+    info = read_info(path)
+    verify(path, info, par)
     try:
-        info = json.loads((path / _DONE).read_text())
         state = _sharded_state(model, optimizer)
         with _single_process_quiet(par):
             dcp.load({"model": state["model"]}, checkpoint_id=str(path / "state"))

@@ -25,7 +25,7 @@ DONE = "gkd_checkpoint.json"  # the last file a checkpoint save writes (in its t
 LOCK = ".gkd.lock"  # flock'ed by the live run's rank 0; never deleted (a new file would not be the same lock)
 _CKPT = re.compile(r"checkpoint-(\d+)")
 # what a run writes into its folder (anything else there is the user's and is left alone)
-_RUN_FILES = ("metrics.jsonl", "loss_curve.png", "final", "final.tmp", "final.old", "tensorboard", "wandb",
+_RUN_FILES = ("metrics.jsonl", "loss_curve.png", "final", ".final.tmp", ".final.old", "tensorboard", "wandb",
               "vllm-sync")
 
 
@@ -48,10 +48,10 @@ def foreign(out: Path) -> list[str]:
 
 def leftovers(out: Path) -> list[Path]:
     """What killed saves and prunes leave, under names only gkd uses: temp folders (``.checkpoint-N.tmp``,
-    ``final.tmp``) and folders being deleted (``.checkpoint-N.deleting``, ``final.old``). Never a ``checkpoint-N``."""
+    ``.final.tmp``) and folders being deleted (``.checkpoint-N.deleting``, ``.final.old``). Never a ``checkpoint-N``."""
     out = Path(out)
     found = [p for p in out.glob(".checkpoint-*") if re.fullmatch(r"\.checkpoint-\d+\.(tmp|deleting)", p.name)]
-    return found + [out / n for n in ("final.tmp", "final.old") if (out / n).exists()]
+    return found + [out / n for n in (".final.tmp", ".final.old") if (out / n).exists()]
 
 
 def remove_leftovers(out: Path) -> None:

@@ -38,6 +38,8 @@ class Trainer:
                 "this run does not shard the student")
         self.out = outdir.check_output_dir(cfg.output_dir)
         path = checkpoint.resolve(cfg.resume_from_checkpoint, self.out) if cfg.resume_from_checkpoint else None
+        if path is not None:  # before any work: a damaged marker or other flags are one line now
+            checkpoint.check_settings(path, checkpoint.read_info(path), cfg)
         outdir.check_owner(self.out, path, cfg.overwrite_output_dir)  # one run per folder, before any work
         torch.manual_seed(cfg.seed)
 
@@ -154,15 +156,24 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> Path:
         return checkpoint.save(self.out, step, self.student, self.optimizer, self.scheduler,
-                               {"bad_steps": self.bad_steps}, self.cfg.save_total_limit, self.par)
+                               {"bad_steps": self.bad_steps, "settings": checkpoint.settings(self.cfg)},
+                               self.cfg.save_total_limit, self.par)
 
     def train(self) -> dict:
-        from tqdm import tqdm
-
         cfg, main = self.cfg, self.par.is_main
         if main:
             outdir.prepare_output_dir(str(self.out))
             outdir.claim(self.out, cfg.overwrite_output_dir)
+        try:
+            return self._run()
+        finally:  # the run is over, however it ended: another may use the folder
+            if main:
+                outdir.release(self.out)
+
+    def _run(self) -> dict:
+        from tqdm import tqdm
+
+        cfg, main = self.cfg, self.par.is_main
         self.par.barrier()
         sinks = cfg.report_to or []
         metrics = MetricsLog(self.out, tensorboard="tensorboard" in sinks, resume_step=self.start_step,
@@ -193,5 +204,4 @@ class Trainer:
                 plot(metrics.path, self.out / "loss_curve.png")
             except ImportError:
                 self.log("[gkd] matplotlib is not installed: no loss_curve.png (gkd plot draws it later)")
-            outdir.release(self.out)  # the run is over: another may use the folder
         return last
