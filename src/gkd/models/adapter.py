@@ -65,8 +65,11 @@ class Adapter:
         """How the model turns final hidden states into logits: the lm_head's weight and bias
         (vocabulary-sharded under tensor parallelism; read after the forward that gathers them under FSDP)
         and the family's transform. Every caller that forms logits or a loss goes through this."""
-        head = unwrap(model).get_output_embeddings()
-        return LogitHead(head.weight, getattr(head, "bias", None), **self.head_form(text_config(unwrap(model).config)))
+        return self.head_of(unwrap(model).get_output_embeddings(), text_config(unwrap(model).config))
+
+    def head_of(self, lm_head: torch.nn.Module, config) -> LogitHead:
+        """``logit_head`` from the lm_head module and the text config (a pipeline's last stage holds both)."""
+        return LogitHead(lm_head.weight, getattr(lm_head, "bias", None), **self.head_form(config))
 
     def prepare(self, model, inputs: dict) -> dict:
         """The model inputs a forward or ``generate`` takes, from the padded ids, the attention mask and the
@@ -174,11 +177,26 @@ class Adapter:
     def pipelines(self) -> bool:
         return not self.pipeline_gap
 
+    def pipeline_refusal(self, config) -> str:
+        """Why a model of ``config`` cannot be split into stages ("" when it can): the family's gap, or a
+        setting of this model the stages do not follow."""
+        return self.pipeline_gap
+
     def stage_masks(self, config, hidden, attention_mask, position_ids, cache, layer_ids: list[int]) -> dict:
         """The attention mask each of a stage's layers takes ({layer index: mask}), as the family's body
         builds them for its whole stack: from the 2D padding mask (None: no padding), the positions and
         the stage's KV cache (None when training)."""
         raise NotImplementedError
+
+    def stage_embed(self, config, embed_tokens: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """The first stage's hidden states from the token ids, as the family's body makes them before its
+        first layer (an embedding that scales itself, Gemma's, needs nothing more)."""
+        return embed_tokens(ids)
+
+    def stage_rotary(self, config, rotary_emb: torch.nn.Module, hidden, position_ids, layer_ids: list[int]) -> dict:
+        """The rotary embedding each of a stage's layers takes ({layer index: (cos, sin)}), as the family's
+        body computes it: one for every layer by default."""
+        return dict.fromkeys(layer_ids, rotary_emb(hidden, position_ids))
 
     # --- vision ---------------------------------------------------------------------------------
 

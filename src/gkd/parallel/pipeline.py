@@ -85,11 +85,12 @@ def check_config(config, stages: int, hand: str, where: str) -> None:
 
     name = (getattr(config, "architectures", None) or [config.model_type])[0]
     adapter = adapter_for_config(config)
-    if not adapter.pipelines:
+    gap = adapter.pipeline_refusal(config)
+    if gap:
         able = ", ".join(t for a in families() if a.pipelines for t in a.model_types)
         who = where if name == config.model_type else f"{name}, {where}"  # (a config may name no architecture)
         raise GKDError(f"--pipeline_model_parallel_size: no pipeline plan for {config.model_type} ({who}): "
-                       f"{adapter.pipeline_gap}; pipelines exist for {able} (see gkd models)")
+                       f"{gap}; pipelines exist for {able} (see gkd models)")
     split_layers(text_config(config).num_hidden_layers, stages, hand, where)
 
 
@@ -148,15 +149,21 @@ class Stage(nn.Module):
         return self.run(x, attention_mask, position_ids, cache)
 
     def run(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids=None, cache=None):
-        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        adapter, config = self.adapter, self.config
+        h = adapter.stage_embed(config, self.embed_tokens, x) if self.embed_tokens is not None else x
         if position_ids is None:
             position_ids = torch.arange(h.shape[1], device=h.device)[None]
-        masks = self.adapter.stage_masks(self.config, h, attention_mask, position_ids, cache, self.layer_ids)
-        rotary = self.rotary_emb(h, position_ids)
+        masks = adapter.stage_masks(config, h, attention_mask, position_ids, cache, self.layer_ids)
+        rotary = adapter.stage_rotary(config, self.rotary_emb, h, position_ids, self.layer_ids)
         for i, layer in zip(self.layer_ids, self.layers):
             h = layer(h, attention_mask=masks[i], position_ids=position_ids, past_key_values=cache,
-                      use_cache=cache is not None, position_embeddings=rotary)
+                      use_cache=cache is not None, position_embeddings=rotary[i])
         return self.norm(h) if self.norm is not None else h
+
+    def head(self):
+        """The last stage's logit head: its lm_head with the family's scale / softcap (gkd.losses.LogitHead),
+        read after the forward that gathered it under FSDP."""
+        return self.adapter.head_of(self.lm_head, self.config)
 
 
 @dataclass
@@ -361,7 +368,8 @@ def forward_backward(micro_batches, batches, scored, student, n_stats: int, plan
                      loss_fn) -> torch.Tensor:
     """gkd.train.step.forward_backward for a pipelined student: the schedule's micro-batches are the step's,
     ``batches`` them padded (``padded``) and ``scored`` the teacher's output of each (on the last stage);
-    ``loss_fn(hidden, weight, micro_batch, batch, teacher_output)`` runs on the last stage and returns
+    ``loss_fn(hidden, head, micro_batch, batch, teacher_output)`` runs on the last stage (``head``: the
+    student's LogitHead) and returns
     (loss, a row of ``n_stats`` sums); returns the step's sums on every stage of the pipeline."""
     st = staged(student)
     n_micro = len(micro_batches)
@@ -371,7 +379,7 @@ def forward_backward(micro_batches, batches, scored, student, n_stats: int, plan
 
     def pipeline_loss(output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         k = int(rows[0]) // width
-        loss, row = loss_fn(output, last.lm_head.weight, micro_batches[k], batches[k], scored[k])
+        loss, row = loss_fn(output, last.head(), micro_batches[k], batches[k], scored[k])
         stats.add_(row)
         return loss
 

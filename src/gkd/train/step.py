@@ -95,8 +95,8 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
         scored = teacher.score_pipelined(batches, pipeline.holds_last_stage(student))
         return pipeline.forward_backward(
             micro_batches, batches, scored, student, len(STATS), dims.pipeline,
-            lambda hidden, weight, mb, batch, out: micro_loss(hidden, parallel.local(weight), mb, batch, out, args,
-                                                              normaliser))
+            lambda hidden, head, mb, batch, out: micro_loss(hidden, parallel.local_head(head), mb, batch, out, args,
+                                                            normaliser))
     stats = torch.zeros(len(STATS), dtype=torch.float64)
     load = None
     for i, mb in enumerate(micro_batches):
@@ -134,12 +134,12 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
     return stats
 
 
-def micro_loss(hidden, weight, mb: MicroBatch, batch: Batch, scored, args: LossArgs, normaliser: float):
+def micro_loss(hidden, head, mb: MicroBatch, batch: Batch, scored, args: LossArgs, normaliser: float):
     """The fused loss of one micro-batch (``batch``: its rows, possibly padded) from the student's final
-    hidden states and lm_head weight and the teacher's output; (loss, its STATS row). Pipelines take dense
-    students: no router loss."""
+    hidden states and logit head (gkd.losses.LogitHead) and the teacher's output; (loss, its STATS row).
+    Pipelines take dense students: no router loss."""
     labels = _ce_labels(mb, batch)
-    out = _fused(hidden, weight, scored, labels, batch.loss_mask, args, normaliser)
+    out = _fused(hidden, head, scored, labels, batch.loss_mask, args, normaliser)
     return out.loss, _row(out.loss, out, labels, batch.loss_mask)
 
 
