@@ -16,7 +16,8 @@ from gkd.errors import GKDError
 from gkd.models import adapter_for, apply_lora, load_model
 from gkd.teacher.local import LocalTeacher
 from gkd.train.metrics import read_metrics
-from gkd.train.step import LossArgs, MicroBatch, forward_backward, recording, router_stats
+from gkd.models.routing import recording, router_stats
+from gkd.train.step import LossArgs, MicroBatch, forward_backward
 from helpers import (assert_one_line_mistake, assert_same_run, declare, declare_training, final_weights,
                      gkd_in_process, gkd_subprocess, losses, resumed_from, train_args)
 from tiny import write_moe
@@ -179,10 +180,29 @@ declare_training("moe-single-lora", 1, LORA, models="moe")
 for _name, (_nproc, _flags, _) in MESHES.items():
     declare_training(_name, _nproc, _flags, models="moe")
 declare("resume-ep2-on-single", 1, resumed_from("ep2", models="moe"), after=("ep2",), mkdir=True)
+PIPELINES = {  # name: (processes, flags): a layer per stage, alone, with FSDP 2 and with TP 2
+    "pp2": (2, ["--pipeline_model_parallel_size", "2"]),
+    "pp2xfsdp2": (4, ["--pipeline_model_parallel_size", "2", "--micro_batch_size", "1"]),
+    "pp2xtp2": (4, ["--pipeline_model_parallel_size", "2", "--tensor_model_parallel_size", "2"]),
+}
+for _name, (_nproc, _flags) in PIPELINES.items():
+    declare_training(f"moe-{_name}", _nproc, _flags, models="moe")
 # EP 2 with gradient checkpointing, in the launch of the other EP 2 runs, counting the experts' recomputations
 declare("ep2-checkpointing", 2, lambda c, out: train_args(c.models("moe"), out, *MESHES["ep2"][1],
                                                           "--gradient_checkpointing", "true"),
         call="helpers:counting_recomputed_experts")
+
+
+@pytest.mark.parametrize("layout", list(PIPELINES))
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_pipeline_equals_one_process_with_the_router_loss_over_its_stages(runs, layout):
+    """PP = 2 (a layer per stage), alone and with FSDP 2 or TP 2: each stage adds its layer's routing sums to the
+    rows' and the last forms the router aux loss from them, so the losses, weights, router aux loss and expert
+    load are one process's."""
+    ref, got, _ = assert_same_run(runs["moe-single"], runs[f"moe-{layout}"])
+    for a, b in zip(ref, got):
+        assert abs(a["router_aux_loss"] - b["router_aux_loss"]) <= 1e-5 and a["expert_load"] == b["expert_load"]
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))

@@ -156,7 +156,7 @@ def test_pipeline_mistakes_are_one_line(tiny, tmp_path, request, mistake, messag
 
 
 def test_split_layers_and_models_that_cannot_be_split():
-    from transformers import GPT2Config, LlamaConfig, Qwen2VLConfig
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2VLConfig
 
     from gkd.parallel.pipeline import check_config, split_layers
 
@@ -174,6 +174,10 @@ def test_split_layers_and_models_that_cannot_be_split():
                                         num_key_value_heads=2, intermediate_size=64, vocab_size=96))
     with pytest.raises(GKDError, match="no pipeline plan for qwen2_vl"):
         check_config(vl, 2, "", "m")
+    gemma3 = dict(llama, head_dim=8, num_key_value_heads=4)
+    check_config(Gemma3TextConfig(**gemma3), 2, "", "m")
+    with pytest.raises(GKDError, match="no pipeline plan for gemma3_text .*use_bidirectional_attention masks"):
+        check_config(Gemma3TextConfig(**gemma3, use_bidirectional_attention=True), 2, "", "m")
 
 
 def test_generation_configs_the_pipelined_sampler_cannot_follow_are_refused(tiny):

@@ -513,6 +513,14 @@ class LogitHead:
         """The logits of ``h`` (math in at least float32), for callers that want a chunk of them."""
         return _apply_head(self, h, False)[0]
 
+    def through(self, lm_head, h: Tensor) -> Tensor:
+        """The logits of ``h`` with the product ``h @ weight.T + bias`` left to the ``lm_head`` module (a
+        tensor-parallel one gathers the vocabulary), the scale and softcap applied here in float32 or more."""
+        z = _math(lm_head(h * self.scale if self.scale_hidden else h))
+        if self.scale != 1.0 and not self.scale_hidden:
+            z = z * self.scale
+        return z if self.softcap is None else torch.tanh(z / self.softcap) * self.softcap
+
     def detach(self) -> "LogitHead":
         return replace(self, weight=self.weight.detach(), bias=None if self.bias is None else self.bias.detach())
 

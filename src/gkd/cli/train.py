@@ -55,7 +55,7 @@ def check_launch(cfg: TrainConfig, world: int) -> None:
         from gkd.parallel.mesh import expert_size
 
         expert_size(cfg.expert_model_parallel_size, world, rep, shard, cfg.tensor_model_parallel_size,
-                    cfg.context_parallel_size)
+                    cfg.context_parallel_size, cfg.pipeline_model_parallel_size)
         check_folder(cfg.model, cfg.expert_model_parallel_size, lora_experts=cfg.train_type == "lora"
                      and cfg.lora_experts and cfg.target_modules == "all-linear")
         if cfg.teacher_model:

@@ -24,6 +24,15 @@ def text_config(config):
     return getattr(config, "text_config", None) or config
 
 
+def layer_attention(config, i: int) -> str:
+    """A layer's attention kind as these bodies choose its mask: Qwen2/Qwen3 by ``layer_types``, Mistral
+    slides every layer when it has a window, Llama never."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return types[i]
+    return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+
+
 def unwrap(model):
     """The transformers model under a PEFT wrapper (the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -65,8 +74,11 @@ class Adapter:
         """How the model turns final hidden states into logits: the lm_head's weight and bias
         (vocabulary-sharded under tensor parallelism; read after the forward that gathers them under FSDP)
         and the family's transform. Every caller that forms logits or a loss goes through this."""
-        head = unwrap(model).get_output_embeddings()
-        return LogitHead(head.weight, getattr(head, "bias", None), **self.head_form(text_config(unwrap(model).config)))
+        return self.head_of(unwrap(model).get_output_embeddings(), text_config(unwrap(model).config))
+
+    def head_of(self, lm_head: torch.nn.Module, config) -> LogitHead:
+        """``logit_head`` from the lm_head module and the text config (a pipeline's last stage holds both)."""
+        return LogitHead(lm_head.weight, getattr(lm_head, "bias", None), **self.head_form(config))
 
     def prepare(self, model, inputs: dict) -> dict:
         """The model inputs a forward or ``generate`` takes, from the padded ids, the attention mask and the
@@ -145,6 +157,10 @@ class Adapter:
     def routers(self, model) -> list[torch.nn.Module]:
         """The routers, one per MoE layer in layer order, each returning (logits [N, E], weights [N, k],
         expert ids [N, k]) for the flattened tokens of its input."""
+        return self.routers_of(self.decoder(model).layers)
+
+    def routers_of(self, layers) -> list[torch.nn.Module]:
+        """The routers of some decoder layers (a pipeline stage's), in layer order; none for dense families."""
         return []
 
     @property
@@ -174,11 +190,38 @@ class Adapter:
     def pipelines(self) -> bool:
         return not self.pipeline_gap
 
+    def pipeline_refusal(self, config) -> str:
+        """Why a model of ``config`` cannot be split into stages ("" when it can): the family's gap, or a
+        setting of this model the stages do not follow."""
+        return self.pipeline_gap
+
     def stage_masks(self, config, hidden, attention_mask, position_ids, cache, layer_ids: list[int]) -> dict:
         """The attention mask each of a stage's layers takes ({layer index: mask}), as the family's body
         builds them for its whole stack: from the 2D padding mask (None: no padding), the positions and
-        the stage's KV cache (None when training)."""
-        raise NotImplementedError
+        the stage's KV cache (None when training). By default as the Llama-shaped bodies do: causal, or
+        sliding by ``layer_attention``."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        made, out = {}, {}
+        for i in layer_ids:
+            kind = layer_attention(config, i)
+            if kind not in made:  # the cache sizes of this kind come from the stage's first such layer
+                make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+                kw = {"layer_idx": i} if cache is not None else {}
+                made[kind] = make(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  past_key_values=cache, position_ids=position_ids, **kw)
+            out[i] = made[kind]
+        return out
+
+    def stage_embed(self, config, embed_tokens: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """The first stage's hidden states from the token ids, as the family's body makes them before its
+        first layer (an embedding that scales itself, Gemma's, needs nothing more)."""
+        return embed_tokens(ids)
+
+    def stage_rotary(self, config, rotary_emb: torch.nn.Module, hidden, position_ids, layer_ids: list[int]) -> dict:
+        """The rotary embedding each of a stage's layers takes ({layer index: (cos, sin)}), as the family's
+        body computes it: one for every layer by default."""
+        return dict.fromkeys(layer_ids, rotary_emb(hidden, position_ids))
 
     # --- vision ---------------------------------------------------------------------------------
 

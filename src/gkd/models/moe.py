@@ -16,9 +16,11 @@ import torch
 from gkd.models.adapter import Adapter, register, text_config, unwrap
 
 
-def sparse_blocks(decoder) -> list[torch.nn.Module]:
-    """The layers' sparse MLP blocks (dense layers of a mixed model, e.g. Qwen's mlp_only_layers, skipped)."""
-    return [layer.mlp for layer in decoder.layers if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")]
+def sparse_blocks(layers) -> list[torch.nn.Module]:
+    """The sparse MLP blocks of decoder ``layers`` (a list, or a pipeline stage's ModuleDict share; dense
+    layers of a mixed model, e.g. Qwen's mlp_only_layers, skipped)."""
+    layers = layers.values() if isinstance(layers, torch.nn.ModuleDict) else layers
+    return [layer.mlp for layer in layers if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")]
 
 
 def _base(module: torch.nn.Module) -> torch.nn.Module:
@@ -31,15 +33,15 @@ class MixtureOfExperts(Adapter):
 
     name = "olmoe"
     model_types = ("olmoe",)
-    pipeline_gap = "the pipelined loss has no router load-balancing term"
+    pipeline_gap = ""
     _mixtral = False  # Mixtral's folders name the sparse block and the expert matrices their own way
 
     def experts(self, model) -> list[torch.nn.Module]:
         # under LoRA on the experts PEFT wraps the module (one ParamWrapper per adapted tensor): its base holds them
-        return [_base(b.experts) for b in sparse_blocks(self.decoder(model))]
+        return [_base(b.experts) for b in sparse_blocks(self.decoder(model).layers)]
 
-    def routers(self, model) -> list[torch.nn.Module]:
-        return [b.gate for b in sparse_blocks(self.decoder(model))]
+    def routers_of(self, layers) -> list[torch.nn.Module]:
+        return [b.gate for b in sparse_blocks(layers)]
 
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor):
         """Fused expert tensors as the per-expert matrices the folders hold (transformers converts them

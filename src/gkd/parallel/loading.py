@@ -46,16 +46,16 @@ def load_sharded(load: Callable, prepare: Callable, shard: Callable, par: Parall
     set_model_state_dict(skeleton, full.state_dict() if full is not None else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
                                                   strict=par.pp == 1))
-    # buffers that are not in a state dict (rotary frequencies) came out of to_empty uninitialised
-    source = dict(full.named_buffers()) if full is not None else {}
+    # buffers that are not in a state dict (rotary frequencies) came out of to_empty uninitialised: rank 0 sends
+    # every one at once (the few small tensors), since pipeline stages hold different ones (Gemma's embed_scale
+    # lives on the first stage only)
     from torch.distributed.tensor import DTensor
 
+    sent = [{n: b.cpu() for n, b in full.named_buffers()} if full is not None else None]
+    dist.broadcast_object_list(sent, src=0)
     for name, buf in skeleton.named_buffers():
         # a module tensor parallelism distributed holds its buffers as replicated DTensors (Gemma's embed_scale)
-        buf = buf.to_local() if isinstance(buf, DTensor) else buf
-        if full is not None:
-            buf.copy_(source[name])
-        dist.broadcast(buf, src=0)
+        (buf.to_local() if isinstance(buf, DTensor) else buf).copy_(sent[0][name])
     return skeleton
 
 

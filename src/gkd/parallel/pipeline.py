@@ -10,8 +10,10 @@ family's body would.
 The student trains through ``torch.distributed.pipelining`` (1F1B, GPipe, interleaved 1F1B with virtual
 stages); its loss is the fused GKD loss on the last stage, summed and divided by the step's global token
 count, so the schedule must not rescale gradients (``scale_grads=False``): the accumulated gradient is
-exactly the single-process one. The teacher runs its own no-grad pipeline first (one stage per rank);
-its last-stage hidden states meet the student's on the last stage only.
+exactly the single-process one. A mixture-of-experts student's stages pass each row's routing sums on
+beside the hidden states (gkd.models.routing), and the last stage adds the router loss of their totals.
+The teacher runs its own no-grad pipeline first (one stage per rank); its last-stage hidden states meet
+the student's on the last stage only.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 
 from gkd.errors import GKDError
 from gkd.models.adapter import adapter_for, unwrap
+from gkd.models.routing import recording, row_sums
 
 SCHEDULES = ("1f1b", "gpipe")
 
@@ -85,11 +88,12 @@ def check_config(config, stages: int, hand: str, where: str) -> None:
 
     name = (getattr(config, "architectures", None) or [config.model_type])[0]
     adapter = adapter_for_config(config)
-    if not adapter.pipelines:
+    gap = adapter.pipeline_refusal(config)
+    if gap:
         able = ", ".join(t for a in families() if a.pipelines for t in a.model_types)
         who = where if name == config.model_type else f"{name}, {where}"  # (a config may name no architecture)
         raise GKDError(f"--pipeline_model_parallel_size: no pipeline plan for {config.model_type} ({who}): "
-                       f"{adapter.pipeline_gap}; pipelines exist for {able} (see gkd models)")
+                       f"{gap}; pipelines exist for {able} (see gkd models)")
     split_layers(text_config(config).num_hidden_layers, stages, hand, where)
 
 
@@ -137,26 +141,50 @@ class Stage(nn.Module):
         self.rotary_emb = body.rotary_emb
         self.masks: list[torch.Tensor] = []  # the step's attention masks, one per micro-batch, in schedule order
         self.calls = 0
+        # a MoE student's training forwards also carry each row's routing sums (gkd.models.routing) to the last
+        # stage, which forms the router loss from them: their width (0: none), and this stage's expert loads
+        self.routers, self.routing, self.load = adapter.routers_of(self.layers), 0, None
 
-    def forward(self, x: torch.Tensor, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
-        """A training micro-batch (x alone): schedules run a stage's micro-batches in order, so the k-th call
-        is the k-th micro-batch and takes its (right-padded) attention mask. Generation passes the mask,
-        positions and this stage's KV cache. (Called as the module, so FSDP gathers what the stage holds.)"""
+    def forward(self, x: torch.Tensor, routing=None, attention_mask=None, position_ids=None, cache=None):
+        """A training micro-batch (x, and a MoE student's routing sums so far): schedules run a stage's
+        micro-batches in order, so the k-th call is the k-th micro-batch and takes its (right-padded)
+        attention mask. Generation passes the mask, positions and this stage's KV cache. (Called as the
+        module, so FSDP gathers what the stage holds.)"""
         if attention_mask is None and self.masks:
             attention_mask = self.masks[self.calls]
             self.calls += 1
+            if self.routing:
+                return self.routed(x, routing, attention_mask)
         return self.run(x, attention_mask, position_ids, cache)
 
+    def routed(self, x: torch.Tensor, routing, attention_mask: torch.Tensor):
+        """(hidden states, the rows' routing sums with this stage's layers added); the loads are kept."""
+        with recording(self.routers) as seen:
+            h = self.run(x, attention_mask)
+        if routing is None:
+            routing = torch.zeros(h.shape[0], self.routing, dtype=torch.float32, device=h.device)
+        if not seen:
+            return h, routing
+        sums, load = row_sums(seen, attention_mask)
+        self.load = load if self.load is None else self.load + load
+        return h, routing + sums
+
     def run(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids=None, cache=None):
-        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        adapter, config = self.adapter, self.config
+        h = adapter.stage_embed(config, self.embed_tokens, x) if self.embed_tokens is not None else x
         if position_ids is None:
             position_ids = torch.arange(h.shape[1], device=h.device)[None]
-        masks = self.adapter.stage_masks(self.config, h, attention_mask, position_ids, cache, self.layer_ids)
-        rotary = self.rotary_emb(h, position_ids)
+        masks = adapter.stage_masks(config, h, attention_mask, position_ids, cache, self.layer_ids)
+        rotary = adapter.stage_rotary(config, self.rotary_emb, h, position_ids, self.layer_ids)
         for i, layer in zip(self.layer_ids, self.layers):
             h = layer(h, attention_mask=masks[i], position_ids=position_ids, past_key_values=cache,
-                      use_cache=cache is not None, position_embeddings=rotary)
+                      use_cache=cache is not None, position_embeddings=rotary[i])
         return self.norm(h) if self.norm is not None else h
+
+    def head(self):
+        """The last stage's logit head: its lm_head with the family's scale / softcap (gkd.losses.LogitHead),
+        read after the forward that gathered it under FSDP."""
+        return self.adapter.head_of(self.lm_head, self.config)
 
 
 @dataclass
@@ -240,6 +268,9 @@ def shard(model, par, plan: PipelinePlan, student: bool) -> None:
     st = split(model, par, plan.virtual if student else 1, plan.layers if student else "")
     if student and st.ties:
         _tie_groups(st, par)
+    if student and adapter_for(model).moe:  # A_e and P_e of each expert, and the layers (gkd.models.routing)
+        for stage in st.stages:
+            stage.routing = 2 * adapter_for(model).num_experts(model) + 1
     if par.tp > 1:
         from gkd.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -334,6 +365,9 @@ def schedule_for(st: Staged, n_micro: int, length: int, width: int, device, loss
 
     hidden = torch.empty(width, length, st.hidden_size(), dtype=st.dtype(), device="meta", requires_grad=True)
     ids = torch.empty(width, length, dtype=torch.long, device="meta")
+    carried = st.stages[0].routing
+    if carried:  # a MoE student's routing sums ride along with the hidden states
+        hidden = (hidden, torch.empty(width, carried, dtype=torch.float32, device="meta", requires_grad=True))
     stages = [PipelineStage(s, i, st.num, device, input_args=ids if i == 0 else hidden, output_args=hidden,
                             group=st.group) for s, i in zip(st.stages, st.indices)]
     if len(stages) > 1:
@@ -361,8 +395,10 @@ def forward_backward(micro_batches, batches, scored, student, n_stats: int, plan
                      loss_fn) -> torch.Tensor:
     """gkd.train.step.forward_backward for a pipelined student: the schedule's micro-batches are the step's,
     ``batches`` them padded (``padded``) and ``scored`` the teacher's output of each (on the last stage);
-    ``loss_fn(hidden, weight, micro_batch, batch, teacher_output)`` runs on the last stage and returns
-    (loss, a row of ``n_stats`` sums); returns the step's sums on every stage of the pipeline."""
+    ``loss_fn(hidden, head, micro_batch, batch, teacher_output, routing)`` runs on the last stage (``head``:
+    the student's LogitHead; ``routing``: a MoE student's routing sums of the rows, else None) and returns
+    (loss, a row of ``n_stats`` sums); returns the step's sums on every stage of the pipeline, followed by
+    a MoE student's tokens per expert of each MoE layer, as gkd.train.step.forward_backward does."""
     st = staged(student)
     n_micro = len(micro_batches)
     length, width = batches[0].input_ids.shape[1], batches[0].input_ids.shape[0]
@@ -371,12 +407,13 @@ def forward_backward(micro_batches, batches, scored, student, n_stats: int, plan
 
     def pipeline_loss(output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         k = int(rows[0]) // width
-        loss, row = loss_fn(output, last.lm_head.weight, micro_batches[k], batches[k], scored[k])
+        hidden, routing = output if isinstance(output, tuple) else (output, None)
+        loss, row = loss_fn(hidden, last.head(), micro_batches[k], batches[k], scored[k], routing)
         stats.add_(row)
         return loss
 
     for s in st.stages:
-        s.masks, s.calls = [b.attention_mask for b in batches], 0
+        s.masks, s.calls, s.load = [b.attention_mask for b in batches], 0, None
     device = micro_batches[0].batch.input_ids.device
     schedule = schedule_for(st, n_micro, length, width, device, pipeline_loss, plan)
     ids = torch.cat([b.input_ids for b in batches])
@@ -391,7 +428,18 @@ def forward_backward(micro_batches, batches, scored, student, n_stats: int, plan
             s.masks, s.calls = [], 0
     sum_tied_gradients(student)
     dist.all_reduce(stats, group=st.group)  # zeros except on the last stage
+    if st.stages[0].routing:
+        return torch.cat([stats, _expert_loads(st).flatten()])
     return stats
+
+
+def _expert_loads(st: Staged) -> torch.Tensor:
+    """The step's tokens per expert of every MoE layer of the model [layers, E], in layer order: each stage's
+    own, gathered over the pipeline."""
+    held = [None] * st.size
+    dist.all_gather_object(held, [(i, s.load) for i, s in zip(st.indices, st.stages)], group=st.group)
+    loads = [load for _, load in sorted((p for pairs in held for p in pairs), key=lambda p: p[0]) if load is not None]
+    return torch.cat(loads)
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, group, once=None) -> float:

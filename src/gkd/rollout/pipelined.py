@@ -1,10 +1,10 @@
 """On-policy sampling through pipeline stages (gkd.parallel.pipeline), with the samples one process gives.
 
 Each decode step runs the stages in order: the first embeds the new tokens, every stage runs its layers
-with its own KV cache and passes the hidden states on, the last applies the final norm and lm_head to the
-last position and draws each row's token exactly as ``HFSampler`` does (``RowSeededSampling``: the row's
-own generator seeded by ``row_seed``, the same warpers, the same inverse-CDF draw, then greedy pick); the
-tokens go back to every stage. Positions and masks follow HF ``generate`` (left-padded prompts, positions
+with its own KV cache and passes the hidden states on, the last applies the final norm and the family's
+logit head (lm_head, scale, softcap) to the last position and draws each row's token exactly as
+``HFSampler`` does (``RowSeededSampling``: the row's own generator seeded by ``row_seed``, the same
+warpers, the same inverse-CDF draw, then greedy pick); the tokens go back to every stage. Positions and masks follow HF ``generate`` (left-padded prompts, positions
 from the attention mask's running count), so a completion does not depend on the pipeline size.
 """
 
@@ -94,7 +94,7 @@ class PipelineSampler:
             if s < st.num - 1:
                 dist.send(h.contiguous(), dst=st.peer((s + 1) % st.size), group=st.group)
             else:
-                return stage.lm_head(h[:, -1:, :])[:, -1, :].float()
+                return stage.head().through(stage.lm_head, h[:, -1:, :])[:, -1, :].float()
         return None
 
     def _generate(self, st, prompts: list[list[int]], rows: list[int], seed: int) -> list[list[int]]:

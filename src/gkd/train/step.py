@@ -22,6 +22,7 @@ import torch
 from gkd import parallel
 from gkd.data.batch import Batch
 from gkd.losses import fused_linear_gkd_loss
+from gkd.models.routing import aux_sum, recording, router_stats
 
 
 @dataclass
@@ -43,40 +44,6 @@ class MicroBatch:
 STATS = ("loss", "divergence", "sft", "agree", "sft_tokens", "router_aux")
 
 
-@contextlib.contextmanager
-def recording(routers):
-    """The routers' outputs (logits [N, E], top-k expert ids [N, k]) of the forwards run inside, per layer;
-    recomputed forwards in backward (gradient checkpointing) happen outside and are not recorded."""
-    seen = []
-    hooks = [r.register_forward_hook(lambda _m, _a, out: seen.append((out[0], out[2]))) for r in routers]
-    try:
-        yield seen
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def router_stats(seen, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum over rows of n_r * aux_r, with grad; tokens routed to each expert [layers, E]) for a batch
-    whose routers produced ``seen``; only attention-mask tokens count."""
-    B, T = attention_mask.shape
-    mask = attention_mask.reshape(-1).float()
-    row = torch.arange(B, device=mask.device).repeat_interleave(T)
-    E, layers = seen[0][0].shape[-1], len(seen)
-    assigned = torch.zeros(B, E, dtype=torch.float32, device=mask.device)
-    prob = torch.zeros(B, E, dtype=torch.float32, device=mask.device)
-    load = []
-    for logits, ids in seen:
-        hits = torch.zeros(ids.shape[0], E, device=mask.device).scatter_add_(
-            1, ids, torch.ones(ids.shape, device=mask.device)) * mask[:, None]
-        assigned.index_add_(0, row, hits)
-        prob = prob.index_add(0, row, torch.softmax(logits.float(), dim=-1) * mask[:, None])
-        load.append(hits.sum(0))
-    n = attention_mask.sum(1).float().clamp(min=1)
-    aux = E * (assigned * prob).sum(1) / (layers * n) ** 2  # each row's transformers aux_loss
-    return (aux * n).sum(), torch.stack(load).double().cpu()
-
-
 def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher, args: LossArgs, normaliser: float,
                      skip_empty: bool, dims=None, reduce_scatter_each: bool = True, routed: float = 0.0) -> torch.Tensor:
     """Accumulates the gradients of sum(token losses) / ``normaliser`` (+ the router aux loss over
@@ -95,8 +62,9 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
         scored = teacher.score_pipelined(batches, pipeline.holds_last_stage(student))
         return pipeline.forward_backward(
             micro_batches, batches, scored, student, len(STATS), dims.pipeline,
-            lambda hidden, weight, mb, batch, out: micro_loss(hidden, parallel.local(weight), mb, batch, out, args,
-                                                              normaliser))
+            lambda hidden, head, mb, batch, out, routing: micro_loss(
+                hidden, parallel.local_head(head), mb, batch, out, args, normaliser,
+                None if routing is None else aux_sum(routing, batch.attention_mask) / routed))
     stats = torch.zeros(len(STATS), dtype=torch.float64)
     load = None
     for i, mb in enumerate(micro_batches):
@@ -119,11 +87,9 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             out = _fused(hidden, head, scored, labels, mask, args, normaliser)
             loss, aux = out.loss, torch.zeros(())
             if seen:  # (context parallelism refuses MoE students: a sequence's routing stays whole)
-                aux_sum, counts = router_stats(seen, batch.attention_mask)
-                aux = aux_sum / routed
+                aux, counts = router_stats(seen, batch.attention_mask)
                 load = counts if load is None else load + counts
-                if args.router_aux_loss_coef:
-                    loss = loss + args.router_aux_loss_coef * aux
+                loss, aux = _with_router_loss(loss, aux / routed, args)
             parallel.sync_gradients(student, last=i == len(micro_batches) - 1, reduce_scatter_each=reduce_scatter_each)
             loss.backward()
         stats += _row(loss, out, labels, mask, float(aux.detach()))
@@ -134,13 +100,19 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
     return stats
 
 
-def micro_loss(hidden, weight, mb: MicroBatch, batch: Batch, scored, args: LossArgs, normaliser: float):
+def micro_loss(hidden, head, mb: MicroBatch, batch: Batch, scored, args: LossArgs, normaliser: float, aux=None):
     """The fused loss of one micro-batch (``batch``: its rows, possibly padded) from the student's final
-    hidden states and lm_head weight and the teacher's output; (loss, its STATS row). Pipelines take dense
-    students: no router loss."""
+    hidden states and logit head (gkd.losses.LogitHead) and the teacher's output, plus a MoE student's
+    router loss ``aux`` (its rows' share of the step's, before the coefficient); (loss, its STATS row)."""
     labels = _ce_labels(mb, batch)
-    out = _fused(hidden, weight, scored, labels, batch.loss_mask, args, normaliser)
-    return out.loss, _row(out.loss, out, labels, batch.loss_mask)
+    out = _fused(hidden, head, scored, labels, batch.loss_mask, args, normaliser)
+    loss, aux = _with_router_loss(out.loss, aux, args) if aux is not None else (out.loss, torch.zeros(()))
+    return loss, _row(loss, out, labels, batch.loss_mask, float(aux.detach()))
+
+
+def _with_router_loss(loss, aux, args: LossArgs):
+    """(the loss with the router loss ``aux`` times its coefficient added, aux)."""
+    return (loss + args.router_aux_loss_coef * aux if args.router_aux_loss_coef else loss), aux
 
 
 def _ce_labels(mb: MicroBatch, batch: Batch) -> torch.Tensor:
