@@ -1,4 +1,4 @@
-"""`gkd train | eval | serve | prune | plot | models | demo`, one module per command (each has ``run(argv)``).
+"""`gkd train | cache | eval | serve | prune | plot | models | demo`, one module per command (each has ``run(argv)``).
 User mistakes end in one line on stderr and exit code 2."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from gkd.cli.train import ERROR_DIR
 from gkd.errors import GKDError
 
-COMMANDS = ("train", "eval", "serve", "prune", "plot", "models", "demo")
+COMMANDS = ("train", "cache", "eval", "serve", "prune", "plot", "models", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:
