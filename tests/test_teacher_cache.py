@@ -156,8 +156,11 @@ def test_torn_and_flipped_entries_are_found_and_scored_again(tiny, live, tmp_pat
     files = entries(cache)
     torn, flipped = files[3], files[11]
     torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])  # as a kill -9 mid-write would leave it
+    # one character of the log-probs changed into another valid one: the entry still parses, only the
+    # checksum tells (the first log-prob's leading bytes, so the value really changes)
     data = bytearray(flipped.read_bytes())
-    data[len(data) // 2] ^= 0x01
+    at = data.index(b'"logprobs":"') + len(b'"logprobs":"') + 2
+    data[at] = ord("B") if data[at] != ord("B") else ord("C")
     flipped.write_bytes(bytes(data))
     forwards.clear()
     proc = gkd_in_process(*train_args(tiny, tmp_path / "a", "--teacher_cache", str(cache)))
@@ -170,7 +173,40 @@ def test_torn_and_flipped_entries_are_found_and_scored_again(tiny, live, tmp_pat
     assert_valid(cache, 16)  # both rewritten whole
 
 
-def test_two_processes_fill_one_cache_at_once(tiny, tmp_path):
+def _write_and_read(folder: str, rows: list, rounds: int) -> None:
+    """A process that stores ``rows`` again and again and reads each back: exit 1 on any damaged read."""
+    damaged = []
+    cache = TeacherCache(folder, {"kind": "local", "fingerprint": "f"}, 8, 0.9, log=damaged.append)
+    for _ in range(rounds):
+        for seq, r0, ids, lp in rows:
+            key = cache.key(seq, r0)
+            cache.put(key, ids, lp, r0)
+            got = cache.get(key, len(seq) - 1 - r0, r0)
+            if got is None or not (torch.equal(got[0], ids) and torch.equal(got[1], lp)):
+                os._exit(1)
+    os._exit(1 if damaged else 0)
+
+
+def test_processes_writing_the_same_entries_at_once_never_read_half_a_file(tmp_path):
+    import multiprocessing
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in range(4, 20):
+        seq = torch.randint(0, 96, (n,), generator=g).tolist()
+        rows.append((seq, 2, torch.randint(0, 96, (n - 3, 8), generator=g), torch.randn(n - 3, 8, generator=g)))
+    ctx = multiprocessing.get_context("fork")  # no re-import: the children only hash, write and read files
+    procs = [ctx.Process(target=_write_and_read, args=(str(tmp_path / "cache"), rows, 20)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert_valid(tmp_path / "cache", len(rows))
+
+
+@pytest.mark.slow
+def test_two_gkd_cache_processes_fill_one_cache_at_once(tiny, tmp_path):
     cache = tmp_path / "cache"
     cmd = [sys.executable, "-m", "gkd", *cache_args(tiny, cache)]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
