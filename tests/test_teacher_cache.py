@@ -15,8 +15,7 @@ import torch
 from gkd.teacher.cache import MARKER, TeacherCache
 from gkd.teacher.local import LocalTeacher
 from gkd.teacher.remote import RemoteTeacher
-from helpers import (ENV, ROOT, assert_one_line_error, final_weights, gkd_in_process, gkd_subprocess, losses,
-                     set_arg)
+from helpers import ENV, ROOT, assert_one_line_error, final_weights, gkd_in_process, gkd_subprocess, losses, set_arg
 
 K = "8"
 
@@ -136,7 +135,7 @@ def test_another_teacher_k_or_temperature_is_scored_afresh(tiny, tmp_path, forwa
     from safetensors.torch import load_file, save_file
 
     weights = load_file(str(changed / "model.safetensors"))
-    name = sorted(weights)[0]
+    name = min(weights)
     weights[name] = weights[name] + 1e-3  # one tensor nudged, the rest of the folder as it was
     save_file(weights, str(changed / "model.safetensors"), metadata={"format": "pt"})
     for i, (flag, value) in enumerate([("--teacher_model", str(other)), ("--teacher_model", str(changed)),
