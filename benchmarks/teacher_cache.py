@@ -5,9 +5,10 @@
 Both sides train the same student on the same rows for 2 epochs, all off-policy (--lmbda 0), top-K = 20:
 the same trained tokens step for step (checked). The live side scores every step with the local teacher;
 the cache side scores epoch 1 into a fresh --teacher_cache folder and reads epoch 2 from it. Reported:
-seconds per step (the trainer's own step_time, metrics.jsonl) in each epoch, the epoch-2 ratio, the
-largest loss difference between the two runs, and the cache's size. The rows are written prompts with
-another prompt as the answer: a speed test needs tokens, not good answers.
+seconds per training step in each epoch (the two trainers in one process, stepping in turn, so both see
+the same load), the epoch-2 ratio, the largest loss difference between the two runs, and the cache's
+size. The rows are written prompts with another prompt as the answer: a speed test needs tokens, not good
+answers.
 """
 
 from __future__ import annotations
@@ -33,10 +34,9 @@ def prepare(work: Path, rows: int) -> tuple[Path, Path, Path]:
     return teacher_dir, student_dir, data
 
 
-def train(teacher: Path, student: Path, data: Path, out: Path, a, cache: Path | None) -> list[dict]:
-    from gkd.cli.train import cmd_train
+def trainer(teacher: Path, student: Path, data: Path, out: Path, a, cache: Path | None):
     from gkd.config import TrainConfig
-    from gkd.train.metrics import read_metrics
+    from gkd.train.trainer import Trainer
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(model=str(student), teacher_model=str(teacher), dataset=[str(data)], output_dir=str(out),
@@ -44,8 +44,7 @@ def train(teacher: Path, student: Path, data: Path, out: Path, a, cache: Path | 
                       global_batch_size=a.global_batch_size, max_completion_length=64, gkd_logits_topk=a.k,
                       learning_rate=1e-5, lr_scheduler_type="constant", progress_bar=False, seed=0,
                       teacher_cache=str(cache) if cache else "")
-    cmd_train(cfg)
-    return read_metrics(out / "metrics.jsonl")
+    return Trainer(cfg, log=lambda *_: None)
 
 
 def main() -> None:
@@ -56,35 +55,43 @@ def main() -> None:
     ap.add_argument("--global_batch_size", type=int, default=8)
     ap.add_argument("--k", type=int, default=20)
     a = ap.parse_args()
+    from gkd.train.stats import Window
+
     work = Path(a.work).absolute()
     work.mkdir(parents=True, exist_ok=True)
     teacher, student, data = prepare(work, a.rows)
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     t0 = time.perf_counter()
-    live = train(teacher, student, data, work / "out-live", a, None)
-    cached = train(teacher, student, data, work / "out-cache", a, cache)
+    sides = {"live": trainer(teacher, student, data, work / "out-live", a, None),
+             "cache": trainer(teacher, student, data, work / "out-cache", a, cache)}
+    steps = sides["live"].total_steps
+    assert steps == sides["cache"].total_steps and steps % 2 == 0
+    seconds, loss, tokens = ({name: [] for name in sides} for _ in range(3))
+    for step in range(steps):
+        # the two sides step by step under the same load, the first of each pair alternating
+        for name in (("live", "cache") if step % 2 == 0 else ("cache", "live")):
+            window, t = Window(), time.perf_counter()
+            loss[name].append(sides[name].train_step(step, window))
+            seconds[name].append(time.perf_counter() - t)
+            tokens[name].append((window.tokens, window.seqs, window.student_seqs))
+    reused = sides["cache"].teacher.cache.hits  # rows read from the cache (the rest were scored)
+    for t in sides.values():
+        t.close()
     wall = time.perf_counter() - t0
-    steps = len(live)
-    assert steps == len(cached) and steps % 2 == 0
-    for x, y in zip(live, cached):  # equal work: the same rows and completion tokens at every step
-        assert x["completion_length"] == y["completion_length"] and x["on_policy_share"] == y["on_policy_share"] == 0
+    # equal work: the same rows, completion tokens and sequences on both sides, all off-policy
+    assert tokens["live"] == tokens["cache"] and not any(sampled for _, _, sampled in tokens["live"])
     half = steps // 2
-
-    def per_step(runs, lo, hi):
-        return statistics.mean(m["step_time"] for m in runs[lo:hi])
-
-    rows = []
-    for name, runs in (("live", live), ("cache", cached)):
-        rows.append({"teacher": name, "epoch1_s_per_step": round(per_step(runs, 0, half), 4),
-                     "epoch2_s_per_step": round(per_step(runs, half, steps), 4)})
+    rows = [{"teacher": name, "epoch1_s_per_step": round(statistics.mean(seconds[name][:half]), 4),
+             "epoch2_s_per_step": round(statistics.mean(seconds[name][half:]), 4)} for name in sides]
     entries = list((cache / "entries").glob("*/*.json"))
     result = {
         "steps_per_epoch": half, "rows": a.rows, "global_batch_size": a.global_batch_size, "k": a.k,
-        "sides": rows,
+        "trained_tokens_each_side": sum(n for n, _, _ in tokens["live"]), "sides": rows,
         "epoch2_speedup_cache_vs_live": round(rows[0]["epoch2_s_per_step"] / rows[1]["epoch2_s_per_step"], 3),
-        "max_loss_difference": max(abs(x["loss"] - y["loss"]) for x, y in zip(live, cached)),
-        "cache_entries": len(entries), "cache_bytes": sum(e.stat().st_size for e in entries),
+        "max_loss_difference": max(abs(x - y) for x, y in zip(loss["live"], loss["cache"])),
+        "seconds_per_step": {name: [round(x, 3) for x in seconds[name]] for name in sides},
+        "cache_rows_reused": reused, "cache_entries": len(entries), "cache_bytes": sum(e.stat().st_size for e in entries),
         "wall_s": round(wall, 1),
     }
     print(f"{'teacher':8} {'epoch-1 s/step':>15} {'epoch-2 s/step':>15}")
