@@ -289,6 +289,12 @@ def test_remote_teacher_cache_and_a_new_server_weights_fingerprint(tiny, tmp_pat
         assert len(asked) == probes + 8  # epoch 1 only: 8 micro-batches of 2 rows
         assert_equal_runs(tmp_path / "live", tmp_path / "a")
         assert_valid(cache, 16)
+        # gkd cache against the same server: every row is there already
+        args = remote(url, tmp_path / "unused", "--teacher_cache", str(cache))
+        args = ["cache"] + [a for a in args[1:] if a not in ("--output_dir", str(tmp_path / "unused"))]
+        asked.clear()
+        got = summary(gkd_in_process(*args))
+        assert (got["rows_scored"], got["rows_already_cached"], asked) == (0, 16, [1])  # the K probe alone
     finally:
         stop(proc)
     # the same served name over other weights: its fingerprint differs, every row is scored again

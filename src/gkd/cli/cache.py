@@ -25,6 +25,7 @@ def cmd_cache(cfg: TrainConfig, log=lambda msg: print(msg, file=sys.stderr)) -> 
 
     from gkd import parallel
     from gkd.data.batch import collate
+    from gkd.data.rows import check_context
     from gkd.models import load_model, load_tokenizer
     from gkd.teacher.cache import check_folder
     from gkd.train import build
@@ -46,8 +47,9 @@ def cmd_cache(cfg: TrainConfig, log=lambda msg: print(msg, file=sys.stderr)) -> 
         student = None if cfg.teacher_model_server else load_model(cfg.model, cfg.torch_dtype)
         teacher = build.cached_teacher(build.teacher(cfg.section("teacher"), tokenizer, student, par, log), cfg, par, log)
         del student
-        teacher.check_rows(rows, cfg.max_completion_length, False)
         done = [r for r in rows if r.completion_ids is not None]
+        check_context(done, cfg.max_completion_length, False, {"teacher": teacher.context})
+        teacher.check_rows(done, cfg.max_completion_length, False)
         theirs = teacher_images or images
         bar = tqdm(total=len(done), desc="gkd cache", unit="row", disable=not cfg.progress_bar, file=sys.stderr)
         for m0 in range(0, len(done), cfg.micro_batch_size):
