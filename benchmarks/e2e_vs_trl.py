@@ -53,22 +53,31 @@ def trl_python(venv: Path) -> Path:
     return py
 
 
-def prepare(work: Path, max_new_tokens: int) -> tuple[Path, Path, Path]:
-    """Teacher folder, pruned student folder and a messages JSONL with teacher-written answers."""
-    import torch
+def smollm2_pair(work: Path) -> tuple[Path, Path]:
+    """SmolLM2-135M as a plain HF folder (the teacher) and its every-2nd-layer copy (the student), made once."""
+    from gkd.models import SMOLLM2, adapter_for, load_model, prune_command
 
-    from gkd.models import SMOLLM2, adapter_for, eos_ids, load_model, load_tokenizer, prune_command
-    from gkd.prompts import written_prompts
-    from gkd.rollout.base import SamplingConfig
-    from gkd.rollout.hf import HFSampler
-
-    teacher_dir, student_dir, data = work / "teacher", work / "student", work / "train.jsonl"
+    teacher_dir, student_dir = work / "teacher", work / "student"
     if not (teacher_dir / "config.json").is_file():
         teacher = load_model(SMOLLM2)
         n = len(adapter_for(teacher).decoder(teacher).layers)
         prune_command(SMOLLM2, str(teacher_dir), list(range(n)), 1, "float32")  # all layers: a plain HF copy
     if not (student_dir / "config.json").is_file():
         prune_command(str(teacher_dir), str(student_dir), None, 2, "float32")
+    return teacher_dir, student_dir
+
+
+def prepare(work: Path, max_new_tokens: int) -> tuple[Path, Path, Path]:
+    """Teacher folder, pruned student folder and a messages JSONL with teacher-written answers."""
+    import torch
+
+    from gkd.models import eos_ids, load_model, load_tokenizer
+    from gkd.prompts import written_prompts
+    from gkd.rollout.base import SamplingConfig
+    from gkd.rollout.hf import HFSampler
+
+    teacher_dir, student_dir = smollm2_pair(work)
+    data = work / "train.jsonl"
     if not data.is_file():
         print("[bench] writing off-policy completions with the teacher (greedy)", flush=True)
         tok = load_tokenizer(str(teacher_dir))

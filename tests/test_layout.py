@@ -11,7 +11,7 @@ BELOW = {
     "models": {"losses", "hub", "data", "models"},
     "data": {"hub", "data"},
     "parallel": {"models", "data", "losses", "parallel"},
-    "teacher": {"models", "data", "losses", "parallel", "httpclient", "evaluate", "config", "teacher"},
+    "teacher": {"models", "data", "losses", "parallel", "httpclient", "evaluate", "config", "atomic", "teacher"},
     "rollout": {"models", "data", "parallel", "httpclient", "rollout"},
 }
 

@@ -50,6 +50,8 @@ class TrainConfig:
     teacher_wait: float = _f(300.0, "seconds to wait for the teacher server's /health at start")
     teacher_wire_dtype: str = _f("float32", "log-prob dtype of gkd serve's compact answers",
                                  choices=("float32", "float16"))
+    teacher_cache: str = _f("", "folder of stored teacher top-K log-probs of dataset completions: scored once, "
+                                "reused across epochs and runs (needs --gkd_logits_topk; gkd cache fills it ahead)")
     # data
     dataset: list[str] = _f(None, "training data: JSONL/JSON/Parquet files, saved datasets folders or hub dataset IDs "
                                   "(org/name[@revision][:split])", nargs="+")
@@ -163,6 +165,14 @@ class TrainConfig:
                  "--teacher_timeout must be > 0, --teacher_wait and --teacher_retries >= 0")
             need(self.teacher_max_in_flight >= 1 and self.teacher_seqs_per_request >= 1,
                  "--teacher_max_in_flight and --teacher_seqs_per_request must be >= 1")
+        if self.teacher_cache:
+            need(self.gkd_logits_topk >= 1, "--teacher_cache stores the teacher's top-K log-probs: give "
+                                             "--gkd_logits_topk K (with the full vocabulary, 0, nothing is cached)")
+            need(not self.seq_kd, "--teacher_cache with --seq_kd: its completions are sampled anew each step, "
+                                  "there is nothing to reuse")
+            need(self.pipeline_model_parallel_size == 1 and self.context_parallel_size == 1,
+                 "--teacher_cache with --pipeline_model_parallel_size or --context_parallel_size > 1 is not "
+                 "supported yet")
         need(bool(self.dataset), "--dataset is required (JSONL/JSON/Parquet files or a saved datasets folder)")
         need(0.0 <= self.beta <= 1.0, f"--beta must be in [0, 1], got {self.beta}")
         need(0.0 <= self.lmbda <= 1.0, f"--lmbda must be in [0, 1], got {self.lmbda}")
@@ -246,7 +256,7 @@ SECTIONS = {
               "lora_experts", "merge_lora", "freeze_vit", "freeze_aligner", "gradient_checkpointing"),
     "teacher": ("teacher_model", "teacher_model_server", "gkd_logits_topk", "offload_teacher_model", "teacher_api_key",
                 "teacher_timeout", "teacher_retries", "teacher_max_in_flight", "teacher_seqs_per_request",
-                "teacher_wait", "teacher_wire_dtype", "torch_dtype"),
+                "teacher_wait", "teacher_wire_dtype", "torch_dtype", "teacher_cache"),
     "data": ("dataset", "val_dataset", "dataset_num_proc", "split_dataset_ratio", "max_length", "truncation_strategy",
              "max_completion_length"),
     "method": ("beta", "lmbda", "temperature", "loss_temperature", "sft_alpha", "router_aux_loss_coef", "seq_kd",

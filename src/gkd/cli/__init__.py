@@ -1,4 +1,4 @@
-"""`gkd train | eval | serve | prune | plot | models | demo`, one module per command (each has ``run(argv)``).
+"""`gkd train | cache | eval | serve | prune | plot | models | demo`, one module per command (each has ``run(argv)``).
 User mistakes end in one line on stderr and exit code 2."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 from gkd.cli.train import ERROR_DIR  # noqa: E402 - after the environment above
 from gkd.errors import GKDError  # noqa: E402
 
-COMMANDS = ("train", "eval", "serve", "prune", "plot", "models", "demo")
+COMMANDS = ("train", "cache", "eval", "serve", "prune", "plot", "models", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:

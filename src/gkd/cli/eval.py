@@ -39,28 +39,14 @@ def check_output_file(path: str) -> None:
 
 
 def write_atomic(path: str, text: str) -> None:
-    """The results whole or not at all: a temp file beside ``path``, fsynced, renamed over it; a failed
-    write (a full disk) is one line and leaves no temp file (and an earlier file at ``path`` as it was)."""
-    import tempfile
-
+    """The results whole or not at all (gkd.atomic); a failed write (a full disk) is one line and leaves no
+    temp file (and an earlier file at ``path`` as it was)."""
+    from gkd import atomic
     from gkd.train import outdir
 
     target = Path(path).absolute()
-    tmp = None
-
-    def cleanup():
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-
-    with outdir.writing(f"writing the results {path}", target.parent, cleanup=cleanup, then=""):
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-        tmp = None
+    with outdir.writing(f"writing the results {path}", target.parent, then=""):
+        atomic.write_atomic(target, text)
 
 
 def _warn(msg: str) -> None:

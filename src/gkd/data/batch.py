@@ -26,6 +26,7 @@ class Batch:
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_inputs: dict[str, torch.Tensor] | None = None
     images: list[list] | None = None  # each row's decoded images, for a teacher server (None: text only)
+    sampled: bool = False  # the student sampled the completions (on-policy): a teacher cache skips them
 
     @property
     def tokens(self) -> int:
@@ -39,7 +40,7 @@ class Batch:
         moved = {k: v.to(device) for k, v in self.inputs.items()}
         theirs = None if self.teacher_inputs is None else {k: v.to(device) for k, v in self.teacher_inputs.items()}
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device),
-                     self.labels.to(device), moved, theirs, self.images)
+                     self.labels.to(device), moved, theirs, self.images, self.sampled)
 
 
 def join_rows(rows: list[dict[str, torch.Tensor]] | None) -> dict[str, torch.Tensor]:
@@ -51,9 +52,9 @@ def join_rows(rows: list[dict[str, torch.Tensor]] | None) -> dict[str, torch.Ten
 
 def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
             inputs: list[dict] | None = None, teacher_inputs: list[dict] | None = None,
-            images: list[list] | None = None) -> Batch:
+            images: list[list] | None = None, sampled: bool = False) -> Batch:
     """A batch of prompt + completion rows; ``inputs`` / ``teacher_inputs``: each row's other model inputs;
-    ``images``: each row's decoded images."""
+    ``images``: each row's decoded images; ``sampled``: the student wrote the completions."""
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     T = max(lengths)
     B = len(prompts)
@@ -71,7 +72,7 @@ def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
             labels[b, len(p) - 1 : len(seq) - 1] = seq[len(p):]
     return Batch(input_ids, attention, loss_mask, labels, join_rows(inputs),
                  None if teacher_inputs is None else join_rows(teacher_inputs),
-                 images if images and any(images) else None)
+                 images if images and any(images) else None, sampled)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,6 +51,7 @@ class RemoteTeacher:
         self.compact = False
         self.images = False  # the server takes images with token ids (gkd serve of a vision-language model)
         self.max_model_len: int | None = None
+        self.served: dict | None = None  # the server's /v1/models entry of its model (what identifies it)
         self.context = None  # the server's max_model_len is checked by check_rows (it needs room for one token)
 
     @property
@@ -70,7 +71,7 @@ class RemoteTeacher:
         if self.model and self.model not in names:
             raise GKDError(f"teacher server {self.url} serves {names}, not {self.model!r}")
         entry = entries[names.index(self.model)] if self.model else entries[0]
-        self.model = entry["id"]
+        self.model, self.served = entry["id"], entry
         self.max_model_len = entry.get("max_model_len")
         self.compact = COMPACT in (entry.get("gkd") or {}).get("wire", [])
         self.images = bool((entry.get("gkd") or {}).get("images"))

@@ -28,6 +28,7 @@ from gkd.data.imagefiles import open_image
 from gkd.data.rows import model_context
 from gkd.errors import GKDError
 from gkd.models import adapter_for, load_image_processing, load_model, load_tokenizer
+from gkd.teacher.cache import model_fingerprint
 from gkd.teacher.wire import COMPACT, WIRE_DTYPES, encode_compact, encode_vllm_entry
 
 
@@ -195,6 +196,7 @@ class TeacherServer:
         self.images = load_image_processing(cfg.model, self.tokenizer)  # None: a text-only teacher
         self.scorer = Scorer(self.model, cfg.max_batch_tokens, cfg.batch_wait_ms / 1000)
         self._decoded: dict[int, str] = {}
+        self._fingerprint, self._fingerprint_lock = None, threading.Lock()
 
     @property
     def address(self) -> str:
@@ -214,7 +216,15 @@ class TeacherServer:
             "gkd": {"wire": [COMPACT], "dtypes": sorted(WIRE_DTYPES), "max_logprobs": self.max_logprobs,
                     "max_logprob_entries": self.cfg.max_logprob_entries,
                     "max_json_logprob_entries": self.cfg.max_json_logprob_entries,
-                    "images": self.images is not None}}]}
+                    "images": self.images is not None, "fingerprint": self.fingerprint()}}]}
+
+    def fingerprint(self) -> str:
+        """The served weights' hash (a teacher cache's key names it), made at the first ask: hashing a
+        large model's files takes seconds that a server without caching clients need not spend."""
+        with self._fingerprint_lock:
+            if self._fingerprint is None:
+                self._fingerprint = model_fingerprint(self.cfg.model, self.cfg.torch_dtype)
+            return self._fingerprint
 
     def tokenize(self, body: dict) -> dict:
         if "messages" in body:

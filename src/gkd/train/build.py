@@ -87,6 +87,20 @@ def teacher(t, tokenizer, student_model, par, log):
                         name=f"--teacher_model {t.teacher_model}")
 
 
+def cached_teacher(teacher, cfg, par, log):
+    """The teacher behind ``--teacher_cache`` (gkd.teacher.cache), or ``teacher`` itself without the flag."""
+    if not cfg.teacher_cache:
+        return teacher
+    from gkd.teacher import cache
+
+    identity = (cache.remote_identity(teacher) if cfg.teacher_model_server
+                else cache.local_identity(cfg.teacher_model, cfg.torch_dtype))
+    store = cache.TeacherCache(cfg.teacher_cache, identity, cfg.gkd_logits_topk, cfg.divergence_temperature, log)
+    # a local teacher split over the processes scores only with all of them
+    return cache.CachedTeacher(teacher, store, sharded=par.world > 1 and not cfg.teacher_model_server,
+                               tp_group=par.tp_group, log=log)
+
+
 def check_fits(cfg, student_model, teacher, train_rows, val_rows) -> None:
     """Sequences within both contexts: one line now, not a failure mid-run."""
     sampled = cfg.lmbda > 0 or cfg.seq_kd or bool(val_rows and cfg.eval_steps)

@@ -37,6 +37,10 @@ class Trainer:
             log("[gkd] --reduce_scatter_every_micro_batch / --gather_for_generation apply to FSDP only: "
                 "this run does not shard the student")
         self.out = outdir.check_output_dir(cfg.output_dir)
+        if cfg.teacher_cache:  # one line now, before any model loads
+            from gkd.teacher.cache import check_folder
+
+            check_folder(cfg.teacher_cache)
         path = checkpoint.resolve(cfg.resume_from_checkpoint, self.out) if cfg.resume_from_checkpoint else None
         if path is not None:  # before any work: a damaged marker or other flags are one line now
             checkpoint.check_settings(path, checkpoint.read_info(path), cfg)
@@ -57,7 +61,8 @@ class Trainer:
                                   chunk_size=cfg.loss_chunk_size or None, tp_group=par.tp_group,
                                   router_aux_loss_coef=self.adapter.router_aux_loss_coef(self.student) if aux is None
                                   else aux)
-        self.teacher = build.teacher(cfg.section("teacher"), self.tokenizer, self.student, par, log)
+        self.teacher = build.cached_teacher(build.teacher(cfg.section("teacher"), self.tokenizer, self.student, par,
+                                                          log), cfg, par, log)
         build.check_fits(cfg, self.student, self.teacher, self.train_examples, self.val_examples)
         torch.manual_seed(cfg.seed)  # rank 0 drew numbers while loading (LoRA init): every rank starts alike
         self.sampler, self.rollout = build.rollouts(cfg, self.student, self.tokenizer, self.teacher,
@@ -97,7 +102,8 @@ class Trainer:
         for m in (slice(m0, m0 + cfg.micro_batch_size) for m0 in range(0, len(rows), cfg.micro_batch_size)):
             batch = collate([r.prompt_ids for r in rows[m]], completions[m], self.tokenizer.pad_token_id,
                             None if inputs is None else inputs[m],
-                            None if teacher_inputs is None else teacher_inputs[m], images=[r.images for r in rows[m]])
+                            None if teacher_inputs is None else teacher_inputs[m], images=[r.images for r in rows[m]],
+                            sampled=sampled)
             micro.append(MicroBatch(batch.to(self.device), [sampled] * len(rows[m])))
         # MoE: the router aux loss is a mean over the step's routed (attention-mask) tokens on every rank
         routed = float(par.dp_reduce(torch.tensor(sum(int(mb.batch.attention_mask.sum()) for mb in micro)))

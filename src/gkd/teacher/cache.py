@@ -1,0 +1,280 @@
+"""The teacher cache (``--teacher_cache DIR``): off-policy rows scored once and reused across epochs and runs.
+
+An entry holds one row's top-K teacher ids and log-probs (temperature 1) for its completion positions, in
+the teacher server's compact wire encoding (gkd.teacher.wire, float32: what a local top-k teacher gives the
+loss, bit for bit). The loss divides them by the loss temperature and renormalises over the K entries, so
+nothing else is needed for the top-k tail.
+
+Key: sha256 of (the row's token ids, its first scored position, its images' pixels, the teacher's identity
+-- a hash of its model files and dtype, or a server's model name, root and weights fingerprint --, K and
+the loss temperature). Any change of a part is another key: a miss, scored afresh, never a reuse. One
+folder can hold entries of several teachers, Ks and temperatures side by side.
+
+On disk: ``DIR/gkd-teacher-cache.json`` marks the folder; entries are ``DIR/entries/<2 hex>/<key>.json``,
+first line the sha256 of the rest, then one JSON object. Written atomically (gkd.atomic: a reader never
+sees half a file; writers of the same entry write the same bytes, the last rename stays). An entry whose
+checksum, key or shape does not match (a torn write, a flipped byte) is reported once and scored again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from gkd.atomic import write_atomic
+from gkd.data.batch import Batch
+from gkd.errors import GKDError
+from gkd.httpclient import WireError
+from gkd.losses import topk_logprobs
+from gkd.teacher.base import TeacherOutput
+from gkd.teacher.wire import decode_compact, encode_compact
+
+FORMAT = "gkd-teacher-cache/1"
+MARKER = "gkd-teacher-cache.json"
+HEAD_ROWS = 1024  # teacher logits made at once when a local teacher's top-K is taken (bounds [rows, V] memory)
+
+
+# --- the folder ---------------------------------------------------------------------------------------
+
+
+def check_folder(path: str) -> Path:
+    """The cache folder, or one line saying why not (a file, not writable, another program's folder).
+    Writes nothing: the folder and its marker are made by ``TeacherCache``."""
+    folder = Path(path).absolute()
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise GKDError(f"--teacher_cache {path}: {probe} is a file, not a folder; name a folder for the cache")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".gkd-probe-", dir=probe))
+    except OSError as e:
+        raise GKDError(f"--teacher_cache {path}: not writable ({e.strerror or e}); make it writable or choose "
+                       "another folder") from None
+    if probe == folder and any(folder.iterdir()) and not (folder / MARKER).is_file():
+        raise GKDError(f"--teacher_cache {path}: the folder holds other files and no {MARKER}; name an empty or "
+                       "new folder (or one a teacher cache made)")
+    return folder
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_fingerprint(spec: str, dtype: str) -> str:
+    """sha256 over the model's files (weights, config, tokenizer: every file of its folder, or its .gguf)
+    and the dtype it is loaded in: another teacher, or the same one changed on disk, has another one."""
+    from gkd.models import resolve
+
+    folder, gguf = resolve(spec)
+    files = [folder / gguf] if gguf else sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    h = hashlib.sha256(f"dtype={dtype}\n".encode())
+    for f in files:
+        h.update(f"{f.name}={_sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def local_identity(spec: str, dtype: str) -> dict:
+    return {"kind": "local", "fingerprint": model_fingerprint(spec, dtype)}
+
+
+def remote_identity(remote) -> dict:
+    """A server's model as it names itself (``gkd serve`` also sends its weights' fingerprint; for vLLM the
+    served name and root are all there is: see docs/teacher_cache.md), and the log-probs' wire dtype."""
+    served = remote.served or {}
+    return {"kind": "server", "model": remote.model, "root": served.get("root"),
+            "fingerprint": (served.get("gkd") or {}).get("fingerprint"),
+            "wire_dtype": remote.wire_dtype if remote.compact else "json"}
+
+
+def _images_digest(images: list) -> list[str]:
+    out = []
+    for im in images or []:
+        h = hashlib.sha256(f"{im.mode}:{im.size}".encode())
+        h.update(im.tobytes())
+        out.append(h.hexdigest())
+    return out
+
+
+class TeacherCache:
+    """Entries of one teacher, K and loss temperature in a folder; counts what it did."""
+
+    def __init__(self, folder: str, identity: dict, topk: int, temperature: float, log=print):
+        self.folder = check_folder(folder)
+        self.base = {"format": FORMAT, "teacher": identity, "topk": int(topk), "temperature": float(temperature)}
+        self.topk, self.log = int(topk), log
+        self.hits = self.misses = self.damaged = self.written_bytes = 0
+        try:
+            (self.folder / "entries").mkdir(parents=True, exist_ok=True)
+            if not (self.folder / MARKER).is_file():
+                write_atomic(self.folder / MARKER, json.dumps({"format": FORMAT}) + "\n")
+        except OSError as e:
+            raise GKDError(f"--teacher_cache {folder}: cannot create it ({e.strerror or e})") from None
+
+    def key(self, ids: list[int], rows_from: int, images: list | None = None) -> str:
+        tokens = hashlib.sha256(torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest()
+        parts = {**self.base, "tokens": tokens, "n": len(ids), "rows_from": rows_from,
+                 "images": _images_digest(images)}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.folder / "entries" / key[:2] / f"{key}.json"
+
+    def get(self, key: str, rows: int, rows_from: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The entry's (ids [rows, K], log-probs [rows, K]), or None when absent or damaged (said once)."""
+        path = self.path(key)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        why = None
+        sum_, _, body = raw.partition(b"\n")
+        if hashlib.sha256(body).hexdigest().encode() != sum_:
+            why = "checksum mismatch"
+        else:
+            try:
+                entry = json.loads(body)
+                if entry.get("key") != key:
+                    why = "it belongs to another key"
+                else:
+                    ids, lp = decode_compact(entry["topk"], self.topk, rows, rows_from)
+                    self.hits += 1
+                    return ids, lp
+            except (ValueError, KeyError, TypeError, AttributeError, WireError) as e:
+                why = f"unreadable ({type(e).__name__})"
+        self.damaged += 1
+        self.misses += 1
+        self.log(f"[gkd] teacher cache: damaged entry {path} ({why}); scoring the row again")
+        return None
+
+    def put(self, key: str, ids: torch.Tensor, logprobs: torch.Tensor, rows_from: int) -> None:
+        body = json.dumps({"key": key, "topk": encode_compact(ids.cpu(), logprobs.cpu(), rows_from, "float32")},
+                          separators=(",", ":")).encode()
+        data = hashlib.sha256(body).hexdigest().encode() + b"\n" + body
+        path = self.path(key)
+        try:
+            path.parent.mkdir(exist_ok=True)
+            write_atomic(path, data)
+        except OSError as e:
+            raise GKDError(f"--teacher_cache {self.folder}: writing {path} failed ({e.strerror or e}); free some "
+                           "space or choose another folder") from None
+        self.written_bytes += len(data)
+
+    def summary(self) -> dict:
+        return {"cache_hits": self.hits, "cache_misses": self.misses, "cache_damaged": self.damaged,
+                "cache_bytes_written": self.written_bytes}
+
+
+# --- the teacher ----------------------------------------------------------------------------------------
+
+
+def _rows(batch: Batch) -> list[tuple[list[int], int]]:
+    """(token ids without padding, first scored position or -1) per row."""
+    out = []
+    for ids, att, mask in zip(batch.input_ids, batch.attention_mask, batch.loss_mask):
+        scored = mask.nonzero()
+        out.append((ids[: int(att.sum())].tolist(), int(scored[0]) if len(scored) else -1))
+    return out
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """Whether ``flag`` holds on any process: a sharded teacher's forward needs every rank, so one rank's
+    miss makes all of them score."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class CachedTeacher:
+    """A teacher whose off-policy rows come from a TeacherCache when every row of the batch is there; else
+    the wrapped teacher scores the batch (every rank of a sharded one) and the missing rows are stored.
+    The loss always gets top-K ids + log-probs, the same values a live top-K teacher gives it."""
+
+    def __init__(self, inner, cache: TeacherCache, sharded: bool = False, tp_group=None, log=print):
+        self.inner, self.cache, self.sharded, self.tp_group, self.log = inner, cache, sharded, tp_group, log
+        self.topk, self.context = inner.topk, inner.context
+
+    def score(self, batch: Batch, split=None) -> TeacherOutput:
+        if split is not None:
+            raise GKDError("--teacher_cache with --context_parallel_size > 1 is not supported yet")
+        if batch.sampled:  # the student's samples change every step: nothing to reuse
+            return self.inner.score(batch)
+        rows = _rows(batch)
+        B, T = batch.input_ids.shape
+        K = self.cache.topk
+        ids = torch.zeros(B, T, K, dtype=torch.long)
+        lps = torch.zeros(B, T, K, dtype=torch.float32)
+        keys, missing = [None] * B, []
+        for b, (seq, r0) in enumerate(rows):
+            if r0 < 0:
+                continue
+            keys[b] = self.cache.key(seq, r0, batch.images[b] if batch.images else None)
+            got = self.cache.get(keys[b], len(seq) - 1 - r0, r0)
+            if got is None:
+                missing.append(b)
+            else:
+                ids[b, r0:len(seq) - 1], lps[b, r0:len(seq) - 1] = got
+        if _any_rank(bool(missing), batch.input_ids.device) if self.sharded else missing:
+            ids, lps = self._live(batch)
+            for b in missing:
+                seq, r0 = rows[b]
+                self.cache.put(keys[b], ids[b, r0:len(seq) - 1], lps[b, r0:len(seq) - 1], r0)
+        device = batch.input_ids.device
+        return TeacherOutput(topk_ids=ids.to(device), topk_logprobs=lps.to(device))
+
+    def _live(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The wrapped teacher's top-K of every scored position of ``batch`` ([B, T, K] on the CPU)."""
+        out = self.inner.score(batch)
+        if out.topk_ids is not None:
+            return out.topk_ids.cpu(), out.topk_logprobs.float().cpu()
+        # a local teacher: its top-K from its logits, as the loss takes it (gkd.losses.topk_logprobs)
+        B, T = batch.input_ids.shape
+        ids = torch.zeros(B * T, self.cache.topk, dtype=torch.long)
+        lps = torch.zeros(B * T, self.cache.topk, dtype=torch.float32)
+        where = batch.loss_mask.reshape(-1).nonzero()[:, 0]
+        hidden = out.hidden.reshape(B * T, -1)
+        for c in range(0, len(where), HEAD_ROWS):
+            pos = where[c:c + HEAD_ROWS]
+            i, lp = topk_logprobs(out.head.logits(hidden[pos]), self.cache.topk, tp_group=self.tp_group)
+            ids[pos.cpu()], lps[pos.cpu()] = i.cpu(), lp.cpu()
+        return ids.view(B, T, -1), lps.view(B, T, -1)
+
+    # --- the rest of the protocol: the wrapped teacher's ---
+
+    def check_rows(self, examples: list, new_tokens: int, sampled: bool) -> None:
+        self.inner.check_rows(examples, new_tokens, sampled)
+
+    def score_pipelined(self, batches: list[Batch], last_stage: bool):
+        raise GKDError("--teacher_cache with --pipeline_model_parallel_size > 1 is not supported yet")
+
+    def check_generation(self, rollout, why: str) -> None:
+        self.inner.check_generation(rollout, why)
+
+    def generate(self, prompts, rollout, rows=None, inputs=None, seed: int = 0):
+        return self.inner.generate(prompts, rollout, rows, inputs, seed)
+
+    def evaluate(self, student, prompts, **kw):
+        return self.inner.evaluate(student, prompts, **kw)
+
+    def memory_mib(self, most, device) -> dict[str, float]:
+        return self.inner.memory_mib(most, device)
+
+    def close(self) -> None:
+        c = self.cache
+        self.log(f"[gkd] teacher cache {c.folder}: {c.hits} rows reused, {c.misses} scored ({c.damaged} damaged "
+                 f"entries among them), {c.written_bytes} bytes written")
+        self.inner.close()
