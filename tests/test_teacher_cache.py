@@ -318,7 +318,31 @@ def test_fsdp_two_processes_fill_and_reuse_the_cache(tiny, live, tmp_path):
     for out, said in (("a", "8 rows reused, 8 scored"), ("b", "16 rows reused, 0 scored")):
         cmd = torchrun_cmd(2, train_args(tiny, tmp_path / out, "--teacher_cache", str(cache)))
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, [line for line in proc.stderr.splitlines() if "gkd:" in line] or proc.stderr[-3000:]
         assert said in proc.stderr  # rank 0's share: 8 rows an epoch
         assert_valid(cache, 16)
         assert_equal_runs(live, tmp_path / out, tol=1e-5)  # two ranks sum in another order
+
+
+def test_the_processes_of_one_run_never_see_its_cache_half_made(tmp_path, monkeypatch):
+    """Every process of a run checks the folder while the others probe it or make the cache: another
+    process's probe or marker temp file is not "other files", and the marker exists before anything else
+    (a process checking between two of the maker's steps failed a 2-process run under load)."""
+    from gkd.teacher.cache import check_folder
+
+    folder = tmp_path / "cache"
+    (folder / ".gkd-probe-abc").mkdir(parents=True)  # another process's writability probe
+    (folder / f".{MARKER}.x1.tmp").write_text("")  # another process's marker, being written
+    assert check_folder(str(folder)) == folder.absolute()
+    seen = []
+    mkdir = Path.mkdir
+
+    def checking(self, *a, **kw):  # each step of making the cache, as another process would see it
+        mkdir(self, *a, **kw)
+        if self.is_relative_to(folder):
+            seen.append((self.name, check_folder(str(folder)) == folder.absolute()))
+
+    monkeypatch.setattr(Path, "mkdir", checking)
+    TeacherCache(str(folder), {"model": "t"}, 4, 1.0, log=lambda *_: None)
+    assert seen and all(ok for _, ok in seen), seen
+    assert (folder / MARKER).is_file()

@@ -56,7 +56,9 @@ def check_folder(path: str) -> Path:
     except OSError as e:
         raise GKDError(f"--teacher_cache {path}: not writable ({e.strerror or e}); make it writable or choose "
                        "another folder") from None
-    if probe == folder and any(folder.iterdir()) and not (folder / MARKER).is_file():
+    # (another process of this run may be probing too, or making the cache: its marker is made first)
+    if probe == folder and not (folder / MARKER).is_file() and any(
+            not f.name.startswith((".gkd-probe-", f".{MARKER}.")) for f in folder.iterdir()):
         raise GKDError(f"--teacher_cache {path}: the folder holds other files and no {MARKER}; name an empty or "
                        "new folder (or one a teacher cache made)")
     return folder
@@ -109,14 +111,15 @@ class TeacherCache:
     """Entries of one teacher, K and loss temperature in a folder; counts what it did."""
 
     def __init__(self, folder: str, identity: dict, topk: int, temperature: float, log=print):
-        self.folder = check_folder(folder)
+        self.folder = Path(folder).absolute()  # checked by the caller before any process wrote into it
         self.base = {"format": FORMAT, "teacher": identity, "topk": int(topk), "temperature": float(temperature)}
         self.topk, self.log = int(topk), log
         self.hits = self.misses = self.damaged = self.written_bytes = 0
         try:
-            (self.folder / "entries").mkdir(parents=True, exist_ok=True)
-            if not (self.folder / MARKER).is_file():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if not (self.folder / MARKER).is_file():  # first, so no process sees the folder unmarked
                 write_atomic(self.folder / MARKER, json.dumps({"format": FORMAT}) + "\n")
+            (self.folder / "entries").mkdir(exist_ok=True)
         except OSError as e:
             raise GKDError(f"--teacher_cache {folder}: cannot create it ({e.strerror or e})") from None
 
