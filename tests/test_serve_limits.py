@@ -142,10 +142,11 @@ def test_the_drain_cuts_idle_clients_at_once_and_lets_requests_in_flight_finish(
 
 
 def test_a_drain_past_its_timeout_answers_every_waiting_request_503_and_ends(tiny):
-    """Under load, then SIGTERM: one request is being scored (held on an Event that the drain never sees
-    released), eleven more wait in the queue. The drain ends at its timeout anyway, and every one of the twelve
-    is answered 503 (none left without an answer, none scored after the drain); new work is refused 503."""
-    server = _serve(tiny["teacher"], drain_timeout=0.5)
+    """Under load, then SIGTERM: twelve requests at once; one is being scored (held on an Event that the drain
+    never sees released), the next did not fit that forward (--max_batch_tokens 100) and waits outside the
+    queue, ten wait in it. The drain ends at its timeout anyway, and every one of the twelve is answered 503
+    (none left without an answer, none scored after the drain); new work is refused 503."""
+    server = _serve(tiny["teacher"], drain_timeout=0.5, max_batch_tokens=100, batch_wait_ms=60_000)
     scoring, release = threading.Event(), threading.Event()
     score = server.scorer._score
     server.scorer._score = lambda jobs: (scoring.set(), release.wait(120), score(jobs))[-1]
@@ -158,11 +159,11 @@ def test_a_drain_past_its_timeout_answers_every_waiting_request_503_and_ends(tin
 
     clients = [threading.Thread(target=ask, daemon=True) for _ in range(12)]
     try:
-        clients[0].start()
-        assert scoring.wait(60)  # the first request is in its forward
-        for c in clients[1:]:
+        for c in clients:
             c.start()
-        while len(server.submitted) < 12:  # the others are queued behind it
+        # the scorer waits (batch_wait_ms) until a second request comes and does not fit: then it scores the first
+        assert scoring.wait(60)
+        while len(server.submitted) < 12:
             assert all(c.is_alive() for c in clients), answers
             threading.Event().wait(0.02)
         server.httpd.shutdown()
@@ -170,7 +171,7 @@ def test_a_drain_past_its_timeout_answers_every_waiting_request_503_and_ends(tin
         assert not release.is_set()
         for c in clients:
             c.join(60)
-        assert [a[0] for a in answers] == [503] * 12, answers
+        assert sorted(a[0] for a in answers) == [503] * 12, answers
         assert "drain timeout" in answers[0][1]["error"]["message"]
         with pytest.raises(Exception, match="shutting down"):
             server.scorer.submit([5, 6], 2)

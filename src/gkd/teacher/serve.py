@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import queue
+import select
 import signal
 import socket
 import threading
@@ -91,7 +92,7 @@ class Scorer:
             job = self.jobs.get()
             if job is None:
                 return
-            batch, held = [job], None
+            batch = self.current = [job]  # (seen by cancel() from the first job on)
             deadline = time.monotonic() + self.wait_s
             while True:
                 try:
@@ -103,11 +104,10 @@ class Scorer:
                     break
                 # the forward is padded: budget rows x longest row, not the sum of lengths
                 if (len(batch) + 1) * max(len(nxt.ids), *(len(j.ids) for j in batch)) > self.max_batch_tokens:
-                    held = nxt
+                    self._requeue_first(nxt)  # the next batch's first
                     break
                 batch.append(nxt)
-            batch = [j for j in batch if not j.future.done()]  # (cancelled by the drain)
-            self.current = batch
+            batch = self.current = [j for j in batch if not j.future.done()]  # (cancelled by the drain)
             try:
                 for j, result in zip(batch, self._score(batch) if batch else ()):
                     _settle(j.future, result)
@@ -115,11 +115,12 @@ class Scorer:
                 for j in batch:
                     _settle(j.future, error=e)
             self.current = []
-            if held is not None:
-                self._requeue_first(held)
 
     def _requeue_first(self, job: _Job) -> None:
-        """Put a job that did not fit back at the head of the queue."""
+        """Put a job that did not fit back at the head of the queue (or fail it, when cancel() has run)."""
+        if self.closed:
+            _settle(job.future, error=ShuttingDown("the server is shutting down; send this request to another one"))
+            return
         with self.jobs.mutex:
             self.jobs.queue.appendleft(job)
             self.jobs.unfinished_tasks += 1
@@ -374,7 +375,7 @@ class TeacherServer:
         finally:
             self.drain()
             self.httpd.server_close()
-            ended = self.scorer.stop(timeout=1)
+            ended = self.scorer.stop(timeout=0.1)
             print("[gkd serve] stopped" if ended else "[gkd serve] stopped (a forward was still running: its "
                   "requests were answered 503)", flush=True)
         return ended
@@ -391,13 +392,14 @@ class TeacherServer:
         --drain_timeout to finish, then answer those still waiting 503 and close every connection."""
         conns = self.connections
         conns.draining = self.scorer.closed = True
-        deadline = time.monotonic() + self.cfg.drain_timeout
+        # the last moments of the timeout are for writing the 503s of what is still waiting then
+        answered = time.monotonic() + self.cfg.drain_timeout
+        deadline = answered - min(0.5, self.cfg.drain_timeout / 2)
         while conns.close(lambda phase, age: phase == "idle") and time.monotonic() < deadline:
             time.sleep(0.05)
         self.scorer.cancel()
-        answered = time.monotonic() + 2  # for the cancelled requests' 503s to be written
         while conns.close(lambda phase, age: phase == "idle") and time.monotonic() < answered:
-            time.sleep(0.05)
+            time.sleep(0.02)
         conns.close(lambda phase, age: True)
         conns.stopped = True
 
@@ -459,7 +461,8 @@ def _handler_for(server: TeacherServer):
             conns = server.connections
             conns.set(self.connection, "idle")
             try:
-                if conns.draining or not self.rfile.peek(1):  # waits for the next request's first byte
+                # draining: a connection whose request has begun to arrive is answered (503), an idle one closed
+                if conns.draining and not select.select([self.connection], [], [], 0)[0] or not self.rfile.peek(1):
                     self.close_connection = True
                     return
                 conns.set(self.connection, "reading")  # from here the whole request has --request_timeout
@@ -516,7 +519,7 @@ def _handler_for(server: TeacherServer):
             if not self._authorized():
                 return
             if self.path == "/health":
-                self._send(200)
+                self._send(503 if server.connections.draining else 200)
             elif self.path == "/v1/models":
                 self._send(200, server.models())
             else:
