@@ -91,11 +91,12 @@ def _save(final: Path, tmp: Path, step: int, model, optimizer, scheduler, traine
     with _single_process_quiet(par):
         dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(tmp / "state"))
     torch.save(rng_state(), tmp / f"rng-{par.rank}.pt")
-    par.barrier()
     if par.is_main:
         torch.save({"scheduler": scheduler.state_dict()}, tmp / "trainer.pt")
+    par.barrier()
+    files = _digests(tmp, par)
+    if par.is_main:
         mesh = {"world": par.world, "dp_replicate": par.dp_replicate, "dp_shard": par.dp_shard, "tp": par.tp}
-        files = {str(f.relative_to(tmp)): _sha256(f, sync=True) for f in sorted(tmp.rglob("*")) if f.is_file()}
         (tmp / _DONE).write_text(json.dumps({"step": step, **trainer_state, "mesh": mesh, "sha256": files}, indent=2))
         with open(tmp / _DONE, "rb") as fh:
             os.fsync(fh.fileno())
@@ -105,6 +106,20 @@ def _save(final: Path, tmp: Path, step: int, model, optimizer, scheduler, traine
                                f"(no {_DONE} inside); move it away, then resume with --resume_from_checkpoint latest")
             outdir.delete_checkpoint(final)
         os.replace(tmp, final)
+
+
+def _digests(folder: Path, par) -> dict[str, str]:
+    """{file: sha256} of every file in ``folder``, each fsynced; every rank reads a share of the files, and
+    rank 0 gets them all (others get {})."""
+    names = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())
+    mine = {n: _sha256(folder / n, sync=True) for n in names[par.rank::par.world]}
+    if par.world == 1:
+        return mine
+    import torch.distributed as dist
+
+    parts = [None] * par.world if par.is_main else None
+    dist.gather_object(mine, parts, dst=0)
+    return {n: d for part in parts for n, d in part.items()} if par.is_main else {}
 
 
 def _sha256(path: Path, sync: bool = False) -> str:
