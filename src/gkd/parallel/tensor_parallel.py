@@ -37,6 +37,81 @@ def replicated(input_layout):
     return Replicated()
 
 
+def split_norm():
+    """A style for a norm over a whole column-split projection (OLMo 2's and OLMoE's q_norm / k_norm span
+    every head): its weight split like the projection's columns, its input this rank's columns, and the
+    forward run on DTensors, so the mean of squares is summed over the ranks (exactly the whole width's)
+    and the output comes back as this rank's columns."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_module, distribute_tensor
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class SplitNorm(ParallelStyle):
+        def _apply(self, module, mesh):
+            def weights(_name, mod, mesh):
+                for name, p in list(mod.named_parameters(recurse=False)):
+                    split = distribute_tensor(p.detach(), mesh, [Shard(0)])
+                    mod.register_parameter(name, torch.nn.Parameter(split, requires_grad=p.requires_grad))
+
+            def inputs(_, args, mesh):
+                return (DTensor.from_local(args[0], mesh, [Shard(-1)], run_check=False), *args[1:])
+
+            def outputs(_, out, mesh):
+                return out.redistribute(mesh, [Shard(-1)]).to_local()
+
+            return distribute_module(module, mesh, weights, input_fn=inputs, output_fn=outputs)
+
+    return SplitNorm()
+
+
+def colwise_parts(parts: int):
+    """A style for a fused projection of ``parts`` equal parts that the module chunks (Phi-3's gate_up_proj:
+    gate, up): its weight split by output column as stored (so checkpoints keep their layout), then each rank's
+    output regrouped over the ranks (all-to-all) into its columns of every part, as the next rowwise
+    projection (down_proj) takes them."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle
+
+    class ColwiseParts(ParallelStyle):
+        def _apply(self, module, mesh):
+            ColwiseParallel(use_local_output=False)._apply(module, mesh)
+
+            def regroup(_m, _args, out):  # [..., parts * n] split by column -> [..., parts, n] split on n
+                by_part = out.unflatten(-1, (parts, out.shape[-1] // parts)).redistribute(mesh, [Shard(out.ndim)])
+                return by_part.to_local().flatten(-2)
+
+            module.register_forward_hook(regroup)
+            return module
+
+    return ColwiseParts()
+
+
+def replicate_module(module, mesh) -> None:
+    """Every rank of ``mesh`` runs ``module`` whole (a vision tower and its projector: tensor-parallel peers hold
+    the same rows and images, so they compute the same thing and the same gradients): its weights held as
+    replicated DTensors like every other weight (the optimizer takes one kind of tensor), its forward run on
+    their local tensors."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    owners = [(sub, name) for sub in module.modules() for name, p in sub.named_parameters(recurse=False)]
+    for sub, name in owners:
+        p = sub._parameters[name]
+        whole = DTensor.from_local(p.detach(), mesh, [Replicate()], run_check=False)
+        sub.register_parameter(name, torch.nn.Parameter(whole, requires_grad=p.requires_grad))
+    forward = module.forward
+
+    def on_local_weights(*args, **kwargs):
+        held = [(sub, name, sub._parameters[name]) for sub, name in owners]
+        try:  # (to_local keeps the autograd link: gradients reach the DTensor weights)
+            for sub, name, p in held:
+                sub._parameters[name] = p.to_local()
+            return forward(*args, **kwargs)
+        finally:
+            for sub, name, p in held:
+                sub._parameters[name] = p
+
+    module.forward = on_local_weights
+
+
 def styles(plan: dict[str, str]) -> dict:
     """An adapter's plan (submodule -> style name) as DTensor parallel styles."""
     from torch.distributed.tensor import Replicate, Shard
@@ -46,7 +121,12 @@ def styles(plan: dict[str, str]) -> dict:
 
     make = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel, "replicated": lambda: replicated(Replicate()),
             "replicated_heads": lambda: replicated(Shard(2)),  # per-head norms see this rank's heads
-            "replicated_experts": replicated_experts}
+            "replicated_experts": replicated_experts, "split_norm": split_norm,
+            "colwise_two_parts": lambda: colwise_parts(2),
+            # a fused projection whose parts the module slices at their whole sizes (Phi-3's qkv_proj): split by
+            # column, its output gathered whole; the next projection takes its rank's columns
+            "colwise_gathered": lambda: ColwiseParallel(output_layouts=Replicate()),
+            "rowwise_of_whole": lambda: RowwiseParallel(input_layouts=Replicate())}
     return {name: make[style]() for name, style in plan.items()}
 
 
@@ -80,6 +160,10 @@ def apply_tensor_parallel(model, tp_mesh) -> None:
     tied = head is not None and body.embed_tokens is not None and head.weight is body.embed_tokens.weight
     for layer in (body.layers.values() if staged else body.layers):
         parallelize_module(layer, tp_mesh, styles(adapter.tp_layer_plan(layer)))
+    tower, aligner = adapter.vision_tower(model), adapter.aligner(model)
+    for part in (tower, aligner):
+        if part is not None and not (part is aligner and tower is not None and part in set(tower.modules())):
+            replicate_module(part, tp_mesh)
     if body.norm is not None:
         parallelize_module(body.norm, tp_mesh, replicated(Replicate()))
     if head is not None:
