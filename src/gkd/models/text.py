@@ -124,13 +124,15 @@ class Gemma3(Gemma):
         return {i: made[config.layer_types[i]] for i in layer_ids}
 
 
-def phi3_layer_plan(layer) -> dict[str, str]:
-    """Phi-3's fused projections, split with their weights in the checkpoint layout: gate_up_proj by column, its
-    output regrouped so that each rank holds its columns of gate and of up (down_proj takes them, rowwise);
-    qkv_proj's output gathered whole, since the attention slices q, k and v at their whole sizes (o_proj takes
-    its rank's columns): each rank runs every head."""
-    plan = {"self_attn.qkv_proj": "colwise_gathered", "self_attn.o_proj": "rowwise_of_whole",
-            "mlp.gate_up_proj": "colwise_two_parts", "mlp.down_proj": "rowwise"}
+def phi3_layer_plan(layer) -> dict:
+    """Phi-3's fused projections, split by column with their weights as stored (checkpoints keep their layout),
+    their outputs regrouped so that each rank holds its heads' q, k and v and its columns of gate and of up: the
+    attention then counts this rank's heads, o_proj and down_proj split by row as Llama's."""
+    attn = layer.self_attn
+    q, kv = attn.config.num_attention_heads * attn.head_dim, attn.num_key_value_heads * attn.head_dim
+    plan = {"self_attn": "local_heads", "self_attn.qkv_proj": ("colwise_parts", q, kv, kv),
+            "self_attn.o_proj": "rowwise", "mlp.gate_up_proj": ("colwise_parts", *[layer.mlp.down_proj.in_features] * 2),
+            "mlp.down_proj": "rowwise"}
     plan.update({norm: "replicated" for norm in _LAYER_NORMS if hasattr(layer, norm)})
     return plan
 

@@ -63,26 +63,66 @@ def split_norm():
     return SplitNorm()
 
 
-def colwise_parts(parts: int):
-    """A style for a fused projection of ``parts`` equal parts that the module chunks (Phi-3's gate_up_proj:
-    gate, up): its weight split by output column as stored (so checkpoints keep their layout), then each rank's
-    output regrouped over the ranks (all-to-all) into its columns of every part, as the next rowwise
-    projection (down_proj) takes them."""
-    from torch.distributed.tensor import Shard
+def colwise_parts(*sizes: int):
+    """A style for a fused projection whose output the module slices into parts of ``sizes`` columns (Phi-3's
+    qkv_proj: q, k, v; gate_up_proj: gate, up): its weight split by output column as stored (checkpoints keep
+    their layout), then its output regrouped over the ranks so that each holds its share of every part (its
+    heads' q, k and v; its columns of gate and of up), in order, as local-head attention and the next rowwise
+    projection take them. Equal parts move with one all-to-all; others are gathered and each rank keeps its
+    columns."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle
 
     class ColwiseParts(ParallelStyle):
         def _apply(self, module, mesh):
             ColwiseParallel(use_local_output=False)._apply(module, mesh)
+            n = mesh.size()
+            starts = [sum(sizes[:i]) for i in range(len(sizes))]
+            order = torch.tensor([s + c for r in range(n) for s, size in zip(starts, sizes)
+                                  for c in range(r * size // n, (r + 1) * size // n)])
 
-            def regroup(_m, _args, out):  # [..., parts * n] split by column -> [..., parts, n] split on n
-                by_part = out.unflatten(-1, (parts, out.shape[-1] // parts)).redistribute(mesh, [Shard(out.ndim)])
-                return by_part.to_local().flatten(-2)
+            def regroup(_m, _args, out):
+                if len(set(sizes)) == 1:  # [..., parts * m] split by column -> [..., parts, m] split on m
+                    by_part = out.unflatten(-1, (len(sizes), sizes[0])).redistribute(mesh, [Shard(out.ndim)])
+                    return by_part.to_local().flatten(-2)
+                columns = DTensor.from_local(order.to(out.device), mesh, [Replicate()], run_check=False)
+                mine = out.redistribute(mesh, [Replicate()]).index_select(-1, columns)
+                return mine.redistribute(mesh, [Shard(-1)]).to_local()
 
             module.register_forward_hook(regroup)
             return module
 
     return ColwiseParts()
+
+
+class _LocalHeadCounts:
+    """A model config seen with this rank's head counts; everything else read from (and written to) the model's
+    own, live (generation switches the attention implementation on it)."""
+
+    def __init__(self, config, n: int):
+        object.__setattr__(self, "_whole", config)
+        object.__setattr__(self, "num_attention_heads", config.num_attention_heads // n)
+        object.__setattr__(self, "num_key_value_heads", config.num_key_value_heads // n)
+
+    def __getattr__(self, name):
+        return getattr(self._whole, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._whole, name, value)
+
+
+def local_heads():
+    """A style for an attention module whose forward counts heads from its config (Phi-3's slices q, k and v by
+    them): it counts this rank's heads."""
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class LocalHeads(ParallelStyle):
+        def _apply(self, module, mesh):
+            module.config = _LocalHeadCounts(module.config, mesh.size())
+            module.num_key_value_heads //= mesh.size()
+            return module
+
+    return LocalHeads()
 
 
 def replicate_module(module, mesh) -> None:
@@ -112,8 +152,8 @@ def replicate_module(module, mesh) -> None:
     module.forward = on_local_weights
 
 
-def styles(plan: dict[str, str]) -> dict:
-    """An adapter's plan (submodule -> style name) as DTensor parallel styles."""
+def styles(plan: dict) -> dict:
+    """An adapter's plan (submodule -> style) as DTensor parallel styles."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
@@ -121,13 +161,11 @@ def styles(plan: dict[str, str]) -> dict:
 
     make = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel, "replicated": lambda: replicated(Replicate()),
             "replicated_heads": lambda: replicated(Shard(2)),  # per-head norms see this rank's heads
-            "replicated_experts": replicated_experts, "split_norm": split_norm,
-            "colwise_two_parts": lambda: colwise_parts(2),
-            # a fused projection whose parts the module slices at their whole sizes (Phi-3's qkv_proj): split by
-            # column, its output gathered whole; the next projection takes its rank's columns
-            "colwise_gathered": lambda: ColwiseParallel(output_layouts=Replicate()),
-            "rowwise_of_whole": lambda: RowwiseParallel(input_layouts=Replicate())}
-    return {name: make[style]() for name, style in plan.items()}
+            "replicated_experts": replicated_experts, "split_norm": split_norm, "colwise_parts": colwise_parts,
+            "local_heads": local_heads}
+    # a style is a name, or (name, its arguments): ("colwise_parts", q, k, v)
+    return {name: make[style[0]](*style[1:]) if isinstance(style, tuple) else make[style]()
+            for name, style in plan.items()}
 
 
 def check_plan(model, tp: int, lora: bool = False) -> None:
