@@ -41,6 +41,30 @@ for _saved, _on in RESUMES:  # the saved run's step-2 checkpoint, resumed on one
             resumed_from(_saved, lora=LORA if "lora" in _saved else [],
                          flags=[] if _on.startswith("single") else MESHES[_on][1]), after=(_saved,), mkdir=True)
 
+# Phi-3 (fused projections regrouped over the TP ranks) and OLMo 2 (q/k norms split with their projections): a
+# TP = 2 checkpoint holds their weights and AdamW state in the folders' layout, so one process resumes it
+REGROUPED = ("phi3", "olmo2")
+
+
+def _family_models(c, family: str) -> dict:
+    def make():
+        from families import write_family
+
+        root = c.root / f"family-{family}"
+        return {**c.models("tiny"), "student": str(write_family(root / "student", family, seed=2)),
+                "teacher": str(write_family(root / "teacher", family, layers=3, seed=1))}
+
+    return c.once(f"family-{family}", make)
+
+
+for _family in REGROUPED:
+    declare(f"tp2-{_family}", 2, lambda c, out, f=_family: train_args(_family_models(c, f), out,
+                                                                      "--tensor_model_parallel_size", "2"))
+    declare(f"resume-tp2-{_family}-on-single", 1,
+            lambda c, out, f=_family: train_args(_family_models(c, f), out, "--resume_from_checkpoint",
+                                                 str(c.out(f"tp2-{f}") / "checkpoint-2")),
+            after=(f"tp2-{_family}",), mkdir=True)
+
 # --eval_steps with FSDP = 2 against one process
 EVAL = ["--eval_steps", "2", "--split_dataset_ratio", "0.3", "--global_batch_size", "4"]
 declare_training("eval-single", 1, EVAL)
@@ -97,6 +121,15 @@ def test_tensor_parallel_halves_parameter_and_optimizer_memory(runs):
 @pytest.mark.dist
 def test_resume_on_another_mesh(runs, saved, resumed):
     check_resume(runs[f"resume-{saved}-on-{resumed}"], runs["single-lora" if "lora" in saved else "single"])
+
+
+@pytest.mark.parametrize("family", REGROUPED)
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_tp2_checkpoint_of_a_regrouped_family_resumes_on_one_process(runs, family):
+    """One process resumes the TP = 2 run's step-2 checkpoint with that run's losses and final weights (whose TP = 2
+    steps equal the naive ones: test_families_dist.py)."""
+    check_resume(runs[f"resume-tp2-{family}-on-single"], runs[f"tp2-{family}"])
 
 
 @pytest.mark.slow

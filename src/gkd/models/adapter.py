@@ -132,9 +132,9 @@ class Adapter:
         blocks = set(getattr(base, "_no_split_modules", None) or ())
         return [m for m in base.modules() if type(m).__name__ in blocks]
 
-    def tp_layer_plan(self, layer) -> dict[str, str] | None:
-        """The tensor-parallel plan of one decoder layer ({submodule name: style name}, the names
-        gkd.parallel.tensor_parallel.styles knows), or None when the family has none."""
+    def tp_layer_plan(self, layer) -> dict | None:
+        """The tensor-parallel plan of one decoder layer ({submodule name: style name, or (style name, its
+        arguments)}, the names gkd.parallel.tensor_parallel.styles knows), or None when the family has none."""
         return None
 
     @property

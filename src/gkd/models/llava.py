@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from gkd.models.adapter import Adapter, register, unwrap, vision_outside_units
+from gkd.models.text import llama_layer_plan
 from gkd.models.images import ImageProcessing, load_image_processor
 
 
@@ -27,6 +28,9 @@ class Llava(Adapter):
         weight = next(self.vision_tower(model).parameters())
         pixels = torch.zeros(1, v.num_channels, v.image_size, v.image_size, dtype=weight.dtype, device=weight.device)
         return {"pixel_values": pixels}
+
+    def tp_layer_plan(self, layer) -> dict:
+        return llama_layer_plan(layer)
 
     def fsdp_units(self, model) -> list[torch.nn.Module]:
         return vision_outside_units(self, model)

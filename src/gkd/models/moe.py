@@ -28,8 +28,8 @@ def _base(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class MixtureOfExperts(Adapter):
-    """OLMoE (and what every MoE family shares). No tensor-parallel plan: OLMoE's q/k norms span the whole
-    projection, which a column split would cut."""
+    """OLMoE (and what every MoE family shares). OLMoE's q/k norms span the whole projection: under tensor
+    parallelism they are split with it (gkd.models.text.whole_width_qk_norms)."""
 
     name = "olmoe"
     model_types = ("olmoe",)
@@ -65,6 +65,11 @@ class MixtureOfExperts(Adapter):
 
     def router_aux_loss_coef(self, model) -> float:
         return float(getattr(text_config(unwrap(model).config), "router_aux_loss_coef", 0.0) or 0.0)
+
+    def tp_layer_plan(self, layer) -> dict:
+        from gkd.models.text import whole_width_qk_norms
+
+        return whole_width_qk_norms(moe_layer_plan(layer))
 
 
 def moe_layer_plan(layer) -> dict[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from gkd.models.adapter import Adapter, register, unwrap, vision_outside_units
+from gkd.models.text import llama_layer_plan
 from gkd.models.images import ImageProcessing, load_image_processor
 
 
@@ -39,6 +40,9 @@ class Qwen2VL(Adapter):
         patches = torch.zeros(m * m, v.in_channels * v.temporal_patch_size * v.patch_size**2, dtype=weight.dtype,
                               device=weight.device)
         return {"pixel_values": patches, "image_grid_thw": torch.tensor([[1, m, m]], device=weight.device)}
+
+    def tp_layer_plan(self, layer) -> dict:
+        return llama_layer_plan(layer)
 
     def fsdp_units(self, model) -> list[torch.nn.Module]:
         return vision_outside_units(self, model)

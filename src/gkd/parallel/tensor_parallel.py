@@ -37,8 +37,123 @@ def replicated(input_layout):
     return Replicated()
 
 
-def styles(plan: dict[str, str]) -> dict:
-    """An adapter's plan (submodule -> style name) as DTensor parallel styles."""
+def split_norm():
+    """A style for a norm over a whole column-split projection (OLMo 2's and OLMoE's q_norm / k_norm span
+    every head): its weight split like the projection's columns, its input this rank's columns, and the
+    forward run on DTensors, so the mean of squares is summed over the ranks (exactly the whole width's)
+    and the output comes back as this rank's columns."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_module, distribute_tensor
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class SplitNorm(ParallelStyle):
+        def _apply(self, module, mesh):
+            def weights(_name, mod, mesh):
+                for name, p in list(mod.named_parameters(recurse=False)):
+                    split = distribute_tensor(p.detach(), mesh, [Shard(0)])
+                    mod.register_parameter(name, torch.nn.Parameter(split, requires_grad=p.requires_grad))
+
+            def inputs(_, args, mesh):
+                return (DTensor.from_local(args[0], mesh, [Shard(-1)], run_check=False), *args[1:])
+
+            def outputs(_, out, mesh):
+                return out.redistribute(mesh, [Shard(-1)]).to_local()
+
+            return distribute_module(module, mesh, weights, input_fn=inputs, output_fn=outputs)
+
+    return SplitNorm()
+
+
+def colwise_parts(*sizes: int):
+    """A style for a fused projection whose output the module slices into parts of ``sizes`` columns (Phi-3's
+    qkv_proj: q, k, v; gate_up_proj: gate, up): its weight split by output column as stored (checkpoints keep
+    their layout), then its output regrouped over the ranks so that each holds its share of every part (its
+    heads' q, k and v; its columns of gate and of up), in order, as local-head attention and the next rowwise
+    projection take them. Equal parts move with one all-to-all; others are gathered and each rank keeps its
+    columns."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle
+
+    class ColwiseParts(ParallelStyle):
+        def _apply(self, module, mesh):
+            ColwiseParallel(use_local_output=False)._apply(module, mesh)
+            n = mesh.size()
+            starts = [sum(sizes[:i]) for i in range(len(sizes))]
+            order = torch.tensor([s + c for r in range(n) for s, size in zip(starts, sizes)
+                                  for c in range(r * size // n, (r + 1) * size // n)])
+
+            def regroup(_m, _args, out):
+                if len(set(sizes)) == 1:  # [..., parts * m] split by column -> [..., parts, m] split on m
+                    by_part = out.unflatten(-1, (len(sizes), sizes[0])).redistribute(mesh, [Shard(out.ndim)])
+                    return by_part.to_local().flatten(-2)
+                columns = DTensor.from_local(order.to(out.device), mesh, [Replicate()], run_check=False)
+                mine = out.redistribute(mesh, [Replicate()]).index_select(-1, columns)
+                return mine.redistribute(mesh, [Shard(-1)]).to_local()
+
+            module.register_forward_hook(regroup)
+            return module
+
+    return ColwiseParts()
+
+
+class _LocalHeadCounts:
+    """A model config seen with this rank's head counts; everything else read from (and written to) the model's
+    own, live (generation switches the attention implementation on it)."""
+
+    def __init__(self, config, n: int):
+        object.__setattr__(self, "_whole", config)
+        object.__setattr__(self, "num_attention_heads", config.num_attention_heads // n)
+        object.__setattr__(self, "num_key_value_heads", config.num_key_value_heads // n)
+
+    def __getattr__(self, name):
+        return getattr(self._whole, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._whole, name, value)
+
+
+def local_heads():
+    """A style for an attention module whose forward counts heads from its config (Phi-3's slices q, k and v by
+    them): it counts this rank's heads."""
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class LocalHeads(ParallelStyle):
+        def _apply(self, module, mesh):
+            module.config = _LocalHeadCounts(module.config, mesh.size())
+            module.num_key_value_heads //= mesh.size()
+            return module
+
+    return LocalHeads()
+
+
+def replicate_module(module, mesh) -> None:
+    """Every rank of ``mesh`` runs ``module`` whole (a vision tower and its projector: tensor-parallel peers hold
+    the same rows and images, so they compute the same thing and the same gradients): its weights held as
+    replicated DTensors like every other weight (the optimizer takes one kind of tensor), its forward run on
+    their local tensors."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    owners = [(sub, name) for sub in module.modules() for name, p in sub.named_parameters(recurse=False)]
+    for sub, name in owners:
+        p = sub._parameters[name]
+        whole = DTensor.from_local(p.detach(), mesh, [Replicate()], run_check=False)
+        sub.register_parameter(name, torch.nn.Parameter(whole, requires_grad=p.requires_grad))
+    forward = module.forward
+
+    def on_local_weights(*args, **kwargs):
+        held = [(sub, name, sub._parameters[name]) for sub, name in owners]
+        try:  # (to_local keeps the autograd link: gradients reach the DTensor weights)
+            for sub, name, p in held:
+                sub._parameters[name] = p.to_local()
+            return forward(*args, **kwargs)
+        finally:
+            for sub, name, p in held:
+                sub._parameters[name] = p
+
+    module.forward = on_local_weights
+
+
+def styles(plan: dict) -> dict:
+    """An adapter's plan (submodule -> style) as DTensor parallel styles."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
@@ -46,8 +161,11 @@ def styles(plan: dict[str, str]) -> dict:
 
     make = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel, "replicated": lambda: replicated(Replicate()),
             "replicated_heads": lambda: replicated(Shard(2)),  # per-head norms see this rank's heads
-            "replicated_experts": replicated_experts}
-    return {name: make[style]() for name, style in plan.items()}
+            "replicated_experts": replicated_experts, "split_norm": split_norm, "colwise_parts": colwise_parts,
+            "local_heads": local_heads}
+    # a style is a name, or (name, its arguments): ("colwise_parts", q, k, v)
+    return {name: make[style[0]](*style[1:]) if isinstance(style, tuple) else make[style]()
+            for name, style in plan.items()}
 
 
 def check_plan(model, tp: int, lora: bool = False) -> None:
@@ -80,6 +198,10 @@ def apply_tensor_parallel(model, tp_mesh) -> None:
     tied = head is not None and body.embed_tokens is not None and head.weight is body.embed_tokens.weight
     for layer in (body.layers.values() if staged else body.layers):
         parallelize_module(layer, tp_mesh, styles(adapter.tp_layer_plan(layer)))
+    tower, aligner = adapter.vision_tower(model), adapter.aligner(model)
+    for part in (tower, aligner):
+        if part is not None and not (part is aligner and tower is not None and part in set(tower.modules())):
+            replicate_module(part, tp_mesh)
     if body.norm is not None:
         parallelize_module(body.norm, tp_mesh, replicated(Replicate()))
     if head is not None:
