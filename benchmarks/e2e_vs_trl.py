@@ -19,17 +19,36 @@ warm-up), trained tokens/s (trained tokens over s/step, medians) and the process
 (ru_maxrss from wait4, whole process lifetime; with vLLM the largest process), and the process's user and
 kernel CPU seconds and minor page faults over its whole life (loading and warm-up included): fresh memory
 is zeroed by the kernel on first touch, whose cost varies with the machine (on a VM, by the day).
+
+Every configuration runs --repeats times (default 3), the tools alternating within each repeat; the
+table gives the median over repeats of each run's median s/step, its spread (min-max), and the median of
+the pair-by-pair speed-ups (gkd and TRL of the same repeat). A row whose backend is not installed (vLLM,
+or TRL where its venv cannot be made) is skipped with how to install it; a run that fails is reported and
+the table of the rows that ran is printed anyway.
+
+The step's work and this machine's limit (measured by the script, as benchmarks/rollout.py does: float32
+matmul FLOP/s and memory read bandwidth on the same threads): training FLOPs are 2 x the teacher's Linear
+weights x the tokens it scores plus 6 x the student's (forward and backward), with causal attention
+(2 x layers x width x tokens^2 per sequence forward, x 3 for the student); the sequence is the dataset's
+mean prompt plus the step's completion tokens per row. An on-policy step also decodes: each of the
+longest completion's positions reads the student's Linear weights once (at least weight bytes / bandwidth)
+and does 2 FLOPs per weight per row. "limit" is that work at the measured rates, "of limit" the share of
+it the measured step reaches. Load: the load average before each run and the CPU time other processes
+used during it (from /proc/stat, less the run's own); a run during which others used more than 10 % of a
+core is marked "not quiet" and its ratio should not be trusted.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -116,18 +135,70 @@ def memory_floor(student: Path, teacher: Path) -> dict:
     return {**mib, "total": mib["loaded"] + 3 * mib["student"]}
 
 
+class RunFailed(Exception):
+    pass
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds all processes of the machine have used (user, nice, system, irq, softirq, steal)."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_measured(cmd: list[str], threads: int) -> dict:
     """Run to completion; return the child's peak RSS in MiB, its user and kernel CPU seconds and its minor
-    page faults (whole lifetime, its own children included)."""
+    page faults (whole lifetime, its own children included), and what the rest of the machine did meanwhile:
+    the load average before, other processes' CPU seconds per second during."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    load = os.getloadavg()[0]
+    busy, t0 = _busy_cpu_s(), time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
+    wall, busy = time.monotonic() - t0, _busy_cpu_s() - busy
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
-        sys.exit(f"[bench] failed ({proc.returncode}): {' '.join(cmd)}\n{output[-4000:]}")
+        raise RunFailed(f"exit {proc.returncode}: {output.strip().splitlines()[-1] if output.strip() else ''}"[:300])
+    others = max(0.0, busy - usage.ru_utime - usage.ru_stime) / wall
     return {"peak_rss_mib": usage.ru_maxrss // 1024, "user_s": usage.ru_utime, "kernel_s": usage.ru_stime,
-            "minor_faults": usage.ru_minflt}
+            "minor_faults": usage.ru_minflt, "load_before": load, "others_cpu": others}
+
+
+def model_shape(path: Path) -> dict:
+    """Linear weights (the lm_head counted even when tied: its matmul runs), layers and width."""
+    from transformers import AutoConfig
+
+    from rollout import linear_weights
+
+    config = AutoConfig.from_pretrained(str(path))
+    return {"linear": linear_weights(str(path)), "layers": config.num_hidden_layers, "width": config.hidden_size}
+
+
+def mean_prompt_tokens(data: Path, teacher: Path) -> float:
+    from gkd.models import load_tokenizer
+
+    tok = load_tokenizer(str(teacher))
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    return statistics.mean(len(tok.apply_chat_template(r["messages"][:1], add_generation_prompt=True, tokenize=True)
+                                ["input_ids"]) for r in rows)
+
+
+def step_limit(r: dict, a, shapes: dict, prompt: float, roof: dict) -> dict:
+    """The step's FLOPs and bytes, and the seconds this machine needs for them at its measured rates."""
+    rows = a.batch_size
+    seq = prompt + r["trained_per_step"] / rows  # mean tokens of a row's sequence
+    tokens = seq * rows
+    t, s = shapes["teacher"], shapes["student"]
+    attention = 2 * seq * seq * rows  # per layer and width unit, one forward of causal attention
+    train = (2 * t["linear"] * tokens + 2 * t["layers"] * t["width"] * attention
+             + 6 * s["linear"] * tokens + 6 * s["layers"] * s["width"] * attention)
+    positions = r["generated_per_step"] / rows  # decode steps (rows stop at EOS: the mean is a lower bound)
+    decode_flops = 2 * s["linear"] * r["generated_per_step"]
+    decode_s = positions * s["linear"] * 4 / (roof["bandwidth_gb_s"] * 1e9) if positions else 0.0
+    rate = roof["matmul_gflop_s"] * 1e9
+    limit = train / rate + max(decode_s, decode_flops / rate)
+    return {"train_tflop": train / 1e12, "decode_gflop": decode_flops / 1e9, "limit_s": limit,
+            "of_limit": limit / r["median_step_s"]}
 
 
 def run_gkd(a, teacher: Path, student: Path, data: Path, lmbda: float, out: Path, gc: bool, vllm: bool) -> dict:
@@ -171,61 +242,122 @@ def main() -> None:
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps per run (the first is not timed)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each configuration, the tools alternating")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--sleep_level", type=int, default=0, choices=[0, 1], help="the vLLM row's --sleep_level (GPU)")
     a = ap.parse_args()
     if a.steps < 2:
         ap.error("--steps must be at least 2 (the first step is warm-up)")
+    if a.repeats < 1:
+        ap.error("--repeats must be at least 1")
 
-    py = trl_python(a.trl_venv.absolute())
+    skipped = []
+    try:
+        py = trl_python(a.trl_venv.absolute())
+    except (subprocess.CalledProcessError, OSError) as e:
+        py = None
+        skipped.append(f"TRL rows: its venv could not be made ({e}); see trl_python() in this script")
     teacher, student, data = prepare(a.work.absolute(), a.max_new_tokens)
-    runs = [(tool, lmbda, False, False) for lmbda in a.lmbda for tool in ("gkd", "trl")]  # tool, lmbda, gc, vllm
-    runs += [("gkd", 1.0, False, True)] if "vllm" in a.extra_rows else []
-    runs += [(tool, 1.0, True, False) for tool in ("gkd", "trl")] if "gc" in a.extra_rows else []
-    results = []
-    for tool, lmbda, gc, vllm in runs:
-        name = f"{tool}-lmbda{lmbda:g}" + ("-gc" if gc else "") + ("-vllm" if vllm else "")
-        out = a.work.absolute() / name
-        shutil.rmtree(out, ignore_errors=True)
-        if tool == "gkd":
-            r = run_gkd(a, teacher, student, data, lmbda, out, gc, vllm)
+    configs = [(tool, lmbda, False, False) for lmbda in a.lmbda for tool in ("gkd", "trl")]  # tool, lmbda, gc, vllm
+    if "vllm" in a.extra_rows:
+        if importlib.util.find_spec("vllm") is None:
+            skipped.append("gkd --use_vllm: vLLM is not installed in this venv (bash scripts/setup_vllm.sh on CPU, "
+                           "pip install vllm on a GPU)")
         else:
-            r = run_trl(a, py, teacher, student, data, lmbda, out, gc)
-        timed = slice(1, None)  # the first step is warm-up
-        r.update(tool=tool, lmbda=lmbda, gc=gc, vllm=vllm, median_step_s=statistics.median(r["step_times"][timed]),
-                 generated_per_step=statistics.median(r["generated_tokens"][timed]),
-                 trained_per_step=statistics.median(r["trained_tokens"][timed]))
-        r["trained_tok_s"] = r["trained_per_step"] / r["median_step_s"]
-        print(f"[bench] {name}: median {r['median_step_s']:.3f} s/step, {r['generated_per_step']:g} generated and "
-              f"{r['trained_per_step']:g} trained tokens/step, peak RSS {r['peak_rss_mib']} MiB, CPU {r['user_s']:.0f} s "
-              f"user + {r['kernel_s']:.0f} s kernel, {r['minor_faults'] / 1e6:.2f} M page faults "
-              f"(steps: {', '.join(f'{t:.2f}' for t in r['step_times'])})", flush=True)
-        results.append(r)
+            configs.append(("gkd", 1.0, False, True))
+    configs += [(tool, 1.0, True, False) for tool in ("gkd", "trl")] if "gc" in a.extra_rows else []
+    configs = [c for c in configs if c[0] == "gkd" or py is not None]
+    for line in skipped:
+        print(f"[bench] skipped {line}", flush=True)
 
-    print(f"\nbeta {a.beta}, temperature {a.temperature}, {a.max_new_tokens} new tokens, batch {a.batch_size}, "
-          f"{a.dtype}, {a.threads} threads, {TRL_PIN}, medians of steps 2..{a.steps}; speed-up and memory ratio "
-          "against TRL at the same lmbda and checkpointing")
-    print("| run | lmbda | generated tok/step | trained tok/step | s/step | trained tok/s | peak RSS | "
-          "speed-up vs TRL | RSS vs TRL | CPU user / kernel s | page faults |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        base = next(t for t in results if t["tool"] == "trl" and t["lmbda"] == r["lmbda"] and t["gc"] == r["gc"])
-        label = r["tool"] + (" --use_vllm" if r["vllm"] else "") + (" checkpointing" if r["gc"] else "")
-        print(f"| {label} | {r['lmbda']:g} | {r['generated_per_step']:g} | {r['trained_per_step']:g} | "
-              f"{r['median_step_s']:.2f} | {r['trained_tok_s']:.0f} | {r['peak_rss_mib']} MiB | "
-              f"{base['median_step_s'] / r['median_step_s']:.2f}× | {r['peak_rss_mib'] / base['peak_rss_mib']:.2f}× | "
-              f"{r['user_s']:.0f} / {r['kernel_s']:.0f} | {r['minor_faults'] / 1e6:.2f} M |")
+    from rollout import clock, roofline
+
+    roof = roofline(a.threads, clock("wall"))
+    shapes = {"teacher": model_shape(teacher), "student": model_shape(student)}
+    prompt = mean_prompt_tokens(data, teacher)
+    print(f"[bench] this machine on {a.threads} threads: {roof['matmul_gflop_s']:.0f} GFLOP/s float32 matmul, "
+          f"{roof['bandwidth_gb_s']:.1f} GB/s read; mean prompt {prompt:.0f} tokens", flush=True)
+    runs, failed = [], []
+    for rep in range(a.repeats):
+        for tool, lmbda, gc, vllm in configs:
+            name = f"{tool}-lmbda{lmbda:g}" + ("-gc" if gc else "") + ("-vllm" if vllm else "")
+            out = a.work.absolute() / name
+            shutil.rmtree(out, ignore_errors=True)
+            try:
+                r = (run_gkd(a, teacher, student, data, lmbda, out, gc, vllm) if tool == "gkd"
+                     else run_trl(a, py, teacher, student, data, lmbda, out, gc))
+            except RunFailed as e:
+                failed.append(f"{name} (repeat {rep + 1}): {e}")
+                print(f"[bench] {name} failed: {e}", flush=True)
+                continue
+            timed = slice(1, None)  # the first step is warm-up
+            r.update(tool=tool, lmbda=lmbda, gc=gc, vllm=vllm, repeat=rep, name=name,
+                     median_step_s=statistics.median(r["step_times"][timed]),
+                     generated_per_step=statistics.median(r["generated_tokens"][timed]),
+                     trained_per_step=statistics.median(r["trained_tokens"][timed]))
+            r["trained_tok_s"] = r["trained_per_step"] / r["median_step_s"]
+            r.update(step_limit(r, a, shapes, prompt, roof))
+            print(f"[bench] {name} #{rep + 1}: median {r['median_step_s']:.3f} s/step ({r['of_limit']:.0%} of its "
+                  f"limit {r['limit_s']:.2f} s), {r['generated_per_step']:g} generated and {r['trained_per_step']:g} "
+                  f"trained tokens/step, peak RSS {r['peak_rss_mib']} MiB, load {r['load_before']:.1f} before, "
+                  f"others {r['others_cpu']:.2f} CPU during (steps: {', '.join(f'{t:.2f}' for t in r['step_times'])})",
+                  flush=True)
+            runs.append(r)
+    table(a, runs, failed)
     floor = None
     if a.dtype == "float32":  # the floor is of a CPU process's resident set, where the float32 weights live
         floor = memory_floor(student, teacher)
-        trl = [r["peak_rss_mib"] for r in results if r["tool"] == "trl" and not r["gc"]]
+        trl = [r["peak_rss_mib"] for r in runs if r["tool"] == "trl" and not r["gc"]]
+        gkd = [r["peak_rss_mib"] for r in runs if r["tool"] == "gkd" and not r["gc"] and not r["vllm"]]
         print(f"\nmemory floor of equal work: {floor['loaded']:.0f} MiB resident with both models loaded + 3 x "
               f"{floor['student']:.0f} MiB (the student's gradients and AdamW's two moments) = {floor['total']:.0f} "
               "MiB before any activation"
-              + (f"; {floor['total'] / min(trl):.2f}x TRL's smallest peak without checkpointing ({min(trl)} MiB)"
-                 if trl else ""))
-    (a.work / "results.json").write_text(json.dumps({"runs": results, "memory_floor_mib": floor}, indent=2))
+              + (f"; gkd's largest peak without checkpointing {max(gkd)} MiB = {max(gkd) / floor['total']:.2f}x the "
+                 f"floor" if gkd else "")
+              + (f"; TRL's smallest {min(trl)} MiB = {min(trl) / floor['total']:.2f}x" if trl else ""))
+    (a.work / "results.json").write_text(json.dumps({"runs": runs, "failed": failed, "skipped": skipped,
+                                                     "roofline": roof, "shapes": shapes, "memory_floor_mib": floor},
+                                                    indent=2))
+
+
+def table(a, runs: list[dict], failed: list[str]) -> None:
+    """One line per configuration that ran: medians over its repeats, spreads, pairwise speed-ups."""
+    print(f"\nbeta {a.beta}, temperature {a.temperature}, {a.max_new_tokens} new tokens, batch {a.batch_size}, "
+          f"{a.dtype}, {a.threads} threads, {TRL_PIN}; per run the median of steps 2..{a.steps}, then the median "
+          f"over {a.repeats} repeats [min-max]; speed-up: the median of gkd/TRL pairs of the same repeat, lmbda and "
+          "checkpointing")
+    print("| run | lmbda | generated tok/step | trained tok/step | s/step [spread] | limit s | of limit | "
+          "speed-up vs TRL [spread] | peak RSS | RSS vs TRL | quiet |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    names = list(dict.fromkeys(r["name"] for r in runs))
+    for name in names:
+        mine = [r for r in runs if r["name"] == name]
+        r0 = mine[0]
+        steps = [r["median_step_s"] for r in mine]
+        ratios, rss = [], []
+        for r in mine:
+            base = [t for t in runs if t["tool"] == "trl" and t["lmbda"] == r["lmbda"] and t["gc"] == r["gc"]
+                    and t["repeat"] == r["repeat"]]
+            if base:
+                ratios.append(base[0]["median_step_s"] / r["median_step_s"])
+                rss.append(r["peak_rss_mib"] / base[0]["peak_rss_mib"])
+        label = r0["tool"] + (" --use_vllm" if r0["vllm"] else "") + (" checkpointing" if r0["gc"] else "")
+        speed = (f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
+                 if ratios and r0["tool"] != "trl" else "-")
+        noisy = [r for r in mine if r["others_cpu"] > 0.1 or r["load_before"] > a.threads + 0.5]
+        print(f"| {label} | {r0['lmbda']:g} | {statistics.median(r['generated_per_step'] for r in mine):g} | "
+              f"{statistics.median(r['trained_per_step'] for r in mine):g} | {statistics.median(steps):.2f} "
+              f"[{min(steps):.2f}-{max(steps):.2f}] | {statistics.median(r['limit_s'] for r in mine):.2f} | "
+              f"{statistics.median(r['of_limit'] for r in mine):.0%} | {speed} | "
+              f"{statistics.median(r['peak_rss_mib'] for r in mine):.0f} MiB | "
+              f"{f'{statistics.median(rss):.2f}x' if rss and r0['tool'] != 'trl' else '-'} | "
+              f"{'yes' if not noisy else f'not quiet ({len(noisy)} of {len(mine)})'} |")
+    for line in failed:
+        print(f"failed: {line}")
+    if any(r["others_cpu"] > 0.1 or r["load_before"] > a.threads + 0.5 for r in runs):
+        print("the machine was not quiet during some runs (other processes' CPU > 0.1 core, or load above the "
+              "threads): their ratios are not to be trusted; run again on a quiet machine")
 
 
 if __name__ == "__main__":
