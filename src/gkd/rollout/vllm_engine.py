@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,6 +54,43 @@ def _text_only(inputs: list[dict] | None) -> None:
         raise GKDError("vLLM sampling of rows with images is not supported yet; use HF generate (--use_vllm false)")
 
 
+def _model_classes() -> list[type]:
+    from transformers import PreTrainedModel
+
+    found, todo = [], [PreTrainedModel]
+    while todo:
+        found.extend(sub := todo.pop().__subclasses__())
+        todo.extend(sub)
+    return found
+
+
+@contextmanager
+def _classes_kept():
+    """vLLM's Transformers modeling backend (SmolLM3, OLMo 2 in vLLM 0.32) decorates the transformers class
+    itself for torch.compile: its ``__init__`` then takes vLLM's config and its ``__call__`` reads attributes
+    only vLLM's instances have, which broke the student and teacher of that class in this process. Restore
+    ``__init__`` and send every instance vLLM did not build through nn.Module's call."""
+    before = {cls: (vars(cls).get("__init__"), vars(cls).get("__call__")) for cls in _model_classes()}
+    try:
+        yield
+    finally:
+        for cls, (init, call) in before.items():
+            decorated = vars(cls).get("__call__")
+            if decorated is call:
+                continue
+            if init is None:
+                del cls.__init__
+            else:
+                cls.__init__ = init
+
+            def dispatch(self, *args, _vllm_call=decorated, **kwargs):
+                if "vllm_config" in vars(self):
+                    return _vllm_call(self, *args, **kwargs)
+                return torch.nn.Module.__call__(self, *args, **kwargs)
+
+            cls.__call__ = dispatch
+
+
 class VLLMColocateSampler:
     """A vLLM engine inside the training process; `sync` hands it the student's tensors directly."""
 
@@ -83,7 +121,8 @@ class VLLMColocateSampler:
             kw["kv_cache_memory_bytes"] = kv_cache_memory_mb * 2**20
         self.model_path = model_path
         try:
-            self.llm = vllm.LLM(**kw)
+            with _classes_kept():
+                self.llm = vllm.LLM(**kw)
         except Exception as e:
             raise _engine_error(f"could not start an engine for {model_path}", e) from None
         self.vllm, self.cfg, self.eos_ids, self.sleep_level = vllm, cfg, list(eos_ids), sleep_level
