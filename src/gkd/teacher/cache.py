@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from gkd.atomic import write_atomic
+from gkd.atomic import sha256_file, write_atomic
 from gkd.data.batch import Batch
 from gkd.errors import GKDError
 from gkd.httpclient import WireError
@@ -64,14 +64,6 @@ def check_folder(path: str) -> Path:
     return folder
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_fingerprint(spec: str, dtype: str) -> str:
     """sha256 over the model's files (weights, config, tokenizer: every file of its folder, or its .gguf)
     and the dtype it is loaded in: another teacher, or the same one changed on disk, has another one."""
@@ -81,7 +73,7 @@ def model_fingerprint(spec: str, dtype: str) -> str:
     files = [folder / gguf] if gguf else sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     h = hashlib.sha256(f"dtype={dtype}\n".encode())
     for f in files:
-        h.update(f"{f.name}={_sha256_file(f)}\n".encode())
+        h.update(f"{f.name}={sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gkd.atomic import sha256_file
 from gkd.errors import GKDError
 from gkd.train import outdir
 
@@ -112,7 +112,7 @@ def _digests(folder: Path, par) -> dict[str, str]:
     """{file: sha256} of every file in ``folder``, each fsynced; every rank reads a share of the files, and
     rank 0 gets them all (others get {})."""
     names = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())
-    mine = {n: _sha256(folder / n, sync=True) for n in names[par.rank::par.world]}
+    mine = {n: sha256_file(folder / n, sync=True) for n in names[par.rank::par.world]}
     if par.world == 1:
         return mine
     import torch.distributed as dist
@@ -120,14 +120,6 @@ def _digests(folder: Path, par) -> dict[str, str]:
     parts = [None] * par.world if par.is_main else None
     dist.gather_object(mine, parts, dst=0)
     return {n: d for part in parts for n, d in part.items()} if par.is_main else {}
-
-
-def _sha256(path: Path, sync: bool = False) -> str:
-    with open(path, "rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        if sync:
-            os.fsync(fh.fileno())
-    return digest
 
 
 def read_info(path: Path) -> dict:
@@ -157,7 +149,7 @@ def verify(path: Path, info: dict, par) -> None:
     bad = 0
     for i in range(par.rank, len(names), par.world):
         f = path / names[i]
-        if not f.is_file() or _sha256(f) != sums[names[i]]:
+        if not f.is_file() or sha256_file(f) != sums[names[i]]:
             bad = i + 1
             break
     bad = int(par.most(bad))
