@@ -188,3 +188,36 @@ def test_serve_and_eval_apply_the_family_head(family, tmp_path):
     batch = collate([seq[:6]], [seq[6:]], 0)
     assert float(_token_logprobs(model, batch).sum()) == pytest.approx(float(sum(own[i, seq[i + 1]] for i in range(5, 9))),
                                                              abs=1e-5)
+
+
+def test_gemma2_attention_scores_are_soft_capped_on_every_path(tmp_path):
+    """Gemma 2 caps its attention scores (attn_logit_softcapping), which transformers' default SDPA attention
+    drops: the student and teacher (load_model), the meta skeleton that sharded loads, pipeline stages and the
+    export build from, and context parallelism's attention outside a split (generation) all give transformers'
+    eager Gemma 2 (the fixture's cap changes log-probs by far more than the tolerance)."""
+    from transformers import AutoModelForCausalLM
+
+    from gkd.parallel.context import use_context_parallel_attention
+    from gkd.parallel.loading import meta_skeleton
+
+    folder = str(write_family(tmp_path / "m", "gemma2"))
+    ids = torch.tensor([[3, 92, 7, 8, 4, 3, 93, 11, 12, 13, 14, 15], [3, 40, 41, 42, 43, 44, 45, 46, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+
+    def logprobs(model):
+        with torch.no_grad():
+            return torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double(), -1)[mask.bool()]
+
+    eager = logprobs(AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager"))
+    plain = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
+    assert (logprobs(plain) - eager).abs().max() > 0.1  # the cap matters on this fixture
+    torch.testing.assert_close(logprobs(load_model(folder)), eager, rtol=0, atol=1e-5)
+    skeleton = meta_skeleton(type(plain), plain.config, plain.generation_config)
+    skeleton.load_state_dict(plain.state_dict(), assign=True)
+    for name, buf in plain.named_buffers():
+        owner, _, attr = name.rpartition(".")
+        setattr(skeleton.get_submodule(owner), attr, buf)
+    torch.testing.assert_close(logprobs(skeleton), eager, rtol=0, atol=1e-5)
+    cp = load_model(folder)
+    use_context_parallel_attention(cp)
+    torch.testing.assert_close(logprobs(cp), eager, rtol=0, atol=1e-5)

@@ -1,6 +1,6 @@
 """Under torchrun (alone, or as a job of batch_worker.py): context-parallel attention over the ranks' pieces of
 three sequences gives the whole sequences' hidden states, and the pieces cover every position once.
-Usage: split_worker.py MODEL_FOLDER; prints "ERR RANK ERROR" on each rank."""
+Usage: split_worker.py MODEL_FOLDER...; prints "ERR RANK ERROR" on each rank for each model."""
 
 import sys
 
@@ -14,8 +14,13 @@ from gkd.parallel.context import ContextSplit, use_context_parallel_attention
 
 def run(args):
     """In a process group that exists."""
+    for folder in args:
+        _check(folder)
+
+
+def _check(folder):
     rank, size = dist.get_rank(), dist.get_world_size()
-    model = load_model(args[0])
+    model = load_model(folder)
     torch.manual_seed(0)
     prompts = [torch.randint(5, 90, (n,)).tolist() for n in (7, 3, 12)]
     completions = [torch.randint(5, 90, (n,)).tolist() for n in (5, 9, 1)]
@@ -31,7 +36,7 @@ def run(args):
     ref = split.local(whole.detach())
     valid = split.local(batch.attention_mask, 0).bool()
     err = float((mine - ref).abs()[valid].max())
-    print("ERR", rank, err, flush=True)
+    print("ERR", rank, err, folder, flush=True)
     # the positions of all ranks cover the padded length exactly once, and each rank holds head + mirrored tail
     owned = split.owned.flatten().sort().values
     assert torch.equal(owned, torch.arange(split.length)), owned

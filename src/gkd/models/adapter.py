@@ -66,6 +66,11 @@ class Adapter:
     vllm_sync: tuple[str, ...] = ()
     vllm_blocker = ""  # why the others are not synced, for check_vllm's refusal
 
+    def attention(self, config) -> str | None:
+        """The attention implementation the family's forward is exact with, from its text config, where
+        transformers' default (SDPA) is not; None: the default."""
+        return None
+
     def head_form(self, config) -> dict:
         """The family's logit transform after the product, from its text config: ``LogitHead``'s
         ``scale`` / ``scale_hidden`` / ``softcap`` (none by default)."""
@@ -331,6 +336,14 @@ def _logit_like(name: str) -> bool:
 
 
 @torch.no_grad()
+def use_exact_attention(model) -> None:
+    """Switch ``model`` to the attention implementation its family needs (see ``Adapter.attention``); every
+    place that builds a model calls this, so the student, the teacher, a stage and an export agree."""
+    impl = adapter_for(model).attention(text_config(unwrap(model).config))
+    if impl is not None and unwrap(model).config._attn_implementation != impl:
+        unwrap(model).set_attn_implementation(impl)
+
+
 def check_head(model, where: str) -> None:
     """Refuse, in one line, a model whose logits the fused loss would not reproduce: a family with no
     adapter, a logit-like config attribute its adapter does not know, or a forward whose logits differ

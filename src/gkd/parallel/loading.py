@@ -61,8 +61,11 @@ def load_sharded(load: Callable, prepare: Callable, shard: Callable, par: Parall
 
 def meta_skeleton(cls, config, generation_config):
     """A model of class ``cls`` on the meta device: its structure with no memory behind it."""
+    from gkd.models.adapter import use_exact_attention
+
     with torch.device("meta"):
         model = cls(config)
+    use_exact_attention(model)
     model.generation_config = generation_config  # not rebuilt from config.json: keep the folder's
     return model
 
