@@ -192,13 +192,15 @@ def test_two_nodes_equal_one_process(tiny, runs, tmp_path, fixed_ranks):
 @pytest.mark.dist
 def test_evaluation_during_training_is_sharded_and_equals_one_process(runs):
     """--eval_steps with FSDP = 2: each rank evaluates its share of the held-out rows (5 rows: one rank
-    pads), the sums are reduced, and the metrics equal one process's."""
+    pads), the sums are reduced, and the metrics equal one process's (the repetition shares: ratios of
+    summed counts, padding row left out)."""
     evals = {name: [m for m in read_metrics(runs[name] / "metrics.jsonl") if "eval_divergence" in m]
              for name in ("eval-single", "eval-fsdp2")}
     assert [m["step"] for m in evals["eval-single"]] == [2, 4] == [m["step"] for m in evals["eval-fsdp2"]]
     for a, b in zip(evals["eval-single"], evals["eval-fsdp2"]):
         for key in ("eval_divergence", "eval_top1_agreement", "eval_teacher_logprob_of_student",
-                    "eval_student_completion_length"):
+                    "eval_student_completion_length", "eval_student_repeated_4gram_share", "eval_student_distinct_2",
+                    "eval_teacher_repeated_4gram_share", "eval_teacher_distinct_2"):
             assert abs(a[key] - b[key]) <= 1e-5, (key, a, b)
 
 

@@ -361,6 +361,9 @@ def test_eval_command_writes_json(tiny, tmp_path):
     assert metrics["divergence"] > 0 and 0 <= metrics["top1_agreement"] <= 1 and metrics["student_ppl_on_teacher"] > 1
     assert "divergence" in proc.stdout
     assert len(metrics["rows"]) == metrics["prompts"] == 8 and all(r["samples"] == [] for r in metrics["rows"])
+    for key in ("student_repeated_4gram_share", "student_distinct_2", "teacher_repeated_4gram_share",
+                "teacher_distinct_2"):
+        assert f"\n{key} " in proc.stdout and 0 <= metrics[key] <= 1 and key in metrics["rows"][0], key
 
 
 def test_eval_samples_and_per_prompt_rows(tiny):
@@ -399,6 +402,68 @@ def test_eval_samples_and_per_prompt_rows(tiny):
         want += float(lp[0][scored].gather(1, b.labels[0][scored][:, None]).sum())
         count += int(scored.sum())
     assert rows[1]["teacher_logprob_of_samples"] == pytest.approx(want / count, abs=1e-5)
+
+
+def _by_definition(tokens: list[int]) -> tuple[int, int, int, int]:
+    """The repetition counts word for word: 4-grams seen at an earlier position, 4-grams, distinct bigrams,
+    bigrams."""
+    fours = [tokens[i:i + 4] for i in range(len(tokens) - 3)]
+    twos = [tokens[i:i + 2] for i in range(len(tokens) - 1)]
+    repeated = sum(1 for i, g in enumerate(fours) if g in fours[:i])
+    return repeated, len(fours), len({tuple(g) for g in twos}), len(twos)
+
+
+def test_repetition_counts_follow_their_definitions():
+    import random
+
+    from gkd.evaluate import content, repetition_counts
+
+    # period 4: 9 4-grams, the first 4 new and the 5 after them seen before; 11 bigrams, 4 of them distinct
+    assert repetition_counts([1, 2, 3, 4] * 3) == (5, 9, 4, 11)
+    assert repetition_counts([7] * 5) == (1, 2, 1, 4)
+    assert repetition_counts([1, 2, 3]) == (0, 0, 2, 2)  # under 4 tokens: no 4-grams
+    assert repetition_counts([]) == (0, 0, 0, 0)
+    assert content([1, 2, 2, 9], eos_ids=[9, 8]) == [1, 2, 2] and content([1, 2], eos_ids=[9]) == [1, 2]
+    draw = random.Random(0)
+    for _ in range(200):
+        tokens = [draw.randrange(3) for _ in range(draw.randrange(16))]
+        assert repetition_counts(tokens) == _by_definition(tokens), tokens
+
+
+def test_repetition_metrics_sum_counts_over_prompts_and_ranks(tiny, monkeypatch):
+    """Hand-made greedy completions through evaluate: the shares are the hand-worked counts summed over
+    prompts (EOS not counted), and two data-parallel ranks, one padding its share, reduce to the same."""
+    import gkd.evaluate as ev
+    from gkd.data.rows import load_examples
+    from gkd.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny["student"])
+    eos = tok.eos_token_id
+    prompts = [e.prompt_ids for e in load_examples([tiny["prompts"]], tok, max_length=64,
+                                                   truncation_strategy="left", max_completion_length=6)][:3]
+    # counts (repeated 4-grams, 4-grams, distinct bigrams, bigrams) worked by hand, EOS left out
+    student_says = [[10, 11, 12, 13] * 3 + [eos],  # (5, 9, 4, 11)
+                    [14, 15, 16],  # (0, 0, 2, 2)
+                    [17] * 5 + [eos]]  # (1, 2, 1, 4)
+    teacher_says = [[20, 21, 20, 21, 20, 21],  # (1, 3, 2, 5)
+                    [22, 22, eos],  # (0, 0, 1, 1)
+                    [23, eos]]  # (0, 0, 0, 0)
+    says = {tuple(p): c for p, c in zip(prompts, student_says)}
+    monkeypatch.setattr(ev, "greedy", lambda model, prompts, *a, **k: [says[tuple(p)] for p in prompts])
+    student, teacher = load_model(tiny["student"]).eval(), load_model(tiny["teacher"]).eval()
+    kw = dict(eos_ids=[eos], pad_id=tok.pad_token_id, beta=0.5, temperature=1.0, max_new_tokens=13,
+              device=torch.device("cpu"))
+    whole = ev.evaluate(student, teacher, prompts, teacher_completions=teacher_says, **kw).metrics
+    assert whole["student_repeated_4gram_share"] == 6 / 11 and whole["student_distinct_2"] == 7 / 17
+    assert whole["teacher_repeated_4gram_share"] == 1 / 3 and whole["teacher_distinct_2"] == 3 / 6
+    # rank 1 holds prompt 2 and pads with it; rank 0 holds prompts 0 and 1 and reduces both ranks' sums
+    second = []
+    ev.evaluate(student, teacher, [prompts[2]] * 2, teacher_completions=[teacher_says[2]] * 2,
+                counted=[True, False], reduce=lambda sums: second.append(sums) or sums, **kw)
+    first = ev.evaluate(student, teacher, prompts[:2], teacher_completions=teacher_says[:2], counted=[True, True],
+                        reduce=lambda sums: sums + second[0], **kw).metrics
+    assert first == pytest.approx(whole, rel=1e-5)  # the forwards' float32 sums differ by batch
+    assert all(first[k] == whole[k] for k in whole if "repeated" in k or "distinct" in k)  # the counts are exact
 
 
 def test_a_run_that_raises_frees_its_folder_without_close(tiny, tmp_path):

@@ -46,7 +46,33 @@ def sampled(model, prompts, seeds: int, eos_ids, pad_id, max_new_tokens, tempera
     return [[per_seed[s][i] for s in range(seeds)] for i in range(len(prompts))]
 
 
-SUMS = ("divergence", "sft", "agree", "tokens", "teacher_lp", "student_tokens", "prompts", "sample_lp", "sample_tokens")
+SUMS = ("divergence", "sft", "agree", "tokens", "teacher_lp", "student_tokens", "prompts", "sample_lp", "sample_tokens",
+        *(f"{who}_{count}" for who in ("student", "teacher")
+          for count in ("repeated_4grams", "4grams", "distinct_2grams", "2grams")))
+
+
+def content(completion: list[int], eos_ids) -> list[int]:
+    """The completion's tokens before its first EOS (greedy's completions carry no padding: it only ever
+    follows an EOS, which cut_at_eos keeps as their last token)."""
+    return completion[:next((j for j, t in enumerate(completion) if t in eos_ids), len(completion))]
+
+
+def _ngrams(tokens: list[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def repetition_counts(tokens: list[int]) -> tuple[int, int, int, int]:
+    """(4-grams that already occurred earlier in ``tokens``, 4-grams, distinct bigrams, bigrams): counts, so
+    that they sum over prompts and ranks. Fewer than n tokens have no n-grams."""
+    fours, twos = _ngrams(tokens, 4), _ngrams(tokens, 2)
+    repeated = len(fours) - len(set(fours))  # every occurrence of a 4-gram but its first
+    return repeated, len(fours), len(set(twos)), len(twos)
+
+
+def _repetition_sums(completions: list[list[int]], eos_ids, counted: list[bool]) -> torch.Tensor:
+    """[prompts, 4] repetition_counts of each completion's content; padding rows (not counted) count 0."""
+    return torch.tensor([repetition_counts(content(c, eos_ids)) if real else (0, 0, 0, 0)
+                         for c, real in zip(completions, counted)], dtype=torch.float64).reshape(-1, 4)
 
 
 @dataclass
@@ -66,6 +92,12 @@ def evaluate(student, teacher, prompts: list[list[int]], *, eos_ids, pad_id, bet
     on them, and the teacher's mean log-prob of the student's own greedy completions; with ``samples``,
     also of that many seeded samples per prompt at ``temperature``. ``inputs`` / ``teacher_inputs``: each
     prompt's other model inputs (images), for the student / the teacher.
+
+    Repetition of the student's greedy completions (and the teacher's, for reference), on their tokens
+    before EOS: ``repeated_4gram_share`` = 4-grams that already occurred earlier in the same completion /
+    all 4-grams; ``distinct_2`` = per completion its distinct bigrams, summed over completions / all
+    bigrams (per completion, not corpus-wide: a set union over ranks is no sum). Both are ratios of counts
+    summed over prompts (and ranks), so sharding leaves them exact.
 
     Sharded over data-parallel ranks: each rank passes its prompts (padded to the same count; ``counted``
     says which are real) and ``reduce``, which sums a float64 tensor over the ranks; every rank then joins
@@ -110,6 +142,9 @@ def evaluate(student, teacher, prompts: list[list[int]], *, eos_ids, pad_id, bet
                 if sbatch.tokens or sharded:
                     per_row[rows, col] += _token_logprobs(teacher, sbatch, teacher=True)
                     per_row[rows, col + 1] += sbatch.loss_mask.sum(1).cpu().double()
+    for who, completions in (("student", student_completions), ("teacher", teacher_completions)):
+        first = SUMS.index(f"{who}_repeated_4grams")
+        per_row[:, first:first + 4] = _repetition_sums(completions, eos_ids, counted)
     sums = per_row.sum(0)
     if sharded:
         sums = reduce(sums)
@@ -121,17 +156,21 @@ def evaluate(student, teacher, prompts: list[list[int]], *, eos_ids, pad_id, bet
 
 
 def _means(sums: torch.Tensor) -> dict:
-    div, ce, agree, tokens, teacher_lp, student_tokens, n, sample_lp, sample_tokens = sums.tolist()
+    s = dict(zip(SUMS, sums.tolist()))
+    tokens, n = max(s["tokens"], 1), max(s["prompts"], 1)
     return {
-        "divergence": div / max(tokens, 1),
-        "top1_agreement": agree / max(tokens, 1),
-        "student_ppl_on_teacher": math.exp(ce / max(tokens, 1)),
-        "teacher_logprob_of_student": teacher_lp / max(student_tokens, 1),
-        "teacher_tokens": int(tokens),
-        "student_completion_length": student_tokens / max(n, 1),
-        "prompts": int(n),
-        "teacher_logprob_of_samples": sample_lp / max(sample_tokens, 1),
-        "sample_completion_length": sample_tokens / max(n, 1),
+        "divergence": s["divergence"] / tokens,
+        "top1_agreement": s["agree"] / tokens,
+        "student_ppl_on_teacher": math.exp(s["sft"] / tokens),
+        "teacher_logprob_of_student": s["teacher_lp"] / max(s["student_tokens"], 1),
+        "teacher_tokens": int(s["tokens"]),
+        "student_completion_length": s["student_tokens"] / n,
+        **{f"{who}_{name}": s[f"{who}_{part}"] / max(s[f"{who}_{whole}"], 1)
+           for who in ("student", "teacher") for name, part, whole in (
+               ("repeated_4gram_share", "repeated_4grams", "4grams"), ("distinct_2", "distinct_2grams", "2grams"))},
+        "prompts": int(s["prompts"]),
+        "teacher_logprob_of_samples": s["sample_lp"] / max(s["sample_tokens"], 1),
+        "sample_completion_length": s["sample_tokens"] / n,
     }
 
 

@@ -153,6 +153,10 @@ def run(argv: list[str]) -> dict:
               "samples": samples,
               "student": str(out / "train" / "final"), "loss_curve": str(out / "train" / "loss_curve.png")}
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(f"\n[demo] divergence {before['divergence']:.4f} -> {after['divergence']:.4f}; "
-          f"report {out / 'report.json'}, student {report['student']}, curve {report['loss_curve']}")
+    print(f"\n[demo] divergence {before['divergence']:.4f} -> {after['divergence']:.4f}; the student's greedy "
+          f"completions: repeated 4-grams {before['student_repeated_4gram_share']:.3f} -> "
+          f"{after['student_repeated_4gram_share']:.3f}, distinct-2 {before['student_distinct_2']:.3f} -> "
+          f"{after['student_distinct_2']:.3f} (the teacher's: {after['teacher_repeated_4gram_share']:.3f}, "
+          f"{after['teacher_distinct_2']:.3f})\n"
+          f"[demo] report {out / 'report.json'}, student {report['student']}, curve {report['loss_curve']}")
     return report
