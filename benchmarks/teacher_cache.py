@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--global_batch_size", type=int, default=8)
     ap.add_argument("--k", type=int, default=20)
     a = ap.parse_args()
-    from gkd.train.stats import Window
+    from side_by_side import step_in_turn
 
     work = Path(a.work).absolute()
     work.mkdir(parents=True, exist_ok=True)
@@ -67,14 +67,8 @@ def main() -> None:
              "cache": trainer(teacher, student, data, work / "out-cache", a, cache)}
     steps = sides["live"].total_steps
     assert steps == sides["cache"].total_steps and steps % 2 == 0
-    seconds, loss, tokens = ({name: [] for name in sides} for _ in range(3))
-    for step in range(steps):
-        # the two sides step by step under the same load, the first of each pair alternating
-        for name in (("live", "cache") if step % 2 == 0 else ("cache", "live")):
-            window, t = Window(), time.perf_counter()
-            loss[name].append(sides[name].train_step(step, window))
-            seconds[name].append(time.perf_counter() - t)
-            tokens[name].append((window.tokens, window.seqs, window.student_seqs))
+    seconds, loss, windows = step_in_turn(sides, steps)
+    tokens = {name: [(w.tokens, w.seqs, w.student_seqs) for w in windows[name]] for name in sides}
     reused = sides["cache"].teacher.cache.hits  # rows read from the cache (the rest were scored)
     for t in sides.values():
         t.close()

@@ -60,6 +60,18 @@ def test_full_training_steps_equal_naive_float64(family, data, image_data, tmp_p
     assert_steps_match(t, load_model(student), load_model(teacher))
 
 
+@pytest.mark.parametrize("family", support.where("packing"))
+@pytest.mark.proves("packing")
+def test_packed_steps_equal_naive_float64(family, data, image_data, tmp_path):
+    """--packing: each micro-batch's two sequences share one row (positions restarting, attention kept inside
+    each; mixture-of-experts routing per sequence; M-RoPE positions and images per sequence): an off-policy and
+    an on-policy step equal the naive float64 step of the sequences one by one."""
+    student, teacher = _pair(tmp_path, family)
+    t = _trainer(student, teacher, _data(family, data, image_data), tmp_path / "out", packing=True,
+                 **({"freeze_vit": False, "freeze_aligner": False} if family in VISION else {}))
+    assert_steps_match(t, load_model(student), load_model(teacher))
+
+
 @pytest.mark.parametrize("family", ALL)
 @pytest.mark.proves("LoRA")
 def test_lora_finds_every_projection_and_its_steps_equal_naive(family, data, image_data, tmp_path):
@@ -143,9 +155,9 @@ def test_every_family_in_the_table_is_tested_here():
 
 
 @pytest.mark.parametrize("family", [r["model_type"] for r in support.implemented()
-                                    if not r["TP"] or not r["vLLM sync"] or not r["PP"]])
+                                    if not r["TP"] or not r["vLLM sync"] or not r["PP"] or not r["packing"]])
 def test_what_the_table_says_no_to_is_refused_in_one_line(family, tmp_path):
-    from gkd.models.adapter import check_vllm
+    from gkd.models.adapter import check_packing, check_vllm
     from gkd.parallel.pipeline import check_config
     from gkd.parallel.tensor_parallel import check_plan
 
@@ -162,6 +174,9 @@ def test_what_the_table_says_no_to_is_refused_in_one_line(family, tmp_path):
     if not row["vLLM sync"]:
         with pytest.raises(GKDError, match=rf"--use_vllm: weight sync into vLLM is not verified for {family}"):
             check_vllm(model)
+    if not row["packing"]:
+        with pytest.raises(GKDError, match=rf"--packing: packed rows are not supported for {family} "):
+            check_packing(model)
 
 
 @pytest.mark.parametrize("family", ["granite", "gemma2", "cohere"])

@@ -271,6 +271,9 @@ def _losses(out):
 # FSDP 2 where one rank's micro-batch has an image and the other's has none
 declare("vl-single", 1, lambda c, out: _args(c.models("vl"), "qwen2_vl", out, "--max_steps", "4"))
 declare("vl-fsdp2", 2, lambda c, out: _args(c.models("vl"), "qwen2_vl", out, "--max_steps", "4"))
+# --packing: each rank's two sequences (images, M-RoPE positions per sequence) in one row
+declare("vl-fsdp2-packed", 2, lambda c, out: _args(c.models("vl"), "qwen2_vl", out, "--max_steps", "4",
+                                                   "--packing", "true"))
 
 
 def _one_image_row_and_one_text_row(family):
@@ -297,10 +300,11 @@ for _family in FAMILIES:
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_fsdp2_equals_one_process(runs):
-    a, b = _losses(runs["vl-single"]), _losses(runs["vl-fsdp2"])
+@pytest.mark.parametrize("name", ["vl-fsdp2", "vl-fsdp2-packed"])
+def test_fsdp2_equals_one_process(runs, name):
+    a, b = _losses(runs["vl-single"]), _losses(runs[name])
     assert sorted(a) == [1, 2, 3, 4] and all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
-    wa, wb = final_weights(runs["vl-single"]), final_weights(runs["vl-fsdp2"])
+    wa, wb = final_weights(runs["vl-single"]), final_weights(runs[name])
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=k)

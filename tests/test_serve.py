@@ -40,6 +40,21 @@ def setup(tiny):
 
 
 @pytest.mark.slow
+def test_server_teacher_scores_packed_rows_like_padded_ones(tiny, server, setup):
+    """--packing: each packed sequence goes to the server alone and its rows land at its place in the pack."""
+    tok, padded = setup
+    rows = load_examples([tiny["data"]], tok, max_length=64, truncation_strategy="left", max_completion_length=16)[:6]
+    packed = collate([r.prompt_ids for r in rows], [r.completion_ids for r in rows], tok.pad_token_id, pack=40)
+    assert len(packed.sequences()) == 6 > packed.input_ids.shape[0]
+    remote = RemoteTeacher(server, K, api_key=KEY).connect(tok)
+    want, got = remote.score(padded), remote.score(packed)
+    for (b, start, end), (row, _, n) in zip(packed.sequences(), padded.sequences()):
+        assert torch.equal(got.topk_ids[b, start:end], want.topk_ids[row, :n])
+        torch.testing.assert_close(got.topk_logprobs[b, start:end], want.topk_logprobs[row, :n], rtol=0, atol=1e-6)
+    assert bool(got.topk_logprobs[packed.loss_mask].ne(0).all())
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("wire", ["compact-float32", "vllm-json", "compact-float16"])
 def test_server_teacher_equals_local_topk_teacher(tiny, server, setup, wire):
     tok, batch = setup

@@ -108,6 +108,21 @@ def test_cached_run_equals_live_run_and_epoch_two_asks_the_teacher_nothing(tiny,
     assert_equal_runs(live, tmp_path / "b")
 
 
+def test_packed_runs_and_gkd_cache_share_entries_with_padded_ones(tiny, live, tmp_path, forwards):
+    """--packing changes how rows sit in a forward, not what is stored per row: a packed `gkd cache` fills the
+    entries a padded run reads without asking the teacher (and equals the live run), and a packed run reads them."""
+    cache = tmp_path / "cache"
+    got = summary(gkd_in_process(*cache_args(tiny, cache, "--packing", "true", "--micro_batch_size", "4")))
+    assert (got["rows_scored"], got["rows_already_cached"]) == (16, 0) and len(forwards) == 4  # 4 packed rows of 4
+    assert_valid(cache, 16)
+    forwards.clear()
+    for out, extra in ((tmp_path / "padded", ()), (tmp_path / "packed", ("--packing", "true"))):
+        proc = gkd_in_process(*train_args(tiny, out, "--teacher_cache", str(cache), *extra))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert forwards == [] and "32 rows reused, 0 scored" in proc.stderr
+        assert_equal_runs(live, out, tol=1e-6)
+
+
 def test_on_policy_rows_are_scored_live_and_never_stored(tiny, tmp_path, forwards):
     cache = tmp_path / "cache"
     proc = gkd_in_process(*train_args(tiny, tmp_path / "a", "--teacher_cache", str(cache), "--lmbda", "0.5",

@@ -61,6 +61,10 @@ class TrainConfig:
     max_length: int = _f(1024, "maximum prompt length in tokens")
     truncation_strategy: str = _f("left", "prompts longer than --max_length: cut from the left, or drop the row",
                                   choices=("left", "delete"))
+    packing: bool = _f(False, "pack each micro-batch's sequences into one row (attention kept inside each sequence) "
+                              "instead of padding every sequence to the longest")
+    packing_length: int = _f(0, "with --packing: at most this many tokens per packed row, more rows when they do not "
+                                "fit (0 = no limit: one row per micro-batch)")
     # the method
     beta: float = _f(0.5, "generalized JSD interpolation: 0 = KL(teacher||student), 1 = KL(student||teacher)")
     lmbda: float = _f(0.5, "probability that a generation cycle is on-policy (student samples the completions)")
@@ -187,6 +191,9 @@ class TrainConfig:
         need(self.gkd_logits_topk >= 0, f"--gkd_logits_topk must be >= 0, got {self.gkd_logits_topk}")
         need(self.max_completion_length >= 1, f"--max_completion_length must be >= 1, got {self.max_completion_length}")
         need(self.max_length >= 1, f"--max_length must be >= 1, got {self.max_length}")
+        need(self.packing_length >= 0, f"--packing_length must be >= 0, got {self.packing_length}")
+        need(self.packing or not self.packing_length, f"--packing_length {self.packing_length} needs --packing true "
+                                                      "(without it rows are padded, not packed)")
         need(self.micro_batch_size >= 1, f"--micro_batch_size must be >= 1, got {self.micro_batch_size}")
         need(self.global_batch_size >= 1, f"--global_batch_size must be >= 1, got {self.global_batch_size}")
         need(self.learning_rate >= 0, f"--learning_rate must be >= 0, got {self.learning_rate}")
@@ -258,7 +265,7 @@ SECTIONS = {
                 "teacher_timeout", "teacher_retries", "teacher_max_in_flight", "teacher_seqs_per_request",
                 "teacher_wait", "teacher_wire_dtype", "torch_dtype", "teacher_cache"),
     "data": ("dataset", "val_dataset", "dataset_num_proc", "split_dataset_ratio", "max_length", "truncation_strategy",
-             "max_completion_length"),
+             "max_completion_length", "packing", "packing_length"),
     "method": ("beta", "lmbda", "temperature", "loss_temperature", "sft_alpha", "router_aux_loss_coef", "seq_kd",
                "max_completion_length", "top_p", "top_k", "loss_chunk_size", "seed"),
     "rollout": ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_max_model_len", "vllm_tensor_parallel_size",

@@ -51,13 +51,14 @@ def cmd_cache(cfg: TrainConfig, log=lambda msg: print(msg, file=sys.stderr)) -> 
         check_context(done, cfg.max_completion_length, False, {"teacher": teacher.context})
         teacher.check_rows(done, cfg.max_completion_length, False)
         theirs = teacher_images or images
+        pack = (cfg.packing_length or sys.maxsize) if cfg.packing else None  # as gkd train packs them
         bar = tqdm(total=len(done), desc="gkd cache", unit="row", disable=not cfg.progress_bar, file=sys.stderr)
         for m0 in range(0, len(done), cfg.micro_batch_size):
             part = done[m0:m0 + cfg.micro_batch_size]
             batch = collate([r.prompt_ids for r in part], [r.completion_ids for r in part], tokenizer.pad_token_id,
                             None if images is None else [images(r.images) for r in part],
                             None if teacher_images is None else [theirs(r.images) for r in part],
-                            images=[r.images for r in part])
+                            images=[r.images for r in part], pack=pack)
             teacher.score(batch.to(par.device))
             bar.update(len(part))
         bar.close()

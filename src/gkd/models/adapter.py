@@ -14,6 +14,7 @@ import torch
 
 from gkd.errors import GKDError
 from gkd.losses import LogitHead
+from gkd.models.packed import packed_attention
 
 if TYPE_CHECKING:
     from gkd.models.images import ImageProcessing
@@ -103,7 +104,8 @@ class Adapter:
         # root's backward hooks (LLaVA returns its image features: only ranks with images would run them)
         quiet = model.register_forward_hook(_detached, prepend=True)
         try:
-            model(**self.prepare(model, inputs), logits_to_keep=1, use_cache=False)
+            with packed_attention(text_config(unwrap(model).config), inputs):
+                model(**self.prepare(model, inputs), logits_to_keep=1, use_cache=False)
         finally:
             hook.remove()
             quiet.remove()
@@ -251,6 +253,10 @@ class Adapter:
     def multimodal(self) -> bool:
         return type(self).image_processing is not Adapter.image_processing
 
+    # whether sequences packed in one row (their positions restarting at 0, no 2D mask) run exactly: transformers
+    # confines attention to each by the positions; a family with other positions (M-RoPE) makes them per sequence
+    packs = True
+
     # --- vLLM -----------------------------------------------------------------------------------
 
     def vllm_weight_name(self, name: str) -> str | None:
@@ -327,6 +333,15 @@ def check_vllm(model, flag: str = "--use_vllm") -> None:
                        f"leave {flag} off (HF generate samples) — vLLM sampling is verified for {synced}")
 
 
+def check_packing(model, flag: str = "--packing") -> None:
+    """Refuse packed rows for a family whose positions are not a plain count per sequence (`gkd models`)."""
+    base = unwrap(model)
+    if not adapter_for(base).packs:
+        raise GKDError(f"{flag}: packed rows are not supported for {getattr(base.config, 'model_type', '')} "
+                       f"({type(base).__name__}): its image tokens and multimodal positions are laid out per row; "
+                       f"leave {flag} off")
+
+
 def supported_types() -> list[str]:
     return [t for a in families() for t in a.model_types]
 
@@ -335,7 +350,6 @@ def _logit_like(name: str) -> bool:
     return "logit" in name or "softcap" in name
 
 
-@torch.no_grad()
 def use_exact_attention(model) -> None:
     """Switch ``model`` to the attention implementation its family needs (see ``Adapter.attention``); every
     place that builds a model calls this, so the student, the teacher, a stage and an export agree."""
@@ -344,6 +358,7 @@ def use_exact_attention(model) -> None:
         unwrap(model).set_attn_implementation(impl)
 
 
+@torch.no_grad()
 def check_head(model, where: str) -> None:
     """Refuse, in one line, a model whose logits the fused loss would not reproduce: a family with no
     adapter, a logit-like config attribute its adapter does not know, or a forward whose logits differ

@@ -23,12 +23,40 @@ class Qwen2VL(Adapter):
     pipeline_gap = "a stage runs neither the vision tower nor the 3D (M-RoPE) positions"
 
     def prepare(self, model, inputs: dict) -> dict:
+        if "position_ids" in inputs and "attention_mask" not in inputs and inputs["position_ids"].dim() == 2:
+            return self._packed(model, inputs)
         if "image_grid_thw" not in inputs or "mm_token_type_ids" in inputs:
             return inputs
+        return {**inputs, "mm_token_type_ids": self._token_types(model, inputs["input_ids"])}
+
+    @staticmethod
+    def _token_types(model, ids: torch.Tensor) -> torch.Tensor:
         config = unwrap(model).config
-        ids = inputs["input_ids"]
-        types = (ids == config.image_token_id).int() + 2 * (ids == config.video_token_id).int()
-        return {**inputs, "mm_token_type_ids": types}
+        return (ids == config.image_token_id).int() + 2 * (ids == config.video_token_id).int()
+
+    def _packed(self, model, inputs: dict) -> dict:
+        """Packed rows (--packing): each sequence's M-RoPE positions as if it were alone (the model's own
+        get_rope_index over the sequences one per row, images in order), with the sequence positions first,
+        [4, B, T]: the text model confines attention to each sequence by that first row."""
+        from gkd.models.packed import segments
+
+        ids, text = inputs["input_ids"], inputs["position_ids"]
+        mrope = text[None].expand(3, -1, -1).clone()
+        if "image_grid_thw" in inputs:
+            spans = [(b, start, end) for b in range(ids.shape[0]) for start, end in segments(text[b])]
+            width = max(end - start for _, start, end in spans)
+            alone = ids.new_zeros(len(spans), width)
+            mask = ids.new_zeros(len(spans), width)
+            for i, (b, start, end) in enumerate(spans):
+                alone[i, :end - start], mask[i, :end - start] = ids[b, start:end], 1
+            made, _ = unwrap(model).model.get_rope_index(alone, mm_token_type_ids=self._token_types(model, alone),
+                                                         image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
+            for i, (b, start, end) in enumerate(spans):
+                mrope[:, b, start:end] = made[:, i, :end - start]
+        rest = {k: v for k, v in inputs.items() if k != "position_ids"}
+        if "image_grid_thw" in inputs:
+            rest["mm_token_type_ids"] = self._token_types(model, ids)
+        return {**rest, "position_ids": torch.cat([text[None], mrope])}
 
     def placeholder_ids(self, model) -> list[int]:
         config = unwrap(model).config

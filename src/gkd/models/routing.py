@@ -1,6 +1,6 @@
 """The router load-balancing loss of mixture-of-experts students, from what their routers return.
 
-gkd.train.step says why each sequence gets its own value. Per row r, over its n_r attention-mask tokens and
+gkd.train.step says why each sequence gets its own value. Per sequence r, over its n_r tokens and
 every MoE layer: A_e the top-k assignments to expert e, P_e its summed router probabilities (with grad) and
 L the MoE layers; transformers' ``aux_loss`` of the row alone is E * sum_e A_e P_e / (L n_r)^2. A, P and L are
 sums over layers, so pipeline stages each add their own layers' share to a row's sums (:func:`row_sums`) and
@@ -27,15 +27,23 @@ def recording(routers):
             h.remove()
 
 
-def row_sums(seen, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per row [B, 2E + 1]: A_e, P_e (with grad) and L over the layers that produced ``seen``; the tokens
-    routed to each expert per layer [layers, E], float64 on the CPU); only attention-mask tokens count."""
-    B, T = attention_mask.shape
-    mask = attention_mask.reshape(-1).float()
-    row = torch.arange(B, device=mask.device).repeat_interleave(T)
+def row_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] sequence numbers of a batch with one sequence per row: the row, -1 on padding."""
+    rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)[:, None].expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), rows, -1)
+
+
+def row_sums(seen, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per sequence [S, 2E + 1]: A_e, P_e (with grad) and L over the layers that produced ``seen``; the tokens
+    routed to each expert per layer [layers, E], float64 on the CPU). ``index`` [B, T]: each token's sequence
+    (gkd.data.batch.Batch.sequence_index; packed rows hold several), -1 on padding, which does not count."""
+    flat = index.reshape(-1)
+    mask = (flat >= 0).float()
+    row = flat.clamp(min=0)
+    S = int(flat.max()) + 1 if len(flat) else 0
     E = seen[0][0].shape[-1]
-    assigned = torch.zeros(B, E, dtype=torch.float32, device=mask.device)
-    prob = torch.zeros(B, E, dtype=torch.float32, device=mask.device)
+    assigned = torch.zeros(S, E, dtype=torch.float32, device=mask.device)
+    prob = torch.zeros(S, E, dtype=torch.float32, device=mask.device)
     load = []
     for logits, ids in seen:
         hits = torch.zeros(ids.shape[0], E, device=mask.device).scatter_add_(
@@ -43,21 +51,23 @@ def row_sums(seen, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         assigned.index_add_(0, row, hits)
         prob = prob.index_add(0, row, torch.softmax(logits.float(), dim=-1) * mask[:, None])
         load.append(hits.sum(0))
-    layers = assigned.new_full((B, 1), float(len(seen)))
+    layers = assigned.new_full((S, 1), float(len(seen)))
     return torch.cat([assigned, prob, layers], dim=1), torch.stack(load).double().cpu()
 
 
-def aux_sum(sums: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The sum over rows of n_r * aux_r (each row's transformers aux_loss weighted by its tokens), from the
-    rows' ``row_sums`` over every MoE layer."""
+def aux_sum(sums: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The sum over sequences of n_r * aux_r (each one's transformers aux_loss weighted by its tokens), from
+    their ``row_sums`` over every MoE layer; ``index`` as there."""
     E = (sums.shape[1] - 1) // 2
     assigned, prob, layers = sums[:, :E], sums[:, E:2 * E], sums[:, -1]
-    n = attention_mask.sum(1).float().clamp(min=1)
+    flat = index.reshape(-1)
+    n = torch.zeros(sums.shape[0], device=sums.device).index_add_(
+        0, flat.clamp(min=0), (flat >= 0).float()).clamp(min=1)
     return (E * (assigned * prob).sum(1) / (layers * n) ** 2 * n).sum()
 
 
-def router_stats(seen, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum over rows of n_r * aux_r, with grad; tokens routed to each expert [layers, E]) for a batch
-    whose routers produced ``seen``."""
-    sums, load = row_sums(seen, attention_mask)
-    return aux_sum(sums, attention_mask), load
+def router_stats(seen, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over sequences of n_r * aux_r, with grad; tokens routed to each expert [layers, E]) for a batch
+    whose routers produced ``seen``; ``index`` as in :func:`row_sums`."""
+    sums, load = row_sums(seen, index)
+    return aux_sum(sums, index), load

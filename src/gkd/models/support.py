@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gkd.models.adapter import families
 
-COLUMNS = ("full", "LoRA", "FSDP", "TP", "PP", "EP", "vLLM sync")
+COLUMNS = ("full", "LoRA", "FSDP", "TP", "PP", "EP", "packing", "vLLM sync")
 PROOFS = Path(__file__).with_name("proofs.json")
 
 # what the families are called, by config.model_type
@@ -36,7 +36,8 @@ def implemented() -> list[dict]:
     for adapter in families():
         for model_type in adapter.model_types:
             cells = {"full": True, "LoRA": True, "FSDP": True, "TP": adapter.has_tp_plan, "PP": adapter.pipelines,
-                     "EP": True if adapter.moe else None, "vLLM sync": model_type in adapter.vllm_sync}
+                     "EP": True if adapter.moe else None, "packing": adapter.packs,
+                     "vLLM sync": model_type in adapter.vllm_sync}
             out.append({"model_type": model_type, "family": TITLES.get(model_type, model_type),
                         "head": adapter.head_note, **cells})
     order = list(TITLES)

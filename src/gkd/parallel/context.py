@@ -64,26 +64,30 @@ class ContextSplit:
             raise ValueError("context parallelism needs right-padded rows")
         self.key_pos = self.owned.flatten()
         self.batch = batch
+        # packed rows: attention stays inside each sequence ([B, T_local] and [B, T] sequence numbers)
+        self.q_seq = self.k_seq = None
+        if batch.position_ids is not None:
+            index = batch.sequence_index()
+            self.q_seq, self.k_seq = self.local(index, -1), self._padded(index, -1).index_select(1, self.key_pos)
 
     def local(self, t: torch.Tensor | None, pad=0) -> torch.Tensor | None:
         """This rank's positions of a [B, T, ...] tensor (padded to the split length with ``pad``)."""
         if t is None:
             return None
+        return self._padded(t, pad).index_select(1, self.mine)
+
+    def _padded(self, t: torch.Tensor, pad) -> torch.Tensor:
         T = t.shape[1]
         if T < self.length:
             t = torch.cat([t, t.new_full((t.shape[0], self.length - T, *t.shape[2:]), pad)], dim=1)
-        return t.index_select(1, self.mine)
-
-    def local_batch(self) -> Batch:
-        b = self.batch
-        return Batch(self.local(b.input_ids), self.local(b.attention_mask), self.local(b.loss_mask, False),
-                     self.local(b.labels, -100), b.inputs, b.teacher_inputs, b.images)
+        return t
 
     def model_inputs(self) -> dict:
-        """The local tokens with their global positions (no 2D mask: attention masks by position)."""
-        b = self.local_batch()
-        B = b.input_ids.shape[0]
-        return {"input_ids": b.input_ids, "position_ids": self.mine.expand(B, -1)}
+        """The local tokens with their positions (no 2D mask: attention masks by position and sequence)."""
+        ids = self.local(self.batch.input_ids)
+        if self.batch.position_ids is not None:
+            return {"input_ids": ids, "position_ids": self.local(self.batch.position_ids)}
+        return {"input_ids": ids, "position_ids": self.mine.expand(ids.shape[0], -1)}
 
     @contextlib.contextmanager
     def active(self):
@@ -97,12 +101,14 @@ class ContextSplit:
         """Exact attention of this rank's queries against every key of the sequence."""
         key = _GatherSeq.apply(key, self.group, self.rank, self.size)
         value = _GatherSeq.apply(value, self.group, self.rank, self.size)
-        if query.device.type == "cpu" and not sliding_window and not softcap:
+        if query.device.type == "cpu" and not sliding_window and not softcap and self.q_seq is None:
             return self._by_chunks(query, key, value, scaling), None
         q_pos, k_pos = self.mine[:, None], self.key_pos[None, :]
         allowed = k_pos <= q_pos
         if sliding_window:
             allowed = allowed & (q_pos - k_pos < sliding_window)
+        if self.q_seq is not None:  # [B, 1, T_local, T]: and the same sequence
+            allowed = (allowed & (self.q_seq[:, :, None] == self.k_seq[:, None, :]))[:, None]
         return _masked_attention(query, key, value, allowed, scaling, softcap), None
 
     def _by_chunks(self, query, key, value, scaling):

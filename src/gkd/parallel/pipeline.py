@@ -26,7 +26,7 @@ from torch import nn
 
 from gkd.errors import GKDError
 from gkd.models.adapter import adapter_for, unwrap
-from gkd.models.routing import recording, row_sums
+from gkd.models.routing import recording, row_index, row_sums
 
 SCHEDULES = ("1f1b", "gpipe")
 
@@ -165,7 +165,7 @@ class Stage(nn.Module):
             routing = torch.zeros(h.shape[0], self.routing, dtype=torch.float32, device=h.device)
         if not seen:
             return h, routing
-        sums, load = row_sums(seen, attention_mask)
+        sums, load = row_sums(seen, row_index(attention_mask))
         self.load = load if self.load is None else self.load + load
         return h, routing + sums
 

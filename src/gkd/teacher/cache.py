@@ -173,15 +173,6 @@ class TeacherCache:
 # --- the teacher ----------------------------------------------------------------------------------------
 
 
-def _rows(batch: Batch) -> list[tuple[list[int], int]]:
-    """(token ids without padding, first scored position or -1) per row."""
-    out = []
-    for ids, att, mask in zip(batch.input_ids, batch.attention_mask, batch.loss_mask):
-        scored = mask.nonzero()
-        out.append((ids[: int(att.sum())].tolist(), int(scored[0]) if len(scored) else -1))
-    return out
-
-
 def _any_rank(flag: bool, device) -> bool:
     """Whether ``flag`` holds on any process: a sharded teacher's forward needs every rank, so one rank's
     miss makes all of them score."""
@@ -208,26 +199,28 @@ class CachedTeacher:
             raise GKDError("--teacher_cache with --context_parallel_size > 1 is not supported yet")
         if batch.sampled:  # the student's samples change every step: nothing to reuse
             return self.inner.score(batch)
-        rows = _rows(batch)
+        seqs, where = batch.scored_sequences(), batch.sequences()
         B, T = batch.input_ids.shape
         K = self.cache.topk
         ids = torch.zeros(B, T, K, dtype=torch.long)
         lps = torch.zeros(B, T, K, dtype=torch.float32)
-        keys, missing = [None] * B, []
-        for b, (seq, r0) in enumerate(rows):
+        keys, missing = [None] * len(seqs), []
+        for s, (seq, r0) in enumerate(seqs):
             if r0 < 0:
                 continue
-            keys[b] = self.cache.key(seq, r0, batch.images[b] if batch.images else None)
-            got = self.cache.get(keys[b], len(seq) - 1 - r0, r0)
+            keys[s] = self.cache.key(seq, r0, batch.images[s] if batch.images else None)
+            got = self.cache.get(keys[s], len(seq) - 1 - r0, r0)
+            b, start, end = where[s]
             if got is None:
-                missing.append(b)
+                missing.append(s)
             else:
-                ids[b, r0:len(seq) - 1], lps[b, r0:len(seq) - 1] = got
+                ids[b, start + r0:end - 1], lps[b, start + r0:end - 1] = got
         if _any_rank(bool(missing), batch.input_ids.device) if self.sharded else missing:
             ids, lps = self._live(batch)
-            for b in missing:
-                seq, r0 = rows[b]
-                self.cache.put(keys[b], ids[b, r0:len(seq) - 1], lps[b, r0:len(seq) - 1], r0)
+            for s in missing:
+                b, start, end = where[s]
+                r0 = start + seqs[s][1]
+                self.cache.put(keys[s], ids[b, r0:end - 1], lps[b, r0:end - 1], seqs[s][1])
         device = batch.input_ids.device
         return TeacherOutput(topk_ids=ids.to(device), topk_logprobs=lps.to(device))
 

@@ -25,13 +25,8 @@ API_KEY_ENV = "GKD_TEACHER_API_KEY"
 
 
 def _sequences(batch: Batch) -> list[tuple[list[int], int, list]]:
-    """(token ids without padding, first scored row, images) per sequence; row -1 when nothing is scored."""
-    out = []
-    for b, (ids, att, mask) in enumerate(zip(batch.input_ids, batch.attention_mask, batch.loss_mask)):
-        n = int(att.sum())
-        scored = mask.nonzero()
-        out.append((ids[:n].tolist(), int(scored[0]) if len(scored) else -1, batch.images[b] if batch.images else []))
-    return out
+    """(token ids, first scored position or -1 when nothing is scored, images) per sequence of ``batch``."""
+    return [(ids, r0, batch.images[s] if batch.images else []) for s, (ids, r0) in enumerate(batch.scored_sequences())]
 
 
 class RemoteTeacher:
@@ -174,9 +169,11 @@ class RemoteTeacher:
         groups = [todo[i:i + self.seqs_per_request] for i in range(0, len(todo), self.seqs_per_request)]
         futures = [self.pool.submit(self._request, [seqs[b] for b in g]) for g in groups]
         try:
+            where = batch.sequences()
             for group, fut in zip(groups, futures):
-                for b, (i, lp) in zip(group, fut.result()):
-                    r0 = seqs[b][1]
+                for s, (i, lp) in zip(group, fut.result()):
+                    b, start, _ = where[s]
+                    r0 = start + seqs[s][1]
                     ids[b, r0:r0 + len(i)] = i
                     logprobs[b, r0:r0 + len(i)] = lp
         except BaseException:

@@ -22,7 +22,7 @@ import torch
 from gkd import parallel
 from gkd.data.batch import Batch
 from gkd.losses import fused_linear_gkd_loss
-from gkd.models.routing import aux_sum, recording, router_stats
+from gkd.models.routing import aux_sum, recording, router_stats, row_index
 
 
 @dataclass
@@ -38,7 +38,7 @@ class LossArgs:
 @dataclass
 class MicroBatch:
     batch: Batch
-    sampled: list[bool]  # per row: the student wrote the completion (no cross-entropy on it)
+    sampled: list[bool]  # per sequence: the student wrote the completion (no cross-entropy on it)
 
 
 STATS = ("loss", "divergence", "sft", "agree", "sft_tokens", "router_aux")
@@ -64,7 +64,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             micro_batches, batches, scored, student, len(STATS), dims.pipeline,
             lambda hidden, head, mb, batch, out, routing: micro_loss(
                 hidden, parallel.local_head(head), mb, batch, out, args, normaliser,
-                None if routing is None else aux_sum(routing, batch.attention_mask) / routed))
+                None if routing is None else aux_sum(routing, row_index(batch.attention_mask)) / routed))
     stats = torch.zeros(len(STATS), dtype=torch.float64)
     load = None
     for i, mb in enumerate(micro_batches):
@@ -87,7 +87,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             out = _fused(hidden, head, scored, labels, mask, args, normaliser)
             loss, aux = out.loss, torch.zeros(())
             if seen:  # (context parallelism refuses MoE students: a sequence's routing stays whole)
-                aux, counts = router_stats(seen, batch.attention_mask)
+                aux, counts = router_stats(seen, batch.sequence_index())
                 load = counts if load is None else load + counts
                 loss, aux = _with_router_loss(loss, aux / routed, args)
             parallel.sync_gradients(student, last=i == len(micro_batches) - 1, reduce_scatter_each=reduce_scatter_each)
@@ -118,7 +118,9 @@ def _with_router_loss(loss, aux, args: LossArgs):
 def _ce_labels(mb: MicroBatch, batch: Batch) -> torch.Tensor:
     """The labels of the cross-entropy term: none on completions the student sampled."""
     labels = batch.labels.clone()
-    labels[torch.tensor(mb.sampled, device=labels.device)] = -100
+    for (b, start, end), sampled in zip(batch.sequences(), mb.sampled, strict=True):
+        if sampled:
+            labels[b, start:end] = -100
     return labels
 
 

@@ -4,6 +4,7 @@ components come from gkd.train.build; the loop uses only what their protocols de
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from gkd.data.order import StepData
 from gkd.data.rows import Example
 from gkd.errors import GKDError
 from gkd.models import adapter_for, load_tokenizer
+from gkd.models.adapter import check_packing
 from gkd.train import build, checkpoint, outdir
 from gkd.train.completions import Completions
 from gkd.train.malloc import limit_heap_retention
@@ -54,6 +56,9 @@ class Trainer:
         # one model at a time, sharded before the next loads: a rank's peak is one whole model, not two
         self.student = build.student(cfg.section("model"), cfg.seed, par)
         self.adapter = adapter_for(self.student)
+        if cfg.packing:
+            check_packing(self.student)
+        self.pack = (cfg.packing_length or sys.maxsize) if cfg.packing else None  # most tokens per packed row
         if cfg.router_aux_loss_coef and not self.adapter.moe:
             log(f"[gkd] --model {cfg.model} has no experts: --router_aux_loss_coef does nothing")
         aux = cfg.router_aux_loss_coef
@@ -103,7 +108,7 @@ class Trainer:
             batch = collate([r.prompt_ids for r in rows[m]], completions[m], self.tokenizer.pad_token_id,
                             None if inputs is None else inputs[m],
                             None if teacher_inputs is None else teacher_inputs[m], images=[r.images for r in rows[m]],
-                            sampled=sampled)
+                            sampled=sampled, pack=self.pack)
             micro.append(MicroBatch(batch.to(self.device), [sampled] * len(rows[m])))
         # MoE: the router aux loss is a mean over the step's routed (attention-mask) tokens on every rank
         routed = float(par.dp_reduce(torch.tensor(sum(int(mb.batch.attention_mask.sum()) for mb in micro)))

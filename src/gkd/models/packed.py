@@ -1,0 +1,78 @@
+"""Attention over packed rows (--packing) at the cost of each sequence alone.
+
+transformers masks a packed row (positions restarting at 0 for each sequence, no 2D mask) with a dense
+[T, T] block-diagonal mask: exact, but SDPA then computes every score of the row, T² for a row of many
+sequences where padding-free attention costs the sum of their squares, and takes no causal fast path (and the
+mask alone grows as T²). While a packed forward runs, a model on SDPA uses the implementation here instead:
+no mask is built, each sequence's queries attend to its own keys with causal SDPA (a sliding window as a
+band mask), the pieces put back in place. Families whose attention SDPA cannot express (Gemma 2's score cap)
+are on eager attention, where transformers' block-diagonal mask stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+NAME = "gkd_sdpa_packed"
+
+
+def segments(positions: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) of each run of positions counting up from 0."""
+    starts = (positions == 0).nonzero()[:, 0].tolist()
+    if not starts or starts[0] != 0:
+        starts = [0, *starts]
+    return list(zip(starts, [*starts[1:], len(positions)]))
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    if kwargs.get("softcap") or kwargs.get("position_bias") is not None or query.shape[2] != key.shape[2]:
+        raise NotImplementedError(f"gkd.models.packed: {type(module).__name__} needs a score cap, a position "
+                                  "bias or a cache, which per-sequence SDPA does not take")
+    positions = kwargs["position_ids"]
+    window = kwargs.get("sliding_window")
+    grouped = key.shape[1] != query.shape[1]
+    rows = []
+    for b in range(query.shape[0]):
+        pieces = []
+        for start, end in segments(positions[b]):
+            q, k, v = (t[b:b + 1, :, start:end] for t in (query, key, value))
+            n = end - start
+            mask = None
+            if window and n > window:  # keys within the window behind each query (transformers' q - k < w)
+                i = torch.arange(n, device=query.device)
+                mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+            pieces.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                         is_causal=mask is None, scale=scaling, enable_gqa=grouped))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args, **kwargs):
+    return None  # attention keeps to each sequence by its positions: no [T, T] mask is built
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(NAME, _attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, _no_mask)
+
+
+@contextlib.contextmanager
+def packed_attention(config, inputs: dict):
+    """While inside: the model of text config ``config`` (on SDPA) attends per sequence when ``inputs`` are
+    packed rows (position ids given, no attention mask); otherwise nothing changes. (A vision tower keeps its
+    own attention.)"""
+    if "position_ids" not in inputs or "attention_mask" in inputs or config._attn_implementation != "sdpa":
+        yield
+        return
+    _register()
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
