@@ -196,6 +196,9 @@ def check_options(cfg, world: int, tp: int) -> None:
     if cfg.eval_steps and (tp > 1 or cfg.context_parallel_size > 1 or cfg.pipeline_model_parallel_size > 1):
         raise GKDError("--eval_steps with tensor, context or pipeline parallelism is not supported yet (data "
                        "parallel and FSDP are); run gkd eval on the final folder")
+    if cfg.teacher_wire == "hidden" and tp > 1:
+        raise GKDError("--teacher_wire hidden with --tensor_model_parallel_size > 1 is not supported yet (the teacher's "
+                       "head arrives whole, the loss takes it split like the student's); use --teacher_wire topk")
     if cfg.use_vllm and cfg.context_parallel_size > 1:
         raise GKDError("--use_vllm with --context_parallel_size > 1 is not supported yet (HF generate samples; "
                        "generation is not split over the context-parallel ranks)")
