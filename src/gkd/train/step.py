@@ -22,7 +22,7 @@ import torch
 from gkd import parallel
 from gkd.data.batch import Batch
 from gkd.losses import fused_linear_gkd_loss
-from gkd.models.routing import aux_sum, recording, router_stats, row_index
+from gkd.models.routing import aux_sum, recording, router_stats, row_index, row_sums
 
 
 @dataclass
@@ -86,8 +86,8 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             labels = split.local(ce_labels, -100) if split else ce_labels
             out = _fused(hidden, head, scored, labels, mask, args, normaliser)
             loss, aux = out.loss, torch.zeros(())
-            if seen:  # (context parallelism refuses MoE students: a sequence's routing stays whole)
-                aux, counts = router_stats(seen, batch.sequence_index())
+            if seen:
+                aux, counts = _router_loss(seen, batch, split)
                 load = counts if load is None else load + counts
                 loss, aux = _with_router_loss(loss, aux / routed, args)
             parallel.sync_gradients(student, last=i == len(micro_batches) - 1, reduce_scatter_each=reduce_scatter_each)
@@ -98,6 +98,19 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
         load = torch.zeros(len(routers), E, dtype=torch.float64) if load is None else load
         return torch.cat([stats, load.flatten()])
     return stats
+
+
+def _router_loss(seen, batch: Batch, split) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over the batch's sequences of n_r * aux_r, with grad; tokens routed to each expert per layer). Under
+    context parallelism a sequence's tokens are on every rank of the group: each rank's sums over its own
+    tokens are summed over the group (their gradients too), so every rank forms the whole sequences' loss, and
+    takes 1/C of it (the ranks' losses add up to it once)."""
+    index = batch.sequence_index()
+    if split is None:
+        return router_stats(seen, index)
+    sums, counts = row_sums(seen, split.local(index, -1), count=len(batch.sequences()))
+    sums = torch.cat([split.summed(sums[:, :-1]), sums[:, -1:]], dim=1)  # (the layer count is every rank's)
+    return aux_sum(sums, index) / split.size, counts
 
 
 def micro_loss(hidden, head, mb: MicroBatch, batch: Batch, scored, args: LossArgs, normaliser: float, aux=None):
