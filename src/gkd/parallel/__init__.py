@@ -14,25 +14,39 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, par: Parallel | 
     """The global gradient norm (over every shard and pipeline stage), after scaling the gradients down to
     ``max_norm`` (0 = no clipping). Works on plain tensors and on DTensors (FSDP and/or TP); experts under
     expert parallelism live on a mesh of their own, so the norm is taken per mesh and combined."""
-    from torch.distributed.tensor import DTensor
-
     if par is not None and par.pp > 1:
         from gkd.parallel.pipeline import clip_grad_norm as over_stages
         from gkd.parallel.pipeline import tied_copy
 
         return over_stages(params, max_norm, par.pp_group, once=tied_copy(model) if model is not None else None)
     grads = [p.grad for p in params if p.grad is not None]
+    norm = float(squared_norm(grads)) ** 0.5
+    coef = max_norm / (norm + 1e-6) if max_norm else 1.0
+    if coef < 1.0:
+        scale(grads, coef)
+    return norm
+
+
+def squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The squared norm of ``grads`` over every shard (float64): plain tensors and DTensors, the experts' on a
+    mesh of their own under expert parallelism, so each mesh's norm is taken apart and combined."""
+    from torch.distributed.tensor import DTensor
+
     by_mesh: dict = {}
     for g in grads:
         by_mesh.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
     norms = [torch.nn.utils.get_total_norm(gs) for gs in by_mesh.values()]
-    norm = torch.stack([(n.full_tensor() if isinstance(n, DTensor) else n).float() for n in norms]).norm() \
-        if norms else torch.tensor(0.0)
-    coef = max_norm / (float(norm) + 1e-6) if max_norm else 1.0
-    if coef < 1.0:  # a Python number: it scales plain tensors and DTensors of any mesh alike
-        for gs in by_mesh.values():
-            torch._foreach_mul_(gs, coef)
-    return float(norm)
+    return sum(((n.full_tensor() if isinstance(n, DTensor) else n).double() ** 2 for n in norms),
+               torch.zeros((), dtype=torch.float64))
+
+
+def scale(grads: list[torch.Tensor], coef: float) -> None:
+    """Every gradient times ``coef`` (a Python number: it scales plain tensors and DTensors of any mesh alike)."""
+    by_mesh: dict = {}
+    for g in grads:
+        by_mesh.setdefault(g.device_mesh if hasattr(g, "device_mesh") else None, []).append(g)
+    for gs in by_mesh.values():
+        torch._foreach_mul_(gs, coef)
 
 
 def _tensor_parallel(model, par: Parallel) -> None:
