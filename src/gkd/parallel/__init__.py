@@ -7,7 +7,8 @@ import torch
 from gkd.errors import GKDError
 from gkd.parallel.loading import load_sharded
 from gkd.parallel.mesh import Parallel, check_options, setup, teardown
-from gkd.parallel.tensors import local, local_head, local_mib  # noqa: F401 - the layer's API
+from gkd.parallel.expert import split_experts
+from gkd.parallel.tensors import local, local_head, local_mib, scale, squared_norm  # noqa: F401 - the layer's API
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, par: Parallel | None = None, model=None) -> float:
@@ -27,28 +28,6 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, par: Parallel | 
     return norm
 
 
-def squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The squared norm of ``grads`` over every shard (float64): plain tensors and DTensors, the experts' on a
-    mesh of their own under expert parallelism, so each mesh's norm is taken apart and combined."""
-    from torch.distributed.tensor import DTensor
-
-    by_mesh: dict = {}
-    for g in grads:
-        by_mesh.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
-    norms = [torch.nn.utils.get_total_norm(gs) for gs in by_mesh.values()]
-    return sum(((n.full_tensor() if isinstance(n, DTensor) else n).double() ** 2 for n in norms),
-               torch.zeros((), dtype=torch.float64))
-
-
-def scale(grads: list[torch.Tensor], coef: float) -> None:
-    """Every gradient times ``coef`` (a Python number: it scales plain tensors and DTensors of any mesh alike)."""
-    by_mesh: dict = {}
-    for g in grads:
-        by_mesh.setdefault(g.device_mesh if hasattr(g, "device_mesh") else None, []).append(g)
-    for gs in by_mesh.values():
-        torch._foreach_mul_(gs, coef)
-
-
 def _tensor_parallel(model, par: Parallel) -> None:
     if par.cp > 1:
         from gkd.parallel.context import use_context_parallel_attention
@@ -60,17 +39,6 @@ def _tensor_parallel(model, par: Parallel) -> None:
         apply_tensor_parallel(model, par.tp_mesh)
 
 
-def _experts(model, par: Parallel, reshard_after_forward: bool | None = None, student: bool = True) -> set:
-    """Expert parallelism (experts over the EP ranks, FSDP over the rest); returns the expert weights the
-    dense FSDP units must leave alone. A dense teacher beside a MoE student is sharded as without EP."""
-    if par.ep == 1:
-        return set()
-    from gkd.parallel.expert import check, shard_experts
-
-    check(model, par.ep, student=student)
-    return shard_experts(model, par.ep_mesh, par.edp_mesh, reshard_after_forward)
-
-
 def shard_student(model, par: Parallel) -> None:
     """Tensor parallel first (within a node), expert parallel, then FSDP over the data- (and context-)
     parallel ranks (pipeline stages first of all: gkd.parallel.pipeline)."""
@@ -79,7 +47,7 @@ def shard_student(model, par: Parallel) -> None:
 
         return shard(model, par, par.pipeline, student=True)
     _tensor_parallel(model, par)
-    ignored = _experts(model, par)
+    ignored = split_experts(model, par)
     if par.dp_mesh is not None:
         from gkd.parallel.fsdp import shard_student as fsdp
 
@@ -94,7 +62,7 @@ def shard_teacher(model, par: Parallel, offload: bool = False) -> None:
 
         return shard(model, par, par.pipeline, student=False)
     _tensor_parallel(model, par)
-    ignored = _experts(model, par, reshard_after_forward=True, student=False)
+    ignored = split_experts(model, par, reshard_after_forward=True, student=False)
     if par.shard_mesh is not None:
         from gkd.parallel.fsdp import shard_teacher as fsdp
 

@@ -276,9 +276,9 @@ def shard(model, par, plan: PipelinePlan, student: bool) -> None:
         from gkd.parallel.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, par.tp_mesh)
-    from gkd.parallel import _experts
+    from gkd.parallel.expert import split_experts
 
-    ignored = _experts(model, par, student=student)  # this rank's stages' experts, over the stage's EP ranks
+    ignored = split_experts(model, par, student=student)  # this rank's stages' experts, over the stage's EP ranks
     if student and par.dp_size > 1:
         from gkd.parallel.fsdp import shard_units
 
@@ -449,7 +449,7 @@ def _expert_loads(st: Staged) -> torch.Tensor:
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, group, once=None) -> float:
     """The gradient norm over every stage (and shard), with the gradients scaled down to ``max_norm``;
     ``once``: a tied weight's last-stage copy, left out of the norm (the first stage counts it)."""
-    from gkd.parallel import scale, squared_norm
+    from gkd.parallel.tensors import scale, squared_norm
 
     grads = [p.grad for p in params if p.grad is not None]
     norm = squared_norm([p.grad for p in params if p.grad is not None and p is not once])
