@@ -14,7 +14,6 @@ one-sequence batch gives transformers' own ``aux_loss``.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,8 @@ import torch
 from gkd import parallel
 from gkd.data.batch import Batch
 from gkd.losses import fused_linear_gkd_loss
+from gkd.models.adapter import text_config, unwrap
+from gkd.models.packed import packed_attention
 from gkd.models.routing import aux_sum, recording, router_stats, row_index, row_sums
 
 
@@ -77,7 +78,8 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             from gkd.parallel.context import ContextSplit
 
             split = ContextSplit(batch, dims.cp_group, dims.cp_rank, dims.cp)
-        with split.active() if split else contextlib.nullcontext():  # also for recomputation in backward
+        # also for recomputation in backward (gradient checkpointing): the split, or packed rows' attention
+        with split.active() if split else packed_attention(text_config(unwrap(student).config), batch.model_inputs()):
             scored = teacher.score(batch, split)
             with recording(routers) as seen:
                 hidden = adapter.final_hidden(student, split.model_inputs() if split else batch.model_inputs())
