@@ -83,6 +83,8 @@ class TrainConfig:
                                          "completions are cut to it (with a warning counting the rows cut)")
     top_p: float = _f(1.0, "nucleus sampling for on-policy completions")
     top_k: int = _f(0, "top-k sampling for on-policy completions (0 = off)")
+    speculative_kd_topk: int = _f(0, "teacher-corrected on-policy samples (speculative KD): a token the student draws "
+                                     "outside the teacher's K likeliest is replaced by the teacher's draw (0 = off)")
     # on-policy generation with vLLM
     use_vllm: bool = _f(False, "sample on-policy completions with vLLM instead of HF generate")
     vllm_mode: str = _f("colocate", "vLLM engine in this process, or an external vLLM server",
@@ -224,6 +226,14 @@ class TrainConfig:
              "(without either there is nothing to evaluate)")
         need(self.save_steps >= 0 and self.save_total_limit >= 1, "--save_steps must be >= 0 and --save_total_limit >= 1")
         need(self.max_bad_steps >= 1, f"--max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        need(self.speculative_kd_topk >= 0, f"--speculative_kd_topk must be >= 0, got {self.speculative_kd_topk}")
+        if self.speculative_kd_topk:
+            need(self.lmbda > 0, f"--speculative_kd_topk {self.speculative_kd_topk} corrects on-policy samples, and "
+                                 "--lmbda 0 draws none: raise --lmbda or leave it at 0")
+            need(not self.teacher_model_server, "--speculative_kd_topk needs a local --teacher_model: the teacher "
+                                                "reads each sampled token, a teacher server scores whole sequences")
+            need(not self.use_vllm, "--speculative_kd_topk samples with the decode loop beside the teacher, not with "
+                                    "vLLM: leave --use_vllm off")
         need(self.loss_chunk_size >= 0, f"--loss_chunk_size must be >= 0, got {self.loss_chunk_size}")
         need(self.sleep_level in (0, 1), f"--sleep_level must be 0 or 1, got {self.sleep_level} (level 2 drops the "
                                          "weights, which every step would then have to resend)")
@@ -275,7 +285,7 @@ SECTIONS = {
     "data": ("dataset", "val_dataset", "dataset_num_proc", "split_dataset_ratio", "max_length", "truncation_strategy",
              "max_completion_length", "packing", "packing_length"),
     "method": ("beta", "lmbda", "temperature", "loss_temperature", "sft_alpha", "router_aux_loss_coef", "seq_kd",
-               "max_completion_length", "top_p", "top_k", "loss_chunk_size", "seed"),
+               "max_completion_length", "top_p", "top_k", "speculative_kd_topk", "loss_chunk_size", "seed"),
     "rollout": ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_max_model_len", "vllm_tensor_parallel_size",
                 "vllm_kv_cache_memory_mb", "sleep_level", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
                 "vllm_server_timeout", "vllm_weight_sync", "vllm_sync_dir", "vllm_group_port", "max_length",

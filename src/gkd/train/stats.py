@@ -46,6 +46,8 @@ class Window:
     learning_rate: float = 0.0  # the window's last step trained with it
     router_aux: float = 0.0
     expert_tokens: object = None  # [MoE layers, E] tokens routed to each expert (MoE students)
+    proposed: int = 0  # --speculative_kd_topk: tokens the student proposed, and those the teacher replaced
+    replaced: int = 0
     steps: int = 0
     t0: float = field(default_factory=time.perf_counter)
 
@@ -79,6 +81,7 @@ class Window:
             "completion_length": self.tokens / max(self.seqs, 1),
             "top1_agreement": self.agree / max(self.tokens, 1),
             **self._moe(),
+            **({"corrected_share": self.replaced / self.proposed} if self.proposed else {}),
         }
 
     def _moe(self) -> dict:

@@ -102,6 +102,9 @@ class Trainer:
         rows = everyone[lo:hi]  # this data-parallel rank's share of the global batch
         inputs, teacher_inputs = self._row_inputs(rows)  # processed once, shared by generation and scoring
         completions, sampled = self.completions(rows, step, lo, inputs, teacher_inputs)
+        if cfg.speculative_kd_topk:  # every rank, every step: the tokens proposed and replaced, over the ranks
+            proposed, replaced = par.dp_reduce(torch.tensor(self.rollout.take_counts())).tolist()
+            window.proposed, window.replaced = window.proposed + proposed, window.replaced + replaced
         n_tokens = int(par.dp_reduce(torch.tensor(sum(len(c) for c in completions))))
         micro = []
         for m in (slice(m0, m0 + cfg.micro_batch_size) for m0 in range(0, len(rows), cfg.micro_batch_size)):
