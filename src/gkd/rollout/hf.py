@@ -63,23 +63,27 @@ class HFSampler:
     def _generate(self, model, prompts: list[list[int]], rows: list[int], inputs: dict, sampling) -> list[list[int]]:
         ids, mask = (t.to(self.device) for t in left_pad(prompts, self.pad_id))
         seeded = sampling(ids, mask, rows)
-        if decode.supported(model) and not inputs:
-            pick = seeded.draw if seeded else (lambda logits: logits.argmax(-1))
-            new = decode.decode(model, ids, mask, self.cfg.max_new_tokens, pick, self.eos_ids, self.pad_id,
-                                synced=self.synced).tolist()
-        else:  # other families, and rows with images: HF generate with the same per-row draws
-            from transformers import GenerationConfig, LogitsProcessorList
-
-            # a clean generation config: the model's own (a repetition penalty, say) would change the
-            # distribution the samples come from
-            config = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens, do_sample=False, use_cache=True,
-                                      eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-                                      suppress_tokens=adapter_for(model).placeholder_ids(model) or None)
-            model_inputs = adapter_for(model).prepare(
-                model, {"input_ids": ids, "attention_mask": mask, **{k: v.to(self.device) for k, v in inputs.items()}})
-            gen = model.generate(**model_inputs, generation_config=config, synced_gpus=self.synced,
-                                 logits_processor=LogitsProcessorList([seeded] if seeded else []))
-            new = gen[:, ids.shape[1]:].tolist()
+        with decode.weights_first(model):
+            new = self._new_tokens(model, ids, mask, inputs, seeded)
         return cut_at_eos(new, self.eos_ids)
+
+    def _new_tokens(self, model, ids, mask, inputs: dict, seeded) -> list[list[int]]:
+        if decode.supported(model) and not inputs:  # (the decode loop: see gkd.rollout.decode)
+            pick = seeded.draw if seeded else (lambda logits: logits.argmax(-1))
+            return decode.decode(model, ids, mask, self.cfg.max_new_tokens, pick, self.eos_ids, self.pad_id,
+                                 synced=self.synced).tolist()
+        # other families, and rows with images: HF generate with the same per-row draws
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        # a clean generation config: the model's own (a repetition penalty, say) would change the
+        # distribution the samples come from
+        config = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens, do_sample=False, use_cache=True,
+                                  eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+                                  suppress_tokens=adapter_for(model).placeholder_ids(model) or None)
+        model_inputs = adapter_for(model).prepare(
+            model, {"input_ids": ids, "attention_mask": mask, **{k: v.to(self.device) for k, v in inputs.items()}})
+        gen = model.generate(**model_inputs, generation_config=config, synced_gpus=self.synced,
+                             logits_processor=LogitsProcessorList([seeded] if seeded else []))
+        return gen[:, ids.shape[1]:].tolist()
 
 
