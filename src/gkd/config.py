@@ -70,6 +70,10 @@ class TrainConfig:
                                 "fit (0 = no limit: one row per micro-batch)")
     # the method
     beta: float = _f(0.5, "generalized JSD interpolation: 0 = KL(teacher||student), 1 = KL(student||teacher)")
+    divergence: str = _f("gjsd", "the loss's divergence: the generalized JSD (--beta), or DistiLLM's skew KL "
+                                 "KL(teacher || a teacher + (1-a) student) / skew reverse KL KL(student || a student + "
+                                 "(1-a) teacher) with a = --skew_alpha", choices=("gjsd", "skew_kl", "skew_reverse_kl"))
+    skew_alpha: float = _f(0.1, "--divergence skew_kl / skew_reverse_kl: the weight a of the skewed side in the mixture")
     lmbda: float = _f(0.5, "probability that a generation cycle is on-policy (student samples the completions)")
     temperature: float = _f(0.9, "temperature of sampling and, unless --loss_temperature, of the divergence")
     loss_temperature: float = _f(None, "temperature of the divergence (default: --temperature; TRL's GKDTrainer "
@@ -185,6 +189,11 @@ class TrainConfig:
                  "supported yet")
         need(bool(self.dataset), "--dataset is required (JSONL/JSON/Parquet files or a saved datasets folder)")
         need(0.0 <= self.beta <= 1.0, f"--beta must be in [0, 1], got {self.beta}")
+        need(0.0 < self.skew_alpha < 1.0, f"--skew_alpha must be in (0, 1), got {self.skew_alpha}")
+        need(self.divergence == "gjsd" or self.beta == 0.5, f"--beta {self.beta} is the generalized JSD's; "
+             f"--divergence {self.divergence} takes --skew_alpha (leave --beta unset)")
+        need(self.divergence != "gjsd" or self.skew_alpha == 0.1, f"--skew_alpha {self.skew_alpha} is for "
+             "--divergence skew_kl / skew_reverse_kl; the generalized JSD takes --beta")
         need(0.0 <= self.lmbda <= 1.0, f"--lmbda must be in [0, 1], got {self.lmbda}")
         need(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         need(self.loss_temperature is None or self.loss_temperature > 0,
@@ -257,6 +266,13 @@ class TrainConfig:
     def divergence_temperature(self) -> float:
         return self.temperature if self.loss_temperature is None else self.loss_temperature
 
+    @property
+    def objective(self):
+        """What the loss takes as its ``beta``: the float, or a gkd.losses.Skew."""
+        from gkd.losses import Skew
+
+        return self.beta if self.divergence == "gjsd" else Skew(self.divergence.removeprefix("skew_"), self.skew_alpha)
+
     def grad_accumulation_steps(self, data_parallel: int = 1) -> int:
         per_step = self.micro_batch_size * data_parallel
         if self.global_batch_size % per_step:
@@ -284,7 +300,7 @@ SECTIONS = {
                 "teacher_wait", "teacher_wire", "teacher_wire_dtype", "torch_dtype", "teacher_cache"),
     "data": ("dataset", "val_dataset", "dataset_num_proc", "split_dataset_ratio", "max_length", "truncation_strategy",
              "max_completion_length", "packing", "packing_length"),
-    "method": ("beta", "lmbda", "temperature", "loss_temperature", "sft_alpha", "router_aux_loss_coef", "seq_kd",
+    "method": ("beta", "divergence", "skew_alpha", "lmbda", "temperature", "loss_temperature", "sft_alpha", "router_aux_loss_coef", "seq_kd",
                "max_completion_length", "top_p", "top_k", "speculative_kd_topk", "loss_chunk_size", "seed"),
     "rollout": ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_max_model_len", "vllm_tensor_parallel_size",
                 "vllm_kv_cache_memory_mb", "sleep_level", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
