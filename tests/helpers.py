@@ -586,28 +586,6 @@ class Runs:
 # --------------------------------------------------------------------------------------------------
 
 
-def refused(args: list[str]) -> int:
-    """A mistake the workers find, not the launcher: `gkd ARGS` on this rank as under `gkd train --nproc_per_node`
-    (the rank leaves its one-line error in GKD_ERROR_DIR for the launcher to print). Prints ``gkd exit code N``
-    and ``left for the launcher: ERROR``, and succeeds, so that the launch goes on with its next job."""
-    import tempfile
-
-    from gkd.cli import main
-    from gkd.cli.train import ERROR_DIR
-
-    with tempfile.TemporaryDirectory() as errors:
-        os.environ[ERROR_DIR] = errors
-        try:
-            code = main(list(args))
-        finally:
-            del os.environ[ERROR_DIR]
-        left = [p.read_text() for p in Path(errors).glob("rank-*.txt")]
-    print(f"gkd exit code {code}", flush=True)
-    for text in left:
-        print(f"left for the launcher: {text}", flush=True)
-    return 0
-
-
 def counting_recomputed_experts(args: list[str]) -> int:
     """`gkd train ARGS` on this rank, counting the expert-parallel forwards (gkd.parallel.expert) that run inside
     a backward pass, i.e. gradient checkpointing's recomputations: prints ``experts recomputed N of M forwards``."""

@@ -71,14 +71,6 @@ declare("cp-mistral-single", 1, lambda c, out: train_args(_mistral(c), out))
 declare("cp2-mistral", 2, lambda c, out: train_args(_mistral(c), out, *CP2))
 
 
-def _qwen2_vl(c) -> dict:
-    student, teacher = c.models("vl")["pairs"]["qwen2_vl"]
-    return {"student": str(student), "teacher": str(teacher), "data": str(c.models("vl")["data"])}
-
-
-# mistakes the workers find once they read the student (helpers.refused)
-REFUSED = {"cp2-vl-refused": "--context_parallel_size 2: not supported yet for the qwen2-vl family (its image tokens"}
-declare("cp2-vl-refused", 2, lambda c, out: train_args(_qwen2_vl(c), out, *CP2), call="helpers:refused")
 # a mixture-of-experts student (Qwen3-MoE, router loss on): each sequence's routing sums cross the ranks
 declare_training("moe-single", 1, models="moe")
 declare_training("cp2-moe", 2, CP2, models="moe")
@@ -152,19 +144,3 @@ def test_context_parallel_equals_one_process_for_a_mixture_of_experts_student(ru
     """The router load-balancing loss is per whole sequence (gkd.train.step): under CP 2 each rank's per-sequence
     routing sums are summed over the group, gradient included; losses and weights equal one process."""
     assert_same(runs["moe-single"], runs["cp2-moe"])
-
-
-@pytest.mark.parametrize("name", list(REFUSED))
-@pytest.mark.slow
-@pytest.mark.dist
-def test_context_parallel_refuses_vision_language_students(runs, name):
-    """Found by each rank once it reads the student (the launcher cannot tell from the flags): exit code 2 and
-    one line for the launcher to print, nothing else on stderr, and no output folder."""
-    said = runs.stdout(name)
-    lines = [ln for ln in said.splitlines() if ln.strip()]
-    left = [ln.removeprefix("left for the launcher: ") for ln in lines if ln.startswith("left for the launcher: ")]
-    assert lines.count("gkd exit code 2") == 2 and len(left) == 2 and len(lines) == 4, runs.output(name)[-3000:]
-    assert all(REFUSED[name] in line for line in left), left
-    err = runs.output(name)[len(said):]
-    assert not [ln for ln in err.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln], err
-    assert not runs[name].exists()

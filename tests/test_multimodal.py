@@ -274,9 +274,14 @@ declare("vl-fsdp2", 2, lambda c, out: _args(c.models("vl"), "qwen2_vl", out, "--
 # --packing: each rank's two sequences (images, M-RoPE positions per sequence) in one row
 declare("vl-fsdp2-packed", 2, lambda c, out: _args(c.models("vl"), "qwen2_vl", out, "--max_steps", "4",
                                                    "--packing", "true"))
+# --context_parallel_size 2: each rank runs the vision tower on the micro-batch's images and keeps its tokens
+CP2 = ["--context_parallel_size", "2"]
+declare("vl-cp2", 2, lambda c, out: _args(c.models("vl"), "qwen2_vl", out, "--max_steps", "4", *CP2))
+declare("vl-cp2-packed", 2, lambda c, out: _args(c.models("vl"), "qwen2_vl", out, "--max_steps", "4", *CP2,
+                                                 "--packing", "true"))
 
 
-def _one_image_row_and_one_text_row(family):
+def _one_image_row_and_one_text_row(family, *flags):
     def args(c, out):
         vl = c.models("vl")
 
@@ -286,7 +291,7 @@ def _one_image_row_and_one_text_row(family):
             mixed.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[2]) + "\n")  # an image row, a text row
             return str(mixed)
 
-        args = _args(vl, family, out, "--max_steps", "2", "--micro_batch_size", "1", "--global_batch_size", "2")
+        args = _args(vl, family, out, "--max_steps", "2", "--micro_batch_size", "1", "--global_batch_size", "2", *flags)
         args[args.index("--dataset") + 1] = c.once("vl-mixed-data", make)
         return args
 
@@ -296,12 +301,14 @@ def _one_image_row_and_one_text_row(family):
 for _family in FAMILIES:
     declare(f"vl-mixed-{_family}", 2, _one_image_row_and_one_text_row(_family))
     declare(f"vl-mixed-{_family}-single", 1, _one_image_row_and_one_text_row(_family))  # what it must equal
+    # context parallel: both ranks hold parts of the image row, then of the text row (a blank image reaches the tower)
+    declare(f"vl-mixed-{_family}-cp2", 2, _one_image_row_and_one_text_row(_family, *CP2))
 
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["vl-fsdp2", "vl-fsdp2-packed"])
-def test_fsdp2_equals_one_process(runs, name):
+@pytest.mark.parametrize("name", ["vl-fsdp2", "vl-fsdp2-packed", "vl-cp2", "vl-cp2-packed"])
+def test_fsdp2_and_context_parallel_equal_one_process(runs, name):
     a, b = _losses(runs["vl-single"]), _losses(runs[name])
     assert sorted(a) == [1, 2, 3, 4] and all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
     wa, wb = final_weights(runs["vl-single"]), final_weights(runs[name])
@@ -312,12 +319,17 @@ def test_fsdp2_equals_one_process(runs, name):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_fsdp2_with_one_image_row_and_one_text_row(runs):
-    """One rank's micro-batch has an image, the other's has none: the vision tower must not be a sharded
-    unit of its own (its gathers would run on one rank only), and the run equals one process's, for each family:
-    the loss of an off- and an on-policy step, and the final weights, the vision tower's among them."""
+@pytest.mark.parametrize("layout", ["fsdp2", "cp2"])
+def test_one_image_row_and_one_text_row_on_two_processes(runs, layout):
+    """FSDP 2: one rank's micro-batch has an image, the other's has none: the vision tower must not be a sharded
+    unit of its own (its gathers would run on one rank only). CP 2: both ranks hold parts of the image row's
+    tokens (the tower runs on every rank, the language model on its tokens; M-RoPE positions of whole sequences),
+    then of the text row. Either run equals one process's, for each family: the loss of an off- and an on-policy
+    step, and the final weights, the vision tower's among them. Checked to fail (2026-12-04) with CP's language-
+    model hook giving 1D positions in place of M-RoPE's."""
     for family in FAMILIES:
-        one, two = runs[f"vl-mixed-{family}-single"], runs[f"vl-mixed-{family}"]
+        one = runs[f"vl-mixed-{family}-single"]
+        two = runs[f"vl-mixed-{family}" + ("-cp2" if layout == "cp2" else "")]
         a, b = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
         assert [m["on_policy_share"] for m in a] == [0.0, 1.0] and [m["step"] for m in b] == [1, 2], (family, a, b)
         for x, y in zip(a, b):

@@ -10,12 +10,19 @@ whose attention goes through that interface works, on gloo (CPU) and NCCL alike.
 
 Only what the loss needs is ever whole: the teacher's top-k rows of a remote server arrive whole and are
 split exactly as the tokens are.
+
+Vision-language models: a batch with images goes through the model whole up to its language model (every
+rank runs the vision tower on all of the micro-batch's images, merges their features into the embeddings and
+computes the positions, M-RoPE's included, over whole sequences); a hook on the language model then keeps
+this rank's tokens of the embeddings and positions, and the vision tower's own attention is never split.
+Each rank's vision gradients come from its own tokens, summed over the ranks like every other weight's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -24,6 +31,7 @@ from gkd.data.batch import Batch
 
 NAME = "gkd_cp"
 _active = threading.local()
+_unsplit = weakref.WeakSet()  # attention modules that never split (a vision tower's, over its patches)
 
 
 class _GatherSeq(torch.autograd.Function):
@@ -100,8 +108,16 @@ class ContextSplit:
             t = torch.cat([t, t.new_full((t.shape[0], self.length - T, *t.shape[2:]), pad)], dim=1)
         return t
 
-    def model_inputs(self) -> dict:
-        """The local tokens with their positions (no 2D mask: attention masks by position and sequence)."""
+    def model_inputs(self, teacher: bool = False) -> dict:
+        """The local tokens with their positions (no 2D mask: attention masks by position and sequence). With
+        images (the ``teacher``'s where its processor makes other inputs) the whole padded sequences instead,
+        which the language model's hook cuts to the local tokens (``_local_tokens``)."""
+        extra = self.batch.teacher_inputs if teacher and self.batch.teacher_inputs is not None else self.batch.inputs
+        if extra:
+            whole = {"input_ids": self._padded(self.batch.input_ids, 0), **extra}
+            if self.batch.position_ids is not None:
+                whole["position_ids"] = self._padded(self.batch.position_ids, 0)
+            return whole
         ids = self.local(self.batch.input_ids)
         if self.batch.position_ids is not None:
             return {"input_ids": ids, "position_ids": self.local(self.batch.position_ids)}
@@ -219,8 +235,22 @@ def _masked_attention(query, key, value, allowed, scaling, softcap=None):
     return (probs @ value).transpose(1, 2).contiguous()
 
 
-def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def _local_tokens(module, args, kwargs):
+    """Forward pre-hook of a vision-language model's language model: under a split, whole sequences' embeddings
+    (images merged) and positions become this rank's tokens' (a text-only batch arrives already local)."""
     split = getattr(_active, "split", None)
+    embeds = kwargs.get("inputs_embeds")
+    if split is None or embeds is None or embeds.shape[1] != split.length:
+        return None
+    positions = kwargs.get("position_ids")
+    local = split.mine.expand(embeds.shape[0], -1) if positions is None else \
+        positions.index_select(positions.dim() - 1, split.mine)  # [B, T], or M-RoPE's [3 or 4, B, T]
+    return args, {**kwargs, "inputs_embeds": embeds.index_select(1, split.mine), "position_ids": local,
+                  "attention_mask": None}
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    split = getattr(_active, "split", None) if module not in _unsplit else None
     if split is None and kwargs.get("softcap") and not dropout:
         return _masked_attention(query, key, value, attention_mask, scaling, kwargs["softcap"]), None
     if split is None:
@@ -250,9 +280,6 @@ def check_context_parallel(model, cp: int) -> None:
     from gkd.models import adapter_for, unwrap
 
     adapter = adapter_for(model)
-    if adapter.multimodal:
-        raise GKDError(f"--context_parallel_size {cp}: not supported yet for the {adapter.name} family (its image "
-                       "tokens and multimodal positions are not split)")
     if not hasattr(unwrap(model).config, "_attn_implementation"):
         raise GKDError(f"--context_parallel_size {cp}: {adapter.class_name(model)} does not take an attention "
                        "implementation")
@@ -263,8 +290,14 @@ def use_context_parallel_attention(model) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    from gkd.models import adapter_for
+
     AttentionInterface.register(NAME, _attention)
     AttentionMaskInterface.register(NAME, _mask)
+    adapter = adapter_for(model)
+    if adapter.multimodal:
+        _unsplit.update(adapter.vision_tower(model).modules())
+        adapter.decoder(model).register_forward_pre_hook(_local_tokens, with_kwargs=True)
     for m in model.modules():
         config = getattr(m, "config", None)
         if config is not None and hasattr(config, "_attn_implementation"):

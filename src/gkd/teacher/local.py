@@ -54,7 +54,7 @@ class LocalTeacher:
 
     @torch.no_grad()
     def score(self, batch: Batch, split=None) -> TeacherOutput:
-        inputs = split.model_inputs() if split else batch.model_inputs(teacher=True)
+        inputs = split.model_inputs(teacher=True) if split else batch.model_inputs(teacher=True)
         with self._on_device() as model:
             hidden = self.adapter.final_hidden(model, inputs)
             head = local_head(self.adapter.logit_head(model))  # this rank's vocabulary shard under TP
