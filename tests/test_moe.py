@@ -148,12 +148,16 @@ def test_expert_parallel_checks():
         expert_size(2, 1, 1, 1, 1)
     with pytest.raises(GKDError, match="must divide the data-parallel shard size 3"):
         expert_size(2, 3, 1, 3, 1)
-    with pytest.raises(GKDError, match="tensor_model_parallel_size 2 needs EP to take every data-parallel rank"):
+    with pytest.raises(GKDError, match="tensor_model_parallel_size 2 needs EP to take every data- and context-parallel"):
         expert_size(2, 8, 1, 4, 2)
     assert expert_size(2, 4, 1, 2, 2) == 2
     with pytest.raises(GKDError, match="must divide the data-parallel shard size 1"):
         expert_size(2, 2, 2, 1, 1)  # replicas hold whole copies: EP splits the shard ranks
     assert expert_size(2, 4, 1, 4, 1) == 2
+    # context-parallel peers are EP ranks too: dp_shard x cp
+    assert expert_size(2, 2, 1, 1, 1, cp=2) == 2 and expert_size(4, 4, 1, 2, 1, cp=2) == 4
+    with pytest.raises(GKDError, match="must divide the data-parallel shard x context-parallel size 6"):
+        expert_size(4, 6, 1, 3, 1, cp=2)
 
 
 @pytest.mark.parametrize("model,extra,message", [
@@ -182,6 +186,10 @@ MESHES = {  # name: (processes, flags, the single-process run it must equal)
                     "1"], "moe-single"),  # HSDP: two replicas of an EP 2 group
     "ep2xtp2": (4, ["--expert_model_parallel_size", "2", "--tensor_model_parallel_size", "2"], "moe-single"),
     "ep2-lora": (2, ["--expert_model_parallel_size", "2", *LORA], "moe-single-lora"),
+    # context parallel: the EP group taken from the context-parallel peers (their tokens), and with FSDP 2 beside
+    "ep2xcp2": (2, ["--expert_model_parallel_size", "2", "--context_parallel_size", "2"], "moe-single"),
+    "ep2xcp2xfsdp2": (4, ["--expert_model_parallel_size", "2", "--context_parallel_size", "2", "--micro_batch_size",
+                          "1"], "moe-single"),
 }
 declare_training("moe-single", 1, models="moe")
 declare_training("moe-single-lora", 1, LORA, models="moe")

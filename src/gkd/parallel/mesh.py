@@ -23,7 +23,7 @@ import torch.distributed as dist
 from gkd.errors import GKDError
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-EXPERT_DIMS = ("pp", "dp_replicate", "edp", "ep", "tp")  # the experts' mesh: dp_shard = edp x ep (EP inner: close by)
+EXPERT_DIMS = ("pp", "dp_replicate", "edp", "ep", "tp")  # the experts' mesh: dp_shard x cp = edp x ep (EP inner)
 _made_group = False
 
 
@@ -115,7 +115,7 @@ class Parallel:
     def edp_mesh(self):
         """The data-parallel ranks that hold the same experts, (replicate, edp): FSDP (HSDP with replicas)
         shards and reduces the experts over them; None when EP takes every data-parallel rank."""
-        return self.expert_mesh["dp_replicate", "edp"] if self.ep > 1 and self.dp_size > self.ep else None
+        return self.expert_mesh["dp_replicate", "edp"] if self.ep > 1 and self.dp_size * self.cp > self.ep else None
 
     def dp_slice(self, n: int) -> tuple[int, int]:
         """This rank's rows [lo, hi) of a global batch of n rows."""
@@ -161,7 +161,9 @@ class Parallel:
 
 
 def expert_size(ep: int, world: int, dp_replicate: int, dp_shard: int, tp: int, cp: int = 1, pp: int = 1) -> int:
-    """The expert-parallel size, or a one-line error: EP splits the data-parallel shard ranks."""
+    """The expert-parallel size, or a one-line error: EP splits the data-parallel shard ranks (with context
+    parallelism, dp_shard x cp: context-parallel peers hold other tokens of the same rows, which the experts take
+    like any other tokens)."""
     if ep < 1:
         raise GKDError(f"--expert_model_parallel_size must be >= 1, got {ep}")
     if ep == 1:
@@ -169,15 +171,14 @@ def expert_size(ep: int, world: int, dp_replicate: int, dp_shard: int, tp: int, 
     if world == 1:
         raise GKDError(f"--expert_model_parallel_size {ep} needs {ep} processes or more (launch with torchrun or "
                        "--nproc_per_node)")
-    if cp > 1:
-        raise GKDError(f"--expert_model_parallel_size {ep} with context parallelism is not supported yet")
-    if tp > 1 and ep != dp_shard * dp_replicate:
+    if tp > 1 and ep != dp_shard * cp * dp_replicate:
         raise GKDError(f"--expert_model_parallel_size {ep} with --tensor_model_parallel_size {tp} needs EP to take "
-                       f"every data-parallel rank ({dp_shard * dp_replicate}): experts FSDP-sharded beside TP are "
-                       "not supported yet")
-    if dp_shard % ep:
-        raise GKDError(f"--expert_model_parallel_size {ep} must divide the data-parallel shard size {dp_shard} "
-                       f"({world} processes): expert-parallel ranks are data-parallel ranks")
+                       f"every data- and context-parallel rank ({dp_shard * cp * dp_replicate}): experts "
+                       "FSDP-sharded beside TP are not supported yet")
+    if (dp_shard * cp) % ep:
+        what = "data-parallel shard size" if cp == 1 else "data-parallel shard x context-parallel size"
+        raise GKDError(f"--expert_model_parallel_size {ep} must divide the {what} {dp_shard * cp} ({world} "
+                       "processes): expert-parallel ranks are data- (or context-) parallel ranks")
     return ep
 
 
@@ -247,7 +248,8 @@ def setup(cfg) -> Parallel:
     mesh = _mesh(device.type, (pp, rep, shard, cp, tp), timeout, DIMS)
     if cp > 1:  # FSDP's shard dimension takes in the context-parallel peers
         mesh["dp_shard", "cp"]._flatten("dp_shard_cp", backend_override=_options(cuda, timeout))
-    experts = _mesh(device.type, (pp, rep, shard // ep, ep, tp), timeout, EXPERT_DIMS) if ep > 1 else None
+    # (dp_shard, cp) regrouped as (edp, ep): the same ranks in the same order, EP inner
+    experts = _mesh(device.type, (pp, rep, shard * cp // ep, ep, tp), timeout, EXPERT_DIMS) if ep > 1 else None
     plan = None
     if pp > 1:
         from gkd.parallel.pipeline import PipelinePlan
