@@ -8,7 +8,7 @@ import os
 import tempfile
 import uuid
 from contextlib import contextmanager
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -198,6 +198,8 @@ class VLLMServerSampler:
         self.cfg, self.eos_ids, self.log = cfg, list(eos_ids), log
         self.sync_dir = Path(sync_dir)
         self.pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="gkd-rollout")
+        # --async_generation: one request ahead of training at a time, waited on by its own thread
+        self.ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gkd-rollout-ahead")
         # with several training processes (``par``) every rank samples its own rows; rank 0 alone sends the
         # weights, which every rank gathers from its shards
         self.par = par
@@ -216,6 +218,7 @@ class VLLMServerSampler:
         self._server_version()  # fails early if the server lacks the worker extension or dev mode
 
     def close(self) -> None:
+        self.ahead.shutdown(wait=False, cancel_futures=True)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _rpc(self, method: str, *args, retries: int | None = None) -> list:
@@ -364,6 +367,24 @@ class VLLMServerSampler:
                 return out
         raise GKDError(f"vLLM server {self.client.url}: its weights kept changing during sampling "
                        "(is another trainer using it?)")
+
+    def generate_ahead(self, model, prompts: list[list[int]], rows: list[int], seed: int) -> tuple[Future, str]:
+        """Start sampling as ``generate`` would, in the background: the server first gets ``model``'s weights
+        (here, on every rank), then a thread waits on the HTTP answers while the caller trains. Returns the
+        pending answer and the weight version it samples from, for ``take``. No weights may be synced before
+        ``take``: the server swaps them in place, under the running requests."""
+        self._ensure_current(model)
+        tag = self._tag()
+        return self.ahead.submit(self._sample_and_version, prompts, rows, seed), tag
+
+    def _sample_and_version(self, prompts: list[list[int]], rows: list[int], seed: int):
+        return self._sample(prompts, rows, seed), self._server_version()
+
+    def take(self, pending: Future, tag: str) -> list[list[int]] | None:
+        """The completions of a ``generate_ahead``, or None (on every rank alike) where the server's weights
+        were not version ``tag`` when they were done (restarted, or another trainer synced)."""
+        out, seen = pending.result()
+        return None if self._any(seen != tag) else out
 
     def _sample(self, prompts: list[list[int]], rows: list[int], seed: int) -> list[list[int]]:
         c = self.cfg
