@@ -261,10 +261,12 @@ def test_each_data_parallel_rank_samples_its_rows_with_its_own_engine(pair, tmp_
 
 
 @pytest.mark.dist
-def test_server_mode_with_two_training_processes_equals_one(pair, tmp_path, vllm_server):
+@pytest.mark.parametrize("async_flags", [[], ["--async_generation", "1"]], ids=["sync", "async1"])
+def test_server_mode_with_two_training_processes_equals_one(pair, tmp_path, vllm_server, async_flags):
     """FSDP over 2 processes against one vLLM server: each rank samples its rows there, rank 0 sends the
     weights gathered from the shards (by file and by process group); the same losses and weights as one
-    training process against the same server."""
+    training process against the same server. With --async_generation 1 each rank requests its rows of the
+    next step ahead, and the two layouts still agree."""
     from safetensors.torch import load_file
 
     from gkd.train.metrics import read_metrics
@@ -280,13 +282,15 @@ def test_server_mode_with_two_training_processes_equals_one(pair, tmp_path, vllm
                 *extra]
 
     for sync in ("path", "group"):
-        one = gkd_subprocess(*args(tmp_path / f"one-{sync}", sync), timeout=600)
+        one = gkd_subprocess(*args(tmp_path / f"one-{sync}", sync, *async_flags), timeout=600)
         assert one.returncode == 0, one.stderr[-3000:]
-        two = gkd_subprocess(*args(tmp_path / f"two-{sync}", sync, "--nproc_per_node", "2"), timeout=600)
+        two = gkd_subprocess(*args(tmp_path / f"two-{sync}", sync, "--nproc_per_node", "2", *async_flags),
+                             timeout=600)
         assert two.returncode == 0, two.stderr[-3000:]
         a = read_metrics(tmp_path / f"one-{sync}" / "metrics.jsonl")
         b = read_metrics(tmp_path / f"two-{sync}" / "metrics.jsonl")
         assert [m["on_policy_share"] for m in a] == [1.0] * 3
+        assert [m["staleness"] for m in a] == [m["staleness"] for m in b] == ([0, 1, 1] if async_flags else [0] * 3)
         for x, y in zip(a, b, strict=True):
             assert abs(x["loss"] - y["loss"]) <= 1e-5 and x["completion_length"] == y["completion_length"], (x, y)
         wa = load_file(str(tmp_path / f"one-{sync}" / "final" / "model.safetensors"))
