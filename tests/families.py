@@ -3,7 +3,8 @@
 Sizes: vocabulary 96, hidden 128, 4 heads of 32 (vLLM's CPU attention takes head_dim 32), 2 KV heads, so
 that tensor parallelism of 2 divides every split. Each family keeps what makes it itself, at values that
 matter on short test sequences: sliding windows of 4 tokens, a final logit softcap of 2 (Gemma), logits
-divided by 8 (Granite), a logit scale of 0.5 (Cohere), NoPE layers (SmolLM3), 4 experts routed top-2 with the
+divided by 8 (Granite), a logit scale of 0.5 and per-head q/k norms (Cohere), q/k norm weights that differ per
+head, NoPE layers (SmolLM3), 4 experts routed top-2 with the
 router aux loss on (mixture of experts). Weights are drawn with a larger spread than the families' defaults so that
 the distributions are far from uniform and the logit transforms change them visibly.
 """
@@ -39,7 +40,7 @@ FAMILIES = {
     "olmo2": ("Olmo2Config", dict(tie_word_embeddings=False)),
     "granite": ("GraniteConfig", dict(logits_scaling=8.0, embedding_multiplier=2.0, residual_multiplier=0.5,
                                       attention_multiplier=0.05, tie_word_embeddings=False)),
-    "cohere": ("CohereConfig", dict(logit_scale=0.5)),
+    "cohere": ("CohereConfig", dict(logit_scale=0.5, use_qk_norm=True)),  # Command R+'s per-head q/k norms
     "smollm3": ("SmolLM3Config", dict(no_rope_layers=lambda n: [1, 0] * n, tie_word_embeddings=True)),
     # mixture of experts: 4 experts, top-2, the router aux loss on (the naive step adds it as transformers does)
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=32, num_experts=4, moe_intermediate_size=64, norm_topk_prob=True,
@@ -85,6 +86,10 @@ def write_family(folder: Path, family: str, *, layers: int = 2, seed: int = 0, *
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(family_config(family, layers, **overrides), dtype=torch.float32)
+    with torch.no_grad():  # q/k norm weights start at 1: made to differ per head, so a split that mixes heads shows
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.add_(torch.randn_like(p) * 0.3)
     model.generation_config.update(pad_token_id=0, eos_token_id=4, bos_token_id=1)
     model.save_pretrained(str(folder))
     write_tokenizer(folder, VOCAB)

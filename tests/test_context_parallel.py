@@ -77,10 +77,11 @@ def _qwen2_vl(c) -> dict:
 
 
 # mistakes the workers find once they read the student (helpers.refused)
-REFUSED = {"cp2-moe-refused": "--context_parallel_size 2: not supported yet for mixture-of-experts models",
-           "cp2-vl-refused": "--context_parallel_size 2: not supported yet for the qwen2-vl family (its image tokens"}
-declare("cp2-moe-refused", 2, lambda c, out: train_args(c.models("moe"), out, *CP2), call="helpers:refused")
+REFUSED = {"cp2-vl-refused": "--context_parallel_size 2: not supported yet for the qwen2-vl family (its image tokens"}
 declare("cp2-vl-refused", 2, lambda c, out: train_args(_qwen2_vl(c), out, *CP2), call="helpers:refused")
+# a mixture-of-experts student (Qwen3-MoE, router loss on): each sequence's routing sums cross the ranks
+declare_training("moe-single", 1, models="moe")
+declare_training("cp2-moe", 2, CP2, models="moe")
 
 
 def assert_same(a, b):
@@ -145,10 +146,18 @@ def test_context_parallel_refuses_what_it_cannot_split(tiny, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.dist
+def test_context_parallel_equals_one_process_for_a_mixture_of_experts_student(runs):
+    """The router load-balancing loss is per whole sequence (gkd.train.step): under CP 2 each rank's per-sequence
+    routing sums are summed over the group, gradient included; losses and weights equal one process."""
+    assert_same(runs["moe-single"], runs["cp2-moe"])
+
+
 @pytest.mark.parametrize("name", list(REFUSED))
 @pytest.mark.slow
 @pytest.mark.dist
-def test_context_parallel_refuses_moe_and_vision_language_students(runs, name):
+def test_context_parallel_refuses_vision_language_students(runs, name):
     """Found by each rank once it reads the student (the launcher cannot tell from the flags): exit code 2 and
     one line for the launcher to print, nothing else on stderr, and no output folder."""
     said = runs.stdout(name)

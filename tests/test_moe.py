@@ -188,10 +188,12 @@ declare_training("moe-single-lora", 1, LORA, models="moe")
 for _name, (_nproc, _flags, _) in MESHES.items():
     declare_training(_name, _nproc, _flags, models="moe")
 declare("resume-ep2-on-single", 1, resumed_from("ep2", models="moe"), after=("ep2",), mkdir=True)
-PIPELINES = {  # name: (processes, flags): a layer per stage, alone, with FSDP 2 and with TP 2
+PIPELINES = {  # name: (processes, flags): a layer per stage, alone, with FSDP 2, TP 2 and EP 2
     "pp2": (2, ["--pipeline_model_parallel_size", "2"]),
     "pp2xfsdp2": (4, ["--pipeline_model_parallel_size", "2", "--micro_batch_size", "1"]),
     "pp2xtp2": (4, ["--pipeline_model_parallel_size", "2", "--tensor_model_parallel_size", "2"]),
+    "pp2xep2": (4, ["--pipeline_model_parallel_size", "2", "--expert_model_parallel_size", "2", "--micro_batch_size",
+                    "1"]),  # each stage's experts split over its two data-parallel ranks
 }
 for _name, (_nproc, _flags) in PIPELINES.items():
     declare_training(f"moe-{_name}", _nproc, _flags, models="moe")

@@ -87,6 +87,21 @@ def test_a_packed_step_equals_the_padded_step(tiny, rows, teacher_kind, tmp_path
         assert teacher.cache.hits == 6 and teacher.cache.misses == 6
 
 
+def test_a_packed_step_with_gradient_checkpointing_equals_the_padded_step(tiny, rows):
+    """The recomputation in backward attends per sequence too (the packed attention spans the backward)."""
+    teacher = LocalTeacher(load_model(tiny["teacher"]), torch.device("cpu"))
+    grads = []
+    for pack in (None, 64):
+        student = load_model(tiny["student"])
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.train()
+        grads.append(_step(student, teacher, [collate([r.prompt_ids for r in rows[:4]],
+                                                      [r.completion_ids for r in rows[:4]], 0, pack=pack)],
+                           [[False] * 4])[1])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=1e-6, msg=name)
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.parametrize("name", ["fsdp2-packed", "tp2-packed", "cp2-packed"])

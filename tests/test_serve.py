@@ -18,7 +18,8 @@ from gkd.teacher.local import LocalTeacher
 from gkd.teacher.remote import RemoteTeacher
 from gkd.teacher.serve import Scorer, _Job
 from helpers import API_KEY as KEY  # what the module's server and the training runs use
-from helpers import FaultyProxy, http, loss_and_head_grad, start_gkd_serve, stop, train_against_server
+from helpers import (FaultyProxy, assert_same_run, declare, http, loss_and_head_grad, start_gkd_serve, stop,
+                     train_against_server, train_args)
 
 K = 8
 
@@ -37,6 +38,44 @@ def setup(tiny):
     rows = load_examples([tiny["data"]], tok, max_length=64, truncation_strategy="left", max_completion_length=16)[:6]
     batch = collate([r.prompt_ids for r in rows], [r.completion_ids for r in rows], tok.pad_token_id)
     return tok, batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,topk", [("float32", 0), ("float32", K), ("bfloat16", 0)])
+def test_hidden_wire_equals_the_local_teacher(tiny, server, setup, dtype, topk):
+    """--teacher_wire hidden: the server's final hidden states and the teacher's head (fetched in slices the
+    server's limit allows) give the local teacher's loss and gradient, over the full vocabulary or its top-K;
+    requests are cut to the server's --max_logprob_entries (5000 here: H x rows)."""
+    tok, batch = setup
+    student = load_model(tiny["student"])
+    local = LocalTeacher(load_model(tiny["teacher"]), torch.device("cpu"), topk=topk)
+    remote = RemoteTeacher(server, topk, api_key=KEY, wire="hidden", wire_dtype=dtype).connect(tok)
+    assert torch.equal(remote.head.weight, local.model.get_output_embeddings().weight)
+    tol = dict(rtol=0, atol=1e-6) if dtype == "float32" else dict(rtol=1e-2, atol=1e-5)  # (the loss is ~4e-3)
+    for beta, temperature in [(0.5, 0.9), (0.0, 1.0), (1.0, 0.7)]:
+        want = loss_and_head_grad(student, local.score(batch), batch, beta, temperature)
+        got = loss_and_head_grad(student, remote.score(batch), batch, beta, temperature)
+        torch.testing.assert_close(got[0], want[0], **tol)
+        torch.testing.assert_close(got[1], want[1], **tol)
+
+
+def _hidden_wire(*flags):
+    """Against the session's `gkd serve` of the tiny teacher, its hidden states: the full vocabulary."""
+    return lambda c, out: train_args(c.models("tiny"), out, "--teacher_model", "", "--teacher_model_server", c.server,
+                                     "--teacher_wire", "hidden", *flags)
+
+
+declare("hidden-wire", 1, _hidden_wire())
+declare("hidden-wire-cp2", 2, _hidden_wire("--context_parallel_size", "2"))
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("name", ["hidden-wire", "hidden-wire-cp2"])
+def test_training_on_the_hidden_wire_equals_the_local_full_vocabulary_teacher(runs, name):
+    """4 steps (off- and on-policy) with a remote teacher on the hidden wire, on one process and on context
+    parallelism 2 (rank 0 asks, the group splits the rows), equal the local full-vocabulary teacher's run."""
+    assert_same_run(runs["single"], runs[name])
 
 
 @pytest.mark.slow

@@ -48,8 +48,11 @@ class TrainConfig:
     teacher_max_in_flight: int = _f(4, "teacher-server requests in flight at once")
     teacher_seqs_per_request: int = _f(8, "sequences scored per teacher-server request")
     teacher_wait: float = _f(300.0, "seconds to wait for the teacher server's /health at start")
-    teacher_wire_dtype: str = _f("float32", "log-prob dtype of gkd serve's compact answers",
-                                 choices=("float32", "float16"))
+    teacher_wire: str = _f("topk", "what a teacher server sends: its top-K log-probs, or (gkd serve) its final hidden "
+                                   "states, to which the teacher's logit head is applied here: the full vocabulary",
+                           choices=("topk", "hidden"))
+    teacher_wire_dtype: str = _f("float32", "dtype of gkd serve's compact answers (log-probs: float32 or float16; "
+                                            "hidden states: bfloat16 too)", choices=("float32", "float16", "bfloat16"))
     teacher_cache: str = _f("", "folder of stored teacher top-K log-probs of dataset completions: scored once, "
                                 "reused across epochs and runs (needs --gkd_logits_topk; gkd cache fills it ahead)")
     # data
@@ -163,8 +166,9 @@ class TrainConfig:
         if self.teacher_model_server:
             need(self.teacher_model_server.startswith(("http://", "https://")),
                  f"--teacher_model_server must be an http(s):// URL, got {self.teacher_model_server!r}")
-            need(self.gkd_logits_topk >= 1, "--teacher_model_server needs --gkd_logits_topk K >= 1 "
-                                             "(a server sends its top-K log-probs)")
+            need(self.gkd_logits_topk >= 1 or self.teacher_wire == "hidden",
+                 "--teacher_model_server needs --gkd_logits_topk K >= 1 (a server sends its top-K log-probs; "
+                 "--teacher_wire hidden takes gkd serve's hidden states for the full vocabulary)")
             need(not self.seq_kd, "--seq_kd needs a local --teacher_model (a teacher server only scores)")
             need(not self.eval_steps, "--eval_steps needs a local --teacher_model (gkd eval can run afterwards)")
             need(self.teacher_timeout > 0 and self.teacher_wait >= 0 and self.teacher_retries >= 0,
@@ -193,6 +197,10 @@ class TrainConfig:
         need(self.gkd_logits_topk >= 0, f"--gkd_logits_topk must be >= 0, got {self.gkd_logits_topk}")
         need(self.max_completion_length >= 1, f"--max_completion_length must be >= 1, got {self.max_completion_length}")
         need(self.max_length >= 1, f"--max_length must be >= 1, got {self.max_length}")
+        need(self.teacher_wire == "topk" or bool(self.teacher_model_server),
+             f"--teacher_wire {self.teacher_wire} needs --teacher_model_server (a local teacher is not on a wire)")
+        need(self.teacher_wire_dtype != "bfloat16" or self.teacher_wire == "hidden",
+             "--teacher_wire_dtype bfloat16 is for --teacher_wire hidden (top-K log-probs travel as float32 or float16)")
         need(self.packing_length >= 0, f"--packing_length must be >= 0, got {self.packing_length}")
         need(self.packing or not self.packing_length, f"--packing_length {self.packing_length} needs --packing true "
                                                       "(without it rows are padded, not packed)")
@@ -269,7 +277,7 @@ SECTIONS = {
               "lora_experts", "merge_lora", "freeze_vit", "freeze_aligner", "gradient_checkpointing"),
     "teacher": ("teacher_model", "teacher_model_server", "gkd_logits_topk", "offload_teacher_model", "teacher_api_key",
                 "teacher_timeout", "teacher_retries", "teacher_max_in_flight", "teacher_seqs_per_request",
-                "teacher_wait", "teacher_wire_dtype", "torch_dtype", "teacher_cache"),
+                "teacher_wait", "teacher_wire", "teacher_wire_dtype", "torch_dtype", "teacher_cache"),
     "data": ("dataset", "val_dataset", "dataset_num_proc", "split_dataset_ratio", "max_length", "truncation_strategy",
              "max_completion_length", "packing", "packing_length"),
     "method": ("beta", "lmbda", "temperature", "loss_temperature", "sft_alpha", "router_aux_loss_coef", "seq_kd",

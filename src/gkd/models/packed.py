@@ -12,6 +12,7 @@ are on eager attention, where transformers' block-diagonal mask stays.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -27,17 +28,26 @@ def segments(positions: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, [*starts[1:], len(positions)]))
 
 
+_found = threading.local()  # the forward's packed positions and their spans per row, found at the first layer
+
+
+def _spans(positions: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Each row's ``segments``: every layer of a forward gets the same positions, so they are read once."""
+    if getattr(_found, "positions", None) is not positions:
+        _found.positions, _found.spans = positions, [segments(row) for row in positions]
+    return _found.spans
+
+
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     if kwargs.get("softcap") or kwargs.get("position_bias") is not None or query.shape[2] != key.shape[2]:
         raise NotImplementedError(f"gkd.models.packed: {type(module).__name__} needs a score cap, a position "
                                   "bias or a cache, which per-sequence SDPA does not take")
-    positions = kwargs["position_ids"]
     window = kwargs.get("sliding_window")
     grouped = key.shape[1] != query.shape[1]
     rows = []
-    for b in range(query.shape[0]):
+    for b, spans in enumerate(_spans(kwargs["position_ids"])):
         pieces = []
-        for start, end in segments(positions[b]):
+        for start, end in spans:
             q, k, v = (t[b:b + 1, :, start:end] for t in (query, key, value))
             n = end - start
             mask = None
@@ -76,3 +86,4 @@ def packed_attention(config, inputs: dict):
         yield
     finally:
         config._attn_implementation = "sdpa"
+        _found.positions = _found.spans = None  # (the next forward's positions may reuse this memory)

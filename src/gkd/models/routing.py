@@ -33,14 +33,15 @@ def row_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), rows, -1)
 
 
-def row_sums(seen, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def row_sums(seen, index: torch.Tensor, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(per sequence [S, 2E + 1]: A_e, P_e (with grad) and L over the layers that produced ``seen``; the tokens
     routed to each expert per layer [layers, E], float64 on the CPU). ``index`` [B, T]: each token's sequence
-    (gkd.data.batch.Batch.sequence_index; packed rows hold several), -1 on padding, which does not count."""
+    (gkd.data.batch.Batch.sequence_index; packed rows hold several), -1 on padding, which does not count;
+    ``count``: S, where ``index`` holds only some of the tokens (a context-parallel rank's)."""
     flat = index.reshape(-1)
     mask = (flat >= 0).float()
     row = flat.clamp(min=0)
-    S = int(flat.max()) + 1 if len(flat) else 0
+    S = count if count is not None else int(flat.max()) + 1 if len(flat) else 0
     E = seen[0][0].shape[-1]
     assigned = torch.zeros(S, E, dtype=torch.float32, device=mask.device)
     prob = torch.zeros(S, E, dtype=torch.float32, device=mask.device)

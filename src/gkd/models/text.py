@@ -15,7 +15,6 @@ OLMo 2 (q/k norms over every head) adapt it.
 
 from __future__ import annotations
 
-from gkd.errors import GKDError
 from gkd.models.adapter import Adapter, register
 
 # the per-layer norms these families use (whichever a layer has), all over the hidden size
@@ -65,7 +64,9 @@ class Granite(LlamaLike):
 
 class Cohere(LlamaLike):
     """Cohere (Command-R) multiplies its logits by ``logit_scale``; attention and MLP read one input norm
-    in parallel. Its optional per-head q/k LayerNorms hold a [heads, head_dim] weight no plan splits yet."""
+    in parallel. Its optional per-head q/k LayerNorms (``use_qk_norm``, Command R+) hold a [heads, head_dim]
+    weight: under tensor parallelism it stays whole (replicated) and the norm runs on the DTensor of every
+    head, of which this rank holds its own (llama_layer_plan's replicated_heads)."""
 
     name = "cohere"
     model_types = ("cohere",)
@@ -75,14 +76,6 @@ class Cohere(LlamaLike):
 
     def head_form(self, config) -> dict:
         return {"scale": float(config.logit_scale)}
-
-    def tp_sizes(self, model) -> dict[str, int]:
-        from gkd.models.adapter import text_config, unwrap
-
-        if getattr(text_config(unwrap(model).config), "use_qk_norm", False):
-            raise GKDError("--tensor_model_parallel_size: cohere with use_qk_norm has per-head LayerNorm weights "
-                           "no tensor-parallel plan splits yet; use data parallelism")
-        return super().tp_sizes(model)
 
 
 class Gemma(LlamaLike):

@@ -7,32 +7,25 @@ import torch
 from gkd.errors import GKDError
 from gkd.parallel.loading import load_sharded
 from gkd.parallel.mesh import Parallel, check_options, setup, teardown
-from gkd.parallel.tensors import local, local_head, local_mib  # noqa: F401 - the layer's API
+from gkd.parallel.expert import split_experts
+from gkd.parallel.tensors import local, local_head, local_mib, scale, squared_norm  # noqa: F401 - the layer's API
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, par: Parallel | None = None, model=None) -> float:
     """The global gradient norm (over every shard and pipeline stage), after scaling the gradients down to
     ``max_norm`` (0 = no clipping). Works on plain tensors and on DTensors (FSDP and/or TP); experts under
     expert parallelism live on a mesh of their own, so the norm is taken per mesh and combined."""
-    from torch.distributed.tensor import DTensor
-
     if par is not None and par.pp > 1:
         from gkd.parallel.pipeline import clip_grad_norm as over_stages
         from gkd.parallel.pipeline import tied_copy
 
         return over_stages(params, max_norm, par.pp_group, once=tied_copy(model) if model is not None else None)
     grads = [p.grad for p in params if p.grad is not None]
-    by_mesh: dict = {}
-    for g in grads:
-        by_mesh.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
-    norms = [torch.nn.utils.get_total_norm(gs) for gs in by_mesh.values()]
-    norm = torch.stack([(n.full_tensor() if isinstance(n, DTensor) else n).float() for n in norms]).norm() \
-        if norms else torch.tensor(0.0)
-    coef = max_norm / (float(norm) + 1e-6) if max_norm else 1.0
-    if coef < 1.0:  # a Python number: it scales plain tensors and DTensors of any mesh alike
-        for gs in by_mesh.values():
-            torch._foreach_mul_(gs, coef)
-    return float(norm)
+    norm = float(squared_norm(grads)) ** 0.5
+    coef = max_norm / (norm + 1e-6) if max_norm else 1.0
+    if coef < 1.0:
+        scale(grads, coef)
+    return norm
 
 
 def _tensor_parallel(model, par: Parallel) -> None:
@@ -46,17 +39,6 @@ def _tensor_parallel(model, par: Parallel) -> None:
         apply_tensor_parallel(model, par.tp_mesh)
 
 
-def _experts(model, par: Parallel, reshard_after_forward: bool | None = None, student: bool = True) -> set:
-    """Expert parallelism (experts over the EP ranks, FSDP over the rest); returns the expert weights the
-    dense FSDP units must leave alone. A dense teacher beside a MoE student is sharded as without EP."""
-    if par.ep == 1:
-        return set()
-    from gkd.parallel.expert import check, shard_experts
-
-    check(model, par.ep, student=student)
-    return shard_experts(model, par.ep_mesh, par.edp_mesh, reshard_after_forward)
-
-
 def shard_student(model, par: Parallel) -> None:
     """Tensor parallel first (within a node), expert parallel, then FSDP over the data- (and context-)
     parallel ranks (pipeline stages first of all: gkd.parallel.pipeline)."""
@@ -65,7 +47,7 @@ def shard_student(model, par: Parallel) -> None:
 
         return shard(model, par, par.pipeline, student=True)
     _tensor_parallel(model, par)
-    ignored = _experts(model, par)
+    ignored = split_experts(model, par)
     if par.dp_mesh is not None:
         from gkd.parallel.fsdp import shard_student as fsdp
 
@@ -80,7 +62,7 @@ def shard_teacher(model, par: Parallel, offload: bool = False) -> None:
 
         return shard(model, par, par.pipeline, student=False)
     _tensor_parallel(model, par)
-    ignored = _experts(model, par, reshard_after_forward=True, student=False)
+    ignored = split_experts(model, par, reshard_after_forward=True, student=False)
     if par.shard_mesh is not None:
         from gkd.parallel.fsdp import shard_teacher as fsdp
 

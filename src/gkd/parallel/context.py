@@ -44,6 +44,24 @@ class _GatherSeq(torch.autograd.Function):
         return grad.narrow(2, ctx.rank * ctx.local, ctx.local), None, None, None
 
 
+class _SumOverGroup(torch.autograd.Function):
+    """The sum of ``x`` over the group; backward sums the gradient over the group too (each rank's loss
+    depends on every rank's ``x`` through the sum)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class ContextSplit:
     """One micro-batch's split over the cp group: which global positions this rank holds."""
 
@@ -88,6 +106,10 @@ class ContextSplit:
         if self.batch.position_ids is not None:
             return {"input_ids": ids, "position_ids": self.local(self.batch.position_ids)}
         return {"input_ids": ids, "position_ids": self.mine.expand(ids.shape[0], -1)}
+
+    def summed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over the context-parallel ranks, with its gradient (per-sequence sums of their tokens)."""
+        return _SumOverGroup.apply(x, self.group)
 
     @contextlib.contextmanager
     def active(self):
@@ -231,9 +253,6 @@ def check_context_parallel(model, cp: int) -> None:
     if adapter.multimodal:
         raise GKDError(f"--context_parallel_size {cp}: not supported yet for the {adapter.name} family (its image "
                        "tokens and multimodal positions are not split)")
-    if adapter.moe:
-        raise GKDError(f"--context_parallel_size {cp}: not supported yet for mixture-of-experts models (the router "
-                       "loss is per whole sequence)")
     if not hasattr(unwrap(model).config, "_attn_implementation"):
         raise GKDError(f"--context_parallel_size {cp}: {adapter.class_name(model)} does not take an attention "
                        "implementation")

@@ -193,3 +193,12 @@ def replicated_experts():
 def expert_parameters(model) -> list[torch.Tensor]:
     """The experts' weights (for per-rank memory reports)."""
     return [p for m in adapter_for(model).experts(model) for p in m.parameters()]
+
+
+def split_experts(model, par, reshard_after_forward: bool | None = None, student: bool = True) -> set:
+    """Expert parallelism (experts over the EP ranks, FSDP over the rest); returns the expert weights the
+    dense FSDP units must leave alone. A dense teacher beside a MoE student is sharded as without EP."""
+    if par.ep == 1:
+        return set()
+    check(model, par.ep, student=student)
+    return shard_experts(model, par.ep_mesh, par.edp_mesh, reshard_after_forward)

@@ -5,8 +5,9 @@ Launch with ``torchrun --nproc-per-node N -m gkd train ...`` (or ``gkd train --n
 Sizes: world = pp x dp_replicate x dp_shard x cp x tp; dp_shard takes whatever the other sizes leave, so
 FSDP is the default way to use more processes. Context-parallel peers (cp) hold the same rows and split
 their tokens; FSDP shards over dp_shard x cp. Expert parallelism (EP) splits the data-parallel shard ranks
-further (dp_shard = edp x ep, torchtitan's layout): a second mesh over (dp_replicate, edp, ep, tp) holds the
-experts (gkd.parallel.expert) while every other weight keeps this mesh.
+further (dp_shard = edp x ep, torchtitan's layout): a second mesh over (pp, dp_replicate, edp, ep, tp) holds the
+experts (gkd.parallel.expert) while every other weight keeps this mesh; a pipeline stage's experts are split over
+the EP ranks of that stage.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from gkd.errors import GKDError
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-EXPERT_DIMS = ("dp_replicate", "edp", "ep", "tp")  # the experts' mesh: dp_shard = edp x ep (EP inner: close by)
+EXPERT_DIMS = ("pp", "dp_replicate", "edp", "ep", "tp")  # the experts' mesh: dp_shard = edp x ep (EP inner: close by)
 _made_group = False
 
 
@@ -168,8 +169,8 @@ def expert_size(ep: int, world: int, dp_replicate: int, dp_shard: int, tp: int, 
     if world == 1:
         raise GKDError(f"--expert_model_parallel_size {ep} needs {ep} processes or more (launch with torchrun or "
                        "--nproc_per_node)")
-    if cp > 1 or pp > 1:
-        raise GKDError(f"--expert_model_parallel_size {ep} with context or pipeline parallelism is not supported yet")
+    if cp > 1:
+        raise GKDError(f"--expert_model_parallel_size {ep} with context parallelism is not supported yet")
     if tp > 1 and ep != dp_shard * dp_replicate:
         raise GKDError(f"--expert_model_parallel_size {ep} with --tensor_model_parallel_size {tp} needs EP to take "
                        f"every data-parallel rank ({dp_shard * dp_replicate}): experts FSDP-sharded beside TP are "
@@ -196,6 +197,9 @@ def check_options(cfg, world: int, tp: int) -> None:
     if cfg.eval_steps and (tp > 1 or cfg.context_parallel_size > 1 or cfg.pipeline_model_parallel_size > 1):
         raise GKDError("--eval_steps with tensor, context or pipeline parallelism is not supported yet (data "
                        "parallel and FSDP are); run gkd eval on the final folder")
+    if cfg.teacher_wire == "hidden" and tp > 1:
+        raise GKDError("--teacher_wire hidden with --tensor_model_parallel_size > 1 is not supported yet (the teacher's "
+                       "head arrives whole, the loss takes it split like the student's); use --teacher_wire topk")
     if cfg.use_vllm and cfg.context_parallel_size > 1:
         raise GKDError("--use_vllm with --context_parallel_size > 1 is not supported yet (HF generate samples; "
                        "generation is not split over the context-parallel ranks)")
@@ -243,7 +247,7 @@ def setup(cfg) -> Parallel:
     mesh = _mesh(device.type, (pp, rep, shard, cp, tp), timeout, DIMS)
     if cp > 1:  # FSDP's shard dimension takes in the context-parallel peers
         mesh["dp_shard", "cp"]._flatten("dp_shard_cp", backend_override=_options(cuda, timeout))
-    experts = _mesh(device.type, (rep, shard // ep, ep, tp), timeout, EXPERT_DIMS) if ep > 1 else None
+    experts = _mesh(device.type, (pp, rep, shard // ep, ep, tp), timeout, EXPERT_DIMS) if ep > 1 else None
     plan = None
     if pp > 1:
         from gkd.parallel.pipeline import PipelinePlan

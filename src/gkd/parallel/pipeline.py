@@ -261,7 +261,8 @@ def split(model, par, virtual: int = 1, hand: str = "") -> Staged:
 
 
 def shard(model, par, plan: PipelinePlan, student: bool) -> None:
-    """Split into stages, then tensor parallel inside each layer, then FSDP over the data-parallel ranks:
+    """Split into stages, then tensor parallel inside each layer, expert parallel (a stage's experts over its EP
+    ranks), then FSDP over the data-parallel ranks:
     each decoder layer a unit; a student stage is the root of its unit (embedding, norm and lm_head stay
     gathered from its forward to the loss, as gkd.parallel.fsdp explains); a teacher's embedding and lm_head
     stay whole."""
@@ -275,15 +276,18 @@ def shard(model, par, plan: PipelinePlan, student: bool) -> None:
         from gkd.parallel.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, par.tp_mesh)
+    from gkd.parallel.expert import split_experts
+
+    ignored = split_experts(model, par, student=student)  # this rank's stages' experts, over the stage's EP ranks
     if student and par.dp_size > 1:
         from gkd.parallel.fsdp import shard_units
 
         for stage in st.stages:
-            shard_units(list(stage.layers), stage, par.dp_mesh)
+            shard_units(list(stage.layers), stage, par.dp_mesh, ignored)
     if not student and par.dp_shard > 1:
         from gkd.parallel.fsdp import shard_teacher
 
-        shard_teacher(model, par.mesh["dp_shard"])
+        shard_teacher(model, par.mesh["dp_shard"], ignored)
 
 
 def _tie_groups(st: Staged, par) -> None:
@@ -445,16 +449,12 @@ def _expert_loads(st: Staged) -> torch.Tensor:
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, group, once=None) -> float:
     """The gradient norm over every stage (and shard), with the gradients scaled down to ``max_norm``;
     ``once``: a tied weight's last-stage copy, left out of the norm (the first stage counts it)."""
-    from torch.distributed.tensor import DTensor
+    from gkd.parallel.tensors import scale, squared_norm
 
     grads = [p.grad for p in params if p.grad is not None]
-    counted = [p.grad for p in params if p.grad is not None and p is not once]
-    norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros(())
-    norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).double() ** 2
+    norm = squared_norm([p.grad for p in params if p.grad is not None and p is not once])
     dist.all_reduce(norm, group=group)
     total = float(norm.sqrt())
     if max_norm and total > max_norm:
-        coef = max_norm / (total + 1e-6)
-        for g in grads:
-            g.mul_(coef)
+        scale(grads, max_norm / (total + 1e-6))
     return total

@@ -22,3 +22,25 @@ def local_head(head):
 def local_mib(tensors) -> float:
     """MiB this rank holds of ``tensors`` (its shards only)."""
     return sum(local(t).numel() * t.element_size() for t in tensors) / 2**20
+
+
+def squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The squared norm of ``grads`` over every shard (float64): plain tensors and DTensors, the experts' on a
+    mesh of their own under expert parallelism, so each mesh's norm is taken apart and combined."""
+    from torch.distributed.tensor import DTensor
+
+    by_mesh: dict = {}
+    for g in grads:
+        by_mesh.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    norms = [torch.nn.utils.get_total_norm(gs) for gs in by_mesh.values()]
+    return sum(((n.full_tensor() if isinstance(n, DTensor) else n).double() ** 2 for n in norms),
+               torch.zeros((), dtype=torch.float64))
+
+
+def scale(grads: list[torch.Tensor], coef: float) -> None:
+    """Every gradient times ``coef`` (a Python number: it scales plain tensors and DTensors of any mesh alike)."""
+    by_mesh: dict = {}
+    for g in grads:
+        by_mesh.setdefault(g.device_mesh if hasattr(g, "device_mesh") else None, []).append(g)
+    for gs in by_mesh.values():
+        torch._foreach_mul_(gs, coef)

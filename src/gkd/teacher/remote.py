@@ -5,6 +5,10 @@ Each sequence goes out as token ids (prompt + completion, never re-tokenised) wi
 become the loss's ``teacher_topk_ids`` / ``teacher_topk_logprobs``. The server gives log-probs at
 temperature 1; the loss divides the K log-probs by ``--temperature`` and renormalises over them,
 exactly as it does for a local top-k teacher, so both give the same result.
+
+With ``--teacher_wire hidden`` (gkd serve only) the server sends the teacher's final hidden states of the
+scored rows instead, and the teacher's logit head comes once at `connect`: the loss then gets what a local
+teacher gives it (hidden states + head), the full vocabulary, or its top-K with ``--gkd_logits_topk``.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from gkd.data.batch import Batch
 from gkd.data.imagefiles import to_base64_png
 from gkd.errors import GKDError
 from gkd.httpclient import ServerClient, WireError
+from gkd.losses import LogitHead
 from gkd.teacher.base import TeacherOutput
-from gkd.teacher.wire import COMPACT, WIRE_DTYPES, decode_compact, decode_vllm
+from gkd.teacher.wire import (COMPACT, HIDDEN, TENSOR_DTYPES, WIRE_DTYPES, decode_compact, decode_tensor,
+                             decode_vllm)
 
 API_KEY_ENV = "GKD_TEACHER_API_KEY"
 
@@ -30,17 +36,26 @@ def _sequences(batch: Batch) -> list[tuple[list[int], int, list]]:
 
 
 class RemoteTeacher:
-    """Top-k teacher over HTTP; `connect` checks the server before training starts."""
+    """A teacher over HTTP: its top-k log-probs (``wire="topk"``), or its final hidden states, to which the
+    teacher's logit head, fetched once, is applied here (``wire="hidden"``: the full vocabulary, or its top-k);
+    `connect` checks the server before training starts."""
 
     def __init__(self, url: str, topk: int, *, api_key: str | None = None, timeout: float = 60.0,
                  retries: int = 5, max_in_flight: int = 4, seqs_per_request: int = 8, wait: float = 120.0,
-                 wire_dtype: str = "float32", model: str | None = None):
-        if topk < 1:
+                 wire_dtype: str = "float32", model: str | None = None, wire: str = "topk"):
+        if wire not in ("topk", HIDDEN):
+            raise GKDError(f"--teacher_wire must be topk or {HIDDEN}, got {wire!r}")
+        if topk < 1 and wire == "topk":
             raise GKDError("--teacher_model_server needs --gkd_logits_topk K >= 1 (a server sends top-k log-probs)")
-        if wire_dtype not in WIRE_DTYPES:
-            raise GKDError(f"--teacher_wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
+        dtypes = TENSOR_DTYPES if wire == HIDDEN else WIRE_DTYPES
+        if wire_dtype not in dtypes:
+            raise GKDError(f"--teacher_wire_dtype {wire_dtype} with --teacher_wire {wire}: must be one of "
+                           f"{sorted(dtypes)}")
         self.client = ServerClient(url, api_key or os.environ.get(API_KEY_ENV) or None, timeout, retries)
-        self.topk, self.wait, self.wire_dtype, self.model = topk, wait, wire_dtype, model
+        self.topk, self.wait, self.wire_dtype, self.model = topk or None, wait, wire_dtype, model
+        self.wire = wire
+        self.head = None  # the teacher's LogitHead, fetched by connect (hidden wire)
+        self.max_entries: int | None = None
         self.seqs_per_request = seqs_per_request
         self.pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="gkd-teacher")
         self.compact = False
@@ -68,11 +83,43 @@ class RemoteTeacher:
         entry = entries[names.index(self.model)] if self.model else entries[0]
         self.model, self.served = entry["id"], entry
         self.max_model_len = entry.get("max_model_len")
-        self.compact = COMPACT in (entry.get("gkd") or {}).get("wire", [])
-        self.images = bool((entry.get("gkd") or {}).get("images"))
+        gkd = entry.get("gkd") or {}
+        self.compact = COMPACT in gkd.get("wire", [])
+        self.images = bool(gkd.get("images"))
+        self.max_entries = gkd.get("max_logprob_entries")  # per request (gkd serve's limit; None: vLLM's own)
         self._check_tokenizer(tokenizer)
-        self._check_topk(tokenizer)
+        if self.wire == HIDDEN:
+            if HIDDEN not in gkd.get("wire", []):
+                raise GKDError(f"teacher server {self.url} ({self.model}) does not send hidden states (gkd serve does; "
+                               "vLLM does not): use --teacher_wire topk with --gkd_logits_topk K")
+            self.head = self._fetch_head(int(gkd["hidden_size"]), int(gkd["max_logprob_entries"]))
+        else:
+            self._check_topk(tokenizer)
         return self
+
+    def _fetch_head(self, hidden_size: int, per_request: int) -> LogitHead:
+        """The teacher's logit head, in slices of rows that fit the server's limit."""
+        rows = max(1, per_request // hidden_size)
+        first = self.client.call("POST", "/v1/gkd/head", {"model": self.model, "rows_from": 0, "rows": 1})
+        try:
+            vocab, form = int(first["vocab"]), dict(first["form"])
+        except (KeyError, TypeError, ValueError):
+            raise GKDError(f"teacher server {self.url}/v1/gkd/head: unexpected answer {str(first)[:200]}") from None
+        weights, biases = [], []
+        for lo in range(0, vocab, rows):
+            n = min(rows, vocab - lo)
+
+            def parse(answer, n=n):
+                w = decode_tensor(answer.get("weight"), "head weight", (n, hidden_size))
+                b = answer.get("bias")
+                return w, None if b is None else decode_tensor(b, "head bias", (n,))
+
+            w, b = self.client.call("POST", "/v1/gkd/head", {"model": self.model, "rows_from": lo, "rows": n}, parse)
+            weights.append(w)
+            biases.append(b)
+        bias = None if biases[0] is None else torch.cat(biases)
+        return LogitHead(torch.cat(weights), bias, float(form["scale"]), bool(form["scale_hidden"]),
+                         None if form["softcap"] is None else float(form["softcap"]))
 
     def check_rows(self, examples: list, new_tokens: int, sampled: bool) -> None:
         from gkd.data.rows import longest_sequence
@@ -117,13 +164,19 @@ class RemoteTeacher:
             raise GKDError(f"{e} -- with --gkd_logits_topk {self.topk} (vLLM allows at most its --max-logprobs, "
                            "default 20)") from None
 
-    def _request(self, seqs: list[tuple[list[int], int, list]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """One /v1/completions call for several sequences; rows from each sequence's first scored row."""
+    def _request(self, seqs: list[tuple[list[int], int, list]]) -> list[tuple[torch.Tensor, ...]]:
+        """One /v1/completions call for several sequences; rows from each sequence's first scored row: per
+        sequence (top-k ids, log-probs), or (hidden states,) on the hidden wire."""
         k = self.topk
-        body = {"model": self.model, "prompt": [s for s, _, _ in seqs], "max_tokens": 1, "temperature": 0,
-                "prompt_logprobs": k}
-        if self.compact:
-            body["gkd_wire"] = {"format": COMPACT, "dtype": self.wire_dtype, "rows_from": [r for _, r, _ in seqs]}
+        rows_from = [r for _, r, _ in seqs]
+        if self.wire == HIDDEN:
+            body = {"model": self.model, "prompt": [s for s, _, _ in seqs], "max_tokens": 0,
+                    "gkd_wire": {"format": HIDDEN, "dtype": self.wire_dtype, "rows_from": rows_from}}
+        else:
+            body = {"model": self.model, "prompt": [s for s, _, _ in seqs], "max_tokens": 1, "temperature": 0,
+                    "prompt_logprobs": k}
+        if self.compact and self.wire != HIDDEN:
+            body["gkd_wire"] = {"format": COMPACT, "dtype": self.wire_dtype, "rows_from": rows_from}
         if any(images for _, _, images in seqs):
             body["gkd_images"] = [[to_base64_png(im) for im in images] for _, _, images in seqs]
 
@@ -137,7 +190,10 @@ class RemoteTeacher:
             out = []
             for (ids, rows_from, _), choice in zip(seqs, choices):
                 rows = len(ids) - 1 - rows_from
-                if self.compact:
+                if self.wire == HIDDEN:
+                    shape = (rows, self.head.weight.shape[1])
+                    out.append((decode_tensor((choice.get("gkd_hidden") or {}).get("hidden"), "hidden states", shape),))
+                elif self.compact:
                     out.append(decode_compact(choice.get("gkd_topk") or {}, k, rows, rows_from))
                 else:
                     out.append(decode_vllm(choice.get("prompt_logprobs"), k, rows_from, len(ids)))
@@ -149,36 +205,59 @@ class RemoteTeacher:
         """Whole sequences go to the server; with ``split`` the first context-parallel rank asks, every rank
         of the group receives the rows and keeps its tokens'."""
         B, T = batch.input_ids.shape
-        ids = torch.zeros(B, T, self.topk, dtype=torch.long)
-        logprobs = torch.zeros(B, T, self.topk, dtype=torch.float32)
+        if self.wire == HIDDEN:
+            fields = [torch.zeros(B, T, self.head.weight.shape[1], dtype=self.head.weight.dtype)]
+        else:
+            fields = [torch.zeros(B, T, self.topk, dtype=torch.long), torch.zeros(B, T, self.topk, dtype=torch.float32)]
         if split is None or split.rank == 0:
-            self._fill(batch, ids, logprobs)
+            self._fill(batch, fields)
         if split is not None:
             import torch.distributed as dist
 
             src = dist.get_global_rank(split.group, 0)
-            dist.broadcast(ids, src, group=split.group)
-            dist.broadcast(logprobs, src, group=split.group)
-            ids, logprobs = split.local(ids), split.local(logprobs)
+            for t in fields:
+                dist.broadcast(t, src, group=split.group)
+            fields = [split.local(t) for t in fields]
         device = batch.input_ids.device
-        return TeacherOutput(topk_ids=ids.to(device), topk_logprobs=logprobs.to(device))
+        if self.wire == HIDDEN:
+            head = LogitHead(self.head.weight.to(device), None if self.head.bias is None else self.head.bias.to(device),
+                             self.head.scale, self.head.scale_hidden, self.head.softcap)
+            return TeacherOutput(hidden=fields[0].to(device), head=head, topk=self.topk)
+        return TeacherOutput(topk_ids=fields[0].to(device), topk_logprobs=fields[1].to(device))
 
-    def _fill(self, batch: Batch, ids: torch.Tensor, logprobs: torch.Tensor) -> None:
+    def _fill(self, batch: Batch, fields: list[torch.Tensor]) -> None:
+        """Each field [B, T, ...] filled at the scored rows of every sequence from the server's answers."""
         seqs = _sequences(batch)
         todo = [b for b, (_, r, _) in enumerate(seqs) if r >= 0]
-        groups = [todo[i:i + self.seqs_per_request] for i in range(0, len(todo), self.seqs_per_request)]
+        # what the server counts against its limit: K per token of the sequence, H per hidden row sent
+        rows = [len(seqs[b][0]) - 1 - seqs[b][1] if self.wire == HIDDEN else len(seqs[b][0]) for b in todo]
+        groups = self._groups(rows, todo)
         futures = [self.pool.submit(self._request, [seqs[b] for b in g]) for g in groups]
         try:
             where = batch.sequences()
             for group, fut in zip(groups, futures):
-                for s, (i, lp) in zip(group, fut.result()):
+                for s, got in zip(group, fut.result()):
                     b, start, _ = where[s]
                     r0 = start + seqs[s][1]
-                    ids[b, r0:r0 + len(i)] = i
-                    logprobs[b, r0:r0 + len(i)] = lp
+                    for field, rows in zip(fields, got):
+                        field[b, r0:r0 + len(rows)] = rows
         except BaseException:
             self.close()  # requests still retrying stop at their next attempt; the error goes up now
             raise
+
+    def _groups(self, rows: list[int], todo: list[int]) -> list[list[int]]:
+        """``todo``'s sequences in requests of at most --teacher_seqs_per_request sequences and of at most the
+        server's entries per request (``rows`` of K or H values each), in order."""
+        width = self.head.weight.shape[1] if self.wire == HIDDEN else self.topk
+        groups, used = [], 0
+        for b, n in zip(todo, rows):
+            if not groups or len(groups[-1]) == self.seqs_per_request or (
+                    self.max_entries and used + n * width > self.max_entries):
+                groups.append([])
+                used = 0
+            groups[-1].append(b)
+            used += n * width
+        return groups
 
     def score_pipelined(self, batches: list[Batch], last_stage: bool) -> list[TeacherOutput | None]:
         """Asked for by the last stage only (the others never see the loss)."""

@@ -30,7 +30,8 @@ from gkd.data.rows import model_context
 from gkd.errors import GKDError
 from gkd.models import adapter_for, load_image_processing, load_model, load_tokenizer
 from gkd.teacher.cache import model_fingerprint
-from gkd.teacher.wire import COMPACT, WIRE_DTYPES, encode_compact, encode_vllm_entry
+from gkd.teacher.wire import (COMPACT, HIDDEN, TENSOR_DTYPES, WIRE_DTYPES, encode_compact, encode_tensor,
+                             encode_vllm_entry)
 
 
 class BadRequest(Exception):
@@ -50,6 +51,7 @@ class _Job:
     actual: bool = True  # also the log-prob and rank of the token that follows (vLLM's JSON wants them)
     future: Future | None = None
     inputs: dict | None = None  # the sequence's other model inputs (its images, processed)
+    hidden: bool = False  # the final hidden states of rows rows_from .. n-2 instead of top-k log-probs
 
 
 class Scorer:
@@ -64,10 +66,11 @@ class Scorer:
         self.thread = threading.Thread(target=self._loop, name="gkd-scorer", daemon=True)
         self.thread.start()
 
-    def submit(self, ids: list[int], k: int, rows_from: int = 0, actual: bool = True, inputs: dict | None = None) -> Future:
+    def submit(self, ids: list[int], k: int, rows_from: int = 0, actual: bool = True, inputs: dict | None = None,
+               hidden: bool = False) -> Future:
         if self.closed:
             raise ShuttingDown("the server is shutting down; send this request to another one")
-        job = _Job(ids, k, rows_from, actual, Future(), inputs)
+        job = _Job(ids, k, rows_from, actual, Future(), inputs, hidden)
         self.jobs.put(job)
         return job.future
 
@@ -130,7 +133,8 @@ class Scorer:
     def _score(self, jobs: list[_Job]):
         """Per job, rows ``rows_from`` .. n-1: top-k ids / log-probs of the next token ([rows, K]) and, if
         asked, the log-prob and rank of the token that actually follows ([rows - 1]; the last row has
-        none), else None for both."""
+        none), else None for both; a ``hidden`` job gets the final hidden states of rows ``rows_from`` .. n-2
+        ([rows, H], the model's dtype) instead."""
         seqs = [j.ids for j in jobs]
         T = max(map(len, seqs))
         ids = torch.zeros(len(seqs), T, dtype=torch.long)
@@ -144,6 +148,9 @@ class Scorer:
         out = []
         for b, job in enumerate(jobs):
             s = job.ids
+            if job.hidden:
+                out.append(hidden[b, job.rows_from:len(s) - 1].clone())
+                continue
             parts = []
             for r0 in range(job.rows_from, len(s), self.chunk):
                 logp = torch.log_softmax(head.logits(hidden[b, r0 : min(r0 + self.chunk, len(s))].float()), dim=-1)
@@ -180,7 +187,7 @@ class TeacherServer:
         try:
             self.tokenizer = load_tokenizer(cfg.model)
             self.model = load_model(cfg.model, cfg.torch_dtype).eval().requires_grad_(False)
-            self.vocab = adapter_for(self.model).lm_head(self.model).shape[0]
+            self.vocab, self.hidden_size = adapter_for(self.model).lm_head(self.model).shape
             positions = model_context(self.model)
             if positions is not None and cfg.max_model_len > positions:  # it would be advertised, then not met
                 raise GKDError(f"--max_model_len {cfg.max_model_len} is beyond the model's context of {positions} "
@@ -214,7 +221,8 @@ class TeacherServer:
     def models(self) -> dict:
         return {"object": "list", "data": [{
             "id": self.name, "object": "model", "owned_by": "gkd", "max_model_len": self.max_model_len,
-            "gkd": {"wire": [COMPACT], "dtypes": sorted(WIRE_DTYPES), "max_logprobs": self.max_logprobs,
+            "gkd": {"wire": [COMPACT, HIDDEN], "dtypes": sorted(WIRE_DTYPES), "hidden_dtypes": sorted(TENSOR_DTYPES),
+                    "hidden_size": self.hidden_size, "max_logprobs": self.max_logprobs,
                     "max_logprob_entries": self.cfg.max_logprob_entries,
                     "max_json_logprob_entries": self.cfg.max_json_logprob_entries,
                     "images": self.images is not None, "fingerprint": self.fingerprint()}}]}
@@ -325,10 +333,13 @@ class TeacherServer:
         if max_tokens not in (0, 1) or isinstance(max_tokens, bool):
             raise BadRequest(f"max_tokens must be 0 or 1 (gkd serve scores prompts, it does not generate), got {max_tokens!r}")
         rows_from = [0] * len(prompts)
+        if isinstance(wire, dict) and wire.get("format") == HIDDEN:
+            return self._hidden(prompts, inputs, wire, max_tokens)
         if wire is not None:
             if not isinstance(wire, dict) or wire.get("format") != COMPACT or wire.get("dtype", "float32") not in WIRE_DTYPES:
                 raise BadRequest(f"gkd_wire must be {{'format': '{COMPACT}', 'dtype': one of {sorted(WIRE_DTYPES)}, "
-                                 "'rows_from': int or list}")
+                                 f"'rows_from': int or list}} or {{'format': '{HIDDEN}', 'dtype': one of "
+                                 f"{sorted(TENSOR_DTYPES)}, 'rows_from': ...}}")
             rf = wire.get("rows_from", 0)
             rows_from = rf if isinstance(rf, list) else [rf] * len(prompts)
             if len(rows_from) != len(prompts) or not all(
@@ -350,11 +361,54 @@ class TeacherServer:
                 choice["prompt_logprobs"] = [None] + [
                     encode_vllm_entry(il[j], ll[j], p[j + 1], al[j], ar[j], self.decode) for j in range(len(p) - 1)]
             choices.append(choice)
+        return self._answer(prompts, choices, max_tokens)
+
+    def _answer(self, prompts: list[list[int]], choices: list[dict], max_tokens: int) -> dict:
         n = sum(map(len, prompts))
         return {"id": f"cmpl-{time.time_ns():x}", "object": "text_completion", "created": int(time.time()),
                 "model": self.name, "choices": choices,
                 "usage": {"prompt_tokens": n, "completion_tokens": len(prompts) if max_tokens else 0,
                           "total_tokens": n + (len(prompts) if max_tokens else 0)}}
+
+    def _hidden(self, prompts: list[list[int]], inputs: list, wire: dict, max_tokens: int) -> dict:
+        """The hidden-state answer: per prompt, the final hidden states of rows ``rows_from`` .. n-2 (row i
+        predicts token i+1), which the client turns into logits with the head of POST /v1/gkd/head."""
+        dtype = wire.get("dtype", "float32")
+        rf = wire.get("rows_from", 0)
+        rows_from = rf if isinstance(rf, list) else [rf] * len(prompts)
+        if dtype not in TENSOR_DTYPES or len(rows_from) != len(prompts) or not all(
+                isinstance(r, int) and not isinstance(r, bool) and 0 <= r <= len(p) - 1 for r, p in zip(rows_from, prompts)):
+            raise BadRequest(f"gkd_wire (hidden) needs 'dtype' in {sorted(TENSOR_DTYPES)} and, per prompt, 'rows_from' "
+                             "in [0, len(prompt) - 1]")
+        if max_tokens:
+            raise BadRequest("gkd_wire (hidden) scores prompts only: max_tokens must be 0")
+        entries = self.hidden_size * sum(len(p) - 1 - r for p, r in zip(prompts, rows_from))
+        if entries > self.cfg.max_logprob_entries:
+            raise BadRequest(f"{entries} hidden values requested (H x rows); the limit is {self.cfg.max_logprob_entries} "
+                             "(--max_logprob_entries): send fewer tokens per request")
+        futures = [self.scorer.submit(p, 1, rows_from=r, actual=False, inputs=x, hidden=True)
+                   for p, r, x in zip(prompts, rows_from, inputs)]
+        choices = [{"index": i, "text": "", "logprobs": None, "finish_reason": "length", "prompt_logprobs": None,
+                    "gkd_hidden": {"rows_from": r, "hidden": encode_tensor(fut.result(), dtype)}}
+                   for i, (r, fut) in enumerate(zip(rows_from, futures))]
+        return self._answer(prompts, choices, max_tokens)
+
+    def head(self, body: dict) -> dict:
+        """Rows ``rows_from`` .. + ``rows`` of the teacher's logit head (weight, bias) in the model's dtype, and
+        its transform (scale, softcap): what a client of the hidden-state wire applies to them."""
+        head = adapter_for(self.model).logit_head(self.model)
+        lo, n = body.get("rows_from", 0), body.get("rows", self.vocab)
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (lo, n)) or lo < 0 or n < 1 \
+                or lo + n > self.vocab:
+            raise BadRequest(f"rows_from and rows must pick rows of the head's {self.vocab}")
+        if n * self.hidden_size > self.cfg.max_logprob_entries:
+            raise BadRequest(f"{n} head rows x {self.hidden_size} exceed --max_logprob_entries "
+                             f"{self.cfg.max_logprob_entries}: ask for fewer rows at a time")
+        dtype = next(k for k, v in TENSOR_DTYPES.items() if v == head.weight.dtype)
+        return {"vocab": self.vocab, "hidden_size": self.hidden_size,
+                "form": {"scale": head.scale, "scale_hidden": head.scale_hidden, "softcap": head.softcap},
+                "weight": encode_tensor(head.weight[lo:lo + n], dtype),
+                "bias": None if head.bias is None else encode_tensor(head.bias[lo:lo + n], dtype)}
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -529,7 +583,7 @@ def _handler_for(server: TeacherServer):
             if not self._authorized():
                 self._drain()
                 return
-            routes = {"/tokenize": server.tokenize, "/v1/completions": server.completions}
+            routes = {"/tokenize": server.tokenize, "/v1/completions": server.completions, "/v1/gkd/head": server.head}
             if self.path not in routes:
                 self._drain()
                 return self._error(404, f"no route POST {self.path}")

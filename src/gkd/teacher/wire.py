@@ -12,6 +12,11 @@ Compact (offered by `gkd serve`, asked for with ``"gkd_wire": {"format": "compac
 ``{"k", "rows_from", "rows", "dtype", "ids": base64 int32 LE [rows*K], "logprobs": base64 float16|
 float32 LE [rows*K]}`` -- about 6-8 bytes per entry instead of ~50 in JSON, and decoded with two
 ``frombuffer`` calls instead of a JSON walk.
+
+Hidden states (``"gkd_wire": {"format": "hidden", ...}``, `gkd serve` only): the teacher's final hidden
+states of the scored rows, ``{"rows_from", "rows", "hidden": tensor}``, and its logit head once
+(``POST /v1/gkd/head``); the client applies the head itself, so the loss sees the full vocabulary. A tensor on
+the wire is ``{"dtype", "shape", "data": base64 little-endian bytes}`` (float32, float16 or bfloat16).
 """
 
 from __future__ import annotations
@@ -24,7 +29,31 @@ import torch
 from gkd.httpclient import WireError
 
 COMPACT = "compact"
+HIDDEN = "hidden"
 WIRE_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+TENSOR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def encode_tensor(t: torch.Tensor, dtype: str) -> dict:
+    """``t`` in ``dtype`` (a TENSOR_DTYPES name) as base64 of its little-endian bytes."""
+    data = t.detach().to(TENSOR_DTYPES[dtype]).contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    return {"dtype": dtype, "shape": list(t.shape), "data": base64.b64encode(data).decode("ascii")}
+
+
+def decode_tensor(obj, what: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The tensor of :func:`encode_tensor`'s ``obj`` (its shape checked against ``shape`` where given)."""
+    try:
+        dtype = TENSOR_DTYPES[obj["dtype"]]
+        got = tuple(int(n) for n in obj["shape"])
+        raw = bytearray(base64.b64decode(obj["data"], validate=True))
+    except (KeyError, TypeError, ValueError) as e:
+        raise WireError(f"{what}: malformed tensor ({type(e).__name__}: {e})") from None
+    if shape is not None and got != tuple(shape):
+        raise WireError(f"{what}: expected shape {tuple(shape)}, got {got}")
+    count = int(np.prod(got)) if got else 1
+    if len(raw) != count * dtype.itemsize:
+        raise WireError(f"{what}: {len(raw)} bytes for shape {got} of {obj['dtype']}")
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(got) if count else torch.zeros(got, dtype=dtype)
 
 
 def encode_compact(ids: torch.Tensor, logprobs: torch.Tensor, rows_from: int, dtype: str) -> dict:

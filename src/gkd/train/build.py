@@ -72,9 +72,16 @@ def teacher(t, tokenizer, student_model, par, log):
         remote = RemoteTeacher(
             t.teacher_model_server, t.gkd_logits_topk, api_key=t.teacher_api_key, timeout=t.teacher_timeout,
             retries=t.teacher_retries, max_in_flight=t.teacher_max_in_flight,
-            seqs_per_request=t.teacher_seqs_per_request, wait=t.teacher_wait, wire_dtype=t.teacher_wire_dtype)
+            seqs_per_request=t.teacher_seqs_per_request, wait=t.teacher_wait, wire_dtype=t.teacher_wire_dtype,
+            wire=t.teacher_wire)
         log(f"[gkd] teacher server {remote.url}: waiting for /health, checking tokenizer and K")
-        return remote.connect(tokenizer)
+        remote.connect(tokenizer)
+        if remote.head is not None:  # the hidden wire: the loss takes the teacher's head beside the student's
+            vocab = adapter_for(student_model).lm_head(student_model).shape[0]  # (a DTensor's is the whole)
+            if remote.head.weight.shape[0] != vocab:
+                raise GKDError(f"teacher server {remote.url}: its logit head has {remote.head.weight.shape[0]} rows, "
+                               f"the student's vocabulary {vocab}; GKD needs one vocabulary")
+        return remote
     from gkd.teacher.local import LocalTeacher
 
     offload = parallel.teacher_offload(par, t.offload_teacher_model, par.device)

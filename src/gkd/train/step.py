@@ -14,7 +14,6 @@ one-sequence batch gives transformers' own ``aux_loss``.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,9 @@ import torch
 from gkd import parallel
 from gkd.data.batch import Batch
 from gkd.losses import fused_linear_gkd_loss
-from gkd.models.routing import aux_sum, recording, router_stats, row_index
+from gkd.models.adapter import text_config, unwrap
+from gkd.models.packed import packed_attention
+from gkd.models.routing import aux_sum, recording, router_stats, row_index, row_sums
 
 
 @dataclass
@@ -77,7 +78,8 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             from gkd.parallel.context import ContextSplit
 
             split = ContextSplit(batch, dims.cp_group, dims.cp_rank, dims.cp)
-        with split.active() if split else contextlib.nullcontext():  # also for recomputation in backward
+        # also for recomputation in backward (gradient checkpointing): the split, or packed rows' attention
+        with split.active() if split else packed_attention(text_config(unwrap(student).config), batch.model_inputs()):
             scored = teacher.score(batch, split)
             with recording(routers) as seen:
                 hidden = adapter.final_hidden(student, split.model_inputs() if split else batch.model_inputs())
@@ -86,8 +88,8 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             labels = split.local(ce_labels, -100) if split else ce_labels
             out = _fused(hidden, head, scored, labels, mask, args, normaliser)
             loss, aux = out.loss, torch.zeros(())
-            if seen:  # (context parallelism refuses MoE students: a sequence's routing stays whole)
-                aux, counts = router_stats(seen, batch.sequence_index())
+            if seen:
+                aux, counts = _router_loss(seen, batch, split)
                 load = counts if load is None else load + counts
                 loss, aux = _with_router_loss(loss, aux / routed, args)
             parallel.sync_gradients(student, last=i == len(micro_batches) - 1, reduce_scatter_each=reduce_scatter_each)
@@ -98,6 +100,19 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
         load = torch.zeros(len(routers), E, dtype=torch.float64) if load is None else load
         return torch.cat([stats, load.flatten()])
     return stats
+
+
+def _router_loss(seen, batch: Batch, split) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over the batch's sequences of n_r * aux_r, with grad; tokens routed to each expert per layer). Under
+    context parallelism a sequence's tokens are on every rank of the group: each rank's sums over its own
+    tokens are summed over the group (their gradients too), so every rank forms the whole sequences' loss, and
+    takes 1/C of it (the ranks' losses add up to it once)."""
+    index = batch.sequence_index()
+    if split is None:
+        return router_stats(seen, index)
+    sums, counts = row_sums(seen, split.local(index, -1), count=len(batch.sequences()))
+    sums = torch.cat([split.summed(sums[:, :-1]), sums[:, -1:]], dim=1)  # (the layer count is every rank's)
+    return aux_sum(sums, index) / split.size, counts
 
 
 def micro_loss(hidden, head, mb: MicroBatch, batch: Batch, scored, args: LossArgs, normaliser: float, aux=None):
