@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/async_rollout.py                                   # 6 steps, 64 new tokens
     .venv/bin/python benchmarks/async_rollout.py --steps 3 --max_completion_length 8   # a smoke run
+    .venv/bin/python benchmarks/async_rollout.py --server_cpus 1 --trainer_cpus 0      # cores of their own
 
 Same teacher (SmolLM2-135M-Instruct, a plain HF folder) and student (every other layer of it) as
 benchmarks/e2e_vs_trl.py; the rows are gkd.prompts' written prompts (prompt only: every step is on-policy).
@@ -17,8 +18,10 @@ training (the rest). N = 1 overlaps generation with training, so a step should t
 max(generation, training) + sync; the table prints that bound + 15 % beside N = 1's s/step. For N = 1,
 "generation" is the time the trainer still waited for samples. Step 1 is left out as warm-up (it has no
 request ahead); figures are medians over the other steps, of the last of --repeats pairs of runs (the
-first pair warms this process up: kernels, allocator). On a machine whose cores the server and the
-trainer share (a laptop CPU) there is little to overlap: run the server on its own cores or device.
+first pair warms this process up: kernels, allocator). Where the server and the trainer share cores there
+is little to overlap: --server_cpus / --trainer_cpus (taskset's syntax: 1, 2-3, 0,2) pin the server (its
+OpenMP threads too) and this process (every thread, torch's intra-op count set to match) to disjoint core
+sets, the same for N = 0 and N = 1.
 """
 
 from __future__ import annotations
@@ -53,8 +56,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(student: Path, port: int, log: Path) -> subprocess.Popen:
-    """`vllm serve` of the student with gkd's weight-sync extension, healthy before this returns."""
+def cpu_ids(text: str) -> set[int]:
+    """CPU ids written as taskset -c takes them ("1", "2-3", "0,2-3")."""
+    ids = set()
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        ids.update(range(int(lo), int(hi or lo) + 1))
+    return ids
+
+
+def pin_cpus(server: str, trainer: str) -> tuple[set[int], set[int]]:
+    """Check the two core sets (allowed here, disjoint) and pin every thread of this process to the
+    trainer's; the server is pinned as it starts (start_server)."""
+    allowed = os.sched_getaffinity(0)
+    sets = {flag: cpu_ids(text) for flag, text in (("--server_cpus", server), ("--trainer_cpus", trainer))}
+    for flag, ids in sets.items():
+        if not ids <= allowed:
+            raise SystemExit(f"{flag}: CPUs {sorted(ids - allowed)} are not among this process's {sorted(allowed)}")
+    if sets["--server_cpus"] & sets["--trainer_cpus"]:
+        raise SystemExit("--server_cpus and --trainer_cpus overlap: give each its own cores")
+    mine = sets["--trainer_cpus"]
+    if mine:
+        import torch
+
+        for tid in os.listdir("/proc/self/task"):  # threads started so far; later ones inherit
+            os.sched_setaffinity(int(tid), mine)
+        torch.set_num_threads(len(mine))
+    return sets["--server_cpus"], mine
+
+
+def start_server(student: Path, port: int, log: Path, cpus: set[int] = frozenset()) -> subprocess.Popen:
+    """`vllm serve` of the student with gkd's weight-sync extension (on ``cpus`` if given), healthy before
+    this returns."""
     from gkd.errors import GKDError
     from gkd.httpclient import ServerClient
 
@@ -64,7 +97,11 @@ def start_server(student: Path, port: int, log: Path) -> subprocess.Popen:
            "--worker-extension-cls", "gkd.rollout.vllm_worker.WeightSync", "--no-enable-chunked-prefill",
            "--max-num-batched-tokens", "8192", "--distributed-executor-backend", "uni"]
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    pin = None
+    if cpus:  # vLLM binds its OpenMP threads itself: to these cores, not to a whole NUMA node
+        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(cpus)))
+        pin = lambda: os.sched_setaffinity(0, cpus)  # noqa: E731 - in the child, before exec
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, preexec_fn=pin)
     client = ServerClient(f"http://127.0.0.1:{port}", None, 5, what="vLLM server")
     deadline = time.monotonic() + 600
     while proc.poll() is None and time.monotonic() < deadline:
@@ -135,11 +172,12 @@ def median(steps: list[dict], key: str) -> float:
     return statistics.median(s[key] for s in steps[1:])
 
 
-def table(a, runs: dict[int, list[dict]]) -> None:
+def table(a, runs: dict[int, list[dict]], pins: tuple[set[int], set[int]]) -> None:
     sync0 = runs[0]
     bound = max(median(sync0, "generation"), median(sync0, "training")) + median(sync0, "sync")
     print(f"\nasync_rollout.py, {time.strftime('%Y-%m-%d')}: {a.steps} steps of {a.batch} rows, "
-          f"{a.max_completion_length} new tokens at most, medians of steps 2..{a.steps}")
+          f"{a.max_completion_length} new tokens at most, medians of steps 2..{a.steps}; server on CPUs "
+          f"{sorted(pins[0]) or 'any'}, trainer on {sorted(pins[1]) or 'any'}")
     print("| --async_generation | s/step | generation s | sync s | training s | generated tokens/step "
           "| trained tokens/step |")
     print("|---|---|---|---|---|---|---|")
@@ -147,9 +185,10 @@ def table(a, runs: dict[int, list[dict]]) -> None:
         cells = [f"{median(steps, k):.3f}" for k in ("wall", "generation", "sync", "training")]
         cells += [f"{median(steps, k):.0f}" for k in ("generated", "trained")]
         print(f"| {n} | " + " | ".join(cells) + " |")
+    wall1 = median(runs[1], "wall")
     print(f"\nmax(generation, training) + sync of N = 0: {bound:.3f} s; + 15 %: {1.15 * bound:.3f} s; "
-          f"N = 1 measured {median(runs[1], 'wall'):.3f} s; speed-up N = 0 / N = 1: "
-          f"{median(runs[0], 'wall') / median(runs[1], 'wall'):.2f}x")
+          f"N = 1 measured {wall1:.3f} s = {wall1 / bound:.2f} x the bound (target <= 1.15); speed-up "
+          f"N = 0 / N = 1: {median(runs[0], 'wall') / wall1:.2f}x")
 
 
 def main() -> None:
@@ -161,19 +200,22 @@ def main() -> None:
     ap.add_argument("--max_completion_length", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2, help="pairs of runs, N = 0 then 1; the table gives the last")
     ap.add_argument("--work", type=Path, default=Path("runs/bench-async"), help="models, data and run folders")
+    ap.add_argument("--server_cpus", default="", help="CPU ids for the vLLM server, e.g. 1 or 2-3 (default: any)")
+    ap.add_argument("--trainer_cpus", default="", help="CPU ids for the trainer, e.g. 0 (default: any)")
     a = ap.parse_args()
+    pins = pin_cpus(a.server_cpus, a.trainer_cpus)
     a.work.mkdir(parents=True, exist_ok=True)
     teacher, student = smollm2_pair(a.work)
     data = prompt_rows(a.work)
     port = free_port()
-    server = start_server(student, port, a.work / "server.log")
+    server = start_server(student, port, a.work / "server.log", pins[0])
     try:
         for _ in range(a.repeats):  # alternating; the last pair counts (the first warms this process up)
             runs = {n: run(a, teacher, student, data, port, n, a.work / f"out-n{n}") for n in (0, 1)}
     finally:
         server.terminate()
         server.wait(timeout=60)
-    table(a, runs)
+    table(a, runs, pins)
 
 
 if __name__ == "__main__":
