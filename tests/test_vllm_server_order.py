@@ -21,6 +21,7 @@ class FakeServer:
 
     def __init__(self):
         self.version, self.running, self.paused = "0", 0, False
+        self.two_running = threading.Event()
         self.events, self.loads = [], []
         self.lock = threading.Lock()
         fake = self
@@ -57,6 +58,8 @@ class FakeServer:
             with self.lock:
                 self.running += 1
                 self.events.append("sample")
+                if self.running == 2:
+                    self.two_running.set()
             time.sleep(SAMPLE_S)
             with self.lock:
                 self.running -= 1
@@ -111,6 +114,7 @@ def test_no_request_outlives_the_sampler(tiny, server, tmp_path):
 
     sampler = _sampler(server, tmp_path)
     sampler.generate_ahead(load_model(tiny["student"]), [[5, 6], [8]], [0, 1], seed=1)
+    assert server.two_running.wait(30)  # both rows' requests run at the server
     sampler.close()
     assert server.running == 0 and server.events[-2:] == ["sampled", "sampled"]
 

@@ -224,8 +224,9 @@ class VLLMServerSampler:
             self._dev("POST", "/resume")
 
     def close(self) -> None:
-        """No request outlives the trainer: the one ahead is waited for (each HTTP call is bounded by
-        --vllm_server_timeout)."""
+        """No request outlives the trainer: nothing new starts (no row, no retry) and the requests running
+        ahead are waited for (at most --vllm_server_timeout)."""
+        self.client.stopped.set()
         self._join_in_flight()
         self.ahead.shutdown(wait=True)
         self.pool.shutdown(wait=False, cancel_futures=True)
