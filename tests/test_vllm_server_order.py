@@ -123,3 +123,26 @@ def test_a_server_left_paused_is_resumed(server, tmp_path):
     server.paused = True  # a trainer stopped between /pause and /resume
     _sampler(server, tmp_path).close()
     assert server.events == ["resume"] and not server.paused
+
+
+def test_a_run_with_async_generation_syncs_between_requests_only(tiny, server, tmp_path):
+    """--async_generation 1, four on-policy steps against the fake server: each step from the second trains
+    on samples one update old, every weight load finds no completion running and sits between pause and
+    resume, and the last step leaves no request behind."""
+    from gkd.config import TrainConfig
+    from gkd.train.metrics import read_metrics
+    from gkd.train.trainer import Trainer
+
+    cfg = TrainConfig(model=tiny["student"], teacher_model=tiny["teacher"], dataset=[tiny["data"]],
+                      output_dir=str(tmp_path / "out"), lmbda=1.0, max_completion_length=4, micro_batch_size=4,
+                      global_batch_size=4, max_steps=4, progress_bar=False, use_vllm=True, vllm_mode="server",
+                      vllm_server_base_url=server.url, async_generation=1)
+    trainer = Trainer(cfg, log=lambda *_: None)
+    trainer.train()
+    assert trainer.rollout.in_flight is None and server.running == 0  # nothing requested past the last step
+    assert [m["staleness"] for m in read_metrics(trainer.out / "metrics.jsonl")] == [0, 1, 1, 1]
+    # step 0 syncs and samples; steps 0 .. 2 then request the next step, the last two after a sync
+    assert server.loads == [0, 0, 0]
+    loads = [i for i, e in enumerate(server.events) if e == "load"]
+    assert all(server.events[i - 1:i + 3] == ["pause", "load", "reset", "resume"] for i in loads), server.events
+    trainer.close()
