@@ -115,7 +115,8 @@ def run_gkd(run: dict, a, teacher_dir: Path, student_dir: Path, data: Path, judg
                       micro_batch_size=a.batch_size, global_batch_size=a.batch_size,
                       learning_rate=run["learning_rate"], lr_scheduler_type="cosine", warmup_ratio=0.1,
                       max_steps=a.steps, seed=run["seed"], output_dir=str(a.work / "gkd-run"), save_steps=0,
-                      logging_steps=1, progress_bar=False, overwrite_output_dir=True)
+                      logging_steps=1, progress_bar=False, overwrite_output_dir=True,
+                      speculative_kd_topk=a.speculative_kd_topk if run["lmbda"] > 0 else 0)
     started = time.perf_counter()
     trainer = Trainer(cfg, log=lambda *_: None)
     trainer.train()
@@ -193,7 +194,7 @@ def results_file(a, tool: str) -> Path:
 def settings(a) -> dict:
     """What every run's result depends on beside its name (tool, lmbda, beta, rate, seed)."""
     keys = ("steps", "batch_size", "max_new_tokens", "temperature", "loss_temperature", "teacher_samples",
-            "eval_samples")
+            "eval_samples", "speculative_kd_topk")
     return {k: getattr(a, k) for k in keys}
 
 
@@ -285,6 +286,8 @@ def main() -> None:
     ap.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
     ap.add_argument("--lmbdas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     ap.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    ap.add_argument("--speculative_kd_topk", type=int, default=0,
+                    help="gkd's on-policy samples teacher-corrected at this K (0 = plain; gkd train's flag)")
     ap.add_argument("--threads", type=int, default=2, help="threads in all")
     ap.add_argument("--jobs", type=int, default=2, choices=(1, 2), help="2: the tools train side by side, each in "
                     "its own process with its share of the threads (on 2 cores two 1-thread processes get more done "

@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from gkd.losses import Skew
 from gkd.models import adapter_for, unwrap
 
 
@@ -57,7 +58,11 @@ def _naive_step(s, t, examples, *, beta, temperature, sft_alpha, completions, sa
         with torch.no_grad():
             zt = _forward(t, p + c, theirs).logits[0, rows]
         ls, lt = torch.log_softmax(zs / temperature, -1), torch.log_softmax(zt / temperature, -1)
-        if beta == 0:
+        if isinstance(beta, Skew):  # DistiLLM's: KL(t || a t + (1-a) s), KL(s || a s + (1-a) t)
+            own, other = (lt, ls) if beta.kind == "kl" else (ls, lt)
+            m = torch.logsumexp(torch.stack([own + math.log(beta.alpha), other + math.log(1 - beta.alpha)]), 0)
+            div = (own.exp() * (own - m)).sum(-1)
+        elif beta == 0:
             div = (lt.exp() * (lt - ls)).sum(-1)
         elif beta == 1:
             div = (ls.exp() * (ls - lt)).sum(-1)
@@ -263,7 +268,7 @@ class _Reference:
         elif not cfg.seq_kd:  # (the teacher completes prompt-only rows)
             assert all(c == r.completion_ids for c, r in zip(completions, rows) if r.completion_ids is not None), \
                 f"step {step}: the off-policy completions are not the dataset's"
-        ref_loss, ref = _naive_step(s, self.t, rows, beta=cfg.beta, temperature=cfg.divergence_temperature,
+        ref_loss, ref = _naive_step(s, self.t, rows, beta=cfg.objective, temperature=cfg.divergence_temperature,
                                     sft_alpha=cfg.sft_alpha, completions=completions, sampled=sampled, inputs=inputs,
                                     teacher_inputs=teacher_inputs)
         assert abs(loss - ref_loss) <= rel * abs(ref_loss), f"step {step}: loss {loss} vs naive float64 {ref_loss}"

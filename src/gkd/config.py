@@ -70,6 +70,10 @@ class TrainConfig:
                                 "fit (0 = no limit: one row per micro-batch)")
     # the method
     beta: float = _f(0.5, "generalized JSD interpolation: 0 = KL(teacher||student), 1 = KL(student||teacher)")
+    divergence: str = _f("gjsd", "the loss's divergence: the generalized JSD (--beta), or DistiLLM's skew KL "
+                                 "KL(teacher || a teacher + (1-a) student) / skew reverse KL KL(student || a student + "
+                                 "(1-a) teacher) with a = --skew_alpha", choices=("gjsd", "skew_kl", "skew_reverse_kl"))
+    skew_alpha: float = _f(0.1, "--divergence skew_kl / skew_reverse_kl: the weight a of the skewed side in the mixture")
     lmbda: float = _f(0.5, "probability that a generation cycle is on-policy (student samples the completions)")
     temperature: float = _f(0.9, "temperature of sampling and, unless --loss_temperature, of the divergence")
     loss_temperature: float = _f(None, "temperature of the divergence (default: --temperature; TRL's GKDTrainer "
@@ -83,6 +87,8 @@ class TrainConfig:
                                          "completions are cut to it (with a warning counting the rows cut)")
     top_p: float = _f(1.0, "nucleus sampling for on-policy completions")
     top_k: int = _f(0, "top-k sampling for on-policy completions (0 = off)")
+    speculative_kd_topk: int = _f(0, "teacher-corrected on-policy samples (speculative KD): a token the student draws "
+                                     "outside the teacher's K likeliest is replaced by the teacher's draw (0 = off)")
     # on-policy generation with vLLM
     use_vllm: bool = _f(False, "sample on-policy completions with vLLM instead of HF generate")
     vllm_mode: str = _f("colocate", "vLLM engine in this process, or an external vLLM server",
@@ -185,6 +191,11 @@ class TrainConfig:
                  "supported yet")
         need(bool(self.dataset), "--dataset is required (JSONL/JSON/Parquet files or a saved datasets folder)")
         need(0.0 <= self.beta <= 1.0, f"--beta must be in [0, 1], got {self.beta}")
+        need(0.0 < self.skew_alpha < 1.0, f"--skew_alpha must be in (0, 1), got {self.skew_alpha}")
+        need(self.divergence == "gjsd" or self.beta == 0.5, f"--beta {self.beta} is the generalized JSD's; "
+             f"--divergence {self.divergence} takes --skew_alpha (leave --beta unset)")
+        need(self.divergence != "gjsd" or self.skew_alpha == 0.1, f"--skew_alpha {self.skew_alpha} is for "
+             "--divergence skew_kl / skew_reverse_kl; the generalized JSD takes --beta")
         need(0.0 <= self.lmbda <= 1.0, f"--lmbda must be in [0, 1], got {self.lmbda}")
         need(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         need(self.loss_temperature is None or self.loss_temperature > 0,
@@ -226,6 +237,14 @@ class TrainConfig:
              "(without either there is nothing to evaluate)")
         need(self.save_steps >= 0 and self.save_total_limit >= 1, "--save_steps must be >= 0 and --save_total_limit >= 1")
         need(self.max_bad_steps >= 1, f"--max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        need(self.speculative_kd_topk >= 0, f"--speculative_kd_topk must be >= 0, got {self.speculative_kd_topk}")
+        if self.speculative_kd_topk:
+            need(self.lmbda > 0, f"--speculative_kd_topk {self.speculative_kd_topk} corrects on-policy samples, and "
+                                 "--lmbda 0 draws none: raise --lmbda or leave it at 0")
+            need(not self.teacher_model_server, "--speculative_kd_topk needs a local --teacher_model: the teacher "
+                                                "reads each sampled token, a teacher server scores whole sequences")
+            need(not self.use_vllm, "--speculative_kd_topk samples with the decode loop beside the teacher, not with "
+                                    "vLLM: leave --use_vllm off")
         need(self.loss_chunk_size >= 0, f"--loss_chunk_size must be >= 0, got {self.loss_chunk_size}")
         need(self.sleep_level in (0, 1), f"--sleep_level must be 0 or 1, got {self.sleep_level} (level 2 drops the "
                                          "weights, which every step would then have to resend)")
@@ -252,6 +271,13 @@ class TrainConfig:
     @property
     def divergence_temperature(self) -> float:
         return self.temperature if self.loss_temperature is None else self.loss_temperature
+
+    @property
+    def objective(self):
+        """What the loss takes as its ``beta``: the float, or a gkd.losses.Skew."""
+        from gkd.losses import Skew
+
+        return self.beta if self.divergence == "gjsd" else Skew(self.divergence.removeprefix("skew_"), self.skew_alpha)
 
     def grad_accumulation_steps(self, data_parallel: int = 1) -> int:
         per_step = self.micro_batch_size * data_parallel
@@ -280,8 +306,8 @@ SECTIONS = {
                 "teacher_wait", "teacher_wire", "teacher_wire_dtype", "torch_dtype", "teacher_cache"),
     "data": ("dataset", "val_dataset", "dataset_num_proc", "split_dataset_ratio", "max_length", "truncation_strategy",
              "max_completion_length", "packing", "packing_length"),
-    "method": ("beta", "lmbda", "temperature", "loss_temperature", "sft_alpha", "router_aux_loss_coef", "seq_kd",
-               "max_completion_length", "top_p", "top_k", "loss_chunk_size", "seed"),
+    "method": ("beta", "divergence", "skew_alpha", "lmbda", "temperature", "loss_temperature", "sft_alpha", "router_aux_loss_coef", "seq_kd",
+               "max_completion_length", "top_p", "top_k", "speculative_kd_topk", "loss_chunk_size", "seed"),
     "rollout": ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_max_model_len", "vllm_tensor_parallel_size",
                 "vllm_kv_cache_memory_mb", "sleep_level", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
                 "vllm_server_timeout", "vllm_weight_sync", "vllm_sync_dir", "vllm_group_port", "async_generation",

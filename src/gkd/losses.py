@@ -8,6 +8,9 @@ For one position with student logits ``zs`` and teacher logits ``zt`` over the v
     otherwise : m = log((1 - beta) e^s + beta e^t)
                 beta * KL(t || m) + (1 - beta) * KL(s || m)
 
+``beta`` may instead be a :class:`Skew`, DistiLLM's skew divergences (Ko et al. 2024) at ``alpha``:
+``Skew("kl", a)`` is KL(t || a e^t + (1 - a) e^s), ``Skew("reverse_kl", a)`` KL(s || a e^s + (1 - a) e^t).
+
 Every function here:
 
 - does its math in float32 whatever the input dtype (float64 inputs stay float64) and returns that;
@@ -39,6 +42,7 @@ from gkd.errors import GKDError
 __all__ = [
     "GKDLossOutput",
     "LogitHead",
+    "Skew",
     "fused_linear_generalized_jsd",
     "fused_linear_gkd_loss",
     "generalized_jsd",
@@ -58,9 +62,41 @@ _MIN_LOGPROB = -1e4
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_common(beta: float, temperature: float, reduction: str) -> None:
-    if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
-        raise GKDError(f"beta must be a number in [0, 1], got {beta!r}")
+@dataclass(frozen=True)
+class Skew:
+    """A skew divergence in place of the generalized JSD's ``beta``: ``kind`` "kl" is the skew KL
+    KL(t || alpha e^t + (1 - alpha) e^s), "reverse_kl" the skew reverse KL KL(s || alpha e^s + (1 - alpha) e^t),
+    with ``alpha`` in (0, 1) (DistiLLM's default 0.1). Both are one of the generalized JSD's two terms, with
+    the mixture's weight ``mix`` on the teacher: ``_divergence`` computes them on the same pass."""
+
+    kind: str
+    alpha: float
+
+    KINDS = ("kl", "reverse_kl")
+
+    def __post_init__(self):
+        if self.kind not in self.KINDS or not isinstance(self.alpha, (int, float)) or not 0.0 < self.alpha < 1.0:
+            raise GKDError(f"Skew needs a kind in {self.KINDS} and alpha in (0, 1), got {self.kind!r}, {self.alpha!r}")
+
+    @property
+    def mix(self) -> float:
+        """The mixture's weight on the teacher, m = (1 - mix) e^s + mix e^t."""
+        return self.alpha if self.kind == "kl" else 1.0 - self.alpha
+
+    @property
+    def weights(self) -> tuple[float, float]:
+        """(weight of KL(t || m), weight of KL(s || m))."""
+        return (1.0, 0.0) if self.kind == "kl" else (0.0, 1.0)
+
+
+def _as_beta(beta):
+    """A float beta, or the Skew as it is."""
+    return beta if isinstance(beta, Skew) else float(beta)
+
+
+def _check_common(beta, temperature: float, reduction: str) -> None:
+    if not isinstance(beta, Skew) and (not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0):
+        raise GKDError(f"beta must be a number in [0, 1] (or a losses.Skew), got {beta!r}")
     if not isinstance(temperature, (int, float)) or not float(temperature) > 0.0 or math.isinf(temperature):
         raise GKDError(f"temperature must be a finite number > 0, got {temperature!r}")
     if reduction not in _REDUCTIONS:
@@ -237,9 +273,14 @@ def _divergence(a: Tensor, b: Tensor, beta: float, group, grads: str = ""):
                     L = beta KL(t||m) + (1 - beta) KL(s||m)
                     dL/da = (1 - beta) p ((s - m) - KL(s||m))   dL/db = beta q ((t - m) - KL(t||m))
     """
+    skew = beta if isinstance(beta, Skew) else None
+    if skew is not None:
+        beta = skew.mix
     (x, ls_a, p), (y, ls_b, q) = _shifted_softmax_([a, b], group)
     d = y.sub_(x).add_((ls_a - ls_b).to(x.dtype)[:, None])
     ga = gb = None
+    if skew is not None:
+        return _skew(x, d, p, q, beta, skew.weights, group, grads)
     if beta == 0.0:
         loss = _allreduce(_rowdot(q, d), group)
         if "t" in grads:
@@ -254,18 +295,48 @@ def _divergence(a: Tensor, b: Tensor, beta: float, group, grads: str = ""):
         if "t" in grads:
             gb = q.sub_(p)
         return loss, ga, gb
-    # Each side from its own logaddexp: t - m = d + (s - m) would cancel catastrophically.
-    log_b, log_1mb = (torch.tensor(v, device=d.device, dtype=d.dtype) for v in (math.log(beta), math.log1p(-beta)))
-    ds = torch.logaddexp(torch.add(d, log_b, out=x), log_1mb, out=x).neg_()  # x is no longer needed
-    dt = torch.logaddexp(d.neg_().add_(log_1mb), log_b, out=d).neg_()
-    kls = torch.stack([_rowdot(p, ds), _rowdot(q, dt)])
-    _allreduce(kls, group)
-    kl_s, kl_t = kls[0], kls[1]
+    ds, dt, kl_s, kl_t = _to_mixture(x, d, p, q, beta, group)
     loss = kl_t * beta + kl_s * (1.0 - beta)
     if "s" in grads:
         ga = ds.sub_(kl_s[:, None]).mul_(p).mul_(1.0 - beta)
     if "t" in grads:
         gb = dt.sub_(kl_t[:, None]).mul_(q).mul_(beta)
+    return loss, ga, gb
+
+
+def _to_mixture(x: Tensor, d: Tensor, p: Tensor, q: Tensor, beta: float, group):
+    """(s - m, t - m, KL(s||m), KL(t||m)) for m = log((1 - beta) p + beta q), from d = t - s; ``x`` and ``d``
+    become the first two. Each side from its own logaddexp: t - m = d + (s - m) would cancel catastrophically."""
+    log_b, log_1mb = (torch.tensor(v, device=d.device, dtype=d.dtype) for v in (math.log(beta), math.log1p(-beta)))
+    ds = torch.logaddexp(torch.add(d, log_b, out=x), log_1mb, out=x).neg_()
+    dt = torch.logaddexp(d.neg_().add_(log_1mb), log_b, out=d).neg_()
+    kls = torch.stack([_rowdot(p, ds), _rowdot(q, dt)])
+    _allreduce(kls, group)
+    return ds, dt, kls[0], kls[1]
+
+
+def _skew(x: Tensor, d: Tensor, p: Tensor, q: Tensor, beta: float, weights: tuple[float, float], group, grads: str):
+    """``_divergence`` for L = w_t KL(t||m) + w_s KL(s||m) with m = log((1 - beta) p + beta q) (``x``, ``d``: its
+    buffers, overwritten). With r = e^(t - m), u = e^(s - m) (so (1 - beta) u + beta r = 1):
+        dL/da = w_s p ((s - m) - KL(s||m)) + (w_s beta - w_t (1 - beta)) p (r - sum p r)
+        dL/db = w_t q ((t - m) - KL(t||m)) + (w_t (1 - beta) - w_s beta) q (u - sum q u)
+    (for w_t = beta, w_s = 1 - beta the second terms vanish: the generalized JSD's gradients)."""
+    w_t, w_s = weights
+    ds, dt, kl_s, kl_t = _to_mixture(x, d, p, q, beta, group)
+    loss = kl_t * w_t + kl_s * w_s
+    ga = gb = None
+    if "t" in grads:  # first: it reads ds and dt, which the student's gradient then overwrites
+        u = ds.exp()
+        sum_qu = _allreduce(_rowdot(q, u), group)
+        gb = u.sub_(sum_qu[:, None]).mul_(q).mul_(w_t * (1.0 - beta) - w_s * beta)
+        if w_t:
+            gb.add_((dt - kl_t[:, None]).mul_(q), alpha=w_t)
+    if "s" in grads:
+        r = dt.exp_()
+        sum_pr = _allreduce(_rowdot(p, r), group)
+        ga = r.sub_(sum_pr[:, None]).mul_(p).mul_(w_s * beta - w_t * (1.0 - beta))
+        if w_s:
+            ga.add_(ds.sub_(kl_s[:, None]).mul_(p), alpha=w_s)
     return loss, ga, gb
 
 
@@ -404,7 +475,7 @@ def generalized_jsd(
     _check_mask(mask, lead)
     rows = _counted_rows(mask)
     zs, zt = _select_rows(student_logits, rows), _select_rows(teacher_logits, rows)
-    per_row = _LogitsDivergence.apply(zs, zt, float(beta), float(temperature), _group(tp_group))
+    per_row = _LogitsDivergence.apply(zs, zt, _as_beta(beta), float(temperature), _group(tp_group))
     return _reduce(per_row, rows, lead, reduction)
 
 
@@ -442,7 +513,7 @@ def topk_generalized_jsd(
     if group is not None:
         zk = _ReduceFromShards.apply(zk, group)
     b = tk.clamp_min(_MIN_LOGPROB)
-    per_row = _LogitsDivergence.apply(zk, b, float(beta), float(temperature), None)
+    per_row = _LogitsDivergence.apply(zk, b, _as_beta(beta), float(temperature), None)
     return _reduce(per_row, rows, lead, reduction)
 
 
@@ -847,7 +918,7 @@ def fused_linear_gkd_loss(
         bad = (y != -100) & ((y < 0) | (y >= vocab))
         if bool(bad.any()):
             raise GKDError(f"labels must be in [0, {vocab}) or -100, got {int(y[bad][0])}")
-    opts = dict(beta=float(beta), temperature=float(temperature), sft_alpha=float(sft_alpha),
+    opts = dict(beta=_as_beta(beta), temperature=float(temperature), sft_alpha=float(sft_alpha),
                 chunk_size=chunk_size, group=group)
     n = h.shape[0]
     W, b = head.weight, head.bias

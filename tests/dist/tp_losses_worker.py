@@ -6,6 +6,7 @@ import torch.distributed as dist
 
 from gkd.losses import (
     LogitHead,
+    Skew,
     fused_linear_gkd_loss,
     generalized_jsd,
     sft_cross_entropy,
@@ -39,7 +40,8 @@ def run(args=()):
     sl = slice(rank * vl, (rank + 1) * vl)
     tp = dist.group.WORLD
 
-    for beta in (0.0, 0.4, 1.0):
+    skews = (Skew("kl", 0.1), Skew("reverse_kl", 0.3))
+    for beta in (0.0, 0.4, 1.0, *skews):
         for red in ("mean", "none"):
             full, (gs_full, gt_full) = grads(
                 lambda a, b: generalized_jsd(a, b, beta=beta, temperature=0.8, mask=mask, reduction=red), zs, zt)
@@ -55,7 +57,7 @@ def run(args=()):
     ids_tp, lp_tp = topk_logprobs(zt[..., sl], 10, tp_group=tp)
     assert torch.equal(ids, ids_tp), "global top-k ids"
     close(lp_tp, lp, "global top-k log-probs")
-    for beta in (0.0, 0.5, 1.0):
+    for beta in (0.0, 0.5, 1.0, *skews):
         full, (gs_full,) = grads(lambda a: topk_generalized_jsd(a, ids, lp, beta=beta, temperature=1.1, mask=mask), zs)
         part, (gs_part,) = grads(
             lambda a: topk_generalized_jsd(a, ids, lp, beta=beta, temperature=1.1, mask=mask, tp_group=tp), zs[..., sl])
@@ -73,7 +75,7 @@ def run(args=()):
         "topk": lambda shard: dict(teacher_topk_ids=ids, teacher_topk_logprobs=lp),
     }
     for name, teacher in teachers.items():
-        for beta in (0.0, 0.5, 1.0):
+        for beta in (0.0, 0.5, 1.0, *skews):
             for red in ("sum", "none"):
                 kw = dict(labels=labels, sft_alpha=0.2, beta=beta, temperature=0.9, mask=mask, reduction=red,
                           chunk_size=5)

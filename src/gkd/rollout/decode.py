@@ -8,6 +8,11 @@ whenever there is a mask (left padding always gives one: at batch 32 and 200 pos
 criteria. This loop calls the same model forward (so any model with a static cache works, its own
 layers, norms and rotary unchanged) with a preallocated cache and torch's SDPA grouping the query heads
 itself (`enable_gqa`), and samples with a handful of batched tensor operations.
+
+With a few rows per forward (decoding) every linear layer is a matrix times a few vectors, and how it is
+written decides its speed: on CPU, torch's ``x @ W.T`` reads the weight at about half the rate of
+``(W @ x.T).T`` (the same products, summed in the same order per output; benchmarks/rollout.py). Sampling
+computes it the second way (``weights_first``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 GQA_SDPA = "gkd_sdpa_gqa"
 
@@ -56,6 +62,34 @@ def _gqa_attention(model):
         yield
     finally:
         model.config._attn_implementation = "sdpa"
+
+
+# at most this many rows per linear layer take the weight-first product (decode steps; prompts' prefill
+# and training forwards keep F.linear)
+FEW_ROWS = 32
+
+
+def _weight_first_linear(self, x: torch.Tensor) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1]
+    if rows > FEW_ROWS or isinstance(self.weight, DTensor) or isinstance(x, DTensor):
+        return F.linear(x, self.weight, self.bias)  # many rows, or tensor parallel (DTensors: their own rules)
+    y = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).T).T
+    if self.bias is not None:
+        y = y + self.bias
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@contextlib.contextmanager
+def weights_first(*models):
+    """Every plain ``nn.Linear`` of ``models`` computes few rows as ``(W @ x.T).T`` while inside."""
+    layers = [m for model in models for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)]
+    for m in layers:
+        m.forward = _weight_first_linear.__get__(m)
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.forward
 
 
 BLOCK = 256

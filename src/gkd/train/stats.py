@@ -48,6 +48,8 @@ class Window:
     expert_tokens: object = None  # [MoE layers, E] tokens routed to each expert (MoE students)
     policy_version: int | None = None  # of the window's last on-policy step: the updates its sampler held
     staleness: int | None = None  # the largest step index - policy version of the window's on-policy steps
+    proposed: int = 0  # --speculative_kd_topk: tokens the student proposed, and those the teacher replaced
+    replaced: int = 0
     steps: int = 0
     t0: float = field(default_factory=time.perf_counter)
 
@@ -89,6 +91,7 @@ class Window:
             "policy_version": self.policy_version,
             "staleness": self.staleness,
             **self._moe(),
+            **({"corrected_share": self.replaced / self.proposed} if self.proposed else {}),
         }
 
     def _moe(self) -> dict:

@@ -28,7 +28,7 @@ from gkd.models.routing import aux_sum, recording, router_stats, row_index, row_
 
 @dataclass
 class LossArgs:
-    beta: float
+    beta: object  # the generalized JSD's beta (a float), or a gkd.losses.Skew
     temperature: float
     sft_alpha: float
     chunk_size: int | None

@@ -62,7 +62,7 @@ class Trainer:
         if cfg.router_aux_loss_coef and not self.adapter.moe:
             log(f"[gkd] --model {cfg.model} has no experts: --router_aux_loss_coef does nothing")
         aux = cfg.router_aux_loss_coef
-        self.loss_args = LossArgs(beta=cfg.beta, temperature=cfg.divergence_temperature, sft_alpha=cfg.sft_alpha,
+        self.loss_args = LossArgs(beta=cfg.objective, temperature=cfg.divergence_temperature, sft_alpha=cfg.sft_alpha,
                                   chunk_size=cfg.loss_chunk_size or None, tp_group=par.tp_group,
                                   router_aux_loss_coef=self.adapter.router_aux_loss_coef(self.student) if aux is None
                                   else aux)
@@ -105,6 +105,9 @@ class Trainer:
         inputs, teacher_inputs = self._row_inputs(rows)  # processed once, shared by generation and scoring
         completions, version = self.completions(rows, step, lo, inputs, teacher_inputs)
         sampled = version is not None
+        if cfg.speculative_kd_topk:  # every rank, every step: the tokens proposed and replaced, over the ranks
+            proposed, replaced = par.dp_reduce(torch.tensor(self.rollout.take_counts())).tolist()
+            window.proposed, window.replaced = window.proposed + proposed, window.replaced + replaced
         n_tokens = int(par.dp_reduce(torch.tensor(sum(len(c) for c in completions))))
         micro = []
         for m in (slice(m0, m0 + cfg.micro_batch_size) for m0 in range(0, len(rows), cfg.micro_batch_size)):
@@ -161,7 +164,7 @@ class Trainer:
         inputs, teacher_inputs = self._row_inputs(mine)
         result = self.teacher.evaluate(
             self.student, [e.prompt_ids for e in mine], eos_ids=self.sampler.eos_ids,
-            pad_id=self.tokenizer.pad_token_id, beta=self.cfg.beta, temperature=self.cfg.divergence_temperature,
+            pad_id=self.tokenizer.pad_token_id, beta=self.cfg.objective, temperature=self.cfg.divergence_temperature,
             max_new_tokens=self.cfg.max_completion_length, device=self.device, batch_size=self.cfg.global_batch_size,
             teacher_completions=self._eval_teacher_completions, inputs=inputs, teacher_inputs=teacher_inputs,
             counted=counted, reduce=par.dp_reduce if par.world > 1 else None)

@@ -1,0 +1,83 @@
+"""The decode loop's linear layers written two ways, side by side: ``F.linear`` (``x @ W.T``, transformers'
+own) against ``gkd.rollout.decode.weights_first`` (``(W @ x.T).T``, what sampling uses).
+
+    .venv/bin/python benchmarks/decode_linear.py                  # batch 1, 4, 8, 16, 32; 32 new tokens
+    .venv/bin/python benchmarks/decode_linear.py --batch 4 --rounds 7
+
+The student is e2e_vs_trl.py's (SmolLM2-135M-Instruct, every other layer, float32; made once in --work), the
+prompts the built-in ones, greedy decoding so both ways must write the same tokens (checked). The two ways
+alternate --rounds times after a warm-up of each; reported per batch: the median ms per decoded position of
+each, the median of the pair-by-pair ratios and their range, the weight bytes read per position over the
+faster way's time (GB/s), and the load average before the batch's runs (above the core count: not quiet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("runs/bench-e2e"), help="where the models are made once")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    ap.add_argument("--new_tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+
+    import torch
+
+    from e2e_vs_trl import smollm2_pair
+    from gkd.data.batch import left_pad
+    from gkd.models import load_model
+    from gkd.rollout.decode import decode, weights_first
+    from rollout import prompts
+
+    torch.set_num_threads(a.threads)
+    _, student_dir = smollm2_pair(a.work)
+    model = load_model(str(student_dir)).eval()
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+                       if isinstance(m, torch.nn.Linear))
+    ways = {"F.linear": contextlib.nullcontext, "weights_first": lambda: weights_first(model)}
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, {a.threads} threads, linear weights "
+          f"{weight_bytes / 2**20:.0f} MiB, {a.new_tokens} new tokens, greedy")
+    print("| batch | load before | F.linear ms/position | weights_first ms/position | ratio (median, range) | GB/s |")
+    print("|---|---|---|---|---|---|")
+    for batch in a.batch:
+        ids, mask = left_pad(prompts(batch), 0)
+        load = os.getloadavg()[0]
+
+        def run(way):
+            with torch.no_grad(), ways[way]():
+                start = time.perf_counter()
+                out = decode(model, ids, mask, a.new_tokens, lambda z: z.argmax(-1), [], 0)
+                return (time.perf_counter() - start) / a.new_tokens * 1e3, out
+
+        for way in ways:  # warm-up
+            run(way)
+        times = {way: [] for way in ways}
+        for _ in range(a.rounds):
+            outs = []
+            for way in ways:
+                ms, out = run(way)
+                times[way].append(ms)
+                outs.append(out)
+            assert torch.equal(outs[0], outs[1]), "the two ways wrote different tokens"
+        ratios = [x / y for x, y in zip(times["F.linear"], times["weights_first"])]
+        best = min(statistics.median(t) for t in times.values())
+        print(f"| {batch} | {load:.2f} | {statistics.median(times['F.linear']):.1f} | "
+              f"{statistics.median(times['weights_first']):.1f} | {statistics.median(ratios):.2f}x "
+              f"({min(ratios):.2f}-{max(ratios):.2f}) | {weight_bytes / best / 1e6:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
