@@ -21,6 +21,7 @@ class FakeServer:
 
     def __init__(self):
         self.version, self.running, self.paused = "0", 0, False
+        self.has_pause = True  # False: a vLLM without the pause endpoints
         self.two_running = threading.Event()
         self.events, self.loads = [], []
         self.lock = threading.Lock()
@@ -38,6 +39,9 @@ class FakeServer:
                 self.wfile.write(raw)
 
             def do_GET(self):
+                if self.path == "/is_paused" and not fake.has_pause:
+                    self.send_error(404)
+                    return
                 self._answer({"/v1/models": {"data": [{"id": "student"}]}, "/is_paused": {"is_paused": fake.paused},
                               }.get(self.path))
 
@@ -146,3 +150,11 @@ def test_a_run_with_async_generation_syncs_between_requests_only(tiny, server, t
     loads = [i for i, e in enumerate(server.events) if e == "load"]
     assert all(server.events[i - 1:i + 3] == ["pause", "load", "reset", "resume"] for i in loads), server.events
     trainer.close()
+
+
+def test_a_server_without_pause_is_one_clear_error(server, tmp_path):
+    from gkd.errors import GKDError
+
+    server.has_pause = False
+    with pytest.raises(GKDError, match=r"is_paused: HTTP 404.*one with /collective_rpc, /pause and /resume"):
+        _sampler(server, tmp_path)

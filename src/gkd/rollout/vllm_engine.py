@@ -244,8 +244,9 @@ class VLLMServerSampler:
         except GKDError as e:
             if "HTTP 404" not in str(e) and "HTTP 400" not in str(e):
                 raise
-            raise GKDError(f"{e} -- start the vLLM server with VLLM_SERVER_DEV_MODE=1 and "
-                           "--worker-extension-cls gkd.rollout.vllm_worker.WeightSync (see README)") from None
+            raise GKDError(f"{e} -- start the vLLM server (one with /collective_rpc, /pause and /resume: vLLM "
+                           "0.32 has them) with VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls "
+                           "gkd.rollout.vllm_worker.WeightSync (see README)") from None
 
     def _rpc(self, method: str, *args, retries: int | None = None) -> list:
         answer = self._dev("POST", "/collective_rpc", {"method": method, "args": list(args)}, retries=retries)
