@@ -408,8 +408,8 @@ class VLLMServerSampler:
     def generate_ahead(self, model, prompts: list[list[int]], rows: list[int], seed: int) -> tuple[Future, str]:
         """Start sampling as ``generate`` would, in the background: the server first gets ``model``'s weights
         (here, on every rank), then a thread waits on the HTTP answers while the caller trains. Returns the
-        pending answer and the weight version it samples from, for ``take``. No weights may be synced before
-        ``take``: the server swaps them in place, under the running requests."""
+        pending answer and the weight version it samples from, for ``take``. A sync asked for before ``take``
+        first waits for it (``sync``): the server swaps weights in place, under the running requests."""
         self._ensure_current(model)
         self.in_flight = self.ahead.submit(self._sample_and_version, prompts, rows, seed)
         return self.in_flight, self._tag()
