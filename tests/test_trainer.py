@@ -61,13 +61,17 @@ def test_lmbda_zero_never_generates_and_one_always_does(tiny, tmp_path, monkeypa
     monkeypatch.setattr(t.sampler, "generate", lambda *a, **k: pytest.fail("generated with lmbda 0"))
     t.train()
     assert all(m["on_policy_share"] == 0.0 for m in read_metrics(t.out / "metrics.jsonl"))
+    assert not any("policy_version" in m or "staleness" in m for m in read_metrics(t.out / "metrics.jsonl"))
     calls = []
     t = Trainer(cfg_for(tiny, tmp_path / "on", lmbda=1.0, max_steps=3), log=lambda *_: None)
     real = t.sampler.generate
     monkeypatch.setattr(t.sampler, "generate", lambda *a: calls.append(1) or real(*a))  # (model, prompts, rows)
     t.train()
     assert len(calls) == 3
-    assert all(m["on_policy_share"] == 1.0 for m in read_metrics(t.out / "metrics.jsonl"))
+    metrics = read_metrics(t.out / "metrics.jsonl")
+    assert all(m["on_policy_share"] == 1.0 for m in metrics)
+    # exact on-policy (no --async_generation): step s (logged as s + 1) samples from the weights after s steps
+    assert [(m["policy_version"], m["staleness"]) for m in metrics] == [(0, 0), (1, 0), (2, 0)]
 
 
 def test_loss_temperature_sets_the_divergence_and_not_sampling(tiny, tmp_path):

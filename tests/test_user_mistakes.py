@@ -259,3 +259,15 @@ def test_lora_on_the_output_layer_is_refused(tiny, tmp_path, capsys, targets):
     err = one_line_error(capsys, *train_args(tiny, out, "--train_type", "lora", "--target_modules", targets))
     assert f"--target_modules {targets}: gkd keeps the output layer lm_head out of LoRA" in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--async_generation", "-1"], "--async_generation must be >= 0, got -1"),
+    (["--async_generation", "1"], "--async_generation 1 needs --use_vllm true --vllm_mode server"),
+    (["--async_generation", "2", "--use_vllm", "true"], "--async_generation 2 needs --use_vllm true --vllm_mode server"),
+])
+def test_async_generation_without_a_vllm_server_is_refused(tiny, tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    err = one_line_error(capsys, *train_args(tiny, out, *flags))
+    assert message in err, err
+    assert not out.exists()

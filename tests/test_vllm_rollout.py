@@ -11,6 +11,8 @@ from gkd.config import TrainConfig
 from gkd.errors import GKDError
 from gkd.rollout.base import SamplingConfig
 from gkd.rollout.hf import HFSampler
+from gkd.data.order import sample_seed
+from gkd.train.completions import Completions
 from gkd.train.trainer import Trainer
 from helpers import (
     ENV,
@@ -147,6 +149,54 @@ def test_server_weights_follow_the_student_and_survive_a_restart(pair, tmp_path,
         _check_follows_student(later, pair)
 
 
+def _recorded_run(trainer, monkeypatch) -> tuple[dict, dict]:
+    """Train, recording the student's weights at the start of each step (policy version v = the weights at
+    the start of step v) and each step's (completions, version) as the trainer took them."""
+    weights_at, taken = {}, {}
+    train_step, draw = trainer.train_step, Completions.__call__
+
+    def recording_step(step, window):
+        weights_at[step] = {k: v.detach().clone() for k, v in trainer.student.state_dict().items()}
+        return train_step(step, window)
+
+    def recording_draw(self, rows, step, *rest):
+        taken[step] = draw(self, rows, step, *rest)
+        return taken[step]
+
+    monkeypatch.setattr(trainer, "train_step", recording_step)
+    monkeypatch.setattr(Completions, "__call__", recording_draw)
+    trainer.train()
+    monkeypatch.undo()
+    return weights_at, taken
+
+
+def _sampled_by(trainer, weights, step) -> list[list[int]]:
+    """What the server samples for ``step``'s rows and seeds once it holds ``weights`` (the synchronous path)."""
+    trainer.student.load_state_dict(weights)
+    trainer.rollout.weights_changed()
+    prompts = [r.prompt_ids for r in trainer.data.rows(step)]
+    return trainer.rollout.generate(trainer.student, prompts, list(range(len(prompts))), None,
+                                    sample_seed(trainer.cfg.seed, step, 0))
+
+
+def test_async_generation_samples_from_the_version_it_records(pair, tmp_path, vllm_server, monkeypatch):
+    """--async_generation 1: step s >= 1 trains on samples requested during step s - 1, from the weights at
+    its start (version s - 1, staleness 1), and they are exactly what the server samples from those weights
+    for step s's rows and seeds: a request sent before that step's weight sync, or for another step's rows or
+    seeds, would differ (the check below shows one update changes the samples)."""
+    port = vllm_server[0]
+    trainer = Trainer(_cfg(pair, tmp_path / "out", vllm_mode="server", vllm_server_port=port, max_steps=4,
+                           async_generation=1), log=lambda *_: None)
+    weights_at, taken = _recorded_run(trainer, monkeypatch)
+    metrics = [json.loads(line) for line in (trainer.out / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["policy_version"], m["staleness"]) for m in metrics] == [(0, 0), (0, 1), (1, 1), (2, 1)]
+    assert [taken[s][1] for s in range(4)] == [0, 0, 1, 2]
+    for step, (completions, version) in taken.items():
+        assert completions == _sampled_by(trainer, weights_at[version], step), step
+    # the check can tell versions apart: the step's own weights sample otherwise than the recorded ones
+    assert any(taken[s][0] != _sampled_by(trainer, weights_at[s], s) for s in range(1, 4))
+
+
 @pytest.mark.parametrize("mode", ["colocate", "server"])
 def test_on_policy_divergence_decreases(pair, tmp_path, request, mode):
     extra = {}
@@ -211,10 +261,12 @@ def test_each_data_parallel_rank_samples_its_rows_with_its_own_engine(pair, tmp_
 
 
 @pytest.mark.dist
-def test_server_mode_with_two_training_processes_equals_one(pair, tmp_path, vllm_server):
+@pytest.mark.parametrize("async_flags", [[], ["--async_generation", "1"]], ids=["sync", "async1"])
+def test_server_mode_with_two_training_processes_equals_one(pair, tmp_path, vllm_server, async_flags):
     """FSDP over 2 processes against one vLLM server: each rank samples its rows there, rank 0 sends the
     weights gathered from the shards (by file and by process group); the same losses and weights as one
-    training process against the same server."""
+    training process against the same server. With --async_generation 1 each rank requests its rows of the
+    next step ahead, and the two layouts still agree."""
     from safetensors.torch import load_file
 
     from gkd.train.metrics import read_metrics
@@ -230,13 +282,15 @@ def test_server_mode_with_two_training_processes_equals_one(pair, tmp_path, vllm
                 *extra]
 
     for sync in ("path", "group"):
-        one = gkd_subprocess(*args(tmp_path / f"one-{sync}", sync), timeout=600)
+        one = gkd_subprocess(*args(tmp_path / f"one-{sync}", sync, *async_flags), timeout=600)
         assert one.returncode == 0, one.stderr[-3000:]
-        two = gkd_subprocess(*args(tmp_path / f"two-{sync}", sync, "--nproc_per_node", "2"), timeout=600)
+        two = gkd_subprocess(*args(tmp_path / f"two-{sync}", sync, "--nproc_per_node", "2", *async_flags),
+                             timeout=600)
         assert two.returncode == 0, two.stderr[-3000:]
         a = read_metrics(tmp_path / f"one-{sync}" / "metrics.jsonl")
         b = read_metrics(tmp_path / f"two-{sync}" / "metrics.jsonl")
         assert [m["on_policy_share"] for m in a] == [1.0] * 3
+        assert [m["staleness"] for m in a] == [m["staleness"] for m in b] == ([0, 1, 1] if async_flags else [0] * 3)
         for x, y in zip(a, b, strict=True):
             assert abs(x["loss"] - y["loss"]) <= 1e-5 and x["completion_length"] == y["completion_length"], (x, y)
         wa = load_file(str(tmp_path / f"one-{sync}" / "final" / "model.safetensors"))

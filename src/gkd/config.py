@@ -106,6 +106,8 @@ class TrainConfig:
                                "server's workers (gloo on CPU, NCCL on GPUs)", choices=("path", "group"))
     vllm_sync_dir: str = _f("", "server mode, path sync: folder the server can read (default OUTPUT_DIR/vllm-sync)")
     vllm_group_port: int = _f(51216, "server mode, group sync: port the server listens on for the weight-sync group")
+    async_generation: int = _f(0, "server mode: the next on-policy step's completions are sampled while this step "
+                                  "trains, from weights at most N optimizer steps old (0 = exact on-policy)")
     # parallelism (launch with torchrun, or --nproc_per_node here); data-parallel shard size = the rest
     nproc_per_node: int = _f(1, "processes on this machine: gkd train runs itself under torchrun with N processes")
     nnodes: int = _f(1, "machines in the job (each runs the same gkd train command; needs --rdzv_endpoint)")
@@ -251,6 +253,10 @@ class TrainConfig:
         need(self.vllm_tensor_parallel_size >= 1 and self.vllm_max_model_len >= 0 and self.vllm_kv_cache_memory_mb >= 0,
              "--vllm_tensor_parallel_size must be >= 1, --vllm_max_model_len and --vllm_kv_cache_memory_mb >= 0")
         need(self.vllm_server_timeout > 0, f"--vllm_server_timeout must be > 0, got {self.vllm_server_timeout}")
+        need(self.async_generation >= 0, f"--async_generation must be >= 0, got {self.async_generation}")
+        need(not self.async_generation or (self.use_vllm and self.vllm_mode == "server"),
+             f"--async_generation {self.async_generation} needs --use_vllm true --vllm_mode server: only a separate "
+             "vLLM server generates while this process trains (HF generate and vLLM colocate run in it)")
         need(self.nproc_per_node >= 1, f"--nproc_per_node must be >= 1, got {self.nproc_per_node}")
         need(self.nnodes >= 1, f"--nnodes must be >= 1, got {self.nnodes}")
         need(self.nnodes == 1 or ":" in self.rdzv_endpoint,
@@ -304,8 +310,8 @@ SECTIONS = {
                "max_completion_length", "top_p", "top_k", "speculative_kd_topk", "loss_chunk_size", "seed"),
     "rollout": ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_max_model_len", "vllm_tensor_parallel_size",
                 "vllm_kv_cache_memory_mb", "sleep_level", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
-                "vllm_server_timeout", "vllm_weight_sync", "vllm_sync_dir", "vllm_group_port", "max_length",
-                "max_completion_length", "torch_dtype", "seed"),
+                "vllm_server_timeout", "vllm_weight_sync", "vllm_sync_dir", "vllm_group_port", "async_generation",
+                "max_length", "max_completion_length", "torch_dtype", "seed"),
     "parallel": ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "tensor_model_parallel_size",
                  "data_parallel_replicate_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
                  "pipeline_layers", "pipeline_schedule", "context_parallel_size", "expert_model_parallel_size",

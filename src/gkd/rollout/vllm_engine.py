@@ -8,7 +8,7 @@ import os
 import tempfile
 import uuid
 from contextlib import contextmanager
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -198,6 +198,9 @@ class VLLMServerSampler:
         self.cfg, self.eos_ids, self.log = cfg, list(eos_ids), log
         self.sync_dir = Path(sync_dir)
         self.pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="gkd-rollout")
+        # --async_generation: one request ahead of training at a time, waited on by its own thread
+        self.ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gkd-rollout-ahead")
+        self.in_flight: Future | None = None  # that request until it has returned: no sync may overlap it
         # with several training processes (``par``) every rank samples its own rows; rank 0 alone sends the
         # weights, which every rank gathers from its shards
         self.par = par
@@ -214,19 +217,39 @@ class VLLMServerSampler:
         except (KeyError, IndexError, TypeError):
             raise GKDError(f"vLLM server {self.client.url}/v1/models lists no model") from None
         self._server_version()  # fails early if the server lacks the worker extension or dev mode
+        if self.sender and (self._dev("GET", "/is_paused") or {}).get("is_paused"):
+            # a trainer that died during a sync left it paused: nothing would ever be sampled
+            self.log(f"[gkd] vLLM server {self.client.url} was paused (a trainer stopped during a weight sync?): "
+                     "resuming it")
+            self._dev("POST", "/resume")
 
     def close(self) -> None:
+        """No request outlives the trainer: nothing new starts (no row, no retry) and the requests running
+        ahead are waited for (at most --vllm_server_timeout)."""
+        self.client.stopped.set()
+        self._join_in_flight()
+        self.ahead.shutdown(wait=True)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def _rpc(self, method: str, *args, retries: int | None = None) -> list:
+    def _join_in_flight(self) -> None:
+        """Wait until this rank's request ahead has returned (its answer, or error, stays in it for ``take``)."""
+        if self.in_flight is not None:
+            wait([self.in_flight])
+            self.in_flight = None
+
+    def _dev(self, method: str, path: str, body: dict | None = None, retries: int | None = None):
+        """A call to one of vLLM's dev-mode endpoints (collective_rpc, pause, resume)."""
         try:
-            answer = self.client.call("POST", "/collective_rpc", {"method": method, "args": list(args)},
-                                      retries=retries)
+            return self.client.call(method, path, body, retries=retries)
         except GKDError as e:
             if "HTTP 404" not in str(e) and "HTTP 400" not in str(e):
                 raise
-            raise GKDError(f"{e} -- start the vLLM server with VLLM_SERVER_DEV_MODE=1 and "
-                           "--worker-extension-cls gkd.rollout.vllm_worker.WeightSync (see README)") from None
+            raise GKDError(f"{e} -- start the vLLM server (one with /collective_rpc, /pause and /resume: vLLM "
+                           "0.32 has them) with VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls "
+                           "gkd.rollout.vllm_worker.WeightSync (see README)") from None
+
+    def _rpc(self, method: str, *args, retries: int | None = None) -> list:
+        answer = self._dev("POST", "/collective_rpc", {"method": method, "args": list(args)}, retries=retries)
         results = (answer or {}).get("results")
         if not isinstance(results, list) or not results:
             raise GKDError(f"vLLM server {self.client.url}/collective_rpc {method}: unexpected answer {answer!r}")
@@ -255,18 +278,35 @@ class VLLMServerSampler:
         return bool(t)
 
     def sync(self, model) -> None:
+        """Send ``model``'s weights (every rank calls it together). The server swaps them in place, under
+        whatever runs there, so the order is: every rank's request ahead has returned (then an all-reduce, so
+        rank 0 knows the others' have too), the server is paused once what it still runs (another client's,
+        a timed-out attempt's) has finished, the weights load, its prefix cache is dropped, it resumes."""
+        self._join_in_flight()
+        self._any(False)
         self.version += 1
         if not self.sender:  # take part in gathering the shards; rank 0 sends
             for _ in export_weights(model):
                 pass
         else:
-            got = self._sync_group(model) if self.weight_sync == "group" else self._sync_path(model)
-            if got != {self._tag()}:
-                raise GKDError(f"vLLM server {self.client.url}: weight sync to version {self._tag()} answered "
-                               f"{sorted(got)}")
-            self._reset_prefix_cache()
+            with self._paused():
+                got = self._sync_group(model) if self.weight_sync == "group" else self._sync_path(model)
+                if got != {self._tag()}:
+                    raise GKDError(f"vLLM server {self.client.url}: weight sync to version {self._tag()} answered "
+                                   f"{sorted(got)}")
+                self._reset_prefix_cache()
         self._shared(None)  # no rank samples before the server holds the new weights
         self.stale = False
+
+    @contextmanager
+    def _paused(self):
+        """vLLM's dev-mode /pause?mode=wait: returns once the running requests have finished; new ones wait
+        for /resume."""
+        self._dev("POST", "/pause?mode=wait")
+        try:
+            yield
+        finally:
+            self._dev("POST", "/resume")
 
     def _reset_prefix_cache(self) -> None:
         """Cached prompt blocks hold keys and values of the old weights: drop them (no request runs now)."""
@@ -364,6 +404,26 @@ class VLLMServerSampler:
                 return out
         raise GKDError(f"vLLM server {self.client.url}: its weights kept changing during sampling "
                        "(is another trainer using it?)")
+
+    def generate_ahead(self, model, prompts: list[list[int]], rows: list[int], seed: int) -> tuple[Future, str]:
+        """Start sampling as ``generate`` would, in the background: the server first gets ``model``'s weights
+        (here, on every rank), then a thread waits on the HTTP answers while the caller trains. Returns the
+        pending answer and the weight version it samples from, for ``take``. A sync asked for before ``take``
+        first waits for it (``sync``): the server swaps weights in place, under the running requests."""
+        self._ensure_current(model)
+        self.in_flight = self.ahead.submit(self._sample_and_version, prompts, rows, seed)
+        return self.in_flight, self._tag()
+
+    def _sample_and_version(self, prompts: list[list[int]], rows: list[int], seed: int):
+        return self._sample(prompts, rows, seed), self._server_version()
+
+    def take(self, pending: Future, tag: str) -> list[list[int]] | None:
+        """The completions of a ``generate_ahead``, or None (on every rank alike) where the server's weights
+        were not version ``tag`` when they were done (restarted, or another trainer synced)."""
+        out, seen = pending.result()
+        if pending is self.in_flight:
+            self.in_flight = None
+        return None if self._any(seen != tag) else out
 
     def _sample(self, prompts: list[list[int]], rows: list[int], seed: int) -> list[list[int]]:
         c = self.cfg

@@ -46,6 +46,8 @@ class Window:
     learning_rate: float = 0.0  # the window's last step trained with it
     router_aux: float = 0.0
     expert_tokens: object = None  # [MoE layers, E] tokens routed to each expert (MoE students)
+    policy_version: int | None = None  # of the window's last on-policy step: the updates its sampler held
+    staleness: int | None = None  # the largest step index - policy version of the window's on-policy steps
     proposed: int = 0  # --speculative_kd_topk: tokens the student proposed, and those the teacher replaced
     replaced: int = 0
     steps: int = 0
@@ -67,6 +69,12 @@ class Window:
             self.expert_tokens = s.expert_tokens if self.expert_tokens is None else self.expert_tokens + s.expert_tokens
         self.steps += 1
 
+    def add_policy(self, step: int, version: int | None) -> None:
+        """An on-policy step's samples came from the weights after ``version`` steps (None: not sampled)."""
+        if version is not None:
+            self.policy_version = version
+            self.staleness = max(self.staleness or 0, step - version)
+
     def metrics(self) -> dict:
         elapsed = time.perf_counter() - self.t0
         return {
@@ -80,6 +88,8 @@ class Window:
             "on_policy_share": self.student_seqs / max(self.seqs, 1),
             "completion_length": self.tokens / max(self.seqs, 1),
             "top1_agreement": self.agree / max(self.tokens, 1),
+            "policy_version": self.policy_version,
+            "staleness": self.staleness,
             **self._moe(),
             **({"corrected_share": self.replaced / self.proposed} if self.proposed else {}),
         }

@@ -18,7 +18,7 @@ from gkd.errors import GKDError
 from gkd.models import adapter_for, load_tokenizer
 from gkd.models.adapter import check_packing
 from gkd.train import build, checkpoint, outdir
-from gkd.train.completions import Completions
+from gkd.train.completions import Ahead, Completions
 from gkd.train.malloc import limit_heap_retention
 from gkd.train.metrics import MetricsLog, plot
 from gkd.train.stats import StepStats, Window
@@ -72,14 +72,16 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # rank 0 drew numbers while loading (LoRA init): every rank starts alike
         self.sampler, self.rollout = build.rollouts(cfg, self.student, self.tokenizer, self.teacher,
                                                     self.train_examples, par, self.out, log)
-        self.completions = Completions(cfg.section("method"), self.rollout, self.sampler, self.teacher,
-                                       self.student, self.train_examples, par, cfg.gather_for_generation)
         self._eval_teacher_completions = None  # greedy teacher completions of the held-out prompts, made once
 
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer, self.scheduler, self.total_steps = build.optimizer(cfg.section("optim"), self.params,
                                                                            len(self.train_examples))
         self.data = StepData(self.train_examples, cfg.global_batch_size, cfg.seed)
+        ahead = Ahead(cfg.async_generation, cfg.section("method"), self.data, self.total_steps - 1, par,
+                      self.rollout) if cfg.async_generation else None
+        self.completions = Completions(cfg.section("method"), self.rollout, self.sampler, self.teacher,
+                                       self.student, self.train_examples, par, cfg.gather_for_generation, ahead)
         self.start_step, self.bad_steps = 0, 0
         self.memory = None  # per-rank MiB of parameters and optimizer state (largest rank), after step 1
         if path is not None:
@@ -101,7 +103,8 @@ class Trainer:
         lo, hi = par.dp_slice(len(everyone))
         rows = everyone[lo:hi]  # this data-parallel rank's share of the global batch
         inputs, teacher_inputs = self._row_inputs(rows)  # processed once, shared by generation and scoring
-        completions, sampled = self.completions(rows, step, lo, inputs, teacher_inputs)
+        completions, version = self.completions(rows, step, lo, inputs, teacher_inputs)
+        sampled = version is not None
         if cfg.speculative_kd_topk:  # every rank, every step: the tokens proposed and replaced, over the ranks
             proposed, replaced = par.dp_reduce(torch.tensor(self.rollout.take_counts())).tolist()
             window.proposed, window.replaced = window.proposed + proposed, window.replaced + replaced
@@ -138,6 +141,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.rollout.weights_changed()
         window.add(stats, n_tokens, len(everyone), sampled, float(grad_norm), learning_rate)
+        window.add_policy(step, version)
         if self.memory is None:  # optimizer state exists after the first update
             self.memory = build.memory(self.student, self.optimizer, self.teacher, par)
         return stats.loss
