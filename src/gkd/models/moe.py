@@ -33,6 +33,7 @@ class MixtureOfExperts(Adapter):
 
     name = "olmoe"
     model_types = ("olmoe",)
+    vllm_sync = ("olmoe",)
     pipeline_gap = ""
     _mixtral = False  # Mixtral's folders name the sparse block and the expert matrices their own way
 
@@ -91,6 +92,7 @@ def moe_layer_plan(layer) -> dict[str, str]:
 class QwenMoE(MixtureOfExperts):
     name = "qwen-moe"
     model_types = ("qwen3_moe", "qwen2_moe")
+    vllm_sync = ("qwen3_moe", "qwen2_moe")
 
     def tp_layer_plan(self, layer) -> dict:
         return moe_layer_plan(layer)
@@ -99,6 +101,7 @@ class QwenMoE(MixtureOfExperts):
 class Mixtral(QwenMoE):
     name = "mixtral"
     model_types = ("mixtral",)
+    vllm_sync = ("mixtral",)
     _mixtral = True
 
 

