@@ -37,7 +37,7 @@ def test_every_cell_gkd_runs_is_claimed_by_a_test_and_proofs_json_names_them(tmp
 def test_gkd_models_prints_each_yes_with_its_proofs():
     proc = subprocess.run([sys.executable, "-m", "gkd", "models"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == support.markdown()
-    table, legend = proc.stdout.split("\n\n")
+    table, legend, outside = (proc.stdout.split("\n\n") + [""])[:3]
     assert "unproved" not in table
     refs = dict(re.findall(r"^\[(\d+)\] (\S+)$", legend, re.MULTILINE))
     for r in support.rows():
@@ -47,6 +47,9 @@ def test_gkd_models_prints_each_yes_with_its_proofs():
             if r[column] is True:  # "yes [1],[5]": each number a test id, which is one of the cell's proofs
                 named = {refs[n].replace("<model_type>", r["model_type"]) for n in re.findall(r"\[(\d+)\]", cell)}
                 assert cell.startswith("yes ") and named == set(r["proofs"][column]), (r["model_type"], column, cell)
+            elif column in r["causes"]:  # "no [a]": a cause outside gkd, named below the table
+                letter = re.fullmatch(r"no \[([a-z])\]", cell)
+                assert letter and f"[{letter[1]}] {r['causes'][column]}" in outside, (r["model_type"], column, cell)
             else:
                 assert cell == ("—" if r[column] is None else "no"), (r["model_type"], column, cell)
     doc = (Path(ROOT) / "docs" / "models.md").read_text()

@@ -15,6 +15,10 @@ import torch
 
 from gkd.errors import GKDError
 
+# why vLLM does not sample these families here, in the refusal and in `gkd models` (a cause outside gkd)
+VLLM_NEEDS_TORCHVISION = ("vLLM 0.32's vision-language classes import torchvision, whose PyPI wheels are CUDA builds "
+                          "that do not load beside torch's CPU build (scripts/setup_vllm.sh removes it)")
+
 
 class ImageProcessing:
     def __init__(self, image_processor, image_token_id: int, counts: Callable[[dict], list[int]],

