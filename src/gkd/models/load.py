@@ -247,10 +247,14 @@ def apply_lora(model, rank: int, alpha: int, dropout: float, target_modules: str
                            "matches (see --freeze_vit / --freeze_aligner)")
     torch.manual_seed(seed)
     try:
-        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                                                target_modules=targets, task_type="CAUSAL_LM"))
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
     except ValueError as e:
         raise GKDError(f"--target_modules {target_modules}: {str(e).splitlines()[0]}") from None
+    from gkd.models.dropout import use_token_dropout
+
+    use_token_dropout(model)  # masks by token, the same on every layout
+    return model
 
 
 def load_image_processing(spec: str, tokenizer):

@@ -14,6 +14,7 @@ one-sequence batch gives transformers' own ``aux_loss``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from gkd import parallel
 from gkd.data.batch import Batch
 from gkd.losses import fused_linear_gkd_loss
 from gkd.models.adapter import text_config, unwrap
+from gkd.models.dropout import identities, token_identities
 from gkd.models.packed import packed_attention
 from gkd.models.routing import aux_sum, recording, router_stats, row_index, row_sums
 
@@ -34,12 +36,15 @@ class LossArgs:
     chunk_size: int | None
     tp_group: object = None
     router_aux_loss_coef: float = 0.0
+    dropout_seed: int | None = None  # LoRA dropout by token (gkd.models.dropout) with this seed; None: no dropout
 
 
 @dataclass
 class MicroBatch:
     batch: Batch
     sampled: list[bool]  # per sequence: the student wrote the completion (no cross-entropy on it)
+    first_row: int = 0  # its first sequence's row in the step's global batch, and the step (LoRA dropout's masks)
+    step: int = 0
 
 
 STATS = ("loss", "divergence", "sft", "agree", "sft_tokens", "router_aux")
@@ -78,8 +83,10 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             from gkd.parallel.context import ContextSplit
 
             split = ContextSplit(batch, dims.cp_group, dims.cp_rank, dims.cp)
-        # also for recomputation in backward (gradient checkpointing): the split, or packed rows' attention
-        with split.active() if split else packed_attention(text_config(unwrap(student).config), batch.model_inputs()):
+        # also for recomputation in backward (gradient checkpointing): the split, or packed rows' attention, and
+        # the tokens' identities for LoRA dropout
+        with split.active() if split else packed_attention(text_config(unwrap(student).config), batch.model_inputs()), \
+                _dropout_identities(mb, split, args):
             scored = teacher.score(batch, split)
             with recording(routers) as seen:
                 hidden = adapter.final_hidden(student, split.model_inputs() if split else batch.model_inputs())
@@ -100,6 +107,15 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
         load = torch.zeros(len(routers), E, dtype=torch.float64) if load is None else load
         return torch.cat([stats, load.flatten()])
     return stats
+
+
+def _dropout_identities(mb: MicroBatch, split, args: LossArgs):
+    """LoRA dropout's token identities for this micro-batch's forward and backward (this rank's tokens of each
+    sequence under a context split); nothing without LoRA dropout."""
+    if args.dropout_seed is None:
+        return contextlib.nullcontext()
+    ids = token_identities(mb.batch, mb.first_row)
+    return identities(split.local(ids) if split else ids, mb.step, args.dropout_seed)
 
 
 def _router_loss(seen, batch: Batch, split) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,7 +65,8 @@ class Trainer:
         self.loss_args = LossArgs(beta=cfg.objective, temperature=cfg.divergence_temperature, sft_alpha=cfg.sft_alpha,
                                   chunk_size=cfg.loss_chunk_size or None, tp_group=par.tp_group,
                                   router_aux_loss_coef=self.adapter.router_aux_loss_coef(self.student) if aux is None
-                                  else aux)
+                                  else aux,
+                                  dropout_seed=cfg.seed if cfg.train_type == "lora" and cfg.lora_dropout else None)
         self.teacher = build.cached_teacher(build.teacher(cfg.section("teacher"), self.tokenizer, self.student, par,
                                                           log), cfg, par, log)
         build.check_fits(cfg, self.student, self.teacher, self.train_examples, self.val_examples)
@@ -115,7 +116,7 @@ class Trainer:
                             None if inputs is None else inputs[m],
                             None if teacher_inputs is None else teacher_inputs[m], images=[r.images for r in rows[m]],
                             sampled=sampled, pack=self.pack)
-            micro.append(MicroBatch(batch.to(self.device), [sampled] * len(rows[m])))
+            micro.append(MicroBatch(batch.to(self.device), [sampled] * len(rows[m]), first_row=lo + m.start, step=step))
         # MoE: the router aux loss is a mean over the step's routed (attention-mask) tokens on every rank
         routed = float(par.dp_reduce(torch.tensor(sum(int(mb.batch.attention_mask.sum()) for mb in micro)))
                        ) if self.adapter.moe else 0.0
