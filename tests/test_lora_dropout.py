@@ -1,6 +1,6 @@
 """LoRA dropout by token (gkd.models.dropout): each element's mask is a function of (seed, step, module, global row,
-position, feature), so FSDP, context parallelism, micro-batching, packing and gradient checkpointing give one
-process's update with dropout on."""
+position, feature), so FSDP, context and tensor parallelism (LoRA split like the layers it adapts), micro-batching,
+packing and gradient checkpointing give one process's update with dropout on."""
 
 import pytest
 import torch
@@ -10,6 +10,8 @@ from helpers import assert_same_run, declare_training, final_weights
 
 DROPOUT = ["--train_type", "lora", "--lora_rank", "4", "--lora_dropout", "0.1", "--merge_lora", "true"]
 LAYOUTS = {"lora-dropout-fsdp2": (2, []), "lora-dropout-cp2": (2, ["--context_parallel_size", "2"]),
+           # LoRA under tensor parallelism: A whole and B split by column (colwise), A split by row (rowwise)
+           "lora-dropout-tp2": (2, ["--tensor_model_parallel_size", "2"]),
            "lora-dropout-packed-checkpointed": (1, ["--packing", "true", "--gradient_checkpointing", "true",
                                                    "--micro_batch_size", "1"])}
 declare_training("lora-dropout-single", 1, DROPOUT)

@@ -52,10 +52,11 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 31) & 0x1FFFFFFFF)
 
 
-def uniforms(ids: torch.Tensor, features: int, step: int, seed: int, key: int) -> torch.Tensor:
-    """[*ids.shape, features] uniforms in [0, 1), one per (token, feature), from the hash of their identities."""
+def uniforms(ids: torch.Tensor, features: int, step: int, seed: int, key: int, offset: int = 0) -> torch.Tensor:
+    """[*ids.shape, features] uniforms in [0, 1), one per (token, feature ``offset`` ...), from the hash of their
+    identities."""
     salt = int(_mix(torch.tensor([((seed * 1_000_003 + step) * 1_000_003 + key) % (1 << 63)], dtype=torch.long)))
-    feature = torch.arange(features, dtype=torch.long, device=ids.device)
+    feature = torch.arange(offset, offset + features, dtype=torch.long, device=ids.device)
     h = _mix(_mix(ids.unsqueeze(-1) ^ salt) + feature)
     return ((h >> 40) & 0xFFFFFF).to(torch.float32) / float(1 << 24)
 
@@ -67,6 +68,7 @@ class TokenDropout(torch.nn.Module):
     def __init__(self, p: float, key: int):
         super().__init__()
         self.p, self.key = p, key
+        self.offset = 0  # the index of its input's first feature (a tensor-parallel shard's)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         now = getattr(_context, "now", None)
@@ -75,7 +77,7 @@ class TokenDropout(torch.nn.Module):
         if now is None or now[0].shape != x.shape[:-1]:
             return F.dropout(x, self.p, True)
         ids, step, seed = now
-        keep = uniforms(ids, x.shape[-1], step, seed, self.key) >= self.p
+        keep = uniforms(ids, x.shape[-1], step, seed, self.key, self.offset) >= self.p
         return x * keep.to(x.dtype) / (1.0 - self.p)
 
     def extra_repr(self) -> str:

@@ -109,7 +109,7 @@ def check_model(model, par: Parallel, lora: bool, lora_experts: bool = False) ->
     if par.tp > 1:
         from gkd.parallel.tensor_parallel import check_plan
 
-        check_plan(model, par.tp, lora)
+        check_plan(model, par.tp, lora, lora and lora_experts)
     if par.ep > 1:
         from gkd.parallel.expert import check
 

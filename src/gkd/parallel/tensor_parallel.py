@@ -168,13 +168,43 @@ def styles(plan: dict) -> dict:
             for name, style in plan.items()}
 
 
-def check_plan(model, tp: int, lora: bool = False) -> None:
-    """A one-line error for a model tensor parallelism of size ``tp`` cannot split."""
+def lora_plan(layer, plan: dict, mesh) -> dict:
+    """``plan`` with each LoRA-adapted linear layer (PEFT's: ``base_layer``, ``lora_A``, ``lora_B``) split as the
+    layer it adapts: colwise, the frozen weight and B by output column with A whole (its gradient, from every
+    rank's columns, summed by the split); rowwise, the weight and A by input column (A's output summed over the
+    ranks) with B whole. The dropout of a rowwise layer's input sees this rank's features: their offset."""
+    from gkd.models.dropout import TokenDropout
+
+    out = {}
+    for name, style in plan.items():
+        module = layer.get_submodule(name)
+        if not (hasattr(module, "base_layer") and hasattr(module, "lora_A")):
+            out[name] = style
+            continue
+        out[f"{name}.base_layer"] = style
+        for adapter in module.lora_A:
+            a, b = ("replicated", "colwise") if style == "colwise" else ("rowwise", "replicated")
+            out[f"{name}.lora_A.{adapter}"], out[f"{name}.lora_B.{adapter}"] = a, b
+            drop = module.lora_dropout[adapter]
+            if style == "rowwise" and isinstance(drop, TokenDropout):
+                drop.offset = mesh.get_local_rank() * (module.base_layer.in_features // mesh.size())
+    return out
+
+
+def check_plan(model, tp: int, lora: bool = False, lora_experts: bool = False) -> None:
+    """A one-line error for a model tensor parallelism of size ``tp`` cannot split (``lora``: with LoRA adapters,
+    on the experts too with ``lora_experts``)."""
     adapter = adapter_for(model)
     name = adapter.class_name(model)
-    if lora or hasattr(model, "peft_config"):
-        raise GKDError("--train_type lora with --tensor_model_parallel_size > 1 is not supported yet; "
-                       "use data parallelism (FSDP) for LoRA")
+    if lora_experts and adapter.moe:
+        raise GKDError(f"--train_type lora with --tensor_model_parallel_size {tp}: LoRA on {name}'s experts is not "
+                       "supported yet; pass --lora_experts false")
+    fused = lora and adapter.has_tp_plan and {
+        s[0] if isinstance(s, tuple) else s for s in adapter.tp_layer_plan(adapter.decoder(model).layers[0]).values()
+    } & {"colwise_parts"}
+    if fused:
+        raise GKDError(f"--train_type lora with --tensor_model_parallel_size {tp}: LoRA on {name}'s fused "
+                       "projections is not supported yet; use data parallelism (FSDP) for LoRA")
     if not adapter.has_tp_plan:
         planned = ", ".join(a.name for a in families() if a.has_tp_plan)
         raise GKDError(f"--tensor_model_parallel_size {tp}: no tensor-parallel plan for {name} "
@@ -197,7 +227,7 @@ def apply_tensor_parallel(model, tp_mesh) -> None:
         check_plan(model, tp_mesh.size())
     tied = head is not None and body.embed_tokens is not None and head.weight is body.embed_tokens.weight
     for layer in (body.layers.values() if staged else body.layers):
-        parallelize_module(layer, tp_mesh, styles(adapter.tp_layer_plan(layer)))
+        parallelize_module(layer, tp_mesh, styles(lora_plan(layer, adapter.tp_layer_plan(layer), tp_mesh)))
     tower, aligner = adapter.vision_tower(model), adapter.aligner(model)
     for part in (tower, aligner):
         if part is not None and not (part is aligner and tower is not None and part in set(tower.modules())):
