@@ -5,8 +5,9 @@ packing and gradient checkpointing give one process's update with dropout on."""
 import pytest
 import torch
 
+from families import write_family
 from gkd.models.dropout import POSITIONS, TokenDropout, identities, uniforms, use_token_dropout
-from helpers import assert_same_run, declare_training, final_weights
+from helpers import assert_same_run, declare, declare_training, final_weights, train_args
 
 DROPOUT = ["--train_type", "lora", "--lora_rank", "4", "--lora_dropout", "0.1", "--merge_lora", "true"]
 LAYOUTS = {"lora-dropout-fsdp2": (2, []), "lora-dropout-cp2": (2, ["--context_parallel_size", "2"]),
@@ -18,6 +19,26 @@ declare_training("lora-dropout-single", 1, DROPOUT)
 declare_training("lora-no-dropout-single", 1, [*DROPOUT, "--lora_dropout", "0"])  # (the last value wins)
 for _name, (_nproc, _flags) in LAYOUTS.items():
     declare_training(_name, _nproc, [*DROPOUT, *_flags])
+# the families whose TP plans split otherwise: Phi-3's fused qkv / gate-up, OLMo 2's q/k norms over whole projections
+FAMILIES = ("phi3", "olmo2")
+
+
+def _family(name, *flags):
+    def args(c, out):
+        def make():
+            root = c.root / f"models-{name}"
+            return {"student": str(write_family(root / "student", name, layers=2, seed=2)),
+                    "teacher": str(write_family(root / "teacher", name, layers=3, seed=1)),
+                    "data": c.models("tiny")["data"]}
+
+        return train_args(c.once(f"family-{name}", make), out, *DROPOUT, *flags)
+
+    return args
+
+
+for _family_name in FAMILIES:
+    declare(f"lora-dropout-{_family_name}-single", 1, _family(_family_name))
+    declare(f"lora-dropout-{_family_name}-tp2", 2, _family(_family_name, "--tensor_model_parallel_size", "2"))
 
 
 def test_masks_follow_the_tokens_not_their_places():
@@ -58,3 +79,11 @@ def test_lora_dropout_runs_equal_one_process(runs, name):
     assert_same_run(runs["lora-dropout-single"], runs[name])
     a, b = final_weights(runs["lora-dropout-single"]), final_weights(runs["lora-no-dropout-single"])
     assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4, "dropout changed nothing"
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_under_tensor_parallelism_equals_one_process_for_other_splits(runs, family):
+    """LoRA on Phi-3's fused projections (B regrouped like the weight) and beside OLMo 2's split q/k norms."""
+    assert_same_run(runs[f"lora-dropout-{family}-single"], runs[f"lora-dropout-{family}-tp2"])

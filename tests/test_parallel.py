@@ -60,9 +60,3 @@ def test_tensor_parallel_plan_errors_name_the_model_and_the_size():
 
     torch.manual_seed(0)
     check_plan(apply_lora(_llama(), 4, 8, 0.0, "all-linear", 0), 2, lora=True)  # LoRA splits like its layers
-    from transformers import Phi3Config, Phi3ForCausalLM
-
-    phi3 = Phi3ForCausalLM(Phi3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
-    with pytest.raises(GKDError, match="LoRA on Phi3ForCausalLM's fused projections is not supported yet"):
-        check_plan(phi3, 2, lora=True)

@@ -170,9 +170,10 @@ def styles(plan: dict) -> dict:
 
 def lora_plan(layer, plan: dict, mesh) -> dict:
     """``plan`` with each LoRA-adapted linear layer (PEFT's: ``base_layer``, ``lora_A``, ``lora_B``) split as the
-    layer it adapts: colwise, the frozen weight and B by output column with A whole (its gradient, from every
-    rank's columns, summed by the split); rowwise, the weight and A by input column (A's output summed over the
-    ranks) with B whole. The dropout of a rowwise layer's input sees this rank's features: their offset."""
+    layer it adapts: by output column (colwise, colwise_parts), the frozen weight and B alike with A whole (its
+    gradient, from every rank's columns, summed by the split); rowwise, the weight and A by input column (A's
+    output summed over the ranks) with B whole. The dropout of a rowwise layer's input sees this rank's features:
+    their offset."""
     from gkd.models.dropout import TokenDropout
 
     out = {}
@@ -182,8 +183,9 @@ def lora_plan(layer, plan: dict, mesh) -> dict:
             out[name] = style
             continue
         out[f"{name}.base_layer"] = style
-        for adapter in module.lora_A:
-            a, b = ("replicated", "colwise") if style == "colwise" else ("rowwise", "replicated")
+        kind = style[0] if isinstance(style, tuple) else style
+        for adapter in module.lora_A:  # (a fused projection's B is regrouped like its weight: colwise_parts)
+            a, b = ("rowwise", "replicated") if kind == "rowwise" else ("replicated", style)
             out[f"{name}.lora_A.{adapter}"], out[f"{name}.lora_B.{adapter}"] = a, b
             drop = module.lora_dropout[adapter]
             if style == "rowwise" and isinstance(drop, TokenDropout):
@@ -199,12 +201,6 @@ def check_plan(model, tp: int, lora: bool = False, lora_experts: bool = False) -
     if lora_experts and adapter.moe:
         raise GKDError(f"--train_type lora with --tensor_model_parallel_size {tp}: LoRA on {name}'s experts is not "
                        "supported yet; pass --lora_experts false")
-    fused = lora and adapter.has_tp_plan and {
-        s[0] if isinstance(s, tuple) else s for s in adapter.tp_layer_plan(adapter.decoder(model).layers[0]).values()
-    } & {"colwise_parts"}
-    if fused:
-        raise GKDError(f"--train_type lora with --tensor_model_parallel_size {tp}: LoRA on {name}'s fused "
-                       "projections is not supported yet; use data parallelism (FSDP) for LoRA")
     if not adapter.has_tp_plan:
         planned = ", ".join(a.name for a in families() if a.has_tp_plan)
         raise GKDError(f"--tensor_model_parallel_size {tp}: no tensor-parallel plan for {name} "
