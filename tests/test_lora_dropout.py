@@ -16,7 +16,7 @@ LAYOUTS = {"lora-dropout-fsdp2": (2, []), "lora-dropout-cp2": (2, ["--context_pa
            "lora-dropout-packed-checkpointed": (1, ["--packing", "true", "--gradient_checkpointing", "true",
                                                    "--micro_batch_size", "1"])}
 declare_training("lora-dropout-single", 1, DROPOUT)
-declare_training("lora-no-dropout-single", 1, [*DROPOUT, "--lora_dropout", "0"])  # (the last value wins)
+declare_training("lora-no-dropout-single", 1, [*DROPOUT[:4], "--lora_dropout", "0", *DROPOUT[6:]])
 for _name, (_nproc, _flags) in LAYOUTS.items():
     declare_training(_name, _nproc, [*DROPOUT, *_flags])
 # the families whose TP plans split otherwise: Phi-3's fused qkv / gate-up, OLMo 2's q/k norms over whole projections
