@@ -116,7 +116,8 @@ def run_gkd(run: dict, a, teacher_dir: Path, student_dir: Path, data: Path, judg
                       learning_rate=run["learning_rate"], lr_scheduler_type="cosine", warmup_ratio=0.1,
                       max_steps=a.steps, seed=run["seed"], output_dir=str(a.work / "gkd-run"), save_steps=0,
                       logging_steps=1, progress_bar=False, overwrite_output_dir=True,
-                      speculative_kd_topk=a.speculative_kd_topk if run["lmbda"] > 0 else 0)
+                      speculative_kd_topk=a.speculative_kd_topk if run["lmbda"] > 0 else 0,
+                      **({"divergence": a.divergence, "skew_alpha": run["beta"] or 0.1} if a.divergence != "gjsd" else {}))
     started = time.perf_counter()
     trainer = Trainer(cfg, log=lambda *_: None)
     trainer.train()
@@ -194,7 +195,7 @@ def results_file(a, tool: str) -> Path:
 def settings(a) -> dict:
     """What every run's result depends on beside its name (tool, lmbda, beta, rate, seed)."""
     keys = ("steps", "batch_size", "max_new_tokens", "temperature", "loss_temperature", "teacher_samples",
-            "eval_samples", "speculative_kd_topk")
+            "eval_samples", "speculative_kd_topk", "divergence")
     return {k: getattr(a, k) for k in keys}
 
 
@@ -288,6 +289,8 @@ def main() -> None:
     ap.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     ap.add_argument("--speculative_kd_topk", type=int, default=0,
                     help="gkd's on-policy samples teacher-corrected at this K (0 = plain; gkd train's flag)")
+    ap.add_argument("--divergence", default="gjsd", choices=("gjsd", "skew_kl", "skew_reverse_kl"),
+                    help="gkd's divergence; with a skew one, --betas are its --skew_alpha values (0 reads as 0.1)")
     ap.add_argument("--threads", type=int, default=2, help="threads in all")
     ap.add_argument("--jobs", type=int, default=2, choices=(1, 2), help="2: the tools train side by side, each in "
                     "its own process with its share of the threads (on 2 cores two 1-thread processes get more done "
