@@ -296,6 +296,9 @@ def main() -> None:
                     "its own process with its share of the threads (on 2 cores two 1-thread processes get more done "
                     "than one 2-thread one; the metrics do not depend on it); 1: one after the other")
     a = ap.parse_args()
+    if a.divergence != "gjsd" and not all(0 <= b < 1 for b in a.betas):
+        raise SystemExit(f"[quality] --divergence {a.divergence}: --betas are its alphas, each in [0, 1) (0 reads as "
+                         f"0.1), got {a.betas}")
     if "trl" in a.tools and a.loss_temperature != 1.0:
         ap.error("TRL computes its divergence at temperature 1: --loss_temperature other than 1 needs --tools gkd")
     import torch
