@@ -336,8 +336,12 @@ def test_one_image_row_and_one_text_row_on_two_processes(runs, layout):
             assert abs(x["loss"] - y["loss"]) <= 1e-5 and x["completion_length"] == y["completion_length"], (x, y)
         wa, wb = final_weights(one), final_weights(two)
         assert wa.keys() == wb.keys()
-        for k in wa:  # (measured: equal to the bit)
-            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=f"{family}: {k}")
+        # FSDP: measured equal to the bit. CP sums the ranks' partial gradients in another order, and AdamW's
+        # normalised step turns the rounding of a near-zero gradient element into weight: measured up to 1.1e-5
+        # (LLaVA, 2 steps at lr 1e-3, 2026-12-04), the losses within 5e-10
+        atol = 1e-5 if layout == "fsdp2" else 3e-5
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=atol, msg=f"{family}: {k}")
         initial = load_file(str(runs.ctx.models("vl")["pairs"][family][0] / "model.safetensors"))
         vision = [k for k in initial if "visual" in k or "vision_tower" in k]
         assert max(float((wa[k] - initial[k]).abs().max()) for k in vision) > 1e-3, f"{family}: the tower did not train"
