@@ -1,0 +1,204 @@
+"""A teacher with another tokenizer (--teacher_tokenizer other): the student's own tokenizer given as the
+other one reproduces the normal path; byte-level BPEs with other merges align where hand-worked spans say;
+a tiny pair with different tokenizers trains off- and on-policy; an un-alignable template is refused."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gkd.config import TrainConfig
+from gkd.data.align import aligned_pairs, retokenise, spans, vocab_pairs
+from gkd.data.batch import collate
+from gkd.data.rows import load_examples
+from gkd.models import load_model, load_tokenizer
+from gkd.teacher.cross_tokenizer import CrossTokenizerTeacher
+from gkd.teacher.local import LocalTeacher
+from gkd.train.metrics import read_metrics
+from gkd.train.trainer import Trainer
+from helpers import assert_one_line_error, gkd_in_process, loss_and_head_grad
+
+# --- two byte-level BPEs built by hand: the same bytes, other merges, other ids, other chat templates ----------
+
+STUDENT_MERGES = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("Ġ", "w"), ("o", "r")]
+TEACHER_MERGES = [("h", "e"), ("l", "l"), ("Ġ", "w"), ("o", "r"), ("l", "d")]
+SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+
+def _bpe(folder: Path, merges, specials_first: bool, eos: str, template: str) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    words = chars + ["".join(m) for m in merges]
+    tokens = SPECIALS + words if specials_first else words + SPECIALS
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=list(merges)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token=eos, pad_token="<pad>",
+                                   additional_special_tokens=[s for s in SPECIALS if s not in ("<s>", eos, "<pad>")])
+    fast.chat_template = template
+    fast.save_pretrained(str(folder))
+
+
+def _pair(root: Path) -> dict:
+    """A tiny student and teacher with the tokenizers above (student: eos <|im_end|>, id 4 as in its config)."""
+    from tiny import write_model
+
+    root.mkdir(parents=True, exist_ok=True)
+    s, t = root / "student", root / "teacher"
+    write_model(s, layers=2, seed=2, vocab_size=256 + len(STUDENT_MERGES) + len(SPECIALS))
+    write_model(t, layers=3, seed=1, vocab_size=256 + len(TEACHER_MERGES) + len(SPECIALS))
+    _bpe(s, STUDENT_MERGES, True, "<|im_end|>",
+         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>{% endfor %}"
+         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    _bpe(t, TEACHER_MERGES, False, "</s>",
+         "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+         "{% if add_generation_prompt %}### assistant: {% endif %}")
+    words = ["hello", "world", "or", "hold", "held", "we", "low"]
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(8):
+        pick = lambda n: " ".join(words[int(i)] for i in torch.randint(0, len(words), (n,), generator=g))  # noqa: E731
+        rows.append({"messages": [{"role": "user", "content": pick(3)}, {"role": "assistant", "content": pick(3)}]})
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"student": str(s), "teacher": str(t), "data": str(root / "data.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return _pair(tmp_path_factory.mktemp("cross"))
+
+
+def test_hand_worked_spans_of_hello_world_align_where_both_cut_alike(pair):
+    """'hello world': the student cuts hello|Ġw|or|l|d, the teacher he|ll|o|Ġw|or|ld. Aligned by hand: student
+    token 1 (Ġw, chars 5-7) with teacher token 3, student 2 (or, 7-9) with teacher 4; 'hello' (one student
+    token, three teacher ones) and l|d against ld are not; the end-of-sequence tokens pair up."""
+    stok, ttok = load_tokenizer(pair["student"]), load_tokenizer(pair["teacher"])
+    text = "hello world"
+    mine = stok(text, add_special_tokens=False)["input_ids"]
+    theirs = ttok(text, add_special_tokens=False)["input_ids"]
+    assert stok.convert_ids_to_tokens(mine) == ["hello", "Ġw", "or", "l", "d"]
+    assert ttok.convert_ids_to_tokens(theirs) == ["he", "ll", "o", "Ġw", "or", "ld"]
+    assert spans(stok, mine, text) == [(0, 5), (5, 7), (7, 9), (9, 10), (10, 11)]
+    assert spans(ttok, theirs, text) == [(0, 2), (2, 4), (4, 5), (5, 7), (7, 9), (9, 11)]
+    pair_of = dict(vocab_pairs(stok, ttok))
+    assert aligned_pairs(spans(stok, mine, text), spans(ttok, theirs, text), mine, theirs, pair_of) == [(1, 3), (2, 4)]
+    ids, pairs = retokenise(stok, ttok, pair_of, mine + [stok.eos_token_id], "test")
+    assert ids == theirs + [ttok.eos_token_id] and pairs == [(1, 3), (2, 4), (5, 6)]
+    # the paired vocabulary: the same strings under other ids (specials first in one, last in the other)
+    assert pair_of[stok.convert_tokens_to_ids("or")] == ttok.convert_tokens_to_ids("or")
+    assert stok.convert_tokens_to_ids("or") != ttok.convert_tokens_to_ids("or")
+    assert stok.convert_tokens_to_ids("hello") not in pair_of  # the teacher has no such token
+    assert pair_of[stok.eos_token_id] == ttok.eos_token_id
+
+
+def test_a_split_multibyte_character_has_no_span_of_its_own(pair):
+    """'é' is two bytes: as two byte tokens neither has a clean boundary inside the character."""
+    stok = load_tokenizer(pair["student"])
+    ids = stok("é!", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 3 and spans(stok, ids, "é!") == [None, None, (1, 2)]
+
+
+def _batch(examples, tok):
+    return collate([e.prompt_ids for e in examples], [e.completion_ids for e in examples], tok.pad_token_id)
+
+
+def test_the_students_own_tokenizer_as_the_other_one_equals_the_normal_path(tiny):
+    """The same tokenizer loaded twice as 'other': every scored position aligned, every id paired, and the loss
+    and lm_head gradient those of the plain local teacher (to float32 rounding: the top-K form renormalises
+    the teacher's log-probs instead of taking its logits' log-softmax)."""
+    tok = load_tokenizer(tiny["student"])
+    examples = load_examples([tiny["data"]], tok, max_length=64, truncation_strategy="left", max_completion_length=8)
+    batch = _batch(examples[:6], tok)
+    student, teacher = load_model(tiny["student"], "float32"), load_model(tiny["teacher"], "float32")
+    plain = LocalTeacher(teacher, torch.device("cpu")).score(batch)
+    cross = CrossTokenizerTeacher(LocalTeacher(teacher, torch.device("cpu")), tok, load_tokenizer(tiny["teacher"]),
+                                  log=lambda *_: None)
+    cross.check_rows(examples, 8, False)
+    out = cross.score(batch)
+    assert out.topk_ids.shape[-1] == len(tok)
+    assert bool(out.aligned[batch.loss_mask].all()) and int(out.aligned.sum()) == batch.tokens
+    loss_a, grad_a = loss_and_head_grad(student, plain, batch)
+    loss_b, grad_b = loss_and_head_grad(student, out, batch)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-5, atol=1e-7)
+
+
+def test_unaligned_positions_give_no_divergence_and_no_gradient(pair):
+    """With different tokenizers the unaligned positions add nothing: the loss and gradient equal those of
+    the aligned positions alone (the mask cut to them)."""
+    stok, ttok = load_tokenizer(pair["student"]), load_tokenizer(pair["teacher"])
+    examples = load_examples([pair["data"]], stok, max_length=64, truncation_strategy="left", max_completion_length=8)
+    batch = _batch(examples[:4], stok)
+    student, teacher = load_model(pair["student"], "float32"), load_model(pair["teacher"], "float32")
+    cross = CrossTokenizerTeacher(LocalTeacher(teacher, torch.device("cpu")), stok, ttok, log=lambda *_: None)
+    cross.check_rows(examples, 8, False)
+    out = cross.score(batch)
+    some = int((out.aligned & batch.loss_mask).sum())
+    assert 0 < some < batch.tokens  # both kinds present
+    loss, grad = loss_and_head_grad(student, out, batch)
+    only = collate([e.prompt_ids for e in examples[:4]], [e.completion_ids for e in examples[:4]], stok.pad_token_id)
+    only.loss_mask = batch.loss_mask & out.aligned
+    loss_aligned, grad_aligned = loss_and_head_grad(student, out, only)
+    # "mean" over counted positions: rescale to sums
+    torch.testing.assert_close(loss * batch.tokens, loss_aligned * some, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad * batch.tokens, grad_aligned * some, rtol=1e-4, atol=1e-6)
+
+
+def _cfg(pair, out, **kw):
+    base = dict(model=pair["student"], teacher_model=pair["teacher"], dataset=[pair["data"]], output_dir=str(out),
+                max_completion_length=8, learning_rate=3e-3, lr_scheduler_type="constant", progress_bar=False,
+                max_steps=6, micro_batch_size=4, global_batch_size=8, temperature=1.0, beta=0.5,
+                teacher_tokenizer="other", logging_steps=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_a_pair_with_different_tokenizers_trains_off_and_on_policy(pair, tmp_path):
+    """Off-policy (lmbda 0) the divergence falls at every one of 6 steps and the aligned share is logged; on-policy
+    (lmbda 1: the student's samples, decoded and re-tokenised for the teacher) trains too."""
+    lines = []
+    t = Trainer(_cfg(pair, tmp_path / "off", lmbda=0.0), log=lines.append)
+    t.train()
+    m = read_metrics(t.out / "metrics.jsonl")
+    assert any("token strings are in the teacher's vocabulary" in line for line in lines)
+    div = [x["divergence"] for x in m]  # the same 8 rows every step
+    assert all(b < a for a, b in zip(div, div[1:])) and div[-1] < 0.5 * div[0]
+    assert all(0 < x["aligned_share"] < 1 for x in m)
+    t = Trainer(_cfg(pair, tmp_path / "on", lmbda=1.0, max_steps=2), log=lambda *_: None)
+    t.train()
+    m = read_metrics(t.out / "metrics.jsonl")
+    assert all(x["on_policy_share"] == 1 and x["divergence"] > 0 and 0 < x["aligned_share"] <= 1 for x in m)
+
+
+def test_the_same_tokenizer_without_the_flag_reports_no_aligned_share(tiny, tmp_path):
+    """The normal path logs no aligned share (NaN stats, not a 1.0 that would pretend an alignment ran)."""
+    t = Trainer(TrainConfig(model=tiny["student"], teacher_model=tiny["teacher"], dataset=[tiny["data"]],
+                            output_dir=str(tmp_path / "o"), max_completion_length=4, max_steps=1, micro_batch_size=8,
+                            global_batch_size=8, progress_bar=False, lmbda=0.0), log=lambda *_: None)
+    t.train()
+    assert "aligned_share" not in read_metrics(t.out / "metrics.jsonl")[0]
+
+
+def test_a_teacher_without_a_chat_template_for_chat_rows_is_one_line_and_nothing_written(pair, tmp_path):
+    """The student renders chat rows with its template; a teacher tokenizer without one cannot: one line,
+    no output folder. Without the flag the different tokenizers are refused as before."""
+    root = tmp_path / "bare"
+    bare = Path(pair["teacher"]).parent / "teacher-bare"
+    if not bare.exists():
+        import shutil
+
+        shutil.copytree(pair["teacher"], bare)
+        cfg = json.loads((bare / "tokenizer_config.json").read_text())
+        cfg.pop("chat_template", None)
+        (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
+        (bare / "chat_template.jinja").unlink(missing_ok=True)
+    args = ["train", "--model", pair["student"], "--teacher_model", str(bare), "--dataset", pair["data"],
+            "--output_dir", str(root), "--max_steps", "1", "--progress_bar", "false", "--max_completion_length", "16"]
+    assert_one_line_error(gkd_in_process(*args, "--teacher_tokenizer", "other"), "has none; --teacher_tokenizer other")
+    assert not root.exists()
+    assert_one_line_error(gkd_in_process(*args), "or --teacher_tokenizer other")
+    assert not root.exists()
