@@ -127,6 +127,27 @@ def test_the_students_own_tokenizer_as_the_other_one_equals_the_normal_path(tiny
     torch.testing.assert_close(grad_b, grad_a, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("lmbda", [0.0, 1.0])
+def test_training_with_the_students_own_tokenizer_as_the_other_one_ends_at_the_normal_weights(tiny, tmp_path, lmbda):
+    """Two steps of the Trainer, off-policy and on-policy (the student's samples decoded and re-tokenised):
+    the weights and the logged divergence equal the normal run's, every token aligned."""
+    runs = {}
+    for flag in ("same", "other"):
+        cfg = TrainConfig(model=tiny["student"], teacher_model=tiny["teacher"], dataset=[tiny["data"]],
+                          output_dir=str(tmp_path / flag), max_completion_length=6, learning_rate=1e-3,
+                          progress_bar=False, max_steps=2, micro_batch_size=4, global_batch_size=8, lmbda=lmbda,
+                          sft_alpha=0.3, teacher_tokenizer=flag)
+        t = Trainer(cfg, log=lambda *_: None)
+        t.train()
+        runs[flag] = ({k: v.detach().clone() for k, v in t.student.state_dict().items()},
+                      read_metrics(t.out / "metrics.jsonl"))
+    (w_same, m_same), (w_other, m_other) = runs["same"], runs["other"]
+    assert all(m["aligned_share"] == 1 for m in m_other)
+    assert [m["divergence"] for m in m_other] == pytest.approx([m["divergence"] for m in m_same], rel=1e-5)
+    for k in w_same:
+        torch.testing.assert_close(w_other[k], w_same[k], rtol=1e-5, atol=1e-6)
+
+
 def test_unaligned_positions_give_no_divergence_and_no_gradient(pair):
     """With different tokenizers the unaligned positions add nothing: the loss and gradient equal those of
     the aligned positions alone (the mask cut to them)."""
@@ -139,6 +160,18 @@ def test_unaligned_positions_give_no_divergence_and_no_gradient(pair):
     out = cross.score(batch)
     some = int((out.aligned & batch.loss_mask).sum())
     assert 0 < some < batch.tokens  # both kinds present
+    # at an aligned position: the teacher's own log-softmax (transformers' forward over its tokens), read at the
+    # teacher id of each paired string and placed at the student id of the same string
+    tbatch, where = cross.teacher_batch(batch)
+    theirs = torch.log_softmax(teacher(**tbatch.model_inputs()).logits.float(), -1)
+    pairs = vocab_pairs(stok, ttok)
+    for r, (b, s0, t0, aligned) in enumerate(where):
+        for i, j in aligned:
+            assert out.topk_ids[b, s0 + i].tolist() == [s for s, _ in pairs]
+            torch.testing.assert_close(out.topk_logprobs[b, s0 + i], theirs[r, t0 + j, [t for _, t in pairs]],
+                                       rtol=1e-5, atol=1e-5)
+            # the next tokens there are a pair: the same string, or the two end-of-sequence tokens
+            assert dict(pairs)[batch.input_ids[b, s0 + i + 1].item()] == tbatch.input_ids[r, t0 + j + 1].item()
     loss, grad = loss_and_head_grad(student, out, batch)
     only = collate([e.prompt_ids for e in examples[:4]], [e.completion_ids for e in examples[:4]], stok.pad_token_id)
     only.loss_mask = batch.loss_mask & out.aligned
