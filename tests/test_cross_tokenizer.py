@@ -86,6 +86,9 @@ def test_hand_worked_spans_of_hello_world_align_where_both_cut_alike(pair):
     assert spans(ttok, theirs, text) == [(0, 2), (2, 4), (4, 5), (5, 7), (7, 9), (9, 11)]
     pair_of = dict(vocab_pairs(stok, ttok))
     assert aligned_pairs(spans(stok, mine, text), spans(ttok, theirs, text), mine, theirs, pair_of) == [(1, 3), (2, 4)]
+    # the same characters under ids the mapping does not pair are not aligned
+    unpaired = {s: t for s, t in pair_of.items() if s != stok.convert_tokens_to_ids("or")}
+    assert aligned_pairs(spans(stok, mine, text), spans(ttok, theirs, text), mine, theirs, unpaired) == [(1, 3)]
     ids, pairs = retokenise(stok, ttok, pair_of, mine + [stok.eos_token_id], "test")
     assert ids == theirs + [ttok.eos_token_id] and pairs == [(1, 3), (2, 4), (5, 6)]
     # the paired vocabulary: the same strings under other ids (specials first in one, last in the other)
@@ -93,6 +96,23 @@ def test_hand_worked_spans_of_hello_world_align_where_both_cut_alike(pair):
     assert stok.convert_tokens_to_ids("or") != ttok.convert_tokens_to_ids("or")
     assert stok.convert_tokens_to_ids("hello") not in pair_of  # the teacher has no such token
     assert pair_of[stok.eos_token_id] == ttok.eos_token_id
+
+
+def test_a_sentencepiece_word_marker_pairs_with_a_byte_level_space(pair, tmp_path):
+    """'▁world' (SentencePiece's marker) and 'Ġworld' (byte-level BPE's space) are the same string ' world'."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, "\u2581world": 2, "\u2581hello": 3, "or": 4}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    sp = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+    stok = load_tokenizer(pair["student"])
+    bpe_world = len(stok)  # a byte-level ' world' added to the student's vocabulary
+    stok.add_tokens(["\u0120world"])
+    pairs = dict(vocab_pairs(sp, stok))
+    assert pairs[2] == bpe_world and pairs[4] == stok.convert_tokens_to_ids("or") and 3 not in pairs
 
 
 def test_a_split_multibyte_character_has_no_span_of_its_own(pair):
