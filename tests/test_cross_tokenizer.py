@@ -17,7 +17,7 @@ from gkd.teacher.cross_tokenizer import CrossTokenizerTeacher
 from gkd.teacher.local import LocalTeacher
 from gkd.train.metrics import read_metrics
 from gkd.train.trainer import Trainer
-from helpers import assert_one_line_error, gkd_in_process, loss_and_head_grad
+from helpers import assert_one_line_error, assert_same_run, declare, gkd_in_process, loss_and_head_grad, train_args
 
 # --- two byte-level BPEs built by hand: the same bytes, other merges, other ids, other chat templates ----------
 
@@ -70,6 +70,15 @@ def _pair(root: Path) -> dict:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     return _pair(tmp_path_factory.mktemp("cross"))
+
+
+def _cross_run(c, out):
+    """train_args (4 steps, off- and on-policy) of the pair with different tokenizers, made once per session."""
+    return train_args(c.once("cross-pair", lambda: _pair(c.root / "cross-pair")), out, "--teacher_tokenizer", "other")
+
+
+declare("cross-single", 1, _cross_run)
+declare("cross-fsdp2", 2, _cross_run)
 
 
 def test_hand_worked_spans_of_hello_world_align_where_both_cut_alike(pair):
@@ -255,3 +264,13 @@ def test_a_teacher_without_a_chat_template_for_chat_rows_is_one_line_and_nothing
     assert not root.exists()
     assert_one_line_error(gkd_in_process(*args), "or --teacher_tokenizer other")
     assert not root.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_different_tokenizers_under_fsdp2_equal_one_process(runs):
+    """Two FSDP ranks (torchrun, gloo), each re-tokenising its own rows for a sharded teacher: the loss at every
+    step (off- and on-policy) and the final weights equal one process's; the aligned share is the same."""
+    single, fsdp = assert_same_run(runs["cross-single"], runs["cross-fsdp2"])[:2]
+    assert [m["aligned_share"] for m in fsdp] == pytest.approx([m["aligned_share"] for m in single])
+    assert all(0 < m["aligned_share"] < 1 for m in single)
