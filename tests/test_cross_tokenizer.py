@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gkd.config import TrainConfig
-from gkd.data.align import aligned_pairs, retokenise, spans, vocab_pairs
+from gkd.data.align import Aligner, aligned_pairs, id_bytes, spans, vocab_pairs
 from gkd.data.batch import collate
 from gkd.data.rows import load_examples
 from gkd.models import load_model, load_tokenizer
@@ -91,14 +91,16 @@ def test_hand_worked_spans_of_hello_world_align_where_both_cut_alike(pair):
     theirs = ttok(text, add_special_tokens=False)["input_ids"]
     assert stok.convert_ids_to_tokens(mine) == ["hello", "Ġw", "or", "l", "d"]
     assert ttok.convert_ids_to_tokens(theirs) == ["he", "ll", "o", "Ġw", "or", "ld"]
-    assert spans(stok, mine, text) == [(0, 5), (5, 7), (7, 9), (9, 10), (10, 11)]
+    assert spans(stok, mine, text) == [(0, 5), (5, 7), (7, 9), (9, 10), (10, 11)]  # by decoding prefixes
     assert spans(ttok, theirs, text) == [(0, 2), (2, 4), (4, 5), (5, 7), (7, 9), (9, 11)]
+    assert spans(stok, mine, text, id_bytes(stok)) == spans(stok, mine, text)  # by the tokens' bytes
+    assert spans(ttok, theirs, text, id_bytes(ttok)) == spans(ttok, theirs, text)
     pair_of = dict(vocab_pairs(stok, ttok))
     assert aligned_pairs(spans(stok, mine, text), spans(ttok, theirs, text), mine, theirs, pair_of) == [(1, 3), (2, 4)]
     # the same characters under ids the mapping does not pair are not aligned
     unpaired = {s: t for s, t in pair_of.items() if s != stok.convert_tokens_to_ids("or")}
     assert aligned_pairs(spans(stok, mine, text), spans(ttok, theirs, text), mine, theirs, unpaired) == [(1, 3)]
-    ids, pairs = retokenise(stok, ttok, pair_of, mine + [stok.eos_token_id], "test")
+    ids, pairs = Aligner(stok, ttok).retokenise(mine + [stok.eos_token_id], "test")
     assert ids == theirs + [ttok.eos_token_id] and pairs == [(1, 3), (2, 4), (5, 6)]
     # the paired vocabulary: the same strings under other ids (specials first in one, last in the other)
     assert pair_of[stok.convert_tokens_to_ids("or")] == ttok.convert_tokens_to_ids("or")
@@ -124,11 +126,13 @@ def test_a_sentencepiece_word_marker_pairs_with_a_byte_level_space(pair, tmp_pat
     assert pairs[2] == bpe_world and pairs[4] == stok.convert_tokens_to_ids("or") and 3 not in pairs
 
 
-def test_a_split_multibyte_character_has_no_span_of_its_own(pair):
-    """'é' is two bytes: as two byte tokens neither has a clean boundary inside the character."""
+def test_a_split_multibyte_character_has_byte_spans_only_from_the_tokens_bytes(pair):
+    """'é' is two bytes: as two byte tokens, decoding prefixes finds no clean boundary inside the character
+    (no span for either); their bytes give each its byte."""
     stok = load_tokenizer(pair["student"])
     ids = stok("é!", add_special_tokens=False)["input_ids"]
-    assert len(ids) == 3 and spans(stok, ids, "é!") == [None, None, (1, 2)]
+    assert len(ids) == 3 and spans(stok, ids, "é!") == [None, None, (2, 3)]
+    assert spans(stok, ids, "é!", id_bytes(stok)) == [(0, 1), (1, 2), (2, 3)]
 
 
 def _batch(examples, tok):

@@ -1,11 +1,12 @@
 """Two tokenisations of one text, lined up: which student token and which teacher token cover the same
-characters, and which vocabulary entries of the two tokenizers are the same string.
+bytes, and which vocabulary entries of the two tokenizers are the same string.
 
-A token's span is found by decoding prefixes: token i of ``ids`` covers ``text[len(decode(ids[:i])) :
-len(decode(ids[:i + 1]))]`` when both prefixes are prefixes of ``text`` (a byte-level token that ends
-inside a multi-byte character decodes to a replacement character: that boundary is not clean, and the
-tokens on either side of it have no span of their own). Student token i and teacher token j are *aligned*
-when their spans are equal and the vocabulary mapping pairs their ids.
+Spans are in the UTF-8 bytes of the text. A byte-level BPE token's span is its bytes, laid end to end
+(when they make up the text). Otherwise token i of ``ids`` covers bytes ``len(decode(ids[:i])) ..
+len(decode(ids[:i + 1]))`` (lengths in UTF-8) when both prefixes are prefixes of the text; a boundary that
+is not (a token ending inside a character decodes to U+FFFD) is not clean, and the tokens on either side of
+it have no span. Student token i and teacher token j are *aligned* when their spans are equal and the
+vocabulary mapping pairs their ids.
 """
 
 from __future__ import annotations
@@ -18,26 +19,29 @@ def _byte_level(tokenizer) -> bool:
     return backend is not None and type(backend.decoder).__name__ == "ByteLevel"
 
 
-def token_keys(tokenizer) -> dict[str, int]:
-    """Each vocabulary entry's string in a form both tokenizers share -> its id (the lowest id of equal
-    strings): a byte-level BPE's entries as the bytes they stand for, SentencePiece's with its word marker
-    as a space, anything else as written."""
-    vocab = tokenizer.get_vocab()
+def id_bytes(tokenizer) -> dict[int, bytes]:
+    """Each vocabulary id's string in a form both tokenizers share: a byte-level BPE's entries as the bytes
+    they stand for, SentencePiece's with its word marker as a space, anything else as written (UTF-8)."""
     if _byte_level(tokenizer):
         from transformers.convert_slow_tokenizer import bytes_to_unicode
 
         to_byte = {c: b for b, c in bytes_to_unicode().items()}
 
-        def key(tok: str):
+        def key(tok: str) -> bytes:
             if all(c in to_byte for c in tok):
                 return bytes(to_byte[c] for c in tok)
             return tok.encode()  # an added token, written as itself
     else:
-        def key(tok: str):
+        def key(tok: str) -> bytes:
             return tok.replace("\u2581", " ").encode()
+    return {i: key(tok) for tok, i in tokenizer.get_vocab().items()}
+
+
+def token_keys(tokenizer) -> dict[bytes, int]:
+    """id_bytes inverted: each string -> its lowest id."""
     out: dict = {}
-    for tok, i in sorted(vocab.items(), key=lambda kv: kv[1]):
-        out.setdefault(key(tok), i)
+    for i, key in sorted(id_bytes(tokenizer).items()):
+        out.setdefault(key, i)
     return out
 
 
@@ -54,12 +58,23 @@ def vocab_pairs(student_tok, teacher_tok) -> list[tuple[int, int]]:
     return sorted(pairs.items())
 
 
-def spans(tokenizer, ids: list[int], text: str) -> list[tuple[int, int] | None]:
-    """Each token's [start, end) in ``text`` (the decoding of ``ids``), None where a boundary is not clean."""
+def spans(tokenizer, ids: list[int], text: str, table: dict[int, bytes] | None = None) -> list[tuple[int, int] | None]:
+    """Each token's [start, end) in the UTF-8 bytes of ``text`` (the decoding of ``ids``), None where a boundary
+    is not clean. ``table`` (a byte-level tokenizer's id_bytes): where its tokens' bytes make up the text, their
+    lengths give the spans in one pass (and a token ending inside a character has one too); otherwise, or
+    without it, every prefix is decoded."""
+    if table is not None:
+        pieces = [table.get(i) for i in ids]
+        if None not in pieces and b"".join(pieces) == text.encode():
+            out, at = [], 0
+            for piece in pieces:
+                out.append((at, at + len(piece)) if piece else None)
+                at += len(piece)
+            return out
     ends = []
     for i in range(len(ids) + 1):
         prefix = decode(tokenizer, ids[:i])
-        ends.append(len(prefix) if text.startswith(prefix) else None)
+        ends.append(len(prefix.encode()) if text.startswith(prefix) else None)
     return [(a, b) if a is not None and b is not None and a < b else None for a, b in zip(ends, ends[1:])]
 
 
@@ -78,22 +93,31 @@ def decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def retokenise(student_tok, teacher_tok, pair_of: dict[int, int], completion: list[int],
-               where: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """(the teacher's ids of a student completion, the aligned (student index, teacher index) pairs). The
-    completion's text is the decoding of its tokens before a final end-of-sequence token; the teacher's ids are
-    its tokenisation of that text, followed by its own end-of-sequence token where the student's ended (an
-    aligned pair). ``pair_of``: vocab_pairs as a dict."""
-    ended = bool(completion) and completion[-1] == student_tok.eos_token_id
-    body = completion[:-1] if ended else completion
-    text = decode(student_tok, body)
-    theirs = list(teacher_tok(text, add_special_tokens=False)["input_ids"])
-    if decode(teacher_tok, theirs) != text:
-        raise GKDError(f"{where}: the teacher's tokenizer does not give back the completion's text "
-                       f"{text[:40]!r} (it normalises it); --teacher_tokenizer other needs a lossless teacher tokenizer")
-    pairs = aligned_pairs(spans(student_tok, body, text), spans(teacher_tok, theirs, text), body, theirs, pair_of)
-    if ended:
-        pairs.append((len(body), len(theirs)))
-        theirs.append(teacher_tok.eos_token_id)
-    return theirs, pairs
+class Aligner:
+    """The two tokenizers, their paired vocabulary (vocab_pairs) and, for byte-level ones, each id's bytes."""
 
+    def __init__(self, student_tok, teacher_tok):
+        self.student_tok, self.teacher_tok = student_tok, teacher_tok
+        self.pairs = vocab_pairs(student_tok, teacher_tok)
+        self.pair_of = dict(self.pairs)
+        self.tables = [id_bytes(t) if _byte_level(t) else None for t in (student_tok, teacher_tok)]
+
+    def retokenise(self, completion: list[int], where: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(the teacher's ids of a student completion, the aligned (student index, teacher index) pairs). The
+        completion's text is the decoding of its tokens before a final end-of-sequence token; the teacher's ids
+        are its tokenisation of that text, followed by its own end-of-sequence token where the student's ended
+        (an aligned pair)."""
+        mine, theirs_tok = self.student_tok, self.teacher_tok
+        ended = bool(completion) and completion[-1] == mine.eos_token_id
+        body = completion[:-1] if ended else completion
+        text = decode(mine, body)
+        theirs = list(theirs_tok(text, add_special_tokens=False)["input_ids"])
+        if decode(theirs_tok, theirs) != text:
+            raise GKDError(f"{where}: the teacher's tokenizer does not give back the completion's text {text[:40]!r} "
+                           "(it normalises it); --teacher_tokenizer other needs a lossless teacher tokenizer")
+        pairs = aligned_pairs(spans(mine, body, text, self.tables[0]), spans(theirs_tok, theirs, text, self.tables[1]),
+                              body, theirs, self.pair_of)
+        if ended:
+            pairs.append((len(body), len(theirs)))
+            theirs.append(theirs_tok.eos_token_id)
+        return theirs, pairs

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from gkd.data.align import retokenise, vocab_pairs
+from gkd.data.align import Aligner
 from gkd.data.batch import Batch, collate
 from gkd.data.rows import tokenize
 from gkd.errors import GKDError
@@ -27,8 +27,8 @@ class CrossTokenizerTeacher:
 
     def __init__(self, inner, student_tok, teacher_tok, topk: int = 0, log=print):
         self.inner, self.student_tok, self.teacher_tok = inner, student_tok, teacher_tok
-        pairs = vocab_pairs(student_tok, teacher_tok)
-        self.pair_of = dict(pairs)
+        self.aligner = Aligner(student_tok, teacher_tok)
+        pairs = self.aligner.pairs
         self.student_ids = torch.tensor([s for s, _ in pairs])
         self.teacher_ids = torch.tensor([t for _, t in pairs])
         if topk > len(pairs):
@@ -53,7 +53,7 @@ class CrossTokenizerTeacher:
             if self.prompts.setdefault(key, theirs) != theirs:
                 raise GKDError(f"{e.source}: two rows with the same student prompt render differently for the teacher")
             if e.completion_ids is not None:
-                retokenise(self.student_tok, self.teacher_tok, self.pair_of, e.completion_ids, e.source)
+                self.aligner.retokenise(e.completion_ids, e.source)
         self.inner.check_rows(examples, new_tokens, sampled)
         self.log(f"[gkd] --teacher_tokenizer other: {len(self.student_ids)} of the student's {len(self.student_tok)} "
                  f"token strings are in the teacher's vocabulary of {len(self.teacher_tok)}; the divergence runs over "
@@ -70,8 +70,8 @@ class CrossTokenizerTeacher:
                 raise GKDError("--teacher_tokenizer other: a prompt the teacher has not rendered (not among the "
                                "training rows checked before training)")
             try:
-                theirs, pairs = retokenise(self.student_tok, self.teacher_tok, self.pair_of, ids[first + 1:],
-                                           "--teacher_tokenizer other: a sampled completion")
+                theirs, pairs = self.aligner.retokenise(ids[first + 1:], "--teacher_tokenizer other: a sampled "
+                                                                         "completion")
             except GKDError as e:  # only sampled ones: check_rows refused such dataset completions
                 if not self.warned:
                     self.log(f"[gkd] {e}; such completions get no teacher signal (once-only warning)")
