@@ -12,6 +12,7 @@ from gkd.config import TrainConfig
 from gkd.data.align import Aligner, aligned_pairs, id_bytes, spans, vocab_pairs
 from gkd.data.batch import collate
 from gkd.data.rows import load_examples
+from gkd.errors import GKDError
 from gkd.models import load_model, load_tokenizer
 from gkd.teacher.cross_tokenizer import CrossTokenizerTeacher
 from gkd.teacher.local import LocalTeacher
@@ -278,3 +279,16 @@ def test_different_tokenizers_under_fsdp2_equal_one_process(runs):
     single, fsdp = assert_same_run(runs["cross-single"], runs["cross-fsdp2"])[:2]
     assert [m["aligned_share"] for m in fsdp] == pytest.approx([m["aligned_share"] for m in single])
     assert all(0 < m["aligned_share"] < 1 for m in single)
+
+
+def test_rows_beyond_the_teachers_context_in_its_own_tokens_are_one_line(pair):
+    """The teacher counts its own tokens: a context that holds the student's sequences but not the teacher's
+    (its prompt template is longer) is refused, naming the row."""
+    stok, ttok = load_tokenizer(pair["student"]), load_tokenizer(pair["teacher"])
+    examples = load_examples([pair["data"]], stok, max_length=64, truncation_strategy="left", max_completion_length=8)
+    inner = LocalTeacher(load_model(pair["teacher"], "float32"), torch.device("cpu"))
+    cross = CrossTokenizerTeacher(inner, stok, ttok, log=lambda *_: None)
+    longest = max(len(e.prompt_ids) + len(e.completion_ids) for e in examples)
+    inner.context = longest  # every student sequence fits
+    with pytest.raises(GKDError, match=r"data.jsonl:\d+: the teacher's tokens reach \d+ .* beyond its context of"):
+        cross.check_rows(examples, 8, False)

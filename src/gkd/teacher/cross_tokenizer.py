@@ -34,7 +34,7 @@ class CrossTokenizerTeacher:
         if topk > len(pairs):
             raise GKDError(f"--gkd_logits_topk {topk} exceeds the {len(pairs)} token strings both tokenizers hold")
         self.topk = topk or None
-        self.context = inner.context
+        self.context = None  # its own token counts are checked by check_rows, not the student's
         self.prompts: dict[tuple, list[int]] = {}  # the student's prompt ids -> the teacher's
         self.log, self.warned = log, False
 
@@ -52,8 +52,13 @@ class CrossTokenizerTeacher:
             key = tuple(e.prompt_ids)
             if self.prompts.setdefault(key, theirs) != theirs:
                 raise GKDError(f"{e.source}: two rows with the same student prompt render differently for the teacher")
-            if e.completion_ids is not None:
-                self.aligner.retokenise(e.completion_ids, e.source)
+            completion = [] if e.completion_ids is None else self.aligner.retokenise(e.completion_ids, e.source)[0]
+            need = len(theirs) + max(len(completion), new_tokens if sampled else 0)
+            context = self.inner.context
+            if context is not None and need > context:
+                raise GKDError(f"{e.source}: the teacher's tokens reach {need} (prompt {len(theirs)} + completion "
+                               f"up to {need - len(theirs)}), beyond its context of {context} positions: lower "
+                               "--max_completion_length or --max_length")
         self.inner.check_rows(examples, new_tokens, sampled)
         self.log(f"[gkd] --teacher_tokenizer other: {len(self.student_ids)} of the student's {len(self.student_tok)} "
                  f"token strings are in the teacher's vocabulary of {len(self.teacher_tok)}; the divergence runs over "
@@ -77,6 +82,9 @@ class CrossTokenizerTeacher:
                     self.log(f"[gkd] {e}; such completions get no teacher signal (once-only warning)")
                     self.warned = True
                 continue
+            if self.inner.context is not None:  # a sample the teacher's tokens make longer: its tail goes unscored
+                theirs = theirs[:self.inner.context - len(prompt)]
+                pairs = [(i, j) for i, j in pairs if j < len(theirs)]
             prompts.append(prompt)
             completions.append(theirs)
             where.append((b, start + first, len(prompt) - 1, pairs))
