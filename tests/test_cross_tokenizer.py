@@ -182,6 +182,27 @@ def test_training_with_the_students_own_tokenizer_as_the_other_one_ends_at_the_n
         torch.testing.assert_close(w_other[k], w_same[k], rtol=1e-5, atol=1e-6)
 
 
+def test_topk_keeps_the_largest_paired_entries_and_chunks_change_nothing(pair):
+    """--gkd_logits_topk 5: at each aligned position the 5 largest of the full paired entries, same ids; the
+    teacher's logits formed 3 positions at a time give the same output as all at once (to rounding)."""
+    stok, ttok = load_tokenizer(pair["student"]), load_tokenizer(pair["teacher"])
+    examples = load_examples([pair["data"]], stok, max_length=64, truncation_strategy="left", max_completion_length=8)
+    batch = _batch(examples[:4], stok)
+    inner = LocalTeacher(load_model(pair["teacher"], "float32"), torch.device("cpu"))
+    full, top5 = (CrossTokenizerTeacher(inner, stok, ttok, topk=k, log=lambda *_: None) for k in (0, 5))
+    for t in (full, top5):
+        t.check_rows(examples, 8, False)
+    a, b = full.score(batch), top5.score(batch)
+    at = a.aligned & batch.loss_mask
+    values, index = a.topk_logprobs[at].topk(5, -1)
+    torch.testing.assert_close(b.topk_logprobs[at], values)
+    assert torch.equal(b.topk_ids[at], a.topk_ids[at].gather(-1, index))
+    full.chunk_logits = 3 * len(ttok)
+    c = full.score(batch)
+    assert torch.equal(c.topk_ids, a.topk_ids)
+    torch.testing.assert_close(c.topk_logprobs, a.topk_logprobs, rtol=0, atol=1e-6)  # (matmuls of other shapes)
+
+
 def test_unaligned_positions_give_no_divergence_and_no_gradient(pair):
     """With different tokenizers the unaligned positions add nothing: the loss and gradient equal those of
     the aligned positions alone (the mask cut to them)."""
@@ -252,7 +273,8 @@ def test_the_same_tokenizer_without_the_flag_reports_no_aligned_share(tiny, tmp_
 
 def test_a_teacher_without_a_chat_template_for_chat_rows_is_one_line_and_nothing_written(pair, tmp_path):
     """The student renders chat rows with its template; a teacher tokenizer without one cannot: one line,
-    no output folder. Without the flag the different tokenizers are refused as before."""
+    no output folder. Without the flag the different tokenizers are refused as before; with options it does not
+    take yet (tensor parallelism, evaluation during training), one line too."""
     root = tmp_path / "bare"
     bare = Path(pair["teacher"]).parent / "teacher-bare"
     if not bare.exists():
@@ -269,6 +291,10 @@ def test_a_teacher_without_a_chat_template_for_chat_rows_is_one_line_and_nothing
     assert not root.exists()
     assert_one_line_error(gkd_in_process(*args), "or --teacher_tokenizer other")
     assert not root.exists()
+    for extra in (["--tensor_model_parallel_size", "2"], ["--eval_steps", "1", "--split_dataset_ratio", "0.25"]):
+        assert_one_line_error(gkd_in_process(*args, "--teacher_tokenizer", "other", *extra),
+                              "--teacher_tokenizer other needs a local --teacher_model, and is not supported yet")
+        assert not root.exists()
 
 
 @pytest.mark.slow

@@ -25,6 +25,8 @@ class CrossTokenizerTeacher:
     """``inner``: a teacher of the teacher's token ids giving hidden states + head (a LocalTeacher built
     with topk 0); ``topk``: the K entries per position (None: every paired id)."""
 
+    chunk_logits = 2 ** 23  # the teacher's logits formed at once (float32: 32 MiB)
+
     def __init__(self, inner, student_tok, teacher_tok, topk: int = 0, log=print):
         self.inner, self.student_tok, self.teacher_tok = inner, student_tok, teacher_tok
         self.aligner = Aligner(student_tok, teacher_tok)
@@ -112,15 +114,27 @@ class CrossTokenizerTeacher:
                     rows.append((b, s0 + i))
                     theirs.append((r, t0 + j))
             if rows:
-                r, t = torch.tensor(theirs, device=device).T
-                lp = torch.log_softmax(out.head.logits(out.hidden[r, t]).float(), -1)[:, self.teacher_ids.to(device)]
-                cols = self.student_ids.to(device).expand(len(rows), -1)
-                if self.topk:
-                    lp, top = lp.topk(self.topk, -1)
-                    cols = cols.gather(-1, top)
                 b, s = torch.tensor(rows, device=device).T
-                ids[b, s], logprobs[b, s], aligned[b, s] = cols, lp, True
+                ids[b, s], logprobs[b, s] = self._paired(out, torch.tensor(theirs, device=device))
+                aligned[b, s] = True
         return TeacherOutput(topk_ids=ids, topk_logprobs=logprobs, aligned=aligned)
+
+    def _paired(self, out: TeacherOutput, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student ids, the teacher's log-probs) [N, K] at the teacher's (row, position) pairs ``at`` [N, 2]: its
+        log-softmax over its whole vocabulary read at the paired ids, the K largest of them under topk; the logits
+        formed a chunk of positions at a time (about 32 MiB of float32 each)."""
+        teacher_ids, student_ids = self.teacher_ids.to(at.device), self.student_ids.to(at.device)
+        chunk = max(1, self.chunk_logits // out.head.weight.shape[0])
+        ids, logprobs = [], []
+        for part in at.split(chunk):
+            lp = torch.log_softmax(out.head.logits(out.hidden[part[:, 0], part[:, 1]]).float(), -1)[:, teacher_ids]
+            cols = student_ids.expand(len(part), -1)
+            if self.topk:
+                lp, top = lp.topk(self.topk, -1)
+                cols = cols.gather(-1, top)
+            ids.append(cols)
+            logprobs.append(lp)
+        return torch.cat(ids), torch.cat(logprobs)
 
     def score_pipelined(self, batches: list[Batch], last_stage: bool) -> list[TeacherOutput | None]:
         raise GKDError("--teacher_tokenizer other with pipeline parallelism is not supported yet")
