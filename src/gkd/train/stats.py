@@ -20,7 +20,8 @@ class StepStats:
     agree: int
     sft_tokens: int
     router_aux: float
-    aligned: float  # scored positions with a token-level teacher distribution (NaN: the teacher's tokenizer is ours)
+    aligned: int  # scored positions with a token-level teacher distribution, of ``alignable`` (a teacher with
+    alignable: int  # another tokenizer scored them; 0 of 0 with the student's own tokenizer)
     expert_tokens: torch.Tensor | None  # [MoE layers, E] tokens routed to each expert (None: a dense student)
 
     @classmethod
@@ -29,7 +30,7 @@ class StepStats:
         load = row[len(STATS):].view(-1, num_experts) if len(row) > len(STATS) else None
         return cls(loss=named["loss"], divergence=named["divergence"], sft=named["sft"], agree=int(named["agree"]),
                    sft_tokens=int(named["sft_tokens"]), router_aux=named["router_aux"],
-                   aligned=named["aligned"], expert_tokens=load)
+                   aligned=int(named["aligned"]), alignable=int(named["alignable"]), expert_tokens=load)
 
 
 @dataclass
@@ -47,7 +48,8 @@ class Window:
     grad_norm: float = 0.0
     learning_rate: float = 0.0  # the window's last step trained with it
     router_aux: float = 0.0
-    aligned: float = 0.0
+    aligned: int = 0
+    alignable: int = 0
     expert_tokens: object = None  # [MoE layers, E] tokens routed to each expert (MoE students)
     steps: int = 0
     t0: float = field(default_factory=time.perf_counter)
@@ -65,6 +67,7 @@ class Window:
         self.learning_rate = learning_rate
         self.router_aux += s.router_aux
         self.aligned += s.aligned
+        self.alignable += s.alignable
         if s.expert_tokens is not None:
             self.expert_tokens = s.expert_tokens if self.expert_tokens is None else self.expert_tokens + s.expert_tokens
         self.steps += 1
@@ -84,7 +87,7 @@ class Window:
             "top1_agreement": self.agree / max(self.tokens, 1),
             **self._moe(),
             # a teacher with another tokenizer: the share of scored tokens aligned token for token
-            **({} if self.aligned != self.aligned else {"aligned_share": self.aligned / max(self.tokens, 1)}),
+            **({"aligned_share": self.aligned / self.alignable} if self.alignable else {}),
         }
 
     def _moe(self) -> dict:

@@ -42,7 +42,7 @@ class MicroBatch:
     sampled: list[bool]  # per sequence: the student wrote the completion (no cross-entropy on it)
 
 
-STATS = ("loss", "divergence", "sft", "agree", "sft_tokens", "router_aux", "aligned")
+STATS = ("loss", "divergence", "sft", "agree", "sft_tokens", "router_aux", "aligned", "alignable")
 
 
 def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher, args: LossArgs, normaliser: float,
@@ -147,8 +147,9 @@ def _fused(hidden, head, scored, labels, mask, args: LossArgs, normaliser: float
 
 
 def _row(loss, out, labels, mask, aux: float = 0.0, aligned=None) -> torch.Tensor:
-    """One micro-batch's STATS (``aligned``: the teacher output's mask; None, a teacher of the student's own
-    tokens: NaN, and no aligned share is reported)."""
+    """One micro-batch's STATS (``aligned``: the teacher output's mask, from a teacher with another tokenizer:
+    the scored positions aligned, of those it scored; None: 0 of 0)."""
     return torch.tensor([float(loss.detach()), float(out.divergence_sum), float(out.sft_sum), float(out.agree_count),
                          float((labels[mask] >= 0).sum()), aux,
-                         float("nan") if aligned is None else float((mask & aligned).sum())], dtype=torch.float64)
+                         *((0.0, 0.0) if aligned is None else (float((mask & aligned).sum()), float(mask.sum())))],
+                        dtype=torch.float64)
