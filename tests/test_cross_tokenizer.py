@@ -3,6 +3,7 @@ other one reproduces the normal path; byte-level BPEs with other merges align wh
 a tiny pair with different tokenizers trains off- and on-policy; an un-alignable template is refused."""
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,9 @@ def _pair(root: Path) -> dict:
     g = torch.Generator().manual_seed(0)
     rows = []
     for _ in range(8):
-        pick = lambda n: " ".join(words[int(i)] for i in torch.randint(0, len(words), (n,), generator=g))  # noqa: E731
+        def pick(n):
+            return " ".join(words[int(i)] for i in torch.randint(0, len(words), (n,), generator=g))
+
         rows.append({"messages": [{"role": "user", "content": pick(3)}, {"role": "assistant", "content": pick(3)}]})
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"student": str(s), "teacher": str(t), "data": str(root / "data.jsonl")}
@@ -237,10 +240,10 @@ def test_unaligned_positions_give_no_divergence_and_no_gradient(pair):
 
 
 def _cfg(pair, out, **kw):
-    base = dict(model=pair["student"], teacher_model=pair["teacher"], dataset=[pair["data"]], output_dir=str(out),
-                max_completion_length=8, learning_rate=3e-3, lr_scheduler_type="constant", progress_bar=False,
-                max_steps=6, micro_batch_size=4, global_batch_size=8, temperature=1.0, beta=0.5,
-                teacher_tokenizer="other", logging_steps=1)
+    base = {"model": pair["student"], "teacher_model": pair["teacher"], "dataset": [pair["data"]],
+            "output_dir": str(out), "max_completion_length": 8, "learning_rate": 3e-3, "lr_scheduler_type": "constant",
+            "progress_bar": False, "max_steps": 6, "micro_batch_size": 4, "global_batch_size": 8, "temperature": 1.0,
+            "beta": 0.5, "teacher_tokenizer": "other", "logging_steps": 1}
     base.update(kw)
     return TrainConfig(**base)
 
@@ -254,7 +257,7 @@ def test_a_pair_with_different_tokenizers_trains_off_and_on_policy(pair, tmp_pat
     m = read_metrics(t.out / "metrics.jsonl")
     assert any("token strings are in the teacher's vocabulary" in line for line in lines)
     div = [x["divergence"] for x in m]  # the same 8 rows every step
-    assert all(b < a for a, b in zip(div, div[1:])) and div[-1] < 0.5 * div[0]
+    assert all(b < a for a, b in pairwise(div)) and div[-1] < 0.5 * div[0]
     assert all(0 < x["aligned_share"] < 1 for x in m)
     t = Trainer(_cfg(pair, tmp_path / "on", lmbda=1.0, max_steps=2), log=lambda *_: None)
     t.train()
@@ -295,6 +298,17 @@ def test_a_teacher_without_a_chat_template_for_chat_rows_is_one_line_and_nothing
         assert_one_line_error(gkd_in_process(*args, "--teacher_tokenizer", "other", *extra),
                               "--teacher_tokenizer other needs a local --teacher_model, and is not supported yet")
         assert not root.exists()
+
+
+def test_prompt_only_rows_off_policy_need_the_teacher_to_write_which_it_does_not_yet(tiny, tmp_path):
+    """Off-policy steps on prompt-only rows need teacher completions: one line, nothing written."""
+    out = tmp_path / "p"
+    proc = gkd_in_process("train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset",
+                          tiny["prompts"], "--output_dir", str(out), "--max_completion_length", "4", "--lmbda", "0.5",
+                          "--teacher_tokenizer", "other", "--progress_bar", "false")
+    last = proc.stderr.strip().splitlines()[-1]  # (after the line saying how much of the vocabulary is paired)
+    assert proc.returncode == 2 and last.startswith("gkd: error: --dataset has prompt-only")
+    assert "does not write completions yet" in proc.stderr and not out.exists()
 
 
 @pytest.mark.slow

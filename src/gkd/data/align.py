@@ -11,6 +11,8 @@ vocabulary mapping pairs their ids.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from gkd.errors import GKDError
 
 
@@ -75,10 +77,11 @@ def spans(tokenizer, ids: list[int], text: str, table: dict[int, bytes] | None =
     for i in range(len(ids) + 1):
         prefix = decode(tokenizer, ids[:i])
         ends.append(len(prefix.encode()) if text.startswith(prefix) else None)
-    return [(a, b) if a is not None and b is not None and a < b else None for a, b in zip(ends, ends[1:])]
+    return [(a, b) if a is not None and b is not None and a < b else None for a, b in pairwise(ends)]
 
 
-def aligned_pairs(student_spans, teacher_spans, student_ids, teacher_ids, pair_of: dict[int, int]) -> list[tuple[int, int]]:
+def aligned_pairs(student_spans, teacher_spans, student_ids, teacher_ids,
+                  pair_of: dict[int, int]) -> list[tuple[int, int]]:
     """(i, j): student token i and teacher token j cover the same characters and are paired ids."""
     where = {span: j for j, span in enumerate(teacher_spans) if span is not None}
     out = []

@@ -90,7 +90,8 @@ class CrossTokenizerTeacher:
             prompts.append(prompt)
             completions.append(theirs)
             where.append((b, start + first, len(prompt) - 1, pairs))
-        pad = self.teacher_tok.pad_token_id if self.teacher_tok.pad_token_id is not None else self.teacher_tok.eos_token_id
+        tok = self.teacher_tok
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         if not prompts:  # the teacher still runs: sharded over ranks, every rank takes part in its forward
             prompts, completions = [[pad]], [[]]
         return collate(prompts, completions, pad).to(batch.input_ids.device), where
