@@ -53,6 +53,8 @@ class TrainConfig:
                            choices=("topk", "hidden"))
     teacher_wire_dtype: str = _f("float32", "dtype of gkd serve's compact answers (log-probs: float32 or float16; "
                                             "hidden states: bfloat16 too)", choices=("float32", "float16", "bfloat16"))
+    teacher_tokenizer: str = _f("same", "same: the teacher shares the student's tokenizer; other: it has its own, "
+                                        "aligned by text offsets (docs/cross_tokenizer.md)", choices=("same", "other"))
     teacher_cache: str = _f("", "folder of stored teacher top-K log-probs of dataset completions: scored once, "
                                 "reused across epochs and runs (needs --gkd_logits_topk; gkd cache fills it ahead)")
     # data
@@ -189,6 +191,13 @@ class TrainConfig:
             need(self.pipeline_model_parallel_size == 1 and self.context_parallel_size == 1,
                  "--teacher_cache with --pipeline_model_parallel_size or --context_parallel_size > 1 is not "
                  "supported yet")
+        if self.teacher_tokenizer == "other":
+            need(not (self.teacher_model_server or self.teacher_cache or self.seq_kd or self.eval_steps
+                      or self.pipeline_model_parallel_size > 1 or self.context_parallel_size > 1
+                      or self.tensor_model_parallel_size > 1),
+                 "--teacher_tokenizer other needs a local --teacher_model, and is not supported yet with "
+                 "--teacher_model_server, --teacher_cache, --seq_kd, --eval_steps, tensor, pipeline or context "
+                 "parallelism")
         need(bool(self.dataset), "--dataset is required (JSONL/JSON/Parquet files or a saved datasets folder)")
         need(0.0 <= self.beta <= 1.0, f"--beta must be in [0, 1], got {self.beta}")
         need(0.0 < self.skew_alpha < 1.0, f"--skew_alpha must be in (0, 1), got {self.skew_alpha}")
@@ -303,7 +312,7 @@ SECTIONS = {
               "lora_experts", "merge_lora", "freeze_vit", "freeze_aligner", "gradient_checkpointing"),
     "teacher": ("teacher_model", "teacher_model_server", "gkd_logits_topk", "offload_teacher_model", "teacher_api_key",
                 "teacher_timeout", "teacher_retries", "teacher_max_in_flight", "teacher_seqs_per_request",
-                "teacher_wait", "teacher_wire", "teacher_wire_dtype", "torch_dtype", "teacher_cache"),
+                "teacher_wait", "teacher_wire", "teacher_wire_dtype", "torch_dtype", "teacher_cache", "teacher_tokenizer"),
     "data": ("dataset", "val_dataset", "dataset_num_proc", "split_dataset_ratio", "max_length", "truncation_strategy",
              "max_completion_length", "packing", "packing_length"),
     "method": ("beta", "divergence", "skew_alpha", "lmbda", "temperature", "loss_temperature", "sft_alpha", "router_aux_loss_coef", "seq_kd",

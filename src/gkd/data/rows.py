@@ -27,6 +27,7 @@ class Example:
     completion_ids: list[int] | None  # None: prompt only (usable on-policy only)
     source: str  # file:line, for messages
     images: list = field(default_factory=list)  # the prompt's images, decoded (PIL), in placeholder order
+    prompt_messages: list | None = None  # the prompt's messages, for a teacher with its own chat template
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,7 +320,7 @@ def load_examples(paths: list[str], tokenizer, *, max_length: int, truncation_st
             if completion is not None and len(completion) > max_completion_length:
                 cut_completions.append(where)
                 completion = completion[:max_completion_length]
-            examples.append(Example(prompt, completion, where, pics))
+            examples.append(Example(prompt, completion, where, pics, messages[:-1] if has_completion else messages))
         if unused:
             warn(f"[gkd] dataset {path}: column(s) {', '.join(repr(c) for c in unused)} are not used "
                  f"(first at {next(iter(unused.values()))}); rows are read as 'messages' or 'prompt' + 'completion'")

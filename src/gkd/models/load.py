@@ -170,10 +170,10 @@ def check_compatible(student_tok, teacher_tok, student, teacher) -> None:
     sv, tv = rows(student), rows(teacher)
     if sv != tv:
         raise GKDError(f"teacher and student vocabularies differ: lm_head rows {tv} vs {sv}; "
-                       "GKD needs one tokenizer for both")
+                       "GKD needs one tokenizer for both (or --teacher_tokenizer other)")
     if student_tok.get_vocab() != teacher_tok.get_vocab():
         raise GKDError("teacher and student tokenizers differ (token -> id maps are not equal); "
-                       "GKD needs one tokenizer for both")
+                       "GKD needs one tokenizer for both, or --teacher_tokenizer other to align them by text")
     for name in ("eos_token_id", "bos_token_id"):
         if getattr(student_tok, name) != getattr(teacher_tok, name):
             raise GKDError(f"teacher and student tokenizers differ in {name}: "

@@ -22,6 +22,7 @@ class TeacherOutput:
     topk: int | None = None
     topk_ids: torch.Tensor | None = None  # [B, T, K]
     topk_logprobs: torch.Tensor | None = None  # [B, T, K]
+    aligned: torch.Tensor | None = None  # [B, T] bool: a token-level teacher distribution there (another tokenizer)
 
     @property
     def lm_head_weight(self) -> torch.Tensor | None:

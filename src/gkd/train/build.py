@@ -89,9 +89,14 @@ def teacher(t, tokenizer, student_model, par, log):
         log("[gkd] --offload_teacher_model: training runs on the CPU, where the teacher already is; nothing to offload")
     model = parallel.load_sharded(lambda: load_model(t.teacher_model, t.torch_dtype), lambda m: m,
                                   lambda m: parallel.shard_teacher(m, par, offload=offload == "fsdp"), par)
+    name = f"--teacher_model {t.teacher_model}"
+    if t.teacher_tokenizer == "other":  # aligned by text (gkd.teacher.cross_tokenizer), K applied there
+        from gkd.teacher.cross_tokenizer import CrossTokenizerTeacher
+
+        inner = LocalTeacher(model, par.device, offload=offload == "move", name=name)
+        return CrossTokenizerTeacher(inner, tokenizer, load_tokenizer(t.teacher_model), t.gkd_logits_topk, log)
     check_compatible(tokenizer, load_tokenizer(t.teacher_model), student_model, model)
-    return LocalTeacher(model, par.device, topk=t.gkd_logits_topk, offload=offload == "move",
-                        name=f"--teacher_model {t.teacher_model}")
+    return LocalTeacher(model, par.device, topk=t.gkd_logits_topk, offload=offload == "move", name=name)
 
 
 def cached_teacher(teacher, cfg, par, log):

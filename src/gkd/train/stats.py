@@ -20,6 +20,8 @@ class StepStats:
     agree: int
     sft_tokens: int
     router_aux: float
+    aligned: int  # scored positions with a token-level teacher distribution, of ``alignable`` (a teacher with
+    alignable: int  # another tokenizer scored them; 0 of 0 with the student's own tokenizer)
     expert_tokens: torch.Tensor | None  # [MoE layers, E] tokens routed to each expert (None: a dense student)
 
     @classmethod
@@ -27,7 +29,8 @@ class StepStats:
         named = dict(zip(STATS, row[:len(STATS)].tolist()))
         load = row[len(STATS):].view(-1, num_experts) if len(row) > len(STATS) else None
         return cls(loss=named["loss"], divergence=named["divergence"], sft=named["sft"], agree=int(named["agree"]),
-                   sft_tokens=int(named["sft_tokens"]), router_aux=named["router_aux"], expert_tokens=load)
+                   sft_tokens=int(named["sft_tokens"]), router_aux=named["router_aux"],
+                   aligned=int(named["aligned"]), alignable=int(named["alignable"]), expert_tokens=load)
 
 
 @dataclass
@@ -45,6 +48,8 @@ class Window:
     grad_norm: float = 0.0
     learning_rate: float = 0.0  # the window's last step trained with it
     router_aux: float = 0.0
+    aligned: int = 0
+    alignable: int = 0
     expert_tokens: object = None  # [MoE layers, E] tokens routed to each expert (MoE students)
     policy_version: int | None = None  # of the window's last on-policy step: the updates its sampler held
     staleness: int | None = None  # the largest step index - policy version of the window's on-policy steps
@@ -65,6 +70,8 @@ class Window:
         self.grad_norm += grad_norm
         self.learning_rate = learning_rate
         self.router_aux += s.router_aux
+        self.aligned += s.aligned
+        self.alignable += s.alignable
         if s.expert_tokens is not None:
             self.expert_tokens = s.expert_tokens if self.expert_tokens is None else self.expert_tokens + s.expert_tokens
         self.steps += 1
@@ -92,6 +99,8 @@ class Window:
             "staleness": self.staleness,
             **self._moe(),
             **({"corrected_share": self.replaced / self.proposed} if self.proposed else {}),
+            # a teacher with another tokenizer: the share of scored tokens aligned token for token
+            **({"aligned_share": self.aligned / self.alignable} if self.alignable else {}),
         }
 
     def _moe(self) -> dict:

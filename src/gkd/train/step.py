@@ -47,7 +47,7 @@ class MicroBatch:
     step: int = 0
 
 
-STATS = ("loss", "divergence", "sft", "agree", "sft_tokens", "router_aux")
+STATS = ("loss", "divergence", "sft", "agree", "sft_tokens", "router_aux", "aligned", "alignable")
 
 
 def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher, args: LossArgs, normaliser: float,
@@ -101,7 +101,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
                 loss, aux = _with_router_loss(loss, aux / routed, args)
             parallel.sync_gradients(student, last=i == len(micro_batches) - 1, reduce_scatter_each=reduce_scatter_each)
             loss.backward()
-        stats += _row(loss, out, labels, mask, float(aux.detach()))
+        stats += _row(loss, out, labels, mask, float(aux.detach()), scored.aligned)
     if routers:  # every rank reports a row per layer, even one that skipped its micro-batches
         E = adapter.num_experts(student)
         load = torch.zeros(len(routers), E, dtype=torch.float64) if load is None else load
@@ -138,7 +138,7 @@ def micro_loss(hidden, head, mb: MicroBatch, batch: Batch, scored, args: LossArg
     labels = _ce_labels(mb, batch)
     out = _fused(hidden, head, scored, labels, batch.loss_mask, args, normaliser)
     loss, aux = _with_router_loss(out.loss, aux, args) if aux is not None else (out.loss, torch.zeros(()))
-    return loss, _row(loss, out, labels, batch.loss_mask, float(aux.detach()))
+    return loss, _row(loss, out, labels, batch.loss_mask, float(aux.detach()), scored.aligned)
 
 
 def _with_router_loss(loss, aux, args: LossArgs):
@@ -162,7 +162,10 @@ def _fused(hidden, head, scored, labels, mask, args: LossArgs, normaliser: float
         tp_group=args.tp_group)
 
 
-def _row(loss, out, labels, mask, aux: float = 0.0) -> torch.Tensor:
-    """One micro-batch's STATS."""
+def _row(loss, out, labels, mask, aux: float = 0.0, aligned=None) -> torch.Tensor:
+    """One micro-batch's STATS (``aligned``: the teacher output's mask, from a teacher with another tokenizer:
+    the scored positions aligned, of those it scored; None: 0 of 0)."""
     return torch.tensor([float(loss.detach()), float(out.divergence_sum), float(out.sft_sum), float(out.agree_count),
-                         float((labels[mask] >= 0).sum()), aux], dtype=torch.float64)
+                         float((labels[mask] >= 0).sum()), aux,
+                         *((0.0, 0.0) if aligned is None else (float((mask & aligned).sum()), float(mask.sum())))],
+                        dtype=torch.float64)

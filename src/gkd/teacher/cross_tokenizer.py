@@ -1,0 +1,156 @@
+"""A teacher with its own tokenizer around one that scores its own token ids (docs/cross_tokenizer.md).
+
+Each sequence's prompt is rendered again with the teacher's chat template (from the row's messages), its
+completion decoded once with the student's tokenizer and tokenised with the teacher's (gkd.data.align). The
+teacher scores that; at every student position whose next token is aligned with a teacher token, the
+teacher's distribution is handed to the loss as top-K entries over the paired vocabulary (student ids of
+the strings both tokenizers hold), so the loss renormalises both sides over those entries. Other scored
+positions get a distribution that gives divergence 0 and no gradient, and count as not aligned. A
+sampled completion whose text the teacher's tokenizer does not give back is not aligned at all (a warning,
+once); a dataset completion like that is refused before training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gkd.data.align import Aligner
+from gkd.data.batch import Batch, collate
+from gkd.data.rows import tokenize
+from gkd.errors import GKDError
+from gkd.teacher.base import TeacherOutput
+
+
+class CrossTokenizerTeacher:
+    """``inner``: a teacher of the teacher's token ids giving hidden states + head (a LocalTeacher built
+    with topk 0); ``topk``: the K entries per position (None: every paired id)."""
+
+    chunk_logits = 2 ** 23  # the teacher's logits formed at once (float32: 32 MiB)
+
+    def __init__(self, inner, student_tok, teacher_tok, topk: int = 0, log=print):
+        self.inner, self.student_tok, self.teacher_tok = inner, student_tok, teacher_tok
+        self.aligner = Aligner(student_tok, teacher_tok)
+        pairs = self.aligner.pairs
+        self.student_ids = torch.tensor([s for s, _ in pairs])
+        self.teacher_ids = torch.tensor([t for _, t in pairs])
+        if topk > len(pairs):
+            raise GKDError(f"--gkd_logits_topk {topk} exceeds the {len(pairs)} token strings both tokenizers hold")
+        self.topk = topk or None
+        self.context = None  # its own token counts are checked by check_rows, not the student's
+        self.prompts: dict[tuple, list[int]] = {}  # the student's prompt ids -> the teacher's
+        self.log, self.warned = log, False
+
+    def check_rows(self, examples: list, new_tokens: int, sampled: bool) -> None:
+        """Renders every prompt for the teacher and aligns every dataset completion once: a row that cannot be
+        aligned fails now, in one line."""
+        chat = bool(getattr(self.student_tok, "chat_template", None))
+        for e in examples:
+            if e.images:
+                raise GKDError(f"{e.source}: --teacher_tokenizer other takes text rows only (this one has images)")
+            if chat and not getattr(self.teacher_tok, "chat_template", None):
+                raise GKDError(f"{e.source}: the student renders chat rows with its chat template but the teacher's "
+                               "tokenizer has none; --teacher_tokenizer other needs one to render the prompt for it")
+            theirs, _ = tokenize(self.teacher_tok, e.prompt_messages, False, e.source)
+            key = tuple(e.prompt_ids)
+            if self.prompts.setdefault(key, theirs) != theirs:
+                raise GKDError(f"{e.source}: two rows with the same student prompt render differently for the teacher")
+            completion = [] if e.completion_ids is None else self.aligner.retokenise(e.completion_ids, e.source)[0]
+            need = len(theirs) + max(len(completion), new_tokens if sampled else 0)
+            context = self.inner.context
+            if context is not None and need > context:
+                raise GKDError(f"{e.source}: the teacher's tokens reach {need} (prompt {len(theirs)} + completion "
+                               f"up to {need - len(theirs)}), beyond its context of {context} positions: lower "
+                               "--max_completion_length or --max_length")
+        self.inner.check_rows(examples, new_tokens, sampled)
+        self.log(f"[gkd] --teacher_tokenizer other: {len(self.student_ids)} of the student's {len(self.student_tok)} "
+                 f"token strings are in the teacher's vocabulary of {len(self.teacher_tok)}; the divergence runs over "
+                 "those")
+
+    def teacher_batch(self, batch: Batch) -> tuple[Batch, list[tuple[int, int, int, list[tuple[int, int]]]]]:
+        """(the teacher's batch, per sequence: (row, first scored position, the teacher's, aligned pairs))."""
+        prompts, completions, where = [], [], []
+        for (b, start, _), (ids, first) in zip(batch.sequences(), batch.scored_sequences(), strict=True):
+            if first < 0:  # no completion: nothing to score
+                continue
+            prompt = self.prompts.get(tuple(ids[:first + 1]))
+            if prompt is None:
+                raise GKDError("--teacher_tokenizer other: a prompt the teacher has not rendered (not among the "
+                               "training rows checked before training)")
+            try:
+                theirs, pairs = self.aligner.retokenise(ids[first + 1:], "--teacher_tokenizer other: a sampled "
+                                                                         "completion")
+            except GKDError as e:  # only sampled ones: check_rows refused such dataset completions
+                if not self.warned:
+                    self.log(f"[gkd] {e}; such completions get no teacher signal (once-only warning)")
+                    self.warned = True
+                continue
+            if self.inner.context is not None:  # a sample the teacher's tokens make longer: its tail goes unscored
+                theirs = theirs[:self.inner.context - len(prompt)]
+                pairs = [(i, j) for i, j in pairs if j < len(theirs)]
+            prompts.append(prompt)
+            completions.append(theirs)
+            where.append((b, start + first, len(prompt) - 1, pairs))
+        tok = self.teacher_tok
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if not prompts:  # the teacher still runs: sharded over ranks, every rank takes part in its forward
+            prompts, completions = [[pad]], [[]]
+        return collate(prompts, completions, pad).to(batch.input_ids.device), where
+
+    def score(self, batch: Batch, split=None) -> TeacherOutput:
+        if split is not None:
+            raise GKDError("--teacher_tokenizer other with --context_parallel_size > 1 is not supported yet")
+        B, T = batch.input_ids.shape
+        device = batch.input_ids.device
+        K = self.topk or len(self.student_ids)
+        # unaligned and unscored positions: K copies of the label with equal log-probs (divergence 0, no gradient)
+        ids = batch.labels.clamp(min=0).unsqueeze(-1).expand(B, T, K).clone()
+        logprobs = torch.zeros(B, T, K, device=device)
+        aligned = torch.zeros(B, T, dtype=torch.bool, device=device)
+        tbatch, where = self.teacher_batch(batch)
+        out = self.inner.score(tbatch)
+        if where:
+            rows, theirs = [], []
+            for r, (b, s0, t0, pairs) in enumerate(where):
+                for i, j in pairs:
+                    rows.append((b, s0 + i))
+                    theirs.append((r, t0 + j))
+            if rows:
+                b, s = torch.tensor(rows, device=device).T
+                ids[b, s], logprobs[b, s] = self._paired(out, torch.tensor(theirs, device=device))
+                aligned[b, s] = True
+        return TeacherOutput(topk_ids=ids, topk_logprobs=logprobs, aligned=aligned)
+
+    def _paired(self, out: TeacherOutput, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student ids, the teacher's log-probs) [N, K] at the teacher's (row, position) pairs ``at`` [N, 2]: its
+        log-softmax over its whole vocabulary read at the paired ids, the K largest of them under topk; the logits
+        formed a chunk of positions at a time (about 32 MiB of float32 each)."""
+        teacher_ids, student_ids = self.teacher_ids.to(at.device), self.student_ids.to(at.device)
+        chunk = max(1, self.chunk_logits // out.head.weight.shape[0])
+        ids, logprobs = [], []
+        for part in at.split(chunk):
+            lp = torch.log_softmax(out.head.logits(out.hidden[part[:, 0], part[:, 1]]).float(), -1)[:, teacher_ids]
+            cols = student_ids.expand(len(part), -1)
+            if self.topk:
+                lp, top = lp.topk(self.topk, -1)
+                cols = cols.gather(-1, top)
+            ids.append(cols)
+            logprobs.append(lp)
+        return torch.cat(ids), torch.cat(logprobs)
+
+    def score_pipelined(self, batches: list[Batch], last_stage: bool) -> list[TeacherOutput | None]:
+        raise GKDError("--teacher_tokenizer other with pipeline parallelism is not supported yet")
+
+    def check_generation(self, rollout, why: str) -> None:
+        raise GKDError(f"{why}; a teacher with --teacher_tokenizer other does not write completions yet")
+
+    def generate(self, prompts, rollout, rows=None, inputs=None, seed: int = 0):
+        raise GKDError("a teacher with --teacher_tokenizer other does not write completions yet")
+
+    def evaluate(self, student, prompts, **kw):
+        raise GKDError("--eval_steps with --teacher_tokenizer other is not supported yet")
+
+    def memory_mib(self, most, device) -> dict[str, float]:
+        return self.inner.memory_mib(most, device)
+
+    def close(self) -> None:
+        self.inner.close()
