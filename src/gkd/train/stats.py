@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gkd.train.step import STATS
+from gkd.train.step import STATS, TEACHER_STATS
 
 
 @dataclass
@@ -21,13 +21,17 @@ class StepStats:
     sft_tokens: int
     router_aux: float
     expert_tokens: torch.Tensor | None  # [MoE layers, E] tokens routed to each expert (None: a dense student)
+    teachers: dict[str, list[float]] = field(default_factory=dict)  # routed teacher -> TEACHER_STATS sums
 
     @classmethod
-    def of(cls, row: torch.Tensor, num_experts: int | None) -> "StepStats":
+    def of(cls, row: torch.Tensor, num_experts: int | None, teachers: list[str] | None = None) -> "StepStats":
         named = dict(zip(STATS, row[:len(STATS)].tolist()))
-        load = row[len(STATS):].view(-1, num_experts) if len(row) > len(STATS) else None
+        end = len(STATS) + len(TEACHER_STATS) * len(teachers or ())
+        per = row[len(STATS):end].view(-1, len(TEACHER_STATS)).tolist()
+        load = row[end:].view(-1, num_experts) if len(row) > end else None
         return cls(loss=named["loss"], divergence=named["divergence"], sft=named["sft"], agree=int(named["agree"]),
-                   sft_tokens=int(named["sft_tokens"]), router_aux=named["router_aux"], expert_tokens=load)
+                   sft_tokens=int(named["sft_tokens"]), router_aux=named["router_aux"], expert_tokens=load,
+                   teachers=dict(zip(teachers or (), per)))
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Window:
     learning_rate: float = 0.0  # the window's last step trained with it
     router_aux: float = 0.0
     expert_tokens: object = None  # [MoE layers, E] tokens routed to each expert (MoE students)
+    teachers: dict = field(default_factory=dict)  # routed teacher -> TEACHER_STATS sums
     steps: int = 0
     t0: float = field(default_factory=time.perf_counter)
 
@@ -63,6 +68,8 @@ class Window:
         self.router_aux += s.router_aux
         if s.expert_tokens is not None:
             self.expert_tokens = s.expert_tokens if self.expert_tokens is None else self.expert_tokens + s.expert_tokens
+        for name, values in s.teachers.items():
+            self.teachers[name] = [a + b for a, b in zip(self.teachers.get(name, [0.0] * len(values)), values)]
         self.steps += 1
 
     def metrics(self) -> dict:
@@ -79,7 +86,18 @@ class Window:
             "completion_length": self.tokens / max(self.seqs, 1),
             "top1_agreement": self.agree / max(self.tokens, 1),
             **self._moe(),
+            **self._per_teacher(),
         }
+
+    def _per_teacher(self) -> dict:
+        """Routed teachers: each one's divergence and top-1 agreement over its own tokens, and their count."""
+        out = {}
+        for name, values in self.teachers.items():
+            v = dict(zip(TEACHER_STATS, values))
+            out[f"divergence/{name}"] = v["divergence"] / v["tokens"] if v["tokens"] else None
+            out[f"top1_agreement/{name}"] = v["agree"] / v["tokens"] if v["tokens"] else None
+            out[f"tokens/{name}"] = int(v["tokens"])
+        return out
 
     def _moe(self) -> dict:
         """MoE students: the router aux loss (before its coefficient; the step's loss includes coef x it)

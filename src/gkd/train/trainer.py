@@ -53,6 +53,7 @@ class Trainer:
         self.images, self.teacher_images = build.image_processing(cfg, self.tokenizer, log)
         self.train_examples, self.val_examples = build.examples(cfg.section("data"), cfg.seed, self.tokenizer,
                                                                 self.images, self.teacher_images, log)
+        self.routed = build.routes(cfg, self.train_examples + self.val_examples)  # one line now for a bad route
         # one model at a time, sharded before the next loads: a rank's peak is one whole model, not two
         self.student = build.student(cfg.section("model"), cfg.seed, par)
         self.adapter = adapter_for(self.student)
@@ -109,7 +110,8 @@ class Trainer:
                             None if inputs is None else inputs[m],
                             None if teacher_inputs is None else teacher_inputs[m], images=[r.images for r in rows[m]],
                             sampled=sampled, pack=self.pack)
-            micro.append(MicroBatch(batch.to(self.device), [sampled] * len(rows[m])))
+            micro.append(MicroBatch(batch.to(self.device), [sampled] * len(rows[m]),
+                                    [r.teacher for r in rows[m]] if self.routed else None))
         # MoE: the router aux loss is a mean over the step's routed (attention-mask) tokens on every rank
         routed = float(par.dp_reduce(torch.tensor(sum(int(mb.batch.attention_mask.sum()) for mb in micro)))
                        ) if self.adapter.moe else 0.0
@@ -117,7 +119,8 @@ class Trainer:
         row = forward_backward(micro, self.student, self.adapter, self.teacher, self.loss_args, float(n_tokens),
                                skip_empty=par.world == 1, dims=par,
                                reduce_scatter_each=cfg.reduce_scatter_every_micro_batch, routed=routed)
-        stats = StepStats.of(par.loss_reduce(row), self.adapter.num_experts(self.student))
+        stats = StepStats.of(par.loss_reduce(row), self.adapter.num_experts(self.student),
+                             self.teacher.names if self.routed else None)
         grad_norm = parallel.clip_grad_norm(self.params, cfg.max_grad_norm, par, self.student)
         if not (math.isfinite(stats.loss) and math.isfinite(float(grad_norm))):
             self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,240 @@
+"""Several teachers in one run (docs/teachers.md): each row routed to one of them (RoutedTeacher), or
+every position scored against their mixture (MixtureTeacher).
+
+Teachers are named ``name=source`` or by their source (the model path or server URL as given); the
+order is --teacher_model's entries, then --teacher_model_server's. A row names its teacher in a
+``teacher`` column, or --teacher_route maps each dataset (``*``: every other one) to a teacher.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from gkd.data.batch import Batch
+from gkd.errors import GKDError
+from gkd.teacher.base import TeacherOutput
+
+_NAMED = re.compile(r"^([A-Za-z0-9_.\-]+)=(.+)$")  # name=source (a URL's scheme has no '=' before it)
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """One teacher of the run: what users route to (``name``), where it is, its top-K (0: full vocabulary)."""
+
+    name: str
+    source: str  # a model (path, hub ID, .gguf) or a server URL
+    remote: bool
+    topk: int
+
+    @property
+    def flag(self) -> str:
+        return f"--teacher_model{'_server' if self.remote else ''} {self.source}"
+
+
+def _entries(text: str) -> list[tuple[str, str]]:
+    out = []
+    for entry in (e.strip() for e in (text or "").split(",")):
+        if not entry:
+            continue
+        named = _NAMED.match(entry)
+        out.append((named[1], named[2].strip()) if named else (entry, entry))
+    return out
+
+
+def topk_values(value, n: int) -> list[int]:
+    """--gkd_logits_topk as one K per teacher: one value for all, or ``K1,K2,...`` in teacher order."""
+    items = [v.strip() for v in str(value).split(",")]
+    try:
+        ks = [int(v) for v in items]
+    except ValueError:
+        raise GKDError(f"--gkd_logits_topk must be an integer or one per teacher (K1,K2,...), got {value!r}") from None
+    if any(k < 0 for k in ks):
+        raise GKDError(f"--gkd_logits_topk must be >= 0, got {value}")
+    if len(ks) == 1:
+        return ks * n
+    if len(ks) != n:
+        raise GKDError(f"--gkd_logits_topk gives {len(ks)} values for {n} teacher(s): give one, or one per teacher")
+    return ks
+
+
+def teacher_specs(t) -> list[TeacherSpec]:
+    """The run's teachers from the teacher section (a single teacher is one entry, named by its source)."""
+    found = [(n, s, False) for n, s in _entries(t.teacher_model)] + [(n, s, True) for n, s in _entries(t.teacher_model_server)]
+    ks = topk_values(t.gkd_logits_topk, max(len(found), 1))
+    specs = [TeacherSpec(n, s, remote, k) for (n, s, remote), k in zip(found, ks)]
+    names = [s.name for s in specs]
+    dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if dup is not None:
+        raise GKDError(f"two teachers are named {dup!r}: name them apart (name=path or name=URL)")
+    return specs
+
+
+def mixture_weights(text: str, n: int) -> list[float]:
+    """--teacher_mixture ``w1,w2,...``: one weight >= 0 per teacher, not all 0; normalised to sum 1."""
+    try:
+        ws = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise GKDError(f"--teacher_mixture must be numbers w1,w2,... (one per teacher), got {text!r}") from None
+    if len(ws) != n:
+        raise GKDError(f"--teacher_mixture gives {len(ws)} weight(s) for {n} teacher(s): give one per teacher")
+    if any(not (w >= 0 and w < float("inf")) for w in ws) or not sum(ws) > 0:
+        raise GKDError(f"--teacher_mixture weights must be finite, >= 0 and not all 0, got {text!r}")
+    return [w / sum(ws) for w in ws]
+
+
+def route_map(text: str) -> dict[str, str]:
+    """--teacher_route ``dataset=name,...`` (``*=name``: every other dataset)."""
+    out = {}
+    for entry in (e.strip() for e in (text or "").split(",")):
+        if not entry:
+            continue
+        if "=" not in entry:
+            raise GKDError(f"--teacher_route: {entry!r} is not dataset=teacher")
+        path, name = (x.strip() for x in entry.rsplit("=", 1))
+        out[path] = name
+    return out
+
+
+def assign_routes(examples: list, names: list[str], routes: dict[str, str], datasets: list[str]) -> None:
+    """Every row's teacher (its ``teacher`` column, else its dataset's route), checked to be one of
+    ``names``; one line for the first that is not, or a row with none."""
+    stray = sorted(set(routes) - set(datasets) - {"*"})
+    if stray:
+        raise GKDError(f"--teacher_route names dataset {stray[0]!r}, which is none of --dataset / --val_dataset")
+    for where, name in routes.items():
+        if name not in names:
+            raise GKDError(f"--teacher_route {where}={name}: no teacher is named {name!r} (teachers: {', '.join(names)})")
+    for e in examples:
+        name = e.teacher or routes.get(e.dataset) or routes.get("*")
+        if name is None:
+            if len(names) > 1:
+                raise GKDError(f"{e.source}: the row names no teacher; give it a 'teacher' column or map its "
+                               f"dataset with --teacher_route (teachers: {', '.join(names)})")
+            name = names[0]
+        if name not in names:
+            raise GKDError(f"{e.source}: teacher {name!r} is none of the run's teachers ({', '.join(names)})")
+        e.teacher = name
+
+
+def rows_of(batch: Batch, rows: list[int]) -> Batch:
+    """The batch of these rows alone (its other model inputs are joined over rows: a batch with any is
+    scored whole, and only these rows count)."""
+    if len(rows) == batch.input_ids.shape[0] or batch.inputs or batch.teacher_inputs:
+        return batch
+    idx = torch.tensor(rows, device=batch.input_ids.device)
+    seqs = batch.sequences()
+    images = None if batch.images is None else [batch.images[s] for s, (b, _, _) in enumerate(seqs) if b in rows]
+    return Batch(batch.input_ids[idx], batch.attention_mask[idx], batch.loss_mask[idx], batch.labels[idx],
+                 images=images, sampled=batch.sampled,
+                 position_ids=None if batch.position_ids is None else batch.position_ids[idx])
+
+
+@dataclass
+class Group:
+    """One teacher's share of a micro-batch: the rows it scored (None: all), the positions of its
+    sequences among them, and its output for those rows."""
+
+    name: str
+    rows: torch.Tensor | None
+    mask: torch.Tensor  # [rows, T] bool: loss positions of this teacher's sequences
+    output: TeacherOutput
+
+
+class _Several:
+    """What routed and mixed teachers share: each member asked in turn."""
+
+    def __init__(self, teachers: dict):
+        self.teachers = teachers
+        self.names = list(teachers)
+        self.topk = None
+        contexts = [t.context for t in teachers.values() if t.context is not None]
+        self.context = min(contexts) if contexts else None
+
+    def members(self) -> list:
+        return list(self.teachers.values())
+
+    def score_pipelined(self, batches, last_stage):
+        raise GKDError("several teachers with --pipeline_model_parallel_size > 1 are not supported")
+
+    def check_generation(self, rollout, why: str) -> None:
+        raise GKDError(f"{why}; with several teachers none writes completions: give every row a completion")
+
+    def generate(self, *a, **kw):
+        raise GKDError("several teachers: no one teacher writes completions")
+
+    def evaluate(self, *a, **kw):
+        raise GKDError("--eval_steps with several teachers is not supported (gkd eval one teacher at a time)")
+
+    def memory_mib(self, most, device) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for t in self.members():
+            for k, v in t.memory_mib(most, device).items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def close(self) -> None:
+        for t in self.members():
+            t.close()
+
+
+class RoutedTeacher(_Several):
+    """Each sequence scored by the teacher its row names; a teacher with none in a micro-batch is not run."""
+
+    def check_rows(self, examples: list, new_tokens: int, sampled: bool) -> None:
+        for name, t in self.teachers.items():
+            mine = [e for e in examples if e.teacher == name]
+            if mine:
+                t.check_rows(mine, new_tokens, sampled)
+
+    def score(self, batch: Batch, split=None) -> TeacherOutput:
+        raise GKDError("a routed teacher scores groups of rows (score_groups), not a whole batch")
+
+    def score_groups(self, batch: Batch, teachers: list[str], everyone: bool = False) -> list[Group]:
+        """Each teacher's group of ``batch`` (``teachers``: each sequence's, in ``batch.sequences()`` order).
+        ``everyone``: a teacher with no sequence here still runs (on one row, its output unused), for
+        teachers sharded over processes that all must join each forward."""
+        index = batch.sequence_index()
+        owner = torch.full_like(index, -1)
+        for s, name in enumerate(teachers):
+            owner[index == s] = self.names.index(name)
+        groups = []
+        for i, (name, t) in enumerate(self.teachers.items()):
+            mine = (owner == i) & batch.loss_mask
+            rows = mine.any(1).nonzero().squeeze(1).tolist()
+            if not rows:
+                if everyone:
+                    t.score(rows_of(batch, [0]))
+                continue
+            sub = rows_of(batch, rows)
+            idx = None if sub is batch else torch.tensor(rows, device=mine.device)
+            groups.append(Group(name, idx, mine if idx is None else mine[idx], t.score(sub)))
+        return groups
+
+
+class MixtureTeacher(_Several):
+    """Every position scored against sum_i w_i softmax(z_i / T) (gkd.losses: exact, over the vocabulary or
+    the union of the teachers' top-k ids)."""
+
+    def __init__(self, teachers: dict, weights: list[float]):
+        super().__init__(teachers)
+        self.weights = weights
+
+    def check_rows(self, examples: list, new_tokens: int, sampled: bool) -> None:
+        for t in self.members():
+            t.check_rows(examples, new_tokens, sampled)
+
+    def score(self, batch: Batch, split=None) -> TeacherOutput:
+        return TeacherOutput(mixture=[t.score(batch, split) for t in self.members()], weights=self.weights)
+
+
+def check_mixable(teachers: dict, vocabs: dict[str, int]) -> None:
+    """A mixture needs one vocabulary and one kind of output (full vocabulary, or top-k) over its teachers."""
+    if len(set(vocabs.values())) > 1:
+        raise GKDError("--teacher_mixture needs one vocabulary, the teachers' differ: "
+                       + ", ".join(f"{n} {v}" for n, v in vocabs.items()))
+    if len({t.topk is None for t in teachers.values()}) > 1:
+        raise GKDError("--teacher_mixture mixes full-vocabulary and top-k teachers: give every teacher a "
+                       "--gkd_logits_topk K, or none")
