@@ -8,95 +8,14 @@ order is --teacher_model's entries, then --teacher_model_server's. A row names i
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
 from gkd.data.batch import Batch
+from gkd.config import TeacherSpec, mixture_weights, route_map, teacher_specs, topk_values  # noqa: F401 (its API)
 from gkd.errors import GKDError
 from gkd.teacher.base import TeacherOutput
-
-_NAMED = re.compile(r"^([A-Za-z0-9_.\-]+)=(.+)$")  # name=source (a URL's scheme has no '=' before it)
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """One teacher of the run: what users route to (``name``), where it is, its top-K (0: full vocabulary)."""
-
-    name: str
-    source: str  # a model (path, hub ID, .gguf) or a server URL
-    remote: bool
-    topk: int
-
-    @property
-    def flag(self) -> str:
-        return f"--teacher_model{'_server' if self.remote else ''} {self.source}"
-
-
-def _entries(text: str) -> list[tuple[str, str]]:
-    out = []
-    for entry in (e.strip() for e in (text or "").split(",")):
-        if not entry:
-            continue
-        named = _NAMED.match(entry)
-        out.append((named[1], named[2].strip()) if named else (entry, entry))
-    return out
-
-
-def topk_values(value, n: int) -> list[int]:
-    """--gkd_logits_topk as one K per teacher: one value for all, or ``K1,K2,...`` in teacher order."""
-    items = [v.strip() for v in str(value).split(",")]
-    try:
-        ks = [int(v) for v in items]
-    except ValueError:
-        raise GKDError(f"--gkd_logits_topk must be an integer or one per teacher (K1,K2,...), got {value!r}") from None
-    if any(k < 0 for k in ks):
-        raise GKDError(f"--gkd_logits_topk must be >= 0, got {value}")
-    if len(ks) == 1:
-        return ks * n
-    if len(ks) != n:
-        raise GKDError(f"--gkd_logits_topk gives {len(ks)} values for {n} teacher(s): give one, or one per teacher")
-    return ks
-
-
-def teacher_specs(t) -> list[TeacherSpec]:
-    """The run's teachers from the teacher section (a single teacher is one entry, named by its source)."""
-    found = [(n, s, False) for n, s in _entries(t.teacher_model)] + [(n, s, True) for n, s in _entries(t.teacher_model_server)]
-    ks = topk_values(t.gkd_logits_topk, max(len(found), 1))
-    specs = [TeacherSpec(n, s, remote, k) for (n, s, remote), k in zip(found, ks)]
-    names = [s.name for s in specs]
-    dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
-    if dup is not None:
-        raise GKDError(f"two teachers are named {dup!r}: name them apart (name=path or name=URL)")
-    return specs
-
-
-def mixture_weights(text: str, n: int) -> list[float]:
-    """--teacher_mixture ``w1,w2,...``: one weight >= 0 per teacher, not all 0; normalised to sum 1."""
-    try:
-        ws = [float(w) for w in text.split(",")]
-    except ValueError:
-        raise GKDError(f"--teacher_mixture must be numbers w1,w2,... (one per teacher), got {text!r}") from None
-    if len(ws) != n:
-        raise GKDError(f"--teacher_mixture gives {len(ws)} weight(s) for {n} teacher(s): give one per teacher")
-    if any(not (w >= 0 and w < float("inf")) for w in ws) or not sum(ws) > 0:
-        raise GKDError(f"--teacher_mixture weights must be finite, >= 0 and not all 0, got {text!r}")
-    return [w / sum(ws) for w in ws]
-
-
-def route_map(text: str) -> dict[str, str]:
-    """--teacher_route ``dataset=name,...`` (``*=name``: every other dataset)."""
-    out = {}
-    for entry in (e.strip() for e in (text or "").split(",")):
-        if not entry:
-            continue
-        if "=" not in entry:
-            raise GKDError(f"--teacher_route: {entry!r} is not dataset=teacher")
-        path, name = (x.strip() for x in entry.rsplit("=", 1))
-        out[path] = name
-    return out
-
 
 def assign_routes(examples: list, names: list[str], routes: dict[str, str], datasets: list[str]) -> None:
     """Every row's teacher (its ``teacher`` column, else its dataset's route), checked to be one of
