@@ -298,3 +298,13 @@ def test_bad_mixtures_are_one_line(two, tmp_path):
 def test_several_teachers_with_pipeline_or_context_parallelism_are_refused(two, tmp_path):
     _refused(two, tmp_path, "several teachers with --pipeline_model_parallel_size", "--teacher_route", "*=a",
              "--pipeline_model_parallel_size", "2", "--nproc_per_node", "2")
+
+
+def test_a_mixture_trains(two, tmp_path):
+    """`gkd train --teacher_mixture 1,3` over two full-vocabulary teachers runs its steps (no routing needed)."""
+    out = tmp_path / "out"
+    args = train_args(two, out, "--teacher_mixture", "1,3", "--lmbda", "0")
+    args[args.index("--teacher_model") + 1] = f"a={two['a']},b={two['b']}"
+    proc = gkd_in_process(*set_arg(set_arg(args, "--max_steps", "1"), "--save_steps", "0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert math.isfinite(json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["divergence"])
