@@ -19,8 +19,7 @@ from gkd.models import adapter_for, load_model, load_tokenizer
 from gkd.teacher.local import LocalTeacher
 from gkd.teacher.multi import MixtureTeacher, RoutedTeacher
 from gkd.train.step import STATS, TEACHER_STATS, LossArgs, MicroBatch, forward_backward
-from helpers import (API_KEY, assert_one_line_error, gkd_in_process, set_arg, start_gkd_serve, stop,
-                     train_args)
+from helpers import API_KEY, assert_one_line_error, gkd_in_process, set_arg, start_gkd_serve, stop, train_args
 
 T = 1.7  # a loss temperature != 1
 

@@ -58,7 +58,7 @@ def check_launch(cfg: TrainConfig, world: int) -> None:
                     cfg.context_parallel_size, cfg.pipeline_model_parallel_size)
         check_folder(cfg.model, cfg.expert_model_parallel_size, lora_experts=cfg.train_type == "lora"
                      and cfg.lora_experts and cfg.target_modules == "all-linear")
-        from gkd.teacher.multi import teacher_specs
+        from gkd.config import teacher_specs
 
         for spec in teacher_specs(cfg):
             if not spec.remote:

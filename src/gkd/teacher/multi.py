@@ -1,7 +1,7 @@
 """Several teachers in one run (docs/teachers.md): each row routed to one of them (RoutedTeacher), or
 every position scored against their mixture (MixtureTeacher).
 
-Teachers are named ``name=source`` or by their source (the model path or server URL as given); the
+Teachers are named (gkd.config.teacher_specs) ``name=source`` or by their source (the model path or server URL as given); the
 order is --teacher_model's entries, then --teacher_model_server's. A row names its teacher in a
 ``teacher`` column, or --teacher_route maps each dataset (``*``: every other one) to a teacher.
 """
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from gkd.data.batch import Batch
-from gkd.config import TeacherSpec, mixture_weights, route_map, teacher_specs, topk_values  # noqa: F401 (its API)
 from gkd.errors import GKDError
 from gkd.teacher.base import TeacherOutput
+
 
 def assign_routes(examples: list, names: list[str], routes: dict[str, str], datasets: list[str]) -> None:
     """Every row's teacher (its ``teacher`` column, else its dataset's route), checked to be one of

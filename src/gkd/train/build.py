@@ -8,6 +8,7 @@ import math
 import torch
 
 from gkd import parallel
+from gkd.config import mixture_weights, route_map, teacher_specs
 from gkd.data.rows import check_context, load_examples, model_context, split_examples, warn_unused_num_proc
 from gkd.errors import GKDError
 from gkd.models import (adapter_for, apply_lora, check_compatible, eos_ids, freeze_vision, load_image_processing,
@@ -15,7 +16,6 @@ from gkd.models import (adapter_for, apply_lora, check_compatible, eos_ids, free
 from gkd.parallel.expert import expert_parameters
 from gkd.rollout.base import SamplingConfig
 from gkd.rollout.factory import local_rollout, student_rollout
-from gkd.teacher.multi import teacher_specs
 
 
 def image_processing(cfg, tokenizer, log):
@@ -71,14 +71,14 @@ def teacher(t, tokenizer, student_model, par, log):
     (gkd.teacher.multi, docs/teachers.md), each built by ``one_teacher``."""
     from gkd.teacher import multi
 
-    specs = multi.teacher_specs(t)
+    specs = teacher_specs(t)
     if len(specs) == 1:
         return one_teacher(t, specs[0], tokenizer, student_model, par, log)
     teachers = {s.name: one_teacher(t, s, tokenizer, student_model, par, log) for s in specs}
     if not t.teacher_mixture:
         return multi.RoutedTeacher(teachers)
     multi.check_mixable(teachers, {name: v for name, x in teachers.items() if (v := _vocab(x)) is not None})
-    return multi.MixtureTeacher(teachers, multi.mixture_weights(t.teacher_mixture, len(specs)))
+    return multi.MixtureTeacher(teachers, mixture_weights(t.teacher_mixture, len(specs)))
 
 
 def _vocab(teacher) -> int | None:
@@ -125,7 +125,7 @@ def routes(cfg, examples) -> bool:
     True when the steps route rows to several teachers."""
     from gkd.teacher import multi
 
-    names = [s.name for s in multi.teacher_specs(cfg)]
+    names = [s.name for s in teacher_specs(cfg)]
     mixed = len(names) > 1 and bool(cfg.teacher_mixture)
     if mixed:
         named = next((e for e in examples if e.teacher is not None), None)
@@ -134,7 +134,7 @@ def routes(cfg, examples) -> bool:
                            "--teacher_mixture scores every row against the mixture; give one or the other")
         return False
     if len(names) > 1 or cfg.teacher_route or any(e.teacher is not None for e in examples):
-        multi.assign_routes(examples, names, multi.route_map(cfg.teacher_route),
+        multi.assign_routes(examples, names, route_map(cfg.teacher_route),
                             list(cfg.dataset) + list(cfg.val_dataset or []))
     return len(names) > 1
 
@@ -144,7 +144,7 @@ def cached_teacher(teacher, cfg, par, log):
     several teachers are each cached (one folder holds every teacher's entries apart)."""
     if not cfg.teacher_cache:
         return teacher
-    from gkd.teacher import cache, multi
+    from gkd.teacher import cache
 
     def one(member, spec):
         identity = (cache.remote_identity(member) if spec.remote
@@ -154,7 +154,7 @@ def cached_teacher(teacher, cfg, par, log):
         return cache.CachedTeacher(member, store, sharded=par.world > 1 and not spec.remote,
                                    tp_group=par.tp_group, log=log)
 
-    specs = multi.teacher_specs(cfg)
+    specs = teacher_specs(cfg)
     if len(specs) == 1:
         return one(teacher, specs[0])
     teacher.teachers = {s.name: one(teacher.teachers[s.name], s) for s in specs}

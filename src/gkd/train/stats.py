@@ -24,7 +24,7 @@ class StepStats:
     teachers: dict[str, list[float]] = field(default_factory=dict)  # routed teacher -> TEACHER_STATS sums
 
     @classmethod
-    def of(cls, row: torch.Tensor, num_experts: int | None, teachers: list[str] | None = None) -> "StepStats":
+    def of(cls, row: torch.Tensor, num_experts: int | None, teachers: list[str] | None = None) -> StepStats:
         named = dict(zip(STATS, row[:len(STATS)].tolist()))
         end = len(STATS) + len(TEACHER_STATS) * len(teachers or ())
         per = row[len(STATS):end].view(-1, len(TEACHER_STATS)).tolist()
