@@ -307,3 +307,16 @@ def test_a_mixture_trains(two, tmp_path):
     proc = gkd_in_process(*set_arg(set_arg(args, "--max_steps", "1"), "--save_steps", "0"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert math.isfinite(json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["divergence"])
+
+
+def test_one_teacher_leaves_a_teacher_column_unused(two, tmp_path):
+    """One teacher is today's run: a 'teacher' column is only warned about, whatever it says."""
+    data = tmp_path / "named.jsonl"
+    data.write_text("".join(json.dumps(dict(json.loads(line), teacher="gpt")) + "\n"
+                            for line in Path(two["data"]).read_text().splitlines()))
+    out = tmp_path / "out"
+    args = set_arg(set_arg(set_arg(train_args(two, out, "--lmbda", "0"), "--dataset", str(data)), "--max_steps", "1"),
+                   "--save_steps", "0")
+    proc = gkd_in_process(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "column 'teacher'" in proc.stderr and "is not used" in proc.stderr

@@ -119,21 +119,23 @@ def one_teacher(t, spec, tokenizer, student_model, par, log):
     return LocalTeacher(model, par.device, topk=spec.topk, offload=offload == "move", name=spec.flag)
 
 
-def routes(cfg, examples) -> bool:
-    """Give every row its teacher when the run routes rows (several teachers, no mixture, or a 'teacher'
-    column / --teacher_route naming the one teacher); one line for a row or route naming no teacher.
-    True when the steps route rows to several teachers."""
+def routes(cfg, examples, log) -> bool:
+    """Give every row its teacher when the run routes rows (several teachers, no mixture); one line for a
+    row or route naming no teacher. True when the steps route rows to several teachers. With one teacher
+    a 'teacher' column is not used (as any other column: a warning)."""
     from gkd.teacher import multi
 
     names = [s.name for s in teacher_specs(cfg)]
-    mixed = len(names) > 1 and bool(cfg.teacher_mixture)
-    if mixed:
-        named = next((e for e in examples if e.teacher is not None), None)
+    named = next((e for e in examples if e.teacher is not None), None)
+    if len(names) > 1 and cfg.teacher_mixture:
         if named is not None or cfg.teacher_route:
             raise GKDError(f"{named.source if named else '--teacher_route'}: rows are routed to teachers, but "
                            "--teacher_mixture scores every row against the mixture; give one or the other")
         return False
-    if len(names) > 1 or cfg.teacher_route or any(e.teacher is not None for e in examples):
+    if len(names) == 1 and named is not None and not cfg.teacher_route:
+        log(f"[gkd] dataset column 'teacher' (first at {named.source}) is not used: one teacher scores every row")
+        return False
+    if len(names) > 1 or cfg.teacher_route:
         multi.assign_routes(examples, names, route_map(cfg.teacher_route),
                             list(cfg.dataset) + list(cfg.val_dataset or []))
     return len(names) > 1

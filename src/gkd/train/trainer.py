@@ -53,7 +53,7 @@ class Trainer:
         self.images, self.teacher_images = build.image_processing(cfg, self.tokenizer, log)
         self.train_examples, self.val_examples = build.examples(cfg.section("data"), cfg.seed, self.tokenizer,
                                                                 self.images, self.teacher_images, log)
-        self.routed = build.routes(cfg, self.train_examples + self.val_examples)  # one line now for a bad route
+        self.routed = build.routes(cfg, self.train_examples + self.val_examples, log)  # one line now for a bad route
         # one model at a time, sharded before the next loads: a rank's peak is one whole model, not two
         self.student = build.student(cfg.section("model"), cfg.seed, par)
         self.adapter = adapter_for(self.student)
