@@ -1,9 +1,9 @@
 """Several teachers in one run (docs/teachers.md): each row routed to one of them (RoutedTeacher), or
 every position scored against their mixture (MixtureTeacher).
 
-Teachers are named (gkd.config.teacher_specs) ``name=source`` or by their source (the model path or server URL as given); the
-order is --teacher_model's entries, then --teacher_model_server's. A row names its teacher in a
-``teacher`` column, or --teacher_route maps each dataset (``*``: every other one) to a teacher.
+Teachers are named ``name=source`` or by their source (the model path or server URL as given), in the
+order of --teacher_model's entries, then --teacher_model_server's (gkd.config.teacher_specs). A row names
+its teacher in a ``teacher`` column, or --teacher_route maps its dataset (``*``: every other one) to one.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
     each teacher's group of rows gets its own fused loss on the same student hidden states and the same
     ``normaliser``, so their sum is the loss of the whole micro-batch."""
     routers = adapter.routers(student)
-    names = getattr(teacher, "names", None) if isinstance(teacher, RoutedTeacher) else None
+    names = teacher.names if isinstance(teacher, RoutedTeacher) else None
     if names is not None and dims is not None and (dims.pp > 1 or dims.cp > 1):
         raise GKDError("several routed teachers with pipeline or context parallelism are not supported")
     if dims is not None and dims.pp > 1:
@@ -172,8 +172,8 @@ def _routed(hidden, head, groups, names: list[str], labels, args: LossArgs, norm
         h = hidden if g.rows is None else hidden.index_select(0, g.rows)
         y = labels if g.rows is None else labels.index_select(0, g.rows)
         part = _fused(h, head, g.output, y, g.mask, args, normaliser)
-        per_teacher[names.index(g.name)] = torch.tensor([float(part.divergence_sum), float(part.agree_count), part.tokens],
-                                                        dtype=torch.float64)
+        per_teacher[names.index(g.name)] = torch.tensor(
+            [float(part.divergence_sum), float(part.agree_count), part.tokens], dtype=torch.float64)
         parts.append(part)
     if not parts:  # no loss position in this micro-batch: a zero loss that still reaches the student's graph
         zero = hidden.sum() * 0.0
