@@ -295,8 +295,9 @@ def test_bad_mixtures_are_one_line(two, tmp_path):
 
 
 def test_several_teachers_with_pipeline_or_context_parallelism_are_refused(two, tmp_path):
-    _refused(two, tmp_path, "several teachers with --pipeline_model_parallel_size", "--teacher_route", "*=a",
-             "--pipeline_model_parallel_size", "2", "--nproc_per_node", "2")
+    for flag in ("--pipeline_model_parallel_size", "--context_parallel_size"):
+        _refused(two, tmp_path, "several teachers with --pipeline_model_parallel_size or --context_parallel_size",
+                 "--teacher_route", "*=a", flag, "2", "--nproc_per_node", "2")
 
 
 def test_a_mixture_trains(two, tmp_path):
@@ -345,3 +346,23 @@ def test_routed_teachers_over_two_processes_equal_one(two, tmp_path):
     for one, two_procs in zip(*logs, strict=True):
         for key in ("loss", "divergence/a", "divergence/b", "tokens/a", "tokens/b"):
             assert abs(one[key] - two_procs[key]) < 1e-5, (key, one[key], two_procs[key])
+
+
+def test_teacher_lists_from_flags_and_yaml_are_the_same(tmp_path):
+    """`--teacher_model a=X,b=Y --gkd_logits_topk 4,6` and YAML lists give the same teachers; one teacher's
+    flags and YAML are as they were (named by its source, one K)."""
+    from gkd.config import TrainConfig, build_config, parser_for, teacher_specs
+
+    parser = parser_for(TrainConfig, "gkd train", "")
+    flags = vars(parser.parse_args(["--model", "m", "--dataset", "d", "--teacher_model", "a=/x/a,b=/x/b",
+                                    "--gkd_logits_topk", "4,6"]))
+    flags.pop("config")
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("teacher_model: [a=/x/a, b=/x/b]\ngkd_logits_topk: [4, 6]\n")
+    from_flags = build_config(TrainConfig, flags).validate()
+    from_yaml = build_config(TrainConfig, {"model": "m", "dataset": ["d"]}, str(yaml)).validate()
+    assert teacher_specs(from_flags) == teacher_specs(from_yaml)
+    assert [(s.name, s.source, s.topk) for s in teacher_specs(from_yaml)] == [("a", "/x/a", 4), ("b", "/x/b", 6)]
+    yaml.write_text("teacher_model: /x/a\ngkd_logits_topk: 8\n")
+    one = build_config(TrainConfig, {"model": "m", "dataset": ["d"]}, str(yaml)).validate()
+    assert one.gkd_logits_topk == 8 and [(s.name, s.topk) for s in teacher_specs(one)] == [("/x/a", 8)]
