@@ -258,6 +258,12 @@ def test_two_routed_teachers_train_with_offload_and_cache_and_log_each(two, tmp_
         assert last[f"tokens/{name}"] > 0 and last[f"divergence/{name}"] >= 0
         assert 0 <= last[f"top1_agreement/{name}"] <= 1
     assert len(list((cache / "entries").rglob("*.json"))) > 0
+    # the same rows again: each teacher's cache gives them all back, none is scored anew
+    again = gkd_in_process(*set_arg(set_arg(set_arg(args, "--max_steps", "2"), "--save_steps", "0"), "--output_dir",
+                                    str(tmp_path / "again")))
+    assert again.returncode == 0, again.stderr[-3000:]
+    reused = [line for line in again.stderr.splitlines() if "teacher cache" in line and "rows reused" in line]
+    assert len(reused) == 2 and all(", 0 scored" in line and " 0 rows reused" not in line for line in reused), reused
 
 
 # --- one-line refusals, nothing written --------------------------------------------------------------
