@@ -49,6 +49,7 @@ LENGTH = {
     "test_pipeline.py": 28,
     "test_distributed.py": 24,
     "test_trainer.py": 20,
+    "test_teachers.py": 50,
     "test_vllm_tensor_parallel.py": 35,
 }
 GROUPS = "GKD_TEST_GROUPS"  # the file of {test id: group}, written by the workers

@@ -269,7 +269,9 @@ def test_bad_input_gives_one_line_and_exit_2(tiny, tmp_path):
         (["--output_dir", "/proc/gkd-out"], "not writable"),
         (["--output_dir", str(Path(tiny["data"]) / "sub")], "not writable"),
         (["--output_dir", str(tmp_path / "x"), "--resume_from_checkpoint", str(tmp_path / "nope")], "nope: no such folder"),
-        (["--output_dir", str(tmp_path / "x"), "--teacher_model_server", "http://127.0.0.1:9"], "exactly one of"),
+        # a local teacher and a server are two teachers (docs/teachers.md); the server's K is missing
+        (["--output_dir", str(tmp_path / "x"), "--teacher_model_server", "http://127.0.0.1:9"],
+         "needs --gkd_logits_topk K >= 1"),
     ]
     for extra, needle in flag_cases:
         assert_one_line_error(gkd_in_process(*base, *extra), needle)

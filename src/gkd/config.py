@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ class TrainConfig:
     # models
     model: str = _f("", "student: a Hugging Face model folder, a hub ID (org/name[@revision]), a .gguf file or smollm2")
     teacher_model: str = _f("", "teacher: a Hugging Face model folder, a hub ID (org/name[@revision]), a .gguf file "
-                                "or smollm2")
+                                "or smollm2; several: comma-separated (or a YAML list), each optionally name=model "
+                                "(docs/teachers.md)", listed=True)
     torch_dtype: str = _f("float32", "dtype of both models' weights", choices=("float32", "bfloat16"))
     train_type: str = _f("full", "train all student weights, or LoRA adapters", choices=("full", "lora"))
     lora_rank: int = _f(8, "LoRA rank")
@@ -41,7 +43,12 @@ class TrainConfig:
     freeze_aligner: bool = _f(True, "vision-language students: keep the projector from vision into text as loaded")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     offload_teacher_model: bool = _f(False, "keep the teacher's weights on CPU except while it scores")
-    teacher_model_server: str = _f("", "URL of a teacher server (vllm serve or gkd serve) instead of --teacher_model")
+    teacher_model_server: str = _f("", "URL of a teacher server (vllm serve or gkd serve) instead of --teacher_model; "
+                                       "several: comma-separated (or a YAML list), each optionally name=URL", listed=True)
+    teacher_route: str = _f("", "several teachers: dataset=teacher,... routes each dataset's rows (*: every other "
+                                "dataset); a row's 'teacher' column wins")
+    teacher_mixture: str = _f("", "several teachers: weights w1,w2,... (normalised): every position is scored against "
+                                  "the mixture sum_i w_i softmax(z_i / T) instead of routing rows")
     teacher_api_key: str = _f("", "bearer token for --teacher_model_server (or set GKD_TEACHER_API_KEY)")
     teacher_timeout: float = _f(120.0, "seconds before a teacher-server request counts as failed")
     teacher_retries: int = _f(5, "retries of a failed teacher-server request (exponential backoff from 0.5 s)")
@@ -84,7 +91,8 @@ class TrainConfig:
     router_aux_loss_coef: float = _f(None, "MoE students: weight of the router load-balancing loss (default: the "
                                            "model config's router_aux_loss_coef; 0 turns it off)")
     seq_kd: bool = _f(False, "off-policy completions are sampled from the teacher instead of the dataset")
-    gkd_logits_topk: int = _f(0, "score with the teacher's top-K log-probs only (0 = full vocabulary)")
+    gkd_logits_topk: int = _f(0, "score with the teacher's top-K log-probs only (0 = full vocabulary); several "
+                                 "teachers: one K for all or K1,K2,... (a YAML list) in teacher order", listed=True)
     max_completion_length: int = _f(512, "maximum completion tokens: new tokens per sampled completion, and dataset "
                                          "completions are cut to it (with a warning counting the rows cut)")
     top_p: float = _f(1.0, "nucleus sampling for on-policy completions")
@@ -169,14 +177,30 @@ class TrainConfig:
         check_types(self)
 
         need(bool(self.model), "--model is required (a Hugging Face folder or a .gguf file)")
-        need(bool(self.teacher_model) != bool(self.teacher_model_server),
+        specs = teacher_specs(self)
+        need(len(specs) > 1 or bool(self.teacher_model) != bool(self.teacher_model_server),
              "give exactly one of --teacher_model (a Hugging Face folder or a .gguf file) and --teacher_model_server (a URL)")
+        several = len(specs) > 1
+        need(not self.teacher_mixture or several, "--teacher_mixture needs several teachers (--teacher_model / "
+                                                   "--teacher_model_server, comma-separated)")
+        if several:
+            need(self.pipeline_model_parallel_size == 1 and self.context_parallel_size == 1,
+                 "several teachers with --pipeline_model_parallel_size or --context_parallel_size > 1 are not "
+                 "supported yet")
+            need(not self.seq_kd, "--seq_kd with several teachers: no one teacher writes the completions")
+            need(not self.eval_steps, "--eval_steps with several teachers is not supported (gkd eval one teacher "
+                                      "at a time)")
+        if self.teacher_mixture:
+            mixture_weights(self.teacher_mixture, len(specs))
+        route_map(self.teacher_route)
+        for spec in specs:
+            if spec.remote:
+                need(spec.source.startswith(("http://", "https://")),
+                     f"--teacher_model_server must be an http(s):// URL, got {spec.source!r}")
+                need(spec.topk >= 1 or self.teacher_wire == "hidden",
+                     "--teacher_model_server needs --gkd_logits_topk K >= 1 (a server sends its top-K log-probs; "
+                     "--teacher_wire hidden takes gkd serve's hidden states for the full vocabulary)")
         if self.teacher_model_server:
-            need(self.teacher_model_server.startswith(("http://", "https://")),
-                 f"--teacher_model_server must be an http(s):// URL, got {self.teacher_model_server!r}")
-            need(self.gkd_logits_topk >= 1 or self.teacher_wire == "hidden",
-                 "--teacher_model_server needs --gkd_logits_topk K >= 1 (a server sends its top-K log-probs; "
-                 "--teacher_wire hidden takes gkd serve's hidden states for the full vocabulary)")
             need(not self.seq_kd, "--seq_kd needs a local --teacher_model (a teacher server only scores)")
             need(not self.eval_steps, "--eval_steps needs a local --teacher_model (gkd eval can run afterwards)")
             need(self.teacher_timeout > 0 and self.teacher_wait >= 0 and self.teacher_retries >= 0,
@@ -184,7 +208,7 @@ class TrainConfig:
             need(self.teacher_max_in_flight >= 1 and self.teacher_seqs_per_request >= 1,
                  "--teacher_max_in_flight and --teacher_seqs_per_request must be >= 1")
         if self.teacher_cache:
-            need(self.gkd_logits_topk >= 1, "--teacher_cache stores the teacher's top-K log-probs: give "
+            need(all(spec.topk >= 1 for spec in specs), "--teacher_cache stores the teacher's top-K log-probs: give "
                                              "--gkd_logits_topk K (with the full vocabulary, 0, nothing is cached)")
             need(not self.seq_kd, "--teacher_cache with --seq_kd: its completions are sampled anew each step, "
                                   "there is nothing to reuse")
@@ -214,7 +238,6 @@ class TrainConfig:
              f"--router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         need(0.0 < self.top_p <= 1.0, f"--top_p must be in (0, 1], got {self.top_p}")
         need(self.top_k >= 0, f"--top_k must be >= 0, got {self.top_k}")
-        need(self.gkd_logits_topk >= 0, f"--gkd_logits_topk must be >= 0, got {self.gkd_logits_topk}")
         need(self.max_completion_length >= 1, f"--max_completion_length must be >= 1, got {self.max_completion_length}")
         need(self.max_length >= 1, f"--max_length must be >= 1, got {self.max_length}")
         need(self.teacher_wire == "topk" or bool(self.teacher_model_server),
@@ -310,7 +333,7 @@ class TrainConfig:
 SECTIONS = {
     "model": ("model", "torch_dtype", "train_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
               "lora_experts", "merge_lora", "freeze_vit", "freeze_aligner", "gradient_checkpointing"),
-    "teacher": ("teacher_model", "teacher_model_server", "gkd_logits_topk", "offload_teacher_model", "teacher_api_key",
+    "teacher": ("teacher_model", "teacher_model_server", "teacher_route", "teacher_mixture", "gkd_logits_topk", "offload_teacher_model", "teacher_api_key",
                 "teacher_timeout", "teacher_retries", "teacher_max_in_flight", "teacher_seqs_per_request",
                 "teacher_wait", "teacher_wire", "teacher_wire_dtype", "torch_dtype", "teacher_cache", "teacher_tokenizer"),
     "data": ("dataset", "val_dataset", "dataset_num_proc", "split_dataset_ratio", "max_length", "truncation_strategy",
@@ -421,6 +444,11 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _int_or_list(text: str):
+    """An integer flag that also takes one value per teacher (``8,16``, kept as text)."""
+    return text if "," in text else int(text)
+
+
 class _OneLineErrors(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage and exits 2; we want our one-line error
         raise GKDError(f"{self.prog}: {message} (see --help)")
@@ -439,7 +467,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
         if typ in ("bool", bool):
             kw.update(type=_parse_bool, nargs="?", const=True, metavar="true|false")
         elif typ in ("int", int):
-            kw["type"] = int
+            kw["type"] = _int_or_list if f.metadata.get("listed") else int
         elif typ in ("float", float):
             kw["type"] = float
         parser.add_argument(*names, dest=f.name, **kw)
@@ -495,10 +523,14 @@ def _unique_key_loader():
     return UniqueKeyLoader, DuplicateKey
 
 
-def _typed(f: dataclasses.Field, value: Any, where: str) -> Any:
+def _typed(f: dataclasses.Field, value: Any, where: str, one: bool = False) -> Any:
     """A YAML value as its flag would give it: text is parsed by the flag's own converter, a YAML number
     or boolean must already be of the field's type, and choices are checked. ``null`` is refused."""
     typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if not one and f.metadata.get("listed") and (isinstance(value, list) or (isinstance(value, str) and "," in value)):
+        # one value per teacher: a YAML list or comma-separated text, kept as that text
+        items = value if isinstance(value, list) else value.split(",")
+        return ",".join(str(_typed(f, v.strip() if isinstance(v, str) else v, where, one=True)) for v in items)
     if f.metadata.get("nargs"):
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
@@ -557,3 +589,85 @@ def parser_for(cls, prog: str, description: str) -> argparse.ArgumentParser:
     add_dataclass_flags(parser, cls)
     return parser
 
+
+# --- several teachers (gkd.teacher.multi, docs/teachers.md) -------------------------------------------
+
+_NAMED = re.compile(r"^([A-Za-z0-9_.\-]+)=(.+)$")  # name=source (a URL's scheme has no '=' before it)
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """One teacher of the run: what users route to (``name``), where it is, its top-K (0: full vocabulary)."""
+
+    name: str
+    source: str  # a model (path, hub ID, .gguf) or a server URL
+    remote: bool
+    topk: int
+
+    @property
+    def flag(self) -> str:
+        return f"--teacher_model{'_server' if self.remote else ''} {self.source}"
+
+
+def _entries(text: str) -> list[tuple[str, str]]:
+    out = []
+    for entry in (e.strip() for e in (text or "").split(",")):
+        if not entry:
+            continue
+        named = _NAMED.match(entry)
+        out.append((named[1], named[2].strip()) if named else (entry, entry))
+    return out
+
+
+def topk_values(value, n: int) -> list[int]:
+    """--gkd_logits_topk as one K per teacher: one value for all, or ``K1,K2,...`` in teacher order."""
+    items = [v.strip() for v in str(value).split(",")]
+    try:
+        ks = [int(v) for v in items]
+    except ValueError:
+        raise GKDError(f"--gkd_logits_topk must be an integer or one per teacher (K1,K2,...), got {value!r}") from None
+    if any(k < 0 for k in ks):
+        raise GKDError(f"--gkd_logits_topk must be >= 0, got {value}")
+    if len(ks) == 1:
+        return ks * n
+    if len(ks) != n:
+        raise GKDError(f"--gkd_logits_topk gives {len(ks)} values for {n} teacher(s): give one, or one per teacher")
+    return ks
+
+
+def teacher_specs(t) -> list[TeacherSpec]:
+    """The run's teachers from the teacher section (a single teacher is one entry, named by its source)."""
+    found = [(n, s, False) for n, s in _entries(t.teacher_model)] + [(n, s, True) for n, s in _entries(t.teacher_model_server)]
+    ks = topk_values(t.gkd_logits_topk, max(len(found), 1))
+    specs = [TeacherSpec(n, s, remote, k) for (n, s, remote), k in zip(found, ks)]
+    names = [s.name for s in specs]
+    dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if dup is not None:
+        raise GKDError(f"two teachers are named {dup!r}: name them apart (name=path or name=URL)")
+    return specs
+
+
+def mixture_weights(text: str, n: int) -> list[float]:
+    """--teacher_mixture ``w1,w2,...``: one weight >= 0 per teacher, not all 0; normalised to sum 1."""
+    try:
+        ws = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise GKDError(f"--teacher_mixture must be numbers w1,w2,... (one per teacher), got {text!r}") from None
+    if len(ws) != n:
+        raise GKDError(f"--teacher_mixture gives {len(ws)} weight(s) for {n} teacher(s): give one per teacher")
+    if any(not (w >= 0 and w < float("inf")) for w in ws) or not sum(ws) > 0:
+        raise GKDError(f"--teacher_mixture weights must be finite, >= 0 and not all 0, got {text!r}")
+    return [w / sum(ws) for w in ws]
+
+
+def route_map(text: str) -> dict[str, str]:
+    """--teacher_route ``dataset=name,...`` (``*=name``: every other dataset)."""
+    out = {}
+    for entry in (e.strip() for e in (text or "").split(",")):
+        if not entry:
+            continue
+        if "=" not in entry:
+            raise GKDError(f"--teacher_route: {entry!r} is not dataset=teacher")
+        path, name = (x.strip() for x in entry.rsplit("=", 1))
+        out[path] = name
+    return out

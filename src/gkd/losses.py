@@ -48,6 +48,8 @@ __all__ = [
     "generalized_jsd",
     "sft_cross_entropy",
     "topk_generalized_jsd",
+    "mixture_logprobs",
+    "mixture_topk",
     "topk_logprobs",
 ]
 
@@ -340,13 +342,59 @@ def _skew(x: Tensor, d: Tensor, p: Tensor, q: Tensor, beta: float, weights: tupl
     return loss, ga, gb
 
 
-def _topk_terms(zk: Tensor, tk: Tensor, beta: float, temperature: float, want_grads: bool):
+def _topk_terms(zk: Tensor, tk: Tensor, beta: float, temperature: float, want_grads: bool, pad: Tensor | None = None):
     """Divergence over K gathered entries: both sides divided by T and renormalised over K.
-    Returns ``(L [M], dL/dzk or None)``."""
+    ``pad`` [M, K] (True: an absent entry, as a mixture's union has) counts on neither side.
+    Returns ``(L [M], dL/dzk or None)``; the gradient at a pad is exactly 0."""
     a = _math(zk) / temperature
     b = _math(tk).clamp_min(_MIN_LOGPROB) / temperature
+    if pad is not None and bool(pad.any()):
+        a, b = _absent(a, pad), _absent(b, pad)
     loss, ga, _ = _divergence(a, b, beta, None, "s" if want_grads else "")
     return loss, (ga.div_(temperature) if want_grads else None)
+
+
+def _absent(x: Tensor, pad: Tensor) -> Tensor:
+    """``x`` with its pad entries at (the row's largest other entry - 1e4): after the max shift their
+    e^x is exactly 0 on both sides, and d = t - s there is the finite difference of the two normalisers,
+    so neither the loss, e^d (beta in (0, 1)) nor the gradient meets an inf or a NaN. Every row keeps
+    at least one entry that is not a pad."""
+    top = x.masked_fill(pad, -math.inf).amax(-1, keepdim=True)
+    return torch.where(pad, top + _MIN_LOGPROB, x)
+
+
+def mixture_logprobs(logprobs: list[Tensor], weights: list[float]) -> Tensor:
+    """log m = logsumexp_i(log w_i + lp_i) of tempered full-vocabulary log-probs ``lp_i [M, V_local]``
+    (each a log-softmax over the whole, possibly sharded, vocabulary), ``weights`` summing to 1."""
+    logw = torch.tensor(weights, dtype=logprobs[0].dtype, device=logprobs[0].device).log()
+    return torch.logsumexp(torch.stack(logprobs) + logw[:, None, None], dim=0)
+
+
+def mixture_topk(ids: list[Tensor], logprobs: list[Tensor], weights: list[float], temperature: float
+                 ) -> tuple[Tensor, Tensor]:
+    """The mixture of top-k teachers over the union of their ids: each teacher's tempered top-k
+    (``logprobs / T``, renormalised over its own K, zero elsewhere) weighted by ``weights``; an id that
+    several teachers give is one entry. Returns ``(ids [M, sum K], T * log m [M, sum K])``, each row's
+    union first and its unused tail as pads (id -1, log-prob -inf); T * log m is what the top-k loss
+    divides by T and renormalises to log m unchanged."""
+    parts = []
+    for lp, w in zip(logprobs, weights):
+        t = _math(lp).clamp_min(_MIN_LOGPROB) / temperature
+        parts.append(t - torch.logsumexp(t, -1, keepdim=True) + math.log(w) if w > 0 else torch.full_like(t, -math.inf))
+    allids = torch.cat([i.long() for i in ids], -1)
+    vals = torch.cat(parts, -1)
+    sid, order = allids.sort(-1)
+    svals = vals.gather(-1, order)
+    first = torch.ones_like(sid, dtype=torch.bool)
+    first[:, 1:] = sid[:, 1:] != sid[:, :-1]
+    slot = first.long().cumsum(-1) - 1  # the union entry each (sorted) id belongs to
+    top = torch.full_like(svals, -math.inf).scatter_reduce(-1, slot, svals, "amax")
+    shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    sums = torch.zeros_like(svals).scatter_add_(-1, slot, torch.exp(svals - shift.gather(-1, slot)))
+    logm = sums.log() + shift  # -inf where a slot is unused or every weight on it is 0
+    out_ids = torch.full_like(sid, -1).scatter_(-1, slot, sid)
+    out_ids = torch.where(torch.isfinite(logm), out_ids, torch.full_like(out_ids, -1))
+    return out_ids, logm * temperature
 
 
 class _LogitsDivergence(torch.autograd.Function):
@@ -640,17 +688,38 @@ class _Teacher:
     hidden: Tensor | None = None  # [n, H_t]
     head: LogitHead | None = None  # weight [V_local, H_t]
     topk: int | None = None  # take the teacher's top-k of its own logits
-    ids: Tensor | None = None  # [n, K] global ids
+    ids: Tensor | None = None  # [n, K] global ids (-1: absent)
     logprobs: Tensor | None = None  # [n, K]
+    members: list["_Teacher"] | None = None  # a mixture of these teachers
+    weights: list[float] | None = None  # the mixture's weights, summing to 1
+    temperature: float = 1.0  # the mixture is of the tempered distributions
 
     def chunk(self, r0: int, r1: int, group) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """(full logits [c, V_local] or None, top-k ids [c, K] or None, top-k values [c, K] or None)."""
+        """(full logits [c, V_local] or None, top-k ids [c, K] or None, top-k values [c, K] or None).
+        A mixture's are T * log m: the divergence divides by T and renormalises them to log m unchanged."""
+        if self.members is not None:
+            return self._mixed(r0, r1, group)
         if self.hidden is None:
             return None, self.ids[r0:r1], self.logprobs[r0:r1]
         zt, _ = _apply_head(self.head, self.hidden[r0:r1], False)
         if self.topk is None:
             return zt, None, None
         ids, lp = topk_logprobs(zt, self.topk, tp_group=group)
+        return None, ids, lp
+
+    def _mixed(self, r0: int, r1: int, group):
+        T = self.temperature
+        parts = [m.chunk(r0, r1, group) for m in self.members]
+        if len({zt is None for zt, _, _ in parts}) > 1:
+            raise GKDError("a teacher mixture is of full-vocabulary teachers or of top-k teachers, not both")
+        if parts[0][0] is not None:
+            lps = []
+            for zt, _, _ in parts:
+                zt = zt.div_(T)
+                (lse,) = _logsumexp([zt], group)
+                lps.append(zt.sub_(lse[:, None]))
+            return mixture_logprobs(lps, self.weights).mul_(T), None, None
+        ids, lp = mixture_topk([i for _, i, _ in parts], [v for _, _, v in parts], self.weights, T)
         return None, ids, lp
 
 
@@ -683,6 +752,9 @@ def _fused_pass(h, head: LogitHead, teacher: _Teacher, labels, *, beta, temperat
         zs, dcap = _apply_head(head, hc, want)
         zt, ids, tk = teacher.chunk(r0, r1, group)
         g = None
+        pad = None if ids is None else ids < 0  # absent entries of a mixture's union
+        if pad is not None:
+            ids = ids.clamp_min(0)
         # teacher top-1 before the divergence overwrites zt
         teacher_top1 = _argmax_vocab(zt, group) if zt is not None else ids.gather(-1, tk.argmax(-1, keepdim=True))[:, 0]
         agree[r0:r1] = _argmax_vocab(zs, group) == teacher_top1
@@ -702,7 +774,7 @@ def _fused_pass(h, head: LogitHead, teacher: _Teacher, labels, *, beta, temperat
                 g = ga if g is None else g.add_(ga)
         else:
             zk, owned, local = _gather_vocab(zs, ids.long(), group)
-            loss, gk = _topk_terms(zk, tk, beta, temperature, want)
+            loss, gk = _topk_terms(zk, tk, beta, temperature, want, pad)
             if want:
                 if g is None:
                     g = torch.zeros_like(zs)
@@ -805,6 +877,50 @@ def _check_matrix(name: str, x: Tensor, cols: int | None = None) -> None:
         raise GKDError(f"{name} must be {want}, got shape {tuple(x.shape)}")
 
 
+def _teacher_of(kw: dict, rows, lead, vocab: int, student_vocab_local: int) -> _Teacher:
+    """One teacher of a fused call, from its arguments (fused_linear_gkd_loss's), checked and restricted
+    to the counted ``rows``."""
+    teacher_hidden, teacher_topk = kw.get("teacher_hidden"), kw.get("teacher_topk")
+    teacher_topk_ids, teacher_topk_logprobs = kw.get("teacher_topk_ids"), kw.get("teacher_topk_logprobs")
+    teacher_head = _as_head(kw.get("teacher_lm_head_weight"))
+    teacher_lm_head_weight = None if teacher_head is None else teacher_head.weight
+    by_hidden = teacher_hidden is not None or teacher_lm_head_weight is not None
+    by_topk = teacher_topk_ids is not None or teacher_topk_logprobs is not None
+    if by_hidden == by_topk:
+        raise GKDError(
+            "give the teacher either as teacher_hidden + teacher_lm_head_weight or as "
+            "teacher_topk_ids + teacher_topk_logprobs (exactly one of the two)"
+        )
+    for name, x in (("teacher_hidden", teacher_hidden), ("teacher_lm_head_weight", teacher_lm_head_weight),
+                    ("teacher_lm_head_weight bias", teacher_head and teacher_head.bias),
+                    ("teacher_topk_logprobs", teacher_topk_logprobs)):
+        if x is not None and x.requires_grad and torch.is_grad_enabled():
+            raise GKDError(f"{name} requires grad; the teacher is a constant here: pass {name}.detach()")
+
+    if by_hidden:
+        if teacher_hidden is None or teacher_lm_head_weight is None:
+            raise GKDError("teacher_hidden and teacher_lm_head_weight must be given together")
+        teacher_head.check("teacher_lm_head_weight")
+        if teacher_hidden.shape[:-1] != lead or teacher_hidden.shape[-1] != teacher_lm_head_weight.shape[1]:
+            raise GKDError(
+                f"teacher_hidden shape {tuple(teacher_hidden.shape)} must be {tuple(lead)} + "
+                f"[{teacher_lm_head_weight.shape[1]}] (teacher_lm_head_weight dim 1)"
+            )
+        if teacher_lm_head_weight.shape[0] != student_vocab_local:
+            raise GKDError(
+                f"vocab mismatch: student_lm_head_weight has {student_vocab_local} rows, "
+                f"teacher_lm_head_weight {teacher_lm_head_weight.shape[0]}"
+            )
+        if teacher_topk is not None and not 1 <= teacher_topk <= vocab:
+            raise GKDError(f"teacher_topk={teacher_topk} must be in [1, V={vocab}]")
+        return _Teacher(hidden=_select_rows(teacher_hidden, rows).detach(), head=teacher_head.detach(), topk=teacher_topk)
+    else:
+        if teacher_topk_ids is None or teacher_topk_logprobs is None:
+            raise GKDError("teacher_topk_ids and teacher_topk_logprobs must be given together")
+        _check_topk(teacher_topk_ids, teacher_topk_logprobs, lead, vocab)
+        return _Teacher(ids=_select_rows(teacher_topk_ids, rows).long(), logprobs=_select_rows(teacher_topk_logprobs, rows).detach())
+
+
 def fused_linear_gkd_loss(
     student_hidden: Tensor,
     student_lm_head_weight: Tensor | LogitHead,
@@ -823,6 +939,8 @@ def fused_linear_gkd_loss(
     normalizer: float | None = None,
     chunk_size: int | None = None,
     tp_group=None,
+    teacher_mixture: list[dict] | None = None,
+    teacher_mixture_weights: list[float] | None = None,
 ) -> GKDLossOutput:
     """The trainer's loss: divergence (+ ``sft_alpha`` * CE against ``labels``) from hidden states.
 
@@ -835,7 +953,10 @@ def fused_linear_gkd_loss(
 
     The teacher is either ``teacher_hidden [..., H_t]`` + ``teacher_lm_head_weight [V, H_t]`` (full
     distribution, or its top-``teacher_topk``), or ``teacher_topk_ids`` + ``teacher_topk_logprobs``
-    ``[..., K]``. The teacher is a constant: pass detached tensors.
+    ``[..., K]``. The teacher is a constant: pass detached tensors. ``teacher_mixture`` (a list of such
+    teacher arguments, as dicts) with ``teacher_mixture_weights`` instead: the divergence to their mixture
+    m = sum_i w_i softmax(z_i / T), w normalised (full-vocabulary teachers: over the vocabulary; top-k
+    teachers: over the union of their ids, the student renormalised over it).
 
     ``normalizer`` divides a ``"sum"`` (a trainer passes the token count of the whole optimizer step);
     dividing here rather than afterwards lets the weight gradient be handed over without a copy.
@@ -868,49 +989,25 @@ def fused_linear_gkd_loss(
     lead = student_hidden.shape[:-1]
     vocab = _shard_info(student_lm_head_weight.shape[0], group)[1]
     _check_mask(mask, lead)
-    by_hidden = teacher_hidden is not None or teacher_lm_head_weight is not None
-    by_topk = teacher_topk_ids is not None or teacher_topk_logprobs is not None
-    if by_hidden == by_topk:
-        raise GKDError(
-            "give the teacher either as teacher_hidden + teacher_lm_head_weight or as "
-            "teacher_topk_ids + teacher_topk_logprobs (exactly one of the two)"
-        )
-    teacher_head = _as_head(teacher_lm_head_weight)
-    teacher_lm_head_weight = None if teacher_head is None else teacher_head.weight
-    for name, x in (("teacher_hidden", teacher_hidden), ("teacher_lm_head_weight", teacher_lm_head_weight),
-                    ("teacher_lm_head_weight bias", teacher_head and teacher_head.bias),
-                    ("teacher_topk_logprobs", teacher_topk_logprobs)):
-        if x is not None and x.requires_grad and torch.is_grad_enabled():
-            raise GKDError(f"{name} requires grad; the teacher is a constant here: pass {name}.detach()")
-
     if labels is not None and (not isinstance(labels, Tensor) or labels.shape != lead or labels.is_floating_point()):
         raise GKDError(f"labels must be an integer tensor of shape {tuple(lead)}")
     rows = _counted_rows(mask)
     h = _select_rows(student_hidden, rows)
-
-    if by_hidden:
-        if teacher_hidden is None or teacher_lm_head_weight is None:
-            raise GKDError("teacher_hidden and teacher_lm_head_weight must be given together")
-        teacher_head.check("teacher_lm_head_weight")
-        if teacher_hidden.shape[:-1] != lead or teacher_hidden.shape[-1] != teacher_lm_head_weight.shape[1]:
-            raise GKDError(
-                f"teacher_hidden shape {tuple(teacher_hidden.shape)} must be {tuple(lead)} + "
-                f"[{teacher_lm_head_weight.shape[1]}] (teacher_lm_head_weight dim 1)"
-            )
-        if teacher_lm_head_weight.shape[0] != student_lm_head_weight.shape[0]:
-            raise GKDError(
-                f"vocab mismatch: student_lm_head_weight has {student_lm_head_weight.shape[0]} rows, "
-                f"teacher_lm_head_weight {teacher_lm_head_weight.shape[0]}"
-            )
-        if teacher_topk is not None and not 1 <= teacher_topk <= vocab:
-            raise GKDError(f"teacher_topk={teacher_topk} must be in [1, V={vocab}]")
-        teacher = _Teacher(hidden=_select_rows(teacher_hidden, rows).detach(), head=teacher_head.detach(), topk=teacher_topk)
+    one = dict(teacher_hidden=teacher_hidden, teacher_lm_head_weight=teacher_lm_head_weight, teacher_topk=teacher_topk,
+               teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs)
+    if teacher_mixture is None:
+        teacher = _teacher_of(one, rows, lead, vocab, student_lm_head_weight.shape[0])
     else:
-        if teacher_topk_ids is None or teacher_topk_logprobs is None:
-            raise GKDError("teacher_topk_ids and teacher_topk_logprobs must be given together")
-        _check_topk(teacher_topk_ids, teacher_topk_logprobs, lead, vocab)
-        teacher = _Teacher(ids=_select_rows(teacher_topk_ids, rows).long(), logprobs=_select_rows(teacher_topk_logprobs, rows).detach())
-
+        if any(v is not None for v in one.values()):
+            raise GKDError("give the teacher either alone or as teacher_mixture, not both")
+        weights = [float(w) for w in teacher_mixture_weights or []]
+        if len(weights) != len(teacher_mixture) or any(not w >= 0 for w in weights) or not sum(weights) > 0:
+            raise GKDError(f"teacher_mixture_weights must be one number >= 0 per teacher ({len(teacher_mixture)}), "
+                           f"not all 0; got {teacher_mixture_weights!r}")
+        members = [_teacher_of(kw, rows, lead, vocab, student_lm_head_weight.shape[0]) for kw in teacher_mixture]
+        if len({m.hidden is None or m.topk is not None for m in members}) > 1:
+            raise GKDError("a teacher mixture is of full-vocabulary teachers or of top-k teachers, not both")
+        teacher = _Teacher(members=members, weights=[w / sum(weights) for w in weights], temperature=float(temperature))
     y = None
     if labels is not None:
         y = labels.reshape(-1) if rows is None else labels.reshape(-1).index_select(0, rows)

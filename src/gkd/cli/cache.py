@@ -33,6 +33,8 @@ def cmd_cache(cfg: TrainConfig, log=lambda msg: print(msg, file=sys.stderr)) -> 
     cfg.validate()
     if not cfg.teacher_cache:
         raise GKDError("gkd cache needs --teacher_cache DIR: the folder to fill")
+    if "," in cfg.teacher_model + cfg.teacher_model_server:
+        raise GKDError("gkd cache fills one teacher's entries: run it once per teacher (one folder holds them all)")
     if cfg.nproc_per_node > 1 or cfg.nnodes > 1:
         raise GKDError("gkd cache runs in one process (--nproc_per_node 1); several gkd cache processes may fill "
                        "one folder at once")

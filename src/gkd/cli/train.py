@@ -58,8 +58,11 @@ def check_launch(cfg: TrainConfig, world: int) -> None:
                     cfg.context_parallel_size, cfg.pipeline_model_parallel_size)
         check_folder(cfg.model, cfg.expert_model_parallel_size, lora_experts=cfg.train_type == "lora"
                      and cfg.lora_experts and cfg.target_modules == "all-linear")
-        if cfg.teacher_model:
-            check_folder(cfg.teacher_model, cfg.expert_model_parallel_size, student=False)
+        from gkd.config import teacher_specs
+
+        for spec in teacher_specs(cfg):
+            if not spec.remote:
+                check_folder(spec.source, cfg.expert_model_parallel_size, student=False)
 
 
 def launch_torchrun(nproc: int, argv: list[str], cfg: TrainConfig) -> int:

@@ -28,6 +28,8 @@ class Example:
     source: str  # file:line, for messages
     images: list = field(default_factory=list)  # the prompt's images, decoded (PIL), in placeholder order
     prompt_messages: list | None = None  # the prompt's messages, for a teacher with its own chat template
+    teacher: str | None = None  # the teacher that scores it (its 'teacher' column, or its dataset's route)
+    dataset: str = ""  # the --dataset entry it came from
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,7 +262,7 @@ def warn_unused_num_proc(paths: list[str], num_proc: int, warn=print) -> None:
 
 
 def used_columns(row: dict) -> set[str]:
-    return {"messages", "images"} if "messages" in row else {"prompt", "completion", "images"}
+    return {"messages", "images", "teacher"} if "messages" in row else {"prompt", "completion", "images", "teacher"}
 
 
 def _base(path: str) -> Path:
@@ -320,7 +322,11 @@ def load_examples(paths: list[str], tokenizer, *, max_length: int, truncation_st
             if completion is not None and len(completion) > max_completion_length:
                 cut_completions.append(where)
                 completion = completion[:max_completion_length]
-            examples.append(Example(prompt, completion, where, pics, messages[:-1] if has_completion else messages))
+            teacher = row.get("teacher")
+            if teacher is not None:
+                teacher = _check_text(where, "teacher", teacher)
+            examples.append(Example(prompt, completion, where, pics, messages[:-1] if has_completion else messages,
+                                    teacher, path))
         if unused:
             warn(f"[gkd] dataset {path}: column(s) {', '.join(repr(c) for c in unused)} are not used "
                  f"(first at {next(iter(unused.values()))}); rows are read as 'messages' or 'prompt' + 'completion'")

@@ -23,6 +23,8 @@ class TeacherOutput:
     topk_ids: torch.Tensor | None = None  # [B, T, K]
     topk_logprobs: torch.Tensor | None = None  # [B, T, K]
     aligned: torch.Tensor | None = None  # [B, T] bool: a token-level teacher distribution there (another tokenizer)
+    mixture: list["TeacherOutput"] | None = None  # several teachers' outputs, scored against their mixture
+    weights: list[float] | None = None  # the mixture's weights, summing to 1
 
     @property
     def lm_head_weight(self) -> torch.Tensor | None:
@@ -30,6 +32,8 @@ class TeacherOutput:
         return None if self.head is None else self.head.weight
 
     def loss_kwargs(self) -> dict:
+        if self.mixture is not None:
+            return dict(teacher_mixture=[m.loss_kwargs() for m in self.mixture], teacher_mixture_weights=self.weights)
         if self.hidden is not None:
             return dict(teacher_hidden=self.hidden, teacher_lm_head_weight=self.head, teacher_topk=self.topk)
         return dict(teacher_topk_ids=self.topk_ids, teacher_topk_logprobs=self.topk_logprobs)

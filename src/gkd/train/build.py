@@ -8,6 +8,7 @@ import math
 import torch
 
 from gkd import parallel
+from gkd.config import mixture_weights, route_map, teacher_specs
 from gkd.data.rows import check_context, load_examples, model_context, split_examples, warn_unused_num_proc
 from gkd.errors import GKDError
 from gkd.models import (adapter_for, apply_lora, check_compatible, eos_ids, freeze_vision, load_image_processing,
@@ -15,12 +16,15 @@ from gkd.models import (adapter_for, apply_lora, check_compatible, eos_ids, free
 from gkd.parallel.expert import expert_parameters
 from gkd.rollout.base import SamplingConfig
 from gkd.rollout.factory import local_rollout, student_rollout
+from gkd.train.step import LossArgs
 
 
 def image_processing(cfg, tokenizer, log):
     """(the student's image processing or None for a text-only student, the local teacher's where it makes
     other inputs than the student's, else None)."""
     mine = load_image_processing(cfg.model, tokenizer)
+    if mine is not None and len(teacher_specs(cfg)) > 1:
+        raise GKDError(f"--model {cfg.model} reads images: several teachers are for text-only students (yet)")
     if mine is None and not (cfg.freeze_vit and cfg.freeze_aligner):
         log(f"[gkd] --model {cfg.model} has no vision tower: --freeze_vit / --freeze_aligner do nothing")
     if mine is None or cfg.teacher_model_server:  # a server processes the images itself
@@ -64,13 +68,36 @@ def student(m, seed: int, par):
 
 
 def teacher(t, tokenizer, student_model, par, log):
-    """A local teacher (loaded, sharded like the student, checked against it) or a teacher server,
-    from the teacher section."""
-    if t.teacher_model_server:
+    """The run's teacher from the teacher section: one teacher as it is, several routed per row or mixed
+    (gkd.teacher.multi, docs/teachers.md), each built by ``one_teacher``."""
+    from gkd.teacher import multi
+
+    specs = teacher_specs(t)
+    if len(specs) == 1:
+        return one_teacher(t, specs[0], tokenizer, student_model, par, log)
+    teachers = {s.name: one_teacher(t, s, tokenizer, student_model, par, log) for s in specs}
+    if not t.teacher_mixture:
+        return multi.RoutedTeacher(teachers)
+    multi.check_mixable(teachers, {name: v for name, x in teachers.items() if (v := _vocab(x)) is not None})
+    return multi.MixtureTeacher(teachers, mixture_weights(t.teacher_mixture, len(specs)))
+
+
+def _vocab(teacher) -> int | None:
+    """A teacher's vocabulary size (None: a top-k server's, whose tokenizer connect found to be the student's)."""
+    if hasattr(teacher, "adapter"):  # a local model
+        return teacher.model.config.get_text_config().vocab_size
+    head = getattr(teacher, "head", None)
+    return None if head is None else head.weight.shape[0]
+
+
+def one_teacher(t, spec, tokenizer, student_model, par, log):
+    """A local teacher (loaded, sharded like the student, checked against it) or a teacher server, from
+    the teacher section and its entry ``spec`` (gkd.teacher.multi.TeacherSpec)."""
+    if spec.remote:
         from gkd.teacher.remote import RemoteTeacher
 
         remote = RemoteTeacher(
-            t.teacher_model_server, t.gkd_logits_topk, api_key=t.teacher_api_key, timeout=t.teacher_timeout,
+            spec.source, spec.topk, api_key=t.teacher_api_key, timeout=t.teacher_timeout,
             retries=t.teacher_retries, max_in_flight=t.teacher_max_in_flight,
             seqs_per_request=t.teacher_seqs_per_request, wait=t.teacher_wait, wire_dtype=t.teacher_wire_dtype,
             wire=t.teacher_wire)
@@ -87,30 +114,70 @@ def teacher(t, tokenizer, student_model, par, log):
     offload = parallel.teacher_offload(par, t.offload_teacher_model, par.device)
     if t.offload_teacher_model and not offload:
         log("[gkd] --offload_teacher_model: training runs on the CPU, where the teacher already is; nothing to offload")
-    model = parallel.load_sharded(lambda: load_model(t.teacher_model, t.torch_dtype), lambda m: m,
+    model = parallel.load_sharded(lambda: load_model(spec.source, t.torch_dtype), lambda m: m,
                                   lambda m: parallel.shard_teacher(m, par, offload=offload == "fsdp"), par)
-    name = f"--teacher_model {t.teacher_model}"
     if t.teacher_tokenizer == "other":  # aligned by text (gkd.teacher.cross_tokenizer), K applied there
         from gkd.teacher.cross_tokenizer import CrossTokenizerTeacher
 
-        inner = LocalTeacher(model, par.device, offload=offload == "move", name=name)
-        return CrossTokenizerTeacher(inner, tokenizer, load_tokenizer(t.teacher_model), t.gkd_logits_topk, log)
-    check_compatible(tokenizer, load_tokenizer(t.teacher_model), student_model, model)
-    return LocalTeacher(model, par.device, topk=t.gkd_logits_topk, offload=offload == "move", name=name)
+        inner = LocalTeacher(model, par.device, offload=offload == "move", name=spec.flag)
+        return CrossTokenizerTeacher(inner, tokenizer, load_tokenizer(spec.source), spec.topk, log)
+    check_compatible(tokenizer, load_tokenizer(spec.source), student_model, model)
+    return LocalTeacher(model, par.device, topk=spec.topk, offload=offload == "move", name=spec.flag)
+
+
+def routes(cfg, examples, log) -> bool:
+    """Give every row its teacher when the run routes rows (several teachers, no mixture); one line for a
+    row or route naming no teacher. True when the steps route rows to several teachers. With one teacher
+    a 'teacher' column is not used (as any other column: a warning)."""
+    from gkd.teacher import multi
+
+    names = [s.name for s in teacher_specs(cfg)]
+    named = next((e for e in examples if e.teacher is not None), None)
+    if len(names) > 1 and cfg.teacher_mixture:
+        if named is not None or cfg.teacher_route:
+            raise GKDError(f"{named.source if named else '--teacher_route'}: rows are routed to teachers, but "
+                           "--teacher_mixture scores every row against the mixture; give one or the other")
+        return False
+    if len(names) == 1 and named is not None and not cfg.teacher_route:
+        log(f"[gkd] dataset column 'teacher' (first at {named.source}) is not used: one teacher scores every row")
+        return False
+    if len(names) > 1 or cfg.teacher_route:
+        multi.assign_routes(examples, names, route_map(cfg.teacher_route),
+                            list(cfg.dataset) + list(cfg.val_dataset or []))
+    return len(names) > 1
+
+
+def loss_args(cfg, student_model, par, log) -> LossArgs:
+    """What every micro-batch's loss takes, from the method's options and the student."""
+    adapter, aux = adapter_for(student_model), cfg.router_aux_loss_coef
+    if aux and not adapter.moe:
+        log(f"[gkd] --model {cfg.model} has no experts: --router_aux_loss_coef does nothing")
+    return LossArgs(beta=cfg.objective, temperature=cfg.divergence_temperature, sft_alpha=cfg.sft_alpha,
+                    chunk_size=cfg.loss_chunk_size or None, tp_group=par.tp_group,
+                    router_aux_loss_coef=adapter.router_aux_loss_coef(student_model) if aux is None else aux,
+                    dropout_seed=cfg.seed if cfg.train_type == "lora" and cfg.lora_dropout else None)
 
 
 def cached_teacher(teacher, cfg, par, log):
-    """The teacher behind ``--teacher_cache`` (gkd.teacher.cache), or ``teacher`` itself without the flag."""
+    """The teacher behind ``--teacher_cache`` (gkd.teacher.cache), or ``teacher`` itself without the flag;
+    several teachers are each cached (one folder holds every teacher's entries apart)."""
     if not cfg.teacher_cache:
         return teacher
     from gkd.teacher import cache
 
-    identity = (cache.remote_identity(teacher) if cfg.teacher_model_server
-                else cache.local_identity(cfg.teacher_model, cfg.torch_dtype))
-    store = cache.TeacherCache(cfg.teacher_cache, identity, cfg.gkd_logits_topk, cfg.divergence_temperature, log)
-    # a local teacher split over the processes scores only with all of them
-    return cache.CachedTeacher(teacher, store, sharded=par.world > 1 and not cfg.teacher_model_server,
-                               tp_group=par.tp_group, log=log)
+    def one(member, spec):
+        identity = (cache.remote_identity(member) if spec.remote
+                    else cache.local_identity(spec.source, cfg.torch_dtype))
+        store = cache.TeacherCache(cfg.teacher_cache, identity, spec.topk, cfg.divergence_temperature, log)
+        # a local teacher split over the processes scores only with all of them
+        return cache.CachedTeacher(member, store, sharded=par.world > 1 and not spec.remote,
+                                   tp_group=par.tp_group, log=log)
+
+    specs = teacher_specs(cfg)
+    if len(specs) == 1:
+        return one(teacher, specs[0])
+    teacher.teachers = {s.name: one(teacher.teachers[s.name], s) for s in specs}
+    return teacher
 
 
 def check_fits(cfg, student_model, teacher, train_rows, val_rows) -> None:

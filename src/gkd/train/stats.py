@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gkd.train.step import STATS
+from gkd.train.step import STATS, TEACHER_STATS
 
 
 @dataclass
@@ -23,14 +23,18 @@ class StepStats:
     aligned: int  # scored positions with a token-level teacher distribution, of ``alignable`` (a teacher with
     alignable: int  # another tokenizer scored them; 0 of 0 with the student's own tokenizer)
     expert_tokens: torch.Tensor | None  # [MoE layers, E] tokens routed to each expert (None: a dense student)
+    teachers: dict[str, list[float]] = field(default_factory=dict)  # routed teacher -> TEACHER_STATS sums
 
     @classmethod
-    def of(cls, row: torch.Tensor, num_experts: int | None) -> "StepStats":
+    def of(cls, row: torch.Tensor, num_experts: int | None, teachers: list[str] | None = None) -> StepStats:
         named = dict(zip(STATS, row[:len(STATS)].tolist()))
-        load = row[len(STATS):].view(-1, num_experts) if len(row) > len(STATS) else None
+        end = len(STATS) + len(TEACHER_STATS) * len(teachers or ())
+        per = row[len(STATS):end].view(-1, len(TEACHER_STATS)).tolist()
+        load = row[end:].view(-1, num_experts) if len(row) > end else None
         return cls(loss=named["loss"], divergence=named["divergence"], sft=named["sft"], agree=int(named["agree"]),
                    sft_tokens=int(named["sft_tokens"]), router_aux=named["router_aux"],
-                   aligned=int(named["aligned"]), alignable=int(named["alignable"]), expert_tokens=load)
+                   aligned=int(named["aligned"]), alignable=int(named["alignable"]), expert_tokens=load,
+                   teachers=dict(zip(teachers or (), per)))
 
 
 @dataclass
@@ -55,6 +59,7 @@ class Window:
     staleness: int | None = None  # the largest step index - policy version of the window's on-policy steps
     proposed: int = 0  # --speculative_kd_topk: tokens the student proposed, and those the teacher replaced
     replaced: int = 0
+    teachers: dict = field(default_factory=dict)  # routed teacher -> TEACHER_STATS sums
     steps: int = 0
     t0: float = field(default_factory=time.perf_counter)
 
@@ -74,6 +79,8 @@ class Window:
         self.alignable += s.alignable
         if s.expert_tokens is not None:
             self.expert_tokens = s.expert_tokens if self.expert_tokens is None else self.expert_tokens + s.expert_tokens
+        for name, values in s.teachers.items():
+            self.teachers[name] = [a + b for a, b in zip(self.teachers.get(name, [0.0] * len(values)), values)]
         self.steps += 1
 
     def add_policy(self, step: int, version: int | None) -> None:
@@ -101,7 +108,18 @@ class Window:
             **({"corrected_share": self.replaced / self.proposed} if self.proposed else {}),
             # a teacher with another tokenizer: the share of scored tokens aligned token for token
             **({"aligned_share": self.aligned / self.alignable} if self.alignable else {}),
+            **self._per_teacher(),
         }
+
+    def _per_teacher(self) -> dict:
+        """Routed teachers: each one's divergence and top-1 agreement over its own tokens, and their count."""
+        out = {}
+        for name, values in self.teachers.items():
+            v = dict(zip(TEACHER_STATS, values))
+            out[f"divergence/{name}"] = v["divergence"] / v["tokens"] if v["tokens"] else None
+            out[f"top1_agreement/{name}"] = v["agree"] / v["tokens"] if v["tokens"] else None
+            out[f"tokens/{name}"] = int(v["tokens"])
+        return out
 
     def _moe(self) -> dict:
         """MoE students: the router aux loss (before its coefficient; the step's loss includes coef x it)

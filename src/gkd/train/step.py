@@ -21,11 +21,13 @@ import torch
 
 from gkd import parallel
 from gkd.data.batch import Batch
-from gkd.losses import fused_linear_gkd_loss
+from gkd.errors import GKDError
+from gkd.losses import GKDLossOutput, fused_linear_gkd_loss
 from gkd.models.adapter import text_config, unwrap
 from gkd.models.dropout import identities, token_identities
 from gkd.models.packed import packed_attention
 from gkd.models.routing import aux_sum, recording, router_stats, row_index, row_sums
+from gkd.teacher.multi import RoutedTeacher
 
 
 @dataclass
@@ -43,11 +45,13 @@ class LossArgs:
 class MicroBatch:
     batch: Batch
     sampled: list[bool]  # per sequence: the student wrote the completion (no cross-entropy on it)
+    teachers: list[str] | None = None  # per sequence: the teacher its row is routed to (gkd.teacher.multi)
     first_row: int = 0  # its first sequence's row in the step's global batch, and the step (LoRA dropout's masks)
     step: int = 0
 
 
 STATS = ("loss", "divergence", "sft", "agree", "sft_tokens", "router_aux", "aligned", "alignable")
+TEACHER_STATS = ("divergence", "agree", "tokens")  # per routed teacher, after STATS
 
 
 def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher, args: LossArgs, normaliser: float,
@@ -59,8 +63,13 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
     where no other rank waits for this one's collectives). ``dims`` (gkd.parallel.Parallel): with context
     parallelism each sequence is split over the cp ranks and this rank scores its tokens. Under FSDP only
     the last micro-batch syncs gradients over the replicas (and, unless ``reduce_scatter_each``, over the
-    shards)."""
+    shards). A routed teacher (gkd.teacher.multi.RoutedTeacher) adds TEACHER_STATS per teacher after STATS:
+    each teacher's group of rows gets its own fused loss on the same student hidden states and the same
+    ``normaliser``, so their sum is the loss of the whole micro-batch."""
     routers = adapter.routers(student)
+    names = teacher.names if isinstance(teacher, RoutedTeacher) else None
+    if names is not None and dims is not None and (dims.pp > 1 or dims.cp > 1):
+        raise GKDError("several routed teachers with pipeline or context parallelism are not supported")
     if dims is not None and dims.pp > 1:
         from gkd.parallel import pipeline
 
@@ -71,7 +80,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             lambda hidden, head, mb, batch, out, routing: micro_loss(
                 hidden, parallel.local_head(head), mb, batch, out, args, normaliser,
                 None if routing is None else aux_sum(routing, row_index(batch.attention_mask)) / routed))
-    stats = torch.zeros(len(STATS), dtype=torch.float64)
+    stats = torch.zeros(len(STATS) + len(TEACHER_STATS) * len(names or ()), dtype=torch.float64)
     load = None
     for i, mb in enumerate(micro_batches):
         batch = mb.batch
@@ -87,13 +96,21 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
         # the tokens' identities for LoRA dropout
         with split.active() if split else packed_attention(text_config(unwrap(student).config), batch.model_inputs()), \
                 _dropout_identities(mb, split, args):
-            scored = teacher.score(batch, split)
+            scored = None
+            if names is None:
+                scored = teacher.score(batch, split)
+            else:
+                groups = teacher.score_groups(batch, mb.teachers, everyone=not skip_empty)
             with recording(routers) as seen:
                 hidden = adapter.final_hidden(student, split.model_inputs() if split else batch.model_inputs())
             head = parallel.local_head(adapter.logit_head(student))  # read after the forward that gathered it
             mask = split.local(batch.loss_mask, False) if split else batch.loss_mask
             labels = split.local(ce_labels, -100) if split else ce_labels
-            out = _fused(hidden, head, scored, labels, mask, args, normaliser)
+            if names is None:
+                out = _fused(hidden, head, scored, labels, mask, args, normaliser)
+            else:
+                out, per_teacher = _routed(hidden, head, groups, names, labels, args, normaliser)
+                stats[len(STATS):] += per_teacher
             loss, aux = out.loss, torch.zeros(())
             if seen:
                 aux, counts = _router_loss(seen, batch, split)
@@ -101,7 +118,8 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
                 loss, aux = _with_router_loss(loss, aux / routed, args)
             parallel.sync_gradients(student, last=i == len(micro_batches) - 1, reduce_scatter_each=reduce_scatter_each)
             loss.backward()
-        stats += _row(loss, out, labels, mask, float(aux.detach()), scored.aligned)
+        stats[:len(STATS)] += _row(loss, out, labels, mask, float(aux.detach()),
+                                   None if scored is None else scored.aligned)
     if routers:  # every rank reports a row per layer, even one that skipped its micro-batches
         E = adapter.num_experts(student)
         load = torch.zeros(len(routers), E, dtype=torch.float64) if load is None else load
@@ -160,6 +178,27 @@ def _fused(hidden, head, scored, labels, mask, args: LossArgs, normaliser: float
         hidden, head, **scored.loss_kwargs(), labels=labels, sft_alpha=args.sft_alpha, beta=args.beta,
         temperature=args.temperature, mask=mask, reduction="sum", normalizer=normaliser, chunk_size=args.chunk_size,
         tp_group=args.tp_group)
+
+
+def _routed(hidden, head, groups, names: list[str], labels, args: LossArgs, normaliser: float):
+    """The fused loss of each teacher's group (its rows of the student's hidden states, its sequences'
+    positions) summed: (a GKDLossOutput of the whole micro-batch, TEACHER_STATS per teacher in ``names``
+    order)."""
+    per_teacher = torch.zeros(len(names), len(TEACHER_STATS), dtype=torch.float64)
+    parts = []
+    for g in groups:
+        h = hidden if g.rows is None else hidden.index_select(0, g.rows)
+        y = labels if g.rows is None else labels.index_select(0, g.rows)
+        part = _fused(h, head, g.output, y, g.mask, args, normaliser)
+        per_teacher[names.index(g.name)] = torch.tensor(
+            [float(part.divergence_sum), float(part.agree_count), part.tokens], dtype=torch.float64)
+        parts.append(part)
+    if not parts:  # no loss position in this micro-batch: a zero loss that still reaches the student's graph
+        zero = hidden.sum() * 0.0
+        return GKDLossOutput(zero, zero.detach(), zero.detach(), zero.detach(), 0), per_teacher.flatten()
+    return GKDLossOutput(loss=sum(p.loss for p in parts), divergence_sum=sum(p.divergence_sum for p in parts),
+                         sft_sum=sum(p.sft_sum for p in parts), agree_count=sum(p.agree_count for p in parts),
+                         tokens=sum(p.tokens for p in parts)), per_teacher.flatten()
 
 
 def _row(loss, out, labels, mask, aux: float = 0.0, aligned=None) -> torch.Tensor:

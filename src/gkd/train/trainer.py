@@ -22,7 +22,7 @@ from gkd.train.completions import Ahead, Completions
 from gkd.train.malloc import limit_heap_retention
 from gkd.train.metrics import MetricsLog, plot
 from gkd.train.stats import StepStats, Window
-from gkd.train.step import LossArgs, MicroBatch, forward_backward
+from gkd.train.step import MicroBatch, forward_backward
 
 
 class Trainer:
@@ -53,20 +53,14 @@ class Trainer:
         self.images, self.teacher_images = build.image_processing(cfg, self.tokenizer, log)
         self.train_examples, self.val_examples = build.examples(cfg.section("data"), cfg.seed, self.tokenizer,
                                                                 self.images, self.teacher_images, log)
+        self.routed = build.routes(cfg, self.train_examples + self.val_examples, log)  # one line now for a bad route
         # one model at a time, sharded before the next loads: a rank's peak is one whole model, not two
         self.student = build.student(cfg.section("model"), cfg.seed, par)
         self.adapter = adapter_for(self.student)
         if cfg.packing:
             check_packing(self.student)
         self.pack = (cfg.packing_length or sys.maxsize) if cfg.packing else None  # most tokens per packed row
-        if cfg.router_aux_loss_coef and not self.adapter.moe:
-            log(f"[gkd] --model {cfg.model} has no experts: --router_aux_loss_coef does nothing")
-        aux = cfg.router_aux_loss_coef
-        self.loss_args = LossArgs(beta=cfg.objective, temperature=cfg.divergence_temperature, sft_alpha=cfg.sft_alpha,
-                                  chunk_size=cfg.loss_chunk_size or None, tp_group=par.tp_group,
-                                  router_aux_loss_coef=self.adapter.router_aux_loss_coef(self.student) if aux is None
-                                  else aux,
-                                  dropout_seed=cfg.seed if cfg.train_type == "lora" and cfg.lora_dropout else None)
+        self.loss_args = build.loss_args(cfg, self.student, par, log)
         self.teacher = build.cached_teacher(build.teacher(cfg.section("teacher"), self.tokenizer, self.student, par,
                                                           log), cfg, par, log)
         build.check_fits(cfg, self.student, self.teacher, self.train_examples, self.val_examples)
@@ -116,7 +110,8 @@ class Trainer:
                             None if inputs is None else inputs[m],
                             None if teacher_inputs is None else teacher_inputs[m], images=[r.images for r in rows[m]],
                             sampled=sampled, pack=self.pack)
-            micro.append(MicroBatch(batch.to(self.device), [sampled] * len(rows[m]), first_row=lo + m.start, step=step))
+            micro.append(MicroBatch(batch.to(self.device), [sampled] * len(rows[m]), first_row=lo + m.start, step=step,
+                                    teachers=[r.teacher for r in rows[m]] if self.routed else None))
         # MoE: the router aux loss is a mean over the step's routed (attention-mask) tokens on every rank
         routed = float(par.dp_reduce(torch.tensor(sum(int(mb.batch.attention_mask.sum()) for mb in micro)))
                        ) if self.adapter.moe else 0.0
@@ -124,7 +119,8 @@ class Trainer:
         row = forward_backward(micro, self.student, self.adapter, self.teacher, self.loss_args, float(n_tokens),
                                skip_empty=par.world == 1, dims=par,
                                reduce_scatter_each=cfg.reduce_scatter_every_micro_batch, routed=routed)
-        stats = StepStats.of(par.loss_reduce(row), self.adapter.num_experts(self.student))
+        stats = StepStats.of(par.loss_reduce(row), self.adapter.num_experts(self.student),
+                             self.teacher.names if self.routed else None)
         grad_norm = parallel.clip_grad_norm(self.params, cfg.max_grad_norm, par, self.student)
         if not (math.isfinite(stats.loss) and math.isfinite(float(grad_norm))):
             self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,159 @@
+"""Several teachers in one run (docs/teachers.md): each row routed to one of them (RoutedTeacher), or
+every position scored against their mixture (MixtureTeacher).
+
+Teachers are named ``name=source`` or by their source (the model path or server URL as given), in the
+order of --teacher_model's entries, then --teacher_model_server's (gkd.config.teacher_specs). A row names
+its teacher in a ``teacher`` column, or --teacher_route maps its dataset (``*``: every other one) to one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gkd.data.batch import Batch
+from gkd.errors import GKDError
+from gkd.teacher.base import TeacherOutput
+
+
+def assign_routes(examples: list, names: list[str], routes: dict[str, str], datasets: list[str]) -> None:
+    """Every row's teacher (its ``teacher`` column, else its dataset's route), checked to be one of
+    ``names``; one line for the first that is not, or a row with none."""
+    stray = sorted(set(routes) - set(datasets) - {"*"})
+    if stray:
+        raise GKDError(f"--teacher_route names dataset {stray[0]!r}, which is none of --dataset / --val_dataset")
+    for where, name in routes.items():
+        if name not in names:
+            raise GKDError(f"--teacher_route {where}={name}: no teacher is named {name!r} (teachers: {', '.join(names)})")
+    for e in examples:
+        name = e.teacher or routes.get(e.dataset) or routes.get("*")
+        if name is None:
+            if len(names) > 1:
+                raise GKDError(f"{e.source}: the row names no teacher; give it a 'teacher' column or map its "
+                               f"dataset with --teacher_route (teachers: {', '.join(names)})")
+            name = names[0]
+        if name not in names:
+            raise GKDError(f"{e.source}: teacher {name!r} is none of the run's teachers ({', '.join(names)})")
+        e.teacher = name
+
+
+def rows_of(batch: Batch, rows: list[int]) -> Batch:
+    """The batch of these rows alone (its other model inputs are joined over rows: a batch with any is
+    scored whole, and only these rows count)."""
+    if len(rows) == batch.input_ids.shape[0] or batch.inputs or batch.teacher_inputs:
+        return batch
+    idx = torch.tensor(rows, device=batch.input_ids.device)
+    seqs = batch.sequences()
+    images = None if batch.images is None else [batch.images[s] for s, (b, _, _) in enumerate(seqs) if b in rows]
+    return Batch(batch.input_ids[idx], batch.attention_mask[idx], batch.loss_mask[idx], batch.labels[idx],
+                 images=images, sampled=batch.sampled,
+                 position_ids=None if batch.position_ids is None else batch.position_ids[idx])
+
+
+@dataclass
+class Group:
+    """One teacher's share of a micro-batch: the rows it scored (None: all), the positions of its
+    sequences among them, and its output for those rows."""
+
+    name: str
+    rows: torch.Tensor | None
+    mask: torch.Tensor  # [rows, T] bool: loss positions of this teacher's sequences
+    output: TeacherOutput
+
+
+class _Several:
+    """What routed and mixed teachers share: each member asked in turn."""
+
+    def __init__(self, teachers: dict):
+        self.teachers = teachers
+        self.names = list(teachers)
+        self.topk = None
+        contexts = [t.context for t in teachers.values() if t.context is not None]
+        self.context = min(contexts) if contexts else None
+
+    def members(self) -> list:
+        return list(self.teachers.values())
+
+    def score_pipelined(self, batches, last_stage):
+        raise GKDError("several teachers with --pipeline_model_parallel_size > 1 are not supported")
+
+    def check_generation(self, rollout, why: str) -> None:
+        raise GKDError(f"{why}; with several teachers none writes completions: give every row a completion")
+
+    def generate(self, *a, **kw):
+        raise GKDError("several teachers: no one teacher writes completions")
+
+    def evaluate(self, *a, **kw):
+        raise GKDError("--eval_steps with several teachers is not supported (gkd eval one teacher at a time)")
+
+    def memory_mib(self, most, device) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for t in self.members():
+            for k, v in t.memory_mib(most, device).items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def close(self) -> None:
+        for t in self.members():
+            t.close()
+
+
+class RoutedTeacher(_Several):
+    """Each sequence scored by the teacher its row names; a teacher with none in a micro-batch is not run."""
+
+    def check_rows(self, examples: list, new_tokens: int, sampled: bool) -> None:
+        for name, t in self.teachers.items():
+            mine = [e for e in examples if e.teacher == name]
+            if mine:
+                t.check_rows(mine, new_tokens, sampled)
+
+    def score(self, batch: Batch, split=None) -> TeacherOutput:
+        raise GKDError("a routed teacher scores groups of rows (score_groups), not a whole batch")
+
+    def score_groups(self, batch: Batch, teachers: list[str], everyone: bool = False) -> list[Group]:
+        """Each teacher's group of ``batch`` (``teachers``: each sequence's, in ``batch.sequences()`` order).
+        ``everyone``: a teacher with no sequence here still runs (on one row, its output unused), for
+        teachers sharded over processes that all must join each forward."""
+        index = batch.sequence_index()
+        owner = torch.full_like(index, -1)
+        for s, name in enumerate(teachers):
+            owner[index == s] = self.names.index(name)
+        groups = []
+        for i, (name, t) in enumerate(self.teachers.items()):
+            mine = (owner == i) & batch.loss_mask
+            rows = mine.any(1).nonzero().squeeze(1).tolist()
+            if not rows:
+                if everyone:
+                    t.score(rows_of(batch, [0]))
+                continue
+            sub = rows_of(batch, rows)
+            idx = None if sub is batch else torch.tensor(rows, device=mine.device)
+            groups.append(Group(name, idx, mine if idx is None else mine[idx], t.score(sub)))
+        return groups
+
+
+class MixtureTeacher(_Several):
+    """Every position scored against sum_i w_i softmax(z_i / T) (gkd.losses: exact, over the vocabulary or
+    the union of the teachers' top-k ids)."""
+
+    def __init__(self, teachers: dict, weights: list[float]):
+        super().__init__(teachers)
+        self.weights = weights
+
+    def check_rows(self, examples: list, new_tokens: int, sampled: bool) -> None:
+        for t in self.members():
+            t.check_rows(examples, new_tokens, sampled)
+
+    def score(self, batch: Batch, split=None) -> TeacherOutput:
+        return TeacherOutput(mixture=[t.score(batch, split) for t in self.members()], weights=self.weights)
+
+
+def check_mixable(teachers: dict, vocabs: dict[str, int]) -> None:
+    """A mixture needs one vocabulary and one kind of output (full vocabulary, or top-k) over its teachers."""
+    if len(set(vocabs.values())) > 1:
+        raise GKDError("--teacher_mixture needs one vocabulary, the teachers' differ: "
+                       + ", ".join(f"{n} {v}" for n, v in vocabs.items()))
+    if len({t.topk is None for t in teachers.values()}) > 1:
+        raise GKDError("--teacher_mixture mixes full-vocabulary and top-k teachers: give every teacher a "
+                       "--gkd_logits_topk K, or none")
