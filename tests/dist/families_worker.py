@@ -7,6 +7,7 @@ own mesh). Usage: families_worker.py DATA IMAGE_DATA fsdp|tp|pp|ep ROOT FAMILY,F
 ...] (ROOT/FAMILY holds the student and teacher folders; vision-language families train on IMAGE_DATA)."""
 
 import sys
+import traceback
 from pathlib import Path
 
 import torch.distributed as dist
@@ -64,6 +65,7 @@ def _step(mode: str, root: str, data: str, family: str) -> bool:
                                 SamplingConfig(max_new_tokens=8, temperature=1.3, top_k=40, batch_size=6))
         assert_steps_match(trainer, load_model(student), load_model(teacher))
     except Exception as e:  # noqa: BLE001 - reported, and the launch goes on to the next family
+        traceback.print_exc()  # where it failed, in the run's stderr
         print(f"FAIL {mode} {family} rank {dist.get_rank()}: {type(e).__name__}: {e}", flush=True)
         return False
     print(f"OK {mode} {family} rank {dist.get_rank()}", flush=True)
