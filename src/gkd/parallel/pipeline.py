@@ -5,7 +5,9 @@ the last) inside the model object itself: the layer list becomes a ``ModuleDict`
 index, so every weight keeps its name (``model.layers.7.mlp...``) and a checkpoint saved at one pipeline
 size loads at another. A :class:`Stage` is a thin module over one stage's share (the same parameters)
 whose forward runs those layers, recomputing positions, the causal mask and the rotary embedding as the
-family's body would.
+family's body would. A vision-language model's first stage also holds the vision tower and aligner and
+merges the image features into its embeddings; the family's own positions (Qwen2-VL's M-RoPE) are made by
+every stage from the batch (``context``).
 
 The student trains through ``torch.distributed.pipelining`` (1F1B, GPipe, interleaved 1F1B with virtual
 stages); its loss is the fused GKD loss on the last stage, summed and divided by the step's global token
