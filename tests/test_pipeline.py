@@ -179,6 +179,31 @@ def test_split_layers_and_models_that_cannot_be_split():
         check_config(Gemma3TextConfig(**gemma3, use_bidirectional_attention=True), 2, "", "m")
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_a_vision_language_models_later_stage_holds_no_vision_modules(tmp_path, family):
+    """The first stage holds the vision tower and projector (as stage modules: FSDP shards them with it); a later
+    stage drops them, still finds its lm_head (transformers looks for it through the dropped embedding) and
+    gives FSDP its decoder layers as units."""
+    from types import SimpleNamespace
+
+    from families import write_family
+    from gkd.models import load_model
+    from gkd.models.adapter import adapter_for
+    from gkd.parallel.pipeline import split
+
+    folder = write_family(tmp_path / family, family, layers=2, seed=2)
+    first, later = (load_model(str(folder), "float32") for _ in range(2))
+    adapter = adapter_for(first)
+    vision = {id(p) for m in (adapter.vision_tower(first), adapter.aligner(first)) for p in m.parameters()}
+    stage = split(first, SimpleNamespace(pp=2, pp_rank=0, pp_group=None)).stages[0]
+    assert {id(p) for p in stage.vision.parameters()} == vision
+    split(later, SimpleNamespace(pp=2, pp_rank=1, pp_group=None))
+    assert adapter.vision_tower(later) is None and adapter.aligner(later) is None
+    assert not any(w in n for n, _ in later.named_parameters() for w in ("visual", "vision", "projector"))
+    assert adapter.lm_head(later) is later.lm_head.weight
+    assert [type(u).__name__ for u in adapter.fsdp_units(later)] == [type(adapter.decoder(later).layers["1"]).__name__]
+
+
 def test_a_stage_decodes_a_prompt_with_an_image_as_hf_generate(tmp_path):
     """One Qwen2-VL stage holding every layer, fed as the pipelined sampler feeds its stages (the image at the
     prompt, the prompt's M-RoPE positions, then the counted positions plus the image's offset), gives HF

@@ -346,8 +346,10 @@ def _float_sum(out) -> torch.Tensor:
 def vision_outside_units(adapter: Adapter, model) -> list[torch.nn.Module]:
     """The decoder layers alone: a vision tower runs only for micro-batches with images, so a rank without
     one would skip its blocks' gathers while another waits in them; left to the root unit, which every
-    forward gathers, the tower costs no collective of its own."""
-    return list(adapter.decoder(model).layers)
+    forward gathers, the tower costs no collective of its own. (A pipeline stage's share of the layers is a
+    ModuleDict keyed by layer index.)"""
+    layers = adapter.decoder(model).layers
+    return list(layers.values() if isinstance(layers, torch.nn.ModuleDict) else layers)
 
 
 _FAMILIES: list[Adapter] = []

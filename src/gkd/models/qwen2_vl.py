@@ -96,7 +96,8 @@ class Qwen2VL(Adapter):
         return unwrap(model).model.visual
 
     def aligner(self, model) -> torch.nn.Module:
-        return unwrap(model).model.visual.merger
+        visual = unwrap(model).model.visual
+        return visual.merger if visual is not None else None  # (None on a later pipeline stage)
 
     def image_processing(self, folder, tokenizer, config) -> ImageProcessing:
         processor = load_image_processor(folder, str(folder))
