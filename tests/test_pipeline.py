@@ -172,12 +172,78 @@ def test_split_layers_and_models_that_cannot_be_split():
         check_config(GPT2Config(n_layer=2), 2, "", "m")
     vl = Qwen2VLConfig(text_config=dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
                                         num_key_value_heads=2, intermediate_size=64, vocab_size=96))
-    with pytest.raises(GKDError, match="no pipeline plan for qwen2_vl"):
-        check_config(vl, 2, "", "m")
+    check_config(vl, 2, "", "m")  # the first stage runs the vision tower; every stage takes the M-RoPE positions
     gemma3 = dict(llama, head_dim=8, num_key_value_heads=4)
     check_config(Gemma3TextConfig(**gemma3), 2, "", "m")
     with pytest.raises(GKDError, match="no pipeline plan for gemma3_text .*use_bidirectional_attention masks"):
         check_config(Gemma3TextConfig(**gemma3, use_bidirectional_attention=True), 2, "", "m")
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_a_vision_language_models_later_stage_holds_no_vision_modules(tmp_path, family):
+    """The first stage holds the vision tower and projector (as stage modules: FSDP shards them with it); a later
+    stage drops them, still finds its lm_head (transformers looks for it through the dropped embedding) and
+    gives FSDP its decoder layers as units."""
+    from types import SimpleNamespace
+
+    from families import write_family
+    from gkd.models import load_model
+    from gkd.models.adapter import adapter_for
+    from gkd.parallel.pipeline import split
+
+    folder = write_family(tmp_path / family, family, layers=2, seed=2)
+    first, later = (load_model(str(folder), "float32") for _ in range(2))
+    adapter = adapter_for(first)
+    vision = {id(p) for m in (adapter.vision_tower(first), adapter.aligner(first)) for p in m.parameters()}
+    stage = split(first, SimpleNamespace(pp=2, pp_rank=0, pp_group=None)).stages[0]
+    assert {id(p) for p in stage.vision.parameters()} == vision
+    split(later, SimpleNamespace(pp=2, pp_rank=1, pp_group=None))
+    assert adapter.vision_tower(later) is None and adapter.aligner(later) is None
+    assert not any(w in n for n, _ in later.named_parameters() for w in ("visual", "vision", "projector"))
+    assert adapter.lm_head(later) is later.lm_head.weight
+    assert [type(u).__name__ for u in adapter.fsdp_units(later)] == [type(adapter.decoder(later).layers["1"]).__name__]
+
+
+def test_a_stage_decodes_a_prompt_with_an_image_as_hf_generate(tmp_path):
+    """One Qwen2-VL stage holding every layer, fed as the pipelined sampler feeds its stages (the image at the
+    prompt, the prompt's M-RoPE positions, then the counted positions plus the image's offset), gives HF
+    generate's logits at each new token (an image of 4 tokens spanning 2 positions: an offset of -2)."""
+    import torch
+    from PIL import Image
+    from torch import nn
+    from transformers import AutoImageProcessor, DynamicCache
+
+    from families import write_family
+    from gkd.models import load_model
+    from gkd.models.adapter import adapter_for
+    from gkd.parallel.pipeline import Stage
+    from gkd.rollout.pipelined import _positions
+
+    folder = write_family(tmp_path / "vl", "qwen2_vl", layers=2, seed=2)
+    model = load_model(str(folder), "float32").eval()
+    adapter = adapter_for(model)
+    image = Image.fromarray(torch.randint(0, 255, (56, 42, 3), dtype=torch.uint8).numpy())
+    images = dict(AutoImageProcessor.from_pretrained(str(folder))(images=[image], return_tensors="pt"))
+    tok = model.config.image_token_id
+    ids = torch.tensor([[0, 27, 28, tok, tok, tok, tok, 29, 30], [31, 32, 33, 34, 35, 36, 37, 38, 39]])
+    attention = (ids != 0).long()
+    attention[1] = 1
+    with torch.no_grad():
+        hf = model.generate(**adapter.prepare(model, {"input_ids": ids, "attention_mask": attention, **images}),
+                            max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        prompt, offset = adapter.stage_position_ids(model, ids, attention, images)
+        assert offset.tolist() == [[-2], [0]]
+        body = adapter.decoder(model)
+        body.layers = nn.ModuleDict({str(i): layer for i, layer in enumerate(body.layers)})
+        stage = Stage(model, list(range(len(body.layers))), first=True, last=True)
+        cache, x = DynamicCache(config=stage.config), ids
+        for k in range(3):
+            positions = _positions(attention, x.shape[1], prompt if k == 0 else None, offset)
+            h = stage(x, attention_mask=attention, position_ids=positions, cache=cache, images=images if k == 0 else None)
+            logits = stage.head().through(stage.lm_head, h[:, -1:, :])[:, -1].float()
+            assert torch.allclose(logits, hf.logits[k], atol=1e-5), (k, float((logits - hf.logits[k]).abs().max()))
+            x = hf.sequences[:, ids.shape[1] + k:][:, :1]
+            attention = torch.cat([attention, attention.new_ones(2, 1)], dim=1)
 
 
 def test_generation_configs_the_pipelined_sampler_cannot_follow_are_refused(tiny):

@@ -7,6 +7,8 @@ own mesh). Usage: families_worker.py DATA IMAGE_DATA fsdp|tp|pp|ep ROOT FAMILY,F
 ...] (ROOT/FAMILY holds the student and teacher folders; vision-language families train on IMAGE_DATA)."""
 
 import sys
+from dataclasses import replace
+import traceback
 from pathlib import Path
 
 import torch.distributed as dist
@@ -21,7 +23,7 @@ from gkd.models import load_model
 from gkd.rollout.base import SamplingConfig
 from gkd.rollout.pipelined import PipelineSampler
 from gkd.train.trainer import Trainer
-from naive import assert_steps_match
+from naive import assert_steps_match, image_inputs
 
 LAYOUTS = {  # mode: (TrainConfig arguments, the (tp, pp, ep, data-parallel size) they must give)
     "fsdp": (dict(micro_batch_size=1), (1, 1, 1, 2)),
@@ -60,10 +62,17 @@ def _step(mode: str, root: str, data: str, family: str) -> bool:
         if mode == "pp":  # on-policy steps sample through the stages: each family's masks and KV caches (at the
             # loaded weights: before the steps move them); top-k, EOS cuts, several chunks
             assert isinstance(trainer.rollout, PipelineSampler), type(trainer.rollout)
-            assert_same_samples(student, trainer.student, trainer.device,
-                                SamplingConfig(max_new_tokens=8, temperature=1.3, top_k=40, batch_size=6))
+            sampling = SamplingConfig(max_new_tokens=8, temperature=1.3, top_k=40, batch_size=6)
+            assert_same_samples(student, trainer.student, trainer.device, sampling)
+            if family in VISION:  # prompts with images: the first stage's merge, M-RoPE positions and their offset
+                rows = [e for e in trainer.train_examples if e.images][:6]
+                inputs = [{k: v.float() if v.is_floating_point() else v for k, v in got.items()}
+                          for got in image_inputs(student, rows)]
+                assert_same_samples(student, trainer.student, trainer.device, replace(sampling, max_new_tokens=24),
+                                    [e.prompt_ids for e in rows], inputs)
         assert_steps_match(trainer, load_model(student), load_model(teacher))
     except Exception as e:  # noqa: BLE001 - reported, and the launch goes on to the next family
+        traceback.print_exc()  # where it failed, in the run's stderr
         print(f"FAIL {mode} {family} rank {dist.get_rank()}: {type(e).__name__}: {e}", flush=True)
         return False
     print(f"OK {mode} {family} rank {dist.get_rank()}", flush=True)

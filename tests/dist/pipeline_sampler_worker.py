@@ -14,16 +14,20 @@ from gkd.rollout.hf import HFSampler
 from gkd.rollout.base import SamplingConfig
 
 
-def assert_same_samples(folder: str, staged, device, cfg: SamplingConfig) -> tuple[int, int]:
-    """The pipelined sampler's completions of 12 seeded prompts on ``staged`` (the model in ``folder``, split
-    into stages) equal HFSampler's on the whole model; returns (completions, how many stopped at EOS)."""
+def assert_same_samples(folder: str, staged, device, cfg: SamplingConfig, prompts=None,
+                        inputs=None) -> tuple[int, int]:
+    """The pipelined sampler's completions of 12 seeded prompts (or ``prompts``, with their images' ``inputs``)
+    on ``staged`` (the model in ``folder``, split into stages) equal HFSampler's on the whole model; returns
+    (completions, how many stopped at EOS)."""
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(5, 96, (int(n),), generator=g).tolist() for n in torch.randint(2, 9, (12,), generator=g)]
-    rows = list(range(7, 19))  # rows of a global batch: the seeds follow them
+    if prompts is None:
+        prompts = [torch.randint(5, 96, (int(n),), generator=g).tolist()
+                   for n in torch.randint(2, 9, (12,), generator=g)]
+    rows = list(range(7, 7 + len(prompts)))  # rows of a global batch: the seeds follow them
     whole = HFSampler(cfg, [4], 0, device)
-    expected = whole.generate(load_model(folder, "float32"), prompts, rows, seed=1234)
+    expected = whole.generate(load_model(folder, "float32"), prompts, rows, inputs, seed=1234)
     piped = PipelineSampler(cfg, [4], 0, device)
-    got = piped.generate(staged, prompts, rows, seed=1234)
+    got = piped.generate(staged, prompts, rows, inputs, seed=1234)
     assert got == expected, (got, expected)
     return len(got), sum(1 for c in expected if c[-1] == 4 and len(c) < cfg.max_new_tokens)
 

@@ -39,6 +39,14 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def output_embeddings(model):
+    """The lm_head module (None where a pipeline stage dropped it). transformers finds it only while it finds
+    the input embeddings, which a vision-language model's later pipeline stages no longer hold."""
+    base = unwrap(model)
+    head = base.get_output_embeddings()
+    return head if head is not None else getattr(base, "lm_head", None)
+
+
 class Adapter:
     """A family's answers. Subclasses set ``name``, ``model_types`` and override what differs."""
 
@@ -55,7 +63,7 @@ class Adapter:
 
     def lm_head(self, model) -> torch.Tensor:
         """The output projection's weight [V, H] (vocabulary-sharded under tensor parallelism)."""
-        return unwrap(model).get_output_embeddings().weight
+        return output_embeddings(model).weight
 
     # Config attributes of the text config that post-process logits. ``head_attrs``: those
     # :meth:`head_form` applies; ``inner_attrs``: those the model applies inside its own forward (attention
@@ -81,7 +89,7 @@ class Adapter:
         """How the model turns final hidden states into logits: the lm_head's weight and bias
         (vocabulary-sharded under tensor parallelism; read after the forward that gathers them under FSDP)
         and the family's transform. Every caller that forms logits or a loss goes through this."""
-        return self.head_of(unwrap(model).get_output_embeddings(), text_config(unwrap(model).config))
+        return self.head_of(output_embeddings(model), text_config(unwrap(model).config))
 
     def head_of(self, lm_head: torch.nn.Module, config) -> LogitHead:
         """``logit_head`` from the lm_head module and the text config (a pipeline's last stage holds both)."""
@@ -231,6 +239,52 @@ class Adapter:
         body computes it: one for every layer by default."""
         return dict.fromkeys(layer_ids, rotary_emb(hidden, position_ids))
 
+    def stage_positions(self, position_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(the positions a stage's masks and layers take, those its rotary embedding takes) from the positions
+        a stage is given: the same by default; a family with multimodal positions splits them."""
+        return position_ids, position_ids
+
+    def stage_position_ids(self, model, ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict):
+        """(the positions every stage takes for a batch with its other inputs, as the family's forward makes
+        them; each row's offset of the positions after them, as generate continues them [B, 1]); (None, None):
+        plain text positions, counted by the attention mask."""
+        return None, None
+
+    def stage_images(self, model, ids: torch.Tensor, embeds: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """The first stage's embeddings with the images' features in place of their placeholder tokens, as the
+        family's forward merges them (its own get_image_features runs the tower and the aligner)."""
+        if not self.multimodal:
+            return embeds
+        base = unwrap(model)
+        if "pixel_values" not in inputs:
+            if not self._untouched_vision(model, inputs):
+                return embeds
+            blank = base.model.get_image_features(**self.blank_image(model)).pooler_output
+            return embeds + 0.0 * _float_sum(blank)  # as final_hidden: every rank's backward reaches the tower
+        images = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+        features = base.model.get_image_features(**images, return_dict=True).pooler_output
+        features = torch.cat(list(features)).to(embeds.device, embeds.dtype)
+        slots = (ids == self.placeholder_ids(model)[0])[..., None].expand_as(embeds)
+        if int(slots.sum()) != features.numel():
+            raise GKDError(f"{int(slots[..., 0].sum())} image tokens in the ids but {features.shape[0]} image "
+                           "features: the rows' images and their placeholder tokens disagree")
+        return embeds.masked_scatter(slots, features)
+
+    def vision_modules(self, model) -> list[torch.nn.Module]:
+        """The vision tower and the aligner (the aligner alone where it is not inside the tower)."""
+        tower, aligner = self.vision_tower(model), self.aligner(model)
+        inside = tower is not None and aligner is not None and aligner in set(tower.modules())
+        return [m for m in (tower, None if inside else aligner) if m is not None]
+
+    def drop_vision(self, model) -> None:
+        """Drop the vision modules from a model whose share holds no first stage (the checkpoint loads without
+        them, as it does without the embedding)."""
+        base = unwrap(model)
+        names = {id(m): n for n, m in base.named_modules()}
+        for part in self.vision_modules(model):
+            owner, _, attr = names[id(part)].rpartition(".")
+            setattr(base.get_submodule(owner), attr, None)
+
     # --- vision ---------------------------------------------------------------------------------
 
     def vision_tower(self, model) -> torch.nn.Module | None:
@@ -292,8 +346,10 @@ def _float_sum(out) -> torch.Tensor:
 def vision_outside_units(adapter: Adapter, model) -> list[torch.nn.Module]:
     """The decoder layers alone: a vision tower runs only for micro-batches with images, so a rank without
     one would skip its blocks' gathers while another waits in them; left to the root unit, which every
-    forward gathers, the tower costs no collective of its own."""
-    return list(adapter.decoder(model).layers)
+    forward gathers, the tower costs no collective of its own. (A pipeline stage's share of the layers is a
+    ModuleDict keyed by layer index.)"""
+    layers = adapter.decoder(model).layers
+    return list(layers.values() if isinstance(layers, torch.nn.ModuleDict) else layers)
 
 
 _FAMILIES: list[Adapter] = []

@@ -19,7 +19,7 @@ class Llava(Adapter):
     model_types = ("llava",)
     vllm_blocker = VLLM_NEEDS_TORCHVISION
     auto_class = "AutoModelForImageTextToText"
-    pipeline_gap = "the first stage does not run the vision tower"
+    pipeline_gap = ""
 
     def placeholder_ids(self, model) -> list[int]:
         return [unwrap(model).config.image_token_index]

@@ -20,7 +20,7 @@ class Qwen2VL(Adapter):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     vllm_blocker = VLLM_NEEDS_TORCHVISION
     auto_class = "AutoModelForImageTextToText"
-    pipeline_gap = "a stage runs neither the vision tower nor the 3D (M-RoPE) positions"
+    pipeline_gap = ""
 
     def prepare(self, model, inputs: dict) -> dict:
         if "position_ids" in inputs and "attention_mask" not in inputs and inputs["position_ids"].dim() == 2:
@@ -58,6 +58,22 @@ class Qwen2VL(Adapter):
             rest["mm_token_type_ids"] = self._token_types(model, ids)
         return {**rest, "position_ids": torch.cat([text[None], mrope])}
 
+    def stage_position_ids(self, model, ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict):
+        """The M-RoPE positions [3, B, T] of rows with images and each row's offset of its next positions
+        [B, 1], as the model's forward and generate make them (its own get_rope_index; plain text: None)."""
+        if "image_grid_thw" not in inputs:
+            return None, None
+        return unwrap(model).model.get_rope_index(ids, mm_token_type_ids=self._token_types(model, ids),
+                                                  image_grid_thw=inputs["image_grid_thw"],
+                                                  attention_mask=attention_mask)
+
+    def stage_positions(self, position_ids: torch.Tensor):
+        """As the text model splits them: [3, B, T] M-RoPE positions rotate and leave the masks to the 2D mask;
+        [4, B, T] lead with the text positions; plain [B, T] positions serve all three sections."""
+        if position_ids.dim() == 3:
+            return (position_ids[0] if position_ids.shape[0] == 4 else None), position_ids[-3:]
+        return position_ids, position_ids
+
     def placeholder_ids(self, model) -> list[int]:
         config = unwrap(model).config
         return [config.image_token_id, config.video_token_id]
@@ -80,7 +96,8 @@ class Qwen2VL(Adapter):
         return unwrap(model).model.visual
 
     def aligner(self, model) -> torch.nn.Module:
-        return unwrap(model).model.visual.merger
+        visual = unwrap(model).model.visual
+        return visual.merger if visual is not None else None  # (None on a later pipeline stage)
 
     def image_processing(self, folder, tokenizer, config) -> ImageProcessing:
         processor = load_image_processor(folder, str(folder))

@@ -5,7 +5,9 @@ the last) inside the model object itself: the layer list becomes a ``ModuleDict`
 index, so every weight keeps its name (``model.layers.7.mlp...``) and a checkpoint saved at one pipeline
 size loads at another. A :class:`Stage` is a thin module over one stage's share (the same parameters)
 whose forward runs those layers, recomputing positions, the causal mask and the rotary embedding as the
-family's body would.
+family's body would. A vision-language model's first stage also holds the vision tower and aligner and
+merges the image features into its embeddings; the family's own positions (Qwen2-VL's M-RoPE) are made by
+every stage from the batch (``context``).
 
 The student trains through ``torch.distributed.pipelining`` (1F1B, GPipe, interleaved 1F1B with virtual
 stages); its loss is the fused GKD loss on the last stage, summed and divided by the step's global token
@@ -135,49 +137,62 @@ class Stage(nn.Module):
         body = adapter.decoder(model)
         self.adapter, self.config, self.layer_ids = adapter, body.config, layer_ids
         self.embed_tokens = body.embed_tokens if first else None
+        # the first stage runs the vision modules (registered here, so that FSDP and the schedule see them);
+        # the model itself is kept unregistered for the family's image-feature call
+        self.vision = nn.ModuleList(adapter.vision_modules(model)) if first else None
+        self.__dict__["model"] = model
         self.layers = nn.ModuleList([body.layers[str(i)] for i in layer_ids])
         self.norm = body.norm if last else None
         self.lm_head = unwrap(model).get_output_embeddings() if last else None
         self.rotary_emb = body.rotary_emb
-        self.masks: list[torch.Tensor] = []  # the step's attention masks, one per micro-batch, in schedule order
+        # what each of the step's micro-batches takes besides its hidden states (``context``), in schedule order
+        self.contexts: list[dict] = []
         self.calls = 0
         # a MoE student's training forwards also carry each row's routing sums (gkd.models.routing) to the last
         # stage, which forms the router loss from them: their width (0: none), and this stage's expert loads
         self.routers, self.routing, self.load = adapter.routers_of(self.layers), 0, None
 
-    def forward(self, x: torch.Tensor, routing=None, attention_mask=None, position_ids=None, cache=None):
+    def forward(self, x: torch.Tensor, routing=None, attention_mask=None, position_ids=None, cache=None,
+                images=None):
         """A training micro-batch (x, and a MoE student's routing sums so far): schedules run a stage's
-        micro-batches in order, so the k-th call is the k-th micro-batch and takes its (right-padded)
-        attention mask. Generation passes the mask, positions and this stage's KV cache. (Called as the
-        module, so FSDP gathers what the stage holds.)"""
-        if attention_mask is None and self.masks:
-            attention_mask = self.masks[self.calls]
+        micro-batches in order, so the k-th call is the k-th micro-batch and takes its ``context`` (the
+        right-padded attention mask, the family's positions, the images). Generation passes the mask,
+        positions, this stage's KV cache and, at the prompt, the images. (Called as the module, so FSDP
+        gathers what the stage holds.)"""
+        if attention_mask is None and self.contexts:
+            given = self.contexts[self.calls]
             self.calls += 1
             if self.routing:
-                return self.routed(x, routing, attention_mask)
-        return self.run(x, attention_mask, position_ids, cache)
+                return self.routed(x, routing, given)
+            return self.run(x, **given)
+        return self.run(x, attention_mask, position_ids, cache, images)
 
-    def routed(self, x: torch.Tensor, routing, attention_mask: torch.Tensor):
+    def routed(self, x: torch.Tensor, routing, given: dict):
         """(hidden states, the rows' routing sums with this stage's layers added); the loads are kept."""
         with recording(self.routers) as seen:
-            h = self.run(x, attention_mask)
+            h = self.run(x, **given)
         if routing is None:
             routing = torch.zeros(h.shape[0], self.routing, dtype=torch.float32, device=h.device)
         if not seen:
             return h, routing
-        sums, load = row_sums(seen, row_index(attention_mask))
+        sums, load = row_sums(seen, row_index(given["attention_mask"]))
         self.load = load if self.load is None else self.load + load
         return h, routing + sums
 
-    def run(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids=None, cache=None):
+    def run(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids=None, cache=None,
+            images: dict | None = None):
         adapter, config = self.adapter, self.config
-        h = adapter.stage_embed(config, self.embed_tokens, x) if self.embed_tokens is not None else x
+        if self.embed_tokens is not None:  # token ids: the embedding, with the images' features merged in
+            h = adapter.stage_images(self.model, x, adapter.stage_embed(config, self.embed_tokens, x), images or {})
+        else:
+            h = x
         if position_ids is None:
             position_ids = torch.arange(h.shape[1], device=h.device)[None]
-        masks = adapter.stage_masks(config, h, attention_mask, position_ids, cache, self.layer_ids)
-        rotary = adapter.stage_rotary(config, self.rotary_emb, h, position_ids, self.layer_ids)
+        text, rotary_positions = adapter.stage_positions(position_ids)
+        masks = adapter.stage_masks(config, h, attention_mask, text, cache, self.layer_ids)
+        rotary = adapter.stage_rotary(config, self.rotary_emb, h, rotary_positions, self.layer_ids)
         for i, layer in zip(self.layer_ids, self.layers):
-            h = layer(h, attention_mask=masks[i], position_ids=position_ids, past_key_values=cache,
+            h = layer(h, attention_mask=masks[i], position_ids=text, past_key_values=cache,
                       use_cache=cache is not None, position_embeddings=rotary[i])
         return self.norm(h) if self.norm is not None else h
 
@@ -248,6 +263,7 @@ def split(model, par, virtual: int = 1, hand: str = "") -> Staged:
     stages = [Stage(model, plan[s], s == 0, s == num - 1) for s in indices]
     if 0 not in indices:
         body.embed_tokens = None
+        adapter.drop_vision(model)  # the first stage alone runs the images
     if num - 1 not in indices:
         body.norm = None
         unwrap(model).set_output_embeddings(None)
@@ -338,6 +354,16 @@ def pad_to(t: torch.Tensor, length: int, value) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
 
 
+def context(model, batch, teacher: bool = False) -> dict:
+    """What every stage of ``model`` takes for ``batch`` besides the hidden states: its attention mask, the
+    family's positions (Qwen2-VL's M-RoPE ones, from the ids and the image grids) and its images (which the
+    first stage alone reads). Every rank holds the batch, so each makes them itself: no transfer beyond the
+    schedule's hidden states, and the positions cost a few integer operations."""
+    inputs = batch.teacher_inputs if teacher and batch.teacher_inputs is not None else batch.inputs
+    positions, _ = adapter_for(model).stage_position_ids(model, batch.input_ids, batch.attention_mask, inputs)
+    return {"attention_mask": batch.attention_mask, "position_ids": positions, "images": inputs}
+
+
 def teacher_hidden(teacher_model, batches) -> list[torch.Tensor] | None:
     """The teacher's final hidden states of each batch through its own no-grad pipeline: each stage
     receives a micro-batch's hidden states from the one before, runs its layers and passes them on; the
@@ -352,7 +378,7 @@ def teacher_hidden(teacher_model, batches) -> list[torch.Tensor] | None:
             else:
                 x = torch.empty(*b.input_ids.shape, st.hidden_size(), dtype=st.dtype(), device=b.input_ids.device)
                 dist.recv(x, src=st.peer(st.rank - 1), group=st.group)
-            h = stage.run(x, b.attention_mask)
+            h = stage.run(x, **context(teacher_model, b, teacher=True))
             if st.last is None:
                 pending.append(dist.isend(h.contiguous(), dst=st.peer(st.rank + 1), group=st.group))
             else:
@@ -416,8 +442,9 @@ def forward_backward(micro_batches, batches, scored, student, n_stats: int, plan
         stats.add_(row)
         return loss
 
+    contexts = [context(student, b) for b in batches]
     for s in st.stages:
-        s.masks, s.calls, s.load = [b.attention_mask for b in batches], 0, None
+        s.contexts, s.calls, s.load = contexts, 0, None
     device = micro_batches[0].batch.input_ids.device
     schedule = schedule_for(st, n_micro, length, width, device, pipeline_loss, plan)
     ids = torch.cat([b.input_ids for b in batches])
@@ -429,7 +456,7 @@ def forward_backward(micro_batches, batches, scored, student, n_stats: int, plan
             schedule.step(target=target)
     finally:
         for s in st.stages:
-            s.masks, s.calls = [], 0
+            s.contexts, s.calls = [], 0
     sum_tied_gradients(student)
     dist.all_reduce(stats, group=st.group)  # zeros except on the last stage
     if st.stages[0].routing:

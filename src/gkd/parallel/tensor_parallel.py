@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from gkd.errors import GKDError
-from gkd.models.adapter import adapter_for, families, unwrap
+from gkd.models.adapter import adapter_for, families, output_embeddings, unwrap
 
 
 def replicated(input_layout):
@@ -217,7 +217,7 @@ def apply_tensor_parallel(model, tp_mesh) -> None:
 
     adapter = adapter_for(model)
     body = adapter.decoder(model)
-    head = unwrap(model).get_output_embeddings()
+    head = output_embeddings(model)
     staged = isinstance(body.layers, torch.nn.ModuleDict)  # a pipeline stage's share (gkd.parallel.pipeline)
     if not staged:
         check_plan(model, tp_mesh.size())

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from gkd.data.batch import left_pad
+from gkd.data.batch import join_rows, left_pad
+from gkd.models.adapter import adapter_for
 from gkd.parallel.pipeline import staged
 from gkd.rollout.base import RowSeededSampling, SamplingConfig, cut_at_eos, row_seed
 
@@ -61,9 +62,8 @@ class PipelineSampler:
     @torch.no_grad()
     def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None,
                  inputs: list[dict] | None = None, seed: int = 0) -> list[list[int]]:
-        if inputs and any(inputs):
-            raise NotImplementedError("pipelined sampling of image inputs")  # refused earlier, in one line
         rows = list(range(len(prompts))) if rows is None else rows
+        inputs = inputs or [{} for _ in prompts]
         st = staged(model)
         was_training = model.training
         model.eval()
@@ -71,15 +71,16 @@ class PipelineSampler:
         try:
             for i in range(0, len(prompts), self.cfg.batch_size):
                 chunk = slice(i, i + self.cfg.batch_size)
-                out += self._generate(st, prompts[chunk], rows[chunk], seed)
+                out += self._generate(st, prompts[chunk], rows[chunk], join_rows(inputs[chunk]), seed)
         finally:
             model.train(was_training)
         return out
 
-    def _through(self, st, x: torch.Tensor, attention: torch.Tensor, caches) -> torch.Tensor | None:
-        """One forward of every stage in order (stage s lives on pipeline rank s % P); the last stage's
-        final-position logits in float32 on the rank that holds it, None elsewhere."""
-        positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)[:, -x.shape[1]:]
+    def _through(self, st, x: torch.Tensor, attention: torch.Tensor, caches, positions: torch.Tensor,
+                 images: dict) -> torch.Tensor | None:
+        """One forward of every stage in order (stage s lives on pipeline rank s % P; the first takes the
+        prompt's images); the last stage's final-position logits in float32 on the rank that holds it, None
+        elsewhere."""
         mine = dict(zip(st.indices, zip(st.stages, caches)))
         width = (x.shape[0], x.shape[1], st.hidden_size())
         h = None
@@ -90,29 +91,39 @@ class PipelineSampler:
                 h = torch.empty(width, dtype=st.dtype(), device=x.device)
                 dist.recv(h, src=st.peer((s - 1) % st.size), group=st.group)
             stage, cache = mine[s]
-            h = stage(x if s == 0 else h, attention_mask=attention, position_ids=positions, cache=cache)
+            h = stage(x if s == 0 else h, attention_mask=attention, position_ids=positions, cache=cache,
+                      images=images if s == 0 else None)
             if s < st.num - 1:
                 dist.send(h.contiguous(), dst=st.peer((s + 1) % st.size), group=st.group)
             else:
                 return stage.head().through(stage.lm_head, h[:, -1:, :])[:, -1, :].float()
         return None
 
-    def _generate(self, st, prompts: list[list[int]], rows: list[int], seed: int) -> list[list[int]]:
+    def _generate(self, st, prompts: list[list[int]], rows: list[int], inputs: dict,
+                  seed: int) -> list[list[int]]:
         from transformers import DynamicCache
 
         ids, attention = left_pad(prompts, self.pad_id)
         ids, attention = ids.to(self.device), attention.to(self.device)
+        images = {k: v.to(self.device) for k, v in inputs.items()}
+        model = st.stages[0].model
+        # a family's own positions of the prompt (Qwen2-VL's M-RoPE ones) and their offset for the new tokens
+        prompt_positions, offset = adapter_for(model).stage_position_ids(model, ids, attention, images)
         seeded = (RowSeededSampling([row_seed(seed, r) for r in rows], self.cfg, self.device)
                   if self.cfg.do_sample else None)
         caches = [DynamicCache(config=s.config) for s in st.stages]
         eos = torch.tensor(self.eos_ids, device=self.device)
         unfinished = torch.ones(len(prompts), dtype=torch.bool, device=self.device)
         holder = st.peer((st.num - 1) % st.size)  # the rank of the last stage
+        # image placeholders are never sampled (HFSampler suppresses them in HF generate likewise)
+        placeholders = torch.tensor(adapter_for(model).placeholder_ids(model), dtype=torch.long, device=self.device)
         x, new = ids, []
         for _ in range(self.cfg.max_new_tokens):
-            logits = self._through(st, x, attention, caches)
+            positions = _positions(attention, x.shape[1], prompt_positions if not new else None, offset)
+            logits = self._through(st, x, attention, caches, positions, images if not new else {})
             token = torch.empty(len(prompts), dtype=torch.long, device=self.device)
             if logits is not None:
+                logits[:, placeholders] = -float("inf")
                 sofar = torch.cat([ids, *new], dim=1) if new else ids
                 scores = seeded(sofar, logits) if seeded is not None else logits
                 token = torch.where(unfinished, scores.argmax(-1), self.pad_id)
@@ -126,3 +137,14 @@ class PipelineSampler:
             if not going:
                 break
         return cut_at_eos(torch.cat(new, dim=1).tolist(), self.eos_ids)
+
+
+def _positions(attention: torch.Tensor, n: int, prompt: torch.Tensor | None, offset: torch.Tensor | None):
+    """The positions of the last ``n`` tokens as HF generate gives them: counted by the (left-padded) attention
+    mask; with a family's own positions of the prompt (``prompt`` [3, B, T]) and their ``offset`` for the
+    tokens after it, those lead by the counted ones (the masks take them, the rotary embedding the rest)."""
+    counted = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)[:, -n:]
+    if offset is None:
+        return counted
+    rest = prompt if prompt is not None else (counted + offset)[None].expand(3, -1, -1)
+    return torch.cat([counted[None], rest])
