@@ -241,11 +241,35 @@ def http(method: str, url: str, body=None, key: str | None = None, raw: bytes | 
         return e.code, json.loads(payload) if payload else None
 
 
+def start_server(cmd: list[str], **kw) -> subprocess.Popen:
+    """A server process whose output (stdout and stderr) a thread reads as it comes, kept for ``stop`` and error
+    messages: a server logs a line per request, and a pipe nobody reads fills (64 KiB) and blocks it."""
+    import threading
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    proc.output = []
+
+    def read():
+        for line in proc.stdout:
+            proc.output.append(line)
+
+    proc.reader = threading.Thread(target=read, daemon=True)
+    proc.reader.start()
+    return proc
+
+
+def _output(proc: subprocess.Popen) -> str:
+    """What a ``start_server`` process printed so far (after it ended: all of it)."""
+    if getattr(proc, "reader", None) is not None and proc.poll() is not None:
+        proc.reader.join(timeout=10)
+    return "".join(getattr(proc, "output", []))
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, key: str | None = None, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}): {proc.stdout.read() if proc.stdout else ''}")
+            raise RuntimeError(f"server exited ({proc.returncode}): {_output(proc)}")
         try:
             if http("GET", url + "/health", key=key, timeout=2)[0] == 200:
                 return
@@ -260,8 +284,7 @@ def start_gkd_serve(model: str, *args: str, key: str | None = None) -> tuple[sub
     cmd = [sys.executable, "-m", "gkd", "serve", "--model", model, "--port", str(port), *args]
     if key:
         cmd += ["--api-key", key]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = start_server(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc, key)
     return proc, url
@@ -281,13 +304,14 @@ needs_vllm = pytest.mark.needs_module("vllm")  # fails, never skips, without vLL
 
 
 def stop(proc: subprocess.Popen) -> str:
+    """Ends a server; what it printed (a ``start_server`` one's, read all along; another's, read now)."""
     proc.terminate()
     try:
         out, _ = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
-    return out or ""
+    return _output(proc) if getattr(proc, "reader", None) is not None else out or ""
 
 
 def loss_and_head_grad(student, teacher_out, batch, beta=0.5, temperature=0.9):

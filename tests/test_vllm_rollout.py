@@ -21,6 +21,7 @@ from helpers import (
     free_port,
     gkd_subprocess,
     needs_vllm,
+    start_server,
     stop,
     torchrun_cmd,
     vllm_server_cmd,
@@ -115,8 +116,7 @@ def vllm_server(pair):
     state = {}
 
     def start():
-        state["proc"] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                         env=env)
+        state["proc"] = start_server(cmd, cwd=ROOT, env=env)
         wait_healthy(f"http://127.0.0.1:{port}", state["proc"], timeout=300)
 
     start()

@@ -16,8 +16,8 @@ from gkd.teacher.local import LocalTeacher
 from gkd.teacher.remote import RemoteTeacher
 from gkd.train.metrics import read_metrics
 from helpers import API_KEY as KEY  # what the server and the training run use
-from helpers import (VLLM_ENV, final_weights, free_port, gkd_in_process, http, loss_and_head_grad, needs_vllm, stop,
-                     train_against_server, vllm_server_cmd, wait_healthy)
+from helpers import (VLLM_ENV, final_weights, free_port, gkd_in_process, http, loss_and_head_grad, needs_vllm,
+                     start_server, stop, train_against_server, vllm_server_cmd, wait_healthy)
 
 pytestmark = [pytest.mark.slow, needs_vllm]
 K = 8
@@ -32,7 +32,7 @@ def vllm_server(tmp_path_factory):
     student = write_model(root / "student", layers=1, seed=2)
     port = free_port()
     cmd = vllm_server_cmd(str(teacher), port, "--api-key", KEY, "--max-logprobs", "16", "--max-model-len", "256")
-    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=VLLM_ENV)
+    proc = start_server(cmd, cwd=root, env=VLLM_ENV)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, timeout=300)
