@@ -30,9 +30,18 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("G
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port to listen on, free now, drawn below the kernel's ephemeral range (32768-60999 here): ports the
+    kernel gives to other processes' connections meanwhile (gloo's, HTTP clients') are never among them."""
+    import random
+
+    while True:
+        port = random.SystemRandom().randrange(20000, 32000)  # (not the seeded stream tests may set)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,7 +267,7 @@ def start_server(cmd: list[str], **kw) -> subprocess.Popen:
     return proc
 
 
-def _output(proc: subprocess.Popen) -> str:
+def server_output(proc: subprocess.Popen) -> str:
     """What a ``start_server`` process printed so far (after it ended: all of it)."""
     if getattr(proc, "reader", None) is not None and proc.poll() is not None:
         proc.reader.join(timeout=10)
@@ -269,7 +278,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, key: str | None = None, timeo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}): {_output(proc)}")
+            raise RuntimeError(f"server exited ({proc.returncode}): {server_output(proc)}")
         try:
             if http("GET", url + "/health", key=key, timeout=2)[0] == 200:
                 return
@@ -311,7 +320,7 @@ def stop(proc: subprocess.Popen) -> str:
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
-    return _output(proc) if getattr(proc, "reader", None) is not None else out or ""
+    return server_output(proc) if getattr(proc, "reader", None) is not None else out or ""
 
 
 def loss_and_head_grad(student, teacher_out, batch, beta=0.5, temperature=0.9):

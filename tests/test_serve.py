@@ -18,8 +18,8 @@ from gkd.teacher.local import LocalTeacher
 from gkd.teacher.remote import RemoteTeacher
 from gkd.teacher.serve import Scorer, _Job
 from helpers import API_KEY as KEY  # what the module's server and the training runs use
-from helpers import (FaultyProxy, assert_same_run, declare, http, loss_and_head_grad, start_gkd_serve, stop,
-                     train_against_server, train_args)
+from helpers import (FaultyProxy, assert_same_run, declare, http, loss_and_head_grad, server_output, start_gkd_serve,
+                     stop, train_against_server, train_args)
 
 K = 8
 
@@ -216,7 +216,8 @@ def test_scorer_batches_concurrent_sequences_and_padding_changes_nothing(tiny, m
 def test_sigterm_stops_gracefully(tiny):
     proc, url = start_gkd_serve(tiny["teacher"])
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
+    proc.wait(timeout=30)
+    out = server_output(proc)
     assert proc.returncode == 0 and "stopped" in out
 
 
