@@ -21,7 +21,6 @@ import torch
 
 from gkd import parallel
 from gkd.data.batch import Batch
-from gkd.errors import GKDError
 from gkd.losses import GKDLossOutput, fused_linear_gkd_loss
 from gkd.models.adapter import text_config, unwrap
 from gkd.models.dropout import identities, token_identities
@@ -67,9 +66,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
     each teacher's group of rows gets its own fused loss on the same student hidden states and the same
     ``normaliser``, so their sum is the loss of the whole micro-batch."""
     routers = adapter.routers(student)
-    names = teacher.names if isinstance(teacher, RoutedTeacher) else None
-    if names is not None and dims is not None and (dims.pp > 1 or dims.cp > 1):
-        raise GKDError("several routed teachers with pipeline or context parallelism are not supported")
+    names = teacher.names if isinstance(teacher, RoutedTeacher) else None  # (refused with PP / CP: gkd.config)
     if dims is not None and dims.pp > 1:
         from gkd.parallel import pipeline
 
