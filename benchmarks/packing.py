@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/packing.py            # SmolLM2-135M teacher, its every-2nd-layer student
 
 Both sides train the same student on the same rows, off-policy (--lmbda 0, dataset completions), with the
-same micro- and global batch sizes: the same trained tokens step for step (checked). Row lengths are spread
-uniformly over 16-1,024 tokens (prompt + completion), as in chat data. The two trainers live in one process and
+same micro- and global batch sizes: the same trained tokens step for step (checked). Row lengths (prompt +
+completion) are spread over 16-1,024 tokens, uniformly (``--lengths uniform``) or evenly on a log scale
+(``--lengths loguniform``: many short rows and a long tail, as chat data has; median 128, mean 242). The two trainers live in one process and
 step in turn, the first of each pair alternating, so both see the same load. Reported per side: seconds per
 step (median and range), trained (completion) tokens per second, the share of padding in the forward's
 token slots, and the largest loss difference between the sides (packing is exact: float noise only).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -22,9 +24,16 @@ import time
 from pathlib import Path
 
 
-def write_rows(path: Path, tokenizer, rows: int, lo: int, hi: int, seed: int) -> list[int]:
-    """Messages rows whose tokenised length (chat template included) is drawn uniformly from [lo, hi]; returns
-    the lengths aimed at."""
+def draw_length(rng: random.Random, lo: int, hi: int, spread: str) -> int:
+    """A row length in [lo, hi]: uniform, or uniform in log(length)."""
+    if spread == "loguniform":
+        return min(hi, max(lo, round(math.exp(rng.uniform(math.log(lo), math.log(hi))))))
+    return rng.randint(lo, hi)
+
+
+def write_rows(path: Path, tokenizer, rows: int, lo: int, hi: int, seed: int, spread: str = "uniform") -> list[int]:
+    """Messages rows whose tokenised length (chat template included) is drawn from [lo, hi] (``draw_length``);
+    returns the lengths aimed at."""
     from gkd.prompts import written_prompts
 
     rng = random.Random(seed)
@@ -32,7 +41,7 @@ def write_rows(path: Path, tokenizer, rows: int, lo: int, hi: int, seed: int) ->
     words = " ".join(prompts).split()
     lengths, out = [], []
     for i in range(rows):
-        target = rng.randint(lo, hi)
+        target = draw_length(rng, lo, hi, spread)
         prompt = prompts[i % len(prompts)]
         head = len(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
         # about one token per word here; cut to the exact count by tokens
@@ -65,6 +74,7 @@ def main() -> None:
     ap.add_argument("--global_batch_size", type=int, default=8)
     ap.add_argument("--lo", type=int, default=16)
     ap.add_argument("--hi", type=int, default=1024)
+    ap.add_argument("--lengths", choices=("uniform", "loguniform"), default="uniform", help="how row lengths spread")
     a = ap.parse_args()
     from e2e_vs_trl import smollm2_pair  # the pair the other benchmarks train (benchmarks/ is on sys.path)
     from side_by_side import step_in_turn
@@ -77,7 +87,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     teacher, student = smollm2_pair(work)
     data = work / "train.jsonl"
-    write_rows(data, load_tokenizer(str(student)), a.steps * a.global_batch_size, a.lo, a.hi, seed=0)
+    write_rows(data, load_tokenizer(str(student)), a.steps * a.global_batch_size, a.lo, a.hi, seed=0,
+               spread=a.lengths)
     slots = {}  # side -> [token slots of the forwards, real tokens]
 
     def counting(*args, **kw):  # what each micro-batch's forward holds
@@ -106,7 +117,7 @@ def main() -> None:
                      "padding_share": round(1 - slots[name][1] / slots[name][0], 3)})
     ratios = [p / q for p, q in zip(seconds["padded"], seconds["packed"])]
     result = {"steps": a.steps, "micro_batch_size": a.micro_batch_size, "global_batch_size": a.global_batch_size,
-              "lengths": [a.lo, a.hi], "trained_tokens_each_side": sum(tokens["packed"]), "sides": rows,
+              "lengths": [a.lo, a.hi, a.lengths], "trained_tokens_each_side": sum(tokens["packed"]), "sides": rows,
               "speedup_packed_vs_padded_median": round(statistics.median(ratios), 3),
               "speedup_range": [round(min(ratios), 3), round(max(ratios), 3)],
               "max_loss_difference": max(abs(x - y) for x, y in zip(loss["padded"], loss["packed"])),
