@@ -190,6 +190,8 @@ PIPELINES = {  # name: (processes, flags): a layer per stage, alone, with FSDP 2
     "pp2xtp2": (4, ["--pipeline_model_parallel_size", "2", "--tensor_model_parallel_size", "2"]),
     "pp2xep2": (4, ["--pipeline_model_parallel_size", "2", "--expert_model_parallel_size", "2", "--micro_batch_size",
                     "1"]),  # each stage's experts split over its two data-parallel ranks
+    # packed rows: the routing sums ride per sequence, not per row
+    "pp2-packed": (2, ["--pipeline_model_parallel_size", "2", "--packing", "true", "--packing_length", "24"]),
 }
 for _name, (_nproc, _flags) in PIPELINES.items():
     declare_training(f"moe-{_name}", _nproc, _flags, models="moe")

@@ -279,6 +279,9 @@ CP2 = ["--context_parallel_size", "2"]
 declare("vl-cp2", 2, lambda c, out: _args(c.models("vl"), "qwen2_vl", out, "--max_steps", "4", *CP2))
 declare("vl-cp2-packed", 2, lambda c, out: _args(c.models("vl"), "qwen2_vl", out, "--max_steps", "4", *CP2,
                                                  "--packing", "true"))
+# --pipeline_model_parallel_size 2 with packed rows: every stage makes each sequence's M-RoPE positions
+declare("vl-pp2-packed", 2, lambda c, out: _args(c.models("vl"), "qwen2_vl", out, "--max_steps", "4", "--packing",
+                                                 "true", "--pipeline_model_parallel_size", "2"))
 
 
 def _one_image_row_and_one_text_row(family, *flags):
@@ -307,8 +310,8 @@ for _family in FAMILIES:
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["vl-fsdp2", "vl-fsdp2-packed", "vl-cp2", "vl-cp2-packed"])
-def test_fsdp2_and_context_parallel_equal_one_process(runs, name):
+@pytest.mark.parametrize("name", ["vl-fsdp2", "vl-fsdp2-packed", "vl-cp2", "vl-cp2-packed", "vl-pp2-packed"])
+def test_fsdp2_context_and_pipeline_parallel_equal_one_process(runs, name):
     a, b = _losses(runs["vl-single"]), _losses(runs[name])
     assert sorted(a) == [1, 2, 3, 4] and all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
     wa, wb = final_weights(runs["vl-single"]), final_weights(runs[name])

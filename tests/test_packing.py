@@ -3,7 +3,7 @@ inside each) train exactly like padded rows: the layout itself, the loss and gra
 kind of teacher (full, top-k, cached; the remote one in test_serve.py, gkd cache in test_teacher_cache.py),
 mixed dataset and sampled completions, mixture-of-experts routing (test_moe.py), every family against the naive
 float64 step, vision-language ones with their images and M-RoPE positions (test_families.py), and whole runs under
-FSDP 2, TP 2 and CP 2 against one padded process (pipelines refuse it: test_user_mistakes.py)."""
+FSDP 2, TP 2 and CP 2 against one padded process (PP 2: test_pipeline.py, test_moe.py, test_multimodal.py)."""
 
 import pytest
 import torch

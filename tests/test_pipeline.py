@@ -28,6 +28,9 @@ RUNS = {  # name: (processes, flags, the single-process run it must equal, the m
     # lm_head tied to the embedding: a copy on each end stage, gradients summed, the norm (clipping at 0.1) counts
     # the weight once
     "pp2-tied": (2, [*PP2, "--max_grad_norm", "0.1"], "single-tied", "tied"),
+    # packed rows (one to three sequences a row; micro-batches of different row counts, topped up with empty rows):
+    # the padded single process's run
+    "pp2-packed": (2, [*PP2, "--packing", "true", "--packing_length", "24"], "single", "tiny"),
 }
 declare_training("single-4layers", 1, models="tiny4")
 declare_training("single-tied", 1, ["--max_grad_norm", "0.1"], models="tied")

@@ -151,8 +151,6 @@ EP2 = ["--expert_model_parallel_size", "2"]
 @pytest.mark.parametrize("models,flags,message", [
     pytest.param("tiny", ["--nproc_per_node", "4", *PP2, *CP2, "--micro_batch_size", "2"],
                  "--pipeline_model_parallel_size with --context_parallel_size is not supported yet", id="pp-x-cp"),
-    pytest.param("tiny", ["--nproc_per_node", "2", *PP2, "--packing", "true"],
-                 "--packing with --pipeline_model_parallel_size > 1 is not supported yet", id="pp-x-packing"),
     pytest.param("moe-odd-teacher", ["--nproc_per_node", "2", *EP2], "--expert_model_parallel_size 2: the teacher "
                  "Qwen3MoeForCausalLM has 3 experts per layer, which 2 does not divide", id="ep-teacher-experts"),
     pytest.param("tiny", ["--nproc_per_node", "2", *CP2, "--use_vllm", "true"],

@@ -28,7 +28,7 @@ from torch import nn
 
 from gkd.errors import GKDError
 from gkd.models.adapter import adapter_for, unwrap
-from gkd.models.routing import recording, row_index, row_sums
+from gkd.models.routing import recording, row_sums
 
 SCHEDULES = ("1f1b", "gpipe")
 
@@ -147,10 +147,12 @@ class Stage(nn.Module):
         self.rotary_emb = body.rotary_emb
         # what each of the step's micro-batches takes besides its hidden states (``context``), in schedule order
         self.contexts: list[dict] = []
+        self.indexes: list[torch.Tensor] = []  # each micro-batch's token -> sequence index (routing sums)
         self.calls = 0
         # a MoE student's training forwards also carry each row's routing sums (gkd.models.routing) to the last
         # stage, which forms the router loss from them: their width (0: none), and this stage's expert loads
         self.routers, self.routing, self.load = adapter.routers_of(self.layers), 0, None
+        self.sequences = 0  # the routing sums' rows: the most sequences a micro-batch of the step holds
 
     def forward(self, x: torch.Tensor, routing=None, attention_mask=None, position_ids=None, cache=None,
                 images=None):
@@ -160,22 +162,24 @@ class Stage(nn.Module):
         positions, this stage's KV cache and, at the prompt, the images. (Called as the module, so FSDP
         gathers what the stage holds.)"""
         if attention_mask is None and self.contexts:
-            given = self.contexts[self.calls]
+            k = self.calls
             self.calls += 1
             if self.routing:
-                return self.routed(x, routing, given)
-            return self.run(x, **given)
+                return self.routed(x, routing, self.contexts[k], self.indexes[k])
+            return self.run(x, **self.contexts[k])
         return self.run(x, attention_mask, position_ids, cache, images)
 
-    def routed(self, x: torch.Tensor, routing, given: dict):
-        """(hidden states, the rows' routing sums with this stage's layers added); the loads are kept."""
+    def routed(self, x: torch.Tensor, routing, given: dict, index: torch.Tensor):
+        """(hidden states, the sequences' routing sums with this stage's layers added: one row per sequence of
+        ``index``, the micro-batch's token -> sequence map, up to the schedule's fixed count); the loads are
+        kept."""
         with recording(self.routers) as seen:
             h = self.run(x, **given)
         if routing is None:
-            routing = torch.zeros(h.shape[0], self.routing, dtype=torch.float32, device=h.device)
+            routing = torch.zeros(self.sequences, self.routing, dtype=torch.float32, device=h.device)
         if not seen:
             return h, routing
-        sums, load = row_sums(seen, row_index(given["attention_mask"]))
+        sums, load = row_sums(seen, index, count=self.sequences)
         self.load = load if self.load is None else self.load + load
         return h, routing + sums
 
@@ -358,10 +362,26 @@ def context(model, batch, teacher: bool = False) -> dict:
     """What every stage of ``model`` takes for ``batch`` besides the hidden states: its attention mask, the
     family's positions (Qwen2-VL's M-RoPE ones, from the ids and the image grids) and its images (which the
     first stage alone reads). Every rank holds the batch, so each makes them itself: no transfer beyond the
-    schedule's hidden states, and the positions cost a few integer operations."""
+    schedule's hidden states, and the positions cost a few integer operations. Packed rows (--packing) take no
+    2D mask but each sequence's positions, as the family's forward makes them (``Adapter.prepare``): attention
+    keeps to each sequence by them (``packed_rows``)."""
+    adapter = adapter_for(model)
     inputs = batch.teacher_inputs if teacher and batch.teacher_inputs is not None else batch.inputs
-    positions, _ = adapter_for(model).stage_position_ids(model, batch.input_ids, batch.attention_mask, inputs)
+    if batch.position_ids is not None:
+        prepared = adapter.prepare(model, {"input_ids": batch.input_ids, "position_ids": batch.position_ids, **inputs})
+        return {"attention_mask": None, "position_ids": prepared["position_ids"], "images": inputs}
+    positions, _ = adapter.stage_position_ids(model, batch.input_ids, batch.attention_mask, inputs)
     return {"attention_mask": batch.attention_mask, "position_ids": positions, "images": inputs}
+
+
+def packed_rows(model, batches):
+    """While inside (a schedule's forwards and backwards, recomputation included): a model on SDPA attends per
+    sequence of packed ``batches`` (gkd.models.packed); nothing changes for padded ones."""
+    from gkd.models.adapter import text_config
+    from gkd.models.packed import packed_attention
+
+    packed = batches and batches[0].position_ids is not None
+    return packed_attention(text_config(unwrap(model).config), {"position_ids": None} if packed else {})
 
 
 def teacher_hidden(teacher_model, batches) -> list[torch.Tensor] | None:
@@ -378,7 +398,8 @@ def teacher_hidden(teacher_model, batches) -> list[torch.Tensor] | None:
             else:
                 x = torch.empty(*b.input_ids.shape, st.hidden_size(), dtype=st.dtype(), device=b.input_ids.device)
                 dist.recv(x, src=st.peer(st.rank - 1), group=st.group)
-            h = stage.run(x, **context(teacher_model, b, teacher=True))
+            with packed_rows(teacher_model, [b]):
+                h = stage.run(x, **context(teacher_model, b, teacher=True))
             if st.last is None:
                 pending.append(dist.isend(h.contiguous(), dst=st.peer(st.rank + 1), group=st.group))
             else:
@@ -388,16 +409,18 @@ def teacher_hidden(teacher_model, batches) -> list[torch.Tensor] | None:
     return out if st.last is not None else None
 
 
-def schedule_for(st: Staged, n_micro: int, length: int, width: int, device, loss_fn, plan: PipelinePlan):
+def schedule_for(st: Staged, n_micro: int, length: int, width: int, device, loss_fn, plan: PipelinePlan,
+                 sequences: int = 0):
     """A pipelining schedule over this rank's stages for ``n_micro`` micro-batches of ``width`` rows and
-    ``length`` positions (shapes given up front: no shape-inference forward)."""
+    ``length`` positions, a MoE student's routing sums for ``sequences`` sequences (shapes given up front: no
+    shape-inference forward)."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
     hidden = torch.empty(width, length, st.hidden_size(), dtype=st.dtype(), device="meta", requires_grad=True)
     ids = torch.empty(width, length, dtype=torch.long, device="meta")
     carried = st.stages[0].routing
     if carried:  # a MoE student's routing sums ride along with the hidden states
-        hidden = (hidden, torch.empty(width, carried, dtype=torch.float32, device="meta", requires_grad=True))
+        hidden = (hidden, torch.empty(sequences, carried, dtype=torch.float32, device="meta", requires_grad=True))
     stages = [PipelineStage(s, i, st.num, device, input_args=ids if i == 0 else hidden, output_args=hidden,
                             group=st.group) for s, i in zip(st.stages, st.indices)]
     if len(stages) > 1:
@@ -407,14 +430,30 @@ def schedule_for(st: Staged, n_micro: int, length: int, width: int, device, loss
 
 
 def padded(batches: list) -> list:
-    """The step's micro-batches padded to one length, as the schedule needs them (one width too)."""
+    """The step's micro-batches padded to one length and one width, as the schedule needs them: padded rows
+    of equal count (a micro-batch size), or packed rows (as many as their sequences filled) topped up with
+    empty ones; packed padding counts its own positions from 0, as collate's does (attended by nothing)."""
     length = max(b.input_ids.shape[1] for b in batches)
-    width = batches[0].input_ids.shape[0]
-    if any(b.input_ids.shape[0] != width for b in batches):
+    width = max(b.input_ids.shape[0] for b in batches)
+    packed = batches[0].position_ids is not None
+    if not packed and any(b.input_ids.shape[0] != width for b in batches):
         raise GKDError("pipeline parallelism needs micro-batches of equal size")
-    return [type(b)(pad_to(b.input_ids, length, 0), pad_to(b.attention_mask, length, 0),
-                    pad_to(b.loss_mask, length, False), pad_to(b.labels, length, -100), b.inputs, b.teacher_inputs,
-                    b.images) for b in batches]
+
+    def fit(t: torch.Tensor, value) -> torch.Tensor:
+        t = pad_to(t, length, value)
+        return torch.cat([t, t.new_full((width - t.shape[0], length), value)])
+
+    out = []
+    for b in batches:
+        mask = fit(b.attention_mask, 0)
+        positions = None
+        if packed:  # sequences fill each row from its start: the rest is padding
+            count = torch.arange(length)[None].expand(width, -1)
+            positions = torch.where(count < mask.sum(1, keepdim=True), fit(b.position_ids, 0),
+                                    count - mask.sum(1, keepdim=True))
+        out.append(type(b)(fit(b.input_ids, 0), mask, fit(b.loss_mask, False), fit(b.labels, -100), b.inputs,
+                           b.teacher_inputs, b.images, b.sampled, positions))
+    return out
 
 
 def holds_last_stage(model) -> bool:
@@ -443,20 +482,23 @@ def forward_backward(micro_batches, batches, scored, student, n_stats: int, plan
         return loss
 
     contexts = [context(student, b) for b in batches]
+    indexes = [b.sequence_index() for b in batches]
+    sequences = max(len(b.sequences()) for b in batches)
     for s in st.stages:
-        s.contexts, s.calls, s.load = contexts, 0, None
+        s.contexts, s.indexes, s.sequences, s.calls, s.load = contexts, indexes, sequences, 0, None
     device = micro_batches[0].batch.input_ids.device
-    schedule = schedule_for(st, n_micro, length, width, device, pipeline_loss, plan)
+    schedule = schedule_for(st, n_micro, length, width, device, pipeline_loss, plan, sequences)
     ids = torch.cat([b.input_ids for b in batches])
     target = torch.arange(ids.shape[0], device=device)
     try:
-        if st.first is not None:
-            schedule.step(ids, target=target)
-        else:
-            schedule.step(target=target)
+        with packed_rows(student, batches):
+            if st.first is not None:
+                schedule.step(ids, target=target)
+            else:
+                schedule.step(target=target)
     finally:
         for s in st.stages:
-            s.contexts, s.calls = [], 0
+            s.contexts, s.indexes, s.calls = [], [], 0
     sum_tied_gradients(student)
     dist.all_reduce(stats, group=st.group)  # zeros except on the last stage
     if st.stages[0].routing:

@@ -25,7 +25,7 @@ from gkd.losses import GKDLossOutput, fused_linear_gkd_loss
 from gkd.models.adapter import text_config, unwrap
 from gkd.models.dropout import identities, token_identities
 from gkd.models.packed import packed_attention
-from gkd.models.routing import aux_sum, recording, router_stats, row_index, row_sums
+from gkd.models.routing import aux_sum, recording, router_stats, row_sums
 from gkd.teacher.multi import RoutedTeacher
 
 
@@ -76,7 +76,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             micro_batches, batches, scored, student, len(STATS), dims.pipeline,
             lambda hidden, head, mb, batch, out, routing: micro_loss(
                 hidden, parallel.local_head(head), mb, batch, out, args, normaliser,
-                None if routing is None else aux_sum(routing, row_index(batch.attention_mask)) / routed))
+                None if routing is None else aux_sum(routing, batch.sequence_index()) / routed))
     stats = torch.zeros(len(STATS) + len(TEACHER_STATS) * len(names or ()), dtype=torch.float64)
     load = None
     for i, mb in enumerate(micro_batches):
