@@ -339,6 +339,24 @@ def test_fsdp_two_processes_fill_and_reuse_the_cache(tiny, live, tmp_path):
         assert_equal_runs(live, tmp_path / out, tol=1e-5)  # two ranks sum in another order
 
 
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_pipeline_fills_and_reuses_the_cache(tiny, live, tmp_path):
+    """PP 2: every stage takes part in the teacher's pipelined forward of a micro-batch with a missing row; the
+    last stage stores it; epoch 2 and a second run ask the teacher nothing and train as the live run does."""
+    from helpers import torchrun_cmd
+
+    cache = tmp_path / "cache"
+    for out, said in (("a", "16 rows reused, 16 scored"), ("b", "32 rows reused, 0 scored")):
+        cmd = torchrun_cmd(2, train_args(tiny, tmp_path / out, "--teacher_cache", str(cache),
+                                         "--pipeline_model_parallel_size", "2"))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+        assert proc.returncode == 0, [line for line in proc.stderr.splitlines() if "gkd:" in line] or proc.stderr[-3000:]
+        assert said in proc.stderr
+        assert_valid(cache, 16)
+        assert_equal_runs(live, tmp_path / out, tol=1e-5)
+
+
 def test_the_processes_of_one_run_never_see_its_cache_half_made(tmp_path, monkeypatch):
     """Every process of a run checks the folder while the others probe it or make the cache: another
     process's probe or marker temp file is not "other files", and the marker exists before anything else

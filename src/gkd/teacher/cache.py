@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -173,16 +174,30 @@ class TeacherCache:
 # --- the teacher ----------------------------------------------------------------------------------------
 
 
-def _any_rank(flag: bool, device) -> bool:
-    """Whether ``flag`` holds on any process: a sharded teacher's forward needs every rank, so one rank's
-    miss makes all of them score."""
+def _any_rank(flags: list[bool], device) -> list[bool]:
+    """Whether each of ``flags`` holds on any process: a sharded (or pipelined) teacher's forward needs every
+    rank, so one rank's miss in its k-th micro-batch makes all of them score their k-th."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
+        return flags
+    t = torch.tensor([int(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(x) for x in t.tolist()]
+
+
+@dataclass
+class _Found:
+    """What the cache holds of a batch: top-K ids and log-probs in place, each sequence's key, the missing."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    keys: list
+    missing: list[int]
+
+    def output(self, batch: Batch) -> TeacherOutput:
+        device = batch.input_ids.device
+        return TeacherOutput(topk_ids=self.ids.to(device), topk_logprobs=self.logprobs.to(device))
 
 
 class CachedTeacher:
@@ -199,34 +214,60 @@ class CachedTeacher:
             raise GKDError("--teacher_cache with --context_parallel_size > 1 is not supported yet")
         if batch.sampled:  # the student's samples change every step: nothing to reuse
             return self.inner.score(batch)
-        seqs, where = batch.scored_sequences(), batch.sequences()
+        found = self._stored(batch)
+        if _any_rank([bool(found.missing)], batch.input_ids.device)[0] if self.sharded else found.missing:
+            return self._fill(batch, found, self.inner.score(batch))
+        return found.output(batch)
+
+    def score_pipelined(self, batches: list[Batch], last_stage: bool) -> list[TeacherOutput | None]:
+        """Every pipeline rank takes part in the wrapped teacher's scoring of the micro-batches any rank misses
+        rows of (its stages pass hidden states on); the last stage stores what it scored and returns each
+        micro-batch's output (None elsewhere)."""
+        found = [None if b.sampled else self._stored(b) for b in batches]
+        live = _any_rank([f is None or bool(f.missing) for f in found], batches[0].input_ids.device)
+        scored = iter(self.inner.score_pipelined([b for b, go in zip(batches, live) if go], last_stage))
+        out = []
+        for b, f, go in zip(batches, found, live):
+            got = next(scored) if go else None
+            if not last_stage:
+                out.append(None)
+            elif f is None:  # on-policy: as the teacher gives it
+                out.append(got)
+            else:
+                out.append(self._fill(b, f, got) if go else f.output(b))
+        return out
+
+    def _stored(self, batch: Batch) -> "_Found":
+        """The batch's rows the cache holds, in place ([B, T, K] on the CPU), and those it misses."""
+        seqs = batch.scored_sequences()
         B, T = batch.input_ids.shape
-        K = self.cache.topk
-        ids = torch.zeros(B, T, K, dtype=torch.long)
-        lps = torch.zeros(B, T, K, dtype=torch.float32)
-        keys, missing = [None] * len(seqs), []
-        for s, (seq, r0) in enumerate(seqs):
+        found = _Found(torch.zeros(B, T, self.cache.topk, dtype=torch.long),
+                       torch.zeros(B, T, self.cache.topk, dtype=torch.float32), [None] * len(seqs), [])
+        for s, ((seq, r0), (b, start, end)) in enumerate(zip(seqs, batch.sequences())):
             if r0 < 0:
                 continue
-            keys[s] = self.cache.key(seq, r0, batch.images[s] if batch.images else None)
-            got = self.cache.get(keys[s], len(seq) - 1 - r0, r0)
-            b, start, end = where[s]
+            found.keys[s] = self.cache.key(seq, r0, batch.images[s] if batch.images else None)
+            got = self.cache.get(found.keys[s], len(seq) - 1 - r0, r0)
             if got is None:
-                missing.append(s)
+                found.missing.append(s)
             else:
-                ids[b, start + r0:end - 1], lps[b, start + r0:end - 1] = got
-        if _any_rank(bool(missing), batch.input_ids.device) if self.sharded else missing:
-            ids, lps = self._live(batch)
-            for s in missing:
-                b, start, end = where[s]
-                r0 = start + seqs[s][1]
-                self.cache.put(keys[s], ids[b, r0:end - 1], lps[b, r0:end - 1], seqs[s][1])
+                found.ids[b, start + r0:end - 1], found.logprobs[b, start + r0:end - 1] = got
+        return found
+
+    def _fill(self, batch: Batch, found: "_Found", live: TeacherOutput) -> TeacherOutput:
+        """The batch's output from the wrapped teacher's ``live`` one, its missing rows stored."""
+        ids, lps = self._topk_of(batch, live)
+        seqs, where = batch.scored_sequences(), batch.sequences()
+        for s in found.missing:
+            b, start, end = where[s]
+            r0 = start + seqs[s][1]
+            self.cache.put(found.keys[s], ids[b, r0:end - 1], lps[b, r0:end - 1], seqs[s][1])
         device = batch.input_ids.device
         return TeacherOutput(topk_ids=ids.to(device), topk_logprobs=lps.to(device))
 
-    def _live(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The wrapped teacher's top-K of every scored position of ``batch`` ([B, T, K] on the CPU)."""
-        out = self.inner.score(batch)
+    def _topk_of(self, batch: Batch, out: TeacherOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The wrapped teacher's top-K of every scored position of ``batch`` ([B, T, K] on the CPU) from its
+        output ``out``."""
         if out.topk_ids is not None:
             return out.topk_ids.cpu(), out.topk_logprobs.float().cpu()
         # a local teacher: its top-K from its logits, as the loss takes it (gkd.losses.topk_logprobs)
@@ -246,8 +287,6 @@ class CachedTeacher:
     def check_rows(self, examples: list, new_tokens: int, sampled: bool) -> None:
         self.inner.check_rows(examples, new_tokens, sampled)
 
-    def score_pipelined(self, batches: list[Batch], last_stage: bool):
-        raise GKDError("--teacher_cache with --pipeline_model_parallel_size > 1 is not supported yet")
 
     def check_generation(self, rollout, why: str) -> None:
         self.inner.check_generation(rollout, why)
