@@ -341,15 +341,16 @@ def test_fsdp_two_processes_fill_and_reuse_the_cache(tiny, live, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_a_pipeline_fills_and_reuses_the_cache(tiny, live, tmp_path):
+@pytest.mark.parametrize("layout", ["--pipeline_model_parallel_size", "--context_parallel_size"])
+def test_a_pipeline_or_a_context_split_fills_and_reuses_the_cache(tiny, live, tmp_path, layout):
     """PP 2: every stage takes part in the teacher's pipelined forward of a micro-batch with a missing row; the
-    last stage stores it; epoch 2 and a second run ask the teacher nothing and train as the live run does."""
+    last stage stores it. CP 2: each rank scores its positions of the rows, the group gathers them whole and its
+    first rank stores them. Epoch 2 and a second run ask the teacher nothing and train as the live run does."""
     from helpers import torchrun_cmd
 
     cache = tmp_path / "cache"
     for out, said in (("a", "16 rows reused, 16 scored"), ("b", "32 rows reused, 0 scored")):
-        cmd = torchrun_cmd(2, train_args(tiny, tmp_path / out, "--teacher_cache", str(cache),
-                                         "--pipeline_model_parallel_size", "2"))
+        cmd = torchrun_cmd(2, train_args(tiny, tmp_path / out, "--teacher_cache", str(cache), layout, "2"))
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
         assert proc.returncode == 0, [line for line in proc.stderr.splitlines() if "gkd:" in line] or proc.stderr[-3000:]
         assert said in proc.stderr

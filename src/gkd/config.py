@@ -212,8 +212,6 @@ class TrainConfig:
                                              "--gkd_logits_topk K (with the full vocabulary, 0, nothing is cached)")
             need(not self.seq_kd, "--teacher_cache with --seq_kd: its completions are sampled anew each step, "
                                   "there is nothing to reuse")
-            need(self.context_parallel_size == 1, "--teacher_cache with --context_parallel_size > 1 is not supported "
-                 "yet")
         if self.teacher_tokenizer == "other":
             need(not (self.teacher_model_server or self.teacher_cache or self.seq_kd or self.eval_steps
                       or self.pipeline_model_parallel_size > 1 or self.context_parallel_size > 1

@@ -102,6 +102,14 @@ class ContextSplit:
             return None
         return self._padded(t, pad).index_select(1, self.mine)
 
+    def whole(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``local`` part of a [B, T, ...] tensor gathered into the whole (no gradient)."""
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        out = t.new_zeros(t.shape[0], self.length, *t.shape[2:])
+        out[:, self.key_pos] = torch.cat(parts, dim=1)
+        return out[:, :self.batch.input_ids.shape[1]]
+
     def _padded(self, t: torch.Tensor, pad) -> torch.Tensor:
         T = t.shape[1]
         if T < self.length:

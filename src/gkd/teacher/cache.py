@@ -195,9 +195,16 @@ class _Found:
     keys: list
     missing: list[int]
 
-    def output(self, batch: Batch) -> TeacherOutput:
-        device = batch.input_ids.device
-        return TeacherOutput(topk_ids=self.ids.to(device), topk_logprobs=self.logprobs.to(device))
+    def output(self, batch: Batch, split=None) -> TeacherOutput:
+        return _topk_output(batch, self.ids, self.logprobs, split)
+
+
+def _topk_output(batch: Batch, ids: torch.Tensor, logprobs: torch.Tensor, split=None) -> TeacherOutput:
+    """Top-K rows [B, T, K] as the loss takes them: on the batch's device, this rank's positions under ``split``."""
+    device = batch.input_ids.device
+    if split is not None:
+        ids, logprobs = split.local(ids), split.local(logprobs)
+    return TeacherOutput(topk_ids=ids.to(device), topk_logprobs=logprobs.to(device))
 
 
 class CachedTeacher:
@@ -210,14 +217,23 @@ class CachedTeacher:
         self.topk, self.context = inner.topk, inner.context
 
     def score(self, batch: Batch, split=None) -> TeacherOutput:
-        if split is not None:
-            raise GKDError("--teacher_cache with --context_parallel_size > 1 is not supported yet")
+        """``split`` (context parallelism): every rank of the group looks the whole rows up; a miss on any
+        rank has the wrapped teacher score this rank's positions on each, the group gathers them into
+        whole rows, which its first rank stores."""
         if batch.sampled:  # the student's samples change every step: nothing to reuse
-            return self.inner.score(batch)
+            return self.inner.score(batch, split)
         found = self._stored(batch)
-        if _any_rank([bool(found.missing)], batch.input_ids.device)[0] if self.sharded else found.missing:
-            return self._fill(batch, found, self.inner.score(batch))
-        return found.output(batch)
+        together = self.sharded or split is not None  # (the group's ranks must score together)
+        if not (_any_rank([bool(found.missing)], batch.input_ids.device)[0] if together else found.missing):
+            return found.output(batch, split)
+        live = self.inner.score(batch, split)
+        if split is None:
+            return self._fill(batch, found, live)
+        ids, lps = self._topk_of(split.local(batch.loss_mask, False), live)
+        whole_ids, whole_lps = split.whole(ids), split.whole(lps)
+        if split.rank == 0:
+            self._store(batch, found, whole_ids, whole_lps)
+        return _topk_output(batch, ids, lps)
 
     def score_pipelined(self, batches: list[Batch], last_stage: bool) -> list[TeacherOutput | None]:
         """Every pipeline rank takes part in the wrapped teacher's scoring of the micro-batches any rank misses
@@ -256,25 +272,28 @@ class CachedTeacher:
 
     def _fill(self, batch: Batch, found: "_Found", live: TeacherOutput) -> TeacherOutput:
         """The batch's output from the wrapped teacher's ``live`` one, its missing rows stored."""
-        ids, lps = self._topk_of(batch, live)
+        ids, lps = self._topk_of(batch.loss_mask, live)
+        self._store(batch, found, ids, lps)
+        return _topk_output(batch, ids, lps)
+
+    def _store(self, batch: Batch, found: "_Found", ids: torch.Tensor, lps: torch.Tensor) -> None:
+        """The rows the cache missed, from the whole batch's top-K [B, T, K]."""
         seqs, where = batch.scored_sequences(), batch.sequences()
         for s in found.missing:
             b, start, end = where[s]
             r0 = start + seqs[s][1]
             self.cache.put(found.keys[s], ids[b, r0:end - 1], lps[b, r0:end - 1], seqs[s][1])
-        device = batch.input_ids.device
-        return TeacherOutput(topk_ids=ids.to(device), topk_logprobs=lps.to(device))
 
-    def _topk_of(self, batch: Batch, out: TeacherOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """The wrapped teacher's top-K of every scored position of ``batch`` ([B, T, K] on the CPU) from its
-        output ``out``."""
+    def _topk_of(self, loss_mask: torch.Tensor, out: TeacherOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The wrapped teacher's top-K at every scored position of ``loss_mask`` [B, T] ([B, T, K] on the
+        CPU) from its output ``out`` (of those positions)."""
         if out.topk_ids is not None:
             return out.topk_ids.cpu(), out.topk_logprobs.float().cpu()
         # a local teacher: its top-K from its logits, as the loss takes it (gkd.losses.topk_logprobs)
-        B, T = batch.input_ids.shape
+        B, T = loss_mask.shape
         ids = torch.zeros(B * T, self.cache.topk, dtype=torch.long)
         lps = torch.zeros(B * T, self.cache.topk, dtype=torch.float32)
-        where = batch.loss_mask.reshape(-1).nonzero()[:, 0]
+        where = loss_mask.reshape(-1).nonzero()[:, 0]
         hidden = out.hidden.reshape(B * T, -1)
         for c in range(0, len(where), HEAD_ROWS):
             pos = where[c:c + HEAD_ROWS]
