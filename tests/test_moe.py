@@ -192,6 +192,8 @@ PIPELINES = {  # name: (processes, flags): a layer per stage, alone, with FSDP 2
                     "1"]),  # each stage's experts split over its two data-parallel ranks
     # packed rows: the routing sums ride per sequence, not per row
     "pp2-packed": (2, ["--pipeline_model_parallel_size", "2", "--packing", "true", "--packing_length", "24"]),
+    # each stage's routing sums of its rank's tokens, summed over the context-parallel group on the last stage
+    "pp2xcp2": (4, ["--pipeline_model_parallel_size", "2", "--context_parallel_size", "2"]),
 }
 for _name, (_nproc, _flags) in PIPELINES.items():
     declare_training(f"moe-{_name}", _nproc, _flags, models="moe")

@@ -31,6 +31,8 @@ RUNS = {  # name: (processes, flags, the single-process run it must equal, the m
     # packed rows (one to three sequences a row; micro-batches of different row counts, topped up with empty rows):
     # the padded single process's run
     "pp2-packed": (2, [*PP2, "--packing", "true", "--packing_length", "24"], "single", "tiny"),
+    # each stage runs its context-parallel rank's tokens; attention gathers the peer's keys
+    "pp2xcp2": (4, [*PP2, "--context_parallel_size", "2"], "single", "tiny"),
 }
 declare_training("single-4layers", 1, models="tiny4")
 declare_training("single-tied", 1, ["--max_grad_norm", "0.1"], models="tied")

@@ -190,8 +190,6 @@ def check_options(cfg, world: int, tp: int) -> None:
         from gkd.parallel.pipeline import check_options as pipeline_options
 
         pipeline_options(cfg, world, tp)
-        if cfg.context_parallel_size > 1:
-            raise GKDError("--pipeline_model_parallel_size with --context_parallel_size is not supported yet")
     if cfg.eval_steps and (tp > 1 or cfg.context_parallel_size > 1 or cfg.pipeline_model_parallel_size > 1):
         raise GKDError("--eval_steps with tensor, context or pipeline parallelism is not supported yet (data "
                        "parallel and FSDP are); run gkd eval on the final folder")

@@ -54,7 +54,7 @@ def check_options(cfg, world: int, tp: int) -> None:
     if v > 1 and cfg.pipeline_schedule != "1f1b":
         raise GKDError(f"--virtual_pipeline_model_parallel_size {v} runs the interleaved 1F1B schedule; "
                        f"--pipeline_schedule {cfg.pipeline_schedule} has no virtual stages")
-    micro = cfg.global_batch_size // (cfg.micro_batch_size * max(1, world // (tp * p)))
+    micro = cfg.global_batch_size // (cfg.micro_batch_size * max(1, world // (tp * p * cfg.context_parallel_size)))
     if v == 1 and cfg.pipeline_schedule == "1f1b" and micro < p:
         raise GKDError(f"the 1F1B schedule needs at least --pipeline_model_parallel_size {p} micro-batches per step "
                        f"on a data-parallel rank, got {micro}: raise --global_batch_size, lower --micro_batch_size, "
@@ -67,6 +67,18 @@ def check_options(cfg, world: int, tp: int) -> None:
         config = _config(spec)
         if config is not None:
             check_config(config, stages, hand, f"{flag} {spec}")
+            if cfg.context_parallel_size > 1:
+                _check_context_split(config, f"{flag} {spec}")
+
+
+def _check_context_split(config, where: str) -> None:
+    """A one-line error for a model whose stages cannot run a context split (yet)."""
+    from gkd.models.adapter import adapter_for_config
+
+    if adapter_for_config(config).multimodal:
+        raise GKDError(f"--pipeline_model_parallel_size with --context_parallel_size: {where} is a vision-language "
+                       "model, whose first stage would need whole sequences for its images; not supported yet "
+                       "(either one alone is)")
 
 
 def _config(spec: str):
@@ -184,7 +196,12 @@ class Stage(nn.Module):
         return h, routing + sums
 
     def run(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids=None, cache=None,
-            images: dict | None = None):
+            images: dict | None = None, split=None):
+        """``split`` (gkd.parallel.context.ContextSplit): ``x`` holds this rank's tokens of the micro-batch, and
+        attention gathers the others' keys."""
+        if split is not None:
+            with split.active():
+                return self.run(x, attention_mask, position_ids, cache, images)
         adapter, config = self.adapter, self.config
         if self.embed_tokens is not None:  # token ids: the embedding, with the images' features merged in
             h = adapter.stage_images(self.model, x, adapter.stage_embed(config, self.embed_tokens, x), images or {})
@@ -292,6 +309,10 @@ def shard(model, par, plan: PipelinePlan, student: bool) -> None:
     if student and adapter_for(model).moe:  # A_e and P_e of each expert, and the layers (gkd.models.routing)
         for stage in st.stages:
             stage.routing = 2 * adapter_for(model).num_experts(model) + 1
+    if par.cp > 1:
+        from gkd.parallel.context import use_context_parallel_attention
+
+        use_context_parallel_attention(model)
     if par.tp > 1:
         from gkd.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -299,7 +320,7 @@ def shard(model, par, plan: PipelinePlan, student: bool) -> None:
     from gkd.parallel.expert import split_experts
 
     ignored = split_experts(model, par, student=student)  # this rank's stages' experts, over the stage's EP ranks
-    if student and par.dp_size > 1:
+    if student and par.dp_mesh is not None:  # (context-parallel peers' gradients are partial sums too)
         from gkd.parallel.fsdp import shard_units
 
         for stage in st.stages:
@@ -358,15 +379,19 @@ def pad_to(t: torch.Tensor, length: int, value) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
 
 
-def context(model, batch, teacher: bool = False) -> dict:
+def context(model, batch, teacher: bool = False, split=None) -> dict:
     """What every stage of ``model`` takes for ``batch`` besides the hidden states: its attention mask, the
     family's positions (Qwen2-VL's M-RoPE ones, from the ids and the image grids) and its images (which the
     first stage alone reads). Every rank holds the batch, so each makes them itself: no transfer beyond the
     schedule's hidden states, and the positions cost a few integer operations. Packed rows (--packing) take no
     2D mask but each sequence's positions, as the family's forward makes them (``Adapter.prepare``): attention
-    keeps to each sequence by them (``packed_rows``)."""
+    keeps to each sequence by them (``packed_rows``). Under a context ``split``: this rank's tokens' global
+    positions, and the split itself, which the stage turns on."""
     adapter = adapter_for(model)
     inputs = batch.teacher_inputs if teacher and batch.teacher_inputs is not None else batch.inputs
+    if split is not None:
+        return {"attention_mask": None, "position_ids": split.model_inputs(teacher)["position_ids"], "images": inputs,
+                "split": split}
     if batch.position_ids is not None:
         prepared = adapter.prepare(model, {"input_ids": batch.input_ids, "position_ids": batch.position_ids, **inputs})
         return {"attention_mask": None, "position_ids": prepared["position_ids"], "images": inputs}
@@ -384,22 +409,23 @@ def packed_rows(model, batches):
     return packed_attention(text_config(unwrap(model).config), {"position_ids": None} if packed else {})
 
 
-def teacher_hidden(teacher_model, batches) -> list[torch.Tensor] | None:
+def teacher_hidden(teacher_model, batches, splits=None) -> list[torch.Tensor] | None:
     """The teacher's final hidden states of each batch through its own no-grad pipeline: each stage
     receives a micro-batch's hidden states from the one before, runs its layers and passes them on; the
-    last stage returns them (None elsewhere)."""
+    last stage returns them (None elsewhere). ``splits``: each batch's context split (this rank's tokens)."""
     st = staged(teacher_model)
     stage = st.stages[0]
     out, pending = [], []
     with torch.no_grad():
-        for b in batches:
+        for b, split in zip(batches, splits or [None] * len(batches)):
+            ids = b.input_ids if split is None else split.local(b.input_ids)
             if st.first is not None:
-                x = b.input_ids
+                x = ids
             else:
-                x = torch.empty(*b.input_ids.shape, st.hidden_size(), dtype=st.dtype(), device=b.input_ids.device)
+                x = torch.empty(*ids.shape, st.hidden_size(), dtype=st.dtype(), device=ids.device)
                 dist.recv(x, src=st.peer(st.rank - 1), group=st.group)
             with packed_rows(teacher_model, [b]):
-                h = stage.run(x, **context(teacher_model, b, teacher=True))
+                h = stage.run(x, **context(teacher_model, b, teacher=True, split=split))
             if st.last is None:
                 pending.append(dist.isend(h.contiguous(), dst=st.peer(st.rank + 1), group=st.group))
             else:
@@ -461,34 +487,39 @@ def holds_last_stage(model) -> bool:
 
 
 def forward_backward(micro_batches, batches, scored, student, n_stats: int, plan: PipelinePlan,
-                     loss_fn) -> torch.Tensor:
+                     loss_fn, splits=None) -> torch.Tensor:
     """gkd.train.step.forward_backward for a pipelined student: the schedule's micro-batches are the step's,
     ``batches`` them padded (``padded``) and ``scored`` the teacher's output of each (on the last stage);
     ``loss_fn(hidden, head, micro_batch, batch, teacher_output, routing)`` runs on the last stage (``head``:
-    the student's LogitHead; ``routing``: a MoE student's routing sums of the rows, else None) and returns
-    (loss, a row of ``n_stats`` sums); returns the step's sums on every stage of the pipeline, followed by
-    a MoE student's tokens per expert of each MoE layer, as gkd.train.step.forward_backward does."""
+    the student's LogitHead; ``routing``: a MoE student's routing sums of the rows, else None; ``split``: the
+    micro-batch's context split, else None) and returns (loss, a row of ``n_stats`` sums); returns the step's
+    sums on every stage of the pipeline, followed by a MoE student's tokens per expert of each MoE layer, as
+    gkd.train.step.forward_backward does. ``splits``: each micro-batch's context split (the stages then run
+    this rank's tokens of it, the hidden states between them hold those)."""
     st = staged(student)
     n_micro = len(micro_batches)
-    length, width = batches[0].input_ids.shape[1], batches[0].input_ids.shape[0]
+    splits = splits or [None] * n_micro
+    width = batches[0].input_ids.shape[0]
+    length = batches[0].input_ids.shape[1] if splits[0] is None else len(splits[0].mine)
     stats = torch.zeros(n_stats, dtype=torch.float64)
     last = st.last
 
     def pipeline_loss(output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         k = int(rows[0]) // width
         hidden, routing = output if isinstance(output, tuple) else (output, None)
-        loss, row = loss_fn(hidden, last.head(), micro_batches[k], batches[k], scored[k], routing)
+        loss, row = loss_fn(hidden, last.head(), micro_batches[k], batches[k], scored[k], routing, splits[k])
         stats.add_(row)
         return loss
 
-    contexts = [context(student, b) for b in batches]
-    indexes = [b.sequence_index() for b in batches]
+    contexts = [context(student, b, split=split) for b, split in zip(batches, splits)]
+    indexes = [b.sequence_index() if split is None else split.local(b.sequence_index(), -1)
+               for b, split in zip(batches, splits)]
     sequences = max(len(b.sequences()) for b in batches)
     for s in st.stages:
         s.contexts, s.indexes, s.sequences, s.calls, s.load = contexts, indexes, sequences, 0, None
     device = micro_batches[0].batch.input_ids.device
     schedule = schedule_for(st, n_micro, length, width, device, pipeline_loss, plan, sequences)
-    ids = torch.cat([b.input_ids for b in batches])
+    ids = torch.cat([b.input_ids if split is None else split.local(b.input_ids) for b, split in zip(batches, splits)])
     target = torch.arange(ids.shape[0], device=device)
     try:
         with packed_rows(student, batches):

@@ -55,9 +55,10 @@ class Teacher(Protocol):
         """The teacher's side of the loss for ``batch``; with ``split`` (gkd.parallel.context.ContextSplit)
         only for this rank's tokens of each sequence."""
 
-    def score_pipelined(self, batches: list[Batch], last_stage: bool) -> list[TeacherOutput | None]:
+    def score_pipelined(self, batches: list[Batch], last_stage: bool, splits=None) -> list[TeacherOutput | None]:
         """Each micro-batch's output for a pipelined student (every pipeline rank calls it); outputs on the
-        rank that holds the last stage (``last_stage``), None elsewhere."""
+        rank that holds the last stage (``last_stage``), None elsewhere; ``splits``: each batch's context split
+        (outputs of this rank's tokens)."""
 
     def check_generation(self, rollout, why: str) -> None:
         """Fail now unless it can write completions through ``rollout`` (``why``: what needs them)."""

@@ -226,31 +226,27 @@ class CachedTeacher:
         together = self.sharded or split is not None  # (the group's ranks must score together)
         if not (_any_rank([bool(found.missing)], batch.input_ids.device)[0] if together else found.missing):
             return found.output(batch, split)
-        live = self.inner.score(batch, split)
-        if split is None:
-            return self._fill(batch, found, live)
-        ids, lps = self._topk_of(split.local(batch.loss_mask, False), live)
-        whole_ids, whole_lps = split.whole(ids), split.whole(lps)
-        if split.rank == 0:
-            self._store(batch, found, whole_ids, whole_lps)
-        return _topk_output(batch, ids, lps)
+        return self._fill(batch, found, self.inner.score(batch, split), split)
 
-    def score_pipelined(self, batches: list[Batch], last_stage: bool) -> list[TeacherOutput | None]:
+    def score_pipelined(self, batches: list[Batch], last_stage: bool, splits=None) -> list[TeacherOutput | None]:
         """Every pipeline rank takes part in the wrapped teacher's scoring of the micro-batches any rank misses
         rows of (its stages pass hidden states on); the last stage stores what it scored and returns each
-        micro-batch's output (None elsewhere)."""
+        micro-batch's output (None elsewhere); ``splits`` as in ``score``."""
+        splits = splits or [None] * len(batches)
         found = [None if b.sampled else self._stored(b) for b in batches]
         live = _any_rank([f is None or bool(f.missing) for f in found], batches[0].input_ids.device)
-        scored = iter(self.inner.score_pipelined([b for b, go in zip(batches, live) if go], last_stage))
+        asked = [i for i, go in enumerate(live) if go]
+        scored = iter(self.inner.score_pipelined([batches[i] for i in asked], last_stage,
+                                                 None if splits[0] is None else [splits[i] for i in asked]))
         out = []
-        for b, f, go in zip(batches, found, live):
+        for b, f, go, split in zip(batches, found, live, splits):
             got = next(scored) if go else None
             if not last_stage:
                 out.append(None)
             elif f is None:  # on-policy: as the teacher gives it
                 out.append(got)
             else:
-                out.append(self._fill(b, f, got) if go else f.output(b))
+                out.append(self._fill(b, f, got, split) if go else f.output(b, split))
         return out
 
     def _stored(self, batch: Batch) -> "_Found":
@@ -270,10 +266,14 @@ class CachedTeacher:
                 found.ids[b, start + r0:end - 1], found.logprobs[b, start + r0:end - 1] = got
         return found
 
-    def _fill(self, batch: Batch, found: "_Found", live: TeacherOutput) -> TeacherOutput:
-        """The batch's output from the wrapped teacher's ``live`` one, its missing rows stored."""
-        ids, lps = self._topk_of(batch.loss_mask, live)
-        self._store(batch, found, ids, lps)
+    def _fill(self, batch: Batch, found: "_Found", live: TeacherOutput, split=None) -> TeacherOutput:
+        """The batch's output from the wrapped teacher's ``live`` one, its missing rows stored. Under a context
+        ``split`` both are this rank's positions: the group gathers them into whole rows, which its first rank
+        stores."""
+        ids, lps = self._topk_of(batch.loss_mask if split is None else split.local(batch.loss_mask, False), live)
+        whole = (ids, lps) if split is None else (split.whole(ids), split.whole(lps))
+        if split is None or split.rank == 0:
+            self._store(batch, found, *whole)
         return _topk_output(batch, ids, lps)
 
     def _store(self, batch: Batch, found: "_Found", ids: torch.Tensor, lps: torch.Tensor) -> None:

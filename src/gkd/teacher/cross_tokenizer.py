@@ -137,7 +137,7 @@ class CrossTokenizerTeacher:
             logprobs.append(lp)
         return torch.cat(ids), torch.cat(logprobs)
 
-    def score_pipelined(self, batches: list[Batch], last_stage: bool) -> list[TeacherOutput | None]:
+    def score_pipelined(self, batches: list[Batch], last_stage: bool, splits=None) -> list[TeacherOutput | None]:
         raise GKDError("--teacher_tokenizer other with pipeline parallelism is not supported yet")
 
     def check_generation(self, rollout, why: str) -> None:

@@ -63,11 +63,11 @@ class LocalTeacher:
                                bias=None if head.bias is None else head.bias.detach().clone())
         return TeacherOutput(hidden=hidden, head=head, topk=self.topk)
 
-    def score_pipelined(self, batches: list[Batch], last_stage: bool) -> list[TeacherOutput | None]:
+    def score_pipelined(self, batches: list[Batch], last_stage: bool, splits=None) -> list[TeacherOutput | None]:
         from gkd.parallel.pipeline import teacher_hidden
 
         with self._on_device() as model:
-            hidden = teacher_hidden(model, batches)  # through its own stages: every rank takes part
+            hidden = teacher_hidden(model, batches, splits)  # through its own stages: every rank takes part
             if hidden is None:
                 return [None] * len(batches)
             head = local_head(self.adapter.logit_head(model))

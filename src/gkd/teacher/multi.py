@@ -75,7 +75,7 @@ class _Several:
     def members(self) -> list:
         return list(self.teachers.values())
 
-    def score_pipelined(self, batches, last_stage):
+    def score_pipelined(self, batches, last_stage, splits=None):
         raise GKDError("several teachers with --pipeline_model_parallel_size > 1 are not supported")
 
     def check_generation(self, rollout, why: str) -> None:

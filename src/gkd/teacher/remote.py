@@ -259,9 +259,9 @@ class RemoteTeacher:
             used += n * width
         return groups
 
-    def score_pipelined(self, batches: list[Batch], last_stage: bool) -> list[TeacherOutput | None]:
+    def score_pipelined(self, batches: list[Batch], last_stage: bool, splits=None) -> list[TeacherOutput | None]:
         """Asked for by the last stage only (the others never see the loss)."""
-        return [self.score(b) if last_stage else None for b in batches]
+        return [self.score(b, split) if last_stage else None for b, split in zip(batches, splits or [None] * len(batches))]
 
     def check_generation(self, rollout, why: str) -> None:
         raise GKDError(f"{why}; the teacher must write their completions, which needs a local --teacher_model "

@@ -71,12 +71,18 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
         from gkd.parallel import pipeline
 
         batches = pipeline.padded([mb.batch for mb in micro_batches])
-        scored = teacher.score_pipelined(batches, pipeline.holds_last_stage(student))
+        splits = None
+        if dims.cp > 1:  # each stage runs this rank's tokens of every micro-batch
+            from gkd.parallel.context import ContextSplit
+
+            splits = [ContextSplit(b, dims.cp_group, dims.cp_rank, dims.cp) for b in batches]
+        scored = teacher.score_pipelined(batches, pipeline.holds_last_stage(student), splits)
         return pipeline.forward_backward(
             micro_batches, batches, scored, student, len(STATS), dims.pipeline,
-            lambda hidden, head, mb, batch, out, routing: micro_loss(
+            lambda hidden, head, mb, batch, out, routing, split: micro_loss(
                 hidden, parallel.local_head(head), mb, batch, out, args, normaliser,
-                None if routing is None else aux_sum(routing, batch.sequence_index()) / routed))
+                None if routing is None else _carried_router_loss(routing, batch, split) / routed, split),
+            splits)
     stats = torch.zeros(len(STATS) + len(TEACHER_STATS) * len(names or ()), dtype=torch.float64)
     load = None
     for i, mb in enumerate(micro_batches):
@@ -142,18 +148,32 @@ def _router_loss(seen, batch: Batch, split) -> tuple[torch.Tensor, torch.Tensor]
     if split is None:
         return router_stats(seen, index)
     sums, counts = row_sums(seen, split.local(index, -1), count=len(batch.sequences()))
-    sums = torch.cat([split.summed(sums[:, :-1]), sums[:, -1:]], dim=1)  # (the layer count is every rank's)
-    return aux_sum(sums, index) / split.size, counts
+    return _carried_router_loss(sums, batch, split), counts
 
 
-def micro_loss(hidden, head, mb: MicroBatch, batch: Batch, scored, args: LossArgs, normaliser: float, aux=None):
+def _carried_router_loss(sums: torch.Tensor, batch: Batch, split) -> torch.Tensor:
+    """The sum over the batch's sequences of n_r * aux_r from the routing sums a pipeline carried to its last
+    stage; under a context split they are this rank's tokens' and are summed over the group as in
+    ``_router_loss``."""
+    if split is not None:
+        sums = torch.cat([split.summed(sums[:, :-1]), sums[:, -1:]], dim=1)  # (the layer count is every rank's)
+        return aux_sum(sums, batch.sequence_index()) / split.size
+    return aux_sum(sums, batch.sequence_index())
+
+
+def micro_loss(hidden, head, mb: MicroBatch, batch: Batch, scored, args: LossArgs, normaliser: float, aux=None,
+               split=None):
     """The fused loss of one micro-batch (``batch``: its rows, possibly padded) from the student's final
     hidden states and logit head (gkd.losses.LogitHead) and the teacher's output, plus a MoE student's
-    router loss ``aux`` (its rows' share of the step's, before the coefficient); (loss, its STATS row)."""
+    router loss ``aux`` (its rows' share of the step's, before the coefficient); (loss, its STATS row).
+    ``split``: the hidden states and the teacher's output are this rank's tokens of the batch."""
     labels = _ce_labels(mb, batch)
-    out = _fused(hidden, head, scored, labels, batch.loss_mask, args, normaliser)
+    mask = batch.loss_mask
+    if split is not None:
+        labels, mask = split.local(labels, -100), split.local(mask, False)
+    out = _fused(hidden, head, scored, labels, mask, args, normaliser)
     loss, aux = _with_router_loss(out.loss, aux, args) if aux is not None else (out.loss, torch.zeros(()))
-    return loss, _row(loss, out, labels, batch.loss_mask, float(aux.detach()), scored.aligned)
+    return loss, _row(loss, out, labels, mask, float(aux.detach()), scored.aligned)
 
 
 def _with_router_loss(loss, aux, args: LossArgs):
