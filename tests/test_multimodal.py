@@ -282,6 +282,9 @@ declare("vl-cp2-packed", 2, lambda c, out: _args(c.models("vl"), "qwen2_vl", out
 # --pipeline_model_parallel_size 2 with packed rows: every stage makes each sequence's M-RoPE positions
 declare("vl-pp2-packed", 2, lambda c, out: _args(c.models("vl"), "qwen2_vl", out, "--max_steps", "4", "--packing",
                                                  "true", "--pipeline_model_parallel_size", "2"))
+# PP 2 x CP 2: the first stage merges the images into whole sequences and keeps its rank's tokens
+declare("vl-pp2xcp2", 4, lambda c, out: _args(c.models("vl"), "qwen2_vl", out, "--max_steps", "4", *CP2,
+                                              "--pipeline_model_parallel_size", "2"))
 
 
 def _one_image_row_and_one_text_row(family, *flags):
@@ -310,7 +313,8 @@ for _family in FAMILIES:
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["vl-fsdp2", "vl-fsdp2-packed", "vl-cp2", "vl-cp2-packed", "vl-pp2-packed"])
+@pytest.mark.parametrize("name", ["vl-fsdp2", "vl-fsdp2-packed", "vl-cp2", "vl-cp2-packed", "vl-pp2-packed",
+                                  "vl-pp2xcp2"])
 def test_fsdp2_context_and_pipeline_parallel_equal_one_process(runs, name):
     a, b = _losses(runs["vl-single"]), _losses(runs[name])
     assert sorted(a) == [1, 2, 3, 4] and all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)

@@ -149,8 +149,6 @@ EP2 = ["--expert_model_parallel_size", "2"]
 
 
 @pytest.mark.parametrize("models,flags,message", [
-    pytest.param("vl", ["--nproc_per_node", "4", *PP2, *CP2], "--pipeline_model_parallel_size with "
-                 "--context_parallel_size: --model ", id="vl-pp-x-cp"),
     pytest.param("moe-odd-teacher", ["--nproc_per_node", "2", *EP2], "--expert_model_parallel_size 2: the teacher "
                  "Qwen3MoeForCausalLM has 3 experts per layer, which 2 does not divide", id="ep-teacher-experts"),
     pytest.param("tiny", ["--nproc_per_node", "2", *CP2, "--use_vllm", "true"],
@@ -178,13 +176,10 @@ EP2 = ["--expert_model_parallel_size", "2"]
 def test_layouts_not_combined_yet_are_one_line_before_any_process(request, tmp_path, capsys, models, flags, message):
     """What docs/parallelism.md, moe.md and vllm.md say is refused, from the flags and the models' configs, before
     a process starts or the output folder is made."""
-    sets = {"tiny": "tiny", "moe": "moe", "moe-odd-teacher": "moe", "vl": "vl"}
+    sets = {"tiny": "tiny", "moe": "moe", "moe-odd-teacher": "moe"}
     chosen = dict(request.getfixturevalue(sets[models]))
     if models == "moe-odd-teacher":
         chosen["teacher"] = chosen["odd"]
-    if models == "vl":
-        student, teacher = chosen["pairs"]["qwen2_vl"]
-        chosen = {"student": str(student), "teacher": str(teacher), "data": str(chosen["data"])}
     capsys.readouterr()  # (what making the models printed)
     out = tmp_path / "out"
     err = one_line_error(capsys, *train_args(chosen, out, *flags))

@@ -303,7 +303,7 @@ def use_context_parallel_attention(model) -> None:
     AttentionInterface.register(NAME, _attention)
     AttentionMaskInterface.register(NAME, _mask)
     adapter = adapter_for(model)
-    if adapter.multimodal:
+    if adapter.multimodal and adapter.vision_tower(model) is not None:  # (a later pipeline stage has none)
         _unsplit.update(adapter.vision_tower(model).modules())
         adapter.decoder(model).register_forward_pre_hook(_local_tokens, with_kwargs=True)
     for m in model.modules():

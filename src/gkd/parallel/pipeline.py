@@ -67,18 +67,7 @@ def check_options(cfg, world: int, tp: int) -> None:
         config = _config(spec)
         if config is not None:
             check_config(config, stages, hand, f"{flag} {spec}")
-            if cfg.context_parallel_size > 1:
-                _check_context_split(config, f"{flag} {spec}")
 
-
-def _check_context_split(config, where: str) -> None:
-    """A one-line error for a model whose stages cannot run a context split (yet)."""
-    from gkd.models.adapter import adapter_for_config
-
-    if adapter_for_config(config).multimodal:
-        raise GKDError(f"--pipeline_model_parallel_size with --context_parallel_size: {where} is a vision-language "
-                       "model, whose first stage would need whole sequences for its images; not supported yet "
-                       "(either one alone is)")
 
 
 def _config(spec: str):
@@ -197,16 +186,25 @@ class Stage(nn.Module):
 
     def run(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids=None, cache=None,
             images: dict | None = None, split=None):
-        """``split`` (gkd.parallel.context.ContextSplit): ``x`` holds this rank's tokens of the micro-batch, and
-        attention gathers the others' keys."""
+        """``split`` (gkd.parallel.context.ContextSplit): the first stage takes the whole sequences (padded to the
+        split's length: images merge into whole sequences) and keeps this rank's tokens; later stages take
+        those tokens' hidden states; the positions are whole and cut the same way; attention gathers the
+        peers' keys."""
         if split is not None:
             with split.active():
-                return self.run(x, attention_mask, position_ids, cache, images)
+                return self._run(x, attention_mask, position_ids, cache, images, split)
+        return self._run(x, attention_mask, position_ids, cache, images)
+
+    def _run(self, x: torch.Tensor, attention_mask, position_ids, cache, images, split=None):
         adapter, config = self.adapter, self.config
         if self.embed_tokens is not None:  # token ids: the embedding, with the images' features merged in
             h = adapter.stage_images(self.model, x, adapter.stage_embed(config, self.embed_tokens, x), images or {})
+            if split is not None:
+                h = h.index_select(1, split.mine)
         else:
             h = x
+        if split is not None:
+            position_ids = position_ids.index_select(position_ids.dim() - 1, split.mine)
         if position_ids is None:
             position_ids = torch.arange(h.shape[1], device=h.device)[None]
         text, rotary_positions = adapter.stage_positions(position_ids)
@@ -385,18 +383,24 @@ def context(model, batch, teacher: bool = False, split=None) -> dict:
     first stage alone reads). Every rank holds the batch, so each makes them itself: no transfer beyond the
     schedule's hidden states, and the positions cost a few integer operations. Packed rows (--packing) take no
     2D mask but each sequence's positions, as the family's forward makes them (``Adapter.prepare``): attention
-    keeps to each sequence by them (``packed_rows``). Under a context ``split``: this rank's tokens' global
-    positions, and the split itself, which the stage turns on."""
+    keeps to each sequence by them (``packed_rows``). Under a context ``split``: the whole sequences' positions,
+    padded to the split's length (every stage keeps its rank's), no 2D mask (attention masks by position), and
+    the split itself, which the stage turns on."""
     adapter = adapter_for(model)
     inputs = batch.teacher_inputs if teacher and batch.teacher_inputs is not None else batch.inputs
+    ids, mask, packed = batch.input_ids, batch.attention_mask, batch.position_ids
     if split is not None:
-        return {"attention_mask": None, "position_ids": split.model_inputs(teacher)["position_ids"], "images": inputs,
-                "split": split}
-    if batch.position_ids is not None:
-        prepared = adapter.prepare(model, {"input_ids": batch.input_ids, "position_ids": batch.position_ids, **inputs})
-        return {"attention_mask": None, "position_ids": prepared["position_ids"], "images": inputs}
-    positions, _ = adapter.stage_position_ids(model, batch.input_ids, batch.attention_mask, inputs)
-    return {"attention_mask": batch.attention_mask, "position_ids": positions, "images": inputs}
+        ids, mask = pad_to(ids, split.length, 0), pad_to(mask, split.length, 0)
+        packed = None if packed is None else pad_to(packed, split.length, 0)
+    if packed is not None:
+        positions = adapter.prepare(model, {"input_ids": ids, "position_ids": packed, **inputs})["position_ids"]
+    else:
+        positions, _ = adapter.stage_position_ids(model, ids, mask, inputs)
+    if split is not None:
+        if positions is None:
+            positions = torch.arange(split.length, device=ids.device)[None].expand(ids.shape[0], -1)
+        return {"attention_mask": None, "position_ids": positions, "images": inputs, "split": split}
+    return {"attention_mask": None if packed is not None else mask, "position_ids": positions, "images": inputs}
 
 
 def packed_rows(model, batches):
@@ -418,11 +422,11 @@ def teacher_hidden(teacher_model, batches, splits=None) -> list[torch.Tensor] | 
     out, pending = [], []
     with torch.no_grad():
         for b, split in zip(batches, splits or [None] * len(batches)):
-            ids = b.input_ids if split is None else split.local(b.input_ids)
-            if st.first is not None:
-                x = ids
+            if st.first is not None:  # (whole sequences under a split: see Stage.run)
+                x = b.input_ids if split is None else pad_to(b.input_ids, split.length, 0)
             else:
-                x = torch.empty(*ids.shape, st.hidden_size(), dtype=st.dtype(), device=ids.device)
+                rows, length = b.input_ids.shape[0], b.input_ids.shape[1] if split is None else len(split.mine)
+                x = torch.empty(rows, length, st.hidden_size(), dtype=st.dtype(), device=b.input_ids.device)
                 dist.recv(x, src=st.peer(st.rank - 1), group=st.group)
             with packed_rows(teacher_model, [b]):
                 h = stage.run(x, **context(teacher_model, b, teacher=True, split=split))
@@ -436,14 +440,14 @@ def teacher_hidden(teacher_model, batches, splits=None) -> list[torch.Tensor] | 
 
 
 def schedule_for(st: Staged, n_micro: int, length: int, width: int, device, loss_fn, plan: PipelinePlan,
-                 sequences: int = 0):
+                 sequences: int = 0, ids_length: int | None = None):
     """A pipelining schedule over this rank's stages for ``n_micro`` micro-batches of ``width`` rows and
-    ``length`` positions, a MoE student's routing sums for ``sequences`` sequences (shapes given up front: no
-    shape-inference forward)."""
+    ``length`` positions (the first stage's ids: ``ids_length``, when they are longer), a MoE student's routing
+    sums for ``sequences`` sequences (shapes given up front: no shape-inference forward)."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
     hidden = torch.empty(width, length, st.hidden_size(), dtype=st.dtype(), device="meta", requires_grad=True)
-    ids = torch.empty(width, length, dtype=torch.long, device="meta")
+    ids = torch.empty(width, ids_length or length, dtype=torch.long, device="meta")
     carried = st.stages[0].routing
     if carried:  # a MoE student's routing sums ride along with the hidden states
         hidden = (hidden, torch.empty(sequences, carried, dtype=torch.float32, device="meta", requires_grad=True))
@@ -518,8 +522,9 @@ def forward_backward(micro_batches, batches, scored, student, n_stats: int, plan
     for s in st.stages:
         s.contexts, s.indexes, s.sequences, s.calls, s.load = contexts, indexes, sequences, 0, None
     device = micro_batches[0].batch.input_ids.device
-    schedule = schedule_for(st, n_micro, length, width, device, pipeline_loss, plan, sequences)
-    ids = torch.cat([b.input_ids if split is None else split.local(b.input_ids) for b, split in zip(batches, splits)])
+    whole = None if splits[0] is None else splits[0].length  # (the first stage takes whole sequences)
+    schedule = schedule_for(st, n_micro, length, width, device, pipeline_loss, plan, sequences, whole)
+    ids = torch.cat([b.input_ids if whole is None else pad_to(b.input_ids, whole, 0) for b in batches])
     target = torch.arange(ids.shape[0], device=device)
     try:
         with packed_rows(student, batches):
