@@ -69,6 +69,8 @@ for _family in REGROUPED:
 EVAL = ["--eval_steps", "2", "--split_dataset_ratio", "0.3", "--global_batch_size", "4"]
 declare_training("eval-single", 1, EVAL)
 declare_training("eval-fsdp2", 2, EVAL)
+declare_training("eval-tp2", 2, [*EVAL, "--tensor_model_parallel_size", "2"])  # the heads' vocabulary split
+declare_training("eval-cp2", 2, [*EVAL, "--context_parallel_size", "2"])  # peers evaluate the same rows whole
 
 
 def _with_generation_config(c, out):
@@ -141,8 +143,7 @@ def test_a_killed_rank_ends_the_job_and_leaves_the_last_checkpoint(tiny, tmp_pat
 @pytest.mark.parametrize("mistake,message", [
     pytest.param(["--global_batch_size", "3"], "--global_batch_size 3 must be a multiple of --micro_batch_size 2 x "
                  "data-parallel", marks=SLOW, id="batch-real-command"),
-    (["--eval_steps", "2", "--tensor_model_parallel_size", "2"],
-     "--eval_steps with tensor, context or pipeline parallelism"),
+    (["--eval_steps", "2", "--pipeline_model_parallel_size", "2"], "--eval_steps with pipeline parallelism"),
     pytest.param(["--dataset", "/nonexistent/rows.jsonl"], "/nonexistent/rows.jsonl: no such file", marks=SLOW,
                  id="found-by-the-workers"),
 ])
@@ -190,14 +191,16 @@ def test_two_nodes_equal_one_process(tiny, runs, tmp_path, fixed_ranks):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_evaluation_during_training_is_sharded_and_equals_one_process(runs):
+@pytest.mark.parametrize("name", ["eval-fsdp2", "eval-tp2", "eval-cp2"])
+def test_evaluation_during_training_is_sharded_and_equals_one_process(runs, name):
     """--eval_steps with FSDP = 2: each rank evaluates its share of the held-out rows (5 rows: one rank
     pads), the sums are reduced, and the metrics equal one process's (the repetition shares: ratios of
-    summed counts, padding row left out)."""
-    evals = {name: [m for m in read_metrics(runs[name] / "metrics.jsonl") if "eval_divergence" in m]
-             for name in ("eval-single", "eval-fsdp2")}
-    assert [m["step"] for m in evals["eval-single"]] == [2, 4] == [m["step"] for m in evals["eval-fsdp2"]]
-    for a, b in zip(evals["eval-single"], evals["eval-fsdp2"]):
+    summed counts, padding row left out). TP = 2: both ranks evaluate every row with the heads' vocabulary
+    split; CP = 2: both evaluate every row whole (generation and scoring are not split)."""
+    evals = {n: [m for m in read_metrics(runs[n] / "metrics.jsonl") if "eval_divergence" in m]
+             for n in ("eval-single", name)}
+    assert [m["step"] for m in evals["eval-single"]] == [2, 4] == [m["step"] for m in evals[name]]
+    for a, b in zip(evals["eval-single"], evals[name]):
         for key in ("eval_divergence", "eval_top1_agreement", "eval_teacher_logprob_of_student",
                     "eval_student_completion_length", "eval_student_repeated_4gram_share", "eval_student_distinct_2",
                     "eval_teacher_repeated_4gram_share", "eval_teacher_distinct_2"):

@@ -19,12 +19,18 @@ def _hidden(model, batch, teacher: bool = False):
     return adapter_for(model).final_hidden(model, batch.model_inputs(teacher))
 
 
-def _token_logprobs(model, batch, chunk: int = 256, teacher: bool = False) -> torch.Tensor:
+def _head(model):
+    """The model's logit head, this rank's vocabulary shard of it under tensor parallelism."""
+    return parallel.local_head(adapter_for(model).logit_head(model))
+
+
+def _token_logprobs(model, batch, chunk: int = 256, teacher: bool = False, tp_group=None) -> torch.Tensor:
     """Per row, the sum of log p(token) over its completion tokens, lm_head applied a chunk at a time."""
     h = _hidden(model, batch, teacher)[batch.loss_mask]
     y = batch.labels[batch.loss_mask]
-    head = adapter_for(model).logit_head(model)
-    lp = torch.cat([-sft_cross_entropy(head.logits(h[i:i + chunk]), y[i:i + chunk], reduction="none").double()
+    head = _head(model)
+    lp = torch.cat([-sft_cross_entropy(head.logits(h[i:i + chunk]), y[i:i + chunk], reduction="none",
+                                       tp_group=tp_group).double()
                     for i in range(0, h.shape[0], chunk)]) if h.shape[0] else torch.zeros(0, dtype=torch.float64)
     row_of = torch.arange(batch.loss_mask.shape[0]).repeat_interleave(batch.loss_mask.sum(1).cpu())
     return torch.zeros(batch.loss_mask.shape[0], dtype=torch.float64).index_add_(0, row_of, lp.cpu())
@@ -87,7 +93,8 @@ class Evaluation:
 @torch.no_grad()
 def evaluate(student, teacher, prompts: list[list[int]], *, eos_ids, pad_id, beta: float, temperature: float,
              max_new_tokens: int, device, batch_size: int = 16, teacher_completions=None, inputs=None,
-             teacher_inputs=None, counted: list[bool] | None = None, reduce=None, samples: int = 0) -> Evaluation:
+             teacher_inputs=None, counted: list[bool] | None = None, reduce=None, samples: int = 0,
+             tp_group=None) -> Evaluation:
     """divergence and top-1 agreement on the teacher's greedy completions, the student's perplexity
     on them, and the teacher's mean log-prob of the student's own greedy completions; with ``samples``,
     also of that many seeded samples per prompt at ``temperature``. ``inputs`` / ``teacher_inputs``: each
@@ -101,7 +108,8 @@ def evaluate(student, teacher, prompts: list[list[int]], *, eos_ids, pad_id, bet
 
     Sharded over data-parallel ranks: each rank passes its prompts (padded to the same count; ``counted``
     says which are real) and ``reduce``, which sums a float64 tensor over the ranks; every rank then joins
-    every forward, as sharded weights need."""
+    every forward, as sharded weights need. Under tensor parallelism the heads' vocabulary is split over
+    ``tp_group``, whose ranks hold the same prompts; context-parallel peers do too, and evaluate them whole."""
     inputs = inputs or [{} for _ in prompts]
     theirs = teacher_inputs or inputs
     counted = counted or [True] * len(prompts)
@@ -128,9 +136,9 @@ def evaluate(student, teacher, prompts: list[list[int]], *, eos_ids, pad_id, bet
                 mask = torch.zeros_like(batch.loss_mask)
                 mask[r] = batch.loss_mask[r]
                 out = fused_linear_gkd_loss(
-                    s_hidden, adapter_for(student).logit_head(student), teacher_hidden=t_hidden,
-                    teacher_lm_head_weight=adapter_for(teacher).logit_head(teacher), labels=batch.labels, beta=beta,
-                    temperature=temperature, mask=mask, reduction="sum")
+                    s_hidden, _head(student), teacher_hidden=t_hidden, teacher_lm_head_weight=_head(teacher),
+                    labels=batch.labels, beta=beta, temperature=temperature, mask=mask, reduction="sum",
+                    tp_group=tp_group)
                 per_row[i + r, :4] = torch.tensor([float(out.divergence_sum), float(out.sft_sum),
                                                    float(out.agree_count), out.tokens], dtype=torch.float64)
         for col, completions in ((4, student_completions[rows]), (7, None)):
@@ -140,7 +148,7 @@ def evaluate(student, teacher, prompts: list[list[int]], *, eos_ids, pad_id, bet
                 sbatch.loss_mask[~real] = False
                 sbatch = sbatch.to(device)
                 if sbatch.tokens or sharded:
-                    per_row[rows, col] += _token_logprobs(teacher, sbatch, teacher=True)
+                    per_row[rows, col] += _token_logprobs(teacher, sbatch, teacher=True, tp_group=tp_group)
                     per_row[rows, col + 1] += sbatch.loss_mask.sum(1).cpu().double()
     for who, completions in (("student", student_completions), ("teacher", teacher_completions)):
         first = SUMS.index(f"{who}_repeated_4grams")

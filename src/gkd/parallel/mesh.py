@@ -190,9 +190,9 @@ def check_options(cfg, world: int, tp: int) -> None:
         from gkd.parallel.pipeline import check_options as pipeline_options
 
         pipeline_options(cfg, world, tp)
-    if cfg.eval_steps and (tp > 1 or cfg.context_parallel_size > 1 or cfg.pipeline_model_parallel_size > 1):
-        raise GKDError("--eval_steps with tensor, context or pipeline parallelism is not supported yet (data "
-                       "parallel and FSDP are); run gkd eval on the final folder")
+    if cfg.eval_steps and cfg.pipeline_model_parallel_size > 1:
+        raise GKDError("--eval_steps with pipeline parallelism is not supported yet (data parallel, FSDP, tensor "
+                       "and context parallel are); run gkd eval on the final folder")
     if cfg.teacher_wire == "hidden" and tp > 1:
         raise GKDError("--teacher_wire hidden with --tensor_model_parallel_size > 1 is not supported yet (the teacher's "
                        "head arrives whole, the loss takes it split like the student's); use --teacher_wire topk")
