@@ -151,8 +151,6 @@ EP2 = ["--expert_model_parallel_size", "2"]
 @pytest.mark.parametrize("models,flags,message", [
     pytest.param("moe-odd-teacher", ["--nproc_per_node", "2", *EP2], "--expert_model_parallel_size 2: the teacher "
                  "Qwen3MoeForCausalLM has 3 experts per layer, which 2 does not divide", id="ep-teacher-experts"),
-    pytest.param("tiny", ["--nproc_per_node", "2", *CP2, "--use_vllm", "true"],
-                 "--use_vllm with --context_parallel_size > 1 is not supported yet", id="cp-x-vllm"),
     pytest.param("tiny", ["--nproc_per_node", "2", "--use_vllm", "true", "--vllm_tensor_parallel_size", "2"],
                  "--vllm_tensor_parallel_size 2 must divide --tensor_model_parallel_size 1: the ranks of one vLLM "
                  "engine", id="vllm-tp2-over-tp1"),

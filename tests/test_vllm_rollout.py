@@ -265,7 +265,7 @@ def test_each_data_parallel_rank_samples_its_rows_with_its_own_engine(pair, tmp_
 def test_server_mode_with_two_training_processes_equals_one(pair, tmp_path, vllm_server, async_flags):
     """FSDP over 2 processes against one vLLM server: each rank samples its rows there, rank 0 sends the
     weights gathered from the shards (by file and by process group); the same losses and weights as one
-    training process against the same server. With --async_generation 1 each rank requests its rows of the
+    training process against the same server; so does context parallelism 2 (both ranks hold every row). With --async_generation 1 each rank requests its rows of the
     next step ahead, and the two layouts still agree."""
     from safetensors.torch import load_file
 
@@ -281,19 +281,26 @@ def test_server_mode_with_two_training_processes_equals_one(pair, tmp_path, vllm
                 "--vllm_server_port", str(port), "--vllm_weight_sync", sync, "--vllm_group_port", str(free_port()),
                 *extra]
 
-    for sync in ("path", "group"):
-        one = gkd_subprocess(*args(tmp_path / f"one-{sync}", sync, *async_flags), timeout=600)
-        assert one.returncode == 0, one.stderr[-3000:]
-        two = gkd_subprocess(*args(tmp_path / f"two-{sync}", sync, "--nproc_per_node", "2", *async_flags),
+    # FSDP 2 with each weight sync; context parallel 2 (the peers sample the same rows, rank 0 of each group
+    # asks the server) with the file sync
+    for sync, layout in (("path", []), ("group", []), ("path", ["--context_parallel_size", "2"])):
+        name = sync + "-cp2" * bool(layout)
+        if not layout:
+            one = gkd_subprocess(*args(tmp_path / f"one-{sync}", sync, *async_flags), timeout=600)
+            assert one.returncode == 0, one.stderr[-3000:]
+        two = gkd_subprocess(*args(tmp_path / f"two-{name}", sync, "--nproc_per_node", "2", *layout, *async_flags),
                              timeout=600)
         assert two.returncode == 0, two.stderr[-3000:]
         a = read_metrics(tmp_path / f"one-{sync}" / "metrics.jsonl")
-        b = read_metrics(tmp_path / f"two-{sync}" / "metrics.jsonl")
+        b = read_metrics(tmp_path / f"two-{name}" / "metrics.jsonl")
         assert [m["on_policy_share"] for m in a] == [1.0] * 3
         assert [m["staleness"] for m in a] == [m["staleness"] for m in b] == ([0, 1, 1] if async_flags else [0] * 3)
         for x, y in zip(a, b, strict=True):
             assert abs(x["loss"] - y["loss"]) <= 1e-5 and x["completion_length"] == y["completion_length"], (x, y)
         wa = load_file(str(tmp_path / f"one-{sync}" / "final" / "model.safetensors"))
-        wb = load_file(str(tmp_path / f"two-{sync}" / "final" / "model.safetensors"))
+        wb = load_file(str(tmp_path / f"two-{name}" / "final" / "model.safetensors"))
+        # CP attends in another order (merged flash blocks): step 1's loss and gradient norm agree to 2e-10 and 2e-9
+        # (measured 2026-12-04), and AdamW at this test's learning rate (3e-2) carries that rounding to 5e-4 in
+        # the weights after 3 steps; FSDP's weights agree exactly
         for k in wa:
-            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=k)
+            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-3 if layout else 1e-5, msg=k)

@@ -196,9 +196,6 @@ def check_options(cfg, world: int, tp: int) -> None:
     if cfg.teacher_wire == "hidden" and tp > 1:
         raise GKDError("--teacher_wire hidden with --tensor_model_parallel_size > 1 is not supported yet (the teacher's "
                        "head arrives whole, the loss takes it split like the student's); use --teacher_wire topk")
-    if cfg.use_vllm and cfg.context_parallel_size > 1:
-        raise GKDError("--use_vllm with --context_parallel_size > 1 is not supported yet (HF generate samples; "
-                       "generation is not split over the context-parallel ranks)")
     if cfg.use_vllm and cfg.vllm_mode == "colocate" and tp % cfg.vllm_tensor_parallel_size:
         raise GKDError(f"--vllm_tensor_parallel_size {cfg.vllm_tensor_parallel_size} must divide "
                        f"--tensor_model_parallel_size {tp}: the ranks of one vLLM engine must hold the same prompts")
