@@ -19,7 +19,9 @@ from gkd.teacher.cross_tokenizer import CrossTokenizerTeacher
 from gkd.teacher.local import LocalTeacher
 from gkd.train.metrics import read_metrics
 from gkd.train.trainer import Trainer
-from helpers import assert_one_line_error, assert_same_run, declare, gkd_in_process, loss_and_head_grad, train_args
+from gkd.teacher.remote import RemoteTeacher
+from helpers import (assert_one_line_error, assert_same_run, declare, gkd_in_process, loss_and_head_grad,
+                     start_gkd_serve, stop, train_args)
 
 # --- two byte-level BPEs built by hand: the same bytes, other merges, other ids, other chat templates ----------
 
@@ -277,7 +279,7 @@ def test_the_same_tokenizer_without_the_flag_reports_no_aligned_share(tiny, tmp_
 def test_a_teacher_without_a_chat_template_for_chat_rows_is_one_line_and_nothing_written(pair, tmp_path):
     """The student renders chat rows with its template; a teacher tokenizer without one cannot: one line,
     no output folder. Without the flag the different tokenizers are refused as before; with options it does not
-    take yet (tensor parallelism, evaluation during training), one line too."""
+    take yet (tensor parallelism, evaluation during training, a server on the top-K wire), one line too."""
     root = tmp_path / "bare"
     bare = Path(pair["teacher"]).parent / "teacher-bare"
     if not bare.exists():
@@ -294,9 +296,11 @@ def test_a_teacher_without_a_chat_template_for_chat_rows_is_one_line_and_nothing
     assert not root.exists()
     assert_one_line_error(gkd_in_process(*args), "or --teacher_tokenizer other")
     assert not root.exists()
-    for extra in (["--tensor_model_parallel_size", "2"], ["--eval_steps", "1", "--split_dataset_ratio", "0.25"]):
-        assert_one_line_error(gkd_in_process(*args, "--teacher_tokenizer", "other", *extra),
-                              "--teacher_tokenizer other needs a local --teacher_model, and is not supported yet")
+    for extra, needle in [(["--tensor_model_parallel_size", "2"], "--teacher_tokenizer other is not supported yet"),
+                          (["--eval_steps", "1", "--split_dataset_ratio", "0.25"], "is not supported yet with"),
+                          (["--teacher_model", "", "--teacher_model_server", "http://127.0.0.1:9",
+                            "--gkd_logits_topk", "4"], "--teacher_model_server needs --teacher_wire hidden")]:
+        assert_one_line_error(gkd_in_process(*args, "--teacher_tokenizer", "other", *extra), needle)
         assert not root.exists()
 
 
@@ -332,3 +336,73 @@ def test_rows_beyond_the_teachers_context_in_its_own_tokens_are_one_line(pair):
     inner.context = longest  # every student sequence fits
     with pytest.raises(GKDError, match=r"data.jsonl:\d+: the teacher's tokens reach \d+ .* beyond its context of"):
         cross.check_rows(examples, 8, False)
+
+
+def _per_row_losses(student, out, examples, tok):
+    """The loss of each row alone (the batch's mask cut to it), as sums over its tokens."""
+    losses = []
+    for r in range(len(examples)):
+        batch = _batch(examples, tok)
+        batch.loss_mask[:r] = False
+        batch.loss_mask[r + 1:] = False
+        losses.append(loss_and_head_grad(student, out, batch)[0] * batch.tokens)
+    return torch.stack(losses)
+
+
+@pytest.mark.slow
+def test_a_remote_teacher_with_another_tokenizer_equals_the_local_one(pair, tmp_path):
+    """`gkd serve` of the teacher (its own tokenizer, declared in /v1/models) on the hidden wire: the client
+    loads the declared tokenizer, retokenises the rows and pairs the vocabularies; the loss of every row and
+    two steps of training (off- and on-policy) equal the local teacher's to 1e-6. A server whose tokenizer
+    differs from the one it declares (here: the declared folder's tokenizer replaced after the server loaded
+    its own) is refused in one line."""
+    import shutil
+
+    folder = tmp_path / "teacher"
+    shutil.copytree(pair["teacher"], folder)
+    proc, url = start_gkd_serve(str(folder), "--max_model_len", "64")
+    try:
+        stok, ttok = load_tokenizer(pair["student"]), load_tokenizer(pair["teacher"])
+        examples = load_examples([pair["data"]], stok, max_length=64, truncation_strategy="left",
+                                 max_completion_length=8)[:6]
+        student = load_model(pair["student"], "float32")
+        quiet = dict(log=lambda *_: None)
+        remote = RemoteTeacher(url, 0, wire="hidden").connect()
+        assert remote.tokenizer.get_vocab() == ttok.get_vocab()
+        local = CrossTokenizerTeacher(LocalTeacher(load_model(pair["teacher"], "float32"), torch.device("cpu")),
+                                      stok, ttok, **quiet)
+        cross = CrossTokenizerTeacher(remote, stok, remote.tokenizer, **quiet)
+        for t in (local, cross):
+            t.check_rows(examples, 8, False)
+        batch = _batch(examples, stok)
+        want, got = local.score(batch), cross.score(batch)
+        assert torch.equal(got.aligned, want.aligned) and torch.equal(got.topk_ids, want.topk_ids)
+        at = want.aligned & batch.loss_mask
+        assert 0 < int(at.sum()) < batch.tokens
+        torch.testing.assert_close(got.topk_logprobs[at], want.topk_logprobs[at], rtol=0, atol=1e-6)
+        rows_want = _per_row_losses(student, want, examples, stok)
+        rows_got = _per_row_losses(student, got, examples, stok)
+        assert bool(rows_want.gt(0).all())
+        torch.testing.assert_close(rows_got, rows_want, rtol=0, atol=1e-6)
+        # the whole path (config, build, Trainer), off- and on-policy
+        runs = {}
+        for name, kw in {"local": {}, "remote": dict(teacher_model="", teacher_model_server=url,
+                                                     teacher_wire="hidden")}.items():
+            t = Trainer(_cfg(pair, tmp_path / name, max_steps=2, lmbda=0.5, **kw), **quiet)
+            t.train()
+            runs[name] = read_metrics(t.out / "metrics.jsonl")
+        assert [m["on_policy_share"] for m in runs["remote"]] == [0, 1]  # (the seed's lmbda draws)
+        for key in ("divergence", "aligned_share", "loss", "on_policy_share"):
+            assert [m[key] for m in runs["remote"]] == pytest.approx([m[key] for m in runs["local"]], rel=1e-5)
+        # the declared tokenizer is no longer the server's
+        for f in folder.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+                f.unlink()
+        for f in Path(pair["student"]).iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+                shutil.copy(f, folder / f.name)
+        with pytest.raises(GKDError, match=r"^teacher server .* as .*, the tokenizer it declares \(.*teacher\) as "
+                                           r".*; the server's tokenizer differs from the one it declares$"):
+            RemoteTeacher(url, 0, wire="hidden").connect()
+    finally:
+        stop(proc)

@@ -23,7 +23,7 @@ from gkd.teacher.base import TeacherOutput
 
 class CrossTokenizerTeacher:
     """``inner``: a teacher of the teacher's token ids giving hidden states + head (a LocalTeacher built
-    with topk 0); ``topk``: the K entries per position (None: every paired id)."""
+    with topk 0, or a RemoteTeacher on the hidden wire); ``topk``: the K entries per position (None: every paired id)."""
 
     chunk_logits = 2 ** 23  # the teacher's logits formed at once (float32: 32 MiB)
 
@@ -56,15 +56,23 @@ class CrossTokenizerTeacher:
                 raise GKDError(f"{e.source}: two rows with the same student prompt render differently for the teacher")
             completion = [] if e.completion_ids is None else self.aligner.retokenise(e.completion_ids, e.source)[0]
             need = len(theirs) + max(len(completion), new_tokens if sampled else 0)
-            context = self.inner.context
+            context = self.limit
             if context is not None and need > context:
                 raise GKDError(f"{e.source}: the teacher's tokens reach {need} (prompt {len(theirs)} + completion "
                                f"up to {need - len(theirs)}), beyond its context of {context} positions: lower "
                                "--max_completion_length or --max_length")
-        self.inner.check_rows(examples, new_tokens, sampled)
         self.log(f"[gkd] --teacher_tokenizer other: {len(self.student_ids)} of the student's {len(self.student_tok)} "
                  f"token strings are in the teacher's vocabulary of {len(self.teacher_tok)}; the divergence runs over "
                  "those")
+
+    @property
+    def limit(self) -> int | None:
+        """The longest sequence of the teacher's tokens it scores: a local model's context, a server's
+        max_model_len less the one token it keeps room for (None: unknown)."""
+        if self.inner.context is not None:
+            return self.inner.context
+        served = getattr(self.inner, "max_model_len", None)
+        return None if served is None else served - 1
 
     def teacher_batch(self, batch: Batch) -> tuple[Batch, list[tuple[int, int, int, list[tuple[int, int]]]]]:
         """(the teacher's batch, per sequence: (row, first scored position, the teacher's, aligned pairs))."""
@@ -84,8 +92,8 @@ class CrossTokenizerTeacher:
                     self.log(f"[gkd] {e}; such completions get no teacher signal (once-only warning)")
                     self.warned = True
                 continue
-            if self.inner.context is not None:  # a sample the teacher's tokens make longer: its tail goes unscored
-                theirs = theirs[:self.inner.context - len(prompt)]
+            if self.limit is not None:  # a sample the teacher's tokens make longer: its tail goes unscored
+                theirs = theirs[:self.limit - len(prompt)]
                 pairs = [(i, j) for i, j in pairs if j < len(theirs)]
             prompts.append(prompt)
             completions.append(theirs)
