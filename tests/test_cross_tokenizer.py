@@ -106,8 +106,10 @@ def test_hand_worked_spans_of_hello_world_align_where_both_cut_alike(pair):
     # the same characters under ids the mapping does not pair are not aligned
     unpaired = {s: t for s, t in pair_of.items() if s != stok.convert_tokens_to_ids("or")}
     assert aligned_pairs(spans(stok, mine, text), spans(ttok, theirs, text), mine, theirs, unpaired) == [(1, 3)]
-    ids, pairs = Aligner(stok, ttok).retokenise(mine + [stok.eos_token_id], "test")
+    ids, pairs, segments = Aligner(stok, ttok).retokenise(mine + [stok.eos_token_id], "test")
     assert ids == theirs + [ttok.eos_token_id] and pairs == [(1, 3), (2, 4), (5, 6)]
+    # between the aligned pairs: 'hello' (student 0, teacher 0-2) and 'ld' (student l|d 3-4, teacher 5)
+    assert segments == [(0, 1, 0, 3), (3, 5, 5, 6)]
     # the paired vocabulary: the same strings under other ids (specials first in one, last in the other)
     assert pair_of[stok.convert_tokens_to_ids("or")] == ttok.convert_tokens_to_ids("or")
     assert stok.convert_tokens_to_ids("or") != ttok.convert_tokens_to_ids("or")
@@ -225,7 +227,7 @@ def test_unaligned_positions_give_no_divergence_and_no_gradient(pair):
     tbatch, where = cross.teacher_batch(batch)
     theirs = torch.log_softmax(teacher(**tbatch.model_inputs()).logits.float(), -1)
     pairs = vocab_pairs(stok, ttok)
-    for r, (b, s0, t0, aligned) in enumerate(where):
+    for r, (b, s0, t0, aligned, _) in enumerate(where):
         for i, j in aligned:
             assert out.topk_ids[b, s0 + i].tolist() == [s for s, _ in pairs]
             torch.testing.assert_close(out.topk_logprobs[b, s0 + i], theirs[r, t0 + j, [t for _, t in pairs]],
@@ -302,6 +304,9 @@ def test_a_teacher_without_a_chat_template_for_chat_rows_is_one_line_and_nothing
                             "--gkd_logits_topk", "4"], "--teacher_model_server needs --teacher_wire hidden")]:
         assert_one_line_error(gkd_in_process(*args, "--teacher_tokenizer", "other", *extra), needle)
         assert not root.exists()
+    assert_one_line_error(gkd_in_process(*args, "--cross_tokenizer_fallback", "span_logprob"),
+                          "--cross_tokenizer_fallback span_logprob is for --teacher_tokenizer other")
+    assert not root.exists()
 
 
 def test_prompt_only_rows_off_policy_need_the_teacher_to_write_which_it_does_not_yet(tiny, tmp_path):
@@ -406,3 +411,68 @@ def test_a_remote_teacher_with_another_tokenizer_equals_the_local_one(pair, tmp_
             RemoteTeacher(url, 0, wire="hidden").connect()
     finally:
         stop(proc)
+
+
+def _hello_world(pair, tmp_path):
+    """One row whose completion is 'hello world' (the hand-worked cut above), its teacher and batch."""
+    path = tmp_path / "hello.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello world"}]}) + "\n")
+    stok, ttok = load_tokenizer(pair["student"]), load_tokenizer(pair["teacher"])
+    examples = load_examples([str(path)], stok, max_length=64, truncation_strategy="left", max_completion_length=8)
+    return stok, ttok, examples, _batch(examples, stok)
+
+
+def test_span_fallback_equals_a_float64_reference_on_hand_worked_spans(pair, tmp_path):
+    """--cross_tokenizer_fallback span_logprob on 'hello world': the unaligned spans are 'hello' (student token
+    0; teacher he|ll|o) and 'ld' (student l|d; teacher ld). The term, 1/2 sum over spans of (log p_s(span) -
+    log p_t(span))^2, and its lm_head gradient equal a float64 reference built from both models' own forwards
+    (transformers' logits, log-softmax, the tokens picked by hand)."""
+    stok, ttok, examples, batch = _hello_world(pair, tmp_path)
+    student, teacher = load_model(pair["student"], "float32"), load_model(pair["teacher"], "float32")
+    cross = CrossTokenizerTeacher(LocalTeacher(teacher, torch.device("cpu")), stok, ttok, log=lambda *_: None,
+                                  fallback="span_logprob")
+    cross.check_rows(examples, 8, False)
+    out = cross.score(batch)
+    s0 = len(examples[0].prompt_ids) - 1  # the position predicting the completion's first token
+    assert out.spans.index[0, s0:s0 + 6].tolist() == [0, -1, -1, 1, 1, -1]  # hello | Ġw | or | l d | eos
+    from gkd.models import adapter_for
+    from gkd.teacher.cross_tokenizer import span_divergence
+
+    adapter = adapter_for(student)
+    hidden = adapter.final_hidden(student, batch.model_inputs())
+    got = span_divergence(hidden, adapter.logit_head(student), out.spans, batch.loss_mask)
+    got.backward()
+    grad = adapter.lm_head(student).grad.clone()
+    # the reference: float64 copies, whole-sequence forwards, tokens picked by hand
+    s64, t64 = load_model(pair["student"]).double(), load_model(pair["teacher"]).double()
+    mine = torch.log_softmax(s64(input_ids=batch.input_ids).logits[0], -1)
+    sid = batch.input_ids[0].tolist()
+    ls = [mine[s0, sid[s0 + 1]], mine[s0 + 3, sid[s0 + 4]] + mine[s0 + 4, sid[s0 + 5]]]
+    prompt_t = ttok(ttok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                             tokenize=False), add_special_tokens=False)["input_ids"]
+    tid = prompt_t + ttok("hello world", add_special_tokens=False)["input_ids"] + [ttok.eos_token_id]
+    assert ttok.convert_ids_to_tokens(tid[len(prompt_t):]) == ["he", "ll", "o", "Ġw", "or", "ld", "</s>"]
+    theirs = torch.log_softmax(t64(input_ids=torch.tensor([tid])).logits[0].detach(), -1)
+    t0 = len(prompt_t) - 1
+    lt = [sum(theirs[t0 + j, tid[t0 + j + 1]] for j in range(3)), theirs[t0 + 5, tid[t0 + 6]]]
+    want = 0.5 * sum((a - b) ** 2 for a, b in zip(ls, lt))
+    want.backward()
+    torch.testing.assert_close(out.spans.teacher_logprobs, torch.stack(lt), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad.double(), s64.get_output_embeddings().weight.grad, rtol=1e-4, atol=1e-6)
+    assert float(want.detach()) > 1e-3  # not a trivially zero comparison
+
+
+def test_span_fallback_trains_a_pair_and_adds_its_term_to_the_divergence(pair, tmp_path):
+    """Off-policy, 6 steps on the same rows with --cross_tokenizer_fallback span_logprob: the divergence (the
+    token-level term + the span term over the step's tokens) falls at every step; at step 1 (the same weights)
+    it exceeds the run without the fallback by the span term."""
+    div = {}
+    for fallback in ("none", "span_logprob"):
+        t = Trainer(_cfg(pair, tmp_path / fallback, lmbda=0.0, cross_tokenizer_fallback=fallback), log=lambda *_: None)
+        t.train()
+        div[fallback] = [x["divergence"] for x in read_metrics(t.out / "metrics.jsonl")]
+    with_spans = div["span_logprob"]
+    assert all(b < a for a, b in pairwise(with_spans)) and with_spans[-1] < 0.6 * with_spans[0]
+    assert with_spans[0] > 1.5 * div["none"][0]  # the span term is there (and larger than the token-level one)

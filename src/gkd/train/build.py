@@ -106,7 +106,8 @@ def one_teacher(t, spec, tokenizer, student_model, par, log):
         if cross:  # the tokenizer the server declares, checked against the server's own tokenising
             from gkd.teacher.cross_tokenizer import CrossTokenizerTeacher
 
-            return CrossTokenizerTeacher(remote.connect(), tokenizer, remote.tokenizer, spec.topk, log)
+            return CrossTokenizerTeacher(remote.connect(), tokenizer, remote.tokenizer, spec.topk, log,
+                                         t.cross_tokenizer_fallback)
         remote.connect(tokenizer)
         if remote.head is not None:  # the hidden wire: the loss takes the teacher's head beside the student's
             vocab = adapter_for(student_model).lm_head(student_model).shape[0]  # (a DTensor's is the whole)
@@ -125,7 +126,8 @@ def one_teacher(t, spec, tokenizer, student_model, par, log):
         from gkd.teacher.cross_tokenizer import CrossTokenizerTeacher
 
         inner = LocalTeacher(model, par.device, offload=offload == "move", name=spec.flag)
-        return CrossTokenizerTeacher(inner, tokenizer, load_tokenizer(spec.source), spec.topk, log)
+        return CrossTokenizerTeacher(inner, tokenizer, load_tokenizer(spec.source), spec.topk, log,
+                                     t.cross_tokenizer_fallback)
     check_compatible(tokenizer, load_tokenizer(spec.source), student_model, model)
     return LocalTeacher(model, par.device, topk=spec.topk, offload=offload == "move", name=spec.flag)
 

@@ -15,6 +15,7 @@ one-sequence batch gives transformers' own ``aux_loss``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -171,10 +172,18 @@ def _ce_labels(mb: MicroBatch, batch: Batch) -> torch.Tensor:
 
 
 def _fused(hidden, head, scored, labels, mask, args: LossArgs, normaliser: float):
-    return fused_linear_gkd_loss(
+    out = fused_linear_gkd_loss(
         hidden, head, **scored.loss_kwargs(), labels=labels, sft_alpha=args.sft_alpha, beta=args.beta,
         temperature=args.temperature, mask=mask, reduction="sum", normalizer=normaliser, chunk_size=args.chunk_size,
         tp_group=args.tp_group)
+    if scored.spans is None:
+        return out
+    # a teacher with another tokenizer: its unaligned spans' term joins the divergence (same normaliser)
+    from gkd.teacher.cross_tokenizer import span_divergence
+
+    extra = span_divergence(hidden, head, scored.spans, mask)
+    return dataclasses.replace(out, loss=out.loss + extra / normaliser,
+                               divergence_sum=out.divergence_sum + extra.detach().to(out.divergence_sum))
 
 
 def _routed(hidden, head, groups, names: list[str], labels, args: LossArgs, normaliser: float):
