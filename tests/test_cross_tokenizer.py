@@ -79,8 +79,10 @@ def pair(tmp_path_factory):
 
 
 def _cross_run(c, out):
-    """train_args (4 steps, off- and on-policy) of the pair with different tokenizers, made once per session."""
-    return train_args(c.once("cross-pair", lambda: _pair(c.root / "cross-pair")), out, "--teacher_tokenizer", "other")
+    """train_args (4 steps, off- and on-policy) of the pair with different tokenizers and the span fallback, made
+    once per session."""
+    return train_args(c.once("cross-pair", lambda: _pair(c.root / "cross-pair")), out, "--teacher_tokenizer", "other",
+                      "--cross_tokenizer_fallback", "span_logprob")
 
 
 declare("cross-single", 1, _cross_run)
@@ -323,8 +325,9 @@ def test_prompt_only_rows_off_policy_need_the_teacher_to_write_which_it_does_not
 @pytest.mark.slow
 @pytest.mark.dist
 def test_different_tokenizers_under_fsdp2_equal_one_process(runs):
-    """Two FSDP ranks (torchrun, gloo), each re-tokenising its own rows for a sharded teacher: the loss at every
-    step (off- and on-policy) and the final weights equal one process's; the aligned share is the same."""
+    """Two FSDP ranks (torchrun, gloo), each re-tokenising its own rows for a sharded teacher, with the span
+    fallback (its student logits formed from the gathered lm_head, its gradient reduced like the rest): the loss
+    at every step (off- and on-policy) and the final weights equal one process's; the aligned share is the same."""
     single, fsdp = assert_same_run(runs["cross-single"], runs["cross-fsdp2"])[:2]
     assert [m["aligned_share"] for m in fsdp] == pytest.approx([m["aligned_share"] for m in single])
     assert all(0 < m["aligned_share"] < 1 for m in single)
