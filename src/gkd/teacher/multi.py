@@ -111,10 +111,12 @@ class RoutedTeacher(_Several):
     def score(self, batch: Batch, split=None) -> TeacherOutput:
         raise GKDError("a routed teacher scores groups of rows (score_groups), not a whole batch")
 
-    def score_groups(self, batch: Batch, teachers: list[str], everyone: bool = False) -> list[Group]:
+    def score_groups(self, batch: Batch, teachers: list[str], everyone: bool = False, split=None) -> list[Group]:
         """Each teacher's group of ``batch`` (``teachers``: each sequence's, in ``batch.sequences()`` order).
         ``everyone``: a teacher with no sequence here still runs (on one row, its output unused), for
-        teachers sharded over processes that all must join each forward."""
+        teachers sharded over processes that all must join each forward. With ``split`` (context parallelism:
+        every rank of the group holds its part of every sequence) a teacher scores the whole micro-batch under
+        the split, and its group is its sequences' positions among this rank's (rows None)."""
         index = batch.sequence_index()
         owner = torch.full_like(index, -1)
         for s, name in enumerate(teachers):
@@ -123,6 +125,12 @@ class RoutedTeacher(_Several):
         for i, (name, t) in enumerate(self.teachers.items()):
             mine = (owner == i) & batch.loss_mask
             rows = mine.any(1).nonzero().squeeze(1).tolist()
+            if split is not None:  # (the same rows on every rank of the group: all of them join, or none)
+                if rows or everyone:
+                    out = t.score(batch, split)
+                    if rows:
+                        groups.append(Group(name, None, split.local(mine, False), out))
+                continue
             if not rows:
                 if everyone:
                     t.score(rows_of(batch, [0]))

@@ -67,7 +67,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
     each teacher's group of rows gets its own fused loss on the same student hidden states and the same
     ``normaliser``, so their sum is the loss of the whole micro-batch."""
     routers = adapter.routers(student)
-    names = teacher.names if isinstance(teacher, RoutedTeacher) else None  # (refused with PP / CP: gkd.config)
+    names = teacher.names if isinstance(teacher, RoutedTeacher) else None  # (refused with PP: gkd.config)
     if dims is not None and dims.pp > 1:
         from gkd.parallel import pipeline
 
@@ -98,7 +98,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             if names is None:
                 scored = teacher.score(batch, split)
             else:
-                groups = teacher.score_groups(batch, mb.teachers, everyone=not skip_empty)
+                groups = teacher.score_groups(batch, mb.teachers, everyone=not skip_empty, split=split)
             with recording(routers) as seen:
                 hidden = adapter.final_hidden(student, split.model_inputs() if split else batch.model_inputs())
             head = parallel.local_head(adapter.logit_head(student))  # read after the forward that gathered it
