@@ -301,11 +301,6 @@ def test_bad_mixtures_are_one_line(two, tmp_path):
     _refused(two, tmp_path, "3 values for 2 teacher(s)", "--gkd_logits_topk", "1,2,3", "--teacher_route", "*=a")
 
 
-def test_several_teachers_with_pipeline_parallelism_are_refused(two, tmp_path):
-    _refused(two, tmp_path, "several teachers with --pipeline_model_parallel_size > 1 are not supported yet",
-             "--teacher_route", "*=a", "--pipeline_model_parallel_size", "2", "--nproc_per_node", "2")
-
-
 def _two_teachers(c) -> dict:
     """The tiny models with a second teacher (b) and rows routed a, a, b, a, b, ... (made once per session)."""
     def make():
@@ -333,23 +328,26 @@ def _several(*flags):
     return args
 
 
-CP2 = ["--context_parallel_size", "2"]
-declare("routed-single", 1, _several())
-declare("routed-cp2", 2, _several(*CP2))
-declare("mixture-single", 1, _several("--teacher_mixture", "1,3"))
-declare("mixture-cp2", 2, _several("--teacher_mixture", "1,3", *CP2))
+LAYOUTS = {"cp2": ["--context_parallel_size", "2"], "pp2": ["--pipeline_model_parallel_size", "2"]}
+for _kind, _flags in (("routed", []), ("mixture", ["--teacher_mixture", "1,3"])):
+    declare(f"{_kind}-single", 1, _several(*_flags))
+    for _layout, _more in LAYOUTS.items():
+        declare(f"{_kind}-{_layout}", 2, _several(*_flags, *_more))
 
 
 @pytest.mark.slow
 @pytest.mark.dist
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("kind", ["routed", "mixture"])
-def test_several_teachers_under_context_parallelism_equal_one_process(runs, kind):
-    """Context parallelism 2 (torchrun, gloo): rows routed to two teachers (each scoring the micro-batch under the
-    split, its sequences' positions counting) or scored against their mixture give one process's loss at every
-    step (off- and on-policy), final weights and, routed, each teacher's divergence and tokens."""
-    single, cp2 = assert_same_run(runs[f"{kind}-single"], runs[f"{kind}-cp2"])[:2]
+def test_several_teachers_under_context_or_pipeline_parallelism_equal_one_process(runs, kind, layout):
+    """Context or pipeline parallelism 2 (torchrun, gloo): rows routed to two teachers or scored against their
+    mixture give one process's loss at every step (off- and on-policy), final weights and, routed, each teacher's
+    divergence and tokens. Under CP each teacher scores the micro-batch under the split (its sequences' positions
+    counting); under PP every teacher scores every micro-batch through its own stages and the last stage forms
+    each teacher's group."""
+    single, other = assert_same_run(runs[f"{kind}-single"], runs[f"{kind}-{layout}"])[:2]
     if kind == "routed":
-        for a, b in zip(single, cp2):
+        for a, b in zip(single, other):
             assert a["tokens/a"] > 0 and a["tokens/b"] > 0
             for key in ("divergence/a", "divergence/b", "tokens/a", "tokens/b"):
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a["step"])

@@ -188,8 +188,6 @@ class TrainConfig:
         need(not self.teacher_mixture or several, "--teacher_mixture needs several teachers (--teacher_model / "
                                                    "--teacher_model_server, comma-separated)")
         if several:
-            need(self.pipeline_model_parallel_size == 1,
-                 "several teachers with --pipeline_model_parallel_size > 1 are not supported yet")
             need(not self.seq_kd, "--seq_kd with several teachers: no one teacher writes the completions")
             need(not self.eval_steps, "--eval_steps with several teachers is not supported (gkd eval one teacher "
                                       "at a time)")

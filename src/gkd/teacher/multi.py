@@ -76,7 +76,9 @@ class _Several:
         return list(self.teachers.values())
 
     def score_pipelined(self, batches, last_stage):
-        raise GKDError("several teachers with --pipeline_model_parallel_size > 1 are not supported")
+        """Each member's outputs of every micro-batch (every rank takes part in each member's forward): [member]
+        [micro-batch], None off the last stage."""
+        return [t.score_pipelined(batches, last_stage) for t in self.members()]
 
     def check_generation(self, rollout, why: str) -> None:
         raise GKDError(f"{why}; with several teachers none writes completions: give every row a completion")
@@ -111,16 +113,35 @@ class RoutedTeacher(_Several):
     def score(self, batch: Batch, split=None) -> TeacherOutput:
         raise GKDError("a routed teacher scores groups of rows (score_groups), not a whole batch")
 
+    def _owners(self, batch: Batch, teachers: list[str]) -> torch.Tensor:
+        """[B, T]: the index (in ``names``) of the teacher of each position's sequence, -1 outside any."""
+        index = batch.sequence_index()
+        owner = torch.full_like(index, -1)
+        for s, name in enumerate(teachers):
+            owner[index == s] = self.names.index(name)
+        return owner
+
+    def groups_pipelined(self, batches: list[Batch], teachers: list[list[str]], last_stage: bool) -> list:
+        """Per micro-batch (``teachers``: its sequences' teachers) the groups of the teachers with sequences in it,
+        on the last stage (None elsewhere): every teacher scores every micro-batch through its own stages (each
+        forward needs every rank), its group is its sequences' positions (rows None)."""
+        outputs = _Several.score_pipelined(self, batches, last_stage)
+        if not last_stage:
+            return [None] * len(batches)
+        out = []
+        for k, (batch, names) in enumerate(zip(batches, teachers, strict=True)):
+            owner = self._owners(batch, names)
+            out.append([Group(name, None, mine, outputs[i][k]) for i, name in enumerate(self.names)
+                        if bool((mine := (owner == i) & batch.loss_mask).any())])
+        return out
+
     def score_groups(self, batch: Batch, teachers: list[str], everyone: bool = False, split=None) -> list[Group]:
         """Each teacher's group of ``batch`` (``teachers``: each sequence's, in ``batch.sequences()`` order).
         ``everyone``: a teacher with no sequence here still runs (on one row, its output unused), for
         teachers sharded over processes that all must join each forward. With ``split`` (context parallelism:
         every rank of the group holds its part of every sequence) a teacher scores the whole micro-batch under
         the split, and its group is its sequences' positions among this rank's (rows None)."""
-        index = batch.sequence_index()
-        owner = torch.full_like(index, -1)
-        for s, name in enumerate(teachers):
-            owner[index == s] = self.names.index(name)
+        owner = self._owners(batch, teachers)
         groups = []
         for i, (name, t) in enumerate(self.teachers.items()):
             mine = (owner == i) & batch.loss_mask
@@ -155,6 +176,12 @@ class MixtureTeacher(_Several):
 
     def score(self, batch: Batch, split=None) -> TeacherOutput:
         return TeacherOutput(mixture=[t.score(batch, split) for t in self.members()], weights=self.weights)
+
+    def score_pipelined(self, batches: list[Batch], last_stage: bool) -> list[TeacherOutput | None]:
+        per_member = super().score_pipelined(batches, last_stage)
+        if not last_stage:
+            return [None] * len(batches)
+        return [TeacherOutput(mixture=list(outs), weights=self.weights) for outs in zip(*per_member, strict=True)]
 
 
 def check_mixable(teachers: dict, vocabs: dict[str, int]) -> None:

@@ -67,17 +67,19 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
     each teacher's group of rows gets its own fused loss on the same student hidden states and the same
     ``normaliser``, so their sum is the loss of the whole micro-batch."""
     routers = adapter.routers(student)
-    names = teacher.names if isinstance(teacher, RoutedTeacher) else None  # (refused with PP: gkd.config)
+    names = teacher.names if isinstance(teacher, RoutedTeacher) else None
     if dims is not None and dims.pp > 1:
         from gkd.parallel import pipeline
 
         batches = pipeline.padded([mb.batch for mb in micro_batches])
-        scored = teacher.score_pipelined(batches, pipeline.holds_last_stage(student))
+        last = pipeline.holds_last_stage(student)
+        scored = (teacher.score_pipelined(batches, last) if names is None
+                  else teacher.groups_pipelined(batches, [mb.teachers for mb in micro_batches], last))
         return pipeline.forward_backward(
-            micro_batches, batches, scored, student, len(STATS), dims.pipeline,
-            lambda hidden, head, mb, batch, out, routing: micro_loss(
+            micro_batches, batches, scored, student, len(STATS) + len(TEACHER_STATS) * len(names or ()),
+            dims.pipeline, lambda hidden, head, mb, batch, out, routing: micro_loss(
                 hidden, parallel.local_head(head), mb, batch, out, args, normaliser,
-                None if routing is None else aux_sum(routing, row_index(batch.attention_mask)) / routed))
+                None if routing is None else aux_sum(routing, row_index(batch.attention_mask)) / routed, names))
     stats = torch.zeros(len(STATS) + len(TEACHER_STATS) * len(names or ()), dtype=torch.float64)
     load = None
     for i, mb in enumerate(micro_batches):
@@ -147,14 +149,20 @@ def _router_loss(seen, batch: Batch, split) -> tuple[torch.Tensor, torch.Tensor]
     return aux_sum(sums, index) / split.size, counts
 
 
-def micro_loss(hidden, head, mb: MicroBatch, batch: Batch, scored, args: LossArgs, normaliser: float, aux=None):
+def micro_loss(hidden, head, mb: MicroBatch, batch: Batch, scored, args: LossArgs, normaliser: float, aux=None,
+               names: list[str] | None = None):
     """The fused loss of one micro-batch (``batch``: its rows, possibly padded) from the student's final
-    hidden states and logit head (gkd.losses.LogitHead) and the teacher's output, plus a MoE student's
-    router loss ``aux`` (its rows' share of the step's, before the coefficient); (loss, its STATS row)."""
+    hidden states and logit head (gkd.losses.LogitHead) and the teacher's output (with ``names``, a routed
+    teacher's: its groups), plus a MoE student's router loss ``aux`` (its rows' share of the step's, before the
+    coefficient); (loss, its STATS row, followed by TEACHER_STATS per teacher when routed)."""
     labels = _ce_labels(mb, batch)
-    out = _fused(hidden, head, scored, labels, batch.loss_mask, args, normaliser)
+    if names is None:
+        out = _fused(hidden, head, scored, labels, batch.loss_mask, args, normaliser)
+    else:
+        out, per_teacher = _routed(hidden, head, scored, names, labels, args, normaliser)
     loss, aux = _with_router_loss(out.loss, aux, args) if aux is not None else (out.loss, torch.zeros(()))
-    return loss, _row(loss, out, labels, batch.loss_mask, float(aux.detach()), scored.aligned)
+    row = _row(loss, out, labels, batch.loss_mask, float(aux.detach()), None if names else scored.aligned)
+    return loss, row if names is None else torch.cat([row, per_teacher])
 
 
 def _with_router_loss(loss, aux, args: LossArgs):
