@@ -360,8 +360,9 @@ def _per_row_losses(student, out, examples, tok):
 @pytest.mark.slow
 def test_a_remote_teacher_with_another_tokenizer_equals_the_local_one(pair, tmp_path):
     """`gkd serve` of the teacher (its own tokenizer, declared in /v1/models) on the hidden wire: the client
-    loads the declared tokenizer, retokenises the rows and pairs the vocabularies; the loss of every row and
-    two steps of training (off- and on-policy) equal the local teacher's to 1e-6. A server whose tokenizer
+    loads the declared tokenizer, retokenises the rows and pairs the vocabularies; the loss of every row, the
+    span fallback's teacher log-probs and two steps of training with it (off- and on-policy) equal the local
+    teacher's (1e-6 / 1e-5). A server whose tokenizer
     differs from the one it declares (here: the declared folder's tokenizer replaced after the server loaded
     its own) is refused in one line."""
     import shutil
@@ -378,8 +379,8 @@ def test_a_remote_teacher_with_another_tokenizer_equals_the_local_one(pair, tmp_
         remote = RemoteTeacher(url, 0, wire="hidden").connect()
         assert remote.tokenizer.get_vocab() == ttok.get_vocab()
         local = CrossTokenizerTeacher(LocalTeacher(load_model(pair["teacher"], "float32"), torch.device("cpu")),
-                                      stok, ttok, **quiet)
-        cross = CrossTokenizerTeacher(remote, stok, remote.tokenizer, **quiet)
+                                      stok, ttok, fallback="span_logprob", **quiet)
+        cross = CrossTokenizerTeacher(remote, stok, remote.tokenizer, fallback="span_logprob", **quiet)
         for t in (local, cross):
             t.check_rows(examples, 8, False)
         batch = _batch(examples, stok)
@@ -388,6 +389,8 @@ def test_a_remote_teacher_with_another_tokenizer_equals_the_local_one(pair, tmp_
         at = want.aligned & batch.loss_mask
         assert 0 < int(at.sum()) < batch.tokens
         torch.testing.assert_close(got.topk_logprobs[at], want.topk_logprobs[at], rtol=0, atol=1e-6)
+        assert torch.equal(got.spans.index, want.spans.index) and len(want.spans.teacher_logprobs) > 0
+        torch.testing.assert_close(got.spans.teacher_logprobs, want.spans.teacher_logprobs, rtol=1e-6, atol=1e-5)
         rows_want = _per_row_losses(student, want, examples, stok)
         rows_got = _per_row_losses(student, got, examples, stok)
         assert bool(rows_want.gt(0).all())
@@ -396,7 +399,8 @@ def test_a_remote_teacher_with_another_tokenizer_equals_the_local_one(pair, tmp_
         runs = {}
         for name, kw in {"local": {}, "remote": dict(teacher_model="", teacher_model_server=url,
                                                      teacher_wire="hidden")}.items():
-            t = Trainer(_cfg(pair, tmp_path / name, max_steps=2, lmbda=0.5, **kw), **quiet)
+            t = Trainer(_cfg(pair, tmp_path / name, max_steps=2, lmbda=0.5, cross_tokenizer_fallback="span_logprob",
+                             **kw), **quiet)
             t.train()
             runs[name] = read_metrics(t.out / "metrics.jsonl")
         assert [m["on_policy_share"] for m in runs["remote"]] == [0, 1]  # (the seed's lmbda draws)
