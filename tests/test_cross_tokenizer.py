@@ -395,6 +395,11 @@ def test_a_remote_teacher_with_another_tokenizer_equals_the_local_one(pair, tmp_
         rows_got = _per_row_losses(student, got, examples, stok)
         assert bool(rows_want.gt(0).all())
         torch.testing.assert_close(rows_got, rows_want, rtol=0, atol=1e-6)
+        # the server's max_model_len (less the position it keeps free) bounds the teacher's tokens of each row
+        short = RemoteTeacher(url, 0, wire="hidden").connect()
+        short.max_model_len = 21
+        with pytest.raises(GKDError, match=r"data.jsonl:\d+: the teacher's tokens reach \d+ .* context of 20 positions"):
+            CrossTokenizerTeacher(short, stok, short.tokenizer, **quiet).check_rows(examples, 8, False)
         # the whole path (config, build, Trainer), off- and on-policy
         runs = {}
         for name, kw in {"local": {}, "remote": dict(teacher_model="", teacher_model_server=url,
