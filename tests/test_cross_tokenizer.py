@@ -19,7 +19,9 @@ from gkd.teacher.cross_tokenizer import CrossTokenizerTeacher
 from gkd.teacher.local import LocalTeacher
 from gkd.train.metrics import read_metrics
 from gkd.train.trainer import Trainer
-from helpers import assert_one_line_error, assert_same_run, declare, gkd_in_process, loss_and_head_grad, train_args
+from gkd.teacher.remote import RemoteTeacher
+from helpers import (assert_one_line_error, assert_same_run, declare, gkd_in_process, loss_and_head_grad,
+                     start_gkd_serve, stop, train_args)
 
 # --- two byte-level BPEs built by hand: the same bytes, other merges, other ids, other chat templates ----------
 
@@ -77,8 +79,10 @@ def pair(tmp_path_factory):
 
 
 def _cross_run(c, out):
-    """train_args (4 steps, off- and on-policy) of the pair with different tokenizers, made once per session."""
-    return train_args(c.once("cross-pair", lambda: _pair(c.root / "cross-pair")), out, "--teacher_tokenizer", "other")
+    """train_args (4 steps, off- and on-policy) of the pair with different tokenizers and the span fallback, made
+    once per session."""
+    return train_args(c.once("cross-pair", lambda: _pair(c.root / "cross-pair")), out, "--teacher_tokenizer", "other",
+                      "--cross_tokenizer_fallback", "span_logprob")
 
 
 declare("cross-single", 1, _cross_run)
@@ -104,8 +108,10 @@ def test_hand_worked_spans_of_hello_world_align_where_both_cut_alike(pair):
     # the same characters under ids the mapping does not pair are not aligned
     unpaired = {s: t for s, t in pair_of.items() if s != stok.convert_tokens_to_ids("or")}
     assert aligned_pairs(spans(stok, mine, text), spans(ttok, theirs, text), mine, theirs, unpaired) == [(1, 3)]
-    ids, pairs = Aligner(stok, ttok).retokenise(mine + [stok.eos_token_id], "test")
+    ids, pairs, segments = Aligner(stok, ttok).retokenise(mine + [stok.eos_token_id], "test")
     assert ids == theirs + [ttok.eos_token_id] and pairs == [(1, 3), (2, 4), (5, 6)]
+    # between the aligned pairs: 'hello' (student 0, teacher 0-2) and 'ld' (student l|d 3-4, teacher 5)
+    assert segments == [(0, 1, 0, 3), (3, 5, 5, 6)]
     # the paired vocabulary: the same strings under other ids (specials first in one, last in the other)
     assert pair_of[stok.convert_tokens_to_ids("or")] == ttok.convert_tokens_to_ids("or")
     assert stok.convert_tokens_to_ids("or") != ttok.convert_tokens_to_ids("or")
@@ -223,7 +229,7 @@ def test_unaligned_positions_give_no_divergence_and_no_gradient(pair):
     tbatch, where = cross.teacher_batch(batch)
     theirs = torch.log_softmax(teacher(**tbatch.model_inputs()).logits.float(), -1)
     pairs = vocab_pairs(stok, ttok)
-    for r, (b, s0, t0, aligned) in enumerate(where):
+    for r, (b, s0, t0, aligned, _) in enumerate(where):
         for i, j in aligned:
             assert out.topk_ids[b, s0 + i].tolist() == [s for s, _ in pairs]
             torch.testing.assert_close(out.topk_logprobs[b, s0 + i], theirs[r, t0 + j, [t for _, t in pairs]],
@@ -277,7 +283,7 @@ def test_the_same_tokenizer_without_the_flag_reports_no_aligned_share(tiny, tmp_
 def test_a_teacher_without_a_chat_template_for_chat_rows_is_one_line_and_nothing_written(pair, tmp_path):
     """The student renders chat rows with its template; a teacher tokenizer without one cannot: one line,
     no output folder. Without the flag the different tokenizers are refused as before; with options it does not
-    take yet (tensor parallelism, evaluation during training), one line too."""
+    take yet (tensor parallelism, evaluation during training, a server on the top-K wire), one line too."""
     root = tmp_path / "bare"
     bare = Path(pair["teacher"]).parent / "teacher-bare"
     if not bare.exists():
@@ -294,10 +300,15 @@ def test_a_teacher_without_a_chat_template_for_chat_rows_is_one_line_and_nothing
     assert not root.exists()
     assert_one_line_error(gkd_in_process(*args), "or --teacher_tokenizer other")
     assert not root.exists()
-    for extra in (["--tensor_model_parallel_size", "2"], ["--eval_steps", "1", "--split_dataset_ratio", "0.25"]):
-        assert_one_line_error(gkd_in_process(*args, "--teacher_tokenizer", "other", *extra),
-                              "--teacher_tokenizer other needs a local --teacher_model, and is not supported yet")
+    for extra, needle in [(["--tensor_model_parallel_size", "2"], "--teacher_tokenizer other is not supported yet"),
+                          (["--eval_steps", "1", "--split_dataset_ratio", "0.25"], "is not supported yet with"),
+                          (["--teacher_model", "", "--teacher_model_server", "http://127.0.0.1:9",
+                            "--gkd_logits_topk", "4"], "--teacher_model_server needs --teacher_wire hidden")]:
+        assert_one_line_error(gkd_in_process(*args, "--teacher_tokenizer", "other", *extra), needle)
         assert not root.exists()
+    assert_one_line_error(gkd_in_process(*args, "--cross_tokenizer_fallback", "span_logprob"),
+                          "--cross_tokenizer_fallback span_logprob is for --teacher_tokenizer other")
+    assert not root.exists()
 
 
 def test_prompt_only_rows_off_policy_need_the_teacher_to_write_which_it_does_not_yet(tiny, tmp_path):
@@ -314,8 +325,9 @@ def test_prompt_only_rows_off_policy_need_the_teacher_to_write_which_it_does_not
 @pytest.mark.slow
 @pytest.mark.dist
 def test_different_tokenizers_under_fsdp2_equal_one_process(runs):
-    """Two FSDP ranks (torchrun, gloo), each re-tokenising its own rows for a sharded teacher: the loss at every
-    step (off- and on-policy) and the final weights equal one process's; the aligned share is the same."""
+    """Two FSDP ranks (torchrun, gloo), each re-tokenising its own rows for a sharded teacher, with the span
+    fallback (its student logits formed from the gathered lm_head, its gradient reduced like the rest): the loss
+    at every step (off- and on-policy) and the final weights equal one process's; the aligned share is the same."""
     single, fsdp = assert_same_run(runs["cross-single"], runs["cross-fsdp2"])[:2]
     assert [m["aligned_share"] for m in fsdp] == pytest.approx([m["aligned_share"] for m in single])
     assert all(0 < m["aligned_share"] < 1 for m in single)
@@ -332,3 +344,147 @@ def test_rows_beyond_the_teachers_context_in_its_own_tokens_are_one_line(pair):
     inner.context = longest  # every student sequence fits
     with pytest.raises(GKDError, match=r"data.jsonl:\d+: the teacher's tokens reach \d+ .* beyond its context of"):
         cross.check_rows(examples, 8, False)
+
+
+def _per_row_losses(student, out, examples, tok):
+    """The loss of each row alone (the batch's mask cut to it), as sums over its tokens."""
+    losses = []
+    for r in range(len(examples)):
+        batch = _batch(examples, tok)
+        batch.loss_mask[:r] = False
+        batch.loss_mask[r + 1:] = False
+        losses.append(loss_and_head_grad(student, out, batch)[0] * batch.tokens)
+    return torch.stack(losses)
+
+
+@pytest.mark.slow
+def test_a_remote_teacher_with_another_tokenizer_equals_the_local_one(pair, tmp_path):
+    """`gkd serve` of the teacher (its own tokenizer, declared in /v1/models) on the hidden wire: the client
+    loads the declared tokenizer, retokenises the rows and pairs the vocabularies; the loss of every row, the
+    span fallback's teacher log-probs and two steps of training with it (off- and on-policy) equal the local
+    teacher's (1e-6 / 1e-5). A server whose tokenizer
+    differs from the one it declares (here: the declared folder's tokenizer replaced after the server loaded
+    its own) is refused in one line."""
+    import shutil
+
+    folder = tmp_path / "teacher"
+    shutil.copytree(pair["teacher"], folder)
+    proc, url = start_gkd_serve(str(folder), "--max_model_len", "64")
+    try:
+        stok, ttok = load_tokenizer(pair["student"]), load_tokenizer(pair["teacher"])
+        examples = load_examples([pair["data"]], stok, max_length=64, truncation_strategy="left",
+                                 max_completion_length=8)[:6]
+        student = load_model(pair["student"], "float32")
+        quiet = dict(log=lambda *_: None)
+        remote = RemoteTeacher(url, 0, wire="hidden").connect()
+        assert remote.tokenizer.get_vocab() == ttok.get_vocab()
+        local = CrossTokenizerTeacher(LocalTeacher(load_model(pair["teacher"], "float32"), torch.device("cpu")),
+                                      stok, ttok, fallback="span_logprob", **quiet)
+        cross = CrossTokenizerTeacher(remote, stok, remote.tokenizer, fallback="span_logprob", **quiet)
+        for t in (local, cross):
+            t.check_rows(examples, 8, False)
+        batch = _batch(examples, stok)
+        want, got = local.score(batch), cross.score(batch)
+        assert torch.equal(got.aligned, want.aligned) and torch.equal(got.topk_ids, want.topk_ids)
+        at = want.aligned & batch.loss_mask
+        assert 0 < int(at.sum()) < batch.tokens
+        torch.testing.assert_close(got.topk_logprobs[at], want.topk_logprobs[at], rtol=0, atol=1e-6)
+        assert torch.equal(got.spans.index, want.spans.index) and len(want.spans.teacher_logprobs) > 0
+        torch.testing.assert_close(got.spans.teacher_logprobs, want.spans.teacher_logprobs, rtol=1e-6, atol=1e-5)
+        rows_want = _per_row_losses(student, want, examples, stok)
+        rows_got = _per_row_losses(student, got, examples, stok)
+        assert bool(rows_want.gt(0).all())
+        torch.testing.assert_close(rows_got, rows_want, rtol=0, atol=1e-6)
+        # the server's max_model_len (less the position it keeps free) bounds the teacher's tokens of each row
+        short = RemoteTeacher(url, 0, wire="hidden").connect()
+        short.max_model_len = 21
+        with pytest.raises(GKDError, match=r"data.jsonl:\d+: the teacher's tokens reach \d+ .* context of 20 positions"):
+            CrossTokenizerTeacher(short, stok, short.tokenizer, **quiet).check_rows(examples, 8, False)
+        # the whole path (config, build, Trainer), off- and on-policy
+        runs = {}
+        for name, kw in {"local": {}, "remote": dict(teacher_model="", teacher_model_server=url,
+                                                     teacher_wire="hidden")}.items():
+            t = Trainer(_cfg(pair, tmp_path / name, max_steps=2, lmbda=0.5, cross_tokenizer_fallback="span_logprob",
+                             **kw), **quiet)
+            t.train()
+            runs[name] = read_metrics(t.out / "metrics.jsonl")
+        assert [m["on_policy_share"] for m in runs["remote"]] == [0, 1]  # (the seed's lmbda draws)
+        for key in ("divergence", "aligned_share", "loss", "on_policy_share"):
+            assert [m[key] for m in runs["remote"]] == pytest.approx([m[key] for m in runs["local"]], rel=1e-5)
+        # the declared tokenizer is no longer the server's
+        for f in folder.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+                f.unlink()
+        for f in Path(pair["student"]).iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+                shutil.copy(f, folder / f.name)
+        with pytest.raises(GKDError, match=r"^teacher server .* as .*, the tokenizer it declares \(.*teacher\) as "
+                                           r".*; the server's tokenizer differs from the one it declares$"):
+            RemoteTeacher(url, 0, wire="hidden").connect()
+    finally:
+        stop(proc)
+
+
+def _hello_world(pair, tmp_path):
+    """One row whose completion is 'hello world' (the hand-worked cut above), its teacher and batch."""
+    path = tmp_path / "hello.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello world"}]}) + "\n")
+    stok, ttok = load_tokenizer(pair["student"]), load_tokenizer(pair["teacher"])
+    examples = load_examples([str(path)], stok, max_length=64, truncation_strategy="left", max_completion_length=8)
+    return stok, ttok, examples, _batch(examples, stok)
+
+
+def test_span_fallback_equals_a_float64_reference_on_hand_worked_spans(pair, tmp_path):
+    """--cross_tokenizer_fallback span_logprob on 'hello world': the unaligned spans are 'hello' (student token
+    0; teacher he|ll|o) and 'ld' (student l|d; teacher ld). The term, 1/2 sum over spans of (log p_s(span) -
+    log p_t(span))^2, and its lm_head gradient equal a float64 reference built from both models' own forwards
+    (transformers' logits, log-softmax, the tokens picked by hand)."""
+    stok, ttok, examples, batch = _hello_world(pair, tmp_path)
+    student, teacher = load_model(pair["student"], "float32"), load_model(pair["teacher"], "float32")
+    cross = CrossTokenizerTeacher(LocalTeacher(teacher, torch.device("cpu")), stok, ttok, log=lambda *_: None,
+                                  fallback="span_logprob")
+    cross.check_rows(examples, 8, False)
+    out = cross.score(batch)
+    s0 = len(examples[0].prompt_ids) - 1  # the position predicting the completion's first token
+    assert out.spans.index[0, s0:s0 + 6].tolist() == [0, -1, -1, 1, 1, -1]  # hello | Ġw | or | l d | eos
+    from gkd.models import adapter_for
+    from gkd.teacher.cross_tokenizer import span_divergence
+
+    adapter = adapter_for(student)
+    hidden = adapter.final_hidden(student, batch.model_inputs())
+    got = span_divergence(hidden, adapter.logit_head(student), out.spans, batch.loss_mask)
+    got.backward()
+    grad = adapter.lm_head(student).grad.clone()
+    # the reference: float64 copies, whole-sequence forwards, tokens picked by hand
+    s64, t64 = load_model(pair["student"]).double(), load_model(pair["teacher"]).double()
+    mine = torch.log_softmax(s64(input_ids=batch.input_ids).logits[0], -1)
+    sid = batch.input_ids[0].tolist()
+    ls = [mine[s0, sid[s0 + 1]], mine[s0 + 3, sid[s0 + 4]] + mine[s0 + 4, sid[s0 + 5]]]
+    prompt_t = ttok(ttok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                             tokenize=False), add_special_tokens=False)["input_ids"]
+    tid = prompt_t + ttok("hello world", add_special_tokens=False)["input_ids"] + [ttok.eos_token_id]
+    assert ttok.convert_ids_to_tokens(tid[len(prompt_t):]) == ["he", "ll", "o", "Ġw", "or", "ld", "</s>"]
+    theirs = torch.log_softmax(t64(input_ids=torch.tensor([tid])).logits[0].detach(), -1)
+    t0 = len(prompt_t) - 1
+    lt = [sum(theirs[t0 + j, tid[t0 + j + 1]] for j in range(3)), theirs[t0 + 5, tid[t0 + 6]]]
+    want = 0.5 * sum((a - b) ** 2 for a, b in zip(ls, lt))
+    want.backward()
+    torch.testing.assert_close(out.spans.teacher_logprobs, torch.stack(lt), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad.double(), s64.get_output_embeddings().weight.grad, rtol=1e-4, atol=1e-6)
+    assert float(want.detach()) > 1e-3  # not a trivially zero comparison
+
+
+def test_span_fallback_trains_a_pair_and_adds_its_term_to_the_divergence(pair, tmp_path):
+    """Off-policy, 6 steps on the same rows with --cross_tokenizer_fallback span_logprob: the divergence (the
+    token-level term + the span term over the step's tokens) falls at every step; at step 1 (the same weights)
+    it exceeds the run without the fallback by the span term."""
+    div = {}
+    for fallback in ("none", "span_logprob"):
+        t = Trainer(_cfg(pair, tmp_path / fallback, lmbda=0.0, cross_tokenizer_fallback=fallback), log=lambda *_: None)
+        t.train()
+        div[fallback] = [x["divergence"] for x in read_metrics(t.out / "metrics.jsonl")]
+    with_spans = div["span_logprob"]
+    assert all(b < a for a, b in pairwise(with_spans)) and with_spans[-1] < 0.6 * with_spans[0]
+    assert with_spans[0] > 1.5 * div["none"][0]  # the span term is there (and larger than the token-level one)

@@ -19,7 +19,8 @@ from gkd.models import adapter_for, load_model, load_tokenizer
 from gkd.teacher.local import LocalTeacher
 from gkd.teacher.multi import MixtureTeacher, RoutedTeacher
 from gkd.train.step import STATS, TEACHER_STATS, LossArgs, MicroBatch, forward_backward
-from helpers import API_KEY, assert_one_line_error, gkd_in_process, set_arg, start_gkd_serve, stop, train_args
+from helpers import (API_KEY, assert_one_line_error, assert_same_run, declare, gkd_in_process, set_arg,
+                     start_gkd_serve, stop, train_args)
 
 T = 1.7  # a loss temperature != 1
 
@@ -300,10 +301,56 @@ def test_bad_mixtures_are_one_line(two, tmp_path):
     _refused(two, tmp_path, "3 values for 2 teacher(s)", "--gkd_logits_topk", "1,2,3", "--teacher_route", "*=a")
 
 
-def test_several_teachers_with_pipeline_or_context_parallelism_are_refused(two, tmp_path):
-    for flag in ("--pipeline_model_parallel_size", "--context_parallel_size"):
-        _refused(two, tmp_path, "several teachers with --pipeline_model_parallel_size or --context_parallel_size",
-                 "--teacher_route", "*=a", flag, "2", "--nproc_per_node", "2")
+def _two_teachers(c) -> dict:
+    """The tiny models with a second teacher (b) and rows routed a, a, b, a, b, ... (made once per session)."""
+    def make():
+        from tiny import write_model
+
+        tiny = c.models("tiny")
+        root = c.root / "two-teachers"
+        b = write_model(root / "b", layers=2, seed=7)
+        lines = Path(tiny["data"]).read_text().splitlines()
+        data = root / "routed.jsonl"
+        data.write_text("".join(json.dumps(dict(json.loads(line), teacher="b" if i % 3 == 2 else "a")) + "\n"
+                                for i, line in enumerate(lines)))
+        return {**tiny, "teacher": f"a={tiny['teacher']},b={b}", "routed": str(data)}
+
+    return c.once("two-teachers", make)
+
+
+def _several(*flags):
+    """Rows routed to the two teachers, or (with --teacher_mixture) the plain rows against their mixture."""
+    def args(c, out):
+        models = _two_teachers(c)
+        return train_args(models if "--teacher_mixture" in flags else {**models, "data": models["routed"]}, out,
+                          *flags)
+
+    return args
+
+
+LAYOUTS = {"cp2": ["--context_parallel_size", "2"], "pp2": ["--pipeline_model_parallel_size", "2"]}
+for _kind, _flags in (("routed", []), ("mixture", ["--teacher_mixture", "1,3"])):
+    declare(f"{_kind}-single", 1, _several(*_flags))
+    for _layout, _more in LAYOUTS.items():
+        declare(f"{_kind}-{_layout}", 2, _several(*_flags, *_more))
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("kind", ["routed", "mixture"])
+def test_several_teachers_under_context_or_pipeline_parallelism_equal_one_process(runs, kind, layout):
+    """Context or pipeline parallelism 2 (torchrun, gloo): rows routed to two teachers or scored against their
+    mixture give one process's loss at every step (off- and on-policy), final weights and, routed, each teacher's
+    divergence and tokens. Under CP each teacher scores the micro-batch under the split (its sequences' positions
+    counting); under PP every teacher scores every micro-batch through its own stages and the last stage forms
+    each teacher's group."""
+    single, other = assert_same_run(runs[f"{kind}-single"], runs[f"{kind}-{layout}"])[:2]
+    if kind == "routed":
+        for a, b in zip(single, other):
+            assert a["tokens/a"] > 0 and a["tokens/b"] > 0
+            for key in ("divergence/a", "divergence/b", "tokens/a", "tokens/b"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a["step"])
 
 
 def test_a_mixture_trains(two, tmp_path):

@@ -62,6 +62,10 @@ class TrainConfig:
                                             "hidden states: bfloat16 too)", choices=("float32", "float16", "bfloat16"))
     teacher_tokenizer: str = _f("same", "same: the teacher shares the student's tokenizer; other: it has its own, "
                                         "aligned by text offsets (docs/cross_tokenizer.md)", choices=("same", "other"))
+    cross_tokenizer_fallback: str = _f("none", "--teacher_tokenizer other, where no teacher token lines up with a "
+                                               "student token: none (no signal) or span_logprob (1/2 the squared gap "
+                                               "of the span's log-probability under each model)",
+                                       choices=("none", "span_logprob"))
     teacher_cache: str = _f("", "folder of stored teacher top-K log-probs of dataset completions: scored once, "
                                 "reused across epochs and runs (needs --gkd_logits_topk; gkd cache fills it ahead)")
     # data
@@ -184,9 +188,6 @@ class TrainConfig:
         need(not self.teacher_mixture or several, "--teacher_mixture needs several teachers (--teacher_model / "
                                                    "--teacher_model_server, comma-separated)")
         if several:
-            need(self.pipeline_model_parallel_size == 1 and self.context_parallel_size == 1,
-                 "several teachers with --pipeline_model_parallel_size or --context_parallel_size > 1 are not "
-                 "supported yet")
             need(not self.seq_kd, "--seq_kd with several teachers: no one teacher writes the completions")
             need(not self.eval_steps, "--eval_steps with several teachers is not supported (gkd eval one teacher "
                                       "at a time)")
@@ -212,13 +213,19 @@ class TrainConfig:
                                              "--gkd_logits_topk K (with the full vocabulary, 0, nothing is cached)")
             need(not self.seq_kd, "--teacher_cache with --seq_kd: its completions are sampled anew each step, "
                                   "there is nothing to reuse")
+        need(self.cross_tokenizer_fallback == "none" or self.teacher_tokenizer == "other",
+             f"--cross_tokenizer_fallback {self.cross_tokenizer_fallback} is for --teacher_tokenizer other")
+        need(self.cross_tokenizer_fallback == "none" or len(specs) == 1,
+             "--cross_tokenizer_fallback with several teachers is not supported yet")
         if self.teacher_tokenizer == "other":
-            need(not (self.teacher_model_server or self.teacher_cache or self.seq_kd or self.eval_steps
+            need(not self.teacher_model_server or self.teacher_wire == "hidden",
+                 "--teacher_tokenizer other with --teacher_model_server needs --teacher_wire hidden (the teacher's "
+                 "hidden states and head: its distribution over the paired vocabulary, not a top-K of its own)")
+            need(not (self.teacher_cache or self.seq_kd or self.eval_steps
                       or self.pipeline_model_parallel_size > 1 or self.context_parallel_size > 1
                       or self.tensor_model_parallel_size > 1),
-                 "--teacher_tokenizer other needs a local --teacher_model, and is not supported yet with "
-                 "--teacher_model_server, --teacher_cache, --seq_kd, --eval_steps, tensor, pipeline or context "
-                 "parallelism")
+                 "--teacher_tokenizer other is not supported yet with --teacher_cache, --seq_kd, --eval_steps, "
+                 "tensor, pipeline or context parallelism")
         need(bool(self.dataset), "--dataset is required (JSONL/JSON/Parquet files or a saved datasets folder)")
         need(0.0 <= self.beta <= 1.0, f"--beta must be in [0, 1], got {self.beta}")
         need(0.0 < self.skew_alpha < 1.0, f"--skew_alpha must be in (0, 1), got {self.skew_alpha}")
@@ -331,7 +338,8 @@ SECTIONS = {
               "lora_experts", "merge_lora", "freeze_vit", "freeze_aligner", "gradient_checkpointing"),
     "teacher": ("teacher_model", "teacher_model_server", "teacher_route", "teacher_mixture", "gkd_logits_topk", "offload_teacher_model", "teacher_api_key",
                 "teacher_timeout", "teacher_retries", "teacher_max_in_flight", "teacher_seqs_per_request",
-                "teacher_wait", "teacher_wire", "teacher_wire_dtype", "torch_dtype", "teacher_cache", "teacher_tokenizer"),
+                "teacher_wait", "teacher_wire", "teacher_wire_dtype", "torch_dtype", "teacher_cache",
+                "teacher_tokenizer", "cross_tokenizer_fallback"),
     "data": ("dataset", "val_dataset", "dataset_num_proc", "split_dataset_ratio", "max_length", "truncation_strategy",
              "max_completion_length", "packing", "packing_length"),
     "method": ("beta", "divergence", "skew_alpha", "lmbda", "temperature", "loss_temperature", "sft_alpha", "router_aux_loss_coef", "seq_kd",

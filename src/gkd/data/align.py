@@ -92,6 +92,32 @@ def aligned_pairs(student_spans, teacher_spans, student_ids, teacher_ids,
     return out
 
 
+def _boundaries(token_spans, length: int) -> dict[int, int]:
+    """Byte offset -> token index k of each clean boundary (between tokens k - 1 and k), the text's two ends
+    included."""
+    out = {0: 0, length: len(token_spans)}
+    for k, span in enumerate(token_spans):
+        if span is not None:
+            out.setdefault(span[0], k)
+            out.setdefault(span[1], k + 1)
+    return out
+
+
+def unaligned_segments(student_spans, teacher_spans, length: int,
+                       pairs: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """(i0, i1, j0, j1): student tokens i0..i1-1 and teacher tokens j0..j1-1 covering the same bytes of a text of
+    ``length`` bytes, cut at every byte offset where both tokenisations have a clean boundary, and not one
+    aligned pair (``pairs``): the shortest spans over which the two models' probabilities of the text compare."""
+    mine, theirs = _boundaries(student_spans, length), _boundaries(teacher_spans, length)
+    cuts = sorted((b, mine[b], theirs[b]) for b in mine.keys() & theirs.keys())
+    aligned = set(pairs)
+    out = []
+    for (_, i0, j0), (_, i1, j1) in pairwise(cuts):
+        if i1 > i0 and j1 > j0 and not (i1 - i0 == j1 - j0 == 1 and (i0, j0) in aligned):
+            out.append((i0, i1, j0, j1))
+    return out
+
+
 def decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
@@ -105,8 +131,9 @@ class Aligner:
         self.pair_of = dict(self.pairs)
         self.tables = [id_bytes(t) if _byte_level(t) else None for t in (student_tok, teacher_tok)]
 
-    def retokenise(self, completion: list[int], where: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """(the teacher's ids of a student completion, the aligned (student index, teacher index) pairs). The
+    def retokenise(self, completion: list[int], where: str) -> tuple[list[int], list[tuple[int, int]], list]:
+        """(the teacher's ids of a student completion, the aligned (student index, teacher index) pairs, the
+        unaligned segments between them: unaligned_segments). The
         completion's text is the decoding of its tokens before a final end-of-sequence token; the teacher's ids
         are its tokenisation of that text, followed by its own end-of-sequence token where the student's ended
         (an aligned pair)."""
@@ -118,9 +145,10 @@ class Aligner:
         if decode(theirs_tok, theirs) != text:
             raise GKDError(f"{where}: the teacher's tokenizer does not give back the completion's text {text[:40]!r} "
                            "(it normalises it); --teacher_tokenizer other needs a lossless teacher tokenizer")
-        pairs = aligned_pairs(spans(mine, body, text, self.tables[0]), spans(theirs_tok, theirs, text, self.tables[1]),
-                              body, theirs, self.pair_of)
+        cut = spans(mine, body, text, self.tables[0]), spans(theirs_tok, theirs, text, self.tables[1])
+        pairs = aligned_pairs(*cut, body, theirs, self.pair_of)
+        segments = unaligned_segments(*cut, len(text.encode()), pairs)
         if ended:
             pairs.append((len(body), len(theirs)))
             theirs.append(theirs_tok.eos_token_id)
-        return theirs, pairs
+        return theirs, pairs, segments

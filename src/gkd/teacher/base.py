@@ -23,6 +23,7 @@ class TeacherOutput:
     topk_ids: torch.Tensor | None = None  # [B, T, K]
     topk_logprobs: torch.Tensor | None = None  # [B, T, K]
     aligned: torch.Tensor | None = None  # [B, T] bool: a token-level teacher distribution there (another tokenizer)
+    spans: "SpanScores | None" = None  # unaligned spans scored by their text's log-probability (another tokenizer)
     mixture: list["TeacherOutput"] | None = None  # several teachers' outputs, scored against their mixture
     weights: list[float] | None = None  # the mixture's weights, summing to 1
 
@@ -37,6 +38,16 @@ class TeacherOutput:
         if self.hidden is not None:
             return dict(teacher_hidden=self.hidden, teacher_lm_head_weight=self.head, teacher_topk=self.topk)
         return dict(teacher_topk_ids=self.topk_ids, teacher_topk_logprobs=self.topk_logprobs)
+
+
+@dataclass
+class SpanScores:
+    """Spans of the student's tokens that no teacher token lines up with, and the teacher's log-probability of
+    each span's text (gkd.teacher.cross_tokenizer, docs/cross_tokenizer.md)."""
+
+    index: torch.Tensor  # [B, T] long: the span whose token position i predicts (-1: none)
+    tokens: torch.Tensor  # [B, T] long: the student token predicted there
+    teacher_logprobs: torch.Tensor  # [S] float32: sum of the teacher's log-probs of its tokens of each span
 
 
 class Teacher(Protocol):

@@ -5,8 +5,9 @@ completion decoded once with the student's tokenizer and tokenised with the teac
 teacher scores that; at every student position whose next token is aligned with a teacher token, the
 teacher's distribution is handed to the loss as top-K entries over the paired vocabulary (student ids of
 the strings both tokenizers hold), so the loss renormalises both sides over those entries. Other scored
-positions get a distribution that gives divergence 0 and no gradient, and count as not aligned. A
-sampled completion whose text the teacher's tokenizer does not give back is not aligned at all (a warning,
+positions get a distribution that gives divergence 0 and no gradient, and count as not aligned; with the
+span fallback their spans also carry the teacher's log-probability of the span's text, which span_divergence
+(called by the training step) compares with the student's. A sampled completion whose text the teacher's tokenizer does not give back is not aligned at all (a warning,
 once); a dataset completion like that is refused before training.
 """
 
@@ -18,16 +19,22 @@ from gkd.data.align import Aligner
 from gkd.data.batch import Batch, collate
 from gkd.data.rows import tokenize
 from gkd.errors import GKDError
-from gkd.teacher.base import TeacherOutput
+from gkd.losses import LogitHead
+from gkd.teacher.base import SpanScores, TeacherOutput
+
+FALLBACKS = ("none", "span_logprob")
 
 
 class CrossTokenizerTeacher:
     """``inner``: a teacher of the teacher's token ids giving hidden states + head (a LocalTeacher built
-    with topk 0); ``topk``: the K entries per position (None: every paired id)."""
+    with topk 0, or a RemoteTeacher on the hidden wire); ``topk``: the K entries per position (None: every paired id)."""
 
     chunk_logits = 2 ** 23  # the teacher's logits formed at once (float32: 32 MiB)
 
-    def __init__(self, inner, student_tok, teacher_tok, topk: int = 0, log=print):
+    def __init__(self, inner, student_tok, teacher_tok, topk: int = 0, log=print, fallback: str = "none"):
+        if fallback not in FALLBACKS:
+            raise GKDError(f"--cross_tokenizer_fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
+        self.fallback = fallback
         self.inner, self.student_tok, self.teacher_tok = inner, student_tok, teacher_tok
         self.aligner = Aligner(student_tok, teacher_tok)
         pairs = self.aligner.pairs
@@ -56,18 +63,27 @@ class CrossTokenizerTeacher:
                 raise GKDError(f"{e.source}: two rows with the same student prompt render differently for the teacher")
             completion = [] if e.completion_ids is None else self.aligner.retokenise(e.completion_ids, e.source)[0]
             need = len(theirs) + max(len(completion), new_tokens if sampled else 0)
-            context = self.inner.context
+            context = self.limit
             if context is not None and need > context:
                 raise GKDError(f"{e.source}: the teacher's tokens reach {need} (prompt {len(theirs)} + completion "
                                f"up to {need - len(theirs)}), beyond its context of {context} positions: lower "
                                "--max_completion_length or --max_length")
-        self.inner.check_rows(examples, new_tokens, sampled)
         self.log(f"[gkd] --teacher_tokenizer other: {len(self.student_ids)} of the student's {len(self.student_tok)} "
                  f"token strings are in the teacher's vocabulary of {len(self.teacher_tok)}; the divergence runs over "
                  "those")
 
-    def teacher_batch(self, batch: Batch) -> tuple[Batch, list[tuple[int, int, int, list[tuple[int, int]]]]]:
-        """(the teacher's batch, per sequence: (row, first scored position, the teacher's, aligned pairs))."""
+    @property
+    def limit(self) -> int | None:
+        """The longest sequence of the teacher's tokens it scores: a local model's context, a server's
+        max_model_len less the one token it keeps room for (None: unknown)."""
+        if self.inner.context is not None:
+            return self.inner.context
+        served = getattr(self.inner, "max_model_len", None)
+        return None if served is None else served - 1
+
+    def teacher_batch(self, batch: Batch) -> tuple[Batch, list[tuple[int, int, int, list, list]]]:
+        """(the teacher's batch, per sequence: (row, first scored position, the teacher's, aligned pairs, unaligned
+        segments))."""
         prompts, completions, where = [], [], []
         for (b, start, _), (ids, first) in zip(batch.sequences(), batch.scored_sequences(), strict=True):
             if first < 0:  # no completion: nothing to score
@@ -77,19 +93,20 @@ class CrossTokenizerTeacher:
                 raise GKDError("--teacher_tokenizer other: a prompt the teacher has not rendered (not among the "
                                "training rows checked before training)")
             try:
-                theirs, pairs = self.aligner.retokenise(ids[first + 1:], "--teacher_tokenizer other: a sampled "
-                                                                         "completion")
+                theirs, pairs, segments = self.aligner.retokenise(
+                    ids[first + 1:], "--teacher_tokenizer other: a sampled completion")
             except GKDError as e:  # only sampled ones: check_rows refused such dataset completions
                 if not self.warned:
                     self.log(f"[gkd] {e}; such completions get no teacher signal (once-only warning)")
                     self.warned = True
                 continue
-            if self.inner.context is not None:  # a sample the teacher's tokens make longer: its tail goes unscored
-                theirs = theirs[:self.inner.context - len(prompt)]
+            if self.limit is not None:  # a sample the teacher's tokens make longer: its tail goes unscored
+                theirs = theirs[:self.limit - len(prompt)]
                 pairs = [(i, j) for i, j in pairs if j < len(theirs)]
+                segments = [s for s in segments if s[3] <= len(theirs)]
             prompts.append(prompt)
             completions.append(theirs)
-            where.append((b, start + first, len(prompt) - 1, pairs))
+            where.append((b, start + first, len(prompt) - 1, pairs, segments))
         tok = self.teacher_tok
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         if not prompts:  # the teacher still runs: sharded over ranks, every rank takes part in its forward
@@ -110,7 +127,7 @@ class CrossTokenizerTeacher:
         out = self.inner.score(tbatch)
         if where:
             rows, theirs = [], []
-            for r, (b, s0, t0, pairs) in enumerate(where):
+            for r, (b, s0, t0, pairs, _) in enumerate(where):
                 for i, j in pairs:
                     rows.append((b, s0 + i))
                     theirs.append((r, t0 + j))
@@ -118,7 +135,30 @@ class CrossTokenizerTeacher:
                 b, s = torch.tensor(rows, device=device).T
                 ids[b, s], logprobs[b, s] = self._paired(out, torch.tensor(theirs, device=device))
                 aligned[b, s] = True
-        return TeacherOutput(topk_ids=ids, topk_logprobs=logprobs, aligned=aligned)
+        spans = self._spans(batch, tbatch, where, out) if self.fallback == "span_logprob" else None
+        return TeacherOutput(topk_ids=ids, topk_logprobs=logprobs, aligned=aligned, spans=spans)
+
+    def _spans(self, batch: Batch, tbatch: Batch, where: list, out: TeacherOutput) -> SpanScores:
+        """The unaligned segments of every sequence: the student positions of each (its index), and the teacher's
+        log-probability of the segment's text, the sum of its log-softmax at each of its tokens (temperature 1)."""
+        device = batch.input_ids.device
+        index = torch.full(batch.input_ids.shape, -1, dtype=torch.long, device=device)
+        at, owner, count = [], [], 0  # the teacher's (row, position) of each of its span tokens, the span it is in
+        for r, (b, s0, t0, _, segments) in enumerate(where):
+            for i0, i1, j0, j1 in segments:
+                index[b, s0 + i0:s0 + i1] = count
+                at += [(r, t0 + j) for j in range(j0, j1)]
+                owner += [count] * (j1 - j0)
+                count += 1
+        sums = torch.zeros(count, dtype=torch.float64, device=device)
+        if at:
+            at = torch.tensor(at, device=device)
+            target = tbatch.input_ids[at[:, 0], at[:, 1] + 1]
+            chunk = max(1, self.chunk_logits // out.head.weight.shape[0])
+            lp = torch.cat([torch.log_softmax(out.head.logits(out.hidden[p[:, 0], p[:, 1]]).float(), -1)
+                            .gather(-1, t[:, None])[:, 0] for p, t in zip(at.split(chunk), target.split(chunk))])
+            sums.index_add_(0, torch.tensor(owner, device=device), lp.double())
+        return SpanScores(index, batch.labels.clamp(min=0), sums)
 
     def _paired(self, out: TeacherOutput, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(student ids, the teacher's log-probs) [N, K] at the teacher's (row, position) pairs ``at`` [N, 2]: its
@@ -154,3 +194,19 @@ class CrossTokenizerTeacher:
 
     def close(self) -> None:
         self.inner.close()
+
+
+def span_divergence(hidden: torch.Tensor, head: LogitHead, spans: SpanScores, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over the unaligned spans of 1/2 (log p_s(span) - log p_t(span))^2, with gradient (docs/cross_tokenizer.md):
+    the student's log-probability of a span, the sum of its log-softmax (temperature 1) at its tokens, from its
+    final hidden states ``hidden`` [B, T, H] and logit head; positions outside ``mask`` do not count."""
+    where = (spans.index >= 0) & mask
+    if not bool(where.any()):
+        return hidden.sum() * 0.0  # (still in the student's graph)
+    logits = head.through(lambda h: torch.nn.functional.linear(h, head.weight, head.bias), hidden[where])
+    mine = torch.log_softmax(logits.float(), -1).gather(-1, spans.tokens[where][:, None])[:, 0]
+    sums = torch.zeros(len(spans.teacher_logprobs), dtype=torch.float32, device=hidden.device)
+    sums = sums.index_add(0, spans.index[where], mine)
+    used = torch.zeros_like(sums, dtype=torch.bool).index_fill(0, spans.index[where], True)
+    gap = (sums - spans.teacher_logprobs.to(sums))[used]
+    return 0.5 * (gap * gap).sum()

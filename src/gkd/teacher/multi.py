@@ -76,7 +76,9 @@ class _Several:
         return list(self.teachers.values())
 
     def score_pipelined(self, batches, last_stage, splits=None):
-        raise GKDError("several teachers with --pipeline_model_parallel_size > 1 are not supported")
+        """Each member's outputs of every micro-batch (every rank takes part in each member's forward): [member]
+        [micro-batch], None off the last stage; ``splits``: as the members take them."""
+        return [t.score_pipelined(batches, last_stage, splits) for t in self.members()]
 
     def check_generation(self, rollout, why: str) -> None:
         raise GKDError(f"{why}; with several teachers none writes completions: give every row a completion")
@@ -111,18 +113,47 @@ class RoutedTeacher(_Several):
     def score(self, batch: Batch, split=None) -> TeacherOutput:
         raise GKDError("a routed teacher scores groups of rows (score_groups), not a whole batch")
 
-    def score_groups(self, batch: Batch, teachers: list[str], everyone: bool = False) -> list[Group]:
-        """Each teacher's group of ``batch`` (``teachers``: each sequence's, in ``batch.sequences()`` order).
-        ``everyone``: a teacher with no sequence here still runs (on one row, its output unused), for
-        teachers sharded over processes that all must join each forward."""
+    def _owners(self, batch: Batch, teachers: list[str]) -> torch.Tensor:
+        """[B, T]: the index (in ``names``) of the teacher of each position's sequence, -1 outside any."""
         index = batch.sequence_index()
         owner = torch.full_like(index, -1)
         for s, name in enumerate(teachers):
             owner[index == s] = self.names.index(name)
+        return owner
+
+    def groups_pipelined(self, batches: list[Batch], teachers: list[list[str]], last_stage: bool,
+                         splits=None) -> list:
+        """Per micro-batch (``teachers``: its sequences' teachers) the groups of the teachers with sequences in it,
+        on the last stage (None elsewhere): every teacher scores every micro-batch through its own stages (each
+        forward needs every rank), its group is its sequences' positions (rows None; this rank's of them under
+        a context split, ``splits``: each micro-batch's)."""
+        outputs = _Several.score_pipelined(self, batches, last_stage, splits)
+        if not last_stage:
+            return [None] * len(batches)
+        out = []
+        for k, (batch, names, split) in enumerate(zip(batches, teachers, splits or [None] * len(batches), strict=True)):
+            owner = self._owners(batch, names)
+            out.append([Group(name, None, mine if split is None else split.local(mine, False), outputs[i][k])
+                        for i, name in enumerate(self.names) if bool((mine := (owner == i) & batch.loss_mask).any())])
+        return out
+
+    def score_groups(self, batch: Batch, teachers: list[str], everyone: bool = False, split=None) -> list[Group]:
+        """Each teacher's group of ``batch`` (``teachers``: each sequence's, in ``batch.sequences()`` order).
+        ``everyone``: a teacher with no sequence here still runs (on one row, its output unused), for
+        teachers sharded over processes that all must join each forward. With ``split`` (context parallelism:
+        every rank of the group holds its part of every sequence) a teacher scores the whole micro-batch under
+        the split, and its group is its sequences' positions among this rank's (rows None)."""
+        owner = self._owners(batch, teachers)
         groups = []
         for i, (name, t) in enumerate(self.teachers.items()):
             mine = (owner == i) & batch.loss_mask
             rows = mine.any(1).nonzero().squeeze(1).tolist()
+            if split is not None:  # (the same rows on every rank of the group: all of them join, or none)
+                if rows or everyone:
+                    out = t.score(batch, split)
+                    if rows:
+                        groups.append(Group(name, None, split.local(mine, False), out))
+                continue
             if not rows:
                 if everyone:
                     t.score(rows_of(batch, [0]))
@@ -147,6 +178,12 @@ class MixtureTeacher(_Several):
 
     def score(self, batch: Batch, split=None) -> TeacherOutput:
         return TeacherOutput(mixture=[t.score(batch, split) for t in self.members()], weights=self.weights)
+
+    def score_pipelined(self, batches: list[Batch], last_stage: bool, splits=None) -> list[TeacherOutput | None]:
+        per_member = super().score_pipelined(batches, last_stage, splits)
+        if not last_stage:
+            return [None] * len(batches)
+        return [TeacherOutput(mixture=list(outs), weights=self.weights) for outs in zip(*per_member, strict=True)]
 
 
 def check_mixable(teachers: dict, vocabs: dict[str, int]) -> None:

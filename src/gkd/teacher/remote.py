@@ -62,13 +62,17 @@ class RemoteTeacher:
         self.images = False  # the server takes images with token ids (gkd serve of a vision-language model)
         self.max_model_len: int | None = None
         self.served: dict | None = None  # the server's /v1/models entry of its model (what identifies it)
+        self.tokenizer = None  # the tokenizer the server declares, when connect is asked to load it
         self.context = None  # the server's max_model_len is checked by check_rows (it needs room for one token)
 
     @property
     def url(self) -> str:
         return self.client.url
 
-    def connect(self, tokenizer) -> "RemoteTeacher":
+    def connect(self, tokenizer=None) -> "RemoteTeacher":
+        """Checks the server before training: its model, limits and that it tokenises as ``tokenizer`` (the
+        student's); without one, as the tokenizer the server declares, loaded here (``self.tokenizer``: a
+        teacher with another tokenizer, gkd.teacher.cross_tokenizer)."""
         self.client.wait_healthy(self.wait)
         models = self.client.call("GET", "/v1/models")
         try:
@@ -87,15 +91,33 @@ class RemoteTeacher:
         self.compact = COMPACT in gkd.get("wire", [])
         self.images = bool(gkd.get("images"))
         self.max_entries = gkd.get("max_logprob_entries")  # per request (gkd serve's limit; None: vLLM's own)
-        self._check_tokenizer(tokenizer)
+        if tokenizer is None:
+            self.tokenizer = self._declared_tokenizer(gkd.get("tokenizer"))
+            self._check_tokenizer(self.tokenizer, f"the tokenizer it declares ({gkd['tokenizer']})",
+                                  "the server's tokenizer differs from the one it declares")
+        else:
+            self._check_tokenizer(tokenizer, "the student's tokenizer", "GKD needs one tokenizer for both")
         if self.wire == HIDDEN:
             if HIDDEN not in gkd.get("wire", []):
                 raise GKDError(f"teacher server {self.url} ({self.model}) does not send hidden states (gkd serve does; "
                                "vLLM does not): use --teacher_wire topk with --gkd_logits_topk K")
             self.head = self._fetch_head(int(gkd["hidden_size"]), int(gkd["max_logprob_entries"]))
         else:
-            self._check_topk(tokenizer)
+            self._check_topk(tokenizer or self.tokenizer)
         return self
+
+    def _declared_tokenizer(self, source):
+        from gkd.models import load_tokenizer
+
+        if not source:
+            raise GKDError(f"teacher server {self.url} ({self.model}) does not declare its tokenizer (gkd serve does; "
+                           "vLLM does not): --teacher_tokenizer other needs it to retokenise the rows")
+        try:
+            return load_tokenizer(source)
+        except (GKDError, OSError, ValueError) as e:
+            raise GKDError(f"teacher server {self.url} declares its tokenizer as {source}, which does not load here "
+                           f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}): --teacher_tokenizer "
+                           "other needs the teacher's tokenizer files on this machine too") from None
 
     def _fetch_head(self, hidden_size: int, per_request: int) -> LogitHead:
         """The teacher's logit head, in slices of rows that fit the server's limit."""
@@ -142,7 +164,7 @@ class RemoteTeacher:
                            f"training can make {longest} (longest prompt + completion): start the server with a "
                            "larger --max-model-len, or lower --max_length / --max_completion_length")
 
-    def _check_tokenizer(self, tokenizer) -> None:
+    def _check_tokenizer(self, tokenizer, whose: str, need: str) -> None:
         probes = ["Hello, world! 12345", " leading space,\ttabs and ünïcödé ✓"]
         if tokenizer.chat_template:
             probes.append(tokenizer.apply_chat_template(
@@ -154,7 +176,7 @@ class RemoteTeacher:
             ours = tokenizer(text, add_special_tokens=False)["input_ids"]
             if theirs != ours:
                 raise GKDError(f"teacher server {self.url} ({self.model}) tokenizes {text[:40]!r} as {str(theirs)[:80]}, "
-                               f"the student's tokenizer as {str(ours)[:80]}; GKD needs one tokenizer for both")
+                               f"{whose} as {str(ours)[:80]}; {need}")
 
     def _check_topk(self, tokenizer) -> None:
         ids = tokenizer("probe of the top-k limit", add_special_tokens=False)["input_ids"][:8]

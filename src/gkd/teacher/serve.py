@@ -225,7 +225,9 @@ class TeacherServer:
                     "hidden_size": self.hidden_size, "max_logprobs": self.max_logprobs,
                     "max_logprob_entries": self.cfg.max_logprob_entries,
                     "max_json_logprob_entries": self.cfg.max_json_logprob_entries,
-                    "images": self.images is not None, "fingerprint": self.fingerprint()}}]}
+                    "images": self.images is not None, "fingerprint": self.fingerprint(),
+                    # where its tokenizer loads from: a client with another tokenizer retokenises for it
+                    "tokenizer": self.cfg.model}}]}
 
     def fingerprint(self) -> str:
         """The served weights' hash (a teacher cache's key names it), made at the first ask: hashing a

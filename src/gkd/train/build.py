@@ -96,12 +96,18 @@ def one_teacher(t, spec, tokenizer, student_model, par, log):
     if spec.remote:
         from gkd.teacher.remote import RemoteTeacher
 
+        cross = t.teacher_tokenizer == "other"  # its own tokenizer: K is applied after the alignment
         remote = RemoteTeacher(
-            spec.source, spec.topk, api_key=t.teacher_api_key, timeout=t.teacher_timeout,
+            spec.source, 0 if cross else spec.topk, api_key=t.teacher_api_key, timeout=t.teacher_timeout,
             retries=t.teacher_retries, max_in_flight=t.teacher_max_in_flight,
             seqs_per_request=t.teacher_seqs_per_request, wait=t.teacher_wait, wire_dtype=t.teacher_wire_dtype,
             wire=t.teacher_wire)
         log(f"[gkd] teacher server {remote.url}: waiting for /health, checking tokenizer and K")
+        if cross:  # the tokenizer the server declares, checked against the server's own tokenising
+            from gkd.teacher.cross_tokenizer import CrossTokenizerTeacher
+
+            return CrossTokenizerTeacher(remote.connect(), tokenizer, remote.tokenizer, spec.topk, log,
+                                         t.cross_tokenizer_fallback)
         remote.connect(tokenizer)
         if remote.head is not None:  # the hidden wire: the loss takes the teacher's head beside the student's
             vocab = adapter_for(student_model).lm_head(student_model).shape[0]  # (a DTensor's is the whole)
@@ -120,7 +126,8 @@ def one_teacher(t, spec, tokenizer, student_model, par, log):
         from gkd.teacher.cross_tokenizer import CrossTokenizerTeacher
 
         inner = LocalTeacher(model, par.device, offload=offload == "move", name=spec.flag)
-        return CrossTokenizerTeacher(inner, tokenizer, load_tokenizer(spec.source), spec.topk, log)
+        return CrossTokenizerTeacher(inner, tokenizer, load_tokenizer(spec.source), spec.topk, log,
+                                     t.cross_tokenizer_fallback)
     check_compatible(tokenizer, load_tokenizer(spec.source), student_model, model)
     return LocalTeacher(model, par.device, topk=spec.topk, offload=offload == "move", name=spec.flag)
 

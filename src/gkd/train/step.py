@@ -15,6 +15,7 @@ one-sequence batch gives transformers' own ``aux_loss``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
     each teacher's group of rows gets its own fused loss on the same student hidden states and the same
     ``normaliser``, so their sum is the loss of the whole micro-batch."""
     routers = adapter.routers(student)
-    names = teacher.names if isinstance(teacher, RoutedTeacher) else None  # (refused with PP / CP: gkd.config)
+    names = teacher.names if isinstance(teacher, RoutedTeacher) else None
     if dims is not None and dims.pp > 1:
         from gkd.parallel import pipeline
 
@@ -76,12 +77,14 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             from gkd.parallel.context import ContextSplit
 
             splits = [ContextSplit(b, dims.cp_group, dims.cp_rank, dims.cp) for b in batches]
-        scored = teacher.score_pipelined(batches, pipeline.holds_last_stage(student), splits)
+        last = pipeline.holds_last_stage(student)
+        scored = (teacher.score_pipelined(batches, last, splits) if names is None
+                  else teacher.groups_pipelined(batches, [mb.teachers for mb in micro_batches], last, splits))
         return pipeline.forward_backward(
-            micro_batches, batches, scored, student, len(STATS), dims.pipeline,
-            lambda hidden, head, mb, batch, out, routing, split: micro_loss(
+            micro_batches, batches, scored, student, len(STATS) + len(TEACHER_STATS) * len(names or ()),
+            dims.pipeline, lambda hidden, head, mb, batch, out, routing, split: micro_loss(
                 hidden, parallel.local_head(head), mb, batch, out, args, normaliser,
-                None if routing is None else _carried_router_loss(routing, batch, split) / routed, split),
+                None if routing is None else _carried_router_loss(routing, batch, split) / routed, names, split),
             splits)
     stats = torch.zeros(len(STATS) + len(TEACHER_STATS) * len(names or ()), dtype=torch.float64)
     load = None
@@ -103,7 +106,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             if names is None:
                 scored = teacher.score(batch, split)
             else:
-                groups = teacher.score_groups(batch, mb.teachers, everyone=not skip_empty)
+                groups = teacher.score_groups(batch, mb.teachers, everyone=not skip_empty, split=split)
             with recording(routers) as seen:
                 hidden = adapter.final_hidden(student, split.model_inputs() if split else batch.model_inputs())
             head = parallel.local_head(adapter.logit_head(student))  # read after the forward that gathered it
@@ -162,18 +165,23 @@ def _carried_router_loss(sums: torch.Tensor, batch: Batch, split) -> torch.Tenso
 
 
 def micro_loss(hidden, head, mb: MicroBatch, batch: Batch, scored, args: LossArgs, normaliser: float, aux=None,
-               split=None):
+               names: list[str] | None = None, split=None):
     """The fused loss of one micro-batch (``batch``: its rows, possibly padded) from the student's final
-    hidden states and logit head (gkd.losses.LogitHead) and the teacher's output, plus a MoE student's
-    router loss ``aux`` (its rows' share of the step's, before the coefficient); (loss, its STATS row).
-    ``split``: the hidden states and the teacher's output are this rank's tokens of the batch."""
+    hidden states and logit head (gkd.losses.LogitHead) and the teacher's output (with ``names``, a routed
+    teacher's: its groups), plus a MoE student's router loss ``aux`` (its rows' share of the step's, before the
+    coefficient); (loss, its STATS row, followed by TEACHER_STATS per teacher when routed). ``split``: the
+    hidden states and the teacher's output are this rank's tokens of the batch."""
     labels = _ce_labels(mb, batch)
     mask = batch.loss_mask
     if split is not None:
         labels, mask = split.local(labels, -100), split.local(mask, False)
-    out = _fused(hidden, head, scored, labels, mask, args, normaliser)
+    if names is None:
+        out = _fused(hidden, head, scored, labels, mask, args, normaliser)
+    else:
+        out, per_teacher = _routed(hidden, head, scored, names, labels, args, normaliser)
     loss, aux = _with_router_loss(out.loss, aux, args) if aux is not None else (out.loss, torch.zeros(()))
-    return loss, _row(loss, out, labels, mask, float(aux.detach()), scored.aligned)
+    row = _row(loss, out, labels, mask, float(aux.detach()), None if names else scored.aligned)
+    return loss, row if names is None else torch.cat([row, per_teacher])
 
 
 def _with_router_loss(loss, aux, args: LossArgs):
@@ -191,10 +199,18 @@ def _ce_labels(mb: MicroBatch, batch: Batch) -> torch.Tensor:
 
 
 def _fused(hidden, head, scored, labels, mask, args: LossArgs, normaliser: float):
-    return fused_linear_gkd_loss(
+    out = fused_linear_gkd_loss(
         hidden, head, **scored.loss_kwargs(), labels=labels, sft_alpha=args.sft_alpha, beta=args.beta,
         temperature=args.temperature, mask=mask, reduction="sum", normalizer=normaliser, chunk_size=args.chunk_size,
         tp_group=args.tp_group)
+    if scored.spans is None:
+        return out
+    # a teacher with another tokenizer: its unaligned spans' term joins the divergence (same normaliser)
+    from gkd.teacher.cross_tokenizer import span_divergence
+
+    extra = span_divergence(hidden, head, scored.spans, mask)
+    return dataclasses.replace(out, loss=out.loss + extra / normaliser,
+                               divergence_sum=out.divergence_sum + extra.detach().to(out.divergence_sum))
 
 
 def _routed(hidden, head, groups, names: list[str], labels, args: LossArgs, normaliser: float):
