@@ -126,6 +126,10 @@ class GroupedSigmoidMoE(QwenMoE):
     def router_aux_loss_coef(self, model) -> float:
         return 0.0
 
+    def num_experts(self, model) -> int | None:
+        # from the config: a pipeline stage holding only the first_k_dense_replace dense layers has no experts
+        return text_config(unwrap(model).config).n_routed_experts
+
     # PEFT would rename the dense layers' and shared experts' gate/up/down_proj to the fused expert tensors
     lora_expert_parameters = ("gate_up_proj", "down_proj", "gate.weight")
 
@@ -136,13 +140,15 @@ class GroupedSigmoidMoE(QwenMoE):
 
 def mla_layer_plan(layer) -> dict[str, str]:
     """DeepSeek-V3's multi-head latent attention under tensor parallelism: the low-rank down projections
-    (q_a_proj, kv_a_proj_with_mqa, whose output also holds the shared rotary key) and their norms whole on every
-    rank, the up projections (q_b_proj, kv_b_proj) split by heads (colwise), o_proj by rows; the MLP as
+    (q_a_proj, kv_a_proj_with_mqa, whose output also holds the rotary key every head shares: its gradient summed
+    over the ranks) and their norms whole on every rank, the up projections (q_b_proj, kv_b_proj) split by heads (colwise), o_proj by rows; the MLP as
     moe_layer_plan. The attention reshapes by -1 heads, so it runs on this rank's heads as they come."""
     plan = {k: v for k, v in moe_layer_plan(layer).items() if not k.startswith("self_attn.")}
     attn = layer.self_attn
     whole = ("q_a_proj", "q_a_layernorm", "kv_a_proj_with_mqa", "kv_a_layernorm")
     plan.update({f"self_attn.{m}": "replicated" for m in whole if getattr(attn, m, None) is not None})
+    # the tail of kv_a_proj_with_mqa is the rotary key every head shares: this rank's heads give part of its gradient
+    plan["self_attn.kv_a_proj_with_mqa"] = ("replicated_tail_summed", attn.kv_lora_rank)
     split = ("q_proj", "q_b_proj", "kv_b_proj")  # (q_proj where q_lora_rank is None)
     plan.update({f"self_attn.{m}": "colwise" for m in split if getattr(attn, m, None) is not None})
     plan["self_attn.o_proj"] = "rowwise"
