@@ -24,8 +24,8 @@ _SIZES = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=192, num_atte
 _MOE = dict(num_experts_per_tok=2, router_aux_loss_coef=0.05, tie_word_embeddings=False)
 
 _GROUPED = dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=64,
-                first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
-                tie_word_embeddings=False)
+                first_k_dense_replace=lambda n: min(1, n - 1), n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                norm_topk_prob=True, tie_word_embeddings=False)
 
 # family -> (config class, extra config arguments)
 FAMILIES = {
@@ -54,21 +54,31 @@ FAMILIES = {
     "mixtral": ("MixtralConfig", dict(head_dim=32, num_local_experts=4, **_MOE)),
     "olmoe": ("OlmoeConfig", dict(num_experts=4, **_MOE)),  # q/k norms over all heads
     # sigmoid routing, bias-corrected and group-limited (2 groups of 2, top-1 group), a shared expert, a dense
-    # first layer; GLM-4.5 rotates half of each head (per-head q/k norms on), DeepSeek-V3 has latent attention.
+    # first layer (none in a 1-layer model: vLLM's GLM-4.5 needs a sparse one); GLM-4.5 rotates half of each head (per-head q/k norms on), DeepSeek-V3 has latent attention.
     # No aux loss: their balancing moves the bias, outside the gradient (as transformers trains them)
     "glm4_moe": ("Glm4MoeConfig", dict(head_dim=32, **_GROUPED, use_qk_norm=True, rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
-    # (MLA's keys and values have every head: num_key_value_heads is the head count, as in DeepSeek-V3's folders)
+    # (MLA's keys and values have every head: num_key_value_heads is the head count, as in DeepSeek-V3's folders;
+    # vLLM reads topk_method / scoring_func, which transformers' config leaves to the folder)
     "deepseek_v3": ("DeepseekV3Config", dict(num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32,
-                                             qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32, **_GROUPED)),
+                                             qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32, **_GROUPED,
+                                             topk_method="noaux_tc", scoring_func="sigmoid")),  # (as its folders say)
 }
+
+
+def _of_depth(value, layers: int):
+    """A config value that depends on the depth (a callable of it): per-layer lists cut to ``layers``."""
+    if not callable(value):
+        return value
+    value = value(layers)
+    return value[:layers] if isinstance(value, list) else value
 
 
 def family_config(family: str, layers: int = 2, **overrides):
     import transformers
 
     cls, extra = FAMILIES[family]
-    extra = {k: v(layers)[:layers] if callable(v) else v for k, v in {**extra, **overrides}.items()}  # per-layer lists
+    extra = {k: _of_depth(v, layers) for k, v in {**extra, **overrides}.items()}
     return getattr(transformers, cls)(num_hidden_layers=layers, **{**_SIZES, **extra})
 
 
