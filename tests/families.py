@@ -53,16 +53,16 @@ FAMILIES = {
                                          **_MOE)),  # a shared expert beside the routed ones
     "mixtral": ("MixtralConfig", dict(head_dim=32, num_local_experts=4, **_MOE)),
     "olmoe": ("OlmoeConfig", dict(num_experts=4, **_MOE)),  # q/k norms over all heads
-    # sigmoid routing, bias-corrected and group-limited (2 groups of 2, top-1 group), a shared expert, a dense
-    # first layer (none in a 1-layer model: vLLM's GLM-4.5 needs a sparse one); GLM-4.5 rotates half of each head (per-head q/k norms on), DeepSeek-V3 has latent attention.
-    # No aux loss: their balancing moves the bias, outside the gradient (as transformers trains them)
+    # sigmoid routing, bias-corrected and group-limited (2 groups of 2, top-1 group), a shared expert, a dense first
+    # layer (none in a 1-layer model: vLLM's GLM-4.5 needs a sparse one); no aux loss: their balancing moves the
+    # bias, outside the gradient (as transformers trains them). GLM-4.5 rotates half of each head, q/k norms on
     "glm4_moe": ("Glm4MoeConfig", dict(head_dim=32, **_GROUPED, use_qk_norm=True, rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
-    # (MLA's keys and values have every head: num_key_value_heads is the head count, as in DeepSeek-V3's folders;
-    # vLLM reads topk_method / scoring_func, which transformers' config leaves to the folder)
+    # DeepSeek-V3's latent attention: q/k heads of 32 (16 rotated), values of 16; keys and values come per head
+    # (num_key_value_heads is the head count, as in its folders); vLLM reads topk_method / scoring_func
     "deepseek_v3": ("DeepseekV3Config", dict(num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32,
-                                             qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32, **_GROUPED,
-                                             topk_method="noaux_tc", scoring_func="sigmoid")),  # (as its folders say)
+                                             qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, **_GROUPED,
+                                             topk_method="noaux_tc", scoring_func="sigmoid")),
 }
 
 

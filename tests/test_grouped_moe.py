@@ -10,6 +10,7 @@ from families import write_family
 from gkd.errors import GKDError
 from gkd.models import adapter_for, load_model
 from gkd.models.routing import recording
+from helpers import declare
 
 GROUPED = ("glm4_moe", "deepseek_v3")
 
@@ -67,3 +68,31 @@ def test_layouts_they_cannot_take_are_refused_in_one_line(folder):
     with pytest.raises(GKDError, match=rf"--tensor_model_parallel_size 3: {name} has num_attention_heads 4, which 3 "
                                        "does not divide"):
         check_plan(load_model(str(folder)), 3)
+
+
+# --- context parallelism: each sequence split over 2 ranks (tests/dist/families_worker.py's "cp" layout) -------
+
+def _context_parallel(c, out):
+    """The worker's arguments: both families, written as tests/families.py has them."""
+    from tiny import write_dataset, write_image_dataset
+
+    out.mkdir(parents=True)
+    for family in GROUPED:
+        write_family(out / "models" / family / "student", family, layers=2, seed=2)
+        write_family(out / "models" / family / "teacher", family, layers=3, seed=1)
+    return [str(write_dataset(out / "train.jsonl", n=8, seed=3)),
+            str(write_image_dataset(out / "images" / "train.jsonl", n=8, seed=3)), "cp", str(out / "models"),
+            ",".join(GROUPED)]
+
+
+declare("grouped-moe-cp", 2, _context_parallel, call="families_worker:run")
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_context_parallel_steps_equal_naive(runs):
+    """--context_parallel_size 2: an off-policy and an on-policy step of each family equal the naive float64 steps
+    of the whole models (MLA's split attention included; the routing sums of each sequence cross the ranks)."""
+    said = runs.stdout("grouped-moe-cp")
+    missing = [f"{f} rank {r}" for f in GROUPED for r in (0, 1) if f"OK cp {f} rank {r}" not in said]
+    assert not missing, (missing, runs.output("grouped-moe-cp")[-3000:])

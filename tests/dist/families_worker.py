@@ -30,6 +30,7 @@ LAYOUTS = {  # mode: (TrainConfig arguments, the (tp, pp, ep, data-parallel size
     "tp": (dict(micro_batch_size=2, tensor_model_parallel_size=2), (2, 1, 1, 1)),
     "pp": (dict(micro_batch_size=2, pipeline_model_parallel_size=2), (1, 2, 1, 1)),  # 3 micro-batches: 1F1B fills
     "ep": (dict(micro_batch_size=1, expert_model_parallel_size=2), (1, 1, 2, 2)),
+    "cp": (dict(micro_batch_size=2, context_parallel_size=2), (1, 1, 1, 1)),  # each sequence split over the ranks
 }
 
 
