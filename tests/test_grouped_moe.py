@@ -1,7 +1,8 @@
 """GLM-4.5 and DeepSeek-V3 (sigmoid, bias-corrected, group-limited routing; shared experts; dense first layers):
 what tests/test_families.py's steps do not show by themselves. Their exported weights are the folders' tensors
 (per-expert matrices, the routing bias), transformers' routing picks experts by the biased scores (which gkd's
-router records), no router loss is added by default, and layouts they cannot take are refused in one line."""
+router records), no router loss is added by default, layouts they cannot take are refused in one line, and CP 2,
+LoRA under FSDP 2 and under TP 2 train exactly (one job of the session's 2-process launch)."""
 
 import pytest
 import torch
@@ -70,29 +71,35 @@ def test_layouts_they_cannot_take_are_refused_in_one_line(folder):
         check_plan(load_model(str(folder)), 3)
 
 
-# --- context parallelism: each sequence split over 2 ranks (tests/dist/families_worker.py's "cp" layout) -------
+# --- CP 2, and LoRA under FSDP 2 and TP 2 (tests/dist/families_worker.py's layouts) ---------------------------
 
-def _context_parallel(c, out):
-    """The worker's arguments: both families, written as tests/families.py has them."""
+MODES = ("cp", "fsdp-lora", "tp-lora")
+
+
+def _layouts(c, out):
+    """The worker's arguments: both families, written as tests/families.py has them, in each mode."""
     from tiny import write_dataset, write_image_dataset
 
     out.mkdir(parents=True)
     for family in GROUPED:
         write_family(out / "models" / family / "student", family, layers=2, seed=2)
         write_family(out / "models" / family / "teacher", family, layers=3, seed=1)
+    groups = [arg for mode in MODES for arg in (mode, str(out / "models"), ",".join(GROUPED))]
     return [str(write_dataset(out / "train.jsonl", n=8, seed=3)),
-            str(write_image_dataset(out / "images" / "train.jsonl", n=8, seed=3)), "cp", str(out / "models"),
-            ",".join(GROUPED)]
+            str(write_image_dataset(out / "images" / "train.jsonl", n=8, seed=3)), *groups]
 
 
-declare("grouped-moe-cp", 2, _context_parallel, call="families_worker:run")
+declare("grouped-moe-layouts", 2, _layouts, call="families_worker:run")
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.slow
 @pytest.mark.dist
-def test_context_parallel_steps_equal_naive(runs):
-    """--context_parallel_size 2: an off-policy and an on-policy step of each family equal the naive float64 steps
-    of the whole models (MLA's split attention included; the routing sums of each sequence cross the ranks)."""
-    said = runs.stdout("grouped-moe-cp")
-    missing = [f"{f} rank {r}" for f in GROUPED for r in (0, 1) if f"OK cp {f} rank {r}" not in said]
-    assert not missing, (missing, runs.output("grouped-moe-cp")[-3000:])
+def test_the_steps_equal_naive_at_2_processes(runs, mode):
+    """--context_parallel_size 2 (MLA's narrower values included; each sequence's routing sums cross the ranks),
+    and LoRA (all-linear) under FSDP 2 (the experts' tensors adapted too) and TP 2 (experts frozen; MLA's down
+    projections' adapters whole): an off-policy and an on-policy step of each family equal the naive float64
+    steps of the whole models."""
+    said = runs.stdout("grouped-moe-layouts")
+    missing = [f"{f} rank {r}" for f in GROUPED for r in (0, 1) if f"OK {mode} {f} rank {r}" not in said]
+    assert not missing, (missing, runs.output("grouped-moe-layouts")[-3000:])

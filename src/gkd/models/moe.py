@@ -141,8 +141,9 @@ class GroupedSigmoidMoE(QwenMoE):
 def mla_layer_plan(layer) -> dict[str, str]:
     """DeepSeek-V3's multi-head latent attention under tensor parallelism: the low-rank down projections
     (q_a_proj, kv_a_proj_with_mqa, whose output also holds the rotary key every head shares: its gradient summed
-    over the ranks) and their norms whole on every rank, the up projections (q_b_proj, kv_b_proj) split by heads (colwise), o_proj by rows; the MLP as
-    moe_layer_plan. The attention reshapes by -1 heads, so it runs on this rank's heads as they come."""
+    over the ranks) and their norms whole on every rank, the up projections (q_b_proj, kv_b_proj) split by heads
+    (colwise), o_proj by rows; the MLP as moe_layer_plan. The attention reshapes by -1 heads, so it runs on this
+    rank's heads as they come."""
     plan = {k: v for k, v in moe_layer_plan(layer).items() if not k.startswith("self_attn.")}
     attn = layer.self_attn
     whole = ("q_a_proj", "q_a_layernorm", "kv_a_proj_with_mqa", "kv_a_layernorm")
