@@ -23,6 +23,10 @@ _SIZES = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=192, num_atte
 
 _MOE = dict(num_experts_per_tok=2, router_aux_loss_coef=0.05, tie_word_embeddings=False)
 
+_GROUPED = dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=64,
+                first_k_dense_replace=lambda n: min(1, n - 1), n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                norm_topk_prob=True, tie_word_embeddings=False)
+
 # family -> (config class, extra config arguments)
 FAMILIES = {
     "llama": ("LlamaConfig", dict(head_dim=32, tie_word_embeddings=True, rope_parameters={
@@ -49,15 +53,33 @@ FAMILIES = {
                                          **_MOE)),  # a shared expert beside the routed ones
     "mixtral": ("MixtralConfig", dict(head_dim=32, num_local_experts=4, **_MOE)),
     "olmoe": ("OlmoeConfig", dict(num_experts=4, **_MOE)),  # q/k norms over all heads
+    # sigmoid routing, bias-corrected and group-limited (2 groups of 2, top-1 group), a shared expert, a dense first
+    # layer (none in a 1-layer model: vLLM's GLM-4.5 needs a sparse one); no aux loss: their balancing moves the
+    # bias, outside the gradient (as transformers trains them). GLM-4.5 rotates half of each head, q/k norms on
+    "glm4_moe": ("Glm4MoeConfig", dict(head_dim=32, **_GROUPED, use_qk_norm=True, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    # DeepSeek-V3's latent attention: q/k heads of 32 (16 rotated), values of 16; keys and values come per head
+    # (num_key_value_heads is the head count, as in its folders); vLLM reads topk_method / scoring_func
+    "deepseek_v3": ("DeepseekV3Config", dict(num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32,
+                                             qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, **_GROUPED,
+                                             topk_method="noaux_tc", scoring_func="sigmoid")),
 }
+
+
+def _of_depth(value, layers: int):
+    """A config value that depends on the depth (a callable of it): per-layer lists cut to ``layers``."""
+    if not callable(value):
+        return value
+    value = value(layers)
+    return value[:layers] if isinstance(value, list) else value
 
 
 def family_config(family: str, layers: int = 2, **overrides):
     import transformers
 
     cls, extra = FAMILIES[family]
-    extra = {k: v(layers)[:layers] if callable(v) else v for k, v in {**extra, **overrides}.items()}  # per-layer lists
-    return getattr(transformers, cls)(num_hidden_layers=layers, **_SIZES, **extra)
+    extra = {k: _of_depth(v, layers) for k, v in {**extra, **overrides}.items()}
+    return getattr(transformers, cls)(num_hidden_layers=layers, **{**_SIZES, **extra})
 
 
 # the vision-language families (tests/tiny.py's fixtures; their image paths are tested in test_multimodal.py)
@@ -90,6 +112,9 @@ def write_family(folder: Path, family: str, *, layers: int = 2, seed: int = 0, *
         for name, p in model.named_parameters():
             if name.endswith(("q_norm.weight", "k_norm.weight")):
                 p.add_(torch.randn_like(p) * 0.3)
+        for name, b in model.named_buffers():  # the routing bias starts at 0: made to change which experts win
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.rand_like(b) * 0.5)
     model.generation_config.update(pad_token_id=0, eos_token_id=4, bos_token_id=1)
     model.save_pretrained(str(folder))
     write_tokenizer(folder, VOCAB)

@@ -1,10 +1,11 @@
 """Under torchrun with 2 processes (alone, or as a job of batch_worker.py): for each layout and family, two
-`gkd train` steps at FSDP = 2, TP = 2, PP = 2 or EP = 2, one off-policy and one on-policy, each equal the naive
-float64 step of the whole models at the weights AdamW left (tests/naive.py), the on-policy completions are the
-whole student's own draws (under PP: through the pipelined sampler, which also gives HF generate's completions),
-and vision-language families train on rows with images. One launch serves every layout (each trainer builds its
-own mesh). Usage: families_worker.py DATA IMAGE_DATA fsdp|tp|pp|ep ROOT FAMILY,FAMILY... [LAYOUT ROOT FAMILIES
-...] (ROOT/FAMILY holds the student and teacher folders; vision-language families train on IMAGE_DATA)."""
+`gkd train` steps at FSDP = 2, TP = 2, PP = 2, EP = 2 or CP = 2 (or LoRA at FSDP = 2 or TP = 2), one off-policy
+and one on-policy, each equal the naive float64 step of the whole models at the weights AdamW left
+(tests/naive.py), the on-policy completions are the whole student's own draws (under PP: through the pipelined
+sampler, which also gives HF generate's completions), and vision-language families train on rows with images. One
+launch serves every layout (each trainer builds its own mesh). Usage: families_worker.py DATA IMAGE_DATA
+fsdp|tp|pp|ep|cp|fsdp-lora|tp-lora ROOT FAMILY,FAMILY... [LAYOUT ROOT FAMILIES ...] (ROOT/FAMILY holds the student
+and teacher folders; vision-language families train on IMAGE_DATA)."""
 
 import sys
 from dataclasses import replace
@@ -19,17 +20,22 @@ from pipeline_sampler_worker import assert_same_samples
 
 from families import VISION
 from gkd.config import TrainConfig
-from gkd.models import load_model
+from gkd.models import apply_lora, load_model
 from gkd.rollout.base import SamplingConfig
 from gkd.rollout.pipelined import PipelineSampler
 from gkd.train.trainer import Trainer
 from naive import assert_steps_match, image_inputs
 
+LORA = dict(train_type="lora", lora_rank=4, lora_alpha=8, lora_dropout=0.0)  # (dropout would make the step random)
 LAYOUTS = {  # mode: (TrainConfig arguments, the (tp, pp, ep, data-parallel size) they must give)
     "fsdp": (dict(micro_batch_size=1), (1, 1, 1, 2)),
     "tp": (dict(micro_batch_size=2, tensor_model_parallel_size=2), (2, 1, 1, 1)),
     "pp": (dict(micro_batch_size=2, pipeline_model_parallel_size=2), (1, 2, 1, 1)),  # 3 micro-batches: 1F1B fills
     "ep": (dict(micro_batch_size=1, expert_model_parallel_size=2), (1, 1, 2, 2)),
+    "cp": (dict(micro_batch_size=2, context_parallel_size=2), (1, 1, 1, 1)),  # each sequence split over the ranks
+    # LoRA (all-linear): with FSDP on the experts' tensors too; with TP on the linear layers (experts frozen)
+    "fsdp-lora": (dict(micro_batch_size=1, **LORA), (1, 1, 1, 2)),
+    "tp-lora": (dict(micro_batch_size=2, tensor_model_parallel_size=2, lora_experts=False, **LORA), (2, 1, 1, 1)),
 }
 
 
@@ -70,7 +76,10 @@ def _step(mode: str, root: str, data: str, family: str) -> bool:
                           for got in image_inputs(student, rows)]
                 assert_same_samples(student, trainer.student, trainer.device, replace(sampling, max_new_tokens=24),
                                     [e.prompt_ids for e in rows], inputs)
-        assert_steps_match(trainer, load_model(student), load_model(teacher))
+        reference = load_model(student)
+        if flags.get("train_type") == "lora":  # the same adapters as the trainer's, at the same initialisation
+            reference = apply_lora(reference, 4, 8, 0.0, "all-linear", cfg.seed, experts=cfg.lora_experts)
+        assert_steps_match(trainer, reference, load_model(teacher))
     except Exception as e:  # noqa: BLE001 - reported, and the launch goes on to the next family
         traceback.print_exc()  # where it failed, in the run's stderr
         print(f"FAIL {mode} {family} rank {dist.get_rank()}: {type(e).__name__}: {e}", flush=True)

@@ -196,6 +196,11 @@ class Adapter:
     def router_aux_loss_coef(self, model) -> float:
         """The config's weight of the router load-balancing loss (0 for dense families)."""
         return 0.0
+
+    # LoRA on the experts ("all-linear"): None lets PEFT pick them; else the expert tensors named here are
+    # adapted, and PEFT's renaming of transformers-4 targets is kept off (gkd.models.load.apply_lora)
+    lora_expert_parameters: tuple[str, ...] | None = None
+
     # --- pipeline parallelism (gkd.parallel.pipeline) -------------------------------------------
 
     # what keeps a stage of this family from running its own share of the decoder layers exactly, as the

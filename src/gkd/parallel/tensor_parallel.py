@@ -15,11 +15,13 @@ from gkd.errors import GKDError
 from gkd.models.adapter import adapter_for, families, output_embeddings, unwrap
 
 
-def replicated(input_layout):
+def replicated(input_layout, summed_from: int | None = None):
     """A style for norms: weights whole on every rank but held as replicated DTensors (the optimizer and
     gradient clipping take one kind of tensor); activations enter split as ``input_layout`` says and
     leave as plain tensors. Per-head norms (Qwen3's q_norm/k_norm) see only this rank's heads, Shard(2),
-    so their weight gradient is a partial sum that DTensor reduces over the group."""
+    so their weight gradient is a partial sum that DTensor reduces over the group. ``summed_from``: the output
+    features from there on feed this rank's heads directly (DeepSeek's shared rotary key, the tail of
+    kv_a_proj_with_mqa): their gradient is a partial sum, summed over the group in backward."""
     from torch.distributed.tensor import DTensor, distribute_module
     from torch.distributed.tensor.parallel import ParallelStyle
 
@@ -30,11 +32,30 @@ def replicated(input_layout):
                              if isinstance(a, torch.Tensor) else a for a in args)
 
             def outputs(_, out, mesh):  # a router returns (logits, weights, expert ids)
+                if summed_from is not None:
+                    return _TailGradSummed.apply(out.to_local(), summed_from, mesh.get_group())
                 return tuple(o.to_local() for o in out) if isinstance(out, tuple) else out.to_local()
 
             return distribute_module(module, mesh, input_fn=inputs, output_fn=outputs)
 
     return Replicated()
+
+
+class _TailGradSummed(torch.autograd.Function):
+    """Identity forward; backward sums the gradient of the features from ``start`` on over ``group``."""
+
+    @staticmethod
+    def forward(ctx, x, start, group):
+        ctx.start, ctx.group = start, group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        tail = grad[..., ctx.start:].contiguous()
+        dist.all_reduce(tail, group=ctx.group)
+        return torch.cat([grad[..., :ctx.start], tail], dim=-1), None, None
 
 
 def split_norm():
@@ -161,6 +182,7 @@ def styles(plan: dict) -> dict:
 
     make = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel, "replicated": lambda: replicated(Replicate()),
             "replicated_heads": lambda: replicated(Shard(2)),  # per-head norms see this rank's heads
+            "replicated_tail_summed": lambda start: replicated(Replicate(), start),
             "replicated_experts": replicated_experts, "split_norm": split_norm, "colwise_parts": colwise_parts,
             "local_heads": local_heads}
     # a style is a name, or (name, its arguments): ("colwise_parts", q, k, v)
