@@ -89,6 +89,15 @@ declare("cross-single", 1, _cross_run)
 declare("cross-fsdp2", 2, _cross_run)
 
 
+def _cross_run_without_fallback(c, out):
+    args = _cross_run(c, out)
+    return args[:args.index("--cross_tokenizer_fallback")]
+
+
+declare("cross-single-aligned", 1, _cross_run_without_fallback)
+declare("cross-cp2", 2, lambda c, out: [*_cross_run_without_fallback(c, out), "--context_parallel_size", "2"])
+
+
 def test_hand_worked_spans_of_hello_world_align_where_both_cut_alike(pair):
     """'hello world': the student cuts hello|Ġw|or|l|d, the teacher he|ll|o|Ġw|or|ld. Aligned by hand: student
     token 1 (Ġw, chars 5-7) with teacher token 3, student 2 (or, 7-9) with teacher 4; 'hello' (one student
@@ -330,6 +339,17 @@ def test_different_tokenizers_under_fsdp2_equal_one_process(runs):
     at every step (off- and on-policy) and the final weights equal one process's; the aligned share is the same."""
     single, fsdp = assert_same_run(runs["cross-single"], runs["cross-fsdp2"])[:2]
     assert [m["aligned_share"] for m in fsdp] == pytest.approx([m["aligned_share"] for m in single])
+    assert all(0 < m["aligned_share"] < 1 for m in single)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_different_tokenizers_under_context_parallelism_equal_one_process(runs):
+    """CP 2: each rank of the group scores the whole rows with the teacher (its tokens are not the student's)
+    and keeps its positions of the student's; the loss at every step, the final weights and the aligned share
+    equal one process's."""
+    single, split = assert_same_run(runs["cross-single-aligned"], runs["cross-cp2"])[:2]
+    assert [m["aligned_share"] for m in split] == pytest.approx([m["aligned_share"] for m in single])
     assert all(0 < m["aligned_share"] < 1 for m in single)
 
 

@@ -249,6 +249,18 @@ def _masked_attention(query, key, value, allowed, scaling, softcap=None):
     return (probs @ value).transpose(1, 2).contiguous()
 
 
+@contextlib.contextmanager
+def whole_sequences():
+    """While inside: no split is on, so a forward of whole sequences runs as without context parallelism
+    (inside a step's split: a teacher whose tokens are not the student's)."""
+    saved = getattr(_active, "split", None)
+    _active.split = None
+    try:
+        yield
+    finally:
+        _active.split = saved
+
+
 def _local_tokens(module, args, kwargs):
     """Forward pre-hook of a vision-language model's language model: under a split, whole sequences' embeddings
     (images merged) and positions become this rank's tokens' (a text-only batch arrives already local)."""

@@ -114,8 +114,16 @@ class CrossTokenizerTeacher:
         return collate(prompts, completions, pad).to(batch.input_ids.device), where
 
     def score(self, batch: Batch, split=None) -> TeacherOutput:
+        """The teacher's distribution over the paired vocabulary at the student's aligned positions. Under a
+        context ``split`` the teacher's tokens are not the student's (they cannot be split alike): every rank of
+        the group scores the whole rows and keeps its positions."""
         if split is not None:
-            raise GKDError("--teacher_tokenizer other with --context_parallel_size > 1 is not supported yet")
+            from gkd.parallel.context import whole_sequences
+
+            with whole_sequences():
+                whole = self.score(batch)
+            return TeacherOutput(topk_ids=split.local(whole.topk_ids), topk_logprobs=split.local(whole.topk_logprobs),
+                                 aligned=split.local(whole.aligned, False))
         B, T = batch.input_ids.shape
         device = batch.input_ids.device
         K = self.topk or len(self.student_ids)
