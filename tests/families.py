@@ -49,6 +49,12 @@ FAMILIES = {
                                          **_MOE)),  # a shared expert beside the routed ones
     "mixtral": ("MixtralConfig", dict(head_dim=32, num_local_experts=4, **_MOE)),
     "olmoe": ("OlmoeConfig", dict(num_experts=4, **_MOE)),  # q/k norms over all heads
+    # attention sinks, sliding / full layers, YaRN rope, experts with biases and a clamped SwiGLU, a router bias
+    "gpt_oss": ("GptOssConfig", dict(head_dim=32, num_local_experts=4, sliding_window=4, swiglu_limit=2.0,
+                                     layer_types=lambda n: ["sliding_attention", "full_attention"] * n,
+                                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                      "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                      "original_max_position_embeddings": 64}, **_MOE)),
 }
 
 
@@ -90,6 +96,8 @@ def write_family(folder: Path, family: str, *, layers: int = 2, seed: int = 0, *
         for name, p in model.named_parameters():
             if name.endswith(("q_norm.weight", "k_norm.weight")):
                 p.add_(torch.randn_like(p) * 0.3)
+            if name.endswith(("sinks", "proj_bias")):  # GPT-OSS's sinks (std 0.2) and expert biases (0): made to matter
+                p.add_(torch.randn_like(p))
     model.generation_config.update(pad_token_id=0, eos_token_id=4, bos_token_id=1)
     model.save_pretrained(str(folder))
     write_tokenizer(folder, VOCAB)

@@ -1,0 +1,55 @@
+"""GPT-OSS: a mixture-of-experts decoder with attention sinks.
+
+What sets it apart from the other MoE families, and where gkd follows it:
+
+- attention sinks: a learned logit per head in each softmax's denominator. Of transformers' attention paths only
+  eager (and flash / flex kernels gkd does not run on CPU) honour them; SDPA has no sink, so the family runs on
+  eager attention (``attention``), whose block-diagonal mask also keeps packed rows apart. Under tensor
+  parallelism the sinks are split with their heads (``head_parameters``).
+- alternating sliding / full attention (``layer_types``) and YaRN rope: inside the model's forward; pipeline
+  stages build the masks by layer kind as the base adapter does, one rotary embedding for every layer.
+- experts stored transposed ([E, H, 2I] with gate and up interleaved, [E, I, H]), each with a bias, and a
+  clamped SwiGLU (alpha, limit): gkd.parallel.expert runs the module's own gate on its rows and shards the
+  biases over the expert-parallel ranks with their experts.
+- a router (``mlp.router``) with a bias, returning (logits, top-k weights, expert ids) as the others do.
+
+Its Hugging Face folders hold the module's own tensors (transformers converts nothing for it when it saves),
+so checkpoints and exports write the state dict as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gkd.models.adapter import Adapter, register
+from gkd.models.moe import MixtureOfExperts, _base
+
+
+class GptOss(MixtureOfExperts):
+    name = "gpt-oss"
+    model_types = ("gpt_oss",)
+    vllm_sync = ()
+
+    def attention(self, config) -> str | None:
+        return "eager"  # the only transformers path on CPU that adds the sinks to the softmax
+
+    def experts(self, model) -> list[torch.nn.Module]:
+        return [_base(layer.mlp.experts) for layer in self.decoder(model).layers]
+
+    def routers_of(self, layers) -> list[torch.nn.Module]:
+        layers = layers.values() if isinstance(layers, torch.nn.ModuleDict) else layers
+        return [layer.mlp.router for layer in layers]
+
+    def checkpoint_tensors(self, name: str, tensor: torch.Tensor):
+        return Adapter.checkpoint_tensors(self, name, tensor)  # the folders hold the fused tensors as they are
+
+    def tp_layer_plan(self, layer) -> dict:
+        from gkd.models.text import llama_layer_plan
+
+        plan = {k: v for k, v in llama_layer_plan(layer).items() if not k.startswith("mlp.")}
+        plan.update({"self_attn": "head_parameters",  # the sinks, split with the heads of this rank's q columns
+                     "mlp.router": "replicated", "mlp.experts": "replicated_experts"})
+        return plan
+
+
+GPT_OSS = register(GptOss())
