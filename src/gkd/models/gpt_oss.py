@@ -25,6 +25,11 @@ from gkd.models.adapter import Adapter, register
 from gkd.models.moe import MixtureOfExperts, _base
 
 
+def _mlps(layers) -> list[torch.nn.Module]:
+    """The sparse blocks of decoder ``layers`` (a list, or a pipeline stage's ModuleDict share): every layer's."""
+    return [layer.mlp for layer in (layers.values() if isinstance(layers, torch.nn.ModuleDict) else layers)]
+
+
 class GptOss(MixtureOfExperts):
     name = "gpt-oss"
     model_types = ("gpt_oss",)
@@ -34,11 +39,10 @@ class GptOss(MixtureOfExperts):
         return "eager"  # the only transformers path on CPU that adds the sinks to the softmax
 
     def experts(self, model) -> list[torch.nn.Module]:
-        return [_base(layer.mlp.experts) for layer in self.decoder(model).layers]
+        return [_base(mlp.experts) for mlp in _mlps(self.decoder(model).layers)]
 
     def routers_of(self, layers) -> list[torch.nn.Module]:
-        layers = layers.values() if isinstance(layers, torch.nn.ModuleDict) else layers
-        return [layer.mlp.router for layer in layers]
+        return [mlp.router for mlp in _mlps(layers)]
 
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor):
         return Adapter.checkpoint_tensors(self, name, tensor)  # the folders hold the fused tensors as they are
