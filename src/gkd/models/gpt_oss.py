@@ -14,7 +14,8 @@ What sets it apart from the other MoE families, and where gkd follows it:
 - a router (``mlp.router``) with a bias, returning (logits, top-k weights, expert ids) as the others do.
 
 Its Hugging Face folders hold the module's own tensors (transformers converts nothing for it when it saves),
-so checkpoints and exports write the state dict as it is.
+so checkpoints and exports write the state dict as it is. vLLM 0.32 (CPU) loads and runs the family exactly from a
+folder, but its in-place reload, which the weight sync uses, leaves the sinks and experts stale (``vllm_blocker``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class GptOss(MixtureOfExperts):
     name = "gpt-oss"
     model_types = ("gpt_oss",)
     vllm_sync = ()
+    vllm_blocker = ("vLLM 0.32's in-place weight reload skips GPT-OSS's sinks and experts: its gpt_oss loader copies "
+                    "them with param.data.copy_, not their weight_loader, so the reload counts nothing loaded for "
+                    "them and restores stale tensors")
 
     def attention(self, config) -> str | None:
         return "eager"  # the only transformers path on CPU that adds the sinks to the softmax
