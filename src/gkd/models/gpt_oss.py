@@ -35,9 +35,12 @@ class GptOss(MixtureOfExperts):
     name = "gpt-oss"
     model_types = ("gpt_oss",)
     vllm_sync = ()
+    # measured: vLLM's engine built from the folder gives HF's greedy tokens and prompt log-probs; after the trainer's
+    # first sync, at unchanged weights, it no longer does (the reload warns "OAIAttention / GptOssRoutedExperts:
+    # Failed to load weights")
     vllm_blocker = ("vLLM 0.32's in-place weight reload skips GPT-OSS's sinks and experts: its gpt_oss loader copies "
                     "them with param.data.copy_, not their weight_loader, so the reload counts nothing loaded for "
-                    "them and restores stale tensors")
+                    "them and puts back tensors that no longer hold them")
 
     def attention(self, config) -> str | None:
         return "eager"  # the only transformers path on CPU that adds the sinks to the softmax
