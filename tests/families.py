@@ -63,6 +63,12 @@ FAMILIES = {
     "deepseek_v3": ("DeepseekV3Config", dict(num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32,
                                              qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, **_GROUPED,
                                              topk_method="noaux_tc", scoring_func="sigmoid")),
+    # attention sinks, sliding / full layers, YaRN rope, experts with biases and a clamped SwiGLU, a router bias
+    "gpt_oss": ("GptOssConfig", dict(head_dim=32, num_local_experts=4, sliding_window=4, swiglu_limit=2.0,
+                                     layer_types=lambda n: ["sliding_attention", "full_attention"] * n,
+                                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                      "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                      "original_max_position_embeddings": 64}, **_MOE)),
 }
 
 
@@ -112,6 +118,8 @@ def write_family(folder: Path, family: str, *, layers: int = 2, seed: int = 0, *
         for name, p in model.named_parameters():
             if name.endswith(("q_norm.weight", "k_norm.weight")):
                 p.add_(torch.randn_like(p) * 0.3)
+            if name.endswith(("sinks", "proj_bias")):  # GPT-OSS's sinks (std 0.2) and expert biases (0): made to matter
+                p.add_(torch.randn_like(p))
         for name, b in model.named_buffers():  # the routing bias starts at 0: made to change which experts win
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.rand_like(b) * 0.5)

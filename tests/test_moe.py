@@ -91,15 +91,18 @@ def test_the_update_does_not_depend_on_the_micro_batch_split(moe):
 
 # --- the weights vLLM and the export see --------------------------------------------------------------
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt_oss"])
 def test_vllm_weights_are_the_folders_tensors(tmp_path, family):
     """The weight sync sends each family's fused expert tensors as the per-expert matrices its folders
-    hold (the names vLLM's loader reads), and LoRA on the experts merged as PEFT merges it."""
+    hold (the names vLLM's loader reads; GPT-OSS's folders hold them fused, with their biases and the sinks),
+    and LoRA on the experts merged as PEFT merges it."""
     from safetensors.torch import load_file
 
+    from families import write_family
     from gkd.models.export import export_weights
 
-    folder = write_moe(tmp_path / family, family, seed=3)
+    folder = write_moe(tmp_path / family, family, seed=3) if family in FAMILIES else \
+        write_family(tmp_path / family, family, seed=3)
     disk = load_file(str(folder / "model.safetensors"))
     sent = dict(export_weights(load_model(str(folder))))
     assert sent.keys() == disk.keys()
@@ -111,7 +114,7 @@ def test_vllm_weights_are_the_folders_tensors(tmp_path, family):
             if "lora_B" in n:
                 p.normal_(0, 0.1)
     wrapped = any(hasattr(m, "parameter_name") for m in lora.modules())  # PEFT adapts the experts' tensors
-    assert wrapped or family == "qwen2_moe"  # (PEFT's all-linear leaves Qwen2-MoE's experts alone)
+    assert wrapped or family in ("qwen2_moe", "gpt_oss")  # (PEFT's all-linear leaves their experts alone)
     sent = dict(export_weights(lora))
     lora.merge_and_unload().save_pretrained(str(tmp_path / "merged"))
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))

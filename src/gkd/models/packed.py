@@ -6,7 +6,8 @@ sequences where padding-free attention costs the sum of their squares, and takes
 mask alone grows as T²). While a packed forward runs, a model on SDPA uses the implementation here instead:
 no mask is built, each sequence's queries attend to its own keys with causal SDPA (a sliding window as a
 band mask), the pieces put back in place. Families whose attention SDPA cannot express (Gemma 2's score cap)
-are on eager attention, where transformers' block-diagonal mask stays.
+are on eager attention, where transformers' block-diagonal mask stays; GPT-OSS (eager for its sinks, and whose
+body never builds that mask) attends per sequence here too, its sinks in each softmax.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import torch
 import torch.nn.functional as F
 
 NAME = "gkd_sdpa_packed"
+# families on eager attention whose bodies build their masks without the positions (so transformers' packed
+# mask never forms) and whose scores the per-sequence path computes exactly: GPT-OSS (its sinks)
+EAGER_TYPES = {"gpt_oss"}
 
 
 def segments(positions: torch.Tensor) -> list[tuple[int, int]]:
@@ -43,6 +47,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         raise NotImplementedError(f"gkd.models.packed: {type(module).__name__} needs a score cap, a position "
                                   "bias or a cache, which per-sequence SDPA does not take")
     window = kwargs.get("sliding_window")
+    sinks = kwargs.get("s_aux")  # GPT-OSS: a logit per head in each softmax's denominator
     grouped = key.shape[1] != query.shape[1]
     rows = []
     for b, spans in enumerate(_spans(kwargs["position_ids"])):
@@ -54,10 +59,27 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
             if window and n > window:  # keys within the window behind each query (transformers' q - k < w)
                 i = torch.arange(n, device=query.device)
                 mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+            if sinks is not None:
+                pieces.append(_with_sinks(q, k, v, mask, sinks, dropout, scaling))
+                continue
             pieces.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                          is_causal=mask is None, scale=scaling, enable_gqa=grouped))
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def _with_sinks(q, k, v, mask, sinks, dropout, scaling):
+    """One sequence's causal attention with a sink logit per head beside its keys (SDPA has no place for it):
+    the sink takes its share of the softmax and gives no value, as transformers' eager GPT-OSS attention."""
+    n, groups = q.shape[2], q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = q @ k.transpose(2, 3) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
+    if mask is None:
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    logits = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(1, -1, n, 1).to(scores.dtype)], dim=-1)
+    probs = torch.softmax(logits - logits.amax(-1, keepdim=True), dim=-1)[..., :-1]
+    return F.dropout(probs, p=dropout).to(v.dtype) @ v
 
 
 def _no_mask(*args, **kwargs):
@@ -77,7 +99,9 @@ def packed_attention(config, inputs: dict):
     """While inside: the model of text config ``config`` (on SDPA) attends per sequence when ``inputs`` are
     packed rows (position ids given, no attention mask); otherwise nothing changes. (A vision tower keeps its
     own attention.)"""
-    if "position_ids" not in inputs or "attention_mask" in inputs or config._attn_implementation != "sdpa":
+    impl = config._attn_implementation
+    served = impl == "sdpa" or (impl == "eager" and getattr(config, "model_type", None) in EAGER_TYPES)
+    if "position_ids" not in inputs or "attention_mask" in inputs or not served:
         yield
         return
     _register()
@@ -85,5 +109,5 @@ def packed_attention(config, inputs: dict):
     try:
         yield
     finally:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = impl
         _found.positions = _found.spans = None  # (the next forward's positions may reuse this memory)

@@ -24,7 +24,7 @@ TITLES = {
     "llama": "Llama 2 / 3 / 3.x (SmolLM2)", "mistral": "Mistral", "qwen2": "Qwen2 / Qwen2.5", "qwen3": "Qwen3",
     "smollm3": "SmolLM3", "granite": "Granite", "cohere": "Cohere (Command-R)", "gemma2": "Gemma 2",
     "gemma3_text": "Gemma 3 (text)", "phi3": "Phi-3", "olmo2": "OLMo 2", "qwen3_moe": "Qwen3-MoE",
-    "qwen2_moe": "Qwen2-MoE", "mixtral": "Mixtral", "olmoe": "OLMoE", "qwen2_vl": "Qwen2-VL",
+    "qwen2_moe": "Qwen2-MoE", "mixtral": "Mixtral", "olmoe": "OLMoE", "gpt_oss": "GPT-OSS", "qwen2_vl": "Qwen2-VL",
     "qwen2_5_vl": "Qwen2.5-VL", "llava": "LLaVA",
 }
 TITLES.update({"glm4_moe": "GLM-4.5 (GLM-4 MoE)", "deepseek_v3": "DeepSeek-V3"})

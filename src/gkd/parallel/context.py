@@ -143,11 +143,12 @@ class ContextSplit:
         finally:
             _active.split = None
 
-    def attention(self, module, query, key, value, scaling, sliding_window=None, softcap=None):
+    def attention(self, module, query, key, value, scaling, sliding_window=None, softcap=None, sinks=None):
         """Exact attention of this rank's queries against every key of the sequence."""
         key = _GatherSeq.apply(key, self.group, self.rank, self.size)
         value = _GatherSeq.apply(value, self.group, self.rank, self.size)
-        if query.device.type == "cpu" and not sliding_window and not softcap and self.q_seq is None:
+        plain = not sliding_window and not softcap and sinks is None
+        if query.device.type == "cpu" and plain and self.q_seq is None:
             return self._by_chunks(query, key, value, scaling), None
         q_pos, k_pos = self.mine[:, None], self.key_pos[None, :]
         allowed = k_pos <= q_pos
@@ -155,7 +156,7 @@ class ContextSplit:
             allowed = allowed & (q_pos - k_pos < sliding_window)
         if self.q_seq is not None:  # [B, 1, T_local, T]: and the same sequence
             allowed = (allowed & (self.q_seq[:, :, None] == self.k_seq[:, None, :]))[:, None]
-        return _masked_attention(query, key, value, allowed, scaling, softcap), None
+        return _masked_attention(query, key, value, allowed, scaling, softcap, sinks), None
 
     def _by_chunks(self, query, key, value, scaling):
         """Without a [T_local, T] mask: keys in global order, and each of this rank's two query chunks
@@ -228,9 +229,10 @@ def _unrepeat(grad: torch.Tensor, groups: int) -> torch.Tensor:
     return grad.view(B, H // groups, groups, T, d).sum(2)
 
 
-def _masked_attention(query, key, value, allowed, scaling, softcap=None):
+def _masked_attention(query, key, value, allowed, scaling, softcap=None, sinks=None):
     """Attention [B, T_q, heads, d] under a boolean mask (True: attended; None: causal, the queries last),
-    with the scores soft-capped, ``c * tanh(s / c)``, when ``softcap`` is set (Gemma 2), which SDPA cannot."""
+    with the scores soft-capped, ``c * tanh(s / c)``, when ``softcap`` is set (Gemma 2), and a sink logit per
+    head in each softmax's denominator (``sinks``, GPT-OSS's, which gives no value), which SDPA cannot."""
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -238,14 +240,20 @@ def _masked_attention(query, key, value, allowed, scaling, softcap=None):
     if allowed is None:
         allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(Tk - Tq)
     allowed = allowed[..., :Tk]
-    if not softcap:
+    if not softcap and sinks is None:
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
         return out.transpose(1, 2).contiguous()
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.tanh(query @ key.transpose(-1, -2) * (scale / softcap)) * softcap
+    scores = query @ key.transpose(-1, -2) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     # the lowest finite score, not -inf: a query with no key (padding) stays finite, as in eager attention
     scores = scores.float().masked_fill(~allowed, torch.finfo(torch.float32).min)
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    if sinks is not None:  # the sink's share of each softmax, then dropped
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, Tq, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1].to(value.dtype)
+    else:
+        probs = torch.softmax(scores, dim=-1).to(value.dtype)
     return (probs @ value).transpose(1, 2).contiguous()
 
 
@@ -277,8 +285,9 @@ def _local_tokens(module, args, kwargs):
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     split = getattr(_active, "split", None) if module not in _unsplit else None
-    if split is None and kwargs.get("softcap") and not dropout:
-        return _masked_attention(query, key, value, attention_mask, scaling, kwargs["softcap"]), None
+    sinks = kwargs.get("s_aux")  # GPT-OSS's attention sinks
+    if split is None and (kwargs.get("softcap") or sinks is not None) and not dropout:
+        return _masked_attention(query, key, value, attention_mask, scaling, kwargs.get("softcap"), sinks), None
     if split is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -289,7 +298,8 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
 
         raise GKDError(f"--context_parallel_size: attention dropout ({dropout}) is not supported; the model's "
                        "attention_dropout must be 0 while training")
-    return split.attention(module, query, key, value, scaling, kwargs.get("sliding_window"), kwargs.get("softcap"))
+    return split.attention(module, query, key, value, scaling, kwargs.get("sliding_window"), kwargs.get("softcap"),
+                           sinks)
 
 
 def _mask(*args, **kwargs):

@@ -6,9 +6,10 @@ group is carved out of the data-parallel shard ranks, and the experts' other dim
 (``dp_shard / ep`` ranks, "edp") is FSDP-sharded like any weight. The router, attention and dense
 weights are untouched here and stay under FSDP over all data-parallel ranks.
 
-Each experts module (the adapter's: fused 3D ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I])
-keeps its tensors as DTensors sharded on dim 0 over the EP mesh, so checkpoints (DCP) reshard to any EP
-size and the final export / vLLM sync gather them like any sharded weight. Its forward becomes:
+Each experts module (the adapter's: fused 3D ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I], GPT-OSS's
+transposed with a bias [E, ...] each, its gating the module's own ``_apply_gate``) keeps its tensors as
+DTensors sharded on dim 0 over the EP mesh, so checkpoints (DCP) reshard to any EP size and the final export /
+vLLM sync gather them like any sharded weight. Its forward becomes:
 
     count rows per expert -> exchange counts (all-to-all) -> send each (token, k) row to the rank holding its
     expert (all-to-all, uneven splits) -> run the local experts -> send results back (all-to-all) -> weight
@@ -56,6 +57,17 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _has_bias(experts) -> bool:
+    return bool(getattr(experts, "has_bias", False))
+
+
+def _project(experts, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One expert's projection as transformers' experts modules store it: [out, in] (Qwen, Mixtral), or
+    [in, out] where ``is_transposed`` (GPT-OSS), with the expert's bias where it has one (GPT-OSS)."""
+    y = rows @ weight if getattr(experts, "is_transposed", False) else F.linear(rows, weight)
+    return y if bias is None else y + bias
+
+
 def _experts_forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                      ) -> torch.Tensor:
     """The experts module's forward on this rank's experts (bound to the module): with EP its rows go to
@@ -77,13 +89,14 @@ def _experts_forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_
     # received rows come by source rank, then expert: regroup them by local expert
     expert_of = torch.arange(n_local, device=x.device).repeat(ep).repeat_interleave(recv.reshape(-1))
     by_expert = torch.argsort(expert_of, stable=True)
+    biases = (_local(self.gate_up_proj_bias), _local(self.down_proj_bias)) if _has_bias(self) else None
     outs = []
     for e, rows in enumerate(x[by_expert].split(recv.sum(0).tolist())):
-        gate, up = F.linear(rows, gate_up[e]).chunk(2, dim=-1)
-        outs.append(F.linear(self.act_fn(gate) * up, down[e]))
+        h = self._apply_gate(_project(self, rows, gate_up[e], biases and biases[0][e]))
+        outs.append(_project(self, h, down[e], biases and biases[1][e]))
     y = torch.cat(outs)
     if y.shape[0] == 0:  # no row for any local expert: keep the weights in the graph so every rank reduces them
-        y = y + 0 * (gate_up.sum() + down.sum())
+        y = y + 0 * sum(_local(p).sum() for p in self.parameters(recurse=False))
     y = torch.zeros_like(y).index_copy(0, by_expert, y)  # back to the received order
     back = _AllToAll.apply(y, send_splits, recv_splits, group) if ep > 1 else y
     back = back * top_k_weights.reshape(-1)[order, None]

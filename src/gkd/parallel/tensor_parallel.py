@@ -158,6 +158,30 @@ def replicate_module(module, mesh) -> None:
         p = sub._parameters[name]
         whole = DTensor.from_local(p.detach(), mesh, [Replicate()], run_check=False)
         sub.register_parameter(name, torch.nn.Parameter(whole, requires_grad=p.requires_grad))
+    _on_local_weights(module, owners)
+
+
+def head_parameters():
+    """A style for an attention module holding a parameter per head of its own (GPT-OSS's ``sinks`` [heads]):
+    split on dim 0 with the heads (this rank's q columns), its forward run on this rank's part."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class HeadParameters(ParallelStyle):
+        def _apply(self, module, mesh):
+            owners = [(module, name) for name, _ in module.named_parameters(recurse=False)]
+            for _, name in owners:
+                p = module._parameters[name]
+                split = distribute_tensor(p.detach(), mesh, [Shard(0)])
+                module.register_parameter(name, torch.nn.Parameter(split, requires_grad=p.requires_grad))
+            _on_local_weights(module, owners)
+            return module
+
+    return HeadParameters()
+
+
+def _on_local_weights(module, owners) -> None:
+    """``module``'s forward run with the (submodule, name) parameters in ``owners`` as their local tensors."""
     forward = module.forward
 
     def on_local_weights(*args, **kwargs):
@@ -184,7 +208,7 @@ def styles(plan: dict) -> dict:
             "replicated_heads": lambda: replicated(Shard(2)),  # per-head norms see this rank's heads
             "replicated_tail_summed": lambda start: replicated(Replicate(), start),
             "replicated_experts": replicated_experts, "split_norm": split_norm, "colwise_parts": colwise_parts,
-            "local_heads": local_heads}
+            "local_heads": local_heads, "head_parameters": head_parameters}
     # a style is a name, or (name, its arguments): ("colwise_parts", q, k, v)
     return {name: make[style[0]](*style[1:]) if isinstance(style, tuple) else make[style]()
             for name, style in plan.items()}
