@@ -15,7 +15,8 @@ import torch
 from gkd.teacher.cache import MARKER, TeacherCache
 from gkd.teacher.local import LocalTeacher
 from gkd.teacher.remote import RemoteTeacher
-from helpers import ENV, ROOT, assert_one_line_error, final_weights, gkd_in_process, gkd_subprocess, losses, set_arg
+from helpers import (ENV, ROOT, assert_one_line_error, declare, final_weights, gkd_in_process, gkd_subprocess, losses,
+                     set_arg)
 
 K = "8"
 
@@ -339,23 +340,26 @@ def test_fsdp_two_processes_fill_and_reuse_the_cache(tiny, live, tmp_path):
         assert_equal_runs(live, tmp_path / out, tol=1e-5)  # two ranks sum in another order
 
 
+# PP 2 and CP 2 over one cache folder each: a first run fills it, a second (a later launch) reuses it
+LAYOUTS = {"pp2": "--pipeline_model_parallel_size", "cp2": "--context_parallel_size"}
+for _layout, _flag in LAYOUTS.items():
+    for _run, _after in (("a", ()), ("b", (f"cache-{_layout}-a",))):
+        declare(f"cache-{_layout}-{_run}", 2, lambda c, out, layout=_layout, flag=_flag: train_args(
+            c.models("tiny"), out, "--teacher_cache", str(c.root / f"cache-{layout}"), flag, "2"), after=_after)
+
+
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("layout", ["--pipeline_model_parallel_size", "--context_parallel_size"])
-def test_a_pipeline_or_a_context_split_fills_and_reuses_the_cache(tiny, live, tmp_path, layout):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_pipeline_or_a_context_split_fills_and_reuses_the_cache(runs, live, layout):
     """PP 2: every stage takes part in the teacher's pipelined forward of a micro-batch with a missing row; the
     last stage stores it. CP 2: each rank scores its positions of the rows, the group gathers them whole and its
     first rank stores them. Epoch 2 and a second run ask the teacher nothing and train as the live run does."""
-    from helpers import torchrun_cmd
-
-    cache = tmp_path / "cache"
-    for out, said in (("a", "16 rows reused, 16 scored"), ("b", "32 rows reused, 0 scored")):
-        cmd = torchrun_cmd(2, train_args(tiny, tmp_path / out, "--teacher_cache", str(cache), layout, "2"))
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
-        assert proc.returncode == 0, [line for line in proc.stderr.splitlines() if "gkd:" in line] or proc.stderr[-3000:]
-        assert said in proc.stderr
-        assert_valid(cache, 16)
-        assert_equal_runs(live, tmp_path / out, tol=1e-5)
+    for run, said in (("a", "16 rows reused, 16 scored"), ("b", "32 rows reused, 0 scored")):
+        out = runs[f"cache-{layout}-{run}"]
+        assert said in runs.output(f"cache-{layout}-{run}")
+        assert_equal_runs(live, out, tol=1e-5)
+    assert_valid(runs.ctx.root / f"cache-{layout}", 16)
 
 
 def test_the_processes_of_one_run_never_see_its_cache_half_made(tmp_path, monkeypatch):

@@ -281,9 +281,10 @@ def test_server_mode_with_two_training_processes_equals_one(pair, tmp_path, vllm
                 "--vllm_server_port", str(port), "--vllm_weight_sync", sync, "--vllm_group_port", str(free_port()),
                 *extra]
 
-    # FSDP 2 with each weight sync; context parallel 2 (the peers sample the same rows, rank 0 of each group
-    # asks the server) with the file sync
-    for sync, layout in (("path", []), ("group", []), ("path", ["--context_parallel_size", "2"])):
+    # FSDP 2 with each weight sync; context parallel 2 (the peers sample the same rows) with the file sync,
+    # synchronous
+    layouts = [("path", []), ("group", [])] + [("path", ["--context_parallel_size", "2"])] * (not async_flags)
+    for sync, layout in layouts:
         name = sync + "-cp2" * bool(layout)
         if not layout:
             one = gkd_subprocess(*args(tmp_path / f"one-{sync}", sync, *async_flags), timeout=600)
