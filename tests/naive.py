@@ -27,7 +27,7 @@ import math
 import torch
 
 from gkd.losses import Skew
-from gkd.models import adapter_for, unwrap
+from gkd.models import adapter_for, text_config, unwrap
 
 
 def naive_step(student, teacher, examples, *, beta: float, temperature: float, sft_alpha: float,
@@ -43,7 +43,7 @@ def naive_step(student, teacher, examples, *, beta: float, temperature: float, s
 
 def _naive_step(s, t, examples, *, beta, temperature, sft_alpha, completions, sampled, inputs, teacher_inputs):
     """naive_step on float64 models (``s``'s gradients are set, from None)."""
-    coef = getattr(unwrap(s).config, "router_aux_loss_coef", 0.0) if adapter_for(s).moe else 0.0
+    coef = getattr(text_config(unwrap(s).config), "router_aux_loss_coef", 0.0) if adapter_for(s).moe else 0.0
     completions = [e.completion_ids for e in examples] if completions is None else completions
     inputs, teacher_inputs = inputs or [{}] * len(examples), teacher_inputs or inputs or [{}] * len(examples)
     total, tokens = torch.zeros((), dtype=torch.float64), 0

@@ -27,7 +27,7 @@ from helpers import (ENV, assert_one_line_error, declare, final_weights, gkd_in_
                      start_gkd_serve, stop)
 from tiny import write_image, write_model, write_qwen2vl
 
-FAMILIES = ("qwen2_vl", "llava")
+FAMILIES = ("qwen2_vl", "llava", "qwen3_vl")
 
 
 def cfg_for(vl, family, out, **kw):

@@ -86,7 +86,7 @@ def write_qwen2vl(folder: Path, *, layers: int = 2, hidden: int = 32, heads: int
                   vocab_size: int = 96, seed: int = 0, max_pixels: int = 112 * 112, qwen25: bool = False) -> Path:
     """A tiny random Qwen2-VL (or Qwen2.5-VL) with its PIL image processor (patch 14, merge 2)."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
+                              Qwen2VLForConditionalGeneration)
 
     folder.mkdir(parents=True, exist_ok=True)
     half = hidden // heads // 2
@@ -105,14 +105,49 @@ def write_qwen2vl(folder: Path, *, layers: int = 2, hidden: int = 32, heads: int
         vision = dict(depth=2, embed_dim=16, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2)
         config, cls = Qwen2VLConfig(text_config=text, vision_config=vision, **ids), Qwen2VLForConditionalGeneration
+    return _save_qwen_vl(folder, cls, config, seed=seed, vocab_size=vocab_size, patch=14, max_pixels=max_pixels)
+
+
+def _save_qwen_vl(folder: Path, cls, config, *, seed: int, vocab_size: int, patch: int, max_pixels: int) -> Path:
+    """A random ``cls(config)`` of the Qwen-VL line, its tokenizer and its PIL image processor in ``folder``."""
+    from transformers import Qwen2VLImageProcessorPil
+
     torch.manual_seed(seed)
     model = cls(config)
     model.generation_config.update(pad_token_id=0, eos_token_id=4, bos_token_id=1)
     model.save_pretrained(str(folder))
     _vl_tokenizer(folder, vocab_size, "<|vision_start|> <|image_pad|> <|vision_end|>")
-    Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=28 * 28,
+    Qwen2VLImageProcessorPil(patch_size=patch, temporal_patch_size=2, merge_size=2, min_pixels=(2 * patch) ** 2,
                              max_pixels=max_pixels).save_pretrained(str(folder))
     return folder
+
+
+def write_qwen3vl(folder: Path, *, layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
+                  vocab_size: int = 96, seed: int = 0, max_pixels: int = 128 * 128, moe: bool = False) -> Path:
+    """A tiny random Qwen3-VL (dense, or Qwen3-VL-MoE: 4 experts, top 2) with its PIL image processor (patch
+    16, merge 2). DeepStack features of vision layers 0 and 1 are added after decoder layers 0 and 1."""
+    from transformers import (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                              Qwen3VLMoeForConditionalGeneration)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    half = hidden // heads // 2
+    text = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
+                                 "mrope_section": [half - 2 * (half // 4), half // 4, half // 4]},
+                bos_token_id=1, eos_token_id=4, pad_token_id=0)
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden, decoder_sparse_step=1)
+    vision = dict(depth=2, hidden_size=16, out_hidden_size=hidden, intermediate_size=32, num_heads=2, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0, 1])
+    ids = dict(image_token_id=8, video_token_id=9, vision_start_token_id=6, vision_end_token_id=7,
+               tie_word_embeddings=False)
+    config_cls, cls = ((Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if moe
+                       else (Qwen3VLConfig, Qwen3VLForConditionalGeneration))
+    config = config_cls(text_config=text, vision_config=vision, **ids)
+    return _save_qwen_vl(folder, cls, config, seed=seed, vocab_size=vocab_size, patch=16, max_pixels=max_pixels)
 
 
 def write_llava(folder: Path, *, layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2,

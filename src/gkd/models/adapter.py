@@ -121,8 +121,7 @@ class Adapter:
             # sharded training sums gradients over ranks only for the weights each rank's backward reached:
             # a batch without images still sends a blank one through the trainable vision weights, times 0
             # (only the features the text model would take: every rank's backward must reach the same weights)
-            features = unwrap(model).model.get_image_features(**self.blank_image(model)).pooler_output
-            return seen["h"] + 0.0 * _float_sum(features)
+            return seen["h"] + 0.0 * _float_sum(self.blank_outputs(model))
         return seen["h"]
 
     def _untouched_vision(self, model, inputs: dict) -> bool:
@@ -134,6 +133,10 @@ class Adapter:
             return False
         parts = [m for m in (self.vision_tower(model), self.aligner(model)) if m is not None]
         return any(p.requires_grad for m in parts for p in m.parameters())
+
+    def blank_outputs(self, model):
+        """The vision features of a blank image that the text model would take (to reach every vision weight)."""
+        return unwrap(model).model.get_image_features(**self.blank_image(model)).pooler_output
 
     def blank_image(self, model) -> dict:
         """The smallest image's model inputs (zeros), for the family's get_image_features."""
