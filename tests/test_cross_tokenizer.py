@@ -87,6 +87,7 @@ def _cross_run(c, out):
 
 declare("cross-single", 1, _cross_run)
 declare("cross-fsdp2", 2, _cross_run)
+declare("cross-pp2", 2, lambda c, out: [*_cross_run(c, out), "--pipeline_model_parallel_size", "2"])
 
 
 def _cross_run_without_fallback(c, out):
@@ -333,11 +334,13 @@ def test_prompt_only_rows_off_policy_need_the_teacher_to_write_which_it_does_not
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_different_tokenizers_under_fsdp2_equal_one_process(runs):
+@pytest.mark.parametrize("name", ["cross-fsdp2", "cross-pp2"])
+def test_different_tokenizers_under_fsdp2_or_a_pipeline_equal_one_process(runs, name):
     """Two FSDP ranks (torchrun, gloo), each re-tokenising its own rows for a sharded teacher, with the span
-    fallback (its student logits formed from the gathered lm_head, its gradient reduced like the rest): the loss
-    at every step (off- and on-policy) and the final weights equal one process's; the aligned share is the same."""
-    single, fsdp = assert_same_run(runs["cross-single"], runs["cross-fsdp2"])[:2]
+    fallback (its student logits formed from the gathered lm_head, its gradient reduced like the rest); or two
+    pipeline stages, the teacher's batches of its own tokens through its own stages: the loss at every step (off-
+    and on-policy) and the final weights equal one process's; the aligned share is the same."""
+    single, fsdp = assert_same_run(runs["cross-single"], runs[name])[:2]
     assert [m["aligned_share"] for m in fsdp] == pytest.approx([m["aligned_share"] for m in single])
     assert all(0 < m["aligned_share"] < 1 for m in single)
 

@@ -221,10 +221,9 @@ class TrainConfig:
             need(not self.teacher_model_server or self.teacher_wire == "hidden",
                  "--teacher_tokenizer other with --teacher_model_server needs --teacher_wire hidden (the teacher's "
                  "hidden states and head: its distribution over the paired vocabulary, not a top-K of its own)")
-            need(not (self.teacher_cache or self.seq_kd or self.eval_steps
-                      or self.pipeline_model_parallel_size > 1 or self.tensor_model_parallel_size > 1),
-                 "--teacher_tokenizer other is not supported yet with --teacher_cache, --seq_kd, --eval_steps, "
-                 "tensor or pipeline parallelism")
+            need(not (self.teacher_cache or self.seq_kd or self.eval_steps or self.tensor_model_parallel_size > 1),
+                 "--teacher_tokenizer other is not supported yet with --teacher_cache, --seq_kd, --eval_steps or "
+                 "tensor parallelism")
             need(self.cross_tokenizer_fallback == "none" or self.context_parallel_size == 1,
                  "--cross_tokenizer_fallback with --context_parallel_size > 1 is not supported yet (a span's "
                  "log-probability would sum over the ranks' tokens)")

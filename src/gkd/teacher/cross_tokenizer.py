@@ -122,8 +122,22 @@ class CrossTokenizerTeacher:
 
             with whole_sequences():
                 whole = self.score(batch)
-            return TeacherOutput(topk_ids=split.local(whole.topk_ids), topk_logprobs=split.local(whole.topk_logprobs),
-                                 aligned=split.local(whole.aligned, False))
+            return _local(whole, split)
+        tbatch, where = self.teacher_batch(batch)
+        return self._mapped(batch, tbatch, where, self.inner.score(tbatch))
+
+    def score_pipelined(self, batches: list[Batch], last_stage: bool, splits=None) -> list[TeacherOutput | None]:
+        """Each micro-batch's teacher batch through the teacher's own pipeline (its tokens: whole rows, never
+        split), mapped to the student's positions on the last stage (this rank's of them under a context split)."""
+        made = [self.teacher_batch(b) for b in batches]
+        outs = self.inner.score_pipelined([tbatch for tbatch, _ in made], last_stage)
+        if not last_stage:
+            return [None] * len(batches)
+        mapped = [self._mapped(b, tbatch, where, out) for b, (tbatch, where), out in zip(batches, made, outs)]
+        return mapped if splits is None else [_local(m, split) for m, split in zip(mapped, splits)]
+
+    def _mapped(self, batch: Batch, tbatch: Batch, where: list, out: TeacherOutput) -> TeacherOutput:
+        """The teacher's output ``out`` of ``tbatch`` (``teacher_batch``'s) at the student's positions of ``batch``."""
         B, T = batch.input_ids.shape
         device = batch.input_ids.device
         K = self.topk or len(self.student_ids)
@@ -131,8 +145,6 @@ class CrossTokenizerTeacher:
         ids = batch.labels.clamp(min=0).unsqueeze(-1).expand(B, T, K).clone()
         logprobs = torch.zeros(B, T, K, device=device)
         aligned = torch.zeros(B, T, dtype=torch.bool, device=device)
-        tbatch, where = self.teacher_batch(batch)
-        out = self.inner.score(tbatch)
         if where:
             rows, theirs = [], []
             for r, (b, s0, t0, pairs, _) in enumerate(where):
@@ -185,9 +197,6 @@ class CrossTokenizerTeacher:
             logprobs.append(lp)
         return torch.cat(ids), torch.cat(logprobs)
 
-    def score_pipelined(self, batches: list[Batch], last_stage: bool, splits=None) -> list[TeacherOutput | None]:
-        raise GKDError("--teacher_tokenizer other with pipeline parallelism is not supported yet")
-
     def check_generation(self, rollout, why: str) -> None:
         raise GKDError(f"{why}; a teacher with --teacher_tokenizer other does not write completions yet")
 
@@ -218,3 +227,9 @@ def span_divergence(hidden: torch.Tensor, head: LogitHead, spans: SpanScores, ma
     used = torch.zeros_like(sums, dtype=torch.bool).index_fill(0, spans.index[where], True)
     gap = (sums - spans.teacher_logprobs.to(sums))[used]
     return 0.5 * (gap * gap).sum()
+
+
+def _local(whole: TeacherOutput, split) -> TeacherOutput:
+    """A whole batch's output at this rank's positions of a context split (no span fallback: refused with CP)."""
+    return TeacherOutput(topk_ids=split.local(whole.topk_ids), topk_logprobs=split.local(whole.topk_logprobs),
+                         aligned=split.local(whole.aligned, False))
