@@ -221,12 +221,14 @@ class TrainConfig:
             need(not self.teacher_model_server or self.teacher_wire == "hidden",
                  "--teacher_tokenizer other with --teacher_model_server needs --teacher_wire hidden (the teacher's "
                  "hidden states and head: its distribution over the paired vocabulary, not a top-K of its own)")
-            need(not (self.teacher_cache or self.seq_kd or self.eval_steps or self.tensor_model_parallel_size > 1),
-                 "--teacher_tokenizer other is not supported yet with --teacher_cache, --seq_kd, --eval_steps or "
-                 "tensor parallelism")
+            need(not (self.teacher_cache or self.seq_kd or self.eval_steps),
+                 "--teacher_tokenizer other is not supported yet with --teacher_cache, --seq_kd or --eval_steps")
             need(self.cross_tokenizer_fallback == "none" or self.context_parallel_size == 1,
                  "--cross_tokenizer_fallback with --context_parallel_size > 1 is not supported yet (a span's "
                  "log-probability would sum over the ranks' tokens)")
+            need(self.cross_tokenizer_fallback == "none" or self.tensor_model_parallel_size == 1,
+                 "--cross_tokenizer_fallback with --tensor_model_parallel_size > 1 is not supported yet (the student's "
+                 "span log-probabilities would need the vocabulary shards' gradient)")
         need(bool(self.dataset), "--dataset is required (JSONL/JSON/Parquet files or a saved datasets folder)")
         need(0.0 <= self.beta <= 1.0, f"--beta must be in [0, 1], got {self.beta}")
         need(0.0 < self.skew_alpha < 1.0, f"--skew_alpha must be in (0, 1), got {self.skew_alpha}")

@@ -220,6 +220,18 @@ def _argmax_vocab(z: Tensor, group) -> Tensor:
     return torch.stack(idxs).gather(0, best[None]).squeeze(0)
 
 
+def logprobs_at(logits: Tensor, ids: Tensor, *, tp_group=None) -> Tensor:
+    """The log-softmax (temperature 1) of ``[N, V]`` logits read at global token ids ``[N, M]``; under tensor
+    parallelism the logits are this rank's vocabulary shard and every rank gets the whole result (no autograd)."""
+    group = _group(tp_group)
+    logits = _math(logits)
+    if group is None:
+        return torch.log_softmax(logits, -1).gather(-1, ids)
+    (lse,) = _logsumexp([logits], group)
+    picked, _, _ = _gather_vocab(logits, ids, group)
+    return picked - lse[:, None]
+
+
 def topk_logprobs(logits: Tensor, k: int, *, tp_group=None) -> tuple[Tensor, Tensor]:
     """The top-k token ids and their log-probs (temperature 1) of ``[..., V]`` logits.
 

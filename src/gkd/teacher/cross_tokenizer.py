@@ -19,7 +19,7 @@ from gkd.data.align import Aligner
 from gkd.data.batch import Batch, collate
 from gkd.data.rows import tokenize
 from gkd.errors import GKDError
-from gkd.losses import LogitHead
+from gkd.losses import LogitHead, logprobs_at
 from gkd.teacher.base import SpanScores, TeacherOutput
 
 FALLBACKS = ("none", "span_logprob")
@@ -31,10 +31,12 @@ class CrossTokenizerTeacher:
 
     chunk_logits = 2 ** 23  # the teacher's logits formed at once (float32: 32 MiB)
 
-    def __init__(self, inner, student_tok, teacher_tok, topk: int = 0, log=print, fallback: str = "none"):
+    def __init__(self, inner, student_tok, teacher_tok, topk: int = 0, log=print, fallback: str = "none",
+                 tp_group=None):
         if fallback not in FALLBACKS:
             raise GKDError(f"--cross_tokenizer_fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
         self.fallback = fallback
+        self.tp_group = tp_group  # a local teacher's head is split by vocabulary over it under tensor parallelism
         self.inner, self.student_tok, self.teacher_tok = inner, student_tok, teacher_tok
         self.aligner = Aligner(student_tok, teacher_tok)
         pairs = self.aligner.pairs
@@ -175,8 +177,9 @@ class CrossTokenizerTeacher:
             at = torch.tensor(at, device=device)
             target = tbatch.input_ids[at[:, 0], at[:, 1] + 1]
             chunk = max(1, self.chunk_logits // out.head.weight.shape[0])
-            lp = torch.cat([torch.log_softmax(out.head.logits(out.hidden[p[:, 0], p[:, 1]]).float(), -1)
-                            .gather(-1, t[:, None])[:, 0] for p, t in zip(at.split(chunk), target.split(chunk))])
+            lp = torch.cat([logprobs_at(out.head.logits(out.hidden[p[:, 0], p[:, 1]]), t[:, None],
+                                        tp_group=self.tp_group)[:, 0]
+                            for p, t in zip(at.split(chunk), target.split(chunk))])
             sums.index_add_(0, torch.tensor(owner, device=device), lp.double())
         return SpanScores(index, batch.labels.clamp(min=0), sums)
 
@@ -188,7 +191,8 @@ class CrossTokenizerTeacher:
         chunk = max(1, self.chunk_logits // out.head.weight.shape[0])
         ids, logprobs = [], []
         for part in at.split(chunk):
-            lp = torch.log_softmax(out.head.logits(out.hidden[part[:, 0], part[:, 1]]).float(), -1)[:, teacher_ids]
+            lp = logprobs_at(out.head.logits(out.hidden[part[:, 0], part[:, 1]]), teacher_ids.expand(len(part), -1),
+                             tp_group=self.tp_group)
             cols = student_ids.expand(len(part), -1)
             if self.topk:
                 lp, top = lp.topk(self.topk, -1)

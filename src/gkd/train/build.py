@@ -127,7 +127,7 @@ def one_teacher(t, spec, tokenizer, student_model, par, log):
 
         inner = LocalTeacher(model, par.device, offload=offload == "move", name=spec.flag)
         return CrossTokenizerTeacher(inner, tokenizer, load_tokenizer(spec.source), spec.topk, log,
-                                     t.cross_tokenizer_fallback)
+                                     t.cross_tokenizer_fallback, tp_group=par.tp_group)
     check_compatible(tokenizer, load_tokenizer(spec.source), student_model, model)
     return LocalTeacher(model, par.device, topk=spec.topk, offload=offload == "move", name=spec.flag)
 
