@@ -16,7 +16,7 @@ import torch
 from gkd.train.metrics import read_metrics
 from helpers import (ENV, LORA, assert_one_line_mistake, assert_same_run, check_resume, declare, declare_training,
                      final_weights, free_port, gkd_in_process, gkd_subprocess, kill_and_resume, losses, resumed_from,
-                     train_args)
+                     set_arg, train_args)
 
 SLOW = [pytest.mark.slow, pytest.mark.dist]
 
@@ -89,6 +89,23 @@ def _with_generation_config(c, out):
 
 declare("genconfig-fsdp2", 2, _with_generation_config)
 declare("offload-worker", 2, lambda c, out: [c.models("tiny")["teacher"]], call="offload_worker:run")
+# the same 1-step context-parallel training twice in one pair of processes (a mesh of 5 dimensions + a flattened one)
+declare("twice-cp2", 2, lambda c, out: [out, *set_arg(train_args(c.models("tiny"), out, "--context_parallel_size",
+                                                                 "2"), "--max_steps", "1")],
+        call="repeat_worker:run", mkdir=True)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_second_training_in_the_same_processes_makes_no_new_groups(runs):
+    """A launcher that keeps one default group over several trainings (as tests/dist/batch_worker.py does) must
+    not gain a mesh of process groups, with their threads and sockets, per training."""
+    out = runs["twice-cp2"]
+    for rank in (0, 1):
+        first, second = json.loads((out / f"held.rank-{rank}.json").read_text())
+        assert second["groups"] == first["groups"], (rank, first, second)
+        assert second["threads"] <= first["threads"], (rank, first, second)
+    assert losses(out / "run1") == losses(out / "run2")
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))

@@ -25,6 +25,10 @@ from gkd.errors import GKDError
 DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 EXPERT_DIMS = ("pp", "dp_replicate", "edp", "ep", "tp")  # the experts' mesh: dp_shard x cp = edp x ep (EP inner)
 _made_group = False
+# The meshes and groups made in this process, by what they span: a process that runs several trainings under
+# one default group (a launcher's) makes each only once; a group holds threads and sockets until destroyed,
+# and destroying one under a live mesh would strand DTensor's caches, which match meshes by their ranks.
+_made: dict = {}
 
 
 @dataclass
@@ -256,14 +260,29 @@ def _mesh(device_type: str, shape: tuple[int, ...], timeout: timedelta, names: t
     its own groups gives them torch's default, 30 minutes, whatever the default group has)."""
     from torch.distributed.device_mesh import DeviceMesh
 
-    ranks = torch.arange(dist.get_world_size()).view(shape)
-    mine = []
-    for dim in range(len(shape)):
-        for members in ranks.movedim(dim, -1).reshape(-1, shape[dim]).tolist():
-            group = dist.new_group(members, timeout=timeout)  # every rank takes part in making every group
-            if dist.get_rank() in members:
-                mine.append(group)
-    return DeviceMesh.from_group(mine, device_type, mesh=ranks, mesh_dim_names=names)
+    def make():
+        ranks = torch.arange(dist.get_world_size()).view(shape)
+        mine = []
+        for dim in range(len(shape)):
+            for members in ranks.movedim(dim, -1).reshape(-1, shape[dim]).tolist():
+                group = dist.new_group(members, timeout=timeout)  # every rank takes part in making every group
+                if dist.get_rank() in members:
+                    mine.append(group)
+        return DeviceMesh.from_group(mine, device_type, mesh=ranks, mesh_dim_names=names)
+
+    return made(("mesh", device_type, shape, names, timeout), make)
+
+
+def made(key: tuple, make):
+    """``make()``'s result, once per default group: every rank calls this with the same keys in the same
+    order (each group is made by all ranks together)."""
+    world = dist.GroupMember.WORLD
+    if _made.get("world") is not world:
+        _made.clear()
+        _made["world"] = world
+    if key not in _made:
+        _made[key] = make()
+    return _made[key]
 
 
 def _options(cuda: bool, timeout: timedelta):
@@ -275,6 +294,8 @@ def _options(cuda: bool, timeout: timedelta):
 
 def teardown() -> None:
     """Leave the process group cleanly (a gloo group left to the interpreter's exit can abort); only one
-    that setup made: a single process may hold vLLM's, which vLLM leaves itself."""
+    that setup made: a single process may hold vLLM's, which vLLM leaves itself. Under a launcher's group the
+    meshes stay, for the next training in this process to take (``made``)."""
     if _made_group and dist.is_initialized():
         dist.destroy_process_group()
+        _made.clear()

@@ -332,10 +332,12 @@ def shard(model, par, plan: PipelinePlan, student: bool) -> None:
 def _tie_groups(st: Staged, par) -> None:
     """For a tied model, a group of the first and the last stage of each pipeline (every rank creates every
     group, as torch.distributed asks); this rank keeps the one its copy belongs to."""
+    from gkd.parallel.mesh import made
+
     names = par.mesh.mesh_dim_names
     pipelines = par.mesh.mesh.movedim(names.index("pp"), -1).reshape(-1, par.pp)
     for ranks in pipelines.tolist():
-        group = dist.new_group([ranks[0], ranks[-1]])
+        group = made(("tied", ranks[0], ranks[-1]), lambda: dist.new_group([ranks[0], ranks[-1]]))
         if dist.get_rank() in (ranks[0], ranks[-1]):
             st.tied_group = group
 
