@@ -16,7 +16,7 @@ from gkd.errors import GKDError
 from gkd.models import adapter_for, apply_lora, load_model
 from gkd.teacher.local import LocalTeacher
 from gkd.train.metrics import read_metrics
-from gkd.models.routing import recording, router_stats, row_index
+from gkd.models.routing import recording, router_stats
 from gkd.train.step import LossArgs, MicroBatch, forward_backward
 from helpers import (assert_one_line_mistake, assert_same_run, declare, declare_training, final_weights,
                      gkd_in_process, gkd_subprocess, losses, resumed_from, train_args)
@@ -39,7 +39,7 @@ def test_router_aux_loss_is_transformers_per_sequence_and_token_weighted(moe):
     mask[1, 4:] = 0
     with torch.no_grad(), recording(adapter.routers(model)) as seen:
         model(input_ids=ids, attention_mask=mask)
-    total, load = router_stats(seen, row_index(mask))
+    total, load = router_stats(seen, torch.where(mask.bool(), torch.arange(2)[:, None], -1))  # sequence = row
     with torch.no_grad():
         per_row = [float(model(input_ids=ids[b:b + 1, :n], output_router_logits=True).aux_loss) for b, n in ((0, 7), (1, 4))]
     assert abs(float(total) - (7 * per_row[0] + 4 * per_row[1])) < 1e-5

@@ -27,12 +27,6 @@ def recording(routers):
             h.remove()
 
 
-def row_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] sequence numbers of a batch with one sequence per row: the row, -1 on padding."""
-    rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)[:, None].expand_as(attention_mask)
-    return torch.where(attention_mask.bool(), rows, -1)
-
-
 def row_sums(seen, index: torch.Tensor, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(per sequence [S, 2E + 1]: A_e, P_e (with grad) and L over the layers that produced ``seen``; the tokens
     routed to each expert per layer [layers, E], float64 on the CPU). ``index`` [B, T]: each token's sequence

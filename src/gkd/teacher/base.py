@@ -32,6 +32,13 @@ class TeacherOutput:
         """The head's weight alone (the logits need the whole ``head``: bias, scale, softcap)."""
         return None if self.head is None else self.head.weight
 
+    def local(self, split) -> "TeacherOutput":
+        """A whole batch's top-K output at this rank's positions of a context split (``None``: unchanged)."""
+        if split is None:
+            return self
+        return TeacherOutput(topk_ids=split.local(self.topk_ids), topk_logprobs=split.local(self.topk_logprobs),
+                             aligned=None if self.aligned is None else split.local(self.aligned, False))
+
     def loss_kwargs(self) -> dict:
         if self.mixture is not None:
             return dict(teacher_mixture=[m.loss_kwargs() for m in self.mixture], teacher_mixture_weights=self.weights)

@@ -202,9 +202,7 @@ class _Found:
 def _topk_output(batch: Batch, ids: torch.Tensor, logprobs: torch.Tensor, split=None) -> TeacherOutput:
     """Top-K rows [B, T, K] as the loss takes them: on the batch's device, this rank's positions under ``split``."""
     device = batch.input_ids.device
-    if split is not None:
-        ids, logprobs = split.local(ids), split.local(logprobs)
-    return TeacherOutput(topk_ids=ids.to(device), topk_logprobs=logprobs.to(device))
+    return TeacherOutput(topk_ids=ids.to(device), topk_logprobs=logprobs.to(device)).local(split)
 
 
 class CachedTeacher:

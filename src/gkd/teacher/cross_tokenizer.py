@@ -124,7 +124,7 @@ class CrossTokenizerTeacher:
 
             with whole_sequences():
                 whole = self.score(batch)
-            return _local(whole, split)
+            return whole.local(split)
         tbatch, where = self.teacher_batch(batch)
         return self._mapped(batch, tbatch, where, self.inner.score(tbatch))
 
@@ -136,7 +136,7 @@ class CrossTokenizerTeacher:
         if not last_stage:
             return [None] * len(batches)
         mapped = [self._mapped(b, tbatch, where, out) for b, (tbatch, where), out in zip(batches, made, outs)]
-        return mapped if splits is None else [_local(m, split) for m, split in zip(mapped, splits)]
+        return mapped if splits is None else [m.local(split) for m, split in zip(mapped, splits)]
 
     def _mapped(self, batch: Batch, tbatch: Batch, where: list, out: TeacherOutput) -> TeacherOutput:
         """The teacher's output ``out`` of ``tbatch`` (``teacher_batch``'s) at the student's positions of ``batch``."""
@@ -231,9 +231,3 @@ def span_divergence(hidden: torch.Tensor, head: LogitHead, spans: SpanScores, ma
     used = torch.zeros_like(sums, dtype=torch.bool).index_fill(0, spans.index[where], True)
     gap = (sums - spans.teacher_logprobs.to(sums))[used]
     return 0.5 * (gap * gap).sum()
-
-
-def _local(whole: TeacherOutput, split) -> TeacherOutput:
-    """A whole batch's output at this rank's positions of a context split (no span fallback: refused with CP)."""
-    return TeacherOutput(topk_ids=split.local(whole.topk_ids), topk_logprobs=split.local(whole.topk_logprobs),
-                         aligned=split.local(whole.aligned, False))
