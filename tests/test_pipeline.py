@@ -144,7 +144,7 @@ def test_a_killed_stage_ends_the_job_and_the_newest_checkpoint_resumes(tiny, tmp
     ([*PP2, "--pipeline_layers", "1,2"], "--pipeline_layers 1,2: needs 2 counts of at least 1 layer that add up to "
                                          "the 2 decoder layers of --model"),
     ([*PP2, "--pipeline_layers", "2"], "--pipeline_layers 2: needs 2 counts"),
-    ([*PP2, "--use_vllm", "true"], "--use_vllm with --pipeline_model_parallel_size 2 is not supported yet"),
+    ([*PP2, "--use_vllm", "true"], "--use_vllm --vllm_mode colocate with --pipeline_model_parallel_size 2: an engine"),
     ([*PP2, "--global_batch_size", "2"], "the 1F1B schedule needs at least --pipeline_model_parallel_size 2 "
                                          "micro-batches per step on a data-parallel rank, got 1"),
     ([*PP2, "--virtual_pipeline_model_parallel_size", "2", "--pipeline_schedule", "gpipe"],

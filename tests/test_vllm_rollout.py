@@ -38,12 +38,13 @@ PROMPTS = [[3, 92, 7, 8, 4, 3, 93], [3, 92, 9, 10, 11, 4, 3, 93], [3, 92, 12, 4,
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory, tiny):
-    """A teacher and a student vLLM's CPU attention accepts (head_dim 32) and their data."""
+    """A teacher and a student vLLM's CPU attention accepts (head_dim 32; 2 layers each, so a pipeline splits the
+    student) and their data."""
     from tiny import write_model
 
     root = tmp_path_factory.mktemp("vllm-pair")
     return {"teacher": str(write_model(root / "teacher", layers=2, hidden=64, heads=2, kv_heads=1, seed=1)),
-            "student": str(write_model(root / "student", layers=1, hidden=64, heads=2, kv_heads=1, seed=2)),
+            "student": str(write_model(root / "student", layers=2, hidden=64, heads=2, kv_heads=1, seed=2)),
             "data": tiny["data"]}
 
 
@@ -265,7 +266,8 @@ def test_each_data_parallel_rank_samples_its_rows_with_its_own_engine(pair, tmp_
 def test_server_mode_with_two_training_processes_equals_one(pair, tmp_path, vllm_server, async_flags):
     """FSDP over 2 processes against one vLLM server: each rank samples its rows there, rank 0 sends the
     weights gathered from the shards (by file and by process group); the same losses and weights as one
-    training process against the same server; so does context parallelism 2 (both ranks hold every row). With --async_generation 1 each rank requests its rows of the
+    training process against the same server; so do context parallelism 2 (both ranks hold every row) and
+    pipeline parallelism 2 (rank 0 sends the weights of both stages). With --async_generation 1 each rank requests its rows of the
     next step ahead, and the two layouts still agree."""
     from safetensors.torch import load_file
 
@@ -283,9 +285,12 @@ def test_server_mode_with_two_training_processes_equals_one(pair, tmp_path, vllm
 
     # FSDP 2 with each weight sync; context parallel 2 (the peers sample the same rows) with the file sync,
     # synchronous
-    layouts = [("path", []), ("group", [])] + [("path", ["--context_parallel_size", "2"])] * (not async_flags)
+    # pipeline parallel 2 (each stage samples the same rows; rank 0 gathers the stages' weights) with the
+    # group sync
+    layouts = [("path", []), ("group", [])] + [("path", ["--context_parallel_size", "2"]),
+                                               ("group", ["--pipeline_model_parallel_size", "2"])] * (not async_flags)
     for sync, layout in layouts:
-        name = sync + "-cp2" * bool(layout)
+        name = sync + ("-" + layout[0].strip("-").split("_")[0] if layout else "")
         if not layout:
             one = gkd_subprocess(*args(tmp_path / f"one-{sync}", sync, *async_flags), timeout=600)
             assert one.returncode == 0, one.stderr[-3000:]
@@ -304,4 +309,4 @@ def test_server_mode_with_two_training_processes_equals_one(pair, tmp_path, vllm
         # (measured 2026-12-04), and AdamW at this test's learning rate (3e-2) carries that rounding to 5e-4 in
         # the weights after 3 steps; FSDP's weights agree exactly
         for k in wa:
-            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-3 if layout else 1e-5, msg=k)
+            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-3 if "--context_parallel_size" in layout else 1e-5, msg=k)

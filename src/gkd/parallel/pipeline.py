@@ -46,9 +46,10 @@ def check_options(cfg, world: int, tp: int) -> None:
     """Options pipeline parallelism does not support (yet), schedules the step's micro-batches cannot fill,
     and models it cannot split (read from their config before any process loads them), as one-line errors."""
     p, v = cfg.pipeline_model_parallel_size, cfg.virtual_pipeline_model_parallel_size
-    if cfg.use_vllm:
-        raise GKDError(f"--use_vllm with --pipeline_model_parallel_size {p} is not supported yet; leave --use_vllm "
-                       "off: the pipelined sampler generates on-policy completions through the stages")
+    if cfg.use_vllm and cfg.vllm_mode != "server":
+        raise GKDError(f"--use_vllm --vllm_mode {cfg.vllm_mode} with --pipeline_model_parallel_size {p}: an engine "
+                       "beside each rank would hold the whole model the stages split; use --vllm_mode server, or "
+                       "leave --use_vllm off (the pipelined sampler generates through the stages)")
     if v < 1:
         raise GKDError("--virtual_pipeline_model_parallel_size must be >= 1")
     if v > 1 and cfg.pipeline_schedule != "1f1b":
@@ -340,6 +341,20 @@ def _tie_groups(st: Staged, par) -> None:
         group = made(("tied", ranks[0], ranks[-1]), lambda: dist.new_group([ranks[0], ranks[-1]]))
         if dist.get_rank() in (ranks[0], ranks[-1]):
             st.tied_group = group
+
+
+def exported_stages(model, par):
+    """The whole student's checkpoint tensors (gkd.models.export) on rank 0: each stage exports its own (all
+    its ranks gather its shards), the first pipeline's stages send theirs to rank 0; an empty iterator on the
+    other ranks. Every rank must call it."""
+    from gkd.models.export import export_weights
+
+    mine = [(k, v.detach().cpu()) for k, v in export_weights(model)]
+    if par.dp_rank or par.cp_rank or par.mesh.get_local_rank("tp"):  # (the pipeline of rank 0 sends)
+        return iter(())
+    parts = [None] * par.pp if par.is_main else None
+    dist.gather_object(mine, parts, dst=0, group=par.pp_group)
+    return (kv for part in parts for kv in part) if par.is_main else iter(())
 
 
 def sum_tied_gradients(model) -> None:

@@ -285,8 +285,8 @@ class VLLMServerSampler:
         self._join_in_flight()
         self._any(False)
         self.version += 1
-        if not self.sender:  # take part in gathering the shards; rank 0 sends
-            for _ in export_weights(model):
+        if not self.sender:  # take part in gathering the shards (and the pipeline's stages); rank 0 sends
+            for _ in self._weights(model):
                 pass
         else:
             with self._paused():
@@ -320,7 +320,7 @@ class VLLMServerSampler:
         if self.group is None or "0" in map(str, versions):  # first sync, or a restarted server: (re)join
             self.group = None
             self.group, self._store = self._join_group(len(versions))
-        weights = [(k, v.contiguous()) for k, v in export_weights(model)]
+        weights = [(k, v.contiguous()) for k, v in self._weights(model)]
         specs = [[k, str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in weights]
         # not retried: a second request would wait for broadcasts that already went to the first
         answer = self.pool.submit(self._rpc, "gkd_receive_weights", specs, self._tag(), retries=0)
@@ -362,7 +362,7 @@ class VLLMServerSampler:
 
         self.sync_dir.mkdir(parents=True, exist_ok=True)
         path = self.sync_dir / f"student-v{self.version}.safetensors"
-        weights = {k: v.contiguous() for k, v in export_weights(model)}
+        weights = {k: v.contiguous() for k, v in self._weights(model)}
         fd, tmp = tempfile.mkstemp(dir=self.sync_dir, suffix=".tmp")
         os.close(fd)
         save_file(_untie(weights), tmp)
@@ -372,6 +372,15 @@ class VLLMServerSampler:
             if old != path:
                 old.unlink(missing_ok=True)
         return got
+
+    def _weights(self, model):
+        """The student's checkpoint tensors, whole on rank 0 (every rank calls it: they gather the shards, and
+        under pipeline parallelism each stage's go to rank 0)."""
+        if self.par is not None and self.par.pp > 1:
+            from gkd.parallel.pipeline import exported_stages
+
+            return exported_stages(model, self.par)
+        return export_weights(model)
 
     def check_model(self, model, where: str) -> None:
         """Every model it is given samples as HF generate would."""
