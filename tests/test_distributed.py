@@ -71,6 +71,7 @@ declare_training("eval-single", 1, EVAL)
 declare_training("eval-fsdp2", 2, EVAL)
 declare_training("eval-tp2", 2, [*EVAL, "--tensor_model_parallel_size", "2"])  # the heads' vocabulary split
 declare_training("eval-cp2", 2, [*EVAL, "--context_parallel_size", "2"])  # peers evaluate the same rows whole
+declare_training("eval-pp2", 2, [*EVAL, "--pipeline_model_parallel_size", "2"])  # through the stages, last one counts
 
 
 def _with_generation_config(c, out):
@@ -160,7 +161,6 @@ def test_a_killed_rank_ends_the_job_and_leaves_the_last_checkpoint(tiny, tmp_pat
 @pytest.mark.parametrize("mistake,message", [
     pytest.param(["--global_batch_size", "3"], "--global_batch_size 3 must be a multiple of --micro_batch_size 2 x "
                  "data-parallel", marks=SLOW, id="batch-real-command"),
-    (["--eval_steps", "2", "--pipeline_model_parallel_size", "2"], "--eval_steps with pipeline parallelism"),
     pytest.param(["--dataset", "/nonexistent/rows.jsonl"], "/nonexistent/rows.jsonl: no such file", marks=SLOW,
                  id="found-by-the-workers"),
 ])
@@ -208,12 +208,13 @@ def test_two_nodes_equal_one_process(tiny, runs, tmp_path, fixed_ranks):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["eval-fsdp2", "eval-tp2", "eval-cp2"])
+@pytest.mark.parametrize("name", ["eval-fsdp2", "eval-tp2", "eval-cp2", "eval-pp2"])
 def test_evaluation_during_training_is_sharded_and_equals_one_process(runs, name):
     """--eval_steps with FSDP = 2: each rank evaluates its share of the held-out rows (5 rows: one rank
     pads), the sums are reduced, and the metrics equal one process's (the repetition shares: ratios of
     summed counts, padding row left out). TP = 2: both ranks evaluate every row with the heads' vocabulary
-    split; CP = 2: both evaluate every row whole (generation and scoring are not split)."""
+    split; CP = 2: both evaluate every row whole (generation and scoring are not split); PP = 2: both stages
+    sample every row through the pipeline, and the last stage's sums alone count."""
     evals = {n: [m for m in read_metrics(runs[n] / "metrics.jsonl") if "eval_divergence" in m]
              for n in ("eval-single", name)}
     assert [m["step"] for m in evals["eval-single"]] == [2, 4] == [m["step"] for m in evals[name]]

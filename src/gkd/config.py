@@ -269,8 +269,7 @@ class TrainConfig:
         need(0.0 <= self.lora_dropout < 1.0, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(self.logging_steps >= 1, f"--logging_steps must be >= 1, got {self.logging_steps}")
         need(self.eval_steps >= 0, f"--eval_steps must be >= 0, got {self.eval_steps}")
-        layout_refuses_eval = self.pipeline_model_parallel_size > 1  # (said by the launch check, in its words)
-        need(not self.eval_steps or bool(self.val_dataset) or self.split_dataset_ratio > 0 or layout_refuses_eval,
+        need(not self.eval_steps or bool(self.val_dataset) or self.split_dataset_ratio > 0,
              f"--eval_steps {self.eval_steps} needs held-out data: --val_dataset, or --split_dataset_ratio > 0 "
              "(without either there is nothing to evaluate)")
         need(self.save_steps >= 0 and self.save_total_limit >= 1, "--save_steps must be >= 0 and --save_total_limit >= 1")

@@ -11,11 +11,17 @@ from gkd import parallel
 from gkd.data.batch import collate
 from gkd.losses import fused_linear_gkd_loss, sft_cross_entropy
 from gkd.models import adapter_for
+from gkd.parallel import pipeline
+from gkd.parallel.pipeline import staged
 from gkd.rollout.base import SamplingConfig
 from gkd.rollout.hf import HFSampler
 
 
 def _hidden(model, batch, teacher: bool = False):
+    """The final hidden states of ``batch``; for a model split into pipeline stages, on the rank of its last
+    stage (None elsewhere)."""
+    if staged(model) is not None:
+        return pipeline.final_hidden(model, batch, teacher)
     return adapter_for(model).final_hidden(model, batch.model_inputs(teacher))
 
 
@@ -25,8 +31,12 @@ def _head(model):
 
 
 def _token_logprobs(model, batch, chunk: int = 256, teacher: bool = False, tp_group=None) -> torch.Tensor:
-    """Per row, the sum of log p(token) over its completion tokens, lm_head applied a chunk at a time."""
-    h = _hidden(model, batch, teacher)[batch.loss_mask]
+    """Per row, the sum of log p(token) over its completion tokens, lm_head applied a chunk at a time (zeros off
+    a pipeline's last stage)."""
+    h = _hidden(model, batch, teacher)
+    if h is None:
+        return torch.zeros(batch.loss_mask.shape[0], dtype=torch.float64)
+    h = h[batch.loss_mask]
     y = batch.labels[batch.loss_mask]
     head = _head(model)
     lp = torch.cat([-sft_cross_entropy(head.logits(h[i:i + chunk]), y[i:i + chunk], reduction="none",
@@ -36,9 +46,18 @@ def _token_logprobs(model, batch, chunk: int = 256, teacher: bool = False, tp_gr
     return torch.zeros(batch.loss_mask.shape[0], dtype=torch.float64).index_add_(0, row_of, lp.cpu())
 
 
+def _sampler(model, cfg: SamplingConfig, eos_ids, pad_id, device, synced: bool):
+    """HF generate / the decode loop, or the pipelined sampler for a model split into stages."""
+    if staged(model) is not None:
+        from gkd.rollout.pipelined import PipelineSampler
+
+        return PipelineSampler(cfg, eos_ids, pad_id, device)
+    return HFSampler(cfg, eos_ids, pad_id, device, synced=synced)
+
+
 def greedy(model, prompts, eos_ids, pad_id, max_new_tokens, device, batch_size=16, inputs=None, synced=False):
-    sampler = HFSampler(SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False, batch_size=batch_size),
-                        eos_ids, pad_id, device, synced=synced)
+    sampler = _sampler(model, SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False, batch_size=batch_size),
+                       eos_ids, pad_id, device, synced)
     return sampler.generate(model, prompts, None, inputs)
 
 
@@ -46,8 +65,8 @@ def sampled(model, prompts, seeds: int, eos_ids, pad_id, max_new_tokens, tempera
             inputs=None, synced=False) -> list[list[list[int]]]:
     """``seeds`` samples per prompt at ``temperature``: sample s of prompt i is drawn with seed s for row i
     (gkd.rollout.row_seed), so it depends on nothing else. Returns [prompt][seed] -> completion ids."""
-    sampler = HFSampler(SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, do_sample=True,
-                                       batch_size=batch_size), eos_ids, pad_id, device, synced=synced)
+    sampler = _sampler(model, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, do_sample=True,
+                                             batch_size=batch_size), eos_ids, pad_id, device, synced)
     per_seed = [sampler.generate(model, prompts, None, inputs, seed=s) for s in range(seeds)]
     return [[per_seed[s][i] for s in range(seeds)] for i in range(len(prompts))]
 
@@ -109,7 +128,9 @@ def evaluate(student, teacher, prompts: list[list[int]], *, eos_ids, pad_id, bet
     Sharded over data-parallel ranks: each rank passes its prompts (padded to the same count; ``counted``
     says which are real) and ``reduce``, which sums a float64 tensor over the ranks; every rank then joins
     every forward, as sharded weights need. Under tensor parallelism the heads' vocabulary is split over
-    ``tp_group``, whose ranks hold the same prompts; context-parallel peers do too, and evaluate them whole."""
+    ``tp_group``, whose ranks hold the same prompts; context-parallel peers do too, and evaluate them whole. Models
+    split into pipeline stages sample through them and give their hidden states on the last stage, which alone
+    counts (``reduce`` then also sums over the pipeline's ranks)."""
     inputs = inputs or [{} for _ in prompts]
     theirs = teacher_inputs or inputs
     counted = counted or [True] * len(prompts)
@@ -132,7 +153,7 @@ def evaluate(student, teacher, prompts: list[list[int]], *, eos_ids, pad_id, bet
         batch = batch.to(device)
         if batch.tokens or sharded:
             s_hidden, t_hidden = _hidden(student, batch), _hidden(teacher, batch, teacher=True)
-            for r in range(batch.loss_mask.shape[0]):  # one row's tokens at a time: per-prompt sums
+            for r in range(batch.loss_mask.shape[0] if s_hidden is not None else 0):  # (the last stage's)  # one row's tokens at a time: per-prompt sums
                 mask = torch.zeros_like(batch.loss_mask)
                 mask[r] = batch.loss_mask[r]
                 out = fused_linear_gkd_loss(
@@ -153,6 +174,8 @@ def evaluate(student, teacher, prompts: list[list[int]], *, eos_ids, pad_id, bet
     for who, completions in (("student", student_completions), ("teacher", teacher_completions)):
         first = SUMS.index(f"{who}_repeated_4grams")
         per_row[:, first:first + 4] = _repetition_sums(completions, eos_ids, counted)
+    if staged(student) is not None and not pipeline.holds_last_stage(student):
+        per_row.zero_()  # the last stage's sums alone: ``reduce`` sums over the pipeline's ranks too
     sums = per_row.sum(0)
     if sharded:
         sums = reduce(sums)

@@ -133,6 +133,13 @@ class Parallel:
                 dist.all_reduce(t, op=op, group=self.mesh.get_group(dim))
         return t
 
+    def eval_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Evaluation sums over the data-parallel ranks and a pipeline's stages (the last one holds them)."""
+        self.dp_reduce(t)
+        if self.pp > 1:
+            dist.all_reduce(t, group=self.pp_group)
+        return t
+
     def loss_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sums of per-token quantities over every rank holding other tokens: data and context parallel."""
         self.dp_reduce(t)
@@ -194,9 +201,6 @@ def check_options(cfg, world: int, tp: int) -> None:
         from gkd.parallel.pipeline import check_options as pipeline_options
 
         pipeline_options(cfg, world, tp)
-    if cfg.eval_steps and cfg.pipeline_model_parallel_size > 1:
-        raise GKDError("--eval_steps with pipeline parallelism is not supported yet (data parallel, FSDP, tensor "
-                       "and context parallel are); run gkd eval on the final folder")
     if cfg.teacher_wire == "hidden" and tp > 1:
         raise GKDError("--teacher_wire hidden with --tensor_model_parallel_size > 1 is not supported yet (the teacher's "
                        "head arrives whole, the loss takes it split like the student's); use --teacher_wire topk")

@@ -456,6 +456,28 @@ def teacher_hidden(teacher_model, batches, splits=None) -> list[torch.Tensor] | 
     return out if st.last is not None else None
 
 
+def final_hidden(model, batch, teacher: bool = False) -> torch.Tensor | None:
+    """``batch``'s final hidden states through ``model``'s stages in order, without gradients (evaluation): on
+    the rank that holds the last stage, None elsewhere. Every pipeline rank calls it; virtual stages too. Each
+    stage is called as the module, so that FSDP gathers what it holds."""
+    st = staged(model)
+    mine = dict(zip(st.indices, st.stages))
+    given = context(model, batch, teacher=teacher)
+    h = None
+    with torch.no_grad():
+        for s in range(st.num):
+            if s not in mine:
+                continue
+            if s > 0:
+                h = torch.empty(*batch.input_ids.shape, st.hidden_size(), dtype=st.dtype(),
+                                device=batch.input_ids.device)
+                dist.recv(h, src=st.peer((s - 1) % st.size), group=st.group)
+            h = mine[s](batch.input_ids if s == 0 else h, **given)
+            if s < st.num - 1:
+                dist.send(h.contiguous(), dst=st.peer((s + 1) % st.size), group=st.group)
+    return h if st.last is not None else None
+
+
 def schedule_for(st: Staged, n_micro: int, length: int, width: int, device, loss_fn, plan: PipelinePlan,
                  sequences: int = 0, ids_length: int | None = None):
     """A pipelining schedule over this rank's stages for ``n_micro`` micro-batches of ``width`` rows and

@@ -164,7 +164,7 @@ class Trainer:
             pad_id=self.tokenizer.pad_token_id, beta=self.cfg.objective, temperature=self.cfg.divergence_temperature,
             max_new_tokens=self.cfg.max_completion_length, device=self.device, batch_size=self.cfg.global_batch_size,
             teacher_completions=self._eval_teacher_completions, inputs=inputs, teacher_inputs=teacher_inputs,
-            counted=counted, reduce=par.dp_reduce if par.world > 1 else None, tp_group=par.tp_group)
+            counted=counted, reduce=par.eval_reduce if par.world > 1 else None, tp_group=par.tp_group)
         self._eval_teacher_completions = result.teacher_completions
         self.student.train()
         return {f"eval_{k}": v for k, v in result.metrics.items() if isinstance(v, float)}
