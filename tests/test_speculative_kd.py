@@ -17,6 +17,7 @@ SKD = ["--speculative_kd_topk", "4"]
 declare_training("skd-single", 1, SKD)
 declare_training("skd-fsdp2", 2, SKD)
 declare_training("skd-tp2", 2, [*SKD, "--tensor_model_parallel_size", "2"])
+declare_training("skd-pp2", 2, [*SKD, "--pipeline_model_parallel_size", "2"])  # the teacher's stages beside the student's
 
 
 class _Local:
@@ -119,9 +120,10 @@ def test_speculative_kd_mistakes_are_one_line(tiny, tmp_path, flags, message):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["skd-fsdp2", "skd-tp2"])
-def test_corrected_samples_under_fsdp_and_tp_equal_one_process(runs, name):
-    """The teacher sharded like the student corrects the same tokens: losses, weights and the replaced share."""
+@pytest.mark.parametrize("name", ["skd-fsdp2", "skd-tp2", "skd-pp2"])
+def test_corrected_samples_under_fsdp_tp_and_pp_equal_one_process(runs, name):
+    """The teacher sharded (or split into stages) like the student corrects the same tokens: losses, weights and
+    the replaced share (under PP counted on the last stage)."""
     ref, got, _ = assert_same_run(runs["skd-single"], runs[name])
     assert [m.get("corrected_share") for m in got] == [m.get("corrected_share") for m in ref]
     assert all(0 < m["corrected_share"] < 1 for m in ref if m["on_policy_share"])

@@ -133,8 +133,9 @@ class Parallel:
                 dist.all_reduce(t, op=op, group=self.mesh.get_group(dim))
         return t
 
-    def eval_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Evaluation sums over the data-parallel ranks and a pipeline's stages (the last one holds them)."""
+    def pipeline_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sums over the data-parallel ranks and a pipeline's stages, of values one stage alone holds (the last
+        stage's evaluation sums, the sampler's corrected-token counts)."""
         self.dp_reduce(t)
         if self.pp > 1:
             dist.all_reduce(t, group=self.pp_group)

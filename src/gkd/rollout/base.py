@@ -94,6 +94,14 @@ class RowSeededSampling:
         return torch.full_like(scores, float("-inf")).scatter_(1, token[:, None], 0.0)
 
 
+def row_seeded(cfg: SamplingConfig, seed: int, device: torch.device):
+    """A plain ``generate``'s ``sampling(ids, mask, rows)``: each row's own seeded draws, or None (greedy)."""
+    def sampling(ids, mask, rows):
+        return RowSeededSampling([row_seed(seed, r) for r in rows], cfg, device) if cfg.do_sample else None
+
+    return sampling
+
+
 def cut_at_eos(rows: list[list[int]], eos_ids: list[int]) -> list[list[int]]:
     """Each row up to and including its first EOS (kept: the student must learn to stop)."""
     return [cut_row(row, eos_ids) for row in rows]

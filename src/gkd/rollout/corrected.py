@@ -47,8 +47,12 @@ class TeacherCorrectedSampling(RowSeededSampling):
         self.mask = mask
         self.pos = (mask.long().cumsum(1) - 1).clamp(min=0)
         self.pending = ids  # what the teacher reads before its next logits: the prompts, then each token
+        self.given = None  # this position's teacher logits when a pipeline ran the teacher (gkd.rollout.pipelined)
 
     def _teacher_logits(self) -> torch.Tensor:
+        if self.given is not None:
+            logits, self.given = self.given, None
+            return logits
         n = self.pending.shape[1]
         if self.cache.get_seq_length() > 0:
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
@@ -78,7 +82,7 @@ class TeacherCorrectedSampling(RowSeededSampling):
 
 class TeacherCorrectedRollout:
     """The student's on-policy sampler with teacher-corrected tokens (``topk``: K), sampling through
-    ``sampler`` (gkd.rollout.hf.HFSampler) with ``teacher`` (a gkd.teacher Teacher that can generate: a model
+    ``sampler`` (gkd.rollout.hf.HFSampler, or the pipelined sampler) with ``teacher`` (a gkd.teacher Teacher that can generate: a model
     in this process, offloaded or sharded like the student)."""
 
     def __init__(self, sampler, teacher, topk: int):

@@ -7,7 +7,7 @@ import torch
 from gkd.data.batch import join_rows, left_pad
 from gkd.models.adapter import adapter_for
 from gkd.rollout import decode
-from gkd.rollout.base import RowSeededSampling, SamplingConfig, cut_at_eos, row_seed
+from gkd.rollout.base import SamplingConfig, cut_at_eos, row_seeded
 
 
 class HFSampler:
@@ -38,11 +38,7 @@ class HFSampler:
     def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None,
                  inputs: list[dict] | None = None, seed: int = 0) -> list[list[int]]:
         """Completions of ``prompts``; ``inputs``: each prompt's other model inputs (images), or None."""
-        def seeded(ids, mask, chunk_rows):
-            return (RowSeededSampling([row_seed(seed, r) for r in chunk_rows], self.cfg, self.device)
-                    if self.cfg.do_sample else None)
-
-        return self.generate_with(model, prompts, rows, seeded, inputs)
+        return self.generate_with(model, prompts, rows, row_seeded(self.cfg, seed, self.device), inputs)
 
     @torch.no_grad()
     def generate_with(self, model, prompts: list[list[int]], rows: list[int] | None, sampling,

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from gkd.data.batch import join_rows, left_pad
 from gkd.models.adapter import adapter_for
 from gkd.parallel.pipeline import staged
-from gkd.rollout.base import RowSeededSampling, SamplingConfig, cut_at_eos, row_seed
+from gkd.rollout.base import SamplingConfig, cut_at_eos, row_seeded
 
 # generation-config settings HF generate turns into logits processors of its own; the pipelined sampler
 # applies only the sampling ones (temperature, top-k, top-p), so a model asking for these is refused
@@ -59,9 +59,17 @@ class PipelineSampler:
     def close(self) -> None:
         """Nothing outlives a call."""
 
-    @torch.no_grad()
     def generate(self, model, prompts: list[list[int]], rows: list[int] | None = None,
                  inputs: list[dict] | None = None, seed: int = 0) -> list[list[int]]:
+        return self.generate_with(model, prompts, rows, row_seeded(self.cfg, seed, self.device), inputs)
+
+    @torch.no_grad()
+    def generate_with(self, model, prompts: list[list[int]], rows: list[int] | None, sampling,
+                      inputs: list[dict] | None = None) -> list[list[int]]:
+        """``generate`` with each chunk's draws made by ``sampling(ids, mask, rows)`` (a RowSeededSampling, or
+        None for greedy search). A draw with a ``teacher`` split into stages (teacher-corrected sampling,
+        gkd.rollout.corrected) has that teacher run through its own stages at every position beside the
+        student; its logits reach the draw on the last stage's rank (``given``)."""
         rows = list(range(len(prompts))) if rows is None else rows
         inputs = inputs or [{} for _ in prompts]
         st = staged(model)
@@ -71,7 +79,7 @@ class PipelineSampler:
         try:
             for i in range(0, len(prompts), self.cfg.batch_size):
                 chunk = slice(i, i + self.cfg.batch_size)
-                out += self._generate(st, prompts[chunk], rows[chunk], join_rows(inputs[chunk]), seed)
+                out += self._generate(st, prompts[chunk], rows[chunk], join_rows(inputs[chunk]), sampling)
         finally:
             model.train(was_training)
         return out
@@ -99,8 +107,7 @@ class PipelineSampler:
                 return stage.head().through(stage.lm_head, h[:, -1:, :])[:, -1, :].float()
         return None
 
-    def _generate(self, st, prompts: list[list[int]], rows: list[int], inputs: dict,
-                  seed: int) -> list[list[int]]:
+    def _generate(self, st, prompts: list[list[int]], rows: list[int], inputs: dict, sampling) -> list[list[int]]:
         from transformers import DynamicCache
 
         ids, attention = left_pad(prompts, self.pad_id)
@@ -109,9 +116,10 @@ class PipelineSampler:
         model = st.stages[0].model
         # a family's own positions of the prompt (Qwen2-VL's M-RoPE ones) and their offset for the new tokens
         prompt_positions, offset = adapter_for(model).stage_position_ids(model, ids, attention, images)
-        seeded = (RowSeededSampling([row_seed(seed, r) for r in rows], self.cfg, self.device)
-                  if self.cfg.do_sample else None)
+        seeded = sampling(ids, attention, rows)
+        teacher = staged(seeded.teacher) if hasattr(seeded, "teacher") else None  # (a corrected draw's)
         caches = [DynamicCache(config=s.config) for s in st.stages]
+        teacher_caches = [DynamicCache(config=s.config) for s in teacher.stages] if teacher else None
         eos = torch.tensor(self.eos_ids, device=self.device)
         unfinished = torch.ones(len(prompts), dtype=torch.bool, device=self.device)
         holder = st.peer((st.num - 1) % st.size)  # the rank of the last stage
@@ -121,6 +129,11 @@ class PipelineSampler:
         for _ in range(self.cfg.max_new_tokens):
             positions = _positions(attention, x.shape[1], prompt_positions if not new else None, offset)
             logits = self._through(st, x, attention, caches, positions, images if not new else {})
+            if teacher is not None:  # text only: positions counted by the mask
+                theirs = self._through(teacher, x, attention, teacher_caches, _positions(attention, x.shape[1], None,
+                                                                                         None), {})
+                if theirs is not None:
+                    seeded.given = theirs
             token = torch.empty(len(prompts), dtype=torch.long, device=self.device)
             if logits is not None:
                 logits[:, placeholders] = -float("inf")

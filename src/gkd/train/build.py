@@ -218,11 +218,7 @@ def rollouts(cfg, student_model, tokenizer, teacher, train_rows, par, out, log):
 def corrected_rollout(topk: int, local, teacher, student_model, model_spec: str, train_rows, par):
     """The student's sampler with teacher-corrected tokens (--speculative_kd_topk), checked now."""
     from gkd.rollout.corrected import TeacherCorrectedRollout
-    from gkd.rollout.hf import HFSampler
 
-    if not isinstance(local, HFSampler):
-        raise GKDError("--speculative_kd_topk with --pipeline_model_parallel_size > 1 is not supported: the "
-                       "pipelined sampler does not run the teacher beside the student")
     if any(e.images for e in train_rows):
         raise GKDError("--speculative_kd_topk with image rows is not supported: the teacher reads text tokens "
                        "beside the student; leave it at 0 for image data")

@@ -101,7 +101,7 @@ class Trainer:
         completions, version = self.completions(rows, step, lo, inputs, teacher_inputs)
         sampled = version is not None
         if cfg.speculative_kd_topk:  # every rank, every step: the tokens proposed and replaced, over the ranks
-            proposed, replaced = par.dp_reduce(torch.tensor(self.rollout.take_counts())).tolist()
+            proposed, replaced = par.pipeline_reduce(torch.tensor(self.rollout.take_counts())).tolist()
             window.proposed, window.replaced = window.proposed + proposed, window.replaced + replaced
         n_tokens = int(par.dp_reduce(torch.tensor(sum(len(c) for c in completions))))
         micro = []
@@ -164,7 +164,7 @@ class Trainer:
             pad_id=self.tokenizer.pad_token_id, beta=self.cfg.objective, temperature=self.cfg.divergence_temperature,
             max_new_tokens=self.cfg.max_completion_length, device=self.device, batch_size=self.cfg.global_batch_size,
             teacher_completions=self._eval_teacher_completions, inputs=inputs, teacher_inputs=teacher_inputs,
-            counted=counted, reduce=par.eval_reduce if par.world > 1 else None, tp_group=par.tp_group)
+            counted=counted, reduce=par.pipeline_reduce if par.world > 1 else None, tp_group=par.tp_group)
         self._eval_teacher_completions = result.teacher_completions
         self.student.train()
         return {f"eval_{k}": v for k, v in result.metrics.items() if isinstance(v, float)}
