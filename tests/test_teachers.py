@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from gkd import losses
+from gkd.config import TrainConfig
 from gkd.data.batch import collate
 from gkd.data.rows import load_examples
 from gkd.losses import fused_linear_gkd_loss, mixture_topk
-from gkd.models import adapter_for, load_model, load_tokenizer
+from gkd.models import adapter_for, eos_ids, load_model, load_tokenizer
 from gkd.teacher.local import LocalTeacher
 from gkd.teacher.multi import MixtureTeacher, RoutedTeacher
 from gkd.train.step import STATS, TEACHER_STATS, LossArgs, MicroBatch, forward_backward
@@ -265,6 +266,37 @@ def test_two_routed_teachers_train_with_offload_and_cache_and_log_each(two, tmp_
     assert again.returncode == 0, again.stderr[-3000:]
     reused = [line for line in again.stderr.splitlines() if "teacher cache" in line and "rows reused" in line]
     assert len(reused) == 2 and all(", 0 scored" in line and " 0 rows reused" not in line for line in reused), reused
+
+
+@pytest.mark.parametrize("kind", ["routed", "mixture"])
+def test_several_teachers_evaluate_the_student_each_on_its_rows(two, tmp_path, kind):
+    """--eval_steps with several teachers: eval_NAME_ metrics per teacher, each what gkd.evaluate gives for the
+    final student against that teacher on its held-out rows (routed: the rows routed to it; a mixture's
+    members: every row)."""
+    from gkd.evaluate import evaluate
+
+    data = _routed_data(two, tmp_path / "routed.jsonl") if kind == "routed" else two["data"]
+    out = tmp_path / "out"
+    how = ["--teacher_route", f"{data}=b"] if kind == "routed" else ["--teacher_mixture", "1,3"]
+    args = train_args(two, out, *how, "--lmbda", "0", "--val_dataset", data, "--eval_steps", "2")
+    args[args.index("--teacher_model") + 1] = f"a={two['a']},b={two['b']}"
+    args[args.index("--dataset") + 1] = data
+    proc = gkd_in_process(*set_arg(set_arg(args, "--max_steps", "2"), "--save_steps", "0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in logged if "eval_a_divergence" in m]
+    assert [m["step"] for m in evals] == [2]
+    tok = load_tokenizer(two["student"])
+    val = load_examples([data], tok, max_length=TrainConfig.max_length, truncation_strategy="left",
+                        max_completion_length=6)
+    student = load_model(str(out / "final")).eval()
+    for name in ("a", "b"):
+        mine = [e for e in val if kind == "mixture" or (e.teacher or "b") == name]
+        want = evaluate(student, load_model(two[name]).eval(), [e.prompt_ids for e in mine],
+                        eos_ids=eos_ids(tok, student), pad_id=tok.pad_token_id, beta=0.5, temperature=TrainConfig.temperature,
+                        max_new_tokens=6, device=torch.device("cpu"), batch_size=8).metrics
+        for key in ("divergence", "top1_agreement", "student_ppl_on_teacher", "teacher_logprob_of_student"):
+            assert abs(evals[0][f"eval_{name}_{key}"] - want[key]) <= 1e-5, (name, key, evals[0], want)
 
 
 # --- one-line refusals, nothing written --------------------------------------------------------------

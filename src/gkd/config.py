@@ -189,8 +189,6 @@ class TrainConfig:
                                                    "--teacher_model_server, comma-separated)")
         if several:
             need(not self.seq_kd, "--seq_kd with several teachers: no one teacher writes the completions")
-            need(not self.eval_steps, "--eval_steps with several teachers is not supported (gkd eval one teacher "
-                                      "at a time)")
         if self.teacher_mixture:
             mixture_weights(self.teacher_mixture, len(specs))
         route_map(self.teacher_route)

@@ -88,8 +88,19 @@ class Teacher(Protocol):
     def evaluate(self, student, prompts: list[list[int]], **kw):
         """Held-out metrics of ``student`` against this teacher (gkd.evaluate.evaluate's arguments)."""
 
+    def evaluation_groups(self, examples: list) -> list[tuple[str, "Teacher", list]]:
+        """(name, teacher, its held-out rows) for each set of metrics --eval_steps reports: ("", itself, every
+        row) for one teacher (OneTeacher); a member per teacher for several."""
+
     def memory_mib(self, most, device) -> dict[str, float]:
         """MiB of its weights per rank (``most``: the largest over ranks) and of those on ``device``."""
 
     def close(self) -> None:
         """Release what outlives training (connections, threads)."""
+
+
+class OneTeacher:
+    """What a single teacher answers that several answer otherwise."""
+
+    def evaluation_groups(self, examples: list) -> list[tuple[str, "Teacher", list]]:
+        return [("", self, examples)]

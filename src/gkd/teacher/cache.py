@@ -32,7 +32,7 @@ from gkd.data.batch import Batch
 from gkd.errors import GKDError
 from gkd.httpclient import WireError
 from gkd.losses import topk_logprobs
-from gkd.teacher.base import TeacherOutput
+from gkd.teacher.base import OneTeacher, TeacherOutput
 from gkd.teacher.wire import decode_compact, encode_compact
 
 FORMAT = "gkd-teacher-cache/1"
@@ -205,7 +205,7 @@ def _topk_output(batch: Batch, ids: torch.Tensor, logprobs: torch.Tensor, split=
     return TeacherOutput(topk_ids=ids.to(device), topk_logprobs=logprobs.to(device)).local(split)
 
 
-class CachedTeacher:
+class CachedTeacher(OneTeacher):
     """A teacher whose off-policy rows come from a TeacherCache when every row of the batch is there; else
     the wrapped teacher scores the batch (every rank of a sharded one) and the missing rows are stored.
     The loss always gets top-K ids + log-probs, the same values a live top-K teacher gives it."""

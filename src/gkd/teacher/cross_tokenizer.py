@@ -20,12 +20,12 @@ from gkd.data.batch import Batch, collate
 from gkd.data.rows import tokenize
 from gkd.errors import GKDError
 from gkd.losses import LogitHead, logprobs_at
-from gkd.teacher.base import SpanScores, TeacherOutput
+from gkd.teacher.base import OneTeacher, SpanScores, TeacherOutput
 
 FALLBACKS = ("none", "span_logprob")
 
 
-class CrossTokenizerTeacher:
+class CrossTokenizerTeacher(OneTeacher):
     """``inner``: a teacher of the teacher's token ids giving hidden states + head (a LocalTeacher built
     with topk 0, or a RemoteTeacher on the hidden wire); ``topk``: the K entries per position (None: every paired id)."""
 

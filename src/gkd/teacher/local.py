@@ -11,10 +11,10 @@ from gkd.data.rows import model_context
 from gkd.errors import GKDError
 from gkd.models import adapter_for
 from gkd.parallel import local, local_head, local_mib
-from gkd.teacher.base import TeacherOutput
+from gkd.teacher.base import OneTeacher, TeacherOutput
 
 
-class LocalTeacher:
+class LocalTeacher(OneTeacher):
     """A transformers model in this process. With ``offload`` its weights live on CPU and visit the
     training device only while scoring or generating."""
 

@@ -87,7 +87,7 @@ class _Several:
         raise GKDError("several teachers: no one teacher writes completions")
 
     def evaluate(self, *a, **kw):
-        raise GKDError("--eval_steps with several teachers is not supported (gkd eval one teacher at a time)")
+        raise GKDError("several teachers evaluate one at a time (evaluation_groups)")
 
     def memory_mib(self, most, device) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -112,6 +112,10 @@ class RoutedTeacher(_Several):
 
     def score(self, batch: Batch, split=None) -> TeacherOutput:
         raise GKDError("a routed teacher scores groups of rows (score_groups), not a whole batch")
+
+    def evaluation_groups(self, examples: list) -> list[tuple[str, object, list]]:
+        """Each teacher against the student on the held-out rows routed to it (one with none is left out)."""
+        return [(name, t, mine) for name, t in self.teachers.items() if (mine := [e for e in examples if e.teacher == name])]
 
     def _owners(self, batch: Batch, teachers: list[str]) -> torch.Tensor:
         """[B, T]: the index (in ``names``) of the teacher of each position's sequence, -1 outside any."""
@@ -178,6 +182,11 @@ class MixtureTeacher(_Several):
 
     def score(self, batch: Batch, split=None) -> TeacherOutput:
         return TeacherOutput(mixture=[t.score(batch, split) for t in self.members()], weights=self.weights)
+
+    def evaluation_groups(self, examples: list) -> list[tuple[str, object, list]]:
+        """Each member against the student on every held-out row (the mixture writes no completions to
+        evaluate on)."""
+        return [(name, t, examples) for name, t in self.teachers.items()]
 
     def score_pipelined(self, batches: list[Batch], last_stage: bool, splits=None) -> list[TeacherOutput | None]:
         per_member = super().score_pipelined(batches, last_stage, splits)

@@ -23,7 +23,7 @@ from gkd.data.imagefiles import to_base64_png
 from gkd.errors import GKDError
 from gkd.httpclient import ServerClient, WireError
 from gkd.losses import LogitHead
-from gkd.teacher.base import TeacherOutput
+from gkd.teacher.base import OneTeacher, TeacherOutput
 from gkd.teacher.wire import (COMPACT, HIDDEN, TENSOR_DTYPES, WIRE_DTYPES, decode_compact, decode_tensor,
                              decode_vllm)
 
@@ -35,7 +35,7 @@ def _sequences(batch: Batch) -> list[tuple[list[int], int, list]]:
     return [(ids, r0, batch.images[s] if batch.images else []) for s, (ids, r0) in enumerate(batch.scored_sequences())]
 
 
-class RemoteTeacher:
+class RemoteTeacher(OneTeacher):
     """A teacher over HTTP: its top-k log-probs (``wire="topk"``), or its final hidden states, to which the
     teacher's logit head, fetched once, is applied here (``wire="hidden"``: the full vocabulary, or its top-k);
     `connect` checks the server before training starts."""

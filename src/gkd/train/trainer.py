@@ -67,7 +67,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # rank 0 drew numbers while loading (LoRA init): every rank starts alike
         self.sampler, self.rollout = build.rollouts(cfg, self.student, self.tokenizer, self.teacher,
                                                     self.train_examples, par, self.out, log)
-        self._eval_teacher_completions = None  # greedy teacher completions of the held-out prompts, made once
+        self._eval_teacher_completions = {}  # per teacher: its greedy completions of the held-out prompts
 
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer, self.scheduler, self.total_steps = build.optimizer(cfg.section("optim"), self.params,
@@ -151,23 +151,33 @@ class Trainer:
         self.teacher.close()
 
     def evaluate(self) -> dict:
-        """Held-out metrics (gkd.evaluate) on --val_dataset / the split, prefixed with eval_; with several
-        data-parallel ranks each takes its share of the rows and the sums are reduced."""
-        rows, par = self.val_examples, self.par
+        """Held-out metrics (gkd.evaluate) on --val_dataset / the split, prefixed with eval_ (with several
+        teachers, eval_NAME_ for each: routed ones on their rows, a mixture's members on every row)."""
+        metrics = {}
+        for name, teacher, rows in self.teacher.evaluation_groups(self.val_examples):
+            prefix = f"eval_{name}_" if name else "eval_"
+            metrics.update({prefix + k: v for k, v in self._evaluate(name, teacher, rows).items()})
+        self.student.train()
+        return metrics
+
+    def _evaluate(self, name: str, teacher, rows: list[Example]) -> dict:
+        """``teacher``'s metrics of the student on ``rows``: with several data-parallel ranks each takes its
+        share of the rows and the sums are reduced. Its greedy completions are made once (per teacher)."""
+        par = self.par
         per = -(-len(rows) // par.dp_size)  # every rank the same count: they share each forward
         mine = rows[par.dp_rank * per:(par.dp_rank + 1) * per]
         counted = [True] * len(mine) + [False] * (per - len(mine))
         mine = mine + [rows[-1]] * (per - len(mine))
         inputs, teacher_inputs = self._row_inputs(mine)
-        result = self.teacher.evaluate(
+        result = teacher.evaluate(
             self.student, [e.prompt_ids for e in mine], eos_ids=self.sampler.eos_ids,
             pad_id=self.tokenizer.pad_token_id, beta=self.cfg.objective, temperature=self.cfg.divergence_temperature,
             max_new_tokens=self.cfg.max_completion_length, device=self.device, batch_size=self.cfg.global_batch_size,
-            teacher_completions=self._eval_teacher_completions, inputs=inputs, teacher_inputs=teacher_inputs,
-            counted=counted, reduce=par.pipeline_reduce if par.world > 1 else None, tp_group=par.tp_group)
-        self._eval_teacher_completions = result.teacher_completions
-        self.student.train()
-        return {f"eval_{k}": v for k, v in result.metrics.items() if isinstance(v, float)}
+            teacher_completions=self._eval_teacher_completions.get(name), inputs=inputs,
+            teacher_inputs=teacher_inputs, counted=counted, reduce=par.pipeline_reduce if par.world > 1 else None,
+            tp_group=par.tp_group)
+        self._eval_teacher_completions[name] = result.teacher_completions
+        return {k: v for k, v in result.metrics.items() if isinstance(v, float)}
 
     def save_checkpoint(self, step: int) -> Path:
         return checkpoint.save(self.out, step, self.student, self.optimizer, self.scheduler,
