@@ -344,17 +344,21 @@ def _tie_groups(st: Staged, par) -> None:
 
 
 def exported_stages(model, par):
-    """The whole student's checkpoint tensors (gkd.models.export) on rank 0: each stage exports its own (all
-    its ranks gather its shards), the first pipeline's stages send theirs to rank 0; an empty iterator on the
-    other ranks. Every rank must call it."""
+    """The whole student's checkpoint tensors (gkd.models.export) on rank 0, an empty iterator elsewhere: each
+    stage exports its own (all its ranks gather its shards). Every rank must call it."""
     from gkd.models.export import export_weights
 
-    mine = [(k, v.detach().cpu()) for k, v in export_weights(model)]
-    if par.dp_rank or par.cp_rank or par.mesh.get_local_rank("tp"):  # (the pipeline of rank 0 sends)
-        return iter(())
+    return iter(on_rank0({k: v.detach().cpu() for k, v in export_weights(model)}, par).items())
+
+
+def on_rank0(mine: dict, par) -> dict:
+    """Every stage's ``mine`` (a dict of its tensors, whole over its FSDP/CP/TP ranks) merged on rank 0: the
+    stages of rank 0's pipeline send theirs; {} on every other rank."""
+    if par.dp_rank or par.cp_rank or par.mesh.get_local_rank("tp"):
+        return {}
     parts = [None] * par.pp if par.is_main else None
     dist.gather_object(mine, parts, dst=0, group=par.pp_group)
-    return (kv for part in parts for kv in part) if par.is_main else iter(())
+    return {k: v for part in parts for k, v in part.items()} if par.is_main else {}
 
 
 def sum_tied_gradients(model) -> None:

@@ -275,16 +275,12 @@ def export(model, tokenizer, out_dir: Path, cfg, par) -> None:
 
 def _gather_stages(model, par) -> dict:
     """Every pipeline stage's whole weights (gathered over its FSDP/CP/TP ranks) on rank 0."""
-    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from gkd.parallel.pipeline import on_rank0
+
     mine = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    mine = {k: v.detach().cpu() for k, v in mine.items()}
-    if par.dp_rank or par.cp_rank or par.mesh.get_local_rank("tp"):  # (the pipeline of rank 0 gathers)
-        return {}
-    parts = [None] * par.pp if par.is_main else None
-    dist.gather_object(mine, parts, dst=0, group=par.pp_group)
-    return {k: v for part in parts for k, v in part.items()} if par.is_main else {}
+    return on_rank0({k: v.detach().cpu() for k, v in mine.items()}, par)
 
 
 def _plain_copy(model, full: dict, cfg):
