@@ -161,7 +161,7 @@ def test_pipeline_mistakes_are_one_line(tiny, tmp_path, request, mistake, messag
 
 
 def test_split_layers_and_models_that_cannot_be_split():
-    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2VLConfig
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2VLConfig, Qwen3VLConfig
 
     from gkd.parallel.pipeline import check_config, split_layers
 
@@ -182,6 +182,18 @@ def test_split_layers_and_models_that_cannot_be_split():
     check_config(Gemma3TextConfig(**gemma3), 2, "", "m")
     with pytest.raises(GKDError, match="no pipeline plan for gemma3_text .*use_bidirectional_attention masks"):
         check_config(Gemma3TextConfig(**gemma3, use_bidirectional_attention=True), 2, "", "m")
+    # Qwen3-VL: the layers DeepStack adds to (2 here) stay on the first stage, which runs the vision tower
+    assert split_layers(3, 2, first=2) == [[0, 1], [2]] and split_layers(6, 3, first=3) == [[0, 1, 2], [3, 4], [5]]
+    assert split_layers(6, 2, first=2) == [[0, 1, 2], [3, 4, 5]]  # balanced already holds them
+    q3 = Qwen3VLConfig(text_config=dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=64, vocab_size=96),
+                       vision_config=dict(depth=2, deepstack_visual_indexes=[0, 1]))
+    check_config(q3, 2, "", "m")
+    with pytest.raises(GKDError, match="--pipeline_layers 1,2: the first stage of m must hold its first 2 decoder"):
+        check_config(q3, 2, "1,2", "m")
+    with pytest.raises(GKDError, match="3 pipeline stages but m has 3 decoder layers, of which the first stage must "
+                                       "hold 2"):
+        check_config(q3, 3, "", "m")
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])

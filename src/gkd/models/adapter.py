@@ -258,25 +258,41 @@ class Adapter:
         plain text positions, counted by the attention mask."""
         return None, None
 
-    def stage_images(self, model, ids: torch.Tensor, embeds: torch.Tensor, inputs: dict) -> torch.Tensor:
+    def stage_images(self, model, ids: torch.Tensor, embeds: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, dict]:
         """The first stage's embeddings with the images' features in place of their placeholder tokens, as the
-        family's forward merges them (its own get_image_features runs the tower and the aligner)."""
+        family's forward merges them (its own get_image_features runs the tower and the aligner), and what the
+        first stage's layers take besides (``after_layer``; {} by default)."""
         if not self.multimodal:
-            return embeds
+            return embeds, {}
         base = unwrap(model)
         if "pixel_values" not in inputs:
             if not self._untouched_vision(model, inputs):
-                return embeds
-            blank = base.model.get_image_features(**self.blank_image(model)).pooler_output
-            return embeds + 0.0 * _float_sum(blank)  # as final_hidden: every rank's backward reaches the tower
+                return embeds, {}
+            # as final_hidden: every rank's backward reaches the tower
+            return embeds + 0.0 * _float_sum(self.blank_outputs(model)), {}
         images = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
-        features = base.model.get_image_features(**images, return_dict=True).pooler_output
-        features = torch.cat(list(features)).to(embeds.device, embeds.dtype)
+        out = base.model.get_image_features(**images, return_dict=True)
+        features = torch.cat(list(out.pooler_output)).to(embeds.device, embeds.dtype)
         slots = (ids == self.placeholder_ids(model)[0])[..., None].expand_as(embeds)
         if int(slots.sum()) != features.numel():
             raise GKDError(f"{int(slots[..., 0].sum())} image tokens in the ids but {features.shape[0]} image "
                            "features: the rows' images and their placeholder tokens disagree")
-        return embeds.masked_scatter(slots, features)
+        return embeds.masked_scatter(slots, features), self.layer_inputs(out, slots[..., 0], embeds)
+
+    def layer_inputs(self, image_features, image_tokens: torch.Tensor, embeds: torch.Tensor) -> dict:
+        """What decoder layers take from the images beside the merged embeddings (the family's forward passes it
+        to its text model; ``image_tokens`` [B, T] marks the image tokens): nothing by default."""
+        return {}
+
+    def stage_first_layers(self, config) -> int:
+        """How many of the first decoder layers must sit on the first pipeline stage, which alone makes what
+        they take (``layer_inputs``): none by default."""
+        return 0
+
+    def after_layer(self, i: int, hidden: torch.Tensor, given: dict) -> torch.Tensor:
+        """The hidden states after decoder layer ``i`` as the family's text model passes them on, given the
+        first stage's ``layer_inputs``: unchanged by default."""
+        return hidden
 
     def vision_modules(self, model) -> list[torch.nn.Module]:
         """The vision tower and the aligner (the aligner alone where it is not inside the tower)."""

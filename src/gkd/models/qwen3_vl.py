@@ -18,9 +18,24 @@ from gkd.models.qwen2_vl import Qwen2VL
 class Qwen3VL(Qwen2VL):
     name = "qwen3-vl"
     model_types = ("qwen3_vl",)
-    # a stage would need the DeepStack features of the images for its own first layers: not carried yet
-    pipeline_gap = ("Qwen3-VL's DeepStack adds vision features inside the first decoder layers; pipeline stages "
-                    "do not carry them")
+    pipeline_gap = ""
+
+    def layer_inputs(self, image_features, image_tokens: torch.Tensor, embeds: torch.Tensor) -> dict:
+        """DeepStack: the image-token mask and, per feature level, one row per image token (images in order)."""
+        deep = [torch.cat(list(f)).to(embeds.device, embeds.dtype) for f in image_features.deepstack_features]
+        return {"visual_pos_masks": image_tokens, "deepstack_visual_embeds": deep}
+
+    def stage_first_layers(self, config) -> int:
+        """The layers DeepStack adds to stay on the first stage, which runs the vision tower."""
+        return len(config.vision_config.deepstack_visual_indexes)
+
+    def after_layer(self, i: int, hidden: torch.Tensor, given: dict) -> torch.Tensor:
+        """As the text model: the i-th DeepStack features added at the image tokens after layer i."""
+        deep = given.get("deepstack_visual_embeds")
+        if deep is None or i >= len(deep):
+            return hidden
+        mask = given["visual_pos_masks"]
+        return hidden.index_put((mask,), hidden[mask] + deep[i])
 
     def blank_outputs(self, model) -> list:
         """The blank image's merged and DeepStack features: every vision weight a batch with images reaches."""

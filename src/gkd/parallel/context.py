@@ -280,10 +280,10 @@ def _local_tokens(module, args, kwargs):
     local = split.mine.expand(embeds.shape[0], -1) if positions is None else \
         positions.index_select(positions.dim() - 1, split.mine)  # [B, T], or M-RoPE's [3 or 4, B, T]
     return args, {**kwargs, "inputs_embeds": embeds.index_select(1, split.mine), "position_ids": local,
-                  "attention_mask": None, **_local_deepstack(kwargs, split.mine)}
+                  "attention_mask": None, **local_deepstack(kwargs, split.mine)}
 
 
-def _local_deepstack(kwargs: dict, mine: torch.Tensor) -> dict:
+def local_deepstack(kwargs: dict, mine: torch.Tensor) -> dict:
     """Qwen3-VL's DeepStack inputs of this rank's tokens: the image-token mask [B, T] at them, and of each
     layer's features [N, H] (one per image token, row-major) the rows of the image tokens it holds."""
     mask, features = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")

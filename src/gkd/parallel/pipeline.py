@@ -98,12 +98,14 @@ def check_config(config, stages: int, hand: str, where: str) -> None:
         who = where if name == config.model_type else f"{name}, {where}"  # (a config may name no architecture)
         raise GKDError(f"--pipeline_model_parallel_size: no pipeline plan for {config.model_type} ({who}): "
                        f"{gap}; pipelines exist for {able} (see gkd models)")
-    split_layers(text_config(config).num_hidden_layers, stages, hand, where)
+    split_layers(text_config(config).num_hidden_layers, stages, hand, where, adapter.stage_first_layers(config))
 
 
-def split_layers(n_layers: int, stages: int, hand: str = "", where: str = "the model") -> list[list[int]]:
+def split_layers(n_layers: int, stages: int, hand: str = "", where: str = "the model",
+                 first: int = 0) -> list[list[int]]:
     """The layer indices of each stage: balanced (earlier stages take one more where it does not divide),
-    or ``hand``, comma-separated layer counts per stage."""
+    or ``hand``, comma-separated layer counts per stage; the first stage holds at least ``first`` layers (those
+    that take what only it makes, gkd.models.adapter.Adapter.stage_first_layers)."""
     if hand:
         try:
             counts = [int(c) for c in hand.split(",")]
@@ -119,6 +121,16 @@ def split_layers(n_layers: int, stages: int, hand: str = "", where: str = "the m
                            "each stage needs at least one")
         base, extra = divmod(n_layers, stages)
         counts = [base + (s < extra) for s in range(stages)]
+        if counts[0] < first:  # the first stage takes those, the others share the rest evenly
+            if stages > n_layers - first + 1:
+                raise GKDError(f"{stages} pipeline stages but {where} has {n_layers} decoder layers, of which the "
+                               f"first stage must hold {first} (they take vision features only it makes); each "
+                               "other stage needs at least one")
+            base, extra = divmod(n_layers - first, stages - 1)
+            counts = [first] + [base + (s < extra) for s in range(stages - 1)]
+    if counts[0] < first:
+        raise GKDError(f"--pipeline_layers {hand}: the first stage of {where} must hold its first {first} decoder "
+                       "layers (they take vision features only the first stage makes)")
     starts = [sum(counts[:s]) for s in range(stages)]
     return [list(range(a, a + c)) for a, c in zip(starts, counts)]
 
@@ -198,10 +210,13 @@ class Stage(nn.Module):
 
     def _run(self, x: torch.Tensor, attention_mask, position_ids, cache, images, split=None):
         adapter, config = self.adapter, self.config
+        given = {}  # what the first stage's layers take from the images besides (DeepStack)
         if self.embed_tokens is not None:  # token ids: the embedding, with the images' features merged in
-            h = adapter.stage_images(self.model, x, adapter.stage_embed(config, self.embed_tokens, x), images or {})
+            h, given = adapter.stage_images(self.model, x, adapter.stage_embed(config, self.embed_tokens, x),
+                                            images or {})
             if split is not None:
                 h = h.index_select(1, split.mine)
+                given = local_layer_inputs(given, split.mine)
         else:
             h = x
         if split is not None:
@@ -214,6 +229,8 @@ class Stage(nn.Module):
         for i, layer in zip(self.layer_ids, self.layers):
             h = layer(h, attention_mask=masks[i], position_ids=text, past_key_values=cache,
                       use_cache=cache is not None, position_embeddings=rotary[i])
+            if given:
+                h = adapter.after_layer(i, h, given)
         return self.norm(h) if self.norm is not None else h
 
     def head(self):
@@ -271,7 +288,7 @@ def split(model, par, virtual: int = 1, hand: str = "") -> Staged:
     body = adapter.decoder(model)
     num = par.pp * virtual
     check_model(model, num, hand)
-    plan = split_layers(len(body.layers), num, hand)
+    plan = split_layers(len(body.layers), num, hand, first=adapter.stage_first_layers(unwrap(model).config))
     indices = [par.pp_rank + v * par.pp for v in range(virtual)]
     head, embed = unwrap(model).get_output_embeddings(), body.embed_tokens
     tied = head.weight is embed.weight
@@ -392,6 +409,14 @@ def tied_copy(model) -> torch.Tensor | None:
 # --------------------------------------------------------------------------------------------------
 # One training step
 # --------------------------------------------------------------------------------------------------
+
+
+def local_layer_inputs(given: dict, mine: torch.Tensor) -> dict:
+    """The first stage's ``layer_inputs`` at a context split's positions ``mine`` (DeepStack's: this rank's image
+    tokens)."""
+    from gkd.parallel.context import local_deepstack
+
+    return {**given, **local_deepstack(given, mine)} if given else given
 
 
 def pad_to(t: torch.Tensor, length: int, value) -> torch.Tensor:
