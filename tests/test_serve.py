@@ -67,14 +67,16 @@ def _hidden_wire(*flags):
 
 declare("hidden-wire", 1, _hidden_wire())
 declare("hidden-wire-cp2", 2, _hidden_wire("--context_parallel_size", "2"))
+declare("hidden-wire-tp2", 2, _hidden_wire("--tensor_model_parallel_size", "2"))
 
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["hidden-wire", "hidden-wire-cp2"])
+@pytest.mark.parametrize("name", ["hidden-wire", "hidden-wire-cp2", "hidden-wire-tp2"])
 def test_training_on_the_hidden_wire_equals_the_local_full_vocabulary_teacher(runs, name):
-    """4 steps (off- and on-policy) with a remote teacher on the hidden wire, on one process and on context
-    parallelism 2 (rank 0 asks, the group splits the rows), equal the local full-vocabulary teacher's run."""
+    """4 steps (off- and on-policy) with a remote teacher on the hidden wire, on one process, on context
+    parallelism 2 (rank 0 asks, the group splits the rows) and on tensor parallelism 2 (each rank takes its
+    vocabulary shard of the teacher's head), equal the local full-vocabulary teacher's run."""
     assert_same_run(runs["single"], runs[name])
 
 

@@ -161,9 +161,6 @@ EP2 = ["--expert_model_parallel_size", "2"]
                  id="hidden-wire-local-teacher"),
     pytest.param("tiny", ["--teacher_wire_dtype", "bfloat16"], "--teacher_wire_dtype bfloat16 is for --teacher_wire "
                  "hidden", id="bfloat16-top-k-wire"),
-    pytest.param("tiny", ["--nproc_per_node", "2", "--tensor_model_parallel_size", "2", "--teacher_model_server",
-                          "http://127.0.0.1:9", "--teacher_model", "", "--teacher_wire", "hidden"],
-                 "--teacher_wire hidden with --tensor_model_parallel_size > 1 is not supported yet", id="hidden-wire-tp"),
     pytest.param("tiny", ["--use_vllm", "true", "--sleep_level", "2"],
                  "--sleep_level must be 0 or 1, got 2 (level 2 drops the weights", id="sleep-level-2"),
     pytest.param("tiny", ["--nproc_per_node", "2", *PP2, "--virtual_pipeline_model_parallel_size", "2",

@@ -202,9 +202,6 @@ def check_options(cfg, world: int, tp: int) -> None:
         from gkd.parallel.pipeline import check_options as pipeline_options
 
         pipeline_options(cfg, world, tp)
-    if cfg.teacher_wire == "hidden" and tp > 1:
-        raise GKDError("--teacher_wire hidden with --tensor_model_parallel_size > 1 is not supported yet (the teacher's "
-                       "head arrives whole, the loss takes it split like the student's); use --teacher_wire topk")
     if cfg.use_vllm and cfg.vllm_mode == "colocate" and tp % cfg.vllm_tensor_parallel_size:
         raise GKDError(f"--vllm_tensor_parallel_size {cfg.vllm_tensor_parallel_size} must divide "
                        f"--tensor_model_parallel_size {tp}: the ranks of one vLLM engine must hold the same prompts")

@@ -19,6 +19,17 @@ def local_head(head):
     return replace(head, weight=local(head.weight), bias=None if head.bias is None else local(head.bias))
 
 
+def vocabulary_shard(head, rank: int, size: int):
+    """A whole LogitHead's rows of vocabulary shard ``rank`` of ``size``, as a tensor-parallel (Shard(0)) head
+    splits them."""
+    from dataclasses import replace
+
+    def rows(t):
+        return torch.chunk(t, size, dim=0)[rank]
+
+    return replace(head, weight=rows(head.weight), bias=None if head.bias is None else rows(head.bias))
+
+
 def local_mib(tensors) -> float:
     """MiB this rank holds of ``tensors`` (its shards only)."""
     return sum(local(t).numel() * t.element_size() for t in tensors) / 2**20

@@ -114,6 +114,10 @@ def one_teacher(t, spec, tokenizer, student_model, par, log):
             if remote.head.weight.shape[0] != vocab:
                 raise GKDError(f"teacher server {remote.url}: its logit head has {remote.head.weight.shape[0]} rows, "
                                f"the student's vocabulary {vocab}; GKD needs one vocabulary")
+            if par.tp > 1:  # the loss takes each head split over the vocabulary, as the student's is
+                from gkd.parallel.tensors import vocabulary_shard
+
+                remote.head = vocabulary_shard(remote.head, par.mesh.get_local_rank("tp"), par.tp)
         return remote
     from gkd.teacher.local import LocalTeacher
 
