@@ -78,7 +78,9 @@ def test_checkpointed_recomputation_draws_its_forwards_masks_whenever_backward_r
         losses = []
         for x, i in zip(xs, ids):
             with identities(i, step=2, seed=9):
-                f = lambda t: drop(t @ w).square().sum()  # noqa: E731
+                def f(t):
+                    return drop(t @ w).square().sum()
+
                 losses.append(checkpoint(f, x, use_reentrant=False, context_fn=checkpoint_contexts) if checkpointed
                               else f(x))
         for loss in losses:  # both backwards after both forwards, no identities set
