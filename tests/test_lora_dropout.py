@@ -19,7 +19,9 @@ LAYOUTS = {"lora-dropout-fsdp2": (2, []), "lora-dropout-cp2": (2, ["--context_pa
            # recomputation, which the schedule runs after other micro-batches' forwards
            "lora-dropout-pp2": (2, ["--pipeline_model_parallel_size", "2"]),
            "lora-dropout-pp2-packed-checkpointed": (2, ["--pipeline_model_parallel_size", "2", "--packing", "true",
-                                                       "--gradient_checkpointing", "true"])}
+                                                       "--gradient_checkpointing", "true"]),
+           # a CP rank's positions of the global rows on every stage (PP x TP passed the same check by hand)
+           "lora-dropout-pp2xcp2": (4, ["--pipeline_model_parallel_size", "2", "--context_parallel_size", "2"])}
 declare_training("lora-dropout-single", 1, DROPOUT)
 declare_training("lora-no-dropout-single", 1, [*DROPOUT[:4], "--lora_dropout", "0", *DROPOUT[6:]])
 for _name, (_nproc, _flags) in LAYOUTS.items():
