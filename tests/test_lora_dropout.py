@@ -108,7 +108,9 @@ def test_every_lora_dropout_of_a_peft_model_is_replaced(tiny):
 @pytest.mark.dist
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_lora_dropout_runs_equal_one_process(runs, name):
-    """Checked to fail (2026-12-04) with PEFT's own dropout left in place (FSDP 2: losses 3e-4 apart)."""
+    """Checked to fail (2026-12-04) with PEFT's own dropout left in place (FSDP 2: losses 3e-4 apart); the PP cases
+    (2026-12-05) with a stage forward without identities, with each micro-batch's rows counted from 0 instead of its
+    global row, and (packed, checkpointed) with recomputation outside its forward's identities."""
     assert_same_run(runs["lora-dropout-single"], runs[name])
     a, b = final_weights(runs["lora-dropout-single"]), final_weights(runs["lora-no-dropout-single"])
     assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4, "dropout changed nothing"
