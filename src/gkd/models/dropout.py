@@ -5,8 +5,10 @@ another rank, micro-batch or context-parallel split, and a run on 2 processes en
 Here every element's keep/drop is a hash of (seed, step, the adapted module, the sequence's row in the step's
 global batch, the token's position in its sequence, the feature): the same for a token wherever it is
 computed, in a recomputation under gradient checkpointing too. The step sets the tokens' identities around each
-micro-batch's forward and backward (``identities``); a forward with none set (evaluation in training mode, the
-stages of a pipeline) takes PEFT's own dropout.
+micro-batch's forward and backward (``identities``; a pipeline stage around each micro-batch's forward), and a
+checkpointed layer's recomputation runs under the identities its forward saw (``checkpoint_contexts``), whenever
+and on whichever thread the backward runs it; a forward with none set (evaluation in training mode) takes PEFT's
+own dropout.
 """
 
 from __future__ import annotations
@@ -26,12 +28,25 @@ POSITIONS = 1 << 24  # a row's identity is row * POSITIONS + position
 def identities(ids: torch.Tensor, step: int, seed: int):
     """While inside: the tokens of the forward being run are ``ids`` ([B, T] int64, row * POSITIONS +
     position; its shape is the inputs'), at optimizer step ``step`` of a run seeded ``seed``."""
+    with _setting((ids, step, seed)):
+        yield
+
+
+@contextlib.contextmanager
+def _setting(now):
     saved = getattr(_context, "now", None)
-    _context.now = (ids, step, seed)
+    _context.now = now
     try:
         yield
     finally:
         _context.now = saved
+
+
+def checkpoint_contexts():
+    """torch.utils.checkpoint's ``context_fn``: called at a checkpointed forward, it returns (nothing for the
+    forward, the identities set now for its recomputation): a pipeline schedule runs a micro-batch's backward
+    after other micro-batches' forwards, and autograd may run it on another thread."""
+    return contextlib.nullcontext(), _setting(getattr(_context, "now", None))
 
 
 def token_identities(batch, first_row: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ the student's on the last stage only.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -162,6 +163,7 @@ class Stage(nn.Module):
         # what each of the step's micro-batches takes besides its hidden states (``context``), in schedule order
         self.contexts: list[dict] = []
         self.indexes: list[torch.Tensor] = []  # each micro-batch's token -> sequence index (routing sums)
+        self.dropouts: list = []  # each micro-batch's LoRA dropout identities (a context manager's maker), or none
         self.calls = 0
         # a MoE student's training forwards also carry each row's routing sums (gkd.models.routing) to the last
         # stage, which forms the router loss from them: their width (0: none), and this stage's expert loads
@@ -178,9 +180,10 @@ class Stage(nn.Module):
         if attention_mask is None and self.contexts:
             k = self.calls
             self.calls += 1
-            if self.routing:
-                return self.routed(x, routing, self.contexts[k], self.indexes[k])
-            return self.run(x, **self.contexts[k])
+            with self.dropouts[k]() if self.dropouts else contextlib.nullcontext():
+                if self.routing:
+                    return self.routed(x, routing, self.contexts[k], self.indexes[k])
+                return self.run(x, **self.contexts[k])
         return self.run(x, attention_mask, position_ids, cache, images)
 
     def routed(self, x: torch.Tensor, routing, given: dict, index: torch.Tensor):
@@ -559,7 +562,7 @@ def holds_last_stage(model) -> bool:
 
 
 def forward_backward(micro_batches, batches, scored, student, n_stats: int, plan: PipelinePlan,
-                     loss_fn, splits=None) -> torch.Tensor:
+                     loss_fn, splits=None, dropouts=None) -> torch.Tensor:
     """gkd.train.step.forward_backward for a pipelined student: the schedule's micro-batches are the step's,
     ``batches`` them padded (``padded``) and ``scored`` the teacher's output of each (on the last stage);
     ``loss_fn(hidden, head, micro_batch, batch, teacher_output, routing)`` runs on the last stage (``head``:
@@ -567,7 +570,9 @@ def forward_backward(micro_batches, batches, scored, student, n_stats: int, plan
     micro-batch's context split, else None) and returns (loss, a row of ``n_stats`` sums); returns the step's
     sums on every stage of the pipeline, followed by a MoE student's tokens per expert of each MoE layer, as
     gkd.train.step.forward_backward does. ``splits``: each micro-batch's context split (the stages then run
-    this rank's tokens of it, the hidden states between them hold those)."""
+    this rank's tokens of it, the hidden states between them hold those). ``dropouts``: each micro-batch's
+    maker of the context that sets its tokens' identities for LoRA dropout (gkd.models.dropout) around every
+    stage's forward of it (checkpointing's recomputation keeps them), or None."""
     st = staged(student)
     n_micro = len(micro_batches)
     splits = splits or [None] * n_micro
@@ -589,6 +594,7 @@ def forward_backward(micro_batches, batches, scored, student, n_stats: int, plan
     sequences = max(len(b.sequences()) for b in batches)
     for s in st.stages:
         s.contexts, s.indexes, s.sequences, s.calls, s.load = contexts, indexes, sequences, 0, None
+        s.dropouts = dropouts or []
     device = micro_batches[0].batch.input_ids.device
     whole = None if splits[0] is None else splits[0].length  # (the first stage takes whole sequences)
     schedule = schedule_for(st, n_micro, length, width, device, pipeline_loss, plan, sequences, whole)
@@ -602,7 +608,7 @@ def forward_backward(micro_batches, batches, scored, student, n_stats: int, plan
                 schedule.step(target=target)
     finally:
         for s in st.stages:
-            s.contexts, s.indexes, s.calls = [], [], 0
+            s.contexts, s.indexes, s.calls, s.dropouts = [], [], 0, []
     sum_tied_gradients(student)
     dist.all_reduce(stats, group=st.group)  # zeros except on the last stage
     if st.stages[0].routing:

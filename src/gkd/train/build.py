@@ -54,7 +54,11 @@ def student(m, seed: int, par):
         parallel.check_model(model, par, lora=m.train_type == "lora",
                              lora_experts=m.lora_experts and m.target_modules == "all-linear")
         if m.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from gkd.models.dropout import checkpoint_contexts
+
+            # recomputation draws the LoRA dropout masks its forward drew (gkd.models.dropout)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                               "context_fn": checkpoint_contexts})
             model.config.use_cache = False
         frozen = freeze_vision(model, m.freeze_vit, m.freeze_aligner)
         if m.train_type == "lora":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -85,7 +86,8 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             dims.pipeline, lambda hidden, head, mb, batch, out, routing, split: micro_loss(
                 hidden, parallel.local_head(head), mb, batch, out, args, normaliser,
                 None if routing is None else _carried_router_loss(routing, batch, split) / routed, names, split),
-            splits)
+            splits, [functools.partial(_dropout_identities, batch, mb, split, args)
+                     for batch, mb, split in zip(batches, micro_batches, splits or [None] * len(batches))])
     stats = torch.zeros(len(STATS) + len(TEACHER_STATS) * len(names or ()), dtype=torch.float64)
     load = None
     for i, mb in enumerate(micro_batches):
@@ -101,7 +103,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
         # also for recomputation in backward (gradient checkpointing): the split, or packed rows' attention, and
         # the tokens' identities for LoRA dropout
         with split.active() if split else packed_attention(text_config(unwrap(student).config), batch.model_inputs()), \
-                _dropout_identities(mb, split, args):
+                _dropout_identities(batch, mb, split, args):
             scored = None
             if names is None:
                 scored = teacher.score(batch, split)
@@ -133,12 +135,12 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
     return stats
 
 
-def _dropout_identities(mb: MicroBatch, split, args: LossArgs):
-    """LoRA dropout's token identities for this micro-batch's forward and backward (this rank's tokens of each
-    sequence under a context split); nothing without LoRA dropout."""
+def _dropout_identities(batch: Batch, mb: MicroBatch, split, args: LossArgs):
+    """LoRA dropout's token identities for this micro-batch's forward and backward (``batch``: its rows, possibly
+    padded; this rank's tokens of each sequence under a context split); nothing without LoRA dropout."""
     if args.dropout_seed is None:
         return contextlib.nullcontext()
-    ids = token_identities(mb.batch, mb.first_row)
+    ids = token_identities(batch, mb.first_row)
     return identities(split.local(ids) if split else ids, mb.step, args.dropout_seed)
 
 
