@@ -318,7 +318,6 @@ class Adapter:
     # whether sequences packed in one row (their positions restarting at 0, no 2D mask) run exactly: transformers
     # confines attention to each by the positions; a family with other positions (M-RoPE) makes them per sequence
     packs = True
-    packing_gap = "its image tokens and multimodal positions are laid out per row"  # why not, where packs is False
 
     # --- vLLM -----------------------------------------------------------------------------------
 
@@ -403,7 +402,8 @@ def check_packing(model, flag: str = "--packing") -> None:
     base = unwrap(model)
     if not adapter_for(base).packs:
         raise GKDError(f"{flag}: packed rows are not supported for {getattr(base.config, 'model_type', '')} "
-                       f"({type(base).__name__}): {adapter_for(base).packing_gap}; leave {flag} off")
+                       f"({type(base).__name__}): its image tokens and multimodal positions are laid out per row; "
+                       f"leave {flag} off")
 
 
 def supported_types() -> list[str]:

