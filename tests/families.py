@@ -69,6 +69,15 @@ FAMILIES = {
                                      rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                       "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                                                       "original_max_position_embeddings": 64}, **_MOE)),
+    # hybrid: Gated DeltaNet (linear attention: 2 key heads, 4 value heads of 32, a conv1d of 4) and gated full
+    # attention (q/k norms, a quarter of each head rotated) alternating; 4 experts top-2 and a gated shared expert
+    "qwen3_next": ("Qwen3NextConfig", dict(head_dim=32, num_experts=4, moe_intermediate_size=64,
+                                           shared_expert_intermediate_size=64, norm_topk_prob=True,
+                                           linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+                                           linear_value_head_dim=32, linear_conv_kernel_dim=4,
+                                           layer_types=lambda n: ["linear_attention", "full_attention"] * n,
+                                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                            "partial_rotary_factor": 0.25}, **_MOE)),
 }
 
 

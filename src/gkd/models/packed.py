@@ -7,7 +7,9 @@ mask alone grows as T²). While a packed forward runs, a model on SDPA uses the 
 no mask is built, each sequence's queries attend to its own keys with causal SDPA (a sliding window as a
 band mask), the pieces put back in place. Families whose attention SDPA cannot express (Gemma 2's score cap)
 are on eager attention, where transformers' block-diagonal mask stays; GPT-OSS (eager for its sinks, and whose
-body never builds that mask) attends per sequence here too, its sinks in each softmax.
+body never builds that mask) attends per sequence here too, its sinks in each softmax. Token mixers that carry
+state along the row (Qwen3-Next's linear attention: a causal conv1d and a recurrence) run per sequence too
+(``PER_SEQUENCE``).
 """
 
 from __future__ import annotations
@@ -82,6 +84,46 @@ def _with_sinks(q, k, v, mask, sinks, dropout, scaling):
     return F.dropout(probs, p=dropout).to(v.dtype) @ v
 
 
+# token mixers that carry state along a row (a recurrence, a causal conv1d), by model type: "module:class". Under
+# packing each runs on every sequence alone, from a zero state, so that none reads the previous sequence's tokens
+PER_SEQUENCE: dict[str, str] = {}
+
+
+def _per_sequence(forward, spans: list[list[tuple[int, int]]]):
+    def run(module, hidden_states, *args, **kwargs):
+        if getattr(_found, "inside", False):  # (the original forward may call forward again through its decorators)
+            return forward(module, hidden_states, *args, **kwargs)
+        if args or kwargs.get("cache_params") is not None or kwargs.get("attention_mask") is not None:
+            raise NotImplementedError(f"gkd.models.packed: {type(module).__name__} with a cache or a mask")
+        _found.inside = True
+        try:
+            rows = [torch.cat([forward(module, hidden_states[b:b + 1, start:end], **kwargs) for start, end in row], 1)
+                    for b, row in enumerate(spans)]
+        finally:
+            _found.inside = False
+        return torch.cat(rows)
+    return run
+
+
+@contextlib.contextmanager
+def _sequence_mixers(model_type, positions: torch.Tensor):
+    """While inside: the model type's stateful token mixers (``PER_SEQUENCE``) run per packed sequence."""
+    if model_type not in PER_SEQUENCE:
+        yield
+        return
+    import importlib
+
+    where, _, name = PER_SEQUENCE[model_type].partition(":")
+    cls = getattr(importlib.import_module(where), name)
+    if positions is None:  # (a pipeline stage's packed forward: its positions are not here)
+        raise NotImplementedError(f"gkd.models.packed: {model_type}'s packed rows need their positions")
+    forward, cls.forward = cls.forward, _per_sequence(cls.forward, [segments(row) for row in positions])
+    try:
+        yield
+    finally:
+        cls.forward = forward
+
+
 def _no_mask(*args, **kwargs):
     return None  # attention keeps to each sequence by its positions: no [T, T] mask is built
 
@@ -107,7 +149,8 @@ def packed_attention(config, inputs: dict):
     _register()
     config._attn_implementation = NAME
     try:
-        yield
+        with _sequence_mixers(getattr(config, "model_type", None), inputs["position_ids"]):
+            yield
     finally:
         config._attn_implementation = impl
         _found.positions = _found.spans = None  # (the next forward's positions may reuse this memory)

@@ -28,6 +28,7 @@ TITLES = {
     "qwen2_5_vl": "Qwen2.5-VL", "llava": "LLaVA", "qwen3_vl": "Qwen3-VL", "qwen3_vl_moe": "Qwen3-VL-MoE",
 }
 TITLES.update({"glm4_moe": "GLM-4.5 (GLM-4 MoE)", "deepseek_v3": "DeepSeek-V3"})
+TITLES["qwen3_next"] = "Qwen3-Next"
 
 
 def implemented() -> list[dict]:
