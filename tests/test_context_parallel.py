@@ -139,6 +139,19 @@ def test_context_parallel_refuses_what_it_cannot_split(tiny, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_recurrent_family_is_refused_context_parallelism(tmp_path):
+    """Qwen3-Next's Gated DeltaNet layers run a recurrence over the whole sequence: a split would cut it, so a
+    student or a teacher of that family is refused in one line, never run on the pieces."""
+    from gkd.errors import GKDError
+    from gkd.models import load_model
+    from gkd.parallel.context import check_context_parallel, use_context_parallel_attention
+
+    model = load_model(str(write_family(tmp_path / "next", "qwen3_next", layers=2, seed=0)))
+    for check in (lambda: check_context_parallel(model, 2), lambda: use_context_parallel_attention(model)):
+        with pytest.raises(GKDError, match="Gated DeltaNet layers run a recurrence"):
+            check()
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_context_parallel_equals_one_process_for_a_mixture_of_experts_student(runs):

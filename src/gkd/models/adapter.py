@@ -209,6 +209,8 @@ class Adapter:
     # what keeps a stage of this family from running its own share of the decoder layers exactly, as the
     # one-line refusal of --pipeline_model_parallel_size says it; empty: the family pipelines
     pipeline_gap = "no adapter says how a stage runs its layers"
+    # why a context split would not give the whole sequence's result (refused in one line); empty: it does
+    context_gap = ""
 
     @property
     def pipelines(self) -> bool:

