@@ -21,14 +21,11 @@ import torch
 import torch.distributed as dist
 
 from gkd.errors import GKDError
+from gkd.parallel.groups import forget, made
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 EXPERT_DIMS = ("pp", "dp_replicate", "edp", "ep", "tp")  # the experts' mesh: dp_shard x cp = edp x ep (EP inner)
 _made_group = False
-# The meshes and groups made in this process, by what they span: a process that runs several trainings under
-# one default group (a launcher's) makes each only once; a group holds threads and sockets until destroyed,
-# and destroying one under a live mesh would strand DTensor's caches, which match meshes by their ranks.
-_made: dict = {}
 
 
 @dataclass
@@ -275,18 +272,6 @@ def _mesh(device_type: str, shape: tuple[int, ...], timeout: timedelta, names: t
     return made(("mesh", device_type, shape, names, timeout), make)
 
 
-def made(key: tuple, make):
-    """``make()``'s result, once per default group: every rank calls this with the same keys in the same
-    order (each group is made by all ranks together)."""
-    world = dist.GroupMember.WORLD
-    if _made.get("world") is not world:
-        _made.clear()
-        _made["world"] = world
-    if key not in _made:
-        _made[key] = make()
-    return _made[key]
-
-
 def _options(cuda: bool, timeout: timedelta):
     """Backend options carrying our timeout, for groups a DeviceMesh makes itself."""
     from torch._C._distributed_c10d import Backend
@@ -297,7 +282,7 @@ def _options(cuda: bool, timeout: timedelta):
 def teardown() -> None:
     """Leave the process group cleanly (a gloo group left to the interpreter's exit can abort); only one
     that setup made: a single process may hold vLLM's, which vLLM leaves itself. Under a launcher's group the
-    meshes stay, for the next training in this process to take (``made``)."""
+    meshes stay, for the next training in this process to take (gkd.parallel.groups)."""
     if _made_group and dist.is_initialized():
         dist.destroy_process_group()
-        _made.clear()
+        forget()

@@ -353,7 +353,7 @@ def shard(model, par, plan: PipelinePlan, student: bool) -> None:
 def _tie_groups(st: Staged, par) -> None:
     """For a tied model, a group of the first and the last stage of each pipeline (every rank creates every
     group, as torch.distributed asks); this rank keeps the one its copy belongs to."""
-    from gkd.parallel.mesh import made
+    from gkd.parallel.groups import made
 
     names = par.mesh.mesh_dim_names
     pipelines = par.mesh.mesh.movedim(names.index("pp"), -1).reshape(-1, par.pp)

@@ -152,32 +152,25 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Held-out metrics (gkd.evaluate) on --val_dataset / the split, prefixed with eval_ (with several
-        teachers, eval_NAME_ for each: routed ones on their rows, a mixture's members on every row)."""
-        metrics = {}
+        teachers, eval_NAME_ for each: routed ones on their rows, a mixture's members on every row). Each data-
+        parallel rank takes its share of the rows and the sums are reduced; a teacher's greedy completions are
+        made once."""
+        metrics, par = {}, self.par
         for name, teacher, rows in self.teacher.evaluation_groups(self.val_examples):
+            mine, counted = _dp_share(rows, par)
+            inputs, teacher_inputs = self._row_inputs(mine)
+            result = teacher.evaluate(
+                self.student, [e.prompt_ids for e in mine], eos_ids=self.sampler.eos_ids,
+                pad_id=self.tokenizer.pad_token_id, beta=self.cfg.objective,
+                temperature=self.cfg.divergence_temperature, max_new_tokens=self.cfg.max_completion_length,
+                device=self.device, batch_size=self.cfg.global_batch_size, inputs=inputs, teacher_inputs=teacher_inputs,
+                teacher_completions=self._eval_teacher_completions.get(name), counted=counted,
+                reduce=par.pipeline_reduce if par.world > 1 else None, tp_group=par.tp_group)
+            self._eval_teacher_completions[name] = result.teacher_completions
             prefix = f"eval_{name}_" if name else "eval_"
-            metrics.update({prefix + k: v for k, v in self._evaluate(name, teacher, rows).items()})
+            metrics.update({prefix + k: v for k, v in result.metrics.items() if isinstance(v, float)})
         self.student.train()
         return metrics
-
-    def _evaluate(self, name: str, teacher, rows: list[Example]) -> dict:
-        """``teacher``'s metrics of the student on ``rows``: with several data-parallel ranks each takes its
-        share of the rows and the sums are reduced. Its greedy completions are made once (per teacher)."""
-        par = self.par
-        per = -(-len(rows) // par.dp_size)  # every rank the same count: they share each forward
-        mine = rows[par.dp_rank * per:(par.dp_rank + 1) * per]
-        counted = [True] * len(mine) + [False] * (per - len(mine))
-        mine = mine + [rows[-1]] * (per - len(mine))
-        inputs, teacher_inputs = self._row_inputs(mine)
-        result = teacher.evaluate(
-            self.student, [e.prompt_ids for e in mine], eos_ids=self.sampler.eos_ids,
-            pad_id=self.tokenizer.pad_token_id, beta=self.cfg.objective, temperature=self.cfg.divergence_temperature,
-            max_new_tokens=self.cfg.max_completion_length, device=self.device, batch_size=self.cfg.global_batch_size,
-            teacher_completions=self._eval_teacher_completions.get(name), inputs=inputs,
-            teacher_inputs=teacher_inputs, counted=counted, reduce=par.pipeline_reduce if par.world > 1 else None,
-            tp_group=par.tp_group)
-        self._eval_teacher_completions[name] = result.teacher_completions
-        return {k: v for k, v in result.metrics.items() if isinstance(v, float)}
 
     def save_checkpoint(self, step: int) -> Path:
         return checkpoint.save(self.out, step, self.student, self.optimizer, self.scheduler,
@@ -230,3 +223,11 @@ class Trainer:
             except ImportError:
                 self.log("[gkd] matplotlib is not installed: no loss_curve.png (gkd plot draws it later)")
         return last
+
+
+def _dp_share(rows: list[Example], par) -> tuple[list[Example], list[bool]]:
+    """This data-parallel rank's share of ``rows``, padded with the last row to the same count on every rank
+    (they share each forward), and which of them count."""
+    per = -(-len(rows) // par.dp_size)
+    mine = rows[par.dp_rank * per:(par.dp_rank + 1) * per]
+    return mine + [rows[-1]] * (per - len(mine)), [True] * len(mine) + [False] * (per - len(mine))
