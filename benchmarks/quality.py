@@ -20,6 +20,16 @@ steps change the student more than the tools differ).
 2. The grid at each tool's best rate: lmbda in --lmbdas (0 = supervised KD on the teacher's
    completions, 1 = on-policy) x beta in --betas (0 forward KL, 0.5 JSD, 1 reverse KL), every seed.
 
+With --budget_s S the runs are bounded by wall-clock instead of steps (equal compute): each tool trains for S
+seconds under the same time-based schedule (`gkd train --max_train_seconds`; TRL's runner applies the same
+schedule and stops at the first step past S), on-policy on the same step indices, and the tables add the steps
+each reached and the tokens it trained. TRL then runs one process per run, trained and judged in turn, so its
+training never shares the cores with judging (gkd's process judges after training, likewise).
+
+With --warm_start sft the student is first fine-tuned on the teacher-written rows (cross-entropy on the
+completions, --warm_start_steps steps of --batch_size rows at --warm_start_lr, cosine), as the GKD paper's
+students are, and every run of both tools starts from it.
+
 Every student, gkd's and TRL's, is evaluated by the same code (gkd.evaluate): forward KL at
 --temperature and top-1 agreement on the teacher's greedy completions, the student's perplexity on them, and the
 teacher's mean log-prob of the student's own samples (--eval_samples seeded samples per prompt at
@@ -47,6 +57,8 @@ sys.path.insert(0, str(HERE))
 
 METRICS = ("divergence", "top1_agreement", "student_ppl_on_teacher", "teacher_logprob_of_samples")
 COLUMNS = (*METRICS, "on_policy_steps")
+BUDGET_COLUMNS = (*COLUMNS, "steps", "trained_tokens", "train_seconds")
+SCHEDULE_BOUND = 20_000  # steps whose lmbda draw a timed run may need (far beyond any budget here)
 
 
 def prepare(work: Path, samples: int, max_new_tokens: int) -> tuple[Path, Path, Path]:
@@ -67,6 +79,48 @@ def prepare(work: Path, samples: int, max_new_tokens: int) -> tuple[Path, Path, 
                 for q, c in teacher_written(teacher, tok, train_prompts(), samples, max_new_tokens)]
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return teacher_dir, student_dir, data
+
+
+def warm_start(work: Path, student_dir: Path, data: Path, a) -> Path:
+    """The student fine-tuned on the teacher-written rows (cross-entropy on the completion tokens): the GKD
+    paper's supervised start. Made once per --work."""
+    import torch
+
+    from gkd.data.rows import load_examples
+    from gkd.models import load_model, load_tokenizer
+    from gkd.train.budget import factor
+
+    out = work / "student-sft"
+    if (out / "config.json").is_file():
+        return out
+    print(f"[quality] warm start: {a.warm_start_steps} supervised steps on the teacher-written rows", flush=True)
+    torch.manual_seed(0)
+    tok, model = load_tokenizer(str(student_dir)), load_model(str(student_dir)).train()
+    rows = load_examples([str(data)], tok, max_length=1024, truncation_strategy="left",
+                         max_completion_length=a.max_new_tokens, warn=lambda *_: None)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.warm_start_lr)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+    for step in range(a.warm_start_steps):
+        for g in opt.param_groups:
+            g["lr"] = a.warm_start_lr * factor("cosine", 0.1, step / a.warm_start_steps)
+        batch = [rows[order[(step * a.batch_size + i) % len(rows)]] for i in range(a.batch_size)]
+        seqs = [r.prompt_ids + r.completion_ids for r in batch]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+        labels = torch.tensor([[-100] * len(r.prompt_ids) + r.completion_ids + [-100] * (width - len(s))
+                               for r, s in zip(batch, seqs)])
+        mask = (torch.arange(width)[None] < torch.tensor([len(s) for s in seqs])[:, None]).long()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    tmp = work / "student-sft.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
 
 
 class Judge:
@@ -114,7 +168,7 @@ def run_gkd(run: dict, a, teacher_dir: Path, student_dir: Path, data: Path, judg
                       max_completion_length=a.max_new_tokens,
                       micro_batch_size=a.batch_size, global_batch_size=a.batch_size,
                       learning_rate=run["learning_rate"], lr_scheduler_type="cosine", warmup_ratio=0.1,
-                      max_steps=a.steps, seed=run["seed"], output_dir=str(a.work / "gkd-run"), save_steps=0,
+                      max_steps=0 if a.budget_s else a.steps, max_train_seconds=a.budget_s, seed=run["seed"], output_dir=str(a.work / "gkd-run"), save_steps=0,
                       logging_steps=1, progress_bar=False, overwrite_output_dir=True,
                       speculative_kd_topk=a.speculative_kd_topk if run["lmbda"] > 0 else 0,
                       **({"divergence": a.divergence, "skew_alpha": run["beta"] or 0.1} if a.divergence != "gjsd" else {}))
@@ -126,20 +180,32 @@ def run_gkd(run: dict, a, teacher_dir: Path, student_dir: Path, data: Path, judg
     trainer.close()
     del trainer
     gc.collect()
-    sampled = [m["step"] - 1 for m in read_metrics(a.work / "gkd-run" / "metrics.jsonl") if m["on_policy_share"]]
-    assert sampled == on_policy_steps(run, a.steps), (run, sampled)
-    return {**metrics, "train_seconds": round(seconds, 1), "on_policy_steps": len(sampled)}
+    logged = read_metrics(a.work / "gkd-run" / "metrics.jsonl")
+    sampled = [m["step"] - 1 for m in logged if m["on_policy_share"]]
+    assert sampled == on_policy_steps(run, len(logged)), (run, sampled)
+    if a.budget_s:
+        seconds = logged[-1]["train_seconds"]  # the trainer's own clock: the steps, not the loading
+    return {**metrics, "train_seconds": round(seconds, 1), "on_policy_steps": len(sampled), "steps": len(logged),
+            "trained_tokens": round(sum(m["tokens_per_s"] * m["step_time"] for m in logged))}
 
 
 def run_trl(runs: list[dict], a, teacher_dir: Path, student_dir: Path, data: Path, judge: Judge) -> list[dict]:
-    """All of ``runs`` in one TRL process (each from a fresh student); each saved student is judged here as
-    soon as the TRL process has written it, while it trains the next."""
+    """``runs`` in TRL's runner (each from a fresh student): with a step bound all in one process, each saved
+    student judged here while it trains the next; with a time budget one process per run, judged after it
+    ends, so that judging never takes cores from a timed run."""
+    if a.budget_s:
+        return [r for run in runs for r in _run_trl([run], a, teacher_dir, student_dir, data, judge)]
+    return _run_trl(runs, a, teacher_dir, student_dir, data, judge)
+
+
+def _run_trl(runs: list[dict], a, teacher_dir: Path, student_dir: Path, data: Path, judge: Judge) -> list[dict]:
     from e2e_vs_trl import trl_python
     from gkd.models import load_model
 
     py = trl_python(a.trl_venv.absolute())
+    bound = SCHEDULE_BOUND if a.budget_s else a.steps
     plan = [{"lmbda": r["lmbda"], "beta": r["beta"], "seed": r["seed"], "learning_rate": r["learning_rate"],
-             "on_policy_steps": on_policy_steps(r, a.steps), "save": str(a.work / "trl" / name(r))} for r in runs]
+             "on_policy_steps": on_policy_steps(r, bound), "save": str(a.work / "trl" / name(r))} for r in runs]
     for p in plan:  # a folder left by an interrupted run is not this run's student
         shutil.rmtree(p["save"], ignore_errors=True)
     (a.work / "trl").mkdir(parents=True, exist_ok=True)
@@ -149,7 +215,7 @@ def run_trl(runs: list[dict], a, teacher_dir: Path, student_dir: Path, data: Pat
                              str(teacher_dir), "--dataset", str(data), "--plan", str(a.work / "trl-plan.json"),
                              "--temperature", str(a.temperature), "--max_new_tokens", str(a.max_new_tokens),
                              "--batch_size", str(a.batch_size), "--steps", str(a.steps), "--threads", str(a.threads),
-                             "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.1"])
+                             "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.1", "--budget_s", str(a.budget_s)])
     done = []
     try:
         for p in plan:
@@ -158,16 +224,22 @@ def run_trl(runs: list[dict], a, teacher_dir: Path, student_dir: Path, data: Pat
                 if proc.poll() is not None:
                     raise SystemExit(f"[quality] TRL's runner ended (exit {proc.returncode}) before {p['save']}")
                 time.sleep(2)
-            sampled = json.loads(written.read_text())["on_policy_steps"]
-            assert sampled == p["on_policy_steps"], (p, sampled)  # TRL sampled on the steps gkd did
-            done.append({**judge(load_model(p["save"])), "on_policy_steps": len(sampled)})
+            ran = json.loads(written.read_text())
+            assert ran["on_policy_steps"] == [s for s in p["on_policy_steps"] if s < ran["steps"]], (p, ran)
+            if a.budget_s:  # the run is over: judge on the cores it used
+                proc.wait()
+            done.append({**judge(load_model(p["save"])), "on_policy_steps": len(ran["on_policy_steps"]),
+                         "steps": ran["steps"], "trained_tokens": ran["trained_tokens"],
+                         "train_seconds": round(ran["train_seconds"], 1)})
         if proc.wait():
             raise SystemExit(f"[quality] TRL's runner failed (exit {proc.returncode})")
     finally:
         if proc.poll() is None:  # judging failed: the runner must not go on training for nobody
             proc.kill()
-    seconds = (time.perf_counter() - started) / max(len(runs), 1)
-    return [{**d, "train_seconds": round(seconds, 1)} for d in done]
+    if not a.budget_s:  # one process for all: its wall time shared out
+        seconds = (time.perf_counter() - started) / max(len(runs), 1)
+        done = [{**d, "train_seconds": round(seconds, 1)} for d in done]
+    return done
 
 
 def name(run: dict) -> str:
@@ -195,7 +267,8 @@ def results_file(a, tool: str) -> Path:
 def settings(a) -> dict:
     """What every run's result depends on beside its name (tool, lmbda, beta, rate, seed)."""
     keys = ("steps", "batch_size", "max_new_tokens", "temperature", "loss_temperature", "teacher_samples",
-            "eval_samples", "speculative_kd_topk", "divergence")
+            "eval_samples", "speculative_kd_topk", "divergence", "budget_s", "warm_start", "warm_start_steps",
+            "warm_start_lr")
     return {k: getattr(a, k) for k in keys}
 
 
@@ -232,15 +305,19 @@ def summary(rows: list[dict], metric: str) -> str:
     values = [r[metric] for r in rows]
     mean = statistics.fmean(values)
     spread = (max(values) - min(values)) / 2
-    return f"{mean:.1f} ± {spread:.1f}" if metric in ("student_ppl_on_teacher", "on_policy_steps") else f"{mean:.3f} ± {spread:.3f}"
+    if metric == "trained_tokens":
+        return f"{mean:.0f} ± {spread:.0f}"
+    if metric in ("student_ppl_on_teacher", "on_policy_steps", "steps", "train_seconds"):
+        return f"{mean:.1f} ± {spread:.1f}"
+    return f"{mean:.3f} ± {spread:.3f}"
 
 
-def table(groups: dict, keys: tuple[str, ...]) -> str:
-    head = "| " + " | ".join(keys) + " | seeds | " + " | ".join(COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(keys) + 1 + len(COLUMNS))]
+def table(groups: dict, keys: tuple[str, ...], columns: tuple[str, ...] = COLUMNS) -> str:
+    head = "| " + " | ".join(keys) + " | seeds | " + " | ".join(columns) + " |"
+    lines = [head, "|" + "---|" * (len(keys) + 1 + len(columns))]
     for key, rows in groups.items():
         lines.append("| " + " | ".join(str(k) for k in key) + f" | {len(rows)} | "
-                     + " | ".join(summary(rows, m) for m in COLUMNS) + " |")
+                     + " | ".join(summary(rows, m) for m in columns) + " |")
     return "\n".join(lines)
 
 
@@ -291,6 +368,12 @@ def main() -> None:
                     help="gkd's on-policy samples teacher-corrected at this K (0 = plain; gkd train's flag)")
     ap.add_argument("--divergence", default="gjsd", choices=("gjsd", "skew_kl", "skew_reverse_kl"),
                     help="gkd's divergence; with a skew one, --betas are its --skew_alpha values (0 reads as 0.1)")
+    ap.add_argument("--budget_s", type=float, default=0.0,
+                    help="train each run for this many seconds instead of --steps (equal wall-clock)")
+    ap.add_argument("--warm_start", default="none", choices=("none", "sft"),
+                    help="sft: every run starts from the student fine-tuned on the teacher-written rows")
+    ap.add_argument("--warm_start_steps", type=int, default=64)
+    ap.add_argument("--warm_start_lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2, help="threads in all")
     ap.add_argument("--jobs", type=int, default=2, choices=(1, 2), help="2: the tools train side by side, each in "
                     "its own process with its share of the threads (on 2 cores two 1-thread processes get more done "
@@ -308,6 +391,8 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     load(a)  # a --work holding runs of other settings is refused before any work
     models = prepare(a.work, a.teacher_samples, a.max_new_tokens)
+    if a.warm_start == "sft":
+        models = (models[0], warm_start(a.work, models[1], models[2], a), models[2])
     if a.jobs > 1 and len(a.tools) > 1:
         side_by_side(a)  # then the runs are all in the results files, and this process prints the tables
     judge = Judge(models[0], a)
@@ -324,13 +409,16 @@ def main() -> None:
     execute(grid_runs, a, models, judge, results)
     grid = group([results[name(r)] for r in grid_runs], ("tool", "lmbda", "beta"))
 
-    print(f"\n## Learning-rate sweep (lmbda 0.5, beta 0; {a.steps} steps of {a.batch_size}, seeds {a.seeds})\n")
-    print(table(by_lr, ("tool", "learning rate")))
+    columns = BUDGET_COLUMNS if a.budget_s else COLUMNS
+    length = f"{a.budget_s:g} s" if a.budget_s else f"{a.steps} steps"
+    start = ", from the SFT warm start" if a.warm_start == "sft" else ""
+    print(f"\n## Learning-rate sweep (lmbda 0.5, beta 0; {length} of {a.batch_size} rows{start}, seeds {a.seeds})\n")
+    print(table(by_lr, ("tool", "learning rate"), columns))
     print(f"\nbest: {best}\n\n## Grid at each tool's best learning rate\n")
-    print(table(grid, ("tool", "lmbda", "beta")))
+    print(table(grid, ("tool", "lmbda", "beta"), columns))
     overall = group([results[name(r)] for r in grid_runs], ("tool",))
     print("\n## Over the whole grid\n")
-    print(table(overall, ("tool",)))
+    print(table(overall, ("tool",), columns))
     plot(grid, a.work / "quality.png")
     print(f"\n[quality] {time.perf_counter() - started:.0f} s; {a.work}/results-*.json, {a.work / 'quality.png'}")
 

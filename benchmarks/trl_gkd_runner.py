@@ -11,6 +11,10 @@ With --plan FILE (a JSON list of {"lmbda", "beta", "seed", "learning_rate", "sav
 student, and saves each final student to its "save" folder; the other flags give what the entries share.
 "on_policy_steps" (0-based optimizer steps) replaces TRL's own per-step lmbda coin flip with that schedule,
 so that a comparison with gkd runs the same steps on-policy (gkd's draw for the same seed).
+
+With --budget_s S the run trains for S seconds instead of --steps (from the first step's start; it ends at the
+first step past S) under the same time-based schedule as `gkd train --max_train_seconds`: each step's rate is
+the schedule at the share of the budget used when it starts (gkd.train.budget.factor, imported from this repo).
 """
 
 from __future__ import annotations
@@ -18,7 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # gkd.train.budget: the shared schedule
 
 
 def main() -> None:
@@ -39,6 +47,7 @@ def main() -> None:
     ap.add_argument("--learning_rate", type=float, default=1e-5)
     ap.add_argument("--lr_scheduler_type", default="constant")
     ap.add_argument("--warmup_ratio", type=float, default=0.0)
+    ap.add_argument("--budget_s", type=float, default=0.0, help="train for this many seconds instead of --steps")
     ap.add_argument("--plan", help="a JSON list of runs to train in turn (see above)")
     args = ap.parse_args()
     if args.plan:
@@ -73,7 +82,21 @@ def train(args) -> None:
 
     schedule = getattr(args, "on_policy_steps", None)
 
+    def elapsed() -> float:
+        return time.perf_counter() - marks[0] if marks else 0.0
+
     class Counting(GKDTrainer):
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if not args.budget_s:
+                return super().create_scheduler(num_training_steps, optimizer)
+            from gkd.train.budget import factor
+
+            # HF moves the scheduler after each optimizer step: the next step's rate at the time used so far
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or self.optimizer, lambda _step: factor(args.lr_scheduler_type, args.warmup_ratio,
+                                                                  min(1.0, elapsed() / args.budget_s)))
+            return self.lr_scheduler
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             generated.append(0)
             if schedule is not None:  # TRL samples when random.random() <= lmbda: 1.0 always, 0.0 never
@@ -97,6 +120,8 @@ def train(args) -> None:
 
         def on_step_end(self, a, state, control, **kw):
             marks.append(time.perf_counter())
+            if args.budget_s and elapsed() >= args.budget_s:
+                control.should_training_stop = True
 
         def on_log(self, a, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -105,7 +130,7 @@ def train(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = GKDConfig(
             output_dir=tmp, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
-            max_steps=args.steps, learning_rate=args.learning_rate, lr_scheduler_type=args.lr_scheduler_type,
+            max_steps=10**6 if args.budget_s else args.steps, learning_rate=args.learning_rate, lr_scheduler_type=args.lr_scheduler_type,
             warmup_steps=args.warmup_ratio, lmbda=args.lmbda,  # transformers 5: a float < 1 is a ratio
             beta=args.beta, temperature=args.temperature, max_new_tokens=args.max_new_tokens, max_length=512,
             logging_steps=1, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
@@ -119,7 +144,8 @@ def train(args) -> None:
         trainer.model.save_pretrained(args.save)
         tokenizer.save_pretrained(args.save)
         with open(f"{args.save}/trl_run.json.tmp", "w") as f:  # the steps that sampled, as measured
-            json.dump({"on_policy_steps": [i for i, g in enumerate(generated) if g]}, f)
+            json.dump({"on_policy_steps": [i for i, g in enumerate(generated) if g], "steps": len(generated),
+                       "trained_tokens": sum(trained), "train_seconds": elapsed()}, f)
         os.replace(f"{args.save}/trl_run.json.tmp", f"{args.save}/trl_run.json")  # whole when quality.py sees it
     times = [b - a for a, b in zip(marks, marks[1:])]
     if args.out:

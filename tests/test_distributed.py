@@ -73,6 +73,13 @@ declare_training("eval-tp2", 2, [*EVAL, "--tensor_model_parallel_size", "2"])  #
 declare_training("eval-cp2", 2, [*EVAL, "--context_parallel_size", "2"])  # peers evaluate the same rows whole
 declare_training("eval-pp2", 2, [*EVAL, "--pipeline_model_parallel_size", "2"])  # through the stages, last one counts
 
+# DistiLLM's adaptive schedule: 8 steps, steps 2 fresh and 4, 6, 7 replayed (seed 42's draws at share 0.5); the
+# replay buffer holds the global batch's samples, so FSDP = 2 trains on the rows and samples one process does
+ADAPTIVE = ["--lmbda_schedule", "adaptive", "--replay_capacity", "8", "--eval_steps", "4", "--split_dataset_ratio",
+            "0.3", "--max_steps", "8"]
+declare_training("adaptive-single", 1, ADAPTIVE)
+declare_training("adaptive-fsdp2", 2, ADAPTIVE)
+
 
 def _with_generation_config(c, out):
     """A student whose generation config holds a list of EOS ids and a sampling default, in bfloat16."""
@@ -223,6 +230,24 @@ def test_evaluation_during_training_is_sharded_and_equals_one_process(runs, name
                     "eval_student_completion_length", "eval_student_repeated_4gram_share", "eval_student_distinct_2",
                     "eval_teacher_repeated_4gram_share", "eval_teacher_distinct_2"):
             assert abs(a[key] - b[key]) <= 1e-5, (key, a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_the_adaptive_schedule_replays_the_same_rows_and_samples_on_two_processes(runs):
+    ref, got = (read_metrics(runs[n] / "metrics.jsonl") for n in ("adaptive-single", "adaptive-fsdp2"))
+    steps = [m for m in ref if "loss" in m]
+    assert [m["step"] for m in steps if m.get("replay_share")] == [4, 6, 7]  # replays are compared
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got):
+        assert a.keys() == b.keys() and a["step"] == b["step"]
+        for key in ("loss", "eval_divergence", "student_data_share", "replay_buffer_rows", "replay_share",
+                    "on_policy_share", "completion_length"):
+            if key in a:
+                assert abs(a[key] - b[key]) <= 1e-5, (key, a, b)
+    w_ref, w = final_weights(runs["adaptive-single"]), final_weights(runs["adaptive-fsdp2"])
+    for k in w_ref:
+        torch.testing.assert_close(w[k], w_ref[k], rtol=0, atol=1e-5, msg=k)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import torch
 
 from gkd.config import TrainConfig
 from gkd.data.order import lmbda_draw
+from gkd.train.budget import factor
 from gkd.train.metrics import read_metrics
 from gkd.train.trainer import Trainer
 from helpers import ENV, assert_one_line_error, final_weights, gkd_in_process, gkd_subprocess, set_arg
@@ -37,6 +38,44 @@ def test_the_logged_learning_rate_is_the_one_each_step_trained_with(tiny, tmp_pa
     t = Trainer(cfg_for(tiny, tmp_path / "o", lr_scheduler_type="linear"), log=lambda *_: None)
     t.train()
     assert [m["learning_rate"] for m in read_metrics(t.out / "metrics.jsonl")] == pytest.approx([1e-3, 5e-4])
+
+
+def test_a_time_budget_ends_the_run_and_sets_each_steps_rate_by_the_time_used(tiny, tmp_path):
+    """--max_train_seconds: the run trains until its clock passes the budget (the step before it is under it)
+    and every step's logged rate is the cosine-with-warm-up at the share of the budget used when it started;
+    the last checkpoint carries the clock for a resume."""
+    budget = 2.0
+    t = Trainer(cfg_for(tiny, tmp_path / "o", max_steps=0, max_train_seconds=budget, lr_scheduler_type="cosine",
+                        warmup_ratio=0.2, micro_batch_size=4, global_batch_size=4, max_completion_length=2),
+                log=lambda *_: None)
+    t.train()
+    logged = read_metrics(t.out / "metrics.jsonl")
+    clock = [m["train_seconds"] for m in logged]
+    assert len(logged) >= 3 and clock[-1] >= budget > clock[-2] and clock == sorted(clock)
+    started = [0.0] + clock[:-1]
+    expected = [1e-3 * factor("cosine", 0.2, min(1.0, s / budget)) for s in started]
+    assert [m["learning_rate"] for m in logged] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert logged[0]["learning_rate"] == 0.0 and max(expected) > 5e-4  # it warms up, then decays
+    info = json.loads(next((t.out).glob("checkpoint-*/gkd_checkpoint.json")).read_text())
+    assert info["step"] == len(logged) and info["train_seconds"] == pytest.approx(clock[-1], abs=1e-3)
+
+
+def test_a_step_bound_ends_a_timed_run_first_and_the_schedule_follows_the_larger_share(tiny, tmp_path):
+    t = Trainer(cfg_for(tiny, tmp_path / "o", max_steps=3, max_train_seconds=3600.0, lr_scheduler_type="linear"),
+                log=lambda *_: None)
+    t.train()
+    logged = read_metrics(t.out / "metrics.jsonl")
+    assert len(logged) == 3  # the steps' share (1/3 a step) outruns the time's
+    assert [m["learning_rate"] for m in logged] == pytest.approx([1e-3, 1e-3 * 2 / 3, 1e-3 / 3], rel=1e-3)
+
+
+def test_budget_factor_follows_its_definition():
+    for p in (0.0, 0.05, 0.1, 0.3, 0.55, 0.99, 1.0):
+        warm = p / 0.1 if p < 0.1 else None
+        rest = (p - 0.1) / 0.9
+        assert factor("cosine", 0.1, p) == pytest.approx(warm if warm is not None else 0.5 * (1 + math.cos(math.pi * rest)))
+        assert factor("linear", 0.1, p) == pytest.approx(warm if warm is not None else 1 - rest)
+        assert factor("constant", 0.1, p) == pytest.approx(warm if warm is not None else 1.0)
 
 
 @pytest.mark.parametrize("lmbda", [0.0, 1.0])

@@ -87,7 +87,15 @@ class TrainConfig:
                                  "KL(teacher || a teacher + (1-a) student) / skew reverse KL KL(student || a student + "
                                  "(1-a) teacher) with a = --skew_alpha", choices=("gjsd", "skew_kl", "skew_reverse_kl"))
     skew_alpha: float = _f(0.1, "--divergence skew_kl / skew_reverse_kl: the weight a of the skewed side in the mixture")
-    lmbda: float = _f(0.5, "probability that a generation cycle is on-policy (student samples the completions)")
+    lmbda: float = _f(0.5, "probability that a generation cycle is on-policy (student samples the completions); "
+                           "with --lmbda_schedule adaptive, the starting share of steps on student data")
+    lmbda_schedule: str = _f("fixed", "fixed: every step samples with probability --lmbda (GKD); adaptive: DistiLLM's "
+                                      "adaptive off-policy schedule -- the share rises when the held-out divergence "
+                                      "(--eval_steps) grows, and student data steps replay earlier samples from a "
+                                      "buffer more as training goes on (docs/training.md)", choices=("fixed", "adaptive"))
+    adaptive_lmbda_step: float = _f(0.1, "--lmbda_schedule adaptive: how much the share rises at a time")
+    adaptive_lmbda_eps: float = _f(0.1, "--lmbda_schedule adaptive: the rise in held-out divergence that raises it")
+    replay_capacity: int = _f(1000, "--lmbda_schedule adaptive: student-sampled rows the replay buffer keeps")
     temperature: float = _f(0.9, "temperature of sampling and, unless --loss_temperature, of the divergence")
     loss_temperature: float = _f(None, "temperature of the divergence (default: --temperature; TRL's GKDTrainer "
                                        "computes it at 1 whatever its --temperature)")
@@ -153,10 +161,14 @@ class TrainConfig:
     learning_rate: float = _f(1e-5, "AdamW peak learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     lr_scheduler_type: str = _f("cosine", "learning-rate schedule after warm-up", choices=("cosine", "linear", "constant"))
-    warmup_ratio: float = _f(0.0, "fraction of the steps spent warming up linearly")
+    warmup_ratio: float = _f(0.0, "fraction of the steps (or of --max_train_seconds) spent warming up linearly")
     max_grad_norm: float = _f(1.0, "clip the gradient norm (0 = no clipping)")
     num_train_epochs: float = _f(1.0, "passes over the training data (ignored when --max_steps > 0)")
     max_steps: int = _f(0, "optimizer steps (0 = from --num_train_epochs)")
+    max_train_seconds: float = _f(0.0, "seconds of training (after the models load; 0 = no limit): the run ends at "
+                                        "the first step past them or at --max_steps, whichever comes first, and the "
+                                        "LR schedule runs over the budget's time (without --max_steps the epochs "
+                                        "do not bound it)")
     max_bad_steps: int = _f(3, "stop after this many consecutive steps with a NaN/inf loss (each is skipped)")
     seed: int = _f(42, "seed of data order, lmbda draws, sampling and LoRA init")
     loss_chunk_size: int = _f(0, "positions per lm_head chunk in the fused loss (0 = automatic)")
@@ -261,6 +273,10 @@ class TrainConfig:
         need(self.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, got {self.max_grad_norm}")
         need(self.max_steps >= 0, f"--max_steps must be >= 0, got {self.max_steps}")
         need(self.max_steps > 0 or self.num_train_epochs > 0, "--num_train_epochs must be > 0 when --max_steps is 0")
+        need(self.max_train_seconds >= 0, f"--max_train_seconds must be >= 0, got {self.max_train_seconds}")
+        need(not (self.max_train_seconds and not self.max_steps and self.num_train_epochs != 1.0),
+             f"--num_train_epochs {self.num_train_epochs} does not bound a run with --max_train_seconds: the time "
+             "does (bound the steps with --max_steps)")
         need(self.dataset_num_proc >= 0, f"--dataset_num_proc must be >= 0, got {self.dataset_num_proc}")
         need(0.0 <= self.split_dataset_ratio < 1.0, f"--split_dataset_ratio must be in [0, 1), got {self.split_dataset_ratio}")
         need(self.lora_rank >= 1, f"--lora_rank must be >= 1, got {self.lora_rank}")
@@ -274,7 +290,7 @@ class TrainConfig:
         need(self.max_bad_steps >= 1, f"--max_bad_steps must be >= 1, got {self.max_bad_steps}")
         need(self.speculative_kd_topk >= 0, f"--speculative_kd_topk must be >= 0, got {self.speculative_kd_topk}")
         if self.speculative_kd_topk:
-            need(self.lmbda > 0, f"--speculative_kd_topk {self.speculative_kd_topk} corrects on-policy samples, and "
+            need(self.samples_student, f"--speculative_kd_topk {self.speculative_kd_topk} corrects on-policy samples, and "
                                  "--lmbda 0 draws none: raise --lmbda or leave it at 0")
             need(not self.teacher_model_server, "--speculative_kd_topk needs a local --teacher_model: the teacher "
                                                 "reads each sampled token, a teacher server scores whole sequences")
@@ -289,6 +305,19 @@ class TrainConfig:
              "--vllm_tensor_parallel_size must be >= 1, --vllm_max_model_len and --vllm_kv_cache_memory_mb >= 0")
         need(self.vllm_server_timeout > 0, f"--vllm_server_timeout must be > 0, got {self.vllm_server_timeout}")
         need(self.async_generation >= 0, f"--async_generation must be >= 0, got {self.async_generation}")
+        if self.lmbda_schedule == "adaptive":
+            need(self.eval_steps > 0, "--lmbda_schedule adaptive follows the held-out divergence: it needs --eval_steps "
+                 "(and --val_dataset or --split_dataset_ratio)")
+            need(self.replay_capacity >= self.global_batch_size, f"--replay_capacity {self.replay_capacity} must hold "
+                 f"at least one batch (--global_batch_size {self.global_batch_size})")
+            need(0 < self.adaptive_lmbda_step <= 1 and self.adaptive_lmbda_eps >= 0, "--adaptive_lmbda_step must be in "
+                 f"(0, 1] and --adaptive_lmbda_eps >= 0, got {self.adaptive_lmbda_step} and {self.adaptive_lmbda_eps}")
+            need(not self.async_generation, "--async_generation requests the next fixed-lmbda step ahead; with "
+                 "--lmbda_schedule adaptive the next sampled step is not known in advance")
+        else:
+            defaults = {"adaptive_lmbda_step": 0.1, "adaptive_lmbda_eps": 0.1, "replay_capacity": 1000}
+            changed = [k for k, v in defaults.items() if getattr(self, k) != v]
+            need(not changed, f"--{changed[0] if changed else ''} is for --lmbda_schedule adaptive (this run's is fixed)")
         need(not self.async_generation or (self.use_vllm and self.vllm_mode == "server"),
              f"--async_generation {self.async_generation} needs --use_vllm true --vllm_mode server: only a separate "
              "vLLM server generates while this process trains (HF generate and vLLM colocate run in it)")
@@ -306,6 +335,11 @@ class TrainConfig:
     @property
     def divergence_temperature(self) -> float:
         return self.temperature if self.loss_temperature is None else self.loss_temperature
+
+    @property
+    def samples_student(self) -> bool:
+        """Whether any step may train on the student's samples."""
+        return self.lmbda > 0 or self.lmbda_schedule == "adaptive"
 
     @property
     def objective(self):
@@ -342,7 +376,8 @@ SECTIONS = {
                 "teacher_tokenizer", "cross_tokenizer_fallback"),
     "data": ("dataset", "val_dataset", "dataset_num_proc", "split_dataset_ratio", "max_length", "truncation_strategy",
              "max_completion_length", "packing", "packing_length"),
-    "method": ("beta", "divergence", "skew_alpha", "lmbda", "temperature", "loss_temperature", "sft_alpha", "router_aux_loss_coef", "seq_kd",
+    "method": ("beta", "divergence", "skew_alpha", "lmbda", "lmbda_schedule", "adaptive_lmbda_step",
+               "adaptive_lmbda_eps", "replay_capacity", "temperature", "loss_temperature", "sft_alpha", "router_aux_loss_coef", "seq_kd",
                "max_completion_length", "top_p", "top_k", "speculative_kd_topk", "loss_chunk_size", "seed"),
     "rollout": ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_max_model_len", "vllm_tensor_parallel_size",
                 "vllm_kv_cache_memory_mb", "sleep_level", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
@@ -353,7 +388,8 @@ SECTIONS = {
                  "pipeline_layers", "pipeline_schedule", "context_parallel_size", "expert_model_parallel_size",
                  "reduce_scatter_every_micro_batch", "gather_for_generation", "distributed_timeout"),
     "optim": ("micro_batch_size", "global_batch_size", "learning_rate", "weight_decay", "lr_scheduler_type",
-              "warmup_ratio", "max_grad_norm", "num_train_epochs", "max_steps", "max_bad_steps", "seed"),
+              "warmup_ratio", "max_grad_norm", "num_train_epochs", "max_steps", "max_train_seconds", "max_bad_steps",
+              "seed"),
     "checkpoint": ("output_dir", "overwrite_output_dir", "save_steps", "save_total_limit", "resume_from_checkpoint"),
     "logging": ("logging_steps", "report_to", "progress_bar"),
     "eval": ("eval_steps", "val_dataset", "max_completion_length", "global_batch_size"),

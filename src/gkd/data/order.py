@@ -31,10 +31,10 @@ class StepData:
             self._perm = {epoch: torch.randperm(len(self.examples), generator=g).tolist()}
         return self._perm[epoch]
 
-    def rows(self, step: int) -> list[Example]:
+    def indices(self, step: int) -> list[int]:
+        """The step's rows as indices into ``examples``."""
         n = len(self.examples)
-        out = []
-        for i in range(step * self.gb, (step + 1) * self.gb):
-            epoch, pos = divmod(i, n)
-            out.append(self.examples[self._order(epoch)[pos]])
-        return out
+        return [self._order(i // n)[i % n] for i in range(step * self.gb, (step + 1) * self.gb)]
+
+    def rows(self, step: int) -> list[Example]:
+        return [self.examples[i] for i in self.indices(step)]

@@ -130,6 +130,16 @@ class Parallel:
                 dist.all_reduce(t, op=op, group=self.mesh.get_group(dim))
         return t
 
+    def dp_gather(self, obj) -> list:
+        """Every data-parallel rank's ``obj``, in data-parallel rank order (the order of ``dp_slice``)."""
+        out = [obj]
+        for dim in ("dp_shard", "dp_replicate"):  # the inner dimension first: dp_rank = replicate x shard + shard
+            if self.mesh is not None and self.mesh.size(self.mesh.mesh_dim_names.index(dim)) > 1:
+                box = [None] * self.mesh.size(self.mesh.mesh_dim_names.index(dim))
+                dist.all_gather_object(box, out, group=self.mesh.get_group(dim))
+                out = [x for part in box for x in part]
+        return out
+
     def pipeline_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sums over the data-parallel ranks and a pipeline's stages, of values one stage alone holds (the last
         stage's evaluation sums, the sampler's corrected-token counts)."""

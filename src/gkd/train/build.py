@@ -3,8 +3,6 @@ optimizer. The trainer calls these once and then only loops."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from gkd import parallel
@@ -16,6 +14,7 @@ from gkd.models import (adapter_for, apply_lora, check_compatible, eos_ids, free
 from gkd.parallel.expert import expert_parameters
 from gkd.rollout.base import SamplingConfig
 from gkd.rollout.factory import local_rollout, student_rollout
+from gkd.train import checkpoint, outdir
 from gkd.train.step import LossArgs
 
 
@@ -195,14 +194,36 @@ def cached_teacher(teacher, cfg, par, log):
     return teacher
 
 
+def check_before_loading(cfg, par, log) -> tuple:
+    """What is checked before any model loads: the batch split, the layout's options, the output folder and
+    the checkpoint to resume (a damaged marker or other pinned flags). Returns (output folder, checkpoint
+    path or None, its gkd_checkpoint.json or {})."""
+    cfg.grad_accumulation_steps(par.dp_size)  # a one-line error unless the global batch splits
+    parallel.check_options(cfg, par.world, par.tp)
+    if par.dp_mesh is None and not (cfg.reduce_scatter_every_micro_batch and cfg.gather_for_generation):
+        log("[gkd] --reduce_scatter_every_micro_batch / --gather_for_generation apply to FSDP only: "
+            "this run does not shard the student")
+    out = outdir.check_output_dir(cfg.output_dir)
+    if cfg.teacher_cache:
+        from gkd.teacher.cache import check_folder
+
+        check_folder(cfg.teacher_cache)
+    path = checkpoint.resolve(cfg.resume_from_checkpoint, out) if cfg.resume_from_checkpoint else None
+    resumed = checkpoint.read_info(path) if path is not None else {}
+    if path is not None:
+        checkpoint.check_settings(path, resumed, cfg)
+    outdir.check_owner(out, path, cfg.overwrite_output_dir)  # one run per folder
+    return out, path, resumed
+
+
 def check_fits(cfg, student_model, teacher, train_rows, val_rows) -> None:
     """Sequences within both contexts: one line now, not a failure mid-run."""
-    sampled = cfg.lmbda > 0 or cfg.seq_kd or bool(val_rows and cfg.eval_steps)
+    sampled = cfg.samples_student or cfg.seq_kd or bool(val_rows and cfg.eval_steps)
     contexts = {"student": model_context(student_model)}
     if teacher.context is not None:
         contexts["teacher"] = teacher.context
     check_context(train_rows + val_rows, cfg.max_completion_length, sampled, contexts)
-    teacher.check_rows(train_rows, cfg.max_completion_length, cfg.lmbda > 0)  # it scores training rows only
+    teacher.check_rows(train_rows, cfg.max_completion_length, cfg.samples_student)  # it scores training rows only
 
 
 def rollouts(cfg, student_model, tokenizer, teacher, train_rows, par, out, log):
@@ -210,7 +231,7 @@ def rollouts(cfg, student_model, tokenizer, teacher, train_rows, par, out, log):
     sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                               top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.global_batch_size)
     local = local_rollout(sampling, eos_ids(tokenizer, student_model), tokenizer.pad_token_id, par)
-    if cfg.lmbda > 0:
+    if cfg.samples_student:
         local.check_model(student_model, f"--model {cfg.model}")
     if cfg.seq_kd or any(e.completion_ids is None for e in train_rows):
         if cfg.lmbda < 1 or cfg.seq_kd:
@@ -235,24 +256,10 @@ def corrected_rollout(topk: int, local, teacher, student_model, model_spec: str,
     return rollout
 
 
-def lr_lambda(kind: str, warmup: int, total: int):
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
-
-    return f
-
-
-def optimizer(o, params, n_rows: int):
-    """(AdamW, its LR schedule, the run's optimizer steps) from the optim section."""
-    total = o.max_steps or max(1, math.ceil(o.num_train_epochs * n_rows / o.global_batch_size))
+def optimizer(o, params, budget):
+    """(AdamW, its LR schedule along ``budget``) from the optim section."""
     opt = torch.optim.AdamW(params, lr=o.learning_rate, weight_decay=o.weight_decay, fused=True)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.lr_scheduler_type, int(o.warmup_ratio * total), total))
-    return opt, schedule, total
+    return opt, budget.schedule(opt)
 
 
 def memory(student_model, opt, teacher, par) -> dict:

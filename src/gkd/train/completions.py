@@ -1,5 +1,5 @@
-"""Where a step's completions come from: the lmbda draw picks the student's samples (on-policy) or the
-dataset's completions (off-policy), which the teacher writes where a row has none or --seq_kd is on."""
+"""A step's completions: the student's samples (on-policy) or the dataset's completions (off-policy), which the
+teacher writes where a row has none or --seq_kd is on. Which of them a step takes is gkd.train.sources'."""
 
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ class Completions:
         # whether off-policy steps can need teacher completions at all (else no rank asks the others)
         self.teacher_completes = method.seq_kd or any(e.completion_ids is None for e in train_rows)
 
-    def __call__(self, rows: list[Example], step: int, first: int, inputs, teacher_inputs
+    def __call__(self, rows: list[Example], step: int, first: int, inputs, teacher_inputs, sample: bool
                  ) -> tuple[list[list[int]], int | None]:
         """Completion ids for each row and the policy version that sampled them: the number of optimizer steps
         whose updates the student's weights held (``step`` itself when exactly on-policy; None: the dataset's
-        or the teacher's completions). The lmbda draw is the same on every rank. ``first`` is the index of
-        rows[0] in the global batch: it seeds each row's sample. ``inputs`` / ``teacher_inputs``: each row's
-        other model inputs (images) for the student / the teacher."""
-        if lmbda_draw(self.method.seed, step) < self.method.lmbda:
+        or the teacher's completions). ``sample`` (the same on every rank): the student samples them. ``first``
+        is the index of rows[0] in the global batch: it seeds each row's sample. ``inputs`` / ``teacher_inputs``:
+        each row's other model inputs (images) for the student / the teacher."""
+        if sample:
             drawn, version = self._sampled(rows, step, first, inputs)
         else:
             drawn, version = self._not_sampled(rows, step, first, inputs, teacher_inputs), None

@@ -60,10 +60,12 @@ class Window:
     proposed: int = 0  # --speculative_kd_topk: tokens the student proposed, and those the teacher replaced
     replaced: int = 0
     teachers: dict = field(default_factory=dict)  # routed teacher -> TEACHER_STATS sums
+    replayed_seqs: int = 0  # of the student's: replayed from earlier steps (--lmbda_schedule adaptive)
     steps: int = 0
     t0: float = field(default_factory=time.perf_counter)
 
-    def add(self, s: StepStats, tokens: int, seqs: int, sampled: bool, grad_norm: float, learning_rate: float) -> None:
+    def add(self, s: StepStats, tokens: int, seqs: int, sampled: bool, grad_norm: float, learning_rate: float,
+            replayed: bool = False) -> None:
         self.loss += s.loss
         self.div += s.divergence
         self.sft += s.sft
@@ -72,6 +74,7 @@ class Window:
         self.tokens += tokens
         self.seqs += seqs
         self.student_seqs += seqs if sampled else 0
+        self.replayed_seqs += seqs if replayed else 0
         self.grad_norm += grad_norm
         self.learning_rate = learning_rate
         self.router_aux += s.router_aux
@@ -100,6 +103,7 @@ class Window:
             "tokens_per_s": self.tokens / max(elapsed, 1e-9),
             "step_time": elapsed / self.steps,
             "on_policy_share": self.student_seqs / max(self.seqs, 1),
+            "replay_share": self.replayed_seqs / max(self.seqs, 1) if self.replayed_seqs else None,
             "completion_length": self.tokens / max(self.seqs, 1),
             "top1_agreement": self.agree / max(self.tokens, 1),
             "policy_version": self.policy_version,

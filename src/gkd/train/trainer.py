@@ -17,7 +17,9 @@ from gkd.data.rows import Example
 from gkd.errors import GKDError
 from gkd.models import adapter_for, load_tokenizer
 from gkd.models.adapter import check_packing
-from gkd.train import build, checkpoint, outdir
+from gkd.train import build, checkpoint, outdir, sources
+from gkd.train.budget import Budget
+from gkd.train.sources import DATA, FRESH, REPLAY
 from gkd.train.completions import Ahead, Completions
 from gkd.train.malloc import limit_heap_retention
 from gkd.train.metrics import MetricsLog, plot
@@ -33,20 +35,7 @@ class Trainer:
         self.device = par.device
         if self.device.type == "cpu":
             limit_heap_retention()
-        cfg.grad_accumulation_steps(par.dp_size)  # a one-line error unless the global batch splits
-        parallel.check_options(cfg, par.world, par.tp)
-        if par.dp_mesh is None and not (cfg.reduce_scatter_every_micro_batch and cfg.gather_for_generation):
-            log("[gkd] --reduce_scatter_every_micro_batch / --gather_for_generation apply to FSDP only: "
-                "this run does not shard the student")
-        self.out = outdir.check_output_dir(cfg.output_dir)
-        if cfg.teacher_cache:  # one line now, before any model loads
-            from gkd.teacher.cache import check_folder
-
-            check_folder(cfg.teacher_cache)
-        path = checkpoint.resolve(cfg.resume_from_checkpoint, self.out) if cfg.resume_from_checkpoint else None
-        if path is not None:  # before any work: a damaged marker or other flags are one line now
-            checkpoint.check_settings(path, checkpoint.read_info(path), cfg)
-        outdir.check_owner(self.out, path, cfg.overwrite_output_dir)  # one run per folder, before any work
+        self.out, path, resumed = build.check_before_loading(cfg, par, log)
         torch.manual_seed(cfg.seed)
 
         self.tokenizer = load_tokenizer(cfg.model)
@@ -70,10 +59,12 @@ class Trainer:
         self._eval_teacher_completions = {}  # per teacher: its greedy completions of the held-out prompts
 
         self.params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer, self.scheduler, self.total_steps = build.optimizer(cfg.section("optim"), self.params,
-                                                                           len(self.train_examples))
+        self.budget = Budget(cfg.section("optim"), len(self.train_examples), par, resumed.get("train_seconds", 0.0))
+        self.optimizer, self.scheduler = build.optimizer(cfg.section("optim"), self.params, self.budget)
         self.data = StepData(self.train_examples, cfg.global_batch_size, cfg.seed)
-        ahead = Ahead(cfg.async_generation, cfg.section("method"), self.data, self.total_steps - 1, par,
+        self.sources = sources.schedule(cfg.section("method"), cfg.global_batch_size)
+        self.sources.load(resumed.get("sources", {}))
+        ahead = Ahead(cfg.async_generation, cfg.section("method"), self.data, self.budget.step_bound - 1, par,
                       self.rollout) if cfg.async_generation else None
         self.completions = Completions(cfg.section("method"), self.rollout, self.sampler, self.teacher,
                                        self.student, self.train_examples, par, cfg.gather_for_generation, ahead)
@@ -94,12 +85,18 @@ class Trainer:
 
     def train_step(self, step: int, window: Window) -> float:
         cfg, par = self.cfg, self.par
-        everyone = self.data.rows(step)
+        source = self.sources.source(step, self.budget.progress(step))
+        indices, replayed, version = self.sources.rows(step, source, self.data)
+        everyone = [self.train_examples[i] for i in indices]
         lo, hi = par.dp_slice(len(everyone))
         rows = everyone[lo:hi]  # this data-parallel rank's share of the global batch
         inputs, teacher_inputs = self._row_inputs(rows)  # processed once, shared by generation and scoring
-        completions, version = self.completions(rows, step, lo, inputs, teacher_inputs)
-        sampled = version is not None
+        if replayed is not None:  # earlier samples of the student (the adaptive schedule)
+            completions = replayed[lo:hi]
+        else:
+            completions, version = self.completions(rows, step, lo, inputs, teacher_inputs, source == FRESH)
+            self.sources.keep(source, step, indices, completions, version, par)
+        sampled = source != DATA
         if cfg.speculative_kd_topk:  # every rank, every step: the tokens proposed and replaced, over the ranks
             proposed, replaced = par.pipeline_reduce(torch.tensor(self.rollout.take_counts())).tolist()
             window.proposed, window.replaced = window.proposed + proposed, window.replaced + replaced
@@ -134,10 +131,11 @@ class Trainer:
         self.bad_steps = 0
         learning_rate = self.scheduler.get_last_lr()[0]  # this update's (the scheduler then moves to the next)
         self.optimizer.step()
+        self.budget.tick()  # the schedule's next value may depend on the time
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.rollout.weights_changed()
-        window.add(stats, n_tokens, len(everyone), sampled, float(grad_norm), learning_rate)
+        window.add(stats, n_tokens, len(everyone), sampled, float(grad_norm), learning_rate, source == REPLAY)
         window.add_policy(step, version)
         if self.memory is None:  # optimizer state exists after the first update
             self.memory = build.memory(self.student, self.optimizer, self.teacher, par)
@@ -174,7 +172,9 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> Path:
         return checkpoint.save(self.out, step, self.student, self.optimizer, self.scheduler,
-                               {"bad_steps": self.bad_steps, "settings": checkpoint.settings(self.cfg)},
+                               {"bad_steps": self.bad_steps, "train_seconds": self.budget.elapsed,
+                                "sources": self.sources.state(),
+                                "settings": checkpoint.settings(self.cfg)},
                                self.cfg.save_total_limit, self.par)
 
     def train(self) -> dict:
@@ -196,26 +196,29 @@ class Trainer:
         sinks = cfg.report_to or []
         metrics = MetricsLog(self.out, tensorboard="tensorboard" in sinks, resume_step=self.start_step,
                              enabled=main, wandb_config=cfg.to_dict() if "wandb" in sinks else None)
-        bar = tqdm(total=self.total_steps, initial=self.start_step, desc="gkd train",
+        bar = tqdm(total=self.budget.steps, initial=self.start_step, desc="gkd train",
                    disable=not (cfg.progress_bar and main), dynamic_ncols=True)
-        window, last = Window(), {}
-        for step in range(self.start_step, self.total_steps):
-            self.train_step(step, window)
-            done = step + 1
-            if window.steps and (done % cfg.logging_steps == 0 or done == self.total_steps):
-                last = {k: v for k, v in {**window.metrics(), **(self.memory or {})
-                                          }.items() if v is not None}
-                metrics.log(done, last)
+        window, last, done = Window(), {}, self.start_step
+        self.budget.start()
+        while not self.budget.over(done):
+            self.train_step(done, window)
+            done += 1
+            end = self.budget.over(done)
+            if window.steps and (done % cfg.logging_steps == 0 or end):
+                last = {k: v for k, v in {**window.metrics(), **(self.memory or {})}.items() if v is not None}
+                metrics.log(done, {**last, **self.budget.metrics()})
                 bar.set_postfix(loss=f"{last['loss']:.4f}", agree=f"{last['top1_agreement']:.3f}")
                 window = Window()
-            if self.val_examples and cfg.eval_steps and (done % cfg.eval_steps == 0 or done == self.total_steps):
-                metrics.log(done, self.evaluate())
-            if cfg.save_steps and done % cfg.save_steps == 0 and done < self.total_steps:
+            if self.val_examples and cfg.eval_steps and (done % cfg.eval_steps == 0 or end):
+                held_out = self.evaluate()
+                self.sources.observe(held_out)
+                metrics.log(done, {**held_out, **self.sources.metrics()})
+            if cfg.save_steps and done % cfg.save_steps == 0 and not end:
                 self.save_checkpoint(done)
             bar.update(1)
         bar.close()
         metrics.close()
-        self.save_checkpoint(self.total_steps)
+        self.save_checkpoint(done)
         checkpoint.export(self.student, self.tokenizer, self.out / "final", cfg, self.par)
         if main:
             try:
