@@ -168,10 +168,13 @@ def run_gkd(run: dict, a, teacher_dir: Path, student_dir: Path, data: Path, judg
                       max_completion_length=a.max_new_tokens,
                       micro_batch_size=a.batch_size, global_batch_size=a.batch_size,
                       learning_rate=run["learning_rate"], lr_scheduler_type="cosine", warmup_ratio=0.1,
-                      max_steps=0 if a.budget_s else a.steps, max_train_seconds=a.budget_s, seed=run["seed"], output_dir=str(a.work / "gkd-run"), save_steps=0,
+                      max_steps=0 if a.budget_s else a.steps, max_train_seconds=a.budget_s, seed=run["seed"],
+                      output_dir=str(a.work / "gkd-run"), save_steps=0,
                       logging_steps=1, progress_bar=False, overwrite_output_dir=True,
                       speculative_kd_topk=a.speculative_kd_topk if run["lmbda"] > 0 else 0,
-                      **({"divergence": a.divergence, "skew_alpha": run["beta"] or 0.1} if a.divergence != "gjsd" else {}))
+                      **({"divergence": a.divergence, "skew_alpha": run["beta"] or 0.1} if a.divergence != "gjsd" else {}),
+                      **({"lmbda_schedule": "adaptive", "eval_steps": a.eval_steps, "split_dataset_ratio": 0.05}
+                         if a.lmbda_schedule == "adaptive" else {}))
     started = time.perf_counter()
     trainer = Trainer(cfg, log=lambda *_: None)
     trainer.train()
@@ -180,9 +183,10 @@ def run_gkd(run: dict, a, teacher_dir: Path, student_dir: Path, data: Path, judg
     trainer.close()
     del trainer
     gc.collect()
-    logged = read_metrics(a.work / "gkd-run" / "metrics.jsonl")
+    logged = [m for m in read_metrics(a.work / "gkd-run" / "metrics.jsonl") if "loss" in m]  # not evaluations
     sampled = [m["step"] - 1 for m in logged if m["on_policy_share"]]
-    assert sampled == on_policy_steps(run, len(logged)), (run, sampled)
+    if a.lmbda_schedule == "fixed":  # the steps TRL is given
+        assert sampled == on_policy_steps(run, len(logged)), (run, sampled)
     if a.budget_s:
         seconds = logged[-1]["train_seconds"]  # the trainer's own clock: the steps, not the loading
     return {**metrics, "train_seconds": round(seconds, 1), "on_policy_steps": len(sampled), "steps": len(logged),
@@ -267,7 +271,7 @@ def results_file(a, tool: str) -> Path:
 def settings(a) -> dict:
     """What every run's result depends on beside its name (tool, lmbda, beta, rate, seed)."""
     keys = ("steps", "batch_size", "max_new_tokens", "temperature", "loss_temperature", "teacher_samples",
-            "eval_samples", "speculative_kd_topk", "divergence", "budget_s", "warm_start", "warm_start_steps",
+            "eval_samples", "speculative_kd_topk", "divergence", "lmbda_schedule", "eval_steps", "budget_s", "warm_start", "warm_start_steps",
             "warm_start_lr")
     return {k: getattr(a, k) for k in keys}
 
@@ -318,6 +322,25 @@ def table(groups: dict, keys: tuple[str, ...], columns: tuple[str, ...] = COLUMN
     for key, rows in groups.items():
         lines.append("| " + " | ".join(str(k) for k in key) + f" | {len(rows)} | "
                      + " | ".join(summary(rows, m) for m in columns) + " |")
+    return "\n".join(lines)
+
+
+def best_against_best(grid: dict, columns: tuple[str, ...]) -> str:
+    """Each tool's best recipe (highest mean held-out top-1 in the grid) and the differences gkd - TRL per
+    metric, beside the seeds' spread (the larger half-range of the two), each seed's pair too."""
+    best = {t: max((k for k in grid if k[0] == t), key=lambda k: statistics.fmean(r["top1_agreement"] for r in grid[k]))
+            for t in sorted({k[0] for k in grid})}
+    lines = ["\n## Each tool's best recipe (highest mean top-1)\n", table({k: grid[k] for k in best.values()},
+                                                                           ("tool", "lmbda", "beta"), columns)]
+    if {"gkd", "trl"} <= best.keys():
+        g, t = grid[best["gkd"]], grid[best["trl"]]
+        lines.append("\n| metric | gkd - TRL (means) | seeds' spread | per seed (gkd - TRL) |\n|---|---|---|---|")
+        for m in METRICS:
+            spread = max((max(r[m] for r in rows) - min(r[m] for r in rows)) / 2 for rows in (g, t))
+            per_seed = {r["seed"]: r[m] for r in g}
+            pairs = [per_seed[r["seed"]] - r[m] for r in t if r["seed"] in per_seed]
+            lines.append(f"| {m} | {statistics.fmean(r[m] for r in g) - statistics.fmean(r[m] for r in t):+.3f} | "
+                         f"± {spread:.3f} | {', '.join(f'{d:+.3f}' for d in pairs)} |")
     return "\n".join(lines)
 
 
@@ -374,6 +397,10 @@ def main() -> None:
                     help="sft: every run starts from the student fine-tuned on the teacher-written rows")
     ap.add_argument("--warm_start_steps", type=int, default=64)
     ap.add_argument("--warm_start_lr", type=float, default=1e-3)
+    ap.add_argument("--lmbda_schedule", default="fixed", choices=("fixed", "adaptive"),
+                    help="gkd's --lmbda_schedule (adaptive: DistiLLM's, from --lmbdas as the starting share, "
+                         "evaluated every --eval_steps on 5 %% of the training rows held out)")
+    ap.add_argument("--eval_steps", type=int, default=8, help="--lmbda_schedule adaptive: steps between evaluations")
     ap.add_argument("--threads", type=int, default=2, help="threads in all")
     ap.add_argument("--jobs", type=int, default=2, choices=(1, 2), help="2: the tools train side by side, each in "
                     "its own process with its share of the threads (on 2 cores two 1-thread processes get more done "
@@ -382,6 +409,8 @@ def main() -> None:
     if a.divergence != "gjsd" and not all(0 <= b < 1 for b in a.betas):
         raise SystemExit(f"[quality] --divergence {a.divergence}: --betas are its alphas, each in [0, 1) (0 reads as "
                          f"0.1), got {a.betas}")
+    if "trl" in a.tools and (a.divergence != "gjsd" or a.lmbda_schedule != "fixed" or a.speculative_kd_topk):
+        ap.error("--divergence, --lmbda_schedule and --speculative_kd_topk are gkd's options: they need --tools gkd")
     if "trl" in a.tools and a.loss_temperature != 1.0:
         ap.error("TRL computes its divergence at temperature 1: --loss_temperature other than 1 needs --tools gkd")
     import torch
@@ -419,6 +448,8 @@ def main() -> None:
     overall = group([results[name(r)] for r in grid_runs], ("tool",))
     print("\n## Over the whole grid\n")
     print(table(overall, ("tool",), columns))
+    if len(a.tools) > 1:
+        print(best_against_best(grid, columns))
     plot(grid, a.work / "quality.png")
     print(f"\n[quality] {time.perf_counter() - started:.0f} s; {a.work}/results-*.json, {a.work / 'quality.png'}")
 

@@ -52,23 +52,10 @@ def roofline(threads: int, now) -> dict:
     """Bytes/s of a memory read and FLOP/s of a large float32 matmul on ``threads`` threads (best of 5)."""
     import torch
 
+    from gkd.machine import matmul_gflop_s, read_gb_s
+
     torch.set_num_threads(threads)
-
-    def best(f, n=5):
-        f()
-        times = []
-        for _ in range(n):
-            t0 = now()
-            f()
-            times.append(now() - t0)
-        return min(times)
-
-    big = torch.ones(2**28)  # 1 GiB, beyond the caches
-    bandwidth = big.numel() * 4 / best(lambda: big.sum())
-    del big
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    flops = 2 * 2048**3 / best(lambda: a @ b)
-    return {"bandwidth_gb_s": bandwidth / 1e9, "matmul_gflop_s": flops / 1e9}
+    return {"bandwidth_gb_s": read_gb_s(now), "matmul_gflop_s": matmul_gflop_s(now)}
 
 
 def measure_hf(student: str, batch: int, new_tokens: int, rounds: int, now) -> dict:

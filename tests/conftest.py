@@ -219,14 +219,17 @@ def moe(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def vl(tmp_path_factory):
-    """Tiny Qwen2-VL, LLaVA and Qwen3-VL student / teacher pairs and image rows."""
-    from tiny import write_image_dataset, write_llava, write_qwen2vl, write_qwen3vl
+    """Tiny Qwen2-VL, LLaVA, InternVL and Qwen3-VL student / teacher pairs and image rows."""
+    from tiny import write_image_dataset, write_internvl, write_llava, write_qwen2vl, write_qwen3vl
 
     root = tmp_path_factory.mktemp("vl")
     pairs = {
         "qwen2_vl": (write_qwen2vl(root / "qwen-student", seed=2),
                      write_qwen2vl(root / "qwen-teacher", layers=3, seed=1)),
         "llava": (write_llava(root / "llava-student", seed=2), write_llava(root / "llava-teacher", layers=3, seed=1)),
+        # tiles per image, <img> ... </img> around their tokens, a tied output head
+        "internvl": (write_internvl(root / "internvl-student", seed=2),
+                     write_internvl(root / "internvl-teacher", layers=3, seed=1)),
         # DeepStack: vision features added inside the first decoder layers (split with the tokens under CP)
         "qwen3_vl": (write_qwen3vl(root / "qwen3-student", seed=2),
                      write_qwen3vl(root / "qwen3-teacher", layers=3, seed=1)),

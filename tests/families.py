@@ -98,7 +98,8 @@ def family_config(family: str, layers: int = 2, **overrides):
 
 
 # the vision-language families (tests/tiny.py's fixtures; their image paths are tested in test_multimodal.py)
-VISION = {"qwen2_vl": dict(), "qwen2_5_vl": dict(qwen25=True), "llava": dict(), "qwen3_vl": dict(layers=3),
+VISION = {"qwen2_vl": dict(), "qwen2_5_vl": dict(qwen25=True), "llava": dict(), "internvl": dict(),
+          "qwen3_vl": dict(layers=3),
           "qwen3_vl_moe": dict(moe=True, layers=3)}  # (at least 3 layers: a pipeline's first stage holds 2 DeepStack ones)
 ALL = [*FAMILIES, *VISION]
 
@@ -110,9 +111,10 @@ def write_family(folder: Path, family: str, *, layers: int = 2, seed: int = 0, *
     if family in VISION:
         from transformers import AutoModelForImageTextToText
 
-        from tiny import write_llava, write_qwen2vl, write_qwen3vl
+        from tiny import write_internvl, write_llava, write_qwen2vl, write_qwen3vl
 
-        write = {"llava": write_llava, "qwen3_vl": write_qwen3vl, "qwen3_vl_moe": write_qwen3vl}.get(family, write_qwen2vl)
+        write = {"llava": write_llava, "internvl": write_internvl, "qwen3_vl": write_qwen3vl,
+                 "qwen3_vl_moe": write_qwen3vl}.get(family, write_qwen2vl)
         kw = dict(VISION[family])
         write(folder, layers=max(layers, kw.pop("layers", 0)), seed=seed, **kw)  # (a fixture's "layers": the least)
         # the fixture's lm_head (std 0.02) gives logits of std ~0.1, nearly uniform: scaled, their distributions

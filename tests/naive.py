@@ -108,7 +108,8 @@ def image_inputs(folder: str, rows) -> list[dict] | None:
     processor = AutoImageProcessor.from_pretrained(folder)
     out = []
     for r in rows:
-        got = processor(images=r.images, return_tensors="pt") if r.images else {}
+        got = dict(processor(images=r.images, return_tensors="pt")) if r.images else {}
+        got.pop("num_patches", None)  # InternVL's tiles per image: its processor counts tokens with it, then drops it
         out.append({k: v.double() if v.is_floating_point() else v for k, v in got.items()})
     return out
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ from helpers import (ENV, assert_one_line_error, declare, final_weights, gkd_in_
                      start_gkd_serve, stop)
 from tiny import write_image, write_model, write_qwen2vl
 
-FAMILIES = ("qwen2_vl", "llava", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "llava", "internvl", "qwen3_vl")
 
 
 def cfg_for(vl, family, out, **kw):
@@ -60,17 +61,52 @@ def test_rows_of_both_forms_expand_images_as_the_processor_does(vl):
     raw = [json.loads(line) for line in vl["data"].read_text().splitlines()]
     assert [len(r.images) for r in rows] == [0 if i % 3 == 2 else 1 for i in range(8)]
     for row, example in zip(raw, rows):
-        messages = row["messages"][:1]
-        if example.images:
-            text = messages[0]["content"]
-            parts = text if isinstance(text, list) else [{"type": "image"}, {"type": "text", "text": text[8:]}]
-            messages = [{"role": "user", "content": [{"type": p["type"], **({"text": p["text"]} if "text" in p else {})}
-                                                     for p in parts]}]
+        messages = _typed(row["messages"][:1], bool(example.images))
         rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         theirs = processor(text=[rendered], images=example.images or None, return_tensors="pt")
         assert theirs["input_ids"][0].tolist() == example.prompt_ids
         if example.images:
             torch.testing.assert_close(theirs["pixel_values"], images(example.images)["pixel_values"])
+
+
+def test_internvl_rows_expand_images_into_tiles_as_its_processor_does(vl):
+    """InternVL's processor cannot be built here (its video processor needs torchvision): its own expansion
+    (InternVLProcessor.replace_image_token: <img>, 4 tokens per tile, </img>) is applied by hand to the text its
+    chat template renders, with the tiles its image processor cuts; gkd's rows hold the same ids and pixels."""
+    from transformers import InternVLProcessor
+
+    student = vl["pairs"]["internvl"][0]
+    tok = load_tokenizer(str(student))
+    images = load_image_processing(str(student), tok)
+    rows = load_examples([str(vl["data"])], tok, max_length=512, truncation_strategy="left", max_completion_length=8,
+                         images=images)
+    theirs = types.SimpleNamespace(start_image_token="<img>", end_image_token="</img>", image_token="<IMG_CONTEXT>",
+                                   image_seq_length=4)
+    raw = [json.loads(line) for line in vl["data"].read_text().splitlines()]
+    tiles = []
+    for row, example in zip(raw, rows):
+        rendered = tok.apply_chat_template(_typed(row["messages"][:1], bool(example.images)), add_generation_prompt=True,
+                                           tokenize=False)
+        if example.images:
+            processed = images.image_processor(images=example.images, return_tensors="pt")
+            torch.testing.assert_close(processed["pixel_values"], images(example.images)["pixel_values"])
+            tiles += processed["num_patches"].tolist()
+            parts = rendered.split("<IMG_CONTEXT>")
+            assert len(parts) == len(example.images) + 1
+            rendered = parts[0] + "".join(InternVLProcessor.replace_image_token(
+                theirs, {"num_patches": processed["num_patches"].tolist()}, k) + rest for k, rest in enumerate(parts[1:]))
+        assert tok(rendered, add_special_tokens=False)["input_ids"] == example.prompt_ids
+    assert len(set(tiles)) > 1  # images of several tile counts (a thumbnail beside the tiles) are compared
+
+
+def _typed(messages: list[dict], has_image: bool) -> list[dict]:
+    """A row's first message as Hugging Face's typed parts (an ms-swift <image> tag as an image part)."""
+    if not has_image:
+        return messages
+    text = messages[0]["content"]
+    parts = text if isinstance(text, list) else [{"type": "image"}, {"type": "text", "text": text[8:]}]
+    return [{"role": "user", "content": [{"type": p["type"], **({"text": p["text"]} if "text" in p else {})}
+                                         for p in parts]}]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -56,7 +56,7 @@ def write_dataset(path: Path, n: int = 16, seed: int = 0, prompt_only: bool = Fa
 # --- vision-language fixtures -----------------------------------------------------------------------
 
 VL_SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<unk>", "<|vision_start|>", "<|vision_end|>",
-               "<|image_pad|>", "<|video_pad|>", "<image>"]
+               "<|image_pad|>", "<|video_pad|>", "<image>", "<img>", "</img>", "<IMG_CONTEXT>"]
 # a chat template that renders content strings and typed parts; an image part is the family's placeholder
 _VL_TEMPLATE = (
     "{% for m in messages %}<|im_start|> {{ m['role'] }} "
@@ -68,7 +68,7 @@ _VL_TEMPLATE = (
 )
 
 
-def _vl_tokenizer(folder: Path, vocab_size: int, image_text: str) -> None:
+def _vl_tokenizer(folder: Path, vocab_size: int, image_text: str, **extra) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -77,7 +77,8 @@ def _vl_tokenizer(folder: Path, vocab_size: int, image_text: str) -> None:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>",
-                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>", "</s>", *VL_SPECIALS[6:]])
+                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>", "</s>", *VL_SPECIALS[6:]],
+                                   **extra)
     fast.chat_template = _VL_TEMPLATE.replace("IMAGE", image_text)
     fast.save_pretrained(str(folder))
 
@@ -175,6 +176,41 @@ def write_llava(folder: Path, *, layers: int = 2, hidden: int = 32, heads: int =
     LlavaProcessor(image_processor=images, tokenizer=AutoTokenizer.from_pretrained(str(folder)), patch_size=14,
                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
                    chat_template=_VL_TEMPLATE.replace("IMAGE", "<image>")).save_pretrained(str(folder))
+    return folder
+
+
+def write_internvl(folder: Path, *, layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
+                   vocab_size: int = 96, seed: int = 0, image_size: int = 56) -> Path:
+    """A tiny random InternVL 3.5 (InternViT tower, pixel-shuffle projector, Qwen3 text with q/k norms, the
+    embedding tied to the output head as in the released models) with its PIL image processor cutting images
+    into up to 4 tiles of 56 x 56 (and a thumbnail): 4 <IMG_CONTEXT> tokens a tile, between <img> and </img>."""
+    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=[image_size, image_size], patch_size=[14, 14], use_qk_norm=False)
+    text = dict(model_type="qwen3", vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                head_dim=hidden // heads, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1,
+                eos_token_id=4, pad_token_id=0)
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=VL_SPECIALS.index("<IMG_CONTEXT>"),
+                            image_seq_length=(image_size // 14) ** 2 // 4, downsample_ratio=0.5,
+                            tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    with torch.no_grad():  # initialised to zeros, the class token's input is 0 and its layer norm's gradient there
+        embeddings = model.model.vision_tower.embeddings  # is rounding amplified by 1/sqrt(eps): trained values
+        embeddings.cls_token.normal_(std=0.02)
+        embeddings.position_embeddings.normal_(std=0.02)
+        for name, p in model.model.vision_tower.named_parameters():  # near-uniform attention (std 0.02) leaves the
+            if name.endswith(("q_proj.weight", "k_proj.weight")):  # class token, whose output is dropped, a gradient
+                p.mul_(30.0)  # of float32 rounding's size; peaked attention, as in trained towers, gives it a real one
+    model.generation_config.update(pad_token_id=0, eos_token_id=4, bos_token_id=1)
+    model.save_pretrained(str(folder))
+    _vl_tokenizer(folder, vocab_size, "<IMG_CONTEXT>", extra_special_tokens={
+        "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"})
+    GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=True, min_patches=1,
+                             max_patches=4).save_pretrained(str(folder))
     return folder
 
 

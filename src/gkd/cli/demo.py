@@ -14,6 +14,7 @@ import torch
 from gkd.config import TrainConfig, _OneLineErrors, _parse_bool
 from gkd.errors import GKDError
 from gkd.evaluate import evaluate, format_table, sampled
+from gkd.machine import matmul_gflop_s
 from gkd.models import SMOLLM2, eos_ids, load_model, load_tokenizer, prune_command
 from gkd.prompts import eval_prompts, train_prompts
 from gkd.train.outdir import prepare_output_dir
@@ -107,6 +108,8 @@ def run(argv: list[str]) -> dict:
     _train_config(a, out / "student-init", out / "data" / "train.jsonl", out).validate()  # every option before work
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = prepare_output_dir(a.output_dir)
+    gflop_s = matmul_gflop_s()  # what the training seconds below are worth elsewhere
+    print(f"[demo] this machine: {gflop_s:.0f} GFLOP/s float32 matmul on {torch.get_num_threads()} threads")
     student_dir = _student(out, keep)
     tok = load_tokenizer(SMOLLM2)
     teacher = load_model(SMOLLM2).eval()
@@ -149,11 +152,13 @@ def run(argv: list[str]) -> dict:
     settings = {"student_layers": keep, "teacher_samples": a.teacher_samples, "max_steps": a.max_steps,
                 "learning_rate": a.learning_rate, "lmbda": a.lmbda, "beta": a.beta,
                 "max_completion_length": a.max_completion_length}
-    report = {"before": before, "after": after, "train_seconds": round(train_seconds, 1), "settings": settings,
+    report = {"before": before, "after": after, "train_seconds": round(train_seconds, 1),
+              "matmul_gflop_s": round(gflop_s, 1), "threads": torch.get_num_threads(), "settings": settings,
               "samples": samples,
               "student": str(out / "train" / "final"), "loss_curve": str(out / "train" / "loss_curve.png")}
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(f"\n[demo] divergence {before['divergence']:.4f} -> {after['divergence']:.4f}; the student's greedy "
+    print(f"\n[demo] trained {train_seconds:.0f} s on a machine of {gflop_s:.0f} GFLOP/s; divergence "
+          f"{before['divergence']:.4f} -> {after['divergence']:.4f}; the student's greedy "
           f"completions: repeated 4-grams {before['student_repeated_4gram_share']:.3f} -> "
           f"{after['student_repeated_4gram_share']:.3f}, distinct-2 {before['student_distinct_2']:.3f} -> "
           f"{after['student_distinct_2']:.3f} (the teacher's: {after['teacher_repeated_4gram_share']:.3f}, "

@@ -306,9 +306,9 @@ def load_examples(paths: list[str], tokenizer, *, max_length: int, truncation_st
             if images is not None:
                 _no_stray_image_tokens(where, tokenizer, images.image_token_id, prompt, completion, len(pics))
             if pics:
-                counts = images.counts(images(pics, where))
+                counts = images.process(pics, where)[1]
                 if teacher_images is not None and not teacher_images.same_as(images):
-                    theirs = teacher_images.counts(teacher_images(pics, where))
+                    theirs = teacher_images.process(pics, where)[1]
                     if theirs != counts:
                         raise GKDError(f"{where}: the student's processor makes {counts} image tokens of the "
                                        f"row's images, the teacher's {theirs}; they must agree token for token")

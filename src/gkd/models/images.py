@@ -22,22 +22,29 @@ VLLM_NEEDS_TORCHVISION = ("vLLM 0.32's vision-language classes import torchvisio
 
 class ImageProcessing:
     def __init__(self, image_processor, image_token_id: int, counts: Callable[[dict], list[int]],
-                 keys: tuple[str, ...]):
+                 keys: tuple[str, ...], count_keys: tuple[str, ...] = (), around: tuple[int, int] | None = None):
         self.image_processor = image_processor
         self.image_token_id = image_token_id
-        self._counts = counts
+        self._counts = counts  # image tokens per image, from the processor's outputs (keys and count_keys)
         self.keys = keys  # the model inputs it makes (e.g. pixel_values, image_grid_thw)
+        self.count_keys = count_keys  # outputs that count tokens only (e.g. InternVL's tiles per image)
+        self.around = around  # (start, end) token ids the processor puts around each image's tokens
 
     def __call__(self, images: list, where: str = "images") -> dict[str, torch.Tensor]:
         """The model inputs of one row's images (rows are later concatenated along dim 0). An image the
         processor refuses (e.g. Qwen2-VL's aspect ratio over 200) is a GKDError naming it and ``where``."""
+        return self.process(images, where)[0]
+
+    def process(self, images: list, where: str = "images") -> tuple[dict[str, torch.Tensor], list[int]]:
+        """(the model inputs of one row's images, the image tokens of each)."""
         if not images:
-            return {}
+            return {}, []
         try:
             out = self.image_processor(images=images, return_tensors="pt")
         except ValueError as e:
             raise GKDError(f"{where}: {self._refused(images, e)}") from None
-        return {k: out[k] for k in self.keys}
+        model_inputs = {k: out[k] for k in self.keys}
+        return model_inputs, self._counts({**model_inputs, **{k: out[k] for k in self.count_keys if k in out}})
 
     def _refused(self, images: list, error: Exception) -> str:
         from gkd.data.imagefiles import image_name
@@ -54,20 +61,18 @@ class ImageProcessing:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return f"{what}: this model's image processor refuses it ({first})"
 
-    def counts(self, inputs: dict) -> list[int]:
-        """Image tokens per image, for one row's processed inputs."""
-        return self._counts(inputs) if inputs else []
-
     def expand(self, ids: list[int], counts: list[int], where: str) -> list[int]:
-        """``ids`` with the k-th image placeholder repeated counts[k] times."""
+        """``ids`` with the k-th image placeholder repeated counts[k] times (between the start and end tokens
+        where the family has them)."""
         found = ids.count(self.image_token_id)
         if found != len(counts):
             raise GKDError(f"{where}: the rendered prompt has {found} image placeholder(s) for {len(counts)} "
                            "image(s)")
+        start, end = ([self.around[0]], [self.around[1]]) if self.around else ([], [])
         out, k = [], 0
         for t in ids:
             if t == self.image_token_id:
-                out += [t] * counts[k]
+                out += start + [t] * counts[k] + end
                 k += 1
             else:
                 out.append(t)

@@ -25,7 +25,7 @@ TITLES = {
     "smollm3": "SmolLM3", "granite": "Granite", "cohere": "Cohere (Command-R)", "gemma2": "Gemma 2",
     "gemma3_text": "Gemma 3 (text)", "phi3": "Phi-3", "olmo2": "OLMo 2", "qwen3_moe": "Qwen3-MoE",
     "qwen2_moe": "Qwen2-MoE", "mixtral": "Mixtral", "olmoe": "OLMoE", "gpt_oss": "GPT-OSS", "qwen2_vl": "Qwen2-VL",
-    "qwen2_5_vl": "Qwen2.5-VL", "llava": "LLaVA", "qwen3_vl": "Qwen3-VL", "qwen3_vl_moe": "Qwen3-VL-MoE",
+    "qwen2_5_vl": "Qwen2.5-VL", "llava": "LLaVA", "internvl": "InternVL", "qwen3_vl": "Qwen3-VL", "qwen3_vl_moe": "Qwen3-VL-MoE",
 }
 TITLES.update({"glm4_moe": "GLM-4.5 (GLM-4 MoE)", "deepseek_v3": "DeepSeek-V3"})
 TITLES["qwen3_next"] = "Qwen3-Next"

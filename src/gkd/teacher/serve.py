@@ -299,10 +299,10 @@ class TeacherServer:
             try:
                 pics = [open_image(r if r.startswith("data:") else "data:;base64," + r, None, f"gkd_images[{i}]")
                         for r in refs]
-                inputs = self.images(pics, f"gkd_images[{i}]")  # an image the processor refuses: the client's
+                # an image the processor refuses: the client's
+                inputs, counts = self.images.process(pics, f"gkd_images[{i}]")
             except GKDError as e:
                 raise BadRequest(str(e)) from None
-            counts = self.images.counts(inputs)
             where = [j for j, t in enumerate(p) if t == self.images.image_token_id]
             if len(where) != sum(counts):
                 at = f" from position {where[0]}" if where else ""
