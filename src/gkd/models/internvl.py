@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from gkd.errors import GKDError
-from gkd.models.adapter import Adapter, register, unwrap
+from gkd.models.adapter import register, unwrap
 from gkd.models.images import ImageProcessing, load_image_processor
 from gkd.models.llava import Llava
 
@@ -28,9 +28,6 @@ class InternVL(Llava):
 
     name = "internvl"
     model_types = ("internvl",)
-    # No tensor-parallel plan yet: with the text layers split as Qwen3's, every gradient equals one process's but
-    # the vision tower's class token's (60-80 % off, on tiny models of any init): not found yet, so TP is refused.
-    tp_layer_plan = Adapter.tp_layer_plan
 
     def placeholder_ids(self, model) -> list[int]:
         return [unwrap(model).config.image_token_id]

@@ -14,9 +14,11 @@ What gkd follows and where:
   (an MLP scaled by sigmoid(shared_expert_gate)) stays with its layer under FSDP.
 - pipeline stages: layers of either kind per stage, each given the mask the body gives its kind (``stage_masks``);
   the sampler's per-stage DynamicCache holds the linear layers' conv and recurrent states.
-- what gkd does not run exactly yet, refused in one line: tensor parallelism (the linear attention's projections
-  are grouped by key head and its conv1d runs over q/k/v channels: a split needs its own plan) and context
-  parallelism (the recurrence runs over the whole sequence; each rank holds pieces of it).
+- tensor parallelism: the linear attention split by key head (its fused projections are grouped by key head; its
+  conv1d's channels, [q | k | v] of every head, are gathered and each rank takes its heads':
+  gkd.parallel.tensor_parallel.gated_deltanet), the gated attention and the shared expert Megatron-style.
+- what gkd does not run exactly yet, refused in one line: context parallelism (the recurrence runs over the whole
+  sequence; each rank holds pieces of it).
 - packed rows: the linear attention (its conv1d and its recurrence) runs on each packed sequence alone
   (gkd.models.packed.PER_SEQUENCE), from a zero state; the full-attention layers attend per sequence as others do.
 """
@@ -24,8 +26,8 @@ What gkd follows and where:
 from __future__ import annotations
 
 from gkd.models import packed
-from gkd.models.adapter import Adapter, register
-from gkd.models.moe import QwenMoE
+from gkd.models.adapter import register, text_config, unwrap
+from gkd.models.moe import QwenMoE, moe_layer_plan
 
 
 class Qwen3Next(QwenMoE):
@@ -56,8 +58,22 @@ class Qwen3Next(QwenMoE):
     # instead: kept off, the shared expert's projections get adapters of their own and the experts' fused tensors
     # and the router's weight are adapted as parameters (as for GLM-4.5)
     lora_expert_parameters = ("gate_up_proj", "down_proj", "gate.weight")
-    # no tensor-parallel plan (the linear attention's grouped projections and conv1d channels are not split yet)
-    tp_layer_plan = Adapter.tp_layer_plan
+
+    def tp_layer_plan(self, layer) -> dict:
+        """Qwen3-MoE's plan (the gated attention's q_proj emits each head's query and gate together: split by
+        column, a rank gets its heads'), and for a linear-attention layer its Gated DeltaNet split by key head
+        (gkd.parallel.tensor_parallel.gated_deltanet)."""
+        plan = moe_layer_plan(layer)
+        if hasattr(layer, "linear_attn"):
+            plan.update({"linear_attn": "gated_deltanet", "linear_attn.in_proj_qkvz": "colwise",
+                         "linear_attn.in_proj_ba": "colwise", "linear_attn.norm": "replicated_rows",
+                         "linear_attn.out_proj": "rowwise"})
+        return plan
+
+    def tp_sizes(self, model) -> dict[str, int]:
+        c = text_config(unwrap(model).config)
+        return {**super().tp_sizes(model), "linear_num_key_heads": c.linear_num_key_heads,
+                "shared_expert_intermediate_size": c.shared_expert_intermediate_size}
 
 
 QWEN3_NEXT = register(Qwen3Next())

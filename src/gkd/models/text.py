@@ -24,11 +24,12 @@ _LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_
 def llama_layer_plan(layer) -> dict[str, str]:
     """The tensor-parallel plan of a Llama-shaped decoder layer: submodule -> style name (the styles are
     gkd.parallel.tensor_parallel's: colwise, rowwise, replicated, replicated_heads, replicated_experts)."""
-    plan = {
-        "self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
-        "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise",
-    }
+    plan = {"mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise"}
     plan.update({norm: "replicated" for norm in _LAYER_NORMS if hasattr(layer, norm)})
+    if not hasattr(layer, "self_attn"):  # (a hybrid's other token mixer: its adapter plans it)
+        return plan
+    plan.update({"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
+                 "self_attn.o_proj": "rowwise"})
     for norm in ("q_norm", "k_norm"):  # Qwen3, Gemma 3: over head_dim of [batch, seq, heads, head_dim]
         if hasattr(layer.self_attn, norm):
             plan[f"self_attn.{norm}"] = "replicated_heads"

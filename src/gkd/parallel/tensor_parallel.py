@@ -180,21 +180,80 @@ def head_parameters():
     return HeadParameters()
 
 
-def _on_local_weights(module, owners) -> None:
-    """``module``'s forward run with the (submodule, name) parameters in ``owners`` as their local tensors."""
-    forward = module.forward
+def _local(_sub, _name, p):
+    return _OwnGradient.apply(p.to_local())  # (to_local keeps the autograd link: gradients reach the DTensor)
+
+
+def _on_local_weights(module, owners, local=_local) -> None:
+    """``module``'s forward run with the (submodule, name) parameters in ``owners`` as ``local(submodule, name,
+    parameter)`` gives them (by default its local tensor). The class's forward is looked up at each call (gkd's
+    packed rows patch it for the duration of a forward); a forward set on the instance is kept."""
+    own = module.__dict__.get("forward")
 
     def on_local_weights(*args, **kwargs):
         held = [(sub, name, sub._parameters[name]) for sub, name in owners]
-        try:  # (to_local keeps the autograd link: gradients reach the DTensor weights)
+        try:
             for sub, name, p in held:
-                sub._parameters[name] = p.to_local()
-            return forward(*args, **kwargs)
+                sub._parameters[name] = local(sub, name, p)
+            return own(*args, **kwargs) if own is not None else type(module).forward(module, *args, **kwargs)
         finally:
             for sub, name, p in held:
                 sub._parameters[name] = p
 
     module.forward = on_local_weights
+
+
+class _OwnGradient(torch.autograd.Function):
+    """Identity; backward hands on a gradient that is a view as a copy. A weight broadcast over a batch of one
+    (InternVL's class token, ``cls_token.expand(1, ...)``) gets a view of another weight's gradient (the position
+    embedding's, through the sum they feed): wrapped as the DTensor's gradient without a copy, the first
+    micro-batch's gradient would then share memory with the other's, and accumulating into one added every later
+    micro-batch to both."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clone() if grad._is_view() else grad
+
+
+def gated_deltanet():
+    """A style for a Gated DeltaNet linear attention (Qwen3-Next's ``linear_attn``), split by key head: its fused
+    in_proj_qkvz / in_proj_ba hold their columns grouped by key head (colwise in the layer's plan gives a rank its
+    heads' q, k, v, z, b and a), out_proj is rowwise and the gated norm over each value head sees this rank's rows.
+    Here: the per-value-head ``dt_bias`` and ``A_log`` split with their heads; the depthwise conv1d runs over the
+    channels [q | k | v] of all heads, so its weight is split as stored and gathered in the forward, where this
+    rank takes its heads' channels of each part (the gradient, from this rank's channels only, summed back into the
+    split); and the module counts this rank's heads."""
+    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class GatedDeltaNet(ParallelStyle):
+        def _apply(self, module, mesh):
+            n, r = mesh.size(), mesh.get_local_rank()
+            k, v = module.key_dim, module.value_dim
+            q = torch.arange(r * k // n, (r + 1) * k // n)
+            channels = torch.cat([q, k + q, 2 * k + torch.arange(r * v // n, (r + 1) * v // n)])
+            owners = [(module, "dt_bias"), (module, "A_log"), (module.conv1d, "weight")]
+            for sub, name in owners:
+                p = sub._parameters[name]
+                split = distribute_tensor(p.detach(), mesh, [Shard(0)])
+                sub.register_parameter(name, torch.nn.Parameter(split, requires_grad=p.requires_grad))
+
+            def local(sub, name, p):
+                if sub is not module.conv1d:
+                    return _local(sub, name, p)
+                whole = p.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+                return whole.index_select(0, channels.to(whole.device))
+
+            _on_local_weights(module, owners, local)
+            for count in ("num_k_heads", "num_v_heads", "key_dim", "value_dim", "conv_dim"):
+                setattr(module, count, getattr(module, count) // n)
+            return module
+
+    return GatedDeltaNet()
 
 
 def styles(plan: dict) -> dict:
@@ -206,9 +265,11 @@ def styles(plan: dict) -> dict:
 
     make = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel, "replicated": lambda: replicated(Replicate()),
             "replicated_heads": lambda: replicated(Shard(2)),  # per-head norms see this rank's heads
+            "replicated_rows": lambda: replicated(Shard(0)),  # ... or their rows, flattened ([tokens x heads, dim])
             "replicated_tail_summed": lambda start: replicated(Replicate(), start),
             "replicated_experts": replicated_experts, "split_norm": split_norm, "colwise_parts": colwise_parts,
-            "local_heads": local_heads, "head_parameters": head_parameters}
+            "local_heads": local_heads, "head_parameters": head_parameters,
+            "gated_deltanet": gated_deltanet}
     # a style is a name, or (name, its arguments): ("colwise_parts", q, k, v)
     return {name: make[style[0]](*style[1:]) if isinstance(style, tuple) else make[style]()
             for name, style in plan.items()}
