@@ -3,7 +3,7 @@ mixture-of-experts pair on 1 process and on 2 processes with expert parallelism 
 
     .venv/bin/python benchmarks/scaling.py                  # off-policy steps, float32, this CPU
     .venv/bin/python benchmarks/scaling.py --lmbda 1        # on-policy (student sampling) steps
-    .venv/bin/python benchmarks/scaling.py --untied --layouts "1 process" "2 x PP"   # pipeline rows
+    .venv/bin/python benchmarks/scaling.py --layouts "1 process" "2 x PP"   # pipeline rows
     .venv/bin/python benchmarks/scaling.py --layouts "MoE 1 process" "MoE 2 x EP"   # the MoE rows
 
 A random Llama-shaped pair with SmolLM2's tokenizer and widths but head counts TP=2 can split (8 query,
@@ -26,9 +26,9 @@ step's last micro-batch reduce-scatters). The gather matters on on-policy steps 
 
 The MoE rows (a random Qwen3-MoE pair, same tokenizer and width, 8 experts of width 384, top-2; student
 6 layers, teacher 8) add the expert parameters + AdamW state a rank holds (expert_param_mib_per_rank +
-expert_optimizer_mib_per_rank) and compare with the MoE single process. Pipeline rows need untied
-embeddings (--untied: both models get their own lm_head, so compare them with a 1-process row of the
-same --untied run) and add the schedule's bubble share, (P - 1) / (M + P - 1) for P stages and M
+expert_optimizer_mib_per_rank) and compare with the MoE single process. Pipeline rows (a tied
+embedding: the first and the last stage each hold a copy; --untied gives both models their own lm_head, compared
+with a 1-process row of the same --untied run) add the schedule's bubble share, (P - 1) / (M + P - 1) for P stages and M
 micro-batches per step (the idle fraction 1F1B and GPipe leave by construction; not measured). On a GPU
 machine add --dtype bfloat16.
 """
@@ -148,7 +148,7 @@ def main() -> None:
     p.add_argument("--global_batch_size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2, help="threads in total, split over the processes")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--untied", action="store_true", help="models with their own lm_head (pipeline rows need it)")
+    p.add_argument("--untied", action="store_true", help="models with their own lm_head (not tied to the embedding)")
     p.add_argument("--layouts", nargs="*", choices=list(LAYOUTS),
                    default=["1 process", "2 x FSDP (per-micro-batch sync, per-token gather)", "2 x FSDP",
                             "2 x FSDP (last-micro-batch sync)", "2 x TP"],
