@@ -139,17 +139,50 @@ def test_context_parallel_refuses_what_it_cannot_split(tiny, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_a_recurrent_family_is_refused_context_parallelism(tmp_path):
-    """Qwen3-Next's Gated DeltaNet layers run a recurrence over the whole sequence: a split would cut it, so a
-    student or a teacher of that family is refused in one line, never run on the pieces."""
+def _recurrent(c, out):
+    """families_worker's arguments: Qwen3-Next (Gated DeltaNet beside gated attention) at CP 2."""
+    from tiny import write_dataset, write_image_dataset
+
+    for side, layers, seed in (("student", 2, 2), ("teacher", 3, 1)):
+        write_family(out / "models" / "qwen3_next" / side, "qwen3_next", layers=layers, seed=seed)
+    return [str(write_dataset(out / "train.jsonl", n=8, seed=3)),
+            str(write_image_dataset(out / "images" / "train.jsonl", n=8, seed=3)), "cp", str(out / "models"),
+            "qwen3_next"]
+
+
+declare("recurrent-cp2", 2, _recurrent, call="families_worker:run", mkdir=True)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_recurrent_family_under_context_parallelism_equals_naive(runs):
+    """Qwen3-Next's Gated DeltaNet runs a recurrence (and a causal conv1d) over the sequence, which a split would
+    cut: each of its layers runs on the whole sequences gathered from the ranks and keeps this rank's tokens, the
+    gated attention layers split as any. An off-policy and an on-policy step at CP 2 equal the naive float64 steps
+    of the whole models (student and teacher both of the family)."""
+    said = runs.stdout("recurrent-cp2")
+    assert all(f"OK cp qwen3_next rank {r}" in said for r in (0, 1)), runs.output("recurrent-cp2")[-3000:]
+
+
+def test_a_recurrent_family_with_packed_rows_is_refused_under_a_split(tmp_path):
+    """Packed rows would need the recurrence run per packed sequence of the gathered whole: one line, not a wrong
+    step."""
+    from types import SimpleNamespace
+
     from gkd.errors import GKDError
     from gkd.models import load_model
-    from gkd.parallel.context import check_context_parallel, use_context_parallel_attention
+    from gkd.parallel import context
 
     model = load_model(str(write_family(tmp_path / "next", "qwen3_next", layers=2, seed=0)))
-    for check in (lambda: check_context_parallel(model, 2), lambda: use_context_parallel_attention(model)):
-        with pytest.raises(GKDError, match="Gated DeltaNet layers run a recurrence"):
-            check()
+    context.use_context_parallel_attention(model)
+    layer = next(m for m in model.modules() if type(m).__name__ == "Qwen3NextGatedDeltaNet")
+    context._active.split = SimpleNamespace(q_seq=torch.zeros(1))
+    try:
+        with pytest.raises(GKDError, match="--context_parallel_size with --packing: Qwen3NextGatedDeltaNet runs a "
+                                           "recurrence per packed sequence"):
+            layer(hidden_states=torch.zeros(1, 4, model.config.hidden_size))
+    finally:
+        context._active.split = None
 
 
 @pytest.mark.slow

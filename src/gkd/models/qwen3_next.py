@@ -17,8 +17,10 @@ What gkd follows and where:
 - tensor parallelism: the linear attention split by key head (its fused projections are grouped by key head; its
   conv1d's channels, [q | k | v] of every head, are gathered and each rank takes its heads':
   gkd.parallel.tensor_parallel.gated_deltanet), the gated attention and the shared expert Megatron-style.
-- what gkd does not run exactly yet, refused in one line: context parallelism (the recurrence runs over the whole
-  sequence; each rank holds pieces of it).
+- context parallelism: the full-attention layers split as every family's; each linear-attention layer runs over
+  the whole sequences, gathered from the ranks, and keeps this rank's tokens (its recurrence cannot start at a
+  rank's chunk without the state the chunks before leave: gkd.parallel.context._on_whole_sequences); packed rows
+  with CP are refused in one line.
 - packed rows: the linear attention (its conv1d and its recurrence) runs on each packed sequence alone
   (gkd.models.packed.PER_SEQUENCE), from a zero state; the full-attention layers attend per sequence as others do.
 """
@@ -38,8 +40,6 @@ class Qwen3Next(QwenMoE):
                     "BF16\"), so its samples cannot be checked against the float32 student (and with prefix caching "
                     "its hybrid cache requires the chunked prefill that gkd's seeded CPU sampling turns off)")
     pipeline_gap = ""
-    context_gap = ("its Gated DeltaNet layers run a recurrence (and a causal conv1d) over the whole sequence, which "
-                   "a context-parallel split would cut; use data, pipeline or expert parallelism")
 
     def stage_masks(self, config, hidden, attention_mask, position_ids, cache, layer_ids: list[int]) -> dict:
         """As the body builds them: the full-attention layers' causal mask (the base adapter's), and for the

@@ -315,6 +315,50 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
                            sinks)
 
 
+def _stateful_mixer(model):
+    """The class of the model's stateful token mixers (a recurrence over the sequence: Qwen3-Next's Gated
+    DeltaNet; gkd.models.packed names them), or None."""
+    import importlib
+
+    from gkd.models import packed
+    from gkd.models.adapter import text_config, unwrap
+
+    path = packed.PER_SEQUENCE.get(getattr(text_config(unwrap(model).config), "model_type", ""))
+    if path is None:
+        return None
+    where, _, name = path.partition(":")
+    return getattr(importlib.import_module(where), name)
+
+
+def _on_whole_sequences(module):
+    """``module``'s forward for a stateful token mixer: under a split it runs on the whole sequences (their hidden
+    states gathered from every rank, in global order; gradients summed back to the ranks that hold them) and keeps
+    this rank's tokens of its output. A recurrence cannot be cut at a rank's chunks without the state the chunks
+    before it leave, so each rank runs the layer over every token: exact, at C times the layer's (linear-time)
+    work; the other layers stay split. Rows are right-padded and the recurrence causal, so the padding mask (which
+    only zeroes the padding's own inputs) is left out."""
+    def run(*args, **kwargs):
+        split = getattr(_active, "split", None)
+        if split is None:
+            return type(module).forward(module, *args, **kwargs)
+        if split.q_seq is not None:
+            from gkd.errors import GKDError
+
+            raise GKDError(f"--context_parallel_size with --packing: {type(module).__name__} runs a recurrence per "
+                           "packed sequence, which a context-parallel split does not give it yet; pass --packing false")
+        kwargs = dict(kwargs, attention_mask=None)
+        if "hidden_states" in kwargs:
+            hidden = kwargs.pop("hidden_states")
+        else:
+            hidden, args = args[0], args[1:]
+        gathered = _GatherSeq.apply(hidden.unsqueeze(1), split.group, split.rank, split.size).squeeze(1)
+        whole = gathered.index_select(1, torch.argsort(split.key_pos))
+        out = type(module).forward(module, whole, *args, **kwargs)
+        return out.index_select(1, split.mine)
+
+    return run
+
+
 def _mask(*args, **kwargs):
     if getattr(_active, "split", None) is not None:
         return None  # attention masks by global position itself
@@ -350,6 +394,10 @@ def use_context_parallel_attention(model) -> None:
         raise GKDError(f"--context_parallel_size: {adapter.class_name(model)}: {adapter.context_gap}")
     AttentionInterface.register(NAME, _attention)
     AttentionMaskInterface.register(NAME, _mask)
+    mixer = _stateful_mixer(model)
+    for m in model.modules():
+        if mixer is not None and isinstance(m, mixer) and "forward" not in m.__dict__:
+            m.forward = _on_whole_sequences(m)
     if adapter.multimodal and adapter.vision_tower(model) is not None:  # (a later pipeline stage has none)
         _unsplit.update(adapter.vision_tower(model).modules())
         adapter.decoder(model).register_forward_pre_hook(_local_tokens, with_kwargs=True)
