@@ -163,8 +163,9 @@ def run_gkd(run: dict, a, teacher_dir: Path, student_dir: Path, data: Path, judg
     from gkd.train.metrics import read_metrics
     from gkd.train.trainer import Trainer
 
-    cfg = TrainConfig(model=str(student_dir), teacher_model=str(teacher_dir), dataset=[str(data)], beta=run["beta"],
-                      lmbda=run["lmbda"], temperature=a.temperature, loss_temperature=a.loss_temperature,
+    skew = a.divergence != "gjsd"  # (its alpha is the run's beta; --beta stays the generalized JSD's default)
+    cfg = TrainConfig(model=str(student_dir), teacher_model=str(teacher_dir), dataset=[str(data)],
+                      **({} if skew else {"beta": run["beta"]}), lmbda=run["lmbda"], temperature=a.temperature, loss_temperature=a.loss_temperature,
                       max_completion_length=a.max_new_tokens,
                       micro_batch_size=a.batch_size, global_batch_size=a.batch_size,
                       learning_rate=run["learning_rate"], lr_scheduler_type="cosine", warmup_ratio=0.1,
@@ -172,7 +173,7 @@ def run_gkd(run: dict, a, teacher_dir: Path, student_dir: Path, data: Path, judg
                       output_dir=str(a.work / "gkd-run"), save_steps=0,
                       logging_steps=1, progress_bar=False, overwrite_output_dir=True,
                       speculative_kd_topk=a.speculative_kd_topk if run["lmbda"] > 0 else 0,
-                      **({"divergence": a.divergence, "skew_alpha": run["beta"] or 0.1} if a.divergence != "gjsd" else {}),
+                      **({"divergence": a.divergence, "skew_alpha": run["beta"] or 0.1} if skew else {}),
                       **({"lmbda_schedule": "adaptive", "eval_steps": a.eval_steps, "split_dataset_ratio": 0.05}
                          if a.lmbda_schedule == "adaptive" else {}))
     started = time.perf_counter()
