@@ -105,16 +105,23 @@ def _per_sequence(forward, spans: list[list[tuple[int, int]]]):
     return run
 
 
-@contextlib.contextmanager
-def _sequence_mixers(model_type, positions: torch.Tensor):
-    """While inside: the model type's stateful token mixers (``PER_SEQUENCE``) run per packed sequence."""
+def stateful_mixer(model_type: str):
+    """The class of the model type's stateful token mixers (``PER_SEQUENCE``), or None."""
     if model_type not in PER_SEQUENCE:
-        yield
-        return
+        return None
     import importlib
 
     where, _, name = PER_SEQUENCE[model_type].partition(":")
-    cls = getattr(importlib.import_module(where), name)
+    return getattr(importlib.import_module(where), name)
+
+
+@contextlib.contextmanager
+def _sequence_mixers(model_type, positions: torch.Tensor):
+    """While inside: the model type's stateful token mixers (``PER_SEQUENCE``) run per packed sequence."""
+    cls = stateful_mixer(model_type)
+    if cls is None:
+        yield
+        return
     if positions is None:  # (a pipeline stage's packed forward: its positions are not here)
         raise NotImplementedError(f"gkd.models.packed: {model_type}'s packed rows need their positions")
     forward, cls.forward = cls.forward, _per_sequence(cls.forward, [segments(row) for row in positions])

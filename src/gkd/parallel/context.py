@@ -89,6 +89,7 @@ class ContextSplit:
         if bool((batch.attention_mask[:, 1:] > batch.attention_mask[:, :-1]).any()):
             raise ValueError("context parallelism needs right-padded rows")
         self.key_pos = self.owned.flatten()
+        self.order = torch.argsort(self.key_pos)  # gathered (rank-ordered) tokens -> global order
         self.batch = batch
         # packed rows: attention stays inside each sequence ([B, T_local] and [B, T] sequence numbers)
         self.q_seq = self.k_seq = None
@@ -162,8 +163,7 @@ class ContextSplit:
         """Without a [T_local, T] mask: keys in global order, and each of this rank's two query chunks
         attends its causal prefix as a full block plus a causal diagonal block (flash kernels, merged by
         their log-sum-exps)."""
-        order = torch.argsort(self.key_pos)
-        key, value = key.index_select(2, order), value.index_select(2, order)
+        key, value = key.index_select(2, self.order), value.index_select(2, self.order)
         # the flash kernels take one head size: values narrower than queries and keys (DeepSeek's latent
         # attention) are padded with zeros, which only add zero output columns, cut off after
         width, dv = max(query.shape[-1], value.shape[-1]), value.shape[-1]
@@ -315,21 +315,6 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
                            sinks)
 
 
-def _stateful_mixer(model):
-    """The class of the model's stateful token mixers (a recurrence over the sequence: Qwen3-Next's Gated
-    DeltaNet; gkd.models.packed names them), or None."""
-    import importlib
-
-    from gkd.models import packed
-    from gkd.models.adapter import text_config, unwrap
-
-    path = packed.PER_SEQUENCE.get(getattr(text_config(unwrap(model).config), "model_type", ""))
-    if path is None:
-        return None
-    where, _, name = path.partition(":")
-    return getattr(importlib.import_module(where), name)
-
-
 def _on_whole_sequences(module):
     """``module``'s forward for a stateful token mixer: under a split it runs on the whole sequences (their hidden
     states gathered from every rank, in global order; gradients summed back to the ranks that hold them) and keeps
@@ -352,7 +337,7 @@ def _on_whole_sequences(module):
         else:
             hidden, args = args[0], args[1:]
         gathered = _GatherSeq.apply(hidden.unsqueeze(1), split.group, split.rank, split.size).squeeze(1)
-        whole = gathered.index_select(1, torch.argsort(split.key_pos))
+        whole = gathered.index_select(1, split.order)
         out = type(module).forward(module, whole, *args, **kwargs)
         return out.index_select(1, split.mine)
 
@@ -394,7 +379,10 @@ def use_context_parallel_attention(model) -> None:
         raise GKDError(f"--context_parallel_size: {adapter.class_name(model)}: {adapter.context_gap}")
     AttentionInterface.register(NAME, _attention)
     AttentionMaskInterface.register(NAME, _mask)
-    mixer = _stateful_mixer(model)
+    from gkd.models import packed
+    from gkd.models.adapter import text_config, unwrap
+
+    mixer = packed.stateful_mixer(getattr(text_config(unwrap(model).config), "model_type", ""))
     for m in model.modules():
         if mixer is not None and isinstance(m, mixer) and "forward" not in m.__dict__:
             m.forward = _on_whole_sequences(m)
