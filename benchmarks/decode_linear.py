@@ -1,13 +1,14 @@
-"""The decode loop's linear layers written two ways, side by side: ``F.linear`` (``x @ W.T``, transformers'
-own) against ``gkd.rollout.decode.weights_first`` (``(W @ x.T).T``, what sampling uses).
+"""The decode loop's linear layers written three ways, side by side: ``F.linear`` (``x @ W.T``, transformers'
+own), ``(W @ x.T).T`` (``few_row_linears(form="weight_first")``), and what sampling uses: per weight shape the
+faster of the two as timed once on this machine (``gkd.rollout.decode.few_row_linears``).
 
     .venv/bin/python benchmarks/decode_linear.py                  # batch 1, 4, 8, 16, 32; 32 new tokens
     .venv/bin/python benchmarks/decode_linear.py --batch 4 --rounds 7
 
 The student is e2e_vs_trl.py's (SmolLM2-135M-Instruct, every other layer, float32; made once in --work), the
-prompts the built-in ones, greedy decoding so both ways must write the same tokens (checked). The two ways
+prompts the built-in ones, greedy decoding so all ways must write the same tokens (checked). The ways
 alternate --rounds times after a warm-up of each; reported per batch: the median ms per decoded position of
-each, the median of the pair-by-pair ratios and their range, the weight bytes read per position over the
+each, the median of the pair-by-pair ratios of F.linear to the measured choice and their range, the weight bytes read per position over the
 faster way's time (GB/s), and the load average before the batch's runs (above the core count: not quiet).
 """
 
@@ -39,7 +40,7 @@ def main() -> None:
     from e2e_vs_trl import smollm2_pair
     from gkd.data.batch import left_pad
     from gkd.models import load_model
-    from gkd.rollout.decode import decode, weights_first
+    from gkd.rollout.decode import decode, few_row_linears
     from rollout import prompts
 
     torch.set_num_threads(a.threads)
@@ -47,11 +48,14 @@ def main() -> None:
     model = load_model(str(student_dir)).eval()
     weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
                        if isinstance(m, torch.nn.Linear))
-    ways = {"F.linear": contextlib.nullcontext, "weights_first": lambda: weights_first(model)}
+    ways = {"F.linear": contextlib.nullcontext,
+            "weight_first": lambda: few_row_linears(model, form="weight_first"),
+            "measured": lambda: few_row_linears(model)}
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, {a.threads} threads, linear weights "
           f"{weight_bytes / 2**20:.0f} MiB, {a.new_tokens} new tokens, greedy")
-    print("| batch | load before | F.linear ms/position | weights_first ms/position | ratio (median, range) | GB/s |")
-    print("|---|---|---|---|---|---|")
+    print("| batch | load before | F.linear ms/position | (W @ x.T).T ms/position | measured ms/position | "
+          "F.linear / measured (median, range) | GB/s |")
+    print("|---|---|---|---|---|---|---|")
     for batch in a.batch:
         ids, mask = left_pad(prompts(batch), 0)
         load = os.getloadavg()[0]
@@ -71,11 +75,12 @@ def main() -> None:
                 ms, out = run(way)
                 times[way].append(ms)
                 outs.append(out)
-            assert torch.equal(outs[0], outs[1]), "the two ways wrote different tokens"
-        ratios = [x / y for x, y in zip(times["F.linear"], times["weights_first"])]
+            assert all(torch.equal(outs[0], o) for o in outs), "the ways wrote different tokens"
+        ratios = [x / y for x, y in zip(times["F.linear"], times["measured"])]
         best = min(statistics.median(t) for t in times.values())
         print(f"| {batch} | {load:.2f} | {statistics.median(times['F.linear']):.1f} | "
-              f"{statistics.median(times['weights_first']):.1f} | {statistics.median(ratios):.2f}x "
+              f"{statistics.median(times['weight_first']):.1f} | {statistics.median(times['measured']):.1f} | "
+              f"{statistics.median(ratios):.2f}x "
               f"({min(ratios):.2f}-{max(ratios):.2f}) | {weight_bytes / best / 1e6:.1f} |", flush=True)
 
 

@@ -21,7 +21,7 @@ import torch
 
 from gkd.errors import GKDError
 from gkd.rollout.base import RowSeededSampling, SamplingConfig, row_seed
-from gkd.rollout.decode import weights_first
+from gkd.rollout.decode import few_row_linears
 
 # the teacher's uniforms: another stream per row than the student's (row_seed of a shifted call seed)
 _TEACHER_STREAM = 7_919
@@ -118,7 +118,7 @@ class TeacherCorrectedRollout:
                 sampler.device))
             return made[-1]
 
-        with torch.no_grad(), weights_first(teacher_model):
+        with torch.no_grad(), few_row_linears(teacher_model):
             out = sampler.generate_with(student, prompts, rows, sampling)
         self.proposed += sum(c.proposed for c in made)
         self.replaced += sum(c.replaced for c in made)

@@ -10,14 +10,17 @@ layers, norms and rotary unchanged) with a preallocated cache and torch's SDPA g
 itself (`enable_gqa`), and samples with a handful of batched tensor operations.
 
 With a few rows per forward (decoding) every linear layer is a matrix times a few vectors, and how it is
-written decides its speed: on CPU, torch's ``x @ W.T`` reads the weight at about half the rate of
-``(W @ x.T).T`` (the same products, summed in the same order per output; benchmarks/rollout.py). Sampling
-computes it the second way (``weights_first``).
+written decides its speed, differently on different CPUs: torch's ``x @ W.T`` read the weight at about half the
+rate of ``(W @ x.T).T`` (the same products, summed in the same order per output) on one 2-core AMD machine, and
+at about its rate or faster on a 2-core Intel one (benchmarks/decode_linear.py). Sampling times both once per model
+shape and row count on this machine and keeps the faster (``few_row_linears``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 
 import torch
 import torch.nn.functional as F
@@ -64,27 +67,78 @@ def _gqa_attention(model):
         model.config._attn_implementation = "sdpa"
 
 
-# at most this many rows per linear layer take the weight-first product (decode steps; prompts' prefill
-# and training forwards keep F.linear)
+# at most this many rows per linear layer take the measured form (decode steps; prompts' prefill and training
+# forwards keep F.linear)
 FEW_ROWS = 32
 
+# (the layers' weight shapes and dtypes, rows, threads) -> whether (W @ x.T).T beat F.linear on this machine
+_WEIGHT_FIRST_FASTER: dict[tuple, bool] = {}
 
-def _weight_first_linear(self, x: torch.Tensor) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1]
-    if rows > FEW_ROWS or isinstance(self.weight, DTensor) or isinstance(x, DTensor):
-        return F.linear(x, self.weight, self.bias)  # many rows, or tensor parallel (DTensors: their own rules)
+
+def _seconds(fn, rounds: int = 3) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+class _FewRowForm:
+    """Which way ``layers`` compute a few rows: timed once per row count (and thread count) as a pass over all
+    their weights in order, as a decode step reads them (one weight timed alone stays in cache and misleads),
+    both ways alternating, and remembered for layers of the same shapes. Off the CPU, and for DTensor weights,
+    F.linear."""
+
+    def __init__(self, layers: list[torch.nn.Linear]):
+        self.layers = layers
+        self.cpu = all(m.weight.device.type == "cpu" and not isinstance(m.weight, DTensor) for m in layers)
+        self.shapes = tuple((tuple(m.weight.shape), m.weight.dtype) for m in layers)
+        self.known: dict[tuple[int, int], bool] = {}
+
+    def weight_first(self, rows: int) -> bool:
+        threads = torch.get_num_threads()
+        known = self.known.get((rows, threads))  # (asked per layer call: no hashing of the shapes here)
+        if known is None:
+            key = (self.shapes, rows, threads)
+            if key not in _WEIGHT_FIRST_FASTER:
+                _WEIGHT_FIRST_FASTER[key] = self.cpu and self._time(rows)
+            known = self.known[(rows, threads)] = _WEIGHT_FIRST_FASTER[key]
+        return known
+
+    @torch.no_grad()
+    def _time(self, rows: int) -> bool:
+        xs = [torch.randn(rows, m.weight.shape[1], dtype=m.weight.dtype) for m in self.layers]
+        pairs = list(zip(self.layers, xs))
+        first = lambda: [torch.mm(m.weight, x.T) for m, x in pairs]  # noqa: E731
+        linear = lambda: [F.linear(x, m.weight) for m, x in pairs]  # noqa: E731
+        first(), linear()  # warm-up
+        return _seconds(first) < _seconds(linear)
+
+
+def _weight_first(self, x: torch.Tensor, rows: int) -> torch.Tensor:
     y = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).T).T
     if self.bias is not None:
         y = y + self.bias
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def _few_row_linear(self, x: torch.Tensor, form) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1]
+    if rows > FEW_ROWS or isinstance(x, DTensor) or not form(rows):
+        return F.linear(x, self.weight, self.bias)  # many rows, tensor parallel (DTensors), or measured faster
+    return _weight_first(self, x, rows)
+
+
 @contextlib.contextmanager
-def weights_first(*models):
-    """Every plain ``nn.Linear`` of ``models`` computes few rows as ``(W @ x.T).T`` while inside."""
+def few_row_linears(*models, form: str = "measured"):
+    """Every plain ``nn.Linear`` of ``models`` computes few rows in the faster of ``F.linear`` and
+    ``(W @ x.T).T`` on this machine while inside (``form="weight_first"``: always the latter, for benchmarks)."""
     layers = [m for model in models for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)]
+    measured = _FewRowForm(layers)
+    choose = {"measured": measured.weight_first, "weight_first": lambda rows: measured.cpu}[form]
     for m in layers:
-        m.forward = _weight_first_linear.__get__(m)
+        m.forward = functools.partial(_few_row_linear, m, form=choose)
     try:
         yield
     finally:

@@ -59,7 +59,7 @@ class HFSampler:
     def _generate(self, model, prompts: list[list[int]], rows: list[int], inputs: dict, sampling) -> list[list[int]]:
         ids, mask = (t.to(self.device) for t in left_pad(prompts, self.pad_id))
         seeded = sampling(ids, mask, rows)
-        with decode.weights_first(model):
+        with decode.few_row_linears(model):
             new = self._new_tokens(model, ids, mask, inputs, seeded)
         return cut_at_eos(new, self.eos_ids)
 
