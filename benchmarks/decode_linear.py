@@ -1,5 +1,5 @@
 """The decode loop's linear layers written three ways, side by side: ``F.linear`` (``x @ W.T``, transformers'
-own), ``(W @ x.T).T`` (``few_row_linears(form="weight_first")``), and what sampling uses: per weight shape the
+own), ``(W @ x.T).T`` (``few_row_linears(form="weight_first")``), and what sampling uses: per model shape and row count the
 faster of the two as timed once on this machine (``gkd.rollout.decode.few_row_linears``).
 
     .venv/bin/python benchmarks/decode_linear.py                  # batch 1, 4, 8, 16, 32; 32 new tokens
