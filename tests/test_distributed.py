@@ -261,3 +261,26 @@ def test_offloading_the_teacher_on_cpu_says_so_once(runs):
 def test_teacher_shards_offloaded_by_fsdp_score_the_same(runs):
     """The GPU path of --offload_teacher_model under FSDP (shards in CPU memory between uses), run on CPU."""
     assert runs.stdout("offload-worker").count("OK rank") == 2
+
+
+_LEFT_THREADS = """
+import gc, glob, sys
+import gkd.parallel  # what every gkd process imports before it makes a group
+import torch.distributed as dist
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
+import torch.distributed.nn  # imported once a group exists (transformers does, loading a config)
+dist.destroy_process_group()
+gc.collect()
+print(sorted(open(task + "/comm").read().strip() for task in glob.glob("/proc/self/task/*")))
+"""
+
+
+def test_a_destroyed_group_leaves_no_gloo_threads_to_abort_the_exit():
+    """torch.distributed.nn binds the default group into its functions' defaults when imported: a group made
+    first would outlive destroy_process_group, and its gloo threads, racing the interpreter's exit, sometimes
+    abort a finished process (SIGABRT after every rank succeeded, as a 3-rank context-parallel run did)."""
+    proc = subprocess.run([sys.executable, "-c", _LEFT_THREADS, str(free_port())], capture_output=True, text=True,
+                          timeout=120, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    threads = proc.stdout.strip().splitlines()[-1]
+    assert "gloo" not in threads, threads

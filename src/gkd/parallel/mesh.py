@@ -19,6 +19,11 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+# torch.distributed.nn's functions take ``group=group.WORLD`` as a default argument, bound at import: imported
+# after a group exists (transformers imports it lazily, loading a config), they keep that group alive past
+# destroy_process_group, and at the interpreter's exit its gloo threads, still running, can abort a finished
+# process (SIGABRT). Imported now, before any group, the defaults hold None.
+import torch.distributed.nn  # noqa: F401
 
 from gkd.errors import GKDError
 from gkd.parallel.groups import forget, made
