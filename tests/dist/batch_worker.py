@@ -63,6 +63,8 @@ def main() -> None:
     if world > 1:
         import torch.distributed as dist
 
+        import gkd.parallel  # noqa: F401 - before the group (gkd.parallel.mesh says why)
+
         dist.init_process_group("gloo")  # kept by every job: gkd's setup makes its meshes in it
     for job in plan["jobs"]:
         signal.alarm(JOB_SECONDS)

@@ -118,6 +118,8 @@ def run(args=()):
 
 
 if __name__ == "__main__":
+    import gkd.parallel  # noqa: F401 - before the group (gkd.parallel.mesh says why)
+
     dist.init_process_group("gloo")
     run()
     dist.destroy_process_group()

@@ -106,17 +106,25 @@ def plot(metrics_path: Path, out_png: Path, keys=("loss", "divergence", "sft_los
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = read_metrics(metrics_path)
     present = [k for k in keys if any(k in r for r in rows)]
-    fig, axes = plt.subplots(1, max(len(present), 1), figsize=(4 * max(len(present), 1), 3.2), squeeze=False)
+    n = max(len(present), 1)
+    width, height = 4.0 * n, 3.2
+    fig, axes = plt.subplots(1, n, figsize=(width, height), squeeze=False)
     for ax, key in zip(axes[0], present):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
         ax.set_title(key)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    # margins in inches rather than tight_layout, which measured every label again and was most of the
+    # run's end (0.35 s of a tiny run's ~1 s)
+    panel = (width - 0.85 - 0.2 - 0.95 * (n - 1)) / n
+    fig.subplots_adjust(left=0.85 / width, right=1 - 0.2 / width, bottom=0.5 / height, top=1 - 0.35 / height,
+                        wspace=0.95 / panel)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
