@@ -264,21 +264,26 @@ def test_teacher_shards_offloaded_by_fsdp_score_the_same(runs):
 
 
 _LEFT_THREADS = """
-import gc, glob, sys
+import atexit, gc, glob, sys
+def threads_left():
+    gc.collect()
+    print(sorted(open(task + "/comm").read().strip() for task in glob.glob("/proc/self/task/*")), flush=True)
+atexit.register(threads_left)  # registered first: runs last, after gkd's own exit handlers
 import gkd.parallel  # what every gkd process imports before it makes a group
+from gkd.parallel.groups import made
 import torch.distributed as dist
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
+made(("probe",), lambda: dist.new_group([0]))  # gkd keeps the groups it makes for later trainings
 import torch.distributed.nn  # imported once a group exists (transformers does, loading a config)
 dist.destroy_process_group()
-gc.collect()
-print(sorted(open(task + "/comm").read().strip() for task in glob.glob("/proc/self/task/*")))
 """
 
 
 def test_a_destroyed_group_leaves_no_gloo_threads_to_abort_the_exit():
-    """torch.distributed.nn binds the default group into its functions' defaults when imported: a group made
-    first would outlive destroy_process_group, and its gloo threads, racing the interpreter's exit, sometimes
-    abort a finished process (SIGABRT after every rank succeeded, as a 3-rank context-parallel run did)."""
+    """A group its owner destroyed must not reach the interpreter's exit alive: its gloo threads, racing the
+    exit, sometimes abort a finished process (SIGABRT after every rank succeeded, as a 3-rank context-parallel
+    run did). Neither torch.distributed.nn, which binds the default group into its functions' defaults when
+    imported, nor gkd's cache of the groups it made may keep one."""
     proc = subprocess.run([sys.executable, "-c", _LEFT_THREADS, str(free_port())], capture_output=True, text=True,
                           timeout=120, env=ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -5,6 +5,8 @@ ranks, not by their groups."""
 
 from __future__ import annotations
 
+import atexit
+
 import torch.distributed as dist
 
 _made: dict = {}
@@ -25,3 +27,8 @@ def made(key: tuple, make):
 def forget() -> None:
     """The default group is gone: so is everything made in it."""
     _made.clear()
+
+
+# A group destroyed by its owner (a launcher, a script) while this cache still holds it would live on, with its
+# gloo threads, into the interpreter's exit, where they can abort the process: let go of it while Python lives.
+atexit.register(forget)

@@ -112,19 +112,21 @@ def plot(metrics_path: Path, out_png: Path, keys=("loss", "divergence", "sft_los
     present = [k for k in keys if any(k in r for r in rows)]
     n = max(len(present), 1)
     width, height = 4.0 * n, 3.2
-    fig, axes = plt.subplots(1, n, figsize=(width, height), squeeze=False)
-    for ax, key in zip(axes[0], present):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    # margins in inches rather than tight_layout, which measured every label again and was most of the
-    # run's end (0.35 s of a tiny run's ~1 s)
-    panel = (width - 0.85 - 0.2 - 0.95 * (n - 1)) / n
-    fig.subplots_adjust(left=0.85 / width, right=1 - 0.2 / width, bottom=0.5 / height, top=1 - 0.35 / height,
-                        wspace=0.95 / panel)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    # the margins below are sized for these settings, whatever a user's matplotlibrc says
+    with plt.rc_context({"font.size": 10, "figure.autolayout": False, "figure.constrained_layout.use": False}):
+        fig, axes = plt.subplots(1, n, figsize=(width, height), squeeze=False)
+        for ax, key in zip(axes[0], present):
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+            ax.set_title(key)
+            ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        # margins in inches rather than tight_layout, which measured every label again and was most of the
+        # run's end (0.35 s of a tiny run's ~1 s)
+        panel = (width - 0.85 - 0.2 - 0.95 * (n - 1)) / n
+        fig.subplots_adjust(left=0.85 / width, right=1 - 0.2 / width, bottom=0.5 / height, top=1 - 0.35 / height,
+                            wspace=0.95 / panel)
+        fig.savefig(out_png, dpi=100)
+        plt.close(fig)
     return out_png
