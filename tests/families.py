@@ -140,3 +140,13 @@ def write_family(folder: Path, family: str, *, layers: int = 2, seed: int = 0, *
     model.save_pretrained(str(folder))
     write_tokenizer(folder, VOCAB)
     return folder
+
+
+def frozen_prefixes(model) -> list[str]:
+    """What the frozen-parameter tests freeze: the input embedding (the lm_head too, where it is tied) and the
+    first decoder layer, by their names in ``model``."""
+    from gkd.models import adapter_for, unwrap
+
+    names = {id(m): n for n, m in unwrap(model).named_modules()}
+    return [names[id(unwrap(model).get_input_embeddings())],
+            names[id(adapter_for(model).decoder(model).layers[0])] + "."]

@@ -174,10 +174,24 @@ def _whole(trainer, tensors: dict) -> dict[str, torch.Tensor]:
         dist.all_gather_object(held, (out, tied_copy_names(trainer.student)), group=trainer.par.pp_group)
         out = {n: t for h, _ in held for n, t in h.items()}
         for copy, one in (pair for _, names in held for pair in names.items()):
+            if copy not in out and one not in out:  # a frozen tied weight, asked for its gradients (it has none)
+                continue
             # a tied lm_head's copy on the last stage holds the embedding's value (both took the summed gradient)
             assert torch.equal(out[copy], out[one]), f"the tied {one} and its last-stage copy {copy} differ"
             del out[copy]
     return out
+
+
+def assert_frozen_as_loaded(trainer, folder: str, prefixes: list[str]) -> None:
+    """The student's weights that do not train are exactly those under ``prefixes`` and end as loaded from
+    ``folder``, bit for bit (whole: gathered from their shards and stages; every rank must call this)."""
+    from gkd.models import load_model, unwrap
+
+    frozen = _whole(trainer, {n: p for n, p in trainer.student.named_parameters() if not p.requires_grad})
+    loaded = {n: p.detach().double() for n, p in unwrap(load_model(folder)).named_parameters()}
+    assert frozen.keys() == {n for n in loaded if n.startswith(tuple(prefixes))}, sorted(frozen)
+    moved = [n for n, w in frozen.items() if not torch.equal(w, loaded[n])]
+    assert not moved, f"frozen weights moved: {moved}"
 
 
 def _weights(trainer) -> dict[str, torch.Tensor]:

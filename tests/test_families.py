@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from families import ALL, VISION, family_config, write_family
+from families import ALL, VISION, family_config, frozen_prefixes, write_family
 from gkd.config import TrainConfig
 from gkd.errors import GKDError
-from gkd.models import adapter_for, apply_lora, load_model, support, unwrap
+from gkd.models import adapter_for, apply_lora, freeze_parameters, load_model, support, unwrap
 from gkd.models.adapter import check_head
 from gkd.train.trainer import Trainer
 from naive import assert_steps_match
@@ -70,6 +70,25 @@ def test_packed_steps_equal_naive_float64(family, data, image_data, tmp_path):
     t = _trainer(student, teacher, _data(family, data, image_data), tmp_path / "out", packing=True,
                  **({"freeze_vit": False, "freeze_aligner": False} if family in VISION else {}))
     assert_steps_match(t, load_model(student), load_model(teacher))
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_frozen_parameters_stay_as_loaded_and_the_rest_steps_as_naive(family, data, image_data, tmp_path):
+    """--freeze_parameters (the input embedding, with it a tied lm_head, and the first decoder layer): an off-policy
+    and an on-policy step of the other weights equal the naive float64 steps of a student with the same weights
+    frozen, and the frozen ones end the run bit for bit as loaded."""
+    student, teacher = _pair(tmp_path, family)
+    reference = load_model(student)
+    prefixes = frozen_prefixes(reference)
+    left = freeze_parameters(reference, prefixes)
+    t = _trainer(student, teacher, _data(family, data, image_data), tmp_path / "out", freeze_parameters=prefixes,
+                 **({"freeze_vit": False, "freeze_aligner": False} if family in VISION else {}))
+    assert 0 < sum(p.numel() for p in t.params) == left < sum(p.numel() for p in reference.parameters())
+    assert_steps_match(t, reference, load_model(teacher))
+    loaded = dict(unwrap(load_model(student)).named_parameters(remove_duplicate=False))
+    frozen = {n: p for n, p in unwrap(t.student).named_parameters(remove_duplicate=False) if n.startswith(tuple(prefixes))}
+    assert frozen and all(torch.equal(p, loaded[n]) for n, p in frozen.items()), "a frozen weight moved"
+    assert all(p.grad is None for p in frozen.values())
 
 
 @pytest.mark.parametrize("family", ALL)

@@ -16,6 +16,10 @@ LAYOUTS = {"fsdp": "FSDP", "tp": "TP", "pp": "PP", "ep": "EP"}  # the worker's l
 
 
 _where = support.where
+# --freeze_parameters on each layout, for a tied text family (its two pipeline copies of the embedding stay frozen
+# together), a vision-language one and a mixture of experts (expert parallelism)
+FROZEN = {"fsdp-frozen": ["llama", "qwen2_vl"], "tp-frozen": ["llama", "qwen2_vl"], "pp-frozen": ["llama", "qwen2_vl"],
+          "ep-frozen": ["qwen3_moe"]}
 
 
 def _every_layout_and_family(c, out):
@@ -30,6 +34,8 @@ def _every_layout_and_family(c, out):
                 write_family(folder / family / "student", family, layers=2, seed=2)
                 write_family(folder / family / "teacher", family, layers=3, seed=1)
         groups += [mode, str(folder), ",".join(_where(column))]
+    for mode, families in FROZEN.items():  # (written above: these families are in every column)
+        groups += [mode, str(folder), ",".join(families)]
     return [str(write_dataset(out / "train.jsonl", n=8, seed=3)),
             str(write_image_dataset(out / "images" / "train.jsonl", n=8, seed=3)), *groups]
 
@@ -48,3 +54,16 @@ def test_the_steps_equal_naive_at_2_processes(runs, mode):
                if f"OK {mode} {family} rank {rank}" not in said]
     failures = [line for line in said.splitlines() if line.startswith(f"FAIL {mode} ")]
     assert families and not missing, (missing, failures, runs.output("families")[-3000:])
+
+
+@pytest.mark.parametrize("mode", FROZEN)
+@pytest.mark.slow
+@pytest.mark.dist
+def test_frozen_parameters_stay_as_loaded_at_2_processes(runs, mode):
+    """--freeze_parameters under FSDP, TP, PP and EP: the other weights' steps equal the naive float64 steps of a
+    student with the same weights frozen, and the frozen ones (gathered from shards and stages) end as loaded."""
+    said = runs.stdout("families")
+    missing = [f"{family} rank {rank}" for family in FROZEN[mode] for rank in (0, 1)
+               if f"OK {mode} {family} rank {rank}" not in said]
+    failures = [line for line in said.splitlines() if line.startswith(f"FAIL {mode} ")]
+    assert not missing, (missing, failures, runs.output("families")[-3000:])

@@ -166,6 +166,26 @@ def test_fused_equals_unfused(beta, chunk, reduction):
     assert int(out.agree_count) == int(agree)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_frozen_head_gets_no_weight_gradient_and_the_same_hidden_gradient(reduction):
+    """A head weight that does not require grad (--freeze_parameters on a tied embedding): the hidden states'
+    gradient is the trained head's, and the [V, H] weight gradient is never formed (no product accumulates it)."""
+    h, w, th, tw, mask, labels = _fused_case()
+    grads = []
+    for trained in (True, False):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_(trained)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = fused_linear_gkd_loss(hh, ww, teacher_hidden=th, teacher_lm_head_weight=tw, labels=labels,
+                                        sft_alpha=0.3, beta=0.5, temperature=0.9, mask=mask, reduction=reduction,
+                                        chunk_size=7)
+            out.loss.sum().backward()
+        accumulated = sum(e.count for e in prof.key_averages() if e.key == "aten::addmm_")
+        assert (accumulated > 0) == trained, (trained, accumulated)
+        assert (ww.grad is not None) == trained
+        grads.append(hh.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("chunk", [5, 64])
 def test_fused_topk_equals_unfused(chunk):
     h, w, th, tw, mask, _ = _fused_case()

@@ -233,6 +233,8 @@ def test_yaml_that_is_ambiguous_or_not_text_is_one_line(tiny, tmp_path, capsys, 
     (["--lmbda", "3"], "--lmbda must be in [0, 1], got 3.0"), (["--max_steps", "0"], "--max_steps must be >= 1"),
     (["--progress_bar", "maybe"], "expected true or false, got 'maybe'"),
     (["--max_completion_length", "0"], "--max_completion_length must be >= 1"),
+    (["--teacher_samples", "3"], "--teacher_samples is for --teacher_completions sampled"),
+    (["--teacher_completions", "sampled", "--teacher_samples", "0"], "--teacher_samples must be >= 1, got 0"),
 ])
 def test_demo_options_are_checked_before_any_work(tmp_path, capsys, flags, message):
     """gkd demo refuses its options before the teacher writes completions (and reads no boolean it cannot)."""
@@ -249,6 +251,26 @@ def test_lora_on_the_output_layer_is_refused(tiny, tmp_path, capsys, targets):
     out = tmp_path / "out"
     err = one_line_error(capsys, *train_args(tiny, out, "--train_type", "lora", "--target_modules", targets))
     assert f"--target_modules {targets}: gkd keeps the output layer lm_head out of LoRA" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--freeze_parameters", "model.embed"], None),  # a prefix of real names: accepted (the run trains the rest)
+    (["--freeze_parameters", "model.embed_token", "model.layer.0."],
+     "--freeze_parameters 'model.layer.0.' starts no parameter name of --model (names start like"),
+    (["--freeze_parameters", "model", "lm_head"], "freezes every parameter of --model: nothing to train"),
+    (["--freeze_parameters", "model.embed_tokens", "--train_type", "lora"],
+     "--freeze_parameters is for --train_type full (LoRA trains its adapters alone)"),
+])
+def test_freeze_parameters_that_freeze_nothing_or_everything_are_refused(tiny, tmp_path, capsys, flags, message):
+    """A typo in a prefix must not train everything, nor a prefix too short leave nothing to train: one line, before
+    the output folder exists."""
+    out = tmp_path / "out"
+    if message is None:
+        assert main(train_args(tiny, out, *flags)) == 0
+        return
+    err = one_line_error(capsys, *train_args(tiny, out, *flags))
+    assert message in err, err
     assert not out.exists()
 
 

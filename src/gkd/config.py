@@ -41,6 +41,9 @@ class TrainConfig:
     merge_lora: bool = _f(False, "merge the LoRA adapter into the exported student")
     freeze_vit: bool = _f(True, "vision-language students: keep the vision tower as loaded (no LoRA on it either)")
     freeze_aligner: bool = _f(True, "vision-language students: keep the projector from vision into text as loaded")
+    freeze_parameters: list[str] = _f(None, "full training: keep the student's parameters whose names start with one of "
+                                             "these prefixes as loaded, e.g. model.embed_tokens (a tied lm_head is "
+                                             "that same weight)", nargs="+")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     offload_teacher_model: bool = _f(False, "keep the teacher's weights on CPU except while it scores")
     teacher_model_server: str = _f("", "URL of a teacher server (vllm serve or gkd serve) instead of --teacher_model; "
@@ -280,6 +283,10 @@ class TrainConfig:
         need(self.dataset_num_proc >= 0, f"--dataset_num_proc must be >= 0, got {self.dataset_num_proc}")
         need(0.0 <= self.split_dataset_ratio < 1.0, f"--split_dataset_ratio must be in [0, 1), got {self.split_dataset_ratio}")
         need(self.lora_rank >= 1, f"--lora_rank must be >= 1, got {self.lora_rank}")
+        need(not (self.freeze_parameters and self.train_type == "lora"),
+             "--freeze_parameters is for --train_type full (LoRA trains its adapters alone)")
+        need(all(p.strip() for p in self.freeze_parameters or ()), "--freeze_parameters: an empty prefix would freeze "
+             "every parameter")
         need(0.0 <= self.lora_dropout < 1.0, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(self.logging_steps >= 1, f"--logging_steps must be >= 1, got {self.logging_steps}")
         need(self.eval_steps >= 0, f"--eval_steps must be >= 0, got {self.eval_steps}")
@@ -369,7 +376,8 @@ class TrainConfig:
 
 SECTIONS = {
     "model": ("model", "torch_dtype", "train_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
-              "lora_experts", "merge_lora", "freeze_vit", "freeze_aligner", "gradient_checkpointing"),
+              "lora_experts", "merge_lora", "freeze_vit", "freeze_aligner", "freeze_parameters",
+              "gradient_checkpointing"),
     "teacher": ("teacher_model", "teacher_model_server", "teacher_route", "teacher_mixture", "gkd_logits_topk", "offload_teacher_model", "teacher_api_key",
                 "teacher_timeout", "teacher_retries", "teacher_max_in_flight", "teacher_seqs_per_request",
                 "teacher_wait", "teacher_wire", "teacher_wire_dtype", "torch_dtype", "teacher_cache",

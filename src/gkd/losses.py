@@ -736,11 +736,12 @@ class _Teacher:
 
 
 def _fused_pass(h, head: LogitHead, teacher: _Teacher, labels, *, beta, temperature, sft_alpha, chunk_size, group,
-                weights):
+                weights, head_grads=(True, True)):
     """One pass over row chunks: per-row divergence, CE and top-1 agreement, and, when ``weights``
     (per-row dLoss/dL_i) is given, the gradients of sum_i weights_i * (div_i + sft_alpha * ce_i)
-    with respect to ``h``, the head's weight ``W`` and its bias. Never holds more than one chunk of logits
-    (two with a softcap, whose derivative is kept for the backward).
+    with respect to ``h``, the head's weight ``W`` and its bias (``head_grads``: whether W's and b's are
+    wanted; a frozen head's [V, H] gradient is neither zero-filled nor accumulated). Never holds more than
+    one chunk of logits (two with a softcap, whose derivative is kept for the backward).
 
     The chain rule through the head, from g = dL/dz: dL/du = g (1 - tanh^2(u/c)) with a softcap; then
     dL/dh = scale (dL/du) W, dL/dW = scale (dL/du)^T h, and dL/db = sum_rows dL/du times the scale when
@@ -756,8 +757,8 @@ def _fused_pass(h, head: LogitHead, teacher: _Teacher, labels, *, beta, temperat
     want = weights is not None
     if want:
         grad_h = torch.empty(n, h.shape[1], dtype=dt, device=h.device)
-        grad_w = torch.zeros(W.shape, dtype=dt, device=W.device)
-        grad_b = None if b is None else torch.zeros(b.shape, dtype=dt, device=b.device)
+        grad_w = torch.zeros(W.shape, dtype=dt, device=W.device) if head_grads[0] else None
+        grad_b = torch.zeros(b.shape, dtype=dt, device=b.device) if b is not None and head_grads[1] else None
     for r0 in range(0, n, chunk_size):
         r1 = min(r0 + chunk_size, n)
         hc = h[r0:r1]
@@ -796,15 +797,15 @@ def _fused_pass(h, head: LogitHead, teacher: _Teacher, labels, *, beta, temperat
             g = g.mul_(weights[r0:r1, None])  # dL/dz
             if dcap is not None:
                 g.mul_(dcap)  # dL/du
-            if b is not None:
+            if grad_b is not None:
                 grad_b.add_(g.sum(0), alpha=1.0 if head.scale_hidden else head.scale)
             if head.scale != 1.0:
                 g.mul_(head.scale)  # dL/d(h W^T)
             g = g.to(W.dtype)
             grad_h[r0:r1] = g @ W
-            if W.dtype == dt:
+            if grad_w is not None and W.dtype == dt:
                 grad_w.addmm_(g.T, hc)
-            else:  # accumulate low-precision products in float32
+            elif grad_w is not None:  # accumulate low-precision products in float32
                 grad_w.add_(g.T @ hc)
     if weights is not None:
         # h is replicated over the TP group and each shard's logits depend on it: sum the parts.
@@ -824,7 +825,8 @@ class _FusedReduced(torch.autograd.Function):
     def forward(ctx, h, W, b, form, weights, teacher, labels, opts, want_grads):
         with torch.no_grad():
             div, ce, agree, gh, gw, gb = _fused_pass(h.detach(), _head_of(W, b, form), teacher, labels,
-                                                     weights=weights if want_grads else None, **opts)
+                                                     weights=weights if want_grads else None,
+                                                     head_grads=ctx.needs_input_grad[1:3], **opts)
         ctx.save_for_backward(gh, gw, gb)
         ctx.dtypes = (h.dtype, W.dtype, None if b is None else b.dtype)
         ctx.mark_non_differentiable(div, ce, agree)
@@ -860,7 +862,8 @@ class _FusedPerRow(torch.autograd.Function):
         h, W, b = ctx.saved_tensors
         with torch.no_grad():
             _, _, _, gh, gw, gb = _fused_pass(h, _head_of(W, b, ctx.form), ctx.teacher, ctx.labels,
-                                              weights=_math(grad_rows), **ctx.opts)
+                                              weights=_math(grad_rows), head_grads=ctx.needs_input_grad[1:3],
+                                              **ctx.opts)
         dh = gh.to(h.dtype) if ctx.needs_input_grad[0] else None
         dw = gw.to(W.dtype) if ctx.needs_input_grad[1] else None
         db = gb.to(b.dtype) if b is not None and ctx.needs_input_grad[2] else None

@@ -4,7 +4,7 @@ and one on-policy, each equal the naive float64 step of the whole models at the 
 (tests/naive.py), the on-policy completions are the whole student's own draws (under PP: through the pipelined
 sampler, which also gives HF generate's completions), and vision-language families train on rows with images. One
 launch serves every layout (each trainer builds its own mesh). Usage: families_worker.py DATA IMAGE_DATA
-fsdp|tp|pp|ep|cp|fsdp-lora|tp-lora ROOT FAMILY,FAMILY... [LAYOUT ROOT FAMILIES ...] (ROOT/FAMILY holds the student
+fsdp|tp|pp|ep|cp|fsdp-lora|tp-lora|fsdp-frozen|tp-frozen|pp-frozen|ep-frozen ROOT FAMILY,FAMILY... [LAYOUT ROOT FAMILIES ...] (ROOT/FAMILY holds the student
 and teacher folders; vision-language families train on IMAGE_DATA)."""
 
 import sys
@@ -18,13 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline_sampler_worker import assert_same_samples
 
-from families import VISION
+from families import VISION, frozen_prefixes
 from gkd.config import TrainConfig
-from gkd.models import apply_lora, load_model
+from gkd.models import apply_lora, freeze_parameters, load_model
 from gkd.rollout.base import SamplingConfig
 from gkd.rollout.pipelined import PipelineSampler
 from gkd.train.trainer import Trainer
-from naive import assert_steps_match, image_inputs
+from naive import assert_frozen_as_loaded, assert_steps_match, image_inputs
 
 LORA = dict(train_type="lora", lora_rank=4, lora_alpha=8, lora_dropout=0.0)  # (dropout would make the step random)
 LAYOUTS = {  # mode: (TrainConfig arguments, the (tp, pp, ep, data-parallel size) they must give)
@@ -37,6 +37,9 @@ LAYOUTS = {  # mode: (TrainConfig arguments, the (tp, pp, ep, data-parallel size
     "fsdp-lora": (dict(micro_batch_size=1, **LORA), (1, 1, 1, 2)),
     "tp-lora": (dict(micro_batch_size=2, tensor_model_parallel_size=2, lora_experts=False, **LORA), (2, 1, 1, 1)),
 }
+# --freeze_parameters (the embedding, with it a tied lm_head, and the first decoder layer: tests/families.py) on
+# each layout: the reference freezes the same weights
+LAYOUTS.update({f"{mode}-frozen": LAYOUTS[mode] for mode in ("fsdp", "tp", "pp", "ep")})
 
 
 def run(args) -> int:
@@ -56,6 +59,8 @@ def _step(mode: str, root: str, data: str, family: str) -> bool:
     student, teacher = (str(Path(root) / family / side) for side in ("student", "teacher"))
     if family in VISION:  # the tower and projector train too: their gradients are compared
         flags = dict(flags, freeze_vit=False, freeze_aligner=False)
+    if mode.endswith("-frozen"):
+        flags = dict(flags, freeze_parameters=frozen_prefixes(load_model(student)))
     # seed 42 and lmbda 0.5: step 1 off-policy, step 2 on-policy (assert_steps_match checks both kinds ran)
     cfg = TrainConfig(model=student, teacher_model=teacher, dataset=[data], output_dir=str(Path(root) / "out"),
                       lmbda=0.5, seed=42, beta=0.5, temperature=0.9, sft_alpha=0.3, global_batch_size=6, max_steps=2,
@@ -77,9 +82,12 @@ def _step(mode: str, root: str, data: str, family: str) -> bool:
                 assert_same_samples(student, trainer.student, trainer.device, replace(sampling, max_new_tokens=24),
                                     [e.prompt_ids for e in rows], inputs)
         reference = load_model(student)
+        freeze_parameters(reference, flags.get("freeze_parameters"))
         if flags.get("train_type") == "lora":  # the same adapters as the trainer's, at the same initialisation
             reference = apply_lora(reference, 4, 8, 0.0, "all-linear", cfg.seed, experts=cfg.lora_experts)
         assert_steps_match(trainer, reference, load_model(teacher))
+        if mode.endswith("-frozen"):  # (every rank: the gather is a collective)
+            assert_frozen_as_loaded(trainer, student, flags["freeze_parameters"])
     except Exception as e:  # noqa: BLE001 - reported, and the launch goes on to the next family
         traceback.print_exc()  # where it failed, in the run's stderr
         print(f"FAIL {mode} {family} rank {dist.get_rank()}: {type(e).__name__}: {e}", flush=True)

@@ -217,6 +217,27 @@ def freeze_vision(model, freeze_vit: bool, freeze_aligner: bool) -> set[str]:
     return frozen
 
 
+def freeze_parameters(model, prefixes) -> int:
+    """Stop training the parameters whose names in the unwrapped model start with one of ``prefixes`` (a
+    tied weight answers to each of its names); returns how many elements stay trainable. A prefix that names
+    no parameter, or one that leaves nothing to train, is an error: a typo must not train everything."""
+    if not prefixes:
+        return -1
+    named = list(unwrap(model).named_parameters(remove_duplicate=False))
+    for prefix in prefixes:
+        if not any(name.startswith(prefix) for name, _ in named):
+            near = sorted({name.rsplit(".", 2)[0] for name, _ in named})[:6]
+            raise GKDError(f"--freeze_parameters {prefix!r} starts no parameter name of --model (names start like "
+                           f"{', '.join(near)}, ...)")
+    for name, p in named:
+        if any(name.startswith(prefix) for prefix in prefixes):
+            p.requires_grad_(False)
+    left = sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad)
+    if not left:
+        raise GKDError(f"--freeze_parameters {' '.join(prefixes)} freezes every parameter of --model: nothing to train")
+    return left
+
+
 def apply_lora(model, rank: int, alpha: int, dropout: float, target_modules: str, seed: int,
                exclude: set[str] = frozenset(), experts: bool = True):
     """LoRA adapters on ``target_modules`` (names, or all-linear), never on the modules in ``exclude``.

@@ -9,8 +9,8 @@ from gkd import parallel
 from gkd.config import mixture_weights, route_map, teacher_specs
 from gkd.data.rows import check_context, load_examples, model_context, split_examples, warn_unused_num_proc
 from gkd.errors import GKDError
-from gkd.models import (adapter_for, apply_lora, check_compatible, eos_ids, freeze_vision, load_image_processing,
-                        load_model, load_tokenizer)
+from gkd.models import (adapter_for, apply_lora, check_compatible, eos_ids, freeze_parameters, freeze_vision,
+                        load_image_processing, load_model, load_tokenizer)
 from gkd.parallel.expert import expert_parameters
 from gkd.rollout.base import SamplingConfig
 from gkd.rollout.factory import local_rollout, student_rollout
@@ -60,6 +60,12 @@ def student(m, seed: int, par):
                                                                                "context_fn": checkpoint_contexts})
             model.config.use_cache = False
         frozen = freeze_vision(model, m.freeze_vit, m.freeze_aligner)
+        if freeze_parameters(model, m.freeze_parameters) >= 0 and par.world > 1 and any(
+                p.requires_grad for part in adapter_for(model).vision_modules(model) for p in part.parameters()):
+            # a rank whose rows have images backpropagates through frozen text layers into the vision tower, one
+            # without would skip them, and their sharded weights would be gathered for backward on some ranks
+            # only: every rank backpropagates through them
+            model.enable_input_require_grads()
         if m.train_type == "lora":
             model = apply_lora(model, m.lora_rank, m.lora_alpha, m.lora_dropout, m.target_modules, seed,
                                exclude=frozen, experts=m.lora_experts)
@@ -258,7 +264,8 @@ def corrected_rollout(topk: int, local, teacher, student_model, model_spec: str,
 
 def optimizer(o, params, budget):
     """(AdamW, its LR schedule along ``budget``) from the optim section."""
-    opt = torch.optim.AdamW(params, lr=o.learning_rate, weight_decay=o.weight_decay, fused=True)
+    # (as a group: a pipeline stage whose weights are all frozen holds none, which a bare list may not be)
+    opt = torch.optim.AdamW([{"params": params}], lr=o.learning_rate, weight_decay=o.weight_decay, fused=True)
     return opt, budget.schedule(opt)
 
 
