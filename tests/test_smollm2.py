@@ -44,7 +44,7 @@ def test_demo_runs_on_the_real_model(tmp_path, gguf_cache, capsys):
     from gkd.cli import main
 
     assert main(["demo", "--output_dir", str(tmp_path), "--max_steps", "2", "--max_completion_length", "8",
-                 "--teacher_samples", "1", "--progress_bar", "false"]) == 0
+                 "--progress_bar", "false"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     before, after = report["before"], report["after"]
     printed = capsys.readouterr().out
@@ -65,6 +65,18 @@ def test_demo_runs_on_the_real_model(tmp_path, gguf_cache, capsys):
     from gkd.prompts import train_prompts
 
     assert len(rows) == len(train_prompts()) and all(json.loads(r)["completion"] for r in rows)  # one per prompt
+    # each is the teacher's greedy completion (its argmax at every position, up to its end of turn)
+    import torch
+
+    from gkd.cli.demo import chat_prompt
+    from gkd.models import SMOLLM2, load_model, load_tokenizer
+
+    tok, teacher = load_tokenizer(SMOLLM2), load_model(SMOLLM2).eval()
+    for row in map(json.loads, rows[:2]):
+        ids = torch.tensor([chat_prompt(tok, row["prompt"])])
+        want = teacher.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                                pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        assert row["completion"] == tok.decode(want, skip_special_tokens=True), row
 
 
 

@@ -13,7 +13,7 @@ import torch
 
 from gkd.config import TrainConfig, _OneLineErrors, _parse_bool
 from gkd.errors import GKDError
-from gkd.evaluate import evaluate, format_table, sampled
+from gkd.evaluate import evaluate, format_table, greedy, sampled
 from gkd.machine import matmul_gflop_s
 from gkd.models import SMOLLM2, eos_ids, load_model, load_tokenizer, prune_command
 from gkd.prompts import eval_prompts, train_prompts
@@ -61,18 +61,25 @@ def chat_prompt(tok, question: str) -> list[int]:
 
 
 def teacher_written(teacher, tok, questions: list[str], samples: int, max_new_tokens: int) -> list[tuple[str, str]]:
-    """(question, completion) pairs: ``samples`` seeded completions per question from the teacher at
-    temperature 0.9; an at-once end of sequence (an empty completion, nothing to learn) is left out."""
-    written = sampled(teacher, [chat_prompt(tok, q) for q in questions], samples, eos_ids(tok, teacher),
-                      tok.pad_token_id, max_new_tokens, 0.9, torch.device("cpu"), batch_size=64)
+    """(question, completion) pairs: the teacher's greedy completion of each question (``samples`` 0), or
+    ``samples`` seeded completions per question at temperature 0.9; an at-once end of sequence (an empty
+    completion, nothing to learn) is left out."""
+    prompts, eos, cpu = [chat_prompt(tok, q) for q in questions], eos_ids(tok, teacher), torch.device("cpu")
+    if samples:
+        written = sampled(teacher, prompts, samples, eos, tok.pad_token_id, max_new_tokens, 0.9, cpu, batch_size=64)
+    else:
+        written = [[c] for c in greedy(teacher, prompts, eos, tok.pad_token_id, max_new_tokens, cpu, batch_size=64)]
     pairs = [(q, tok.decode(c, skip_special_tokens=True)) for q, drawn in zip(questions, written) for c in drawn]
     return [(q, c) for q, c in pairs if c.strip()]
 
 
 def _train_config(a, student_dir: Path, train_file: Path, out: Path) -> TrainConfig:
+    # The embedding (tied to the output layer) stays the teacher's: measured, the student generalises better to
+    # new prompts with it frozen, and each step skips its [V, H] gradient (benchmarks/RESULTS.md)
     return TrainConfig(model=str(student_dir), teacher_model=SMOLLM2, dataset=[str(train_file)], beta=a.beta,
+                       freeze_parameters=["model.embed_tokens"],
                        lmbda=a.lmbda, temperature=0.9, max_completion_length=a.max_completion_length,
-                       micro_batch_size=4, global_batch_size=8, learning_rate=a.learning_rate,
+                       micro_batch_size=8, global_batch_size=8, learning_rate=a.learning_rate,
                        lr_scheduler_type="cosine", warmup_ratio=0.1, max_steps=a.max_steps,
                        output_dir=str(out / "train"), save_steps=32, logging_steps=1, progress_bar=a.progress_bar,
                        overwrite_output_dir=True)  # a demo starts afresh
@@ -81,25 +88,32 @@ def _train_config(a, student_dir: Path, train_file: Path, out: Path) -> TrainCon
 def run(argv: list[str]) -> dict:
     p = _OneLineErrors(prog="gkd demo", description=__doc__)
     p.add_argument("--output_dir", "--output-dir", default="runs/demo", help="where everything goes")
-    p.add_argument("--max_steps", "--max-steps", type=int, default=120, help="optimizer steps")
+    p.add_argument("--max_steps", "--max-steps", type=int, default=60, help="optimizer steps")
     p.add_argument("--max_completion_length", "--max-completion-length", type=int, default=40,
                    help="new tokens per sampled completion")
-    p.add_argument("--learning_rate", "--learning-rate", type=float, default=5e-4, help="AdamW learning rate (cosine)")
-    p.add_argument("--lmbda", type=float, default=0.5,
+    p.add_argument("--learning_rate", "--learning-rate", type=float, default=1e-3, help="AdamW learning rate (cosine)")
+    p.add_argument("--lmbda", type=float, default=0.0,
                    help="share of on-policy steps (the student samples its own completions; the others train on the "
-                        "teacher's)")
+                        "teacher's). 0: from a pruned start, the teacher's completions teach more per second of "
+                        "training (benchmarks/RESULTS.md)")
     p.add_argument("--beta", type=float, default=0.0,
                    help="divergence for training and the report (0 = forward KL: a freshly pruned student is so far "
                         "from the teacher that the JSD at 0.5 sits near its ln 2 ceiling, where gradients vanish)")
     p.add_argument("--student_layers", "--student-layers", default=STUDENT_LAYERS,
                    help="the teacher's layers the student keeps, e.g. 0-5,21-29 (at most 15 keeps it at 60%% of the "
                         "teacher's parameters)")
-    p.add_argument("--teacher_samples", "--teacher-samples", type=int, default=2,
-                   help="completions the teacher writes per training prompt (seeded, temperature 0.9), once")
+    p.add_argument("--teacher_completions", "--teacher-completions", choices=("greedy", "sampled"), default="greedy",
+                   help="what the teacher writes for each training prompt, once: its greedy completion (its most "
+                        "likely answer; sequence-level KD), or --teacher_samples seeded samples at temperature 0.9")
+    p.add_argument("--teacher_samples", "--teacher-samples", type=int, default=None,
+                   help="with --teacher_completions sampled: completions per training prompt (default 2)")
     p.add_argument("--progress_bar", "--progress-bar", type=_parse_bool, default=True, metavar="true|false",
                    help="show the progress bar (true|false)")
     a = p.parse_args(argv)
-    if a.teacher_samples < 1:
+    if a.teacher_samples is not None and a.teacher_completions == "greedy":
+        raise GKDError("--teacher_samples is for --teacher_completions sampled (greedy writes one completion per prompt)")
+    per_prompt = 0 if a.teacher_completions == "greedy" else 2 if a.teacher_samples is None else a.teacher_samples
+    if a.teacher_completions == "sampled" and per_prompt < 1:
         raise GKDError(f"--teacher_samples must be >= 1, got {a.teacher_samples}")
     if a.max_steps < 1:
         raise GKDError(f"--max_steps must be >= 1, got {a.max_steps}")
@@ -114,11 +128,11 @@ def run(argv: list[str]) -> dict:
     tok = load_tokenizer(SMOLLM2)
     teacher = load_model(SMOLLM2).eval()
     device = torch.device("cpu")
-    print(f"[demo] the teacher writes {a.teacher_samples} completion(s) for each of {len(train_prompts())} training "
-          "prompts")
+    written = "its greedy completion" if not per_prompt else f"{per_prompt} sampled completion(s)"
+    print(f"[demo] the teacher writes {written} for each of {len(train_prompts())} training prompts")
     train_file, val_file = out / "data" / "train.jsonl", out / "data" / "val.jsonl"
     _write_jsonl(train_file, [{"prompt": q, "completion": c} for q, c in teacher_written(
-        teacher, tok, train_prompts(), a.teacher_samples, a.max_completion_length)])
+        teacher, tok, train_prompts(), per_prompt, a.max_completion_length)])
     _write_jsonl(val_file, [{"prompt": q} for q in eval_prompts()])  # for `gkd eval` on the final student
 
     prompts = [chat_prompt(tok, q) for q in eval_prompts()]
@@ -149,7 +163,8 @@ def run(argv: list[str]) -> dict:
         if i < 3:
             print(f"\n> {q}\n  teacher: {sample['teacher']!r}\n  before : {sample['student_before']!r}\n"
                   f"  after  : {sample['student_after']!r}")
-    settings = {"student_layers": keep, "teacher_samples": a.teacher_samples, "max_steps": a.max_steps,
+    settings = {"student_layers": keep, "teacher_completions": a.teacher_completions, "teacher_samples": per_prompt,
+                "max_steps": a.max_steps,
                 "learning_rate": a.learning_rate, "lmbda": a.lmbda, "beta": a.beta,
                 "max_completion_length": a.max_completion_length}
     report = {"before": before, "after": after, "train_seconds": round(train_seconds, 1),
