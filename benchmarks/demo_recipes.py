@@ -8,7 +8,8 @@ student from the same start and is judged on the demo's 8 held-out prompts and o
                               "learning_rate": 5e-4, "micro_batch_size": 4, "freeze_parameters": null}'
 
 A recipe is the demo's training config (gkd.cli.demo) with the given keys replaced: any `gkd train` option, plus
-``teacher_completions`` (greedy | sampled) and ``teacher_samples``. The teacher's training rows and the held-out
+``teacher_completions`` (greedy | sampled) and ``teacher_samples``. The demo's config freezes the embedding:
+``"freeze_parameters": null`` trains it too (the RESULTS rows not named "embedding frozen"). The teacher's training rows and the held-out
 prompts' greedy completions are written once into W and reused by every recipe. The recipes run one after
 another in this process, each printing one JSON line (training seconds, this machine's matmul GFLOP/s measured
 after it, every `gkd eval` metric on both prompt sets: ``x_`` = the 31 extra prompts), appended to

@@ -86,7 +86,8 @@ def test_frozen_parameters_stay_as_loaded_and_the_rest_steps_as_naive(family, da
     assert 0 < sum(p.numel() for p in t.params) == left < sum(p.numel() for p in reference.parameters())
     assert_steps_match(t, reference, load_model(teacher))
     loaded = dict(unwrap(load_model(student)).named_parameters(remove_duplicate=False))
-    frozen = {n: p for n, p in unwrap(t.student).named_parameters(remove_duplicate=False) if n.startswith(tuple(prefixes))}
+    frozen = {n: p for n, p in unwrap(t.student).named_parameters(remove_duplicate=False)
+              if n.startswith(tuple(prefixes))}
     assert frozen and all(torch.equal(p, loaded[n]) for n, p in frozen.items()), "a frozen weight moved"
     assert all(p.grad is None for p in frozen.values())
 

@@ -47,6 +47,12 @@ for _saved, _on in RESUMES:  # the saved run's step-2 checkpoint, resumed on one
                          flags=RUNS[_on][1] if _on in RUNS else ["--max_grad_norm", "0.1"] if "tied" in _on else []),
             after=(_saved,), mkdir=True)
 
+# --freeze_parameters leaving the first stage (the tiny student's embedding and layer 0) nothing to train
+FROZEN = ["--freeze_parameters", "model.embed_tokens", "model.layers.0."]
+declare_training("single-frozen", 1, FROZEN)
+declare_training("pp2-frozen", 2, [*PP2, *FROZEN])
+declare("resume-pp2-frozen", 2, resumed_from("pp2-frozen", flags=[*PP2, *FROZEN]), after=("pp2-frozen",), mkdir=True)
+
 
 def _teacher_sampling_or_server(kind: str, launch: list[str]):
     """2 steps (off-, then on-policy): sequence-level KD with gradient checkpointing, or a teacher server's top-k
@@ -101,6 +107,21 @@ def test_each_stage_holds_its_share_of_student_optimizer_and_teacher(runs):
     key = "teacher_mib_per_rank"
     assert 0.55 <= pp2[key] / one[key] <= 0.7, (pp2[key], one[key])
     assert 0.3 <= both[key] / one[key] <= 0.45, (both[key], one[key])
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_wholly_frozen_stage_trains_saves_and_resumes_as_one_process(runs):
+    """A stage whose weights are all frozen holds no optimizer state: the run equals one process's step for step,
+    the frozen weights end as loaded, the trained ones moved, and its step-2 checkpoint resumes to the same steps."""
+    import torch
+
+    _, _, w = assert_same_run(runs["single-frozen"], runs["pp2-frozen"])
+    initial = load_file(str(Path(runs.ctx.models("tiny")["student"]) / "model.safetensors"))
+    frozen = {k for k in initial if k.startswith(("model.embed_tokens", "model.layers.0."))}
+    assert frozen and all(torch.equal(w[k], initial[k]) for k in frozen)
+    assert min(float((w[k] - initial[k]).abs().max()) for k in initial.keys() - frozen) > 1e-3
+    check_resume(runs["resume-pp2-frozen"], runs["single-frozen"])
 
 
 @pytest.mark.parametrize("saved,resumed", RESUMES)

@@ -377,6 +377,8 @@ def test_a_damaged_checkpoint_or_other_pinned_flags_are_refused_before_loading(t
         proc = gkd_in_process(*(set_arg(resume, flag, value) if flag in resume else [*resume, flag, value]))
         assert_one_line_error(proc, f"{flag} {float(value) if '.' in value else int(value)} differs from the "
                                     f"checkpoint's {float(saved) if '.' in saved else int(saved)}")
+    proc = gkd_in_process(*resume, "--freeze_parameters", "model.embed_tokens")  # would drop its optimizer state
+    assert_one_line_error(proc, "--freeze_parameters model.embed_tokens differs from the checkpoint's None")
     proc = gkd_in_process(*resume)  # and intact, with the same flags: resumes
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = gkd_in_process(*_train_args(tiny, t.out, "--max_steps", "2", "--resume_from_checkpoint",

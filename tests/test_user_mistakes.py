@@ -254,10 +254,25 @@ def test_lora_on_the_output_layer_is_refused(tiny, tmp_path, capsys, targets):
     assert not out.exists()
 
 
+def test_a_frozen_prefix_is_whole_name_components():
+    """model.layers.1 freezes layer 1 alone, not layers 10 and 11 (a plain string prefix would)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gkd.models import freeze_parameters
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=12,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    freeze_parameters(model, ["model.layers.1"])
+    frozen = {n.split(".")[2] for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"1"}, frozen
+
+
 @pytest.mark.parametrize("flags,message", [
-    (["--freeze_parameters", "model.embed"], None),  # a prefix of real names: accepted (the run trains the rest)
-    (["--freeze_parameters", "model.embed_token", "model.layer.0."],
-     "--freeze_parameters 'model.layer.0.' starts no parameter name of --model (names start like"),
+    (["--freeze_parameters", "model.embed_tokens", "model.layers.0"], None),  # real names: the run trains the rest
+    (["--freeze_parameters", "model.embed_tokens", "model.layer.0."],
+     "--freeze_parameters 'model.layer.0.' names no parameter of --model (whole name components; its modules "
+     "include"),
+    (["--freeze_parameters", "model.embed"], "--freeze_parameters 'model.embed' names no parameter"),  # (not a prefix)
     (["--freeze_parameters", "model", "lm_head"], "freezes every parameter of --model: nothing to train"),
     (["--freeze_parameters", "model.embed_tokens", "--train_type", "lora"],
      "--freeze_parameters is for --train_type full (LoRA trains its adapters alone)"),

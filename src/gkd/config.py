@@ -41,9 +41,9 @@ class TrainConfig:
     merge_lora: bool = _f(False, "merge the LoRA adapter into the exported student")
     freeze_vit: bool = _f(True, "vision-language students: keep the vision tower as loaded (no LoRA on it either)")
     freeze_aligner: bool = _f(True, "vision-language students: keep the projector from vision into text as loaded")
-    freeze_parameters: list[str] = _f(None, "full training: keep the student's parameters whose names start with one of "
-                                             "these prefixes as loaded, e.g. model.embed_tokens (a tied lm_head is "
-                                             "that same weight)", nargs="+")
+    freeze_parameters: list[str] = _f(None, "full training: keep the student's parameters under these names (whole "
+                                             "name components) as loaded, e.g. model.embed_tokens (a tied lm_head is "
+                                             "that same weight) or model.layers.0", nargs="+")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     offload_teacher_model: bool = _f(False, "keep the teacher's weights on CPU except while it scores")
     teacher_model_server: str = _f("", "URL of a teacher server (vllm serve or gkd serve) instead of --teacher_model; "

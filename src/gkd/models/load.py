@@ -217,20 +217,28 @@ def freeze_vision(model, freeze_vit: bool, freeze_aligner: bool) -> set[str]:
     return frozen
 
 
+def _under(name: str, prefix: str) -> bool:
+    """Whether parameter ``name`` lies under ``prefix``, read as whole name components: model.layers.1 is layer 1,
+    not layers 10-19 too (a trailing dot changes nothing)."""
+    prefix = prefix.rstrip(".")
+    return name == prefix or name.startswith(prefix + ".")
+
+
 def freeze_parameters(model, prefixes) -> int:
-    """Stop training the parameters whose names in the unwrapped model start with one of ``prefixes`` (a
-    tied weight answers to each of its names); returns how many elements stay trainable. A prefix that names
-    no parameter, or one that leaves nothing to train, is an error: a typo must not train everything."""
+    """Stop training the parameters whose names in the unwrapped model lie under one of ``prefixes`` (whole name
+    components; a tied weight answers to each of its names); returns how many elements stay trainable, -1
+    without prefixes. A prefix that names no parameter, or one that leaves nothing to train, is an error: a typo
+    must not train everything."""
     if not prefixes:
         return -1
     named = list(unwrap(model).named_parameters(remove_duplicate=False))
     for prefix in prefixes:
-        if not any(name.startswith(prefix) for name, _ in named):
-            near = sorted({name.rsplit(".", 2)[0] for name, _ in named})[:6]
-            raise GKDError(f"--freeze_parameters {prefix!r} starts no parameter name of --model (names start like "
-                           f"{', '.join(near)}, ...)")
+        if not any(_under(name, prefix) for name, _ in named):
+            near = sorted({name.rsplit(".", 1)[0] for name, _ in named})[:6]
+            raise GKDError(f"--freeze_parameters {prefix!r} names no parameter of --model (whole name components; "
+                           f"its modules include {', '.join(near)}, ...)")
     for name, p in named:
-        if any(name.startswith(prefix) for prefix in prefixes):
+        if any(_under(name, prefix) for prefix in prefixes):
             p.requires_grad_(False)
     left = sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad)
     if not left:

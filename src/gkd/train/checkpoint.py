@@ -19,7 +19,8 @@ from gkd.train import outdir
 
 _DONE = outdir.DONE  # written last: a folder without it is not a checkpoint
 # what the checkpoint's optimizer and schedule carry: a resume with other values would silently keep the saved ones
-PINNED = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_ratio", "global_batch_size", "seed")
+PINNED = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_ratio", "global_batch_size", "seed",
+          "freeze_parameters")
 
 
 def rng_state() -> dict:
@@ -57,11 +58,17 @@ def _single_process_quiet(par):
         yield
 
 
-def _sharded_state(model, optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+def _trains(optimizer) -> bool:
+    """Whether this rank's optimizer holds any parameter (a wholly frozen pipeline stage's holds none)."""
+    return any(group["params"] for group in optimizer.param_groups)
 
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model))
-    return {"model": model_sd, "optimizer": optim_sd}
+
+def _sharded_state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    options = _options(model)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=options) if _trains(optimizer) else {}
+    return {"model": get_model_state_dict(model, options=options), "optimizer": optim_sd}
 
 
 def save(output_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int, par) -> Path:
@@ -164,9 +171,10 @@ def check_settings(path: Path, info: dict, cfg) -> None:
     saved = info.get("settings", {})
     for name in PINNED:
         if name in saved and saved[name] != getattr(cfg, name):
-            raise GKDError(f"--resume_from_checkpoint {path}: --{name} {getattr(cfg, name)} differs from the "
-                           f"checkpoint's {saved[name]} (its optimizer, schedule and data order carry the saved one); "
-                           f"resume with --{name} {saved[name]}, or start a new run")
+            given, kept = (" ".join(v) if isinstance(v, list) else v for v in (getattr(cfg, name), saved[name]))
+            raise GKDError(f"--resume_from_checkpoint {path}: --{name} {given} differs from the checkpoint's {kept} "
+                           f"(its optimizer, schedule, data order and frozen weights carry the saved one); resume "
+                           f"with --{name} {kept}, or start a new run")
 
 
 def settings(cfg) -> dict:
@@ -202,7 +210,7 @@ def load(path: Path, model, optimizer, scheduler, par) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     info = read_info(path)
     verify(path, info, par)
@@ -217,8 +225,9 @@ def load(path: Path, model, optimizer, scheduler, par) -> dict:
             dcp.load({"optimizer": optim}, checkpoint_id=str(path / "state"),
                      planner=DefaultLoadPlanner(allow_partial_load=True))
             state["optimizer"] = {k: optim[alias.get(k, k)] for k in state["optimizer"]}
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=_options(model))
+        set_model_state_dict(model, state["model"], options=_options(model))
+        if _trains(optimizer):
+            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_options(model))
         scheduler.load_state_dict(torch.load(path / "trainer.pt", weights_only=False)["scheduler"])
         own = path / f"rng-{par.rank}.pt"  # a rank the saving run did not have takes rank 0's
         set_rng_state(torch.load(own if own.is_file() else path / "rng-0.pt", weights_only=False))
