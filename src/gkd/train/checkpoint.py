@@ -64,11 +64,12 @@ def _trains(optimizer) -> bool:
 
 
 def _sharded_state(model, optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    options = _options(model)
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=options) if _trains(optimizer) else {}
-    return {"model": get_model_state_dict(model, options=options), "optimizer": optim_sd}
+    if not _trains(optimizer):  # (get_state_dict refuses an optimizer without state)
+        return {"model": get_model_state_dict(model, options=_options(model)), "optimizer": {}}
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model))
+    return {"model": model_sd, "optimizer": optim_sd}
 
 
 def save(output_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int, par) -> Path:
@@ -210,7 +211,7 @@ def load(path: Path, model, optimizer, scheduler, par) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     info = read_info(path)
     verify(path, info, par)
@@ -225,9 +226,11 @@ def load(path: Path, model, optimizer, scheduler, par) -> dict:
             dcp.load({"optimizer": optim}, checkpoint_id=str(path / "state"),
                      planner=DefaultLoadPlanner(allow_partial_load=True))
             state["optimizer"] = {k: optim[alias.get(k, k)] for k in state["optimizer"]}
-        set_model_state_dict(model, state["model"], options=_options(model))
         if _trains(optimizer):
-            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_options(model))
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                           options=_options(model))
+        else:
+            set_model_state_dict(model, state["model"], options=_options(model))
         scheduler.load_state_dict(torch.load(path / "trainer.pt", weights_only=False)["scheduler"])
         own = path / f"rng-{par.rank}.pt"  # a rank the saving run did not have takes rank 0's
         set_rng_state(torch.load(own if own.is_file() else path / "rng-0.pt", weights_only=False))
