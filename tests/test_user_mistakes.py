@@ -2,6 +2,7 @@
 written, or is warned about; nothing passes silently."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,25 @@ def test_layouts_not_combined_yet_are_one_line_before_any_process(request, tmp_p
     err = one_line_error(capsys, *train_args(chosen, out, *flags))
     assert message in err, err
     assert not out.exists()
+
+
+def test_vllm_cpu_shared_memory_left_or_in_use_is_named(tmp_path):
+    """vLLM 0.32 on CPU names a tensor-parallel engine's shared memory after its ranks alone: a segment of the same
+    name, left by a killed run or held by another job, is named with its cause before the engine's errno 17."""
+    from gkd.errors import GKDError
+    from gkd.rollout.vllm_engine import check_cpu_shared_memory
+
+    (tmp_path / "-tp:0-[2-3]-cpushm_0").write_bytes(b"x")  # another engine's ranks
+    (tmp_path / "-tp:0-[0-1]-cpushm_0").write_bytes(b"x")  # rank 0's, not rank 1's
+    check_cpu_shared_memory(1, 2, tmp_path)
+    check_cpu_shared_memory(0, 4, tmp_path)
+    with pytest.raises(GKDError, match=r"-cpushm_0 was left by a run that ended without closing its engine \(no "
+                                       r"process uses it\).*: rm '"):
+        check_cpu_shared_memory(0, 2, tmp_path)
+    held = tmp_path / "-tp:0-[2-3]-cpushm_1"
+    with open(held, "wb"):
+        with pytest.raises(GKDError, match=f"cpushm_1 is in use by process {os.getpid()}: "):
+            check_cpu_shared_memory(3, 2, tmp_path)
 
 
 @pytest.mark.parametrize("layout", [{"tp": 2}, {"pp": 2}, {"ep": 2}], ids=["tp2", "pp2", "ep2"])

@@ -49,6 +49,35 @@ def write_vllm_folder(model, tokenizer, folder: Path) -> Path:
     return folder
 
 
+def _users_of(path: Path) -> list[int]:
+    """The processes that map PATH or hold it open (read from /proc)."""
+    users = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(path) in (proc / "maps").read_text() or any(
+                    os.readlink(fd) == str(path) for fd in (proc / "fd").iterdir()):
+                users.append(int(proc.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return users
+
+
+def check_cpu_shared_memory(rank: int, tensor_parallel_size: int, shm: Path = Path("/dev/shm")) -> None:
+    """vLLM 0.32 on CPU names a torchrun engine's shared memory after its ranks alone
+    (/dev/shm/-tp:0-[0-1]-cpushm_I for I the rank in the engine), the same for every job on the machine; one that
+    exists makes the engine fail with "create shm in SHMManager failed. errno: 17". Say which, and why, instead."""
+    first = rank // tensor_parallel_size * tensor_parallel_size
+    tag = "-[" + "-".join(str(r) for r in range(first, first + tensor_parallel_size)) + "]-cpushm_"
+    for path in sorted(p for p in shm.iterdir() if p.name.endswith(f"{tag}{rank - first}")):
+        users = _users_of(path)
+        if users:
+            raise GKDError(f"vLLM's CPU shared memory {path} is in use by process {users[0]}: vLLM 0.32 on CPU names it "
+                           "after the engine's ranks alone, so two tensor-parallel engines of the same ranks cannot "
+                           "run on one machine at once; wait for that job or give this one --vllm_tensor_parallel_size 1")
+        raise GKDError(f"vLLM's CPU shared memory {path} was left by a run that ended without closing its engine (no "
+                       f"process uses it), and vLLM cannot start a tensor-parallel engine while it exists: rm '{path}'")
+
+
 def _text_only(inputs: list[dict] | None) -> None:
     """The trainer refuses image rows with --use_vllm before training; this guards other callers."""
     if inputs and any(inputs):
@@ -121,6 +150,10 @@ class VLLMColocateSampler:
         if on_gpu and kv_cache_memory_mb:
             kw["kv_cache_memory_bytes"] = kv_cache_memory_mb * 2**20
         self.model_path = model_path
+        if torchrun and tensor_parallel_size > 1 and not on_gpu:
+            import torch.distributed as dist
+
+            check_cpu_shared_memory(dist.get_rank(), tensor_parallel_size)
         try:
             with _classes_kept():
                 self.llm = vllm.LLM(**kw)
