@@ -94,7 +94,10 @@ def main() -> None:
         cfg.validate()
         trainer = Trainer(cfg, log=lambda *_: None)
         started = time.perf_counter()
-        trainer.train()
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
         seconds = time.perf_counter() - started
         record = {"name": name, "recipe": spec, "train_seconds": round(seconds, 1),
                   "matmul_gflop_s": round(matmul_gflop_s(), 1)}

@@ -1,6 +1,7 @@
-"""--teacher_cache and `gkd cache`: a cached run equals the live top-k run and its second epoch asks the teacher
-nothing; any change of teacher, K or temperature scores afresh; torn and flipped entries are found and scored
-again; concurrent writers leave valid entries; bad folders are one line; a remote teacher and FSDP work too."""
+"""--teacher_cache and `gkd cache`: a cached run equals the live run -- top-K (K = 8) and full-vocabulary
+(K = 0: the teacher's final hidden states) -- and its second epoch asks the teacher nothing; any change of
+teacher, K or temperature scores afresh; torn and flipped entries are found and scored again; concurrent writers
+leave valid entries; bad folders are one line; a remote teacher, FSDP, PP and CP work too."""
 
 import json
 import os
@@ -19,21 +20,22 @@ from helpers import (ENV, ROOT, assert_one_line_error, declare, final_weights, g
                      set_arg)
 
 K = "8"
+KS = ["8", "0"]  # the top-8 entries and the full vocabulary's hidden states
 
 
-def train_args(tiny, out, *extra) -> list[str]:
+def train_args(tiny, out, *extra, k: str = K) -> list[str]:
     """2 epochs of the tiny models (16 rows, 8 a step: 4 steps), all off-policy unless ``extra`` says."""
     return ["train", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["data"],
             "--output_dir", str(out), "--max_completion_length", "6", "--learning_rate", "1e-3",
             "--lr_scheduler_type", "constant", "--micro_batch_size", "2", "--global_batch_size", "8",
             "--progress_bar", "false", "--lmbda", "0", "--sft_alpha", "0.3", "--num_train_epochs", "2",
-            "--gkd_logits_topk", K, *extra]
+            "--gkd_logits_topk", k, *extra]
 
 
-def cache_args(tiny, cache, *extra) -> list[str]:
+def cache_args(tiny, cache, *extra, k: str = K) -> list[str]:
     return ["cache", "--model", tiny["student"], "--teacher_model", tiny["teacher"], "--dataset", tiny["data"],
             "--max_completion_length", "6", "--micro_batch_size", "2", "--progress_bar", "false",
-            "--gkd_logits_topk", K, "--teacher_cache", str(cache), *extra]
+            "--gkd_logits_topk", k, "--teacher_cache", str(cache), *extra]
 
 
 def summary(proc: subprocess.CompletedProcess) -> dict:
@@ -42,12 +44,24 @@ def summary(proc: subprocess.CompletedProcess) -> dict:
 
 
 @pytest.fixture(scope="module")
-def live(tiny, tmp_path_factory):
-    """The reference: the same run scored live by the local top-k teacher."""
-    out = tmp_path_factory.mktemp("live")
-    proc = gkd_in_process(*train_args(tiny, out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def lives(tiny, tmp_path_factory):
+    """The references, made on first use: the same run scored live by the local teacher, per K."""
+    made = {}
+
+    def live(k: str = K) -> Path:
+        if k not in made:
+            out = tmp_path_factory.mktemp(f"live-k{k}")
+            proc = gkd_in_process(*train_args(tiny, out, k=k))
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            made[k] = out
+        return made[k]
+
+    return live
+
+
+@pytest.fixture
+def live(lives):
+    return lives()
 
 
 @pytest.fixture
@@ -92,36 +106,39 @@ def assert_valid(cache: Path, n: int) -> None:
     assert not [p for p in cache.rglob("*") if p.name.endswith(".tmp")]
 
 
-def test_cached_run_equals_live_run_and_epoch_two_asks_the_teacher_nothing(tiny, live, tmp_path, forwards):
+@pytest.mark.parametrize("k", KS)
+def test_cached_run_equals_live_run_and_epoch_two_asks_the_teacher_nothing(tiny, lives, tmp_path, forwards, k):
     cache = tmp_path / "cache"
-    proc = gkd_in_process(*train_args(tiny, tmp_path / "a", "--teacher_cache", str(cache)))
+    proc = gkd_in_process(*train_args(tiny, tmp_path / "a", "--teacher_cache", str(cache), k=k))
     assert proc.returncode == 0, proc.stderr[-3000:]
     # epoch 1 (steps 1-2): 4 micro-batches a step, all scored; epoch 2 (steps 3-4): every row from the cache
     assert forwards == [False] * 8
     assert "16 rows reused, 16 scored" in proc.stderr
-    assert_equal_runs(live, tmp_path / "a")
+    assert_equal_runs(lives(k), tmp_path / "a")
     assert_valid(cache, 16)
+    assert all(("hidden" in json.loads(f.read_bytes().partition(b"\n")[2])) == (k == "0") for f in entries(cache))
     # another run over the same folder: no teacher forward at all, the same result
     forwards.clear()
-    proc = gkd_in_process(*train_args(tiny, tmp_path / "b", "--teacher_cache", str(cache)))
+    proc = gkd_in_process(*train_args(tiny, tmp_path / "b", "--teacher_cache", str(cache), k=k))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert forwards == []
-    assert_equal_runs(live, tmp_path / "b")
+    assert_equal_runs(lives(k), tmp_path / "b")
 
 
-def test_packed_runs_and_gkd_cache_share_entries_with_padded_ones(tiny, live, tmp_path, forwards):
+@pytest.mark.parametrize("k", KS)
+def test_packed_runs_and_gkd_cache_share_entries_with_padded_ones(tiny, lives, tmp_path, forwards, k):
     """--packing changes how rows sit in a forward, not what is stored per row: a packed `gkd cache` fills the
     entries a padded run reads without asking the teacher (and equals the live run), and a packed run reads them."""
     cache = tmp_path / "cache"
-    got = summary(gkd_in_process(*cache_args(tiny, cache, "--packing", "true", "--micro_batch_size", "4")))
+    got = summary(gkd_in_process(*cache_args(tiny, cache, "--packing", "true", "--micro_batch_size", "4", k=k)))
     assert (got["rows_scored"], got["rows_already_cached"]) == (16, 0) and len(forwards) == 4  # 4 packed rows of 4
     assert_valid(cache, 16)
     forwards.clear()
     for out, extra in ((tmp_path / "padded", ()), (tmp_path / "packed", ("--packing", "true"))):
-        proc = gkd_in_process(*train_args(tiny, out, "--teacher_cache", str(cache), *extra))
+        proc = gkd_in_process(*train_args(tiny, out, "--teacher_cache", str(cache), *extra, k=k))
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert forwards == [] and "32 rows reused, 0 scored" in proc.stderr
-        assert_equal_runs(live, out, tol=1e-6)
+        assert_equal_runs(lives(k), out, tol=1e-6)
 
 
 def test_on_policy_rows_are_scored_live_and_never_stored(tiny, tmp_path, forwards):
@@ -165,20 +182,23 @@ def test_another_teacher_k_or_temperature_is_scored_afresh(tiny, tmp_path, forwa
     assert len(forwards) == 8 * 6
 
 
-def test_torn_and_flipped_entries_are_found_and_scored_again(tiny, live, tmp_path, forwards):
+@pytest.mark.parametrize("k", KS)
+def test_torn_and_flipped_entries_are_found_and_scored_again(tiny, lives, tmp_path, forwards, k):
     cache = tmp_path / "cache"
-    summary(gkd_in_process(*cache_args(tiny, cache)))
+    summary(gkd_in_process(*cache_args(tiny, cache, k=k)))
     files = entries(cache)
     torn, flipped = files[3], files[11]
     torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])  # as a kill -9 mid-write would leave it
-    # one character of the log-probs changed into another valid one: the entry still parses, only the
-    # checksum tells (the first log-prob's leading bytes, so the value really changes)
+    # one character of the log-probs (hidden states) changed into another valid one: the entry still parses,
+    # only the checksum tells (the first value's leading bytes, so the value really changes)
     data = bytearray(flipped.read_bytes())
-    at = data.index(b'"logprobs":"') + len(b'"logprobs":"') + 2
+    field = b'"logprobs":"' if k != "0" else b'"data":"'
+    at = data.index(field) + len(field) + 2
     data[at] = ord("B") if data[at] != ord("B") else ord("C")
     flipped.write_bytes(bytes(data))
+    live = lives(k)  # (made first: its forwards are not counted)
     forwards.clear()
-    proc = gkd_in_process(*train_args(tiny, tmp_path / "a", "--teacher_cache", str(cache)))
+    proc = gkd_in_process(*train_args(tiny, tmp_path / "a", "--teacher_cache", str(cache), k=k))
     assert proc.returncode == 0, proc.stderr[-3000:]
     warned = [ln for ln in proc.stderr.splitlines() if "damaged entry" in ln]
     assert len(warned) == 2 and any(str(torn) in ln for ln in warned) and any(str(flipped) in ln for ln in warned)
@@ -257,8 +277,6 @@ def test_bad_cache_folders_and_flags_are_one_line(tiny, tmp_path):
         (train_args(tiny, out, "--teacher_cache", str(unwritable)), f"--teacher_cache {unwritable}: not writable"),
         (cache_args(tiny, unwritable), f"--teacher_cache {unwritable}: not writable"),
         (train_args(tiny, out, "--teacher_cache", str(foreign)), "holds other files and no " + MARKER),
-        (train_args(tiny, out, "--teacher_cache", str(tmp_path / "c"), "--gkd_logits_topk", "0"),
-         "--teacher_cache stores the teacher's top-K log-probs: give --gkd_logits_topk K"),
         (train_args(tiny, out, "--teacher_cache", str(tmp_path / "c"), "--seq_kd", "true"), "--teacher_cache with --seq_kd"),
         (cache_args(tiny, "")[:-2], "gkd cache needs --teacher_cache DIR"),
     ]:
@@ -277,6 +295,10 @@ def test_key_covers_rows_teacher_k_and_temperature(tmp_path):
               TeacherCache(str(tmp_path / "c"), {"kind": "local", "fingerprint": "a"}, 4, 0.9).key([1, 2, 3, 4], 2),
               TeacherCache(str(tmp_path / "c"), {"kind": "local", "fingerprint": "a"}, 8, 1.0).key([1, 2, 3, 4], 2)]
     assert len({key, *others}) == 6
+    # hidden states (K = 0) are the same at any loss temperature: one entry serves them all
+    hidden = [TeacherCache(str(tmp_path / "c"), {"kind": "local", "fingerprint": "a"}, 0, t).key([1, 2, 3, 4], 2)
+              for t in (0.9, 1.0)]
+    assert hidden[0] == hidden[1] and hidden[0] not in {key, *others}
 
 
 @pytest.mark.slow
@@ -340,25 +362,32 @@ def test_fsdp_two_processes_fill_and_reuse_the_cache(tiny, live, tmp_path):
         assert_equal_runs(live, tmp_path / out, tol=1e-5)  # two ranks sum in another order
 
 
-# PP 2 and CP 2 over one cache folder each: a first run fills it, a second (a later launch) reuses it
-LAYOUTS = {"pp2": "--pipeline_model_parallel_size", "cp2": "--context_parallel_size"}
-for _layout, _flag in LAYOUTS.items():
+# PP 2 and CP 2 over one cache folder each, top-K and full-vocabulary (hidden states; also FSDP 2): a first run
+# fills it, a second (a later launch) reuses it
+LAYOUTS = {"pp2": ["--pipeline_model_parallel_size", "2"], "cp2": ["--context_parallel_size", "2"],
+           "pp2-k0": ["--pipeline_model_parallel_size", "2"], "cp2-k0": ["--context_parallel_size", "2"],
+           "fsdp2-k0": []}
+for _layout, _flags in LAYOUTS.items():
     for _run, _after in (("a", ()), ("b", (f"cache-{_layout}-a",))):
-        declare(f"cache-{_layout}-{_run}", 2, lambda c, out, layout=_layout, flag=_flag: train_args(
-            c.models("tiny"), out, "--teacher_cache", str(c.root / f"cache-{layout}"), flag, "2"), after=_after)
+        declare(f"cache-{_layout}-{_run}", 2, lambda c, out, layout=_layout, flags=_flags: train_args(
+            c.models("tiny"), out, "--teacher_cache", str(c.root / f"cache-{layout}"), *flags,
+            k="0" if layout.endswith("-k0") else K), after=_after)
 
 
 @pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_a_pipeline_or_a_context_split_fills_and_reuses_the_cache(runs, live, layout):
+def test_a_pipeline_or_a_context_split_fills_and_reuses_the_cache(runs, lives, layout):
     """PP 2: every stage takes part in the teacher's pipelined forward of a micro-batch with a missing row; the
-    last stage stores it. CP 2: each rank scores its positions of the rows, the group gathers them whole and its
-    first rank stores them. Epoch 2 and a second run ask the teacher nothing and train as the live run does."""
-    for run, said in (("a", "16 rows reused, 16 scored"), ("b", "32 rows reused, 0 scored")):
+    last stage stores it (and, from hidden states, applies the teacher's head). CP 2: each rank scores its
+    positions of the rows, the group gathers them whole and its first rank stores them. Epoch 2 and a second run
+    ask the teacher nothing and train as the live run does."""
+    whole = layout.startswith("fsdp")  # each rank scores its own 8 rows an epoch
+    for run, said in (("a", "8 rows reused, 8 scored" if whole else "16 rows reused, 16 scored"),
+                      ("b", "16 rows reused, 0 scored" if whole else "32 rows reused, 0 scored")):
         out = runs[f"cache-{layout}-{run}"]
         assert said in runs.output(f"cache-{layout}-{run}")
-        assert_equal_runs(live, out, tol=1e-5)
+        assert_equal_runs(lives("0" if layout.endswith("-k0") else K), out, tol=1e-5)
     assert_valid(runs.ctx.root / f"cache-{layout}", 16)
 
 

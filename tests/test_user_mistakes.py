@@ -264,6 +264,17 @@ def test_demo_options_are_checked_before_any_work(tmp_path, capsys, flags, messa
     assert not out.exists()
 
 
+def test_demo_keeps_a_teacher_cache_folder_it_did_not_make(tmp_path, capsys):
+    """gkd demo clears its earlier teacher cache (every demo scores its rows afresh), never a folder of that name
+    that is not one."""
+    mine = tmp_path / "demo" / "teacher-cache" / "mine.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("mine\n")
+    err = one_line_error(capsys, "demo", "--output_dir", str(tmp_path / "demo"))
+    assert f"{mine.parent} exists and is not a teacher cache gkd made" in err, err
+    assert mine.read_text() == "mine\n"
+
+
 @pytest.mark.parametrize("targets", ["lm_head", "q_proj,lm_head"])
 def test_lora_on_the_output_layer_is_refused(tiny, tmp_path, capsys, targets):
     """--target_modules lm_head: gkd's loss reads the head's weight directly, so an adapter there gets no gradient

@@ -69,8 +69,9 @@ class TrainConfig:
                                                "student token: none (no signal) or span_logprob (1/2 the squared gap "
                                                "of the span's log-probability under each model)",
                                        choices=("none", "span_logprob"))
-    teacher_cache: str = _f("", "folder of stored teacher top-K log-probs of dataset completions: scored once, "
-                                "reused across epochs and runs (needs --gkd_logits_topk; gkd cache fills it ahead)")
+    teacher_cache: str = _f("", "folder of the teacher's scores of dataset completions (its top-K log-probs with "
+                                "--gkd_logits_topk K, else its final hidden states: the exact full vocabulary): "
+                                "scored once, reused across epochs and runs (gkd cache fills it ahead)")
     # data
     dataset: list[str] = _f(None, "training data: JSONL/JSON/Parquet files, saved datasets folders or hub dataset IDs "
                                   "(org/name[@revision][:split])", nargs="+")
@@ -222,8 +223,6 @@ class TrainConfig:
             need(self.teacher_max_in_flight >= 1 and self.teacher_seqs_per_request >= 1,
                  "--teacher_max_in_flight and --teacher_seqs_per_request must be >= 1")
         if self.teacher_cache:
-            need(all(spec.topk >= 1 for spec in specs), "--teacher_cache stores the teacher's top-K log-probs: give "
-                                             "--gkd_logits_topk K (with the full vocabulary, 0, nothing is cached)")
             need(not self.seq_kd, "--teacher_cache with --seq_kd: its completions are sampled anew each step, "
                                   "there is nothing to reuse")
         need(self.cross_tokenizer_fallback == "none" or self.teacher_tokenizer == "other",

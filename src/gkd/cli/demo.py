@@ -6,6 +6,7 @@ report.json, the loss curve and the student into --output_dir."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from gkd.evaluate import evaluate, format_table, greedy, sampled
 from gkd.machine import matmul_gflop_s
 from gkd.models import SMOLLM2, eos_ids, load_model, load_tokenizer, prune_command
 from gkd.prompts import eval_prompts, train_prompts
+from gkd.teacher.cache import MARKER
 from gkd.train.outdir import prepare_output_dir
 from gkd.train.trainer import Trainer
 
@@ -75,14 +77,25 @@ def teacher_written(teacher, tok, questions: list[str], samples: int, max_new_to
 
 def _train_config(a, student_dir: Path, train_file: Path, out: Path) -> TrainConfig:
     # The embedding (tied to the output layer) stays the teacher's: in one run of each recipe the student did better
-    # on new prompts with it frozen (benchmarks/RESULTS.md)
+    # on new prompts with it frozen (benchmarks/RESULTS.md). The teacher's final hidden states of each row are
+    # kept after its first epoch (--teacher_cache, the full vocabulary): later epochs skip its 30 layers.
     return TrainConfig(model=str(student_dir), teacher_model=SMOLLM2, dataset=[str(train_file)], beta=a.beta,
-                       freeze_parameters=["model.embed_tokens"],
+                       freeze_parameters=["model.embed_tokens"], teacher_cache=str(out / "teacher-cache"),
                        lmbda=a.lmbda, temperature=0.9, max_completion_length=a.max_completion_length,
                        micro_batch_size=8, global_batch_size=8, learning_rate=a.learning_rate,
                        lr_scheduler_type="cosine", warmup_ratio=0.1, max_steps=a.max_steps,
                        output_dir=str(out / "train"), save_steps=32, logging_steps=1, progress_bar=a.progress_bar,
                        overwrite_output_dir=True)  # a demo starts afresh
+
+
+def _fresh_cache(folder: Path) -> None:
+    """An earlier demo's teacher cache is removed: every demo scores its rows afresh, so its training seconds
+    compare with any other's. A folder that is not a teacher cache is refused, untouched."""
+    if folder.exists():
+        if not (folder / MARKER).is_file():
+            raise GKDError(f"{folder} exists and is not a teacher cache gkd made: move it or choose another "
+                           "--output_dir")
+        shutil.rmtree(folder)
 
 
 def run(argv: list[str]) -> dict:
@@ -122,6 +135,7 @@ def run(argv: list[str]) -> dict:
     _train_config(a, out / "student-init", out / "data" / "train.jsonl", out).validate()  # every option before work
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = prepare_output_dir(a.output_dir)
+    _fresh_cache(out / "teacher-cache")
     gflop_s = matmul_gflop_s()  # what the training seconds below are worth elsewhere
     print(f"[demo] this machine: {gflop_s:.0f} GFLOP/s float32 matmul on {torch.get_num_threads()} threads")
     student_dir = _student(out, keep)
@@ -147,7 +161,10 @@ def run(argv: list[str]) -> dict:
     print(f"[demo] distilling: {a.max_steps} steps of {cfg.global_batch_size} prompts, lmbda {cfg.lmbda}, "
           f"beta {cfg.beta}, temperature {cfg.temperature}")
     started = time.perf_counter()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        trainer.close()  # the output folder's lock, and the teacher cache's summary line
     train_seconds = time.perf_counter() - started
     student_after = trainer.student.eval()
     last = evaluate(student_after, teacher, prompts, teacher_completions=teacher_completions, **eval_kw)

@@ -73,6 +73,10 @@ class Teacher(Protocol):
         """The teacher's side of the loss for ``batch``; with ``split`` (gkd.parallel.context.ContextSplit)
         only for this rank's tokens of each sequence."""
 
+    def logit_head(self, device) -> LogitHead:
+        """The head the loss applies to the hidden states it gives (teachers that give them: a local one, a
+        server on the hidden wire), on ``device``, without a forward (the teacher cache's full-vocabulary rows)."""
+
     def score_pipelined(self, batches: list[Batch], last_stage: bool, splits=None) -> list[TeacherOutput | None]:
         """Each micro-batch's output for a pipelined student (every pipeline rank calls it); outputs on the
         rank that holds the last stage (``last_stage``), None elsewhere; ``splits``: each batch's context split

@@ -1,14 +1,17 @@
 """The teacher cache (``--teacher_cache DIR``): off-policy rows scored once and reused across epochs and runs.
 
-An entry holds one row's top-K teacher ids and log-probs (temperature 1) for its completion positions, in
-the teacher server's compact wire encoding (gkd.teacher.wire, float32: what a local top-k teacher gives the
-loss, bit for bit). The loss divides them by the loss temperature and renormalises over the K entries, so
-nothing else is needed for the top-k tail.
+An entry holds what the teacher gives the loss for one row's completion positions:
+- with ``--gkd_logits_topk K``: its top-K ids and log-probs (temperature 1), in the teacher server's compact
+  wire encoding (gkd.teacher.wire, float32: what a local top-k teacher gives the loss, bit for bit). The loss
+  divides them by the loss temperature and renormalises over the K entries;
+- with the full vocabulary (K = 0): its final hidden states, in their own dtype. The loss applies the
+  teacher's logit head to them as to a live forward's: the exact full distribution, without the teacher's
+  layers.
 
 Key: sha256 of (the row's token ids, its first scored position, its images' pixels, the teacher's identity
--- a hash of its model files and dtype, or a server's model name, root and weights fingerprint --, K and
-the loss temperature). Any change of a part is another key: a miss, scored afresh, never a reuse. One
-folder can hold entries of several teachers, Ks and temperatures side by side.
+-- a hash of its model files and dtype, or a server's model name, root and weights fingerprint --, K and,
+for top-K entries, the loss temperature). Any change of a part is another key: a miss, scored afresh, never
+a reuse. One folder can hold entries of several teachers, Ks and temperatures side by side.
 
 On disk: ``DIR/gkd-teacher-cache.json`` marks the folder; entries are ``DIR/entries/<2 hex>/<key>.json``,
 first line the sha256 of the rest, then one JSON object. Written atomically (gkd.atomic: a reader never
@@ -33,7 +36,7 @@ from gkd.errors import GKDError
 from gkd.httpclient import WireError
 from gkd.losses import topk_logprobs
 from gkd.teacher.base import OneTeacher, TeacherOutput
-from gkd.teacher.wire import decode_compact, encode_compact
+from gkd.teacher.wire import TENSOR_DTYPES, decode_compact, decode_tensor, encode_compact, encode_tensor
 
 FORMAT = "gkd-teacher-cache/1"
 MARKER = "gkd-teacher-cache.json"
@@ -101,11 +104,13 @@ def _images_digest(images: list) -> list[str]:
 
 
 class TeacherCache:
-    """Entries of one teacher, K and loss temperature in a folder; counts what it did."""
+    """Entries of one teacher, K and loss temperature in a folder (K = 0: final hidden states, which no
+    temperature changes); counts what it did."""
 
     def __init__(self, folder: str, identity: dict, topk: int, temperature: float, log=print):
         self.folder = Path(folder).absolute()  # checked by the caller before any process wrote into it
-        self.base = {"format": FORMAT, "teacher": identity, "topk": int(topk), "temperature": float(temperature)}
+        self.base = {"format": FORMAT, "teacher": identity, "topk": int(topk),
+                     "temperature": float(temperature) if topk else None}
         self.topk, self.log = int(topk), log
         self.hits = self.misses = self.damaged = self.written_bytes = 0
         try:
@@ -125,8 +130,9 @@ class TeacherCache:
     def path(self, key: str) -> Path:
         return self.folder / "entries" / key[:2] / f"{key}.json"
 
-    def get(self, key: str, rows: int, rows_from: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The entry's (ids [rows, K], log-probs [rows, K]), or None when absent or damaged (said once)."""
+    def get(self, key: str, rows: int, rows_from: int) -> tuple[torch.Tensor, ...] | None:
+        """The entry's (ids [rows, K], log-probs [rows, K]), or (hidden states [rows, H],) with K = 0; None
+        when absent or damaged (said once)."""
         path = self.path(key)
         try:
             raw = path.read_bytes()
@@ -143,9 +149,12 @@ class TeacherCache:
                 if entry.get("key") != key:
                     why = "it belongs to another key"
                 else:
-                    ids, lp = decode_compact(entry["topk"], self.topk, rows, rows_from)
+                    got = (decode_compact(entry["topk"], self.topk, rows, rows_from) if self.topk else
+                           (decode_tensor(entry["hidden"], "hidden states"),))
+                    if got[0].dim() != 2 or got[0].shape[0] != rows:
+                        raise WireError(f"{tuple(got[0].shape)} for {rows} rows")
                     self.hits += 1
-                    return ids, lp
+                    return got
             except (ValueError, KeyError, TypeError, AttributeError, WireError) as e:
                 why = f"unreadable ({type(e).__name__})"
         self.damaged += 1
@@ -154,8 +163,16 @@ class TeacherCache:
         return None
 
     def put(self, key: str, ids: torch.Tensor, logprobs: torch.Tensor, rows_from: int) -> None:
-        body = json.dumps({"key": key, "topk": encode_compact(ids.cpu(), logprobs.cpu(), rows_from, "float32")},
-                          separators=(",", ":")).encode()
+        """A top-K entry: ids and log-probs [rows, K]."""
+        self._write(key, {"topk": encode_compact(ids.cpu(), logprobs.cpu(), rows_from, "float32")})
+
+    def put_hidden(self, key: str, hidden: torch.Tensor) -> None:
+        """A full-vocabulary entry: final hidden states [rows, H], in their dtype."""
+        name = {d: n for n, d in TENSOR_DTYPES.items()}[hidden.dtype]
+        self._write(key, {"hidden": encode_tensor(hidden, name)})
+
+    def _write(self, key: str, payload: dict) -> None:
+        body = json.dumps({"key": key, **payload}, separators=(",", ":")).encode()
         data = hashlib.sha256(body).hexdigest().encode() + b"\n" + body
         path = self.path(key)
         try:
@@ -188,15 +205,13 @@ def _any_rank(flags: list[bool], device) -> list[bool]:
 
 @dataclass
 class _Found:
-    """What the cache holds of a batch: top-K ids and log-probs in place, each sequence's key, the missing."""
+    """What the cache holds of a batch, in place ([B, T, ...] on the CPU): top-K ids and log-probs, or final
+    hidden states (``fields``; made at the first entry read: their width and dtype are the entries'); each
+    sequence's key; the sequences it misses."""
 
-    ids: torch.Tensor
-    logprobs: torch.Tensor
+    fields: list | None
     keys: list
     missing: list[int]
-
-    def output(self, batch: Batch, split=None) -> TeacherOutput:
-        return _topk_output(batch, self.ids, self.logprobs, split)
 
 
 def _topk_output(batch: Batch, ids: torch.Tensor, logprobs: torch.Tensor, split=None) -> TeacherOutput:
@@ -223,7 +238,7 @@ class CachedTeacher(OneTeacher):
         found = self._stored(batch)
         together = self.sharded or split is not None  # (the group's ranks must score together)
         if not (_any_rank([bool(found.missing)], batch.input_ids.device)[0] if together else found.missing):
-            return found.output(batch, split)
+            return self._output(batch, found, split)
         return self._fill(batch, found, self.inner.score(batch, split), split)
 
     def score_pipelined(self, batches: list[Batch], last_stage: bool, splits=None) -> list[TeacherOutput | None]:
@@ -244,15 +259,27 @@ class CachedTeacher(OneTeacher):
             elif f is None:  # on-policy: as the teacher gives it
                 out.append(got)
             else:
-                out.append(self._fill(b, f, got, split) if go else f.output(b, split))
+                out.append(self._fill(b, f, got, split) if go else self._output(b, f, split))
         return out
 
+    def _output(self, batch: Batch, found: "_Found", split=None) -> TeacherOutput:
+        """A batch the cache holds whole, as the loss takes it: on the batch's device, this rank's positions
+        under ``split``; hidden states with the teacher's head."""
+        device, (B, T) = batch.input_ids.device, batch.input_ids.shape
+        if self.cache.topk:
+            k = self.cache.topk
+            fields = found.fields or [torch.zeros(B, T, k, dtype=torch.long), torch.zeros(B, T, k)]
+            return _topk_output(batch, *fields, split)
+        head = self.inner.logit_head(device)
+        hidden = (found.fields[0].to(device) if found.fields else  # (no row of the batch is scored)
+                  torch.zeros(B, T, head.weight.shape[1], dtype=head.weight.dtype, device=device))
+        return TeacherOutput(hidden=hidden if split is None else split.local(hidden), head=head, topk=None)
+
     def _stored(self, batch: Batch) -> "_Found":
-        """The batch's rows the cache holds, in place ([B, T, K] on the CPU), and those it misses."""
+        """The batch's rows the cache holds, in place, and those it misses."""
         seqs = batch.scored_sequences()
         B, T = batch.input_ids.shape
-        found = _Found(torch.zeros(B, T, self.cache.topk, dtype=torch.long),
-                       torch.zeros(B, T, self.cache.topk, dtype=torch.float32), [None] * len(seqs), [])
+        found = _Found(None, [None] * len(seqs), [])
         for s, ((seq, r0), (b, start, end)) in enumerate(zip(seqs, batch.sequences())):
             if r0 < 0:
                 continue
@@ -260,27 +287,37 @@ class CachedTeacher(OneTeacher):
             got = self.cache.get(found.keys[s], len(seq) - 1 - r0, r0)
             if got is None:
                 found.missing.append(s)
-            else:
-                found.ids[b, start + r0:end - 1], found.logprobs[b, start + r0:end - 1] = got
+                continue
+            if found.fields is None:
+                found.fields = [torch.zeros(B, T, t.shape[1], dtype=t.dtype) for t in got]
+            for field, t in zip(found.fields, got):
+                field[b, start + r0:end - 1] = t
         return found
 
     def _fill(self, batch: Batch, found: "_Found", live: TeacherOutput, split=None) -> TeacherOutput:
         """The batch's output from the wrapped teacher's ``live`` one, its missing rows stored. Under a context
         ``split`` both are this rank's positions: the group gathers them into whole rows, which its first rank
         stores."""
-        ids, lps = self._topk_of(batch.loss_mask if split is None else split.local(batch.loss_mask, False), live)
-        whole = (ids, lps) if split is None else (split.whole(ids), split.whole(lps))
+        if self.cache.topk:
+            fields = self._topk_of(batch.loss_mask if split is None else split.local(batch.loss_mask, False), live)
+        else:  # the live output itself: the hidden states and the head the loss gets either way
+            fields = (live.hidden.detach(),)
+        whole = fields if split is None else tuple(split.whole(t) for t in fields)
         if split is None or split.rank == 0:
-            self._store(batch, found, *whole)
-        return _topk_output(batch, ids, lps)
+            self._store(batch, found, whole)
+        return _topk_output(batch, *fields) if self.cache.topk else live
 
-    def _store(self, batch: Batch, found: "_Found", ids: torch.Tensor, lps: torch.Tensor) -> None:
-        """The rows the cache missed, from the whole batch's top-K [B, T, K]."""
+    def _store(self, batch: Batch, found: "_Found", fields: tuple) -> None:
+        """The rows the cache missed, from the whole batch's top-K ids and log-probs or hidden states [B, T, ...]."""
         seqs, where = batch.scored_sequences(), batch.sequences()
         for s in found.missing:
             b, start, end = where[s]
             r0 = start + seqs[s][1]
-            self.cache.put(found.keys[s], ids[b, r0:end - 1], lps[b, r0:end - 1], seqs[s][1])
+            rows = [t[b, r0:end - 1] for t in fields]
+            if self.cache.topk:
+                self.cache.put(found.keys[s], *rows, seqs[s][1])
+            else:
+                self.cache.put_hidden(found.keys[s], rows[0])
 
     def _topk_of(self, loss_mask: torch.Tensor, out: TeacherOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """The wrapped teacher's top-K at every scored position of ``loss_mask`` [B, T] ([B, T, K] on the

@@ -52,15 +52,25 @@ class LocalTeacher(OneTeacher):
 
         return _Visit()
 
+    def _head(self, model):
+        head = local_head(self.adapter.logit_head(model))  # this rank's vocabulary shard under TP
+        if self.offload:  # the weight must outlive the visit
+            head = replace(head, weight=head.weight.detach().clone(),
+                           bias=None if head.bias is None else head.bias.detach().clone())
+        return head
+
+    def logit_head(self, device: torch.device):
+        """The head the loss applies to its final hidden states (on the last pipeline stage under PP), without
+        a forward: under --offload_teacher_model the head alone visits ``device``."""
+        head = local_head(self.adapter.logit_head(self.model))
+        return replace(head, weight=head.weight.to(device), bias=None if head.bias is None else head.bias.to(device))
+
     @torch.no_grad()
     def score(self, batch: Batch, split=None) -> TeacherOutput:
         inputs = split.model_inputs(teacher=True) if split else batch.model_inputs(teacher=True)
         with self._on_device() as model:
             hidden = self.adapter.final_hidden(model, inputs)
-            head = local_head(self.adapter.logit_head(model))  # this rank's vocabulary shard under TP
-            if self.offload:  # the weight must outlive the visit
-                head = replace(head, weight=head.weight.detach().clone(),
-                               bias=None if head.bias is None else head.bias.detach().clone())
+            head = self._head(model)
         return TeacherOutput(hidden=hidden, head=head, topk=self.topk)
 
     def score_pipelined(self, batches: list[Batch], last_stage: bool, splits=None) -> list[TeacherOutput | None]:
@@ -70,7 +80,7 @@ class LocalTeacher(OneTeacher):
             hidden = teacher_hidden(model, batches, splits)  # through its own stages: every rank takes part
             if hidden is None:
                 return [None] * len(batches)
-            head = local_head(self.adapter.logit_head(model))
+            head = self._head(model)
         return [TeacherOutput(hidden=h, head=head, topk=self.topk) for h in hidden]
 
     def check_generation(self, rollout, why: str) -> None:

@@ -223,6 +223,12 @@ class RemoteTeacher(OneTeacher):
 
         return self.client.call("POST", "/v1/completions", body, parse)
 
+    def logit_head(self, device: torch.device) -> LogitHead:
+        """The teacher's head, fetched at connect (hidden wire), on ``device``."""
+        h = self.head
+        return LogitHead(h.weight.to(device), None if h.bias is None else h.bias.to(device), h.scale, h.scale_hidden,
+                         h.softcap)
+
     def score(self, batch: Batch, split=None) -> TeacherOutput:
         """Whole sequences go to the server; with ``split`` the first context-parallel rank asks, every rank
         of the group receives the rows and keeps its tokens'."""
@@ -242,9 +248,7 @@ class RemoteTeacher(OneTeacher):
             fields = [split.local(t) for t in fields]
         device = batch.input_ids.device
         if self.wire == HIDDEN:
-            head = LogitHead(self.head.weight.to(device), None if self.head.bias is None else self.head.bias.to(device),
-                             self.head.scale, self.head.scale_hidden, self.head.softcap)
-            return TeacherOutput(hidden=fields[0].to(device), head=head, topk=self.topk)
+            return TeacherOutput(hidden=fields[0].to(device), head=self.logit_head(device), topk=self.topk)
         return TeacherOutput(topk_ids=fields[0].to(device), topk_logprobs=fields[1].to(device))
 
     def _fill(self, batch: Batch, fields: list[torch.Tensor]) -> None:
