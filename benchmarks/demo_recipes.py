@@ -87,7 +87,7 @@ def main() -> None:
         if not rows.exists():
             demo._write_jsonl(rows, [{"prompt": q, "completion": c} for q, c in demo.teacher_written(
                 teacher, tok, train_prompts(), per_prompt, 40)])
-        a = argparse.Namespace(beta=0.0, lmbda=0.0, max_completion_length=40, learning_rate=1e-3, max_steps=60,
+        a = argparse.Namespace(beta=0.0, lmbda=0.0, max_completion_length=40, learning_rate=1e-3, max_steps=72,
                                progress_bar=False)
         cfg = demo._train_config(a, student_dir, rows, work / "runs" / name)
         cfg = dataclasses.replace(cfg, save_steps=0, **over)

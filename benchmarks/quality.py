@@ -26,6 +26,13 @@ schedule and stops at the first step past S), on-policy on the same step indices
 each reached and the tokens it trained. TRL then runs one process per run, trained and judged in turn, so its
 training never shares the cores with judging (gkd's process judges after training, likewise).
 
+Recipes beyond the objective: --teacher_samples 0 trains both tools on the teacher's greedy completion of each
+prompt (sequence-level KD, the demo's data); --freeze_embedding keeps both students' embedding (tied to the output
+layer) as loaded (gkd's --freeze_parameters model.embed_tokens; the same requires_grad_(False) in TRL's runner);
+--gkd_teacher_cache gives gkd's runs a teacher cache of their own, fresh for each run (`--teacher_cache`, the full
+vocabulary's hidden states: epochs after the first skip the teacher's layers), which TRL has no counterpart of.
+--sweep_lmbda sets the lmbda of the learning-rate sweep (a sweep cell that is also a grid cell runs once).
+
 With --warm_start sft the student is first fine-tuned on the teacher-written rows (cross-entropy on the
 completions, --warm_start_steps steps of --batch_size rows at --warm_start_lr, cosine), as the GKD paper's
 students are, and every run of both tools starts from it.
@@ -73,7 +80,8 @@ def prepare(work: Path, samples: int, max_new_tokens: int) -> tuple[Path, Path, 
     if not (student_dir / "config.json").is_file():
         prune_command(str(teacher_dir), str(student_dir), _layers(STUDENT_LAYERS), 1, "float32")
     if not data.is_file():
-        print(f"[quality] the teacher writes {samples} completions per training prompt", flush=True)
+        written = f"{samples} completions" if samples else "its greedy completion"
+        print(f"[quality] the teacher writes {written} per training prompt", flush=True)
         tok, teacher = load_tokenizer(str(teacher_dir)), load_model(str(teacher_dir)).eval()
         rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": c}]}
                 for q, c in teacher_written(teacher, tok, train_prompts(), samples, max_new_tokens)]
@@ -158,6 +166,12 @@ def on_policy_steps(run: dict, steps: int) -> list[int]:
     return [s for s in range(steps) if lmbda_draw(run["seed"], s) < run["lmbda"]]
 
 
+def fresh_cache(folder: Path) -> Path:
+    """An empty folder for one run's teacher cache (each run scores its first epoch itself)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
 def run_gkd(run: dict, a, teacher_dir: Path, student_dir: Path, data: Path, judge: Judge) -> dict:
     from gkd.config import TrainConfig
     from gkd.train.metrics import read_metrics
@@ -170,6 +184,8 @@ def run_gkd(run: dict, a, teacher_dir: Path, student_dir: Path, data: Path, judg
                       micro_batch_size=a.batch_size, global_batch_size=a.batch_size,
                       learning_rate=run["learning_rate"], lr_scheduler_type="cosine", warmup_ratio=0.1,
                       max_steps=0 if a.budget_s else a.steps, max_train_seconds=a.budget_s, seed=run["seed"],
+                      freeze_parameters=["model.embed_tokens"] if a.freeze_embedding else None,
+                      teacher_cache=str(fresh_cache(a.work / "gkd-cache")) if a.gkd_teacher_cache else "",
                       output_dir=str(a.work / "gkd-run"), save_steps=0,
                       logging_steps=1, progress_bar=False, overwrite_output_dir=True,
                       speculative_kd_topk=a.speculative_kd_topk if run["lmbda"] > 0 else 0,
@@ -220,7 +236,8 @@ def _run_trl(runs: list[dict], a, teacher_dir: Path, student_dir: Path, data: Pa
                              str(teacher_dir), "--dataset", str(data), "--plan", str(a.work / "trl-plan.json"),
                              "--temperature", str(a.temperature), "--max_new_tokens", str(a.max_new_tokens),
                              "--batch_size", str(a.batch_size), "--steps", str(a.steps), "--threads", str(a.threads),
-                             "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.1", "--budget_s", str(a.budget_s)])
+                             "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.1", "--budget_s", str(a.budget_s),
+                             *(["--freeze_embedding"] if a.freeze_embedding else [])])
     done = []
     try:
         for p in plan:
@@ -274,7 +291,9 @@ def settings(a) -> dict:
     keys = ("steps", "batch_size", "max_new_tokens", "temperature", "loss_temperature", "teacher_samples",
             "eval_samples", "speculative_kd_topk", "divergence", "lmbda_schedule", "eval_steps", "budget_s", "warm_start", "warm_start_steps",
             "warm_start_lr")
-    return {k: getattr(a, k) for k in keys}
+    extra = ("freeze_embedding", "gkd_teacher_cache", "sweep_lmbda")  # recorded when not their defaults
+    return {k: getattr(a, k) for k in keys} | {k: getattr(a, k) for k in extra
+                                                if getattr(a, k) != {"sweep_lmbda": 0.5}.get(k, False)}
 
 
 def load(a) -> dict:
@@ -382,7 +401,10 @@ def main() -> None:
     ap.add_argument("--max_new_tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=0.9, help="sampling temperature (training and judging)")
     ap.add_argument("--loss_temperature", type=float, default=1.0, help="gkd's divergence temperature (TRL's is 1)")
-    ap.add_argument("--teacher_samples", type=int, default=4)
+    ap.add_argument("--teacher_samples", type=int, default=4, help="0: the teacher's greedy completion per prompt")
+    ap.add_argument("--freeze_embedding", action="store_true", help="both students keep their embedding as loaded")
+    ap.add_argument("--gkd_teacher_cache", action="store_true", help="gkd's runs keep the teacher's hidden states")
+    ap.add_argument("--sweep_lmbda", type=float, default=0.5, help="the learning-rate sweep's lmbda")
     ap.add_argument("--eval_samples", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
@@ -428,7 +450,7 @@ def main() -> None:
     judge = Judge(models[0], a)
     results = load(a)
 
-    sweep = [dict(tool=t, lmbda=0.5, beta=0.0, learning_rate=lr, seed=s) for t in a.tools for lr in a.lrs
+    sweep = [dict(tool=t, lmbda=a.sweep_lmbda, beta=0.0, learning_rate=lr, seed=s) for t in a.tools for lr in a.lrs
              for s in a.seeds]
     execute(sweep, a, models, judge, results)
     by_lr = group([results[name(r)] for r in sweep], ("tool", "learning_rate"))
@@ -442,7 +464,7 @@ def main() -> None:
     columns = BUDGET_COLUMNS if a.budget_s else COLUMNS
     length = f"{a.budget_s:g} s" if a.budget_s else f"{a.steps} steps"
     start = ", from the SFT warm start" if a.warm_start == "sft" else ""
-    print(f"\n## Learning-rate sweep (lmbda 0.5, beta 0; {length} of {a.batch_size} rows{start}, seeds {a.seeds})\n")
+    print(f"\n## Learning-rate sweep (lmbda {a.sweep_lmbda:g}, beta 0; {length} of {a.batch_size} rows{start}, seeds {a.seeds})\n")
     print(table(by_lr, ("tool", "learning rate"), columns))
     print(f"\nbest: {best}\n\n## Grid at each tool's best learning rate\n")
     print(table(grid, ("tool", "lmbda", "beta"), columns))

@@ -65,8 +65,8 @@ def main() -> None:
     t0 = time.perf_counter()
     sides = {"live": trainer(teacher, student, data, work / "out-live", a, None),
              "cache": trainer(teacher, student, data, work / "out-cache", a, cache)}
-    steps = sides["live"].total_steps
-    assert steps == sides["cache"].total_steps and steps % 2 == 0
+    steps = sides["live"].budget.steps
+    assert steps == sides["cache"].budget.steps and steps % 2 == 0
     seconds, loss, windows = step_in_turn(sides, steps)
     tokens = {name: [(w.tokens, w.seqs, w.student_seqs) for w in windows[name]] for name in sides}
     reused = sides["cache"].teacher.cache.hits  # rows read from the cache (the rest were scored)

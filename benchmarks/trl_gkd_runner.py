@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--warmup_ratio", type=float, default=0.0)
     ap.add_argument("--budget_s", type=float, default=0.0, help="train for this many seconds instead of --steps")
     ap.add_argument("--plan", help="a JSON list of runs to train in turn (see above)")
+    ap.add_argument("--freeze_embedding", action="store_true",
+                    help="keep the student's input embedding (and an output layer tied to it) as loaded")
     args = ap.parse_args()
     if args.plan:
         for entry in json.load(open(args.plan)):
@@ -72,6 +74,8 @@ def train(args) -> None:
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     student = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    if args.freeze_embedding:  # what a TRL user writes for gkd's --freeze_parameters model.embed_tokens
+        student.get_input_embeddings().requires_grad_(False)
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=dtype)
     data = load_dataset("json", data_files=args.dataset, split="train")
 

@@ -310,8 +310,8 @@ def test_remote_teacher_cache_and_a_new_server_weights_fingerprint(tiny, tmp_pat
     real = RemoteTeacher._request
     monkeypatch.setattr(RemoteTeacher, "_request", lambda self, seqs: asked.append(len(seqs)) or real(self, seqs))
 
-    def remote(url, *extra):
-        args = train_args(tiny, *extra)
+    def remote(url, *extra, k=K):
+        args = train_args(tiny, *extra, k=k)
         i = args.index("--teacher_model")
         return args[:i] + ["--teacher_model_server", url] + args[i + 2:]
 
@@ -333,6 +333,17 @@ def test_remote_teacher_cache_and_a_new_server_weights_fingerprint(tiny, tmp_pat
         asked.clear()
         got = summary(gkd_in_process(*args))
         assert (got["rows_scored"], got["rows_already_cached"], asked) == (0, 16, [1])  # the K probe alone
+        # the full vocabulary on the hidden wire: the server's hidden states are stored; a second run asks nothing
+        hidden = ("--teacher_wire", "hidden")
+        ref = gkd_in_process(*remote(url, tmp_path / "live-hidden", *hidden, k="0"))
+        assert ref.returncode == 0, ref.stderr[-3000:]
+        for out, scored in (("h1", 16), ("h2", 0)):
+            asked.clear()
+            run = gkd_in_process(*remote(url, tmp_path / out, *hidden, "--teacher_cache", str(cache), k="0"))
+            assert run.returncode == 0, run.stderr[-3000:]
+            assert f"{32 - scored} rows reused, {scored} scored" in run.stderr and len(asked) == scored // 2, asked
+            assert_equal_runs(tmp_path / "live-hidden", tmp_path / out)
+        assert_valid(cache, 32)  # the top-8 entries and the hidden states side by side
     finally:
         stop(proc)
     # the same served name over other weights: its fingerprint differs, every row is scored again

@@ -101,7 +101,7 @@ def _fresh_cache(folder: Path) -> None:
 def run(argv: list[str]) -> dict:
     p = _OneLineErrors(prog="gkd demo", description=__doc__)
     p.add_argument("--output_dir", "--output-dir", default="runs/demo", help="where everything goes")
-    p.add_argument("--max_steps", "--max-steps", type=int, default=60, help="optimizer steps")
+    p.add_argument("--max_steps", "--max-steps", type=int, default=72, help="optimizer steps")
     p.add_argument("--max_completion_length", "--max-completion-length", type=int, default=40,
                    help="new tokens per sampled completion")
     p.add_argument("--learning_rate", "--learning-rate", type=float, default=1e-3, help="AdamW learning rate (cosine)")
