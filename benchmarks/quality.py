@@ -5,7 +5,7 @@
 
 The task is the demo's (`gkd demo`): teacher SmolLM2-135M-Instruct, student its layers 0-5 and 21-29,
 the 152 built-in training prompts with completions the teacher wrote (--teacher_samples per prompt,
-seeded, temperature 0.9), the 8 held-out prompts for evaluation. Both tools train the same student on
+seeded, temperature 0.9), the 8 held-out prompts for evaluation (--eval_prompts wide: and demo_recipes.py's 31 more held-out prompts). Both tools train the same student on
 the same rows for the same steps and batch (one micro-batch per step), with AdamW, a cosine schedule
 with 10 % warm-up, sampling at --temperature, --max_new_tokens new tokens per on-policy sample. The
 divergence is computed at temperature 1 on both sides: TRL's GKDTrainer uses its temperature for sampling
@@ -139,11 +139,13 @@ class Judge:
 
         from gkd.cli.demo import chat_prompt
         from gkd.models import eos_ids, load_model, load_tokenizer
+        from demo_recipes import EXTRA_PROMPTS
         from gkd.prompts import eval_prompts
 
         self.tok = load_tokenizer(str(teacher_dir))
         self.teacher = load_model(str(teacher_dir)).eval()
-        self.prompts = [chat_prompt(self.tok, q) for q in eval_prompts()]
+        questions = eval_prompts() + (EXTRA_PROMPTS if a.eval_prompts == "wide" else [])
+        self.prompts = [chat_prompt(self.tok, q) for q in questions]
         self.kw = dict(eos_ids=eos_ids(self.tok, self.teacher), pad_id=self.tok.pad_token_id, beta=0.0,
                        temperature=a.temperature, max_new_tokens=a.max_new_tokens, device=torch.device("cpu"),
                        samples=a.eval_samples)
@@ -291,9 +293,9 @@ def settings(a) -> dict:
     keys = ("steps", "batch_size", "max_new_tokens", "temperature", "loss_temperature", "teacher_samples",
             "eval_samples", "speculative_kd_topk", "divergence", "lmbda_schedule", "eval_steps", "budget_s", "warm_start", "warm_start_steps",
             "warm_start_lr")
-    extra = ("freeze_embedding", "gkd_teacher_cache", "sweep_lmbda")  # recorded when not their defaults
-    return {k: getattr(a, k) for k in keys} | {k: getattr(a, k) for k in extra
-                                                if getattr(a, k) != {"sweep_lmbda": 0.5}.get(k, False)}
+    extra = ("freeze_embedding", "gkd_teacher_cache", "sweep_lmbda", "eval_prompts")  # recorded when not their defaults
+    defaults = {"sweep_lmbda": 0.5, "eval_prompts": "demo"}
+    return {k: getattr(a, k) for k in keys} | {k: getattr(a, k) for k in extra if getattr(a, k) != defaults.get(k, False)}
 
 
 def load(a) -> dict:
@@ -372,21 +374,30 @@ def group(rows: list[dict], keys: tuple[str, ...]) -> dict:
 
 
 def plot(grid: dict, path: Path) -> None:
+    """Each judged metric per recipe and tool: each seed a dot, the mean over seeds a line (the spread the
+    comparison rests on stays visible)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 4))
     labels = sorted({(k[1], k[2]) for k in grid})
-    for ax, metric in zip(axes, ("top1_agreement", "teacher_logprob_of_samples")):
+    for ax, metric in zip(axes, METRICS):
         for i, tool in enumerate(sorted({k[0] for k in grid})):
-            means = [statistics.fmean(r[metric] for r in grid.get((tool, *lb), [{metric: float("nan")}]))
-                     for lb in labels]
-            ax.bar([x + 0.4 * i for x in range(len(labels))], means, width=0.4, label=tool)
+            xs = [x + 0.4 * i for x in range(len(labels))]
+            runs = [[r[metric] for r in grid.get((tool, *lb), [])] for lb in labels]
+            color = f"C{i}"
+            for j, (x, v) in enumerate(zip(xs, runs)):
+                if v:
+                    ax.hlines(statistics.fmean(v), x - 0.15, x + 0.15, colors=color, label=None if j else tool)
+                    ax.plot([x] * len(v), v, ".", color=color, markersize=6)
         ax.set_xticks([x + 0.2 for x in range(len(labels))], [f"λ{lm}\nβ{b}" for lm, b in labels])
-        ax.set_title(metric)
-        ax.legend()
+        ax.set_title(metric, fontsize=10)
+        low = min(r[metric] for rows in grid.values() for r in rows)
+        high = max(r[metric] for rows in grid.values() for r in rows)
+        ax.set_ylim(low - 0.3 * (high - low + 1e-9), high + 0.3 * (high - low + 1e-9))  # the differences, not zero
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -406,6 +417,8 @@ def main() -> None:
     ap.add_argument("--gkd_teacher_cache", action="store_true", help="gkd's runs keep the teacher's hidden states")
     ap.add_argument("--sweep_lmbda", type=float, default=0.5, help="the learning-rate sweep's lmbda")
     ap.add_argument("--eval_samples", type=int, default=8)
+    ap.add_argument("--eval_prompts", default="demo", choices=("demo", "wide"),
+                    help="demo: the demo's 8 held-out prompts; wide: those and demo_recipes.py's 31 more")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
     ap.add_argument("--lmbdas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
