@@ -1,7 +1,6 @@
 """Forward + backward of the distillation loss from hidden states: naive vs fused.
 
     .venv/bin/python benchmarks/loss.py            # N=4096 H=576 V=49152 float32, beta 0 / 0.5 / 1
-    .venv/bin/python benchmarks/loss.py --row_sums --runs 7    # one part: the divergence's per-row sums, two ways
 
 The naive path materialises the student's and the teacher's [N, V] logits and applies the divergence
 with autograd (what TRL's GKDTrainer does); the fused path is gkd.losses.fused_linear_generalized_jsd.
@@ -77,29 +76,6 @@ def measure(path: str, beta: float, n: int, hidden: int, vocab: int, runs: int, 
     return {"path": path, "beta": beta, "median_s": statistics.median(times), "peak_mib": max(peaks), "loss": value}
 
 
-def row_sums(vocab: int, rounds: int) -> None:
-    """The divergence's per-row sums over the vocabulary (sum_v p_v d_v, once or twice per chunk): the batched
-    matrix-vector product the loss used until 2026-12-06 against gkd.losses._rowdot's blocks of columns, in turn."""
-    from gkd.losses import _rowdot
-
-    rows = max(16, 2**23 // vocab)  # the library's default chunk
-    x, y = torch.rand(rows, vocab), torch.randn(rows, vocab)
-    ways = {"batched mat-vec": lambda: (x.unsqueeze(1) @ y.unsqueeze(2)).reshape(rows), "blocks": lambda: _rowdot(x, y)}
-    ms = {k: [] for k in ways}
-    for _ in range(rounds):
-        for k, f in ways.items():
-            f()
-            t0 = time.perf_counter()
-            for _ in range(10):
-                f()
-            ms[k].append((time.perf_counter() - t0) * 100)
-    exact = _rowdot(x.double(), y.double())
-    for k, f in ways.items():
-        print(f"{k}: {statistics.median(ms[k]):.2f} ms per [{rows}, {vocab}] chunk ({min(ms[k]):.2f}-{max(ms[k]):.2f}), "
-              f"largest error against float64 {float((f().double() - exact).abs().max()):.1e}")
-    print(f"ratio {statistics.median(ms['batched mat-vec']) / statistics.median(ms['blocks']):.2f}x")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=4096)
@@ -109,14 +85,9 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=0, help="fused chunk size (0 = the library default)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--one", nargs=2, metavar=("PATH", "BETA"), help=argparse.SUPPRESS)
-    ap.add_argument("--row_sums", action="store_true", help="time the loss's row sums over one chunk of logits "
-                    "(a library-default chunk of rows x --vocab) two ways, alternating, and stop")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.row_sums:
-        row_sums(args.vocab, args.runs)
-        return
     if args.one:
         print(json.dumps(measure(args.one[0], float(args.one[1]), args.n, args.hidden, args.vocab, args.runs,
                                  args.chunk_size)))
