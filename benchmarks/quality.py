@@ -5,9 +5,9 @@
 
 The task is the demo's (`gkd demo`): teacher SmolLM2-135M-Instruct, student its layers 0-5 and 21-29,
 the 152 built-in training prompts with completions the teacher wrote (--teacher_samples per prompt,
-seeded, temperature 0.9), the 8 held-out prompts for evaluation (--eval_prompts wide: and demo_recipes.py's 31 more held-out prompts). Both tools train the same student on
-the same rows for the same steps and batch (one micro-batch per step), with AdamW, a cosine schedule
-with 10 % warm-up, sampling at --temperature, --max_new_tokens new tokens per on-policy sample. The
+seeded, temperature 0.9), the 8 held-out prompts for evaluation (--eval_prompts wide: and demo_recipes.py's 31
+more held-out prompts). Both tools train the same student on the same rows for the same steps and batch (one
+micro-batch per step), with AdamW, a cosine schedule with 10 % warm-up, sampling at --temperature, --max_new_tokens new tokens per on-policy sample. The
 divergence is computed at temperature 1 on both sides: TRL's GKDTrainer uses its temperature for sampling
 only, so gkd runs with `--loss_temperature 1` (--loss_temperature here; other values run gkd alone). Both run
 on-policy on the same steps: gkd's per-step lmbda draw for the run's seed, given to TRL in place of its
@@ -137,9 +137,9 @@ class Judge:
     def __init__(self, teacher_dir: Path, a):
         import torch
 
+        from demo_recipes import EXTRA_PROMPTS
         from gkd.cli.demo import chat_prompt
         from gkd.models import eos_ids, load_model, load_tokenizer
-        from demo_recipes import EXTRA_PROMPTS
         from gkd.prompts import eval_prompts
 
         self.tok = load_tokenizer(str(teacher_dir))
@@ -387,11 +387,11 @@ def plot(grid: dict, path: Path) -> None:
         for i, tool in enumerate(sorted({k[0] for k in grid})):
             xs = [x + 0.4 * i for x in range(len(labels))]
             runs = [[r[metric] for r in grid.get((tool, *lb), [])] for lb in labels]
-            color = f"C{i}"
-            for j, (x, v) in enumerate(zip(xs, runs)):
+            for x, v in zip(xs, runs):
                 if v:
-                    ax.hlines(statistics.fmean(v), x - 0.15, x + 0.15, colors=color, label=None if j else tool)
-                    ax.plot([x] * len(v), v, ".", color=color, markersize=6)
+                    ax.hlines(statistics.fmean(v), x - 0.15, x + 0.15, colors=f"C{i}")
+                    ax.plot([x] * len(v), v, ".", color=f"C{i}", markersize=6)
+            ax.plot([], [], "-", color=f"C{i}", label=tool)  # one legend entry per tool, whichever recipes it ran
         ax.set_xticks([x + 0.2 for x in range(len(labels))], [f"λ{lm}\nβ{b}" for lm, b in labels])
         ax.set_title(metric, fontsize=10)
         low = min(r[metric] for rows in grid.values() for r in rows)
