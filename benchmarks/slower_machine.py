@@ -1,0 +1,173 @@
+"""Run a command as on a slower 2-core machine: this CPU held to AVX2 code paths and paused for a share of each
+10 ms, so that a 2048-square float32 matmul runs at --gflop_s (the README's slower machine: 70 GFLOP/s, AVX2).
+
+    .venv/bin/python benchmarks/slower_machine.py --gflop_s 70 -- .venv/bin/gkd demo --output_dir runs/demo-slow
+
+AVX2: ATen's, MKL's and oneDNN's kernels are told to use no wider vector instructions than the slower machine has
+(their environment variables; the same numerics paths as there). Pausing: the command's process group is stopped
+(SIGSTOP) and resumed (SIGCONT) every period, running the share of it that brings the matmul rate down to the
+target (corrected for the pause's own slack, measured on the gauge first). That share follows this machine's own
+speed, which drifts on a shared host: every --every_s seconds the command is stopped while a gauge process (started
+once, idle between) times two unpaused matmuls, and the share is set from that. The gauge's seconds count in the
+command's wall time (about 1 % of it).
+
+The pause slows everything by the same factor, memory traffic included (the emulated machine reads memory at about
+12 GB/s where the slower machine reads 20), while caches and the core's design are not emulated. Checked against the
+one program timed on the slower machine itself (the demo at b791be5, 2026-12-03: 1676 s of training there), the
+emulation trained in 1588 s, 5 % faster (benchmarks/RESULTS.md). The script prints the rates it measured, sustained
+(the mean over back-to-back repeats: a best-of would catch the runs between pauses), and exits with the command's
+status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+ISA = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+       "native": {}}
+# One line in ("matmuls reads"), one JSON line out: the sustained rates of that many repeats.
+GAUGE = """
+import json, sys, time, torch
+a, b, big = torch.randn(2048, 2048), torch.randn(2048, 2048), torch.ones(2**28)
+a @ b, big.sum()
+def mean_s(f, n):
+    t0 = time.perf_counter()
+    for _ in range(n):
+        f()
+    return (time.perf_counter() - t0) / max(n, 1)
+print(json.dumps({"isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}), flush=True)
+for line in sys.stdin:
+    mm, reads = map(int, line.split())
+    print(json.dumps({"gflop_s": 2 * 2048**3 / mean_s(lambda: a @ b, mm) / 1e9,
+                      "gb_s": big.numel() * 4 / mean_s(big.sum, reads) / 1e9 if reads else None}), flush=True)
+"""
+
+
+class Gauge:
+    """A process that times matmuls (and reads) on request, in the command's environment."""
+
+    def __init__(self, env: dict):
+        self.proc = subprocess.Popen([sys.executable, "-c", GAUGE], env=env, start_new_session=True, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.info = json.loads(self.proc.stdout.readline())
+
+    def rates(self, matmuls: int, reads: int = 0) -> dict:
+        self.proc.stdin.write(f"{matmuls} {reads}\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Pacer(threading.Thread):
+    """Stops and resumes a process group so that it runs ``duty`` of every ``period`` seconds; ``hold`` keeps it
+    stopped (while the gauge runs alone)."""
+
+    def __init__(self, pgid: int, duty: float, period: float):
+        super().__init__(daemon=True)
+        self.pgid, self.duty, self.period = pgid, duty, period
+        self.lock, self.done = threading.Lock(), threading.Event()
+
+    def _signal(self, sig) -> None:
+        try:
+            os.killpg(self.pgid, sig)
+        except ProcessLookupError:
+            self.done.set()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            time.sleep(self.duty * self.period)
+            with self.lock:
+                self._signal(signal.SIGSTOP)
+                time.sleep((1 - self.duty) * self.period)
+                self._signal(signal.SIGCONT)
+
+    def hold(self):
+        self.lock.acquire()
+        self._signal(signal.SIGSTOP)
+
+    def release(self) -> None:
+        self._signal(signal.SIGCONT)
+        self.lock.release()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+        self._signal(signal.SIGCONT)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gflop_s", type=float, default=70.0, help="the emulated machine's 2048-square matmul rate")
+    ap.add_argument("--isa", choices=sorted(ISA), default="avx2", help="widest vector instructions the libraries use")
+    ap.add_argument("--period", type=float, default=0.01, help="seconds of one run-and-pause cycle")
+    ap.add_argument("--every_s", type=float, default=30.0, help="seconds between two gauges of the machine's speed")
+    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
+    a = ap.parse_args()
+    cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
+    if not cmd:
+        ap.error("no command: give it after --")
+    env = {**os.environ, **ISA[a.isa]}
+    load = os.getloadavg()
+    gauge = Gauge(env)
+    try:
+        before = gauge.rates(16, 8)
+        if before["gflop_s"] <= a.gflop_s:
+            raise SystemExit(f"this machine's {a.isa} matmul rate, {before['gflop_s']:.0f} GFLOP/s, is not above "
+                             f"--gflop_s {a.gflop_s:g}: nothing to slow down")
+        # The gauge paced, as the command will be: the pause's own slack (a stop lands a little late) is measured
+        # and folded into the share from then on.
+        slack = 1.0
+        for attempt in range(3):  # twice corrected, the third printed
+            pacer = Pacer(gauge.proc.pid, min(1.0, slack * a.gflop_s / before["gflop_s"]), a.period)
+            pacer.start()
+            paused = gauge.rates(16, 8)
+            pacer.stop()
+            if attempt < 2:
+                slack *= a.gflop_s / paused["gflop_s"]
+        print(f"[slower] load {load[0]:.2f} {load[1]:.2f}; {gauge.info['isa']}, {gauge.info['threads']} threads: "
+              f"{before['gflop_s']:.0f} GFLOP/s, {before['gb_s']:.1f} GB/s; running {pacer.duty:.0%} of every "
+              f"{a.period * 1e3:.0f} ms: {paused['gflop_s']:.0f} GFLOP/s, {paused['gb_s']:.1f} GB/s", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        pacer = Pacer(proc.pid, pacer.duty, a.period)
+        pacer.start()
+        speeds, last = [before["gflop_s"]], time.perf_counter()
+        try:
+            while proc.poll() is None:
+                time.sleep(0.2)
+                if time.perf_counter() - last >= a.every_s:
+                    pacer.hold()
+                    try:
+                        speeds.append(gauge.rates(2)["gflop_s"])
+                    finally:
+                        pacer.duty = min(1.0, slack * a.gflop_s / speeds[-1])
+                        pacer.release()
+                    last = time.perf_counter()
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            pacer.stop()
+        rc, wall = proc.wait(), time.perf_counter() - t0
+        after = gauge.rates(16)
+    finally:
+        gauge.close()
+    print(f"[slower] the command: exit {rc}, {wall:.0f} s wall; the machine's own {gauge.info['isa']} rate over it "
+          f"(gauged {len(speeds)} times): median {statistics.median(speeds):.0f}, {min(speeds):.0f}-{max(speeds):.0f} "
+          f"GFLOP/s, {after['gflop_s']:.0f} after; the pause followed it", flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
