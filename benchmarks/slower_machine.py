@@ -118,6 +118,7 @@ def main() -> int:
     if not cmd:
         ap.error("no command: give it after --")
     env = {**os.environ, **ISA[a.isa]}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill of this script ends the command too
     load = os.getloadavg()
     gauge = Gauge(env)
     try:
@@ -154,8 +155,8 @@ def main() -> int:
                         pacer.duty = min(1.0, slack * a.gflop_s / speeds[-1])
                         pacer.release()
                     last = time.perf_counter()
-        except BaseException:
-            proc.kill()
+        except BaseException:  # never leave the command's group stopped or running behind us
+            os.killpg(proc.pid, signal.SIGKILL)
             raise
         finally:
             pacer.stop()
