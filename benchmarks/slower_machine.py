@@ -8,15 +8,16 @@ AVX2: ATen's, MKL's and oneDNN's kernels are told to use no wider vector instruc
 (SIGSTOP) and resumed (SIGCONT) every period, running the share of it that brings the matmul rate down to the
 target (corrected for the pause's own slack, measured on the gauge first). That share follows this machine's own
 speed, which drifts on a shared host: every --every_s seconds the command is stopped while a gauge process (started
-once, idle between) times two unpaused matmuls, and the share is set from that. The gauge's seconds count in the
-command's wall time (about 1 % of it).
+once, idle between) times three unpaused matmuls after a warm-up, and the share is set from that. The gauge's
+seconds count in the command's wall time (about 1 % of it).
 
 The pause slows everything by the same factor, memory traffic included (the emulated machine reads memory at about
-12 GB/s where the slower machine reads 20), while caches and the core's design are not emulated. Checked against the
-one program timed on the slower machine itself (the demo at b791be5, 2026-12-03: 1676 s of training there), the
-emulation trained in 1588 s, 5 % faster (benchmarks/RESULTS.md). The script prints the rates it measured, sustained
-(the mean over back-to-back repeats: a best-of would catch the runs between pauses), and exits with the command's
-status.
+12 GB/s where the slower machine reads 20), while caches and the core's design are not emulated. Checked once
+against the one program timed on the slower machine itself (the demo at b791be5, 2026-12-03: 1676 s of training
+there), the script as at b628cd0 (its gauge then two matmuls without a warm-up) trained it in 1588 s, 5 % faster,
+one run on each side (benchmarks/RESULTS.md). The script prints the rates it measured (medians of back-to-back
+repeats: a best-of would catch the runs between pauses), warns when the pause missed its target, and exits with
+the command's status.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -33,21 +35,29 @@ import time
 
 ISA = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
        "native": {}}
-# One line in ("matmuls reads"), one JSON line out: the sustained rates of that many repeats.
+# One line in ("matmuls reads"), one JSON line out: the median rate of that many matmuls and the mean bandwidth of
+# that many 1 GiB reads, each after one untimed warm-up (a matmul after a long idle runs slow); "free" drops the
+# 1 GiB buffer, used only before the command starts.
 GAUGE = """
-import json, sys, time, torch
+import json, statistics, sys, time, torch
 a, b, big = torch.randn(2048, 2048), torch.randn(2048, 2048), torch.ones(2**28)
-a @ b, big.sum()
-def mean_s(f, n):
-    t0 = time.perf_counter()
+def seconds(f, n):
+    f()
+    out = []
     for _ in range(n):
+        t0 = time.perf_counter()
         f()
-    return (time.perf_counter() - t0) / max(n, 1)
+        out.append(time.perf_counter() - t0)
+    return out
 print(json.dumps({"isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}), flush=True)
 for line in sys.stdin:
+    if line.strip() == "free":
+        big = None
+        continue
     mm, reads = map(int, line.split())
-    print(json.dumps({"gflop_s": 2 * 2048**3 / mean_s(lambda: a @ b, mm) / 1e9,
-                      "gb_s": big.numel() * 4 / mean_s(big.sum, reads) / 1e9 if reads else None}), flush=True)
+    print(json.dumps({"gflop_s": 2 * 2048**3 / statistics.median(seconds(lambda: a @ b, mm)) / 1e9,
+                      "gb_s": big.numel() * 4 / statistics.mean(seconds(big.sum, reads)) / 1e9 if reads else None}),
+          flush=True)
 """
 
 
@@ -63,6 +73,10 @@ class Gauge:
         self.proc.stdin.write(f"{matmuls} {reads}\n")
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
+
+    def free(self) -> None:
+        self.proc.stdin.write("free\n")
+        self.proc.stdin.flush()
 
     def close(self) -> None:
         self.proc.kill()
@@ -106,54 +120,84 @@ class Pacer(threading.Thread):
         self._signal(signal.SIGCONT)
 
 
+def positive(text: str) -> float:
+    x = float(text)
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return x
+
+
+def calibrate(gauge: Gauge, target: float, period: float) -> tuple[float, dict, dict]:
+    """(slack, unpaused rates, paused rates): the gauge paced as the command will be. The pause's own slack (a stop
+    lands a little late) is the ratio of the target to the paused rate at the share the unpaused rate calls for;
+    each try measures the unpaused rate next to the paused one, so the machine's drift stays out of the slack."""
+    slack = 1.0
+    for attempt in range(3):  # twice corrected, the third printed
+        unpaused = gauge.rates(16, 4 if attempt == 2 else 0)
+        if unpaused["gflop_s"] <= target:
+            raise SystemExit(f"this machine's matmul rate, {unpaused['gflop_s']:.0f} GFLOP/s, is not above --gflop_s "
+                             f"{target:g}: nothing to slow down")
+        pacer = Pacer(gauge.proc.pid, min(1.0, slack * target / unpaused["gflop_s"]), period)
+        pacer.start()
+        try:
+            paused = gauge.rates(16, 4 if attempt == 2 else 0)
+        finally:
+            pacer.stop()
+        if attempt < 2:
+            slack *= target / paused["gflop_s"]
+    return slack, unpaused, paused
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gflop_s", type=float, default=70.0, help="the emulated machine's 2048-square matmul rate")
+    ap.add_argument("--gflop_s", type=positive, default=70.0, help="the emulated machine's 2048-square matmul rate")
     ap.add_argument("--isa", choices=sorted(ISA), default="avx2", help="widest vector instructions the libraries use")
-    ap.add_argument("--period", type=float, default=0.01, help="seconds of one run-and-pause cycle")
-    ap.add_argument("--every_s", type=float, default=30.0, help="seconds between two gauges of the machine's speed")
+    ap.add_argument("--period", type=positive, default=0.01, help="seconds of one run-and-pause cycle")
+    ap.add_argument("--every_s", type=positive, default=30.0, help="seconds between two gauges of the machine's speed")
     ap.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
     a = ap.parse_args()
     cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
     if not cmd:
         ap.error("no command: give it after --")
+    if shutil.which(cmd[0]) is None:
+        ap.error(f"command not found: {cmd[0]}")
     env = {**os.environ, **ISA[a.isa]}
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill of this script ends the command too
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a kill of this script ends the command too (below)
+        signal.signal(sig, lambda n, _: sys.exit(128 + n))
     load = os.getloadavg()
     gauge = Gauge(env)
     try:
-        before = gauge.rates(16, 8)
-        if before["gflop_s"] <= a.gflop_s:
-            raise SystemExit(f"this machine's {a.isa} matmul rate, {before['gflop_s']:.0f} GFLOP/s, is not above "
-                             f"--gflop_s {a.gflop_s:g}: nothing to slow down")
-        # The gauge paced, as the command will be: the pause's own slack (a stop lands a little late) is measured
-        # and folded into the share from then on.
-        slack = 1.0
-        for attempt in range(3):  # twice corrected, the third printed
-            pacer = Pacer(gauge.proc.pid, min(1.0, slack * a.gflop_s / before["gflop_s"]), a.period)
-            pacer.start()
-            paused = gauge.rates(16, 8)
-            pacer.stop()
-            if attempt < 2:
-                slack *= a.gflop_s / paused["gflop_s"]
+        slack, unpaused, paused = calibrate(gauge, a.gflop_s, a.period)
+        gauge.free()
+        duty = min(1.0, slack * a.gflop_s / unpaused["gflop_s"])
+        off = abs(paused["gflop_s"] / a.gflop_s - 1)
         print(f"[slower] load {load[0]:.2f} {load[1]:.2f}; {gauge.info['isa']}, {gauge.info['threads']} threads: "
-              f"{before['gflop_s']:.0f} GFLOP/s, {before['gb_s']:.1f} GB/s; running {pacer.duty:.0%} of every "
-              f"{a.period * 1e3:.0f} ms: {paused['gflop_s']:.0f} GFLOP/s, {paused['gb_s']:.1f} GB/s", flush=True)
+              f"{unpaused['gflop_s']:.0f} GFLOP/s, {unpaused['gb_s']:.1f} GB/s; running {duty:.0%} of every "
+              f"{a.period * 1e3:.0f} ms: {paused['gflop_s']:.0f} GFLOP/s, {paused['gb_s']:.1f} GB/s"
+              + (f" (WARNING: {off:.0%} off the target: the machine's speed moved while calibrating)" if off > 0.05
+                 else ""), flush=True)
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-        pacer = Pacer(proc.pid, pacer.duty, a.period)
+        pacer = Pacer(proc.pid, duty, a.period)
         pacer.start()
-        speeds, last = [before["gflop_s"]], time.perf_counter()
+        speeds, capped, last = [], 0, time.perf_counter()
         try:
             while proc.poll() is None:
                 time.sleep(0.2)
                 if time.perf_counter() - last >= a.every_s:
-                    pacer.hold()
+                    held = False
                     try:
-                        speeds.append(gauge.rates(2)["gflop_s"])
-                    finally:
+                        pacer.hold()
+                        held = True
+                        speeds.append(gauge.rates(3)["gflop_s"])
                         pacer.duty = min(1.0, slack * a.gflop_s / speeds[-1])
-                        pacer.release()
+                        capped += pacer.duty == 1.0
+                    except (OSError, ValueError) as e:  # the gauge died: the command goes on at the last share
+                        print(f"[slower] WARNING: the gauge failed ({e}); the share stays {pacer.duty:.0%}", flush=True)
+                        a.every_s = float("inf")
+                    finally:
+                        if held:
+                            pacer.release()
                     last = time.perf_counter()
         except BaseException:  # never leave the command's group stopped or running behind us
             os.killpg(proc.pid, signal.SIGKILL)
@@ -164,10 +208,13 @@ def main() -> int:
         after = gauge.rates(16)
     finally:
         gauge.close()
-    print(f"[slower] the command: exit {rc}, {wall:.0f} s wall; the machine's own {gauge.info['isa']} rate over it "
-          f"(gauged {len(speeds)} times): median {statistics.median(speeds):.0f}, {min(speeds):.0f}-{max(speeds):.0f} "
-          f"GFLOP/s, {after['gflop_s']:.0f} after; the pause followed it", flush=True)
-    return rc
+    seen = speeds or [unpaused["gflop_s"]]
+    print(f"[slower] the command: exit {rc}, {wall:.0f} s wall; the machine's own {gauge.info['isa']} rate "
+          f"{unpaused['gflop_s']:.0f} GFLOP/s before, then gauged {len(speeds)} times: median "
+          f"{statistics.median(seen):.0f}, {min(seen):.0f}-{max(seen):.0f}, {after['gflop_s']:.0f} after"
+          + (f"; WARNING: at or below the target {capped} of those times, when the command ran unpaused" if capped
+             else ""), flush=True)
+    return 128 - rc if rc < 0 else rc
 
 
 if __name__ == "__main__":
