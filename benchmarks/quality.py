@@ -7,7 +7,8 @@ The task is the demo's (`gkd demo`): teacher SmolLM2-135M-Instruct, student its 
 the 152 built-in training prompts with completions the teacher wrote (--teacher_samples per prompt,
 seeded, temperature 0.9), the 8 held-out prompts for evaluation (--eval_prompts wide: and demo_recipes.py's 31
 more held-out prompts). Both tools train the same student on the same rows for the same steps and batch (one
-micro-batch per step), with AdamW, a cosine schedule with 10 % warm-up, sampling at --temperature, --max_new_tokens new tokens per on-policy sample. The
+micro-batch per step), with AdamW, a cosine schedule with 10 % warm-up, sampling at --temperature,
+--max_new_tokens new tokens per on-policy sample. The
 divergence is computed at temperature 1 on both sides: TRL's GKDTrainer uses its temperature for sampling
 only, so gkd runs with `--loss_temperature 1` (--loss_temperature here; other values run gkd alone). Both run
 on-policy on the same steps: gkd's per-step lmbda draw for the run's seed, given to TRL in place of its
@@ -295,7 +296,8 @@ def settings(a) -> dict:
             "warm_start_lr")
     extra = ("freeze_embedding", "gkd_teacher_cache", "sweep_lmbda", "eval_prompts")  # recorded when not their defaults
     defaults = {"sweep_lmbda": 0.5, "eval_prompts": "demo"}
-    return {k: getattr(a, k) for k in keys} | {k: getattr(a, k) for k in extra if getattr(a, k) != defaults.get(k, False)}
+    return {k: getattr(a, k) for k in keys} | {k: getattr(a, k) for k in extra
+                                                if getattr(a, k) != defaults.get(k, False)}
 
 
 def load(a) -> dict:

@@ -9,7 +9,7 @@ AVX2: ATen's, MKL's and oneDNN's kernels are told to use no wider vector instruc
 target (corrected for the pause's own slack, measured on the gauge first). That share follows this machine's own
 speed, which drifts on a shared host: every --every_s seconds the command is stopped while a gauge process (started
 once, idle between) times three unpaused matmuls after a warm-up, and the share is set from that. The gauge's
-seconds count in the command's wall time (about 1 % of it).
+seconds count in the command's wall time (about 2 % of it at 30 s).
 
 The pause slows everything by the same factor, memory traffic included (the emulated machine reads memory at about
 12 GB/s where the slower machine reads 20), while caches and the core's design are not emulated. Checked once
@@ -67,7 +67,12 @@ class Gauge:
     def __init__(self, env: dict):
         self.proc = subprocess.Popen([sys.executable, "-c", GAUGE], env=env, start_new_session=True, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.info = json.loads(self.proc.stdout.readline())
+        first = self.proc.stdout.readline()
+        if not first:
+            self.proc.wait()
+            raise SystemExit(f"the gauge process did not start (exit {self.proc.returncode}): can {sys.executable} "
+                             "import torch?")
+        self.info = json.loads(first)
 
     def rates(self, matmuls: int, reads: int = 0) -> dict:
         self.proc.stdin.write(f"{matmuls} {reads}\n")
@@ -101,10 +106,14 @@ class Pacer(threading.Thread):
     def run(self) -> None:
         while not self.done.is_set():
             time.sleep(self.duty * self.period)
-            with self.lock:
+            if not self.lock.acquire(timeout=self.period):  # held (or left held by an interrupt): look at done again
+                continue
+            try:
                 self._signal(signal.SIGSTOP)
                 time.sleep((1 - self.duty) * self.period)
                 self._signal(signal.SIGCONT)
+            finally:
+                self.lock.release()
 
     def hold(self):
         self.lock.acquire()
@@ -148,6 +157,36 @@ def calibrate(gauge: Gauge, target: float, period: float) -> tuple[float, dict, 
     return slack, unpaused, paused
 
 
+def follow(proc: subprocess.Popen, pacer: Pacer, gauge: Gauge, aim: float, every_s: float) -> tuple[list, int]:
+    """Pace ``proc`` until it exits, resetting the share to ``aim`` / the machine's gauged rate every ``every_s``
+    seconds (``aim``: the target with the pause's slack in); (the gauged rates, how many of them left no pause)."""
+    speeds, capped, last = [], 0, time.perf_counter()
+    pacer.start()
+    try:
+        while proc.poll() is None:
+            time.sleep(0.2)
+            if time.perf_counter() - last < every_s:
+                continue
+            pacer.hold()
+            try:
+                speeds.append(gauge.rates(3)["gflop_s"])
+            except (OSError, ValueError) as e:  # the gauge died: the command goes on at the last share
+                print(f"[slower] WARNING: the gauge failed ({e}); the share stays {pacer.duty:.0%}", flush=True)
+                every_s = float("inf")
+            else:
+                pacer.duty = min(1.0, aim / speeds[-1])
+                capped += pacer.duty == 1.0
+            finally:
+                pacer.release()
+            last = time.perf_counter()
+    except BaseException:  # never leave the command's group stopped or running behind us
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    finally:
+        pacer.stop()
+    return speeds, capped
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gflop_s", type=positive, default=70.0, help="the emulated machine's 2048-square matmul rate")
@@ -178,34 +217,9 @@ def main() -> int:
                  else ""), flush=True)
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-        pacer = Pacer(proc.pid, duty, a.period)
-        pacer.start()
-        speeds, capped, last = [], 0, time.perf_counter()
-        try:
-            while proc.poll() is None:
-                time.sleep(0.2)
-                if time.perf_counter() - last >= a.every_s:
-                    held = False
-                    try:
-                        pacer.hold()
-                        held = True
-                        speeds.append(gauge.rates(3)["gflop_s"])
-                        pacer.duty = min(1.0, slack * a.gflop_s / speeds[-1])
-                        capped += pacer.duty == 1.0
-                    except (OSError, ValueError) as e:  # the gauge died: the command goes on at the last share
-                        print(f"[slower] WARNING: the gauge failed ({e}); the share stays {pacer.duty:.0%}", flush=True)
-                        a.every_s = float("inf")
-                    finally:
-                        if held:
-                            pacer.release()
-                    last = time.perf_counter()
-        except BaseException:  # never leave the command's group stopped or running behind us
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
-        finally:
-            pacer.stop()
+        speeds, capped = follow(proc, Pacer(proc.pid, duty, a.period), gauge, slack * a.gflop_s, a.every_s)
         rc, wall = proc.wait(), time.perf_counter() - t0
-        after = gauge.rates(16)
+        after = gauge.rates(16) if gauge.proc.poll() is None else {"gflop_s": float("nan")}
     finally:
         gauge.close()
     seen = speeds or [unpaused["gflop_s"]]
