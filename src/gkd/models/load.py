@@ -3,6 +3,7 @@ teacher, LoRA, export."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -70,13 +71,34 @@ def resolve(spec: str) -> tuple[Path, str | None]:
                    f"or '{SMOLLM2}'")
 
 
+# folder -> (config.json's bytes, its parsed config): a run asks for a folder's config about 10-25 times (checks,
+# tokenizer, model, image processing, pipeline stages), and each parse costs 2-14 ms (transformers formats the whole
+# config into a log line, logged or not). Keyed by the bytes, not the file's times: a folder written again within
+# the clock's tick must not read as the old one.
+_CONFIGS: dict[str, tuple[bytes, object]] = {}
+
+
+def read_config(folder: Path):
+    """The Hugging Face config of a model folder, parsed once per process while its config.json is unchanged; a
+    copy each time, which the caller may change."""
+    from transformers import AutoConfig
+
+    key = str(Path(folder).resolve())
+    text = (Path(folder) / "config.json").read_bytes()
+    known = _CONFIGS.get(key)
+    if known is None or known[0] != text:
+        known = _CONFIGS[key] = (text, AutoConfig.from_pretrained(str(folder)))
+    return copy.deepcopy(known[1])
+
+
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     _quiet_transformers()
     folder, gguf = resolve(spec)
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(str(folder))
+        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf) if gguf else \
+            AutoTokenizer.from_pretrained(str(folder), config=read_config(folder))
     except Exception as e:  # noqa: BLE001
         raise GKDError(f"model {spec}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if tok.pad_token_id is None:
@@ -109,9 +131,9 @@ def load_model(spec: str, dtype: str = "float32"):
             _keep_converted(model, folder / gguf)
             model = model.to(torch_dtype)
         else:
-            config = transformers.AutoConfig.from_pretrained(str(folder))
+            config = read_config(folder)
             auto = getattr(transformers, adapter_for_config(config).auto_class)
-            model = auto.from_pretrained(str(folder), dtype=torch_dtype)
+            model = auto.from_pretrained(str(folder), config=config, dtype=torch_dtype)
     except GKDError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -312,10 +334,8 @@ def load_image_processing(spec: str, tokenizer):
     folder, gguf = resolve(spec)
     if gguf:
         return None
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(str(folder))
+        config = read_config(folder)
     except Exception as e:  # noqa: BLE001
         raise GKDError(f"model {spec}: cannot read its config ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     adapter = adapter_for_config(config)

@@ -127,15 +127,14 @@ def check(model, ep: int, lora_experts: bool = False, student: bool = True) -> N
 
 def check_folder(spec: str, ep: int, student: bool = True, lora_experts: bool = False) -> None:
     """``check`` from a model argument's config alone (before any process starts or any weight is read)."""
-    from transformers import AutoConfig
-
     from gkd.models import adapter_for_config, resolve
+    from gkd.models.load import read_config
 
     folder, gguf = resolve(spec)
     if gguf:  # GGUF folders hold no config.json: the check runs once the model is loaded
         return
     try:
-        config = AutoConfig.from_pretrained(str(folder))
+        config = read_config(folder)
     except Exception:  # noqa: BLE001 - an unreadable model is reported where it is loaded
         return
     skeleton = _meta_model(config)

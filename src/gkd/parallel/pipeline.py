@@ -76,13 +76,11 @@ def _config(spec: str):
     """A model folder's config, or None where it cannot be read here (the load says why later)."""
     if not spec:
         return None
-    from transformers import AutoConfig
-
-    from gkd.models.load import resolve
+    from gkd.models.load import read_config, resolve
 
     try:
         folder, gguf = resolve(spec)
-        return None if gguf else AutoConfig.from_pretrained(str(folder))
+        return None if gguf else read_config(folder)
     except Exception:  # noqa: BLE001 - reported, in one line, where the model is loaded
         return None
 
