@@ -182,6 +182,12 @@ def _whole(trainer, tensors: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def under(name: str, prefixes) -> bool:
+    """Whether parameter ``name`` lies under one of ``prefixes`` read as whole name components, as
+    --freeze_parameters reads them (model.layers.1 is not model.layers.10)."""
+    return any(name == p.rstrip(".") or name.startswith(p.rstrip(".") + ".") for p in prefixes)
+
+
 def assert_frozen_as_loaded(trainer, folder: str, prefixes: list[str]) -> None:
     """The student's weights that do not train are exactly those under ``prefixes`` and end as loaded from
     ``folder``, bit for bit (whole: gathered from their shards and stages; every rank must call this)."""
@@ -189,7 +195,7 @@ def assert_frozen_as_loaded(trainer, folder: str, prefixes: list[str]) -> None:
 
     frozen = _whole(trainer, {n: p for n, p in trainer.student.named_parameters() if not p.requires_grad})
     loaded = {n: p.detach().double() for n, p in unwrap(load_model(folder)).named_parameters()}
-    assert frozen.keys() == {n for n in loaded if n.startswith(tuple(prefixes))}, sorted(frozen)
+    assert frozen.keys() == {n for n in loaded if under(n, prefixes)}, sorted(frozen)
     moved = [n for n, w in frozen.items() if not torch.equal(w, loaded[n])]
     assert not moved, f"frozen weights moved: {moved}"
 

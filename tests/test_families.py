@@ -15,7 +15,7 @@ from gkd.errors import GKDError
 from gkd.models import adapter_for, apply_lora, freeze_parameters, load_model, support, unwrap
 from gkd.models.adapter import check_head
 from gkd.train.trainer import Trainer
-from naive import assert_steps_match
+from naive import assert_steps_match, under
 from tiny import write_dataset, write_image_dataset, write_tokenizer
 
 
@@ -87,7 +87,7 @@ def test_frozen_parameters_stay_as_loaded_and_the_rest_steps_as_naive(family, da
     assert_steps_match(t, reference, load_model(teacher))
     loaded = dict(unwrap(load_model(student)).named_parameters(remove_duplicate=False))
     frozen = {n: p for n, p in unwrap(t.student).named_parameters(remove_duplicate=False)
-              if n.startswith(tuple(prefixes))}
+              if under(n, prefixes)}
     assert frozen and all(torch.equal(p, loaded[n]) for n, p in frozen.items()), "a frozen weight moved"
     assert all(p.grad is None for p in frozen.values())
 

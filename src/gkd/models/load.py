@@ -246,13 +246,13 @@ def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def freeze_parameters(model, prefixes) -> int:
+def freeze_parameters(model, prefixes) -> int | None:
     """Stop training the parameters whose names in the unwrapped model lie under one of ``prefixes`` (whole name
-    components; a tied weight answers to each of its names); returns how many elements stay trainable, -1
-    without prefixes. A prefix that names no parameter, or one that leaves nothing to train, is an error: a typo
+    components; a tied weight answers to each of its names); returns how many elements stay trainable, None
+    without prefixes (nothing frozen). A prefix that names no parameter, or one that leaves nothing to train, is an error: a typo
     must not train everything."""
     if not prefixes:
-        return -1
+        return None
     named = list(unwrap(model).named_parameters(remove_duplicate=False))
     for prefix in prefixes:
         if not any(_under(name, prefix) for name, _ in named):

@@ -60,7 +60,7 @@ def student(m, seed: int, par):
                                                                                "context_fn": checkpoint_contexts})
             model.config.use_cache = False
         frozen = freeze_vision(model, m.freeze_vit, m.freeze_aligner)
-        if freeze_parameters(model, m.freeze_parameters) >= 0 and par.world > 1 and any(
+        if freeze_parameters(model, m.freeze_parameters) is not None and par.world > 1 and any(
                 p.requires_grad for part in adapter_for(model).vision_modules(model) for p in part.parameters()):
             # a rank whose rows have images backpropagates through frozen text layers into the vision tower, one
             # without would skip them, and their sharded weights would be gathered for backward on some ranks
