@@ -83,11 +83,13 @@ def read_config(folder: Path):
     copy each time, which the caller may change."""
     from transformers import AutoConfig
 
-    key = str(Path(folder).resolve())
-    text = (Path(folder) / "config.json").read_bytes()
+    key, file = str(Path(folder).resolve()), Path(folder) / "config.json"
+    text = file.read_bytes()
     known = _CONFIGS.get(key)
     if known is None or known[0] != text:
-        known = _CONFIGS[key] = (text, AutoConfig.from_pretrained(str(folder)))
+        known = (text, AutoConfig.from_pretrained(str(folder)))
+        if file.read_bytes() == text:  # (not replaced while transformers read it)
+            _CONFIGS[key] = known
     return copy.deepcopy(known[1])
 
 
@@ -96,9 +98,14 @@ def load_tokenizer(spec: str):
 
     _quiet_transformers()
     folder, gguf = resolve(spec)
+    kw = {"gguf_file": gguf} if gguf else {}
+    if not gguf:
+        try:  # (a config transformers cannot read, a new architecture's: AutoTokenizer goes on without it)
+            kw["config"] = read_config(folder)
+        except (OSError, ValueError):
+            pass
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf) if gguf else \
-            AutoTokenizer.from_pretrained(str(folder), config=read_config(folder))
+        tok = AutoTokenizer.from_pretrained(str(folder), **kw)
     except Exception as e:  # noqa: BLE001
         raise GKDError(f"model {spec}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if tok.pad_token_id is None:
