@@ -98,12 +98,12 @@ def load_tokenizer(spec: str):
 
     _quiet_transformers()
     folder, gguf = resolve(spec)
-    kw = {"gguf_file": gguf} if gguf else {}
+    kw = {"gguf_file": gguf}
     if not gguf:
-        try:  # (a config transformers cannot read, a new architecture's: AutoTokenizer goes on without it)
-            kw["config"] = read_config(folder)
-        except (OSError, ValueError):
-            pass
+        try:
+            kw = {"config": read_config(folder)}
+        except (OSError, ValueError):  # a config transformers cannot read (a new architecture's): AutoTokenizer
+            kw = {}  # goes on without it, falling back itself
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), **kw)
     except Exception as e:  # noqa: BLE001
@@ -256,8 +256,8 @@ def _under(name: str, prefix: str) -> bool:
 def freeze_parameters(model, prefixes) -> int | None:
     """Stop training the parameters whose names in the unwrapped model lie under one of ``prefixes`` (whole name
     components; a tied weight answers to each of its names); returns how many elements stay trainable, None
-    without prefixes (nothing frozen). A prefix that names no parameter, or one that leaves nothing to train, is an error: a typo
-    must not train everything."""
+    without prefixes (nothing frozen). A prefix that names no parameter, or one that leaves nothing to train, is an
+    error: a typo must not train everything."""
     if not prefixes:
         return None
     named = list(unwrap(model).named_parameters(remove_duplicate=False))
