@@ -8,12 +8,11 @@ the 152 built-in training prompts with completions the teacher wrote (--teacher_
 seeded, temperature 0.9), the 8 held-out prompts for evaluation (--eval_prompts wide: and demo_recipes.py's 31
 more held-out prompts). Both tools train the same student on the same rows for the same steps and batch (one
 micro-batch per step), with AdamW, a cosine schedule with 10 % warm-up, sampling at --temperature,
---max_new_tokens new tokens per on-policy sample. The
-divergence is computed at temperature 1 on both sides: TRL's GKDTrainer uses its temperature for sampling
-only, so gkd runs with `--loss_temperature 1` (--loss_temperature here; other values run gkd alone). Both run
-on-policy on the same steps: gkd's per-step lmbda draw for the run's seed, given to TRL in place of its
-own coin flip (with 16 steps at lmbda 0.5 the count alone varies from 6 to 9 between seeds, and on-policy
-steps change the student more than the tools differ).
+--max_new_tokens new tokens per on-policy sample. The divergence is computed at temperature 1 on both sides:
+TRL's GKDTrainer uses its temperature for sampling only, so gkd runs with `--loss_temperature 1`
+(--loss_temperature here; other values run gkd alone). Both run on-policy on the same steps: gkd's per-step
+lmbda draw for the run's seed, given to TRL in place of its own coin flip (with 16 steps at lmbda 0.5 the count
+alone varies from 6 to 9 between seeds, and on-policy steps change the student more than the tools differ).
 
 1. Learning-rate sweep: each tool at each of --lrs, at lmbda 0.5 / beta 0, every seed; the tool's best
    rate is the one with the highest mean held-out top-1 agreement (chosen on the held-out prompts: this

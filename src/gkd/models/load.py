@@ -98,8 +98,9 @@ def load_tokenizer(spec: str):
 
     _quiet_transformers()
     folder, gguf = resolve(spec)
-    kw = {"gguf_file": gguf}
-    if not gguf:
+    if gguf:
+        kw = {"gguf_file": gguf}
+    else:
         try:
             kw = {"config": read_config(folder)}
         except (OSError, ValueError):  # a config transformers cannot read (a new architecture's): AutoTokenizer

@@ -127,8 +127,7 @@ def check(model, ep: int, lora_experts: bool = False, student: bool = True) -> N
 
 def check_folder(spec: str, ep: int, student: bool = True, lora_experts: bool = False) -> None:
     """``check`` from a model argument's config alone (before any process starts or any weight is read)."""
-    from gkd.models import adapter_for_config, resolve
-    from gkd.models.load import read_config
+    from gkd.models import adapter_for_config, read_config, resolve
 
     folder, gguf = resolve(spec)
     if gguf:  # GGUF folders hold no config.json: the check runs once the model is loaded
