@@ -6,6 +6,7 @@ import torch
 from gkd import GKDError
 from gkd.losses import (
     LogitHead,
+    _chunk_bounds,
     fused_linear_generalized_jsd,
     fused_linear_gkd_loss,
     generalized_jsd,
@@ -143,8 +144,16 @@ def _fused_case(dtype=torch.float32, n=(3, 37), hidden=16, vocab=101):
     return h, w, th, tw, mask, labels
 
 
+def test_a_short_last_chunk_joins_the_one_before():
+    assert _chunk_bounds(184, 170) == [(0, 184)]  # a tail of 14 rows: one chunk
+    assert _chunk_bounds(256, 170) == [(0, 170), (170, 256)]  # 86 rows: a chunk of its own
+    assert _chunk_bounds(17, 8) == [(0, 8), (8, 17)]
+    assert _chunk_bounds(18, 8) == [(0, 8), (8, 16), (16, 18)]  # 2 rows: a quarter of 8
+    assert _chunk_bounds(5, 8) == [(0, 5)] and _chunk_bounds(0, 8) == []
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("chunk", [1, 7, 32, 1000])
+@pytest.mark.parametrize("chunk", [1, 7, 20, 32, 1000])  # 20: the 81 counted rows' last one joins rows 60-79
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_fused_equals_unfused(beta, chunk, reduction):
     h, w, th, tw, mask, labels = _fused_case()

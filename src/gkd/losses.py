@@ -757,10 +757,8 @@ def _fused_pass(h, head: LogitHead, teacher: _Teacher, labels, *, beta, temperat
     want = weights is not None
     if want:
         grad_h = torch.empty(n, h.shape[1], dtype=dt, device=h.device)
-        grad_w = torch.zeros(W.shape, dtype=dt, device=W.device) if head_grads[0] else None
         grad_b = torch.zeros(b.shape, dtype=dt, device=b.device) if b is not None and head_grads[1] else None
-    for r0 in range(0, n, chunk_size):
-        r1 = min(r0 + chunk_size, n)
+    for r0, r1 in _chunk_bounds(n, chunk_size):
         hc = h[r0:r1]
         zs, dcap = _apply_head(head, hc, want)
         zt, ids, tk = teacher.chunk(r0, r1, group)
@@ -803,14 +801,32 @@ def _fused_pass(h, head: LogitHead, teacher: _Teacher, labels, *, beta, temperat
                 g.mul_(head.scale)  # dL/d(h W^T)
             g = g.to(W.dtype)
             grad_h[r0:r1] = g @ W
-            if grad_w is not None and W.dtype == dt:
-                grad_w.addmm_(g.T, hc)
-            elif grad_w is not None:  # accumulate low-precision products in float32
-                grad_w.add_(g.T @ hc)
+            if head_grads[0]:
+                # the first chunk's product is the [V, H] weight gradient (no zero-filled buffer to add it to); the
+                # others add into it, low-precision products in float32
+                if grad_w is None:
+                    grad_w = (g.T @ hc).to(dt)
+                elif W.dtype == dt:
+                    grad_w.addmm_(g.T, hc)
+                else:
+                    grad_w.add_(g.T @ hc)
+    if want and head_grads[0] and grad_w is None:  # no counted rows
+        grad_w = torch.zeros(W.shape, dtype=dt, device=W.device)
     if weights is not None:
         # h is replicated over the TP group and each shard's logits depend on it: sum the parts.
         _allreduce(grad_h, group)
     return div, ce, agree, grad_h, grad_w, grad_b
+
+
+def _chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
+    """Row ranges of ``size`` rows, except that a last range of under a quarter of ``size`` joins the one before
+    (so a chunk has at most 1.25 x ``size`` rows): every chunk reads both heads' weights and, with gradients, adds
+    into the [V, H] weight gradient, whatever its rows, so a small tail costs nearly a whole chunk (184 rows of a
+    49,152-token vocabulary at 170 per chunk: 390 ms forward and backward, against 356 in one chunk)."""
+    starts = list(range(0, n, size))
+    if len(starts) > 1 and 4 * (n - starts[-1]) < size:
+        starts.pop()
+    return [(r0, r1) for r0, r1 in zip(starts, [*starts[1:], n])]
 
 
 def _head_of(W, b, form: dict) -> LogitHead:
@@ -959,8 +975,9 @@ def fused_linear_gkd_loss(
 ) -> GKDLossOutput:
     """The trainer's loss: divergence (+ ``sft_alpha`` * CE against ``labels``) from hidden states.
 
-    Logits are formed ``chunk_size`` counted positions at a time (``hidden @ weight.T``), so the extra
-    memory is O(chunk_size x V), never O(N x V); masked positions never reach the lm_head.
+    Logits are formed ``chunk_size`` counted positions at a time (``hidden @ weight.T``; a last chunk of
+    under a quarter of that joins the one before), so the extra memory is O(chunk_size x V), never O(N x V);
+    masked positions never reach the lm_head.
 
     Either lm_head may be a :class:`LogitHead` instead of a bare weight: its bias, scale and softcap are
     applied exactly, chunk by chunk, and the student's gradients flow through them into the hidden
