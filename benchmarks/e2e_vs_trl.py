@@ -17,8 +17,11 @@ the tokens the loss counted per step (medians; samples stop at EOS, so on-policy
 little between the tools), then s/step (median wall time of an optimizer step, the first left out as
 warm-up), trained tokens/s (trained tokens over s/step, medians) and the process's peak resident set
 (ru_maxrss from wait4, whole process lifetime; with vLLM the largest process), and the process's user and
-kernel CPU seconds and minor page faults over its whole life (loading and warm-up included): fresh memory
-is zeroed by the kernel on first touch, whose cost varies with the machine (on a VM, by the day).
+kernel CPU seconds and the fresh pages it took (minor page faults x page size) over its whole life (loading
+and warm-up included): fresh memory is zeroed by the kernel on first touch, whose cost varies with the machine
+(on a VM, by the day), and TRL takes about four times as many fresh pages as gkd, so where they are dear the
+speed-up is larger. The script prints the rate at which this machine writes fresh memory beside its matmul
+rate and bandwidth.
 
 Every configuration runs --repeats times (default 3), the tools alternating within each repeat; the
 table gives the median over repeats of each run's median s/step, its spread (min-max), and the median of
@@ -53,6 +56,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TRL_PIN = "trl==1.16.0"
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def trl_python(venv: Path) -> Path:
@@ -277,7 +281,8 @@ def main() -> None:
     shapes = {"teacher": model_shape(teacher), "student": model_shape(student)}
     prompt = mean_prompt_tokens(data, teacher)
     print(f"[bench] this machine on {a.threads} threads: {roof['matmul_gflop_s']:.0f} GFLOP/s float32 matmul, "
-          f"{roof['bandwidth_gb_s']:.1f} GB/s read; mean prompt {prompt:.0f} tokens", flush=True)
+          f"{roof['bandwidth_gb_s']:.1f} GB/s read, fresh memory written at {roof['fresh_gb_s']:.1f} GB/s; mean "
+          f"prompt {prompt:.0f} tokens", flush=True)
     runs, failed = [], []
     for rep in range(a.repeats):
         for tool, lmbda, gc, vllm in configs:
@@ -328,8 +333,8 @@ def table(a, runs: list[dict], failed: list[str]) -> None:
           f"over {a.repeats} repeats [min-max]; speed-up: the median of gkd/TRL pairs of the same repeat, lmbda and "
           "checkpointing")
     print("| run | lmbda | generated tok/step | trained tok/step | s/step [spread] | limit s | of limit | "
-          "speed-up vs TRL [spread] | peak RSS | RSS vs TRL | quiet |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "speed-up vs TRL [spread] | peak RSS | RSS vs TRL | CPU user / kernel s | fresh pages | quiet |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     names = list(dict.fromkeys(r["name"] for r in runs))
     for name in names:
         mine = [r for r in runs if r["name"] == name]
@@ -352,6 +357,8 @@ def table(a, runs: list[dict], failed: list[str]) -> None:
               f"{statistics.median(r['of_limit'] for r in mine):.0%} | {speed} | "
               f"{statistics.median(r['peak_rss_mib'] for r in mine):.0f} MiB | "
               f"{f'{statistics.median(rss):.2f}x' if rss and r0['tool'] != 'trl' else '-'} | "
+              f"{statistics.median(r['user_s'] for r in mine):.0f} / {statistics.median(r['kernel_s'] for r in mine):.0f}"
+              f" | {statistics.median(r['minor_faults'] for r in mine) * PAGE / 1e9:.1f} GB | "
               f"{'yes' if not noisy else f'not quiet ({len(noisy)} of {len(mine)})'} |")
     for line in failed:
         print(f"failed: {line}")

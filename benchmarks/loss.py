@@ -70,7 +70,7 @@ def measure(path: str, beta: float, n: int, hidden: int, vocab: int, runs: int, 
         loss.backward()
         elapsed = time.perf_counter() - t0
         peaks.append((_status_kib("VmHWM") - before) / 1024)
-        value = float(loss)
+        value = float(loss.detach())
         if i:  # the first run is the warm-up
             times.append(elapsed)
     return {"path": path, "beta": beta, "median_s": statistics.median(times), "peak_mib": max(peaks), "loss": value}

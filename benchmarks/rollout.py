@@ -49,13 +49,14 @@ def clock(kind: str):
 
 
 def roofline(threads: int, now) -> dict:
-    """Bytes/s of a memory read and FLOP/s of a large float32 matmul on ``threads`` threads (best of 5)."""
+    """Bytes/s of a memory read, FLOP/s of a large float32 matmul and bytes/s of writing fresh memory on
+    ``threads`` threads (best of 5)."""
     import torch
 
-    from gkd.machine import matmul_gflop_s, read_gb_s
+    from gkd.machine import fresh_gb_s, matmul_gflop_s, read_gb_s
 
     torch.set_num_threads(threads)
-    return {"bandwidth_gb_s": read_gb_s(now), "matmul_gflop_s": matmul_gflop_s(now)}
+    return {"bandwidth_gb_s": read_gb_s(now), "matmul_gflop_s": matmul_gflop_s(now), "fresh_gb_s": fresh_gb_s(now)}
 
 
 def measure_hf(student: str, batch: int, new_tokens: int, rounds: int, now) -> dict:
