@@ -11,6 +11,7 @@ from gkd.data.rows import check_context, load_examples, model_context, split_exa
 from gkd.errors import GKDError
 from gkd.models import (adapter_for, apply_lora, check_compatible, eos_ids, freeze_parameters, freeze_vision,
                         load_image_processing, load_model, load_tokenizer)
+from gkd.models.tied import add_lookup_grads_in_place
 from gkd.parallel.expert import expert_parameters
 from gkd.rollout.base import SamplingConfig
 from gkd.rollout.factory import local_rollout, student_rollout
@@ -73,6 +74,7 @@ def student(m, seed: int, par):
 
     model = parallel.load_sharded(lambda: load_model(m.model, m.torch_dtype), prepare,
                                   lambda model: parallel.shard_student(model, par), par)
+    add_lookup_grads_in_place(model)  # a tied embedding: no second [V, H] buffer at the end of every backward
     return model.train()
 
 
