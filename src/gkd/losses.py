@@ -791,6 +791,7 @@ def _fused_pass(h, head: LogitHead, teacher: _Teacher, labels, *, beta, temperat
                     g = torch.zeros_like(zs)
                 g.scatter_add_(-1, local, gk * owned)
         div[r0:r1] = loss
+        zs = zt = ga = None  # (g holds what the gradients need: the teacher's logits go before the [V, H] product)
         if want:
             g = g.mul_(weights[r0:r1, None])  # dL/dz
             if dcap is not None:
