@@ -29,6 +29,7 @@ from gkd.models.dropout import identities, token_identities
 from gkd.models.packed import packed_attention
 from gkd.models.routing import aux_sum, recording, router_stats, row_sums
 from gkd.teacher.multi import RoutedTeacher
+from gkd.train.malloc import release_free_heap
 
 
 @dataclass
@@ -114,6 +115,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
             head = parallel.local_head(adapter.logit_head(student))  # read after the forward that gathered it
             mask = split.local(batch.loss_mask, False) if split else batch.loss_mask
             labels = split.local(ce_labels, -100) if split else ce_labels
+            release_free_heap()  # the forwards' freed activations, before the loss's buffers (gkd.train.malloc)
             if names is None:
                 out = _fused(hidden, head, scored, labels, mask, args, normaliser)
             else:
@@ -125,6 +127,7 @@ def forward_backward(micro_batches: list[MicroBatch], student, adapter, teacher,
                 load = counts if load is None else load + counts
                 loss, aux = _with_router_loss(loss, aux / routed, args)
             parallel.sync_gradients(student, last=i == len(micro_batches) - 1, reduce_scatter_each=reduce_scatter_each)
+            release_free_heap()  # and the loss's, before the gradients
             loss.backward()
         stats[:len(STATS)] += _row(loss, out, labels, mask, float(aux.detach()),
                                    None if scored is None else scored.aligned)
