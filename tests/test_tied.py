@@ -62,6 +62,16 @@ def test_a_lookup_without_grad_or_without_a_head_gradient(tied):
     assert torch.equal(emb.weight.grad, want)
 
 
+def test_a_bfloat16_weights_repeated_rows_are_rounded_once(tied):
+    model = load_model(tied["student"]).to(torch.bfloat16)
+    add_lookup_grads_in_place(model)
+    emb = model.get_input_embeddings()
+    ids = torch.full((64,), 5)
+    grad = torch.randn(64, emb.weight.shape[1], generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    emb(ids).backward(grad)
+    assert torch.equal(emb.weight.grad[5], grad.float().sum(0).to(torch.bfloat16))  # once rounded, not 64 times
+
+
 def test_it_applies_only_where_it_is_the_same_sum(tiny, tied):
     untied = load_model(tiny["student"])
     assert untied.get_input_embeddings().weight is not untied.get_output_embeddings().weight

@@ -175,7 +175,8 @@ class TrainConfig:
                                         "do not bound it)")
     max_bad_steps: int = _f(3, "stop after this many consecutive steps with a NaN/inf loss (each is skipped)")
     seed: int = _f(42, "seed of data order, lmbda draws, sampling and LoRA init")
-    loss_chunk_size: int = _f(0, "positions per lm_head chunk in the fused loss (0 = automatic)")
+    loss_chunk_size: int = _f(0, "positions per lm_head chunk in the fused loss (0 = automatic; a last chunk of "
+                                 "under a quarter of it joins the one before)")
     # output
     output_dir: str = _f("output", "where checkpoints, metrics and the final student go")
     overwrite_output_dir: bool = _f(False, "start afresh in an --output_dir that holds another run (its checkpoints, "

@@ -8,9 +8,12 @@ resident set: 108-113 MiB above the rest of the backward for SmolLM2's 49,152 x 
 Here the lookup's output is cut from that graph, and its backward adds the rows' gradient into the weight's ``.grad``
 in place. The head's gradient is already there: the weight's gradient accumulator then has the head as its only
 input, and autograd runs an accumulator as soon as its inputs are in, before the layers' backward reaches the
-embedding. Repeated ids are summed first, in order of appearance, and each row is then added once: for one
-micro-batch the dense path's sums exactly; over several, (.grad + head) + rows where the dense path adds
-.grad + (head + rows).
+embedding. Repeated ids are summed first, in order of appearance, and each row is then added once: for a float32
+weight and one micro-batch the dense path's sums exactly (up to the sign of a zero); over several, (.grad + head) +
+rows where the dense path adds .grad + (head + rows). For a bfloat16 weight ``index_add_`` sums in float32 and rounds
+once, closer to the float32 sum than the dense path (4,096 ids of 5 values: 0.11 off against 2.45). CPU only: the
+saving is of a CPU process's memory, and on a GPU ``index_add_``'s atomic additions would not sum repeated ids in one
+order from run to run.
 """
 
 from __future__ import annotations
@@ -58,12 +61,13 @@ def _into_grad(module: nn.Embedding, args, kwargs, out):
 def add_lookup_grads_in_place(model: nn.Module) -> bool:
     """Make ``model``'s tied input embedding add its gradient into the weight's ``.grad`` in place. Only where that
     is the same sum: a plain ``nn.Embedding`` (a subclass may transform its output) whose trained weight is the
-    lm_head's on this rank, an ordinary tensor (not sharded), without max_norm, scale_grad_by_freq or sparse
+    lm_head's on this rank, an ordinary CPU tensor (not sharded), without max_norm, scale_grad_by_freq or sparse
     gradients. Returns whether it was applied."""
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     if (type(emb) is not nn.Embedding or head is None or getattr(head, "weight", None) is not emb.weight
-            or not emb.weight.requires_grad or isinstance(emb.weight, DTensor) or emb.max_norm is not None
+            or not emb.weight.requires_grad or isinstance(emb.weight, DTensor) or emb.weight.device.type != "cpu"
+            or emb.max_norm is not None
             or emb.scale_grad_by_freq or emb.sparse):
         return False
     emb.register_forward_hook(_into_grad, with_kwargs=True)

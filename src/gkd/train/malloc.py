@@ -14,8 +14,9 @@ above the many ~0.9 MiB activations of a small model's step, which the heap then
 
 The heap still keeps the pages of the small activations a forward frees (the teacher's, or the student's as the
 backward goes), in holes between live blocks, while the gradients that follow come from mmap. So a step releases
-the heap's free pages twice per micro-batch, before the loss and before the backward (``release_free_heap``):
-on that benchmark (2026-12-06) the peak fell by 50-80 MiB, to 1.10x the floor of equal work, for 1-22 ms per call.
+the heap's free pages twice per micro-batch, before the loss and before the backward (``release_free_heap``; not
+in a pipeline's schedule, which interleaves micro-batches):
+on that benchmark (2026-12-06) the peak fell by 45-80 MiB, to 1.09-1.10x the floor of equal work, for 1-22 ms per call.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def limit_heap_retention(threshold: int = DEFAULT_MMAP_THRESHOLD) -> bool:
         return False
     if not libc.mallopt(M_MMAP_THRESHOLD, threshold):
         return False
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
     _libc = libc
     return True
 
