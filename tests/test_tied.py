@@ -91,6 +91,12 @@ def test_it_applies_only_where_it_is_the_same_sum(tiny, tied):
     scaled.set_input_embeddings(new)
     assert not add_lookup_grads_in_place(scaled)
 
+    class Stage(nn.Module):  # a later pipeline stage of a multimodal model: transformers cannot find its embedding
+        def get_input_embeddings(self):
+            raise NotImplementedError("get_input_embeddings not auto-handled")
+
+    assert not add_lookup_grads_in_place(Stage())
+
 
 @pytest.mark.parametrize("applied", [True, False])
 def test_the_trainers_tied_student_makes_no_dense_embedding_buffer(tied, tmp_path, monkeypatch, applied):

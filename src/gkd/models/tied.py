@@ -63,8 +63,10 @@ def add_lookup_grads_in_place(model: nn.Module) -> bool:
     is the same sum: a plain ``nn.Embedding`` (a subclass may transform its output) whose trained weight is the
     lm_head's on this rank, an ordinary CPU tensor (not sharded), without max_norm, scale_grad_by_freq or sparse
     gradients. Returns whether it was applied."""
-    emb = model.get_input_embeddings()
-    head = model.get_output_embeddings()
+    try:
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):  # a pipeline stage of a multimodal model without the embedding
+        return False
     if (type(emb) is not nn.Embedding or head is None or getattr(head, "weight", None) is not emb.weight
             or not emb.weight.requires_grad or isinstance(emb.weight, DTensor) or emb.weight.device.type != "cpu"
             or emb.max_norm is not None
