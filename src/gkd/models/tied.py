@@ -63,13 +63,14 @@ def add_lookup_grads_in_place(model: nn.Module) -> bool:
     is the same sum: a plain ``nn.Embedding`` (a subclass may transform its output) whose trained weight is the
     lm_head's on this rank, an ordinary CPU tensor (not sharded), without max_norm, scale_grad_by_freq or sparse
     gradients. Returns whether it was applied."""
+    from gkd.models.adapter import output_embeddings, unwrap
+
     try:
-        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        emb, head = unwrap(model).get_input_embeddings(), output_embeddings(model)
     except (AttributeError, NotImplementedError):  # a pipeline stage of a multimodal model without the embedding
         return False
-    if (type(emb) is not nn.Embedding or head is None or getattr(head, "weight", None) is not emb.weight
-            or not emb.weight.requires_grad or isinstance(emb.weight, DTensor) or emb.weight.device.type != "cpu"
-            or emb.max_norm is not None
+    if (type(emb) is not nn.Embedding or getattr(head, "weight", None) is not emb.weight or not emb.weight.requires_grad
+            or isinstance(emb.weight, DTensor) or emb.weight.device.type != "cpu" or emb.max_norm is not None
             or emb.scale_grad_by_freq or emb.sparse):
         return False
     emb.register_forward_hook(_into_grad, with_kwargs=True)

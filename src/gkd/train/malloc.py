@@ -15,8 +15,8 @@ above the many ~0.9 MiB activations of a small model's step, which the heap then
 The heap still keeps the pages of the small activations a forward frees (the teacher's, or the student's as the
 backward goes), in holes between live blocks, while the gradients that follow come from mmap. So a step releases
 the heap's free pages twice per micro-batch, before the loss and before the backward (``release_free_heap``; not
-in a pipeline's schedule, which interleaves micro-batches):
-on that benchmark (2026-12-06) the peak fell by 45-80 MiB, to 1.09-1.10x the floor of equal work, for 1-22 ms per call.
+in a pipeline's schedule, which interleaves micro-batches): on that benchmark (2026-12-06, an AMD EPYC VM) the peak
+fell by 45-80 MiB, to 1.09-1.10x the floor of equal work, for 0.7-23 ms per call.
 """
 
 from __future__ import annotations
