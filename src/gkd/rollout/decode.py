@@ -36,6 +36,9 @@ def _sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         raise NotImplementedError("gkd.rollout.decode: attention with a position bias; use HF generate")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
+    # a weight-first projection (few_row_linears) leaves the query's last dimension strided, and then torch
+    # leaves its fused CPU kernel for the composite one: 3x the time per decoded position (measured, AMD VM)
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
                                          is_causal=causal, enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
@@ -117,7 +120,9 @@ class _FewRowForm:
 
 
 def _weight_first(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-    y = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).T).T
+    # x made row-major: element-wise ops on (W @ x.T).T keep its column-major layout (an MLP's down projection
+    # gets such an x), and MKL's product with a column-major x took 3-4x as long (measured, AMD VM)
+    y = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).contiguous().T).T
     if self.bias is not None:
         y = y + self.bias
     return y.reshape(*x.shape[:-1], y.shape[-1])
