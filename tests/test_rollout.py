@@ -209,6 +209,24 @@ def test_decode_with_weight_first_layers_attends_with_torchs_fused_kernel(tiny):
     assert torch.equal(got, want)
 
 
+def test_decode_runs_in_inference_mode_unless_its_weights_are_sharded(tiny, monkeypatch):
+    """Unsynced, the loop skips autograd's bookkeeping (the logits it draws from are inference tensors); synced
+    (sharded weights, whose gathered copies FSDP reuses in training) it stays in no_grad."""
+    from gkd.data.batch import left_pad
+    from gkd.models import load_model
+    from gkd.rollout import decode
+
+    model = load_model(tiny["student"]).eval()
+    ids, mask = left_pad([[5, 6, 7], [8, 9]], 0)
+    seen = []
+    greedy = lambda logits: seen.append(logits.is_inference()) or logits.argmax(-1)  # noqa: E731
+    alone = decode.decode(model, ids, mask, 4, greedy, [], 0)
+    monkeypatch.setattr(decode, "_all_done", lambda done, synced: bool(done.all()))  # (no process group here)
+    synced = decode.decode(model, ids, mask, 4, greedy, [], 0, synced=True)
+    assert seen == [True] * 4 + [False] * 4
+    assert torch.equal(alone, synced)
+
+
 def test_inverse_cdf_reaches_rare_tokens_and_never_zero_ones():
     from gkd.rollout.decode import BLOCK, inverse_cdf
 
