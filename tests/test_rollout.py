@@ -133,44 +133,47 @@ def test_decode_loop_equals_hf_generate_on_left_padded_batches(tiny):
         assert got == want
 
 
-def test_few_row_linears_take_the_form_timed_faster_and_compute_the_same(monkeypatch):
-    """The layers take the way their timing found faster (a fake clock here), timed once per row count over all
-    the layers; either way gives F.linear's values, and many rows always take F.linear."""
+def test_few_row_linears_take_the_form_timed_fastest_and_compute_the_same(monkeypatch):
+    """The layers take the form their timing found fastest (a fake clock here), timed once per row count over all
+    the layers; every form gives F.linear's values, and many rows always take F.linear."""
     from gkd.rollout import decode
 
-    real_mm = torch.mm
+    assert decode._ONEDNN  # (torch's CPU build: oneDNN's product is one of the forms timed)
     used = []
-    monkeypatch.setattr(torch, "mm", lambda *a: used.append(a[0].shape) or real_mm(*a))
+    for name, form in list(decode.FORMS.items()):
+        monkeypatch.setitem(decode.FORMS, name, lambda m, x, rows, name=name, form=form: used.append(name)
+                            or form(m, x, rows))
     model = torch.nn.Sequential(torch.nn.Linear(16, 300), torch.nn.Linear(300, 16, bias=False))
-    for winner in ("weight_first", "linear"):
-        monkeypatch.setattr(decode, "_WEIGHT_FIRST_FASTER", {})
+    x = torch.randn(3, 1, 16)
+    with torch.no_grad():
+        want = model(x)
+    for winner in ("weight_first", "linear", "onednn"):
+        monkeypatch.setattr(decode, "_FASTEST", {})
         timed = []
 
-        def fake_seconds(fn, rounds=3):
+        def fake_seconds(fn):
             used.clear()
             fn()
-            way = "weight_first" if used else "linear"
-            timed.append(way)
-            return 1.0 if way == winner else 2.0
+            timed.append(used[0])
+            return 1.0 if used[0] == winner else 2.0
 
         monkeypatch.setattr(decode, "_seconds", fake_seconds)
-        x = torch.randn(3, 1, 16)
-        with torch.no_grad():
-            want = model(x)
-            with decode.few_row_linears(model):
-                model(x)  # times the two ways
-                assert sorted(timed) == ["linear", "weight_first"]
-                used.clear()
-                got = model(x)
-                assert used == ([torch.Size([300, 16]), torch.Size([16, 300])] if winner == "weight_first" else [])
-                model(torch.randn(40, 16))  # many rows: F.linear, untimed
-                assert len(timed) == 2 and len(used) == (2 if winner == "weight_first" else 0)
+        with torch.no_grad(), decode.few_row_linears(model):
+            model(x)  # times the forms: 3 rounds, alternating
+            assert timed == ["weight_first", "linear", "onednn"] * 3
+            used.clear()
+            got = model(x)
+            assert used == [winner, winner]
+            used.clear()
+            model(torch.randn(40, 16))  # many rows: F.linear, untimed
+            assert len(timed) == 9 and used == []
         assert "forward" not in vars(model[0])  # restored
         torch.testing.assert_close(got, want)
-    with torch.no_grad(), decode.few_row_linears(model, form="weight_first"):
-        used.clear()
-        torch.testing.assert_close(model(x), want)
-        assert len(used) == 2
+    for name in decode.FORMS:
+        with torch.no_grad(), decode.few_row_linears(model, form=name):
+            used.clear()
+            torch.testing.assert_close(model(x), want)
+            assert used == [name, name]
 
 
 def test_weight_first_multiplies_a_row_major_input_whatever_layout_the_layer_gets(monkeypatch):

@@ -10,10 +10,11 @@ layers, norms and rotary unchanged) with a preallocated cache and torch's SDPA g
 itself (`enable_gqa`), and samples with a handful of batched tensor operations.
 
 With a few rows per forward (decoding) every linear layer is a matrix times a few vectors, and how it is
-written decides its speed, differently on different CPUs: torch's ``x @ W.T`` read the weight at about half the
-rate of ``(W @ x.T).T`` (the same products, summed in the same order per output) on one 2-core AMD machine, and
-at about its rate or faster on a 2-core Intel one (benchmarks/decode_linear.py). Sampling times both once per model
-shape and row count on this machine and keeps the faster (``few_row_linears``).
+written decides its speed, differently on different CPUs and row counts (benchmarks/decode_linear.py): on one
+2-core AMD machine MKL's ``(W @ x.T).T`` made a decode at 4 rows twice as fast as torch's ``x @ W.T``, and
+oneDNN's product made one at 1, 8 and 16 rows 1.2-1.6x as fast as either; on a 2-core Intel one ``x @ W.T`` was
+about as fast as ``(W @ x.T).T``. Sampling times the forms once per model shape and row count on this machine and keeps
+the fastest (``few_row_linears``); they agree to float rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -74,49 +76,9 @@ def _gqa_attention(model):
 # forwards keep F.linear)
 FEW_ROWS = 32
 
-# (the layers' weight shapes and dtypes, rows, threads) -> whether (W @ x.T).T beat F.linear on this machine
-_WEIGHT_FIRST_FASTER: dict[tuple, bool] = {}
 
-
-def _seconds(fn, rounds: int = 3) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-class _FewRowForm:
-    """Which way ``layers`` compute a few rows: timed once per row count (and thread count) as a pass over all
-    their weights in order, as a decode step reads them (one weight timed alone stays in cache and misleads),
-    both ways alternating, and remembered for layers of the same shapes. Off the CPU, and for DTensor weights,
-    F.linear."""
-
-    def __init__(self, layers: list[torch.nn.Linear]):
-        self.layers = layers
-        self.cpu = all(m.weight.device.type == "cpu" and not isinstance(m.weight, DTensor) for m in layers)
-        self.shapes = tuple((tuple(m.weight.shape), m.weight.dtype) for m in layers)
-        self.known: dict[tuple[int, int], bool] = {}
-
-    def weight_first(self, rows: int) -> bool:
-        threads = torch.get_num_threads()
-        known = self.known.get((rows, threads))  # (asked per layer call: no hashing of the shapes here)
-        if known is None:
-            key = (self.shapes, rows, threads)
-            if key not in _WEIGHT_FIRST_FASTER:
-                _WEIGHT_FIRST_FASTER[key] = self.cpu and self._time(rows)
-            known = self.known[(rows, threads)] = _WEIGHT_FIRST_FASTER[key]
-        return known
-
-    @torch.no_grad()
-    def _time(self, rows: int) -> bool:
-        xs = [torch.randn(rows, m.weight.shape[1], dtype=m.weight.dtype) for m in self.layers]
-        pairs = list(zip(self.layers, xs))
-        first = lambda: [torch.mm(m.weight, x.T) for m, x in pairs]  # noqa: E731
-        linear = lambda: [F.linear(x, m.weight) for m, x in pairs]  # noqa: E731
-        first(), linear()  # warm-up
-        return _seconds(first) < _seconds(linear)
+def _linear(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+    return F.linear(x, self.weight, self.bias)
 
 
 def _weight_first(self, x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -128,20 +90,84 @@ def _weight_first(self, x: torch.Tensor, rows: int) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def _onednn(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+    # oneDNN's product (the one torch.compile's CPU backend calls for a linear layer) on the plain weight: no
+    # reordered copy to keep in step with training
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]).contiguous(), self.weight, self.bias,
+                                           "none", [], "")
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+FORMS = {"linear": _linear, "weight_first": _weight_first, "onednn": _onednn}
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+# (the layers' weight shapes and dtypes, rows, threads) -> the name of the fastest form on this machine
+_FASTEST: dict[tuple, str] = {}
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class _FewRowForm:
+    """Which form ``layers`` compute a few rows in (``FORMS``): timed once per row count (and thread count) as a
+    pass over all their weights in order, as a decode step reads them (one weight timed alone stays in cache and
+    misleads), the forms alternating, best of 3 each, and remembered for layers of the same shapes. Off the CPU,
+    and for DTensor weights, F.linear."""
+
+    def __init__(self, layers: list[torch.nn.Linear]):
+        self.layers = layers
+        self.cpu = all(m.weight.device.type == "cpu" and not isinstance(m.weight, DTensor) for m in layers)
+        self.shapes = tuple((tuple(m.weight.shape), m.weight.dtype) for m in layers)
+        self.known: dict[tuple[int, int], Callable] = {}
+
+    def form(self, rows: int) -> Callable:
+        threads = torch.get_num_threads()
+        known = self.known.get((rows, threads))  # (asked per layer call: no hashing of the shapes here)
+        if known is None:
+            key = (self.shapes, rows, threads)
+            if key not in _FASTEST:
+                _FASTEST[key] = self._time(rows) if self.cpu else "linear"
+            known = self.known[(rows, threads)] = FORMS[_FASTEST[key]]
+        return known
+
+    @torch.no_grad()
+    def _time(self, rows: int) -> str:
+        xs = [torch.randn(rows, m.weight.shape[1], dtype=m.weight.dtype) for m in self.layers]
+        passes = {}
+        for name in ("weight_first", "linear", "onednn") if _ONEDNN else ("weight_first", "linear"):
+            run = functools.partial(self._pass, FORMS[name], xs, rows)
+            try:
+                run()  # warm-up
+            except RuntimeError:  # (a dtype oneDNN has no product for here)
+                continue
+            passes[name] = run
+        best = dict.fromkeys(passes, float("inf"))
+        for _ in range(3):
+            for name, run in passes.items():
+                best[name] = min(best[name], _seconds(run))
+        return min(best, key=best.get)
+
+    def _pass(self, form, xs: list[torch.Tensor], rows: int) -> list[torch.Tensor]:
+        return [form(m, x, rows) for m, x in zip(self.layers, xs)]
+
+
 def _few_row_linear(self, x: torch.Tensor, form) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if rows > FEW_ROWS or isinstance(x, DTensor) or not form(rows):
-        return F.linear(x, self.weight, self.bias)  # many rows, tensor parallel (DTensors), or measured faster
-    return _weight_first(self, x, rows)
+    if rows > FEW_ROWS or isinstance(x, DTensor):
+        return F.linear(x, self.weight, self.bias)  # many rows, or tensor parallel (DTensors)
+    return form(rows)(self, x, rows)
 
 
 @contextlib.contextmanager
 def few_row_linears(*models, form: str = "measured"):
-    """Every plain ``nn.Linear`` of ``models`` computes few rows in the faster of ``F.linear`` and
-    ``(W @ x.T).T`` on this machine while inside (``form="weight_first"``: always the latter, for benchmarks)."""
+    """Every plain ``nn.Linear`` of ``models`` computes few rows in the fastest of ``FORMS`` on this machine while
+    inside (``form``: one of them always, on the CPU, for benchmarks)."""
     layers = [m for model in models for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)]
     measured = _FewRowForm(layers)
-    choose = {"measured": measured.weight_first, "weight_first": lambda rows: measured.cpu}[form]
+    choose = measured.form if form == "measured" else (lambda rows: FORMS[form] if measured.cpu else _linear)
     for m in layers:
         m.forward = functools.partial(_few_row_linear, m, form=choose)
     try:
