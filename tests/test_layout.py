@@ -8,11 +8,11 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "gkd"
 
 # what each package may import from gkd (besides errors, and itself); train/ and the commands sit on top
 BELOW = {
-    "models": {"losses", "hub", "data", "models"},
+    "models": {"losses", "hub", "data", "machine", "models"},
     "data": {"hub", "data"},
     "parallel": {"models", "data", "losses", "parallel"},
     "teacher": {"models", "data", "losses", "parallel", "httpclient", "evaluate", "config", "atomic", "teacher"},
-    "rollout": {"models", "data", "parallel", "httpclient", "rollout"},
+    "rollout": {"models", "data", "parallel", "httpclient", "machine", "rollout"},
 }
 
 

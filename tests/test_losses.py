@@ -175,6 +175,32 @@ def test_fused_equals_unfused(beta, chunk, reduction):
     assert int(out.agree_count) == int(agree)
 
 
+@pytest.mark.parametrize("faster", [True, False])
+def test_the_vocabulary_products_take_onednn_where_it_was_timed_faster(monkeypatch, faster):
+    """Per chunk, both heads' logits and the hidden states' gradient go to oneDNN's product when this machine's
+    timing picked it (gkd.machine.onednn_faster), to torch's otherwise; the loss and gradients are the unfused
+    path's either way."""
+    import gkd.losses as losses
+
+    calls = []
+    real = losses.onednn_linear
+    monkeypatch.setattr(losses, "onednn_faster", lambda: faster)
+    monkeypatch.setattr(losses, "onednn_linear", lambda x, w: calls.append(tuple(w.shape)) or real(x, w))
+    h, w, th, tw, mask, labels = _fused_case()
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    out = fused_linear_gkd_loss(h1, w1, teacher_hidden=th, teacher_lm_head_weight=tw, labels=labels, beta=0.5,
+                                temperature=0.9, mask=mask, chunk_size=1000)
+    out.loss.backward()
+    V, H = w.shape
+    assert calls == ([(V, H), (V, th.shape[-1]), (H, V)] if faster else [])
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = generalized_jsd(h2 @ w2.T, th @ tw.T, beta=0.5, temperature=0.9, mask=mask)
+    ref.backward()
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_a_frozen_head_gets_no_weight_gradient_and_the_same_hidden_gradient(reduction):
     """A head weight that does not require grad (--freeze_parameters on a tied embedding): the hidden states'

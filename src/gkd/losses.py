@@ -36,8 +36,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from gkd.errors import GKDError
+from gkd.machine import onednn_faster, onednn_linear
 
 __all__ = [
     "GKDLossOutput",
@@ -674,12 +676,22 @@ def _as_head(x) -> LogitHead | None:
     return x if isinstance(x, LogitHead) or x is None else LogitHead(x)
 
 
+def _times_t(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w.T``; float32 CPU tensors outside autograd by oneDNN's product where this machine runs it faster
+    (gkd.machine.onednn_faster: twice torch's rate at the vocabulary products on one AMD VM)."""
+    if (x.dtype == w.dtype == torch.float32 and x.device.type == "cpu" and not isinstance(x, DTensor)
+            and not isinstance(w, DTensor) and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and onednn_faster()):
+        return onednn_linear(x, w)
+    return x @ w.T
+
+
 def _apply_head(head: LogitHead, hc: Tensor, want_grad: bool) -> tuple[Tensor, Tensor | None]:
     """(logits z [c, V_local] in math precision, dz/du [c, V_local] for the softcap or None).
 
     The product runs in the inputs' dtype, as the model's own lm_head does; the rest in float32 or more,
     in place, so that a plain head costs nothing beyond ``h @ W.T``."""
-    z = _math(hc @ head.weight.T)
+    z = _math(_times_t(hc, head.weight))
     if head.bias is not None and not head.scale_hidden:
         z.add_(head.bias.to(z.dtype))
     if head.scale != 1.0:
@@ -801,7 +813,7 @@ def _fused_pass(h, head: LogitHead, teacher: _Teacher, labels, *, beta, temperat
             if head.scale != 1.0:
                 g.mul_(head.scale)  # dL/d(h W^T)
             g = g.to(W.dtype)
-            grad_h[r0:r1] = g @ W
+            grad_h[r0:r1] = _times_t(g, W.T)
             if head_grads[0]:
                 # the first chunk's product is the [V, H] weight gradient (no zero-filled buffer to add it to); the
                 # others add into it, low-precision products in float32

@@ -1,9 +1,15 @@
 """What this machine can do: the float32 matmul rate and the memory read bandwidth that step times are
 measured against (the demo prints the first; the benchmarks put their steps on both), and the rate at which
-the kernel hands a process fresh memory, which decides what a freshly allocated large buffer costs."""
+the kernel hands a process fresh memory, which decides what a freshly allocated large buffer costs.
+
+Two float32 products are at hand on the CPU: torch's (MKL's BLAS) and oneDNN's. Which is faster depends on the
+CPU: on one AMD EPYC VM (Zen 5, 2 cores) MKL multiplied at 203 GFLOP/s and oneDNN at 417 (MKL takes its AVX2 path
+there; oneDNN its AVX-512 one). ``onednn_faster`` times them once per process for the callers that can take either.
+"""
 
 from __future__ import annotations
 
+import functools
 import time
 
 
@@ -23,6 +29,56 @@ def matmul_gflop_s(now=time.perf_counter) -> float:
 
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     return 2 * 2048**3 / _best(lambda: a @ b, now) / 1e9
+
+
+def onednn_gflop_s(now=time.perf_counter) -> float:
+    """GFLOP/s of oneDNN's 2048 x 2048 float32 product on torch's current threads (best of 5); 0 without oneDNN."""
+    import torch
+
+    if not has_onednn():
+        return 0.0
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    return 2 * 2048**3 / _best(lambda: onednn_linear(a, b), now) / 1e9
+
+
+def has_onednn() -> bool:
+    import torch
+
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_linear(x, w, b=None):
+    """``x @ w.T + b`` by oneDNN's float32 product (the one torch.compile's CPU backend calls for a linear layer),
+    on the plain weight; no autograd."""
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def onednn_faster() -> bool:
+    """Whether oneDNN's float32 product beats torch's by a clear margin (1.25x) on this machine and thread count:
+    timed once per process at [256, 1024] x [1024, 1024], the two alternating, best of 3 each."""
+    import torch
+
+    return _onednn_faster(torch.get_num_threads())
+
+
+@functools.cache
+def _onednn_faster(threads: int) -> bool:
+    import torch
+
+    if not has_onednn():
+        return False
+    x, w = torch.randn(256, 1024), torch.randn(1024, 1024)
+    ours, theirs = lambda: onednn_linear(x, w), lambda: x @ w.T  # noqa: E731
+    ours(), theirs()  # warm-up
+    best = [float("inf"), float("inf")]
+    for _ in range(3):
+        for i, f in enumerate((ours, theirs)):
+            t0 = time.perf_counter()
+            f()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best[0] * 1.25 < best[1]
 
 
 def read_gb_s(now=time.perf_counter) -> float:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from gkd.machine import has_onednn, onednn_linear
+
 GQA_SDPA = "gkd_sdpa_gqa"
 
 
@@ -91,15 +93,13 @@ def _weight_first(self, x: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _onednn(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-    # oneDNN's product (the one torch.compile's CPU backend calls for a linear layer) on the plain weight: no
-    # reordered copy to keep in step with training
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]).contiguous(), self.weight, self.bias,
-                                           "none", [], "")
+    # on the plain weight: no reordered copy to keep in step with training
+    y = onednn_linear(x.reshape(rows, x.shape[-1]).contiguous(), self.weight, self.bias)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 FORMS = {"linear": _linear, "weight_first": _weight_first, "onednn": _onednn}
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ONEDNN = has_onednn()
 
 # (the layers' weight shapes and dtypes, rows, threads) -> the name of the fastest form on this machine
 _FASTEST: dict[tuple, str] = {}
