@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from gkd.machine import has_onednn, onednn_linear
+from gkd.models.onednn import takes_products
 
 GQA_SDPA = "gkd_sdpa_gqa"
 
@@ -154,27 +155,33 @@ class _FewRowForm:
         return [form(m, x, rows) for m, x in zip(self.layers, xs)]
 
 
-def _few_row_linear(self, x: torch.Tensor, form) -> torch.Tensor:
+def _few_row_linear(self, x: torch.Tensor, form, many) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if rows > FEW_ROWS or isinstance(x, DTensor):
-        return F.linear(x, self.weight, self.bias)  # many rows, or tensor parallel (DTensors)
+    if rows > FEW_ROWS or isinstance(x, DTensor):  # many rows, or tensor parallel (DTensors): the layer's own way
+        return F.linear(x, self.weight, self.bias) if many is None else many(x)
     return form(rows)(self, x, rows)
 
 
 @contextlib.contextmanager
 def few_row_linears(*models, form: str = "measured"):
     """Every plain ``nn.Linear`` of ``models`` computes few rows in the fastest of ``FORMS`` on this machine while
-    inside (``form``: one of them always, on the CPU, for benchmarks)."""
-    layers = [m for model in models for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)]
+    inside (``form``: one of them always, on the CPU, for benchmarks); many rows as outside (F.linear, or
+    gkd.models.onednn's products)."""
+    layers = [m for model in models for m in model.modules()
+              if type(m) is torch.nn.Linear and ("forward" not in vars(m) or takes_products(m))]
     measured = _FewRowForm(layers)
     choose = measured.form if form == "measured" else (lambda rows: FORMS[form] if measured.cpu else _linear)
-    for m in layers:
-        m.forward = functools.partial(_few_row_linear, m, form=choose)
+    before = [vars(m).get("forward") for m in layers]
+    for m, many in zip(layers, before):
+        m.forward = functools.partial(_few_row_linear, m, form=choose, many=many)
     try:
         yield
     finally:
-        for m in layers:
-            del m.forward
+        for m, many in zip(layers, before):
+            if many is None:
+                del m.forward
+            else:
+                m.forward = many
 
 
 BLOCK = 256

@@ -11,6 +11,7 @@ from gkd.data.rows import check_context, load_examples, model_context, split_exa
 from gkd.errors import GKDError
 from gkd.models import (adapter_for, apply_lora, check_compatible, eos_ids, freeze_parameters, freeze_vision,
                         load_image_processing, load_model, load_tokenizer)
+from gkd.models.onednn import faster_linears
 from gkd.models.tied import add_lookup_grads_in_place
 from gkd.parallel.expert import expert_parameters
 from gkd.rollout.base import SamplingConfig
@@ -75,6 +76,8 @@ def student(m, seed: int, par):
     model = parallel.load_sharded(lambda: load_model(m.model, m.torch_dtype), prepare,
                                   lambda model: parallel.shard_student(model, par), par)
     add_lookup_grads_in_place(model)  # a tied embedding: no second [V, H] buffer at the end of every backward
+    if par.world == 1:  # (sharded layers, FSDP's gathered weights and DTensors, keep torch's products)
+        faster_linears(model)
     return model.train()
 
 
@@ -137,6 +140,8 @@ def one_teacher(t, spec, tokenizer, student_model, par, log):
         log("[gkd] --offload_teacher_model: training runs on the CPU, where the teacher already is; nothing to offload")
     model = parallel.load_sharded(lambda: load_model(spec.source, t.torch_dtype), lambda m: m,
                                   lambda m: parallel.shard_teacher(m, par, offload=offload == "fsdp"), par)
+    if par.world == 1:
+        faster_linears(model)
     if t.teacher_tokenizer == "other":  # aligned by text (gkd.teacher.cross_tokenizer), K applied there
         from gkd.teacher.cross_tokenizer import CrossTokenizerTeacher
 

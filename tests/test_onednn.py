@@ -1,0 +1,95 @@
+"""Linear layers on oneDNN's float32 products (gkd.models.onednn), where this machine's timing picks them."""
+
+import torch
+
+import gkd.models.onednn as onednn
+from gkd.rollout import decode
+
+
+def _recorded(monkeypatch) -> list:
+    """The weight shapes oneDNN's products get, in gkd.models.onednn."""
+    calls = []
+    real = onednn.onednn_linear
+    monkeypatch.setattr(onednn, "onednn_linear", lambda x, w, b=None: calls.append(tuple(w.shape)) or real(x, w, b))
+    return calls
+
+
+def test_a_layer_on_onednn_gives_f_linears_values_and_gradients(monkeypatch):
+    """Forward, the input's, the weight's and the bias's gradients, each by oneDNN, as F.linear's; a frozen weight and
+    no bias get none."""
+    monkeypatch.setattr(onednn, "onednn_faster", lambda: True)
+    calls = _recorded(monkeypatch)
+    for bias, trained in ((True, True), (False, False)):
+        ours, plain = torch.nn.Linear(300, 16, bias=bias), torch.nn.Linear(300, 16, bias=bias)
+        plain.load_state_dict(ours.state_dict())
+        for m in (ours, plain):
+            m.weight.requires_grad_(trained)
+        assert onednn.faster_linears(ours) == 1 and onednn.takes_products(ours) and not onednn.takes_products(plain)
+        x = torch.randn(3, 5, 300)
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        calls.clear()
+        outs = [m(xi) for m, xi in zip((ours, plain), xs)]
+        grad = torch.randn(3, 5, 16)
+        for out in outs:
+            out.backward(grad)
+        assert calls == [(16, 300), (300, 16)] + ([(300, 15)] if trained else [])  # forward, dL/dx, dL/dW
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
+        if trained:
+            torch.testing.assert_close(ours.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-5)
+        else:
+            assert ours.weight.grad is None
+        if bias:
+            torch.testing.assert_close(ours.bias.grad, plain.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_only_plain_float32_cpu_layers_take_onednn_and_only_where_it_was_timed_faster(monkeypatch):
+    class Sub(torch.nn.Linear):
+        pass
+
+    def model():
+        m = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4).bfloat16(), Sub(4, 4),
+                                 torch.nn.Linear(4, 4)])
+        m[3].forward = lambda x: x  # someone else's
+        return m
+
+    monkeypatch.setattr(onednn, "onednn_faster", lambda: False)
+    assert onednn.faster_linears(model()) == 0
+    monkeypatch.setattr(onednn, "onednn_faster", lambda: True)
+    m = model()
+    assert onednn.faster_linears(m) == 1
+    assert [onednn.takes_products(layer) for layer in m] == [True, False, False, False]
+    with torch.no_grad():  # a layer moved off float32 since takes F.linear
+        m[0].double()
+        torch.testing.assert_close(m[0](torch.ones(2, 4, dtype=torch.float64)),
+                                   torch.nn.functional.linear(torch.ones(2, 4, dtype=torch.float64), m[0].weight,
+                                                              m[0].bias))
+
+
+def test_sampling_takes_its_few_row_forms_and_oneDNN_for_many_rows_then_gives_the_layer_back(monkeypatch):
+    monkeypatch.setattr(onednn, "onednn_faster", lambda: True)
+    calls = _recorded(monkeypatch)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 300), torch.nn.Linear(300, 16))
+    onednn.faster_linears(model)
+    with torch.no_grad(), decode.few_row_linears(model, form="weight_first"):
+        model(torch.randn(3, 1, 16))  # few rows: weight-first
+        assert calls == []
+        model(torch.randn(40, 16))  # a prompt's rows: the layers' own products
+        assert calls == [(300, 16), (16, 300)]
+    assert all(onednn.takes_products(m) for m in model)
+
+
+def test_a_one_process_run_trains_and_scores_on_onednn_where_it_is_faster(tiny, tmp_path, monkeypatch):
+    """build.student and build.one_teacher give a one-process run's student and local teacher the products."""
+    from gkd.config import TrainConfig
+    from gkd.train.trainer import Trainer
+
+    monkeypatch.setattr(onednn, "onednn_faster", lambda: True)
+    cfg = TrainConfig(model=tiny["student"], teacher_model=tiny["teacher"], dataset=[tiny["data"]],
+                      output_dir=str(tmp_path / "o"), max_completion_length=4, max_steps=1, micro_batch_size=4,
+                      global_batch_size=4, progress_bar=False)
+    t = Trainer(cfg, log=lambda *_: None)
+    for model in (t.student, t.teacher.model):
+        layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
+        assert layers and all(onednn.takes_products(m) for m in layers)
+    t.close()
