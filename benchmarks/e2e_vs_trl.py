@@ -30,19 +30,19 @@ the pair-by-pair speed-ups (gkd and TRL of the same repeat). A row whose backend
 or TRL where its venv cannot be made) is skipped with how to install it; a run that fails is reported and
 the table of the rows that ran is printed anyway.
 
-The step's work and this machine's limit (measured by the script, as benchmarks/rollout.py does: float32
-matmul FLOP/s and memory read bandwidth on the same threads): training FLOPs are 2 x the teacher's Linear
-weights x the tokens it scores plus 6 x the student's (forward and backward), their logit heads over the
-trained tokens only (the loss's positions), with causal attention (2 x layers x width x tokens^2 per sequence
-forward, x 3 for the student); the sequence is the dataset's mean prompt plus the step's completion tokens
-per row (no padding: a padded forward's padding is work over the limit, which `--packing true` removes).
-An on-policy step also samples: a forward of the student over the prompts (2 x its Linear weights but the
-head x prompt tokens, the head on one position per row: matmul rate), then each of the longest completion's
+The step's work and this machine's limit (measured by the script, as benchmarks/rollout.py does: float32 matmul
+FLOP/s, the faster of torch's and oneDNN's products, and memory read bandwidth on the same threads): training
+FLOPs are 2 x the teacher's Linear weights x the tokens it scores plus 6 x the student's (forward and backward),
+their logit heads over the trained tokens only (the loss's positions), with causal attention (2 x layers x width
+x tokens^2 per sequence forward, x 3 for the student); the sequence is the dataset's mean prompt plus the step's
+completion tokens per row (no padding: a padded forward's padding is work over the limit, which `--packing true`
+removes). An on-policy step also samples: a forward of the student over the prompts (2 x its Linear weights but
+the head x prompt tokens, the head on one position per row: matmul rate), then each of the longest completion's
 positions reads the student's Linear weights once (at least weight bytes / bandwidth) and does 2 FLOPs per
 weight per row. "limit" is that work at the measured rates, "of limit" the share of it the measured step
-reaches. Load: the load average before each run and the CPU time other processes
-used during it (from /proc/stat, less the run's own); a run during which others used more than 10 % of a
-core is marked "not quiet" and its ratio should not be trusted.
+reaches. Load: the load average before each run and the CPU time other processes used during it (from
+/proc/stat, less the run's own); a run during which others used more than 10 % of a core is marked "not quiet"
+and its ratio should not be trusted.
 """
 
 from __future__ import annotations
@@ -296,7 +296,8 @@ def main() -> None:
     roof = roofline(a.threads, clock("wall"))
     shapes = {"teacher": model_shape(teacher), "student": model_shape(student)}
     prompt = mean_prompt_tokens(data, teacher)
-    print(f"[bench] this machine on {a.threads} threads: {roof['matmul_gflop_s']:.0f} GFLOP/s float32 matmul, "
+    print(f"[bench] this machine on {a.threads} threads: {roof['matmul_gflop_s']:.0f} GFLOP/s float32 matmul (torch's "
+          f"{roof['torch_gflop_s']:.0f}, oneDNN's {roof['onednn_gflop_s']:.0f}), "
           f"{roof['bandwidth_gb_s']:.1f} GB/s read, fresh memory written at {roof['fresh_gb_s']:.1f} GB/s; mean "
           f"prompt {prompt:.0f} tokens", flush=True)
     runs, failed = [], []

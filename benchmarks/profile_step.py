@@ -5,12 +5,12 @@ gkd run, cut into its parts, each against the time this machine's measured rates
 
 The parts are timed by wrapping the functions that do them (one trainer, in this process): generation (the
 completions of the step), the teacher's scoring, the student's forward, the fused loss's forward, the backward
-(student and loss together), the optimizer, and the rest (collation, Python, the step's reductions). Each
-part's FLOPs are counted from the models' shapes and the tokens it processed (matmuls only: attention scores
-and the linear layers; the fused loss's vocabulary products, its gradients included, which it computes in its
-forward), and its limit is FLOPs / the matmul rate measured here; for generation, the prompts' forward at that
-rate plus, for decoding, the weights read once per generated position / the memory bandwidth. Reported per
-step kind: the median of --steps steps after one warm-up.
+(student and loss together), the optimizer, and the rest (collation, Python, the step's reductions). Each part's
+FLOPs are counted from the models' shapes and the tokens it processed (matmuls only: attention scores and the
+linear layers; the fused loss's vocabulary products, its gradients included, which it computes in its forward),
+and its limit is FLOPs / the matmul rate measured here (the faster of torch's and oneDNN's); for generation, the
+prompts' forward at that rate plus, for decoding, the weights read once per generated position / the memory
+bandwidth. Reported per step kind: the median of --steps steps after one warm-up.
 """
 
 from __future__ import annotations
