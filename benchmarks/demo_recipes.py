@@ -55,7 +55,7 @@ def main() -> None:
 
     from gkd.cli import demo
     from gkd.evaluate import evaluate, greedy
-    from gkd.machine import matmul_gflop_s
+    from gkd.machine import training_gflop_s
     from gkd.models import SMOLLM2, eos_ids, load_model, load_tokenizer
     from gkd.prompts import eval_prompts, train_prompts
     from gkd.train.trainer import Trainer
@@ -100,7 +100,7 @@ def main() -> None:
             trainer.close()
         seconds = time.perf_counter() - started
         record = {"name": name, "recipe": spec, "train_seconds": round(seconds, 1),
-                  "matmul_gflop_s": round(matmul_gflop_s(), 1)}
+                  "matmul_gflop_s": round(training_gflop_s(), 1)}
         for prefix, (prompts, completions) in sets.items():
             metrics = evaluate(trainer.student.eval(), teacher, prompts, teacher_completions=completions, **kw).metrics
             record.update({prefix + k: round(v, 4) for k, v in metrics.items()})

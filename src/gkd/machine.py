@@ -55,12 +55,21 @@ def onednn_linear(x, w, b=None):
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
+_settled: list[bool] = []  # the choice every process of a run agreed on (settle_onednn), if any
+
+
 def onednn_faster() -> bool:
     """Whether oneDNN's float32 product beats torch's by a clear margin (1.25x) on this machine and thread count:
-    timed once per process at [256, 1024] x [1024, 1024], the two alternating, best of 3 each."""
+    timed once per process at [256, 1024] x [1024, 1024], the two alternating, best of 3 each; or what
+    ``settle_onednn`` set."""
     import torch
 
-    return _onednn_faster(torch.get_num_threads())
+    return _settled[-1] if _settled else _onednn_faster(torch.get_num_threads())
+
+
+def settle_onednn(use: bool) -> None:
+    """From now on ``onednn_faster()`` is ``use`` in this process (a run's processes agree on one product)."""
+    _settled[:] = [bool(use)]
 
 
 @functools.cache
@@ -79,6 +88,12 @@ def _onednn_faster(threads: int) -> bool:
             f()
             best[i] = min(best[i], time.perf_counter() - t0)
     return best[0] * 1.25 < best[1]
+
+
+def training_gflop_s(now=time.perf_counter) -> float:
+    """GFLOP/s of the float32 product a one-process CPU run trains with here: oneDNN's where ``onednn_faster``
+    picks it (gkd.models.onednn), torch's otherwise."""
+    return onednn_gflop_s(now) if onednn_faster() else matmul_gflop_s(now)
 
 
 def read_gb_s(now=time.perf_counter) -> float:

@@ -15,7 +15,7 @@ import torch
 from gkd.config import TrainConfig, _OneLineErrors, _parse_bool
 from gkd.errors import GKDError
 from gkd.evaluate import evaluate, format_table, greedy, sampled
-from gkd.machine import matmul_gflop_s
+from gkd.machine import training_gflop_s
 from gkd.models import SMOLLM2, eos_ids, load_model, load_tokenizer, prune_command
 from gkd.prompts import eval_prompts, train_prompts
 from gkd.teacher.cache import MARKER
@@ -136,7 +136,7 @@ def run(argv: list[str]) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = prepare_output_dir(a.output_dir)
     _fresh_cache(out / "teacher-cache")
-    gflop_s = matmul_gflop_s()  # what the training seconds below are worth elsewhere
+    gflop_s = training_gflop_s()  # what the training seconds below are worth elsewhere
     print(f"[demo] this machine: {gflop_s:.0f} GFLOP/s float32 matmul on {torch.get_num_threads()} threads")
     student_dir = _student(out, keep)
     tok = load_tokenizer(SMOLLM2)

@@ -4,8 +4,9 @@ GFLOP/s on its AVX2 path and oneDNN at 420-470 on its AVX-512 one: a SmolLM2 stu
 over 4 rows of 103 tokens took 0.45-0.52 s against 0.81-0.91 s (ad hoc). Elsewhere (and for other dtypes,
 devices and DTensors) the layers keep F.linear.
 
-The products agree to float rounding, not bit for bit: a process takes one path for every step, so a run
-repeats itself, and a resumed run takes the path its machine times."""
+The products agree to float rounding, not bit for bit: a run's processes settle on one product together (one
+process's timing decides), every layout alike, so a run repeats itself on its machine and its layouts agree
+with one process as closely as they do with torch's products."""
 
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ class _Product(torch.autograd.Function):
 
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
-    if x.dtype == torch.float32 and x.device.type == "cpu" and not isinstance(x, DTensor):
+    # FSDP's layers hold their gathered (plain) weights while they run; tensor parallel's are DTensors
+    if (x.dtype == torch.float32 and x.device.type == "cpu" and not isinstance(x, DTensor)
+            and not isinstance(self.weight, DTensor)):
         return _Product.apply(x, self.weight, self.bias)
     return F.linear(x, self.weight, self.bias)  # (moved to an accelerator since, say)
 
@@ -55,12 +58,13 @@ def takes_products(layer: torch.nn.Module) -> bool:
 
 def faster_linears(model: torch.nn.Module) -> int:
     """Every plain float32 CPU ``nn.Linear`` of ``model`` (whose forward nothing else replaced) computes through
-    oneDNN from now on, if this machine runs oneDNN's products faster; returns how many layers do."""
+    oneDNN from now on, if this machine runs oneDNN's products faster (``onednn_faster``: a run's processes
+    settle it together); returns how many layers do. A layer whose weight is a DTensor when it runs (tensor
+    parallel) keeps F.linear."""
     if not onednn_faster():
         return 0
     layers = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)
-              and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
-              and not isinstance(m.weight, DTensor)]
+              and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
     for m in layers:
         m.forward = functools.partial(_forward, m)
     return len(layers)

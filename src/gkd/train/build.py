@@ -4,11 +4,13 @@ optimizer. The trainer calls these once and then only loops."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from gkd import parallel
 from gkd.config import mixture_weights, route_map, teacher_specs
 from gkd.data.rows import check_context, load_examples, model_context, split_examples, warn_unused_num_proc
 from gkd.errors import GKDError
+from gkd.machine import onednn_faster, settle_onednn
 from gkd.models import (adapter_for, apply_lora, check_compatible, eos_ids, freeze_parameters, freeze_vision,
                         load_image_processing, load_model, load_tokenizer)
 from gkd.models.onednn import faster_linears
@@ -76,9 +78,20 @@ def student(m, seed: int, par):
     model = parallel.load_sharded(lambda: load_model(m.model, m.torch_dtype), prepare,
                                   lambda model: parallel.shard_student(model, par), par)
     add_lookup_grads_in_place(model)  # a tied embedding: no second [V, H] buffer at the end of every backward
-    if par.world == 1:  # (sharded layers, FSDP's gathered weights and DTensors, keep torch's products)
-        faster_linears(model)
+    settle_onednn(_onednn_everywhere(par))
+    faster_linears(model)
     return model.train()
+
+
+def _onednn_everywhere(par) -> bool:
+    """Whether every process of the run timed oneDNN's float32 products faster (gkd.models.onednn): one product
+    for all of them, so that layouts compute as one process does."""
+    use = par.device.type == "cpu" and onednn_faster()
+    if par.world > 1 and par.device.type == "cpu":
+        agreed = torch.tensor([int(use)])
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        use = bool(agreed)
+    return use
 
 
 def teacher(t, tokenizer, student_model, par, log):
@@ -140,8 +153,7 @@ def one_teacher(t, spec, tokenizer, student_model, par, log):
         log("[gkd] --offload_teacher_model: training runs on the CPU, where the teacher already is; nothing to offload")
     model = parallel.load_sharded(lambda: load_model(spec.source, t.torch_dtype), lambda m: m,
                                   lambda m: parallel.shard_teacher(m, par, offload=offload == "fsdp"), par)
-    if par.world == 1:
-        faster_linears(model)
+    faster_linears(model)
     if t.teacher_tokenizer == "other":  # aligned by text (gkd.teacher.cross_tokenizer), K applied there
         from gkd.teacher.cross_tokenizer import CrossTokenizerTeacher
 
