@@ -91,8 +91,8 @@ def _onednn_faster(threads: int) -> bool:
 
 
 def training_gflop_s(now=time.perf_counter) -> float:
-    """GFLOP/s of the float32 product a one-process CPU run trains with here: oneDNN's where ``onednn_faster``
-    picks it (gkd.models.onednn), torch's otherwise."""
+    """GFLOP/s of the float32 product a CPU run trains with here: oneDNN's where ``onednn_faster`` picks it
+    (gkd.models.onednn), torch's otherwise."""
     return onednn_gflop_s(now) if onednn_faster() else matmul_gflop_s(now)
 
 

@@ -4,9 +4,9 @@ GFLOP/s on its AVX2 path and oneDNN at 420-470 on its AVX-512 one: a SmolLM2 stu
 over 4 rows of 103 tokens took 0.45-0.52 s against 0.81-0.91 s (ad hoc). Elsewhere (and for other dtypes,
 devices and DTensors) the layers keep F.linear.
 
-The products agree to float rounding, not bit for bit: a run's processes settle on one product together (one
-process's timing decides), every layout alike, so a run repeats itself on its machine and its layouts agree
-with one process as closely as they do with torch's products."""
+The products agree to float rounding, not bit for bit: a run's processes settle on one product together
+(oneDNN only where every one of them timed it faster, gkd.train.build) and every layout takes it, so a run
+repeats itself on its machine and its layouts agree with one process as closely as with torch's products."""
 
 from __future__ import annotations
 
