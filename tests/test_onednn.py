@@ -1,9 +1,18 @@
 """Linear layers on oneDNN's float32 products (gkd.models.onednn), where this machine's timing picks them."""
 
+import pytest
 import torch
 
 import gkd.models.onednn as onednn
 from gkd.rollout import decode
+
+
+@pytest.fixture(autouse=True)
+def _unsettled(monkeypatch):
+    """Each test starts and ends with no product settled for the process (gkd.machine.settle_onednn)."""
+    import gkd.machine
+
+    monkeypatch.setattr(gkd.machine, "_settled", [])
 
 
 def _recorded(monkeypatch) -> list:
@@ -84,12 +93,33 @@ def test_a_one_process_run_trains_and_scores_on_onednn_where_it_is_faster(tiny, 
     from gkd.config import TrainConfig
     from gkd.train.trainer import Trainer
 
-    monkeypatch.setattr(onednn, "onednn_faster", lambda: True)
+    import gkd.machine
+    import gkd.train.build
+
+    monkeypatch.setattr(gkd.train.build, "onednn_faster", lambda: True)  # (as if timed faster: settled for the run)
     cfg = TrainConfig(model=tiny["student"], teacher_model=tiny["teacher"], dataset=[tiny["data"]],
                       output_dir=str(tmp_path / "o"), max_completion_length=4, max_steps=1, micro_batch_size=4,
                       global_batch_size=4, progress_bar=False)
     t = Trainer(cfg, log=lambda *_: None)
+    assert gkd.machine.onednn_faster()
     for model in (t.student, t.teacher.model):
         layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
         assert layers and all(onednn.takes_products(m) for m in layers)
     t.close()
+
+
+def test_a_layer_on_onednn_gives_a_tensor_of_its_own_keeps_what_f_linear_keeps_and_takes_no_rows(monkeypatch):
+    """Its output may be changed in place under autograd (a 3-D input); a frozen weight's layer saves the weight
+    alone for backward, as F.linear does; a batch of no rows gives an empty output."""
+    monkeypatch.setattr(onednn, "onednn_faster", lambda: True)
+    layer = torch.nn.Linear(8, 4)
+    onednn.faster_linears(layer)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    layer(x).add_(1.0).sum().backward()
+    assert x.grad.shape == x.shape and layer.weight.grad is not None
+    layer.weight.requires_grad_(False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        layer(torch.randn(5, 8, requires_grad=True)).sum().backward()
+    assert saved == [torch.Size([4, 8])]
+    assert layer(torch.randn(0, 8)).shape == (0, 4)

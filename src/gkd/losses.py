@@ -679,7 +679,7 @@ def _as_head(x) -> LogitHead | None:
 def _times_t(x: Tensor, w: Tensor) -> Tensor:
     """``x @ w.T``; float32 CPU tensors outside autograd by oneDNN's product where this machine runs it faster
     (gkd.machine.onednn_faster: twice torch's rate at the vocabulary products on one AMD VM)."""
-    if (x.dtype == w.dtype == torch.float32 and x.device.type == "cpu" and not isinstance(x, DTensor)
+    if (x.dtype == w.dtype == torch.float32 and x.device.type == "cpu" and x.numel() and not isinstance(x, DTensor)
             and not isinstance(w, DTensor) and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
             and onednn_faster()):
         return onednn_linear(x, w)

@@ -78,7 +78,8 @@ def _onednn_faster(threads: int) -> bool:
 
     if not has_onednn():
         return False
-    x, w = torch.randn(256, 1024), torch.randn(1024, 1024)
+    seeded = torch.Generator().manual_seed(0)  # (not the global generator: a run's draws stay its own)
+    x, w = torch.randn(256, 1024, generator=seeded), torch.randn(1024, 1024, generator=seeded)
     ours, theirs = lambda: onednn_linear(x, w), lambda: x @ w.T  # noqa: E731
     ours(), theirs()  # warm-up
     best = [float("inf"), float("inf")]

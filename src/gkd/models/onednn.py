@@ -5,8 +5,8 @@ over 4 rows of 103 tokens took 0.45-0.52 s against 0.81-0.91 s (ad hoc). Elsewhe
 devices and DTensors) the layers keep F.linear.
 
 The products agree to float rounding, not bit for bit: a run's processes settle on one product together
-(oneDNN only where every one of them timed it faster, gkd.train.build) and every layout takes it, so a run
-repeats itself on its machine and its layouts agree with one process as closely as with torch's products."""
+(oneDNN only where every one of them timed it faster, gkd.train.build) and every layout takes it but tensor
+parallel's DTensor layers (F.linear), so a run repeats itself on its machine."""
 
 from __future__ import annotations
 
@@ -24,30 +24,33 @@ class _Product(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b):
-        ctx.save_for_backward(x, w)
+        # (x [rows, in]) what each gradient needs only: a frozen weight's layer keeps no input, as F.linear's
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None)
         ctx.has_bias = b is not None
         return onednn_linear(x, w, b)
 
     @staticmethod
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = onednn_linear(g, w.T).reshape(*grad.shape[:-1], w.shape[1])
+            gx = onednn_linear(grad, w.T)
         if ctx.needs_input_grad[1]:
-            gw = onednn_linear(g.T.contiguous(), x.reshape(-1, x.shape[-1]).T)
+            gw = onednn_linear(grad.T.contiguous(), x.T)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g.sum(0)
+            gb = grad.sum(0)
         return gx, gw, gb
 
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
     # FSDP's layers hold their gathered (plain) weights while they run; tensor parallel's are DTensors
-    if (x.dtype == torch.float32 and x.device.type == "cpu" and not isinstance(x, DTensor)
+    if (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() and not isinstance(x, DTensor)
             and not isinstance(self.weight, DTensor)):
-        return _Product.apply(x, self.weight, self.bias)
-    return F.linear(x, self.weight, self.bias)  # (moved to an accelerator since, say)
+        # 2-D through the Function, the shape put back outside it: its output stays a tensor of its own (callers
+        # may change it in place)
+        y = _Product.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
+    return F.linear(x, self.weight, self.bias)  # (moved to an accelerator since, or no rows)
 
 
 def takes_products(layer: torch.nn.Module) -> bool:

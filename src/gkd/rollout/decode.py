@@ -136,7 +136,8 @@ class _FewRowForm:
 
     @torch.no_grad()
     def _time(self, rows: int) -> str:
-        xs = [torch.randn(rows, m.weight.shape[1], dtype=m.weight.dtype) for m in self.layers]
+        seeded = torch.Generator().manual_seed(0)  # (not the global generator: a run's draws stay its own)
+        xs = [torch.randn(rows, m.weight.shape[1], generator=seeded).to(m.weight.dtype) for m in self.layers]
         passes = {}
         for name in ("weight_first", "linear", "onednn") if _ONEDNN else ("weight_first", "linear"):
             run = functools.partial(self._pass, FORMS[name], xs, rows)
