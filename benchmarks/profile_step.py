@@ -10,17 +10,26 @@ FLOPs are counted from the models' shapes and the tokens it processed (matmuls o
 linear layers; the fused loss's vocabulary products, its gradients included, which it computes in its forward),
 and its limit is FLOPs / the matmul rate measured here (the faster of torch's and oneDNN's); for generation, the
 prompts' forward at that rate plus, for decoding, the weights read once per generated position / the memory
-bandwidth. Reported per step kind: the median of --steps steps after one warm-up.
+bandwidth. Reported per step kind: the median of --steps steps after one warm-up, and the highest resident set
+inside each part (the kernel's high-water mark, reset as each part begins) against e2e_vs_trl.py's memory floor.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
 import time
 from pathlib import Path
+
+
+def _high_water_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 class Parts:
@@ -30,7 +39,14 @@ class Parts:
     def __init__(self):
         self.seconds: dict[str, float] = {}
         self.slots: dict[str, int] = {}
+        self.peak: dict[str, float] = {}  # MiB: the resident set's highest point inside each part
         self.depth = 0
+
+    def mark(self, part: str) -> None:
+        """Charge the resident set's high-water mark since the last mark to ``part``, and start a new one."""
+        self.peak[part] = max(self.peak.get(part, 0.0), _high_water_mib())
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # (Linux: resets the high-water mark to the current resident set)
 
     def wrap(self, owner, name: str, part: str, when=lambda *a, **k: True, slots=None):
         real = getattr(owner, name)
@@ -40,12 +56,14 @@ class Parts:
             if parts.depth or not when(*args, **kwargs):
                 return real(*args, **kwargs)
             parts.depth += 1
+            parts.mark("rest")
             t0 = time.perf_counter()
             try:
                 return real(*args, **kwargs)
             finally:
                 parts.depth -= 1
                 parts.seconds[part] = parts.seconds.get(part, 0.0) + time.perf_counter() - t0
+                parts.mark(part)
                 if slots is not None:
                     parts.slots[part] = parts.slots.get(part, 0) + slots(*args, **kwargs)
 
@@ -61,7 +79,7 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    from e2e_vs_trl import model_shape, prepare
+    from e2e_vs_trl import memory_floor, model_shape, prepare
     from rollout import roofline
 
     from gkd.config import TrainConfig
@@ -73,6 +91,7 @@ def main() -> None:
 
     teacher_dir, student_dir, data = prepare(a.work.absolute(), a.max_new_tokens)
     load = os.getloadavg()[0]
+    floor = memory_floor(student_dir, teacher_dir)
     roof = roofline(torch.get_num_threads(), time.perf_counter)
     shapes = {side: {**model_shape(folder), "params": None}
               for side, folder in (("student", student_dir), ("teacher", teacher_dir))}
@@ -97,19 +116,24 @@ def main() -> None:
         parts.wrap(trainer.optimizer, "step", "optimizer")
         rows = []
         for step in range(a.steps + 1):
-            parts.seconds, parts.slots = {}, {}
+            parts.mark("rest")
+            parts.seconds, parts.slots, parts.peak = {}, {}, {}
             window, t0 = Window(), time.perf_counter()
             trainer.train_step(step, window)
             total = time.perf_counter() - t0
+            parts.mark("rest")
             if step:  # the first step warms up
                 rows.append({"total": total, **parts.seconds, "trained": window.tokens, "rows": window.seqs,
-                             "slots": dict(parts.slots)})
+                             "slots": dict(parts.slots), "peak_mib": dict(parts.peak)})
         trainer.close()
         del adapter.final_hidden  # (the wrap's instance attribute: the class's method again)
+        del trainer, adapter  # (the next trainer's resident set without this one's)
+        gc.collect()
         results["on-policy" if lmbda else "off-policy"] = rows
-    print(json.dumps({"load_before": load, "roofline": roof, "shapes": shapes, "steps": results}))
+    print(json.dumps({"load_before": load, "roofline": roof, "shapes": shapes, "memory_floor_mib": floor,
+                      "steps": results}))
     for kind, rows in results.items():
-        report(kind, rows, shapes, roof)
+        report(kind, rows, shapes, roof, floor["total"])
 
 
 PARTS = ("generation", "teacher forward", "student forward", "loss forward", "backward", "optimizer")
@@ -142,7 +166,7 @@ def limits(r: dict, shapes: dict, roof: dict) -> dict:
     }
 
 
-def report(kind: str, rows: list[dict], shapes: dict, roof: dict) -> None:
+def report(kind: str, rows: list[dict], shapes: dict, roof: dict, floor: float) -> None:
     for r in rows:
         r["rest"] = r["total"] - sum(r.get(k, 0.0) for k in PARTS)  # (per step: medians do not add up)
     med = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in ("total", *PARTS, "rest")}
@@ -151,11 +175,15 @@ def report(kind: str, rows: list[dict], shapes: dict, roof: dict) -> None:
     print(f"\n{kind} step, median of {len(rows)}: {med['total']:.2f} s ({min(r['total'] for r in rows):.2f}-"
           f"{max(r['total'] for r in rows):.2f}), {statistics.median(r['trained'] for r in rows):.0f} trained tokens, "
           f"limit {sum(lim.values()):.2f} s = {sum(lim.values()) / med['total']:.0%} of the step")
-    print("| part | seconds | share of the step | limit s | at % of its limit |")
-    print("|---|---|---|---|---|")
+    peak = {k: max(r["peak_mib"].get(k, 0.0) for r in rows) for k in (*PARTS, "rest")}
+    print(f"peak resident set {max(peak.values()):.0f} MiB = {max(peak.values()) / floor:.3f}x the floor of equal work "
+          f"({floor:.0f} MiB, e2e_vs_trl.py's)")
+    print("| part | seconds | share of the step | limit s | at % of its limit | peak resident MiB (x floor) |")
+    print("|---|---|---|---|---|---|")
     for k in (*PARTS, "rest"):
         at = f"{lim[k] / med[k]:.0%}" if lim[k] and med[k] else "—"
-        print(f"| {k} | {med[k]:.3f} | {med[k] / med['total']:.0%} | {lim[k]:.3f} | {at} |")
+        top = f"{peak[k]:.0f} ({peak[k] / floor:.3f}x)" if peak[k] else "—"
+        print(f"| {k} | {med[k]:.3f} | {med[k] / med['total']:.0%} | {lim[k]:.3f} | {at} | {top} |")
 
 
 if __name__ == "__main__":

@@ -123,3 +123,40 @@ def test_a_layer_on_onednn_gives_a_tensor_of_its_own_keeps_what_f_linear_keeps_a
         layer(torch.randn(5, 8, requires_grad=True)).sum().backward()
     assert saved == [torch.Size([4, 8])]
     assert layer(torch.randn(0, 8)).shape == (0, 4)
+
+
+CACHE_PROBE = """
+import ctypes, sys, torch
+import gkd.machine as machine
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+def used():
+    m = libc.mallinfo2()
+    return (m.uordblks + m.hblkhd) / 2**20
+assert machine.has_onednn()
+w = torch.randn(64, 64)
+before = used()
+for rows in range(1, 201):  # 200 shapes, as a run's padded lengths change from step to step
+    machine.onednn_linear(torch.randn(rows, 64), w)
+print(used() - before)
+"""
+
+
+@pytest.mark.skipif(not decode._ONEDNN, reason="torch built without oneDNN")
+def test_onednn_keeps_a_bounded_number_of_built_products_unless_the_user_chose_a_capacity():
+    """oneDNN keeps every product it builds (about 0.6 MiB each) in caches of 1024; gkd bounds them before its first
+    product, so a process that meets a new row count every step does not grow by it; a capacity the user set stays."""
+    import os
+    import subprocess
+    import sys
+
+    def grown(**env) -> float:
+        clean = {k: v for k, v in os.environ.items() if k not in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+        out = subprocess.run([sys.executable, "-c", CACHE_PROBE], env={**clean, **env}, check=True, capture_output=True,
+                             text=True).stdout
+        return float(out.split()[-1])
+
+    bounded, chosen = grown(), grown(LRU_CACHE_CAPACITY="1024", ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024")
+    assert bounded < 40 < 80 < chosen, (bounded, chosen)

@@ -10,6 +10,7 @@ there; oneDNN its AVX-512 one). ``onednn_faster`` times them once per process fo
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 
@@ -41,9 +42,23 @@ def onednn_gflop_s(now=time.perf_counter) -> float:
     return 2 * 2048**3 / _best(lambda: onednn_linear(a, b), now) / 1e9
 
 
+# oneDNN keeps each product it builds (a JIT kernel and its buffers: about 0.56 MiB per shape, over two caches,
+# ideep's and its own, of 1024 entries each). A run whose padded lengths change every step builds 15-30 new products
+# a step: on benchmarks/e2e_vs_trl.py's run the heap grew by about 5 MiB a step and the peak by 60 MiB over 12 steps,
+# toward several hundred MiB on a long run. A step uses fewer shapes than the bound (each layer's few weight shapes,
+# forward and gradients), so it costs no build within a step; a length that returns after its eviction is built
+# again (about 1 ms).
+ONEDNN_CACHE_CAPACITY = 32
+
+
+@functools.cache
 def has_onednn() -> bool:
+    """Whether oneDNN's product is at hand; gkd asks before its first oneDNN product, so this also bounds oneDNN's
+    caches (read when the process builds its first product; a value the user set stays)."""
     import torch
 
+    for name in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
+        os.environ.setdefault(name, str(ONEDNN_CACHE_CAPACITY))
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
