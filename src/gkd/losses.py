@@ -36,10 +36,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
 from gkd.errors import GKDError
-from gkd.machine import onednn_faster, onednn_linear
+from gkd.machine import onednn_faster, onednn_linear, onednn_takes
 
 __all__ = [
     "GKDLossOutput",
@@ -679,8 +678,7 @@ def _as_head(x) -> LogitHead | None:
 def _times_t(x: Tensor, w: Tensor) -> Tensor:
     """``x @ w.T``; float32 CPU tensors outside autograd by oneDNN's product where this machine runs it faster
     (gkd.machine.onednn_faster: twice torch's rate at the vocabulary products on one AMD VM)."""
-    if (x.dtype == w.dtype == torch.float32 and x.device.type == "cpu" and x.numel() and not isinstance(x, DTensor)
-            and not isinstance(w, DTensor) and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+    if (onednn_takes(x, w) and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
             and onednn_faster()):
         return onednn_linear(x, w)
     return x @ w.T

@@ -62,6 +62,16 @@ def has_onednn() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def onednn_takes(x, w) -> bool:
+    """Whether ``onednn_linear`` computes ``x @ w.T`` for these tensors: float32, on the CPU, plain (not DTensors:
+    tensor parallel's layers keep F.linear), with rows."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    return (x.dtype == w.dtype == torch.float32 and x.device.type == w.device.type == "cpu" and x.numel() > 0
+            and not isinstance(x, DTensor) and not isinstance(w, DTensor))
+
+
 def onednn_linear(x, w, b=None):
     """``x @ w.T + b`` by oneDNN's float32 product (the one torch.compile's CPU backend calls for a linear layer),
     on the plain weight; no autograd."""

@@ -14,9 +14,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
-from gkd.machine import onednn_faster, onednn_linear
+from gkd.machine import onednn_faster, onednn_linear, onednn_takes
 
 
 class _Product(torch.autograd.Function):
@@ -44,8 +43,7 @@ class _Product(torch.autograd.Function):
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
     # FSDP's layers hold their gathered (plain) weights while they run; tensor parallel's are DTensors
-    if (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() and not isinstance(x, DTensor)
-            and not isinstance(self.weight, DTensor)):
+    if onednn_takes(x, self.weight):
         # 2-D through the Function, the shape put back outside it: its output stays a tensor of its own (callers
         # may change it in place)
         y = _Product.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
