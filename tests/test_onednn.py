@@ -160,3 +160,68 @@ def test_onednn_keeps_a_bounded_number_of_built_products_unless_the_user_chose_a
 
     bounded, chosen = grown(), grown(LRU_CACHE_CAPACITY="1024", ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024")
     assert bounded < 40 < 80 < chosen, (bounded, chosen)
+
+
+def test_a_few_row_form_a_checkpoint_kept_is_taken_without_timing(monkeypatch):
+    """decode.chosen_forms / restore_forms: the forms round-trip through JSON and a restored one is taken as it is
+    (the timing is not asked); a oneDNN form is not restored where torch has no oneDNN."""
+    import json
+
+    layers = [torch.nn.Linear(24, 40), torch.nn.Linear(40, 24)]
+    monkeypatch.setattr(decode, "_FASTEST", {})
+    form = decode._FewRowForm(layers)
+    monkeypatch.setattr(decode._FewRowForm, "_time", lambda self, rows: "linear")
+    assert form.form(3) is decode.FORMS["linear"]
+    kept = json.loads(json.dumps(decode.chosen_forms()))
+    decode._FASTEST.clear()
+    decode.restore_forms([[shapes, rows, threads, "weight_first"] for shapes, rows, threads, _ in kept])
+    monkeypatch.setattr(decode._FewRowForm, "_time", lambda self, rows: pytest.fail("timed again"))
+    assert decode._FewRowForm(layers).form(3) is decode.FORMS["weight_first"]
+    decode._FASTEST.clear()
+    monkeypatch.setattr(decode, "_ONEDNN", False)
+    decode.restore_forms([[shapes, rows, threads, "onednn"] for shapes, rows, threads, _ in kept])
+    assert decode._FASTEST == {}
+
+
+def test_a_resumed_run_multiplies_with_the_product_and_forms_its_checkpoint_recorded(tiny, tmp_path, monkeypatch):
+    """The checkpoint records the run's settled product and its sampling's few-row forms; a resume on a machine whose
+    timing now says otherwise takes the recorded ones (and ends on the uninterrupted run's weights, bit for bit: at
+    this model's width the two products happen to agree bit for bit, so the recorded choices are asserted as such)."""
+    import json
+    import shutil
+
+    import gkd.machine
+    from gkd.config import TrainConfig
+    from gkd.train.trainer import Trainer
+
+    def cfg(out, **kw):
+        return TrainConfig(model=tiny["student"], teacher_model=tiny["teacher"], dataset=[tiny["data"]],
+                           output_dir=str(out), max_completion_length=6, learning_rate=1e-3, lmbda=1.0,
+                           lr_scheduler_type="constant", progress_bar=False, max_steps=2, micro_batch_size=8,
+                           global_batch_size=8, save_steps=1, **kw)
+
+    monkeypatch.setattr(decode, "_FASTEST", {})
+    monkeypatch.setattr(gkd.machine, "_onednn_faster", lambda threads: True)  # the first run's timing
+    full = Trainer(cfg(tmp_path / "o"), log=lambda *_: None)
+    full.train()
+    want = {k: v.detach().clone() for k, v in full.student.state_dict().items()}
+    forms = dict(decode._FASTEST)
+    assert forms and json.loads((tmp_path / "o" / "checkpoint-1" / "gkd_checkpoint.json").read_text())[
+        "cpu_product"] == "onednn"
+    full.close()
+
+    shutil.rmtree(tmp_path / "o" / "checkpoint-2")  # as if killed after step 1's checkpoint
+    gkd.machine._settled.clear()
+    decode._FASTEST.clear()
+    monkeypatch.setattr(gkd.machine, "_onednn_faster", lambda threads: False)  # the resumed run's timing
+    flipped = {key: "linear" if name != "linear" else "weight_first" for key, name in forms.items()}
+    monkeypatch.setattr(decode._FewRowForm, "_time", lambda self, rows: flipped[(self.shapes, rows,
+                                                                                 torch.get_num_threads())])
+    resumed = Trainer(cfg(tmp_path / "o", resume_from_checkpoint=str(tmp_path / "o" / "checkpoint-1")),
+                      log=lambda *_: None)
+    assert gkd.machine.onednn_faster() and decode._FASTEST == forms
+    resumed.train()
+    got = resumed.student.state_dict()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    resumed.close()

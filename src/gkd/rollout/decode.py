@@ -106,6 +106,22 @@ _ONEDNN = has_onednn()
 _FASTEST: dict[tuple, str] = {}
 
 
+def chosen_forms() -> list:
+    """The few-row forms this process has chosen, as JSON: a checkpoint keeps them, so that a resumed run samples
+    with the arithmetic the run began with (the forms agree to rounding, not bit for bit; timed afresh, a resumed
+    run on a busier machine could choose otherwise)."""
+    return [[[[list(shape), str(dtype).removeprefix("torch.")] for shape, dtype in shapes], rows, threads, name]
+            for (shapes, rows, threads), name in _FASTEST.items()]
+
+
+def restore_forms(entries: list) -> None:
+    """Take the forms ``chosen_forms`` gave (a oneDNN form only where this torch has oneDNN)."""
+    for shapes, rows, threads, name in entries:
+        if name in FORMS and (name != "onednn" or _ONEDNN):
+            key = tuple((tuple(shape), getattr(torch, dtype)) for shape, dtype in shapes)
+            _FASTEST[(key, rows, threads)] = name
+
+
 def _seconds(fn) -> float:
     t0 = time.perf_counter()
     fn()

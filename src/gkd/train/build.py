@@ -10,7 +10,7 @@ from gkd import parallel
 from gkd.config import mixture_weights, route_map, teacher_specs
 from gkd.data.rows import check_context, load_examples, model_context, split_examples, warn_unused_num_proc
 from gkd.errors import GKDError
-from gkd.machine import onednn_faster, settle_onednn
+from gkd.machine import has_onednn, onednn_faster, settle_onednn
 from gkd.models import (adapter_for, apply_lora, check_compatible, eos_ids, freeze_parameters, freeze_vision,
                         load_image_processing, load_model, load_tokenizer)
 from gkd.models.onednn import faster_linears
@@ -78,9 +78,28 @@ def student(m, seed: int, par):
     model = parallel.load_sharded(lambda: load_model(m.model, m.torch_dtype), prepare,
                                   lambda model: parallel.shard_student(model, par), par)
     add_lookup_grads_in_place(model)  # a tied embedding: no second [V, H] buffer at the end of every backward
-    settle_onednn(_onednn_everywhere(par))
     faster_linears(model)
     return model.train()
+
+
+def settle_product(par, recorded: str | None, log) -> None:
+    """The float32 product of the run's CPU layers and loss (gkd.models.onednn), before any model is built: the one
+    a resumed run's checkpoint records (bit-exact resume needs the same arithmetic; timed afresh, a busier machine
+    could choose the other), else oneDNN's where every process timed it faster."""
+    if recorded is None or par.device.type != "cpu":
+        settle_onednn(_onednn_everywhere(par))
+        return
+    use = recorded == "onednn"
+    if use and not has_onednn():
+        log("[gkd] the checkpoint's run multiplied with oneDNN, which this torch lacks: torch's product from now on "
+            "(the resumed run matches to rounding, not bit for bit)")
+        use = False
+    settle_onednn(use)
+
+
+def product_name(par) -> str | None:
+    """The product ``settle_product`` settled, as a checkpoint records it (None off the CPU)."""
+    return ("onednn" if onednn_faster() else "torch") if par.device.type == "cpu" else None
 
 
 def _onednn_everywhere(par) -> bool:

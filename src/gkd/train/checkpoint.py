@@ -15,6 +15,7 @@ import torch
 
 from gkd.atomic import sha256_file
 from gkd.errors import GKDError
+from gkd.rollout import decode
 from gkd.train import outdir
 
 _DONE = outdir.DONE  # written last: a folder without it is not a checkpoint
@@ -99,6 +100,7 @@ def _save(final: Path, tmp: Path, step: int, model, optimizer, scheduler, traine
     with _single_process_quiet(par):
         dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(tmp / "state"))
     torch.save(rng_state(), tmp / f"rng-{par.rank}.pt")
+    (tmp / f"forms-{par.rank}.json").write_text(json.dumps(decode.chosen_forms()))
     if par.is_main:
         torch.save({"scheduler": scheduler.state_dict()}, tmp / "trainer.pt")
     par.barrier()
@@ -206,8 +208,9 @@ def resolve(spec: str, output_dir: Path) -> Path:
 
 
 def load(path: Path, model, optimizer, scheduler, par) -> dict:
-    """Restore weights, optimizer, scheduler and RNG (each rank its own, or rank 0's when the saving run
-    had no such rank); returns the trainer state (step, ...). The saving mesh may differ from this one."""
+    """Restore weights, optimizer, scheduler, RNG and the few-row forms of sampling (each rank its own, or rank 0's
+    when the saving run had no such rank); returns the trainer state (step, ...). The saving mesh may differ from
+    this one."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
@@ -234,6 +237,10 @@ def load(path: Path, model, optimizer, scheduler, par) -> dict:
         scheduler.load_state_dict(torch.load(path / "trainer.pt", weights_only=False)["scheduler"])
         own = path / f"rng-{par.rank}.pt"  # a rank the saving run did not have takes rank 0's
         set_rng_state(torch.load(own if own.is_file() else path / "rng-0.pt", weights_only=False))
+        forms = path / f"forms-{par.rank}.json"  # (none in a checkpoint saved before gkd kept them)
+        forms = forms if forms.is_file() else path / "forms-0.json"
+        if forms.is_file():
+            decode.restore_forms(json.loads(forms.read_text()))
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - a damaged or foreign checkpoint
         detail = (str(e).strip().splitlines() or [""])[0][:300]
         raise GKDError(f"--resume_from_checkpoint {path}: corrupt checkpoint, or saved for another model or "

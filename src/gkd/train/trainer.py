@@ -43,6 +43,7 @@ class Trainer:
         self.train_examples, self.val_examples = build.examples(cfg.section("data"), cfg.seed, self.tokenizer,
                                                                 self.images, self.teacher_images, log)
         self.routed = build.routes(cfg, self.train_examples + self.val_examples, log)  # one line now for a bad route
+        build.settle_product(par, resumed.get("cpu_product"), log)
         # one model at a time, sharded before the next loads: a rank's peak is one whole model, not two
         self.student = build.student(cfg.section("model"), cfg.seed, par)
         self.adapter = adapter_for(self.student)
@@ -173,7 +174,7 @@ class Trainer:
     def save_checkpoint(self, step: int) -> Path:
         return checkpoint.save(self.out, step, self.student, self.optimizer, self.scheduler,
                                {"bad_steps": self.bad_steps, "train_seconds": self.budget.elapsed,
-                                "sources": self.sources.state(),
+                                "sources": self.sources.state(), "cpu_product": build.product_name(self.par),
                                 "settings": checkpoint.settings(self.cfg)},
                                self.cfg.save_total_limit, self.par)
 
