@@ -135,6 +135,9 @@ libc.mallinfo2.restype = Info
 def used():
     m = libc.mallinfo2()
     return (m.uordblks + m.hblkhd) / 2**20
+if sys.argv[1] == "cli":  # the command line bounds the caches before torch's own oneDNN operations
+    import gkd.cli
+    torch.nn.functional.conv2d(torch.randn(1, 16, 64, 64), torch.randn(32, 16, 3, 3))  # (torch's, on oneDNN)
 assert machine.has_onednn()
 w = torch.randn(64, 64)
 before = used()
@@ -147,19 +150,21 @@ print(used() - before)
 @pytest.mark.skipif(not decode._ONEDNN, reason="torch built without oneDNN")
 def test_onednn_keeps_a_bounded_number_of_built_products_unless_the_user_chose_a_capacity():
     """oneDNN keeps every product it builds (about 0.6 MiB each) in caches of 1024; gkd bounds them before its first
-    product, so a process that meets a new row count every step does not grow by it; a capacity the user set stays."""
+    product, and its command line before any of torch's own oneDNN operations (a convolution), so a process that
+    meets a new row count every step does not grow by it; a capacity the user set stays."""
     import os
     import subprocess
     import sys
 
-    def grown(**env) -> float:
+    def grown(entry="library", **env) -> float:
         clean = {k: v for k, v in os.environ.items() if k not in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
-        out = subprocess.run([sys.executable, "-c", CACHE_PROBE], env={**clean, **env}, check=True, capture_output=True,
-                             text=True).stdout
+        out = subprocess.run([sys.executable, "-c", CACHE_PROBE, entry], env={**clean, **env}, check=True,
+                             capture_output=True, text=True).stdout
         return float(out.split()[-1])
 
-    bounded, chosen = grown(), grown(LRU_CACHE_CAPACITY="1024", ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024")
-    assert bounded < 40 < 80 < chosen, (bounded, chosen)
+    bounded, by_cli = grown(), grown("cli")
+    chosen = grown(LRU_CACHE_CAPACITY="1024", ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024")
+    assert bounded < 40 and by_cli < 40 and 80 < chosen, (bounded, by_cli, chosen)
 
 
 def test_a_few_row_form_a_checkpoint_kept_is_taken_without_timing(monkeypatch):
@@ -225,3 +230,32 @@ def test_a_resumed_run_multiplies_with_the_product_and_forms_its_checkpoint_reco
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
     resumed.close()
+
+
+def test_only_timed_forms_are_remembered_for_a_checkpoint(monkeypatch):
+    """Layers off the CPU compute few rows by F.linear without timing, and nothing of theirs goes into
+    chosen_forms: a checkpoint of an accelerator's run would otherwise pin F.linear on a CPU resume."""
+    monkeypatch.setattr(decode, "_FASTEST", {})
+    monkeypatch.setattr(decode._FewRowForm, "_time", lambda self, rows: pytest.fail("timed"))
+    layers = [torch.nn.Linear(64, 128, device="meta"), torch.nn.Linear(128, 64, device="meta")]
+    assert decode._FewRowForm(layers).form(4) is decode._linear and decode.chosen_forms() == []
+
+
+def test_the_settled_product_is_the_checkpoints_where_this_torch_can_take_it(monkeypatch):
+    """build.settle_product: a recorded product wins over the timing; a recorded oneDNN without oneDNN here is
+    torch's, said in one line; without a record, the timing decides."""
+    from types import SimpleNamespace
+
+    import gkd.machine
+    import gkd.train.build as build
+
+    par, said = SimpleNamespace(device=torch.device("cpu"), world=1), []
+    for timed, recorded, available, want in ((True, "torch", True, False), (False, "onednn", True, True),
+                                             (True, "onednn", False, False), (True, None, True, True),
+                                             (False, None, True, False)):
+        gkd.machine._settled.clear()
+        monkeypatch.setattr(gkd.machine, "_onednn_faster", lambda threads, timed=timed: timed)
+        monkeypatch.setattr(build, "has_onednn", lambda available=available: available)
+        build.settle_product(par, recorded, said.append)
+        assert gkd.machine.onednn_faster() is want and build.product_name(par) == ("onednn" if want else "torch")
+    assert len(said) == 1 and "lacks" in said[0]

@@ -46,30 +46,43 @@ def onednn_gflop_s(now=time.perf_counter) -> float:
 # ideep's and its own, of 1024 entries each). A run whose padded lengths change every step builds 15-30 new products
 # a step: on benchmarks/e2e_vs_trl.py's run the heap grew by about 5 MiB a step and the peak by 60 MiB over 12 steps,
 # toward several hundred MiB on a long run. A step uses fewer shapes than the bound (each layer's few weight shapes,
-# forward and gradients), so it costs no build within a step; a length that returns after its eviction is built
-# again (about 1 ms).
+# forward and gradients: 14-16 builds a step off-policy on that run, 21 on-policy, by ONEDNN_VERBOSE=profile_create),
+# so nothing is built twice within a step; a length that returns after its eviction is built again (with 1024
+# entries that run built 0-16 a step, as its lengths recur: about 0.6 ms each).
 ONEDNN_CACHE_CAPACITY = 32
+
+
+def bound_onednn_caches() -> None:
+    """Bound oneDNN's caches to ``ONEDNN_CACHE_CAPACITY`` (a value the user set stays). Each cache reads its size once,
+    at the process's first oneDNN operation of any kind (torch's own too: a bfloat16 linear, a convolution), so the
+    CLI calls this before torch is imported, and ``has_onednn`` before gkd's first product for library use."""
+    for name in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
+        os.environ.setdefault(name, str(ONEDNN_CACHE_CAPACITY))
 
 
 @functools.cache
 def has_onednn() -> bool:
-    """Whether oneDNN's product is at hand; gkd asks before its first oneDNN product, so this also bounds oneDNN's
-    caches (read when the process builds its first product; a value the user set stays)."""
+    """Whether oneDNN's product is at hand (and, first, ``bound_onednn_caches``)."""
     import torch
 
-    for name in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
-        os.environ.setdefault(name, str(ONEDNN_CACHE_CAPACITY))
+    bound_onednn_caches()
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def _dtensor():
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
 
 
 def onednn_takes(x, w) -> bool:
     """Whether ``onednn_linear`` computes ``x @ w.T`` for these tensors: float32, on the CPU, plain (not DTensors:
     tensor parallel's layers keep F.linear), with rows."""
     import torch
-    from torch.distributed.tensor import DTensor
 
     return (x.dtype == w.dtype == torch.float32 and x.device.type == w.device.type == "cpu" and x.numel() > 0
-            and not isinstance(x, DTensor) and not isinstance(w, DTensor))
+            and not isinstance(x, _dtensor()) and not isinstance(w, _dtensor()))
 
 
 def onednn_linear(x, w, b=None):

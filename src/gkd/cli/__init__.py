@@ -11,11 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+from gkd.machine import bound_onednn_caches
+
 # before torch loads MKL: MKL picks kernels by the data's memory alignment and, under load, runs on fewer
 # threads than asked (MKL_DYNAMIC); either changes a matmul's reduction order, so a resumed run would
 # differ in the last digits from the uninterrupted one. A user's own setting wins.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+bound_onednn_caches()  # (also read once, at the first oneDNN operation: gkd.machine)
 
 from gkd.cli.train import ERROR_DIR  # noqa: E402 - after the environment above
 from gkd.errors import GKDError  # noqa: E402

@@ -115,11 +115,12 @@ def chosen_forms() -> list:
 
 
 def restore_forms(entries: list) -> None:
-    """Take the forms ``chosen_forms`` gave (a oneDNN form only where this torch has oneDNN)."""
+    """Take the forms ``chosen_forms`` gave; an entry this torch cannot take (a oneDNN form without oneDNN, a dtype
+    it does not know) is left to be timed again."""
     for shapes, rows, threads, name in entries:
-        if name in FORMS and (name != "onednn" or _ONEDNN):
-            key = tuple((tuple(shape), getattr(torch, dtype)) for shape, dtype in shapes)
-            _FASTEST[(key, rows, threads)] = name
+        dtypes = [getattr(torch, dtype, None) for _, dtype in shapes]
+        if name in FORMS and (name != "onednn" or _ONEDNN) and all(isinstance(d, torch.dtype) for d in dtypes):
+            _FASTEST[(tuple((tuple(shape), d) for (shape, _), d in zip(shapes, dtypes)), rows, threads)] = name
 
 
 def _seconds(fn) -> float:
@@ -145,9 +146,13 @@ class _FewRowForm:
         known = self.known.get((rows, threads))  # (asked per layer call: no hashing of the shapes here)
         if known is None:
             key = (self.shapes, rows, threads)
-            if key not in _FASTEST:
-                _FASTEST[key] = self._time(rows) if self.cpu else "linear"
-            known = self.known[(rows, threads)] = FORMS[_FASTEST[key]]
+            if not self.cpu:
+                known = _linear
+            else:  # (only timed forms are remembered: a checkpoint keeps them for CPU layers of these shapes)
+                if key not in _FASTEST:
+                    _FASTEST[key] = self._time(rows)
+                known = FORMS[_FASTEST[key]]
+            self.known[(rows, threads)] = known
         return known
 
     @torch.no_grad()

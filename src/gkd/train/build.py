@@ -83,34 +83,26 @@ def student(m, seed: int, par):
 
 
 def settle_product(par, recorded: str | None, log) -> None:
-    """The float32 product of the run's CPU layers and loss (gkd.models.onednn), before any model is built: the one
-    a resumed run's checkpoint records (bit-exact resume needs the same arithmetic; timed afresh, a busier machine
-    could choose the other), else oneDNN's where every process timed it faster."""
-    if recorded is None or par.device.type != "cpu":
-        settle_onednn(_onednn_everywhere(par))
+    """The float32 product of the run's CPU layers and loss (gkd.models.onednn), before any model is built: oneDNN's
+    where every process would take it, each the one a resumed run's checkpoint records (bit-exact resume needs the
+    same arithmetic; timed afresh, a busier machine could choose the other), else oneDNN's where it timed faster."""
+    if par.device.type != "cpu":
+        settle_onednn(False)
         return
-    use = recorded == "onednn"
-    if use and not has_onednn():
+    use = onednn_faster() if recorded is None else recorded == "onednn" and has_onednn()
+    if recorded == "onednn" and not use:
         log("[gkd] the checkpoint's run multiplied with oneDNN, which this torch lacks: torch's product from now on "
             "(the resumed run matches to rounding, not bit for bit)")
-        use = False
+    if par.world > 1:  # one product for all processes, so that layouts compute as one process does
+        agreed = torch.tensor([int(use)])
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        use = bool(agreed)
     settle_onednn(use)
 
 
 def product_name(par) -> str | None:
     """The product ``settle_product`` settled, as a checkpoint records it (None off the CPU)."""
     return ("onednn" if onednn_faster() else "torch") if par.device.type == "cpu" else None
-
-
-def _onednn_everywhere(par) -> bool:
-    """Whether every process of the run timed oneDNN's float32 products faster (gkd.models.onednn): one product
-    for all of them, so that layouts compute as one process does."""
-    use = par.device.type == "cpu" and onednn_faster()
-    if par.world > 1 and par.device.type == "cpu":
-        agreed = torch.tensor([int(use)])
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-        use = bool(agreed)
-    return use
 
 
 def teacher(t, tokenizer, student_model, par, log):
