@@ -9,10 +9,12 @@ from gkd.rollout import decode
 
 @pytest.fixture(autouse=True)
 def _unsettled(monkeypatch):
-    """Each test starts and ends with no product settled for the process (gkd.machine.settle_onednn)."""
+    """Each test starts and ends with no product settled for the process (gkd.machine.settle_onednn), and no product
+    pinned (tests/conftest.py pins one for the rest of the suite)."""
     import gkd.machine
 
     monkeypatch.setattr(gkd.machine, "_settled", [])
+    monkeypatch.delenv("GKD_CPU_PRODUCT", raising=False)
 
 
 def _recorded(monkeypatch) -> list:
@@ -259,3 +261,28 @@ def test_the_settled_product_is_the_checkpoints_where_this_torch_can_take_it(mon
         build.settle_product(par, recorded, said.append)
         assert gkd.machine.onednn_faster() is want and build.product_name(par) == ("onednn" if want else "torch")
     assert len(said) == 1 and "lacks" in said[0]
+
+
+@pytest.mark.skipif(not decode._ONEDNN, reason="torch built without oneDNN")
+def test_gkd_cpu_product_pins_the_product_over_the_timing_and_the_checkpoint(monkeypatch):
+    """GKD_CPU_PRODUCT=torch / onednn decides without timing, and over a checkpoint's record (said in one line); any
+    other value is a one-line error naming the variable."""
+    from types import SimpleNamespace
+
+    import gkd.machine
+    import gkd.train.build as build
+    from gkd.errors import GKDError
+
+    monkeypatch.setattr(gkd.machine, "_onednn_faster", lambda threads: pytest.fail("timed"))
+    par, said = SimpleNamespace(device=torch.device("cpu"), world=1), []
+    for pinned, recorded, want in (("torch", "onednn", False), ("onednn", "torch", True), ("onednn", None, True)):
+        monkeypatch.setenv("GKD_CPU_PRODUCT", pinned)
+        gkd.machine._settled.clear()
+        assert gkd.machine.onednn_faster() is want
+        build.settle_product(par, recorded, said.append)
+        assert build.product_name(par) == pinned
+    assert len(said) == 2 and all("GKD_CPU_PRODUCT" in line for line in said)
+    gkd.machine._settled.clear()
+    monkeypatch.setenv("GKD_CPU_PRODUCT", "mkl")
+    with pytest.raises(GKDError, match="GKD_CPU_PRODUCT='mkl': choose auto, torch or onednn"):
+        gkd.machine.onednn_faster()

@@ -96,13 +96,34 @@ def onednn_linear(x, w, b=None):
 _settled: list[bool] = []  # the choice every process of a run agreed on (settle_onednn), if any
 
 
+PRODUCT_VARIABLE = "GKD_CPU_PRODUCT"  # auto (the default), torch or onednn
+
+
+def pinned_product() -> str | None:
+    """The float32 product the environment pins (``GKD_CPU_PRODUCT``: torch or onednn), None for auto: runs meant
+    to compare bit for bit pin one, since each process otherwise times the two, and a busy machine can time them
+    otherwise."""
+    value = os.environ.get(PRODUCT_VARIABLE, "auto").strip().lower()
+    if value not in ("auto", "torch", "onednn"):
+        from gkd.errors import GKDError
+
+        raise GKDError(f"{PRODUCT_VARIABLE}={os.environ[PRODUCT_VARIABLE]!r}: choose auto, torch or onednn")
+    return None if value == "auto" else value
+
+
 def onednn_faster() -> bool:
-    """Whether oneDNN's float32 product beats torch's by a clear margin (1.25x) on this machine and thread count:
-    timed once per process at [256, 1024] x [1024, 1024], the two alternating, best of 3 each; or what
-    ``settle_onednn`` set."""
+    """Whether the CPU's float32 products are oneDNN's: what ``settle_onednn`` set; else the product
+    ``GKD_CPU_PRODUCT`` pins (oneDNN only where torch has it); else whether oneDNN's beats torch's by a clear margin
+    (1.25x) on this machine and thread count, timed once per process at [256, 1024] x [1024, 1024], the two
+    alternating, best of 3 each."""
     import torch
 
-    return _settled[-1] if _settled else _onednn_faster(torch.get_num_threads())
+    if _settled:
+        return _settled[-1]
+    pinned = pinned_product()
+    if pinned is not None:
+        return pinned == "onednn" and has_onednn()
+    return _onednn_faster(torch.get_num_threads())
 
 
 def settle_onednn(use: bool) -> None:

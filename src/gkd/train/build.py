@@ -10,7 +10,7 @@ from gkd import parallel
 from gkd.config import mixture_weights, route_map, teacher_specs
 from gkd.data.rows import check_context, load_examples, model_context, split_examples, warn_unused_num_proc
 from gkd.errors import GKDError
-from gkd.machine import has_onednn, onednn_faster, settle_onednn
+from gkd.machine import PRODUCT_VARIABLE, has_onednn, onednn_faster, pinned_product, settle_onednn
 from gkd.models import (adapter_for, apply_lora, check_compatible, eos_ids, freeze_parameters, freeze_vision,
                         load_image_processing, load_model, load_tokenizer)
 from gkd.models.onednn import faster_linears
@@ -84,15 +84,25 @@ def student(m, seed: int, par):
 
 def settle_product(par, recorded: str | None, log) -> None:
     """The float32 product of the run's CPU layers and loss (gkd.models.onednn), before any model is built: oneDNN's
-    where every process would take it, each the one a resumed run's checkpoint records (bit-exact resume needs the
-    same arithmetic; timed afresh, a busier machine could choose the other), else oneDNN's where it timed faster."""
+    where every process would take it, each the one ``GKD_CPU_PRODUCT`` pins, else the one a resumed run's
+    checkpoint records (bit-exact resume needs the same arithmetic; timed afresh, a busier machine could choose the
+    other), else oneDNN's where it timed faster."""
     if par.device.type != "cpu":
         settle_onednn(False)
         return
-    use = onednn_faster() if recorded is None else recorded == "onednn" and has_onednn()
-    if recorded == "onednn" and not use:
-        log("[gkd] the checkpoint's run multiplied with oneDNN, which this torch lacks: torch's product from now on "
-            "(the resumed run matches to rounding, not bit for bit)")
+    pinned = pinned_product()
+    if recorded is None or pinned is not None:
+        use = onednn_faster()
+        if pinned == "onednn" and not use:
+            log(f"[gkd] {PRODUCT_VARIABLE}=onednn, but this torch has no oneDNN: torch's product")
+        if recorded is not None and (recorded == "onednn") != use:
+            log(f"[gkd] the checkpoint's run multiplied with {recorded}'s product, {PRODUCT_VARIABLE}={pinned} "
+                f"asks for the other: the resumed run matches to rounding, not bit for bit")
+    else:
+        use = recorded == "onednn" and has_onednn()
+        if recorded == "onednn" and not use:
+            log("[gkd] the checkpoint's run multiplied with oneDNN, which this torch lacks: torch's product from now "
+                "on (the resumed run matches to rounding, not bit for bit)")
     if par.world > 1:  # one product for all processes, so that layouts compute as one process does
         agreed = torch.tensor([int(use)])
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
