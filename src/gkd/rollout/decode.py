@@ -146,13 +146,9 @@ class _FewRowForm:
         known = self.known.get((rows, threads))  # (asked per layer call: no hashing of the shapes here)
         if known is None:
             key = (self.shapes, rows, threads)
-            if not self.cpu:
-                known = _linear
-            else:  # (only timed forms are remembered: a checkpoint keeps them for CPU layers of these shapes)
-                if key not in _FASTEST:
-                    _FASTEST[key] = self._time(rows)
-                known = FORMS[_FASTEST[key]]
-            self.known[(rows, threads)] = known
+            if self.cpu and key not in _FASTEST:  # (only timed forms are remembered: a checkpoint keeps them)
+                _FASTEST[key] = self._time(rows)
+            known = self.known[(rows, threads)] = FORMS[_FASTEST[key]] if self.cpu else _linear
         return known
 
     @torch.no_grad()

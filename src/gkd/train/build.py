@@ -83,26 +83,22 @@ def student(m, seed: int, par):
 
 
 def settle_product(par, recorded: str | None, log) -> None:
-    """The float32 product of the run's CPU layers and loss (gkd.models.onednn), before any model is built: oneDNN's
-    where every process would take it, each the one ``GKD_CPU_PRODUCT`` pins, else the one a resumed run's
-    checkpoint records (bit-exact resume needs the same arithmetic; timed afresh, a busier machine could choose the
-    other), else oneDNN's where it timed faster."""
+    """The float32 product of the run's CPU layers and loss (gkd.models.onednn), before any model is built: the one
+    ``GKD_CPU_PRODUCT`` pins, else the one a resumed run's checkpoint records (bit-exact resume needs the same
+    arithmetic; timed afresh, a busier machine could choose the other), else oneDNN's where it timed faster; and
+    oneDNN's only where every process takes it."""
     if par.device.type != "cpu":
         settle_onednn(False)
         return
     pinned = pinned_product()
-    if recorded is None or pinned is not None:
-        use = onednn_faster()
-        if pinned == "onednn" and not use:
-            log(f"[gkd] {PRODUCT_VARIABLE}=onednn, but this torch has no oneDNN: torch's product")
-        if recorded is not None and (recorded == "onednn") != use:
-            log(f"[gkd] the checkpoint's run multiplied with {recorded}'s product, {PRODUCT_VARIABLE}={pinned} "
-                f"asks for the other: the resumed run matches to rounding, not bit for bit")
-    else:
-        use = recorded == "onednn" and has_onednn()
-        if recorded == "onednn" and not use:
-            log("[gkd] the checkpoint's run multiplied with oneDNN, which this torch lacks: torch's product from now "
-                "on (the resumed run matches to rounding, not bit for bit)")
+    asked = pinned or recorded
+    use = onednn_faster() if asked is None else asked == "onednn" and has_onednn()
+    if asked == "onednn" and not use:
+        log(f"[gkd] {f'{PRODUCT_VARIABLE}=onednn' if pinned else 'the checkpoint'} asks for oneDNN's product, which "
+            f"this torch lacks: torch's (a resumed run matches to rounding, not bit for bit)")
+    if pinned and recorded and pinned != recorded:
+        log(f"[gkd] the checkpoint's run multiplied with {recorded}'s product, {PRODUCT_VARIABLE}={pinned} asks for "
+            f"the other: the resumed run matches to rounding, not bit for bit")
     if par.world > 1:  # one product for all processes, so that layouts compute as one process does
         agreed = torch.tensor([int(use)])
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
