@@ -166,6 +166,16 @@ def _the_fast_tier_stays_fast(request, monkeypatch):
 # -------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["whole-chunks", "3-row-blocks"])
+def row_blocks(request, monkeypatch):
+    """The fused loss's element-wise terms over each chunk at once (a tiny model's rows are far under
+    gkd.losses.BLOCK_BYTES), or 3 rows at a time, as a real vocabulary's are: the blocks' results go back together."""
+    if request.param == "3-row-blocks":
+        import gkd.losses
+
+        monkeypatch.setattr(gkd.losses, "_row_blocks", lambda n, z: [(r, min(r + 3, n)) for r in range(0, n, 3)])
+
+
 @pytest.fixture
 def torchrun():
     from helpers import run_torchrun

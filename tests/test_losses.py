@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gkd import GKDError
+from gkd import GKDError, losses
 from gkd.losses import (
     LogitHead,
     _chunk_bounds,
@@ -144,6 +144,25 @@ def _fused_case(dtype=torch.float32, n=(3, 37), hidden=16, vocab=101):
     return h, w, th, tw, mask, labels
 
 
+def test_row_blocks_hold_their_bytes_and_cover_the_rows():
+    def z(cols, dtype=torch.float32, device="cpu"):
+        return torch.empty(0, cols, dtype=dtype, device=device)
+
+    assert losses._row_blocks(10, z(losses.BLOCK_BYTES // 16)) == [(0, 4), (4, 8), (8, 10)]
+    assert losses._row_blocks(3, z(losses.BLOCK_BYTES // 2)) == [(0, 1), (1, 2), (2, 3)]  # at least a row
+    assert losses._row_blocks(184, z(49152)) == [(r, min(r + 4, 184)) for r in range(0, 184, 4)]  # 768 KiB each
+    assert losses._row_blocks(184, z(49152, torch.float64)) == [(r, min(r + 2, 184)) for r in range(0, 184, 2)]
+    assert losses._row_blocks(184, z(49152, device="meta")) == [(0, 184)]  # off the CPU: one range
+    assert losses._row_blocks(0, z(100)) == []
+
+
+def test_rowdot_is_the_rows_dot_products_on_small_and_large_blocks():
+    g = torch.Generator().manual_seed(0)
+    for cols in (50, 2 * losses.BLOCK_BYTES // 8):  # (a product and a sum, and batched products)
+        x, y = (torch.randn(3, cols, dtype=torch.float64, generator=g) for _ in range(2))
+        torch.testing.assert_close(losses._rowdot(x, y), (x * y).sum(-1), rtol=1e-12, atol=1e-9)
+
+
 def test_a_short_last_chunk_joins_the_one_before():
     assert _chunk_bounds(184, 170) == [(0, 184)]  # a tail of 14 rows: one chunk
     assert _chunk_bounds(256, 170) == [(0, 170), (170, 256)]  # 86 rows: a chunk of its own
@@ -155,7 +174,7 @@ def test_a_short_last_chunk_joins_the_one_before():
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("chunk", [1, 7, 20, 32, 1000])  # 20: the 81 counted rows' last one joins rows 60-79
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_fused_equals_unfused(beta, chunk, reduction):
+def test_fused_equals_unfused(beta, chunk, reduction, row_blocks):
     h, w, th, tw, mask, labels = _fused_case()
     h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
     out = fused_linear_gkd_loss(h1, w1, teacher_hidden=th, teacher_lm_head_weight=tw, labels=labels, sft_alpha=0.3,
@@ -177,8 +196,8 @@ def test_fused_equals_unfused(beta, chunk, reduction):
 
 @pytest.mark.parametrize("faster", [True, False])
 def test_the_vocabulary_products_take_onednn_where_it_was_timed_faster(monkeypatch, faster):
-    """Per chunk, both heads' logits and the hidden states' gradient go to oneDNN's product when this machine's
-    timing picked it (gkd.machine.onednn_faster), to torch's otherwise; the loss and gradients are the unfused
+    """Per chunk, both heads' logits, the hidden states' gradient and the head's weight gradient go to oneDNN's
+    product when this machine's timing picked it (gkd.machine.onednn_faster), to torch's otherwise; the loss and gradients are the unfused
     path's either way."""
     import gkd.losses as losses
 
@@ -192,7 +211,7 @@ def test_the_vocabulary_products_take_onednn_where_it_was_timed_faster(monkeypat
                                 temperature=0.9, mask=mask, chunk_size=1000)
     out.loss.backward()
     V, H = w.shape
-    assert calls == ([(V, H), (V, th.shape[-1]), (H, V)] if faster else [])
+    assert calls == ([(V, H), (V, th.shape[-1]), (H, V), (H, int(mask.sum()))] if faster else [])
     h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
     ref = generalized_jsd(h2 @ w2.T, th @ tw.T, beta=0.5, temperature=0.9, mask=mask)
     ref.backward()
@@ -222,7 +241,7 @@ def test_a_frozen_head_gets_no_weight_gradient_and_the_same_hidden_gradient(redu
 
 
 @pytest.mark.parametrize("chunk", [5, 64])
-def test_fused_topk_equals_unfused(chunk):
+def test_fused_topk_equals_unfused(chunk, row_blocks):
     h, w, th, tw, mask, _ = _fused_case()
     ids, lp = topk_logprobs(th @ tw.T, 8)
     h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
@@ -368,7 +387,7 @@ HEADS = [dict(), dict(scale=0.125), dict(softcap=2.0), dict(bias=True), dict(bia
 @pytest.mark.parametrize("form", HEADS, ids=lambda f: "-".join(f"{k}{v}" for k, v in f.items()) or "plain")
 @pytest.mark.parametrize("teacher", ["hidden", "hidden-top5", "topk"])
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_fused_logit_head_equals_its_logits_in_float64(form, teacher, beta):
+def test_fused_logit_head_equals_its_logits_in_float64(form, teacher, beta, row_blocks):
     """Value and gradients (hidden states, weight, bias) through scale and softcap equal autograd on the
     logits the head describes; the teacher's head is applied the same way."""
     g = torch.Generator().manual_seed(4)

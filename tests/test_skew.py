@@ -38,7 +38,7 @@ def test_skew_divergences_and_both_gradients_equal_the_definition(skew, temperat
 
 @pytest.mark.parametrize("skew", SKEWS, ids=str)
 @pytest.mark.parametrize("teacher", ["hidden", "hidden-top7", "topk"])
-def test_the_fused_loss_with_a_skew_equals_the_definition(skew, teacher):
+def test_the_fused_loss_with_a_skew_equals_the_definition(skew, teacher, row_blocks):
     g = torch.Generator().manual_seed(2)
     N, H, V = 13, 8, 47
     h = torch.randn(N, H, generator=g, dtype=torch.float64).requires_grad_()

@@ -85,7 +85,7 @@ def _naive_mixture(h, W, hts, Wts, ws, beta, topk):
 
 @pytest.mark.parametrize("topk", [None, (3, 5)], ids=["full", "topk-union"])
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_mixture_equals_a_naive_float64_mixture(topk, beta):
+def test_mixture_equals_a_naive_float64_mixture(topk, beta, row_blocks):
     """Loss and gradients (hidden states, head) of the fused mixture equal the definition's; the top-k
     union has pads (ids both teachers give), which count on neither side."""
     g = torch.Generator().manual_seed(0)

@@ -268,7 +268,10 @@ def topk_logprobs(logits: Tensor, k: int, *, tp_group=None) -> tuple[Tensor, Ten
 
 
 def _rowdot(x: Tensor, y: Tensor) -> Tensor:
-    """Row-wise dot product of two [M, V] tensors without an [M, V] temporary."""
+    """Row-wise dot product of two [M, V] tensors: a product and a sum where their temporary fits BLOCK_BYTES
+    (batched products of a few rows are 15x as slow), else batched products (no [M, V] temporary)."""
+    if x.numel() * x.element_size() <= BLOCK_BYTES:
+        return torch.linalg.vecdot(x, y)
     return (x.unsqueeze(1) @ y.unsqueeze(2)).reshape(x.shape[0])
 
 
@@ -675,13 +678,30 @@ def _as_head(x) -> LogitHead | None:
     return x if isinstance(x, LogitHead) or x is None else LogitHead(x)
 
 
+def _by_onednn(x: Tensor, w: Tensor) -> bool:
+    """Whether a product of float32 CPU tensors outside autograd runs on oneDNN's product: where this machine runs it
+    faster (gkd.machine.onednn_faster: twice torch's rate at the vocabulary products on one AMD VM)."""
+    return (onednn_takes(x, w) and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and onednn_faster())
+
+
 def _times_t(x: Tensor, w: Tensor) -> Tensor:
-    """``x @ w.T``; float32 CPU tensors outside autograd by oneDNN's product where this machine runs it faster
-    (gkd.machine.onednn_faster: twice torch's rate at the vocabulary products on one AMD VM)."""
-    if (onednn_takes(x, w) and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            and onednn_faster()):
-        return onednn_linear(x, w)
-    return x @ w.T
+    """``x @ w.T`` (by oneDNN where ``_by_onednn``)."""
+    return onednn_linear(x, w) if _by_onednn(x, w) else x @ w.T
+
+
+def _t_times(g: Tensor, h: Tensor, spare: Tensor | None) -> Tensor:
+    """``g.T @ h`` (by oneDNN where ``_by_onednn``). oneDNN's product wants g's transpose laid out row by row: it is
+    copied into ``spare``'s storage where that has the room (a dead buffer of g's dtype, already in memory: a fresh
+    one costs its pages' faults, 9 ms for [184, 49,152] floats on one AMD VM)."""
+    if not _by_onednn(g, h):
+        return g.T @ h
+    if (spare is not None and spare.dtype == g.dtype and spare.device == g.device and spare.is_contiguous()
+            and spare.numel() >= g.numel()):
+        gt = spare.view(-1)[:g.numel()].view(g.shape[1], g.shape[0]).copy_(g.T)
+    else:
+        gt = g.T.contiguous()
+    return onednn_linear(gt, h.T)
 
 
 def _apply_head(head: LogitHead, hc: Tensor, want_grad: bool) -> tuple[Tensor, Tensor | None]:
@@ -745,6 +765,34 @@ class _Teacher:
         return None, ids, lp
 
 
+def _row_terms(zs, zt, ids, pad, tk, yc, *, beta, temperature, sft_alpha, want, group):
+    """One block of rows' divergence [b], cross-entropy [b] or None (no labels) and, with ``want``, the gradient of
+    div + sft_alpha * ce with respect to the logits zs [b, V_local] (else None); zs and zt (the teacher's full
+    logits, or None for top-k ``ids``, absent where ``pad``, and values ``tk``) are overwritten."""
+    g = ce = None
+    if yc is not None:
+        counted = (yc >= 0).to(zs.dtype)
+        (lse,) = _logsumexp([zs], group)
+        picked, _, _ = _gather_vocab(zs, yc.clamp_min(0)[:, None], group)
+        ce = (lse - picked[:, 0]) * counted
+        if want and sft_alpha:
+            g = _cross_entropy_grad(zs, yc, lse, group).mul_(counted[:, None] * sft_alpha)
+    if zt is not None:
+        # zs is not needed after this point: divide in place
+        loss, ga, _ = _divergence(zs.div_(temperature), zt.div_(temperature), beta, group, "s" if want else "")
+        if want:
+            ga.mul_(1.0 / temperature)
+            g = ga if g is None else g.add_(ga)
+    else:
+        zk, owned, local = _gather_vocab(zs, ids.long(), group)
+        loss, gk = _topk_terms(zk, tk, beta, temperature, want, pad)
+        if want:
+            if g is None:
+                g = torch.zeros_like(zs)
+            g.scatter_add_(-1, local, gk * owned)
+    return loss, ce, g
+
+
 def _fused_pass(h, head: LogitHead, teacher: _Teacher, labels, *, beta, temperature, sft_alpha, chunk_size, group,
                 weights, head_grads=(True, True)):
     """One pass over row chunks: per-row divergence, CE and top-1 agreement, and, when ``weights``
@@ -772,36 +820,26 @@ def _fused_pass(h, head: LogitHead, teacher: _Teacher, labels, *, beta, temperat
         hc = h[r0:r1]
         zs, dcap = _apply_head(head, hc, want)
         zt, ids, tk = teacher.chunk(r0, r1, group)
-        g = None
         pad = None if ids is None else ids < 0  # absent entries of a mixture's union
         if pad is not None:
             ids = ids.clamp_min(0)
-        # teacher top-1 before the divergence overwrites zt
-        teacher_top1 = _argmax_vocab(zt, group) if zt is not None else ids.gather(-1, tk.argmax(-1, keepdim=True))[:, 0]
-        agree[r0:r1] = _argmax_vocab(zs, group) == teacher_top1
-        if labels is not None:
-            yc = labels[r0:r1]
-            counted = (yc >= 0).to(dt)
-            (lse,) = _logsumexp([zs], group)
-            picked, _, _ = _gather_vocab(zs, yc.clamp_min(0)[:, None], group)
-            ce[r0:r1] = (lse - picked[:, 0]) * counted
-            if want and sft_alpha:
-                g = _cross_entropy_grad(zs, yc, lse, group).mul_(counted[:, None] * sft_alpha)
-        if zt is not None:
-            # zs is not needed after this point: divide in place
-            loss, ga, _ = _divergence(zs.div_(temperature), zt.div_(temperature), beta, group, "s" if want else "")
-            if want:
-                ga.mul_(1.0 / temperature)
-                g = ga if g is None else g.add_(ga)
-        else:
-            zk, owned, local = _gather_vocab(zs, ids.long(), group)
-            loss, gk = _topk_terms(zk, tk, beta, temperature, want, pad)
-            if want:
-                if g is None:
-                    g = torch.zeros_like(zs)
-                g.scatter_add_(-1, local, gk * owned)
-        div[r0:r1] = loss
-        zs = zt = ga = None  # (g holds what the gradients need: the teacher's logits go before the [V, H] product)
+        top1 = _argmax_vocab(zt, group) if zt is not None else ids.gather(-1, tk.argmax(-1, keepdim=True))[:, 0]
+        agree[r0:r1] = _argmax_vocab(zs, group) == top1
+        # the element-wise terms a few rows at a time: their [rows, V_local] temporaries then fit in a core's cache
+        # and are reused from the heap instead of being fresh pages each (gkd.train.malloc); g, the logits' gradient,
+        # goes back into zs's rows, which are not needed after their own block
+        for b0, b1 in _row_blocks(r1 - r0, zs):
+            loss, ce_b, g = _row_terms(zs[b0:b1], *(_rows(x, b0, b1) for x in (zt, ids, pad, tk)),
+                                       _rows(labels, r0 + b0, r0 + b1), beta=beta, temperature=temperature,
+                                       sft_alpha=sft_alpha, want=want, group=group)
+            div[r0 + b0:r0 + b1] = loss
+            if ce_b is not None:
+                ce[r0 + b0:r0 + b1] = ce_b
+            if g is not None and g.data_ptr() != zs[b0:b1].data_ptr():
+                zs[b0:b1] = g
+        g = zs if want else None
+        spare, zs, zt = zt, None, None  # (g holds what the gradients need; the teacher's logits' storage takes g's
+        # transpose for the [V, H] product)
         if want:
             g = g.mul_(weights[r0:r1, None])  # dL/dz
             if dcap is not None:
@@ -816,11 +854,12 @@ def _fused_pass(h, head: LogitHead, teacher: _Teacher, labels, *, beta, temperat
                 # the first chunk's product is the [V, H] weight gradient (no zero-filled buffer to add it to); the
                 # others add into it, low-precision products in float32
                 if grad_w is None:
-                    grad_w = (g.T @ hc).to(dt)
+                    grad_w = _t_times(g, hc, spare).to(dt)
                 elif W.dtype == dt:
                     grad_w.addmm_(g.T, hc)
                 else:
                     grad_w.add_(g.T @ hc)
+        spare = None
     if want and head_grads[0] and grad_w is None:  # no counted rows
         grad_w = torch.zeros(W.shape, dtype=dt, device=W.device)
     if weights is not None:
@@ -838,6 +877,21 @@ def _chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
     if len(starts) > 1 and 4 * (n - starts[-1]) < size:
         starts.pop()
     return [(r0, r1) for r0, r1 in zip(starts, [*starts[1:], n])]
+
+# bytes of one [rows, V_local] temporary of the loss's element-wise terms on the CPU: under a core's L2 cache and
+# under gkd.train.malloc's mmap threshold (then the heap reuses it instead of fresh pages)
+BLOCK_BYTES = 3 << 18
+
+
+def _row_blocks(n: int, z: Tensor) -> list[tuple[int, int]]:
+    """Ranges of ``z``'s n rows whose [rows, V_local] temporaries hold at most BLOCK_BYTES (at least a row each); on
+    an accelerator one range (a few rows at a time would be many small kernels)."""
+    size = max(1, BLOCK_BYTES // (z.shape[1] * z.element_size())) if z.device.type == "cpu" else max(n, 1)
+    return [(r0, min(r0 + size, n)) for r0 in range(0, n, size)]
+
+
+def _rows(x: Tensor | None, r0: int, r1: int) -> Tensor | None:
+    return None if x is None else x[r0:r1]
 
 
 def _head_of(W, b, form: dict) -> LogitHead:
