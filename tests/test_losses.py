@@ -195,10 +195,14 @@ def test_fused_equals_unfused(beta, chunk, reduction, row_blocks):
 
 
 @pytest.mark.parametrize("faster", [True, False])
-def test_the_vocabulary_products_take_onednn_where_it_was_timed_faster(monkeypatch, faster):
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])  # (the logits' gradient in a temporary, the student's, the teacher's)
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_the_vocabulary_products_take_onednn_where_it_was_timed_faster(monkeypatch, faster, beta, with_labels,
+                                                                       row_blocks):
     """Per chunk, both heads' logits, the hidden states' gradient and the head's weight gradient go to oneDNN's
-    product when this machine's timing picked it (gkd.machine.onednn_faster), to torch's otherwise; the loss and gradients are the unfused
-    path's either way."""
+    product when this machine's timing picked it (gkd.machine.onednn_faster), to torch's otherwise; the loss and
+    gradients are the unfused path's either way, wherever the logits' gradient was formed (the weight gradient's
+    product takes its transpose in the teacher's logits' buffer)."""
     import gkd.losses as losses
 
     calls = []
@@ -207,13 +211,14 @@ def test_the_vocabulary_products_take_onednn_where_it_was_timed_faster(monkeypat
     monkeypatch.setattr(losses, "onednn_linear", lambda x, w: calls.append(tuple(w.shape)) or real(x, w))
     h, w, th, tw, mask, labels = _fused_case()
     h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
-    out = fused_linear_gkd_loss(h1, w1, teacher_hidden=th, teacher_lm_head_weight=tw, labels=labels, beta=0.5,
-                                temperature=0.9, mask=mask, chunk_size=1000)
+    out = fused_linear_gkd_loss(h1, w1, teacher_hidden=th, teacher_lm_head_weight=tw,
+                                labels=labels if with_labels else None, beta=beta, temperature=0.9, mask=mask,
+                                chunk_size=1000)
     out.loss.backward()
     V, H = w.shape
     assert calls == ([(V, H), (V, th.shape[-1]), (H, V), (H, int(mask.sum()))] if faster else [])
     h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
-    ref = generalized_jsd(h2 @ w2.T, th @ tw.T, beta=0.5, temperature=0.9, mask=mask)
+    ref = generalized_jsd(h2 @ w2.T, th @ tw.T, beta=beta, temperature=0.9, mask=mask)
     ref.backward()
     torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)

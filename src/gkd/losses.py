@@ -828,18 +828,23 @@ def _fused_pass(h, head: LogitHead, teacher: _Teacher, labels, *, beta, temperat
         # the element-wise terms a few rows at a time: their [rows, V_local] temporaries then fit in a core's cache
         # and are reused from the heap instead of being fresh pages each (gkd.train.malloc); g, the logits' gradient,
         # goes back into zs's rows, which are not needed after their own block
-        for b0, b1 in _row_blocks(r1 - r0, zs):
+        blocks = _row_blocks(r1 - r0, zs)
+        for b0, b1 in blocks:
             loss, ce_b, g = _row_terms(zs[b0:b1], *(_rows(x, b0, b1) for x in (zt, ids, pad, tk)),
                                        _rows(labels, r0 + b0, r0 + b1), beta=beta, temperature=temperature,
                                        sft_alpha=sft_alpha, want=want, group=group)
             div[r0 + b0:r0 + b1] = loss
             if ce_b is not None:
                 ce[r0 + b0:r0 + b1] = ce_b
-            if g is not None and g.data_ptr() != zs[b0:b1].data_ptr():
+            if g is not None and len(blocks) > 1 and g.data_ptr() != zs[b0:b1].data_ptr():
                 zs[b0:b1] = g
-        g = zs if want else None
-        spare, zs, zt = zt, None, None  # (g holds what the gradients need; the teacher's logits' storage takes g's
-        # transpose for the [V, H] product)
+        if len(blocks) > 1:
+            g = zs if want else None
+        # the teacher's logits' storage takes g's transpose for the [V, H] product where oneDNN computes it (and g
+        # is not in it); else it goes before that product
+        spare = zt if (want and head_grads[0] and grad_w is None and zt is not None and _by_onednn(zt, W)
+                       and zt.untyped_storage().data_ptr() != g.untyped_storage().data_ptr()) else None
+        zs = zt = None
         if want:
             g = g.mul_(weights[r0:r1, None])  # dL/dz
             if dcap is not None:
