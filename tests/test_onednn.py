@@ -54,6 +54,39 @@ def test_a_layer_on_onednn_gives_f_linears_values_and_gradients(monkeypatch):
             torch.testing.assert_close(ours.bias.grad, plain.bias.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_the_weight_gradients_transposes_share_one_buffer_per_thread_and_stacked_layers_keep_their_gradients(
+        monkeypatch):
+    """A weight gradient's transposed output gradient goes into one buffer per thread (grown as needed; above
+    SCRATCH_BYTES a copy of its own); layers whose backwards follow one another through it get F.linear's gradients."""
+    g = torch.randn(7, 5)
+    first, second = onednn._transposed(g), onednn._transposed(torch.randn(4, 6))
+    assert first.data_ptr() == second.data_ptr()  # (the first one's values are gone: only while its product runs)
+    torch.testing.assert_close(onednn._transposed(g), g.T, rtol=0, atol=0)
+    big = onednn._transposed(torch.randn(64, 9))  # grows the buffer
+    assert onednn._transposed(torch.randn(2, 3)).data_ptr() == big.data_ptr()
+    other = []
+    t = __import__("threading").Thread(target=lambda: other.append(onednn._transposed(g).data_ptr()))
+    t.start(), t.join()
+    assert other[0] != big.data_ptr()  # another thread's own buffer
+    monkeypatch.setattr(onednn, "SCRATCH_BYTES", 100)
+    assert onednn._transposed(torch.randn(64, 9)).data_ptr() != big.data_ptr()  # above the bound: a copy of its own
+
+    monkeypatch.setattr(onednn, "onednn_faster", lambda: True)
+    monkeypatch.setattr(onednn, "SCRATCH_BYTES", 16 << 20)
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.Tanh(), torch.nn.Linear(64, 24), torch.nn.Tanh(),
+                               torch.nn.Linear(24, 8))
+    plain = torch.nn.Sequential(*[type(m)(m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else m
+                                  for m in ours])
+    plain.load_state_dict(ours.state_dict())
+    assert onednn.faster_linears(ours) == 3
+    x = torch.randn(2, 11, 40)
+    for m in (ours, plain):
+        m(x).pow(2).sum().backward()
+    for a, b in zip(ours.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_only_plain_float32_cpu_layers_take_onednn_and_only_where_it_was_timed_faster(monkeypatch):
     class Sub(torch.nn.Linear):
         pass
