@@ -56,23 +56,29 @@ def test_a_layer_on_onednn_gives_f_linears_values_and_gradients(monkeypatch):
 
 def test_the_weight_gradients_transposes_share_one_buffer_per_thread_and_stacked_layers_keep_their_gradients(
         monkeypatch):
-    """A weight gradient's transposed output gradient goes into one buffer per thread (grown as needed; above
-    SCRATCH_BYTES a copy of its own); layers whose backwards follow one another through it get F.linear's gradients."""
+    """A weight gradient's transposed output gradient goes into a dead buffer with the room, else one buffer per
+    thread (grown as needed; above SCRATCH_BYTES a copy of its own); layers whose backwards follow one another
+    through it get F.linear's gradients."""
     g = torch.randn(7, 5)
-    first, second = onednn._transposed(g), onednn._transposed(torch.randn(4, 6))
+    import gkd.machine
+
+    rows = gkd.machine.transposed_rows
+    first, second = rows(g), rows(torch.randn(4, 6))
     assert first.data_ptr() == second.data_ptr()  # (the first one's values are gone: only while its product runs)
-    torch.testing.assert_close(onednn._transposed(g), g.T, rtol=0, atol=0)
-    big = onednn._transposed(torch.randn(64, 9))  # grows the buffer
-    assert onednn._transposed(torch.randn(2, 3)).data_ptr() == big.data_ptr()
+    torch.testing.assert_close(rows(g), g.T, rtol=0, atol=0)
+    big = rows(torch.randn(64, 9))  # grows the buffer
+    assert rows(torch.randn(2, 3)).data_ptr() == big.data_ptr()
     other = []
-    t = __import__("threading").Thread(target=lambda: other.append(onednn._transposed(g).data_ptr()))
+    t = __import__("threading").Thread(target=lambda: other.append(rows(g).data_ptr()))
     t.start(), t.join()
     assert other[0] != big.data_ptr()  # another thread's own buffer
-    monkeypatch.setattr(onednn, "SCRATCH_BYTES", 100)
-    assert onednn._transposed(torch.randn(64, 9)).data_ptr() != big.data_ptr()  # above the bound: a copy of its own
+    room = torch.empty(5, 9)  # a dead buffer with the room takes it
+    assert rows(g, room).data_ptr() == room.data_ptr() and rows(torch.randn(9, 6), room).data_ptr() != room.data_ptr()
+    monkeypatch.setattr(gkd.machine, "SCRATCH_BYTES", 100)
+    assert rows(torch.randn(64, 9)).data_ptr() != big.data_ptr()  # above the bound: a copy of its own
+    monkeypatch.setattr(gkd.machine, "SCRATCH_BYTES", 16 << 20)
 
     monkeypatch.setattr(onednn, "onednn_faster", lambda: True)
-    monkeypatch.setattr(onednn, "SCRATCH_BYTES", 16 << 20)
     torch.manual_seed(0)
     ours = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.Tanh(), torch.nn.Linear(64, 24), torch.nn.Tanh(),
                                torch.nn.Linear(24, 8))

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gkd.errors import GKDError
-from gkd.machine import onednn_faster, onednn_linear, onednn_takes
+from gkd.machine import onednn_faster, onednn_linear, onednn_takes, transposed_rows
 
 __all__ = [
     "GKDLossOutput",
@@ -691,17 +691,9 @@ def _times_t(x: Tensor, w: Tensor) -> Tensor:
 
 
 def _t_times(g: Tensor, h: Tensor, spare: Tensor | None) -> Tensor:
-    """``g.T @ h`` (by oneDNN where ``_by_onednn``). oneDNN's product wants g's transpose laid out row by row: it is
-    copied into ``spare``'s storage where that has the room (a dead buffer of g's dtype, already in memory: a fresh
-    one costs its pages' faults, 9 ms for [184, 49,152] floats on one AMD VM)."""
-    if not _by_onednn(g, h):
-        return g.T @ h
-    if (spare is not None and spare.dtype == g.dtype and spare.device == g.device and spare.is_contiguous()
-            and spare.numel() >= g.numel()):
-        gt = spare.view(-1)[:g.numel()].view(g.shape[1], g.shape[0]).copy_(g.T)
-    else:
-        gt = g.T.contiguous()
-    return onednn_linear(gt, h.T)
+    """``g.T @ h`` (by oneDNN where ``_by_onednn``, on g's transpose in ``spare``'s storage where it has the room:
+    gkd.machine.transposed_rows)."""
+    return onednn_linear(transposed_rows(g, spare), h.T) if _by_onednn(g, h) else g.T @ h
 
 
 def _apply_head(head: LogitHead, hc: Tensor, want_grad: bool) -> tuple[Tensor, Tensor | None]:
@@ -798,8 +790,8 @@ def _fused_pass(h, head: LogitHead, teacher: _Teacher, labels, *, beta, temperat
     """One pass over row chunks: per-row divergence, CE and top-1 agreement, and, when ``weights``
     (per-row dLoss/dL_i) is given, the gradients of sum_i weights_i * (div_i + sft_alpha * ce_i)
     with respect to ``h``, the head's weight ``W`` and its bias (``head_grads``: whether W's and b's are
-    wanted; a frozen head's [V, H] gradient is neither zero-filled nor accumulated). Never holds more than
-    one chunk of logits (two with a softcap, whose derivative is kept for the backward).
+    wanted; a frozen head's [V, H] gradient is neither zero-filled nor accumulated). Holds one chunk of each side's
+    logits at a time (and a softcap's derivative, kept for the backward).
 
     The chain rule through the head, from g = dL/dz: dL/du = g (1 - tanh^2(u/c)) with a softcap; then
     dL/dh = scale (dL/du) W, dL/dW = scale (dL/du)^T h, and dL/db = sum_rows dL/du times the scale when

@@ -11,32 +11,11 @@ parallel's DTensor layers (F.linear), so a run repeats itself on its machine."""
 from __future__ import annotations
 
 import functools
-import threading
 
 import torch
 import torch.nn.functional as F
 
-from gkd.machine import onednn_faster, onednn_linear, onednn_takes
-
-
-# a weight gradient's transposed output gradient of up to this many bytes is laid out in one buffer each thread keeps
-SCRATCH_BYTES = 16 << 20
-_scratch = threading.local()
-
-
-def _transposed(g: torch.Tensor) -> torch.Tensor:
-    """``g.T`` laid out row by row, as oneDNN's product takes its rows. Up to SCRATCH_BYTES it goes into a buffer this
-    thread keeps, where a fresh copy would be fresh pages each time (above the heap's mmap threshold,
-    gkd.train.malloc): for SmolLM2's 15-layer student at 412 positions 127 MB a step, and its weight gradients' 105
-    products took 218 ms with fresh copies against 177 ms in one buffer (AMD VM). Only while the product runs: the
-    next layer's overwrites it."""
-    n = g.numel()
-    if n * g.element_size() > SCRATCH_BYTES:
-        return g.T.contiguous()
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < n or buf.dtype != g.dtype:
-        buf = _scratch.buf = torch.empty(n, dtype=g.dtype)
-    return buf[:n].view(g.shape[1], g.shape[0]).copy_(g.T)
+from gkd.machine import onednn_faster, onednn_linear, onednn_takes, transposed_rows
 
 
 class _Product(torch.autograd.Function):
@@ -56,7 +35,7 @@ class _Product(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = onednn_linear(grad, w.T)
         if ctx.needs_input_grad[1]:
-            gw = onednn_linear(_transposed(grad), x.T)
+            gw = onednn_linear(transposed_rows(grad), x.T)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad.sum(0)
         return gx, gw, gb
