@@ -47,6 +47,7 @@ def test_each_micro_batch_releases_before_its_loss_and_before_its_backward(tiny,
 
     events = []
     monkeypatch.setattr(step, "release_free_heap", lambda: events.append("release"))
+    monkeypatch.setattr(malloc, "release_free_heap", lambda: events.append("halfway"))
     real_fused, real_backward = step._fused, torch.Tensor.backward
     monkeypatch.setattr(step, "_fused", lambda *a, **k: (events.append("loss"), real_fused(*a, **k))[1])
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: (events.append("backward"),
@@ -59,4 +60,38 @@ def test_each_micro_batch_releases_before_its_loss_and_before_its_backward(tiny,
         trainer.train_step(0, Window())
     finally:
         trainer.close()
-    assert events == ["release", "loss", "release", "backward"] * 2
+    assert events == ["release", "loss", "release", "backward", "halfway"] * 2
+
+
+def test_halfway_release_comes_when_the_upper_half_of_the_layers_has_its_gradients(tiny4, monkeypatch):
+    """The backward gives the heap back once, when it reaches the middle layer: the layers above have their weight
+    gradients then, the others not yet; a forward without gradients (generation, evaluation) asks for nothing."""
+    from gkd.models import load_model
+    from gkd.models.adapter import adapter_for
+
+    model = load_model(tiny4["student"])
+    layers = adapter_for(model).decoder(model).layers
+    assert len(layers) == 4
+    seen = []
+    monkeypatch.setattr(malloc, "_libc", object())  # the policy applies (its release is recorded instead)
+    monkeypatch.setattr(malloc, "release_free_heap",
+                        lambda: seen.append([layer.mlp.down_proj.weight.grad is not None for layer in layers]))
+    malloc.release_halfway_back(layers)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert seen == []
+    model(input_ids=ids).logits.sum().backward()
+    half = len(layers) // 2
+    assert seen == [[False] * (half + 1) + [True] * (len(layers) - half - 1)]
+
+
+def test_halfway_release_is_not_set_where_the_policy_does_not_apply(tiny, monkeypatch):
+    from gkd.models import load_model
+    from gkd.models.adapter import adapter_for
+
+    model = load_model(tiny["student"])
+    layers = adapter_for(model).decoder(model).layers
+    monkeypatch.setattr(malloc, "_libc", None)
+    malloc.release_halfway_back(layers)
+    assert all(not layer._forward_hooks for layer in layers)

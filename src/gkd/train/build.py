@@ -19,6 +19,7 @@ from gkd.parallel.expert import expert_parameters
 from gkd.rollout.base import SamplingConfig
 from gkd.rollout.factory import local_rollout, student_rollout
 from gkd.train import checkpoint, outdir
+from gkd.train.malloc import release_halfway_back
 from gkd.train.step import LossArgs
 
 
@@ -79,6 +80,8 @@ def student(m, seed: int, par):
                                   lambda model: parallel.shard_student(model, par), par)
     add_lookup_grads_in_place(model)  # a tied embedding: no second [V, H] buffer at the end of every backward
     faster_linears(model)
+    if par.pp == 1:  # (on the CPU; not in a pipeline's schedule, which interleaves micro-batches)
+        release_halfway_back(adapter_for(model).decoder(model).layers)
     return model.train()
 
 
