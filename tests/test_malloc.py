@@ -63,9 +63,10 @@ def test_each_micro_batch_releases_before_its_loss_and_before_its_backward(tiny,
     assert events == ["release", "loss", "release", "backward", "halfway"] * 2
 
 
-def test_halfway_release_comes_when_the_upper_half_of_the_layers_has_its_gradients(tiny4, monkeypatch):
-    """The backward gives the heap back once, when it reaches the middle layer: the layers above have their weight
-    gradients then, the others not yet; a forward without gradients (generation, evaluation) asks for nothing."""
+def test_halfway_release_comes_when_the_layers_above_the_middle_one_have_their_gradients(tiny4, monkeypatch):
+    """The backward gives the heap back once, when it reaches the middle layer's output: the layers above have their
+    weight gradients then, the others not yet; a forward without gradients (generation, evaluation) asks for
+    nothing."""
     from gkd.models import load_model
     from gkd.models.adapter import adapter_for
 

@@ -17,8 +17,8 @@ backward goes), in holes between live blocks, while the gradients that follow co
 the heap's free pages twice per micro-batch, before the loss and before the backward (``release_free_heap``; not
 in a pipeline's schedule, which interleaves micro-batches): on that benchmark (2026-12-06, an AMD EPYC VM) the peak
 fell by 45-80 MiB, to 1.09-1.10x the floor of equal work, for 0.7-23 ms per call. And once more halfway through the
-student's backward (``release_halfway_back``), when the upper half of its layers has freed its activations into the
-heap and half of the gradients have come from mmap: there the on-policy step's peak had moved (2369-2422 MiB over 8
+student's backward (``release_halfway_back``), when the layers above the middle one have freed their activations into
+the heap and their gradients have come from mmap: there the on-policy step's peak had moved (2369-2422 MiB over 8
 steps), and with it the backward's stayed at 2352-2369, under the loss's forward (2387-2395; 2026-12-06 night, the
 same VM).
 """
@@ -62,8 +62,8 @@ def release_free_heap() -> None:
 
 
 def release_halfway_back(layers: torch.nn.ModuleList) -> None:
-    """``release_free_heap`` each time a backward reaches the middle one of ``layers`` (the student's decoder
-    layers); nothing unless ``limit_heap_retention`` applied."""
+    """``release_free_heap`` each time a backward reaches the output of the middle one of ``layers`` (the student's
+    decoder layers; the layers above it are done then: 7 of 15); nothing unless ``limit_heap_retention`` applied."""
     if _libc is not None and len(layers):
         layers[len(layers) // 2].register_forward_hook(_release_when_gradient_arrives)
 
