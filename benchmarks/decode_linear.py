@@ -79,16 +79,7 @@ def main() -> None:
                 out = decode(model, ids, mask, a.new_tokens, lambda z: z.argmax(-1), [], 0)
                 return (time.perf_counter() - start) / a.new_tokens * 1e3, out
 
-        for way in ways:  # warm-up
-            run(way)
-        times = {way: [] for way in ways}
-        same = {way: True for way in ways}  # (the forms agree to float rounding: a near tie may pick another token)
-        for _ in range(a.rounds):
-            outs = {}
-            for way in ways:
-                ms, outs[way] = run(way)
-                times[way].append(ms)
-                same[way] &= torch.equal(outs[way], outs["F.linear"])
+        times, same, _ = alternate(run, ways, a.rounds)
         products = products_ms(model, linears, batch, a.rounds)
         ratios = [x / y for x, y in zip(times["F.linear"], times["measured"])]
         best = min(statistics.median(t) for t in times.values())
@@ -103,7 +94,34 @@ def main() -> None:
         print("\n| batch | load before | first compiled decode s | eager ms/position | compiled ms/position | "
               "eager / compiled (median, range) | tokens as eager's |\n|---|---|---|---|---|---|---|")
         for batch in a.batch:
-            print(f"| {batch} | {compiled_ab(model, *left_pad(prompts(batch), 0), a)} |", flush=True)
+            try:
+                row = compiled_ab(model, *left_pad(prompts(batch), 0), a)
+            except Exception as e:  # (torch.compile needs a C++ compiler, among others)
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                raise SystemExit(f"decode_linear.py --compiled: torch.compile failed at batch {batch} "
+                                 f"({type(e).__name__}: {first}); run without --compiled") from None
+            print(f"| {batch} | {row} |", flush=True)
+
+
+def alternate(run, ways, rounds: int):
+    """Each of ``ways`` once (a warm-up), then all in turn ``rounds`` times: ``run(way)`` gives (ms per position,
+    tokens). Returns the times per way, whether each way always wrote the first way's tokens (the forms agree to
+    float rounding: a near tie may pick another token), and each warm-up's seconds."""
+    import torch
+
+    warm = {}
+    for way in ways:
+        start = time.perf_counter()
+        run(way)
+        warm[way] = time.perf_counter() - start
+    times, same = {way: [] for way in ways}, dict.fromkeys(ways, True)
+    for _ in range(rounds):
+        outs = {}
+        for way in ways:
+            ms, outs[way] = run(way)
+            times[way].append(ms)
+            same[way] &= torch.equal(outs[way], outs[next(iter(ways))])
+    return times, same, warm
 
 
 def compiled_ab(model, ids, mask, a) -> str:
@@ -127,23 +145,13 @@ def compiled_ab(model, ids, mask, a) -> str:
 
     try:
         with torch.no_grad(), few_row_linears(model, form="weight_first"):
-            run("eager")
-            start = time.perf_counter()
-            run("compiled")
-            first = time.perf_counter() - start
-            times, same = {"eager": [], "compiled": []}, True
-            for _ in range(a.rounds):
-                outs = {}
-                for way in times:
-                    ms, outs[way] = run(way)
-                    times[way].append(ms)
-                same &= torch.equal(outs["eager"], outs["compiled"])
+            times, same, warm = alternate(run, forwards, a.rounds)
     finally:
         vars(model).pop("forward", None)  # (the class's forward again)
     ratios = [x / y for x, y in zip(times["eager"], times["compiled"])]
-    return (f"{load:.2f} | {first:.1f} | {statistics.median(times['eager']):.1f} | "
+    return (f"{load:.2f} | {warm['compiled']:.1f} | {statistics.median(times['eager']):.1f} | "
             f"{statistics.median(times['compiled']):.1f} | {statistics.median(ratios):.2f}x ({min(ratios):.2f}-"
-            f"{max(ratios):.2f}) | {'yes' if same else 'no'}")
+            f"{max(ratios):.2f}) | {'yes' if same['compiled'] else 'no'}")
 
 
 def products_ms(model, linears, rows: int, rounds: int) -> float:

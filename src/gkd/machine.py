@@ -10,8 +10,8 @@ there; oneDNN its AVX-512 one). ``onednn_faster`` times them once per process fo
 from __future__ import annotations
 
 import functools
-import threading
 import os
+import threading
 import time
 
 
